@@ -1,0 +1,81 @@
+"""A multi-host lab on one machine: namespaced hosts that run real CRIU, sshd and runtimes.
+
+    lab = Lab.up(2)                      # hosts "a" and "b"
+    lab.run("a", ["ssh", "b", "hostname"]).stdout   # b'b\\n'
+    Lab.down()
+
+The command line (python -m tests.lab) and the pytest fixtures use this.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+
+from . import netns
+from .proc import LabError
+
+__all__ = ["Lab", "LabError", "Workload"]
+
+WORKLOAD = "/opt/livemig/tests/workloads/memcounter.py"
+
+
+class Lab:
+    def __init__(self, state: netns.State):
+        self.state = state
+
+    @classmethod
+    def up(cls, hosts: int = 2) -> "Lab":
+        return cls(netns.up(hosts))
+
+    @staticmethod
+    def down() -> list[str]:
+        return netns.down()
+
+    @property
+    def hosts(self) -> list[netns.Host]:
+        return self.state.hosts
+
+    def address(self, name: str) -> str:
+        return self.state.host(name).address
+
+    def run(self, name: str, argv: list[str], *, check: bool = True, input: bytes | None = None,
+            timeout: float | None = 600) -> subprocess.CompletedProcess:
+        return netns.exec_(self.state, name, argv, check=check, input=input, timeout=timeout)
+
+    def text(self, name: str, argv: list[str], **kw) -> str:
+        return self.run(name, argv, **kw).stdout.decode(errors="replace")
+
+    def popen(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
+        return netns.popen(self.state, name, argv, **kw)
+
+    def start_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
+                       pid: int = 0, port: int = 7777) -> "Workload":
+        """Start memcounter on host name, detached, and wait until it answers."""
+        argv = ["python3", WORKLOAD, "run", "--daemon", "--mib", str(mib),
+                "--dirty-mibps", str(dirty_mibps), "--port", str(port)]
+        if pid:
+            argv += ["--pid", str(pid)]
+        got = int(self.text(name, argv, timeout=300).strip())
+        if pid and got != pid:
+            raise LabError(f"workload started as PID {got}, not {pid}: that PID was taken on {name}")
+        return Workload(self, got, port, mib)
+
+
+@dataclass
+class Workload:
+    lab: Lab
+    pid: int
+    port: int
+    mib: int
+
+    def query(self, host: str, what: str = "get", wait: float = 0.0) -> dict:
+        out = self.lab.text(host, ["python3", WORKLOAD, "query", what, "--port", str(self.port),
+                                   "--wait", str(wait)], timeout=600)
+        return json.loads(out)
+
+    def stall_between(self, host: str, since: float) -> float:
+        """The longest stall the workload lived through after wall-clock time since."""
+        stalls = self.query(host)["stalls"]
+        return max((end - start for start, end in stalls if end > since), default=0.0)

@@ -1,0 +1,49 @@
+"""The seeds' procedure, as an operator types it: what livemig replaces and is measured against.
+
+criu dump to a directory, pack it into a zstd archive, scp it across, unpack,
+criu restore. Every step waits for the one before, with the workload frozen from
+the dump's start until the restore, and nothing of it needs livemig.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from . import Lab
+
+
+@dataclass
+class ByHand:
+    steps: dict[str, float]   # step name -> seconds, in the order they ran
+    image_bytes: int
+    archive_bytes: int
+
+    @property
+    def total(self) -> float:
+        return sum(self.steps.values())
+
+
+def migrate(lab: Lab, pid: int, src: str, dst: str, name: str = "by-hand") -> ByHand:
+    img, archive = f"/img/{name}", f"/img/{name}.tar.zst"
+    steps: dict[str, float] = {}
+
+    def step(label: str, host: str, argv: list[str]) -> None:
+        t = time.monotonic()
+        lab.run(host, argv)
+        steps[label] = time.monotonic() - t
+
+    lab.run(src, ["mkdir", "-m", "700", img])
+    lab.run(dst, ["mkdir", "-m", "700", img])
+    try:
+        step("dump", src, ["criu", "dump", "-t", str(pid), "-D", img, "-o", "dump.log"])
+        image_bytes = int(lab.text(src, ["du", "-sb", img]).split()[0])
+        step("pack", src, ["tar", "--zstd", "-cf", archive, "-C", img, "."])
+        archive_bytes = int(lab.text(src, ["stat", "-c", "%s", archive]).strip())
+        step("copy", src, ["scp", "-q", archive, f"{dst}:{archive}"])
+        step("unpack", dst, ["tar", "--zstd", "-xf", archive, "-C", img])
+        step("restore", dst, ["criu", "restore", "-D", img, "-d", "-o", "restore.log"])
+    finally:
+        for host in (src, dst):
+            lab.run(host, ["rm", "-rf", img, archive], check=False)
+    return ByHand(steps, image_bytes, archive_bytes)

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""A workload whose state must survive a migration, and a client to ask it.
+
+    memcounter.py run --mib M [--dirty-mibps D] [--port P] [--pid N] [--daemon]
+    memcounter.py query [--port P] [--wait S] get|verify|sum
+
+`run` holds M MiB of anonymous memory whose every page can be checked (its
+index, a generation number bumped on each write, and content derived from the
+index), rewrites D MiB/s of random pages, counts once every 10 ms, and notes
+every stall longer than 50 ms it lives through: a migration's downtime as the
+application saw it. It answers one request per connection on a TCP port:
+
+    get     {"counter", "pid", "host", "dirtied_pages", "stalls": [[start, end], ...], ...}
+    verify  {"bad_pages", "pages", "counter"}: every page checked against what it must hold
+    sum     {"sha256", "counter"}: a digest of all the memory
+
+Stdlib only: it runs on whatever python3 a lab host has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import hashlib
+import json
+import mmap
+import os
+import random
+import select
+import socket
+import struct
+import sys
+import time
+
+PAGE = 4096
+TICK = 0.010
+STALL = 0.050
+_BLOCK = random.Random(1234).randbytes(1 << 20)
+_TEXT = (b"livemig memcounter page -- " * 200)[: PAGE // 2]
+
+
+def expected_body(p: int) -> bytes:
+    """Bytes 16..4096 of page p: half pseudo-random (so it does not compress
+    away), half text (so it compresses like real memory does, somewhat)."""
+    off = (p * 4099) % (len(_BLOCK) - (PAGE // 2 - 16))
+    return _BLOCK[off:off + PAGE // 2 - 16] + _TEXT
+
+
+class Memory:
+    def __init__(self, mib: int):
+        self.pages = mib * 256
+        self.buf = mmap.mmap(-1, max(self.pages, 1) * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # Soft-dirty is tracked per huge page when THP backs us: one write would
+        # make 512 pages dirty and pre-copy would resend everything.
+        self.buf.madvise(mmap.MADV_NOHUGEPAGE)
+        self.gens = array.array("Q", bytes(8 * self.pages))
+        for p in range(self.pages):
+            o = p * PAGE
+            self.buf[o:o + 16] = struct.pack("<QQ", p, 0)
+            self.buf[o + 16:o + PAGE] = expected_body(p)
+
+    def dirty(self, rng: random.Random, n: int) -> None:
+        for _ in range(n):
+            p = rng.randrange(self.pages)
+            self.gens[p] += 1
+            struct.pack_into("<Q", self.buf, p * PAGE + 8, self.gens[p])
+
+    def bad_pages(self) -> int:
+        bad = 0
+        for p in range(self.pages):
+            o = p * PAGE
+            if (self.buf[o:o + 16] != struct.pack("<QQ", p, self.gens[p])
+                    or self.buf[o + 16:o + PAGE] != expected_body(p)):
+                bad += 1
+        return bad
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.buf).hexdigest()
+
+
+def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
+    mem = Memory(args.mib)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", args.port))
+    listener.listen(16)
+    if ready_fd is not None:
+        os.write(ready_fd, b"%d\n" % os.getpid())
+        os.close(ready_fd)
+    per_tick = args.dirty_mibps * 256 * TICK
+    rng = random.Random(os.getpid())
+    counter = dirtied = 0
+    carry = 0.0
+    stalls: list[list[float]] = []
+    last = time.time()
+    next_tick = time.monotonic()
+    while True:
+        now = time.time()
+        if now - last > STALL:
+            stalls.append([round(last, 6), round(now, 6)])
+            del stalls[:-16]
+        last = now
+        counter += 1
+        carry += per_tick
+        n, carry = int(carry), carry - int(carry)
+        mem.dirty(rng, n)
+        dirtied += n
+        next_tick += TICK
+        wait = next_tick - time.monotonic()
+        if wait < -2 * TICK:       # we were frozen or moved: never race to catch up
+            next_tick, wait = time.monotonic(), 0.0
+        readable, _, _ = select.select([listener], [], [], max(wait, 0.0))
+        if readable:
+            _answer(listener, mem, counter, dirtied, stalls, args)
+
+
+def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args) -> None:
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(5)
+        try:
+            cmd = conn.recv(64).strip()
+            if cmd == b"verify":
+                reply = {"bad_pages": mem.bad_pages(), "pages": mem.pages, "counter": counter}
+            elif cmd == b"sum":
+                reply = {"sha256": mem.sha256(), "counter": counter}
+            else:
+                reply = {"counter": counter, "pid": os.getpid(), "host": socket.gethostname(),
+                         "dirtied_pages": dirtied, "mib": args.mib, "time": time.time(),
+                         "stalls": stalls}
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.pid:
+        # The next fork gets this PID: a bare process restores only onto free
+        # PIDs, so tests pick one that is free on every lab host.
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(args.pid - 1))
+    if not args.daemon:
+        serve(args, None)
+        return
+    r, w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(w)
+        line = os.read(r, 64)
+        if not line:
+            sys.exit("memcounter: the workload died while starting")
+        print(line.decode().strip(), flush=True)
+        return
+    os.close(r)
+    os.setsid()
+    # Our own /dev/null: an fd inherited from whoever started us might point at
+    # a mount CRIU cannot find on the other side.
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    serve(args, w)
+
+
+def query(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            with socket.create_connection((args.host, args.port), timeout=120) as s:
+                s.sendall(args.what.encode() + b"\n")
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            print(data.decode().strip())
+            return 0
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                print(f"memcounter: {args.host}:{args.port}: {e}", file=sys.stderr)
+                return 1
+            time.sleep(0.02)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--mib", type=int, default=64)
+    r.add_argument("--dirty-mibps", type=float, default=0.0)
+    r.add_argument("--port", type=int, default=7777)
+    r.add_argument("--pid", type=int, default=0, help="start as this PID (written to ns_last_pid)")
+    r.add_argument("--daemon", action="store_true", help="detach; print the PID once serving")
+    q = sub.add_parser("query")
+    q.add_argument("what", choices=["get", "verify", "sum"])
+    q.add_argument("--port", type=int, default=7777)
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--wait", type=float, default=0.0, help="retry this long while nothing answers")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        run(args)
+        return 0
+    return query(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
