@@ -1,23 +1,98 @@
-"""The livemig command line: arguments in, the API called, results printed."""
+"""The livemig command line: arguments in, the API called, results printed. No migration logic."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
-from . import __version__
+from . import __version__, criu
+from .errors import ExitCode, LivemigError
+from .options import Mode, Options
+
+EXAMPLES = """examples:
+  livemig move --pid 4242 host-b                 move process 4242 and its children to host-b
+  livemig move --pid 4242 --mode stopcopy --json host-b
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="livemig",
+        prog="livemig", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Live-migrate running containers and process trees to another host with CRIU.")
     ap.add_argument("--version", action="version", version=f"livemig {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mv = sub.add_parser("move", help="move a process tree to another host",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mv.add_argument("host", help="the target: an ssh host name (your ~/.ssh/config applies)")
+    mv.add_argument("--pid", type=int, required=True, help="the root of the process tree to move")
+    mv.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.AUTO.value,
+                    help="strategy (default auto: hybrid where the kernel tracks dirty pages, "
+                         "else stop-and-copy)")
+    mv.add_argument("--max-downtime", type=float, default=0.3, metavar="SECONDS",
+                    help="pre-copy stops once the rest fits this downtime (default 0.3)")
+    mv.add_argument("--max-rounds", type=int, default=8, help="pre-copy rounds at most (default 8)")
+    mv.add_argument("--compression-level", type=int, default=1, help="zstd level on the wire (default 1)")
+    mv.add_argument("--tcp-established", action="store_true", help="move established TCP connections")
+    mv.add_argument("--shell-job", action="store_true", help="the tree was started from a terminal")
+    mv.add_argument("--image-root", default="/var/lib/livemig",
+                    help="where private image directories go, on both hosts (default /var/lib/livemig)")
+    mv.add_argument("--json", action="store_true", help="print only the report, as JSON")
+
+    ag = sub.add_parser("agent", help="the target side, started by `livemig move` over ssh")
+    ag.add_argument("--image-root", default="/var/lib/livemig")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    ap.parse_args(sys.argv[1:] if argv is None else argv)
-    ap.print_help()
-    return 0
+    try:
+        args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:
+        return int(e.code or 0) and ExitCode.USAGE
+    if args.command == "agent":
+        from . import agent
+        return asyncio.run(agent.main(args.image_root))
+    return _move(args)
+
+
+def _move(args) -> int:
+    from .coordinator import migrate
+    options = Options(
+        mode=Mode(args.mode), max_downtime=args.max_downtime, max_rounds=args.max_rounds,
+        compression_level=args.compression_level, image_root=args.image_root,
+        criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
+    progress = None if args.json else _print_progress
+    try:
+        report = _run(migrate(args.pid, args.host, options, progress=progress))
+    except LivemigError as e:
+        print(f"livemig: {e}", file=sys.stderr)
+        if e.detail and not args.json:
+            for line in e.detail.splitlines()[-3:]:
+                print(f"  {line}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("livemig: interrupted: rolled back, the workload runs on the source", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    print(report.to_json() if args.json else report.summary())
+    return ExitCode.MOVED
+
+
+def _run(coro):
+    try:
+        import uvloop
+        return uvloop.run(coro) if hasattr(uvloop, "run") else asyncio.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _print_progress(event: str, **kw) -> None:
+    if event == "mode":
+        print(f"mode {kw['mode']}: {kw['reason']}", file=sys.stderr)
+    elif event == "round":
+        print(f"round {kw['n']}: {kw['pages']} pages, {kw['wire'] / 2**20:.1f} MiB sent in "
+              f"{kw['seconds']:.2f} s; downtime now would be {kw['expected_downtime'] * 1000:.0f} ms",
+              file=sys.stderr)
+    elif event in ("dump", "restore"):
+        print(f"{'final dump' if event == 'dump' else 'restoring on the target'}...", file=sys.stderr)

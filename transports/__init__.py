@@ -1,1 +1,37 @@
-"""How commands and bytes reach a host: over SSH (asyncssh), or on this host."""
+"""How commands and bytes reach a host: over SSH (transports.ssh), or on this host (transports.local).
+
+A transport runs an argument list on its host, starts a long-lived process with
+binary stdin/stdout (the agent), and opens byte streams to a UNIX socket there
+(the agent's data streams). Both kinds offer exactly this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int | None      # None: the connection was lost before the command ended
+    stdout: bytes
+    stderr: bytes
+
+
+class Process(Protocol):
+    reader: Any                 # its stdout, an asyncio-style stream reader
+    writer: Any                 # its stdin
+
+    async def wait(self) -> Completed: ...
+    def kill(self) -> None: ...
+
+
+class Transport(Protocol):
+    host: str
+
+    async def run(self, argv: Sequence[str], *, input: bytes | None = None,
+                  timeout: float | None = None) -> Completed: ...
+    async def start(self, argv: Sequence[str]) -> Process: ...
+    async def open_unix(self, path: str) -> tuple[Any, Any]: ...
+    async def close(self) -> None: ...

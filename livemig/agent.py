@@ -1,0 +1,310 @@
+"""The target side: `livemig agent`, started by the coordinator over SSH.
+
+It speaks the framed protocol (protocol.py) on its stdin/stdout, keeps every
+image in a private directory (0700) of its own, runs CRIU's page servers,
+lazy-pages daemon and restore there, and takes data streams on a UNIX socket in
+that directory. It restores the tree stopped and lets it run only when told the
+source is gone (Resume). When the coordinator vanishes before that, it kills
+what it restored and deletes the images: the source, which CRIU resumes when
+its post-dump hook loses the coordinator, stays the only copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, criu, host, proc, protocol as p, streams
+from .errors import Phase
+
+DEFAULT_ROOT = "/var/lib/livemig"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STREAM_TIMEOUT = 60
+
+
+class AgentFailure(Exception):
+    def __init__(self, phase: str, message: str, detail: str = ""):
+        super().__init__(message)
+        self.phase, self.message, self.detail = phase, message, detail
+
+
+def checked_name(name: str, what: str) -> str:
+    if not _NAME.match(name or ""):
+        raise AgentFailure(Phase.PREFLIGHT, f"refusing {what} {name!r}: not a plain name")
+    return name
+
+
+class Agent:
+    def __init__(self, reader, writer, root: str = DEFAULT_ROOT):
+        self.reader, self.writer, self.root = reader, writer, Path(root)
+        self.work: Path | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.streams: dict[str, asyncio.Future] = {}
+        self.page_servers: dict[str, asyncio.Task] = {}
+        self.lazy: asyncio.Task | None = None
+        self.restored: int | None = None
+        self.resumed = False
+        self.finished = False
+
+    # --- the loop --------------------------------------------------------------------------
+    async def serve(self) -> int:
+        try:
+            hello = await p.read_message(self.reader)
+            if not isinstance(hello, p.Hello) or hello.protocol != p.PROTOCOL_VERSION:
+                await p.write_message(self.writer, p.Failed(
+                    Phase.PREFLIGHT, f"protocol mismatch: the coordinator speaks "
+                    f"{getattr(hello, 'protocol', '?')}, this agent (livemig {__version__}) "
+                    f"speaks {p.PROTOCOL_VERSION}"))
+                return 2
+            await self._start(hello)
+            while not self.finished:
+                msg = await p.read_message(self.reader)
+                try:
+                    reply = await self.handle(msg)
+                except AgentFailure as e:
+                    reply = p.Failed(e.phase, e.message, e.detail)
+                await p.write_message(self.writer, reply)
+            return 0
+        except (EOFError, ConnectionError):
+            return 1     # the coordinator is gone: cleanup below decides what stays
+        finally:
+            await self._cleanup()
+
+    async def _start(self, hello: p.Hello) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.work = self.root / checked_name(hello.migration_id, "migration id")
+        self.work.mkdir(mode=0o700)   # a fresh one: an existing directory is someone else's
+        sock_path = str(self.work / "streams.sock")
+        self.server = await asyncio.start_unix_server(self._on_stream, path=sock_path, limit=streams.CHUNK)
+        os.chmod(sock_path, 0o600)
+        await p.write_message(self.writer, p.Welcome(p.PROTOCOL_VERSION, __version__, str(self.work), sock_path))
+
+    async def handle(self, msg):
+        handler = getattr(self, f"on_{type(msg).__name__}", None)
+        if handler is None:
+            raise AgentFailure(Phase.PREFLIGHT, f"unexpected {type(msg).__name__}")
+        return await handler(msg)
+
+    # --- data streams ----------------------------------------------------------------------
+    async def _on_stream(self, reader, writer) -> None:
+        done = asyncio.get_running_loop().create_future()
+        try:
+            token = (await reader.readline()).decode(errors="replace").strip()
+            fut = self.streams.setdefault(token, asyncio.get_running_loop().create_future())
+            if not fut.done():
+                fut.set_result((reader, writer, done))
+                await done       # the stream lives as long as its consumer needs it
+        finally:
+            writer.close()
+
+    async def stream(self, token: str):
+        fut = self.streams.setdefault(token, asyncio.get_running_loop().create_future())
+        try:
+            async with asyncio.timeout(STREAM_TIMEOUT):
+                reader, writer, done = await fut
+        except TimeoutError:
+            raise AgentFailure(Phase.TRANSFER, f"data stream {token} never arrived") from None
+        return reader, writer, done
+
+    def _dir(self, name: str, create: bool = False) -> Path:
+        d = self.work / checked_name(name, "image directory")
+        if create:
+            d.mkdir(mode=0o700)
+        elif not d.is_dir():
+            raise AgentFailure(Phase.TRANSFER, f"no image directory {name}")
+        return d
+
+    # --- preflight -------------------------------------------------------------------------
+    async def on_Probe(self, msg: p.Probe) -> p.HostFacts:
+        return await host.probe(msg.pids, str(self.work))
+
+    async def on_CpuinfoCheck(self, msg: p.CpuinfoCheck) -> p.CpuinfoResult:
+        d = self._dir("cpuinfo", create=True)
+        reader, _, done = await self.stream(msg.stream)
+        try:
+            await streams.receive_files(reader, d)
+        finally:
+            done.set_result(None)
+        res = await proc.run(criu.cpuinfo_check(str(d)), check=False)
+        if res.returncode == 0:
+            return p.CpuinfoResult(True)
+        log = (d / "cpuinfo-check.log").read_text(errors="replace") if (d / "cpuinfo-check.log").exists() else ""
+        why = "; ".join(criu.log_errors(log)) or res.stderr.decode(errors="replace").strip()
+        return p.CpuinfoResult(False, why or "criu cpuinfo check failed")
+
+    # --- images ----------------------------------------------------------------------------
+    async def on_OpenPageServer(self, msg: p.OpenPageServer) -> p.Done:
+        d = self._dir(msg.dir, create=True)
+        parent = f"../{self._dir(msg.parent).name}" if msg.parent else None
+        ours, theirs = socket.socketpair()
+        try:
+            server = await proc.start(criu.page_server(str(d), theirs.fileno(), parent),
+                                      stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno()])
+        finally:
+            theirs.close()
+        self.page_servers[msg.dir] = asyncio.create_task(self._page_server(msg, d, ours, server))
+        return p.Done()
+
+    async def _page_server(self, msg: p.OpenPageServer, d: Path, ours: socket.socket, server) -> p.PageServerDone:
+        try:
+            reader, writer, done = await self.stream(msg.stream)
+            try:
+                local = await streams.socket_streams(ours)
+                meters = await streams.relay(local, (reader, writer))
+            finally:
+                done.set_result(None)
+            rc = await server.wait()
+            if rc != 0:
+                raise AgentFailure(Phase.TRANSFER, f"criu page-server exited {rc}",
+                                   "\n".join(criu.log_errors(_read(d / "page-server.log"))))
+            return p.PageServerDone(msg.dir, meters.received.wire, meters.received.raw)
+        finally:
+            await proc.kill(server)
+            ours.close()
+
+    async def on_AwaitPageServer(self, msg: p.AwaitPageServer) -> p.PageServerDone:
+        task = self.page_servers.get(msg.dir)
+        if task is None:
+            raise AgentFailure(Phase.TRANSFER, f"no page server for {msg.dir}")
+        return await task
+
+    async def on_ReceiveFiles(self, msg: p.ReceiveFiles) -> p.FilesReceived:
+        if (self.work / checked_name(msg.dir, "image directory")).is_dir():
+            d = self._dir(msg.dir)
+        else:
+            d = self._dir(msg.dir, create=True)
+            if msg.parent:
+                os.symlink(f"../{self._dir(msg.parent).name}", d / "parent")
+        reader, _, done = await self.stream(msg.stream)
+        try:
+            files, size = await streams.receive_files(reader, d)
+        except (ValueError, EOFError, FileExistsError) as e:
+            raise AgentFailure(Phase.TRANSFER, f"bad image stream: {e}") from None
+        finally:
+            done.set_result(None)
+        return p.FilesReceived(msg.dir, files, size)
+
+    # --- restore, commit, rollback ---------------------------------------------------------
+    async def on_Restore(self, msg: p.Restore) -> p.Restored:
+        d = self._dir(msg.dir)
+        for task in self.page_servers.values():
+            await task   # every page is stored before CRIU reads them
+        if msg.lazy_stream:
+            await self._start_lazy_pages(d, msg.lazy_stream)
+        pidfile = self.work / "restored.pid"
+        t0 = time.monotonic()
+        res = await proc.run(criu.restore(str(d), str(pidfile), lazy=bool(msg.lazy_stream),
+                                          opts=criu.Options()), check=False)
+        seconds = time.monotonic() - t0
+        if pidfile.exists():
+            self.restored = int(pidfile.read_text().strip())
+        if res.returncode != 0:
+            self._kill_restored()
+            errors = criu.log_errors(_read(d / "restore.log"))
+            raise AgentFailure(Phase.RESTORE, errors[0] if errors else f"criu restore exited {res.returncode}",
+                               "\n".join(errors))
+        return p.Restored(self.restored or 0, seconds)
+
+    async def _start_lazy_pages(self, d: Path, token: str) -> None:
+        ours, theirs = socket.socketpair()
+        status_r, status_w = os.pipe()
+        try:
+            daemon = await proc.start(criu.lazy_pages(str(d), theirs.fileno(), status_w),
+                                      stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno(), status_w])
+        finally:
+            theirs.close()
+            os.close(status_w)
+        self.lazy = asyncio.create_task(self._lazy_pages(d, token, ours, daemon))
+        # CRIU writes to its status fd once the daemon listens for the restore.
+        ready = await asyncio.to_thread(os.read, status_r, 1)
+        os.close(status_r)
+        if not ready:
+            raise AgentFailure(Phase.RESTORE, "criu lazy-pages did not start",
+                               "\n".join(criu.log_errors(_read(d / "lazy-pages.log"))))
+
+    async def _lazy_pages(self, d: Path, token: str, ours: socket.socket, daemon) -> p.LazyDone:
+        try:
+            reader, writer, done = await self.stream(token)
+            try:
+                meters = await streams.relay(await streams.socket_streams(ours), (reader, writer))
+            finally:
+                done.set_result(None)
+            rc = await daemon.wait()
+            if rc != 0:
+                raise AgentFailure(Phase.RESTORE, f"criu lazy-pages exited {rc}",
+                                   "\n".join(criu.log_errors(_read(d / "lazy-pages.log"))))
+            return p.LazyDone(meters.received.raw // 4096)
+        finally:
+            await proc.kill(daemon)
+            ours.close()
+
+    async def on_AwaitLazy(self, msg: p.AwaitLazy) -> p.LazyDone:
+        if self.lazy is None:
+            raise AgentFailure(Phase.RESTORE, "no post-copy in progress")
+        return await self.lazy
+
+    async def on_Resume(self, msg: p.Resume) -> p.Resumed:
+        if self.restored is None:
+            raise AgentFailure(Phase.COMMIT, "nothing was restored")
+        pids = host.process_tree(self.restored)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        self.resumed = True
+        return p.Resumed(pids)
+
+    async def on_Abort(self, msg: p.Abort) -> p.Done:
+        self._kill_restored()
+        return p.Done()
+
+    async def on_Finish(self, msg: p.Finish) -> p.Done:
+        self.finished = True
+        return p.Done()
+
+    def _kill_restored(self) -> None:
+        if self.restored is not None and not self.resumed:
+            for pid in reversed(host.process_tree(self.restored)):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.restored = None
+
+    async def _cleanup(self) -> None:
+        if not self.resumed:
+            self._kill_restored()
+        for task in [*self.page_servers.values(), *([self.lazy] if self.lazy else [])]:
+            task.cancel()
+        for task in [*self.page_servers.values(), *([self.lazy] if self.lazy else [])]:
+            try:
+                await task
+            except BaseException:
+                pass
+        if self.server:
+            self.server.close()
+        if self.work:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+async def main(root: str = DEFAULT_ROOT) -> int:
+    """Serve one migration on stdin/stdout."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=p.MAX_FRAME + 8)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
+    transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    return await Agent(reader, writer, root).serve()

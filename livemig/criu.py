@@ -1,0 +1,208 @@
+"""Every CRIU command line livemig runs, and the reading of what CRIU leaves behind
+(its stats images and the errors in its logs). Builds argument lists; runs nothing."""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+# Version 4.2 is the first that dumps TCP sockets on kernels >= 6.16 (criu #2705).
+MIN_VERSION = (3, 15)
+
+FEATURE_DIRTY_TRACKING = "mem_dirty_track"   # soft-dirty: needed by pre-dump
+FEATURE_LAZY_PAGES = "uffd-noncoop"          # userfaultfd for a foreign process: post-copy
+FEATURES = (FEATURE_DIRTY_TRACKING, FEATURE_LAZY_PAGES)
+
+_STATS_MAGIC = b"\x40\x59\x10\x55\x06\x33\x09\x57"   # service image magic + STATS
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked of CRIU for this workload."""
+    tcp_established: bool = False
+    shell_job: bool = False
+    file_locks: bool = False
+    ext_unix_sk: bool = False
+    manage_cgroups: str | None = None
+
+    def flags(self) -> list[str]:
+        f = []
+        if self.tcp_established:
+            f.append("--tcp-established")
+        if self.shell_job:
+            f.append("--shell-job")
+        if self.file_locks:
+            f.append("--file-locks")
+        if self.ext_unix_sk:
+            f.append("--ext-unix-sk")
+        if self.manage_cgroups:
+            f.append(f"--manage-cgroups={self.manage_cgroups}")
+        return f
+
+
+def check_feature(name: str) -> list[str]:
+    return ["criu", "check", "--feature", name]
+
+
+def version() -> list[str]:
+    return ["criu", "--version"]
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    m = re.search(r"Version:\s*(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        raise ValueError(f"cannot read a CRIU version from {text.strip()[:80]!r}")
+    return tuple(int(x) for x in m.groups() if x is not None)
+
+
+def cpuinfo_dump(images: str) -> list[str]:
+    return ["criu", "cpuinfo", "dump", "-D", images, "-o", "cpuinfo-dump.log"]
+
+
+def cpuinfo_check(images: str) -> list[str]:
+    return ["criu", "cpuinfo", "check", "-D", images, "-o", "cpuinfo-check.log"]
+
+
+def pre_dump(pid: int, images: str, ps_fd: int, parent: str | None, opts: Options) -> list[str]:
+    argv = ["criu", "pre-dump", "-t", str(pid), "-D", images, "-o", "pre-dump.log",
+            "--page-server", "--ps-socket", str(ps_fd), "--track-mem", *opts.flags()]
+    if parent:
+        argv += ["--prev-images-dir", parent]
+    return argv
+
+
+def dump(pid: int, images: str, *, ps_fd: int, hook: str, parent: str | None, lazy: bool,
+         opts: Options) -> list[str]:
+    """The final dump. Pages go to the page server on ps_fd (or, lazy, are served from it
+    on demand); the action script hook holds CRIU at post-dump until the migration is
+    committed (exit 0: CRIU kills the source) or rolled back (non-zero: CRIU resumes it)."""
+    argv = ["criu", "dump", "-t", str(pid), "-D", images, "-o", "dump.log",
+            "--ps-socket", str(ps_fd), "--action-script", hook, *opts.flags()]
+    argv += ["--lazy-pages"] if lazy else ["--page-server"]
+    if parent:
+        argv += ["--prev-images-dir", parent, "--track-mem"]
+    return argv
+
+
+def page_server(images: str, ps_fd: int, parent: str | None) -> list[str]:
+    argv = ["criu", "page-server", "-D", images, "-o", "page-server.log", "--ps-socket", str(ps_fd)]
+    if parent:
+        argv += ["--prev-images-dir", parent]
+    return argv
+
+
+def lazy_pages(images: str, ps_fd: int, status_fd: int) -> list[str]:
+    return ["criu", "lazy-pages", "-D", images, "-o", "lazy-pages.log", "--page-server",
+            "--ps-socket", str(ps_fd), "--status-fd", str(status_fd)]
+
+
+def restore(images: str, pidfile: str, *, lazy: bool, opts: Options) -> list[str]:
+    """Restore detached and stopped: the tree runs only once the source is gone (Resume)."""
+    argv = ["criu", "restore", "-D", images, "-o", "restore.log", "--restore-detached",
+            "--leave-stopped", "--pidfile", pidfile, *opts.flags()]
+    if lazy:
+        argv.append("--lazy-pages")
+    return argv
+
+
+# --- what CRIU leaves behind -----------------------------------------------------------------
+@dataclass(frozen=True)
+class DumpStats:
+    freezing_time: float = 0.0     # seconds to freeze the tree
+    frozen_time: float = 0.0       # seconds the tree stayed frozen during the dump
+    memdump_time: float = 0.0
+    memwrite_time: float = 0.0
+    pages_scanned: int = 0
+    pages_skipped_parent: int = 0
+    pages_written: int = 0
+    pages_lazy: int = 0
+
+
+@dataclass(frozen=True)
+class RestoreStats:
+    forking_time: float = 0.0
+    restore_time: float = 0.0
+    pages_restored: int = 0
+
+
+_DUMP_FIELDS = {1: "freezing_time", 2: "frozen_time", 3: "memdump_time", 4: "memwrite_time",
+                5: "pages_scanned", 6: "pages_skipped_parent", 7: "pages_written", 9: "pages_lazy"}
+_RESTORE_FIELDS = {3: "forking_time", 4: "restore_time", 5: "pages_restored"}
+_MICROSECONDS = {"freezing_time", "frozen_time", "memdump_time", "memwrite_time", "forking_time",
+                 "restore_time"}
+
+
+def parse_stats(data: bytes) -> DumpStats | RestoreStats:
+    """Read a stats-dump or stats-restore image (magic, u32 size, protobuf StatsEntry)."""
+    if data[:8] != _STATS_MAGIC or len(data) < 12:
+        raise ValueError("not a CRIU stats image")
+    (size,) = struct.unpack_from("<I", data, 8)
+    entry = dict(_protobuf_fields(data[12:12 + size]))
+    if 1 in entry:
+        return _stats(DumpStats, _DUMP_FIELDS, entry[1])
+    if 2 in entry:
+        return _stats(RestoreStats, _RESTORE_FIELDS, entry[2])
+    raise ValueError("a stats image with neither dump nor restore stats")
+
+
+def read_stats(path: str | Path) -> DumpStats | RestoreStats | None:
+    try:
+        return parse_stats(Path(path).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _stats(cls, names: dict[int, str], body: bytes):
+    values = {}
+    for num, value in _protobuf_fields(body):
+        name = names.get(num)
+        if name and isinstance(value, int):
+            values[name] = value / 1e6 if name in _MICROSECONDS else value
+    return cls(**values)
+
+
+def _protobuf_fields(buf: bytes):
+    """(field number, int or bytes) for each field of a protobuf message: varints and
+    length-delimited fields are all that CRIU's stats use."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire == 1:
+            value, i = struct.unpack_from("<Q", buf, i)[0], i + 8
+        elif wire == 5:
+            value, i = struct.unpack_from("<I", buf, i)[0], i + 4
+        else:
+            raise ValueError(f"protobuf wire type {wire} in a stats image")
+        yield num, value
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        if i >= len(buf):
+            raise ValueError("truncated varint in a stats image")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+_NOISE = ("RLIMIT_NOFILE",          # every run, where root lacks CAP_SYS_RESOURCE
+          "killed by signal",       # CRIU killing its own half-restored tasks: an effect
+          "FAILED.")                # "Dumping FAILED." / "Restoring FAILED.": a summary
+
+
+def log_errors(log_text: str, limit: int = 5) -> list[str]:
+    """The error lines of a CRIU log that explain a failure, cause first."""
+    lines = [ln.strip() for ln in log_text.splitlines() if "Error" in ln]
+    return [ln for ln in lines if not any(n in ln for n in _NOISE)][:limit]

@@ -1,0 +1,74 @@
+"""The errors livemig raises, each naming the phase that failed, and the exit codes they map to.
+
+Exit codes are part of the interface that failover scripts rely on: they never change meaning.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    MOVED = 0            # the workload runs on the target, and only there
+    FAILED = 1           # an unexpected failure; the workload runs on the source
+    USAGE = 2            # bad arguments: nothing was touched
+    PREFLIGHT = 3        # a check failed before the source was touched
+    CONNECTION = 4       # the target could not be reached or lost on the way; rolled back
+    DUMP = 5             # CRIU could not checkpoint the workload; it runs on the source
+    RESTORE = 6          # the target could not restore; rolled back, it runs on the source
+    INTERRUPTED = 130    # Ctrl-C: rolled back, it runs on the source
+
+
+class Phase:
+    """The phases of a migration, in order; the names used in errors, reports and logs."""
+    PREFLIGHT = "preflight"
+    PRECOPY = "pre-copy"
+    FINAL_DUMP = "final dump"
+    TRANSFER = "transfer"
+    RESTORE = "restore"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+
+
+class LivemigError(Exception):
+    """A failure to report in one line; exit_code says which class it is."""
+
+    exit_code = ExitCode.FAILED
+
+    def __init__(self, message: str, *, phase: str | None = None, host: str | None = None,
+                 hint: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.message, self.phase, self.host, self.hint, self.detail = message, phase, host, hint, detail
+
+    def __str__(self) -> str:
+        where = " ".join(x for x in (self.phase, f"on {self.host}" if self.host else None) if x)
+        text = f"{where}: {self.message}" if where else self.message
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class UsageError(LivemigError):
+    exit_code = ExitCode.USAGE
+
+
+class PreflightError(LivemigError):
+    exit_code = ExitCode.PREFLIGHT
+
+
+class ConnectionFailed(LivemigError):
+    exit_code = ExitCode.CONNECTION
+
+
+class DumpError(LivemigError):
+    exit_code = ExitCode.DUMP
+
+
+class RestoreError(LivemigError):
+    exit_code = ExitCode.RESTORE
+
+
+class CommandFailed(LivemigError):
+    """A command exited non-zero; detail holds the end of its stderr."""
+
+
+class ProtocolError(LivemigError):
+    """The peer said something the protocol does not allow."""

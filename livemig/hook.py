@@ -1,0 +1,108 @@
+"""The commit point: CRIU's action script, and the coordinator's end of it.
+
+CRIU runs the script at every step of a dump. At "pre-dump" (just before it
+freezes the workload) the script tells us, so that downtime is measured from
+there. At "post-dump" (every image written, every page acknowledged, the
+workload still frozen) it waits for our verdict: exit 0 and CRIU kills the
+source; exit non-zero and CRIU resumes it. When the coordinator is gone, the
+script asks the journal instead: only a migration recorded as committed
+(the target holds the restored tree) lets the source die.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+SCRIPT = '''\
+import os, socket, sys
+action = os.environ.get("CRTOOLS_SCRIPT_ACTION", "")
+if action not in ("pre-dump", "post-dump"):
+    sys.exit(0)
+verdict = b""
+try:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.environ["LIVEMIG_HOOK_SOCKET"])
+    s.sendall(action.encode() + b"\\n")
+    verdict = s.recv(1) if action == "post-dump" else b"0"
+except OSError:
+    pass
+if not verdict:
+    try:
+        with open(os.environ["LIVEMIG_JOURNAL"]) as f:
+            verdict = b"0" if f.read().startswith("committed") else b"1"
+    except OSError:
+        verdict = b"1"
+sys.exit(0 if verdict == b"0" else 1)
+'''
+
+
+class HookServer:
+    def __init__(self, work: Path):
+        self.script = work / "criu-hook"
+        self.socket = work / "hook.sock"
+        self.journal = work / "journal"
+        loop = asyncio.get_running_loop()
+        self.post_dump: asyncio.Future = loop.create_future()
+        self.frozen_at = 0.0
+        self._writer = None
+        self._server = None
+
+    @classmethod
+    async def start(cls, work: Path) -> "HookServer":
+        self = cls(work)
+        fd = os.open(self.script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"#!{sys.executable}\n{SCRIPT}")
+        self._write_journal("dumping\n")
+        self._server = await asyncio.start_unix_server(self._on_connect, path=str(self.socket))
+        os.chmod(self.socket, 0o600)
+        return self
+
+    def environment(self) -> dict[str, str]:
+        return {"LIVEMIG_HOOK_SOCKET": str(self.socket), "LIVEMIG_JOURNAL": str(self.journal)}
+
+    async def _on_connect(self, reader, writer) -> None:
+        action = (await reader.readline()).decode().strip()
+        if action == "pre-dump":
+            self.frozen_at = time.monotonic()
+            writer.close()
+        elif action == "post-dump" and not self.post_dump.done():
+            self._writer = writer     # held open: the verdict goes back on it
+            self.post_dump.set_result(time.monotonic())
+        else:
+            writer.close()
+
+    @property
+    def waiting(self) -> bool:
+        return self._writer is not None
+
+    def commit(self) -> None:
+        self._write_journal("committed\n")
+        self._verdict(b"0")
+
+    def rollback(self) -> None:
+        self._write_journal("rolled back\n")
+        self._verdict(b"1")
+
+    def _verdict(self, byte: bytes) -> None:
+        if self._writer is not None:
+            self._writer.write(byte)
+            self._writer.close()
+            self._writer = None
+
+    def _write_journal(self, state: str) -> None:
+        tmp = self.journal.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(state)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.journal)
+
+    async def close(self) -> None:
+        if self._server:
+            self._server.close()

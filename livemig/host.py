@@ -1,0 +1,82 @@
+"""Facts about the host we run on, gathered the same way on the source and the target."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+from pathlib import Path
+
+from . import criu, proc
+from .protocol import HostFacts
+
+THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+async def probe(pids: list[int], image_root: str) -> HostFacts:
+    ver = await proc.run(criu.version(), check=False)
+    try:
+        version = list(criu.parse_version(ver.text + ver.stderr.decode(errors="replace")))
+    except ValueError:
+        version = []
+    features = {}
+    for name in criu.FEATURES:
+        features[name] = (await proc.run(criu.check_feature(name), check=False)).returncode == 0 if version else False
+    st = os.statvfs(image_root)
+    return HostFacts(
+        hostname=socket.gethostname(), arch=platform.machine(), kernel=platform.release(),
+        criu_version=version, features=features, free_bytes=st.f_bavail * st.f_frsize,
+        mem_available=mem_available(), pids_taken=[pid for pid in pids if os.path.exists(f"/proc/{pid}")])
+
+
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def thp_always() -> bool:
+    """Soft-dirty tracks a transparent huge page as one: with THP 'always', one write
+    dirties 2 MiB and pre-copy resends nearly everything each round."""
+    try:
+        return "[always]" in Path(THP_ENABLED).read_text()
+    except OSError:
+        return False
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (every thread's children), parents first."""
+    seen, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        if pid in seen:
+            continue
+        seen.append(pid)
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return [pid for pid in seen if os.path.exists(f"/proc/{pid}")]
+
+
+def resident_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def has_terminal(pid: int) -> bool:
+    """A process with a controlling terminal needs CRIU's --shell-job."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[4]) != 0

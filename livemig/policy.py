@@ -1,0 +1,106 @@
+"""When to stop pre-copy and take the final dump: pure functions over the rounds so far.
+
+In QEMU's terms: switch over once the pages still to send fit the downtime limit
+at the bandwidth the last round measured (pending / bandwidth <= max downtime).
+With P.Haul's safety nets: at most 8 rounds, stop when a round writes 64 pages or
+fewer, stop when a round writes more than 10 % more pages than the one before
+(the workload dirties memory faster than we send it: going on only loses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Sequence
+
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """What one pre-copy round did, as the policy needs it."""
+    pages_written: int       # pages CRIU sent in the round (dirtied since the round before)
+    bytes_on_wire: int       # what those pages cost on the link, after compression
+    seconds: float           # from the round's start until its last byte was delivered
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes on the wire per second that this round achieved."""
+        return self.bytes_on_wire / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wire_bytes_per_page(self) -> float:
+        return self.bytes_on_wire / self.pages_written if self.pages_written else PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_downtime: float = 0.300    # seconds: QEMU's downtime-limit default
+    max_rounds: int = 8            # P.Haul
+    min_pages: int = 64            # P.Haul: a round this small is as good as it gets
+    max_growth: float = 0.10       # P.Haul: +10 % pages over the round before: diverging
+    fixed_cost: float = 0.0        # seconds of downtime that do not depend on pages (freeze, restore)
+    thp_always: bool = False       # soft-dirty then marks 2 MiB at a time: every round resends all
+
+
+class StopReason(str, Enum):
+    WITHIN_DOWNTIME = "the pages left fit the downtime limit"
+    FEW_PAGES = "the last round wrote few pages"
+    DIVERGING = "pages written grew: the workload dirties memory faster than it is sent"
+    MAX_ROUNDS = "the round limit was reached"
+    THP_ALWAYS = "transparent huge pages are 'always': every round would resend all memory"
+
+
+@dataclass(frozen=True)
+class Decision:
+    stop: bool
+    reason: StopReason | None
+    expected_downtime: float     # seconds, if the final dump were taken now
+    bandwidth: float             # bytes per second on the wire, last round
+
+
+def expected_downtime(last: RoundStats, limits: Limits) -> float:
+    """The final dump sends about what the last round did (the dirty set levels off at
+    dirty rate x round length), at the last round's bandwidth, plus the fixed cost."""
+    if last.bandwidth <= 0:
+        return float("inf")
+    pending = last.pages_written * last.wire_bytes_per_page
+    return limits.fixed_cost + pending / last.bandwidth
+
+
+def decide(rounds: Sequence[RoundStats], limits: Limits = Limits()) -> Decision:
+    """Whether to take the final dump after these rounds, and why."""
+    if not rounds:
+        return Decision(False, None, float("inf"), 0.0)
+    last = rounds[-1]
+    estimate = expected_downtime(last, limits)
+    reason = None
+    if limits.thp_always:
+        reason = StopReason.THP_ALWAYS
+    elif last.pages_written <= limits.min_pages:
+        reason = StopReason.FEW_PAGES
+    elif estimate <= limits.max_downtime:
+        reason = StopReason.WITHIN_DOWNTIME
+    elif len(rounds) >= 2 and last.pages_written > rounds[-2].pages_written * (1 + limits.max_growth):
+        reason = StopReason.DIVERGING
+    elif len(rounds) >= limits.max_rounds:
+        reason = StopReason.MAX_ROUNDS
+    return Decision(reason is not None, reason, estimate, last.bandwidth)
+
+
+def choose_mode(requested: str, source_features: dict[str, bool],
+                target_features: dict[str, bool]) -> tuple[str, str]:
+    """The strategy to run, and why. Raises ValueError when the requested one cannot run."""
+    dirty = source_features.get("mem_dirty_track", False)
+    lazy = source_features.get("uffd-noncoop", False) and target_features.get("uffd-noncoop", False)
+    if requested in ("precopy", "hybrid") and not dirty:
+        raise ValueError(f"{requested} needs dirty-page tracking (soft-dirty), which this kernel lacks")
+    if requested in ("postcopy", "hybrid") and not lazy:
+        raise ValueError(f"{requested} needs userfaultfd (uffd-noncoop) on both hosts")
+    if requested != "auto":
+        return requested, "as requested"
+    if dirty and lazy:
+        return "hybrid", "both hosts track dirty pages and support lazy pages"
+    if dirty:
+        return "precopy", "the target has no userfaultfd for lazy pages"
+    return "stopcopy", "this kernel cannot track dirty pages (no soft-dirty), so no pre-copy"

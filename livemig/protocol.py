@@ -1,0 +1,229 @@
+"""The messages between the coordinator (source) and the agent (target), and how they are framed.
+
+A frame is a 4-byte big-endian length and a UTF-8 JSON object whose "type" names
+one of the message classes below; its other keys are that class's fields. Only
+these types decode: no pickle, no eval, nothing from the wire chooses code to
+run. The first exchange is Hello/Welcome, which fails on a protocol mismatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
+_LEN = struct.Struct(">I")
+_TYPES: dict[str, type] = {}
+
+
+def message(cls):
+    """Register a dataclass as a message type, under its class name."""
+    cls = dataclass(frozen=True)(cls)
+    _TYPES[cls.__name__] = cls
+    return cls
+
+
+# --- handshake -------------------------------------------------------------------------------
+@message
+class Hello:
+    protocol: int
+    livemig_version: str
+    migration_id: str
+
+
+@message
+class Welcome:
+    protocol: int
+    livemig_version: str
+    work_dir: str          # the agent's private directory (0700) for this migration
+    stream_socket: str     # a UNIX socket in work_dir where data streams connect
+
+
+# --- preflight -------------------------------------------------------------------------------
+@message
+class Probe:
+    pids: list[int] = field(default_factory=list)   # PIDs the restored tree needs
+
+
+@message
+class HostFacts:
+    hostname: str
+    arch: str
+    kernel: str
+    criu_version: list[int]
+    features: dict[str, bool]     # criu check --feature NAME -> passed
+    free_bytes: int               # free space where images go
+    mem_available: int
+    pids_taken: list[int]
+
+
+@message
+class CpuinfoCheck:
+    """Can this CPU run what the source's does? The source's cpuinfo.img comes on stream."""
+    stream: str
+
+
+@message
+class CpuinfoResult:
+    ok: bool
+    message: str = ""
+
+
+# --- images ------------------------------------------------------------------------------------
+@message
+class OpenPageServer:
+    """Start `criu page-server` into image directory `dir`, fed by data stream `stream`."""
+    dir: str
+    stream: str
+    parent: str | None = None     # the previous round's directory, for --prev-images-dir
+
+
+@message
+class AwaitPageServer:
+    """Wait until the page server of dir has stored everything and exited."""
+    dir: str
+
+
+@message
+class PageServerDone:
+    dir: str
+    bytes_in: int                 # bytes that arrived on the wire (compressed)
+    bytes_out: int                # bytes handed to CRIU
+
+
+@message
+class ReceiveFiles:
+    """Files of image directory `dir` arrive on data stream `stream` (streams.send_files);
+    dir is created, linked to parent, when no page server made it."""
+    dir: str
+    stream: str
+    parent: str | None = None
+
+
+@message
+class FilesReceived:
+    dir: str
+    files: int
+    bytes: int
+
+
+# --- restore, commit, rollback -----------------------------------------------------------------
+@message
+class Restore:
+    dir: str
+    lazy_stream: str | None = None    # post-copy: the stream to the source's lazy page server
+
+
+@message
+class Restored:
+    pid: int
+    restore_seconds: float
+
+
+@message
+class Resume:
+    """The source is gone: let the restored tree run."""
+
+
+@message
+class Resumed:
+    pids: list[int]
+
+
+@message
+class AwaitLazy:
+    """Wait until post-copy has brought every page over."""
+
+
+@message
+class LazyDone:
+    """Post-copy: every page has arrived; the target no longer depends on the source."""
+    pages_fetched: int
+
+
+@message
+class Abort:
+    """Roll back: kill whatever was restored, delete the images."""
+
+
+@message
+class Finish:
+    """The migration is over (moved or rolled back): delete the images, and stop."""
+
+
+@message
+class Done:
+    pass
+
+
+@message
+class Failed:
+    """The agent could not do what it was asked."""
+    phase: str
+    message: str
+    detail: str = ""
+
+
+def encode(msg: Any) -> bytes:
+    if type(msg).__name__ not in _TYPES:
+        raise ProtocolError(f"not a protocol message: {msg!r}")
+    body = json.dumps({"type": type(msg).__name__, **dataclasses.asdict(msg)}).encode()
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"message too large: {len(body)} bytes")
+    return _LEN.pack(len(body)) + body
+
+
+def decode(body: bytes) -> Any:
+    try:
+        obj = json.loads(body)
+        cls = _TYPES[obj.pop("type")]
+        return cls(**obj)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ProtocolError(f"malformed message: {e}: {body[:200]!r}") from None
+
+
+async def read_message(reader: asyncio.StreamReader) -> Any:
+    try:
+        (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+        if size > MAX_FRAME:
+            raise ProtocolError(f"frame of {size} bytes exceeds the limit of {MAX_FRAME}")
+        return decode(await reader.readexactly(size))
+    except asyncio.IncompleteReadError:
+        raise EOFError("the peer closed the connection") from None
+
+
+async def write_message(writer, msg: Any) -> None:
+    writer.write(encode(msg))
+    await writer.drain()
+
+
+class Channel:
+    """Request/response over one framed stream: one request in flight at a time."""
+
+    def __init__(self, reader, writer):
+        self.reader, self.writer = reader, writer
+        self._lock = asyncio.Lock()
+
+    async def request(self, msg: Any, reply_type: type) -> Any:
+        async with self._lock:
+            await write_message(self.writer, msg)
+            reply = await read_message(self.reader)
+        if isinstance(reply, Failed):
+            raise RemoteFailure(reply)
+        if not isinstance(reply, reply_type):
+            raise ProtocolError(f"expected {reply_type.__name__} in reply to {type(msg).__name__}, "
+                                f"got {type(reply).__name__}")
+        return reply
+
+
+class RemoteFailure(Exception):
+    def __init__(self, failed: Failed):
+        super().__init__(failed.message)
+        self.failed = failed

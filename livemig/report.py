@@ -1,0 +1,69 @@
+"""What a migration did, for people (summary()) and for scripts (to_json())."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RoundReport:
+    """One pass of pages: a pre-copy round or the final dump."""
+    kind: str                     # "pre-dump" or "dump"
+    pages_written: int = 0
+    bytes_raw: int = 0            # what CRIU sent through the page stream
+    bytes_wire: int = 0           # what crossed the network, compressed
+    frozen_seconds: float = 0.0   # how long CRIU kept the workload frozen
+    seconds: float = 0.0          # the round from start to last byte delivered
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bytes_raw / self.bytes_wire if self.bytes_wire else 1.0
+
+
+@dataclass
+class Report:
+    pid: int
+    source: str
+    target: str
+    mode: str = ""                # the strategy used
+    mode_reason: str = ""         # why that one
+    outcome: str = "failed"       # "moved" or "rolled back" or "failed"
+    rounds: list[RoundReport] = field(default_factory=list)
+    precopy_stop_reason: str = ""
+    final_dump_frozen_seconds: float = 0.0
+    image_files_bytes: int = 0    # images other than pages, sent after the dump
+    restore_seconds: float = 0.0
+    downtime_seconds: float = 0.0  # source frozen -> target running
+    total_seconds: float = 0.0
+    target_pid: int = 0
+    postcopy_pages: int = 0
+    warnings: list[str] = field(default_factory=list)
+    error: str = ""
+    failed_phase: str = ""
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        for r, rd in zip(self.rounds, d["rounds"]):
+            rd["compression_ratio"] = round(r.compression_ratio, 2)
+        return json.dumps(d, indent=2)
+
+    def summary(self) -> str:
+        lines = [f"{self.outcome}: PID {self.pid} {self.source} -> {self.target}, mode {self.mode}"
+                 + (f" ({self.mode_reason})" if self.mode_reason else "")]
+        for i, r in enumerate(self.rounds, 1):
+            lines.append(f"  {r.kind} {i}: {r.pages_written} pages, {r.bytes_raw / 2**20:.1f} MiB -> "
+                         f"{r.bytes_wire / 2**20:.1f} MiB on the wire (x{r.compression_ratio:.1f}), "
+                         f"frozen {r.frozen_seconds * 1000:.0f} ms, {r.seconds:.2f} s")
+        if self.precopy_stop_reason:
+            lines.append(f"  pre-copy stopped: {self.precopy_stop_reason}")
+        if self.outcome == "moved":
+            lines.append(f"  downtime {self.downtime_seconds * 1000:.0f} ms (restore "
+                         f"{self.restore_seconds * 1000:.0f} ms), total {self.total_seconds:.2f} s; "
+                         f"now PID {self.target_pid} on {self.target}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        if self.error:
+            lines.append(f"  error in {self.failed_phase or 'migration'}: {self.error}")
+        return "\n".join(lines)

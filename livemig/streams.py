@@ -1,0 +1,159 @@
+"""Bytes between CRIU and the network: zstd on the way out, plain on the way in, never staged on disk.
+
+A relay joins a local socket (CRIU's end of a socketpair) to a data stream (an
+SSH channel) in both directions: what leaves is zstd-compressed and flushed
+after every read, so that CRIU's request/reply exchanges never wait on a
+half-filled compression block; what arrives is decompressed. Both ends of a
+migration run the same relay, so the format needs no negotiation. Source-side
+buffering stays within CHUNK plus the transport's own window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+CHUNK = 1 << 20
+_NAME = struct.Struct(">H")
+_SIZE = struct.Struct(">Q")
+
+
+@dataclass
+class Meter:
+    """Bytes through one direction of a stream: raw (what CRIU wrote or read) and on the wire."""
+    raw: int = 0
+    wire: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.raw / self.wire if self.wire else 1.0
+
+
+async def send_compressed(reader, writer, meter: Meter, level: int = 1) -> None:
+    comp = zstandard.ZstdCompressor(level=level).compressobj()
+    while data := await reader.read(CHUNK):
+        meter.raw += len(data)
+        out = comp.compress(data) + comp.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        meter.wire += len(out)
+        writer.write(out)
+        await writer.drain()
+    out = comp.flush()
+    meter.wire += len(out)
+    writer.write(out)
+    await writer.drain()
+    writer.write_eof()
+
+
+async def receive_compressed(reader, writer, meter: Meter) -> None:
+    dec = zstandard.ZstdDecompressor().decompressobj()
+    while data := await reader.read(CHUNK):
+        meter.wire += len(data)
+        out = dec.decompress(data)
+        if out:
+            meter.raw += len(out)
+            writer.write(out)
+            await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+@dataclass
+class Relay:
+    sent: Meter
+    received: Meter
+
+
+async def relay(local: tuple, remote: tuple, level: int = 1) -> Relay:
+    """Pump local<->remote until both directions reach EOF."""
+    (l_reader, l_writer), (r_reader, r_writer) = local, remote
+    result = Relay(Meter(), Meter())
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(send_compressed(l_reader, r_writer, result.sent, level))
+        tg.create_task(receive_compressed(r_reader, l_writer, result.received))
+    return result
+
+
+async def socket_streams(sock) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """asyncio streams over one end of a socketpair whose other end CRIU holds."""
+    return await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
+
+
+# --- files: the small images that do not go through the page server ---------------------------
+def _checked_name(name: str) -> str:
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise ValueError(f"refusing image file name {name!r}")
+    return name
+
+
+async def send_files(directory: Path, names: list[str], writer, level: int = 1) -> Meter:
+    """Write the named regular files of directory as [u16 name][u64 size][bytes]..., then an
+    empty name, zstd-compressed as one stream."""
+    meter = Meter()
+    comp = zstandard.ZstdCompressor(level=level).compressobj()
+
+    async def put(data: bytes) -> None:
+        meter.raw += len(data)
+        out = comp.compress(data)
+        if out:
+            meter.wire += len(out)
+            writer.write(out)
+            await writer.drain()
+
+    for name in names:
+        path = directory / _checked_name(name)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            encoded = name.encode()
+            await put(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(size))
+            while chunk := f.read(CHUNK):
+                await put(chunk)
+    await put(_NAME.pack(0))
+    out = comp.flush()
+    meter.wire += len(out)
+    writer.write(out)
+    await writer.drain()
+    writer.write_eof()
+    return meter
+
+
+async def receive_files(reader, directory: Path) -> tuple[int, int]:
+    """The other side of send_files: files land in directory (0600); returns (files, bytes)."""
+    dec = zstandard.ZstdDecompressor().decompressobj()
+    buf = bytearray()
+    eof = False
+
+    async def need(n: int) -> bytes:
+        nonlocal eof
+        while len(buf) < n:
+            if eof:
+                raise EOFError("the image file stream ended early")
+            data = await reader.read(CHUNK)
+            if not data:
+                eof = True
+                continue
+            buf.extend(dec.decompress(data))
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    files = total = 0
+    while True:
+        (n,) = _NAME.unpack(await need(_NAME.size))
+        if n == 0:
+            return files, total
+        name = _checked_name((await need(n)).decode())
+        (size,) = _SIZE.unpack(await need(_SIZE.size))
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            left = size
+            while left:
+                chunk = await need(min(left, CHUNK))
+                f.write(chunk)
+                left -= len(chunk)
+        files += 1
+        total += size

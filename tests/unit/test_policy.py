@@ -1,0 +1,74 @@
+"""The pre-copy stop policy: every stop reason, and the downtime estimate behind them."""
+
+import pytest
+
+from livemig.policy import Limits, RoundStats, StopReason, decide, expected_downtime
+
+MiB = 1 << 20
+
+
+def rnd(pages: int, seconds: float = 1.0, ratio: float = 1.0) -> RoundStats:
+    """A round that wrote pages, compressed by ratio, and took seconds."""
+    return RoundStats(pages_written=pages, bytes_on_wire=int(pages * 4096 / ratio), seconds=seconds)
+
+
+def test_no_rounds_yet_means_go_on():
+    d = decide([])
+    assert not d.stop and d.reason is None
+
+
+def test_estimate_is_pending_bytes_over_last_bandwidth_plus_fixed_cost():
+    # 100 MiB in 1 s -> 100 MiB/s; 25,600 pages pending = 100 MiB -> 1 s, plus 0.2 s fixed
+    last = rnd(25_600, seconds=1.0)
+    assert expected_downtime(last, Limits(fixed_cost=0.2)) == pytest.approx(1.2)
+    # compression changes bytes per page and bandwidth alike: pages per second is what counts
+    assert expected_downtime(rnd(25_600, 0.5, ratio=4), Limits()) == pytest.approx(0.5)
+
+
+def test_stops_when_pending_pages_fit_the_downtime_limit():
+    rounds = [rnd(131_072, 4.0), rnd(20_000, 1.0), rnd(1_000, 0.1)]
+    d = decide(rounds, Limits(max_downtime=0.3))
+    assert d.stop and d.reason is StopReason.WITHIN_DOWNTIME
+    assert d.expected_downtime == pytest.approx(0.1)
+    assert d.bandwidth == pytest.approx(1_000 * 4096 / 0.1)
+
+
+def test_a_small_workload_stops_after_one_round():
+    d = decide([rnd(2_000, 0.05)], Limits(max_downtime=0.3))
+    assert d.stop and d.reason is StopReason.WITHIN_DOWNTIME
+
+
+def test_goes_on_while_converging_above_the_limit():
+    d = decide([rnd(131_072, 4.0), rnd(40_000, 1.2)], Limits(max_downtime=0.3))
+    assert not d.stop and d.expected_downtime > 0.3
+
+
+def test_few_pages_stops_whatever_the_estimate():
+    d = decide([rnd(131_072, 4.0), rnd(64, 10.0)], Limits(max_downtime=0.001))
+    assert d.stop and d.reason is StopReason.FEW_PAGES
+
+
+def test_growth_over_ten_percent_means_diverging():
+    rounds = [rnd(131_072, 4.0), rnd(40_000, 1.2), rnd(44_001, 1.3)]
+    d = decide(rounds, Limits(max_downtime=0.3))
+    assert d.stop and d.reason is StopReason.DIVERGING
+    # exactly +10 % is still tolerated
+    assert not decide([rnd(131_072, 4.0), rnd(40_000, 1.2), rnd(44_000, 1.3)], Limits(max_downtime=0.3)).stop
+
+
+def test_round_limit():
+    rounds = [rnd(131_072, 4.0)] + [rnd(40_000 - i, 1.2) for i in range(7)]
+    assert len(rounds) == 8
+    d = decide(rounds, Limits(max_downtime=0.3, max_rounds=8))
+    assert d.stop and d.reason is StopReason.MAX_ROUNDS
+    assert not decide(rounds[:7], Limits(max_downtime=0.3, max_rounds=8)).stop
+
+
+def test_thp_always_stops_after_the_first_round():
+    d = decide([rnd(131_072, 4.0)], Limits(thp_always=True))
+    assert d.stop and d.reason is StopReason.THP_ALWAYS
+
+
+def test_a_round_that_took_no_time_gives_no_bandwidth_and_no_false_stop():
+    d = decide([RoundStats(131_072, 0, 0.0)], Limits())
+    assert d.expected_downtime == float("inf") and not d.stop

@@ -1,0 +1,44 @@
+"""This host as a transport: for the agent's own tests and for a target that is localhost."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+from livemig import proc
+
+from . import Completed
+
+
+class LocalProcess:
+    def __init__(self, p: asyncio.subprocess.Process, argv: Sequence[str]):
+        self._p, self._argv = p, tuple(argv)
+        self.reader, self.writer = p.stdout, p.stdin
+
+    async def wait(self) -> Completed:
+        stderr = await self._p.stderr.read()
+        rc = await self._p.wait()
+        return Completed(self._argv, rc, b"", stderr)
+
+    def kill(self) -> None:
+        if self._p.returncode is None:
+            self._p.kill()
+
+
+class LocalTransport:
+    host = "localhost"
+
+    async def run(self, argv: Sequence[str], *, input: bytes | None = None,
+                  timeout: float | None = None) -> Completed:
+        r = await proc.run(argv, input=input, check=False, timeout=timeout)
+        return Completed(r.argv, r.returncode, r.stdout, r.stderr)
+
+    async def start(self, argv: Sequence[str]) -> LocalProcess:
+        p = await proc.start(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        return LocalProcess(p, argv)
+
+    async def open_unix(self, path: str):
+        return await asyncio.open_unix_connection(path, limit=1 << 20)
+
+    async def close(self) -> None:
+        pass

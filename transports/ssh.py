@@ -1,0 +1,88 @@
+"""A host reached over SSH with asyncssh: the user's ~/.ssh/config, agent, keys and known_hosts.
+
+Host keys are always verified against known_hosts: an unknown or changed key
+stops the connection, and nothing here can turn that off.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Sequence
+
+import asyncssh
+
+from livemig.errors import ConnectionFailed
+
+from . import Completed
+
+# AES-GCM first: on our machines it moved twice what chacha20-poly1305 did. The rest
+# keep us working with an sshd that offers no GCM.
+CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+           "aes128-ctr", "aes256-ctr"]
+# The receive window for our streams: the post-copy and reply directions come back to us.
+WINDOW = 16 << 20
+MAX_PKTSIZE = 128 << 10
+
+
+class SshProcess:
+    def __init__(self, p: asyncssh.SSHClientProcess, argv: Sequence[str]):
+        self._p, self._argv = p, tuple(argv)
+        self.reader, self.writer = p.stdout, p.stdin
+
+    async def wait(self) -> Completed:
+        stderr = await self._p.stderr.read()
+        r = await self._p.wait(check=False)
+        return Completed(self._argv, r.returncode, b"", stderr or b"")
+
+    def kill(self) -> None:
+        self._p.close()
+
+
+class SshTransport:
+    def __init__(self, host: str, conn: asyncssh.SSHClientConnection):
+        self.host, self._conn = host, conn
+
+    @classmethod
+    async def connect(cls, host: str, *, timeout: float = 15.0) -> "SshTransport":
+        try:
+            conn = await asyncssh.connect(
+                host, encryption_algs=CIPHERS, compression_algs=None, connect_timeout=timeout,
+                keepalive_interval=5, keepalive_count_max=3)
+        except asyncssh.HostKeyNotVerifiable as e:
+            raise ConnectionFailed(f"the host key is not trusted ({e.reason})", host=host,
+                                   hint="check its fingerprint, then add it to ~/.ssh/known_hosts") from None
+        except asyncssh.PermissionDenied as e:
+            raise ConnectionFailed(f"ssh login refused ({e.reason})", host=host,
+                                   hint="livemig needs key or agent login as root") from None
+        except (OSError, asyncssh.Error, TimeoutError) as e:
+            reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+            raise ConnectionFailed(f"cannot connect over ssh: {reason}", host=host) from None
+        return cls(host, conn)
+
+    async def run(self, argv: Sequence[str], *, input: bytes | None = None,
+                  timeout: float | None = None) -> Completed:
+        try:
+            r = await self._conn.run(shlex.join(argv), input=input, encoding=None, check=False,
+                                     timeout=timeout)
+        except asyncssh.Error as e:
+            raise ConnectionFailed(f"lost the ssh connection ({e.reason})", host=self.host) from None
+        return Completed(tuple(argv), r.returncode, r.stdout or b"", r.stderr or b"")
+
+    async def start(self, argv: Sequence[str]) -> SshProcess:
+        try:
+            p = await self._conn.create_process(shlex.join(argv), encoding=None,
+                                                window=WINDOW, max_pktsize=MAX_PKTSIZE)
+        except asyncssh.Error as e:
+            raise ConnectionFailed(f"cannot start {argv[0]} ({e.reason})", host=self.host) from None
+        return SshProcess(p, argv)
+
+    async def open_unix(self, path: str):
+        try:
+            return await self._conn.open_unix_connection(path, window=WINDOW, max_pktsize=MAX_PKTSIZE)
+        except asyncssh.ChannelOpenError as e:
+            raise ConnectionFailed(f"sshd refused a stream to {path} ({e.reason})", host=self.host,
+                                   hint="livemig needs AllowStreamLocalForwarding in sshd_config") from None
+
+    async def close(self) -> None:
+        self._conn.close()
+        await self._conn.wait_closed()
