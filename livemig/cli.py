@@ -68,6 +68,8 @@ def _move(args) -> int:
         report = _run(migrate(args.pid, args.host, options, progress=progress))
     except LivemigError as e:
         print(f"livemig: {e}", file=sys.stderr)
+        if args.json and e.report is not None:
+            print(e.report.to_json())
         if e.detail and not args.json:
             for line in e.detail.splitlines()[-3:]:
                 print(f"  {line}", file=sys.stderr)

@@ -16,6 +16,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ class Migration:
         self.dump_socket: socket.socket | None = None
         self.relay: asyncio.Task | None = None
         self.lazy_token = ""
+        self.source_pids: list[int] = []
         self.round_dirs: list[str] = []
         self.restored = False
         self.committed = False
@@ -77,11 +79,13 @@ class Migration:
             self.report.failed_phase = phase
             self.report.error = str(e) if isinstance(e, LivemigError) else (
                 "interrupted" if isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)) else repr(e))
-            if isinstance(e, LivemigError) and e.phase is None:
-                e.phase = phase
+            if isinstance(e, LivemigError):
+                e.phase = e.phase or phase
+                e.report = self.report
             if not self.committed:
                 await asyncio.shield(self.rollback())
-                self.report.outcome = "rolled back"
+                # "failed": stopped before the source was touched; "rolled back": it was, and resumed
+                self.report.outcome = "rolled back" if self.dump is not None else "failed"
             raise
         finally:
             self.report.total_seconds = time.monotonic() - t0
@@ -94,6 +98,7 @@ class Migration:
         if not os.path.exists(f"/proc/{self.pid}"):
             raise PreflightError(f"no process with PID {self.pid}")
         pids = host.process_tree(self.pid)
+        self.source_pids = pids
         Path(self.options.image_root).mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.options.image_root, 0o700)
         self.work.mkdir(mode=0o700)
@@ -102,12 +107,13 @@ class Migration:
         await self._start_agent()
         local = await host.probe(pids, str(self.work))
         remote = await self.agent.request(p.Probe(pids=pids), p.HostFacts)
-        self._check(local, remote, pids)
-        await self._check_cpu()
+        self._check_criu(local, remote)
         try:
             mode, why = policy.choose_mode(self.options.mode.value, local.features, remote.features)
         except ValueError as e:
             raise PreflightError(str(e)) from None
+        self._check_room(remote, pids)
+        await self._check_cpu()
         self.report.mode, self.report.mode_reason = mode, why
         if mode in (Mode.PRECOPY.value, Mode.HYBRID.value) and host.thp_always():
             self.report.warnings.append("transparent huge pages are 'always' here: pre-copy resends "
@@ -132,7 +138,7 @@ class Migration:
             raise PreflightError(welcome.message, host=self.target)
         self.welcome = welcome
 
-    def _check(self, local: p.HostFacts, remote: p.HostFacts, pids: list[int]) -> None:
+    def _check_criu(self, local: p.HostFacts, remote: p.HostFacts) -> None:
         t = self.target
         if not local.criu_version:
             raise PreflightError("CRIU is not installed here", hint="install criu 4.2 or newer")
@@ -143,6 +149,9 @@ class Migration:
                                  f"source's {_v(local.criu_version)}", host=t)
         if remote.arch != local.arch:
             raise PreflightError(f"cannot move a {local.arch} workload to a {remote.arch} host", host=t)
+
+    def _check_room(self, remote: p.HostFacts, pids: list[int]) -> None:
+        t = self.target
         if remote.pids_taken:
             raise PreflightError(f"PIDs {', '.join(map(str, remote.pids_taken))} are in use", host=t,
                                  hint="a process tree restores onto its own PIDs; free them, or "
@@ -241,6 +250,8 @@ class Migration:
         if not self.hook.post_dump.done():
             raise DumpError(_criu_failure("criu dump", self.dump.returncode, local / "dump.log"))
         exited.cancel()
+        if lazy:
+            self.hook.proceed()
         rnd = RoundReport("dump", seconds=self.hook.post_dump.result() - self.hook.frozen_at)
         if self.relay:
             relayed = await self.relay
@@ -279,9 +290,13 @@ class Migration:
 
     # --- commit: the one place where the source is given up ---------------------------------
     async def commit(self, lazy: bool) -> None:
-        self.hook.commit()                 # durable first: a crash from here on means "moved"
-        self.committed = True
-        if not lazy:
+        if lazy:
+            # From the target's first instruction on, it is the workload: never resume the source.
+            self.hook.mark_committed()
+            self.committed = True
+        else:
+            self.hook.commit()             # durable first: a crash from here on means "moved"
+            self.committed = True
             rc = await self.dump.wait()    # CRIU kills the source and exits
             if rc != 0:
                 self.report.warnings.append(f"criu dump exited {rc} after the commit")
@@ -292,8 +307,13 @@ class Migration:
             done = await self.agent.request(p.AwaitLazy(), p.LazyDone)
             self.report.postcopy_pages = done.pages_fetched
             await self.dump.wait()
-            await self.relay
-        st = criu.read_stats(self.work / "final" / "stats-dump")
+            relayed = await self.relay
+            _signal_tree(self.source_pids, signal.SIGKILL)   # left stopped by the lazy dump
+            # A lazy dump's stats image holds zeroed counters: count what crossed the wire.
+            rnd = self.report.rounds[-1]
+            rnd.pages_written, rnd.bytes_raw, rnd.bytes_wire = \
+                done.pages_fetched, relayed.sent.raw, relayed.sent.wire
+        st = None if lazy else criu.read_stats(self.work / "final" / "stats-dump")
         if st:
             self.report.rounds[-1].pages_written = st.pages_written
             self.report.rounds[-1].frozen_seconds = st.frozen_time
@@ -302,6 +322,7 @@ class Migration:
 
     # --- rollback: the source goes on, the target forgets ------------------------------------
     async def rollback(self) -> None:
+        lazy_served = self.hook is not None and self.hook.post_dump.done() and not self.hook.waiting
         if self.hook and self.hook.waiting:
             self.hook.rollback()           # CRIU resumes the source
         elif self.dump and self.dump.returncode is None and self.dump_socket:
@@ -315,8 +336,6 @@ class Migration:
                     await self.dump.wait()
             except TimeoutError:
                 await proc.kill(self.dump)
-        if self.relay and not self.relay.done():
-            self.relay.cancel()
         if self.agent:
             try:
                 async with asyncio.timeout(30):
@@ -324,6 +343,14 @@ class Migration:
                     await self.agent.request(p.Finish(), p.Done)
             except (Exception, TimeoutError):
                 pass   # the agent kills what it restored when we vanish
+        if self.relay and not self.relay.done():
+            self.relay.cancel()
+        if lazy_served:
+            # The lazy dump ends (its client gone) leaving the source stopped: let it run again.
+            if self.dump and self.dump.returncode is None:
+                self.dump_socket.close()
+                await self.dump.wait()
+            _signal_tree(self.source_pids, signal.SIGCONT)
 
     async def close(self) -> None:
         if self.relay and not self.relay.done():
@@ -356,6 +383,14 @@ class Migration:
     async def _send_files(self, tok: str, directory: Path, names: list[str]) -> streams.Meter:
         _, writer = await self._stream(tok)
         return await streams.send_files(directory, names, writer, self.options.compression_level)
+
+
+def _signal_tree(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _criu_failure(what: str, rc: int | None, log: Path) -> str:

@@ -75,12 +75,16 @@ def pre_dump(pid: int, images: str, ps_fd: int, parent: str | None, opts: Option
 
 def dump(pid: int, images: str, *, ps_fd: int, hook: str, parent: str | None, lazy: bool,
          opts: Options) -> list[str]:
-    """The final dump. Pages go to the page server on ps_fd (or, lazy, are served from it
-    on demand); the action script hook holds CRIU at post-dump until the migration is
-    committed (exit 0: CRIU kills the source) or rolled back (non-zero: CRIU resumes it)."""
+    """The final dump. Pages go to the page server on ps_fd; the action script hook holds
+    CRIU at post-dump until the migration is committed (exit 0: CRIU kills the source)
+    or rolled back (non-zero: CRIU resumes it).
+
+    Lazy, CRIU serves the pages on ps_fd only after post-dump, so the hook cannot wait for
+    the restore there: the source is left stopped instead of killed, and livemig kills it
+    once the target has every page, or resumes it on rollback."""
     argv = ["criu", "dump", "-t", str(pid), "-D", images, "-o", "dump.log",
             "--ps-socket", str(ps_fd), "--action-script", hook, *opts.flags()]
-    argv += ["--lazy-pages"] if lazy else ["--page-server"]
+    argv += ["--lazy-pages", "--leave-stopped"] if lazy else ["--page-server"]
     if parent:
         argv += ["--prev-images-dir", parent, "--track-mem"]
     return argv

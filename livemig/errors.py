@@ -39,6 +39,7 @@ class LivemigError(Exception):
                  hint: str | None = None, detail: str | None = None):
         super().__init__(message)
         self.message, self.phase, self.host, self.hint, self.detail = message, phase, host, hint, detail
+        self.report = None   # the migration's report so far, when it got that far
 
     def __str__(self) -> str:
         where = " ".join(x for x in (self.phase, f"on {self.host}" if self.host else None) if x)

@@ -84,6 +84,14 @@ class HookServer:
         self._write_journal("committed\n")
         self._verdict(b"0")
 
+    def proceed(self) -> None:
+        """Let a lazy dump go on to serve pages: it leaves the source stopped, not killed."""
+        self._write_journal("serving\n")
+        self._verdict(b"0")
+
+    def mark_committed(self) -> None:
+        self._write_journal("committed\n")
+
     def rollback(self) -> None:
         self._write_journal("rolled back\n")
         self._verdict(b"1")
