@@ -2,7 +2,7 @@
 
 import pytest
 
-from livemig.policy import Limits, RoundStats, StopReason, decide, expected_downtime
+from livemig.policy import Limits, RoundStats, StopReason, choose_mode, decide, expected_downtime
 
 MiB = 1 << 20
 
@@ -72,3 +72,31 @@ def test_thp_always_stops_after_the_first_round():
 def test_a_round_that_took_no_time_gives_no_bandwidth_and_no_false_stop():
     d = decide([RoundStats(131_072, 0, 0.0)], Limits())
     assert d.expected_downtime == float("inf") and not d.stop
+
+
+ALL = {"mem_dirty_track": True, "uffd-noncoop": True}
+NO_DIRTY = {"mem_dirty_track": False, "uffd-noncoop": True}
+NOTHING = {"mem_dirty_track": False, "uffd-noncoop": False}
+
+
+@pytest.mark.parametrize("src, dst, mode", [
+    (ALL, ALL, "hybrid"),
+    (ALL, NOTHING, "precopy"),
+    (NO_DIRTY, ALL, "stopcopy"),      # no soft-dirty: the namespaced lab, AArch64
+    (NOTHING, NOTHING, "stopcopy"),
+])
+def test_auto_picks_the_best_strategy_both_hosts_support(src, dst, mode):
+    chosen, why = choose_mode("auto", src, dst)
+    assert chosen == mode and why
+
+
+@pytest.mark.parametrize("requested, src, dst", [
+    ("precopy", NO_DIRTY, ALL), ("hybrid", NO_DIRTY, ALL), ("postcopy", ALL, NOTHING), ("hybrid", ALL, NOTHING),
+])
+def test_a_requested_strategy_the_hosts_cannot_run_is_refused(requested, src, dst):
+    with pytest.raises(ValueError, match=requested):
+        choose_mode(requested, src, dst)
+
+
+def test_a_requested_strategy_they_can_run_is_kept():
+    assert choose_mode("postcopy", NO_DIRTY, NO_DIRTY) == ("postcopy", "as requested")

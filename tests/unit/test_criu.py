@@ -1,0 +1,61 @@
+"""Reading what CRIU leaves behind, and the command lines livemig gives it."""
+
+import pytest
+
+from livemig import criu
+
+
+def test_a_real_stats_dump_reads_as_crit_shows_it():
+    # written by criu 4.2.1 in the lab; `crit show` printed the values asserted below
+    data = bytes.fromhex("4059105506330957290000000a2708b70110ff880418dff70220c5cb02289f9001300038"
+                         "b58f0140004800500858086000680070 00".replace(" ", ""))
+    st = criu.parse_stats(data)
+    assert st == criu.DumpStats(freezing_time=183e-6, frozen_time=66687e-6, memdump_time=48095e-6,
+                                memwrite_time=42437e-6, pages_scanned=18463, pages_skipped_parent=0,
+                                pages_written=18357, pages_lazy=0)
+
+
+def test_restore_stats():
+    body = bytes([0x08, 0x00, 0x10, 0x00, 0x18, 0x64, 0x20, 0xE8, 0x07, 0x28, 0x05])  # 1..5
+    entry = bytes([0x12, len(body)]) + body
+    data = bytes.fromhex("4059105506330957") + len(entry).to_bytes(4, "little") + entry
+    assert criu.parse_stats(data) == criu.RestoreStats(forking_time=100e-6, restore_time=1000e-6, pages_restored=5)
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage!" * 3, bytes.fromhex("4059105506330957ff000000")])
+def test_not_a_stats_image(data):
+    with pytest.raises(ValueError):
+        criu.parse_stats(data)
+
+
+def test_version():
+    assert criu.parse_version("Version: 4.2.1\n") == (4, 2, 1)
+    assert criu.parse_version("Version: 4.2\nGitID: v4.2") == (4, 2)
+    with pytest.raises(ValueError):
+        criu.parse_version("criu: command not found")
+
+
+def test_log_errors_puts_the_cause_first_and_drops_the_noise():
+    log = """(00.1) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+(00.2) 4300: Error (criu/sk-inet.c:1059): inet: Can't bind inet socket (id 18): Address already in use
+(00.3) 4300: Error (criu/files.c:1221): Unable to open fd=3 id=0x12
+(00.4) Error (criu/cr-restore.c:1269): 4300 killed by signal 9: Killed
+(00.5) Error (criu/cr-restore.c:2331): Restoring FAILED."""
+    errors = criu.log_errors(log)
+    assert len(errors) == 2 and "Address already in use" in errors[0]
+
+
+def test_the_final_dump_is_held_by_the_hook_and_lazy_leaves_the_source_stopped():
+    plain = criu.dump(42, "/d", ps_fd=7, hook="/h", parent=None, lazy=False, opts=criu.Options())
+    assert plain[:5] == ["criu", "dump", "-t", "42", "-D"]
+    assert "--page-server" in plain and "--action-script" in plain and "--leave-stopped" not in plain
+    lazy = criu.dump(42, "/d", ps_fd=7, hook="/h", parent="../pre-2", lazy=True,
+                     opts=criu.Options(tcp_established=True))
+    # --page-server with --lazy-pages would make CRIU close the socket before serving
+    assert "--page-server" not in lazy and {"--lazy-pages", "--leave-stopped", "--tcp-established"} <= set(lazy)
+    assert lazy[lazy.index("--prev-images-dir") + 1] == "../pre-2" and "--track-mem" in lazy
+
+
+def test_restore_is_detached_and_stopped():
+    argv = criu.restore("/d", "/d/pid", lazy=True, opts=criu.Options())
+    assert {"--restore-detached", "--leave-stopped", "--lazy-pages"} <= set(argv)

@@ -1,0 +1,75 @@
+"""Framing and typing of the coordinator <-> agent messages."""
+
+import asyncio
+import struct
+
+import pytest
+
+from livemig import protocol as p
+from livemig.errors import ProtocolError
+
+
+def test_every_message_round_trips_through_a_frame():
+    msgs = [p.Hello(1, "0.1.0", "20261122-x"), p.Probe(pids=[1, 2]),
+            p.OpenPageServer(dir="pre-1", stream="ab", parent=None), p.Restore(dir="final", lazy_stream="cd"),
+            p.Failed("restore", "no", "detail"), p.Done()]
+    for msg in msgs:
+        frame = p.encode(msg)
+        (size,) = struct.unpack(">I", frame[:4])
+        assert size == len(frame) - 4
+        assert p.decode(frame[4:]) == msg
+
+
+@pytest.mark.parametrize("body", [
+    b'{"type": "os.system", "command": "true"}',        # only registered types decode
+    b'{"type": "Hello", "protocol": 1}',                 # missing fields
+    b'{"type": "Done", "extra": 1}',                     # unknown fields
+    b'not json', b'[]',
+])
+def test_anything_else_is_refused(body):
+    with pytest.raises(ProtocolError):
+        p.decode(body)
+
+
+def test_a_frame_over_the_limit_is_refused_before_it_is_read():
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(struct.pack(">I", p.MAX_FRAME + 1) + b"x")
+        reader.feed_eof()
+        with pytest.raises(ProtocolError, match="exceeds the limit"):
+            await p.read_message(reader)
+    asyncio.run(go())
+
+
+def test_a_closed_peer_is_an_eof_not_a_garbled_message():
+    async def go():
+        reader = asyncio.StreamReader()
+        reader.feed_data(p.encode(p.Done())[:3])
+        reader.feed_eof()
+        with pytest.raises(EOFError):
+            await p.read_message(reader)
+    asyncio.run(go())
+
+
+async def test_a_request_gets_its_reply_or_raises_the_remote_failure():
+    class Loop:
+        """A peer that answers each request from a script."""
+        def __init__(self, replies):
+            self.reader = asyncio.StreamReader()
+            self.replies = replies
+            self.sent = []
+
+        def write(self, data):
+            self.sent.append(p.decode(data[4:]))
+            self.reader.feed_data(p.encode(self.replies.pop(0)))
+
+        async def drain(self):
+            pass
+
+    peer = Loop([p.Done(), p.Failed("restore", "it broke"), p.Done()])
+    ch = p.Channel(peer.reader, peer)
+    assert await ch.request(p.Abort(), p.Done) == p.Done()
+    with pytest.raises(p.RemoteFailure, match="it broke"):
+        await ch.request(p.Resume(), p.Resumed)
+    with pytest.raises(ProtocolError, match="expected Resumed"):
+        await ch.request(p.Resume(), p.Resumed)
