@@ -13,6 +13,7 @@ from .options import Mode, Options
 EXAMPLES = """examples:
   livemig move --pid 4242 host-b                 move process 4242 and its children to host-b
   livemig move --pid 4242 --mode stopcopy --json host-b
+  livemig check host-b                           can host-b take workloads from here?
 """
 
 
@@ -40,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where private image directories go, on both hosts (default /var/lib/livemig)")
     mv.add_argument("--json", action="store_true", help="print only the report, as JSON")
 
+    ck = sub.add_parser("check", help="run the preflight checks against a host, touching nothing",
+                        epilog="example:\n  livemig check host-b", formatter_class=argparse.RawDescriptionHelpFormatter)
+    ck.add_argument("host", help="the target: an ssh host name")
+    ck.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.AUTO.value)
+    ck.add_argument("--image-root", default="/var/lib/livemig")
+    ck.add_argument("--json", action="store_true", help="print the checks as JSON")
+
     ag = sub.add_parser("agent", help="the target side, started by `livemig move` over ssh")
     ag.add_argument("--image-root", default="/var/lib/livemig")
     return ap
@@ -54,7 +62,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agent":
         from . import agent
         return asyncio.run(agent.main(args.image_root))
+    if args.command == "check":
+        return _check(args)
     return _move(args)
+
+
+def _check(args) -> int:
+    import json
+    from .coordinator import check
+    try:
+        rows, mode, why = _run(check(args.host, Options(mode=Mode(args.mode), image_root=args.image_root)))
+    except LivemigError as e:
+        print(f"livemig: {e}", file=sys.stderr)
+        return e.exit_code
+    ok = all(r.ok for r in rows)
+    if args.json:
+        print(json.dumps({"host": args.host, "ok": ok, "mode": mode, "mode_reason": why,
+                          "checks": [{"name": r.name, "ok": r.ok, "detail": r.detail, "hint": r.hint}
+                                     for r in rows]}, indent=2))
+    else:
+        width = max(len(r.name) for r in rows)
+        for r in rows:
+            print(f"{'ok ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.detail}" +
+                  (f"  ({r.hint})" if not r.ok and r.hint else ""))
+    return ExitCode.MOVED if ok else ExitCode.PREFLIGHT
 
 
 def _move(args) -> int:

@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from . import criu, host, hook, policy, proc, protocol as p, streams
+from . import criu, host, hook, policy, preflight, proc, protocol as p, streams
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, RestoreError)
 from .options import Mode, Options
 from .report import Report, RoundReport
@@ -97,8 +97,31 @@ class Migration:
             raise PreflightError("livemig must run as root (CRIU needs it)")
         if not os.path.exists(f"/proc/{self.pid}"):
             raise PreflightError(f"no process with PID {self.pid}")
-        pids = host.process_tree(self.pid)
-        self.source_pids = pids
+        self.source_pids = pids = host.process_tree(self.pid)
+        local, remote = await self._probe_both(pids)
+        rows, mode, why = preflight.compare(local, remote, self.options.mode.value, pids=pids,
+                                            need_bytes=host.resident_bytes(pids))
+        self._raise_first_failure(rows)
+        self._raise_first_failure([await self._check_cpu()])
+        self.report.mode, self.report.mode_reason = mode, why
+        if mode in (Mode.PRECOPY.value, Mode.HYBRID.value) and host.thp_always():
+            self.report.warnings.append("transparent huge pages are 'always' here: pre-copy resends "
+                                        "whole 2 MiB pages (set them to madvise, or use MADV_NOHUGEPAGE)")
+        self.progress("mode", mode=mode, reason=why)
+        return Mode(mode)
+
+    async def inspect(self) -> tuple[list[preflight.Check], str, str]:
+        """The preflight alone, every row of it, for `livemig check`; touches no workload."""
+        try:
+            local, remote = await self._probe_both([])
+            rows, mode, why = preflight.compare(local, remote, self.options.mode.value)
+            if all(r.ok for r in rows[:3]):
+                rows.append(await self._check_cpu())
+            return rows, mode, why
+        finally:
+            await self.close()
+
+    async def _probe_both(self, pids: list[int]) -> tuple[p.HostFacts, p.HostFacts]:
         Path(self.options.image_root).mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.options.image_root, 0o700)
         self.work.mkdir(mode=0o700)
@@ -107,19 +130,13 @@ class Migration:
         await self._start_agent()
         local = await host.probe(pids, str(self.work))
         remote = await self.agent.request(p.Probe(pids=pids), p.HostFacts)
-        self._check_criu(local, remote)
-        try:
-            mode, why = policy.choose_mode(self.options.mode.value, local.features, remote.features)
-        except ValueError as e:
-            raise PreflightError(str(e)) from None
-        self._check_room(remote, pids)
-        await self._check_cpu()
-        self.report.mode, self.report.mode_reason = mode, why
-        if mode in (Mode.PRECOPY.value, Mode.HYBRID.value) and host.thp_always():
-            self.report.warnings.append("transparent huge pages are 'always' here: pre-copy resends "
-                                        "whole 2 MiB pages (set them to madvise, or use MADV_NOHUGEPAGE)")
-        self.progress("mode", mode=mode, reason=why)
-        return Mode(mode)
+        return local, remote
+
+    def _raise_first_failure(self, rows: list[preflight.Check]) -> None:
+        for row in rows:
+            if not row.ok:
+                raise PreflightError(row.detail, host=self.target if row.on_target else None,
+                                     hint=row.hint or None)
 
     async def _start_agent(self) -> None:
         argv = [*self.options.agent_command, "agent", "--image-root", self.options.image_root]
@@ -138,33 +155,7 @@ class Migration:
             raise PreflightError(welcome.message, host=self.target)
         self.welcome = welcome
 
-    def _check_criu(self, local: p.HostFacts, remote: p.HostFacts) -> None:
-        t = self.target
-        if not local.criu_version:
-            raise PreflightError("CRIU is not installed here", hint="install criu 4.2 or newer")
-        if not remote.criu_version:
-            raise PreflightError("CRIU is not installed", host=t, hint="install criu 4.2 or newer")
-        if tuple(remote.criu_version) < tuple(local.criu_version):
-            raise PreflightError(f"the target's CRIU {_v(remote.criu_version)} is older than the "
-                                 f"source's {_v(local.criu_version)}", host=t)
-        if remote.arch != local.arch:
-            raise PreflightError(f"cannot move a {local.arch} workload to a {remote.arch} host", host=t)
-
-    def _check_room(self, remote: p.HostFacts, pids: list[int]) -> None:
-        t = self.target
-        if remote.pids_taken:
-            raise PreflightError(f"PIDs {', '.join(map(str, remote.pids_taken))} are in use", host=t,
-                                 hint="a process tree restores onto its own PIDs; free them, or "
-                                      "move it in a container (its own PID namespace)")
-        need = host.resident_bytes(pids)
-        if remote.free_bytes < need:
-            raise PreflightError(f"{remote.free_bytes >> 20} MiB free for images in "
-                                 f"{self.options.image_root}, the workload needs {need >> 20} MiB", host=t)
-        if remote.mem_available < need:
-            raise PreflightError(f"{remote.mem_available >> 20} MiB of memory available, the workload "
-                                 f"holds {need >> 20} MiB", host=t)
-
-    async def _check_cpu(self) -> None:
+    async def _check_cpu(self) -> preflight.Check:
         """CRIU's cpuinfo check: the restore that "works", then dies of SIGILL on a CPU with
         fewer features, is the migration failure users report most."""
         d = self.work / "cpuinfo"
@@ -174,9 +165,9 @@ class Migration:
         sending = asyncio.create_task(self._send_files(tok, d, ["cpuinfo.img"]))
         result = await self.agent.request(p.CpuinfoCheck(stream=tok), p.CpuinfoResult)
         await sending
-        if not result.ok:
-            raise PreflightError(f"its CPU lacks features the workload may use: {result.message}",
-                                 host=self.target)
+        return preflight.Check("CPU features", result.ok,
+                               "the target's CPU has every feature of this one" if result.ok else
+                               f"the target's CPU lacks features the workload may use: {result.message}")
 
     # --- pre-copy rounds: pages stream while the workload runs --------------------------------
     async def precopy_rounds(self) -> None:
@@ -401,26 +392,30 @@ def _criu_failure(what: str, rc: int | None, log: Path) -> str:
     return f"{what} exited {rc}" + (f": {errors[0]}" if errors else "")
 
 
-def _v(version: list[int]) -> str:
-    return ".".join(map(str, version))
-
-
 def _version() -> str:
     from . import __version__
     return __version__
+
+
+def _ssh(options: Options):
+    from transports.ssh import SshTransport
+
+    async def connect(target: str):
+        return await SshTransport.connect(target, timeout=options.connect_timeout)
+    return connect
 
 
 async def migrate(pid: int, target: str, options: Options = Options(), *, progress=None,
                   transport_factory=None) -> Report:
     """Move the process tree rooted at pid to target; return the report, or raise a
     LivemigError naming the phase that failed (the workload then runs on the source)."""
-    if transport_factory is None:
-        from transports.ssh import SshTransport
-
-        async def transport_factory(h):
-            return await SshTransport.connect(h, timeout=options.connect_timeout)
     try:
-        return await Migration(pid, target, options, transport_factory, progress).run()
+        return await Migration(pid, target, options, transport_factory or _ssh(options), progress).run()
     except (ConnectionError, EOFError) as e:
         raise ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
                                host=target) from None
+
+
+async def check(target: str, options: Options = Options(), *, transport_factory=None):
+    """The preflight checks against target alone: (rows, strategy, why)."""
+    return await Migration(0, target, options, transport_factory or _ssh(options)).inspect()

@@ -133,3 +133,14 @@ def test_bad_input_gets_one_clear_line_and_its_exit_code(lab, args, code, messag
     assert res.returncode == code, res.stderr.decode()
     assert message in res.stderr
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+
+
+def test_check_runs_the_preflight_alone(lab):
+    res = lab.run("a", ["livemig", "check", "--json", "b"])
+    data = json.loads(res.stdout)
+    assert data["ok"] and data["mode"] == "stopcopy"
+    names = [c["name"] for c in data["checks"]]
+    assert {"criu on target", "criu versions", "architecture", "strategy", "CPU features"} <= set(names)
+    refused = lab.run("a", ["livemig", "check", "--mode", "precopy", "b"], check=False)
+    assert refused.returncode == 3 and b"FAIL strategy" in refused.stdout
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}

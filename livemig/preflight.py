@@ -1,0 +1,63 @@
+"""The preflight checks: pure comparisons of the two hosts' facts, one row per check.
+
+`livemig move` stops at the first failed row, before touching the source;
+`livemig check` prints them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import policy
+from .protocol import HostFacts
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+    on_target: bool = True      # the problem is on the target (else here)
+
+
+def _v(version: list[int]) -> str:
+    return ".".join(map(str, version)) or "none"
+
+
+def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
+            pids: list[int] | None = None, need_bytes: int = 0) -> tuple[list[Check], str, str]:
+    """Every check, in the order a user should fix them; and the strategy (or "") and why."""
+    rows = [
+        Check("criu here", bool(local.criu_version), f"CRIU {_v(local.criu_version)}",
+              "install criu 4.2 or newer", on_target=False),
+        Check("criu on target", bool(remote.criu_version), f"CRIU {_v(remote.criu_version)}",
+              "install criu 4.2 or newer"),
+    ]
+    if local.criu_version and remote.criu_version:
+        rows.append(Check("criu versions", tuple(remote.criu_version) >= tuple(local.criu_version),
+                          f"target {_v(remote.criu_version)}, source {_v(local.criu_version)}",
+                          "the target's CRIU must be at least the source's"))
+    rows.append(Check("architecture", remote.arch == local.arch, f"target {remote.arch}, source {local.arch}"))
+    try:
+        mode, why = policy.choose_mode(requested_mode, local.features, remote.features)
+        rows.append(Check("strategy", True, f"{mode}: {why}"))
+    except ValueError as e:
+        mode, why = "", ""
+        rows.append(Check("strategy", False, str(e), on_target=False))
+    for name in sorted(local.features):
+        rows.append(Check(f"feature {name}", True,
+                          f"here {'yes' if local.features[name] else 'no'}, "
+                          f"target {'yes' if remote.features.get(name) else 'no'}"))
+    if pids is not None:
+        rows.append(Check("PIDs free on target", not remote.pids_taken,
+                          "all free" if not remote.pids_taken else
+                          f"PIDs {', '.join(map(str, remote.pids_taken))} are in use",
+                          "a process tree restores onto its own PIDs; free them, or move it in a "
+                          "container (its own PID namespace)"))
+    rows.append(Check("room for images", remote.free_bytes >= need_bytes,
+                      f"{remote.free_bytes >> 20} MiB free" + (f", {need_bytes >> 20} MiB needed" if need_bytes else "")))
+    rows.append(Check("memory", remote.mem_available >= need_bytes,
+                      f"{remote.mem_available >> 20} MiB available" +
+                      (f", {need_bytes >> 20} MiB needed" if need_bytes else "")))
+    return rows, mode, why

@@ -1,0 +1,40 @@
+"""The preflight comparisons: each check fails for its own reason, in the order to fix them."""
+
+from livemig.preflight import compare
+from livemig.protocol import HostFacts
+
+
+def facts(**kw) -> HostFacts:
+    base = dict(hostname="h", arch="x86_64", kernel="6.12", criu_version=[4, 2, 1],
+                features={"mem_dirty_track": True, "uffd-noncoop": True}, free_bytes=10 << 30,
+                mem_available=10 << 30, pids_taken=[])
+    return HostFacts(**{**base, **kw})
+
+
+def failed(rows):
+    return [r.name for r in rows if not r.ok]
+
+
+def test_matching_hosts_pass_everything_and_pick_hybrid():
+    rows, mode, why = compare(facts(), facts(), "auto", pids=[42], need_bytes=1 << 30)
+    assert failed(rows) == [] and mode == "hybrid"
+
+
+def test_each_failure_is_its_own_row():
+    rows, _, _ = compare(facts(), facts(criu_version=[4, 1], arch="aarch64", pids_taken=[42],
+                                        free_bytes=1 << 20, mem_available=1 << 20),
+                         "auto", pids=[42], need_bytes=1 << 30)
+    assert failed(rows) == ["criu versions", "architecture", "PIDs free on target", "room for images", "memory"]
+    pid_row = next(r for r in rows if r.name == "PIDs free on target")
+    assert pid_row.detail == "PIDs 42 are in use" and "container" in pid_row.hint
+
+
+def test_no_criu_on_the_target_says_so_first():
+    rows, _, _ = compare(facts(), facts(criu_version=[], features={}), "auto")
+    assert failed(rows)[0] == "criu on target"
+
+
+def test_an_unsupported_strategy_fails_and_blames_no_target():
+    rows, mode, _ = compare(facts(features={"mem_dirty_track": False, "uffd-noncoop": True}), facts(), "precopy")
+    [row] = [r for r in rows if not r.ok]
+    assert row.name == "strategy" and not row.on_target and mode == ""
