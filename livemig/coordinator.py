@@ -316,16 +316,16 @@ class Migration:
         lazy_served = self.hook is not None and self.hook.post_dump.done() and not self.hook.waiting
         if self.hook and self.hook.waiting:
             self.hook.rollback()           # CRIU resumes the source
-        elif self.dump and self.dump.returncode is None and self.dump_socket:
+        elif self.dump and self.dump.returncode is None:
             # Still dumping: cut its page stream, and CRIU fails the dump and resumes the source.
-            if self.relay:
-                self.relay.cancel()
+            await self._stop_relay()
             self.dump_socket.close()
         if self.dump and self.dump.returncode is None:
             try:
                 async with asyncio.timeout(60):
                     await self.dump.wait()
             except TimeoutError:
+                # Never seen; CRIU's ptrace detach on exit lets the frozen tasks go on.
                 await proc.kill(self.dump)
         if self.agent:
             try:
@@ -334,8 +334,7 @@ class Migration:
                     await self.agent.request(p.Finish(), p.Done)
             except (Exception, TimeoutError):
                 pass   # the agent kills what it restored when we vanish
-        if self.relay and not self.relay.done():
-            self.relay.cancel()
+        await self._stop_relay()
         if lazy_served:
             # The lazy dump ends (its client gone) leaving the source stopped: let it run again.
             if self.dump and self.dump.returncode is None:
@@ -343,9 +342,16 @@ class Migration:
                 await self.dump.wait()
             _signal_tree(self.source_pids, signal.SIGCONT)
 
-    async def close(self) -> None:
+    async def _stop_relay(self) -> None:
         if self.relay and not self.relay.done():
             self.relay.cancel()
+            try:
+                await self.relay
+            except BaseException:
+                pass
+
+    async def close(self) -> None:
+        await self._stop_relay()
         if self.hook:
             await self.hook.close()
         if self.dump_socket:

@@ -69,12 +69,17 @@ class Relay:
 
 
 async def relay(local: tuple, remote: tuple, level: int = 1) -> Relay:
-    """Pump local<->remote until both directions reach EOF."""
+    """Pump local<->remote until both directions reach EOF. However it ends (cancelled
+    included), both streams are closed: CRIU learns at once that its peer is gone."""
     (l_reader, l_writer), (r_reader, r_writer) = local, remote
     result = Relay(Meter(), Meter())
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(send_compressed(l_reader, r_writer, result.sent, level))
-        tg.create_task(receive_compressed(r_reader, l_writer, result.received))
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(send_compressed(l_reader, r_writer, result.sent, level))
+            tg.create_task(receive_compressed(r_reader, l_writer, result.received))
+    finally:
+        l_writer.close()
+        r_writer.close()
     return result
 
 

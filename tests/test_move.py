@@ -7,6 +7,7 @@ pre-copy and hybrid are proven in the VM lab.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -144,3 +145,31 @@ def test_check_runs_the_preflight_alone(lab):
     refused = lab.run("a", ["livemig", "check", "--mode", "precopy", "b"], check=False)
     assert refused.returncode == 3 and b"FAIL strategy" in refused.stdout
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+
+
+@pytest.mark.parametrize("after", ["final dump...", "restoring on the target..."])
+def test_ctrl_c_rolls_back_and_the_source_goes_on(lab, after):
+    work = lab.start_workload("a", mib=512, dirty_mibps=8, pid=4410 + len(after), port=7794)
+    before = work.query("a")
+    mover = lab.popen("a", ["livemig", "move", "--pid", str(work.pid), "--mode", "stopcopy", "b"],
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while after.encode() not in seen:
+        line = mover.stderr.readline()
+        assert line, f"livemig ended before {after!r}: {seen!r}"
+        seen += line
+    lab.run("a", ["pkill", "-INT", "-f", "livemig move"])
+    t0 = time.monotonic()
+    out, err = mover.communicate(timeout=300)
+    assert mover.returncode == 130, (seen + err).decode()
+    # CRIU let go by itself (page stream cut, or the hook's verdict), not through the last
+    # resort of killing it after 60 s
+    assert time.monotonic() - t0 < 45
+    assert b"interrupted: rolled back, the workload runs on the source" in err
+    time.sleep(0.3)
+    now = work.query("a")
+    assert now["host"] == "a" and now["counter"] > before["counter"]
+    assert work.query("a", "verify")["bad_pages"] == 0
+    assert lab.run("b", ["kill", "-0", str(work.pid)], check=False).returncode != 0
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    lab.run("a", ["kill", str(work.pid)])
