@@ -278,8 +278,13 @@ class Agent:
             self.restored = None
 
     async def _cleanup(self) -> None:
-        if not self.resumed:
-            self._kill_restored()
+        orphan = self.restored is not None and not self.resumed and not self.finished
+        if orphan:
+            # The coordinator vanished between our restore and its Resume: it may have
+            # committed (the source is dead) or not (the source runs again). We cannot
+            # tell, so the tree stays stopped, never killed: it is the workload if the
+            # source is gone. A marker says so; `livemig recover` settles it.
+            self._leave_orphan()
         for task in [*self.page_servers.values(), *([self.lazy] if self.lazy else [])]:
             task.cancel()
         for task in [*self.page_servers.values(), *([self.lazy] if self.lazy else [])]:
@@ -289,8 +294,18 @@ class Agent:
                 pass
         if self.server:
             self.server.close()
-        if self.work:
+        if self.work and not orphan:
             shutil.rmtree(self.work, ignore_errors=True)
+
+    def _leave_orphan(self) -> None:
+        for d in self.work.iterdir():   # the memory images go, whatever happens
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+        (self.work / "ORPHANED").write_text(
+            f"restored tree {self.restored} left stopped: the coordinator vanished before "
+            f"telling whether the source is gone\n")
+        print(f"livemig agent: the coordinator vanished; restored tree {self.restored} left "
+              f"stopped (see {self.work}/ORPHANED)", file=sys.stderr)
 
 
 def _read(path: Path) -> str:
