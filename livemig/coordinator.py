@@ -104,9 +104,9 @@ class Migration:
         self._raise_first_failure(rows)
         self._raise_first_failure([await self._check_cpu()])
         self.report.mode, self.report.mode_reason = mode, why
-        if mode in (Mode.PRECOPY.value, Mode.HYBRID.value) and host.thp_always():
-            self.report.warnings.append("transparent huge pages are 'always' here: pre-copy resends "
-                                        "whole 2 MiB pages (set them to madvise, or use MADV_NOHUGEPAGE)")
+        if mode in (Mode.PRECOPY.value, Mode.HYBRID.value) and host.huge_pages_in_use(pids):
+            self.report.warnings.append("the workload's memory uses transparent huge pages: pre-copy "
+                                        "resends whole 2 MiB pages (set THP to madvise, or use MADV_NOHUGEPAGE)")
         self.progress("mode", mode=mode, reason=why)
         return Mode(mode)
 
@@ -172,7 +172,7 @@ class Migration:
     # --- pre-copy rounds: pages stream while the workload runs --------------------------------
     async def precopy_rounds(self) -> None:
         limits = policy.Limits(max_downtime=self.options.max_downtime, max_rounds=self.options.max_rounds,
-                               thp_always=host.thp_always())
+                               thp_always=host.huge_pages_in_use(self.source_pids))
         stats: list[policy.RoundStats] = []
         while True:
             n = len(self.round_dirs) + 1

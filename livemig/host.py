@@ -10,9 +10,6 @@ from pathlib import Path
 from . import criu, proc
 from .protocol import HostFacts
 
-THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
 async def probe(pids: list[int], image_root: str) -> HostFacts:
     ver = await proc.run(criu.version(), check=False)
     try:
@@ -36,13 +33,18 @@ def mem_available() -> int:
     return 0
 
 
-def thp_always() -> bool:
-    """Soft-dirty tracks a transparent huge page as one: with THP 'always', one write
-    dirties 2 MiB and pre-copy resends nearly everything each round."""
-    try:
-        return "[always]" in Path(THP_ENABLED).read_text()
-    except OSError:
-        return False
+def huge_pages_in_use(pids: list[int]) -> bool:
+    """Soft-dirty tracks a transparent huge page as one: one write dirties 2 MiB, and
+    pre-copy resends nearly everything each round. What counts is whether the
+    workload's memory is backed by huge pages (THP 'always', and no MADV_NOHUGEPAGE)."""
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("AnonHugePages:") and int(line.split()[1]) > 0:
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 def process_tree(root: int) -> list[int]:

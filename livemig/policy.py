@@ -40,7 +40,7 @@ class Limits:
     min_pages: int = 64            # P.Haul: a round this small is as good as it gets
     max_growth: float = 0.10       # P.Haul: +10 % pages over the round before: diverging
     fixed_cost: float = 0.0        # seconds of downtime that do not depend on pages (freeze, restore)
-    thp_always: bool = False       # soft-dirty then marks 2 MiB at a time: every round resends all
+    thp_always: bool = False       # the workload sits on huge pages: soft-dirty marks 2 MiB at a time
 
 
 class StopReason(str, Enum):
@@ -48,7 +48,7 @@ class StopReason(str, Enum):
     FEW_PAGES = "the last round wrote few pages"
     DIVERGING = "pages written grew: the workload dirties memory faster than it is sent"
     MAX_ROUNDS = "the round limit was reached"
-    THP_ALWAYS = "transparent huge pages are 'always': every round would resend all memory"
+    THP_ALWAYS = "the workload's memory is on transparent huge pages: every round would resend it all"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Fixtures: a fresh lab per test module (torn down after it), for tests marked `lab`."""
+"""Fixtures: a fresh lab per test module (torn down after it): `lab` (namespaced hosts) for
+tests marked `lab`, `vm_lab` (QEMU VMs with a soft-dirty kernel) for tests marked `vm`."""
 
 from __future__ import annotations
 
@@ -9,13 +10,22 @@ import pytest
 from tests.lab import Lab
 
 
-@pytest.fixture(scope="module")
-def lab():
+def _fresh(kind: str):
     # A lab that cannot start fails the tests that need it; it is never a skip.
     if os.geteuid() != 0:
         pytest.fail("the lab tests need root (namespaces, mounts, cgroups)")
     Lab.down()  # whatever was up before (a developer's lab, a crashed run) goes
-    lab = Lab.up(2)
+    lab = Lab.up(2, kind=kind)
     yield lab
     problems = Lab.down()
     assert not problems, f"the lab left things behind: {problems}"
+
+
+@pytest.fixture(scope="module")
+def lab():
+    yield from _fresh("netns")
+
+
+@pytest.fixture(scope="module")
+def vm_lab():
+    yield from _fresh("vm")

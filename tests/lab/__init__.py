@@ -1,6 +1,7 @@
-"""A multi-host lab on one machine: namespaced hosts that run real CRIU, sshd and runtimes.
+"""A multi-host lab on one machine: hosts that run real CRIU, sshd and runtimes.
 
-    lab = Lab.up(2)                      # hosts "a" and "b"
+    lab = Lab.up(2)                      # hosts "a" and "b", in namespaces (about a second)
+    lab = Lab.up(2, kind="vm")           # the same in VMs with a soft-dirty kernel (slow, emulated)
     lab.run("a", ["ssh", "b", "hostname"]).stdout   # b'b\\n'
     Lab.down()
 
@@ -13,7 +14,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 
-from . import netns
+from . import hosts as _hosts, netns, vm
 from .proc import LabError
 
 __all__ = ["Lab", "LabError", "Workload"]
@@ -21,20 +22,43 @@ __all__ = ["Lab", "LabError", "Workload"]
 WORKLOAD = "/opt/livemig/tests/workloads/memcounter.py"
 
 
+KINDS = {"netns": netns, "vm": vm}
+
+
+def up(hosts: int = 2, kind: str = "netns") -> _hosts.State:
+    """Bring up a lab of this kind; a lab of another kind or size that is up goes down first."""
+    state = _hosts.State.load()
+    if state and state.kind == kind and state.alive() and len(state.hosts) == hosts:
+        return state
+    if state and state.kind != kind:
+        down()
+    return KINDS[kind].up(hosts)
+
+
+def down() -> list[str]:
+    """Take down whatever lab is up; what could not be removed (empty when clean)."""
+    state = _hosts.State.load()
+    return KINDS[state.kind if state else "netns"].down()
+
+
 class Lab:
-    def __init__(self, state: netns.State):
+    def __init__(self, state: _hosts.State):
         self.state = state
 
     @classmethod
-    def up(cls, hosts: int = 2) -> "Lab":
-        return cls(netns.up(hosts))
+    def up(cls, hosts: int = 2, kind: str = "netns") -> "Lab":
+        return cls(up(hosts, kind))
 
     @staticmethod
     def down() -> list[str]:
-        return netns.down()
+        return down()
 
     @property
-    def hosts(self) -> list[netns.Host]:
+    def kind(self) -> str:
+        return self.state.kind
+
+    @property
+    def hosts(self) -> list[_hosts.Host]:
         return self.state.hosts
 
     def address(self, name: str) -> str:
@@ -42,13 +66,13 @@ class Lab:
 
     def run(self, name: str, argv: list[str], *, check: bool = True, input: bytes | None = None,
             timeout: float | None = 600) -> subprocess.CompletedProcess:
-        return netns.exec_(self.state, name, argv, check=check, input=input, timeout=timeout)
+        return _hosts.exec_(self.state, name, argv, check=check, input=input, timeout=timeout)
 
     def text(self, name: str, argv: list[str], **kw) -> str:
         return self.run(name, argv, **kw).stdout.decode(errors="replace")
 
     def popen(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
-        return netns.popen(self.state, name, argv, **kw)
+        return _hosts.popen(self.state, name, argv, **kw)
 
     def start_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
                        pid: int = 0, port: int = 7777) -> "Workload":

@@ -1,10 +1,11 @@
 """python -m tests.lab up [--hosts N] | exec NAME -- CMD [ARGS...] | down | demo | rootfs
 
-  up      bring the lab up (idempotent) and print it as one JSON object
+  up      bring the lab up (idempotent) and print it as one JSON object;
+          --kind vm: QEMU VMs booting trixie's kernel (soft-dirty: pre-copy works there)
   exec    run CMD inside host NAME, stdin/stdout/stderr passed through; exits with CMD's code
   down    take everything away: processes, mounts, namespaces, links, cgroups
   demo    bring the lab up, move a counting workload from a to b, print the downtime
-  rootfs  build the cached rootfs (if missing) and print its path
+  rootfs  build the cached rootfs (and with --vm the VM image) if missing, and print the paths
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 import sys
 
-from . import netns, rootfs
+from . import down, hosts, rootfs, up
 from .proc import LabError
 
 
@@ -27,19 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_up = sub.add_parser("up", help="bring the lab up and print it as JSON")
     p_up.add_argument("--hosts", type=int, default=2, metavar="N")
-    p_up.add_argument("--kind", choices=["netns"], default="netns")
+    p_up.add_argument("--kind", choices=["netns", "vm"], default="netns")
     sub.add_parser("exec", help="run a command inside a host: exec NAME -- CMD [ARGS...]")
     sub.add_parser("down", help="take the lab down, leaving nothing behind")
     p_demo = sub.add_parser("demo", help="move a counting workload from a to b and print the downtime")
     p_demo.add_argument("--mib", type=int, default=256, help="workload memory (default 256)")
     p_demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
-    sub.add_parser("rootfs", help="build the cached rootfs if missing and print its path")
+    p_rootfs = sub.add_parser("rootfs", help="build the cached rootfs if missing and print its path")
+    p_rootfs.add_argument("--vm", action="store_true", help="and the VM lab's image")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "up":
-            print(json.dumps(netns.up(args.hosts).public()))
+            print(json.dumps(up(args.hosts, args.kind).public()))
         elif args.cmd == "down":
-            problems = netns.down()
+            problems = down()
             for p in problems:
                 print(f"lab: {p}", file=sys.stderr)
             return 1 if problems else 0
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             return demo(mib=args.mib, keep=args.keep)
         elif args.cmd == "rootfs":
             print(rootfs.ensure())
+            if args.vm:
+                from . import vmimage
+                print(vmimage.ensure())
     except LabError as e:
         print(f"lab: {e}", file=sys.stderr)
         return 1
@@ -59,7 +64,7 @@ def _exec(argv: list[str]) -> int:
         print("usage: python -m tests.lab exec NAME -- CMD [ARGS...]", file=sys.stderr)
         return 2
     name, cmd = argv[0], argv[2:]
-    state = netns.State.load()
+    state = hosts.State.load()
     if not state or not state.alive():
         print("lab: the lab is not up (python -m tests.lab up)", file=sys.stderr)
         return 1
@@ -70,9 +75,9 @@ def _exec(argv: list[str]) -> int:
         return 2
     from . import cgroups
     cgroups.join(list(host.cgroup_procs))
-    # Leak nothing of the caller into the host (see netns.popen).
+    # Leak nothing of the caller into the host (see hosts.popen).
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    full = netns.enter_argv(host, cmd)
+    full = hosts.enter_argv(state, host, cmd)
     os.execvp(full[0], full)
 
 

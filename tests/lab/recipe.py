@@ -1,7 +1,7 @@
 """What the lab's shared root filesystem is made of.
 
-This module is data only. Its bytes are the cache key of the built rootfs
-(see rootfs.py), so any change here rebuilds it, and nothing else does.
+This module is data only. Its bytes and rootfs.py's make the cache key of the
+built rootfs, so a change to either rebuilds it.
 """
 
 SUITE = "trixie"
@@ -29,6 +29,3 @@ CRIU_MIN_VERSION = (4, 2)
 # iptables; the rootfs has nftables only.
 CRIU_CONFIG = "network-lock nftables\n"
 CRIU_CONFIG_FILES = ["default.conf", "runc.conf", "crun.conf"]
-
-# Bumped when the build steps in rootfs.py change in a way that changes the result.
-BUILD_STEPS = 2

@@ -3,7 +3,7 @@
 Every lab host mounts it read-only as the lower layer of its own overlay, so it
 is built once per recipe (about two minutes cold) and reused by every lab run.
 The cache lives outside the repository, in LIVEMIG_LAB_CACHE (default
-/var/cache/livemig-lab), as rootfs-<key>/ where key is a hash of recipe.py.
+/var/cache/livemig-lab), as rootfs-<key>/ where key is a hash of recipe.py and of this file.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import kernel, recipe
+from . import recipe
 from .proc import LabError, out, run
 
 CACHE = Path(os.environ.get("LIVEMIG_LAB_CACHE", "/var/cache/livemig-lab"))
@@ -23,7 +23,10 @@ _DONE = ".livemig-rootfs-complete"
 
 
 def recipe_key() -> str:
-    return hashlib.sha256(Path(recipe.__file__).read_bytes()).hexdigest()[:16]
+    """The recipe and this builder: change either and the rootfs is rebuilt."""
+    h = hashlib.sha256(Path(recipe.__file__).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def path() -> Path:

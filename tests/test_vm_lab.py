@@ -1,0 +1,94 @@
+"""The VM lab: a kernel with soft-dirty, so that real iterative pre-copy is proven here.
+
+Everything runs under TCG emulation on our machines: slow, so the workloads are small.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from livemig import criu
+
+pytestmark = pytest.mark.vm
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_vms_reach_each_other_and_track_dirty_pages(vm_lab):
+    assert vm_lab.kind == "vm" and vm_lab.state.accel in ("tcg", "kvm")
+    assert [(h.name, h.address) for h in vm_lab.hosts] == [("a", "198.18.0.1"), ("b", "198.18.0.2")]
+    assert vm_lab.text("a", ["ssh", "b", "hostname"]).strip() == "b"
+    assert vm_lab.text("b", ["ssh", "a", "hostname"]).strip() == "a"
+    for h in ("a", "b"):
+        assert "is supported" in vm_lab.text(h, ["criu", "check", "--feature", "mem_dirty_track"])
+    # the CLI speaks to the VM lab as to the namespaced one
+    out = subprocess.run([sys.executable, "-m", "tests.lab", "exec", "b", "--", "hostname"], cwd=REPO,
+                         capture_output=True, timeout=120)
+    assert (out.returncode, out.stdout) == (0, b"b\n")
+
+
+def stats(lab, host: str, path: str) -> criu.DumpStats:
+    return criu.parse_stats(lab.run(host, ["cat", path]).stdout)
+
+
+def test_two_pre_dumps_and_a_final_dump_restore_on_the_other_vm(vm_lab):
+    """criu by hand: pre-dump, pre-dump, dump with the chain of parents; copy; restore on b."""
+    work = vm_lab.start_workload("a", mib=32, dirty_mibps=1, pid=4701)
+    before = work.query("a")
+    run = lambda *argv: vm_lab.run("a", list(argv), timeout=600)   # noqa: E731
+    run("mkdir", "-p", "-m", "700", "/img/chain/1", "/img/chain/2", "/img/chain/3")
+    run("criu", "pre-dump", "-t", str(work.pid), "-D", "/img/chain/1", "-o", "log", "--track-mem")
+    run("criu", "pre-dump", "-t", str(work.pid), "-D", "/img/chain/2", "-o", "log", "--track-mem",
+        "--prev-images-dir", "../1")
+    run("criu", "dump", "-t", str(work.pid), "-D", "/img/chain/3", "-o", "log", "--track-mem",
+        "--prev-images-dir", "../2")
+    rounds = [stats(vm_lab, "a", f"/img/chain/{i}/stats-dump") for i in (1, 2, 3)]
+    # the first round sends everything; the next ones only what was dirtied since
+    assert rounds[0].pages_written >= 32 * 256
+    assert rounds[1].pages_written < rounds[0].pages_written / 2
+    assert rounds[2].pages_skipped_parent > 0 and rounds[2].pages_written < rounds[0].pages_written / 2
+    run("scp", "-q", "-r", "/img/chain", "b:/img/")
+    vm_lab.run("b", ["criu", "restore", "-D", "/img/chain/3", "-d", "-o", "restore.log"], timeout=600)
+    after = work.query("b", wait=30)
+    assert after["host"] == "b" and after["counter"] > before["counter"]
+    assert work.query("b", "verify")["bad_pages"] == 0
+    print(json.dumps({f"round {i + 1}": {"pages_written": r.pages_written, "frozen_s": round(r.frozen_time, 3)}
+                      for i, r in enumerate(rounds)}))
+    for h in ("a", "b"):
+        vm_lab.run(h, ["rm", "-rf", "/img/chain"])
+    vm_lab.run("b", ["kill", str(work.pid)])
+
+
+def move(lab, pid: int, *args: str) -> dict:
+    res = lab.run("a", ["livemig", "move", "--pid", str(pid), "--json", *args, "b"], check=False, timeout=1200)
+    assert res.returncode == 0, res.stderr.decode()
+    return json.loads(res.stdout)
+
+
+def test_livemig_precopy_sends_rounds_while_the_workload_runs(vm_lab):
+    work = vm_lab.start_workload("a", mib=48, dirty_mibps=1, pid=4702)
+    before = work.query("a")
+    report = move(vm_lab, work.pid, "--mode", "precopy")
+    kinds = [r["kind"] for r in report["rounds"]]
+    assert kinds[-1] == "dump" and kinds.count("pre-dump") >= 2, report["rounds"]
+    assert report["precopy_stop_reason"]
+    # the final dump sends far less than the first round did
+    assert report["rounds"][-1]["pages_written"] < report["rounds"][0]["pages_written"] / 2
+    after = work.query("b", wait=30)
+    assert after["counter"] > before["counter"] and work.query("b", "verify")["bad_pages"] == 0
+    vm_lab.run("b", ["kill", str(work.pid)])
+
+
+def test_livemig_auto_picks_hybrid_here(vm_lab):
+    work = vm_lab.start_workload("a", mib=16, dirty_mibps=0.5, pid=4703)
+    before = work.query("a")
+    report = move(vm_lab, work.pid)
+    assert report["mode"] == "hybrid" and "track dirty pages" in report["mode_reason"]
+    assert [r["kind"] for r in report["rounds"]][0] == "pre-dump"
+    after = work.query("b", wait=30)
+    assert after["counter"] > before["counter"] and work.query("b", "verify")["bad_pages"] == 0
+    vm_lab.run("b", ["kill", str(work.pid)])
