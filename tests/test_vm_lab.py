@@ -31,6 +31,18 @@ def test_vms_reach_each_other_and_track_dirty_pages(vm_lab):
     assert (out.returncode, out.stdout) == (0, b"b\n")
 
 
+def test_vm_lab_cli_up_down_leaves_nothing():
+    from tests.lab import Lab, vm
+    Lab.down()
+    up = subprocess.run([sys.executable, "-m", "tests.lab", "up", "--kind", "vm"], cwd=REPO,
+                        capture_output=True, timeout=900)
+    assert up.returncode == 0, up.stderr.decode()
+    assert json.loads(up.stdout)["kind"] == "vm" and vm._lab_qemus()
+    down = subprocess.run([sys.executable, "-m", "tests.lab", "down"], cwd=REPO, capture_output=True, timeout=300)
+    assert down.returncode == 0, down.stderr.decode()
+    assert vm._lab_qemus() == [] and not vm.LAB_DIR.exists()
+
+
 def stats(lab, host: str, path: str) -> criu.DumpStats:
     return criu.parse_stats(lab.run(host, ["cat", path]).stdout)
 

@@ -147,10 +147,25 @@ def _console(name: str) -> str:
 
 
 def down() -> list[str]:
+    """Power the VMs off (their disks are throw-away overlays) and delete the lab's files;
+    return what is left (empty when clean)."""
     state = State.load()
     for h in state.hosts if state else []:
         if _alive(h.pid) and Path(f"/proc/{h.pid}/cmdline").read_bytes().startswith(b"qemu-system"):
             os.kill(h.pid, signal.SIGKILL)
             _wait_gone(h.pid)
     shutil.rmtree(LAB_DIR, ignore_errors=True)
-    return []
+    return [f"VM process {pid} is still running" for pid in _lab_qemus()]
+
+
+def _lab_qemus() -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd[0].startswith(b"qemu-system") and any(a.startswith(b"livemig-lab-") for a in cmd):
+                found.append(int(d.name))
+    return found
