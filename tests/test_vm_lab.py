@@ -18,6 +18,19 @@ pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_vm_lab_cli_up_down_leaves_nothing():
+    # first in this module: it must not pull the shared vm_lab from under the tests after it
+    from tests.lab import Lab, vm
+    Lab.down()
+    up = subprocess.run([sys.executable, "-m", "tests.lab", "up", "--kind", "vm"], cwd=REPO,
+                        capture_output=True, timeout=900)
+    assert up.returncode == 0, up.stderr.decode()
+    assert json.loads(up.stdout)["kind"] == "vm" and vm._lab_qemus()
+    down = subprocess.run([sys.executable, "-m", "tests.lab", "down"], cwd=REPO, capture_output=True, timeout=300)
+    assert down.returncode == 0, down.stderr.decode()
+    assert vm._lab_qemus() == [] and not vm.LAB_DIR.exists()
+
+
 def test_vms_reach_each_other_and_track_dirty_pages(vm_lab):
     assert vm_lab.kind == "vm" and vm_lab.state.accel in ("tcg", "kvm")
     assert [(h.name, h.address) for h in vm_lab.hosts] == [("a", "198.18.0.1"), ("b", "198.18.0.2")]
@@ -29,18 +42,6 @@ def test_vms_reach_each_other_and_track_dirty_pages(vm_lab):
     out = subprocess.run([sys.executable, "-m", "tests.lab", "exec", "b", "--", "hostname"], cwd=REPO,
                          capture_output=True, timeout=120)
     assert (out.returncode, out.stdout) == (0, b"b\n")
-
-
-def test_vm_lab_cli_up_down_leaves_nothing():
-    from tests.lab import Lab, vm
-    Lab.down()
-    up = subprocess.run([sys.executable, "-m", "tests.lab", "up", "--kind", "vm"], cwd=REPO,
-                        capture_output=True, timeout=900)
-    assert up.returncode == 0, up.stderr.decode()
-    assert json.loads(up.stdout)["kind"] == "vm" and vm._lab_qemus()
-    down = subprocess.run([sys.executable, "-m", "tests.lab", "down"], cwd=REPO, capture_output=True, timeout=300)
-    assert down.returncode == 0, down.stderr.decode()
-    assert vm._lab_qemus() == [] and not vm.LAB_DIR.exists()
 
 
 def stats(lab, host: str, path: str) -> criu.DumpStats:
