@@ -192,6 +192,18 @@ class Agent:
             done.set_result(None)
         return p.FilesReceived(msg.dir, files, size)
 
+    async def on_SendPagemaps(self, msg: p.SendPagemaps) -> p.FilesReceived:
+        d = self._dir(msg.dir)
+        await self.page_servers[msg.dir]
+        pagemaps = sorted(f.name for f in d.glob("pagemap-*.img"))
+        pages = sorted(f.name for f in d.glob("pages-*.img"))
+        _, writer, done = await self.stream(msg.stream)
+        try:
+            meter = await streams.send_files(d, pagemaps + pages, writer, empty=frozenset(pages))
+        finally:
+            done.set_result(None)
+        return p.FilesReceived(msg.dir, len(pagemaps) + len(pages), meter.raw)
+
     # --- restore, commit, rollback ---------------------------------------------------------
     async def on_Restore(self, msg: p.Restore) -> p.Restored:
         d = self._dir(msg.dir)

@@ -63,7 +63,7 @@ class Migration:
             mode = await self.preflight()
             if mode in (Mode.PRECOPY, Mode.HYBRID):
                 phase = Phase.PRECOPY
-                await self.precopy_rounds()
+                await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
             phase = Phase.FINAL_DUMP
             lazy = mode in (Mode.POSTCOPY, Mode.HYBRID)
             await self.final_dump(lazy)
@@ -170,7 +170,7 @@ class Migration:
                                f"the target's CPU lacks features the workload may use: {result.message}")
 
     # --- pre-copy rounds: pages stream while the workload runs --------------------------------
-    async def precopy_rounds(self) -> None:
+    async def precopy_rounds(self, lazy_final: bool) -> None:
         limits = policy.Limits(max_downtime=self.options.max_downtime, max_rounds=self.options.max_rounds,
                                thp_always=host.huge_pages_in_use(self.source_pids))
         stats: list[policy.RoundStats] = []
@@ -200,6 +200,8 @@ class Migration:
                 raise DumpError(_criu_failure("criu pre-dump", rc, local / "pre-dump.log"), phase=Phase.PRECOPY)
             await self.agent.request(p.AwaitPageServer(dir=name), p.PageServerDone)
             seconds = time.monotonic() - t0
+            if lazy_final:
+                await self._fetch_pagemaps(name, local)
             st = criu.read_stats(local / "stats-dump") or criu.DumpStats()
             self.round_dirs.append(name)
             self.report.rounds.append(RoundReport("pre-dump", st.pages_written, relayed.sent.raw,
@@ -211,6 +213,13 @@ class Migration:
             if decision.stop:
                 self.report.precopy_stop_reason = decision.reason.value
                 return
+
+    async def _fetch_pagemaps(self, name: str, local: Path) -> None:
+        tok = _token()
+        reader, _ = await self._stream(tok)
+        receiving = asyncio.create_task(streams.receive_files(reader, local))
+        await self.agent.request(p.SendPagemaps(dir=name, stream=tok), p.FilesReceived)
+        await receiving
 
     # --- final dump: the workload freezes here --------------------------------------------------
     async def final_dump(self, lazy: bool) -> None:

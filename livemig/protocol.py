@@ -108,6 +108,16 @@ class ReceiveFiles:
 
 
 @message
+class SendPagemaps:
+    """Send back the pagemaps of image directory dir on data stream stream (with its pages
+    files as empty files of the same names): a lazy final dump on the source decides what
+    its parent holds from its local parent images, and without them it would serve every
+    page lazily instead of only the last dirty set."""
+    dir: str
+    stream: str
+
+
+@message
 class FilesReceived:
     dir: str
     files: int

@@ -95,9 +95,10 @@ def _checked_name(name: str) -> str:
     return name
 
 
-async def send_files(directory: Path, names: list[str], writer, level: int = 1) -> Meter:
+async def send_files(directory: Path, names: list[str], writer, level: int = 1,
+                     empty: frozenset[str] = frozenset()) -> Meter:
     """Write the named regular files of directory as [u16 name][u64 size][bytes]..., then an
-    empty name, zstd-compressed as one stream."""
+    empty name, zstd-compressed as one stream. Names in empty go as empty files."""
     meter = Meter()
     comp = zstandard.ZstdCompressor(level=level).compressobj()
 
@@ -110,10 +111,12 @@ async def send_files(directory: Path, names: list[str], writer, level: int = 1) 
             await writer.drain()
 
     for name in names:
-        path = directory / _checked_name(name)
-        with open(path, "rb") as f:
+        encoded = _checked_name(name).encode()
+        if name in empty:
+            await put(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(0))
+            continue
+        with open(directory / name, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            encoded = name.encode()
             await put(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(size))
             while chunk := f.read(CHUNK):
                 await put(chunk)

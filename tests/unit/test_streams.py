@@ -87,3 +87,18 @@ async def test_a_stream_cut_short_is_an_error_not_a_short_file(tmp_path):
     reader.feed_eof()
     with pytest.raises(EOFError):
         await streams.receive_files(reader, tmp_path)
+
+
+async def test_names_sent_as_empty_arrive_empty(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "pagemap-1.img").write_bytes(b"map")
+    (src / "pages-65537.img").write_bytes(b"p" * 100_000)
+    (sender, receiver) = await _pair()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(streams.send_files(src, ["pagemap-1.img", "pages-65537.img"], sender[1],
+                                          empty=frozenset({"pages-65537.img"})))
+        receiving = tg.create_task(streams.receive_files(receiver[0], dst))
+    assert receiving.result() == (2, 3)
+    assert (dst / "pagemap-1.img").read_bytes() == b"map" and (dst / "pages-65537.img").read_bytes() == b""
