@@ -154,20 +154,26 @@ class Agent:
         return p.Done()
 
     async def _page_server(self, msg: p.OpenPageServer, d: Path, ours: socket.socket, server) -> p.PageServerDone:
+        meters = await self._relay_criu(msg.stream, ours, server, Phase.TRANSFER, "criu page-server",
+                                        d / "page-server.log")
+        return p.PageServerDone(msg.dir, meters.received.wire, meters.received.raw)
+
+    async def _relay_criu(self, token: str, ours: socket.socket, criu_proc, phase: str, what: str,
+                          log: Path) -> streams.Relay:
+        """Join CRIU's end of a socketpair to data stream token until both sides close;
+        then CRIU must exit 0, or its log explains why not."""
         try:
-            reader, writer, done = await self.stream(msg.stream)
+            reader, writer, done = await self.stream(token)
             try:
-                local = await streams.socket_streams(ours)
-                meters = await streams.relay(local, (reader, writer))
+                meters = await streams.relay(await streams.socket_streams(ours), (reader, writer))
             finally:
                 done.set_result(None)
-            rc = await server.wait()
+            rc = await criu_proc.wait()
             if rc != 0:
-                raise AgentFailure(Phase.TRANSFER, f"criu page-server exited {rc}",
-                                   "\n".join(criu.log_errors(_read(d / "page-server.log"))))
-            return p.PageServerDone(msg.dir, meters.received.wire, meters.received.raw)
+                raise AgentFailure(phase, f"{what} exited {rc}", "\n".join(criu.log_errors(_read(log))))
+            return meters
         finally:
-            await proc.kill(server)
+            await proc.kill(criu_proc)
             ours.close()
 
     async def on_AwaitPageServer(self, msg: p.AwaitPageServer) -> p.PageServerDone:
@@ -243,20 +249,9 @@ class Agent:
                                "\n".join(criu.log_errors(_read(d / "lazy-pages.log"))))
 
     async def _lazy_pages(self, d: Path, token: str, ours: socket.socket, daemon) -> p.LazyDone:
-        try:
-            reader, writer, done = await self.stream(token)
-            try:
-                meters = await streams.relay(await streams.socket_streams(ours), (reader, writer))
-            finally:
-                done.set_result(None)
-            rc = await daemon.wait()
-            if rc != 0:
-                raise AgentFailure(Phase.RESTORE, f"criu lazy-pages exited {rc}",
-                                   "\n".join(criu.log_errors(_read(d / "lazy-pages.log"))))
-            return p.LazyDone(meters.received.raw // 4096)
-        finally:
-            await proc.kill(daemon)
-            ours.close()
+        meters = await self._relay_criu(token, ours, daemon, Phase.RESTORE, "criu lazy-pages",
+                                        d / "lazy-pages.log")
+        return p.LazyDone(meters.received.raw // 4096)
 
     async def on_AwaitLazy(self, msg: p.AwaitLazy) -> p.LazyDone:
         if self.lazy is None:
