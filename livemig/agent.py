@@ -4,9 +4,9 @@ It speaks the framed protocol (protocol.py) on its stdin/stdout, keeps every
 image in a private directory (0700) of its own, runs CRIU's page servers,
 lazy-pages daemon and restore there, and takes data streams on a UNIX socket in
 that directory. It restores the tree stopped and lets it run only when told the
-source is gone (Resume). When the coordinator vanishes before that, it kills
-what it restored and deletes the images: the source, which CRIU resumes when
-its post-dump hook loses the coordinator, stays the only copy.
+source is gone (Resume). When the coordinator vanishes before that, it cannot
+tell whether the source was committed away: the restored tree is left stopped,
+never killed, the images are deleted, and a marker file says what was left.
 """
 
 from __future__ import annotations

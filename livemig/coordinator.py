@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from . import criu, host, hook, policy, preflight, proc, protocol as p, streams
+from . import __version__, criu, host, hook, policy, preflight, proc, protocol as p, streams
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, RestoreError)
 from .options import Mode, Options
 from .report import Report, RoundReport
@@ -52,7 +52,6 @@ class Migration:
         self.lazy_token = ""
         self.source_pids: list[int] = []
         self.round_dirs: list[str] = []
-        self.restored = False
         self.committed = False
 
     # --- the whole ---------------------------------------------------------------------------
@@ -143,7 +142,7 @@ class Migration:
         self.agent_proc = await self.transport.start(argv)
         self.agent = p.Channel(self.agent_proc.reader, self.agent_proc.writer)
         try:
-            await p.write_message(self.agent_proc.writer, p.Hello(p.PROTOCOL_VERSION, _version(), self.id))
+            await p.write_message(self.agent_proc.writer, p.Hello(p.PROTOCOL_VERSION, __version__, self.id))
             welcome = await p.read_message(self.agent_proc.reader)
         except (EOFError, ConnectionError, p.ProtocolError):
             done = await self.agent_proc.wait()
@@ -190,8 +189,7 @@ class Migration:
             finally:
                 theirs.close()
             try:
-                relayed = await streams.relay(await streams.socket_streams(ours), await self._stream(tok),
-                                              self.options.compression_level)
+                relayed = await self._relay(ours, tok)
                 rc = await dumping.wait()
             finally:
                 await proc.kill(dumping)
@@ -242,9 +240,7 @@ class Migration:
             theirs.close()
         self.lazy_token = tok
         if not lazy:
-            remote = await self._stream(tok)
-            self.relay = asyncio.create_task(
-                streams.relay(await streams.socket_streams(ours), remote, self.options.compression_level))
+            self.relay = asyncio.create_task(self._relay(ours, tok))
         exited = asyncio.create_task(self.dump.wait())
         await asyncio.wait({self.hook.post_dump, exited}, return_when=asyncio.FIRST_COMPLETED)
         if not self.hook.post_dump.done():
@@ -276,16 +272,13 @@ class Migration:
     # --- restore: the target brings the tree back, stopped ---------------------------------------
     async def restore(self, lazy: bool) -> None:
         if lazy:
-            remote = await self._stream(self.lazy_token)
-            self.relay = asyncio.create_task(
-                streams.relay(await streams.socket_streams(self.dump_socket), remote, self.options.compression_level))
+            self.relay = asyncio.create_task(self._relay(self.dump_socket, self.lazy_token))
         self.progress("restore")
         try:
             restored = await self.agent.request(
                 p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None), p.Restored)
         except p.RemoteFailure as e:
             raise RestoreError(e.failed.message, host=self.target, detail=e.failed.detail) from None
-        self.restored = True
         self.report.target_pid, self.report.restore_seconds = restored.pid, restored.restore_seconds
 
     # --- commit: the one place where the source is given up ---------------------------------
@@ -368,12 +361,12 @@ class Migration:
         if self.agent_proc:
             try:
                 self.agent_proc.writer.write_eof()
-            except (OSError, AttributeError, Exception):
+            except Exception:
                 pass
             try:
                 async with asyncio.timeout(10):
                     await self.agent_proc.wait()
-            except (TimeoutError, Exception):
+            except Exception:   # TimeoutError included
                 self.agent_proc.kill()
         if self.transport:
             await self.transport.close()
@@ -385,6 +378,11 @@ class Migration:
         writer.write(tok.encode() + b"\n")
         await writer.drain()
         return reader, writer
+
+    async def _relay(self, sock: socket.socket, tok: str) -> streams.Relay:
+        """Join CRIU's end of a socketpair to the agent's data stream tok, both ways."""
+        return await streams.relay(await streams.socket_streams(sock), await self._stream(tok),
+                                   self.options.compression_level)
 
     async def _send_files(self, tok: str, directory: Path, names: list[str]) -> streams.Meter:
         _, writer = await self._stream(tok)
@@ -405,11 +403,6 @@ def _criu_failure(what: str, rc: int | None, log: Path) -> str:
     except OSError:
         errors = []
     return f"{what} exited {rc}" + (f": {errors[0]}" if errors else "")
-
-
-def _version() -> str:
-    from . import __version__
-    return __version__
 
 
 def _ssh(options: Options):

@@ -34,19 +34,37 @@ class Meter:
         return self.raw / self.wire if self.wire else 1.0
 
 
+class _CompressedWriter:
+    """zstd onto a stream writer, counting raw and wire bytes; close() ends the frame and
+    sends EOF. The one compressing path of every stream livemig sends."""
+
+    def __init__(self, writer, meter: Meter, level: int):
+        self.writer, self.meter = writer, meter
+        self.comp = zstandard.ZstdCompressor(level=level).compressobj()
+
+    async def write(self, data: bytes, flush: bool = False) -> None:
+        self.meter.raw += len(data)
+        out = self.comp.compress(data)
+        if flush:
+            out += self.comp.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        await self._send(out)
+
+    async def close(self) -> None:
+        await self._send(self.comp.flush())
+        self.writer.write_eof()
+
+    async def _send(self, out: bytes) -> None:
+        if out:
+            self.meter.wire += len(out)
+            self.writer.write(out)
+            await self.writer.drain()
+
+
 async def send_compressed(reader, writer, meter: Meter, level: int = 1) -> None:
-    comp = zstandard.ZstdCompressor(level=level).compressobj()
+    out = _CompressedWriter(writer, meter, level)
     while data := await reader.read(CHUNK):
-        meter.raw += len(data)
-        out = comp.compress(data) + comp.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        meter.wire += len(out)
-        writer.write(out)
-        await writer.drain()
-    out = comp.flush()
-    meter.wire += len(out)
-    writer.write(out)
-    await writer.drain()
-    writer.write_eof()
+        await out.write(data, flush=True)
+    await out.close()
 
 
 async def receive_compressed(reader, writer, meter: Meter) -> None:
@@ -100,32 +118,19 @@ async def send_files(directory: Path, names: list[str], writer, level: int = 1,
     """Write the named regular files of directory as [u16 name][u64 size][bytes]..., then an
     empty name, zstd-compressed as one stream. Names in empty go as empty files."""
     meter = Meter()
-    comp = zstandard.ZstdCompressor(level=level).compressobj()
-
-    async def put(data: bytes) -> None:
-        meter.raw += len(data)
-        out = comp.compress(data)
-        if out:
-            meter.wire += len(out)
-            writer.write(out)
-            await writer.drain()
-
+    out = _CompressedWriter(writer, meter, level)
     for name in names:
         encoded = _checked_name(name).encode()
         if name in empty:
-            await put(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(0))
+            await out.write(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(0))
             continue
         with open(directory / name, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            await put(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(size))
+            await out.write(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(size))
             while chunk := f.read(CHUNK):
-                await put(chunk)
-    await put(_NAME.pack(0))
-    out = comp.flush()
-    meter.wire += len(out)
-    writer.write(out)
-    await writer.drain()
-    writer.write_eof()
+                await out.write(chunk)
+    await out.write(_NAME.pack(0))
+    await out.close()
     return meter
 
 
