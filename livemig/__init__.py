@@ -3,6 +3,7 @@
 The Python API, for failover scripts:
 
     import asyncio, livemig
+    report = asyncio.run(livemig.migrate("web1", "host-b"))          # a runc or crun container
     report = asyncio.run(livemig.migrate(4242, "host-b", livemig.Options(mode=livemig.Mode.STOPCOPY)))
     print(report.downtime_seconds)
 
@@ -19,10 +20,11 @@ from .options import Mode, Options  # noqa: E402
 from .report import Report, RoundReport  # noqa: E402
 
 
-async def migrate(pid: int, host: str, options: Options = Options(), *, progress=None) -> Report:
-    """Move the process tree rooted at pid to host (an ssh host name)."""
+async def migrate(what: int | str, host: str, options: Options = Options(), *, progress=None) -> Report:
+    """Move a workload to host (an ssh host name): what is a PID (the process tree rooted
+    there) or a container's name or ID (runc or crun; Options.runtime to say which)."""
     from .coordinator import migrate as _migrate
-    return await _migrate(pid, host, options, progress=progress)
+    return await _migrate(what, host, options, progress=progress)
 
 
 __all__ = ["migrate", "Options", "Mode", "Report", "RoundReport", "LivemigError", "UsageError",

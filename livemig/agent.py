@@ -12,6 +12,7 @@ never killed, the images are deleted, and a marker file says what was left.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import shutil
@@ -21,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, criu, host, proc, protocol as p, streams
+from . import __version__, bundle, criu, host, proc, protocol as p, streams
+from .runtimes import oci
 from .errors import Phase
 
 DEFAULT_ROOT = "/var/lib/livemig"
@@ -50,6 +52,8 @@ class Agent:
         self.page_servers: dict[str, asyncio.Task] = {}
         self.lazy: asyncio.Task | None = None
         self.restored: int | None = None
+        self.container: p.Container | None = None   # restored through its runtime
+        self.created_tree: Path | None = None       # a bundle this migration brought here
         self.resumed = False
         self.finished = False
 
@@ -124,7 +128,22 @@ class Agent:
 
     # --- preflight -------------------------------------------------------------------------
     async def on_Probe(self, msg: p.Probe) -> p.HostFacts:
-        return await host.probe(msg.pids, str(self.work))
+        facts = await host.probe(msg.pids, str(self.work))
+        c = msg.container
+        if c is None:
+            return facts
+        if c.runtime not in oci.RUNTIMES:
+            raise AgentFailure(Phase.PREFLIGHT, f"unknown runtime {c.runtime!r}")
+        where = Path(c.bundle)
+        if not where.exists():
+            state = "absent"
+        elif msg.bundle_marker and (where / checked_name(msg.bundle_marker, "marker")).exists():
+            state = "shared"
+        else:
+            state = "exists"
+        return dataclasses.replace(facts, runtime_version=await oci.version(c.runtime),
+                                   container_exists=await oci.state(c.runtime, c.id) is not None,
+                                   bundle=state)
 
     async def on_CpuinfoCheck(self, msg: p.CpuinfoCheck) -> p.CpuinfoResult:
         d = self._dir("cpuinfo", create=True)
@@ -210,6 +229,28 @@ class Agent:
             done.set_result(None)
         return p.FilesReceived(msg.dir, len(pagemaps) + len(pages), meter.raw)
 
+    async def on_ReceiveTree(self, msg: p.ReceiveTree) -> p.TreeReceived:
+        root = Path(msg.path)
+        if not root.is_absolute() or os.path.normpath(msg.path) != msg.path or msg.path == "/":
+            raise AgentFailure(Phase.TRANSFER, f"refusing bundle path {msg.path!r}: not a plain absolute path")
+        if self.created_tree is None:
+            if root.exists():
+                raise AgentFailure(Phase.TRANSFER, f"{msg.path} already exists here")
+            root.mkdir(mode=0o700, parents=True)
+            self.created_tree = root
+        elif root != self.created_tree:
+            raise AgentFailure(Phase.TRANSFER, f"refusing {msg.path}: this migration's bundle is "
+                                               f"{self.created_tree}")
+        reader, _, done = await self.stream(msg.stream)
+        try:
+            size = await bundle.receive(reader, root)
+            bundle.remove_deleted(root, msg.deleted)
+        except Exception as e:
+            raise AgentFailure(Phase.TRANSFER, f"cannot unpack the bundle into {root}: {e}") from None
+        finally:
+            done.set_result(None)
+        return p.TreeReceived(msg.path, size)
+
     # --- restore, commit, rollback ---------------------------------------------------------
     async def on_Restore(self, msg: p.Restore) -> p.Restored:
         d = self._dir(msg.dir)
@@ -218,16 +259,33 @@ class Agent:
         if msg.lazy_stream:
             await self._start_lazy_pages(d, msg.lazy_stream)
         pidfile = self.work / "restored.pid"
+        c, lazy = msg.container, bool(msg.lazy_stream)
+        if c is not None:
+            if c.runtime not in oci.RUNTIMES:
+                raise AgentFailure(Phase.RESTORE, f"unknown runtime {c.runtime!r}")
+            if await oci.state(c.runtime, c.id) is not None:   # never touch a container of someone else's
+                raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
+            argv = oci.restore(c.runtime, c.id, str(d), c.bundle, str(pidfile), lazy=lazy)
+            self.container = c
+        else:
+            argv = criu.restore(str(d), str(pidfile), lazy=lazy, opts=criu.Options())
         t0 = time.monotonic()
-        res = await proc.run(criu.restore(str(d), str(pidfile), lazy=bool(msg.lazy_stream),
-                                          opts=criu.Options()), check=False)
+        res = await proc.run(argv, check=False)
+        if c is not None and res.returncode == 0:
+            # A runtime restores running: pause at once, so that the container runs only
+            # after the source is gone, like a tree restored stopped.
+            paused = await proc.run([c.runtime, "pause", c.id], check=False)
+            if paused.returncode != 0:
+                res = paused
         seconds = time.monotonic() - t0
         if pidfile.exists():
             self.restored = int(pidfile.read_text().strip())
         if res.returncode != 0:
-            self._kill_restored()
+            await self._kill_restored()
             errors = criu.log_errors(_read(d / "restore.log"))
-            raise AgentFailure(Phase.RESTORE, errors[0] if errors else f"criu restore exited {res.returncode}",
+            what = " ".join(argv[:2])
+            raise AgentFailure(Phase.RESTORE, errors[0] if errors else
+                               f"{what} exited {res.returncode}: {res.stderr.decode(errors='replace').strip()}",
                                "\n".join(errors))
         return p.Restored(self.restored or 0, seconds)
 
@@ -262,20 +320,32 @@ class Agent:
         if self.restored is None:
             raise AgentFailure(Phase.COMMIT, "nothing was restored")
         pids = host.process_tree(self.restored)
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        if self.container:
+            await proc.run([self.container.runtime, "resume", self.container.id], phase=Phase.COMMIT)
+        else:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
         self.resumed = True
         return p.Resumed(pids)
 
     async def on_Abort(self, msg: p.Abort) -> p.Done:
-        self._kill_restored()
+        await self._kill_restored()
         return p.Done()
 
     async def on_Finish(self, msg: p.Finish) -> p.Done:
         self.finished = True
         return p.Done()
 
-    def _kill_restored(self) -> None:
+    async def _kill_restored(self) -> None:
+        """Undo the restore: what this migration brought here goes, unless it already runs."""
+        if self.container is not None and not self.resumed:
+            c = self.container
+            # delete --force thaws what it kills: a frozen task cannot die
+            await proc.run([c.runtime, "delete", "--force", c.id], check=False, timeout=60)
+            self.container = None
+        if self.created_tree is not None and not self.resumed:
+            shutil.rmtree(self.created_tree, ignore_errors=True)
+            self.created_tree = None
         if self.restored is not None and not self.resumed:
             for pid in reversed(host.process_tree(self.restored)):
                 try:
@@ -301,6 +371,8 @@ class Agent:
                 pass
         if self.server:
             self.server.close()
+        if not orphan:
+            await self._kill_restored()    # a bundle copied before the coordinator vanished
         if self.work and not orphan:
             shutil.rmtree(self.work, ignore_errors=True)
 

@@ -11,6 +11,7 @@ from .errors import ExitCode, LivemigError
 from .options import Mode, Options
 
 EXAMPLES = """examples:
+  livemig move web1 host-b                       move the runc or crun container web1 to host-b
   livemig move --pid 4242 host-b                 move process 4242 and its children to host-b
   livemig move --pid 4242 --mode stopcopy --json host-b
   livemig check host-b                           can host-b take workloads from here?
@@ -24,10 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"livemig {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    mv = sub.add_parser("move", help="move a process tree to another host",
+    mv = sub.add_parser("move", help="move a container or a process tree to another host",
+                        usage="livemig move [options] (CTR | --pid PID) HOST",
                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mv.add_argument("host", help="the target: an ssh host name (your ~/.ssh/config applies)")
-    mv.add_argument("--pid", type=int, required=True, help="the root of the process tree to move")
+    mv.add_argument("names", nargs="+", metavar="[CTR] HOST",
+                    help="the container's name or ID (unless --pid), then the target: an ssh host "
+                         "name (your ~/.ssh/config applies)")
+    mv.add_argument("--pid", type=int, help="move the process tree rooted at PID instead of a container")
+    mv.add_argument("--runtime", choices=["runc", "crun"],
+                    help="the container's runtime (default: whichever knows the container)")
     mv.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.AUTO.value,
                     help="strategy (default auto: hybrid where the kernel tracks dirty pages, "
                          "else stop-and-copy)")
@@ -90,13 +96,20 @@ def _check(args) -> int:
 
 def _move(args) -> int:
     from .coordinator import migrate
+    wanted = 1 if args.pid is not None else 2
+    if len(args.names) != wanted:
+        print("livemig: move takes " + ("HOST after --pid PID" if wanted == 1 else "a container and a HOST "
+              "(or --pid PID HOST)"), file=sys.stderr)
+        return ExitCode.USAGE
+    what = args.pid if args.pid is not None else args.names[0]
+    host = args.names[-1]
     options = Options(
         mode=Mode(args.mode), max_downtime=args.max_downtime, max_rounds=args.max_rounds,
-        compression_level=args.compression_level, image_root=args.image_root,
+        compression_level=args.compression_level, image_root=args.image_root, runtime=args.runtime,
         criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
     progress = None if args.json else _print_progress
     try:
-        report = _run(migrate(args.pid, args.host, options, progress=progress))
+        report = _run(migrate(what, host, options, progress=progress))
     except LivemigError as e:
         print(f"livemig: {e}", file=sys.stderr)
         if args.json and e.report is not None:

@@ -2,12 +2,11 @@
 
     preflight -> pre-copy rounds -> final dump -> transfer -> restore -> commit | rollback
 
-The commit point is CRIU's post-dump action script (hook.py): after the final
-dump CRIU waits there with the workload frozen. Only once the target has
-restored the tree (stopped) does the coordinator record "committed" in its
-journal and let the hook exit 0, upon which CRIU kills the source; then the
-target's tree is resumed. Any failure before that point makes the hook exit
-non-zero, and CRIU resumes the source where it was.
+What is moved (a process tree, a runc or crun container) is a Workload
+(runtimes/): it runs the dumps and owns the commit point. After the final dump
+the source stays frozen; the target restores the workload stopped (paused); only
+then is the source released (killed), and the target's copy resumed. Any failure
+before that point resumes the source where it was, and the target forgets.
 """
 
 from __future__ import annotations
@@ -16,15 +15,15 @@ import asyncio
 import os
 import secrets
 import shutil
-import signal
 import socket
 import time
 from pathlib import Path
 
-from . import __version__, criu, host, hook, policy, preflight, proc, protocol as p, streams
+from . import __version__, bundle, criu, host, policy, preflight, proc, protocol as p, runtimes, streams
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, RestoreError)
 from .options import Mode, Options
 from .report import Report, RoundReport
+from .runtimes.process import criu_failure
 
 NOT_IMAGES = {"stats-dump", "parent"}
 
@@ -34,24 +33,27 @@ def _token() -> str:
 
 
 class Migration:
-    def __init__(self, pid: int, target: str, options: Options, transport_factory, progress=None):
-        self.pid, self.target, self.options = pid, target, options
+    def __init__(self, what: int | str, target: str, options: Options, transport_factory, progress=None):
+        """what: a PID (a process tree) or a container's name or ID."""
+        self.what, self.target, self.options = what, target, options
         self._connect = transport_factory
         self.progress = progress or (lambda event, **kw: None)
         self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
-        self.report = Report(pid=pid, source=socket.gethostname(), target=target)
+        self.report = Report(pid=what if isinstance(what, int) else 0, source=socket.gethostname(), target=target)
         self.transport = None
         self.agent: p.Channel | None = None
         self.agent_proc = None
         self.welcome: p.Welcome | None = None
         self.work = Path(options.image_root) / f"{self.id}-source"
-        self.hook: hook.HookServer | None = None
-        self.dump: asyncio.subprocess.Process | None = None
-        self.dump_socket: socket.socket | None = None
+        self.workload: runtimes.Workload | None = None
+        self.dump: runtimes.DumpRun | None = None
         self.relay: asyncio.Task | None = None
         self.lazy_token = ""
-        self.source_pids: list[int] = []
         self.round_dirs: list[str] = []
+        self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
+        self.bundle_listing: set[str] = set()
+        self.bundle_marker: Path | None = None
+        self.bundle_shared = False
         self.committed = False
 
     # --- the whole ---------------------------------------------------------------------------
@@ -60,8 +62,9 @@ class Migration:
         phase = Phase.PREFLIGHT
         try:
             mode = await self.preflight()
+            phase = Phase.PRECOPY
+            await self.precopy_bundle()
             if mode in (Mode.PRECOPY, Mode.HYBRID):
-                phase = Phase.PRECOPY
                 await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
             phase = Phase.FINAL_DUMP
             lazy = mode in (Mode.POSTCOPY, Mode.HYBRID)
@@ -94,12 +97,13 @@ class Migration:
     async def preflight(self) -> Mode:
         if os.geteuid() != 0:
             raise PreflightError("livemig must run as root (CRIU needs it)")
-        if not os.path.exists(f"/proc/{self.pid}"):
-            raise PreflightError(f"no process with PID {self.pid}")
-        self.source_pids = pids = host.process_tree(self.pid)
-        local, remote = await self._probe_both(pids)
+        w = self.workload = await runtimes.resolve(self.what, self.options.runtime, self.options.criu, self.work)
+        self.report.runtime, self.report.workload = w.kind, w.name
+        self.report.pid = w.root_pid
+        pids = w.pids()
+        local, remote = await self._probe_both(pids if w.kind == "process" else [], w.target_spec())
         rows, mode, why = preflight.compare(local, remote, self.options.mode.value, pids=pids,
-                                            need_bytes=host.resident_bytes(pids))
+                                            need_bytes=host.resident_bytes(pids), container=w.target_spec())
         self._raise_first_failure(rows)
         self._raise_first_failure([await self._check_cpu()])
         self.report.mode, self.report.mode_reason = mode, why
@@ -112,7 +116,7 @@ class Migration:
     async def inspect(self) -> tuple[list[preflight.Check], str, str]:
         """The preflight alone, every row of it, for `livemig check`; touches no workload."""
         try:
-            local, remote = await self._probe_both([])
+            local, remote = await self._probe_both([], None)
             rows, mode, why = preflight.compare(local, remote, self.options.mode.value)
             if all(r.ok for r in rows[:3]):
                 rows.append(await self._check_cpu())
@@ -120,16 +124,33 @@ class Migration:
         finally:
             await self.close()
 
-    async def _probe_both(self, pids: list[int]) -> tuple[p.HostFacts, p.HostFacts]:
-        Path(self.options.image_root).mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.options.image_root, 0o700)
-        self.work.mkdir(mode=0o700)
+    async def _probe_both(self, pids: list[int], container: p.Container | None = None
+                          ) -> tuple[p.HostFacts, p.HostFacts]:
+        self._make_work_dir()
         self.progress("connect", host=self.target)
         self.transport = await self._connect(self.target)
         await self._start_agent()
         local = await host.probe(pids, str(self.work))
-        remote = await self.agent.request(p.Probe(pids=pids), p.HostFacts)
+        marker = ""
+        if container is not None:
+            # Seen from the target, this file means the bundle is on storage both share.
+            self.bundle_marker = Path(container.bundle) / f".livemig-{self.id}"
+            self.bundle_marker.touch(mode=0o600)
+            marker = self.bundle_marker.name
+        try:
+            remote = await self.agent.request(p.Probe(pids=pids, container=container, bundle_marker=marker),
+                                              p.HostFacts)
+        finally:
+            if self.bundle_marker:
+                self.bundle_marker.unlink(missing_ok=True)
+        self.bundle_shared = remote.bundle == "shared"
         return local, remote
+
+    def _make_work_dir(self) -> None:
+        Path(self.options.image_root).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.options.image_root, 0o700)
+        if not self.work.exists():
+            self.work.mkdir(mode=0o700)
 
     def _raise_first_failure(self, rows: list[preflight.Check]) -> None:
         for row in rows:
@@ -168,10 +189,33 @@ class Migration:
                                "the target's CPU has every feature of this one" if result.ok else
                                f"the target's CPU lacks features the workload may use: {result.message}")
 
-    # --- pre-copy rounds: pages stream while the workload runs --------------------------------
+    # --- pre-copy: files and pages go while the workload runs -----------------------------------
+    async def precopy_bundle(self) -> None:
+        """A container's bundle, unless the target shares it: all of it now, the rest frozen."""
+        root = self.workload.bundle()
+        if root is None or self.bundle_shared:
+            return
+        self.bundle_copied_at = time.time()
+        self.bundle_listing = bundle.listing(root)
+        meter = await self._send_tree(root, None, [])
+        self.report.bundle_bytes_wire += meter.wire
+        self.progress("bundle", path=str(root), raw=meter.raw, wire=meter.wire)
+
+    async def _send_tree(self, root: Path, newer_than: float | None, deleted: list[str]) -> streams.Meter:
+        tok = _token()
+        _, writer = await self._stream(tok)
+        sending = asyncio.create_task(bundle.send(root, writer, self.options.compression_level, newer_than))
+        try:
+            await self.agent.request(p.ReceiveTree(path=str(root), stream=tok, deleted=deleted), p.TreeReceived)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        return await sending
+
     async def precopy_rounds(self, lazy_final: bool) -> None:
+        w = self.workload
         limits = policy.Limits(max_downtime=self.options.max_downtime, max_rounds=self.options.max_rounds,
-                               thp_always=host.huge_pages_in_use(self.source_pids))
+                               thp_always=host.huge_pages_in_use(w.pids()))
         stats: list[policy.RoundStats] = []
         while True:
             n = len(self.round_dirs) + 1
@@ -179,32 +223,32 @@ class Migration:
             local = self.work / name
             local.mkdir(mode=0o700)
             tok = _token()
-            await self.agent.request(p.OpenPageServer(dir=name, stream=tok, parent=parent), p.Done)
+            if w.streams_pages:
+                await self.agent.request(p.OpenPageServer(dir=name, stream=tok, parent=parent), p.Done)
             t0 = time.monotonic()
-            ours, theirs = socket.socketpair()
+            run = await w.pre_dump(local, parent)
             try:
-                argv = criu.pre_dump(self.pid, str(local), theirs.fileno(),
-                                     f"../{parent}" if parent else None, self.options.criu)
-                dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno()])
+                sock = await run.pages()
+                relayed = await self._relay(sock, tok) if sock else None
+                rc = await run.proc.wait()
             finally:
-                theirs.close()
-            try:
-                relayed = await self._relay(ours, tok)
-                rc = await dumping.wait()
-            finally:
-                await proc.kill(dumping)
-                ours.close()
+                await proc.kill(run.proc)
+                run.close()
             if rc != 0:
-                raise DumpError(_criu_failure("criu pre-dump", rc, local / "pre-dump.log"), phase=Phase.PRECOPY)
-            await self.agent.request(p.AwaitPageServer(dir=name), p.PageServerDone)
+                raise DumpError(criu_failure(f"{w.kind} pre-dump", rc, run.log), phase=Phase.PRECOPY)
+            if w.streams_pages:
+                await self.agent.request(p.AwaitPageServer(dir=name), p.PageServerDone)
+                sent = relayed.sent
+            else:
+                sent = await self._send_images(name, parent, local)
             seconds = time.monotonic() - t0
             if lazy_final:
                 await self._fetch_pagemaps(name, local)
             st = criu.read_stats(local / "stats-dump") or criu.DumpStats()
             self.round_dirs.append(name)
-            self.report.rounds.append(RoundReport("pre-dump", st.pages_written, relayed.sent.raw,
-                                                  relayed.sent.wire, st.frozen_time, seconds))
-            stats.append(policy.RoundStats(st.pages_written, relayed.sent.wire, seconds))
+            self.report.rounds.append(RoundReport("pre-dump", st.pages_written, sent.raw,
+                                                  sent.wire, st.frozen_time, seconds))
+            stats.append(policy.RoundStats(st.pages_written, sent.wire, seconds))
             decision = policy.decide(stats, limits)
             self.progress("round", n=n, pages=st.pages_written, wire=relayed.sent.wire,
                           seconds=seconds, expected_downtime=decision.expected_downtime)
@@ -221,87 +265,92 @@ class Migration:
 
     # --- final dump: the workload freezes here --------------------------------------------------
     async def final_dump(self, lazy: bool) -> None:
+        w = self.workload
         parent = self.round_dirs[-1] if self.round_dirs else None
         local = self.work / "final"
         local.mkdir(mode=0o700)
-        self.hook = await hook.HookServer.start(self.work)
-        tok = _token()
-        if not lazy:
+        tok = self.lazy_token = _token()
+        streaming = w.streams_pages and not lazy
+        if streaming:
             await self.agent.request(p.OpenPageServer(dir="final", stream=tok, parent=parent), p.Done)
-        ours, theirs = socket.socketpair()
-        self.dump_socket = ours
-        argv = criu.dump(self.pid, str(local), ps_fd=theirs.fileno(), hook=str(self.hook.script),
-                         parent=f"../{parent}" if parent else None, lazy=lazy, opts=self.options.criu)
         self.progress("dump")
-        try:
-            self.dump = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno()],
-                                         env=proc.environ(**self.hook.environment()))
-        finally:
-            theirs.close()
-        self.lazy_token = tok
-        if not lazy:
-            self.relay = asyncio.create_task(self._relay(ours, tok))
-        exited = asyncio.create_task(self.dump.wait())
-        await asyncio.wait({self.hook.post_dump, exited}, return_when=asyncio.FIRST_COMPLETED)
-        if not self.hook.post_dump.done():
-            raise DumpError(_criu_failure("criu dump", self.dump.returncode, local / "dump.log"))
-        exited.cancel()
-        if lazy:
-            self.hook.proceed()
-        rnd = RoundReport("dump", seconds=self.hook.post_dump.result() - self.hook.frozen_at)
-        if self.relay:
+        self.dump = await w.final_dump(local, parent, lazy)
+        if streaming:
+            self.relay = asyncio.create_task(self._relay_when_connected(self.dump, tok))
+        dumped_at = await w.dumped(self.dump, lazy)
+        rnd = RoundReport("dump", seconds=dumped_at - self.dump.frozen_at)
+        if streaming:
             relayed = await self.relay
             await self.agent.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
             rnd.bytes_raw, rnd.bytes_wire = relayed.sent.raw, relayed.sent.wire
         self.report.rounds.append(rnd)
 
+    async def _relay_when_connected(self, run: runtimes.DumpRun, tok: str) -> streams.Relay:
+        sock = await run.pages()
+        if sock is None:
+            raise DumpError(criu_failure(f"{self.workload.kind} dump", run.proc.returncode, run.log))
+        return await self._relay(sock, tok)
+
     # --- transfer: the images that are not pages --------------------------------------------
     async def transfer(self) -> None:
-        local = self.work / "final"
+        """The images that are not streamed pages; and a bundle's files changed since its pre-copy."""
+        w = self.workload
+        parent = self.round_dirs[-1] if self.round_dirs else None
+        async with asyncio.TaskGroup() as tg:
+            images = tg.create_task(self._send_images("final", parent, self.work / "final"))
+            if self.bundle_copied_at is not None:
+                root = w.bundle()
+                now = bundle.listing(root)
+                tree = tg.create_task(self._send_tree(root, self.bundle_copied_at,
+                                                      sorted(self.bundle_listing - now)))
+        meter = images.result()
+        if self.bundle_copied_at is not None:
+            self.report.bundle_bytes_wire += tree.result().wire
+        self.report.image_files_bytes = meter.raw
+        self.progress("transfer", bytes=meter.raw, wire=meter.wire)
+
+    async def _send_images(self, name: str, parent: str | None, local: Path) -> streams.Meter:
+        """The files of image directory name, to the target's directory of the same name.
+        Pages are among them where CRIU wrote them here: a runtime that cannot stream them
+        (crun), or the few a lazy dump never serves lazily."""
         names = sorted(f.name for f in local.iterdir()
                        if f.is_file() and not f.is_symlink() and not f.name.endswith(".log")
                        and f.name not in NOT_IMAGES)
         tok = _token()
-        parent = self.round_dirs[-1] if self.round_dirs else None
         sending = asyncio.create_task(self._send_files(tok, local, names))
-        got = await self.agent.request(p.ReceiveFiles(dir="final", stream=tok, parent=parent), p.FilesReceived)
-        meter = await sending
-        self.report.image_files_bytes = got.bytes
-        self.progress("transfer", files=got.files, bytes=got.bytes, wire=meter.wire)
+        try:
+            await self.agent.request(p.ReceiveFiles(dir=name, stream=tok, parent=parent), p.FilesReceived)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        return await sending
 
     # --- restore: the target brings the tree back, stopped ---------------------------------------
     async def restore(self, lazy: bool) -> None:
         if lazy:
-            self.relay = asyncio.create_task(self._relay(self.dump_socket, self.lazy_token))
+            self.relay = asyncio.create_task(self._relay(await self.dump.lazy_pages(), self.lazy_token))
         self.progress("restore")
         try:
             restored = await self.agent.request(
-                p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None), p.Restored)
+                p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
+                          container=self.workload.target_spec()), p.Restored)
         except p.RemoteFailure as e:
             raise RestoreError(e.failed.message, host=self.target, detail=e.failed.detail) from None
         self.report.target_pid, self.report.restore_seconds = restored.pid, restored.restore_seconds
 
     # --- commit: the one place where the source is given up ---------------------------------
     async def commit(self, lazy: bool) -> None:
-        if lazy:
-            # From the target's first instruction on, it is the workload: never resume the source.
-            self.hook.mark_committed()
-            self.committed = True
-        else:
-            self.hook.commit()             # durable first: a crash from here on means "moved"
-            self.committed = True
-            rc = await self.dump.wait()    # CRIU kills the source and exits
-            if rc != 0:
-                self.report.warnings.append(f"criu dump exited {rc} after the commit")
+        w = self.workload
+        self.committed = True              # from here on the target's copy is the workload
+        self.report.warnings += await w.release(self.dump, lazy)
         resumed = await self.agent.request(p.Resume(), p.Resumed)
-        self.report.downtime_seconds = time.monotonic() - self.hook.frozen_at
+        self.report.downtime_seconds = time.monotonic() - self.dump.frozen_at
         self.progress("running", pids=resumed.pids)
         if lazy:
             done = await self.agent.request(p.AwaitLazy(), p.LazyDone)
             self.report.postcopy_pages = done.pages_fetched
-            await self.dump.wait()
+            await w.finish_lazy(self.dump)
             relayed = await self.relay
-            _signal_tree(self.source_pids, signal.SIGKILL)   # left stopped by the lazy dump
             # A lazy dump's stats image holds zeroed counters: count what crossed the wire.
             rnd = self.report.rounds[-1]
             rnd.pages_written, rnd.bytes_raw, rnd.bytes_wire = \
@@ -312,23 +361,24 @@ class Migration:
             self.report.rounds[-1].frozen_seconds = st.frozen_time
             self.report.final_dump_frozen_seconds = st.frozen_time
         await self.agent.request(p.Finish(), p.Done)
+        self._remove_source_bundle()
+
+    def _remove_source_bundle(self) -> None:
+        """The bundle moved with the container, unless shared; a tree with mounts in it
+        may hold someone else's data, and stays."""
+        root = self.workload.bundle()
+        if root is None or self.bundle_copied_at is None:
+            return
+        if bundle.mounts_under(root):
+            self.report.warnings.append(f"the bundle {root} stays here: file systems are mounted in it")
+            return
+        shutil.rmtree(root, ignore_errors=True)
 
     # --- rollback: the source goes on, the target forgets ------------------------------------
     async def rollback(self) -> None:
-        lazy_served = self.hook is not None and self.hook.post_dump.done() and not self.hook.waiting
-        if self.hook and self.hook.waiting:
-            self.hook.rollback()           # CRIU resumes the source
-        elif self.dump and self.dump.returncode is None:
-            # Still dumping: cut its page stream, and CRIU fails the dump and resumes the source.
-            await self._stop_relay()
-            self.dump_socket.close()
-        if self.dump and self.dump.returncode is None:
-            try:
-                async with asyncio.timeout(60):
-                    await self.dump.wait()
-            except TimeoutError:
-                # Never seen; CRIU's ptrace detach on exit lets the frozen tasks go on.
-                await proc.kill(self.dump)
+        if self.workload is not None:
+            # The target's copy, if any, is stopped: it runs only after the commit.
+            await self.workload.resume(self.dump, self._stop_relay)
         if self.agent:
             try:
                 async with asyncio.timeout(30):
@@ -337,12 +387,6 @@ class Migration:
             except (Exception, TimeoutError):
                 pass   # the agent kills what it restored when we vanish
         await self._stop_relay()
-        if lazy_served:
-            # The lazy dump ends (its client gone) leaving the source stopped: let it run again.
-            if self.dump and self.dump.returncode is None:
-                self.dump_socket.close()
-                await self.dump.wait()
-            _signal_tree(self.source_pids, signal.SIGCONT)
 
     async def _stop_relay(self) -> None:
         if self.relay and not self.relay.done():
@@ -354,10 +398,8 @@ class Migration:
 
     async def close(self) -> None:
         await self._stop_relay()
-        if self.hook:
-            await self.hook.close()
-        if self.dump_socket:
-            self.dump_socket.close()
+        if self.workload:
+            await self.workload.close()
         if self.agent_proc:
             try:
                 self.agent_proc.writer.write_eof()
@@ -389,22 +431,6 @@ class Migration:
         return await streams.send_files(directory, names, writer, self.options.compression_level)
 
 
-def _signal_tree(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _criu_failure(what: str, rc: int | None, log: Path) -> str:
-    try:
-        errors = criu.log_errors(log.read_text(errors="replace"), limit=2)
-    except OSError:
-        errors = []
-    return f"{what} exited {rc}" + (f": {errors[0]}" if errors else "")
-
-
 def _ssh(options: Options):
     from transports.ssh import SshTransport
 
@@ -413,12 +439,13 @@ def _ssh(options: Options):
     return connect
 
 
-async def migrate(pid: int, target: str, options: Options = Options(), *, progress=None,
+async def migrate(what: int | str, target: str, options: Options = Options(), *, progress=None,
                   transport_factory=None) -> Report:
-    """Move the process tree rooted at pid to target; return the report, or raise a
-    LivemigError naming the phase that failed (the workload then runs on the source)."""
+    """Move a workload to target: what is a PID (the process tree rooted there) or the name
+    or ID of a runc or crun container. Returns the report, or raises a LivemigError naming
+    the phase that failed (the workload then runs on the source)."""
     try:
-        return await Migration(pid, target, options, transport_factory or _ssh(options), progress).run()
+        return await Migration(what, target, options, transport_factory or _ssh(options), progress).run()
     except (ConnectionError, EOFError) as e:
         raise ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
                                host=target) from None

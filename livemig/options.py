@@ -26,3 +26,4 @@ class Options:
     image_root: str = "/var/lib/livemig"   # private image directories live here, on both hosts
     agent_command: tuple[str, ...] = ("livemig",)   # how to run livemig on the target
     connect_timeout: float = 15.0
+    runtime: str | None = None       # a container's runtime (runc, crun); None: whichever knows it

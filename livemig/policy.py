@@ -89,12 +89,16 @@ def decide(rounds: Sequence[RoundStats], limits: Limits = Limits()) -> Decision:
 
 
 def choose_mode(requested: str, source_features: dict[str, bool],
-                target_features: dict[str, bool]) -> tuple[str, str]:
-    """The strategy to run, and why. Raises ValueError when the requested one cannot run."""
+                target_features: dict[str, bool], runtime: str = "process") -> tuple[str, str]:
+    """The strategy to run, and why. Raises ValueError when the requested one cannot run.
+    runtime names what checkpoints the workload: crun cannot serve pages lazily."""
     dirty = source_features.get("mem_dirty_track", False)
-    lazy = source_features.get("uffd-noncoop", False) and target_features.get("uffd-noncoop", False)
+    uffd = source_features.get("uffd-noncoop", False) and target_features.get("uffd-noncoop", False)
+    lazy = uffd and runtime != "crun"
     if requested in ("precopy", "hybrid") and not dirty:
         raise ValueError(f"{requested} needs dirty-page tracking (soft-dirty), which this kernel lacks")
+    if requested in ("postcopy", "hybrid") and runtime == "crun":
+        raise ValueError(f"{requested} needs lazy pages, which crun cannot serve (runc can)")
     if requested in ("postcopy", "hybrid") and not lazy:
         raise ValueError(f"{requested} needs userfaultfd (uffd-noncoop) on both hosts")
     if requested != "auto":
@@ -102,5 +106,6 @@ def choose_mode(requested: str, source_features: dict[str, bool],
     if dirty and lazy:
         return "hybrid", "both hosts track dirty pages and support lazy pages"
     if dirty:
-        return "precopy", "the target has no userfaultfd for lazy pages"
+        return "precopy", ("crun cannot serve pages lazily" if runtime == "crun" else
+                           "the target has no userfaultfd for lazy pages")
     return "stopcopy", "this kernel cannot track dirty pages (no soft-dirty), so no pre-copy"

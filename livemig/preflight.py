@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import policy
-from .protocol import HostFacts
+from .protocol import Container, HostFacts
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ def _v(version: list[int]) -> str:
 
 
 def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
-            pids: list[int] | None = None, need_bytes: int = 0) -> tuple[list[Check], str, str]:
+            pids: list[int] | None = None, need_bytes: int = 0,
+            container: Container | None = None) -> tuple[list[Check], str, str]:
     """Every check, in the order a user should fix them; and the strategy (or "") and why."""
     rows = [
         Check("criu here", bool(local.criu_version), f"CRIU {_v(local.criu_version)}",
@@ -39,8 +40,21 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                           f"target {_v(remote.criu_version)}, source {_v(local.criu_version)}",
                           "the target's CRIU must be at least the source's"))
     rows.append(Check("architecture", remote.arch == local.arch, f"target {remote.arch}, source {local.arch}"))
+    if container is not None:
+        rt = container.runtime
+        rows.append(Check(f"{rt} on target", bool(remote.runtime_version),
+                          f"{rt} {remote.runtime_version or 'not installed'}", f"install {rt} there"))
+        rows.append(Check("container name free on target", not remote.container_exists,
+                          f"{rt} there already has a container {container.id}" if remote.container_exists
+                          else f"no {container.id} there", "remove it there, or rename this one"))
+        rows.append(Check("bundle on target", remote.bundle in ("absent", "shared"),
+                          {"absent": f"{container.bundle} will be copied",
+                           "shared": f"{container.bundle} is shared storage: not copied"}.get(
+                              remote.bundle, f"{container.bundle} exists there and is not this one"),
+                          "remove it there (livemig copies the bundle), or share it"))
     try:
-        mode, why = policy.choose_mode(requested_mode, local.features, remote.features)
+        mode, why = policy.choose_mode(requested_mode, local.features, remote.features,
+                                       container.runtime if container else "process")
         rows.append(Check("strategy", True, f"{mode}: {why}"))
     except ValueError as e:
         mode, why = "", ""
@@ -49,7 +63,7 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
         rows.append(Check(f"feature {name}", True,
                           f"here {'yes' if local.features[name] else 'no'}, "
                           f"target {'yes' if remote.features.get(name) else 'no'}"))
-    if pids is not None:
+    if pids is not None and container is None:
         rows.append(Check("PIDs free on target", not remote.pids_taken,
                           "all free" if not remote.pids_taken else
                           f"PIDs {', '.join(map(str, remote.pids_taken))} are in use",

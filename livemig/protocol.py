@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -48,8 +48,18 @@ class Welcome:
 
 # --- preflight -------------------------------------------------------------------------------
 @message
+class Container:
+    """An OCI container: which runtime, its ID, and its bundle's path (the same on both hosts)."""
+    runtime: str
+    id: str
+    bundle: str
+
+
+@message
 class Probe:
     pids: list[int] = field(default_factory=list)   # PIDs the restored tree needs
+    container: Container | None = None
+    bundle_marker: str = ""       # a file the source put in the bundle: seen here = shared storage
 
 
 @message
@@ -62,6 +72,9 @@ class HostFacts:
     free_bytes: int               # free space where images go
     mem_available: int
     pids_taken: list[int]
+    runtime_version: str = ""     # the container's runtime here ("" when not installed)
+    container_exists: bool = False
+    bundle: str = ""              # the bundle's path here: "absent", "shared" or "exists"
 
 
 @message
@@ -124,11 +137,28 @@ class FilesReceived:
     bytes: int
 
 
+@message
+class ReceiveTree:
+    """A directory tree (an OCI bundle) arrives on stream as a tar archive: extracted into
+    path, which must not exist yet, or be the one this migration created; then the
+    paths listed in deleted (relative to path) are removed."""
+    path: str
+    stream: str
+    deleted: list[str] = field(default_factory=list)
+
+
+@message
+class TreeReceived:
+    path: str
+    bytes: int
+
+
 # --- restore, commit, rollback -----------------------------------------------------------------
 @message
 class Restore:
     dir: str
     lazy_stream: str | None = None    # post-copy: the stream to the source's lazy page server
+    container: Container | None = None   # restore through this runtime (else CRIU directly)
 
 
 @message
@@ -181,10 +211,29 @@ class Failed:
     detail: str = ""
 
 
+def _plain(value: Any) -> Any:
+    """JSON-ready: messages nested in messages keep their "type", so they decode as themselves."""
+    if dataclasses.is_dataclass(value):
+        return {"type": type(value).__name__,
+                **{f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _typed(obj: dict) -> Any:
+    if "type" in obj and obj["type"] in _TYPES:
+        cls = _TYPES[obj.pop("type")]
+        return cls(**obj)
+    return obj
+
+
 def encode(msg: Any) -> bytes:
     if type(msg).__name__ not in _TYPES:
         raise ProtocolError(f"not a protocol message: {msg!r}")
-    body = json.dumps({"type": type(msg).__name__, **dataclasses.asdict(msg)}).encode()
+    body = json.dumps(_plain(msg)).encode()
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"message too large: {len(body)} bytes")
     return _LEN.pack(len(body)) + body
@@ -192,9 +241,10 @@ def encode(msg: Any) -> bytes:
 
 def decode(body: bytes) -> Any:
     try:
-        obj = json.loads(body)
-        cls = _TYPES[obj.pop("type")]
-        return cls(**obj)
+        msg = json.loads(body, object_hook=_typed)
+        if type(msg).__name__ not in _TYPES:
+            raise KeyError("type")
+        return msg
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ProtocolError(f"malformed message: {e}: {body[:200]!r}") from None
 

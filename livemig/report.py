@@ -24,9 +24,11 @@ class RoundReport:
 
 @dataclass
 class Report:
-    pid: int
+    pid: int                      # the root of the tree (a container's init)
     source: str
     target: str
+    runtime: str = "process"      # what checkpointed it: "process" (CRIU directly), "runc", "crun"
+    workload: str = ""            # what the user named: a PID or a container
     mode: str = ""                # the strategy used
     mode_reason: str = ""         # why that one
     outcome: str = "failed"       # "moved" or "rolled back" or "failed"
@@ -34,6 +36,7 @@ class Report:
     precopy_stop_reason: str = ""
     final_dump_frozen_seconds: float = 0.0
     image_files_bytes: int = 0    # images other than pages, sent after the dump
+    bundle_bytes_wire: int = 0    # a container's bundle: pre-copy and changes, compressed
     restore_seconds: float = 0.0
     downtime_seconds: float = 0.0  # source frozen -> target running
     total_seconds: float = 0.0
@@ -50,7 +53,8 @@ class Report:
         return json.dumps(d, indent=2)
 
     def summary(self) -> str:
-        lines = [f"{self.outcome}: PID {self.pid} {self.source} -> {self.target}, mode {self.mode}"
+        what = f"PID {self.pid}" if self.runtime == "process" else f"{self.runtime} container {self.workload}"
+        lines = [f"{self.outcome}: {what} {self.source} -> {self.target}, mode {self.mode}"
                  + (f" ({self.mode_reason})" if self.mode_reason else "")]
         for i, r in enumerate(self.rounds, 1):
             lines.append(f"  {r.kind} {i}: {r.pages_written} pages, {r.bytes_raw / 2**20:.1f} MiB -> "
@@ -61,7 +65,9 @@ class Report:
         if self.outcome == "moved":
             lines.append(f"  downtime {self.downtime_seconds * 1000:.0f} ms (restore "
                          f"{self.restore_seconds * 1000:.0f} ms), total {self.total_seconds:.2f} s; "
-                         f"now PID {self.target_pid} on {self.target}")
+                         f"now PID {self.target_pid} on {self.target}"
+                         + (f"; bundle {self.bundle_bytes_wire / 2**20:.1f} MiB on the wire"
+                            if self.bundle_bytes_wire else ""))
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         if self.error:

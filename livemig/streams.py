@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,11 @@ async def relay(local: tuple, remote: tuple, level: int = 1) -> Relay:
 
 
 async def socket_streams(sock) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """asyncio streams over one end of a socketpair whose other end CRIU holds."""
-    return await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
+    """asyncio streams over a socket whose other end CRIU holds: one end of a socketpair,
+    or a loopback TCP connection (the runtimes name page servers by address)."""
+    if sock.family == socket.AF_UNIX:
+        return await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
+    return await asyncio.open_connection(sock=sock, limit=CHUNK)
 
 
 # --- files: the small images that do not go through the page server ---------------------------

@@ -79,6 +79,23 @@ def join(procs_files: list[str]) -> None:
             fh.write("0")
 
 
+def thaw(name: str) -> None:
+    """Thaw every frozen cgroup of the host (a paused container's): a frozen task
+    cannot die, so SIGKILL alone would leave it, and its cgroup, behind."""
+    for h in hierarchies():
+        d = host_dir(h, name)
+        for state in d.rglob("freezer.state") if d.exists() else []:
+            try:
+                state.write_text("THAWED")
+            except OSError:
+                pass
+        for freeze in d.rglob("cgroup.freeze") if d.exists() else []:   # cgroup v2
+            try:
+                freeze.write_text("0")
+            except OSError:
+                pass
+
+
 def remove(name: str, timeout: float = 5.0) -> list[str]:
     """Remove the host's cgroups depth first; return the ones that would not go."""
     left = []

@@ -158,6 +158,12 @@ def down() -> list[str]:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        cgroups.thaw(name)       # after the kill: no frozen task escapes it by a fork
+        for pid in _cgroup_pids(name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     for pid in pids + [h.unshare_pid for h in hosts]:
         _wait_gone(pid)
     for name in sorted(names):

@@ -1,0 +1,97 @@
+"""What is being moved, and how it is checkpointed on the source.
+
+A workload is a bare process tree (CRIU driven directly) or an OCI container
+(runc or crun driven through the runtime, so that the target's runtime knows the
+container afterwards). Each says what it can do (stream pages into a page
+server, serve them lazily) and runs its own dumps, freeze, release and resume;
+the coordinator's phases are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import protocol as p
+
+
+@dataclass
+class DumpRun:
+    """One CRIU dump under way on the source.
+
+    `pages()` gives the socket CRIU's page stream comes out of (None when this
+    workload writes its pages into the image directory instead); `lazy_pages()`
+    the connection to a lazy dump's page server."""
+    proc: asyncio.subprocess.Process
+    log: Path
+    sock: socket.socket | None = None
+    frozen_at: float = field(default_factory=time.monotonic)
+
+    async def pages(self) -> socket.socket | None:
+        return self.sock
+
+    async def lazy_pages(self) -> socket.socket:
+        return self.sock
+
+    def close(self) -> None:
+        if self.sock:
+            self.sock.close()
+
+
+class Workload:
+    """The interface every kind of workload implements (see process.py, oci.py)."""
+    kind = ""                 # "process", "runc", "crun": in the report
+    streams_pages = True      # pages go to the target's page server as CRIU writes them
+    lazy_capable = True       # can serve pages after the restore (post-copy)
+    precopy_capable = True    # can pre-dump while running (the kernel must still track dirty pages)
+
+    root_pid: int
+    name: str                 # what the user called it: a PID or a container name
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def target_spec(self) -> p.Container | None:
+        """What the target's agent needs to restore this workload under its runtime."""
+        return None
+
+    def bundle(self) -> Path | None:
+        """A directory that must exist on the target too (an OCI bundle), or None."""
+        return None
+
+    async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
+        raise NotImplementedError
+
+    async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
+        """Freeze the workload and start the final dump; returns once it is started."""
+        raise NotImplementedError
+
+    async def dumped(self, run: DumpRun, lazy: bool) -> float:
+        """Wait until every image is written (lazy: until the page server is ready), the
+        workload still frozen; the time that happened. Raises DumpError if the dump failed."""
+        raise NotImplementedError
+
+    async def release(self, run: DumpRun, lazy: bool) -> list[str]:
+        """The commit point, after the target restored: the source is given up for good
+        (lazy: recorded as given up; see finish_lazy). Returns warnings."""
+        raise NotImplementedError
+
+    async def finish_lazy(self, run: DumpRun) -> None:
+        """Post-copy is over: every page is on the target; end the source's copy."""
+        raise NotImplementedError
+
+    async def resume(self, run: DumpRun | None, stop_pages) -> None:
+        """Roll back: the source runs on from where it was frozen. stop_pages() cuts the
+        coordinator's page relay, which makes a running CRIU dump fail."""
+        raise NotImplementedError
+
+
+async def resolve(what: str | int, runtime: str | None, criu_opts, work: Path) -> Workload:
+    """The workload the user named: a PID (process tree), or a container name or ID."""
+    from . import oci, process
+    if isinstance(what, int):
+        return process.ProcessTree(what, criu_opts, work)
+    return await oci.find(what, runtime, criu_opts)

@@ -1,0 +1,132 @@
+"""A bare process tree, checkpointed by CRIU directly.
+
+Pages leave CRIU on one end of a socketpair (--ps-socket) that the coordinator
+relays to the target. The final dump's commit point is CRIU's post-dump action
+script (hook.py): CRIU waits there with the tree frozen until the coordinator
+says "killed" (commit) or "resume" (rollback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from pathlib import Path
+
+from .. import criu, hook, host, proc
+from ..errors import DumpError, PreflightError
+from . import DumpRun, Workload
+
+
+class ProcessTree(Workload):
+    kind = "process"
+
+    def __init__(self, pid: int, opts: criu.Options, work: Path):
+        if not os.path.exists(f"/proc/{pid}"):
+            raise PreflightError(f"no process with PID {pid}")
+        self.root_pid, self.name, self.opts, self.work = pid, str(pid), opts, work
+        self._pids = host.process_tree(pid)
+        self.hook: hook.HookServer | None = None
+        self.run: DumpRun | None = None
+
+    def pids(self) -> list[int]:
+        return self._pids
+
+    async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
+        ours, theirs = socket.socketpair()
+        try:
+            argv = criu.pre_dump(self.root_pid, str(images), theirs.fileno(),
+                                 f"../{parent}" if parent else None, self.opts)
+            dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return DumpRun(dumping, images / "pre-dump.log", ours)
+
+    async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
+        self.hook = await hook.HookServer.start(self.work)
+        ours, theirs = socket.socketpair()
+        try:
+            argv = criu.dump(self.root_pid, str(images), ps_fd=theirs.fileno(), hook=str(self.hook.script),
+                             parent=f"../{parent}" if parent else None, lazy=lazy, opts=self.opts)
+            dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno()],
+                                       env=proc.environ(**self.hook.environment()))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.run = DumpRun(dumping, images / "dump.log", ours)
+        return self.run
+
+    async def dumped(self, run: DumpRun, lazy: bool) -> float:
+        exited = asyncio.create_task(run.proc.wait())
+        try:
+            await asyncio.wait({self.hook.post_dump, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if not self.hook.post_dump.done():
+            raise DumpError(criu_failure("criu dump", run.proc.returncode, run.log))
+        run.frozen_at = self.hook.frozen_at
+        if lazy:
+            self.hook.proceed()     # CRIU goes on to serve pages, the tree stays stopped
+        return self.hook.post_dump.result()
+
+    async def release(self, run: DumpRun, lazy: bool) -> list[str]:
+        if lazy:
+            # From the target's first instruction on, it is the workload: never resume the source.
+            self.hook.mark_committed()
+            return []
+        self.hook.commit()             # durable first: a crash from here on means "moved"
+        rc = await run.proc.wait()     # CRIU kills the source and exits
+        return [f"criu dump exited {rc} after the commit"] if rc != 0 else []
+
+    async def finish_lazy(self, run: DumpRun) -> None:
+        await run.proc.wait()
+        signal_tree(self._pids, signal.SIGKILL)   # left stopped by the lazy dump
+
+    async def resume(self, run: DumpRun | None, stop_pages) -> None:
+        h = self.hook
+        lazy_served = h is not None and h.post_dump.done() and not h.waiting
+        if h and h.waiting:
+            h.rollback()                   # CRIU resumes the source
+        elif run and run.proc.returncode is None:
+            # Still dumping, or serving lazy pages: cut its page stream, and CRIU ends.
+            await stop_pages()
+            run.close()
+        if run and run.proc.returncode is None:
+            try:
+                async with asyncio.timeout(60):
+                    await run.proc.wait()
+            except TimeoutError:
+                # Never seen; CRIU's ptrace detach on exit lets the frozen tasks go on.
+                await proc.kill(run.proc)
+        if lazy_served:
+            # A lazy dump leaves the source stopped (--leave-stopped): let it run again.
+            # The target's copy never ran: it is resumed only after the commit.
+            signal_tree(self._pids, signal.SIGCONT)
+
+    async def close(self) -> None:
+        if self.hook:
+            await self.hook.close()
+        if self.run:
+            self.run.close()
+
+
+def signal_tree(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def criu_failure(what: str, rc: int | None, log: Path) -> str:
+    try:
+        errors = criu.log_errors(log.read_text(errors="replace"), limit=2)
+    except OSError:
+        errors = []
+    return f"{what} exited {rc}" + (f": {errors[0]}" if errors else "")
