@@ -36,6 +36,7 @@ class Migration:
     def __init__(self, what: int | str, target: str, options: Options, transport_factory, progress=None):
         """what: a PID (a process tree) or a container's name or ID."""
         self.what, self.target, self.options = what, target, options
+        self.phase = Phase.PREFLIGHT     # the phase under way: what an error names
         self._connect = transport_factory
         self.progress = progress or (lambda event, **kw: None)
         self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
@@ -59,30 +60,20 @@ class Migration:
     # --- the whole ---------------------------------------------------------------------------
     async def run(self) -> Report:
         t0 = time.monotonic()
-        phase = Phase.PREFLIGHT
+        self.phase = Phase.PREFLIGHT
         try:
-            mode = await self.preflight()
-            phase = Phase.PRECOPY
-            await self.precopy_bundle()
-            if mode in (Mode.PRECOPY, Mode.HYBRID):
-                await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
-            phase = Phase.FINAL_DUMP
-            lazy = mode in (Mode.POSTCOPY, Mode.HYBRID)
-            await self.final_dump(lazy)
-            phase = Phase.TRANSFER
-            await self.transfer()
-            phase = Phase.RESTORE
-            await self.restore(lazy)
-            phase = Phase.COMMIT
-            await self.commit(lazy)
+            try:
+                await self._phases()
+            except p.RemoteFailure as e:
+                raise _remote_error(e, self.phase, self.target) from None
             self.report.outcome = "moved"
             return self.report
         except BaseException as e:
-            self.report.failed_phase = phase
+            self.report.failed_phase = self.phase
             self.report.error = str(e) if isinstance(e, LivemigError) else (
                 "interrupted" if isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)) else repr(e))
             if isinstance(e, LivemigError):
-                e.phase = e.phase or phase
+                e.phase = e.phase or self.phase
                 e.report = self.report
             if not self.committed:
                 await asyncio.shield(self.rollback())
@@ -92,6 +83,22 @@ class Migration:
         finally:
             self.report.total_seconds = time.monotonic() - t0
             await asyncio.shield(self.close())
+
+    async def _phases(self) -> None:
+        mode = await self.preflight()
+        self.phase = Phase.PRECOPY
+        await self.precopy_bundle()
+        if mode in (Mode.PRECOPY, Mode.HYBRID):
+            await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
+        self.phase = Phase.FINAL_DUMP
+        lazy = mode in (Mode.POSTCOPY, Mode.HYBRID)
+        await self.final_dump(lazy)
+        self.phase = Phase.TRANSFER
+        await self.transfer()
+        self.phase = Phase.RESTORE
+        await self.restore(lazy)
+        self.phase = Phase.COMMIT
+        await self.commit(lazy)
 
     # --- preflight: nothing on the source is touched ------------------------------------------
     async def preflight(self) -> Mode:
@@ -134,7 +141,7 @@ class Migration:
         marker = ""
         if container is not None:
             # Seen from the target, this file means the bundle is on storage both share.
-            self.bundle_marker = Path(container.bundle) / f".livemig-{self.id}"
+            self.bundle_marker = Path(container.bundle) / f"livemig-{self.id}.probe"
             self.bundle_marker.touch(mode=0o600)
             marker = self.bundle_marker.name
         try:
@@ -304,6 +311,10 @@ class Migration:
                 tree = tg.create_task(self._send_tree(root, self.bundle_copied_at,
                                                       sorted(self.bundle_listing - now)))
         meter = images.result()
+        if not w.streams_pages:
+            # crun wrote the pages among the images: they crossed here, with the rest
+            rnd = self.report.rounds[-1]
+            rnd.bytes_raw, rnd.bytes_wire = meter.raw, meter.wire
         if self.bundle_copied_at is not None:
             self.report.bundle_bytes_wire += tree.result().wire
         self.report.image_files_bytes = meter.raw
@@ -429,6 +440,13 @@ class Migration:
     async def _send_files(self, tok: str, directory: Path, names: list[str]) -> streams.Meter:
         _, writer = await self._stream(tok)
         return await streams.send_files(directory, names, writer, self.options.compression_level)
+
+
+def _remote_error(e: p.RemoteFailure, phase: str, target: str) -> LivemigError:
+    """What the agent could not do, as the error class of the phase it failed in."""
+    cls = {Phase.PREFLIGHT: PreflightError, Phase.FINAL_DUMP: DumpError,
+           Phase.RESTORE: RestoreError}.get(e.failed.phase or phase, LivemigError)
+    return cls(e.failed.message, phase=e.failed.phase or phase, host=target, detail=e.failed.detail or None)
 
 
 def _ssh(options: Options):

@@ -21,12 +21,20 @@ PROTOCOL_VERSION = 2
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
+_PARTS: dict[str, type] = {}     # dataclasses carried inside messages, never sent alone
 
 
 def message(cls):
     """Register a dataclass as a message type, under its class name."""
     cls = dataclass(frozen=True)(cls)
     _TYPES[cls.__name__] = cls
+    return cls
+
+
+def part(cls):
+    """Register a dataclass that travels inside messages (a field's value)."""
+    cls = dataclass(frozen=True)(cls)
+    _PARTS[cls.__name__] = cls
     return cls
 
 
@@ -47,7 +55,7 @@ class Welcome:
 
 
 # --- preflight -------------------------------------------------------------------------------
-@message
+@part
 class Container:
     """An OCI container: which runtime, its ID, and its bundle's path (the same on both hosts)."""
     runtime: str
@@ -224,10 +232,12 @@ def _plain(value: Any) -> Any:
 
 
 def _typed(obj: dict) -> Any:
-    if "type" in obj and obj["type"] in _TYPES:
-        cls = _TYPES[obj.pop("type")]
-        return cls(**obj)
-    return obj
+    name = obj.get("type")
+    cls = _TYPES.get(name) or _PARTS.get(name)
+    if cls is None:
+        return obj
+    del obj["type"]
+    return cls(**obj)
 
 
 def encode(msg: Any) -> bytes:

@@ -38,3 +38,25 @@ def test_an_unsupported_strategy_fails_and_blames_no_target():
     rows, mode, _ = compare(facts(features={"mem_dirty_track": False, "uffd-noncoop": True}), facts(), "precopy")
     [row] = [r for r in rows if not r.ok]
     assert row.name == "strategy" and not row.on_target and mode == ""
+
+
+def test_a_container_adds_its_runtime_name_and_bundle_checks_and_no_pid_check():
+    from livemig.protocol import Container
+    c = Container("runc", "web1", "/var/lib/ctr/web1")
+    rows, mode, _ = compare(facts(), facts(runtime_version="1.1.15", bundle="absent"), "auto",
+                            pids=[42], container=c)
+    assert failed(rows) == [] and mode == "hybrid" and "PIDs free on target" not in [r.name for r in rows]
+    rows, _, _ = compare(facts(), facts(runtime_version="", container_exists=True, bundle="exists"), "auto",
+                         pids=[42], container=c)
+    assert failed(rows) == ["runc on target", "container name free on target", "bundle on target"]
+    rows, _, _ = compare(facts(), facts(runtime_version="1.21", bundle="shared"), "auto", container=c)
+    assert "shared storage" in next(r.detail for r in rows if r.name == "bundle on target")
+
+
+def test_crun_gets_no_lazy_strategy():
+    from livemig.protocol import Container
+    c = Container("crun", "db1", "/b")
+    rows, mode, why = compare(facts(), facts(runtime_version="1.21", bundle="absent"), "auto", container=c)
+    assert (mode, why) == ("precopy", "crun cannot serve pages lazily")
+    rows, mode, _ = compare(facts(), facts(runtime_version="1.21", bundle="absent"), "postcopy", container=c)
+    assert mode == "" and "crun" in next(r.detail for r in rows if r.name == "strategy")

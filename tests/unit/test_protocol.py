@@ -12,7 +12,11 @@ from livemig.errors import ProtocolError
 def test_every_message_round_trips_through_a_frame():
     msgs = [p.Hello(1, "0.1.0", "20261122-x"), p.Probe(pids=[1, 2]),
             p.OpenPageServer(dir="pre-1", stream="ab", parent=None), p.Restore(dir="final", lazy_stream="cd"),
-            p.Failed("restore", "no", "detail"), p.Done()]
+            p.Failed("restore", "no", "detail"), p.Done(),
+            # a message inside a message decodes as itself, not as a dict
+            p.Probe(pids=[], container=p.Container("runc", "web1", "/var/lib/ctr/web1"), bundle_marker="m"),
+            p.Restore(dir="final", container=p.Container("crun", "db1", "/b")),
+            p.ReceiveTree(path="/b", stream="ef", deleted=["rootfs/tmp/x"])]
     for msg in msgs:
         frame = p.encode(msg)
         (size,) = struct.unpack(">I", frame[:4])
@@ -25,6 +29,7 @@ def test_every_message_round_trips_through_a_frame():
     b'{"type": "Hello", "protocol": 1}',                 # missing fields
     b'{"type": "Done", "extra": 1}',                     # unknown fields
     b'not json', b'[]',
+    b'{"type": "Container", "runtime": "runc", "id": "x", "bundle": "/b"}',   # a part is no message
 ])
 def test_anything_else_is_refused(body):
     with pytest.raises(ProtocolError):

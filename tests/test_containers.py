@@ -1,0 +1,125 @@
+"""livemig move CTR in the namespaced lab: real runc and crun containers whose in-memory count
+must go on, on the target, from where it was, registered with the target's runtime."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+TOOL = "/opt/livemig/tests/workloads/container.py"
+
+
+class Counter:
+    """A busybox container counting in memory (tests/workloads/container.py)."""
+
+    def __init__(self, lab, host: str, runtime: str, name: str):
+        self.lab, self.runtime, self.name = lab, runtime, name
+        self.bundle = f"/var/lib/ctr/{name}"
+        lab.run(host, ["python3", TOOL, "start", "--runtime", runtime, "--name", name, "--bundle", self.bundle])
+
+    def count(self, host: str) -> int:
+        return int(self.lab.text(host, ["python3", TOOL, "count", "--bundle", self.bundle]))
+
+    def status(self, host: str) -> str | None:
+        res = self.lab.run(host, [self.runtime, "state", self.name], check=False)
+        return json.loads(res.stdout)["status"] if res.returncode == 0 else None
+
+    def remove(self, host: str) -> None:
+        self.lab.run(host, [self.runtime, "delete", "--force", self.name], check=False)
+        self.lab.run(host, ["rm", "-rf", self.bundle])
+
+
+def move(lab, src: str, dst: str, *args: str):
+    return lab.run(src, ["livemig", "move", "--json", *args, dst], check=False, timeout=600)
+
+
+def leftovers(lab) -> dict:
+    return {h: (lab.text(h, ["ls", "-A", "/var/lib/livemig"], check=False).split(),
+                lab.text(h, ["pgrep", "-x", "criu"], check=False).split()) for h in ("a", "b")}
+
+
+def assert_moved(lab, ctr: Counter, src: str, dst: str, before: int, t_before: float, res) -> dict:
+    assert res.returncode == 0, res.stderr.decode()
+    report = json.loads(res.stdout)
+    assert report["outcome"] == "moved" and report["runtime"] == ctr.runtime and report["workload"] == ctr.name
+    time.sleep(0.5)
+    after = ctr.count(dst)
+    # it went on from where it was (a fresh start would count from 1), and at its pace
+    assert before < after <= before + 10 * (time.monotonic() - t_before) + 20, (before, after)
+    assert ctr.status(dst) == "running" and ctr.status(src) is None      # registered there, gone here
+    assert lab.run(src, ["test", "-e", ctr.bundle], check=False).returncode != 0   # the bundle moved
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    return report
+
+
+def test_runc_container_moves_and_keeps_counting(lab):
+    ctr = Counter(lab, "a", "runc", "web1")
+    time.sleep(1)
+    before, t = ctr.count("a"), time.monotonic()
+    report = assert_moved(lab, ctr, "a", "b", before, t, move(lab, "a", "b", "web1"))
+    assert report["mode"] == "stopcopy" and "soft-dirty" in report["mode_reason"]
+    assert report["rounds"][0]["pages_written"] > 0 and report["bundle_bytes_wire"] > 0
+    # and back again, with lazy pages this time: runc serves them, the target fetches them
+    before, t = ctr.count("b"), time.monotonic()
+    report = assert_moved(lab, ctr, "b", "a", before, t, move(lab, "b", "a", "--mode", "postcopy", "web1"))
+    assert report["mode"] == "postcopy" and report["postcopy_pages"] > 0
+    ctr.remove("a")
+
+
+def test_crun_container_moves_with_stop_and_copy_and_says_why_not_lazy(lab):
+    ctr = Counter(lab, "a", "crun", "db1")
+    time.sleep(1)
+    refused = move(lab, "a", "b", "--mode", "postcopy", "db1")
+    assert refused.returncode == 3 and "crun" in refused.stderr.decode()
+    assert ctr.status("a") == "running" and ctr.status("b") is None
+    before, t = ctr.count("a"), time.monotonic()
+    report = assert_moved(lab, ctr, "a", "b", before, t, move(lab, "a", "b", "--runtime", "crun", "db1"))
+    assert report["mode"] == "stopcopy" and report["rounds"][0]["bytes_wire"] > 0
+    ctr.remove("b")
+
+
+def test_container_refusals_change_nothing(lab):
+    ctr = Counter(lab, "a", "runc", "api1")
+    # the target already has a bundle at that path that is not this one
+    lab.run("b", ["mkdir", "-p", ctr.bundle])
+    res = move(lab, "a", "b", "api1")
+    assert res.returncode == 3 and "bundle" in res.stderr.decode() and len(res.stderr.decode().splitlines()) == 1
+    lab.run("b", ["rmdir", ctr.bundle])
+    # a container that does not exist, and one that is not running
+    res = move(lab, "a", "b", "nosuch")
+    assert res.returncode == 3 and "no container 'nosuch'" in res.stderr.decode()
+    lab.run("a", ["runc", "pause", "api1"])
+    res = move(lab, "a", "b", "api1")
+    assert res.returncode == 3 and "paused" in res.stderr.decode()
+    lab.run("a", ["runc", "resume", "api1"])
+    # usage: a container name and --pid are one too many
+    res = move(lab, "a", "b", "--pid", "1", "api1")
+    assert res.returncode == 2
+    assert ctr.status("a") == "running" and ctr.status("b") is None
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    ctr.remove("a")
+
+
+def test_runc_restore_failure_rolls_back_to_the_source(lab):
+    ctr = Counter(lab, "a", "runc", "api2")
+    # a real restore failure: the cgroup the container will restore into, on the target,
+    # admits no new task (runc keeps an existing cgroup; CRIU cannot fork into it)
+    lab.run("b", ["sh", "-c", "mkdir -p /sys/fs/cgroup/pids/api2 && echo 0 > /sys/fs/cgroup/pids/api2/pids.max"])
+    time.sleep(0.5)
+    before = ctr.count("a")
+    res = move(lab, "a", "b", "api2")
+    assert res.returncode == 6, res.stderr.decode()
+    assert res.stderr.decode().startswith("livemig: restore on b: ")
+    report = json.loads(res.stdout)
+    assert report["outcome"] == "rolled back" and report["failed_phase"] == "restore"
+    time.sleep(0.5)
+    assert ctr.status("a") == "running" and ctr.count("a") > before      # it goes on, here
+    assert ctr.status("b") is None
+    assert lab.run("b", ["test", "-e", ctr.bundle], check=False).returncode != 0   # the copy went
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    lab.run("b", ["rmdir", "/sys/fs/cgroup/pids/api2"], check=False)   # runc delete may have
+    ctr.remove("a")

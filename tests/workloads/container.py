@@ -1,0 +1,78 @@
+"""A busybox container that counts in memory, for the lab: built and started on a lab host.
+
+    python3 container.py start --runtime runc --name c1 --bundle /var/lib/ctr/c1
+    python3 container.py count --bundle /var/lib/ctr/c1      # the last count it wrote
+
+The count lives in the shell's memory; the container writes it to /count in its
+root every 100 ms, so a restart from scratch shows as a count that went back.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.1; done"
+
+
+def build(bundle: str, runtime: str) -> None:
+    root = os.path.join(bundle, "rootfs")
+    shutil.rmtree(bundle, ignore_errors=True)
+    for d in ("bin", "tmp", "proc", "dev", "sys"):
+        os.makedirs(os.path.join(root, d))
+    shutil.copy("/usr/bin/busybox", os.path.join(root, "bin/busybox"))
+    for tool in ("sh", "sleep", "cat", "echo"):
+        os.symlink("busybox", os.path.join(root, "bin", tool))
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)   # the same spec serves crun
+    path = os.path.join(bundle, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["/bin/sh", "-c", COUNTER]
+    config["root"]["readonly"] = False
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def count(bundle: str) -> int:
+    for _ in range(50):    # the file is empty for an instant each time it is rewritten
+        with open(os.path.join(bundle, "rootfs/count")) as f:
+            text = f.read().strip()
+        if text:
+            return int(text)
+        time.sleep(0.02)
+    raise SystemExit("the container writes no count")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("action", choices=["start", "count"])
+    ap.add_argument("--runtime", default="runc")
+    ap.add_argument("--name", default="c1")
+    ap.add_argument("--bundle", required=True)
+    a = ap.parse_args()
+    if a.action == "count":
+        print(count(a.bundle))
+        return 0
+    build(a.bundle, a.runtime)
+    # The container inherits our stdio: a pipe of ours would be held open, and CRIU cannot
+    # dump a file outside the container's mounts. So /dev/null for all three.
+    with open(os.devnull, "r+b") as null:
+        res = subprocess.run([a.runtime, "run", "--detach", "--bundle", a.bundle, a.name],
+                             stdin=null, stdout=null, stderr=null)
+    if res.returncode != 0:
+        raise SystemExit(f"{a.runtime} run --detach {a.name} exited {res.returncode}")
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(a.bundle, "rootfs/count")):
+        if time.monotonic() > deadline:
+            raise SystemExit("the container never counted")
+        time.sleep(0.05)
+    print(count(a.bundle))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
