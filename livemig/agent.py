@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from . import __version__, bundle, criu, host, proc, protocol as p, streams
-from .runtimes import oci
+from . import runtimes
+from .runtimes import oci, podman
 from .errors import Phase
 
 DEFAULT_ROOT = "/var/lib/livemig"
@@ -132,6 +133,13 @@ class Agent:
         c = msg.container
         if c is None:
             return facts
+        if c.runtime == "podman":
+            info = await podman.facts()
+            image = await proc.run(["podman", "image", "exists", c.image], check=False) if info else None
+            return dataclasses.replace(facts, runtime_version=info.get("podman", ""),
+                                       container_exists=await podman.inspect(c.id) is not None,
+                                       image_present=bool(image and image.returncode == 0),
+                                       runtime_facts=info)
         if c.runtime not in oci.RUNTIMES:
             raise AgentFailure(Phase.PREFLIGHT, f"unknown runtime {c.runtime!r}")
         where = Path(c.bundle)
@@ -251,6 +259,16 @@ class Agent:
             done.set_result(None)
         return p.TreeReceived(msg.path, size)
 
+    async def on_LoadImage(self, msg: p.LoadImage) -> p.TreeReceived:
+        reader, _, done = await self.stream(msg.stream)
+        try:
+            size = await streams.receive_into(reader, ["podman", "load"])
+        except Exception as e:
+            raise AgentFailure(Phase.TRANSFER, f"podman load failed: {e}") from None
+        finally:
+            done.set_result(None)
+        return p.TreeReceived("", size)
+
     # --- restore, commit, rollback ---------------------------------------------------------
     async def on_Restore(self, msg: p.Restore) -> p.Restored:
         d = self._dir(msg.dir)
@@ -261,11 +279,15 @@ class Agent:
         pidfile = self.work / "restored.pid"
         c, lazy = msg.container, bool(msg.lazy_stream)
         if c is not None:
-            if c.runtime not in oci.RUNTIMES:
+            if c.runtime not in (*oci.RUNTIMES, "podman"):
                 raise AgentFailure(Phase.RESTORE, f"unknown runtime {c.runtime!r}")
-            if await oci.state(c.runtime, c.id) is not None:   # never touch a container of someone else's
+            exists = (await podman.inspect(c.id) if c.runtime == "podman" else await oci.state(c.runtime, c.id))
+            if exists is not None:   # never touch a container of someone else's
                 raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
-            argv = oci.restore(c.runtime, c.id, str(d), c.bundle, str(pidfile), lazy=lazy)
+            if c.runtime == "podman":
+                argv = podman.restore(str(d / podman.ARCHIVE), c.id)
+            else:
+                argv = oci.restore(c.runtime, c.id, str(d), c.bundle, str(pidfile), lazy=lazy)
             self.container = c
         else:
             argv = criu.restore(str(d), str(pidfile), lazy=lazy, opts=criu.Options())
@@ -274,9 +296,11 @@ class Agent:
         if c is not None and res.returncode == 0:
             # A runtime restores running: pause at once, so that the container runs only
             # after the source is gone, like a tree restored stopped.
-            paused = await proc.run([c.runtime, "pause", c.id], check=False)
+            paused = await proc.run(runtimes.control(c, "pause"), check=False)
             if paused.returncode != 0:
                 res = paused
+            if c.runtime == "podman" and (found := await podman.inspect(c.id)):
+                self.restored = int(found["State"]["Pid"])
         seconds = time.monotonic() - t0
         if pidfile.exists():
             self.restored = int(pidfile.read_text().strip())
@@ -321,7 +345,7 @@ class Agent:
             raise AgentFailure(Phase.COMMIT, "nothing was restored")
         pids = host.process_tree(self.restored)
         if self.container:
-            await proc.run([self.container.runtime, "resume", self.container.id], phase=Phase.COMMIT)
+            await proc.run(runtimes.control(self.container, "resume"), phase=Phase.COMMIT)
         else:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
@@ -341,7 +365,7 @@ class Agent:
         if self.container is not None and not self.resumed:
             c = self.container
             # delete --force thaws what it kills: a frozen task cannot die
-            await proc.run([c.runtime, "delete", "--force", c.id], check=False, timeout=60)
+            await proc.run(runtimes.control(c, "delete"), check=False, timeout=60)
             self.container = None
         if self.created_tree is not None and not self.resumed:
             shutil.rmtree(self.created_tree, ignore_errors=True)

@@ -8,11 +8,10 @@ links, sparse files); the bytes cross zstd-compressed on a data stream.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
-from . import proc, streams
+from . import streams
 from .errors import CommandFailed
 
 _TAR_OPTIONS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"]
@@ -46,37 +45,12 @@ async def send(root: Path, writer, level: int = 1, newer_than: float | None = No
     if newer_than is not None:
         # a second of slack: file times may be coarser than our clock
         argv += [f"--newer=@{int(newer_than) - 1}"]
-    tar = await proc.start([*argv, "."])
-    meter = streams.Meter()
-    out = streams._CompressedWriter(writer, meter, level)
-    try:
-        while data := await tar.stdout.read(streams.CHUNK):
-            await out.write(data)
-        await out.close()
-        err = await tar.stderr.read()
-        rc = await tar.wait()
-    finally:
-        await proc.kill(tar)
-    if rc != 0:
-        raise proc.failure(argv, rc, err)
-    return meter
+    return await streams.send_output([*argv, "."], writer, level)
 
 
 async def receive(reader, root: Path) -> int:
     """Extract the tar stream from reader into root; the raw bytes received."""
-    argv = ["tar", "-C", str(root), *_TAR_OPTIONS, "-xpf", "-"]
-    tar = await proc.start(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
-    meter = streams.Meter()
-    try:
-        await streams.receive_compressed(reader, tar.stdin, meter)
-        tar.stdin.close()
-        err = await tar.stderr.read()
-        rc = await tar.wait()
-    finally:
-        await proc.kill(tar)
-    if rc != 0:
-        raise proc.failure(argv, rc, err)
-    return meter.raw
+    return await streams.receive_into(reader, ["tar", "-C", str(root), *_TAR_OPTIONS, "-xpf", "-"])
 
 
 def remove_deleted(root: Path, deleted: list[str]) -> None:

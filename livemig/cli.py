@@ -11,7 +11,7 @@ from .errors import ExitCode, LivemigError
 from .options import Mode, Options
 
 EXAMPLES = """examples:
-  livemig move web1 host-b                       move the runc or crun container web1 to host-b
+  livemig move web1 host-b                       move the container web1 (podman, runc or crun) to host-b
   livemig move --pid 4242 host-b                 move process 4242 and its children to host-b
   livemig move --pid 4242 --mode stopcopy --json host-b
   livemig check host-b                           can host-b take workloads from here?
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the container's name or ID (unless --pid), then the target: an ssh host "
                          "name (your ~/.ssh/config applies)")
     mv.add_argument("--pid", type=int, help="move the process tree rooted at PID instead of a container")
-    mv.add_argument("--runtime", choices=["runc", "crun"],
+    mv.add_argument("--runtime", choices=["podman", "runc", "crun"],
                     help="the container's runtime (default: whichever knows the container)")
     mv.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.AUTO.value,
                     help="strategy (default auto: hybrid where the kernel tracks dirty pages, "

@@ -12,6 +12,7 @@ before that point resumes the source where it was, and the target forgets.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import shutil
@@ -23,6 +24,7 @@ from . import __version__, bundle, criu, host, policy, preflight, proc, protocol
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, RestoreError)
 from .options import Mode, Options
 from .report import Report, RoundReport
+from .runtimes import podman
 from .runtimes.process import criu_failure
 
 NOT_IMAGES = {"stats-dump", "parent"}
@@ -55,6 +57,7 @@ class Migration:
         self.bundle_listing: set[str] = set()
         self.bundle_marker: Path | None = None
         self.bundle_shared = False
+        self.remote_facts: p.HostFacts | None = None
         self.committed = False
 
     # --- the whole ---------------------------------------------------------------------------
@@ -87,6 +90,7 @@ class Migration:
     async def _phases(self) -> None:
         mode = await self.preflight()
         self.phase = Phase.PRECOPY
+        await self.precopy_image()
         await self.precopy_bundle()
         if mode in (Mode.PRECOPY, Mode.HYBRID):
             await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
@@ -138,6 +142,8 @@ class Migration:
         self.transport = await self._connect(self.target)
         await self._start_agent()
         local = await host.probe(pids, str(self.work))
+        if container is not None and container.runtime == "podman":
+            local = dataclasses.replace(local, runtime_facts=await podman.facts())
         marker = ""
         if container is not None:
             # Seen from the target, this file means the bundle is on storage both share.
@@ -151,6 +157,7 @@ class Migration:
             if self.bundle_marker:
                 self.bundle_marker.unlink(missing_ok=True)
         self.bundle_shared = remote.bundle == "shared"
+        self.remote_facts = remote
         return local, remote
 
     def _make_work_dir(self) -> None:
@@ -197,6 +204,23 @@ class Migration:
                                f"the target's CPU lacks features the workload may use: {result.message}")
 
     # --- pre-copy: files and pages go while the workload runs -----------------------------------
+    async def precopy_image(self) -> None:
+        """podman: the container's image, if the target lacks it, before anything stops."""
+        w = self.workload
+        if w.kind != "podman" or self.remote_facts.image_present:
+            return
+        tok = _token()
+        _, writer = await self._stream(tok)
+        sending = asyncio.create_task(w.send_image(writer, self.options.compression_level))
+        try:
+            await self.agent.request(p.LoadImage(stream=tok), p.TreeReceived)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        meter = await sending
+        self.report.image_bytes_wire = meter.wire
+        self.progress("image", image=w.image, raw=meter.raw, wire=meter.wire)
+
     async def precopy_bundle(self) -> None:
         """A container's bundle, unless the target shares it: all of it now, the rest frozen."""
         root = self.workload.bundle()

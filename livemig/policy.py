@@ -94,7 +94,13 @@ def choose_mode(requested: str, source_features: dict[str, bool],
     runtime names what checkpoints the workload: crun cannot serve pages lazily."""
     dirty = source_features.get("mem_dirty_track", False)
     uffd = source_features.get("uffd-noncoop", False) and target_features.get("uffd-noncoop", False)
-    lazy = uffd and runtime != "crun"
+    lazy = uffd and runtime not in ("crun", "podman")
+    if runtime == "podman":
+        # podman's pre-checkpoint keeps one level only, and its restore has no lazy pages
+        # through an archive: one checkpoint, exported and imported.
+        if requested not in ("auto", "stopcopy"):
+            raise ValueError(f"{requested} is not available for podman containers: stop-and-copy only")
+        return "stopcopy", "podman checkpoints a container in one piece (export, import)"
     if requested in ("precopy", "hybrid") and not dirty:
         raise ValueError(f"{requested} needs dirty-page tracking (soft-dirty), which this kernel lacks")
     if requested in ("postcopy", "hybrid") and runtime == "crun":

@@ -41,17 +41,7 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                           "the target's CRIU must be at least the source's"))
     rows.append(Check("architecture", remote.arch == local.arch, f"target {remote.arch}, source {local.arch}"))
     if container is not None:
-        rt = container.runtime
-        rows.append(Check(f"{rt} on target", bool(remote.runtime_version),
-                          f"{rt} {remote.runtime_version or 'not installed'}", f"install {rt} there"))
-        rows.append(Check("container name free on target", not remote.container_exists,
-                          f"{rt} there already has a container {container.id}" if remote.container_exists
-                          else f"no {container.id} there", "remove it there, or rename this one"))
-        rows.append(Check("bundle on target", remote.bundle in ("absent", "shared"),
-                          {"absent": f"{container.bundle} will be copied",
-                           "shared": f"{container.bundle} is shared storage: not copied"}.get(
-                              remote.bundle, f"{container.bundle} exists there and is not this one"),
-                          "remove it there (livemig copies the bundle), or share it"))
+        rows += _container_rows(local, remote, container)
     try:
         mode, why = policy.choose_mode(requested_mode, local.features, remote.features,
                                        container.runtime if container else "process")
@@ -75,3 +65,26 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                       f"{remote.mem_available >> 20} MiB available" +
                       (f", {need_bytes >> 20} MiB needed" if need_bytes else "")))
     return rows, mode, why
+
+
+def _container_rows(local: HostFacts, remote: HostFacts, c: Container) -> list[Check]:
+    rt = c.runtime
+    rows = [Check(f"{rt} on target", bool(remote.runtime_version),
+                  f"{rt} {remote.runtime_version or 'not installed'}", f"install {rt} there"),
+            Check("container name free on target", not remote.container_exists,
+                  f"{rt} there already has a container {c.id}" if remote.container_exists
+                  else f"no {c.id} there", "remove it there, or rename this one")]
+    if rt == "podman":
+        rows.append(Check("image on target", True, "present" if remote.image_present
+                          else f"{c.image[:12]} will be sent first (podman save / load)"))
+        for key, here in local.runtime_facts.items():
+            there = remote.runtime_facts.get(key, "")
+            rows.append(Check(f"same {key}", here == there, f"target {there or 'none'}, source {here or 'none'}",
+                              f"podman restores a checkpoint only where the {key} matches"))
+    else:
+        rows.append(Check("bundle on target", remote.bundle in ("absent", "shared"),
+                          {"absent": f"{c.bundle} will be copied",
+                           "shared": f"{c.bundle} is shared storage: not copied"}.get(
+                              remote.bundle, f"{c.bundle} exists there and is not this one"),
+                          "remove it there (livemig copies the bundle), or share it"))
+    return rows

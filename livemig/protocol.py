@@ -57,10 +57,12 @@ class Welcome:
 # --- preflight -------------------------------------------------------------------------------
 @part
 class Container:
-    """An OCI container: which runtime, its ID, and its bundle's path (the same on both hosts)."""
+    """A container: its runtime (runc, crun, podman), its name or ID, its OCI bundle's path
+    (the same on both hosts; "" for podman) and podman's image."""
     runtime: str
     id: str
     bundle: str
+    image: str = ""
 
 
 @message
@@ -83,6 +85,8 @@ class HostFacts:
     runtime_version: str = ""     # the container's runtime here ("" when not installed)
     container_exists: bool = False
     bundle: str = ""              # the bundle's path here: "absent", "shared" or "exists"
+    image_present: bool = False   # podman: the container's image is here
+    runtime_facts: dict[str, str] = field(default_factory=dict)   # podman: what must match
 
 
 @message
@@ -153,6 +157,12 @@ class ReceiveTree:
     path: str
     stream: str
     deleted: list[str] = field(default_factory=list)
+
+
+@message
+class LoadImage:
+    """podman: a `podman save` archive arrives on stream, for `podman load`."""
+    stream: str
 
 
 @message

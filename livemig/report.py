@@ -37,6 +37,7 @@ class Report:
     final_dump_frozen_seconds: float = 0.0
     image_files_bytes: int = 0    # images other than pages, sent after the dump
     bundle_bytes_wire: int = 0    # a container's bundle: pre-copy and changes, compressed
+    image_bytes_wire: int = 0     # podman: the container's image, sent when the target lacked it
     restore_seconds: float = 0.0
     downtime_seconds: float = 0.0  # source frozen -> target running
     total_seconds: float = 0.0
@@ -67,7 +68,9 @@ class Report:
                          f"{self.restore_seconds * 1000:.0f} ms), total {self.total_seconds:.2f} s; "
                          f"now PID {self.target_pid} on {self.target}"
                          + (f"; bundle {self.bundle_bytes_wire / 2**20:.1f} MiB on the wire"
-                            if self.bundle_bytes_wire else ""))
+                            if self.bundle_bytes_wire else "")
+                         + (f"; image {self.image_bytes_wire / 2**20:.1f} MiB on the wire"
+                            if self.image_bytes_wire else ""))
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         if self.error:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import zstandard
 
+from . import proc
+
 CHUNK = 1 << 20
 _NAME = struct.Struct(">H")
 _SIZE = struct.Struct(">Q")
@@ -174,3 +176,39 @@ async def receive_files(reader, directory: Path) -> tuple[int, int]:
                 left -= len(chunk)
         files += 1
         total += size
+
+
+# --- a program's output to the target, and into a program there ---------------------------------
+async def send_output(argv: list[str], writer, level: int = 1) -> Meter:
+    """What argv writes on stdout goes onto writer, compressed; argv must exit 0."""
+    child = await proc.start(argv)
+    meter = Meter()
+    out = _CompressedWriter(writer, meter, level)
+    try:
+        while data := await child.stdout.read(CHUNK):
+            await out.write(data)
+        await out.close()
+        err = await child.stderr.read()
+        rc = await child.wait()
+    finally:
+        await proc.kill(child)
+    if rc != 0:
+        raise proc.failure(argv, rc, err)
+    return meter
+
+
+async def receive_into(reader, argv: list[str]) -> int:
+    """The other side of send_output: argv reads the stream on stdin and must exit 0;
+    the raw bytes it was given."""
+    child = await proc.start(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
+    meter = Meter()
+    try:
+        await receive_compressed(reader, child.stdin, meter)
+        child.stdin.close()
+        err = await child.stderr.read()
+        rc = await child.wait()
+    finally:
+        await proc.kill(child)
+    if rc != 0:
+        raise proc.failure(argv, rc, err)
+    return meter.raw

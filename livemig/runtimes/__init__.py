@@ -88,10 +88,31 @@ class Workload:
         coordinator's page relay, which makes a running CRIU dump fail."""
         raise NotImplementedError
 
+    async def close(self) -> None:
+        pass
+
 
 async def resolve(what: str | int, runtime: str | None, criu_opts, work: Path) -> Workload:
-    """The workload the user named: a PID (process tree), or a container name or ID."""
-    from . import oci, process
+    """The workload the user named: a PID (process tree), or a container name or ID. podman
+    is asked first: its containers run under runc or crun too, but only podman knows them
+    by name, and only podman can bring them back registered."""
+    from . import oci, podman, process
     if isinstance(what, int):
         return process.ProcessTree(what, criu_opts, work)
+    if runtime in (None, "podman"):
+        found = await podman.find(what, criu_opts)
+        if found is not None or runtime == "podman":
+            if found is None:
+                from ..errors import PreflightError
+                raise PreflightError(f"no container {what!r} here under podman")
+            return found
     return await oci.find(what, runtime, criu_opts)
+
+
+def control(c: p.Container, action: str) -> list[str]:
+    """The command that pauses, resumes or deletes container c on this host."""
+    if c.runtime == "podman":
+        verb = {"pause": ["pause"], "resume": ["unpause"], "delete": ["rm", "--force"]}[action]
+    else:
+        verb = {"pause": ["pause"], "resume": ["resume"], "delete": ["delete", "--force"]}[action]
+    return [c.runtime, *verb, c.id]

@@ -92,7 +92,7 @@ async def find(name: str, runtime: str | None, opts: criu.Options) -> "OciContai
             found.append((rt, st))
     if not found:
         raise PreflightError(f"no container {name!r} here" + (f" under {runtime}" if runtime else
-                                                                  f" ({', '.join(RUNTIMES)} know none)"))
+                                                                  " (podman, runc and crun know none)"))
     if len(found) > 1:
         raise PreflightError(f"both {found[0][0]} and {found[1][0]} have a container {name!r}",
                              hint="say which with --runtime")

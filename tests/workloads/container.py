@@ -1,7 +1,9 @@
-"""A busybox container that counts in memory, for the lab: built and started on a lab host.
+"""Busybox containers that count in memory, for the lab: built and started on a lab host.
 
     python3 container.py start --runtime runc --name c1 --bundle /var/lib/ctr/c1
     python3 container.py count --bundle /var/lib/ctr/c1      # the last count it wrote
+    python3 container.py serve --name web1                   # podman: the seeds' counter server
+    python3 container.py ask --name web1                     # its next number
 
 The count lives in the shell's memory; the container writes it to /count in its
 root every 100 ms, so a restart from scratch shows as a count that went back.
@@ -16,6 +18,33 @@ import sys
 import time
 
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.1; done"
+# The seeds' counter web server, in busybox: each connection to port 8080 gets the next integer.
+SERVER = "i=0; while true; do i=$((i+1)); echo $i | nc -l -p 8080 >/dev/null; done"
+IMAGE = "localhost/livemig-busybox:1"
+PODMAN_ENV = {**os.environ, "PODMAN_IGNORE_CGROUPSV1_WARNING": "1"}
+
+
+def podman_image() -> None:
+    """A one-binary image from the host's busybox: the lab has no registry."""
+    if subprocess.run(["podman", "image", "exists", IMAGE], env=PODMAN_ENV).returncode == 0:
+        return
+    root = "/tmp/livemig-busybox-image"
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy("/usr/bin/busybox", os.path.join(root, "bin/busybox"))
+    for tool in ("sh", "sleep", "cat", "echo", "nc"):
+        os.symlink("busybox", os.path.join(root, "bin", tool))
+    tar = subprocess.Popen(["tar", "-C", root, "-cf", "-", "."], stdout=subprocess.PIPE)
+    subprocess.run(["podman", "import", "-", IMAGE], stdin=tar.stdout, env=PODMAN_ENV, check=True,
+                   stdout=subprocess.DEVNULL)
+    tar.wait()
+    shutil.rmtree(root)
+
+
+def ask(name: str) -> int:
+    out = subprocess.run(["podman", "exec", name, "nc", "-w", "5", "127.0.0.1", "8080"], env=PODMAN_ENV,
+                         stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=30)
+    return int(out.stdout.strip())
 
 
 def build(bundle: str, runtime: str) -> None:
@@ -49,11 +78,25 @@ def count(bundle: str) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("action", choices=["start", "count"])
+    ap.add_argument("action", choices=["start", "count", "serve", "ask"])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--name", default="c1")
-    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--bundle")
     a = ap.parse_args()
+    if a.action == "serve":
+        podman_image()
+        subprocess.run(["podman", "run", "--detach", "--name", a.name, IMAGE, "sh", "-c", SERVER],
+                       env=PODMAN_ENV, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        for _ in range(100):   # until it listens
+            try:
+                print(ask(a.name))
+                return 0
+            except (subprocess.CalledProcessError, ValueError):
+                time.sleep(0.1)
+        raise SystemExit("the counter server never answered")
+    if a.action == "ask":
+        print(ask(a.name))
+        return 0
     if a.action == "count":
         print(count(a.bundle))
         return 0
