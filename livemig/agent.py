@@ -12,6 +12,7 @@ never killed, the images are deleted, and a marker file says what was left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -110,14 +111,19 @@ class Agent:
         finally:
             writer.close()
 
+    @contextlib.asynccontextmanager
     async def stream(self, token: str):
+        """The data stream token, as (reader, writer), held open until the block ends."""
         fut = self.streams.setdefault(token, asyncio.get_running_loop().create_future())
         try:
             async with asyncio.timeout(STREAM_TIMEOUT):
                 reader, writer, done = await fut
         except TimeoutError:
             raise AgentFailure(Phase.TRANSFER, f"data stream {token} never arrived") from None
-        return reader, writer, done
+        try:
+            yield reader, writer
+        finally:
+            done.set_result(None)
 
     def _dir(self, name: str, create: bool = False) -> Path:
         d = self.work / checked_name(name, "image directory")
@@ -137,7 +143,7 @@ class Agent:
             info = await podman.facts()
             image = await proc.run(["podman", "image", "exists", c.image], check=False) if info else None
             return dataclasses.replace(facts, runtime_version=info.get("podman", ""),
-                                       container_exists=await podman.inspect(c.id) is not None,
+                                       container_exists=await runtimes.known(c),
                                        image_present=bool(image and image.returncode == 0),
                                        runtime_facts=info)
         if c.runtime not in oci.RUNTIMES:
@@ -150,16 +156,13 @@ class Agent:
         else:
             state = "exists"
         return dataclasses.replace(facts, runtime_version=await oci.version(c.runtime),
-                                   container_exists=await oci.state(c.runtime, c.id) is not None,
+                                   container_exists=await runtimes.known(c),
                                    bundle=state)
 
     async def on_CpuinfoCheck(self, msg: p.CpuinfoCheck) -> p.CpuinfoResult:
         d = self._dir("cpuinfo", create=True)
-        reader, _, done = await self.stream(msg.stream)
-        try:
+        async with self.stream(msg.stream) as (reader, _):
             await streams.receive_files(reader, d)
-        finally:
-            done.set_result(None)
         res = await proc.run(criu.cpuinfo_check(str(d)), check=False)
         if res.returncode == 0:
             return p.CpuinfoResult(True)
@@ -190,11 +193,8 @@ class Agent:
         """Join CRIU's end of a socketpair to data stream token until both sides close;
         then CRIU must exit 0, or its log explains why not."""
         try:
-            reader, writer, done = await self.stream(token)
-            try:
-                meters = await streams.relay(await streams.socket_streams(ours), (reader, writer))
-            finally:
-                done.set_result(None)
+            async with self.stream(token) as remote:
+                meters = await streams.relay(await streams.socket_streams(ours), remote)
             rc = await criu_proc.wait()
             if rc != 0:
                 raise AgentFailure(phase, f"{what} exited {rc}", "\n".join(criu.log_errors(_read(log))))
@@ -216,13 +216,11 @@ class Agent:
             d = self._dir(msg.dir, create=True)
             if msg.parent:
                 os.symlink(f"../{self._dir(msg.parent).name}", d / "parent")
-        reader, _, done = await self.stream(msg.stream)
-        try:
-            files, size = await streams.receive_files(reader, d)
-        except (ValueError, EOFError, FileExistsError) as e:
-            raise AgentFailure(Phase.TRANSFER, f"bad image stream: {e}") from None
-        finally:
-            done.set_result(None)
+        async with self.stream(msg.stream) as (reader, _):
+            try:
+                files, size = await streams.receive_files(reader, d)
+            except (ValueError, EOFError, FileExistsError) as e:
+                raise AgentFailure(Phase.TRANSFER, f"bad image stream: {e}") from None
         return p.FilesReceived(msg.dir, files, size)
 
     async def on_SendPagemaps(self, msg: p.SendPagemaps) -> p.FilesReceived:
@@ -230,11 +228,8 @@ class Agent:
         await self.page_servers[msg.dir]
         pagemaps = sorted(f.name for f in d.glob("pagemap-*.img"))
         pages = sorted(f.name for f in d.glob("pages-*.img"))
-        _, writer, done = await self.stream(msg.stream)
-        try:
+        async with self.stream(msg.stream) as (_, writer):
             meter = await streams.send_files(d, pagemaps + pages, writer, empty=frozenset(pages))
-        finally:
-            done.set_result(None)
         return p.FilesReceived(msg.dir, len(pagemaps) + len(pages), meter.raw)
 
     async def on_ReceiveTree(self, msg: p.ReceiveTree) -> p.TreeReceived:
@@ -249,24 +244,20 @@ class Agent:
         elif root != self.created_tree:
             raise AgentFailure(Phase.TRANSFER, f"refusing {msg.path}: this migration's bundle is "
                                                f"{self.created_tree}")
-        reader, _, done = await self.stream(msg.stream)
-        try:
-            size = await bundle.receive(reader, root)
-            bundle.remove_deleted(root, msg.deleted)
-        except Exception as e:
-            raise AgentFailure(Phase.TRANSFER, f"cannot unpack the bundle into {root}: {e}") from None
-        finally:
-            done.set_result(None)
+        async with self.stream(msg.stream) as (reader, _):
+            try:
+                size = await bundle.receive(reader, root)
+                bundle.remove_deleted(root, msg.deleted)
+            except Exception as e:
+                raise AgentFailure(Phase.TRANSFER, f"cannot unpack the bundle into {root}: {e}") from None
         return p.TreeReceived(msg.path, size)
 
     async def on_LoadImage(self, msg: p.LoadImage) -> p.TreeReceived:
-        reader, _, done = await self.stream(msg.stream)
-        try:
-            size = await streams.receive_into(reader, ["podman", "load"])
-        except Exception as e:
-            raise AgentFailure(Phase.TRANSFER, f"podman load failed: {e}") from None
-        finally:
-            done.set_result(None)
+        async with self.stream(msg.stream) as (reader, _):
+            try:
+                size = await streams.receive_into(reader, ["podman", "load"])
+            except Exception as e:
+                raise AgentFailure(Phase.TRANSFER, f"podman load failed: {e}") from None
         return p.TreeReceived("", size)
 
     # --- restore, commit, rollback ---------------------------------------------------------
@@ -279,15 +270,11 @@ class Agent:
         pidfile = self.work / "restored.pid"
         c, lazy = msg.container, bool(msg.lazy_stream)
         if c is not None:
-            if c.runtime not in (*oci.RUNTIMES, "podman"):
+            if c.runtime not in runtimes.CONTAINER_RUNTIMES:
                 raise AgentFailure(Phase.RESTORE, f"unknown runtime {c.runtime!r}")
-            exists = (await podman.inspect(c.id) if c.runtime == "podman" else await oci.state(c.runtime, c.id))
-            if exists is not None:   # never touch a container of someone else's
+            if await runtimes.known(c):   # never touch a container of someone else's
                 raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
-            if c.runtime == "podman":
-                argv = podman.restore(str(d / podman.ARCHIVE), c.id)
-            else:
-                argv = oci.restore(c.runtime, c.id, str(d), c.bundle, str(pidfile), lazy=lazy)
+            argv = runtimes.restore_command(c, d, pidfile, lazy)
             self.container = c
         else:
             argv = criu.restore(str(d), str(pidfile), lazy=lazy, opts=criu.Options())

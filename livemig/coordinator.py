@@ -55,8 +55,6 @@ class Migration:
         self.round_dirs: list[str] = []
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
         self.bundle_listing: set[str] = set()
-        self.bundle_marker: Path | None = None
-        self.bundle_shared = False
         self.remote_facts: p.HostFacts | None = None
         self.committed = False
 
@@ -144,19 +142,17 @@ class Migration:
         local = await host.probe(pids, str(self.work))
         if container is not None and container.runtime == "podman":
             local = dataclasses.replace(local, runtime_facts=await podman.facts())
-        marker = ""
-        if container is not None:
+        marker = None
+        if container is not None and container.bundle:
             # Seen from the target, this file means the bundle is on storage both share.
-            self.bundle_marker = Path(container.bundle) / f"livemig-{self.id}.probe"
-            self.bundle_marker.touch(mode=0o600)
-            marker = self.bundle_marker.name
+            marker = Path(container.bundle) / f"livemig-{self.id}.probe"
+            marker.touch(mode=0o600)
         try:
-            remote = await self.agent.request(p.Probe(pids=pids, container=container, bundle_marker=marker),
-                                              p.HostFacts)
+            remote = await self.agent.request(
+                p.Probe(pids=pids, container=container, bundle_marker=marker.name if marker else ""), p.HostFacts)
         finally:
-            if self.bundle_marker:
-                self.bundle_marker.unlink(missing_ok=True)
-        self.bundle_shared = remote.bundle == "shared"
+            if marker:
+                marker.unlink(missing_ok=True)
         self.remote_facts = remote
         return local, remote
 
@@ -195,36 +191,28 @@ class Migration:
         d = self.work / "cpuinfo"
         d.mkdir(mode=0o700)
         await proc.run(criu.cpuinfo_dump(str(d)), phase=Phase.PREFLIGHT)
-        tok = _token()
-        sending = asyncio.create_task(self._send_files(tok, d, ["cpuinfo.img"]))
-        result = await self.agent.request(p.CpuinfoCheck(stream=tok), p.CpuinfoResult)
-        await sending
+        level = self.options.compression_level
+        result, _ = await self._push(lambda w: streams.send_files(d, ["cpuinfo.img"], w, level),
+                                     lambda tok: p.CpuinfoCheck(stream=tok), p.CpuinfoResult)
         return preflight.Check("CPU features", result.ok,
                                "the target's CPU has every feature of this one" if result.ok else
                                f"the target's CPU lacks features the workload may use: {result.message}")
 
     # --- pre-copy: files and pages go while the workload runs -----------------------------------
     async def precopy_image(self) -> None:
-        """podman: the container's image, if the target lacks it, before anything stops."""
+        """A container's image (podman's), if the target lacks it, before anything stops."""
         w = self.workload
-        if w.kind != "podman" or self.remote_facts.image_present:
+        if w.image is None or self.remote_facts.image_present:
             return
-        tok = _token()
-        _, writer = await self._stream(tok)
-        sending = asyncio.create_task(w.send_image(writer, self.options.compression_level))
-        try:
-            await self.agent.request(p.LoadImage(stream=tok), p.TreeReceived)
-        finally:
-            if not sending.done():
-                sending.cancel()
-        meter = await sending
+        _, meter = await self._push(lambda wr: w.send_image(wr, self.options.compression_level),
+                                    lambda tok: p.LoadImage(stream=tok), p.TreeReceived)
         self.report.image_bytes_wire = meter.wire
         self.progress("image", image=w.image, raw=meter.raw, wire=meter.wire)
 
     async def precopy_bundle(self) -> None:
         """A container's bundle, unless the target shares it: all of it now, the rest frozen."""
         root = self.workload.bundle()
-        if root is None or self.bundle_shared:
+        if root is None or self.remote_facts.bundle == "shared":
             return
         self.bundle_copied_at = time.time()
         self.bundle_listing = bundle.listing(root)
@@ -233,15 +221,10 @@ class Migration:
         self.progress("bundle", path=str(root), raw=meter.raw, wire=meter.wire)
 
     async def _send_tree(self, root: Path, newer_than: float | None, deleted: list[str]) -> streams.Meter:
-        tok = _token()
-        _, writer = await self._stream(tok)
-        sending = asyncio.create_task(bundle.send(root, writer, self.options.compression_level, newer_than))
-        try:
-            await self.agent.request(p.ReceiveTree(path=str(root), stream=tok, deleted=deleted), p.TreeReceived)
-        finally:
-            if not sending.done():
-                sending.cancel()
-        return await sending
+        _, meter = await self._push(
+            lambda w: bundle.send(root, w, self.options.compression_level, newer_than),
+            lambda tok: p.ReceiveTree(path=str(root), stream=tok, deleted=deleted), p.TreeReceived)
+        return meter
 
     async def precopy_rounds(self, lazy_final: bool) -> None:
         w = self.workload
@@ -281,7 +264,7 @@ class Migration:
                                                   sent.wire, st.frozen_time, seconds))
             stats.append(policy.RoundStats(st.pages_written, sent.wire, seconds))
             decision = policy.decide(stats, limits)
-            self.progress("round", n=n, pages=st.pages_written, wire=relayed.sent.wire,
+            self.progress("round", n=n, pages=st.pages_written, wire=sent.wire,
                           seconds=seconds, expected_downtime=decision.expected_downtime)
             if decision.stop:
                 self.report.precopy_stop_reason = decision.reason.value
@@ -351,26 +334,19 @@ class Migration:
         names = sorted(f.name for f in local.iterdir()
                        if f.is_file() and not f.is_symlink() and not f.name.endswith(".log")
                        and f.name not in NOT_IMAGES)
-        tok = _token()
-        sending = asyncio.create_task(self._send_files(tok, local, names))
-        try:
-            await self.agent.request(p.ReceiveFiles(dir=name, stream=tok, parent=parent), p.FilesReceived)
-        finally:
-            if not sending.done():
-                sending.cancel()
-        return await sending
+        _, meter = await self._push(
+            lambda w: streams.send_files(local, names, w, self.options.compression_level),
+            lambda tok: p.ReceiveFiles(dir=name, stream=tok, parent=parent), p.FilesReceived)
+        return meter
 
     # --- restore: the target brings the tree back, stopped ---------------------------------------
     async def restore(self, lazy: bool) -> None:
         if lazy:
             self.relay = asyncio.create_task(self._relay(await self.dump.lazy_pages(), self.lazy_token))
         self.progress("restore")
-        try:
-            restored = await self.agent.request(
-                p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
-                          container=self.workload.target_spec()), p.Restored)
-        except p.RemoteFailure as e:
-            raise RestoreError(e.failed.message, host=self.target, detail=e.failed.detail) from None
+        restored = await self.agent.request(
+            p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
+                      container=self.workload.target_spec()), p.Restored)
         self.report.target_pid, self.report.restore_seconds = restored.pid, restored.restore_seconds
 
     # --- commit: the one place where the source is given up ---------------------------------
@@ -461,9 +437,18 @@ class Migration:
         return await streams.relay(await streams.socket_streams(sock), await self._stream(tok),
                                    self.options.compression_level)
 
-    async def _send_files(self, tok: str, directory: Path, names: list[str]) -> streams.Meter:
+    async def _push(self, send, request, reply_type):
+        """send(writer) streams to the agent while it handles request(token), which names
+        that stream: (the agent's reply, what was sent). A refused request stops the sending."""
+        tok = _token()
         _, writer = await self._stream(tok)
-        return await streams.send_files(directory, names, writer, self.options.compression_level)
+        sending = asyncio.create_task(send(writer))
+        try:
+            reply = await self.agent.request(request(tok), reply_type)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        return reply, await sending
 
 
 def _remote_error(e: p.RemoteFailure, phase: str, target: str) -> LivemigError:

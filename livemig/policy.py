@@ -94,7 +94,7 @@ def choose_mode(requested: str, source_features: dict[str, bool],
     runtime names what checkpoints the workload: crun cannot serve pages lazily."""
     dirty = source_features.get("mem_dirty_track", False)
     uffd = source_features.get("uffd-noncoop", False) and target_features.get("uffd-noncoop", False)
-    lazy = uffd and runtime not in ("crun", "podman")
+    lazy = uffd and runtime != "crun"
     if runtime == "podman":
         # podman's pre-checkpoint keeps one level only, and its restore has no lazy pages
         # through an archive: one checkpoint, exported and imported.

@@ -188,12 +188,9 @@ async def send_output(argv: list[str], writer, level: int = 1) -> Meter:
         while data := await child.stdout.read(CHUNK):
             await out.write(data)
         await out.close()
-        err = await child.stderr.read()
-        rc = await child.wait()
+        await _exited_ok(child, argv)
     finally:
         await proc.kill(child)
-    if rc != 0:
-        raise proc.failure(argv, rc, err)
     return meter
 
 
@@ -205,10 +202,14 @@ async def receive_into(reader, argv: list[str]) -> int:
     try:
         await receive_compressed(reader, child.stdin, meter)
         child.stdin.close()
-        err = await child.stderr.read()
-        rc = await child.wait()
+        await _exited_ok(child, argv)
     finally:
         await proc.kill(child)
+    return meter.raw
+
+
+async def _exited_ok(child, argv: list[str]) -> None:
+    err = await child.stderr.read()
+    rc = await child.wait()
     if rc != 0:
         raise proc.failure(argv, rc, err)
-    return meter.raw

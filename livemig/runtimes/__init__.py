@@ -45,11 +45,11 @@ class Workload:
     """The interface every kind of workload implements (see process.py, oci.py)."""
     kind = ""                 # "process", "runc", "crun": in the report
     streams_pages = True      # pages go to the target's page server as CRIU writes them
-    lazy_capable = True       # can serve pages after the restore (post-copy)
-    precopy_capable = True    # can pre-dump while running (the kernel must still track dirty pages)
+                              # (which strategies each runtime can run: policy.choose_mode)
 
     root_pid: int
     name: str                 # what the user called it: a PID or a container name
+    image: str | None = None  # a container image the target must have too (podman's)
 
     def pids(self) -> list[int]:
         raise NotImplementedError
@@ -107,6 +107,25 @@ async def resolve(what: str | int, runtime: str | None, criu_opts, work: Path) -
                 raise PreflightError(f"no container {what!r} here under podman")
             return found
     return await oci.find(what, runtime, criu_opts)
+
+
+CONTAINER_RUNTIMES = ("podman", "runc", "crun")
+
+
+async def known(c: p.Container) -> bool:
+    """Does this host's runtime have a container by c's name?"""
+    from . import oci, podman
+    if c.runtime == "podman":
+        return await podman.inspect(c.id) is not None
+    return await oci.state(c.runtime, c.id) is not None
+
+
+def restore_command(c: p.Container, images: Path, pidfile: Path, lazy: bool) -> list[str]:
+    """How this host's runtime restores c from image directory images."""
+    from . import oci, podman
+    if c.runtime == "podman":
+        return podman.restore(str(images / podman.ARCHIVE), c.id)
+    return oci.restore(c.runtime, c.id, str(images), c.bundle, str(pidfile), lazy=lazy)
 
 
 def control(c: p.Container, action: str) -> list[str]:

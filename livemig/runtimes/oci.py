@@ -107,7 +107,7 @@ class OciContainer(Workload):
     def __init__(self, runtime: str, container: str, pid: int, bundle: Path, opts: criu.Options):
         self.kind, self.container, self.root_pid, self._bundle, self.opts = runtime, container, pid, bundle, opts
         self.name = container
-        self.streams_pages = self.lazy_capable = runtime == "runc"
+        self.streams_pages = runtime == "runc"
         self.paused = False
         self.run: DumpRun | None = None
 
@@ -153,9 +153,8 @@ class OciContainer(Workload):
                               lazy=lazy, status_fd=pass_fds[0] if lazy else None, opts=self.opts)
             dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=pass_fds)
         except BaseException:
-            for s in (listener,):
-                if s:
-                    s.close()
+            if listener:
+                listener.close()
             if status_r is not None:
                 os.close(status_r)
             raise

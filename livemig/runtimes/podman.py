@@ -63,7 +63,7 @@ def restore(archive: str, name: str) -> list[str]:
 
 class PodmanContainer(Workload):
     kind = "podman"
-    streams_pages = lazy_capable = precopy_capable = False
+    streams_pages = False
 
     def __init__(self, found: dict, opts: criu.Options):
         self.container = found["Name"]
@@ -117,9 +117,6 @@ class PodmanContainer(Workload):
         if found and not found["State"].get("Running"):
             await proc.run(["podman", "container", "restore", self.container], phase=Phase.ROLLBACK)
         self.checkpointed = False
-
-    async def close(self) -> None:
-        pass
 
 
 async def find(name: str, opts: criu.Options) -> PodmanContainer | None:
