@@ -53,11 +53,12 @@ class Agent:
         self.streams: dict[str, asyncio.Future] = {}
         self.page_servers: dict[str, asyncio.Task] = {}
         self.lazy: asyncio.Task | None = None
-        self.restored: int | None = None
-        self.container: p.Container | None = None   # restored through its runtime
+        self.restored: list[int] = []               # the root PIDs of what was restored here
+        self.containers: list[p.Container] = []     # restored through their runtime (a clone: several)
         self.created_tree: Path | None = None       # a bundle this migration brought here
         self.resumed = False
         self.finished = False
+        self.holds_workload = False   # something restored here may be the only copy left
 
     # --- the loop --------------------------------------------------------------------------
     async def serve(self) -> int:
@@ -139,11 +140,13 @@ class Agent:
         c = msg.container
         if c is None:
             return facts
+        names = [checked_name(n, "container name") for n in [c.id, *msg.names]]   # for the runtime's argv
+        taken = [n for n in names if await runtimes.known(dataclasses.replace(c, id=n))]
         if c.runtime == "podman":
             info = await podman.facts()
             image = await proc.run(["podman", "image", "exists", c.image], check=False) if info else None
             return dataclasses.replace(facts, runtime_version=info.get("podman", ""),
-                                       container_exists=await runtimes.known(c),
+                                       container_exists=c.id in taken, names_taken=taken,
                                        image_present=bool(image and image.returncode == 0),
                                        runtime_facts=info)
         if c.runtime not in oci.RUNTIMES:
@@ -156,7 +159,7 @@ class Agent:
         else:
             state = "exists"
         return dataclasses.replace(facts, runtime_version=await oci.version(c.runtime),
-                                   container_exists=await runtimes.known(c),
+                                   container_exists=c.id in taken, names_taken=taken,
                                    bundle=state)
 
     async def on_CpuinfoCheck(self, msg: p.CpuinfoCheck) -> p.CpuinfoResult:
@@ -267,19 +270,21 @@ class Agent:
             await task   # every page is stored before CRIU reads them
         if msg.lazy_stream:
             await self._start_lazy_pages(d, msg.lazy_stream)
-        pidfile = self.work / "restored.pid"
+        pidfile = self.work / f"restored-{len(self.restored)}.pid"
+        self.holds_workload |= not msg.replica
         c, lazy = msg.container, bool(msg.lazy_stream)
         if c is not None:
             if c.runtime not in runtimes.CONTAINER_RUNTIMES:
                 raise AgentFailure(Phase.RESTORE, f"unknown runtime {c.runtime!r}")
+            checked_name(c.id, "container name")
             if await runtimes.known(c):   # never touch a container of someone else's
                 raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
             argv = runtimes.restore_command(c, d, pidfile, lazy)
-            self.container = c
+            self.containers.append(c)
         else:
             argv = criu.restore(str(d), str(pidfile), lazy=lazy, opts=criu.Options())
         t0 = time.monotonic()
-        res = await proc.run(argv, check=False)
+        res = await proc.run(argv, check=False, leaves_daemon=c is not None)   # podman leaves conmon
         if c is not None and res.returncode == 0:
             # A runtime restores running: pause at once, so that the container runs only
             # after the source is gone, like a tree restored stopped.
@@ -287,18 +292,18 @@ class Agent:
             if paused.returncode != 0:
                 res = paused
             if c.runtime == "podman" and (found := await podman.inspect(c.id)):
-                self.restored = int(found["State"]["Pid"])
+                self.restored.append(int(found["State"]["Pid"]))
         seconds = time.monotonic() - t0
         if pidfile.exists():
-            self.restored = int(pidfile.read_text().strip())
+            self.restored.append(int(pidfile.read_text().strip()))
         if res.returncode != 0:
             await self._kill_restored()
             errors = criu.log_errors(_read(d / "restore.log"))
             what = " ".join(argv[:2])
             raise AgentFailure(Phase.RESTORE, errors[0] if errors else
-                               f"{what} exited {res.returncode}: {res.stderr.decode(errors='replace').strip()}",
+                               f"{what} exited {res.returncode}: {proc.why(res.stderr)}",
                                "\n".join(errors))
-        return p.Restored(self.restored or 0, seconds)
+        return p.Restored(self.restored[-1] if self.restored else 0, seconds)
 
     async def _start_lazy_pages(self, d: Path, token: str) -> None:
         ours, theirs = socket.socketpair()
@@ -328,11 +333,12 @@ class Agent:
         return await self.lazy
 
     async def on_Resume(self, msg: p.Resume) -> p.Resumed:
-        if self.restored is None:
+        if not self.restored:
             raise AgentFailure(Phase.COMMIT, "nothing was restored")
-        pids = host.process_tree(self.restored)
-        if self.container:
-            await proc.run(runtimes.control(self.container, "resume"), phase=Phase.COMMIT)
+        pids = [pid for root in self.restored for pid in host.process_tree(root)]
+        if self.containers:
+            for c in self.containers:
+                await proc.run(runtimes.control(c, "resume"), phase=Phase.COMMIT)
         else:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
@@ -349,24 +355,21 @@ class Agent:
 
     async def _kill_restored(self) -> None:
         """Undo the restore: what this migration brought here goes, unless it already runs."""
-        if self.container is not None and not self.resumed:
-            c = self.container
+        while self.containers and not self.resumed:
             # delete --force thaws what it kills: a frozen task cannot die
-            await proc.run(runtimes.control(c, "delete"), check=False, timeout=60)
-            self.container = None
+            await proc.run(runtimes.control(self.containers.pop(), "delete"), check=False, timeout=60)
         if self.created_tree is not None and not self.resumed:
             shutil.rmtree(self.created_tree, ignore_errors=True)
             self.created_tree = None
-        if self.restored is not None and not self.resumed:
-            for pid in reversed(host.process_tree(self.restored)):
+        while self.restored and not self.resumed:
+            for pid in reversed(host.process_tree(self.restored.pop())):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            self.restored = None
 
     async def _cleanup(self) -> None:
-        orphan = self.restored is not None and not self.resumed and not self.finished
+        orphan = bool(self.restored) and self.holds_workload and not self.resumed and not self.finished
         if orphan:
             # The coordinator vanished between our restore and its Resume: it may have
             # committed (the source is dead) or not (the source runs again). We cannot
@@ -387,14 +390,19 @@ class Agent:
         if self.work and not orphan:
             shutil.rmtree(self.work, ignore_errors=True)
 
+    def _what_restored(self) -> str:
+        if self.containers:
+            return ", ".join(f"{c.runtime} container {c.id}" for c in self.containers)
+        return "tree " + ", ".join(map(str, self.restored))
+
     def _leave_orphan(self) -> None:
         for d in self.work.iterdir():   # the memory images go, whatever happens
             if d.is_dir():
                 shutil.rmtree(d, ignore_errors=True)
         (self.work / "ORPHANED").write_text(
-            f"restored tree {self.restored} left stopped: the coordinator vanished before "
+            f"restored {self._what_restored()} left stopped: the coordinator vanished before "
             f"telling whether the source is gone\n")
-        print(f"livemig agent: the coordinator vanished; restored tree {self.restored} left "
+        print(f"livemig agent: the coordinator vanished; restored {self._what_restored()} left "
               f"stopped (see {self.work}/ORPHANED)", file=sys.stderr)
 
 

@@ -14,7 +14,14 @@ EXAMPLES = """examples:
   livemig move web1 host-b                       move the container web1 (podman, runc or crun) to host-b
   livemig move --pid 4242 host-b                 move process 4242 and its children to host-b
   livemig move --pid 4242 --mode stopcopy --json host-b
+  livemig move web1 host-b --name web1-b         move it, named web1-b there
+  livemig clone web1 host-b host-c --count 2     two running replicas of web1 on each host (podman)
   livemig check host-b                           can host-b take workloads from here?
+"""
+CLONE_EXAMPLES = """examples:
+  livemig clone web1 host-b                      a replica named web1-clone on host-b
+  livemig clone web1 host-b --count 3            web1-clone-1, -2 and -3 on host-b
+  livemig clone web1 host-b host-c --keep-name   a replica named web1 on host-b and one on host-c
 """
 
 
@@ -45,7 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--shell-job", action="store_true", help="the tree was started from a terminal")
     mv.add_argument("--image-root", default="/var/lib/livemig",
                     help="where private image directories go, on both hosts (default /var/lib/livemig)")
+    mv.add_argument("--name", help="the container's name on the target (default: the same name)")
+    mv.add_argument("--force", action="store_true",
+                    help="go on past must-match mismatches (podman version, network stack, kernel...) "
+                         "that can only make the restore fail, which rolls back")
     mv.add_argument("--json", action="store_true", help="print only the report, as JSON")
+
+    cl = sub.add_parser("clone", help="start running replicas of a podman container on other hosts",
+                        usage="livemig clone [options] CTR HOST [HOST...]",
+                        description="Checkpoint a running podman container once, leaving it running, and "
+                                    "restore replicas of it (same memory, same state) on each HOST. All or "
+                                    "nothing: if one replica fails, none is left.",
+                        epilog=CLONE_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cl.add_argument("container", metavar="CTR", help="the running podman container's name or ID")
+    cl.add_argument("hosts", nargs="+", metavar="HOST", help="where replicas go: ssh host names")
+    cl.add_argument("--name", help="the replicas' name (default CTR-clone); with --count, NAME-1..NAME-N")
+    cl.add_argument("--count", type=int, default=1, help="replicas on each host (default 1)")
+    cl.add_argument("--keep-name", action="store_true", help="one replica per host, under CTR's own name")
+    cl.add_argument("--runtime", choices=["podman"], help="the container's runtime (only podman clones)")
+    cl.add_argument("--compression-level", type=int, default=1, help="zstd level on the wire (default 1)")
+    cl.add_argument("--force", action="store_true", help="go on past must-match mismatches, as for move")
+    cl.add_argument("--image-root", default="/var/lib/livemig")
+    cl.add_argument("--json", action="store_true", help="print only the report, as JSON")
 
     ck = sub.add_parser("check", help="run the preflight checks against a host, touching nothing",
                         epilog="example:\n  livemig check host-b", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(agent.main(args.image_root))
     if args.command == "check":
         return _check(args)
+    if args.command == "clone":
+        return _clone(args)
     return _move(args)
 
 
@@ -106,10 +137,27 @@ def _move(args) -> int:
     options = Options(
         mode=Mode(args.mode), max_downtime=args.max_downtime, max_rounds=args.max_rounds,
         compression_level=args.compression_level, image_root=args.image_root, runtime=args.runtime,
+        name=args.name, force=args.force,
         criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
     progress = None if args.json else _print_progress
+    return _report(args, lambda: migrate(what, host, options, progress=progress),
+                   "rolled back, the workload runs on the source")
+
+
+def _clone(args) -> int:
+    from .clone import clone
+    options = Options(compression_level=args.compression_level, image_root=args.image_root,
+                      runtime=args.runtime, force=args.force)
+    progress = None if args.json else _print_progress
+    return _report(args, lambda: clone(args.container, args.hosts, options, name=args.name, count=args.count,
+                                       keep_name=args.keep_name, progress=progress),
+                   "no replica is left; the original runs on")
+
+
+def _report(args, call, interrupted: str) -> int:
+    """Run call() (a migration or a clone) and print its report or its error."""
     try:
-        report = _run(migrate(what, host, options, progress=progress))
+        report = _run(call())
     except LivemigError as e:
         print(f"livemig: {e}", file=sys.stderr)
         if args.json and e.report is not None:
@@ -119,7 +167,7 @@ def _move(args) -> int:
                 print(f"  {line}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("livemig: interrupted: rolled back, the workload runs on the source", file=sys.stderr)
+        print(f"livemig: interrupted: {interrupted}", file=sys.stderr)
         return ExitCode.INTERRUPTED
     print(report.to_json() if args.json else report.summary())
     return ExitCode.MOVED
@@ -140,5 +188,7 @@ def _print_progress(event: str, **kw) -> None:
         print(f"round {kw['n']}: {kw['pages']} pages, {kw['wire'] / 2**20:.1f} MiB sent in "
               f"{kw['seconds']:.2f} s; downtime now would be {kw['expected_downtime'] * 1000:.0f} ms",
               file=sys.stderr)
+    elif event == "checkpoint":
+        print("checkpoint (the original runs on)...", file=sys.stderr)
     elif event in ("dump", "restore"):
         print(f"{'final dump' if event == 'dump' else 'restoring on the target'}...", file=sys.stderr)

@@ -20,35 +20,26 @@ import socket
 import time
 from pathlib import Path
 
-from . import __version__, bundle, criu, host, policy, preflight, proc, protocol as p, runtimes, streams
-from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, RestoreError)
+from . import bundle, criu, host, policy, preflight, proc, protocol as p, runtimes, streams
+from .errors import ConnectionFailed, DumpError, Phase, PreflightError, UsageError, record_failure
 from .options import Mode, Options
 from .report import Report, RoundReport
 from .runtimes import podman
 from .runtimes.process import criu_failure
-
-NOT_IMAGES = {"stats-dump", "parent"}
-
-
-def _token() -> str:
-    return secrets.token_hex(8)
-
+from .session import TargetSession, remote_error, ssh_connector, token
 
 class Migration:
     def __init__(self, what: int | str, target: str, options: Options, transport_factory, progress=None):
         """what: a PID (a process tree) or a container's name or ID."""
         self.what, self.target, self.options = what, target, options
         self.phase = Phase.PREFLIGHT     # the phase under way: what an error names
-        self._connect = transport_factory
         self.progress = progress or (lambda event, **kw: None)
         self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
         self.report = Report(pid=what if isinstance(what, int) else 0, source=socket.gethostname(), target=target)
-        self.transport = None
-        self.agent: p.Channel | None = None
-        self.agent_proc = None
-        self.welcome: p.Welcome | None = None
+        self.to = TargetSession(target, transport_factory, options, self.id)
         self.work = Path(options.image_root) / f"{self.id}-source"
         self.workload: runtimes.Workload | None = None
+        self.spec: p.Container | None = None     # the container as the target will know it
         self.dump: runtimes.DumpRun | None = None
         self.relay: asyncio.Task | None = None
         self.lazy_token = ""
@@ -66,16 +57,11 @@ class Migration:
             try:
                 await self._phases()
             except p.RemoteFailure as e:
-                raise _remote_error(e, self.phase, self.target) from None
+                raise remote_error(e, self.phase, self.target) from None
             self.report.outcome = "moved"
             return self.report
         except BaseException as e:
-            self.report.failed_phase = self.phase
-            self.report.error = str(e) if isinstance(e, LivemigError) else (
-                "interrupted" if isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)) else repr(e))
-            if isinstance(e, LivemigError):
-                e.phase = e.phase or self.phase
-                e.report = self.report
+            record_failure(e, self.phase, self.report)
             if not self.committed:
                 await asyncio.shield(self.rollback())
                 # "failed": stopped before the source was touched; "rolled back": it was, and resumed
@@ -110,11 +96,12 @@ class Migration:
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.pid = w.root_pid
         pids = w.pids()
-        local, remote = await self._probe_both(pids if w.kind == "process" else [], w.target_spec())
+        self.spec = target_spec(w, self.options.name)
+        local, remote = await self._probe_both(pids if w.kind == "process" else [], self.spec)
         rows, mode, why = preflight.compare(local, remote, self.options.mode.value, pids=pids,
-                                            need_bytes=host.resident_bytes(pids), container=w.target_spec())
-        self._raise_first_failure(rows)
-        self._raise_first_failure([await self._check_cpu()])
+                                            need_bytes=host.resident_bytes(pids), container=self.spec)
+        self.report.warnings += preflight.enforce(rows, self.target, self.options.force)
+        preflight.enforce([await self._check_cpu()], self.target)
         self.report.mode, self.report.mode_reason = mode, why
         if mode in (Mode.PRECOPY.value, Mode.HYBRID.value) and host.huge_pages_in_use(pids):
             self.report.warnings.append("the workload's memory uses transparent huge pages: pre-copy "
@@ -137,8 +124,7 @@ class Migration:
                           ) -> tuple[p.HostFacts, p.HostFacts]:
         self._make_work_dir()
         self.progress("connect", host=self.target)
-        self.transport = await self._connect(self.target)
-        await self._start_agent()
+        await self.to.open()
         local = await host.probe(pids, str(self.work))
         if container is not None and container.runtime == "podman":
             local = dataclasses.replace(local, runtime_facts=await podman.facts())
@@ -148,7 +134,7 @@ class Migration:
             marker = Path(container.bundle) / f"livemig-{self.id}.probe"
             marker.touch(mode=0o600)
         try:
-            remote = await self.agent.request(
+            remote = await self.to.request(
                 p.Probe(pids=pids, container=container, bundle_marker=marker.name if marker else ""), p.HostFacts)
         finally:
             if marker:
@@ -162,41 +148,8 @@ class Migration:
         if not self.work.exists():
             self.work.mkdir(mode=0o700)
 
-    def _raise_first_failure(self, rows: list[preflight.Check]) -> None:
-        for row in rows:
-            if not row.ok:
-                raise PreflightError(row.detail, host=self.target if row.on_target else None,
-                                     hint=row.hint or None)
-
-    async def _start_agent(self) -> None:
-        argv = [*self.options.agent_command, "agent", "--image-root", self.options.image_root]
-        self.agent_proc = await self.transport.start(argv)
-        self.agent = p.Channel(self.agent_proc.reader, self.agent_proc.writer)
-        try:
-            await p.write_message(self.agent_proc.writer, p.Hello(p.PROTOCOL_VERSION, __version__, self.id))
-            welcome = await p.read_message(self.agent_proc.reader)
-        except (EOFError, ConnectionError, p.ProtocolError):
-            done = await self.agent_proc.wait()
-            err = done.stderr.decode(errors="replace").strip().splitlines()
-            why = err[-1] if err else f"exit status {done.returncode}"
-            raise PreflightError(f"cannot start the livemig agent: {why}", host=self.target,
-                                 hint="is livemig installed there, and CRIU?") from None
-        if isinstance(welcome, p.Failed):
-            raise PreflightError(welcome.message, host=self.target)
-        self.welcome = welcome
-
     async def _check_cpu(self) -> preflight.Check:
-        """CRIU's cpuinfo check: the restore that "works", then dies of SIGILL on a CPU with
-        fewer features, is the migration failure users report most."""
-        d = self.work / "cpuinfo"
-        d.mkdir(mode=0o700)
-        await proc.run(criu.cpuinfo_dump(str(d)), phase=Phase.PREFLIGHT)
-        level = self.options.compression_level
-        result, _ = await self._push(lambda w: streams.send_files(d, ["cpuinfo.img"], w, level),
-                                     lambda tok: p.CpuinfoCheck(stream=tok), p.CpuinfoResult)
-        return preflight.Check("CPU features", result.ok,
-                               "the target's CPU has every feature of this one" if result.ok else
-                               f"the target's CPU lacks features the workload may use: {result.message}")
+        return await self.to.check_cpu(await local_cpuinfo(self.work))
 
     # --- pre-copy: files and pages go while the workload runs -----------------------------------
     async def precopy_image(self) -> None:
@@ -204,8 +157,7 @@ class Migration:
         w = self.workload
         if w.image is None or self.remote_facts.image_present:
             return
-        _, meter = await self._push(lambda wr: w.send_image(wr, self.options.compression_level),
-                                    lambda tok: p.LoadImage(stream=tok), p.TreeReceived)
+        meter = await self.to.load_image(w)
         self.report.image_bytes_wire = meter.wire
         self.progress("image", image=w.image, raw=meter.raw, wire=meter.wire)
 
@@ -221,14 +173,15 @@ class Migration:
         self.progress("bundle", path=str(root), raw=meter.raw, wire=meter.wire)
 
     async def _send_tree(self, root: Path, newer_than: float | None, deleted: list[str]) -> streams.Meter:
-        _, meter = await self._push(
+        _, meter = await self.to.push(
             lambda w: bundle.send(root, w, self.options.compression_level, newer_than),
             lambda tok: p.ReceiveTree(path=str(root), stream=tok, deleted=deleted), p.TreeReceived)
         return meter
 
     async def precopy_rounds(self, lazy_final: bool) -> None:
         w = self.workload
-        limits = policy.Limits(max_downtime=self.options.max_downtime, max_rounds=self.options.max_rounds,
+        limits = policy.Limits(max_downtime=self.options.max_downtime,
+                               max_rounds=min(self.options.max_rounds, w.max_rounds or self.options.max_rounds),
                                thp_always=host.huge_pages_in_use(w.pids()))
         stats: list[policy.RoundStats] = []
         while True:
@@ -236,29 +189,30 @@ class Migration:
             name, parent = f"pre-{n}", (self.round_dirs[-1] if self.round_dirs else None)
             local = self.work / name
             local.mkdir(mode=0o700)
-            tok = _token()
+            tok = token()
             if w.streams_pages:
-                await self.agent.request(p.OpenPageServer(dir=name, stream=tok, parent=parent), p.Done)
+                await self.to.request(p.OpenPageServer(dir=name, stream=tok, parent=parent), p.Done)
             t0 = time.monotonic()
             run = await w.pre_dump(local, parent)
             try:
                 sock = await run.pages()
-                relayed = await self._relay(sock, tok) if sock else None
+                relayed = await self.to.relay(sock, tok) if sock else None
                 rc = await run.proc.wait()
+                err = await run.proc.stderr.read() if rc else b""
             finally:
                 await proc.kill(run.proc)
                 run.close()
             if rc != 0:
-                raise DumpError(criu_failure(f"{w.kind} pre-dump", rc, run.log), phase=Phase.PRECOPY)
+                raise DumpError(criu_failure(f"{w.kind} pre-dump", rc, run.log, err), phase=Phase.PRECOPY)
             if w.streams_pages:
-                await self.agent.request(p.AwaitPageServer(dir=name), p.PageServerDone)
+                await self.to.request(p.AwaitPageServer(dir=name), p.PageServerDone)
                 sent = relayed.sent
             else:
-                sent = await self._send_images(name, parent, local)
+                sent = await self.to.send_images(name, parent, local)
             seconds = time.monotonic() - t0
             if lazy_final:
                 await self._fetch_pagemaps(name, local)
-            st = criu.read_stats(local / "stats-dump") or criu.DumpStats()
+            st = w.stats(local) or criu.DumpStats()
             self.round_dirs.append(name)
             self.report.rounds.append(RoundReport("pre-dump", st.pages_written, sent.raw,
                                                   sent.wire, st.frozen_time, seconds))
@@ -271,10 +225,10 @@ class Migration:
                 return
 
     async def _fetch_pagemaps(self, name: str, local: Path) -> None:
-        tok = _token()
-        reader, _ = await self._stream(tok)
+        tok = token()
+        reader, _ = await self.to.stream(tok)
         receiving = asyncio.create_task(streams.receive_files(reader, local))
-        await self.agent.request(p.SendPagemaps(dir=name, stream=tok), p.FilesReceived)
+        await self.to.request(p.SendPagemaps(dir=name, stream=tok), p.FilesReceived)
         await receiving
 
     # --- final dump: the workload freezes here --------------------------------------------------
@@ -283,10 +237,10 @@ class Migration:
         parent = self.round_dirs[-1] if self.round_dirs else None
         local = self.work / "final"
         local.mkdir(mode=0o700)
-        tok = self.lazy_token = _token()
+        tok = self.lazy_token = token()
         streaming = w.streams_pages and not lazy
         if streaming:
-            await self.agent.request(p.OpenPageServer(dir="final", stream=tok, parent=parent), p.Done)
+            await self.to.request(p.OpenPageServer(dir="final", stream=tok, parent=parent), p.Done)
         self.progress("dump")
         self.dump = await w.final_dump(local, parent, lazy)
         if streaming:
@@ -295,7 +249,7 @@ class Migration:
         rnd = RoundReport("dump", seconds=dumped_at - self.dump.frozen_at)
         if streaming:
             relayed = await self.relay
-            await self.agent.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
+            await self.to.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
             rnd.bytes_raw, rnd.bytes_wire = relayed.sent.raw, relayed.sent.wire
         self.report.rounds.append(rnd)
 
@@ -303,7 +257,7 @@ class Migration:
         sock = await run.pages()
         if sock is None:
             raise DumpError(criu_failure(f"{self.workload.kind} dump", run.proc.returncode, run.log))
-        return await self._relay(sock, tok)
+        return await self.to.relay(sock, tok)
 
     # --- transfer: the images that are not pages --------------------------------------------
     async def transfer(self) -> None:
@@ -311,7 +265,7 @@ class Migration:
         w = self.workload
         parent = self.round_dirs[-1] if self.round_dirs else None
         async with asyncio.TaskGroup() as tg:
-            images = tg.create_task(self._send_images("final", parent, self.work / "final"))
+            images = tg.create_task(self.to.send_images("final", parent, self.work / "final"))
             if self.bundle_copied_at is not None:
                 root = w.bundle()
                 now = bundle.listing(root)
@@ -327,26 +281,14 @@ class Migration:
         self.report.image_files_bytes = meter.raw
         self.progress("transfer", bytes=meter.raw, wire=meter.wire)
 
-    async def _send_images(self, name: str, parent: str | None, local: Path) -> streams.Meter:
-        """The files of image directory name, to the target's directory of the same name.
-        Pages are among them where CRIU wrote them here: a runtime that cannot stream them
-        (crun), or the few a lazy dump never serves lazily."""
-        names = sorted(f.name for f in local.iterdir()
-                       if f.is_file() and not f.is_symlink() and not f.name.endswith(".log")
-                       and f.name not in NOT_IMAGES)
-        _, meter = await self._push(
-            lambda w: streams.send_files(local, names, w, self.options.compression_level),
-            lambda tok: p.ReceiveFiles(dir=name, stream=tok, parent=parent), p.FilesReceived)
-        return meter
-
     # --- restore: the target brings the tree back, stopped ---------------------------------------
     async def restore(self, lazy: bool) -> None:
         if lazy:
-            self.relay = asyncio.create_task(self._relay(await self.dump.lazy_pages(), self.lazy_token))
+            self.relay = asyncio.create_task(self.to.relay(await self.dump.lazy_pages(), self.lazy_token))
         self.progress("restore")
-        restored = await self.agent.request(
+        restored = await self.to.request(
             p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
-                      container=self.workload.target_spec()), p.Restored)
+                      container=self.spec), p.Restored)
         self.report.target_pid, self.report.restore_seconds = restored.pid, restored.restore_seconds
 
     # --- commit: the one place where the source is given up ---------------------------------
@@ -354,11 +296,11 @@ class Migration:
         w = self.workload
         self.committed = True              # from here on the target's copy is the workload
         self.report.warnings += await w.release(self.dump, lazy)
-        resumed = await self.agent.request(p.Resume(), p.Resumed)
+        resumed = await self.to.request(p.Resume(), p.Resumed)
         self.report.downtime_seconds = time.monotonic() - self.dump.frozen_at
         self.progress("running", pids=resumed.pids)
         if lazy:
-            done = await self.agent.request(p.AwaitLazy(), p.LazyDone)
+            done = await self.to.request(p.AwaitLazy(), p.LazyDone)
             self.report.postcopy_pages = done.pages_fetched
             await w.finish_lazy(self.dump)
             relayed = await self.relay
@@ -366,12 +308,12 @@ class Migration:
             rnd = self.report.rounds[-1]
             rnd.pages_written, rnd.bytes_raw, rnd.bytes_wire = \
                 done.pages_fetched, relayed.sent.raw, relayed.sent.wire
-        st = None if lazy else criu.read_stats(self.work / "final" / "stats-dump")
+        st = None if lazy else w.stats(self.work / "final")
         if st:
             self.report.rounds[-1].pages_written = st.pages_written
             self.report.rounds[-1].frozen_seconds = st.frozen_time
             self.report.final_dump_frozen_seconds = st.frozen_time
-        await self.agent.request(p.Finish(), p.Done)
+        await self.to.request(p.Finish(), p.Done)
         self._remove_source_bundle()
 
     def _remove_source_bundle(self) -> None:
@@ -390,13 +332,7 @@ class Migration:
         if self.workload is not None:
             # The target's copy, if any, is stopped: it runs only after the commit.
             await self.workload.resume(self.dump, self._stop_relay)
-        if self.agent:
-            try:
-                async with asyncio.timeout(30):
-                    await self.agent.request(p.Abort(), p.Done)
-                    await self.agent.request(p.Finish(), p.Done)
-            except (Exception, TimeoutError):
-                pass   # the agent kills what it restored when we vanish
+        await self.to.abort()
         await self._stop_relay()
 
     async def _stop_relay(self) -> None:
@@ -411,59 +347,25 @@ class Migration:
         await self._stop_relay()
         if self.workload:
             await self.workload.close()
-        if self.agent_proc:
-            try:
-                self.agent_proc.writer.write_eof()
-            except Exception:
-                pass
-            try:
-                async with asyncio.timeout(10):
-                    await self.agent_proc.wait()
-            except Exception:   # TimeoutError included
-                self.agent_proc.kill()
-        if self.transport:
-            await self.transport.close()
+        await self.to.close()
         shutil.rmtree(self.work, ignore_errors=True)
 
-    # --- streams to the agent ------------------------------------------------------------------
-    async def _stream(self, tok: str):
-        reader, writer = await self.transport.open_unix(self.welcome.stream_socket)
-        writer.write(tok.encode() + b"\n")
-        await writer.drain()
-        return reader, writer
-
-    async def _relay(self, sock: socket.socket, tok: str) -> streams.Relay:
-        """Join CRIU's end of a socketpair to the agent's data stream tok, both ways."""
-        return await streams.relay(await streams.socket_streams(sock), await self._stream(tok),
-                                   self.options.compression_level)
-
-    async def _push(self, send, request, reply_type):
-        """send(writer) streams to the agent while it handles request(token), which names
-        that stream: (the agent's reply, what was sent). A refused request stops the sending."""
-        tok = _token()
-        _, writer = await self._stream(tok)
-        sending = asyncio.create_task(send(writer))
-        try:
-            reply = await self.agent.request(request(tok), reply_type)
-        finally:
-            if not sending.done():
-                sending.cancel()
-        return reply, await sending
+async def local_cpuinfo(work: Path) -> Path:
+    """This CPU's features as CRIU records them, for the targets' cpuinfo check."""
+    d = work / "cpuinfo"
+    d.mkdir(mode=0o700)
+    await proc.run(criu.cpuinfo_dump(str(d)), phase=Phase.PREFLIGHT)
+    return d
 
 
-def _remote_error(e: p.RemoteFailure, phase: str, target: str) -> LivemigError:
-    """What the agent could not do, as the error class of the phase it failed in."""
-    cls = {Phase.PREFLIGHT: PreflightError, Phase.FINAL_DUMP: DumpError,
-           Phase.RESTORE: RestoreError}.get(e.failed.phase or phase, LivemigError)
-    return cls(e.failed.message, phase=e.failed.phase or phase, host=target, detail=e.failed.detail or None)
-
-
-def _ssh(options: Options):
-    from transports.ssh import SshTransport
-
-    async def connect(target: str):
-        return await SshTransport.connect(target, timeout=options.connect_timeout)
-    return connect
+def target_spec(w: runtimes.Workload, name: str | None) -> p.Container | None:
+    """The container as the target's runtime will know it: renamed if the user says so."""
+    spec = w.target_spec()
+    if name is None:
+        return spec
+    if spec is None:
+        raise UsageError("--name names a container; a process tree has no name to change")
+    return dataclasses.replace(spec, id=name)
 
 
 async def migrate(what: int | str, target: str, options: Options = Options(), *, progress=None,
@@ -472,7 +374,7 @@ async def migrate(what: int | str, target: str, options: Options = Options(), *,
     or ID of a runc or crun container. Returns the report, or raises a LivemigError naming
     the phase that failed (the workload then runs on the source)."""
     try:
-        return await Migration(what, target, options, transport_factory or _ssh(options), progress).run()
+        return await Migration(what, target, options, transport_factory or ssh_connector(options), progress).run()
     except (ConnectionError, EOFError) as e:
         raise ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
                                host=target) from None
@@ -480,4 +382,4 @@ async def migrate(what: int | str, target: str, options: Options = Options(), *,
 
 async def check(target: str, options: Options = Options(), *, transport_factory=None):
     """The preflight checks against target alone: (rows, strategy, why)."""
-    return await Migration(0, target, options, transport_factory or _ssh(options)).inspect()
+    return await Migration(0, target, options, transport_factory or ssh_connector(options)).inspect()

@@ -5,6 +5,7 @@ Exit codes are part of the interface that failover scripts rely on: they never c
 
 from __future__ import annotations
 
+from asyncio import CancelledError
 from enum import IntEnum
 
 
@@ -73,3 +74,15 @@ class CommandFailed(LivemigError):
 
 class ProtocolError(LivemigError):
     """The peer said something the protocol does not allow."""
+
+
+def record_failure(e: BaseException, phase: str, report) -> None:
+    """Note on report (a move's or a clone's) what failed, and in which phase; and tie the
+    error to the phase and the report, for the user and for --json."""
+    report.failed_phase = phase
+    if isinstance(e, LivemigError):
+        report.error = str(e)
+        e.phase = e.phase or phase
+        e.report = report
+    else:
+        report.error = "interrupted" if isinstance(e, (KeyboardInterrupt, CancelledError)) else repr(e)

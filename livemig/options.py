@@ -27,3 +27,5 @@ class Options:
     agent_command: tuple[str, ...] = ("livemig",)   # how to run livemig on the target
     connect_timeout: float = 15.0
     runtime: str | None = None       # a container's runtime (runc, crun); None: whichever knows it
+    name: str | None = None          # the container's name on the target; None keeps its name
+    force: bool = False              # go on past mismatches that can only fail the restore

@@ -96,11 +96,18 @@ def choose_mode(requested: str, source_features: dict[str, bool],
     uffd = source_features.get("uffd-noncoop", False) and target_features.get("uffd-noncoop", False)
     lazy = uffd and runtime != "crun"
     if runtime == "podman":
-        # podman's pre-checkpoint keeps one level only, and its restore has no lazy pages
-        # through an archive: one checkpoint, exported and imported.
-        if requested not in ("auto", "stopcopy"):
-            raise ValueError(f"{requested} is not available for podman containers: stop-and-copy only")
-        return "stopcopy", "podman checkpoints a container in one piece (export, import)"
+        # podman restores an exported archive, never lazily; and it keeps one
+        # pre-checkpoint, so its pre-copy is one round (MAX_ROUNDS_FOR).
+        if requested in ("postcopy", "hybrid"):
+            raise ValueError(f"{requested} is not available for podman containers: podman restores an "
+                             "exported checkpoint whole, with no lazy pages")
+        if requested == "precopy" and not dirty:
+            raise ValueError("precopy needs dirty-page tracking (soft-dirty), which this kernel lacks")
+        if requested == "stopcopy" or not dirty:
+            return "stopcopy", ("as requested" if requested == "stopcopy" else
+                                "podman checkpoints in one piece here: this kernel cannot track dirty pages")
+        return "precopy", ("as requested" if requested == "precopy" else
+                           "one pre-checkpoint while it runs, then the dirty pages: podman has no lazy restore")
     if requested in ("precopy", "hybrid") and not dirty:
         raise ValueError(f"{requested} needs dirty-page tracking (soft-dirty), which this kernel lacks")
     if requested in ("postcopy", "hybrid") and runtime == "crun":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import policy
+from .errors import PreflightError
 from .protocol import Container, HostFacts
 
 
@@ -19,6 +20,8 @@ class Check:
     detail: str
     hint: str = ""
     on_target: bool = True      # the problem is on the target (else here)
+    forceable: bool = False     # --force may go on: a mismatch that fails, if at all, in the
+                                # restore, which rolls back (never after the commit)
 
 
 def _v(version: list[int]) -> str:
@@ -69,18 +72,22 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
 
 def _container_rows(local: HostFacts, remote: HostFacts, c: Container) -> list[Check]:
     rt = c.runtime
-    rows = [Check(f"{rt} on target", bool(remote.runtime_version),
+    taken = remote.names_taken or ([c.id] if remote.container_exists else [])
+    rows = [Check("same kernel", local.kernel == remote.kernel,
+                  f"target {remote.kernel}, source {local.kernel}",
+                  "the seeds' container migration wants the same kernel on both hosts", forceable=True),
+            Check(f"{rt} on target", bool(remote.runtime_version),
                   f"{rt} {remote.runtime_version or 'not installed'}", f"install {rt} there"),
-            Check("container name free on target", not remote.container_exists,
-                  f"{rt} there already has a container {c.id}" if remote.container_exists
-                  else f"no {c.id} there", "remove it there, or rename this one")]
+            Check("container name free on target", not taken,
+                  f"{rt} there already has a container {', '.join(taken)}" if taken
+                  else f"no {c.id} there", "remove it there, or choose another name (--name)")]
     if rt == "podman":
         rows.append(Check("image on target", True, "present" if remote.image_present
                           else f"{c.image[:12]} will be sent first (podman save / load)"))
         for key, here in local.runtime_facts.items():
             there = remote.runtime_facts.get(key, "")
             rows.append(Check(f"same {key}", here == there, f"target {there or 'none'}, source {here or 'none'}",
-                              f"podman restores a checkpoint only where the {key} matches"))
+                              f"podman restores a checkpoint only where the {key} matches", forceable=True))
     else:
         rows.append(Check("bundle on target", remote.bundle in ("absent", "shared"),
                           {"absent": f"{c.bundle} will be copied",
@@ -88,3 +95,19 @@ def _container_rows(local: HostFacts, remote: HostFacts, c: Container) -> list[C
                               remote.bundle, f"{c.bundle} exists there and is not this one"),
                           "remove it there (livemig copies the bundle), or share it"))
     return rows
+
+
+def enforce(rows: list[Check], target: str, force: bool = False) -> list[str]:
+    """Raise the first failed row as the error to show; with force, a forceable failure is a
+    warning instead. Returns the warnings."""
+    warnings = []
+    for row in rows:
+        if row.ok:
+            continue
+        if force and row.forceable:
+            warnings.append(f"forced past a failed check: {row.name}: {row.detail}")
+            continue
+        hint = row.hint + ("; or --force to go on" if row.forceable else "") if row.hint else None
+        raise PreflightError(f"{row.name}: {row.detail}" if row.forceable else row.detail,
+                             host=target if row.on_target else None, hint=hint)
+    return warnings

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import tempfile
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -31,16 +32,30 @@ def _tail(stderr: bytes, lines: int = 6) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def why(stderr: bytes) -> str:
+    """The line of a command's stderr that says why it failed: its last "Error:" line (Go
+    tools such as podman print warnings around it), else its last line."""
+    lines = [x.strip() for x in stderr.decode(errors="replace").splitlines() if x.strip()]
+    errors = [x for x in lines if x.lower().startswith(("error:", "error ", "[conmon:e]"))]
+    return (errors or lines or ["no error output"])[-1]
+
+
 def failure(argv: Sequence[str], returncode: int, stderr: bytes, phase: str | None = None) -> CommandFailed:
     tail = _tail(stderr)
-    last = tail.splitlines()[-1] if tail else "no error output"
+    last = why(stderr)
     return CommandFailed(f"{argv[0]} exited {returncode}: {last}", phase=phase, detail=tail)
 
 
 async def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = True,
               env: Mapping[str, str] | None = None, pass_fds: Sequence[int] = (),
-              timeout: float | None = None, phase: str | None = None) -> Result:
-    """Run argv to completion. On cancellation or timeout the process is killed, never left behind."""
+              timeout: float | None = None, phase: str | None = None, leaves_daemon: bool = False) -> Result:
+    """Run argv to completion. On cancellation or timeout the process is killed, never left behind.
+
+    leaves_daemon: argv starts a daemon that inherits its output (podman's restore leaves
+    conmon running); a pipe would stay open as long as the daemon lives, so the output
+    goes to unnamed files instead, and the command is done when it exits."""
+    if leaves_daemon:
+        return await _run_leaving_daemon(argv, check=check, env=env, timeout=timeout, phase=phase)
     proc = await start(argv, stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
                        stdout=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds)
     try:
@@ -49,7 +64,31 @@ async def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = 
     except BaseException:
         await kill(proc)
         raise
-    res = Result(tuple(argv), proc.returncode, out, err)
+    return _result(argv, proc.returncode, out, err, check, phase)
+
+
+async def _run_leaving_daemon(argv, *, check, env, timeout, phase) -> Result:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        argv = [str(a) for a in argv]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
+                env=dict(env) if env is not None else None, close_fds=True)
+        except FileNotFoundError:
+            raise CommandFailed(f"{argv[0]}: command not found") from None
+        try:
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+        except BaseException:
+            await kill(proc)
+            raise
+        out.seek(0)
+        err.seek(0)
+        return _result(argv, proc.returncode, out.read(), err.read()[-STDERR_KEPT:], check, phase)
+
+
+def _result(argv, returncode: int, out: bytes, err: bytes, check: bool, phase: str | None) -> Result:
+    res = Result(tuple(str(a) for a in argv), returncode, out, err)
     if check and res.returncode != 0:
         raise failure(argv, res.returncode, err, phase)
     return res

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -70,6 +70,7 @@ class Probe:
     pids: list[int] = field(default_factory=list)   # PIDs the restored tree needs
     container: Container | None = None
     bundle_marker: str = ""       # a file the source put in the bundle: seen here = shared storage
+    names: list[str] = field(default_factory=list)   # more names for the container (clones): free?
 
 
 @message
@@ -87,6 +88,7 @@ class HostFacts:
     bundle: str = ""              # the bundle's path here: "absent", "shared" or "exists"
     image_present: bool = False   # podman: the container's image is here
     runtime_facts: dict[str, str] = field(default_factory=dict)   # podman: what must match
+    names_taken: list[str] = field(default_factory=list)   # of Probe's names, those in use here
 
 
 @message
@@ -177,6 +179,7 @@ class Restore:
     dir: str
     lazy_stream: str | None = None    # post-copy: the stream to the source's lazy page server
     container: Container | None = None   # restore through this runtime (else CRIU directly)
+    replica: bool = False   # a clone: the original runs on, so a replica never outlives its coordinator
 
 
 @message
@@ -290,11 +293,17 @@ class Channel:
     def __init__(self, reader, writer):
         self.reader, self.writer = reader, writer
         self._lock = asyncio.Lock()
+        self._owed = 0
 
     async def request(self, msg: Any, reply_type: type) -> Any:
         async with self._lock:
+            while self._owed:   # replies to requests whose callers were cancelled: not ours
+                await read_message(self.reader)
+                self._owed -= 1
+            self._owed += 1     # from here on the peer owes a reply, whatever becomes of us
             await write_message(self.writer, msg)
             reply = await read_message(self.reader)
+            self._owed -= 1
         if isinstance(reply, Failed):
             raise RemoteFailure(reply)
         if not isinstance(reply, reply_type):

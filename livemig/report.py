@@ -76,3 +76,49 @@ class Report:
         if self.error:
             lines.append(f"  error in {self.failed_phase or 'migration'}: {self.error}")
         return "\n".join(lines)
+
+
+@dataclass
+class Replica:
+    host: str
+    name: str
+    pid: int = 0                  # its init, on that host
+    restore_seconds: float = 0.0
+    bytes_wire: int = 0           # the checkpoint (and image) sent to that host
+
+
+@dataclass
+class CloneReport:
+    """What `livemig clone` did: one checkpoint of the original, replicas of it elsewhere."""
+    source: str
+    workload: str
+    runtime: str = "podman"
+    outcome: str = "failed"       # "cloned" or "failed" (then no replica runs; the original does)
+    replicas: list[Replica] = field(default_factory=list)
+    frozen_seconds: float = 0.0   # how long the original stood still for its checkpoint (CRIU's figure)
+    checkpoint_seconds: float = 0.0   # the whole checkpoint command, the original running after
+    pages_written: int = 0
+    checkpoint_bytes: int = 0     # the archive, uncompressed
+    total_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    error: str = ""
+    failed_phase: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def summary(self) -> str:
+        hosts = sorted({r.host for r in self.replicas})
+        lines = [f"{self.outcome}: {self.runtime} container {self.workload} on {self.source} -> "
+                 f"{len(self.replicas)} replica(s) on {', '.join(hosts)}"]
+        if self.outcome == "cloned":
+            lines.append(f"  the original stood still {self.frozen_seconds * 1000:.0f} ms and runs on; "
+                         f"checkpoint {self.pages_written} pages, {self.checkpoint_bytes / 2**20:.1f} MiB; "
+                         f"total {self.total_seconds:.2f} s")
+            for r in self.replicas:
+                lines.append(f"  {r.name} on {r.host}: PID {r.pid}, restored in {r.restore_seconds * 1000:.0f} ms")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        if self.error:
+            lines.append(f"  error in {self.failed_phase or 'clone'}: {self.error}")
+        return "\n".join(lines)

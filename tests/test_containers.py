@@ -42,7 +42,8 @@ def leftovers(lab) -> dict:
                 lab.text(h, ["pgrep", "-x", "criu"], check=False).split()) for h in ("a", "b")}
 
 
-def assert_moved(lab, ctr: Counter, src: str, dst: str, before: int, t_before: float, res) -> dict:
+def assert_moved(lab, ctr: Counter, src: str, dst: str, before: int, t_before: float, res,
+                 renamed: str | None = None) -> dict:
     assert res.returncode == 0, res.stderr.decode()
     report = json.loads(res.stdout)
     assert report["outcome"] == "moved" and report["runtime"] == ctr.runtime and report["workload"] == ctr.name
@@ -50,7 +51,11 @@ def assert_moved(lab, ctr: Counter, src: str, dst: str, before: int, t_before: f
     after = ctr.count(dst)
     # it went on from where it was (a fresh start would count from 1), and at its pace
     assert before < after <= before + 10 * (time.monotonic() - t_before) + 20, (before, after)
-    assert ctr.status(dst) == "running" and ctr.status(src) is None      # registered there, gone here
+    assert ctr.status(src) is None                                       # gone here
+    if renamed:
+        assert ctr.status(dst) is None
+        ctr.name = renamed
+    assert ctr.status(dst) == "running"                                  # registered there
     assert lab.run(src, ["test", "-e", ctr.bundle], check=False).returncode != 0   # the bundle moved
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     return report
@@ -70,14 +75,15 @@ def test_runc_container_moves_and_keeps_counting(lab):
     ctr.remove("a")
 
 
-def test_crun_container_moves_with_stop_and_copy_and_says_why_not_lazy(lab):
+def test_crun_container_moves_renamed_with_stop_and_copy_and_says_why_not_lazy(lab):
     ctr = Counter(lab, "a", "crun", "db1")
     time.sleep(1)
     refused = move(lab, "a", "b", "--mode", "postcopy", "db1")
     assert refused.returncode == 3 and "crun" in refused.stderr.decode()
     assert ctr.status("a") == "running" and ctr.status("b") is None
     before, t = ctr.count("a"), time.monotonic()
-    report = assert_moved(lab, ctr, "a", "b", before, t, move(lab, "a", "b", "--runtime", "crun", "db1"))
+    report = assert_moved(lab, ctr, "a", "b", before, t,
+                          move(lab, "a", "b", "--runtime", "crun", "--name", "db1-b", "db1"), renamed="db1-b")
     assert report["mode"] == "stopcopy" and report["rounds"][0]["bytes_wire"] > 0
     ctr.remove("b")
 

@@ -49,3 +49,54 @@ def test_podman_counter_server_moves_with_its_image_and_answers_the_next_number(
     assert ask(lab, "b", "web1") == first + 3 and running(lab, "b", "web1")
     for h in ("a", "b"):
         lab.run(h, [*ENV, "podman", "rm", "--force", "web1"])
+
+
+def replicas(lab, host: str) -> list[str]:
+    return sorted(n for n in lab.text(host, [*ENV, "podman", "ps", "--all", "--format", "{{.Names}}"]).split()
+                  if "-clone" in n)
+
+
+def test_clones_answer_the_same_next_number_on_every_host_while_the_original_runs_on(lab):
+    first = int(lab.text("a", ["python3", TOOL, "serve", "--name", "web3"]))
+    res = lab.run("a", [*ENV, "livemig", "clone", "--json", "web3", "a", "b", "--count", "2"],
+                  check=False, timeout=600)
+    assert res.returncode == 0, res.stderr.decode()
+    report = json.loads(res.stdout)
+    assert report["outcome"] == "cloned" and report["frozen_seconds"] > 0 and report["pages_written"] > 0
+    assert sorted((r["host"], r["name"]) for r in report["replicas"]) == [
+        ("a", "web3-clone-1"), ("a", "web3-clone-2"), ("b", "web3-clone-1"), ("b", "web3-clone-2")]
+    # the seeds' replicas: each restored from the same checkpoint answers the same next number
+    for host in ("a", "b"):
+        assert replicas(lab, host) == ["web3-clone-1", "web3-clone-2"]
+        for name in replicas(lab, host):
+            assert running(lab, host, name) and ask(lab, host, name) == first + 1
+    assert ask(lab, "a", "web3") == first + 1 and running(lab, "a", "web3")
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    # a replica under the original's own name cannot go where the original is; nothing changes
+    res = lab.run("a", [*ENV, "livemig", "clone", "--keep-name", "web3", "b", "a"], check=False, timeout=600)
+    assert res.returncode == 3 and "web3" in res.stderr.decode() and "on a" in res.stderr.decode()
+    assert lab.run("b", [*ENV, "podman", "container", "exists", "web3"], check=False).returncode != 0
+    for host in ("a", "b"):
+        lab.run(host, [*ENV, "podman", "rm", "--force", *replicas(lab, host)])
+    lab.run("a", [*ENV, "podman", "rm", "--force", "web3"])
+
+
+def test_a_podman_restore_that_fails_leaves_no_replica_and_moves_nothing(lab):
+    """b's podman cannot start a task (pids.max 0 for its containers): the restore fails for real."""
+    first = int(lab.text("a", ["python3", TOOL, "serve", "--name", "web4"]))
+    limit = "/sys/fs/cgroup/pids/libpod_parent"
+    lab.run("b", ["sh", "-c", f"mkdir -p {limit} && echo 0 > {limit}/pids.max"])
+    try:
+        res = lab.run("a", [*ENV, "livemig", "clone", "web4", "a", "b", "--count", "2"], check=False, timeout=600)
+        err = res.stderr.decode()
+        assert res.returncode == 6 and "restore on b" in err and "conmon" in err, err
+        assert replicas(lab, "a") == [] and replicas(lab, "b") == []     # a's were restored, and deleted
+        res = lab.run("a", [*ENV, "livemig", "move", "--json", "web4", "b"], check=False, timeout=600)
+        assert res.returncode == 6, res.stderr.decode()
+        assert json.loads(res.stdout)["outcome"] == "rolled back"
+    finally:
+        lab.run("b", ["sh", "-c", f"echo max > {limit}/pids.max"])
+    assert running(lab, "a", "web4") and running(lab, "b", "web4") is None
+    assert ask(lab, "a", "web4") == first + 1        # the source's own state, restored where it was
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    lab.run("a", [*ENV, "podman", "rm", "--force", "web4"])

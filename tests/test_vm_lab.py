@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,37 @@ def test_livemig_auto_picks_hybrid_here(vm_lab):
     after = work.query("b", wait=30)
     assert after["counter"] > before["counter"] and work.query("b", "verify")["bad_pages"] == 0
     vm_lab.run("b", ["kill", str(work.pid)])
+
+
+def test_containers_pre_copy_here_runc_crun_and_podman(vm_lab):
+    """With soft-dirty, each runtime pre-copies: runc and crun chain pre-dumps, podman takes
+    its one pre-checkpoint; runc also comes back with hybrid (pre-copy, then lazy pages)."""
+    from tests.test_containers import Counter, assert_moved
+
+    def move_ctr(src: str, dst: str, *args: str):
+        return vm_lab.run(src, ["livemig", "move", "--json", *args, dst], check=False, timeout=1200)
+
+    for runtime, name in (("runc", "v1"), ("crun", "v2")):
+        ctr = Counter(vm_lab, "a", runtime, name)
+        before, t = ctr.count("a"), time.monotonic()
+        report = assert_moved(vm_lab, ctr, "a", "b", before, t, move_ctr("a", "b", "--mode", "precopy", name))
+        assert [r["kind"] for r in report["rounds"]][0] == "pre-dump" and report["mode"] == "precopy"
+        if runtime == "runc":
+            before, t = ctr.count("b"), time.monotonic()
+            report = assert_moved(vm_lab, ctr, "b", "a", before, t, move_ctr("b", "a", "--mode", "hybrid", name))
+            assert report["mode"] == "hybrid" and report["rounds"][0]["kind"] == "pre-dump"
+            ctr.remove("a")
+        else:
+            ctr.remove("b")
+    # podman: auto picks its pre-checkpoint here, and the counter server answers the next number
+    tool = "/opt/livemig/tests/workloads/container.py"
+    env = ["env", "PODMAN_IGNORE_CGROUPSV1_WARNING=1"]
+    first = int(vm_lab.text("a", ["python3", tool, "serve", "--name", "web5"], timeout=600))
+    res = move_ctr("a", "b", "web5")
+    assert res.returncode == 0, res.stderr.decode()
+    report = json.loads(res.stdout)
+    assert (report["runtime"], report["mode"]) == ("podman", "precopy")
+    assert [r["kind"] for r in report["rounds"]] == ["pre-dump", "dump"], report["rounds"]
+    assert report["rounds"][0]["pages_written"] > 0
+    assert int(vm_lab.text("b", ["python3", tool, "ask", "--name", "web5"], timeout=120)) == first + 1
+    vm_lab.run("b", [*env, "podman", "rm", "--force", "web5"])

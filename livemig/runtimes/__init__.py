@@ -50,6 +50,7 @@ class Workload:
     root_pid: int
     name: str                 # what the user called it: a PID or a container name
     image: str | None = None  # a container image the target must have too (podman's)
+    max_rounds: int | None = None   # pre-copy rounds this runtime can chain (podman keeps one)
 
     def pids(self) -> list[int]:
         raise NotImplementedError
@@ -78,6 +79,11 @@ class Workload:
         """The commit point, after the target restored: the source is given up for good
         (lazy: recorded as given up; see finish_lazy). Returns warnings."""
         raise NotImplementedError
+
+    def stats(self, images: Path):
+        """CRIU's statistics of the dump into images (criu.DumpStats), or None."""
+        from ..criu import read_stats
+        return read_stats(images / "stats-dump")
 
     async def finish_lazy(self, run: DumpRun) -> None:
         """Post-copy is over: every page is on the target; end the source's copy."""
@@ -124,7 +130,7 @@ def restore_command(c: p.Container, images: Path, pidfile: Path, lazy: bool) -> 
     """How this host's runtime restores c from image directory images."""
     from . import oci, podman
     if c.runtime == "podman":
-        return podman.restore(str(images / podman.ARCHIVE), c.id)
+        return podman.restore(images, c.id)
     return oci.restore(c.runtime, c.id, str(images), c.bundle, str(pidfile), lazy=lazy)
 
 

@@ -192,7 +192,7 @@ class OciContainer(Workload):
         res = await proc.run([self.kind, "delete", "--force", self.container], check=False)
         self.paused = False
         return [] if res.returncode == 0 else [
-            f"{self.kind} delete {self.container} failed here: {res.stderr.decode(errors='replace').strip()}"]
+            f"{self.kind} delete {self.container} failed here: {proc.why(res.stderr)}"]
 
     async def resume(self, run: DumpRun | None, stop_pages) -> None:
         if run and run.proc.returncode is None:

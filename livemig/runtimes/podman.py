@@ -12,7 +12,6 @@ The container's image goes first, while it still runs, if the target lacks it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from . import DumpRun, Workload
 
 ARCHIVE = "checkpoint.tar"
+STATS = "checkpoint-stats.log"     # podman's --print-stats; a .log stays on the source
 
 
 async def inspect(name: str) -> dict | None:
@@ -57,13 +57,42 @@ def flags(opts: criu.Options) -> list[str]:
            (["--file-locks"] if opts.file_locks else [])
 
 
-def restore(archive: str, name: str) -> list[str]:
-    return ["podman", "container", "restore", "--import", archive, "--name", name]
+def checkpoint(container: str, archive: Path, opts: criu.Options, *, leave_running: bool = False,
+               pre: bool = False, with_previous: bool = False) -> list[str]:
+    # uncompressed: the stream to the target compresses, once
+    return ["podman", "container", "checkpoint", "--export", str(archive), "--compress", "none",
+            "--print-stats", *(["--leave-running"] if leave_running else []),
+            *(["--pre-checkpoint"] if pre else []), *(["--with-previous"] if with_previous else []),
+            *flags(opts), container]
+
+
+async def _start(argv: list[str], images: Path):
+    """A checkpoint whose statistics (stdout) land in images/STATS."""
+    with open(images / STATS, "wb") as out:
+        return await proc.start(argv, stdout=out)
+
+
+def parse_stats(out: bytes) -> criu.DumpStats:
+    """CRIU's dump statistics, from podman's --print-stats (times in microseconds)."""
+    try:
+        st = json.loads(out)["container_statistics"][0]["criu_statistics"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return criu.DumpStats()
+    return criu.DumpStats(freezing_time=st.get("freezing_time", 0) / 1e6, frozen_time=st.get("frozen_time", 0) / 1e6,
+                          memdump_time=st.get("memdump_time", 0) / 1e6, memwrite_time=st.get("memwrite_time", 0) / 1e6,
+                          pages_scanned=st.get("pages_scanned", 0), pages_written=st.get("pages_written", 0))
+
+
+def restore(images: Path, name: str) -> list[str]:
+    previous = images / "parent" / ARCHIVE     # a pre-checkpoint the final one builds on
+    return ["podman", "container", "restore", "--import", str(images / ARCHIVE),
+            *(["--import-previous", str(previous)] if previous.exists() else []), "--name", name]
 
 
 class PodmanContainer(Workload):
     kind = "podman"
     streams_pages = False
+    max_rounds = 1           # podman keeps one pre-checkpoint to build on
 
     def __init__(self, found: dict, opts: criu.Options):
         self.container = found["Name"]
@@ -85,28 +114,46 @@ class PodmanContainer(Workload):
         from .. import streams
         return await streams.send_output(["podman", "save", self.image], writer, level)
 
+    async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
+        """podman's pre-checkpoint: the memory while the container runs; podman keeps one,
+        which the final checkpoint then builds on (--with-previous)."""
+        return DumpRun(await _start(checkpoint(self.container, images / ARCHIVE, self.opts, pre=True), images),
+                       images / "dump.log")
+
     async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
         frozen_at = time.monotonic()
-        argv = ["podman", "container", "checkpoint", "--export", str(images / ARCHIVE), "--compress", "none",
-                *flags(self.opts), self.container]
         self.checkpointed = True     # from here on a rollback restores it
-        dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL)
-        self.run = DumpRun(dumping, images / "dump.log")
+        argv = checkpoint(self.container, images / ARCHIVE, self.opts, with_previous=parent is not None)
+        self.run = DumpRun(await _start(argv, images), images / "dump.log")
         self.run.frozen_at = frozen_at
         return self.run
 
     async def dumped(self, run: DumpRun, lazy: bool) -> float:
-        rc = await run.proc.wait()
-        if rc != 0:
-            err = (await run.proc.stderr.read()).decode(errors="replace").strip().splitlines()
-            raise DumpError(f"podman container checkpoint exited {rc}" + (f": {err[-1]}" if err else ""))
+        _, err = await run.proc.communicate()
+        if run.proc.returncode != 0:
+            raise DumpError(f"podman container checkpoint exited {run.proc.returncode}: {proc.why(err)}")
         return time.monotonic()
+
+    async def copy(self, images: Path) -> criu.DumpStats:
+        """A checkpoint of the running container that leaves it running: what clones start
+        from. The container stops only while CRIU dumps it."""
+        res = await proc.run(checkpoint(self.container, images / ARCHIVE, self.opts, leave_running=True),
+                             check=False)
+        if res.returncode != 0:
+            raise DumpError(f"podman container checkpoint exited {res.returncode}: {proc.why(res.stderr)}")
+        return parse_stats(res.stdout)
+
+    def stats(self, images: Path) -> criu.DumpStats | None:
+        try:
+            return parse_stats((images / STATS).read_bytes())
+        except OSError:
+            return None
 
     async def release(self, run: DumpRun, lazy: bool) -> list[str]:
         res = await proc.run(["podman", "rm", "--force", self.container], check=False)
         self.checkpointed = False
         return [] if res.returncode == 0 else [
-            f"podman rm {self.container} failed here: {res.stderr.decode(errors='replace').strip()}"]
+            f"podman rm {self.container} failed here: {proc.why(res.stderr)}"]
 
     async def resume(self, run: DumpRun | None, stop_pages) -> None:
         if run and run.proc.returncode is None:
@@ -115,7 +162,8 @@ class PodmanContainer(Workload):
             return
         found = await inspect(self.container)
         if found and not found["State"].get("Running"):
-            await proc.run(["podman", "container", "restore", self.container], phase=Phase.ROLLBACK)
+            await proc.run(["podman", "container", "restore", self.container], phase=Phase.ROLLBACK,
+                           leaves_daemon=True)
         self.checkpointed = False
 
 

@@ -124,9 +124,12 @@ def signal_tree(pids: list[int], sig: int) -> None:
             pass
 
 
-def criu_failure(what: str, rc: int | None, log: Path) -> str:
+def criu_failure(what: str, rc: int | None, log: Path, stderr: bytes = b"") -> str:
+    """Why a dump failed: CRIU's log says best; else what the command printed."""
     try:
         errors = criu.log_errors(log.read_text(errors="replace"), limit=2)
     except OSError:
         errors = []
+    if not errors and stderr.strip():
+        errors = [proc.why(stderr)]
     return f"{what} exited {rc}" + (f": {errors[0]}" if errors else "")

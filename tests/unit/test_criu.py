@@ -59,3 +59,13 @@ def test_the_final_dump_is_held_by_the_hook_and_lazy_leaves_the_source_stopped()
 def test_restore_is_detached_and_stopped():
     argv = criu.restore("/d", "/d/pid", lazy=True, opts=criu.Options())
     assert {"--restore-detached", "--leave-stopped", "--lazy-pages"} <= set(argv)
+
+
+def test_the_line_that_says_why_a_command_failed_skips_the_warnings_around_it():
+    from livemig.proc import why
+    err = (b'time="2026" level=warning msg="Using cgroups-v1 which is deprecated"\n'
+           b'[conmon:e]: Failed to fork the create command Resource temporarily unavailable\n'
+           b'Error: conmon failed: exit status 1\n')
+    assert why(err) == "Error: conmon failed: exit status 1"
+    assert why(b"criu: no such file\n\n") == "criu: no such file"
+    assert why(b"") == "no error output"

@@ -100,3 +100,15 @@ def test_a_requested_strategy_the_hosts_cannot_run_is_refused(requested, src, ds
 
 def test_a_requested_strategy_they_can_run_is_kept():
     assert choose_mode("postcopy", NO_DIRTY, NO_DIRTY) == ("postcopy", "as requested")
+
+
+def test_podman_pre_copies_one_round_where_soft_dirty_exists_and_never_lazily():
+    from livemig.policy import choose_mode
+    both = {"mem_dirty_track": True, "uffd-noncoop": True}
+    none = {"mem_dirty_track": False, "uffd-noncoop": True}
+    assert choose_mode("auto", both, both, "podman")[0] == "precopy"
+    assert choose_mode("auto", none, none, "podman")[0] == "stopcopy"
+    assert choose_mode("stopcopy", both, both, "podman") == ("stopcopy", "as requested")
+    for mode, features in (("postcopy", both), ("hybrid", both), ("precopy", none)):
+        with pytest.raises(ValueError):
+            choose_mode(mode, features, features, "podman")

@@ -60,3 +60,45 @@ def test_crun_gets_no_lazy_strategy():
     assert (mode, why) == ("precopy", "crun cannot serve pages lazily")
     rows, mode, _ = compare(facts(), facts(runtime_version="1.21", bundle="absent"), "postcopy", container=c)
     assert mode == "" and "crun" in next(r.detail for r in rows if r.name == "strategy")
+
+
+def test_podman_must_match_facts_and_the_kernel_fail_but_force_makes_them_warnings():
+    import pytest
+    from livemig.errors import PreflightError
+    from livemig.preflight import enforce
+    from livemig.protocol import Container
+    c = Container("podman", "web1", "", image="localhost/x:1")
+    same = {"podman": "5.4.2", "OCI runtime": "crun", "network stack": "netavark", "cgroups": "v1"}
+    rows, _, _ = compare(facts(runtime_facts=same), facts(runtime_version="5.4.2", runtime_facts=same,
+                                                           image_present=True), "auto", container=c)
+    assert failed(rows) == [] and enforce(rows, "b") == []
+    there = {**same, "podman": "5.2.0", "network stack": "cni"}
+    rows, _, _ = compare(facts(runtime_facts=same), facts(kernel="6.1", runtime_version="5.2.0",
+                                                           runtime_facts=there), "auto", container=c)
+    assert failed(rows) == ["same kernel", "same podman", "same network stack"]
+    with pytest.raises(PreflightError) as e:
+        enforce(rows, "b")
+    assert str(e.value) == ("on b: same kernel: target 6.1, source 6.12 (the seeds' container migration "
+                            "wants the same kernel on both hosts; or --force to go on)")
+    warnings = enforce(rows, "b", force=True)
+    assert [w.split(":")[1].strip() for w in warnings] == ["same kernel", "same podman", "same network stack"]
+
+
+def test_force_never_passes_what_fails_after_the_commit():
+    import pytest
+    from livemig.errors import PreflightError
+    from livemig.preflight import Check, enforce
+    with pytest.raises(PreflightError, match="lacks"):
+        enforce([Check("CPU features", False, "the target's CPU lacks features")], "b", force=True)
+    rows, _, _ = compare(facts(), facts(arch="aarch64"), "auto")
+    with pytest.raises(PreflightError, match="aarch64"):
+        enforce(rows, "b", force=True)
+
+
+def test_every_name_taken_on_the_target_is_named():
+    from livemig.protocol import Container
+    c = Container("podman", "web1-clone-1", "", image="x")
+    rows, _, _ = compare(facts(), facts(runtime_version="5.4.2", names_taken=["web1-clone-1", "web1-clone-3"]),
+                         "stopcopy", container=c)
+    row = next(r for r in rows if r.name == "container name free on target")
+    assert not row.ok and row.detail == "podman there already has a container web1-clone-1, web1-clone-3"

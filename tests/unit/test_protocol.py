@@ -78,3 +78,29 @@ async def test_a_request_gets_its_reply_or_raises_the_remote_failure():
         await ch.request(p.Resume(), p.Resumed)
     with pytest.raises(ProtocolError, match="expected Resumed"):
         await ch.request(p.Resume(), p.Resumed)
+
+
+async def test_a_reply_owed_to_a_cancelled_request_is_not_taken_for_the_next_ones():
+    class Slow:
+        """A peer whose first reply comes only when the test says so."""
+        def __init__(self):
+            self.reader = asyncio.StreamReader()
+            self.sent = []
+
+        def write(self, data):
+            self.sent.append(p.decode(data[4:]))
+
+        async def drain(self):
+            pass
+
+    peer = Slow()
+    ch = p.Channel(peer.reader, peer)
+    restoring = asyncio.create_task(ch.request(p.Restore(dir="final"), p.Restored))
+    await asyncio.sleep(0)
+    restoring.cancel()              # Ctrl-C while the target restores
+    with pytest.raises(asyncio.CancelledError):
+        await restoring
+    peer.reader.feed_data(p.encode(p.Restored(42, 0.1)))   # the restore's late reply...
+    peer.reader.feed_data(p.encode(p.Done()))              # ...then the abort's own
+    assert await ch.request(p.Abort(), p.Done) == p.Done()
+    assert [type(m).__name__ for m in peer.sent] == ["Restore", "Abort"]

@@ -1,0 +1,152 @@
+"""One target host as the coordinator sees it: the transport, the agent running there,
+and the data streams that go beside the agent's requests.
+
+A move has one session; a clone has one per target host, all fed from one checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+
+from pathlib import Path
+
+from . import __version__, protocol as p, streams
+from .errors import DumpError, LivemigError, Phase, PreflightError, RestoreError
+from .options import Options
+from .preflight import Check
+
+NOT_IMAGES = {"stats-dump", "parent"}    # in an image directory, but not for the target
+
+
+def token() -> str:
+    return secrets.token_hex(8)
+
+
+class TargetSession:
+    def __init__(self, target: str, connect, options: Options, migration_id: str):
+        self.target, self.options, self.migration_id = target, options, migration_id
+        self._connect = connect
+        self.transport = None
+        self.agent: p.Channel | None = None
+        self.agent_proc = None
+        self.welcome: p.Welcome | None = None
+        self.facts: p.HostFacts | None = None    # what the agent's Probe said
+
+    async def open(self) -> None:
+        self.transport = await self._connect(self.target)
+        argv = [*self.options.agent_command, "agent", "--image-root", self.options.image_root]
+        self.agent_proc = await self.transport.start(argv)
+        self.agent = p.Channel(self.agent_proc.reader, self.agent_proc.writer)
+        try:
+            await p.write_message(self.agent_proc.writer,
+                                  p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id))
+            welcome = await p.read_message(self.agent_proc.reader)
+        except (EOFError, ConnectionError, p.ProtocolError):
+            done = await self.agent_proc.wait()
+            err = done.stderr.decode(errors="replace").strip().splitlines()
+            why = err[-1] if err else f"exit status {done.returncode}"
+            raise PreflightError(f"cannot start the livemig agent: {why}", host=self.target,
+                                 hint="is livemig installed there, and CRIU?") from None
+        if isinstance(welcome, p.Failed):
+            raise PreflightError(welcome.message, host=self.target)
+        self.welcome = welcome
+
+    async def request(self, msg, reply_type):
+        return await self.agent.request(msg, reply_type)
+
+    async def stream(self, tok: str):
+        """A data stream to the agent, named tok: (reader, writer)."""
+        reader, writer = await self.transport.open_unix(self.welcome.stream_socket)
+        writer.write(tok.encode() + b"\n")
+        await writer.drain()
+        return reader, writer
+
+    async def relay(self, sock: socket.socket, tok: str) -> streams.Relay:
+        """Join CRIU's end of a socketpair to the agent's data stream tok, both ways."""
+        return await streams.relay(await streams.socket_streams(sock), await self.stream(tok),
+                                   self.options.compression_level)
+
+    async def push(self, send, request, reply_type):
+        """send(writer) streams to the agent while it handles request(token), which names
+        that stream: (the agent's reply, what was sent). A refused request stops the sending."""
+        tok = token()
+        _, writer = await self.stream(tok)
+        sending = asyncio.create_task(send(writer))
+        try:
+            reply = await self.agent.request(request(tok), reply_type)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        return reply, await sending
+
+    async def check_cpu(self, cpuinfo: Path) -> Check:
+        """CRIU's cpuinfo check of the image in directory cpuinfo, there. The restore that
+        "works", then dies of SIGILL on a CPU with fewer features, is the migration failure
+        users report most."""
+        level = self.options.compression_level
+        result, _ = await self.push(lambda w: streams.send_files(cpuinfo, ["cpuinfo.img"], w, level),
+                                    lambda tok: p.CpuinfoCheck(stream=tok), p.CpuinfoResult)
+        return Check("CPU features", result.ok,
+                     "the target's CPU has every feature of this one" if result.ok else
+                     f"the target's CPU lacks features the workload may use: {result.message}")
+
+    async def load_image(self, workload) -> streams.Meter:
+        """A container's image, into the target's podman."""
+        _, meter = await self.push(lambda wr: workload.send_image(wr, self.options.compression_level),
+                                   lambda tok: p.LoadImage(stream=tok), p.TreeReceived)
+        return meter
+
+    async def send_images(self, name: str, parent: str | None, local: Path) -> streams.Meter:
+        """The files of image directory name, to the target's directory of the same name.
+        Pages are among them where CRIU wrote them here: a runtime that cannot stream them
+        (crun, podman), or the few a lazy dump never serves lazily."""
+        names = sorted(f.name for f in local.iterdir()
+                       if f.is_file() and not f.is_symlink() and not f.name.endswith(".log")
+                       and f.name not in NOT_IMAGES)
+        _, meter = await self.push(
+            lambda w: streams.send_files(local, names, w, self.options.compression_level),
+            lambda tok: p.ReceiveFiles(dir=name, stream=tok, parent=parent), p.FilesReceived)
+        return meter
+
+    async def abort(self) -> None:
+        """Rollback's message: the agent undoes what it restored and ends."""
+        if not self.agent:
+            return
+        try:
+            async with asyncio.timeout(30):
+                await self.agent.request(p.Abort(), p.Done)
+                await self.agent.request(p.Finish(), p.Done)
+        except (Exception, TimeoutError):
+            pass   # the agent kills what it restored when we vanish
+
+    async def close(self) -> None:
+        if self.agent_proc:
+            try:
+                self.agent_proc.writer.write_eof()
+            except Exception:
+                pass
+            try:
+                async with asyncio.timeout(10):
+                    await self.agent_proc.wait()
+            except Exception:   # TimeoutError included
+                self.agent_proc.kill()
+        if self.transport:
+            await self.transport.close()
+
+
+def remote_error(e: p.RemoteFailure, phase: str, target: str) -> LivemigError:
+    """What the agent could not do, as the error class of the phase it failed in."""
+    cls = {Phase.PREFLIGHT: PreflightError, Phase.FINAL_DUMP: DumpError,
+           Phase.RESTORE: RestoreError}.get(e.failed.phase or phase, LivemigError)
+    return cls(e.failed.message, phase=e.failed.phase or phase, host=target, detail=e.failed.detail or None)
+
+
+def ssh_connector(options: Options):
+    """How a session reaches its target by default: SSH, the user's own config applying."""
+    from transports.ssh import SshTransport
+
+    async def connect(target: str):
+        return await SshTransport.connect(target, timeout=options.connect_timeout)
+    return connect
