@@ -70,6 +70,7 @@ class Migration:
         finally:
             self.report.total_seconds = time.monotonic() - t0
             await asyncio.shield(self.close())
+            self.report.source_peak_rss_bytes, self.report.source_cpu_seconds = host.own_usage()
 
     async def _phases(self) -> None:
         mode = await self.preflight()

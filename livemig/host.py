@@ -82,3 +82,11 @@ def has_terminal(pid: int) -> bool:
     except OSError:
         return False
     return int(stat.rsplit(")", 1)[1].split()[4]) != 0
+
+
+def own_usage() -> tuple[int, float]:
+    """This process's peak resident memory (bytes), and the CPU seconds it and the children it
+    reaped (CRIU, the runtimes) spent: what a migration cost the source."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_maxrss * 1024, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime

@@ -43,6 +43,8 @@ class Report:
     total_seconds: float = 0.0
     target_pid: int = 0
     postcopy_pages: int = 0
+    source_peak_rss_bytes: int = 0   # the livemig process here, at its peak
+    source_cpu_seconds: float = 0.0  # livemig here and what it ran (CRIU, the runtime)
     warnings: list[str] = field(default_factory=list)
     error: str = ""
     failed_phase: str = ""

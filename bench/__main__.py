@@ -1,0 +1,113 @@
+"""The downtime benchmark: livemig against the seeds' procedure and a skilled hand, side by side.
+
+    python -m bench                        the full matrix (sizes 64, 512, 2048 MiB x dirty 0, 10, 100 MiB/s, 3 reps)
+    python -m bench --quick                one size, one rep: what CI runs to keep this working
+    python -m bench --sizes 64,512 --dirty 0,10 --reps 5
+
+It brings the namespaced lab up, measures the link and CRIU's floor, then for each
+repetition and scenario starts one workload and moves it back and forth between the hosts,
+once per contender, in an order that rotates each repetition. It writes
+bench/results/<date>.json (every raw figure), .md (the table) and .png (the plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from tests.lab import Lab
+
+from . import limits, output
+from .contenders import CONTENDERS, Sample
+
+WORKLOAD_PID = 4343   # a bare process restores onto its own PID: one free on both hosts
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="64 MiB, dirty 10 MiB/s, one rep")
+    ap.add_argument("--sizes", default="64,512,2048", help="workload sizes in MiB (default 64,512,2048)")
+    ap.add_argument("--dirty", default="0,10,100", help="dirty rates in MiB/s (default 0,10,100)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of every scenario (default 3)")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS),
+                    help=f"which, comma-separated (default all: {', '.join(CONTENDERS)})")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where results go")
+    ap.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    a = ap.parse_args(argv)
+    sizes = [int(x) for x in _floats("64" if a.quick else a.sizes)]
+    dirty = _floats("10" if a.quick else a.dirty)
+    reps = 1 if a.quick else a.reps
+    names = [n.strip() for n in a.contenders.split(",")]
+    unknown = [n for n in names if n not in CONTENDERS]
+    if unknown:
+        print(f"bench: no contender {unknown[0]!r} (there are: {', '.join(CONTENDERS)})", file=sys.stderr)
+        return 2
+
+    started = time.strftime("%Y-%m-%dT%H-%M-%S")
+    lab = Lab.up(2)
+    try:
+        print("measuring the link and CRIU's floor...", file=sys.stderr)
+        lim = limits.measure(lab, "a", "b", probe_mib=64 if a.quick else 256)
+        print(f"  ssh {lim.ssh_mibps:.0f} MiB/s, tcp {lim.tcp_mibps:.0f} MiB/s, "
+              f"criu dump+restore of an empty process {lim.criu_floor * 1000:.0f} ms", file=sys.stderr)
+        samples = run_matrix(lab, names, sizes, dirty, reps)
+    finally:
+        if not a.keep:
+            Lab.down()
+    result = {"started": started, "lab": "netns", "quick": a.quick, "sizes_mib": sizes, "dirty_mibps": dirty,
+              "reps": reps, "contenders": names, "limits": dataclasses.asdict(lim),
+              "samples": [dataclasses.asdict(s) for s in samples]}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = output.write(result, out / started)
+    print(output.table(result))
+    print("\n" + "\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
+    failed = [s for s in samples if not s.ok]
+    for s in failed:
+        print(f"bench: {s.contender} at {s.mib} MiB, {s.dirty_mibps} MiB/s, rep {s.rep} failed: "
+              f"{s.error or 'the workload lost its state'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_matrix(lab: Lab, names: list[str], sizes: list[int], dirty: list[float], reps: int) -> list[Sample]:
+    samples = []
+    for rep in range(reps):
+        for mib in sizes:
+            for rate in dirty:
+                order = names[rep % len(names):] + names[:rep % len(names)]   # no contender always first
+                work = lab.start_workload("a", mib=mib, dirty_mibps=rate, pid=WORKLOAD_PID)
+                where = "a"
+                try:
+                    time.sleep(1)
+                    for name in order:
+                        there = "b" if where == "a" else "a"
+                        s = Sample(name, mib, rate, rep)
+                        print(f"rep {rep + 1}/{reps}, {mib} MiB, {rate:g} MiB/s: {name} {where} -> {there}",
+                              file=sys.stderr)
+                        try:
+                            CONTENDERS[name](lab, work, where, there, s)
+                        except Exception as e:     # one failed run is a figure too: recorded, not fatal
+                            s.error = f"{type(e).__name__}: {e}"[:300]
+                        samples.append(s)
+                        print(f"  app-seen downtime {s.downtime_app * 1000:.0f} ms, total {s.total:.2f} s, "
+                              f"{s.bytes_wire / 2**20:.1f} MiB on the wire" + ("" if s.ok else "  FAILED"),
+                              file=sys.stderr)
+                        if not s.ok:
+                            break      # where the workload is now is not known for sure
+                        where = there
+                        time.sleep(0.5)
+                finally:
+                    for h in ("a", "b"):
+                        lab.run(h, ["kill", "-9", str(work.pid)], check=False)
+    return samples
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The ways a workload gets from one lab host to the other, each measured the same way.
+
+A contender moves a running memcounter (tests/workloads/memcounter.py) from src to dst
+and returns a Sample. What the application saw (the longest stall it lived through)
+comes from the workload itself; bytes on the wire from the source host's network
+counters, so that every contender is counted alike, SSH's own overhead included.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from tests.lab import Lab, Workload
+
+SIDE = "/opt/livemig/bench/lab_side.py"
+LAZY_PORT = 27000
+
+
+@dataclass
+class Sample:
+    contender: str
+    mib: int
+    dirty_mibps: float
+    rep: int
+    ok: bool = False                   # the workload runs on dst, counter on, memory intact
+    downtime_app: float = 0.0          # the longest stall the workload lived through
+    downtime_tool: float = 0.0         # frozen on the source -> running on the target, as timed here
+    total: float = 0.0                 # start of the move -> every page on the target
+    bytes_raw: int | None = None       # what the tool sent before compression (None: not known)
+    bytes_wire: int = 0                # what crossed the link, both ways
+    rounds: list[int] = field(default_factory=list)   # bytes on the wire per round (livemig)
+    peak_rss_bytes: int | None = None  # the source-side process at its peak
+    cpu_seconds: float | None = None   # on the source: the tool and what it ran
+    steps: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+def _netdev(lab: Lab, host: str) -> int:
+    return int(lab.text(host, ["python3", SIDE, "netdev"]).strip())
+
+
+def _usage(lab: Lab, host: str, out: str) -> dict:
+    return json.loads(lab.text(host, ["cat", out]))
+
+
+def _finish(lab: Lab, work: Workload, s: Sample, dst: str, since: float, before: dict, wire0: int,
+            src: str) -> Sample:
+    s.bytes_wire = _netdev(lab, src) - wire0
+    after = work.query(dst, wait=30)
+    s.downtime_app = work.stall_between(dst, since)
+    s.ok = (after["host"] == dst and after["counter"] > before["counter"]
+            and work.query(dst, "verify")["bad_pages"] == 0)
+    return s
+
+
+def livemig(mode: str):
+    """livemig move --mode MODE, its JSON report read for the tool-side figures."""
+    def run(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample:
+        before, wire0, since = work.query(src), _netdev(lab, src), time.time()
+        res = lab.run(src, ["livemig", "move", "--pid", str(work.pid), "--mode", mode, "--json", dst],
+                      check=False, timeout=3600)
+        if res.returncode != 0:
+            s.error = res.stderr.decode(errors="replace").strip().splitlines()[-1:][0] if res.stderr else "failed"
+            return s
+        r = json.loads(res.stdout)
+        s.downtime_tool, s.total = r["downtime_seconds"], r["total_seconds"]
+        s.bytes_raw = sum(x["bytes_raw"] for x in r["rounds"]) + r["image_files_bytes"]
+        s.rounds = [x["bytes_wire"] for x in r["rounds"]]
+        s.peak_rss_bytes, s.cpu_seconds = r["source_peak_rss_bytes"], r["source_cpu_seconds"]
+        s.steps = {"restore": r["restore_seconds"], "final dump frozen": r["final_dump_frozen_seconds"]}
+        return _finish(lab, work, s, dst, since, before, wire0, src)
+    return run
+
+
+def seeds(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample:
+    """The seeds' procedure, as an operator types it: criu dump, tar --zstd, scp, unpack,
+    criu restore; the workload frozen from the dump's start to the restore's end."""
+    img, archive = "/img/seeds", "/img/seeds.tar.zst"
+    before, wire0, since = work.query(src), _netdev(lab, src), time.time()
+    cpu = 0.0
+
+    def step(label: str, host: str, argv: list[str]) -> None:
+        nonlocal cpu
+        t = time.monotonic()
+        lab.run(host, ["python3", SIDE, "usage", "/img/seeds.usage", *argv], timeout=3600)
+        s.steps[label] = time.monotonic() - t
+        if host == src:
+            cpu += _usage(lab, host, "/img/seeds.usage")["cpu_seconds"]
+
+    for h in (src, dst):
+        lab.run(h, ["mkdir", "-p", "-m", "700", img])
+    try:
+        step("dump", src, ["criu", "dump", "-t", str(work.pid), "-D", img, "-o", "dump.log"])
+        s.bytes_raw = int(lab.text(src, ["du", "-sb", img]).split()[0])
+        step("pack", src, ["tar", "--zstd", "-cf", archive, "-C", img, "."])
+        step("copy", src, ["scp", "-q", archive, f"{dst}:{archive}"])
+        step("unpack", dst, ["tar", "--zstd", "-xf", archive, "-C", img])
+        step("restore", dst, ["criu", "restore", "-D", img, "-d", "-o", "restore.log"])
+    finally:
+        for h in (src, dst):
+            lab.run(h, ["rm", "-rf", img, archive, "/img/seeds.usage"], check=False)
+    s.downtime_tool = s.total = sum(s.steps.values())
+    s.cpu_seconds = cpu
+    return _finish(lab, work, s, dst, since, before, wire0, src)
+
+
+def hand_lazy(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample:
+    """The best a skilled user gets by hand: a lazy dump serving pages on the source, the
+    other images copied with scp, and the target's lazy-pages daemon fetching the pages
+    through an ssh -L tunnel while the restored workload already runs."""
+    img, port = "/img/lazy", str(LAZY_PORT)
+    before, wire0, since = work.query(src), _netdev(lab, src), time.time()
+    for h in (src, dst):
+        lab.run(h, ["mkdir", "-p", "-m", "700", img])
+    tunnel = None
+    try:
+        t0 = time.monotonic()
+        dump = lab.text(src, ["python3", SIDE, "spawn", "/img/lazy-dump.out", "criu", "dump", "-t", str(work.pid),
+                              "-D", img, "-o", "dump.log", "--lazy-pages", "--address", "127.0.0.1",
+                              "--port", port]).strip()
+        lab.run(src, ["python3", SIDE, "wait-listen", port, "600"])
+        s.steps["dump"] = time.monotonic() - t0
+        t = time.monotonic()
+        lab.run(src, ["scp", "-q", "-r", img, f"{dst}:/img/"], timeout=3600)
+        s.steps["copy"] = time.monotonic() - t
+        t = time.monotonic()
+        tunnel = lab.popen(dst, ["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-L",
+                                 f"127.0.0.1:{port}:127.0.0.1:{port}", src],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lab.run(dst, ["python3", SIDE, "wait-listen", port, "60"])
+        daemon = lab.text(dst, ["python3", SIDE, "spawn", "/img/lazy-daemon.out", "criu", "lazy-pages",
+                                "--page-server", "--address", "127.0.0.1", "--port", port, "-D", img,
+                                "-o", "lazy-pages.log"]).strip()
+        lab.run(dst, ["python3", SIDE, "wait-file", f"{img}/lazy-pages.socket", "60"])
+        lab.run(dst, ["criu", "restore", "-D", img, "-d", "--lazy-pages", "-o", "restore.log"], timeout=3600)
+        s.steps["restore"] = time.monotonic() - t
+        s.downtime_tool = time.monotonic() - t0
+        lab.run(dst, ["python3", SIDE, "wait-exit", daemon, "3600"], timeout=3700)
+        lab.run(src, ["python3", SIDE, "wait-exit", dump, "600"], timeout=700)
+        s.total = time.monotonic() - t0
+        s.steps["pages"] = s.total - s.downtime_tool
+    finally:
+        if tunnel is not None:
+            tunnel.kill()
+            tunnel.wait()
+        for h in (src, dst):
+            lab.run(h, ["rm", "-rf", img, "/img/lazy-dump.out", "/img/lazy-daemon.out"], check=False)
+    return _finish(lab, work, s, dst, since, before, wire0, src)
+
+
+CONTENDERS = {
+    "seeds": seeds,
+    "lazy by hand": hand_lazy,
+    "livemig stopcopy": livemig("stopcopy"),
+    "livemig postcopy": livemig("postcopy"),
+}

@@ -1,0 +1,142 @@
+"""The benchmark's results: every raw figure as JSON, medians as a Markdown table, and plots.
+
+Every comparison is a ratio of contenders measured in the same run: these machines are
+noisy, and absolute times move with whatever else runs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+BASELINE = "seeds"
+
+
+def groups(result: dict) -> dict[tuple, list[dict]]:
+    """(mib, dirty, contender) -> the samples that moved the workload intact."""
+    out: dict[tuple, list[dict]] = {}
+    for s in result["samples"]:
+        out.setdefault((s["mib"], s["dirty_mibps"], s["contender"]), [])
+        if s["ok"]:
+            out[(s["mib"], s["dirty_mibps"], s["contender"])].append(s)
+    return out
+
+
+def _stat(samples: list[dict], key: str) -> tuple[float, float, float] | None:
+    vals = [s[key] for s in samples if s[key] is not None]
+    return (statistics.median(vals), min(vals), max(vals)) if vals else None
+
+
+def _ms(v: tuple | None) -> str:
+    if v is None:
+        return "-"
+    med, lo, hi = (x * 1000 for x in v)
+    return f"{med:.0f} ({lo:.0f}-{hi:.0f})" if hi - lo >= 1 else f"{med:.0f}"
+
+
+def _s(v: tuple | None) -> str:
+    return "-" if v is None else f"{v[0]:.2f}"
+
+
+def _mib(v: tuple | None) -> str:
+    return "-" if v is None else f"{v[0] / 2**20:.1f}"
+
+
+def summary(result: dict) -> list[dict]:
+    """One row per scenario and contender: medians, min and max, and the ratio to the baseline."""
+    rows = []
+    g = groups(result)
+    for (mib, dirty, name), samples in g.items():
+        base = _stat(g.get((mib, dirty, BASELINE), []), "downtime_app")
+        app = _stat(samples, "downtime_app")
+        floor = result["limits"]["criu_floor"] + mib / result["limits"]["tcp_mibps"]
+        rows.append({
+            "mib": mib, "dirty_mibps": dirty, "contender": name, "runs": len(samples),
+            "failed": sum(1 for s in result["samples"] if (s["mib"], s["dirty_mibps"], s["contender"])
+                          == (mib, dirty, name) and not s["ok"]),
+            "downtime_app": app, "downtime_tool": _stat(samples, "downtime_tool"), "total": _stat(samples, "total"),
+            "bytes_wire": _stat(samples, "bytes_wire"), "cpu_seconds": _stat(samples, "cpu_seconds"),
+            "peak_rss_bytes": _stat(samples, "peak_rss_bytes"),
+            "less_downtime_than_seeds": (base[0] / app[0]) if base and app and app[0] > 0 else None,
+            "stopcopy_floor": floor,
+        })
+    return rows
+
+
+def table(result: dict) -> str:
+    lim = result["limits"]
+    lines = [f"Link between the lab hosts: ssh (scp) {lim['ssh_mibps']:.0f} MiB/s, plain TCP {lim['tcp_mibps']:.0f} MiB/s; "
+             f"CRIU's dump + restore of an empty process: {lim['criu_floor'] * 1000:.0f} ms. "
+             "Times are medians (min-max) over the repetitions; ms unless marked.", "",
+             "| MiB | dirty MiB/s | contender | downtime seen by the app | downtime (tool) | total s | "
+             "MiB on the wire | CPU s (source) | peak RSS MiB | less downtime than seeds | "
+             "stop-and-copy floor |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in summary(result):
+        ratio = r["less_downtime_than_seeds"]
+        lines.append(
+            f"| {r['mib']} | {r['dirty_mibps']:g} | {r['contender']}"
+            + (f" ({r['failed']} failed)" if r["failed"] else "") + " | "
+            f"{_ms(r['downtime_app'])} | {_ms(r['downtime_tool'])} | {_s(r['total'])} | {_mib(r['bytes_wire'])} | "
+            f"{_s(r['cpu_seconds'])} | {_mib(r['peak_rss_bytes'])} | "
+            f"{'-' if ratio is None else f'x{ratio:.1f}'} | {r['stopcopy_floor'] * 1000:.0f} |")
+    return "\n".join(lines)
+
+
+def write(result: dict, stem: Path) -> list[Path]:
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    paths[0].write_text(json.dumps({**result, "summary": summary(result)}, indent=1))
+    paths[1].write_text(table(result) + "\n")
+    paths += plots(result, stem)
+    return paths
+
+
+def plots(result: dict, stem: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary(result)
+    dirty = sorted({r["dirty_mibps"] for r in rows})
+    fig, axes = plt.subplots(1, len(dirty), figsize=(5 * len(dirty), 4), squeeze=False)
+    for ax, rate in zip(axes[0], dirty):
+        for name in result["contenders"]:
+            pts = sorted((r["mib"], r["downtime_app"][0]) for r in rows
+                         if r["contender"] == name and r["dirty_mibps"] == rate and r["downtime_app"])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        floor = sorted({(r["mib"], r["stopcopy_floor"]) for r in rows if r["dirty_mibps"] == rate})
+        ax.plot([p[0] for p in floor], [p[1] for p in floor], linestyle=":", color="grey",
+                label="stop-and-copy floor (CRIU + TCP)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("workload memory, MiB")
+        ax.set_ylabel("downtime seen by the app, s")
+        ax.set_title(f"dirtying {rate:g} MiB/s")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    downtime = stem.parent / f"{stem.name}-downtime.png"
+    fig.savefig(downtime, dpi=100)
+    plt.close(fig)
+
+    livemig = [s for s in result["samples"] if s["ok"] and s["rounds"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = []
+    for i, s in enumerate(livemig):
+        bottom = 0.0
+        for n, b in enumerate(s["rounds"]):
+            ax.bar(i, b / 2**20, bottom=bottom, color=f"C{n}", label=f"round {n + 1}" if i == 0 or n >= 1 else None)
+            bottom += b / 2**20
+        labels.append(f"{s['contender'].replace('livemig ', '')}\n{s['mib']} MiB {s['dirty_mibps']:g}/s")
+    ax.set_xticks(range(len(labels)), labels, fontsize="x-small", rotation=90)
+    ax.set_ylabel("MiB on the wire, per round (final dump last)")
+    ax.set_title("livemig: bytes on the wire per round")
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(names, handles)).values(), dict(zip(names, handles)).keys(), fontsize="small")
+    fig.tight_layout()
+    rounds = stem.parent / f"{stem.name}-rounds.png"
+    fig.savefig(rounds, dpi=100)
+    plt.close(fig)
+    return [downtime, rounds]

@@ -1,0 +1,39 @@
+"""The benchmark keeps working: `python -m bench --quick` moves a real workload with every
+contender in the lab and writes its JSON, table and plots. It asserts what was measured,
+never how fast: speed is the benchmark's business, not a test's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.contenders import CONTENDERS
+
+pytestmark = pytest.mark.lab
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_moves_the_workload_with_every_contender_and_writes_its_results(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, timeout=1800)
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    [path] = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert {s["contender"] for s in result["samples"]} == set(CONTENDERS)
+    for s in result["samples"]:
+        assert s["ok"] and s["downtime_app"] > 0 and s["total"] >= s["downtime_tool"] > 0, s
+        assert s["bytes_wire"] > 0
+    livemig = [s for s in result["samples"] if s["contender"].startswith("livemig")]
+    assert all(s["rounds"] and s["peak_rss_bytes"] > 0 and s["cpu_seconds"] > 0 for s in livemig)
+    lim = result["limits"]
+    assert lim["ssh_mibps"] > 0 and lim["tcp_mibps"] > 0 and lim["criu_floor"] > 0
+    ratios = {r["contender"]: r["less_downtime_than_seeds"] for r in result["summary"]}
+    assert ratios["seeds"] == 1.0 and all(v > 0 for v in ratios.values())
+    table = path.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in CONTENDERS)
+    for plot in ("downtime", "rounds"):
+        assert (tmp_path / f"{path.stem}-{plot}.png").read_bytes()[:4] == b"\x89PNG"

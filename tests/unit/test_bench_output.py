@@ -1,0 +1,35 @@
+"""The benchmark's arithmetic: medians with their spread, and ratios to the seeds' procedure
+from the same run only."""
+
+from bench.output import summary, table
+
+
+def sample(contender, downtime, ok=True, mib=64, dirty=10.0, rep=0):
+    return {"contender": contender, "mib": mib, "dirty_mibps": dirty, "rep": rep, "ok": ok,
+            "downtime_app": downtime, "downtime_tool": downtime, "total": downtime * 2, "bytes_raw": None,
+            "bytes_wire": 1 << 20, "rounds": [], "peak_rss_bytes": None, "cpu_seconds": 0.5, "steps": {},
+            "error": ""}
+
+
+def result(samples):
+    return {"limits": {"ssh_mibps": 100.0, "tcp_mibps": 1000.0, "criu_floor": 0.05, "probe_mib": 64},
+            "contenders": ["seeds", "livemig postcopy"], "samples": samples}
+
+
+def test_medians_spread_and_ratios_to_the_seeds_in_the_same_scenario():
+    r = result([sample("seeds", 1.0), sample("seeds", 1.4, rep=1), sample("seeds", 1.2, rep=2),
+                sample("livemig postcopy", 0.2), sample("livemig postcopy", 0.3, rep=1),
+                sample("livemig postcopy", 9.0, ok=False, rep=2)])
+    rows = {x["contender"]: x for x in summary(r)}
+    assert rows["seeds"]["downtime_app"] == (1.2, 1.0, 1.4) and rows["seeds"]["less_downtime_than_seeds"] == 1.0
+    # the failed run is counted as failed, never averaged in
+    assert rows["livemig postcopy"]["runs"] == 2 and rows["livemig postcopy"]["failed"] == 1
+    assert rows["livemig postcopy"]["less_downtime_than_seeds"] == 1.2 / 0.25
+    assert rows["seeds"]["stopcopy_floor"] == 0.05 + 64 / 1000
+    text = table(r)
+    assert "| 64 | 10 | livemig postcopy (1 failed) | 250 (200-300) |" in text and "x4.8" in text
+
+
+def test_no_ratio_without_a_baseline_in_that_scenario():
+    rows = summary(result([sample("livemig postcopy", 0.2, mib=512), sample("seeds", 1.0, mib=64)]))
+    assert next(x for x in rows if x["mib"] == 512)["less_downtime_than_seeds"] is None
