@@ -99,7 +99,7 @@ def plots(result: dict, stem: Path) -> list[Path]:
 
     rows = summary(result)
     dirty = sorted({r["dirty_mibps"] for r in rows})
-    fig, axes = plt.subplots(1, len(dirty), figsize=(5 * len(dirty), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(dirty), figsize=(max(7, 5 * len(dirty)), 5), squeeze=False)
     for ax, rate in zip(axes[0], dirty):
         for name in result["contenders"]:
             pts = sorted((r["mib"], r["downtime_app"][0]) for r in rows
@@ -107,7 +107,7 @@ def plots(result: dict, stem: Path) -> list[Path]:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         floor = sorted({(r["mib"], r["stopcopy_floor"]) for r in rows if r["dirty_mibps"] == rate})
-        ax.plot([p[0] for p in floor], [p[1] for p in floor], linestyle=":", color="grey",
+        ax.plot([p[0] for p in floor], [p[1] for p in floor], linestyle=":", marker="_", color="grey",
                 label="stop-and-copy floor (CRIU + TCP)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -115,8 +115,9 @@ def plots(result: dict, stem: Path) -> list[Path]:
         ax.set_ylabel("downtime seen by the app, s")
         ax.set_title(f"dirtying {rate:g} MiB/s")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize="small")
+    fig.tight_layout(rect=(0, 0.15, 1, 1))
     downtime = stem.parent / f"{stem.name}-downtime.png"
     fig.savefig(downtime, dpi=100)
     plt.close(fig)
