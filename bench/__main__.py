@@ -21,7 +21,7 @@ from pathlib import Path
 from tests.lab import Lab
 
 from . import limits, output
-from .contenders import CONTENDERS, Sample
+from .contenders import CONTENDERS, SIDE, Sample
 
 WORKLOAD_PID = 4343   # a bare process restores onto its own PID: one free on both hosts
 
@@ -57,15 +57,20 @@ def main(argv: list[str] | None = None) -> int:
         lim = limits.measure(lab, "a", "b", probe_mib=64 if a.quick else 256)
         print(f"  ssh {lim.ssh_mibps:.0f} MiB/s, tcp {lim.tcp_mibps:.0f} MiB/s, "
               f"criu dump+restore of an empty process {lim.criu_floor * 1000:.0f} ms", file=sys.stderr)
-        samples = run_matrix(lab, names, sizes, dirty, reps)
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+
+        def result_of(samples: list[Sample]) -> dict:
+            return {"started": started, "lab": "netns", "quick": a.quick, "sizes_mib": sizes,
+                    "dirty_mibps": dirty, "reps": reps, "contenders": names, "limits": dataclasses.asdict(lim),
+                    "samples": [dataclasses.asdict(s) for s in samples]}
+        # written after every scenario: a run that dies late keeps what it measured
+        samples = run_matrix(lab, names, sizes, dirty, reps,
+                             on_scenario=lambda done: output.write_json(result_of(done), out / started))
     finally:
         if not a.keep:
             Lab.down()
-    result = {"started": started, "lab": "netns", "quick": a.quick, "sizes_mib": sizes, "dirty_mibps": dirty,
-              "reps": reps, "contenders": names, "limits": dataclasses.asdict(lim),
-              "samples": [dataclasses.asdict(s) for s in samples]}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    result = result_of(samples)
     paths = output.write(result, out / started)
     print(output.table(result))
     print("\n" + "\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
@@ -76,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def run_matrix(lab: Lab, names: list[str], sizes: list[int], dirty: list[float], reps: int) -> list[Sample]:
+def run_matrix(lab: Lab, names: list[str], sizes: list[int], dirty: list[float], reps: int,
+               on_scenario=None) -> list[Sample]:
+    """Every contender on every scenario, reps times; on_scenario(samples so far) after each."""
     samples = []
     for rep in range(reps):
         for mib in sizes:
@@ -104,8 +111,11 @@ def run_matrix(lab: Lab, names: list[str], sizes: list[int], dirty: list[float],
                         where = there
                         time.sleep(0.5)
                 finally:
-                    for h in ("a", "b"):
+                    for h in ("a", "b"):    # gone for good: the next scenario's workload needs its PID
                         lab.run(h, ["kill", "-9", str(work.pid)], check=False)
+                        lab.run(h, ["python3", SIDE, "wait-exit", str(work.pid), "60"], check=False)
+                if on_scenario:
+                    on_scenario(samples)
     return samples
 
 

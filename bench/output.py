@@ -84,9 +84,14 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_json(result: dict, stem: Path) -> Path:
+    path = stem.with_suffix(".json")
+    path.write_text(json.dumps({**result, "summary": summary(result)}, indent=1))
+    return path
+
+
 def write(result: dict, stem: Path) -> list[Path]:
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-    paths[0].write_text(json.dumps({**result, "summary": summary(result)}, indent=1))
+    paths = [write_json(result, stem), stem.with_suffix(".md")]
     paths[1].write_text(table(result) + "\n")
     paths += plots(result, stem)
     return paths

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from . import __version__, criu
@@ -169,11 +170,34 @@ def _report(args, call, interrupted: str) -> int:
     except KeyboardInterrupt:
         print(f"livemig: interrupted: {interrupted}", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except Terminated:
+        print(f"livemig: terminated: {interrupted}", file=sys.stderr)
+        return ExitCode.TERMINATED
     print(report.to_json() if args.json else report.summary())
     return ExitCode.MOVED
 
 
+class Terminated(Exception):
+    """SIGTERM (systemd, timeout, kill): rolled back like Ctrl-C."""
+
+
+async def _cancelled_by_sigterm(coro):
+    """SIGTERM cancels the work as Ctrl-C does, so that the same rollback runs."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    got = []
+    loop.add_signal_handler(signal.SIGTERM, lambda: (got.append(1), task.cancel()))
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if got:
+            raise Terminated() from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def _run(coro):
+    coro = _cancelled_by_sigterm(coro)
     try:
         import uvloop
         return uvloop.run(coro) if hasattr(uvloop, "run") else asyncio.run(coro)

@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     DUMP = 5             # CRIU could not checkpoint the workload; it runs on the source
     RESTORE = 6          # the target could not restore; rolled back, it runs on the source
     INTERRUPTED = 130    # Ctrl-C: rolled back, it runs on the source
+    TERMINATED = 143     # SIGTERM: rolled back, as for Ctrl-C
 
 
 class Phase:

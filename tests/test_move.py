@@ -147,9 +147,10 @@ def test_check_runs_the_preflight_alone(lab):
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
 
 
-@pytest.mark.parametrize("after", ["final dump...", "restoring on the target..."])
-def test_ctrl_c_rolls_back_and_the_source_goes_on(lab, after):
-    work = lab.start_workload("a", mib=512, dirty_mibps=8, pid=4410 + len(after), port=7794)
+@pytest.mark.parametrize("after,sig", [("final dump...", "INT"), ("restoring on the target...", "INT"),
+                                       ("restoring on the target...", "TERM")])
+def test_ctrl_c_or_sigterm_rolls_back_and_the_source_goes_on(lab, after, sig):
+    work = lab.start_workload("a", mib=512, dirty_mibps=8, pid=4410 + len(after) + len(sig), port=7794)
     before = work.query("a")
     mover = lab.popen("a", ["livemig", "move", "--pid", str(work.pid), "--mode", "stopcopy", "b"],
                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -158,14 +159,14 @@ def test_ctrl_c_rolls_back_and_the_source_goes_on(lab, after):
         line = mover.stderr.readline()
         assert line, f"livemig ended before {after!r}: {seen!r}"
         seen += line
-    lab.run("a", ["pkill", "-INT", "-f", "livemig move"])
+    lab.run("a", ["pkill", f"-{sig}", "-f", "livemig move"])
     t0 = time.monotonic()
     out, err = mover.communicate(timeout=300)
-    assert mover.returncode == 130, (seen + err).decode()
+    assert mover.returncode == {"INT": 130, "TERM": 143}[sig], (seen + err).decode()
     # CRIU let go by itself (page stream cut, or the hook's verdict), not through the last
     # resort of killing it after 60 s
     assert time.monotonic() - t0 < 45
-    assert b"interrupted: rolled back, the workload runs on the source" in err
+    assert {"INT": b"interrupted", "TERM": b"terminated"}[sig] + b": rolled back, the workload runs on the source" in err
     time.sleep(0.3)
     now = work.query("a")
     assert now["host"] == "a" and now["counter"] > before["counter"]
