@@ -9,7 +9,6 @@ counters, so that every contender is counted alike, SSH's own overhead included.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -115,27 +114,28 @@ def hand_lazy(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample
     before, wire0, since = work.query(src), _netdev(lab, src), time.time()
     for h in (src, dst):
         lab.run(h, ["mkdir", "-p", "-m", "700", img])
-    tunnel = None
+    tunnel = daemon = dump = None
+    for h in (src, dst):   # the port must be free: a listener left there would take the pages
+        lab.run(h, ["python3", SIDE, "wait-free", port, "30"])
     try:
         t0 = time.monotonic()
         dump = lab.text(src, ["python3", SIDE, "spawn", "/img/lazy-dump.out", "criu", "dump", "-t", str(work.pid),
                               "-D", img, "-o", "dump.log", "--lazy-pages", "--address", "127.0.0.1",
                               "--port", port]).strip()
-        lab.run(src, ["python3", SIDE, "wait-listen", port, "600"])
+        lab.run(src, ["python3", SIDE, "wait-listen", port, "600", dump])
         s.steps["dump"] = time.monotonic() - t0
         t = time.monotonic()
         lab.run(src, ["scp", "-q", "-r", img, f"{dst}:/img/"], timeout=3600)
         s.steps["copy"] = time.monotonic() - t
         t = time.monotonic()
-        tunnel = lab.popen(dst, ["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-L",
-                                 f"127.0.0.1:{port}:127.0.0.1:{port}", src],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        lab.run(dst, ["python3", SIDE, "wait-listen", port, "60"])
+        tunnel = lab.text(dst, ["python3", SIDE, "spawn", "/dev/null", "ssh", "-N", "-o", "ExitOnForwardFailure=yes",
+                                "-L", f"127.0.0.1:{port}:127.0.0.1:{port}", src]).strip()
+        lab.run(dst, ["python3", SIDE, "wait-listen", port, "60", tunnel])
         daemon = lab.text(dst, ["python3", SIDE, "spawn", "/img/lazy-daemon.out", "criu", "lazy-pages",
                                 "--page-server", "--address", "127.0.0.1", "--port", port, "-D", img,
                                 "-o", "lazy-pages.log"]).strip()
         lab.run(dst, ["python3", SIDE, "wait-file", f"{img}/lazy-pages.socket", "60"])
-        lab.run(dst, ["criu", "restore", "-D", img, "-d", "--lazy-pages", "-o", "restore.log"], timeout=3600)
+        lab.run(dst, ["criu", "restore", "-D", img, "-d", "--lazy-pages", "-o", "restore.log"], timeout=600)
         s.steps["restore"] = time.monotonic() - t
         s.downtime_tool = time.monotonic() - t0
         lab.run(dst, ["python3", SIDE, "wait-exit", daemon, "3600"], timeout=3700)
@@ -143,9 +143,10 @@ def hand_lazy(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample
         s.total = time.monotonic() - t0
         s.steps["pages"] = s.total - s.downtime_tool
     finally:
-        if tunnel is not None:
-            tunnel.kill()
-            tunnel.wait()
+        # on success these are gone already; after a failure none may linger, holding the port
+        for host, pid in ((dst, tunnel), (dst, daemon), (src, dump)):
+            if pid is not None:
+                lab.run(host, ["kill", pid], check=False)
         for h in (src, dst):
             lab.run(h, ["rm", "-rf", img, "/img/lazy-dump.out", "/img/lazy-daemon.out"], check=False)
     return _finish(lab, work, s, dst, since, before, wire0, src)

@@ -3,7 +3,8 @@
 
     lab_side.py usage OUT ARGV...        run ARGV; its CPU seconds and peak RSS as JSON into OUT
     lab_side.py spawn LOG ARGV...        start ARGV in its own session, detached; print its PID
-    lab_side.py wait-listen PORT [S]     until something listens on TCP PORT here
+    lab_side.py wait-listen PORT [S [PID]]  until something listens on TCP PORT here (and PID lives)
+    lab_side.py wait-free PORT [S]       until nothing listens on TCP PORT here
     lab_side.py wait-file PATH [S]       until PATH exists
     lab_side.py wait-exit PID [S]        until process PID is gone
     lab_side.py tcp-sink ADDR PORT       accept one connection, read it to the end, answer its size
@@ -65,8 +66,14 @@ def main(argv: list[str]) -> int:
             p = subprocess.Popen(args[1:], stdin=null, stdout=log, stderr=log, start_new_session=True)
         print(p.pid)
         return 0
-    if cmd == "wait-listen":
+    if cmd == "wait-listen":    # PORT [SECONDS [PID]]: PID, if given, must still be alive then
         _until(lambda: _listening(int(args[0])), float(args[1]) if len(args) > 1 else 120, f"port {args[0]}")
+        if len(args) > 2 and not _alive(int(args[2])):
+            raise SystemExit(f"PID {args[2]} is gone: something else listens on port {args[0]}")
+        return 0
+    if cmd == "wait-free":
+        _until(lambda: not _listening(int(args[0])), float(args[1]) if len(args) > 1 else 30,
+               f"port {args[0]} to be free")
         return 0
     if cmd == "wait-file":
         _until(lambda: os.path.exists(args[0]), float(args[1]) if len(args) > 1 else 120, args[0])

@@ -10,6 +10,8 @@ The Python API, for failover scripts:
 migrate() returns a Report, or raises a LivemigError whose .phase names the
 phase that failed and whose .exit_code is the CLI's; the workload then runs on
 the source.
+
+    report = asyncio.run(livemig.clone("web1", ["host-b", "host-c"], count=2))   # podman replicas
 """
 
 __version__ = "0.1.0"
@@ -17,7 +19,7 @@ __version__ = "0.1.0"
 from .errors import (ConnectionFailed, DumpError, ExitCode, LivemigError, PreflightError,  # noqa: E402
                      RestoreError, UsageError)
 from .options import Mode, Options  # noqa: E402
-from .report import Report, RoundReport  # noqa: E402
+from .report import CloneReport, Replica, Report, RoundReport  # noqa: E402
 
 
 async def migrate(what: int | str, host: str, options: Options = Options(), *, progress=None) -> Report:
@@ -27,5 +29,15 @@ async def migrate(what: int | str, host: str, options: Options = Options(), *, p
     return await _migrate(what, host, options, progress=progress)
 
 
-__all__ = ["migrate", "Options", "Mode", "Report", "RoundReport", "LivemigError", "UsageError",
+async def clone(what: str, hosts: list[str], options: Options = Options(), *, name: str | None = None,
+                count: int = 1, keep_name: bool = False, progress=None) -> CloneReport:
+    """Running replicas of the podman container what on each of hosts, from one checkpoint
+    that leaves it running: count per host, named NAME or NAME-1..N (NAME: name, else
+    what-clone; keep_name: what). Returns a CloneReport, or raises a LivemigError (then no
+    replica is left anywhere)."""
+    from .clone import clone as _clone
+    return await _clone(what, hosts, options, name=name, count=count, keep_name=keep_name, progress=progress)
+
+
+__all__ = ["migrate", "clone", "CloneReport", "Replica", "Options", "Mode", "Report", "RoundReport", "LivemigError", "UsageError",
            "PreflightError", "ConnectionFailed", "DumpError", "RestoreError", "ExitCode"]
