@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from tests.lab import Lab, Workload
+from tests.lab import Lab, Workload, by_hand
 
 SIDE = "/opt/livemig/bench/lab_side.py"
 LAZY_PORT = 27000
@@ -75,34 +75,24 @@ def livemig(mode: str):
 
 
 def seeds(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample:
-    """The seeds' procedure, as an operator types it: criu dump, tar --zstd, scp, unpack,
-    criu restore; the workload frozen from the dump's start to the restore's end."""
-    img, archive = "/img/seeds", "/img/seeds.tar.zst"
+    """The seeds' procedure, as an operator types it (tests/lab/by_hand.py): criu dump, tar
+    --zstd, scp, unpack, criu restore; the workload frozen from the dump's start to the
+    restore's end. The source's steps run under `usage`, for their CPU time."""
     before, wire0, since = work.query(src), _netdev(lab, src), time.time()
-    cpu = 0.0
+    usage = {}
 
-    def step(label: str, host: str, argv: list[str]) -> None:
-        nonlocal cpu
-        t = time.monotonic()
-        lab.run(host, ["python3", SIDE, "usage", "/img/seeds.usage", *argv], timeout=3600)
-        s.steps[label] = time.monotonic() - t
-        if host == src:
-            cpu += _usage(lab, host, "/img/seeds.usage")["cpu_seconds"]
-
-    for h in (src, dst):
-        lab.run(h, ["mkdir", "-p", "-m", "700", img])
+    def measured(label: str, host: str, argv: list[str]) -> list[str]:
+        if host != src:
+            return argv
+        usage[label] = f"/img/seeds-{label}.usage"
+        return ["python3", SIDE, "usage", usage[label], *argv]
     try:
-        step("dump", src, ["criu", "dump", "-t", str(work.pid), "-D", img, "-o", "dump.log"])
-        s.bytes_raw = int(lab.text(src, ["du", "-sb", img]).split()[0])
-        step("pack", src, ["tar", "--zstd", "-cf", archive, "-C", img, "."])
-        step("copy", src, ["scp", "-q", archive, f"{dst}:{archive}"])
-        step("unpack", dst, ["tar", "--zstd", "-xf", archive, "-C", img])
-        step("restore", dst, ["criu", "restore", "-D", img, "-d", "-o", "restore.log"])
+        hand = by_hand.migrate(lab, work.pid, src, dst, "seeds", wrap=measured, timeout=3600)
+        s.cpu_seconds = sum(_usage(lab, src, path)["cpu_seconds"] for path in usage.values())
     finally:
-        for h in (src, dst):
-            lab.run(h, ["rm", "-rf", img, archive, "/img/seeds.usage"], check=False)
-    s.downtime_tool = s.total = sum(s.steps.values())
-    s.cpu_seconds = cpu
+        lab.run(src, ["rm", "-f", *usage.values()], check=False)
+    s.steps, s.bytes_raw = hand.steps, hand.image_bytes
+    s.downtime_tool = s.total = hand.total
     return _finish(lab, work, s, dst, since, before, wire0, src)
 
 

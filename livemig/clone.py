@@ -16,19 +16,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import secrets
 import shutil
 import socket
 import time
 from pathlib import Path
 
 from . import host, preflight, protocol as p, runtimes
-from .coordinator import local_cpuinfo
+from .coordinator import local_cpuinfo, local_facts, make_work_dir
 from .errors import ConnectionFailed, Phase, PreflightError, UsageError, record_failure
 from .options import Options
 from .report import CloneReport, Replica
 from .runtimes import podman
-from .session import TargetSession, remote_error, ssh_connector
+from .session import TargetSession, migration_id, remote_error, ssh_connector
 
 
 def replica_names(original: str, name: str | None, count: int, keep_name: bool) -> list[str]:
@@ -52,22 +51,18 @@ class Clone:
             raise UsageError("a host is named twice: --count gives one host several replicas")
         self.what, self.targets, self.names, self.options = what, targets, names, options
         self.progress = progress or (lambda event, **kw: None)
-        self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        self.id = migration_id()
         self.phase = Phase.PREFLIGHT
         self.work = Path(options.image_root) / f"{self.id}-source"
         self.to = [TargetSession(t, transport_factory, options, self.id) for t in targets]
         self.workload: podman.PodmanContainer | None = None
         self.report = CloneReport(source=socket.gethostname(), workload=what)
-        self.failed_on: str | None = None    # the target a failure came from
 
     # --- the whole ---------------------------------------------------------------------------
     async def run(self) -> CloneReport:
         t0 = time.monotonic()
         try:
-            try:
-                await self._phases()
-            except p.RemoteFailure as e:
-                raise remote_error(e, self.phase, self.failed_on or ",".join(self.targets)) from None
+            await self._phases()      # every request goes through _each, which names its host
             self.report.outcome = "cloned"
             return self.report
         except BaseException as e:
@@ -97,7 +92,6 @@ class Clone:
             try:
                 return await fn(s)
             except p.RemoteFailure as e:
-                self.failed_on = s.target
                 raise remote_error(e, self.phase, s.target) from None
         try:
             async with asyncio.TaskGroup() as tg:
@@ -119,13 +113,11 @@ class Clone:
         self.workload = w
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.replicas = [Replica(t, n) for t in self.targets for n in self.names]
-        Path(self.options.image_root).mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.options.image_root, 0o700)
-        self.work.mkdir(mode=0o700)
-        local = dataclasses.replace(await host.probe([], str(self.work)), runtime_facts=await podman.facts())
+        make_work_dir(self.options.image_root, self.work)
+        spec = self._spec(self.names[0])
+        local = await local_facts([], self.work, spec)
         cpuinfo = await local_cpuinfo(self.work)
         need = host.resident_bytes(w.pids()) * len(self.names)
-        spec = self._spec(self.names[0])
 
         async def check(s: TargetSession) -> list[str]:
             self.progress("connect", host=s.target)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import secrets
 import shutil
 import socket
 import time
@@ -26,7 +25,8 @@ from .options import Mode, Options
 from .report import Report, RoundReport
 from .runtimes import podman
 from .runtimes.process import criu_failure
-from .session import TargetSession, remote_error, ssh_connector, token
+from .session import TargetSession, migration_id, remote_error, ssh_connector, token
+
 
 class Migration:
     def __init__(self, what: int | str, target: str, options: Options, transport_factory, progress=None):
@@ -34,7 +34,7 @@ class Migration:
         self.what, self.target, self.options = what, target, options
         self.phase = Phase.PREFLIGHT     # the phase under way: what an error names
         self.progress = progress or (lambda event, **kw: None)
-        self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        self.id = migration_id()
         self.report = Report(pid=what if isinstance(what, int) else 0, source=socket.gethostname(), target=target)
         self.to = TargetSession(target, transport_factory, options, self.id)
         self.work = Path(options.image_root) / f"{self.id}-source"
@@ -46,7 +46,6 @@ class Migration:
         self.round_dirs: list[str] = []
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
         self.bundle_listing: set[str] = set()
-        self.remote_facts: p.HostFacts | None = None
         self.committed = False
 
     # --- the whole ---------------------------------------------------------------------------
@@ -123,31 +122,22 @@ class Migration:
 
     async def _probe_both(self, pids: list[int], container: p.Container | None = None
                           ) -> tuple[p.HostFacts, p.HostFacts]:
-        self._make_work_dir()
+        make_work_dir(self.options.image_root, self.work)
         self.progress("connect", host=self.target)
         await self.to.open()
-        local = await host.probe(pids, str(self.work))
-        if container is not None and container.runtime == "podman":
-            local = dataclasses.replace(local, runtime_facts=await podman.facts())
+        local = await local_facts(pids, self.work, container)
         marker = None
         if container is not None and container.bundle:
             # Seen from the target, this file means the bundle is on storage both share.
             marker = Path(container.bundle) / f"livemig-{self.id}.probe"
             marker.touch(mode=0o600)
         try:
-            remote = await self.to.request(
+            self.to.facts = await self.to.request(
                 p.Probe(pids=pids, container=container, bundle_marker=marker.name if marker else ""), p.HostFacts)
         finally:
             if marker:
                 marker.unlink(missing_ok=True)
-        self.remote_facts = remote
-        return local, remote
-
-    def _make_work_dir(self) -> None:
-        Path(self.options.image_root).mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.options.image_root, 0o700)
-        if not self.work.exists():
-            self.work.mkdir(mode=0o700)
+        return local, self.to.facts
 
     async def _check_cpu(self) -> preflight.Check:
         return await self.to.check_cpu(await local_cpuinfo(self.work))
@@ -156,7 +146,7 @@ class Migration:
     async def precopy_image(self) -> None:
         """A container's image (podman's), if the target lacks it, before anything stops."""
         w = self.workload
-        if w.image is None or self.remote_facts.image_present:
+        if w.image is None or self.to.facts.image_present:
             return
         meter = await self.to.load_image(w)
         self.report.image_bytes_wire = meter.wire
@@ -165,7 +155,7 @@ class Migration:
     async def precopy_bundle(self) -> None:
         """A container's bundle, unless the target shares it: all of it now, the rest frozen."""
         root = self.workload.bundle()
-        if root is None or self.remote_facts.bundle == "shared":
+        if root is None or self.to.facts.bundle == "shared":
             return
         self.bundle_copied_at = time.time()
         self.bundle_listing = bundle.listing(root)
@@ -350,6 +340,23 @@ class Migration:
             await self.workload.close()
         await self.to.close()
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+def make_work_dir(image_root: str, work: Path) -> None:
+    """This host's private image directory for one move or clone, under a private root."""
+    Path(image_root).mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(image_root, 0o700)
+    if not work.exists():
+        work.mkdir(mode=0o700)
+
+
+async def local_facts(pids: list[int], work: Path, container: p.Container | None) -> p.HostFacts:
+    """This host's facts for the preflight; with what podman says must match, for its containers."""
+    local = await host.probe(pids, str(work))
+    if container is not None and container.runtime == "podman":
+        local = dataclasses.replace(local, runtime_facts=await podman.facts())
+    return local
+
 
 async def local_cpuinfo(work: Path) -> Path:
     """This CPU's features as CRIU records them, for the targets' cpuinfo check."""

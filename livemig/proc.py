@@ -69,13 +69,7 @@ async def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = 
 
 async def _run_leaving_daemon(argv, *, check, env, timeout, phase) -> Result:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        argv = [str(a) for a in argv]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err,
-                env=dict(env) if env is not None else None, close_fds=True)
-        except FileNotFoundError:
-            raise CommandFailed(f"{argv[0]}: command not found") from None
+        proc = await start(argv, stdout=out, stderr=err, env=env)
         try:
             async with asyncio.timeout(timeout):
                 await proc.wait()
@@ -95,12 +89,14 @@ def _result(argv, returncode: int, out: bytes, err: bytes, check: bool, phase: s
 
 
 async def start(argv: Sequence[str], *, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                env: Mapping[str, str] | None = None, pass_fds: Sequence[int] = ()) -> asyncio.subprocess.Process:
-    """Start argv with stderr captured: the caller owns the process and must reap it."""
+                stderr=asyncio.subprocess.PIPE, env: Mapping[str, str] | None = None,
+                pass_fds: Sequence[int] = ()) -> asyncio.subprocess.Process:
+    """Start argv with stderr captured (a pipe, or a file of the caller's): the caller owns
+    the process and must reap it."""
     argv = [str(a) for a in argv]
     try:
         return await asyncio.create_subprocess_exec(
-            *argv, stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE,
+            *argv, stdin=stdin, stdout=stdout, stderr=stderr,
             env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), close_fds=True)
     except FileNotFoundError:
         raise CommandFailed(f"{argv[0]}: command not found") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import socket
-
+import time
 from pathlib import Path
 
 from . import __version__, protocol as p, streams
@@ -22,6 +22,11 @@ NOT_IMAGES = {"stats-dump", "parent"}    # in an image directory, but not for th
 
 def token() -> str:
     return secrets.token_hex(8)
+
+
+def migration_id() -> str:
+    """A move's or a clone's name on every host: its image directories are named after it."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
 
 
 class TargetSession:

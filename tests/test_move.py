@@ -42,6 +42,17 @@ def assert_moved_intact(lab, work, before: dict, report: dict) -> None:
     assert report["outcome"] == "moved" and report["downtime_seconds"] > 0
 
 
+def assert_still_on_source(lab, work, before: dict) -> None:
+    """Rolled back: it counts on on a from where it was, memory intact; nothing of it on b,
+    no images or CRIU anywhere."""
+    time.sleep(0.3)
+    now = work.query("a")
+    assert now["host"] == "a" and now["counter"] > before["counter"]
+    assert work.query("a", "verify")["bad_pages"] == 0
+    assert lab.run("b", ["kill", "-0", str(work.pid)], check=False).returncode != 0
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+
+
 def test_stopcopy_moves_a_counting_workload_with_its_memory(lab):
     work = lab.start_workload("a", mib=MIB, dirty_mibps=8, pid=4401)
     before = work.query("a")
@@ -99,13 +110,7 @@ def test_a_failed_restore_rolls_back_and_the_source_goes_on(lab):
     assert err.startswith("livemig: restore on b:") and "Address already in use" in err
     report = json.loads(res.stdout)
     assert report["outcome"] == "rolled back" and report["failed_phase"] == "restore"
-    time.sleep(0.3)
-    after = work.query("a")
-    assert after["host"] == "a" and after["counter"] > before["counter"]
-    assert work.query("a", "verify")["bad_pages"] == 0
-    # nothing of it on b but the squatter; no images anywhere
-    assert lab.run("b", ["kill", "-0", str(work.pid)], check=False).returncode != 0
-    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    assert_still_on_source(lab, work, before)     # nothing of it on b but the squatter
     lab.run("a", ["kill", str(work.pid)])
     lab.run("b", ["kill", str(squatter.pid)])
 
@@ -167,10 +172,5 @@ def test_ctrl_c_or_sigterm_rolls_back_and_the_source_goes_on(lab, after, sig):
     # resort of killing it after 60 s
     assert time.monotonic() - t0 < 45
     assert {"INT": b"interrupted", "TERM": b"terminated"}[sig] + b": rolled back, the workload runs on the source" in err
-    time.sleep(0.3)
-    now = work.query("a")
-    assert now["host"] == "a" and now["counter"] > before["counter"]
-    assert work.query("a", "verify")["bad_pages"] == 0
-    assert lab.run("b", ["kill", "-0", str(work.pid)], check=False).returncode != 0
-    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    assert_still_on_source(lab, work, before)
     lab.run("a", ["kill", str(work.pid)])

@@ -137,11 +137,13 @@ class PodmanContainer(Workload):
     async def copy(self, images: Path) -> criu.DumpStats:
         """A checkpoint of the running container that leaves it running: what clones start
         from. The container stops only while CRIU dumps it."""
-        res = await proc.run(checkpoint(self.container, images / ARCHIVE, self.opts, leave_running=True),
-                             check=False)
-        if res.returncode != 0:
-            raise DumpError(f"podman container checkpoint exited {res.returncode}: {proc.why(res.stderr)}")
-        return parse_stats(res.stdout)
+        run = DumpRun(await _start(checkpoint(self.container, images / ARCHIVE, self.opts, leave_running=True),
+                                   images), images / "dump.log")
+        try:
+            await self.dumped(run, lazy=False)
+        finally:
+            await proc.kill(run.proc)     # cancelled: never left behind (a no-op once it exited)
+        return self.stats(images) or criu.DumpStats()
 
     def stats(self, images: Path) -> criu.DumpStats | None:
         try:

@@ -24,13 +24,16 @@ class ByHand:
         return sum(self.steps.values())
 
 
-def migrate(lab: Lab, pid: int, src: str, dst: str, name: str = "by-hand") -> ByHand:
+def migrate(lab: Lab, pid: int, src: str, dst: str, name: str = "by-hand", wrap=None,
+            timeout: float = 600) -> ByHand:
+    """wrap(label, host, argv), if given, returns the argv to run for each step instead (the
+    benchmark measures the steps' CPU time through it)."""
     img, archive = f"/img/{name}", f"/img/{name}.tar.zst"
     steps: dict[str, float] = {}
 
     def step(label: str, host: str, argv: list[str]) -> None:
         t = time.monotonic()
-        lab.run(host, argv)
+        lab.run(host, wrap(label, host, argv) if wrap else argv, timeout=timeout)
         steps[label] = time.monotonic() - t
 
     lab.run(src, ["mkdir", "-m", "700", img])
