@@ -34,6 +34,8 @@ class Sample:
     peak_rss_bytes: int | None = None  # the source-side process at its peak
     cpu_seconds: float | None = None   # on the source: the tool and what it ran
     steps: dict[str, float] = field(default_factory=dict)
+    fetch_seconds: float | None = None  # post-copy: target running -> every page there
+    fetch_bytes: int | None = None     # post-copy: the page bytes that came in that time
     error: str = ""
 
 
@@ -70,6 +72,8 @@ def livemig(mode: str):
         s.rounds = [x["bytes_wire"] for x in r["rounds"]]
         s.peak_rss_bytes, s.cpu_seconds = r["source_peak_rss_bytes"], r["source_cpu_seconds"]
         s.steps = {"restore": r["restore_seconds"], "final dump frozen": r["final_dump_frozen_seconds"]}
+        if r.get("postcopy_seconds"):
+            s.fetch_seconds, s.fetch_bytes = r["postcopy_seconds"], r["postcopy_pages"] * 4096
         return _finish(lab, work, s, dst, since, before, wire0, src)
     return run
 
@@ -132,6 +136,8 @@ def hand_lazy(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample
         lab.run(src, ["python3", SIDE, "wait-exit", dump, "600"], timeout=700)
         s.total = time.monotonic() - t0
         s.steps["pages"] = s.total - s.downtime_tool
+        # the daemon logs no count: every page of the workload's memory is the estimate
+        s.fetch_seconds, s.fetch_bytes = s.steps["pages"], work.mib * 2**20
     finally:
         # on success these are gone already; after a failure none may linger, holding the port
         for host, pid in ((dst, tunnel), (dst, daemon), (src, dump)):

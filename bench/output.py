@@ -43,6 +43,10 @@ def _mib(v: tuple | None) -> str:
     return "-" if v is None else f"{v[0] / 2**20:.1f}"
 
 
+def _fetch(v: tuple | None, ssh_mibps: float) -> str:
+    return "-" if v is None else f"{v[0]:.0f} ({v[0] / ssh_mibps:.0%})"
+
+
 def summary(result: dict) -> list[dict]:
     """One row per scenario and contender: medians, min and max, and the ratio to the baseline."""
     rows = []
@@ -58,6 +62,8 @@ def summary(result: dict) -> list[dict]:
             "downtime_app": app, "downtime_tool": _stat(samples, "downtime_tool"), "total": _stat(samples, "total"),
             "bytes_wire": _stat(samples, "bytes_wire"), "cpu_seconds": _stat(samples, "cpu_seconds"),
             "peak_rss_bytes": _stat(samples, "peak_rss_bytes"),
+            "fetch_mibps": _stat([{"r": x["fetch_bytes"] / 2**20 / x["fetch_seconds"]} for x in samples
+                                  if x.get("fetch_seconds")], "r"),
             "less_downtime_than_seeds": (base[0] / app[0]) if base and app and app[0] > 0 else None,
             "stopcopy_floor": floor,
         })
@@ -71,8 +77,8 @@ def table(result: dict) -> str:
              "Times are medians (min-max) over the repetitions; ms unless marked.", "",
              "| MiB | dirty MiB/s | contender | downtime seen by the app | downtime (tool) | total s | "
              "MiB on the wire | CPU s (source) | peak RSS MiB | less downtime than seeds | "
-             "stop-and-copy floor |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "stop-and-copy floor | post-copy fetch MiB/s (of scp's) |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary(result):
         ratio = r["less_downtime_than_seeds"]
         lines.append(
@@ -80,7 +86,8 @@ def table(result: dict) -> str:
             + (f" ({r['failed']} failed)" if r["failed"] else "") + " | "
             f"{_ms(r['downtime_app'])} | {_ms(r['downtime_tool'])} | {_s(r['total'])} | {_mib(r['bytes_wire'])} | "
             f"{_s(r['cpu_seconds'])} | {_mib(r['peak_rss_bytes'])} | "
-            f"{'-' if ratio is None else f'x{ratio:.1f}'} | {r['stopcopy_floor'] * 1000:.0f} |")
+            f"{'-' if ratio is None else f'x{ratio:.1f}'} | {r['stopcopy_floor'] * 1000:.0f} | "
+            f"{_fetch(r['fetch_mibps'], lim['ssh_mibps'])} |")
     return "\n".join(lines)
 
 

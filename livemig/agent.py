@@ -21,9 +21,10 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from . import __version__, bundle, criu, host, proc, protocol as p, streams
+from . import __version__, bundle, criu, host, postcopy, proc, protocol as p, streams
 from . import runtimes
 from .runtimes import oci, podman
 from .errors import Phase
@@ -77,6 +78,11 @@ class Agent:
                     reply = await self.handle(msg)
                 except AgentFailure as e:
                     reply = p.Failed(e.phase, e.message, e.detail)
+                except Exception as e:
+                    # a bug here must still reach the coordinator as an answer, which then
+                    # rolls back or reports; dying would leave it guessing
+                    reply = p.Failed("", f"the agent failed on {type(msg).__name__}: "
+                                         f"{type(e).__name__}: {e}", traceback.format_exc())
                 await p.write_message(self.writer, reply)
             return 0
         except (EOFError, ConnectionError):
@@ -192,12 +198,15 @@ class Agent:
         return p.PageServerDone(msg.dir, meters.received.wire, meters.received.raw)
 
     async def _relay_criu(self, token: str, ours: socket.socket, criu_proc, phase: str, what: str,
-                          log: Path) -> streams.Relay:
-        """Join CRIU's end of a socketpair to data stream token until both sides close;
-        then CRIU must exit 0, or its log explains why not."""
+                          log: Path, pump=streams.relay):
+        """pump(CRIU's end of a socketpair, data stream token) until both sides close
+        (by default, a plain relay); then CRIU must exit 0, or its log explains why not."""
         try:
             async with self.stream(token) as remote:
-                meters = await streams.relay(await streams.socket_streams(ours), remote)
+                try:
+                    meters = await pump(await streams.socket_streams(ours), remote)
+                except postcopy.PageStreamError as e:
+                    raise AgentFailure(phase, str(e), "\n".join(criu.log_errors(_read(log)))) from None
             rc = await criu_proc.wait()
             if rc != 0:
                 raise AgentFailure(phase, f"{what} exited {rc}", "\n".join(criu.log_errors(_read(log))))
@@ -323,9 +332,9 @@ class Agent:
                                "\n".join(criu.log_errors(_read(d / "lazy-pages.log"))))
 
     async def _lazy_pages(self, d: Path, token: str, ours: socket.socket, daemon) -> p.LazyDone:
-        meters = await self._relay_criu(token, ours, daemon, Phase.RESTORE, "criu lazy-pages",
-                                        d / "lazy-pages.log")
-        return p.LazyDone(meters.received.raw // 4096)
+        served = await self._relay_criu(token, ours, daemon, Phase.RESTORE, "criu lazy-pages",
+                                        d / "lazy-pages.log", postcopy.Server().run)
+        return p.LazyDone(served.pages_served, served.requests, served.requests_waited)
 
     async def on_AwaitLazy(self, msg: p.AwaitLazy) -> p.LazyDone:
         if self.lazy is None:

@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from . import bundle, criu, host, policy, preflight, proc, protocol as p, runtimes, streams
+from . import bundle, criu, host, pagemap, policy, postcopy, preflight, proc, protocol as p, runtimes, streams
 from .errors import ConnectionFailed, DumpError, Phase, PreflightError, UsageError, record_failure
 from .options import Mode, Options
 from .report import Report, RoundReport
@@ -43,6 +43,7 @@ class Migration:
         self.dump: runtimes.DumpRun | None = None
         self.relay: asyncio.Task | None = None
         self.lazy_token = ""
+        self.pusher: postcopy.Pusher | None = None
         self.round_dirs: list[str] = []
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
         self.bundle_listing: set[str] = set()
@@ -275,7 +276,15 @@ class Migration:
     # --- restore: the target brings the tree back, stopped ---------------------------------------
     async def restore(self, lazy: bool) -> None:
         if lazy:
-            self.relay = asyncio.create_task(self.to.relay(await self.dump.lazy_pages(), self.lazy_token))
+            try:
+                ranges = pagemap.lazy_ranges(self.work / "final")
+            except (OSError, pagemap.PagemapError) as e:
+                ranges = []
+                self.report.warnings.append(f"cannot read the dump's pagemaps ({e}): post-copy "
+                                            "fetches pages only when the target asks")
+            self.pusher = postcopy.Pusher(ranges, self.options.compression_level)
+            self.relay = asyncio.create_task(
+                self.to.push_pages(await self.dump.lazy_pages(), self.lazy_token, self.pusher))
         self.progress("restore")
         restored = await self.to.request(
             p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
@@ -288,17 +297,11 @@ class Migration:
         self.committed = True              # from here on the target's copy is the workload
         self.report.warnings += await w.release(self.dump, lazy)
         resumed = await self.to.request(p.Resume(), p.Resumed)
-        self.report.downtime_seconds = time.monotonic() - self.dump.frozen_at
+        running_at = time.monotonic()
+        self.report.downtime_seconds = running_at - self.dump.frozen_at
         self.progress("running", pids=resumed.pids)
         if lazy:
-            done = await self.to.request(p.AwaitLazy(), p.LazyDone)
-            self.report.postcopy_pages = done.pages_fetched
-            await w.finish_lazy(self.dump)
-            relayed = await self.relay
-            # A lazy dump's stats image holds zeroed counters: count what crossed the wire.
-            rnd = self.report.rounds[-1]
-            rnd.pages_written, rnd.bytes_raw, rnd.bytes_wire = \
-                done.pages_fetched, relayed.sent.raw, relayed.sent.wire
+            await self.postcopy(running_at)
         st = None if lazy else w.stats(self.work / "final")
         if st:
             self.report.rounds[-1].pages_written = st.pages_written
@@ -306,6 +309,21 @@ class Migration:
             self.report.final_dump_frozen_seconds = st.frozen_time
         await self.to.request(p.Finish(), p.Done)
         self._remove_source_bundle()
+
+    async def postcopy(self, running_at: float) -> None:
+        """The target's copy runs; every page it has not got yet goes now, at wire speed."""
+        self.pusher.start_pushing()
+        done = await self.to.request(p.AwaitLazy(), p.LazyDone)
+        pushed = await self.relay
+        r = self.report
+        r.postcopy_seconds = time.monotonic() - running_at
+        r.postcopy_pages, r.postcopy_pages_on_demand = done.pages_fetched, pushed.pages_on_demand
+        r.postcopy_requests, r.postcopy_requests_waited = done.requests, done.requests_waited
+        await self.workload.finish_lazy(self.dump)
+        # A lazy dump's stats image holds zeroed counters: count what crossed the wire.
+        rnd = r.rounds[-1]
+        rnd.pages_written, rnd.bytes_raw, rnd.bytes_wire = \
+            pushed.pages_pushed + pushed.pages_on_demand, pushed.sent.raw, pushed.sent.wire
 
     def _remove_source_bundle(self) -> None:
         """The bundle moved with the container, unless shared; a tree with mounts in it

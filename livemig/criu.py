@@ -8,6 +8,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import protobuf
+
 # Version 4.2 is the first that dumps TCP sockets on kernels >= 6.16 (criu #2705).
 MIN_VERSION = (3, 15)
 
@@ -143,7 +145,7 @@ def parse_stats(data: bytes) -> DumpStats | RestoreStats:
     if data[:8] != _STATS_MAGIC or len(data) < 12:
         raise ValueError("not a CRIU stats image")
     (size,) = struct.unpack_from("<I", data, 8)
-    entry = dict(_protobuf_fields(data[12:12 + size]))
+    entry = dict(protobuf.fields(data[12:12 + size]))
     if 1 in entry:
         return _stats(DumpStats, _DUMP_FIELDS, entry[1])
     if 2 in entry:
@@ -160,45 +162,11 @@ def read_stats(path: str | Path) -> DumpStats | RestoreStats | None:
 
 def _stats(cls, names: dict[int, str], body: bytes):
     values = {}
-    for num, value in _protobuf_fields(body):
+    for num, value in protobuf.fields(body):
         name = names.get(num)
         if name and isinstance(value, int):
             values[name] = value / 1e6 if name in _MICROSECONDS else value
     return cls(**values)
-
-
-def _protobuf_fields(buf: bytes):
-    """(field number, int or bytes) for each field of a protobuf message: varints and
-    length-delimited fields are all that CRIU's stats use."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wire == 1:
-            value, i = struct.unpack_from("<Q", buf, i)[0], i + 8
-        elif wire == 5:
-            value, i = struct.unpack_from("<I", buf, i)[0], i + 4
-        else:
-            raise ValueError(f"protobuf wire type {wire} in a stats image")
-        yield num, value
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError("truncated varint in a stats image")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
 
 
 _NOISE = ("RLIMIT_NOFILE",          # every run, where root lacks CAP_SYS_RESOURCE

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -206,7 +206,9 @@ class AwaitLazy:
 @message
 class LazyDone:
     """Post-copy: every page has arrived; the target no longer depends on the source."""
-    pages_fetched: int
+    pages_fetched: int            # handed to the lazy-pages daemon
+    requests: int = 0             # the daemon's requests
+    requests_waited: int = 0      # requests whose first page had not arrived yet
 
 
 @message

@@ -12,7 +12,7 @@ import socket
 import time
 from pathlib import Path
 
-from . import __version__, protocol as p, streams
+from . import __version__, postcopy, protocol as p, streams
 from .errors import DumpError, LivemigError, Phase, PreflightError, RestoreError
 from .options import Options
 from .preflight import Check
@@ -72,6 +72,11 @@ class TargetSession:
         """Join CRIU's end of a socketpair to the agent's data stream tok, both ways."""
         return await streams.relay(await streams.socket_streams(sock), await self.stream(tok),
                                    self.options.compression_level)
+
+    async def push_pages(self, sock: socket.socket, tok: str, pusher: postcopy.Pusher) -> postcopy.Pushed:
+        """Post-copy: pusher reads the lazy dump's page server on sock and feeds the agent's
+        page server through data stream tok."""
+        return await pusher.run(await streams.socket_streams(sock), await self.stream(tok))
 
     async def push(self, send, request, reply_type):
         """send(writer) streams to the agent while it handles request(token), which names

@@ -37,7 +37,7 @@ class Meter:
         return self.raw / self.wire if self.wire else 1.0
 
 
-class _CompressedWriter:
+class CompressedWriter:
     """zstd onto a stream writer, counting raw and wire bytes; close() ends the frame and
     sends EOF. The one compressing path of every stream livemig sends."""
 
@@ -64,7 +64,7 @@ class _CompressedWriter:
 
 
 async def send_compressed(reader, writer, meter: Meter, level: int = 1) -> None:
-    out = _CompressedWriter(writer, meter, level)
+    out = CompressedWriter(writer, meter, level)
     while data := await reader.read(CHUNK):
         await out.write(data, flush=True)
     await out.close()
@@ -124,7 +124,7 @@ async def send_files(directory: Path, names: list[str], writer, level: int = 1,
     """Write the named regular files of directory as [u16 name][u64 size][bytes]..., then an
     empty name, zstd-compressed as one stream. Names in empty go as empty files."""
     meter = Meter()
-    out = _CompressedWriter(writer, meter, level)
+    out = CompressedWriter(writer, meter, level)
     for name in names:
         encoded = _checked_name(name).encode()
         if name in empty:
@@ -140,25 +140,39 @@ async def send_files(directory: Path, names: list[str], writer, level: int = 1,
     return meter
 
 
+class Decompressed:
+    """The reading end of a CompressedWriter stream: exact reads of the plain bytes."""
+
+    def __init__(self, reader, meter: Meter | None = None):
+        self.reader, self.meter = reader, meter or Meter()
+        self.dec = zstandard.ZstdDecompressor().decompressobj()
+        self.buf = bytearray()
+        self.eof = False
+
+    async def need(self, n: int, what: str = "the stream") -> bytes:
+        """n bytes; EOFError if the stream ends before them."""
+        while len(self.buf) < n:
+            if self.eof:
+                raise EOFError(f"{what} ended early")
+            data = await self.reader.read(CHUNK)
+            if not data:
+                self.eof = True
+                continue
+            self.meter.wire += len(data)
+            out = self.dec.decompress(data)
+            self.meter.raw += len(out)
+            self.buf.extend(out)
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
 async def receive_files(reader, directory: Path) -> tuple[int, int]:
     """The other side of send_files: files land in directory (0600); returns (files, bytes)."""
-    dec = zstandard.ZstdDecompressor().decompressobj()
-    buf = bytearray()
-    eof = False
+    stream = Decompressed(reader)
 
     async def need(n: int) -> bytes:
-        nonlocal eof
-        while len(buf) < n:
-            if eof:
-                raise EOFError("the image file stream ended early")
-            data = await reader.read(CHUNK)
-            if not data:
-                eof = True
-                continue
-            buf.extend(dec.decompress(data))
-        out = bytes(buf[:n])
-        del buf[:n]
-        return out
+        return await stream.need(n, "the image file stream")
 
     files = total = 0
     while True:
@@ -183,7 +197,7 @@ async def send_output(argv: list[str], writer, level: int = 1) -> Meter:
     """What argv writes on stdout goes onto writer, compressed; argv must exit 0."""
     child = await proc.start(argv)
     meter = Meter()
-    out = _CompressedWriter(writer, meter, level)
+    out = CompressedWriter(writer, meter, level)
     try:
         while data := await child.stdout.read(CHUNK):
             await out.write(data)

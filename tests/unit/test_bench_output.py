@@ -33,3 +33,13 @@ def test_medians_spread_and_ratios_to_the_seeds_in_the_same_scenario():
 def test_no_ratio_without_a_baseline_in_that_scenario():
     rows = summary(result([sample("livemig postcopy", 0.2, mib=512), sample("seeds", 1.0, mib=64)]))
     assert next(x for x in rows if x["mib"] == 512)["less_downtime_than_seeds"] is None
+
+
+def test_post_copy_fetch_rate_against_the_ssh_link():
+    fast = {**sample("livemig postcopy", 0.2), "fetch_seconds": 0.8, "fetch_bytes": 64 << 20}
+    slow = {**sample("livemig postcopy", 0.2, rep=1), "fetch_seconds": 1.6, "fetch_bytes": 64 << 20}
+    r = result([sample("seeds", 1.0), fast, slow])
+    rows = {x["contender"]: x for x in summary(r)}
+    assert rows["livemig postcopy"]["fetch_mibps"] == (60.0, 40.0, 80.0)
+    assert rows["seeds"]["fetch_mibps"] is None     # nothing fetched after the resume
+    assert "| 60 (60%) |" in table(r)

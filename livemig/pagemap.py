@@ -1,0 +1,87 @@
+"""The lazy ranges of a CRIU dump: the pages a lazy restore will ask the source for.
+
+A pagemap-PID.img is CRIU's index of one process's pages: two magics, then entries
+framed as [u32 length][protobuf], a PagemapHead first and PagemapEntry after it. The
+entries flagged PE_LAZY are exactly what `criu dump --lazy-pages` kept in memory to
+serve, and the only ranges its page server answers: asking for anything else closes
+the connection. Reading them here lets the source push those pages before anyone asks.
+
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import protobuf
+
+IMG_COMMON_MAGIC = 0x54564319
+PAGEMAP_MAGIC = 0x56084025
+PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
+PAGE = 4096
+
+_U32 = struct.Struct("<I")
+_FILE = re.compile(r"pagemap-(\d+)\.img")
+
+
+class PagemapError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    vaddr: int
+    pages: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class Range:
+    """pages pages of process pid (its PID in the dump) from vaddr on."""
+    pid: int
+    vaddr: int
+    pages: int
+
+
+def entries(data: bytes) -> list[Entry]:
+    """Every PagemapEntry of a pagemap image, with CRIU's own defaults filled in."""
+    if len(data) < 8 or _U32.unpack_from(data, 0)[0] != IMG_COMMON_MAGIC \
+            or _U32.unpack_from(data, 4)[0] != PAGEMAP_MAGIC:
+        raise PagemapError("not a CRIU pagemap image")
+    i, out, head = 8, [], True
+    while i < len(data):
+        if i + 4 > len(data):
+            raise PagemapError("truncated entry size")
+        (size,) = _U32.unpack_from(data, i)
+        msg = data[i + 4:i + 4 + size]
+        if len(msg) != size:
+            raise PagemapError("truncated entry")
+        i += 4 + size
+        if head:            # PagemapHead: which pages-N.img holds the present pages
+            head = False
+            continue
+        try:
+            f = {num: v for num, v in protobuf.fields(msg) if isinstance(v, int)}
+        except (ValueError, struct.error) as e:
+            raise PagemapError(f"bad pagemap entry: {e}") from None
+        if 1 not in f:
+            raise PagemapError("pagemap entry without vaddr")
+        flags = f.get(4)
+        if flags is None:   # images older than flags: in_parent or present
+            flags = PE_PARENT if f.get(3) else PE_PRESENT
+        out.append(Entry(f[1], f.get(5, f.get(2, 0)), flags))
+    return out
+
+
+def lazy_ranges(images: Path) -> list[Range]:
+    """The PE_LAZY ranges of every process in a dump, by PID then address."""
+    out = []
+    for path in images.iterdir():
+        m = _FILE.fullmatch(path.name)
+        if m:
+            pid = int(m.group(1))
+            out += [Range(pid, e.vaddr, e.pages) for e in entries(path.read_bytes())
+                    if e.flags & PE_LAZY and e.pages]
+    return sorted(out, key=lambda r: (r.pid, r.vaddr))
