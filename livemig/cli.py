@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import signal
 import sys
+from dataclasses import replace
 
-from . import __version__, criu
+from . import __version__, config, criu
 from .errors import ExitCode, LivemigError
-from .options import Mode, Options
+from .options import Mode
 
 EXAMPLES = """examples:
   livemig move web1 host-b                       move the container web1 (podman, runc or crun) to host-b
@@ -42,16 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--pid", type=int, help="move the process tree rooted at PID instead of a container")
     mv.add_argument("--runtime", choices=["podman", "runc", "crun"],
                     help="the container's runtime (default: whichever knows the container)")
-    mv.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.AUTO.value,
+    mv.add_argument("--mode", choices=[m.value for m in Mode],
                     help="strategy (default auto: hybrid where the kernel tracks dirty pages, "
                          "else stop-and-copy)")
-    mv.add_argument("--max-downtime", type=float, default=0.3, metavar="SECONDS",
+    mv.add_argument("--max-downtime", type=float, metavar="SECONDS",
                     help="pre-copy stops once the rest fits this downtime (default 0.3)")
-    mv.add_argument("--max-rounds", type=int, default=8, help="pre-copy rounds at most (default 8)")
-    mv.add_argument("--compression-level", type=int, default=1, help="zstd level on the wire (default 1)")
+    mv.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (default 8)")
+    mv.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
     mv.add_argument("--tcp-established", action="store_true", help="move established TCP connections")
     mv.add_argument("--shell-job", action="store_true", help="the tree was started from a terminal")
-    mv.add_argument("--image-root", default="/var/lib/livemig",
+    mv.add_argument("--image-root",
                     help="where private image directories go, on both hosts (default /var/lib/livemig)")
     mv.add_argument("--name", help="the container's name on the target (default: the same name)")
     mv.add_argument("--force", action="store_true",
@@ -72,17 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--count", type=int, default=1, help="replicas on each host (default 1)")
     cl.add_argument("--keep-name", action="store_true", help="one replica per host, under CTR's own name")
     cl.add_argument("--runtime", choices=["podman"], help="the container's runtime (only podman clones)")
-    cl.add_argument("--compression-level", type=int, default=1, help="zstd level on the wire (default 1)")
+    cl.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
     cl.add_argument("--force", action="store_true", help="go on past must-match mismatches, as for move")
-    cl.add_argument("--image-root", default="/var/lib/livemig")
+    cl.add_argument("--image-root")
     cl.add_argument("--json", action="store_true", help="print only the report, as JSON")
 
     ck = sub.add_parser("check", help="run the preflight checks against a host, touching nothing",
                         epilog="example:\n  livemig check host-b", formatter_class=argparse.RawDescriptionHelpFormatter)
     ck.add_argument("host", help="the target: an ssh host name")
-    ck.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.AUTO.value)
-    ck.add_argument("--image-root", default="/var/lib/livemig")
+    ck.add_argument("--mode", choices=[m.value for m in Mode])
+    ck.add_argument("--image-root")
     ck.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+    cf = sub.add_parser("config", help="print the effective defaults and where each comes from",
+                        epilog="The file is $LIVEMIG_CONFIG, else ~/.config/livemig/config.toml; each "
+                               "setting may also come from LIVEMIG_<NAME> (e.g. LIVEMIG_MAX_DOWNTIME=0.5), "
+                               "and flags override both.")
+    cf.add_argument("--json", action="store_true", help="print them as JSON")
 
     ag = sub.add_parser("agent", help="the target side, started by `livemig move` over ssh")
     ag.add_argument("--image-root", default="/var/lib/livemig")
@@ -98,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agent":
         from . import agent
         return asyncio.run(agent.main(args.image_root))
+    if args.command == "config":
+        return _config(args)
     if args.command == "check":
         return _check(args)
     if args.command == "clone":
@@ -109,7 +118,8 @@ def _check(args) -> int:
     import json
     from .coordinator import check
     try:
-        rows, mode, why = _run(check(args.host, Options(mode=Mode(args.mode), image_root=args.image_root)))
+        options = _settings(mode=args.mode, image_root=args.image_root).options
+        rows, mode, why = _run(check(args.host, options))
     except LivemigError as e:
         print(f"livemig: {e}", file=sys.stderr)
         return e.exit_code
@@ -126,6 +136,31 @@ def _check(args) -> int:
     return ExitCode.MOVED if ok else ExitCode.PREFLIGHT
 
 
+def _settings(**flags) -> config.Config:
+    """The config file and LIVEMIG_* variables, then the flags given (None: not given)."""
+    return config.load().with_flags(**flags)
+
+
+def _config(args) -> int:
+    import json
+    try:
+        cfg = config.load()
+    except LivemigError as e:
+        print(f"livemig: {e}", file=sys.stderr)
+        return e.exit_code
+    if args.json:
+        print(json.dumps({"file": str(cfg.file) if cfg.file else None,
+                          "settings": {k: {"value": cfg.value(k), "from": cfg.sources[k]} for k in config.SETTINGS}},
+                         indent=2))
+        return ExitCode.MOVED
+    path = config.default_path()
+    print(f"# {path}" + ("" if cfg.file else " (not present)") + "; LIVEMIG_<NAME> overrides it; flags override both")
+    for k, (_, what) in config.SETTINGS.items():
+        v = cfg.value(k)
+        print(f"{k} = {v!r}".replace("'", '"').ljust(40) + f"# {cfg.sources[k]}: {what}")
+    return ExitCode.MOVED
+
+
 def _move(args) -> int:
     from .coordinator import migrate
     wanted = 1 if args.pid is not None else 2
@@ -135,11 +170,14 @@ def _move(args) -> int:
         return ExitCode.USAGE
     what = args.pid if args.pid is not None else args.names[0]
     host = args.names[-1]
-    options = Options(
-        mode=Mode(args.mode), max_downtime=args.max_downtime, max_rounds=args.max_rounds,
-        compression_level=args.compression_level, image_root=args.image_root, runtime=args.runtime,
-        name=args.name, force=args.force,
-        criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
+    try:
+        options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
+                                    compression_level=args.compression_level, image_root=args.image_root).options,
+                          runtime=args.runtime, name=args.name, force=args.force,
+                          criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
+    except LivemigError as e:
+        print(f"livemig: {e}", file=sys.stderr)
+        return e.exit_code
     progress = None if args.json else _print_progress
     return _report(args, lambda: migrate(what, host, options, progress=progress),
                    "rolled back, the workload runs on the source")
@@ -147,8 +185,12 @@ def _move(args) -> int:
 
 def _clone(args) -> int:
     from .clone import clone
-    options = Options(compression_level=args.compression_level, image_root=args.image_root,
-                      runtime=args.runtime, force=args.force)
+    try:
+        options = replace(_settings(compression_level=args.compression_level, image_root=args.image_root).options,
+                          runtime=args.runtime, force=args.force)
+    except LivemigError as e:
+        print(f"livemig: {e}", file=sys.stderr)
+        return e.exit_code
     progress = None if args.json else _print_progress
     return _report(args, lambda: clone(args.container, args.hosts, options, name=args.name, count=args.count,
                                        keep_name=args.keep_name, progress=progress),

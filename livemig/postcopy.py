@@ -38,10 +38,16 @@ _STATUS = struct.Struct("<i")
 # Frames between the two ends, inside the zstd stream: kind, pid, vaddr, pages.
 _FRAME = struct.Struct("<BIQI")
 PAGES, PUSHED_ALL, STATUS = 1, 2, 3     # source -> target (STATUS carries it in pages)
-NEED, CLOSE = 1, 2                       # target -> source (CLOSE carries CRIU's command in pages)
+NEED, CLOSE, ACK, FAULT = 1, 2, 3, 4     # target -> source (CLOSE: CRIU's command in pages; ACK: pages in;
+                                         # FAULT: a NEED of one page, what a fault asks)
 _ENDED = 0                               # not on the wire: the target's stream ended
 
-PUSH_PAGES = 256    # 1 MiB per read from CRIU: a fault waits behind at most one of these
+# A fault's pages wait behind whatever is already on its way: one read from CRIU and the
+# window of pages pushed but not yet taken in by the target. The window starts small, so
+# that the burst of faults right after the resume waits milliseconds, grows while no
+# fault comes, to fill the link, and shrinks back at the next fault.
+PUSH_PAGES = 64             # 256 KiB per read from CRIU
+WINDOW_PAGES = (256, 4096)  # 1 MiB to 16 MiB
 NEED_PAGES = 16     # what the target asks for at once: a fault's neighbours come along
 
 
@@ -82,8 +88,8 @@ def _told(eg: BaseExceptionGroup, peer: str) -> BaseException:
 
 async def _send(out: streams.CompressedWriter, kind: int, pid: int = 0, vaddr: int = 0, pages: int = 0,
                 data: bytes = b"") -> None:
-    await out.write(_FRAME.pack(kind, pid, vaddr, pages))
-    await out.write(data, flush=True)
+    # one write: frames from two tasks never interleave
+    await out.write(_FRAME.pack(kind, pid, vaddr, pages) + data, flush=True)
 
 
 # --- source ----------------------------------------------------------------------------------
@@ -96,6 +102,8 @@ class Pusher:
         self.stats = Pushed()
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._go = False
+        self._in_flight = 0    # pages sent that the target has not acknowledged
+        self._window = WINDOW_PAGES[0]
 
     def start_pushing(self) -> None:
         """The target's copy runs: from now on every page goes, in address order."""
@@ -133,7 +141,7 @@ class Pusher:
         on_demand: dict[int, set[int]] = collections.defaultdict(set)
         while True:
             item = None if self._inbox.empty() else self._inbox.get_nowait()
-            if item is None and self._go and not pushed_all:
+            if item is None and self._go and not pushed_all and self._in_flight < self._window:
                 nxt = next(todo, None)
                 if nxt is None:
                     pushed_all = True
@@ -148,7 +156,12 @@ class Pusher:
                 if item is None:
                     continue
             kind, pid, vaddr, n = item
-            if kind == NEED:
+            if kind == ACK:
+                self._in_flight -= n
+                self._window = min(self._window + PUSH_PAGES, WINDOW_PAGES[1])
+            elif kind in (NEED, FAULT):
+                if kind == FAULT:
+                    self._window = WINDOW_PAGES[0]
                 self.stats.pages_on_demand += await self._copy(c_reader, c_writer, out, pid, vaddr, n)
                 on_demand[pid].update(range(vaddr, vaddr + n * PAGE, PAGE))
             elif kind == CLOSE:
@@ -179,6 +192,7 @@ class Pusher:
                 raise PageStreamError(f"CRIU's page server closed the connection at pid {pid} "
                                       f"address {vaddr + done * PAGE:#x}") from None
             await _send(out, PAGES, pid, vaddr + done * PAGE, got, data)
+            self._in_flight += got
             done += got
         return done
 
@@ -212,6 +226,7 @@ class Server:
         self.asked: dict[int, set[int]] = collections.defaultdict(set)
         self.requests: collections.deque = collections.deque()
         self.status: int | None = None
+        self.closed = False       # CLOSE sent: nothing more goes to the source
         self.changed = asyncio.Event()
 
     async def run(self, daemon_side: tuple, remote: tuple) -> Served:
@@ -219,7 +234,7 @@ class Server:
         out = streams.CompressedWriter(r_writer, streams.Meter(), 1)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._receive(streams.Decompressed(r_reader, self.stats.received)))
+                tg.create_task(self._receive(streams.Decompressed(r_reader, self.stats.received), out))
                 tg.create_task(self._answer(d_writer))
                 await self._requests(d_reader, out)
         except BaseExceptionGroup as eg:
@@ -240,6 +255,7 @@ class Server:
                 break
             if cmd in (PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE):
                 self.requests.append((cmd, 0, 0, 0))
+                self.closed = True
                 await _send(out, CLOSE, pages=cmd)
                 await out.close()
             elif cmd == PS_IOV_GET and n:
@@ -263,9 +279,9 @@ class Server:
             asked.add(page)
             run += 1
         if run:
-            await _send(out, NEED, pid, vaddr, run)
+            await _send(out, FAULT if n == 1 else NEED, pid, vaddr, run)
 
-    async def _receive(self, inbound: streams.Decompressed) -> None:
+    async def _receive(self, inbound: streams.Decompressed, out) -> None:
         while True:
             try:
                 kind, pid, vaddr, n = _FRAME.unpack(await inbound.need(_FRAME.size, "the source's page stream"))
@@ -283,6 +299,8 @@ class Server:
                     if page in asked or page not in served:
                         have[page] = data[i * PAGE:(i + 1) * PAGE]
                         asked.discard(page)
+                if not self.closed:     # the source's window moves on
+                    await _send(out, ACK, pages=n)
             elif kind == STATUS:
                 self.status = n
             elif kind != PUSHED_ALL:

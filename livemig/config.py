@@ -1,0 +1,122 @@
+"""Defaults a user or a site sets once: a TOML file, then environment variables, then flags.
+
+Lowest to highest: livemig's built-in defaults; the file ($LIVEMIG_CONFIG, else
+$XDG_CONFIG_HOME/livemig/config.toml, else ~/.config/livemig/config.toml); LIVEMIG_*
+variables; the command line. Every effective value remembers where it came from, so
+that `livemig config` can say why a migration behaved as it did.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import UsageError
+from .options import Mode, Options
+
+
+def _mode(v) -> Mode:
+    try:
+        return Mode(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not a mode ({', '.join(m.value for m in Mode)})") from None
+
+
+def _positive(kind):
+    def parse(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ValueError(f"{v!r} is not a number")
+        x = kind(v)
+        if x <= 0:
+            raise ValueError(f"{v!r} is not above 0")
+        return x
+    return parse
+
+
+def _level(v) -> int:
+    x = _positive(int)(v)
+    if x > 19:
+        raise ValueError(f"{v!r} is not a zstd level from 1 to 19")
+    return x
+
+
+def _path(v) -> str:
+    if not isinstance(v, str) or not os.path.isabs(v):
+        raise ValueError(f"{v!r} is not an absolute path")
+    return v
+
+
+# name in the file and on Options -> (parse, what it is)
+SETTINGS = {
+    "mode": (_mode, "strategy: auto, precopy, postcopy, hybrid or stopcopy"),
+    "max_downtime": (_positive(float), "seconds the workload may stand still (pre-copy's target)"),
+    "max_rounds": (_positive(int), "pre-copy rounds at most"),
+    "compression_level": (_level, "zstd level of everything on the wire"),
+    "image_root": (_path, "where the private image directories live, on both hosts"),
+    "connect_timeout": (_positive(float), "seconds to reach a host over SSH"),
+}
+
+
+def env_name(name: str) -> str:
+    return "LIVEMIG_" + name.upper()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective defaults, and where each came from ("default", a file, a variable, "flag")."""
+    options: Options = field(default_factory=Options)
+    sources: dict[str, str] = field(default_factory=lambda: dict.fromkeys(SETTINGS, "default"))
+    file: Path | None = None     # the file read, if any
+
+    def value(self, name: str):
+        v = getattr(self.options, name)
+        return v.value if isinstance(v, Mode) else v
+
+    def with_flags(self, **flags) -> "Config":
+        """Flags given on the command line win; None means not given."""
+        given = {k: _parsed(k, v, "--" + k.replace("_", "-")) for k, v in flags.items() if v is not None}
+        return Config(replace(self.options, **given), {**self.sources, **dict.fromkeys(given, "flag")}, self.file)
+
+
+def default_path(env=os.environ) -> Path:
+    if env.get("LIVEMIG_CONFIG"):
+        return Path(env["LIVEMIG_CONFIG"])
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME", "/root"), ".config")
+    return Path(base) / "livemig" / "config.toml"
+
+
+def load(env=os.environ) -> Config:
+    """Built-in defaults, then the file, then the environment. UsageError names what is wrong."""
+    path = default_path(env)
+    values, sources, read = {}, dict.fromkeys(SETTINGS, "default"), None
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if env.get("LIVEMIG_CONFIG"):
+            raise UsageError(f"config file {path} (LIVEMIG_CONFIG) does not exist") from None
+        text = None
+    except OSError as e:
+        raise UsageError(f"cannot read the config file {path}: {e.strerror}") from None
+    if text is not None:
+        read = path
+        try:
+            table = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UsageError(f"config file {path}: {e}") from None
+        for k, v in table.items():
+            if k not in SETTINGS:
+                raise UsageError(f"config file {path}: unknown setting {k!r} (known: {', '.join(SETTINGS)})")
+            values[k], sources[k] = _parsed(k, v, f"{k} in {path}"), str(path)
+    for k in SETTINGS:
+        if env.get(env_name(k)):
+            values[k], sources[k] = _parsed(k, env[env_name(k)], env_name(k)), env_name(k)
+    return Config(replace(Options(), **values), sources, read)
+
+
+def _parsed(name: str, value, where: str):
+    try:
+        return SETTINGS[name][0](value)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{where}: {e}") from None
