@@ -170,31 +170,27 @@ def _move(args) -> int:
         return ExitCode.USAGE
     what = args.pid if args.pid is not None else args.names[0]
     host = args.names[-1]
-    try:
+    progress = None if args.json else _print_progress
+
+    def call():
         options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
                                     compression_level=args.compression_level, image_root=args.image_root).options,
                           runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
-    except LivemigError as e:
-        print(f"livemig: {e}", file=sys.stderr)
-        return e.exit_code
-    progress = None if args.json else _print_progress
-    return _report(args, lambda: migrate(what, host, options, progress=progress),
-                   "rolled back, the workload runs on the source")
+        return migrate(what, host, options, progress=progress)
+    return _report(args, call, "rolled back, the workload runs on the source")
 
 
 def _clone(args) -> int:
     from .clone import clone
-    try:
+    progress = None if args.json else _print_progress
+
+    def call():
         options = replace(_settings(compression_level=args.compression_level, image_root=args.image_root).options,
                           runtime=args.runtime, force=args.force)
-    except LivemigError as e:
-        print(f"livemig: {e}", file=sys.stderr)
-        return e.exit_code
-    progress = None if args.json else _print_progress
-    return _report(args, lambda: clone(args.container, args.hosts, options, name=args.name, count=args.count,
-                                       keep_name=args.keep_name, progress=progress),
-                   "no replica is left; the original runs on")
+        return clone(args.container, args.hosts, options, name=args.name, count=args.count,
+                     keep_name=args.keep_name, progress=progress)
+    return _report(args, call, "no replica is left; the original runs on")
 
 
 def _report(args, call, interrupted: str) -> int:

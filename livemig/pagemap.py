@@ -5,7 +5,6 @@ framed as [u32 length][protobuf], a PagemapHead first and PagemapEntry after it.
 entries flagged PE_LAZY are exactly what `criu dump --lazy-pages` kept in memory to
 serve, and the only ranges its page server answers: asking for anything else closes
 the connection. Reading them here lets the source push those pages before anyone asks.
-
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ def entries(data: bytes) -> list[Entry]:
             continue
         try:
             f = {num: v for num, v in protobuf.fields(msg) if isinstance(v, int)}
-        except (ValueError, struct.error) as e:
+        except ValueError as e:
             raise PagemapError(f"bad pagemap entry: {e}") from None
         if 1 not in f:
             raise PagemapError("pagemap entry without vaddr")

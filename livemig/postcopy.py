@@ -6,10 +6,10 @@ trip, so a workload that keeps faulting keeps the rest of its memory waiting
 (measured: 52.8 s to fetch 512 MiB that a plain copy moves in 3 s). So CRIU's requests
 do not cross the link. Each end speaks CRIU's page-server protocol locally instead:
 
-- source (`push`): a client of the lazy dump's page server. It reads every lazy range
+- source (`Pusher`): a client of the lazy dump's page server. It reads every lazy range
   (pagemap.lazy_ranges) in address order and pushes the pages, once the target's copy
   runs; before each read it serves what the target said a request is waiting for.
-- target (`serve`): the page server of the lazy-pages daemon. It answers from the pages
+- target (`Server`): the page server of the lazy-pages daemon. It answers from the pages
   pushed so far, and asks the source for the first pages of any request it cannot
   answer yet.
 
@@ -94,7 +94,7 @@ async def _send(out: streams.CompressedWriter, kind: int, pid: int = 0, vaddr: i
 
 # --- source ----------------------------------------------------------------------------------
 class Pusher:
-    """Reads the lazy dump's page server (local) and pushes to the target's `serve`."""
+    """Reads the lazy dump's page server (local) and pushes to the target's `Server`."""
 
     def __init__(self, ranges: list[Range], level: int = 1):
         self.ranges = ranges

@@ -9,6 +9,13 @@ import struct
 
 def fields(buf: bytes):
     """(field number, int or bytes) for each field of a message; ValueError if malformed."""
+    try:
+        yield from _fields(buf)
+    except struct.error as e:      # a fixed-size field cut short
+        raise ValueError(f"truncated protobuf field ({e})") from None
+
+
+def _fields(buf: bytes):
     i = 0
     while i < len(buf):
         key, i = _varint(buf, i)

@@ -178,3 +178,29 @@ def test_ctrl_c_or_sigterm_rolls_back_and_the_source_goes_on(lab, after, sig):
     assert {"INT": b"interrupted", "TERM": b"terminated"}[sig] + b": rolled back, the workload runs on the source" in err
     assert_still_on_source(lab, work, before)
     lab.run("a", ["kill", str(work.pid)])
+
+
+def test_the_config_file_and_environment_set_the_mode_and_a_flag_wins(lab):
+    lab.run("a", ["sh", "-c", "mkdir -p /root/.config/livemig && "
+                  "printf 'mode = \"postcopy\"\\n' > /root/.config/livemig/config.toml"])
+    try:
+        work = lab.start_workload("a", mib=16, pid=4420)
+        before = work.query("a")
+        shown = json.loads(lab.text("a", ["livemig", "config", "--json"]))
+        assert shown["settings"]["mode"] == {"value": "postcopy", "from": "/root/.config/livemig/config.toml"}
+        report = move(lab, work.pid)                     # no --mode: the file's
+        assert report["mode"] == "postcopy" and report["mode_reason"] == "as requested"
+        assert_moved_intact(lab, work, before, report)
+        # the environment over the file, a flag over both
+        res = lab.run("b", ["env", "LIVEMIG_MODE=warp", "livemig", "move", "--pid", str(work.pid), "a"],
+                      check=False)
+        assert res.returncode == 2 and res.stderr.decode().strip() == \
+            "livemig: LIVEMIG_MODE: 'warp' is not a mode (auto, precopy, postcopy, hybrid, stopcopy)"
+        res = lab.run("b", ["env", "LIVEMIG_MODE=postcopy", "livemig", "move", "--pid", str(work.pid),
+                            "--mode", "stopcopy", "--json", "a"], check=False, timeout=600)
+        assert res.returncode == 0, res.stderr.decode()
+        assert json.loads(res.stdout)["mode"] == "stopcopy"
+        assert work.query("a", wait=10)["host"] == "a"
+        lab.run("a", ["kill", str(work.pid)])
+    finally:
+        lab.run("a", ["rm", "-rf", "/root/.config/livemig"], check=False)

@@ -168,3 +168,5 @@ def test_pagemap_lazy_ranges_from_an_image(tmp_path):
         pagemap.entries(image[:-1])
     with pytest.raises(pagemap.PagemapError):
         pagemap.entries(b"\0" * 8 + head)
+    with pytest.raises(pagemap.PagemapError):     # a fixed64 field cut short
+        pagemap.entries(image[:8] + head + struct.pack("<I", 2) + b"\x09\x01")
