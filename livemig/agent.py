@@ -297,9 +297,9 @@ class Agent:
         if c is not None and res.returncode == 0:
             # A runtime restores running: pause at once, so that the container runs only
             # after the source is gone, like a tree restored stopped.
-            paused = await proc.run(runtimes.control(c, "pause"), check=False)
+            paused = await _pause(c, lazy)
             if paused.returncode != 0:
-                res = paused
+                res, argv = paused, runtimes.control(c, "pause")
             if c.runtime == "podman" and (found := await podman.inspect(c.id)):
                 self.restored.append(int(found["State"]["Pid"]))
         seconds = time.monotonic() - t0
@@ -414,6 +414,22 @@ class Agent:
         print(f"livemig agent: the coordinator vanished; restored {self._what_restored()} left "
               f"stopped (see {self.work}/ORPHANED)", file=sys.stderr)
 
+
+
+async def _pause(c: p.Container, lazy: bool) -> proc.Result:
+    """Pause a container just restored. With lazy pages a task waiting inside the kernel
+    for a missing page cannot freeze until the page lands, and a cgroup v1 freezer gives
+    up after a few hundred ms ("unable to freeze", thawing again): the page is on its way,
+    so try again for a while before calling the restore failed."""
+    deadline = time.monotonic() + (_LAZY_PAUSE_SECONDS if lazy else 0)
+    while True:
+        res = await proc.run(runtimes.control(c, "pause"), check=False)
+        if res.returncode == 0 or time.monotonic() >= deadline:
+            return res
+        await asyncio.sleep(0.05)
+
+
+_LAZY_PAUSE_SECONDS = 10.0
 
 def _read(path: Path) -> str:
     try:
