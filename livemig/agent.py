@@ -278,7 +278,7 @@ class Agent:
         for task in self.page_servers.values():
             await task   # every page is stored before CRIU reads them
         if msg.lazy_stream:
-            await self._start_lazy_pages(d, msg.lazy_stream)
+            await self._start_lazy_pages(d, msg.lazy_stream, msg.fault_stream)
         pidfile = self.work / f"restored-{len(self.restored)}.pid"
         self.holds_workload |= not msg.replica
         c, lazy = msg.container, bool(msg.lazy_stream)
@@ -314,7 +314,7 @@ class Agent:
                                "\n".join(errors))
         return p.Restored(self.restored[-1] if self.restored else 0, seconds)
 
-    async def _start_lazy_pages(self, d: Path, token: str) -> None:
+    async def _start_lazy_pages(self, d: Path, token: str, faults: str | None) -> None:
         ours, theirs = socket.socketpair()
         status_r, status_w = os.pipe()
         try:
@@ -323,7 +323,7 @@ class Agent:
         finally:
             theirs.close()
             os.close(status_w)
-        self.lazy = asyncio.create_task(self._lazy_pages(d, token, ours, daemon))
+        self.lazy = asyncio.create_task(self._lazy_pages(d, token, faults, ours, daemon))
         # CRIU writes to its status fd once the daemon listens for the restore.
         ready = await asyncio.to_thread(os.read, status_r, 1)
         os.close(status_r)
@@ -331,9 +331,15 @@ class Agent:
             raise AgentFailure(Phase.RESTORE, "criu lazy-pages did not start",
                                "\n".join(criu.log_errors(_read(d / "lazy-pages.log"))))
 
-    async def _lazy_pages(self, d: Path, token: str, ours: socket.socket, daemon) -> p.LazyDone:
+    async def _lazy_pages(self, d: Path, token: str, faults: str | None, ours: socket.socket,
+                          daemon) -> p.LazyDone:
+        async def serve(daemon_side, remote) -> postcopy.Served:
+            if not faults:
+                return await postcopy.Server().run(daemon_side, remote)
+            async with self.stream(faults) as fault_stream:
+                return await postcopy.Server().run(daemon_side, remote, fault_stream)
         served = await self._relay_criu(token, ours, daemon, Phase.RESTORE, "criu lazy-pages",
-                                        d / "lazy-pages.log", postcopy.Server().run)
+                                        d / "lazy-pages.log", serve)
         return p.LazyDone(served.pages_served, served.requests, served.requests_waited)
 
     async def on_AwaitLazy(self, msg: p.AwaitLazy) -> p.LazyDone:

@@ -74,6 +74,8 @@ class Migration:
 
     async def _phases(self) -> None:
         mode = await self.preflight()
+        if mode in (Mode.POSTCOPY, Mode.HYBRID):
+            self.to.open_fault_link()
         self.phase = Phase.PRECOPY
         await self.precopy_image()
         await self.precopy_bundle()
@@ -275,6 +277,7 @@ class Migration:
 
     # --- restore: the target brings the tree back, stopped ---------------------------------------
     async def restore(self, lazy: bool) -> None:
+        fault_token = None
         if lazy:
             try:
                 ranges = pagemap.lazy_ranges(self.work / "final")
@@ -283,12 +286,18 @@ class Migration:
                 self.report.warnings.append(f"cannot read the dump's pagemaps ({e}): post-copy "
                                             "fetches pages only when the target asks")
             self.pusher = postcopy.Pusher(ranges, self.options.compression_level)
+            fault_token = token()
+            faults, why_not = await self.to.fault_stream(fault_token)
+            if faults is None:
+                fault_token = None
+                self.report.warnings.append(f"no second connection for post-copy's faults ({why_not}): "
+                                            "they share the pushed pages' stream")
             self.relay = asyncio.create_task(
-                self.to.push_pages(await self.dump.lazy_pages(), self.lazy_token, self.pusher))
+                self.to.push_pages(await self.dump.lazy_pages(), self.lazy_token, faults, self.pusher))
         self.progress("restore")
         restored = await self.to.request(
             p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
-                      container=self.spec), p.Restored)
+                      fault_stream=fault_token, container=self.spec), p.Restored)
         self.report.target_pid, self.report.restore_seconds = restored.pid, restored.restore_seconds
 
     # --- commit: the one place where the source is given up ---------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -178,6 +178,7 @@ class TreeReceived:
 class Restore:
     dir: str
     lazy_stream: str | None = None    # post-copy: the stream to the source's lazy page server
+    fault_stream: str | None = None   # post-copy: the pages faults wait for, on a connection of their own
     container: Container | None = None   # restore through this runtime (else CRIU directly)
     replica: bool = False   # a clone: the original runs on, so a replica never outlives its coordinator
 

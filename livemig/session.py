@@ -38,6 +38,7 @@ class TargetSession:
         self.agent_proc = None
         self.welcome: p.Welcome | None = None
         self.facts: p.HostFacts | None = None    # what the agent's Probe said
+        self._fault_link: asyncio.Task | None = None
 
     async def open(self) -> None:
         self.transport = await self._connect(self.target)
@@ -68,15 +69,38 @@ class TargetSession:
         await writer.drain()
         return reader, writer
 
+    def open_fault_link(self) -> None:
+        """Start opening a second connection to the target, for post-copy's faults alone.
+        On the first connection a fault's pages would queue behind megabytes of pushed
+        pages in the same TCP stream; on their own connection the queue is always empty
+        (QEMU's postcopy-preempt channel does the same). Opened ahead, so that the
+        handshake is not paid while the workload is frozen."""
+        if self._fault_link is None:
+            self._fault_link = asyncio.create_task(self._connect(self.target))
+
+    async def fault_stream(self, tok: str):
+        """A data stream named tok on the fault link: (reader, writer), or None, and why not."""
+        if self._fault_link is None:
+            return None, "no fault link was opened"
+        try:
+            transport = await self._fault_link
+            reader, writer = await transport.open_unix(self.welcome.stream_socket)
+            writer.write(tok.encode() + b"\n")
+            await writer.drain()
+        except (LivemigError, OSError) as e:
+            return None, str(e)
+        return (reader, writer), ""
+
     async def relay(self, sock: socket.socket, tok: str) -> streams.Relay:
         """Join CRIU's end of a socketpair to the agent's data stream tok, both ways."""
         return await streams.relay(await streams.socket_streams(sock), await self.stream(tok),
                                    self.options.compression_level)
 
-    async def push_pages(self, sock: socket.socket, tok: str, pusher: postcopy.Pusher) -> postcopy.Pushed:
+    async def push_pages(self, sock: socket.socket, tok: str, faults, pusher: postcopy.Pusher) -> postcopy.Pushed:
         """Post-copy: pusher reads the lazy dump's page server on sock and feeds the agent's
-        page server through data stream tok."""
-        return await pusher.run(await streams.socket_streams(sock), await self.stream(tok))
+        page server through data stream tok, and the pages a fault waits for through
+        faults (a fault_stream), if there is one."""
+        return await pusher.run(await streams.socket_streams(sock), await self.stream(tok), faults)
 
     async def push(self, send, request, reply_type):
         """send(writer) streams to the agent while it handles request(token), which names
@@ -142,6 +166,12 @@ class TargetSession:
                     await self.agent_proc.wait()
             except Exception:   # TimeoutError included
                 self.agent_proc.kill()
+        if self._fault_link is not None:
+            self._fault_link.cancel()
+            try:
+                await (await self._fault_link).close()
+            except BaseException:
+                pass
         if self.transport:
             await self.transport.close()
 

@@ -81,17 +81,21 @@ async def pair():
     return await socket_streams(a), await socket_streams(b)
 
 
-async def test_faults_are_answered_before_pushing_starts_then_every_page_arrives_in_order():
+@pytest.mark.parametrize("fault_stream", [False, True], ids=["one stream", "fault stream"])
+async def test_faults_are_answered_before_pushing_starts_then_every_page_arrives_in_order(fault_stream):
     (criu_end, pusher_end), (daemon_end, server_end), (link_src, link_dst) = \
         await pair(), await pair(), await pair()
+    faults_src = faults_dst = None
+    if fault_stream:
+        faults_src, faults_dst = await pair()
     log: list = []
-    pusher, server = postcopy.Pusher(RANGES), postcopy.Server()
+    pusher, server = postcopy.Pusher(RANGES, prefetch_pages=0), postcopy.Server()
     daemon = FakeDaemon(*daemon_end)
     async with asyncio.timeout(20):
         async with asyncio.TaskGroup() as tg:
             tg.create_task(fake_criu(*criu_end, log))
-            pushed = tg.create_task(pusher.run(pusher_end, link_src))
-            served = tg.create_task(server.run(server_end, link_dst))
+            pushed = tg.create_task(pusher.run(pusher_end, link_src, faults_src))
+            served = tg.create_task(server.run(server_end, link_dst, faults_dst))
             # a fault while the target is restored and not yet running: nothing is pushed yet
             fault = RANGES[0].vaddr + 550 * PAGE
             await daemon.ask(1, fault, 1)
@@ -116,6 +120,65 @@ async def test_faults_are_answered_before_pushing_starts_then_every_page_arrives
     assert p.pages_on_demand >= 1 and p.pages_pushed + p.pages_on_demand >= len(every)
     assert s.pages_served >= len(every) and s.requests_waited >= 1
     assert p.sent.wire < p.sent.raw      # compressed on the link
+
+
+async def test_while_the_target_restores_only_the_smallest_ranges_go_ahead():
+    (criu_end, pusher_end), (link_src, _) = await pair(), await pair()
+    log: list = []
+    pusher = postcopy.Pusher(RANGES, prefetch_pages=40)
+    async with asyncio.timeout(10):
+        criu = asyncio.create_task(fake_criu(*criu_end, log))
+        pushing = asyncio.create_task(pusher.run(pusher_end, link_src))
+        while pusher.stats.pages_pushed < 40:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        # the 40-page range of pid 7 went, and nothing of the 600-page one
+        assert [e[1] for e in log] == [7] and pusher.stats.pages_pushed == 40
+        pushing.cancel()
+        criu.cancel()
+
+
+class GatedReader:
+    """A stream reader whose reads wait while the gate is shut: a link stuck behind a
+    backlog of pushed pages."""
+
+    def __init__(self, reader):
+        self.reader, self.open = reader, asyncio.Event()
+        self.open.set()
+
+    async def read(self, n: int) -> bytes:
+        await self.open.wait()
+        return await self.reader.read(n)
+
+
+async def test_a_fault_is_answered_on_its_own_stream_while_the_pushing_stream_is_stuck():
+    (criu_end, pusher_end), (daemon_end, server_end), (link_src, link_dst) = \
+        await pair(), await pair(), await pair()
+    faults_src, faults_dst = await pair()
+    gated = GatedReader(link_dst[0])
+    pusher, server = postcopy.Pusher(RANGES), postcopy.Server()
+    daemon = FakeDaemon(*daemon_end)
+    async with asyncio.timeout(20):
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(fake_criu(*criu_end, []))
+            pushed = tg.create_task(pusher.run(pusher_end, link_src, faults_src))
+            tg.create_task(server.run(server_end, (gated, link_dst[1]), faults_dst))
+            gated.open.clear()
+            pusher.start_pushing()
+            await asyncio.sleep(0.2)     # pushed pages pile up on the stuck stream
+            fault = RANGES[0].vaddr + 599 * PAGE    # the last page: the push reaches it last
+            await daemon.ask(1, fault, 1)
+            await daemon.take()
+            assert daemon.got[(1, fault)] == page(1, fault)
+            assert server.stats.pages_served == 1     # nothing came in on the stuck stream
+            gated.open.set()
+            for r in RANGES:
+                await daemon.ask(r.pid, r.vaddr, r.pages)
+                await daemon.take()
+            assert await daemon.close() == 0
+    assert all(daemon.got[(r.pid, r.vaddr + i * PAGE)] == page(r.pid, r.vaddr + i * PAGE)
+               for r in RANGES for i in range(r.pages))
+    assert pushed.result().pages_on_demand >= 1
 
 
 async def test_the_source_gone_mid_copy_fails_the_target_side_loudly():
