@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import struct
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ NEED_PAGES = 16     # what the target asks for at once: a fault's neighbours com
 # Pushed while the target restores, before it runs: the smallest ranges, where the first
 # faults after the resume would land. More would compete with the restore for the CPU.
 PREFETCH_PAGES = 4096   # 16 MiB
+CLOSE_WAIT = 10.0    # seconds the source waits for the target to hang up first
 
 
 class PageStreamError(Exception):
@@ -200,6 +202,13 @@ class Pusher:
                 await out.close()
                 if self._urgent is not None:
                     await self._urgent.close()
+                # Hang up only once the target has: its last acknowledgements and the end
+                # of its stream may still be on their way, and writing into a closed
+                # connection breaks it before the target has read our status.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_WAIT):
+                        while (item := await self._inbox.get()) is None or item[0] != _ENDED:
+                            pass
                 return
             elif kind == _ENDED:
                 raise PageStreamError("the target's page requests ended before the lazy-pages daemon was done")
