@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 from .errors import (ConnectionFailed, DumpError, ExitCode, LivemigError, PreflightError,  # noqa: E402
                      RestoreError, UsageError)
 from .options import Mode, Options  # noqa: E402
-from .report import CloneReport, Replica, Report, RoundReport  # noqa: E402
+from .report import CloneReport, Plan, Replica, Report, RoundReport  # noqa: E402
 
 
 async def migrate(what: int | str, host: str, options: Options = Options(), *, progress=None) -> Report:
@@ -27,6 +27,14 @@ async def migrate(what: int | str, host: str, options: Options = Options(), *, p
     there) or a container's name or ID (runc or crun; Options.runtime to say which)."""
     from .coordinator import migrate as _migrate
     return await _migrate(what, host, options, progress=progress)
+
+
+async def plan(what: int | str, host: str, options: Options = Options(), *, progress=None) -> Plan:
+    """What migrate() would do, changing nothing: its preflight passes (else the same
+    LivemigError), the link is measured, and the Plan holds the mode, why, and the
+    expected rounds and downtime."""
+    from .coordinator import plan as _plan
+    return await _plan(what, host, options, progress=progress)
 
 
 async def clone(what: str, hosts: list[str], options: Options = Options(), *, name: str | None = None,
@@ -39,5 +47,5 @@ async def clone(what: str, hosts: list[str], options: Options = Options(), *, na
     return await _clone(what, hosts, options, name=name, count=count, keep_name=keep_name, progress=progress)
 
 
-__all__ = ["migrate", "clone", "CloneReport", "Replica", "Options", "Mode", "Report", "RoundReport", "LivemigError", "UsageError",
+__all__ = ["migrate", "plan", "clone", "CloneReport", "Plan", "Replica", "Options", "Mode", "Report", "RoundReport", "LivemigError", "UsageError",
            "PreflightError", "ConnectionFailed", "DumpError", "RestoreError", "ExitCode"]

@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   livemig move web1 host-b                       move the container web1 (podman, runc or crun) to host-b
   livemig move --pid 4242 host-b                 move process 4242 and its children to host-b
   livemig move --pid 4242 --mode stopcopy --json host-b
+  livemig move --dry-run web1 host-b             what would happen: the mode, why, expected downtime
   livemig move web1 host-b --name web1-b         move it, named web1-b there
   livemig clone web1 host-b host-c --count 2     two running replicas of web1 on each host (podman)
   livemig check host-b                           can host-b take workloads from here?
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--force", action="store_true",
                     help="go on past must-match mismatches (podman version, network stack, kernel...) "
                          "that can only make the restore fail, which rolls back")
+    mv.add_argument("--dry-run", action="store_true",
+                    help="run the preflight, measure the link, print the plan (mode and why, expected "
+                         "rounds and downtime) and stop: nothing is dumped or changed")
     mv.add_argument("--json", action="store_true", help="print only the report, as JSON")
 
     cl = sub.add_parser("clone", help="start running replicas of a podman container on other hosts",
@@ -162,7 +166,7 @@ def _config(args) -> int:
 
 
 def _move(args) -> int:
-    from .coordinator import migrate
+    from .coordinator import migrate, plan
     wanted = 1 if args.pid is not None else 2
     if len(args.names) != wanted:
         print("livemig: move takes " + ("HOST after --pid PID" if wanted == 1 else "a container and a HOST "
@@ -177,8 +181,9 @@ def _move(args) -> int:
                                     compression_level=args.compression_level, image_root=args.image_root).options,
                           runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
-        return migrate(what, host, options, progress=progress)
-    return _report(args, call, "rolled back, the workload runs on the source")
+        return (plan if args.dry_run else migrate)(what, host, options, progress=progress)
+    return _report(args, call, "nothing was changed" if args.dry_run else
+                   "rolled back, the workload runs on the source")
 
 
 def _clone(args) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from . import bundle, criu, host, pagemap, policy, postcopy, preflight, proc, protocol as p, runtimes, streams
 from .errors import ConnectionFailed, DumpError, Phase, PreflightError, UsageError, record_failure
 from .options import Mode, Options
-from .report import Report, RoundReport
+from .report import Plan, Report, RoundReport
 from .runtimes import podman
 from .runtimes.process import criu_failure
 from .session import TargetSession, migration_id, remote_error, ssh_connector, token
@@ -111,6 +111,29 @@ class Migration:
                                         "resends whole 2 MiB pages (set THP to madvise, or use MADV_NOHUGEPAGE)")
         self.progress("mode", mode=mode, reason=why)
         return Mode(mode)
+
+    async def dry_run(self) -> Plan:
+        """The preflight and a measure of the link, and what the move would do: nothing is
+        dumped, paused or changed on either host."""
+        try:
+            try:
+                mode = await self.preflight()
+                link = await self.to.measure_link(self.work)
+            except p.RemoteFailure as e:
+                raise remote_error(e, self.phase, self.target) from None
+            w = self.workload
+            memory = host.resident_bytes(w.pids())
+            limits = policy.Limits(max_downtime=self.options.max_downtime,
+                                   max_rounds=min(self.options.max_rounds, w.max_rounds or self.options.max_rounds))
+            est = policy.estimate(mode.value, memory, link, limits)
+            r = self.report
+            return Plan(workload=str(self.what), runtime=r.runtime, source=r.source, target=self.target,
+                        mode=r.mode, mode_reason=r.mode_reason, processes=len(w.pids()),
+                        memory_bytes=memory, link_bytes_per_s=link, copy_seconds=est.copy_seconds,
+                        expected_downtime_seconds=est.downtime, expected_rounds=est.rounds, note=est.note,
+                        warnings=r.warnings)
+        finally:
+            await self.close()
 
     async def inspect(self) -> tuple[list[preflight.Check], str, str]:
         """The preflight alone, every row of it, for `livemig check`; touches no workload."""
@@ -410,6 +433,17 @@ async def migrate(what: int | str, target: str, options: Options = Options(), *,
     the phase that failed (the workload then runs on the source)."""
     try:
         return await Migration(what, target, options, transport_factory or ssh_connector(options), progress).run()
+    except (ConnectionError, EOFError) as e:
+        raise ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
+                               host=target) from None
+
+
+async def plan(what: int | str, target: str, options: Options = Options(), *, progress=None,
+               transport_factory=None) -> Plan:
+    """What migrate() would do, found by its preflight and a measure of the link; changes nothing."""
+    try:
+        return await Migration(what, target, options, transport_factory or ssh_connector(options),
+                               progress).dry_run()
     except (ConnectionError, EOFError) as e:
         raise ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
                                host=target) from None

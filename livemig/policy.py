@@ -122,3 +122,30 @@ def choose_mode(requested: str, source_features: dict[str, bool],
         return "precopy", ("crun cannot serve pages lazily" if runtime == "crun" else
                            "the target has no userfaultfd for lazy pages")
     return "stopcopy", "this kernel cannot track dirty pages (no soft-dirty), so no pre-copy"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a migration should cost, before it runs (livemig move --dry-run)."""
+    copy_seconds: float          # the memory at the measured link rate
+    downtime: float | None       # seconds of downtime to expect, apart from freeze and restore
+    rounds: str                  # how many pre-copy rounds to expect, in words
+    note: str
+
+
+def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limits = Limits()) -> Estimate:
+    """The plan's figures. The link rate is measured with incompressible bytes, so the
+    copy time is an upper bound: memory pages usually compress."""
+    copy = memory_bytes / link_bytes_per_s if link_bytes_per_s > 0 else float("inf")
+    if mode == "stopcopy":
+        return Estimate(copy, copy, "none", "the workload is frozen while all its memory is copied")
+    if mode == "postcopy":
+        return Estimate(copy, 0.0, "none", f"the target runs at once; its memory follows in about {copy:.1f} s, "
+                                           "while it runs")
+    final = "a lazy final dump: what is left follows after the resume" if mode == "hybrid" else \
+        "then the final dump"
+    return Estimate(copy, limits.max_downtime,
+                    f"1 to {limits.max_rounds}: fewer when the workload dirties little memory",
+                    f"the first round copies everything while the workload runs, about {copy:.1f} s; {final}. "
+                    f"The downtime meets {limits.max_downtime * 1000:.0f} ms if the workload dirties memory "
+                    "slower than the link sends it")

@@ -134,3 +134,38 @@ class CloneReport:
         if self.error:
             lines.append(f"  error in {self.failed_phase or 'clone'}: {self.error}")
         return "\n".join(lines)
+
+
+@dataclass
+class Plan:
+    """What `livemig move --dry-run` found: the preflight passed, and this would happen."""
+    workload: str                 # what the user named: a PID or a container
+    runtime: str
+    source: str
+    target: str
+    mode: str
+    mode_reason: str
+    processes: int
+    memory_bytes: int             # resident memory of the tree
+    link_bytes_per_s: float       # measured through the real stream path, incompressible bytes
+    copy_seconds: float           # memory_bytes at that rate: an upper bound
+    expected_downtime_seconds: float | None   # apart from freeze and restore
+    expected_rounds: str
+    note: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def summary(self) -> str:
+        what = f"PID {self.workload}" if self.runtime == "process" else f"{self.runtime} container {self.workload}"
+        down = ("none" if self.expected_downtime_seconds is None else
+                f"about {self.expected_downtime_seconds * 1000:.0f} ms")
+        lines = [f"would move: {what} {self.source} -> {self.target}, mode {self.mode} ({self.mode_reason})",
+                 f"  {self.processes} process(es), {self.memory_bytes / 2**20:.1f} MiB resident; link "
+                 f"{self.link_bytes_per_s / 2**20:.0f} MiB/s (incompressible), so at most {self.copy_seconds:.1f} s "
+                 "to copy it",
+                 f"  pre-copy rounds: {self.expected_rounds}; downtime: {down} plus the freeze and the restore",
+                 f"  {self.note}"]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)

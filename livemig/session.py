@@ -7,6 +7,7 @@ A move has one session; a clone has one per target host, all fed from one checkp
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import socket
 import time
@@ -143,6 +144,16 @@ class TargetSession:
             lambda w: streams.send_files(local, names, w, self.options.compression_level),
             lambda tok: p.ReceiveFiles(dir=name, stream=tok, parent=parent), p.FilesReceived)
         return meter
+
+    async def measure_link(self, scratch: Path, size: int = 16 << 20) -> float:
+        """Bytes per second through the path pages take (zstd, ssh, the agent), measured
+        with random bytes: the rate for memory that does not compress."""
+        d = scratch / "link-probe"
+        d.mkdir(mode=0o700)
+        (d / "random").write_bytes(os.urandom(size))
+        t = time.monotonic()
+        meter = await self.send_images("link-probe", None, d)
+        return meter.wire / max(time.monotonic() - t, 1e-6)
 
     async def abort(self) -> None:
         """Rollback's message: the agent undoes what it restored and ends."""

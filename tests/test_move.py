@@ -72,7 +72,7 @@ def test_postcopy_restores_first_and_brings_every_page_after(lab):
     report = move(lab, work.pid, "--mode", "postcopy")
     assert report["mode"] == "postcopy"
     assert report["postcopy_pages"] >= MIB * 256
-    # pushed in address order while the target ran, not fetched fault by fault
+    # pushed while the target ran, not fetched fault by fault
     assert report["postcopy_seconds"] > 0
     assert report["postcopy_pages_on_demand"] < report["postcopy_pages"] / 4
     assert report["postcopy_requests_waited"] <= report["postcopy_requests"]
@@ -204,3 +204,23 @@ def test_the_config_file_and_environment_set_the_mode_and_a_flag_wins(lab):
         lab.run("a", ["kill", str(work.pid)])
     finally:
         lab.run("a", ["rm", "-rf", "/root/.config/livemig"], check=False)
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(lab):
+    work = lab.start_workload("a", mib=64, pid=4421)
+    before = work.query("a")
+    plan = move(lab, work.pid, "--dry-run")
+    assert plan["mode"] == "stopcopy" and "soft-dirty" in plan["mode_reason"]
+    assert plan["memory_bytes"] >= 64 * 2**20 and plan["processes"] == 1
+    assert plan["link_bytes_per_s"] > 0 and plan["copy_seconds"] > 0
+    assert plan["expected_downtime_seconds"] == plan["copy_seconds"]    # stop-and-copy: all of it frozen
+    assert_still_on_source(lab, work, before)
+    text = lab.text("a", ["livemig", "move", "--dry-run", "--mode", "postcopy", "--pid", str(work.pid), "b"])
+    assert text.startswith(f"would move: PID {work.pid} a -> b, mode postcopy (as requested)")
+    # a dry run fails as the move would, with its exit code
+    res = lab.run("a", ["livemig", "move", "--dry-run", "--pid", "99999", "b"], check=False)
+    err = res.stderr.decode()
+    assert res.returncode == 3 and err.startswith("livemig: preflight: no process with PID 99999")
+    assert err.count("\n") == 1
+    assert_still_on_source(lab, work, before)
+    lab.run("a", ["kill", str(work.pid)])
