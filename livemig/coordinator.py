@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import bundle, criu, host, pagemap, policy, postcopy, preflight, proc, protocol as p, runtimes, streams
-from .errors import ConnectionFailed, DumpError, Phase, PreflightError, UsageError, record_failure
+from .errors import ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, UsageError, record_failure
 from .options import Mode, Options
 from .report import Plan, Report, RoundReport
 from .runtimes import podman
@@ -121,6 +121,9 @@ class Migration:
                 link = await self.to.measure_link(self.work)
             except p.RemoteFailure as e:
                 raise remote_error(e, self.phase, self.target) from None
+            except LivemigError as e:
+                e.phase = e.phase or self.phase     # named as the move's would be
+                raise
             w = self.workload
             memory = host.resident_bytes(w.pids())
             limits = policy.Limits(max_downtime=self.options.max_downtime,
