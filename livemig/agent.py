@@ -297,9 +297,10 @@ class Agent:
         if c is not None and res.returncode == 0:
             # A runtime restores running: pause at once, so that the container runs only
             # after the source is gone, like a tree restored stopped.
-            paused = await _pause(c, lazy)
+            pause = runtimes.control(c, "pause")
+            paused = await _pause(pause, lazy)
             if paused.returncode != 0:
-                res, argv = paused, runtimes.control(c, "pause")
+                res, argv = paused, pause
             if c.runtime == "podman" and (found := await podman.inspect(c.id)):
                 self.restored.append(int(found["State"]["Pid"]))
         seconds = time.monotonic() - t0
@@ -334,9 +335,7 @@ class Agent:
     async def _lazy_pages(self, d: Path, token: str, faults: str | None, ours: socket.socket,
                           daemon) -> p.LazyDone:
         async def serve(daemon_side, remote) -> postcopy.Served:
-            if not faults:
-                return await postcopy.Server().run(daemon_side, remote)
-            async with self.stream(faults) as fault_stream:
+            async with self.stream(faults) if faults else contextlib.nullcontext() as fault_stream:
                 return await postcopy.Server().run(daemon_side, remote, fault_stream)
         served = await self._relay_criu(token, ours, daemon, Phase.RESTORE, "criu lazy-pages",
                                         d / "lazy-pages.log", serve)
@@ -421,21 +420,21 @@ class Agent:
               f"stopped (see {self.work}/ORPHANED)", file=sys.stderr)
 
 
+_LAZY_PAUSE_SECONDS = 10.0
 
-async def _pause(c: p.Container, lazy: bool) -> proc.Result:
-    """Pause a container just restored. With lazy pages a task waiting inside the kernel
+
+async def _pause(argv: list[str], lazy: bool) -> proc.Result:
+    """Pause a container just restored (argv: its runtime's pause). With lazy pages a task waiting inside the kernel
     for a missing page cannot freeze until the page lands, and a cgroup v1 freezer gives
     up after a few hundred ms ("unable to freeze", thawing again): the page is on its way,
     so try again for a while before calling the restore failed."""
     deadline = time.monotonic() + (_LAZY_PAUSE_SECONDS if lazy else 0)
     while True:
-        res = await proc.run(runtimes.control(c, "pause"), check=False)
+        res = await proc.run(argv, check=False)
         if res.returncode == 0 or time.monotonic() >= deadline:
             return res
         await asyncio.sleep(0.05)
 
-
-_LAZY_PAUSE_SECONDS = 10.0
 
 def _read(path: Path) -> str:
     try:

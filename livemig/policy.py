@@ -128,7 +128,7 @@ def choose_mode(requested: str, source_features: dict[str, bool],
 class Estimate:
     """What a migration should cost, before it runs (livemig move --dry-run)."""
     copy_seconds: float          # the memory at the measured link rate
-    downtime: float | None       # seconds of downtime to expect, apart from freeze and restore
+    downtime: float              # seconds of downtime to expect, apart from freeze and restore
     rounds: str                  # how many pre-copy rounds to expect, in words
     note: str
 

@@ -185,12 +185,11 @@ class Pusher:
                 self._in_flight -= n
                 self._window = min(self._window + PUSH_PAGES, WINDOW_PAGES[1])
             elif kind in (NEED, FAULT):
-                if self._urgent is not None:
-                    self.stats.pages_on_demand += await self._copy(c_reader, c_writer, self._urgent, pid, vaddr, n)
-                else:
-                    if kind == FAULT:
-                        self._window = WINDOW_PAGES[0]
-                    self.stats.pages_on_demand += await self._copy(c_reader, c_writer, out, pid, vaddr, n)
+                if self._urgent is None and kind == FAULT:
+                    self._window = WINDOW_PAGES[0]
+                self.stats.pages_on_demand += await self._copy(c_reader, c_writer, self._urgent or out,
+                                                               pid, vaddr, n)
+                if self._urgent is None:     # on the pushing stream: counted in its window
                     self._in_flight += n
                 on_demand[pid].update(range(vaddr, vaddr + n * PAGE, PAGE))
             elif kind == CLOSE:

@@ -7,6 +7,11 @@ import json
 from dataclasses import dataclass, field
 
 
+def _described(runtime: str, pid: int | str, container: str = "") -> str:
+    """What was (or would be) moved, as a summary names it."""
+    return f"PID {pid}" if runtime == "process" else f"{runtime} container {container or pid}"
+
+
 @dataclass
 class RoundReport:
     """One pass of pages: a pre-copy round or the final dump."""
@@ -60,8 +65,7 @@ class Report:
         return json.dumps(d, indent=2)
 
     def summary(self) -> str:
-        what = f"PID {self.pid}" if self.runtime == "process" else f"{self.runtime} container {self.workload}"
-        lines = [f"{self.outcome}: {what} {self.source} -> {self.target}, mode {self.mode}"
+        lines = [f"{self.outcome}: {_described(self.runtime, self.pid, self.workload)} {self.source} -> {self.target}, mode {self.mode}"
                  + (f" ({self.mode_reason})" if self.mode_reason else "")]
         for i, r in enumerate(self.rounds, 1):
             lines.append(f"  {r.kind} {i}: {r.pages_written} pages, {r.bytes_raw / 2**20:.1f} MiB -> "
@@ -149,7 +153,7 @@ class Plan:
     memory_bytes: int             # resident memory of the tree
     link_bytes_per_s: float       # measured through the real stream path, incompressible bytes
     copy_seconds: float           # memory_bytes at that rate: an upper bound
-    expected_downtime_seconds: float | None   # apart from freeze and restore
+    expected_downtime_seconds: float   # apart from freeze and restore
     expected_rounds: str
     note: str
     warnings: list[str] = field(default_factory=list)
@@ -158,14 +162,12 @@ class Plan:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def summary(self) -> str:
-        what = f"PID {self.workload}" if self.runtime == "process" else f"{self.runtime} container {self.workload}"
-        down = ("none" if self.expected_downtime_seconds is None else
-                f"about {self.expected_downtime_seconds * 1000:.0f} ms")
-        lines = [f"would move: {what} {self.source} -> {self.target}, mode {self.mode} ({self.mode_reason})",
+        lines = [f"would move: {_described(self.runtime, self.workload)} {self.source} -> {self.target}, mode {self.mode} ({self.mode_reason})",
                  f"  {self.processes} process(es), {self.memory_bytes / 2**20:.1f} MiB resident; link "
                  f"{self.link_bytes_per_s / 2**20:.0f} MiB/s (incompressible), so at most {self.copy_seconds:.1f} s "
                  "to copy it",
-                 f"  pre-copy rounds: {self.expected_rounds}; downtime: {down} plus the freeze and the restore",
+                 f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
+                 f"{self.expected_downtime_seconds * 1000:.0f} ms plus the freeze and the restore",
                  f"  {self.note}"]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)

@@ -63,9 +63,10 @@ class TargetSession:
     async def request(self, msg, reply_type):
         return await self.agent.request(msg, reply_type)
 
-    async def stream(self, tok: str):
-        """A data stream to the agent, named tok: (reader, writer)."""
-        reader, writer = await self.transport.open_unix(self.welcome.stream_socket)
+    async def stream(self, tok: str, transport=None):
+        """A data stream to the agent, named tok: (reader, writer); on transport, if
+        given, else on the session's own connection."""
+        reader, writer = await (transport or self.transport).open_unix(self.welcome.stream_socket)
         writer.write(tok.encode() + b"\n")
         await writer.drain()
         return reader, writer
@@ -84,13 +85,9 @@ class TargetSession:
         if self._fault_link is None:
             return None, "no fault link was opened"
         try:
-            transport = await self._fault_link
-            reader, writer = await transport.open_unix(self.welcome.stream_socket)
-            writer.write(tok.encode() + b"\n")
-            await writer.drain()
+            return await self.stream(tok, await self._fault_link), ""
         except (LivemigError, OSError) as e:
             return None, str(e)
-        return (reader, writer), ""
 
     async def relay(self, sock: socket.socket, tok: str) -> streams.Relay:
         """Join CRIU's end of a socketpair to the agent's data stream tok, both ways."""
