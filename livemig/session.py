@@ -108,9 +108,11 @@ class TargetSession:
         sending = asyncio.create_task(send(writer))
         try:
             reply = await self.agent.request(request(tok), reply_type)
-        finally:
-            if not sending.done():
-                sending.cancel()
+        except BaseException:
+            sending.cancel()
+            raise
+        # The agent has read the stream to its end; the sender may still be reaping what
+        # produced it (tar): cancelling it now would fail a transfer that succeeded.
         return reply, await sending
 
     async def check_cpu(self, cpuinfo: Path) -> Check:
