@@ -9,7 +9,8 @@ The Python API, for failover scripts:
 
 migrate() returns a Report, or raises a LivemigError whose .phase names the
 phase that failed and whose .exit_code is the CLI's; the workload then runs on
-the source.
+the source. The one exception is Unresolved (exit code 7): post-copy lost its
+target, the workload waits stopped on the source, and `livemig recover` settles it.
 
     report = asyncio.run(livemig.clone("web1", ["host-b", "host-c"], count=2))   # podman replicas
 """
@@ -17,7 +18,7 @@ the source.
 __version__ = "0.1.0"
 
 from .errors import (ConnectionFailed, DumpError, ExitCode, LivemigError, PreflightError,  # noqa: E402
-                     RestoreError, UsageError)
+                     RestoreError, Unresolved, UsageError)
 from .options import Mode, Options  # noqa: E402
 from .report import CloneReport, Plan, Replica, Report, RoundReport  # noqa: E402
 
@@ -48,4 +49,4 @@ async def clone(what: str, hosts: list[str], options: Options = Options(), *, na
 
 
 __all__ = ["migrate", "plan", "clone", "CloneReport", "Plan", "Replica", "Options", "Mode", "Report", "RoundReport", "LivemigError", "UsageError",
-           "PreflightError", "ConnectionFailed", "DumpError", "RestoreError", "ExitCode"]
+           "PreflightError", "ConnectionFailed", "DumpError", "RestoreError", "Unresolved", "ExitCode"]

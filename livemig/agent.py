@@ -32,6 +32,7 @@ from .errors import Phase
 DEFAULT_ROOT = "/var/lib/livemig"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 STREAM_TIMEOUT = 60
+LINGER_SECONDS = 60    # after a failed post-copy, for the coordinator to settle it
 
 
 class AgentFailure(Exception):
@@ -49,11 +50,15 @@ def checked_name(name: str, what: str) -> str:
 class Agent:
     def __init__(self, reader, writer, root: str = DEFAULT_ROOT):
         self.reader, self.writer, self.root = reader, writer, Path(root)
+        self.verdicts = Verdicts(self.root)
         self.work: Path | None = None
         self.server: asyncio.AbstractServer | None = None
         self.streams: dict[str, asyncio.Future] = {}
         self.page_servers: dict[str, asyncio.Task] = {}
         self.lazy: asyncio.Task | None = None
+        self.lazy_server: postcopy.Server | None = None
+        self.guard = None                           # guard.py, during post-copy
+        self.guard_pipe = None
         self.restored: list[int] = []               # the root PIDs of what was restored here
         self.containers: list[p.Container] = []     # restored through their runtime (a clone: several)
         self.created_tree: Path | None = None       # a bundle this migration brought here
@@ -73,7 +78,7 @@ class Agent:
                 return 2
             await self._start(hello)
             while not self.finished:
-                msg = await p.read_message(self.reader)
+                msg = await self._next_message()
                 try:
                     reply = await self.handle(msg)
                 except AgentFailure as e:
@@ -85,10 +90,19 @@ class Agent:
                                          f"{type(e).__name__}: {e}", traceback.format_exc())
                 await p.write_message(self.writer, reply)
             return 0
-        except (EOFError, ConnectionError):
+        except (EOFError, ConnectionError, TimeoutError):
             return 1     # the coordinator is gone: cleanup below decides what stays
         finally:
             await self._cleanup()
+
+    async def _next_message(self):
+        if self.lazy is not None and self.lazy.done() and self.verdicts.read(self.work.name)[0] == "killed":
+            # Post-copy failed here and its copy is gone: a coordinator that can still reach
+            # us asks within seconds. Across a cut link its hang-up may never arrive, and
+            # this agent would hold its images for as long as TCP keeps the session.
+            async with asyncio.timeout(LINGER_SECONDS):
+                return await p.read_message(self.reader)
+        return await p.read_message(self.reader)
 
     async def _start(self, hello: p.Hello) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -198,9 +212,10 @@ class Agent:
         return p.PageServerDone(msg.dir, meters.received.wire, meters.received.raw)
 
     async def _relay_criu(self, token: str, ours: socket.socket, criu_proc, phase: str, what: str,
-                          log: Path, pump=streams.relay):
+                          log: Path, pump=streams.relay, on_failure=None):
         """pump(CRIU's end of a socketpair, data stream token) until both sides close
-        (by default, a plain relay); then CRIU must exit 0, or its log explains why not."""
+        (by default, a plain relay); then CRIU must exit 0, or its log explains why not.
+        on_failure(why) runs before CRIU is killed."""
         try:
             async with self.stream(token) as remote:
                 try:
@@ -211,6 +226,12 @@ class Agent:
             if rc != 0:
                 raise AgentFailure(phase, f"{what} exited {rc}", "\n".join(criu.log_errors(_read(log))))
             return meters
+        except BaseException as e:
+            if on_failure is not None:
+                # CRIU still runs: a lazy-pages daemon keeps the pages a copy lacks blocking
+                # rather than reading as zeros
+                await on_failure(str(e) or type(e).__name__)
+            raise
         finally:
             await proc.kill(criu_proc)
             ours.close()
@@ -290,8 +311,10 @@ class Agent:
                 raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
             argv = runtimes.restore_command(c, d, pidfile, lazy)
             self.containers.append(c)
+            self._tell_guard("container", c.runtime, c.id)
         else:
             argv = criu.restore(str(d), str(pidfile), lazy=lazy, opts=criu.Options())
+            self._tell_guard("pidfile", str(pidfile))
         t0 = time.monotonic()
         res = await proc.run(argv, check=False, leaves_daemon=c is not None)   # podman leaves conmon
         if c is not None and res.returncode == 0:
@@ -306,6 +329,11 @@ class Agent:
         seconds = time.monotonic() - t0
         if pidfile.exists():
             self.restored.append(int(pidfile.read_text().strip()))
+        if res.returncode == 0 and self.lazy is not None and self.lazy.done():
+            # the page stream failed while CRIU restored: this copy can never be whole
+            await self._kill_restored()
+            raise AgentFailure(Phase.RESTORE, "post-copy's page stream ended during the restore: "
+                                              f"{self.verdicts.read(self.work.name)[1]}")
         if res.returncode != 0:
             await self._kill_restored()
             errors = criu.log_errors(_read(d / "restore.log"))
@@ -324,6 +352,10 @@ class Agent:
         finally:
             theirs.close()
             os.close(status_w)
+        # Before anything is restored: from here on `livemig recover` finds a verdict.
+        self.verdicts.write(self.work.name, "serving")
+        self.lazy_server = postcopy.Server()
+        await self._start_guard(ours)
         self.lazy = asyncio.create_task(self._lazy_pages(d, token, faults, ours, daemon))
         # CRIU writes to its status fd once the daemon listens for the restore.
         ready = await asyncio.to_thread(os.read, status_r, 1)
@@ -332,23 +364,84 @@ class Agent:
             raise AgentFailure(Phase.RESTORE, "criu lazy-pages did not start",
                                "\n".join(criu.log_errors(_read(d / "lazy-pages.log"))))
 
+    async def _start_guard(self, ours: socket.socket) -> None:
+        """guard.py: should this agent die during post-copy, its copy dies before the daemon."""
+        control_r, control_w = os.pipe()
+        held = os.dup(ours.fileno())
+        try:
+            # Its output goes nowhere: it must outlive us and the SSH session's pipes. What
+            # it did, it writes in the verdict.
+            self.guard = await proc.start(
+                [sys.executable, "-m", "livemig.guard", str(control_r), str(held),
+                 str(self.verdicts.root), self.work.name],
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                pass_fds=[control_r, held], new_session=True)
+        finally:
+            os.close(control_r)
+            os.close(held)
+        self.guard_pipe = os.fdopen(control_w, "w", buffering=1)
+
+    def _tell_guard(self, *words: str) -> None:
+        if self.guard_pipe is not None:
+            self.guard_pipe.write(" ".join(words) + "\n")
+            if words == ("done",):
+                self.guard_pipe.close()
+                self.guard_pipe = None
+
     async def _lazy_pages(self, d: Path, token: str, faults: str | None, ours: socket.socket,
                           daemon) -> p.LazyDone:
+        server = self.lazy_server
+
         async def serve(daemon_side, remote) -> postcopy.Served:
             async with self.stream(faults) if faults else contextlib.nullcontext() as fault_stream:
-                return await postcopy.Server().run(daemon_side, remote, fault_stream)
-        served = await self._relay_criu(token, ours, daemon, Phase.RESTORE, "criu lazy-pages",
-                                        d / "lazy-pages.log", serve)
+                return await server.run(daemon_side, remote, fault_stream)
+        served = await self._relay_criu(token, ours, daemon, Phase.POSTCOPY, "criu lazy-pages",
+                                        d / "lazy-pages.log", serve, on_failure=self._settle_lazy)
+        self.verdicts.write(self.work.name, "whole")
+        await self._release_guard()
         return p.LazyDone(served.pages_served, served.requests, served.requests_waited)
+
+    async def _settle_lazy(self, why: str) -> None:
+        """Post-copy ends before its time. The copy runs on only if it is whole and already
+        running; anything else goes, and the source's copy, stopped since the final dump,
+        is the workload."""
+        if self.lazy_server.closed and self.resumed:
+            self.verdicts.write(self.work.name, "whole")
+        else:
+            await self._kill_restored(even_running=True)
+            self.verdicts.write(self.work.name, "killed", f"post-copy ended before every page was here: {why}")
+        await self._release_guard()
+
+    async def _release_guard(self) -> None:
+        self._tell_guard("done")
+        if self.guard is not None:
+            await self.guard.wait()
+            self.guard = None
 
     async def on_AwaitLazy(self, msg: p.AwaitLazy) -> p.LazyDone:
         if self.lazy is None:
-            raise AgentFailure(Phase.RESTORE, "no post-copy in progress")
+            raise AgentFailure(Phase.POSTCOPY, "no post-copy in progress")
         return await self.lazy
+
+    async def on_SettlePostcopy(self, msg: p.SettlePostcopy) -> p.PostcopySettled:
+        if self.lazy is None:
+            raise AgentFailure(Phase.POSTCOPY, "no post-copy in progress")
+        await self._end_lazy()
+        state, detail = self.verdicts.read(self.work.name)
+        return p.PostcopySettled(whole=state == "whole", detail=detail)
+
+    async def on_AskVerdict(self, msg: p.AskVerdict) -> p.Verdict:
+        state, detail = self.verdicts.read(checked_name(msg.migration_id, "migration id"))
+        return p.Verdict(msg.migration_id, state, detail)
+
+    async def on_ForgetVerdict(self, msg: p.ForgetVerdict) -> p.Done:
+        self.verdicts.forget(checked_name(msg.migration_id, "migration id"))
+        return p.Done()
 
     async def on_Resume(self, msg: p.Resume) -> p.Resumed:
         if not self.restored:
-            raise AgentFailure(Phase.COMMIT, "nothing was restored")
+            raise AgentFailure(Phase.COMMIT, "nothing was restored" if self.lazy is None else
+                               f"the restored copy is gone: {self.verdicts.read(self.work.name)[1]}")
         pids = [pid for root in self.restored for pid in host.process_tree(root)]
         if self.containers:
             for c in self.containers:
@@ -357,25 +450,41 @@ class Agent:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
         self.resumed = True
+        if self.lazy_server is not None:
+            self.lazy_server.resumed()
         return p.Resumed(pids)
 
     async def on_Abort(self, msg: p.Abort) -> p.Done:
+        await self._end_lazy()
         await self._kill_restored()
         return p.Done()
 
+    async def _end_lazy(self) -> None:
+        """Stop post-copy, if under way; it settles its copy on the way out (_settle_lazy)."""
+        if self.lazy is not None and not self.lazy.done():
+            self.lazy.cancel()
+        if self.lazy is not None:
+            try:
+                await self.lazy
+            except BaseException:
+                pass
+
     async def on_Finish(self, msg: p.Finish) -> p.Done:
         self.finished = True
+        self.verdicts.forget(self.work.name)     # the coordinator knows how it ended
         return p.Done()
 
-    async def _kill_restored(self) -> None:
-        """Undo the restore: what this migration brought here goes, unless it already runs."""
-        while self.containers and not self.resumed:
+    async def _kill_restored(self, even_running: bool = False) -> None:
+        """Undo the restore: what this migration brought here goes, unless it already runs
+        (even_running: a post-copy copy that lacks pages goes all the same)."""
+        undo = even_running or not self.resumed
+        while self.containers and undo:
             # delete --force thaws what it kills: a frozen task cannot die
             await proc.run(runtimes.control(self.containers.pop(), "delete"), check=False, timeout=60)
-        if self.created_tree is not None and not self.resumed:
+        if self.created_tree is not None and undo:
             shutil.rmtree(self.created_tree, ignore_errors=True)
             self.created_tree = None
-        while self.restored and not self.resumed:
+        while self.restored and undo:
             for pid in reversed(host.process_tree(self.restored.pop())):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -383,6 +492,9 @@ class Agent:
                     pass
 
     async def _cleanup(self) -> None:
+        # The coordinator may be gone mid-post-copy: the copy is settled first (a copy
+        # lacking pages never outlives its page source), and is no orphan then.
+        await self._end_lazy()
         orphan = bool(self.restored) and self.holds_workload and not self.resumed and not self.finished
         if orphan:
             # The coordinator vanished between our restore and its Resume: it may have
@@ -403,6 +515,7 @@ class Agent:
             await self._kill_restored()    # a bundle copied before the coordinator vanished
         if self.work and not orphan:
             shutil.rmtree(self.work, ignore_errors=True)
+        await self._release_guard()     # what it guarded is settled, killed or left as an orphan
 
     def _what_restored(self) -> str:
         if self.containers:
@@ -418,6 +531,38 @@ class Agent:
             f"telling whether the source is gone\n")
         print(f"livemig agent: the coordinator vanished; restored {self._what_restored()} left "
               f"stopped (see {self.work}/ORPHANED)", file=sys.stderr)
+
+
+class Verdicts:
+    """How each post-copy ended on this host, kept after the agent is gone: the source's
+    `livemig recover` asks, when its coordinator never learnt it. One small file per
+    migration in the image root (ID.verdict), no memory in it; written before anything
+    it describes can be seen, and forgotten once the coordinator knows."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, migration_id: str) -> Path:
+        return self.root / f"{migration_id}.verdict"
+
+    def write(self, migration_id: str, state: str, detail: str = "") -> None:
+        path = self.path(migration_id)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(f"{state}\n{detail}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def read(self, migration_id: str) -> tuple[str, str]:
+        try:
+            state, _, detail = self.path(migration_id).read_text().partition("\n")
+        except FileNotFoundError:
+            return "none", ""
+        return state, detail.strip()
+
+    def forget(self, migration_id: str) -> None:
+        self.path(migration_id).unlink(missing_ok=True)
 
 
 _LAZY_PAUSE_SECONDS = 10.0

@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   livemig move web1 host-b --name web1-b         move it, named web1-b there
   livemig clone web1 host-b host-c --count 2     two running replicas of web1 on each host (podman)
   livemig check host-b                           can host-b take workloads from here?
+  livemig recover                                after a post-copy that lost its target (exit code 7)
 """
 CLONE_EXAMPLES = """examples:
   livemig clone web1 host-b                      a replica named web1-clone on host-b
@@ -95,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
                                "and flags override both.")
     cf.add_argument("--json", action="store_true", help="print them as JSON")
 
+    rc = sub.add_parser("recover", help="settle moves whose post-copy failed, on this (the source) host",
+                        description="A post-copy that lost its target leaves the workload stopped here, "
+                                    "whole as of its final dump, until the target says how its copy "
+                                    "ended: recover asks it, and lets exactly one copy run on (the "
+                                    "target's if it had every page, else this one).",
+                        epilog="examples:\n  livemig recover\n  livemig recover --target-lost    "
+                               "the target host is gone for good: resume the workload here",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    rc.add_argument("--target-lost", action="store_true",
+                    help="the target host is gone for good (and its copy with it): resume here without asking")
+    rc.add_argument("--image-root")
+    rc.add_argument("--json", action="store_true", help="print what was settled as JSON")
+
     ag = sub.add_parser("agent", help="the target side, started by `livemig move` over ssh")
     ag.add_argument("--image-root", default="/var/lib/livemig")
     return ap
@@ -115,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check(args)
     if args.command == "clone":
         return _clone(args)
+    if args.command == "recover":
+        return _recover(args)
     return _move(args)
 
 
@@ -138,6 +154,26 @@ def _check(args) -> int:
             print(f"{'ok ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.detail}" +
                   (f"  ({r.hint})" if not r.ok and r.hint else ""))
     return ExitCode.MOVED if ok else ExitCode.PREFLIGHT
+
+
+def _recover(args) -> int:
+    import dataclasses
+    import json
+    from .coordinator import ssh_connector
+    from .recovery import recover
+    try:
+        options = _settings(image_root=args.image_root).options
+        settled = _run(recover(options, ssh_connector(options), target_lost=args.target_lost))
+    except LivemigError as e:
+        print(f"livemig: {e}", file=sys.stderr)
+        return e.exit_code
+    if args.json:
+        print(json.dumps([dataclasses.asdict(x) for x in settled], indent=2))
+    elif not settled:
+        print("nothing to recover here")
+    for x in [] if args.json else settled:
+        print(f"{x.outcome}: {x.workload}, moving to {x.target} ({x.migration_id}): {x.detail}")
+    return ExitCode.UNRESOLVED if any(x.outcome == "unresolved" for x in settled) else ExitCode.MOVED
 
 
 def _settings(**flags) -> config.Config:
@@ -259,3 +295,6 @@ def _print_progress(event: str, **kw) -> None:
         print("checkpoint (the original runs on)...", file=sys.stderr)
     elif event in ("dump", "restore"):
         print(f"{'final dump' if event == 'dump' else 'restoring on the target'}...", file=sys.stderr)
+    elif event == "running":
+        print("running on the target" + ("; its remaining pages follow..." if kw.get("lazy") else ""),
+              file=sys.stderr)

@@ -12,6 +12,7 @@ before that point resumes the source where it was, and the target forgets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -19,8 +20,9 @@ import socket
 import time
 from pathlib import Path
 
-from . import bundle, criu, host, pagemap, policy, postcopy, preflight, proc, protocol as p, runtimes, streams
-from .errors import ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, UsageError, record_failure
+from . import bundle, criu, host, pagemap, policy, postcopy, preflight, proc, protocol as p, recovery, runtimes, streams
+from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
+                     record_failure)
 from .options import Mode, Options
 from .report import Plan, Report, RoundReport
 from .runtimes import podman
@@ -48,6 +50,8 @@ class Migration:
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
         self.bundle_listing: set[str] = set()
         self.committed = False
+        self.record: recovery.Record | None = None    # kept on disk while post-copy may fail
+        self.finished = False      # the agent was told the end (Finish)
 
     # --- the whole ---------------------------------------------------------------------------
     async def run(self) -> Report:
@@ -83,6 +87,11 @@ class Migration:
             await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
         self.phase = Phase.FINAL_DUMP
         lazy = mode in (Mode.POSTCOPY, Mode.HYBRID)
+        if lazy:
+            # From the lazy dump on, a coordinator killed outright may leave the source's
+            # copy stopped: this record is how `livemig recover` finds it.
+            self.record = recovery.Record.mine(self.id, self.target, self.workload)
+            self.record.save(self.work)
         await self.final_dump(lazy)
         self.phase = Phase.TRANSFER
         await self.transfer()
@@ -331,30 +340,128 @@ class Migration:
         w = self.workload
         self.committed = True              # from here on the target's copy is the workload
         self.report.warnings += await w.release(self.dump, lazy)
-        resumed = await self.to.request(p.Resume(), p.Resumed)
-        running_at = time.monotonic()
-        self.report.downtime_seconds = running_at - self.dump.frozen_at
-        self.progress("running", pids=resumed.pids)
         if lazy:
-            await self.postcopy(running_at)
+            try:
+                running_at = await self._resume_target(lazy=True)
+                self.phase = Phase.POSTCOPY
+                await self.postcopy(running_at)
+            except BaseException as e:
+                if not await asyncio.shield(self.settle_postcopy(e)):
+                    raise self._rolled_back(e) from None
+        else:
+            await self._resume_target()
         st = None if lazy else w.stats(self.work / "final")
         if st:
             self.report.rounds[-1].pages_written = st.pages_written
             self.report.rounds[-1].frozen_seconds = st.frozen_time
             self.report.final_dump_frozen_seconds = st.frozen_time
-        await self.to.request(p.Finish(), p.Done)
+        if not self.finished:
+            await self.to.request(p.Finish(), p.Done)
         self._remove_source_bundle()
+
+    async def _resume_target(self, lazy: bool = False) -> float:
+        resumed = await self.to.request(p.Resume(), p.Resumed)
+        running_at = time.monotonic()
+        self.report.downtime_seconds = running_at - self.dump.frozen_at
+        self.progress("running", pids=resumed.pids, lazy=lazy)
+        return running_at
+
+    async def settle_postcopy(self, cause: BaseException) -> bool:
+        """Post-copy failed after the commit. The source's copy, stopped since the final dump,
+        has every page; the target's may not. The target decides (its agent kills a copy that
+        lacks pages before the pages could read as zeros), the source follows, and while
+        nobody knows, the source's copy stays stopped: never two copies running. True: the
+        target's copy was whole, and runs on (moved)."""
+        await proc.kill(self.dump.proc)     # its CRIU, which would resume the tree on its way out
+        await self._stop_relay()
+        copy = self.record.source_copy
+        whole, why_not = await self._target_verdict()
+        if whole is None:
+            self.report.outcome = "unresolved"
+            self.report.warnings.append(f"the target did not say how its copy ended ({why_not})")
+            raise Unresolved(f"post-copy lost its link to {self.target} ({_why(cause)}); the workload is "
+                             "stopped here, whole as of the final dump", phase=Phase.POSTCOPY, host=self.target,
+                             hint=f"{self.target} kills its copy within {postcopy.STALL_SECONDS:.0f} s of silence; "
+                                  f"then run `livemig recover` here, or `livemig recover --target-lost` if "
+                                  f"{self.target} is gone for good") from None
+        if whole:
+            self.report.warnings += await copy.end()
+            self.report.warnings.append(f"post-copy failed after the target had every page ({_why(cause)}); "
+                                        "its copy runs on")
+            recovery.drop(self.work)
+            await self._forget_verdict()
+            return True
+        await copy.resume()
+        self.report.outcome = "rolled back"
+        recovery.drop(self.work)
+        await self._forget_verdict()
+        return False
+
+    async def _forget_verdict(self) -> None:
+        """The target's verdict is ours now: it may go (Finish), through a fresh connection if
+        its agent is gone."""
+        self.finished = True
+        try:
+            async with asyncio.timeout(10):
+                await self.to.request(p.Finish(), p.Done)
+            return
+        except (Exception, TimeoutError):
+            pass
+        with contextlib.suppress(Exception, TimeoutError):
+            async with asyncio.timeout(SETTLE_SECONDS):
+                await recovery.forget_verdict(self.target, self.id, self.to.connector, self.options)
+
+    async def _target_verdict(self) -> tuple[bool | None, str]:
+        """Is the target's copy whole (it runs on) or gone? Its agent says, if it is still
+        there; else the verdict it (or its guard, if it was killed) left says, through a
+        fresh connection. (None, why) when neither answers in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETTLE_SECONDS
+        try:
+            async with asyncio.timeout(SETTLE_SECONDS):
+                settled = await self.to.request(p.SettlePostcopy(), p.PostcopySettled)
+            return settled.whole, ""
+        except (Exception, TimeoutError) as e:
+            why = _why(e)
+        while loop.time() < deadline:
+            try:
+                async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
+                    state, _ = await recovery.ask_target(self.target, self.id, self.to.connector, self.options)
+            except (Exception, TimeoutError) as e:
+                return None, f"{why}; then {_why(e)}"
+            if state in ("whole", "killed"):
+                return state == "whole", ""
+            await asyncio.sleep(1)    # "serving": its agent is settling it now
+        return None, why
+
+    def _rolled_back(self, cause: BaseException) -> BaseException:
+        """The error a post-copy settled by the source's copy ends in."""
+        if isinstance(cause, (KeyboardInterrupt, asyncio.CancelledError)):
+            return cause          # the CLI says "interrupted: rolled back"
+        cls = ConnectionFailed if isinstance(cause, (ConnectionError, EOFError, ConnectionFailed,
+                                                     postcopy.PageStreamError)) else LivemigError
+        return cls(f"post-copy failed ({_why(cause)}): the target's copy is gone, and the workload runs "
+                   "here again from its final dump", phase=Phase.POSTCOPY, host=self.target)
 
     async def postcopy(self, running_at: float) -> None:
         """The target's copy runs; every page it has not got yet goes now, at wire speed."""
         self.pusher.start_pushing()
-        done = await self.to.request(p.AwaitLazy(), p.LazyDone)
-        pushed = await self.relay
+        # Either side may fail first; across a cut link the agent's answer never comes.
+        awaiting = asyncio.ensure_future(self.to.request(p.AwaitLazy(), p.LazyDone))
+        try:
+            await asyncio.wait({awaiting, self.relay}, return_when=asyncio.FIRST_EXCEPTION)
+            if self.relay.done() and not self.relay.cancelled() and self.relay.exception():
+                raise self.relay.exception()
+            done = await awaiting
+            pushed = await self.relay
+        finally:
+            awaiting.cancel()
         r = self.report
         r.postcopy_seconds = time.monotonic() - running_at
         r.postcopy_pages, r.postcopy_pages_on_demand = done.pages_fetched, pushed.pages_on_demand
         r.postcopy_requests, r.postcopy_requests_waited = done.requests, done.requests_waited
         await self.workload.finish_lazy(self.dump)
+        recovery.drop(self.work)     # nothing left to recover: before the target forgets too
         # A lazy dump's stats image holds zeroed counters: count what crossed the wire.
         rnd = r.rounds[-1]
         rnd.pages_written, rnd.bytes_raw, rnd.bytes_wire = \
@@ -392,7 +499,22 @@ class Migration:
         if self.workload:
             await self.workload.close()
         await self.to.close()
-        shutil.rmtree(self.work, ignore_errors=True)
+        if self.report.outcome == "unresolved":
+            # the memory images go; the record stays, for `livemig recover`
+            for d in self.work.iterdir():
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+SETTLE_SECONDS = 15.0    # for the target to say how its copy ended, once post-copy failed
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, p.RemoteFailure):
+        return e.failed.message
+    return str(e) or type(e).__name__
 
 
 def make_work_dir(image_root: str, work: Path) -> None:

@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     CONNECTION = 4       # the target could not be reached or lost on the way; rolled back
     DUMP = 5             # CRIU could not checkpoint the workload; it runs on the source
     RESTORE = 6          # the target could not restore; rolled back, it runs on the source
+    UNRESOLVED = 7       # post-copy lost the target: the source's copy waits, stopped; `livemig recover`
     INTERRUPTED = 130    # Ctrl-C: rolled back, it runs on the source
     TERMINATED = 143     # SIGTERM: rolled back, as for Ctrl-C
 
@@ -29,6 +30,7 @@ class Phase:
     TRANSFER = "transfer"
     RESTORE = "restore"
     COMMIT = "commit"
+    POSTCOPY = "post-copy"
     ROLLBACK = "rollback"
 
 
@@ -67,6 +69,12 @@ class DumpError(LivemigError):
 
 class RestoreError(LivemigError):
     exit_code = ExitCode.RESTORE
+
+
+class Unresolved(LivemigError):
+    """Post-copy failed and the target could not say whether its copy is gone: the source's
+    copy stays stopped until `livemig recover` learns it (never two copies running)."""
+    exit_code = ExitCode.UNRESOLVED
 
 
 class CommandFailed(LivemigError):

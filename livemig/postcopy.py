@@ -59,6 +59,11 @@ NEED_PAGES = 16     # what the target asks for at once: a fault's neighbours com
 # faults after the resume would land. More would compete with the restore for the CPU.
 PREFETCH_PAGES = 4096   # 16 MiB
 CLOSE_WAIT = 10.0    # seconds the source waits for the target to hang up first
+# Once the target's copy runs, a side that hears nothing from the other for this long while
+# pages are still missing calls the link lost (a cut link is silent: TCP would wait minutes).
+# Each end then settles alone: the target kills a copy that lacks pages (agent.py), and
+# the source keeps its copy stopped until it learns that (coordinator.py).
+STALL_SECONDS = 30.0
 
 
 class PageStreamError(Exception):
@@ -111,8 +116,10 @@ async def _send(out: streams.CompressedWriter, kind: int, pid: int = 0, vaddr: i
 class Pusher:
     """Reads the lazy dump's page server (local) and pushes to the target's `Server`."""
 
-    def __init__(self, ranges: list[Range], level: int = 1, prefetch_pages: int = PREFETCH_PAGES):
+    def __init__(self, ranges: list[Range], level: int = 1, prefetch_pages: int = PREFETCH_PAGES,
+                 stall_seconds: float = STALL_SECONDS):
         self.ranges = ranges
+        self.stall_seconds = stall_seconds
         self.level = level
         self.prefetch_pages = prefetch_pages
         self.stats = Pushed()
@@ -177,7 +184,7 @@ class Pusher:
                     self._in_flight += count
                 continue
             if item is None:
-                item = await self._inbox.get()
+                item = await self._next()
                 if item is None:
                     continue
             kind, pid, vaddr, n = item
@@ -213,6 +220,20 @@ class Pusher:
                 raise PageStreamError("the target's page requests ended before the lazy-pages daemon was done")
             else:
                 raise PageStreamError(f"unknown frame {kind} from the target")
+
+    async def _next(self):
+        """What the target says next. Once its copy runs, silence while pushed pages are
+        unacknowledged means the link is lost; once every page is acknowledged, the
+        target needs nothing more from here but the status, and its daemon may take long
+        to hand what it holds to the copy (measured: over 30 s for 2 GiB)."""
+        if not (self._go and self._in_flight):
+            return await self._inbox.get()
+        try:
+            async with asyncio.timeout(self.stall_seconds):
+                return await self._inbox.get()
+        except TimeoutError:
+            raise PageStreamError(f"the target acknowledged nothing for {self.stall_seconds:.0f} s: "
+                                  "the link is lost") from None
 
     async def _copy(self, c_reader, c_writer, out, pid: int, vaddr: int, n: int) -> int:
         """Pages [vaddr, +n) of pid from CRIU to the target; CRIU may answer in parts."""
@@ -255,15 +276,23 @@ def _runs_without(vaddr: int, n: int, skip) -> list[tuple[int, int]]:
 class Server:
     """The lazy-pages daemon's page server, fed by the source's Pusher."""
 
-    def __init__(self):
+    def __init__(self, stall_seconds: float = STALL_SECONDS):
+        self.stall_seconds = stall_seconds
         self.stats = Served()
         self.pages: dict[int, dict[int, memoryview]] = collections.defaultdict(dict)
         self.served: dict[int, set[int]] = collections.defaultdict(set)
         self.asked: dict[int, set[int]] = collections.defaultdict(set)
         self.requests: collections.deque = collections.deque()
         self.status: int | None = None
-        self.closed = False       # CLOSE sent: nothing more goes to the source
+        self.closed = False       # CLOSE sent: the daemon has every page, the copy is whole
+        self.pushed_all = False   # the source has sent every page: what is missing is on its way
+        self.running = False      # the copy runs: from now on the source must be heard from
+        self.heard = 0.0          # when it last was
         self.changed = asyncio.Event()
+
+    def resumed(self) -> None:
+        """The target's copy runs, so a silent source leaves it waiting on missing pages."""
+        self.running, self.heard = True, asyncio.get_running_loop().time()
 
     async def run(self, daemon_side: tuple, remote: tuple, faults: tuple | None = None) -> Served:
         """faults: the stream of pages that requests wait for, if the source has one."""
@@ -275,13 +304,24 @@ class Server:
                 if faults is not None:
                     tg.create_task(self._receive(streams.Decompressed(faults[0], self.stats.received), None))
                 tg.create_task(self._answer(d_writer))
+                watching = tg.create_task(self._watch())
                 await self._requests(d_reader, out)
+                watching.cancel()
         except BaseExceptionGroup as eg:
             raise _told(eg, "source") from None
         finally:
             d_writer.close()
             r_writer.close()
         return self.stats
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1)
+            if (self.running and not (self.pushed_all or self.closed)
+                    and loop.time() - self.heard > self.stall_seconds):
+                raise PageStreamError(f"nothing from the source for {self.stall_seconds:.0f} s while "
+                                      "pages were missing: the link is lost")
 
     async def _requests(self, d_reader, out) -> None:
         """The daemon's requests, until it closes its end."""
@@ -332,6 +372,7 @@ class Server:
                 if self.status is None and not (out is None and self.closed):
                     raise PageStreamError("the source's page stream ended before the daemon was done") from None
                 return
+            self.heard = asyncio.get_running_loop().time()
             if kind == PAGES:
                 data = memoryview(await inbound.need(n * PAGE, "the source's page stream"))
                 have, served, asked = self.pages[pid], self.served[pid], self.asked[pid]
@@ -346,7 +387,9 @@ class Server:
                     await _send(out, ACK, pages=n)
             elif kind == STATUS:
                 self.status = n
-            elif kind != PUSHED_ALL:
+            elif kind == PUSHED_ALL:
+                self.pushed_all = True
+            else:
                 raise PageStreamError(f"unknown frame {kind} from the source")
             self.changed.set()
 

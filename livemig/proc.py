@@ -90,14 +90,16 @@ def _result(argv, returncode: int, out: bytes, err: bytes, check: bool, phase: s
 
 async def start(argv: Sequence[str], *, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env: Mapping[str, str] | None = None,
-                pass_fds: Sequence[int] = ()) -> asyncio.subprocess.Process:
+                pass_fds: Sequence[int] = (), new_session: bool = False) -> asyncio.subprocess.Process:
     """Start argv with stderr captured (a pipe, or a file of the caller's): the caller owns
-    the process and must reap it."""
+    the process and must reap it. new_session: out of our process group, so that what
+    kills us does not reach it."""
     argv = [str(a) for a in argv]
     try:
         return await asyncio.create_subprocess_exec(
             *argv, stdin=stdin, stdout=stdout, stderr=stderr,
-            env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), close_fds=True)
+            env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), close_fds=True,
+            start_new_session=new_session)
     except FileNotFoundError:
         raise CommandFailed(f"{argv[0]}: command not found") from None
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -210,6 +210,39 @@ class LazyDone:
     pages_fetched: int            # handed to the lazy-pages daemon
     requests: int = 0             # the daemon's requests
     requests_waited: int = 0      # requests whose first page had not arrived yet
+
+
+@message
+class SettlePostcopy:
+    """Post-copy failed on the source's side: end it now. A copy that has every page runs
+    on; one that lacks pages is killed (before the lazy-pages daemon goes, so that it never
+    reads a missing page as zeros)."""
+
+
+@message
+class PostcopySettled:
+    whole: bool          # the target's copy has every page and runs; else it is gone
+    detail: str = ""
+
+
+@message
+class AskVerdict:
+    """`livemig recover`: how did post-copy of migration migration_id end on this host?"""
+    migration_id: str
+
+
+@message
+class Verdict:
+    migration_id: str
+    state: str           # "whole" (the copy runs), "killed" (it is gone), "serving" (post-copy
+                         # under way), "none" (no post-copy of that migration here)
+    detail: str = ""
+
+
+@message
+class ForgetVerdict:
+    """`livemig recover` acted on the verdict: it may go."""
+    migration_id: str
 
 
 @message

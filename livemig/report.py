@@ -36,7 +36,7 @@ class Report:
     workload: str = ""            # what the user named: a PID or a container
     mode: str = ""                # the strategy used
     mode_reason: str = ""         # why that one
-    outcome: str = "failed"       # "moved" or "rolled back" or "failed"
+    outcome: str = "failed"       # "moved", "rolled back", "failed" or "unresolved" (livemig recover)
     rounds: list[RoundReport] = field(default_factory=list)
     precopy_stop_reason: str = ""
     final_dump_frozen_seconds: float = 0.0

@@ -41,6 +41,11 @@ class TargetSession:
         self.facts: p.HostFacts | None = None    # what the agent's Probe said
         self._fault_link: asyncio.Task | None = None
 
+    @property
+    def connector(self):
+        """How this session reaches its target: for a fresh connection when the agent is gone."""
+        return self._connect
+
     async def open(self) -> None:
         self.transport = await self._connect(self.target)
         argv = [*self.options.agent_command, "agent", "--image-root", self.options.image_root]

@@ -79,6 +79,10 @@ class ProcessTree(Workload):
         if lazy:
             # From the target's first instruction on, it is the workload: never resume the source.
             self.hook.mark_committed()
+            # CRIU resumes the tree by itself if its lazy page server fails (cr_dump_finish:
+            # TASK_ALIVE on error): a SIGSTOP queued now outlasts CRIU's detach, so that only
+            # the target's verdict lets this copy run again (recovery.py).
+            signal_tree(self._pids, signal.SIGSTOP)
             return []
         self.hook.commit()             # durable first: a crash from here on means "moved"
         rc = await run.proc.wait()     # CRIU kills the source and exits

@@ -192,6 +192,37 @@ async def test_the_source_gone_mid_copy_fails_the_target_side_loudly():
             await serving
 
 
+async def test_a_silent_link_fails_the_target_side_once_its_copy_runs_and_not_before():
+    # the link is cut: the source's end stays open, and nothing more arrives
+    (daemon_end, server_end), (_, link_dst) = await pair(), await pair()
+    daemon = FakeDaemon(*daemon_end)
+    server = postcopy.Server(stall_seconds=0.5)
+    async with asyncio.timeout(10):
+        serving = asyncio.create_task(server.run(server_end, link_dst))
+        await daemon.ask(1, RANGES[0].vaddr, 1)
+        await asyncio.sleep(1.6)
+        assert not serving.done()        # restored, stopped: the source may take its time
+        server.resumed()
+        with pytest.raises(postcopy.PageStreamError, match="nothing from the source for 0 s"):
+            await serving
+
+
+async def test_a_silent_target_fails_the_source_side_only_while_pages_await_acknowledgement():
+    (criu_end, pusher_end), (link_src, link_dst) = await pair(), await pair()
+    pusher = postcopy.Pusher(RANGES, prefetch_pages=0, stall_seconds=0.5)
+    async with asyncio.timeout(10):
+        criu = asyncio.create_task(fake_criu(*criu_end, []))
+        pushing = asyncio.create_task(pusher.run(pusher_end, link_src))
+        await asyncio.sleep(1.2)
+        assert not pushing.done()        # not running yet: nothing pushed, nothing awaited
+        pusher.start_pushing()           # the window fills, and no acknowledgement comes back
+        with pytest.raises(postcopy.PageStreamError, match="acknowledged nothing for 0 s"):
+            await pushing
+        assert pusher.stats.pages_pushed > 0
+        criu.cancel()
+    link_dst[1].close()
+
+
 def test_runs_without_skips_pages_already_sent():
     v = 0x1000
     assert postcopy._runs_without(v, 5, set()) == [(v, 5)]

@@ -1,0 +1,121 @@
+"""Post-copy's failures in the namespaced lab: once the target's copy runs it depends on the
+source's pages, so every failure must end with exactly one copy running, whole.
+
+Each test moves a workload that rewrites its memory fast (so that post-copy lasts long
+enough to break), waits until its copy answers on b, breaks something, and checks what
+is left: one copy counting, its memory intact, nothing of the move on either host.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from tests.test_move import leftovers
+
+pytestmark = pytest.mark.lab
+
+MIB, DIRTY = 1024, 100
+
+
+def start_move(lab, work):
+    mover = lab.popen("a", ["livemig", "move", "--pid", str(work.pid), "--mode", "postcopy", "b"],
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"running on the target" not in seen:
+        line = mover.stderr.readline()
+        assert line, f"livemig ended before the target ran: {seen!r}"
+        seen += line
+    return mover, seen
+
+
+def source_state(lab, pid: int) -> str:
+    return lab.text("a", ["ps", "-o", "stat=", "-p", str(pid)], check=False).strip()
+
+
+def gone_from_b(lab, pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if lab.run("b", ["kill", "-0", str(pid)], check=False).returncode != 0:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def assert_runs_on_a_whole(lab, work, before: dict) -> None:
+    now = work.query("a", wait=10)
+    assert now["host"] == "a" and now["counter"] >= before["counter"]
+    time.sleep(0.3)
+    assert work.query("a")["counter"] > now["counter"]            # it counts on
+    check = work.query("a", "verify")
+    assert (check["bad_pages"], check["pages"]) == (0, work.mib * 256)
+    assert lab.run("b", ["kill", "-0", str(work.pid)], check=False).returncode != 0
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+
+
+@pytest.mark.parametrize("host, victim, pid", [
+    # CRIU's lazy dump on the source: the target's copy dies with its page stream
+    ("a", ["-x", "criu"], 4601),
+    # the agent on the target: its guard kills the copy before the lazy-pages daemon goes, and
+    # the coordinator reads the guard's verdict through a fresh connection
+    ("b", ["-f", "livemig agent"], 4603),
+], ids=["source criu", "target agent"])
+def test_a_side_killed_mid_postcopy_rolls_back_to_the_source(lab, host, victim, pid):
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=pid, port=7801)
+    before = work.query("a")
+    mover, seen = start_move(lab, work)
+    lab.run(host, ["pkill", "-KILL", *victim])
+    _, err = mover.communicate(timeout=120)
+    err = (seen + err).decode()
+    assert mover.returncode == 4, err
+    assert "livemig: post-copy on b: post-copy failed" in err and "runs here again" in err
+    # the target's copy never ran on missing pages; the source's, whole, runs on
+    assert_runs_on_a_whole(lab, work, before)
+    lab.run("a", ["kill", str(work.pid)])
+
+
+def test_a_cut_link_mid_postcopy_leaves_one_copy_and_recover_settles_it(lab):
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4602, port=7802)
+    before = work.query("a")
+    mover, seen = start_move(lab, work)
+    lab.run("a", ["ip", "link", "set", "eth0", "down"])
+    try:
+        _, err = mover.communicate(timeout=180)
+        err = (seen + err).decode()
+        assert mover.returncode == 7, err
+        assert "livemig recover" in err
+        # the source's copy waits, stopped; the target kills its own once the source is silent
+        assert source_state(lab, work.pid).startswith("T")
+        assert gone_from_b(lab, work.pid, within=60)
+        assert source_state(lab, work.pid).startswith("T")      # still: nobody told it otherwise
+    finally:
+        lab.run("a", ["ip", "link", "set", "eth0", "up"])
+    res = lab.run("a", ["livemig", "recover", "--json"], timeout=120)
+    # the old agent never hears its coordinator hang up across the cut: it gives up waiting
+    # after a minute, and its work directory goes then
+    deadline = time.monotonic() + 180
+    while lab.text("b", ["ls", "-A", "/var/lib/livemig"], check=False).split() and time.monotonic() < deadline:
+        time.sleep(2)
+    [settled] = json.loads(res.stdout)
+    assert settled["outcome"] == "rolled back" and settled["target"] == "b", settled
+    assert_runs_on_a_whole(lab, work, before)
+    assert lab.text("a", ["livemig", "recover"]).strip() == "nothing to recover here"
+    lab.run("a", ["kill", str(work.pid)])
+
+
+def test_the_coordinator_killed_mid_postcopy_then_recover_puts_it_right(lab):
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4604, port=7804)
+    before = work.query("a")
+    mover, _ = start_move(lab, work)
+    lab.run("a", ["pkill", "-KILL", "-f", "livemig move"])
+    mover.wait(timeout=30)
+    # its agent saw it go and killed the copy that lacked pages
+    assert gone_from_b(lab, work.pid, within=60)
+    assert source_state(lab, work.pid).startswith("T")
+    res = lab.run("a", ["livemig", "recover"], timeout=120)
+    assert res.stdout.decode().startswith("rolled back: PID 4604, moving to b"), res.stdout
+    assert_runs_on_a_whole(lab, work, before)
+    lab.run("a", ["kill", str(work.pid)])

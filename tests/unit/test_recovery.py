@@ -1,0 +1,116 @@
+"""`livemig recover`'s decisions: the target's verdict picks the one copy that runs on. The
+lab's post-copy fault tests run it for real; here the target's answers are stand-ins."""
+
+import os
+import stat
+
+import pytest
+
+from livemig import recovery
+from livemig.errors import LivemigError
+from livemig.options import Options
+
+
+@pytest.fixture
+def root(tmp_path):
+    return tmp_path
+
+
+def record(root, n: int, coordinator=(999_999_999, 1)) -> recovery.Record:
+    work = root / f"2026-{n}-source"
+    work.mkdir()
+    (work / "final").mkdir()        # images a killed coordinator left behind
+    rec = recovery.Record(f"2026-{n}", "b", recovery.SourceCopy("process", [(4242, 7)]), coordinator)
+    rec.save(work)
+    return rec
+
+
+@pytest.fixture
+def acted(monkeypatch):
+    done = []
+
+    async def resume(self):
+        done.append("resume")
+
+    async def end(self):
+        done.append("end")
+        return []
+    monkeypatch.setattr(recovery.SourceCopy, "resume", resume)
+    monkeypatch.setattr(recovery.SourceCopy, "end", end)
+    return done
+
+
+def answers(monkeypatch, *states):
+    asked, forgotten = [], []
+
+    async def ask(target, migration, connect, options):
+        asked.append(migration)
+        state = states[len(asked) - 1]
+        if isinstance(state, Exception):
+            raise state
+        return state, ""
+
+    async def forget(target, migration, connect, options):
+        forgotten.append(migration)
+    monkeypatch.setattr(recovery, "ask_target", ask)
+    monkeypatch.setattr(recovery, "forget_verdict", forget)
+    return asked, forgotten
+
+
+def test_a_record_is_private_and_reads_back(root):
+    rec = record(root, 1)
+    path = root / "2026-1-source" / recovery.RECORD
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    [(work, again)] = recovery.records(str(root))
+    assert again == rec and work == path.parent
+
+
+@pytest.mark.parametrize("state, outcome, action", [
+    ("killed", "rolled back", "resume"),    # the target's copy lacked pages and is gone
+    ("none", "rolled back", "resume"),      # the target never held a copy that could run
+    ("whole", "moved", "end"),              # the target's copy has every page: it runs on
+])
+async def test_the_targets_verdict_picks_the_copy_that_runs_on(root, acted, monkeypatch, state, outcome, action):
+    record(root, 1)
+    asked, forgotten = answers(monkeypatch, state)
+    [settled] = await recovery.recover(Options(image_root=str(root)), None)
+    assert (settled.outcome, acted, asked, forgotten) == (outcome, [action], ["2026-1"], ["2026-1"])
+    assert list(root.iterdir()) == []       # record and images gone
+
+
+@pytest.mark.parametrize("answer, why", [
+    ("serving", "still under way"),
+    (LivemigError("cannot connect over ssh"), "cannot ask b"),
+])
+async def test_while_nobody_knows_the_source_copy_stays_stopped(root, acted, monkeypatch, answer, why):
+    record(root, 1)
+    answers(monkeypatch, answer)
+    [settled] = await recovery.recover(Options(image_root=str(root)), None)
+    assert settled.outcome == "unresolved" and why in settled.detail and acted == []
+    assert recovery.records(str(root))       # kept, for the next try
+
+
+async def test_a_move_still_running_is_left_to_its_coordinator(root, acted, monkeypatch):
+    me = os.getpid()
+    record(root, 1, coordinator=(me, recovery.start_time(me)))
+    asked, _ = answers(monkeypatch)
+    [settled] = await recovery.recover(Options(image_root=str(root)), None)
+    assert settled.outcome == "unresolved" and "still moving it" in settled.detail
+    assert asked == [] and acted == []
+
+
+async def test_target_lost_resumes_the_source_without_asking(root, acted, monkeypatch):
+    record(root, 1)
+    record(root, 2)
+    asked, forgotten = answers(monkeypatch)
+    settled = await recovery.recover(Options(image_root=str(root)), None, target_lost=True)
+    assert [s.outcome for s in settled] == ["rolled back", "rolled back"]
+    assert acted == ["resume", "resume"] and asked == forgotten == []
+
+
+def test_a_source_copy_acts_only_on_the_processes_it_recorded():
+    # a PID reused by another process (another start time) is never signalled
+    me = os.getpid()
+    copy = recovery.SourceCopy("process", [(me, recovery.start_time(me) + 1)])
+    assert copy._alive() == []
+    assert recovery.SourceCopy("process", [(me, recovery.start_time(me))])._alive() == [me]
