@@ -28,6 +28,7 @@ from .report import Plan, Report, RoundReport
 from .runtimes import podman
 from .runtimes.process import criu_failure
 from .session import TargetSession, migration_id, remote_error, ssh_connector, token
+from transports import link_errors
 
 
 class Migration:
@@ -438,10 +439,10 @@ class Migration:
         """The error a post-copy settled by the source's copy ends in."""
         if isinstance(cause, (KeyboardInterrupt, asyncio.CancelledError)):
             return cause          # the CLI says "interrupted: rolled back"
-        cls = ConnectionFailed if isinstance(cause, (ConnectionError, EOFError, ConnectionFailed,
-                                                     postcopy.PageStreamError)) else LivemigError
-        return cls(f"post-copy failed ({_why(cause)}): the target's copy is gone, and the workload runs "
-                   "here again from its final dump", phase=Phase.POSTCOPY, host=self.target)
+        # whatever broke, it broke the page stream: a lost connection, to scripts (exit code 4)
+        return ConnectionFailed(f"post-copy failed ({_why(cause)}): the target's copy is gone, and the "
+                                "workload runs here again from its final dump", phase=Phase.POSTCOPY,
+                                host=self.target)
 
     async def postcopy(self, running_at: float) -> None:
         """The target's copy runs; every page it has not got yet goes now, at wire speed."""
@@ -455,7 +456,10 @@ class Migration:
             done = await awaiting
             pushed = await self.relay
         finally:
-            awaiting.cancel()
+            if not awaiting.done():
+                awaiting.cancel()
+            elif not awaiting.cancelled():
+                awaiting.exception()     # seen: the relay's failure, which came first, is the one told
         r = self.report
         r.postcopy_seconds = time.monotonic() - running_at
         r.postcopy_pages, r.postcopy_pages_on_demand = done.pages_fetched, pushed.pages_on_demand
@@ -487,12 +491,14 @@ class Migration:
         await self._stop_relay()
 
     async def _stop_relay(self) -> None:
-        if self.relay and not self.relay.done():
+        if self.relay is None:
+            return
+        if not self.relay.done():
             self.relay.cancel()
-            try:
-                await self.relay
-            except BaseException:
-                pass
+        try:
+            await self.relay
+        except BaseException:
+            pass     # the failure that counts was told already: this one followed from it
 
     async def close(self) -> None:
         await self._stop_relay()
@@ -558,7 +564,7 @@ async def migrate(what: int | str, target: str, options: Options = Options(), *,
     the phase that failed (the workload then runs on the source)."""
     try:
         return await Migration(what, target, options, transport_factory or ssh_connector(options), progress).run()
-    except (ConnectionError, EOFError) as e:
+    except link_errors() as e:
         raise ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
                                host=target) from None
 
@@ -569,7 +575,7 @@ async def plan(what: int | str, target: str, options: Options = Options(), *, pr
     try:
         return await Migration(what, target, options, transport_factory or ssh_connector(options),
                                progress).dry_run()
-    except (ConnectionError, EOFError) as e:
+    except link_errors() as e:
         raise ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
                                host=target) from None
 

@@ -35,3 +35,16 @@ class Transport(Protocol):
     async def start(self, argv: Sequence[str]) -> Process: ...
     async def open_unix(self, path: str) -> tuple[Any, Any]: ...
     async def close(self) -> None: ...
+
+
+def link_errors() -> tuple[type[BaseException], ...]:
+    """What a lost link raises mid-conversation, whatever the transport (asyncssh has errors
+    of its own, such as ConnectionLost when keepalives go unanswered): for callers to tell
+    a lost link from a bug."""
+    errors: list[type[BaseException]] = [ConnectionError, EOFError]
+    try:
+        import asyncssh
+        errors.append(asyncssh.Error)
+    except ImportError:
+        pass
+    return tuple(errors)
