@@ -389,14 +389,12 @@ class Migration:
             self.report.warnings += await copy.end()
             self.report.warnings.append(f"post-copy failed after the target had every page ({_why(cause)}); "
                                         "its copy runs on")
-            recovery.drop(self.work)
-            await self._forget_verdict()
-            return True
-        await copy.resume()
-        self.report.outcome = "rolled back"
+        else:
+            await copy.resume()
+            self.report.outcome = "rolled back"
         recovery.drop(self.work)
         await self._forget_verdict()
-        return False
+        return whole
 
     async def _forget_verdict(self) -> None:
         """The target's verdict is ours now: it may go (Finish), through a fresh connection if
