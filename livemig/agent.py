@@ -7,6 +7,9 @@ that directory. It restores the tree stopped and lets it run only when told the
 source is gone (Resume). When the coordinator vanishes before that, it cannot
 tell whether the source was committed away: the restored tree is left stopped,
 never killed, the images are deleted, and a marker file says what was left.
+Post-copy is the exception: a copy that lacks pages dies with its page source,
+whoever vanished (see _settle_lazy and guard.py), since the source's copy, stopped
+and whole, outlives it; a verdict file tells the source's `livemig recover` so.
 """
 
 from __future__ import annotations
