@@ -488,11 +488,7 @@ class Agent:
             shutil.rmtree(self.created_tree, ignore_errors=True)
             self.created_tree = None
         while self.restored and undo:
-            for pid in reversed(host.process_tree(self.restored.pop())):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            host.kill_tree(self.restored.pop())
 
     async def _cleanup(self) -> None:
         # The coordinator may be gone mid-post-copy: the copy is settled first (a copy

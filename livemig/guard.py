@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,11 +31,7 @@ def kill_pidfile(path: str) -> None:
         root = int(Path(path).read_text().strip())
     except (OSError, ValueError):
         return                   # never restored: nothing of it runs
-    for pid in reversed(host.process_tree(root)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    host.kill_tree(root)
 
 
 def kill_container(runtime: str, cid: str) -> None:

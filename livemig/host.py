@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import platform
 import socket
 from pathlib import Path
@@ -61,6 +62,20 @@ def process_tree(root: int) -> list[int]:
         except OSError:
             pass
     return [pid for pid in seen if os.path.exists(f"/proc/{pid}")]
+
+
+def signal_tree(pids: list[int], sig: int) -> None:
+    """sig to each of pids; one already gone is no error."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL to root and its descendants, children first."""
+    signal_tree(list(reversed(process_tree(root))), signal.SIGKILL)
 
 
 def resident_bytes(pids: list[int]) -> int:

@@ -20,7 +20,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import proc, protocol as p
+from . import host, proc, protocol as p
 from .errors import LivemigError, Phase
 from .session import TargetSession, migration_id
 
@@ -58,27 +58,18 @@ class SourceCopy:
     async def resume(self) -> None:
         """Let it run again, from the final dump."""
         if self.runtime == "process":
-            for pid in self._alive():
-                _signal(pid, signal.SIGCONT)
+            host.signal_tree(self._alive(), signal.SIGCONT)
         else:
             await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
 
     async def end(self) -> list[str]:
         """Its target's copy runs: this one goes. Returns warnings."""
         if self.runtime == "process":
-            for pid in self._alive():
-                _signal(pid, signal.SIGKILL)
+            host.signal_tree(self._alive(), signal.SIGKILL)
             return []
         res = await proc.run(self._control("delete"), check=False)
         return [] if res.returncode == 0 else [f"{self.runtime} delete {self.container} failed here: "
                                                f"{proc.why(res.stderr)}"]
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 @dataclass
@@ -153,24 +144,24 @@ class Settled:
     detail: str
 
 
-async def ask_target(target: str, migration: str, connect, options) -> tuple[str, str]:
-    """The verdict the target's agents left for migration: (state, detail)."""
+async def _ask_agent(target: str, msg, reply_type, connect, options):
+    """One request to a fresh agent on target, in a session of its own."""
     session = TargetSession(target, connect, options, migration_id())
     try:
         await session.open()
-        verdict = await session.request(p.AskVerdict(migration), p.Verdict)
-        return verdict.state, verdict.detail
+        return await session.request(msg, reply_type)
     finally:
         await session.close()
+
+
+async def ask_target(target: str, migration: str, connect, options) -> tuple[str, str]:
+    """The verdict the target's agents left for migration: (state, detail)."""
+    verdict = await _ask_agent(target, p.AskVerdict(migration), p.Verdict, connect, options)
+    return verdict.state, verdict.detail
 
 
 async def forget_verdict(target: str, migration: str, connect, options) -> None:
-    session = TargetSession(target, connect, options, migration_id())
-    try:
-        await session.open()
-        await session.request(p.ForgetVerdict(migration), p.Done)
-    finally:
-        await session.close()
+    await _ask_agent(target, p.ForgetVerdict(migration), p.Done, connect, options)
 
 
 async def recover(options, connect, *, target_lost: bool = False) -> list[Settled]:

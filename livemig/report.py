@@ -12,6 +12,11 @@ def _described(runtime: str, pid: int | str, container: str = "") -> str:
     return f"PID {pid}" if runtime == "process" else f"{runtime} container {container or pid}"
 
 
+def _closing(warnings: list[str], error: str, phase: str) -> list[str]:
+    """A summary's last lines (a move's, a clone's, a plan's): its warnings, then its error."""
+    return [f"  warning: {w}" for w in warnings] + ([f"  error in {phase}: {error}"] if error else [])
+
+
 @dataclass
 class RoundReport:
     """One pass of pages: a pre-copy round or the final dump."""
@@ -87,11 +92,7 @@ class Report:
                          f"({mib / self.postcopy_seconds:.0f} MiB/s); {self.postcopy_requests_waited} of "
                          f"{self.postcopy_requests} requests waited, {self.postcopy_pages_on_demand} pages "
                          "sent on demand")
-        for w in self.warnings:
-            lines.append(f"  warning: {w}")
-        if self.error:
-            lines.append(f"  error in {self.failed_phase or 'migration'}: {self.error}")
-        return "\n".join(lines)
+        return "\n".join(lines + _closing(self.warnings, self.error, self.failed_phase or "migration"))
 
 
 @dataclass
@@ -133,11 +134,7 @@ class CloneReport:
                          f"total {self.total_seconds:.2f} s")
             for r in self.replicas:
                 lines.append(f"  {r.name} on {r.host}: PID {r.pid}, restored in {r.restore_seconds * 1000:.0f} ms")
-        for w in self.warnings:
-            lines.append(f"  warning: {w}")
-        if self.error:
-            lines.append(f"  error in {self.failed_phase or 'clone'}: {self.error}")
-        return "\n".join(lines)
+        return "\n".join(lines + _closing(self.warnings, self.error, self.failed_phase or "clone"))
 
 
 @dataclass
@@ -169,5 +166,4 @@ class Plan:
                  f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
                  f"{self.expected_downtime_seconds * 1000:.0f} ms plus the freeze and the restore",
                  f"  {self.note}"]
-        lines += [f"  warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return "\n".join(lines + _closing(self.warnings, "", ""))

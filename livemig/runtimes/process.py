@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 from .. import criu, hook, host, proc
+from ..host import signal_tree
 from ..errors import DumpError, PreflightError
 from . import DumpRun, Workload
 
@@ -118,14 +119,6 @@ class ProcessTree(Workload):
             await self.hook.close()
         if self.run:
             self.run.close()
-
-
-def signal_tree(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def criu_failure(what: str, rc: int | None, log: Path, stderr: bytes = b"") -> str:
