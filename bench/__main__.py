@@ -2,11 +2,12 @@
 
     python -m bench                        the full matrix (sizes 64, 512, 2048 MiB x dirty 0, 10, 100 MiB/s, 3 reps)
     python -m bench --quick                one size, one rep: what CI runs to keep this working
-    python -m bench --sizes 64,512 --dirty 0,10 --reps 5
+    python -m bench --sizes 64,512 --dirty 0,10 --reps 5 --containers ""
 
 It brings the namespaced lab up, measures the link and CRIU's floor, then for each
 repetition and scenario starts one workload and moves it back and forth between the hosts,
-once per contender, in an order that rotates each repetition. It writes
+once per contender, in an order that rotates each repetition. The workload is memcounter,
+as a bare process at every size and, at the --containers sizes, in a runc container. It writes
 bench/results/<date>.json (every raw figure), .md (the table) and .png (the plots).
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from tests.lab import Lab
 
 from . import limits, output
-from .contenders import CONTENDERS, SIDE, Sample
+from .contenders import CONTENDERS, FOR_CONTAINERS, SIDE, Sample
 
 WORKLOAD_PID = 4343   # a bare process restores onto its own PID: one free on both hosts
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="64 MiB, dirty 10 MiB/s, one rep")
     ap.add_argument("--sizes", default="64,512,2048", help="workload sizes in MiB (default 64,512,2048)")
     ap.add_argument("--dirty", default="0,10,100", help="dirty rates in MiB/s (default 0,10,100)")
+    ap.add_argument("--containers", default="512",
+                    help="sizes in MiB at which memcounter also runs in a runc container (default 512; '' for none)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of every scenario (default 3)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
                     help=f"which, comma-separated (default all: {', '.join(CONTENDERS)})")
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     sizes = [int(x) for x in _floats("64" if a.quick else a.sizes)]
     dirty = _floats("10" if a.quick else a.dirty)
+    in_containers = [int(x) for x in _floats("64" if a.quick else a.containers)]
     reps = 1 if a.quick else a.reps
     names = [n.strip() for n in a.contenders.split(",")]
     unknown = [n for n in names if n not in CONTENDERS]
@@ -62,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
         def result_of(samples: list[Sample]) -> dict:
             return {"started": started, "lab": "netns", "quick": a.quick, "sizes_mib": sizes,
-                    "dirty_mibps": dirty, "reps": reps, "contenders": names, "limits": dataclasses.asdict(lim),
+                    "container_sizes_mib": in_containers, "dirty_mibps": dirty, "reps": reps, "contenders": names, "limits": dataclasses.asdict(lim),
                     "samples": [dataclasses.asdict(s) for s in samples]}
         # written after every scenario: a run that dies late keeps what it measured
-        samples = run_matrix(lab, names, sizes, dirty, reps,
+        scenarios = ([("process", mib, rate) for mib in sizes for rate in dirty]
+                     + [("runc", mib, rate) for mib in in_containers for rate in dirty])
+        samples = run_matrix(lab, names, scenarios, reps,
                              on_scenario=lambda done: output.write_json(result_of(done), out / started))
     finally:
         if not a.keep:
@@ -76,50 +82,65 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "\n".join(f"wrote {p}" for p in paths), file=sys.stderr)
     failed = [s for s in samples if not s.ok]
     for s in failed:
-        print(f"bench: {s.contender} at {s.mib} MiB, {s.dirty_mibps} MiB/s, rep {s.rep} failed: "
+        print(f"bench: {s.contender} at {s.mib} MiB ({s.workload}), {s.dirty_mibps} MiB/s, rep {s.rep} failed: "
               f"{s.error or 'the workload lost its state'}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def run_matrix(lab: Lab, names: list[str], sizes: list[int], dirty: list[float], reps: int,
+def run_matrix(lab: Lab, names: list[str], scenarios: list[tuple[str, int, float]], reps: int,
                on_scenario=None) -> list[Sample]:
-    """Every contender on every scenario, reps times; on_scenario(samples so far) after each."""
+    """Every contender on every scenario (workload kind, MiB, dirty MiB/s), reps times;
+    on_scenario(samples so far) after each."""
     samples = []
     for rep in range(reps):
-        for mib in sizes:
-            for rate in dirty:
-                order = names[rep % len(names):] + names[:rep % len(names)]   # no contender always first
-                # ... but CRIU lazy by hand last: when it runs out of time (HAND_FETCH_LIMIT)
-                # the scenario ends there, and nobody else's run is lost with it
-                order = [n for n in order if n != "lazy by hand"] + [n for n in order if n == "lazy by hand"]
+        for kind, mib, rate in scenarios:
+            order = names[rep % len(names):] + names[:rep % len(names)]   # no contender always first
+            # ... but CRIU lazy by hand last: when it runs out of time (HAND_FETCH_LIMIT)
+            # the scenario ends there, and nobody else's run is lost with it
+            order = [n for n in order if n != "lazy by hand"] + [n for n in order if n == "lazy by hand"]
+            if kind == "runc":
+                order = [n for n in order if n in FOR_CONTAINERS]
+                work = lab.start_container_workload("a", mib=mib, dirty_mibps=rate)
+            else:
                 work = lab.start_workload("a", mib=mib, dirty_mibps=rate, pid=WORKLOAD_PID)
-                where = "a"
-                try:
-                    time.sleep(1)
-                    for name in order:
-                        there = "b" if where == "a" else "a"
-                        s = Sample(name, mib, rate, rep)
-                        print(f"rep {rep + 1}/{reps}, {mib} MiB, {rate:g} MiB/s: {name} {where} -> {there}",
-                              file=sys.stderr)
-                        try:
-                            CONTENDERS[name](lab, work, where, there, s)
-                        except Exception as e:     # one failed run is a figure too: recorded, not fatal
-                            s.error = f"{type(e).__name__}: {e}"[:300]
-                        samples.append(s)
-                        print(f"  app-seen downtime {s.downtime_app * 1000:.0f} ms, total {s.total:.2f} s, "
-                              f"{s.bytes_wire / 2**20:.1f} MiB on the wire" + ("" if s.ok else "  FAILED"),
-                              file=sys.stderr)
-                        if not s.ok:
-                            break      # where the workload is now is not known for sure
-                        where = there
-                        time.sleep(0.5)
-                finally:
-                    for h in ("a", "b"):    # gone for good: the next scenario's workload needs its PID
-                        lab.run(h, ["kill", "-9", str(work.pid)], check=False)
-                        lab.run(h, ["python3", SIDE, "wait-exit", str(work.pid), "60"], check=False)
-                if on_scenario:
-                    on_scenario(samples)
+            where = "a"
+            try:
+                time.sleep(1)
+                for name in order:
+                    there = "b" if where == "a" else "a"
+                    s = Sample(name, mib, rate, rep, workload=kind)
+                    print(f"rep {rep + 1}/{reps}, {mib} MiB ({kind}), {rate:g} MiB/s: {name} {where} -> {there}",
+                          file=sys.stderr)
+                    try:
+                        CONTENDERS[name](lab, work, where, there, s)
+                    except Exception as e:     # one failed run is a figure too: recorded, not fatal
+                        s.error = f"{type(e).__name__}: {e}"[:300]
+                    samples.append(s)
+                    print(f"  app-seen downtime {s.downtime_app * 1000:.0f} ms, total {s.total:.2f} s, "
+                          f"{s.bytes_wire / 2**20:.1f} MiB on the wire" + ("" if s.ok else "  FAILED"),
+                          file=sys.stderr)
+                    if not s.ok:
+                        break      # where the workload is now is not known for sure
+                    where = there
+                    time.sleep(0.5)
+            finally:
+                _remove(lab, work)
+            if on_scenario:
+                on_scenario(samples)
     return samples
+
+
+def _remove(lab: Lab, work) -> None:
+    """Gone for good from both hosts: the next scenario's workload needs its PID, its port
+    and its container's name."""
+    for h in ("a", "b"):
+        if work.container:
+            lab.run(h, ["runc", "delete", "--force", work.container], check=False)
+            lab.run(h, ["rm", "-rf", work.bundle], check=False)
+        else:
+            lab.run(h, ["kill", "-9", str(work.pid)], check=False)
+            lab.run(h, ["python3", SIDE, "wait-exit", str(work.pid), "60"], check=False)
+        lab.run(h, ["python3", SIDE, "wait-free", str(work.port), "60"], check=False)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,18 @@ from pathlib import Path
 BASELINE = "seeds"
 
 
+def _key(s: dict) -> tuple:
+    # runs before containers were benchmarked have no "workload": they were processes
+    return s.get("workload", "process"), s["mib"], s["dirty_mibps"], s["contender"]
+
+
 def groups(result: dict) -> dict[tuple, list[dict]]:
-    """(mib, dirty, contender) -> the samples that moved the workload intact."""
+    """(workload, mib, dirty, contender) -> the samples that moved the workload intact."""
     out: dict[tuple, list[dict]] = {}
     for s in result["samples"]:
-        out.setdefault((s["mib"], s["dirty_mibps"], s["contender"]), [])
+        out.setdefault(_key(s), [])
         if s["ok"]:
-            out[(s["mib"], s["dirty_mibps"], s["contender"])].append(s)
+            out[_key(s)].append(s)
     return out
 
 
@@ -51,14 +56,13 @@ def summary(result: dict) -> list[dict]:
     """One row per scenario and contender: medians, min and max, and the ratio to the baseline."""
     rows = []
     g = groups(result)
-    for (mib, dirty, name), samples in g.items():
-        base = _stat(g.get((mib, dirty, BASELINE), []), "downtime_app")
+    for (workload, mib, dirty, name), samples in g.items():
+        base = _stat(g.get((workload, mib, dirty, BASELINE), []), "downtime_app")
         app = _stat(samples, "downtime_app")
         floor = result["limits"]["criu_floor"] + mib / result["limits"]["tcp_mibps"]
         rows.append({
-            "mib": mib, "dirty_mibps": dirty, "contender": name, "runs": len(samples),
-            "failed": sum(1 for s in result["samples"] if (s["mib"], s["dirty_mibps"], s["contender"])
-                          == (mib, dirty, name) and not s["ok"]),
+            "workload": workload, "mib": mib, "dirty_mibps": dirty, "contender": name, "runs": len(samples),
+            "failed": sum(1 for s in result["samples"] if _key(s) == (workload, mib, dirty, name) and not s["ok"]),
             "downtime_app": app, "downtime_tool": _stat(samples, "downtime_tool"), "total": _stat(samples, "total"),
             "bytes_wire": _stat(samples, "bytes_wire"), "cpu_seconds": _stat(samples, "cpu_seconds"),
             "peak_rss_bytes": _stat(samples, "peak_rss_bytes"),
@@ -75,14 +79,14 @@ def table(result: dict) -> str:
     lines = [f"Link between the lab hosts: ssh (scp) {lim['ssh_mibps']:.0f} MiB/s, plain TCP {lim['tcp_mibps']:.0f} MiB/s; "
              f"CRIU's dump + restore of an empty process: {lim['criu_floor'] * 1000:.0f} ms. "
              "Times are medians (min-max) over the repetitions; ms unless marked.", "",
-             "| MiB | dirty MiB/s | contender | downtime seen by the app | downtime (tool) | total s | "
+             "| workload | MiB | dirty MiB/s | contender | downtime seen by the app | downtime (tool) | total s | "
              "MiB on the wire | CPU s (source) | peak RSS MiB | less downtime than seeds | "
              "stop-and-copy floor | post-copy fetch MiB/s (of scp's) |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary(result):
         ratio = r["less_downtime_than_seeds"]
         lines.append(
-            f"| {r['mib']} | {r['dirty_mibps']:g} | {r['contender']}"
+            f"| {r['workload']} | {r['mib']} | {r['dirty_mibps']:g} | {r['contender']}"
             + (f" ({r['failed']} failed)" if r["failed"] else "") + " | "
             f"{_ms(r['downtime_app'])} | {_ms(r['downtime_tool'])} | {_s(r['total'])} | {_mib(r['bytes_wire'])} | "
             f"{_s(r['cpu_seconds'])} | {_mib(r['peak_rss_bytes'])} | "
@@ -109,7 +113,8 @@ def plots(result: dict, stem: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summary(result)
+    every = summary(result)
+    rows = [r for r in every if r["workload"] == "process"]
     dirty = sorted({r["dirty_mibps"] for r in rows})
     fig, axes = plt.subplots(1, len(dirty), figsize=(max(7, 5 * len(dirty)), 5), squeeze=False)
     for ax, rate in zip(axes[0], dirty):
@@ -118,6 +123,12 @@ def plots(result: dict, stem: Path) -> list[Path]:
                          if r["contender"] == name and r["dirty_mibps"] == rate and r["downtime_app"])
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            boxed = [(r["mib"], r["downtime_app"][0]) for r in every if r["workload"] != "process"
+                     and r["contender"] == name and r["dirty_mibps"] == rate and r["downtime_app"]]
+            if boxed:    # the same contender's colour, unjoined: a container at one size or two
+                ax.plot([p[0] for p in boxed], [p[1] for p in boxed], linestyle="none", marker="s",
+                        markerfacecolor="none", color=ax.lines[-1].get_color() if pts else None,
+                        label=f"{name}, runc container")
         floor = sorted({(r["mib"], r["stopcopy_floor"]) for r in rows if r["dirty_mibps"] == rate})
         ax.plot([p[0] for p in floor], [p[1] for p in floor], linestyle=":", marker="_", color="grey",
                 label="stop-and-copy floor (CRIU + TCP)")
@@ -142,7 +153,8 @@ def plots(result: dict, stem: Path) -> list[Path]:
         for n, b in enumerate(s["rounds"]):
             ax.bar(i, b / 2**20, bottom=bottom, color=f"C{n}", label=f"round {n + 1}" if i == 0 or n >= 1 else None)
             bottom += b / 2**20
-        labels.append(f"{s['contender'].replace('livemig ', '')}\n{s['mib']} MiB {s['dirty_mibps']:g}/s")
+        labels.append(f"{s['contender'].replace('livemig ', '')}\n{s['mib']} MiB {s['dirty_mibps']:g}/s"
+                      + ("" if s.get("workload", "process") == "process" else f" {s['workload']}"))
     ax.set_xticks(range(len(labels)), labels, fontsize="x-small", rotation=90)
     ax.set_ylabel("MiB on the wire, per round (final dump last)")
     ax.set_title("livemig: bytes on the wire per round")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.contenders import CONTENDERS
+from bench.contenders import CONTENDERS, FOR_CONTAINERS
 
 pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +24,8 @@ def test_quick_benchmark_moves_the_workload_with_every_contender_and_writes_its_
     [path] = tmp_path.glob("*.json")
     result = json.loads(path.read_text())
     assert {s["contender"] for s in result["samples"]} == set(CONTENDERS)
+    # and the runc container, with every contender that moves one
+    assert {s["contender"] for s in result["samples"] if s["workload"] == "runc"} == set(FOR_CONTAINERS)
     for s in result["samples"]:
         assert s["ok"] and s["downtime_app"] > 0 and s["total"] >= s["downtime_tool"] > 0, s
         assert s["bytes_wire"] > 0

@@ -20,6 +20,7 @@ from .proc import LabError
 __all__ = ["Lab", "LabError", "Workload"]
 
 WORKLOAD = "/opt/livemig/tests/workloads/memcounter.py"
+CONTAINER_TOOL = "/opt/livemig/tests/workloads/container.py"
 
 
 KINDS = {"netns": netns, "vm": vm}
@@ -86,6 +87,17 @@ class Lab:
             raise LabError(f"workload started as PID {got}, not {pid}: that PID was taken on {name}")
         return Workload(self, got, port, mib)
 
+    def start_container_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
+                                 port: int = 7777, container: str = "mem1") -> "Workload":
+        """memcounter in a runc container on host name (tests/workloads/container.py), its port
+        on the host's network; wait until it answers."""
+        bundle = f"/var/lib/ctr/{container}"
+        self.run(name, ["python3", CONTAINER_TOOL, "memcounter", "--name", container, "--bundle", bundle,
+                        "--mib", str(mib), "--dirty-mibps", str(dirty_mibps), "--port", str(port)], timeout=60)
+        work = Workload(self, 0, port, mib, container=container, bundle=bundle, dirty_mibps=dirty_mibps)
+        work.query(name, wait=300)
+        return work
+
 
 @dataclass
 class Workload:
@@ -93,6 +105,14 @@ class Workload:
     pid: int
     port: int
     mib: int
+    container: str = ""    # a runc container's name (pid is then 0), or a bare process
+    bundle: str = ""
+    dirty_mibps: float = 0.0
+
+    def bundle_argv(self) -> list[str]:
+        """What makes this container's bundle, without starting it: where a restore needs it."""
+        return ["python3", CONTAINER_TOOL, "bundle", "--bundle", self.bundle, "--mib", str(self.mib),
+                "--dirty-mibps", str(self.dirty_mibps), "--port", str(self.port)]
 
     def query(self, host: str, what: str = "get", wait: float = 0.0) -> dict:
         out = self.lab.text(host, ["python3", WORKLOAD, "query", what, "--port", str(self.port),

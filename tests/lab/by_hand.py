@@ -25,9 +25,11 @@ class ByHand:
 
 
 def migrate(lab: Lab, pid: int, src: str, dst: str, name: str = "by-hand", wrap=None,
-            timeout: float = 600) -> ByHand:
+            timeout: float = 600, container: tuple[str, str] | None = None) -> ByHand:
     """wrap(label, host, argv), if given, returns the argv to run for each step instead (the
-    benchmark measures the steps' CPU time through it)."""
+    benchmark measures the steps' CPU time through it). container (name, bundle): a runc
+    container instead of PID, checkpointed and restored through runc as in the seeds' runc
+    procedure, its bundle already on dst (the seeds share it over NFS)."""
     img, archive = f"/img/{name}", f"/img/{name}.tar.zst"
     steps: dict[str, float] = {}
 
@@ -39,13 +41,20 @@ def migrate(lab: Lab, pid: int, src: str, dst: str, name: str = "by-hand", wrap=
     lab.run(src, ["mkdir", "-m", "700", img])
     lab.run(dst, ["mkdir", "-m", "700", img])
     try:
-        step("dump", src, ["criu", "dump", "-t", str(pid), "-D", img, "-o", "dump.log"])
+        if container:
+            step("dump", src, ["runc", "checkpoint", "--image-path", img, "--work-path", img, container[0]])
+        else:
+            step("dump", src, ["criu", "dump", "-t", str(pid), "-D", img, "-o", "dump.log"])
         image_bytes = int(lab.text(src, ["du", "-sb", img]).split()[0])
         step("pack", src, ["tar", "--zstd", "-cf", archive, "-C", img, "."])
         archive_bytes = int(lab.text(src, ["stat", "-c", "%s", archive]).strip())
         step("copy", src, ["scp", "-q", archive, f"{dst}:{archive}"])
         step("unpack", dst, ["tar", "--zstd", "-xf", archive, "-C", img])
-        step("restore", dst, ["criu", "restore", "-D", img, "-d", "-o", "restore.log"])
+        if container:
+            step("restore", dst, ["runc", "restore", "--detach", "--image-path", img, "--work-path", img,
+                                  "--bundle", container[1], container[0]])
+        else:
+            step("restore", dst, ["criu", "restore", "-D", img, "-d", "-o", "restore.log"])
     finally:
         for host in (src, dst):
             lab.run(host, ["rm", "-rf", img, archive], check=False)

@@ -43,3 +43,13 @@ def test_post_copy_fetch_rate_against_the_ssh_link():
     assert rows["livemig postcopy"]["fetch_mibps"] == (60.0, 40.0, 80.0)
     assert rows["seeds"]["fetch_mibps"] is None     # nothing fetched after the resume
     assert "| 60 (60%) |" in table(r)
+
+
+def test_a_container_is_its_own_scenario_with_its_own_baseline():
+    boxed = [{**sample("seeds", 2.0), "workload": "runc"}, {**sample("livemig postcopy", 0.5), "workload": "runc"}]
+    # the bare process's samples (older runs have no "workload" at all) do not mix in
+    rows = summary(result([sample("seeds", 1.0), sample("livemig postcopy", 0.1), *boxed]))
+    by = {(x["workload"], x["contender"]): x for x in rows}
+    assert by[("runc", "livemig postcopy")]["less_downtime_than_seeds"] == 4.0
+    assert by[("process", "livemig postcopy")]["less_downtime_than_seeds"] == 10.0
+    assert "| runc | 64 | 10 | livemig postcopy | 500 |" in table(result(boxed))

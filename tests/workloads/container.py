@@ -4,6 +4,8 @@
     python3 container.py count --bundle /var/lib/ctr/c1      # the last count it wrote
     python3 container.py serve --name web1                   # podman: the seeds' counter server
     python3 container.py ask --name web1                     # its next number
+    python3 container.py memcounter --name m1 --bundle /var/lib/ctr/m1 --mib 512 --dirty-mibps 10 --port 7777
+                                                             # the benchmark's workload, in a container
 
 The count lives in the shell's memory; the container writes it to /count in its
 root every 100 ms, so a restart from scratch shows as a count that went back.
@@ -66,6 +68,32 @@ def build(bundle: str, runtime: str) -> None:
         json.dump(config, f, indent=1)
 
 
+def build_memcounter(bundle: str, mib: int, dirty_mibps: float, port: int) -> None:
+    """A runc bundle running memcounter.py: the host's /usr (python3 and its libraries) and
+    the checkout bound in read-only, so the root in the bundle is a few empty directories;
+    the host's network and name, so that memcounter answers the lab host as a bare process does."""
+    root = os.path.join(bundle, "rootfs")
+    shutil.rmtree(bundle, ignore_errors=True)
+    for d in ("usr", "opt/livemig", "tmp", "proc", "dev", "sys"):
+        os.makedirs(os.path.join(root, d))
+    for link in ("bin", "lib", "lib64", "sbin"):
+        os.symlink(f"usr/{link}", os.path.join(root, link))
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    path = os.path.join(bundle, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["python3", "/opt/livemig/tests/workloads/memcounter.py", "run", "--mib", str(mib),
+                                 "--dirty-mibps", str(dirty_mibps), "--port", str(port)]
+    config["root"]["readonly"] = False
+    config["mounts"] += [{"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro"]}
+                         for d in ("/usr", "/opt/livemig")]
+    config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] not in ("network", "uts")]
+    config.pop("hostname", None)   # the host's name, too: memcounter answers with it
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
 def count(bundle: str) -> int:
     for _ in range(50):    # the file is empty for an instant each time it is rewritten
         with open(os.path.join(bundle, "rootfs/count")) as f:
@@ -76,13 +104,32 @@ def count(bundle: str) -> int:
     raise SystemExit("the container writes no count")
 
 
+def _detach(runtime: str, bundle: str, name: str) -> None:
+    # The container inherits our stdio: a pipe of ours would be held open, and CRIU cannot
+    # dump a file outside the container's mounts. So /dev/null for all three.
+    with open(os.devnull, "r+b") as null:
+        res = subprocess.run([runtime, "run", "--detach", "--bundle", bundle, name],
+                             stdin=null, stdout=null, stderr=null)
+    if res.returncode != 0:
+        raise SystemExit(f"{runtime} run --detach {name} exited {res.returncode}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("action", choices=["start", "count", "serve", "ask"])
+    ap.add_argument("action", choices=["start", "count", "serve", "ask", "memcounter", "bundle"])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--name", default="c1")
     ap.add_argument("--bundle")
+    ap.add_argument("--mib", type=int, default=64)
+    ap.add_argument("--dirty-mibps", type=float, default=0.0)
+    ap.add_argument("--port", type=int, default=7777)
     a = ap.parse_args()
+    if a.action in ("memcounter", "bundle"):
+        build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port)
+        if a.action == "bundle":    # only the bundle: where the seeds' procedure restores it
+            return 0
+        _detach(a.runtime, a.bundle, a.name)
+        return 0
     if a.action == "serve":
         podman_image()
         subprocess.run(["podman", "run", "--detach", "--name", a.name, IMAGE, "sh", "-c", SERVER],
@@ -101,13 +148,7 @@ def main() -> int:
         print(count(a.bundle))
         return 0
     build(a.bundle, a.runtime)
-    # The container inherits our stdio: a pipe of ours would be held open, and CRIU cannot
-    # dump a file outside the container's mounts. So /dev/null for all three.
-    with open(os.devnull, "r+b") as null:
-        res = subprocess.run([a.runtime, "run", "--detach", "--bundle", a.bundle, a.name],
-                             stdin=null, stdout=null, stderr=null)
-    if res.returncode != 0:
-        raise SystemExit(f"{a.runtime} run --detach {a.name} exited {res.returncode}")
+    _detach(a.runtime, a.bundle, a.name)
     deadline = time.monotonic() + 30
     while not os.path.exists(os.path.join(a.bundle, "rootfs/count")):
         if time.monotonic() > deadline:
