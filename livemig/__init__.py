@@ -13,6 +13,13 @@ the source. The one exception is Unresolved (exit code 7): post-copy lost its
 target, the workload waits stopped on the source, and `livemig recover` settles it.
 
     report = asyncio.run(livemig.clone("web1", ["host-b", "host-c"], count=2))   # podman replicas
+
+progress=, if given, is called with each event of livemig.progress as the move goes:
+ModeChosen, RoundDone (a pre-copy round, with its bandwidth, dirty rate and the downtime
+it promises), Stepping (a phase begins), Sending (bytes so far, a few times a second),
+Running (the target runs), Fetching (post-copy's pages so far)...
+
+    asyncio.run(livemig.migrate("web1", "host-b", progress=print))
 """
 
 __version__ = "0.1.0"
@@ -20,17 +27,18 @@ __version__ = "0.1.0"
 from .errors import (ConnectionFailed, DumpError, ExitCode, LivemigError, PreflightError,  # noqa: E402
                      RestoreError, Unresolved, UsageError)
 from .options import Mode, Options  # noqa: E402
+from .progress import Callback  # noqa: E402
 from .report import CloneReport, Plan, Replica, Report, RoundReport  # noqa: E402
 
 
-async def migrate(what: int | str, host: str, options: Options = Options(), *, progress=None) -> Report:
+async def migrate(what: int | str, host: str, options: Options = Options(), *, progress: Callback | None = None) -> Report:
     """Move a workload to host (an ssh host name): what is a PID (the process tree rooted
     there) or a container's name or ID (runc or crun; Options.runtime to say which)."""
     from .coordinator import migrate as _migrate
     return await _migrate(what, host, options, progress=progress)
 
 
-async def plan(what: int | str, host: str, options: Options = Options(), *, progress=None) -> Plan:
+async def plan(what: int | str, host: str, options: Options = Options(), *, progress: Callback | None = None) -> Plan:
     """What migrate() would do, changing nothing: its preflight passes (else the same
     LivemigError), the link is measured, and the Plan holds the mode, why, and the
     expected rounds and downtime."""
@@ -39,7 +47,8 @@ async def plan(what: int | str, host: str, options: Options = Options(), *, prog
 
 
 async def clone(what: str, hosts: list[str], options: Options = Options(), *, name: str | None = None,
-                count: int = 1, keep_name: bool = False, progress=None) -> CloneReport:
+                count: int = 1, keep_name: bool = False,
+                progress: Callback | None = None) -> CloneReport:
     """Running replicas of the podman container what on each of hosts, from one checkpoint
     that leaves it running: count per host, named NAME or NAME-1..N (NAME: name, else
     what-clone; keep_name: what). Returns a CloneReport, or raises a LivemigError (then no

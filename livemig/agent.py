@@ -27,7 +27,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, bundle, criu, host, postcopy, proc, protocol as p, streams
+from . import __version__, bundle, criu, host, logs, postcopy, proc, protocol as p, streams
 from . import runtimes
 from .runtimes import oci, podman
 from .errors import Phase
@@ -457,10 +457,11 @@ class Agent:
             self.lazy_server.resumed()
         return p.Resumed(pids)
 
-    async def on_Abort(self, msg: p.Abort) -> p.Done:
+    async def on_Abort(self, msg: p.Abort) -> p.Aborted:
         await self._end_lazy()
         await self._kill_restored()
-        return p.Done()
+        kept = logs.keep(self.work, str(self.root), f"{self.work.name}-target") if self.work else None
+        return p.Aborted(str(kept or ""))
 
     async def _end_lazy(self) -> None:
         """Stop post-copy, if under way; it settles its copy on the way out (_settle_lazy)."""

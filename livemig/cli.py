@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from dataclasses import replace
 
-from . import __version__, config, criu
+from . import __version__, config, criu, display
 from .errors import ExitCode, LivemigError
 from .options import Mode
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the preflight, measure the link, print the plan (mode and why, expected "
                          "rounds and downtime) and stop: nothing is dumped or changed")
     mv.add_argument("--json", action="store_true", help="print only the report, as JSON")
+    mv.add_argument("-v", "--verbose", "--debug", action="store_true", dest="verbose",
+                    help="on failure, also print the lines of CRIU's logs that explain it")
 
     cl = sub.add_parser("clone", help="start running replicas of a podman container on other hosts",
                         usage="livemig clone [options] CTR HOST [HOST...]",
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--force", action="store_true", help="go on past must-match mismatches, as for move")
     cl.add_argument("--image-root")
     cl.add_argument("--json", action="store_true", help="print only the report, as JSON")
+    cl.add_argument("-v", "--verbose", "--debug", action="store_true", dest="verbose",
+                    help="on failure, also print the lines of CRIU's logs that explain it")
 
     ck = sub.add_parser("check", help="run the preflight checks against a host, touching nothing",
                         epilog="example:\n  livemig check host-b", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--image-root")
     rc.add_argument("--json", action="store_true", help="print what was settled as JSON")
 
+    co = sub.add_parser("completion", help="print a shell completion script",
+                        epilog="examples:\n  livemig completion bash > /etc/bash_completion.d/livemig\n"
+                               "  livemig completion zsh > \"${fpath[1]}/_livemig\"",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    co.add_argument("shell", choices=["bash", "zsh"])
+
     ag = sub.add_parser("agent", help="the target side, started by `livemig move` over ssh")
     ag.add_argument("--image-root", default="/var/lib/livemig")
     return ap
@@ -125,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(agent.main(args.image_root))
     if args.command == "config":
         return _config(args)
+    if args.command == "completion":
+        from . import completion
+        print(completion.script(build_parser(), args.shell))
+        return ExitCode.MOVED
     if args.command == "check":
         return _check(args)
     if args.command == "clone":
@@ -210,41 +225,42 @@ def _move(args) -> int:
         return ExitCode.USAGE
     what = args.pid if args.pid is not None else args.names[0]
     host = args.names[-1]
-    progress = None if args.json else _print_progress
+    view = display.for_cli(args.json)
 
     def call():
         options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
                                     compression_level=args.compression_level, image_root=args.image_root).options,
                           runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
-        return (plan if args.dry_run else migrate)(what, host, options, progress=progress)
-    return _report(args, call, "nothing was changed" if args.dry_run else
+        return (plan if args.dry_run else migrate)(what, host, options, progress=view)
+    return _report(args, call, view, "nothing was changed" if args.dry_run else
                    "rolled back, the workload runs on the source")
 
 
 def _clone(args) -> int:
     from .clone import clone
-    progress = None if args.json else _print_progress
+    view = display.for_cli(args.json)
 
     def call():
         options = replace(_settings(compression_level=args.compression_level, image_root=args.image_root).options,
                           runtime=args.runtime, force=args.force)
         return clone(args.container, args.hosts, options, name=args.name, count=args.count,
-                     keep_name=args.keep_name, progress=progress)
-    return _report(args, call, "no replica is left; the original runs on")
+                     keep_name=args.keep_name, progress=view)
+    return _report(args, call, view, "no replica is left; the original runs on")
 
 
-def _report(args, call, interrupted: str) -> int:
-    """Run call() (a migration or a clone) and print its report or its error."""
+def _report(args, call, view, interrupted: str) -> int:
+    """Run call() (a migration or a clone) under view (None: nothing shown while it runs)
+    and print its report or its error."""
     try:
-        report = _run(call())
+        with view or contextlib.nullcontext():
+            report = _run(call())
     except LivemigError as e:
         print(f"livemig: {e}", file=sys.stderr)
         if args.json and e.report is not None:
             print(e.report.to_json())
-        if e.detail and not args.json:
-            for line in e.detail.splitlines()[-3:]:
-                print(f"  {line}", file=sys.stderr)
+        if not args.json:
+            _explain(e, args.verbose)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"livemig: interrupted: {interrupted}", file=sys.stderr)
@@ -254,6 +270,25 @@ def _report(args, call, interrupted: str) -> int:
         return ExitCode.TERMINATED
     print(report.to_json() if args.json else report.summary())
     return ExitCode.MOVED
+
+
+def _explain(e: LivemigError, verbose: bool) -> None:
+    """Under the error's line: where CRIU's logs were kept; with -v, what in them (and in
+    the failing command's output) explains it."""
+    from pathlib import Path
+    from . import logs
+    kept = getattr(e.report, "logs", None) or []
+    if verbose:
+        for line in (e.detail or "").splitlines():
+            print(f"  {line}", file=sys.stderr)
+        for where in kept:
+            host, _, path = where.partition(":")
+            if host == e.report.source and Path(path).is_dir():   # the target's: there, and in detail
+                for line in logs.excerpt(Path(path)):
+                    print(f"  {line}", file=sys.stderr)
+    if kept:
+        print(f"  CRIU's logs: {', '.join(kept)}" + ("" if verbose else " (-v prints what in them explains it)"),
+              file=sys.stderr)
 
 
 class Terminated(Exception):
@@ -282,19 +317,3 @@ def _run(coro):
         return uvloop.run(coro) if hasattr(uvloop, "run") else asyncio.run(coro)
     except ImportError:
         return asyncio.run(coro)
-
-
-def _print_progress(event: str, **kw) -> None:
-    if event == "mode":
-        print(f"mode {kw['mode']}: {kw['reason']}", file=sys.stderr)
-    elif event == "round":
-        print(f"round {kw['n']}: {kw['pages']} pages, {kw['wire'] / 2**20:.1f} MiB sent in "
-              f"{kw['seconds']:.2f} s; downtime now would be {kw['expected_downtime'] * 1000:.0f} ms",
-              file=sys.stderr)
-    elif event == "checkpoint":
-        print("checkpoint (the original runs on)...", file=sys.stderr)
-    elif event in ("dump", "restore"):
-        print(f"{'final dump' if event == 'dump' else 'restoring on the target'}...", file=sys.stderr)
-    elif event == "running":
-        print("running on the target" + ("; its remaining pages follow..." if kw.get("lazy") else ""),
-              file=sys.stderr)

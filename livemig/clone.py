@@ -25,6 +25,7 @@ from . import host, preflight, protocol as p, runtimes
 from .coordinator import local_cpuinfo, local_facts, make_work_dir
 from .errors import ConnectionFailed, Phase, PreflightError, UsageError, record_failure
 from .options import Options
+from .progress import Connecting, Copied, Running, Stepping, quiet
 from .report import CloneReport, Replica
 from .runtimes import podman
 from .session import TargetSession, migration_id, remote_error, ssh_connector
@@ -50,7 +51,7 @@ class Clone:
         if len(set(targets)) != len(targets):
             raise UsageError("a host is named twice: --count gives one host several replicas")
         self.what, self.targets, self.names, self.options = what, targets, names, options
-        self.progress = progress or (lambda event, **kw: None)
+        self.progress = progress or quiet
         self.id = migration_id()
         self.phase = Phase.PREFLIGHT
         self.work = Path(options.image_root) / f"{self.id}-source"
@@ -120,7 +121,7 @@ class Clone:
         need = host.resident_bytes(w.pids()) * len(self.names)
 
         async def check(s: TargetSession) -> list[str]:
-            self.progress("connect", host=s.target)
+            self.progress(Connecting(s.target))
             await s.open()
             s.facts = await s.request(p.Probe(container=spec, names=self.names[1:]), p.HostFacts)
             rows, _, _ = preflight.compare(local, s.facts, "stopcopy", need_bytes=need, container=spec)
@@ -139,7 +140,7 @@ class Clone:
             if not s.facts.image_present:
                 meter = await s.load_image(self.workload)
                 self._replicas(s.target)[0].bytes_wire += meter.wire
-                self.progress("image", image=self.workload.image, raw=meter.raw, wire=meter.wire)
+                self.progress(Copied("image", meter.raw, meter.wire, s.target))
         await self._each(send)
 
     def _replicas(self, target: str) -> list[Replica]:
@@ -147,7 +148,7 @@ class Clone:
 
     # --- checkpoint: the original stands still only while CRIU dumps it --------------------------
     async def checkpoint(self) -> None:
-        self.progress("checkpoint")
+        self.progress(Stepping(Phase.FINAL_DUMP, "checkpoint (the original runs on)"))
         (self.work / "final").mkdir(mode=0o700)
         t0 = time.monotonic()
         st = await self.workload.copy(self.work / "final")
@@ -160,13 +161,13 @@ class Clone:
         async def send(s: TargetSession) -> None:
             meter = await s.send_images("final", None, self.work / "final")
             self._replicas(s.target)[0].bytes_wire += meter.wire
-            self.progress("transfer", host=s.target, bytes=meter.raw, wire=meter.wire)
+            self.progress(Copied("images", meter.raw, meter.wire, s.target))
         await self._each(send)
         shutil.rmtree(self.work / "final", ignore_errors=True)    # the memory image is there now
 
     # --- restore: every replica, paused ---------------------------------------------------------
     async def restore(self) -> None:
-        self.progress("restore")
+        self.progress(Stepping(Phase.RESTORE, "restoring on the targets"))
 
         async def restore_all(s: TargetSession) -> None:
             for r in self._replicas(s.target):
@@ -180,7 +181,7 @@ class Clone:
             await s.request(p.Resume(), p.Resumed)
             await s.request(p.Finish(), p.Done)
         await self._each(resume)
-        self.progress("running", pids=[r.pid for r in self.report.replicas])
+        self.progress(Running([r.pid for r in self.report.replicas]))
 
     # --- rollback: no replica anywhere; the original was never stopped -----------------------------
     async def rollback(self) -> None:

@@ -20,10 +20,11 @@ import socket
 import time
 from pathlib import Path
 
-from . import bundle, criu, host, pagemap, policy, postcopy, preflight, proc, protocol as p, recovery, runtimes, streams
+from . import bundle, criu, host, logs, pagemap, policy, postcopy, preflight, proc, protocol as p, recovery, runtimes, streams
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
                      record_failure)
 from .options import Mode, Options
+from .progress import Connecting, Copied, ModeChosen, RoundDone, Running, Stepping, Ticker, quiet
 from .report import Plan, Report, RoundReport
 from .runtimes import podman
 from .runtimes.process import criu_failure
@@ -36,7 +37,8 @@ class Migration:
         """what: a PID (a process tree) or a container's name or ID."""
         self.what, self.target, self.options = what, target, options
         self.phase = Phase.PREFLIGHT     # the phase under way: what an error names
-        self.progress = progress or (lambda event, **kw: None)
+        self.progress = progress or quiet
+        self.ticker = Ticker(self.progress) if progress else None
         self.id = migration_id()
         self.report = Report(pid=what if isinstance(what, int) else 0, source=socket.gethostname(), target=target)
         self.to = TargetSession(target, transport_factory, options, self.id)
@@ -60,7 +62,8 @@ class Migration:
         self.phase = Phase.PREFLIGHT
         try:
             try:
-                await self._phases()
+                async with self.ticker.running() if self.ticker else contextlib.nullcontext():
+                    await self._phases()
             except p.RemoteFailure as e:
                 raise remote_error(e, self.phase, self.target) from None
             self.report.outcome = "moved"
@@ -109,17 +112,18 @@ class Migration:
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.pid = w.root_pid
         pids = w.pids()
+        memory = host.resident_bytes(pids)
         self.spec = target_spec(w, self.options.name)
         local, remote = await self._probe_both(pids if w.kind == "process" else [], self.spec)
         rows, mode, why = preflight.compare(local, remote, self.options.mode.value, pids=pids,
-                                            need_bytes=host.resident_bytes(pids), container=self.spec)
+                                            need_bytes=memory, container=self.spec)
         self.report.warnings += preflight.enforce(rows, self.target, self.options.force)
         preflight.enforce([await self._check_cpu()], self.target)
         self.report.mode, self.report.mode_reason = mode, why
         if mode in (Mode.PRECOPY.value, Mode.HYBRID.value) and host.huge_pages_in_use(pids):
             self.report.warnings.append("the workload's memory uses transparent huge pages: pre-copy "
                                         "resends whole 2 MiB pages (set THP to madvise, or use MADV_NOHUGEPAGE)")
-        self.progress("mode", mode=mode, reason=why)
+        self.progress(ModeChosen(mode, why, memory))
         return Mode(mode)
 
     async def dry_run(self) -> Plan:
@@ -162,7 +166,7 @@ class Migration:
     async def _probe_both(self, pids: list[int], container: p.Container | None = None
                           ) -> tuple[p.HostFacts, p.HostFacts]:
         make_work_dir(self.options.image_root, self.work)
-        self.progress("connect", host=self.target)
+        self.progress(Connecting(self.target))
         await self.to.open()
         local = await local_facts(pids, self.work, container)
         marker = None
@@ -189,7 +193,7 @@ class Migration:
             return
         meter = await self.to.load_image(w)
         self.report.image_bytes_wire = meter.wire
-        self.progress("image", image=w.image, raw=meter.raw, wire=meter.wire)
+        self.progress(Copied("image", meter.raw, meter.wire))
 
     async def precopy_bundle(self) -> None:
         """A container's bundle, unless the target shares it: all of it now, the rest frozen."""
@@ -200,7 +204,7 @@ class Migration:
         self.bundle_listing = bundle.listing(root)
         meter = await self._send_tree(root, None, [])
         self.report.bundle_bytes_wire += meter.wire
-        self.progress("bundle", path=str(root), raw=meter.raw, wire=meter.wire)
+        self.progress(Copied("bundle", meter.raw, meter.wire))
 
     async def _send_tree(self, root: Path, newer_than: float | None, deleted: list[str]) -> streams.Meter:
         _, meter = await self.to.push(
@@ -214,6 +218,7 @@ class Migration:
                                max_rounds=min(self.options.max_rounds, w.max_rounds or self.options.max_rounds),
                                thp_always=host.huge_pages_in_use(w.pids()))
         stats: list[policy.RoundStats] = []
+        started: list[float] = []
         while True:
             n = len(self.round_dirs) + 1
             name, parent = f"pre-{n}", (self.round_dirs[-1] if self.round_dirs else None)
@@ -223,6 +228,7 @@ class Migration:
             if w.streams_pages:
                 await self.to.request(p.OpenPageServer(dir=name, stream=tok, parent=parent), p.Done)
             t0 = time.monotonic()
+            started.append(t0)
             run = await w.pre_dump(local, parent)
             try:
                 sock = await run.pages()
@@ -248,8 +254,10 @@ class Migration:
                                                   sent.wire, st.frozen_time, seconds))
             stats.append(policy.RoundStats(st.pages_written, sent.wire, seconds))
             decision = policy.decide(stats, limits)
-            self.progress("round", n=n, pages=st.pages_written, wire=sent.wire,
-                          seconds=seconds, expected_downtime=decision.expected_downtime)
+            # what this round wrote, the workload dirtied since the round before began
+            dirtied = st.pages_written * policy.PAGE_SIZE / (t0 - started[-2]) if n > 1 else None
+            self.progress(RoundDone(n, st.pages_written, sent.wire, seconds, decision.bandwidth, dirtied,
+                                    decision.expected_downtime, limits.max_downtime))
             if decision.stop:
                 self.report.precopy_stop_reason = decision.reason.value
                 return
@@ -271,7 +279,7 @@ class Migration:
         streaming = w.streams_pages and not lazy
         if streaming:
             await self.to.request(p.OpenPageServer(dir="final", stream=tok, parent=parent), p.Done)
-        self.progress("dump")
+        self.progress(Stepping(Phase.FINAL_DUMP, "final dump"))
         self.dump = await w.final_dump(local, parent, lazy)
         if streaming:
             self.relay = asyncio.create_task(self._relay_when_connected(self.dump, tok))
@@ -309,7 +317,7 @@ class Migration:
         if self.bundle_copied_at is not None:
             self.report.bundle_bytes_wire += tree.result().wire
         self.report.image_files_bytes = meter.raw
-        self.progress("transfer", bytes=meter.raw, wire=meter.wire)
+        self.progress(Copied("images", meter.raw, meter.wire))
 
     # --- restore: the target brings the tree back, stopped ---------------------------------------
     async def restore(self, lazy: bool) -> None:
@@ -330,7 +338,7 @@ class Migration:
                                             "they share the pushed pages' stream")
             self.relay = asyncio.create_task(
                 self.to.push_pages(await self.dump.lazy_pages(), self.lazy_token, faults, self.pusher))
-        self.progress("restore")
+        self.progress(Stepping(Phase.RESTORE, "restoring on the target"))
         restored = await self.to.request(
             p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
                       fault_stream=fault_token, container=self.spec), p.Restored)
@@ -364,7 +372,7 @@ class Migration:
         resumed = await self.to.request(p.Resume(), p.Resumed)
         running_at = time.monotonic()
         self.report.downtime_seconds = running_at - self.dump.frozen_at
-        self.progress("running", pids=resumed.pids, lazy=lazy)
+        self.progress(Running(resumed.pids, lazy))
         return running_at
 
     async def settle_postcopy(self, cause: BaseException) -> bool:
@@ -445,6 +453,8 @@ class Migration:
     async def postcopy(self, running_at: float) -> None:
         """The target's copy runs; every page it has not got yet goes now, at wire speed."""
         self.pusher.start_pushing()
+        if self.ticker:
+            self.ticker.pages_since, self.ticker.pages = running_at, self.pusher.progress
         # Either side may fail first; across a cut link the agent's answer never comes.
         awaiting = asyncio.ensure_future(self.to.request(p.AwaitLazy(), p.LazyDone))
         try:
@@ -485,7 +495,9 @@ class Migration:
         if self.workload is not None:
             # The target's copy, if any, is stopped: it runs only after the commit.
             await self.workload.resume(self.dump, self._stop_relay)
-        await self.to.abort()
+        kept = await self.to.abort()
+        if kept:
+            self.report.logs.append(f"{self.target}:{kept}")
         await self._stop_relay()
 
     async def _stop_relay(self) -> None:
@@ -503,6 +515,10 @@ class Migration:
         if self.workload:
             await self.workload.close()
         await self.to.close()
+        if self.report.failed_phase and self.report.outcome != "moved":
+            kept = logs.keep(self.work, self.options.image_root, f"{self.id}-source")
+            if kept:
+                self.report.logs.insert(0, f"{self.report.source}:{kept}")
         if self.report.outcome == "unresolved":
             # the memory images go; the record stays, for `livemig recover`
             for d in self.work.iterdir():

@@ -119,6 +119,7 @@ class Pusher:
     def __init__(self, ranges: list[Range], level: int = 1, prefetch_pages: int = PREFETCH_PAGES,
                  stall_seconds: float = STALL_SECONDS):
         self.ranges = ranges
+        self.total_pages = sum(r.pages for r in ranges)
         self.stall_seconds = stall_seconds
         self.level = level
         self.prefetch_pages = prefetch_pages
@@ -128,6 +129,11 @@ class Pusher:
         self._in_flight = 0    # pushed pages that the target has not acknowledged
         self._window = WINDOW_PAGES[0]
         self._urgent: streams.CompressedWriter | None = None   # the fault stream's
+
+    def progress(self) -> tuple[int, int]:
+        """(pages sent, of all the target lacked): for whoever watches."""
+        done = self.stats.pages_pushed + self.stats.pages_on_demand
+        return done, max(done, self.total_pages)
 
     def start_pushing(self) -> None:
         """The target's copy runs: from now on every page goes, smallest ranges first."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -248,6 +248,11 @@ class ForgetVerdict:
 @message
 class Abort:
     """Roll back: kill whatever was restored, delete the images."""
+
+
+@message
+class Aborted:
+    logs: str = ""       # where this host kept CRIU's logs of the failed move ("": it had none)
 
 
 @message

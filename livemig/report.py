@@ -62,6 +62,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     error: str = ""
     failed_phase: str = ""
+    logs: list[str] = field(default_factory=list)   # HOST:DIR where a failed move's CRIU logs were kept
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

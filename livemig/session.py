@@ -159,16 +159,18 @@ class TargetSession:
         meter = await self.send_images("link-probe", None, d)
         return meter.wire / max(time.monotonic() - t, 1e-6)
 
-    async def abort(self) -> None:
-        """Rollback's message: the agent undoes what it restored and ends."""
+    async def abort(self) -> str:
+        """Rollback's message: the agent undoes what it restored and ends. Where it kept
+        CRIU's logs, if it did."""
         if not self.agent:
-            return
+            return ""
         try:
             async with asyncio.timeout(30):
-                await self.agent.request(p.Abort(), p.Done)
+                aborted = await self.agent.request(p.Abort(), p.Aborted)
                 await self.agent.request(p.Finish(), p.Done)
+                return aborted.logs
         except (Exception, TimeoutError):
-            pass   # the agent kills what it restored when we vanish
+            return ""   # the agent kills what it restored when we vanish
 
     async def close(self) -> None:
         if self.agent_proc:

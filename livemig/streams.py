@@ -11,6 +11,7 @@ buffering stays within CHUNK plus the transport's own window.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import socket
 import struct
@@ -37,16 +38,23 @@ class Meter:
         return self.raw / self.wire if self.wire else 1.0
 
 
+# Every byte a move sends, whichever stream carries it, also counts here when a watcher
+# set it (progress.Ticker): a context variable, so that no stream's signature carries it.
+tally: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("livemig_tally", default=None)
+
+
 class CompressedWriter:
     """zstd onto a stream writer, counting raw and wire bytes; close() ends the frame and
     sends EOF. The one compressing path of every stream livemig sends."""
 
     def __init__(self, writer, meter: Meter, level: int):
-        self.writer, self.meter = writer, meter
+        self.writer, self.meter, self.tally = writer, meter, tally.get()
         self.comp = zstandard.ZstdCompressor(level=level).compressobj()
 
     async def write(self, data: bytes, flush: bool = False) -> None:
         self.meter.raw += len(data)
+        if self.tally:
+            self.tally.raw += len(data)
         out = self.comp.compress(data)
         if flush:
             out += self.comp.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
@@ -59,6 +67,8 @@ class CompressedWriter:
     async def _send(self, out: bytes) -> None:
         if out:
             self.meter.wire += len(out)
+            if self.tally:
+                self.tally.wire += len(out)
             self.writer.write(out)
             await self.writer.drain()
 

@@ -38,8 +38,7 @@ def move(lab, src: str, dst: str, *args: str):
 
 
 def leftovers(lab) -> dict:
-    return {h: (lab.text(h, ["ls", "-A", "/var/lib/livemig"], check=False).split(),
-                lab.text(h, ["pgrep", "-x", "criu"], check=False).split()) for h in ("a", "b")}
+    return lab.leftovers()
 
 
 def assert_moved(lab, ctr: Counter, src: str, dst: str, before: int, t_before: float, res,

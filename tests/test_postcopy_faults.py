@@ -99,7 +99,7 @@ def test_a_cut_link_mid_postcopy_leaves_one_copy_and_recover_settles_it(lab):
     # the old agent never hears its coordinator hang up across the cut: it gives up waiting
     # after a minute, and its work directory goes then
     deadline = time.monotonic() + 180
-    while lab.text("b", ["ls", "-A", "/var/lib/livemig"], check=False).split() and time.monotonic() < deadline:
+    while lab.leftovers(("b",))["b"][0] and time.monotonic() < deadline:
         time.sleep(2)
     [settled] = json.loads(res.stdout)
     assert settled["outcome"] == "rolled back" and settled["target"] == "b", settled

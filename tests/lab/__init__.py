@@ -75,6 +75,12 @@ class Lab:
     def popen(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
         return _hosts.popen(self.state, name, argv, **kw)
 
+    def leftovers(self, hosts: tuple[str, ...] = ("a", "b")) -> dict:
+        """What a finished move may not leave on each host: entries in livemig's image root
+        (but logs/, where a failed move's CRIU logs are kept on purpose) and criu processes."""
+        return {h: ([x for x in self.text(h, ["ls", "-A", "/var/lib/livemig"], check=False).split() if x != "logs"],
+                    self.text(h, ["pgrep", "-x", "criu"], check=False).split()) for h in hosts}
+
     def start_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
                        pid: int = 0, port: int = 7777) -> "Workload":
         """Start memcounter on host name, detached, and wait until it answers."""

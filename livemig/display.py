@@ -1,0 +1,148 @@
+"""How the command line shows a move while it runs, on stderr (stdout is the report's).
+
+On a terminal, a live display (rich): the phase under way with a bar of the bytes or
+pages it has sent, its rate and time, and a line above it for every step done. Anywhere
+else (a log, a failover script's pipe), one plain line per step, and a line about the
+bytes at most every few seconds. With --json, nothing: the report is the output.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .progress import Connecting, Copied, Event, Fetching, ModeChosen, RoundDone, Running, Sending, Stepping
+
+PAGE = 4096
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def line(e: Event) -> str | None:
+    """The line a step gets; None for the events that only move a bar."""
+    if isinstance(e, Connecting):
+        return f"connecting to {e.host}..."
+    if isinstance(e, ModeChosen):
+        return f"mode {e.mode}: {e.reason} ({_mib(e.memory_bytes)} resident)"
+    if isinstance(e, Copied):
+        what = {"image": "container image", "bundle": "bundle", "images": "dump's image files"}[e.what]
+        return f"{what} sent{f' to {e.host}' if e.host else ''}: {_mib(e.raw)} ({_mib(e.wire)} on the wire)"
+    if isinstance(e, RoundDone):
+        dirty = "" if e.dirty_rate is None else f"; dirtying {_mib(e.dirty_rate)}/s"
+        return (f"round {e.n}: {e.pages} pages, {_mib(e.wire)} sent in {e.seconds:.2f} s at "
+                f"{_mib(e.bandwidth)}/s{dirty}; downtime now would be {e.expected_downtime * 1000:.0f} ms "
+                f"(budget {e.max_downtime * 1000:.0f} ms)")
+    if isinstance(e, Stepping):
+        return f"{e.what}..."
+    if isinstance(e, Running):
+        return "running on the target" + ("; its remaining pages follow..." if e.lazy else "")
+    return None
+
+
+class Lines:
+    """One line per step; how many bytes (or post-copy pages) went, every `every` seconds
+    at most, and once more when post-copy has sent every page."""
+
+    def __init__(self, out=None, every: float = 5.0):
+        self.out, self.every, self._last = out or sys.stderr, every, time.monotonic()
+
+    def __call__(self, e: Event) -> None:
+        text = line(e)
+        now = time.monotonic()
+        if text is None and isinstance(e, Sending) and now - self._last >= self.every:
+            text = f"sent {_mib(e.raw)} ({_mib(e.wire)} on the wire) in {e.seconds:.0f} s"
+        elif text is None and isinstance(e, Fetching) and (now - self._last >= self.every or e.pages == e.total):
+            text = f"post-copy: {e.pages} of {e.total} pages sent ({e.pages / max(e.total, 1):.0%})"
+        if text is not None:
+            self._last = now
+            print(text, file=self.out, flush=True)
+
+    def __enter__(self) -> "Lines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class Live:
+    """rich's progress display: one bar, for the step under way; each step done leaves a
+    line above it."""
+
+    def __init__(self, console=None):
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TransferSpeedColumn)
+        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                             DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeElapsedColumn(),
+                             console=console or Console(stderr=True))
+        self.memory = 0          # what a full copy sends: a bar's length
+        self.task = None
+        self.tell_end = False    # a line when the step ends (a pre-copy round has its own)
+        self.sent = 0            # bytes sent so far, as last told
+        self.base = 0            # ... when the current bar began
+
+    def __enter__(self) -> "Live":
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close_bar()
+        self.bars.stop()
+
+    def _bar(self, what: str, total: float | None, tell_end: bool = True) -> None:
+        self._close_bar()
+        self.task, self.base, self.tell_end = self.bars.add_task(what, total=total), self.sent, tell_end
+
+    def _close_bar(self) -> None:
+        if self.task is None:
+            return
+        t = next(t for t in self.bars.tasks if t.id == self.task)
+        self.bars.remove_task(self.task)
+        self.task = None
+        if self.tell_end:
+            sent = f", {_mib(t.completed)}" if t.completed else ""
+            self.bars.console.print(f"{t.description}: done in {t.elapsed or 0:.2f} s{sent}", highlight=False)
+
+    def __call__(self, e: Event) -> None:
+        text = line(e)
+        if isinstance(e, Stepping):
+            # bytes flow in the final dump; a restore has none to count
+            self._bar(e.what, (self.memory or None) if e.phase == "final dump" else None)
+            return                # the bar says it
+        if isinstance(e, Sending):
+            self.sent = e.raw
+            if self.task is not None:
+                self.bars.update(self.task, completed=e.raw - self.base)
+            return
+        if isinstance(e, Fetching):
+            if self.task is not None:
+                self.bars.update(self.task, completed=e.pages * PAGE, total=e.total * PAGE)
+            return
+        if isinstance(e, (RoundDone, Running)):
+            self._close_bar()     # the step before ends here: its line first
+        if text is not None:
+            self.bars.console.print(text, highlight=False)
+        if isinstance(e, ModeChosen):
+            self.memory = e.memory_bytes
+            if e.mode in ("precopy", "hybrid"):
+                self._bar("pre-copy, round 1", self.memory or None, tell_end=False)
+        elif isinstance(e, RoundDone):
+            self._bar(f"pre-copy, round {e.n + 1}", self.memory or None, tell_end=False)
+        elif isinstance(e, Running) and e.lazy:
+            self._bar("post-copy: the pages the target lacks", None)
+
+
+def for_cli(json: bool, terminal: bool | None = None):
+    """The view a command gets: None with --json; live on a terminal; else lines."""
+    if json:
+        return None
+    if terminal is None:
+        terminal = sys.stderr.isatty()
+    if terminal:
+        try:
+            return Live()
+        except ImportError:      # rich missing (a bare checkout): lines do as well
+            pass
+    return Lines()
