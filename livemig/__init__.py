@@ -25,7 +25,7 @@ Running (the target runs), Fetching (post-copy's pages so far)...
 __version__ = "0.1.0"
 
 from .errors import (ConnectionFailed, DumpError, ExitCode, LivemigError, PreflightError,  # noqa: E402
-                     RestoreError, Unresolved, UsageError)
+                     RestoreError, Unresolved, UsageError, WorkloadExited)
 from .options import Mode, Options  # noqa: E402
 from .progress import Callback  # noqa: E402
 from .report import CloneReport, Plan, Replica, Report, RoundReport  # noqa: E402
@@ -58,4 +58,5 @@ async def clone(what: str, hosts: list[str], options: Options = Options(), *, na
 
 
 __all__ = ["migrate", "plan", "clone", "CloneReport", "Plan", "Replica", "Options", "Mode", "Report", "RoundReport", "LivemigError", "UsageError",
-           "PreflightError", "ConnectionFailed", "DumpError", "RestoreError", "Unresolved", "ExitCode"]
+           "PreflightError", "ConnectionFailed", "DumpError", "RestoreError", "Unresolved", "WorkloadExited",
+           "ExitCode"]

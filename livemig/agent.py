@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -455,6 +456,9 @@ class Agent:
         self.resumed = True
         if self.lazy_server is not None:
             self.lazy_server.resumed()
+        elif self.holds_workload:
+            # should the coordinator vanish now, `livemig recover` learns the copy here runs
+            self.verdicts.write(self.work.name, "running")
         return p.Resumed(pids)
 
     async def on_Abort(self, msg: p.Abort) -> p.Aborted:
@@ -526,18 +530,68 @@ class Agent:
         for d in self.work.iterdir():   # the memory images go, whatever happens
             if d.is_dir():
                 shutil.rmtree(d, ignore_errors=True)
-        (self.work / "ORPHANED").write_text(
-            f"restored {self._what_restored()} left stopped: the coordinator vanished before "
-            f"telling whether the source is gone\n")
+        pids = [pid for root in self.restored for pid in host.process_tree(root)]
+        Orphan(self._what_restored(), [(pid, host.start_time(pid) or 0) for pid in pids],
+               [(c.runtime, c.id) for c in self.containers],
+               str(self.created_tree) if self.created_tree else "").save(self.work)
         print(f"livemig agent: the coordinator vanished; restored {self._what_restored()} left "
-              f"stopped (see {self.work}/ORPHANED)", file=sys.stderr)
+              f"stopped (see {self.work / ORPHAN}; `livemig recover` on the source settles it)", file=sys.stderr)
+
+    async def on_SettleOrphan(self, msg: p.SettleOrphan) -> p.OrphanSettled:
+        mid = checked_name(msg.migration_id, "migration id")
+        work = self.root / mid
+        try:
+            orphan = Orphan.load(work)
+        except FileNotFoundError:
+            # resumed before its coordinator vanished (that verdict is written at Resume)?
+            running = self.verdicts.read(mid)[0] == "running"
+            return p.OrphanSettled("running" if running else "none")
+        alive = host.named(orphan.pids)
+        for runtime, ident in orphan.containers:
+            res = await proc.run(runtimes.control(p.Container(runtime, ident, ""), "resume" if msg.resume else
+                                                  "delete"), check=False, timeout=60)
+            if res.returncode != 0 and msg.resume:
+                raise AgentFailure(Phase.COMMIT, f"cannot resume {runtime} container {ident}: {proc.why(res.stderr)}")
+        if not orphan.containers:
+            host.signal_tree(alive if msg.resume else list(reversed(alive)),
+                             signal.SIGCONT if msg.resume else signal.SIGKILL)
+        if orphan.tree and not msg.resume:      # the bundle this move brought here
+            shutil.rmtree(orphan.tree, ignore_errors=True)
+        if msg.resume:
+            self.verdicts.write(mid, "running")
+        shutil.rmtree(work, ignore_errors=True)
+        return p.OrphanSettled("resumed" if msg.resume else "killed", orphan.what)
+
+
+ORPHAN = "ORPHANED.json"
+
+
+@dataclasses.dataclass
+class Orphan:
+    """A restored copy left stopped because the coordinator vanished between the restore
+    and the resume: what `livemig recover`, through SettleOrphan, resumes or kills."""
+    what: str
+    pids: list[tuple[int, int]]           # every process of it: (PID, start time)
+    containers: list[tuple[str, str]]     # (runtime, name): the runtime resumes or deletes them
+    tree: str = ""                        # a container's bundle, copied here by this move
+
+    def save(self, work: Path) -> None:
+        fd = os.open(work / ORPHAN, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(dataclasses.asdict(self), f)
+
+    @classmethod
+    def load(cls, work: Path) -> "Orphan":
+        d = json.loads((work / ORPHAN).read_text())
+        return cls(d["what"], [tuple(x) for x in d["pids"]], [tuple(x) for x in d["containers"]], d.get("tree", ""))
 
 
 class Verdicts:
-    """How each post-copy ended on this host, kept after the agent is gone: the source's
-    `livemig recover` asks, when its coordinator never learnt it. One small file per
-    migration in the image root (ID.verdict), no memory in it; written before anything
-    it describes can be seen, and forgotten once the coordinator knows."""
+    """How each post-copy ended on this host (or, for stop-and-copy, that the copy was
+    resumed), kept after the agent is gone: the source's `livemig recover` asks, when its
+    coordinator never learnt it. One small file per migration in the image root
+    (ID.verdict), no memory in it; written before anything it describes can be seen, and
+    forgotten once the coordinator knows."""
 
     def __init__(self, root: Path):
         self.root = root

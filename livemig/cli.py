@@ -101,11 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "and flags override both.")
     cf.add_argument("--json", action="store_true", help="print them as JSON")
 
-    rc = sub.add_parser("recover", help="settle moves whose post-copy failed, on this (the source) host",
-                        description="A post-copy that lost its target leaves the workload stopped here, "
-                                    "whole as of its final dump, until the target says how its copy "
-                                    "ended: recover asks it, and lets exactly one copy run on (the "
-                                    "target's if it had every page, else this one).",
+    rc = sub.add_parser("recover", help="settle moves that failed past their final dump, on this (the source) host",
+                        description="A move whose livemig was killed past its final dump, or whose post-copy "
+                                    "lost its target, may leave the workload stopped here or on the target. "
+                                    "recover finds each such move and lets exactly one copy run on: for "
+                                    "post-copy the target's if it had every page, else this one; for "
+                                    "stop-and-copy the target's if this one was already given up, else this one.",
                         epilog="examples:\n  livemig recover\n  livemig recover --target-lost    "
                                "the target host is gone for good: resume the workload here",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,7 +189,9 @@ def _recover(args) -> int:
         print("nothing to recover here")
     for x in [] if args.json else settled:
         print(f"{x.outcome}: {x.workload}, moving to {x.target} ({x.migration_id}): {x.detail}")
-    return ExitCode.UNRESOLVED if any(x.outcome == "unresolved" for x in settled) else ExitCode.MOVED
+    if any(x.outcome == "unresolved" for x in settled):
+        return ExitCode.UNRESOLVED
+    return ExitCode.FAILED if any(x.outcome == "lost" for x in settled) else ExitCode.MOVED
 
 
 def _settings(**flags) -> config.Config:

@@ -16,13 +16,14 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
 
 from . import bundle, criu, host, logs, pagemap, policy, postcopy, preflight, proc, protocol as p, recovery, runtimes, streams
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
-                     record_failure)
+                     WorkloadExited, record_failure)
 from .options import Mode, Options
 from .progress import Connecting, Copied, ModeChosen, RoundDone, Running, Stepping, Ticker, quiet
 from .report import Plan, Report, RoundReport
@@ -55,6 +56,8 @@ class Migration:
         self.committed = False
         self.record: recovery.Record | None = None    # kept on disk while post-copy may fail
         self.finished = False      # the agent was told the end (Finish)
+        self.keep_record = False   # the target did not hear the rollback: recover finishes it
+        self.original: recovery.SourceCopy | None = None
 
     # --- the whole ---------------------------------------------------------------------------
     async def run(self) -> Report:
@@ -74,6 +77,13 @@ class Migration:
                 await asyncio.shield(self.rollback())
                 # "failed": stopped before the source was touched; "rolled back": it was, and resumed
                 self.report.outcome = "rolled back" if self.dump is not None else "failed"
+                if isinstance(e, LivemigError) and self.original and await self.original.exited():
+                    # not livemig's doing, and nothing to roll back to: said as such
+                    self.report.outcome = "exited"
+                    gone = WorkloadExited(f"the workload exited by itself during the move ({e.message})",
+                                          phase=e.phase, host=self.report.source)
+                    record_failure(gone, self.phase, self.report)
+                    raise gone from None
             raise
         finally:
             self.report.total_seconds = time.monotonic() - t0
@@ -91,11 +101,11 @@ class Migration:
             await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
         self.phase = Phase.FINAL_DUMP
         lazy = mode in (Mode.POSTCOPY, Mode.HYBRID)
-        if lazy:
-            # From the lazy dump on, a coordinator killed outright may leave the source's
-            # copy stopped: this record is how `livemig recover` finds it.
-            self.record = recovery.Record.mine(self.id, self.target, self.workload)
-            self.record.save(self.work)
+        # From the final dump on, a coordinator killed outright may leave the source's copy
+        # stopped, or the target's: this record is how `livemig recover` finds them.
+        self.record = recovery.Record.mine(self.id, self.target, self.workload, lazy,
+                                           bundle_moves=self.bundle_copied_at is not None)
+        self.record.save(self.work)
         await self.final_dump(lazy)
         self.phase = Phase.TRANSFER
         await self.transfer()
@@ -112,6 +122,7 @@ class Migration:
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.pid = w.root_pid
         pids = w.pids()
+        self.original = recovery.SourceCopy.of(w)    # to tell, on failure, whether it exited by itself
         memory = host.resident_bytes(pids)
         self.spec = target_spec(w, self.options.name)
         local, remote = await self._probe_both(pids if w.kind == "process" else [], self.spec)
@@ -343,12 +354,16 @@ class Migration:
             p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
                       fault_stream=fault_token, container=self.spec), p.Restored)
         self.report.target_pid, self.report.restore_seconds = restored.pid, restored.restore_seconds
+        stop_for_tests("restored")
 
     # --- commit: the one place where the source is given up ---------------------------------
     async def commit(self, lazy: bool) -> None:
         w = self.workload
         self.committed = True              # from here on the target's copy is the workload
+        self.record.committed = True       # on disk before the source's copy goes
+        self.record.save(self.work)
         self.report.warnings += await w.release(self.dump, lazy)
+        stop_for_tests("released")
         if lazy:
             try:
                 running_at = await self._resume_target(lazy=True)
@@ -358,7 +373,11 @@ class Migration:
                 if not await asyncio.shield(self.settle_postcopy(e)):
                     raise self._rolled_back(e) from None
         else:
-            await self._resume_target()
+            try:
+                await self._resume_target()
+            except BaseException as e:
+                raise self._stranded(e) from None
+            recovery.drop(self.work)
         st = None if lazy else w.stats(self.work / "final")
         if st:
             self.report.rounds[-1].pages_written = st.pages_written
@@ -374,6 +393,15 @@ class Migration:
         self.report.downtime_seconds = running_at - self.dump.frozen_at
         self.progress(Running(resumed.pids, lazy))
         return running_at
+
+    def _stranded(self, cause: BaseException) -> Unresolved:
+        """Stop-and-copy's resume failed after the source's copy was given up: the target's,
+        restored and stopped, is the only copy. Its agent keeps it (as an orphan, if the
+        agent lost us), and `livemig recover` resumes it."""
+        self.report.outcome = "unresolved"
+        return Unresolved(f"the target's copy was restored but not resumed ({_why(cause)}); the source's copy "
+                          "is gone", phase=Phase.COMMIT, host=self.target,
+                          hint="run `livemig recover` here: it resumes the copy on the target")
 
     async def settle_postcopy(self, cause: BaseException) -> bool:
         """Post-copy failed after the commit. The source's copy, stopped since the final dump,
@@ -498,6 +526,14 @@ class Migration:
         kept = await self.to.abort()
         if kept:
             self.report.logs.append(f"{self.target}:{kept}")
+        if kept is None and self.phase in (Phase.RESTORE, Phase.COMMIT):
+            # The target may hold a restored copy, stopped (it never runs without our Resume):
+            # the record stays, for `livemig recover` to remove it once the target answers.
+            self.record.source_resumed = True
+            self.record.save(self.work)
+            self.keep_record = True
+            self.report.warnings.append(f"{self.target} did not answer the rollback and may hold a stopped copy: "
+                                        f"`livemig recover` here removes it once {self.target} answers")
         await self._stop_relay()
 
     async def _stop_relay(self) -> None:
@@ -519,7 +555,7 @@ class Migration:
             kept = logs.keep(self.work, self.options.image_root, f"{self.id}-source")
             if kept:
                 self.report.logs.insert(0, f"{self.report.source}:{kept}")
-        if self.report.outcome == "unresolved":
+        if self.report.outcome == "unresolved" or self.keep_record:
             # the memory images go; the record stays, for `livemig recover`
             for d in self.work.iterdir():
                 if d.is_dir():
@@ -529,6 +565,16 @@ class Migration:
 
 
 SETTLE_SECONDS = 15.0    # for the target to say how its copy ended, once post-copy failed
+STOP_FOR_TESTS = "LIVEMIG_TEST_STOP_AT"
+
+
+def stop_for_tests(point: str) -> None:
+    """Fault injection for the lab's tests: with LIVEMIG_TEST_STOP_AT=point the coordinator
+    stops itself there (SIGSTOP), for a test to kill it at that exact instant. The points:
+    "restored" (the target's copy restored, the source's not given up) and "released"
+    (the source's copy given up, the target's not yet resumed)."""
+    if os.environ.get(STOP_FOR_TESTS) == point:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _why(e: BaseException) -> str:

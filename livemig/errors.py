@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     DUMP = 5             # CRIU could not checkpoint the workload; it runs on the source
     RESTORE = 6          # the target could not restore; rolled back, it runs on the source
     UNRESOLVED = 7       # post-copy lost the target: the source's copy waits, stopped; `livemig recover`
+    EXITED = 8           # the workload exited by itself during the move: it runs nowhere, as it chose
     INTERRUPTED = 130    # Ctrl-C: rolled back, it runs on the source
     TERMINATED = 143     # SIGTERM: rolled back, as for Ctrl-C
 
@@ -75,6 +76,12 @@ class Unresolved(LivemigError):
     """Post-copy failed and the target could not say whether its copy is gone: the source's
     copy stays stopped until `livemig recover` learns it (never two copies running)."""
     exit_code = ExitCode.UNRESOLVED
+
+
+class WorkloadExited(LivemigError):
+    """The workload ended by itself while it was being moved: nothing of it runs anywhere,
+    and that is its own doing; the target holds nothing of it either."""
+    exit_code = ExitCode.EXITED
 
 
 class CommandFailed(LivemigError):

@@ -73,6 +73,20 @@ def signal_tree(pids: list[int], sig: int) -> None:
             pass
 
 
+def start_time(pid: int) -> int | None:
+    """When pid started (clock ticks since boot): with the PID, names one process for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def named(pids: list[tuple[int, int]]) -> list[int]:
+    """Of (PID, start time) pairs, the PIDs that still name the process they named."""
+    return [pid for pid, t in pids if start_time(pid) == t]
+
+
 def kill_tree(root: int) -> None:
     """SIGKILL to root and its descendants, children first."""
     signal_tree(list(reversed(process_tree(root))), signal.SIGKILL)

@@ -246,6 +246,22 @@ class ForgetVerdict:
 
 
 @message
+class SettleOrphan:
+    """`livemig recover`, after a stop-and-copy whose coordinator vanished between the
+    target's restore and its resume: the restored copy, left stopped, is the workload
+    (resume: the source gave its copy up) or is not (the source's runs on: kill it)."""
+    migration_id: str
+    resume: bool
+
+
+@message
+class OrphanSettled:
+    state: str           # "resumed", "killed", "running" (resumed before the coordinator
+                         # vanished), "none" (nothing of that migration here)
+    detail: str = ""
+
+
+@message
 class Abort:
     """Roll back: kill whatever was restored, delete the images."""
 

@@ -20,20 +20,14 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import host, proc, protocol as p
+from . import bundle, host, proc, protocol as p
 from .errors import LivemigError, Phase
 from .session import TargetSession, migration_id
 
 RECORD = "RECOVER.json"
 
 
-def start_time(pid: int) -> int | None:
-    """When pid started (clock ticks since boot): with the PID, names one process for good."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+start_time = host.start_time
 
 
 @dataclass
@@ -42,14 +36,16 @@ class SourceCopy:
     runtime: str                                   # "process", or the container's runtime
     pids: list[tuple[int, int]] = field(default_factory=list)   # (PID, start time)
     container: str = ""
+    bundle: str = ""        # its bundle, copied to the target: it goes when the copy does
 
     @classmethod
-    def of(cls, workload) -> "SourceCopy":
+    def of(cls, workload, bundle_moves: bool = False) -> "SourceCopy":
         pids = [(pid, t) for pid in workload.pids() if (t := start_time(pid)) is not None]
-        return cls(workload.kind, pids, "" if workload.kind == "process" else workload.name)
+        return cls(workload.kind, pids, "" if workload.kind == "process" else workload.name,
+                   str(workload.bundle()) if bundle_moves else "")
 
     def _alive(self) -> list[int]:
-        return [pid for pid, t in self.pids if start_time(pid) == t]
+        return host.named(self.pids)
 
     def _control(self, action: str) -> list[str]:
         from .runtimes import control
@@ -62,23 +58,51 @@ class SourceCopy:
         else:
             await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
 
+    async def exists(self) -> bool:
+        """Is it still here (stopped, paused, or running)?"""
+        if self.runtime == "process":
+            return bool(self._alive())
+        return (await proc.run(self._control("exists"), check=False)).returncode == 0
+
+    async def exited(self) -> bool:
+        """Did it end by itself (its root process gone, its container stopped or gone)?"""
+        if self.runtime == "process":
+            return bool(self.pids) and not host.named(self.pids[:1])
+        res = await proc.run(self._control("exists"), check=False)
+        if res.returncode != 0:
+            return True
+        try:     # runc and crun print their state; podman's `container exists` prints nothing
+            return json.loads(res.stdout).get("status") == "stopped"
+        except ValueError:
+            return False
+
     async def end(self) -> list[str]:
         """Its target's copy runs: this one goes. Returns warnings."""
         if self.runtime == "process":
             host.signal_tree(self._alive(), signal.SIGKILL)
             return []
         res = await proc.run(self._control("delete"), check=False)
-        return [] if res.returncode == 0 else [f"{self.runtime} delete {self.container} failed here: "
-                                               f"{proc.why(res.stderr)}"]
+        if res.returncode != 0 and await self.exists():
+            return [f"{self.runtime} delete {self.container} failed here: {proc.why(res.stderr)}"]
+        if self.bundle and Path(self.bundle).is_dir():
+            if bundle.mounts_under(Path(self.bundle)):
+                return [f"the bundle {self.bundle} stays here: file systems are mounted in it"]
+            shutil.rmtree(self.bundle, ignore_errors=True)
+        return []
 
 
 @dataclass
 class Record:
-    """A move in post-copy, as `livemig recover` finds it in the source's work directory."""
+    """A move past its final dump, as `livemig recover` finds it in the source's work
+    directory if its coordinator vanished."""
     migration_id: str
     target: str
     source_copy: SourceCopy
     coordinator: tuple[int, int]      # the livemig move that wrote it: (PID, start time)
+    lazy: bool = True                 # post-copy: the target's verdict decides who runs on
+    committed: bool = False           # stop-and-copy: the source's copy was given up (saved
+                                      # before it goes), so the target's copy is the workload
+    source_resumed: bool = False      # recover ran it again; the target's stopped copy may remain
 
     def save(self, work: Path) -> None:
         fd = os.open(work / RECORD, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -91,13 +115,14 @@ class Record:
     def load(cls, path: Path) -> "Record":
         d = json.loads(path.read_text())
         copy = d.pop("source_copy")
-        return cls(source_copy=SourceCopy(copy["runtime"], [tuple(x) for x in copy["pids"]], copy["container"]),
+        return cls(source_copy=SourceCopy(copy["runtime"], [tuple(x) for x in copy["pids"]], copy["container"],
+                                          copy.get("bundle", "")),
                    coordinator=tuple(d.pop("coordinator")), **d)
 
     @classmethod
-    def mine(cls, migration: str, target: str, workload) -> "Record":
+    def mine(cls, migration: str, target: str, workload, lazy: bool, bundle_moves: bool = False) -> "Record":
         me = os.getpid()
-        return cls(migration, target, SourceCopy.of(workload), (me, start_time(me) or 0))
+        return cls(migration, target, SourceCopy.of(workload, bundle_moves), (me, start_time(me) or 0), lazy)
 
     def coordinator_alive(self) -> bool:
         pid, t = self.coordinator
@@ -140,7 +165,7 @@ class Settled:
     migration_id: str
     target: str
     workload: str
-    outcome: str        # "moved", "rolled back" or "unresolved"
+    outcome: str        # "moved", "rolled back", "unresolved" (ask again), or "lost" (neither host has it)
     detail: str
 
 
@@ -164,45 +189,90 @@ async def forget_verdict(target: str, migration: str, connect, options) -> None:
     await _ask_agent(target, p.ForgetVerdict(migration), p.Done, connect, options)
 
 
+# what says the target cannot be asked now
+_UNREACHABLE = (LivemigError, p.RemoteFailure, OSError, EOFError)
+
+
 async def recover(options, connect, *, target_lost: bool = False) -> list[Settled]:
-    """Settle every unsettled post-copy on this host: the target's verdict decides which copy
-    runs on. target_lost: the operator knows the target is gone for good (its copy with it),
-    so the source's copy runs on without asking."""
+    """Settle every move on this host whose coordinator vanished past its final dump, or
+    whose post-copy failed: exactly one copy runs on. target_lost: the operator knows the
+    target is gone for good (its copy with it), so the source's copy runs on if it can."""
     done = []
     for work, rec in records(options.image_root):
         c = rec.source_copy
         what = f"PID {c.pids[0][0]}" if c.runtime == "process" and c.pids else f"{c.runtime} container {c.container}"
-
-        def settled(outcome: str, detail: str) -> None:
-            done.append(Settled(rec.migration_id, rec.target, what, outcome, detail))
         if rec.coordinator_alive():
-            settled("unresolved", f"livemig (PID {rec.coordinator[0]}) is still moving it")
-            continue
-        if target_lost:
-            state, detail = "killed", "the target is gone, said the operator (--target-lost)"
+            outcome, detail, finished = "unresolved", f"livemig (PID {rec.coordinator[0]}) is still moving it", False
         else:
-            try:
-                state, detail = await ask_target(rec.target, rec.migration_id, connect, options)
-            except (LivemigError, p.RemoteFailure, OSError, EOFError) as e:
-                settled("unresolved", f"cannot ask {rec.target}: {e}")
-                continue
-        if state == "serving":
-            settled("unresolved", f"post-copy is still under way on {rec.target}: try again in a minute")
-            continue
-        if state == "whole":
-            warnings = await c.end()
-            settled("moved", "the target's copy has every page and runs; the source's copy is gone"
-                    + "".join(f"; {w}" for w in warnings))
-        else:
-            # "killed", or "none": the target never held a copy that could run
-            await c.resume()
-            settled("rolled back", "the target's copy is gone " + (f"({detail}); " if detail else "; ")
-                    + "the workload runs here again, from its final dump")
-        forget(work)
-        if not target_lost:
-            try:
-                await forget_verdict(rec.target, rec.migration_id, connect, options)
-            except (LivemigError, p.RemoteFailure, OSError, EOFError):
-                pass    # a stale verdict file there, a few bytes: recover asks it no more
+            settle = _settle_postcopy if rec.lazy else _settle_stopcopy
+            outcome, detail, finished = await settle(work, rec, connect, options, target_lost)
+        done.append(Settled(rec.migration_id, rec.target, what, outcome, detail))
+        if finished:
+            forget(work)
+            if not target_lost:
+                try:
+                    await forget_verdict(rec.target, rec.migration_id, connect, options)
+                except _UNREACHABLE:
+                    pass    # a stale verdict file there, a few bytes: recover asks it no more
     return done
 
+
+async def _settle_postcopy(work: Path, rec: Record, connect, options, target_lost: bool) -> tuple[str, str, bool]:
+    """The target's verdict decides: its copy, whole, runs on; else the source's does."""
+    c = rec.source_copy
+    if target_lost:
+        state, detail = "killed", "the target is gone, said the operator (--target-lost)"
+    else:
+        try:
+            state, detail = await ask_target(rec.target, rec.migration_id, connect, options)
+        except _UNREACHABLE as e:
+            return "unresolved", f"cannot ask {rec.target}: {e}", False
+    if state == "serving":
+        return "unresolved", f"post-copy is still under way on {rec.target}: try again in a minute", False
+    if state == "whole":
+        warnings = await c.end()
+        return "moved", ("the target's copy has every page and runs; the source's copy is gone"
+                         + "".join(f"; {w}" for w in warnings)), True
+    # "killed", or "none": the target never held a copy that could run
+    await c.resume()
+    return "rolled back", ("the target's copy is gone " + (f"({detail}); " if detail else "; ")
+                           + "the workload runs here again, from its final dump"), True
+
+
+async def _settle_stopcopy(work: Path, rec: Record, connect, options, target_lost: bool) -> tuple[str, str, bool]:
+    """Before the commit mark the source's copy is the workload: the target resumes its copy
+    only after the source gave its own up, so the source's may run again at once, and the
+    target's stopped copy goes. After it, the target's copy is the workload: it is resumed,
+    and what is left of the source's goes."""
+    c, target = rec.source_copy, rec.target
+    if rec.committed and not (target_lost and await c.exists()):
+        if target_lost:
+            return "lost", (f"the source's copy was given up for {target}'s, and {target} is gone "
+                            "(--target-lost): no copy is left"), True
+        try:
+            got = await _ask_agent(target, p.SettleOrphan(rec.migration_id, resume=True), p.OrphanSettled,
+                                   connect, options)
+        except _UNREACHABLE as e:
+            return "unresolved", f"cannot ask {target} to resume its copy: {e}", False
+        if got.state == "none":
+            if await c.exists():      # given up on paper only: the source's copy still stands
+                await c.resume()
+                return "rolled back", f"{target} holds no copy; the workload runs here again", True
+            return "lost", f"the source's copy was given up, and {target} holds no copy of it", True
+        warnings = await c.end()
+        return "moved", (f"the copy on {target} runs " + ("again" if got.state == "running" else "now")
+                         + "; the source's is gone" + "".join(f"; {w}" for w in warnings)), True
+    if not rec.source_resumed:
+        await c.resume()
+        rec.source_resumed = True
+        rec.save(work)
+    if target_lost:
+        return "rolled back", "the workload runs here again; the target is gone, said the operator", True
+    try:
+        got = await _ask_agent(target, p.SettleOrphan(rec.migration_id, resume=False), p.OrphanSettled,
+                               connect, options)
+    except _UNREACHABLE as e:
+        return "rolled back", (f"the workload runs here again; {target} may still hold a stopped copy ({e}): "
+                               "run `livemig recover` again once it answers"), False
+    return "rolled back", ("the workload runs here again" +
+                           (f"; the stopped copy on {target} is gone" if got.state == "killed" else "")), True

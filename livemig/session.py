@@ -159,18 +159,18 @@ class TargetSession:
         meter = await self.send_images("link-probe", None, d)
         return meter.wire / max(time.monotonic() - t, 1e-6)
 
-    async def abort(self) -> str:
+    async def abort(self) -> str | None:
         """Rollback's message: the agent undoes what it restored and ends. Where it kept
-        CRIU's logs, if it did."""
+        CRIU's logs ("": none); None if it did not answer."""
         if not self.agent:
-            return ""
+            return None
         try:
             async with asyncio.timeout(30):
                 aborted = await self.agent.request(p.Abort(), p.Aborted)
                 await self.agent.request(p.Finish(), p.Done)
                 return aborted.logs
         except (Exception, TimeoutError):
-            return ""   # the agent kills what it restored when we vanish
+            return None   # the agent keeps what it restored, stopped, when we vanish: recover settles it
 
     async def close(self) -> None:
         if self.agent_proc:

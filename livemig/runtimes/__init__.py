@@ -135,9 +135,11 @@ def restore_command(c: p.Container, images: Path, pidfile: Path, lazy: bool) -> 
 
 
 def control(c: p.Container, action: str) -> list[str]:
-    """The command that pauses, resumes or deletes container c on this host."""
+    """The command that pauses, resumes or deletes container c on this host (or, "exists",
+    exits 0 only if the runtime has it)."""
     if c.runtime == "podman":
-        verb = {"pause": ["pause"], "resume": ["unpause"], "delete": ["rm", "--force"]}[action]
+        verb = {"pause": ["pause"], "resume": ["unpause"], "delete": ["rm", "--force"],
+                "exists": ["container", "exists"]}[action]
     else:
-        verb = {"pause": ["pause"], "resume": ["resume"], "delete": ["delete", "--force"]}[action]
+        verb = {"pause": ["pause"], "resume": ["resume"], "delete": ["delete", "--force"], "exists": ["state"]}[action]
     return [c.runtime, *verb, c.id]

@@ -114,3 +114,79 @@ def test_a_source_copy_acts_only_on_the_processes_it_recorded():
     copy = recovery.SourceCopy("process", [(me, recovery.start_time(me) + 1)])
     assert copy._alive() == []
     assert recovery.SourceCopy("process", [(me, recovery.start_time(me))])._alive() == [me]
+
+
+# --- stop-and-copy: the commit mark decides --------------------------------------------------
+def stopcopy_record(root, committed: bool) -> recovery.Record:
+    work = root / "2026-9-source"
+    work.mkdir()
+    rec = recovery.Record("2026-9", "b", recovery.SourceCopy("process", [(4242, 7)]), (999_999_999, 1),
+                          lazy=False, committed=committed)
+    rec.save(work)
+    return rec
+
+
+def orphan_answers(monkeypatch, *states, source_exists=False):
+    """The target's agent answering SettleOrphan; states[i] for the i-th question."""
+    asked = []
+
+    async def ask_agent(target, msg, reply_type, connect, options):
+        asked.append(("resume" if msg.resume else "kill"))
+        state = states[len(asked) - 1]
+        if isinstance(state, Exception):
+            raise state
+        return reply_type(state)
+
+    async def exists(self):
+        return source_exists
+    monkeypatch.setattr(recovery, "_ask_agent", ask_agent)
+    monkeypatch.setattr(recovery.SourceCopy, "exists", exists)
+    answers(monkeypatch)    # forget_verdict: recorded, not sent
+    return asked
+
+
+@pytest.mark.parametrize("committed, target, outcome, source_action, asked", [
+    # the source never gave its copy up: it runs again, the target's stopped copy goes
+    (False, "killed", "rolled back", ["resume"], ["kill"]),
+    # given up: the target's copy (stopped, or resumed before the coordinator died) runs
+    (True, "resumed", "moved", ["end"], ["resume"]),
+    (True, "running", "moved", ["end"], ["resume"]),
+])
+async def test_stop_and_copy_the_commit_mark_picks_the_copy_that_runs_on(root, acted, monkeypatch, committed,
+                                                                         target, outcome, source_action, asked):
+    stopcopy_record(root, committed)
+    questions = orphan_answers(monkeypatch, target)
+    [settled] = await recovery.recover(Options(image_root=str(root)), None)
+    assert (settled.outcome, acted, questions) == (outcome, source_action, asked)
+    assert list(root.iterdir()) == []
+
+
+async def test_stop_and_copy_before_the_commit_runs_the_source_at_once_even_if_the_target_is_away(
+        root, acted, monkeypatch):
+    stopcopy_record(root, committed=False)
+    orphan_answers(monkeypatch, LivemigError("cannot connect over ssh"), "killed")
+    [first] = await recovery.recover(Options(image_root=str(root)), None)
+    # safe: the target resumes its copy only once the source gave its own up, which it did not
+    assert first.outcome == "rolled back" and "may still hold a stopped copy" in first.detail
+    assert acted == ["resume"] and recovery.records(str(root))      # kept, to clean the target up
+    [again] = await recovery.recover(Options(image_root=str(root)), None)
+    assert again.outcome == "rolled back" and acted == ["resume"]    # not resumed twice
+    assert list(root.iterdir()) == []
+
+
+async def test_stop_and_copy_after_the_commit_waits_for_the_target(root, acted, monkeypatch):
+    stopcopy_record(root, committed=True)
+    orphan_answers(monkeypatch, LivemigError("cannot connect over ssh"))
+    [settled] = await recovery.recover(Options(image_root=str(root)), None)
+    assert settled.outcome == "unresolved" and acted == [] and recovery.records(str(root))
+
+
+@pytest.mark.parametrize("source_exists, outcome, action", [
+    (True, "rolled back", ["resume"]),   # committed on paper, but its copy was never given up
+    (False, "lost", []),                 # honest: neither host has it
+])
+async def test_stop_and_copy_committed_with_the_target_lost(root, acted, monkeypatch, source_exists, outcome, action):
+    stopcopy_record(root, committed=True)
+    orphan_answers(monkeypatch, source_exists=source_exists)
+    [settled] = await recovery.recover(Options(image_root=str(root)), None, target_lost=True)
+    assert (settled.outcome, acted) == (outcome, action)

@@ -1,0 +1,132 @@
+"""Stop-and-copy's failures in the namespaced lab.
+
+A `livemig move` killed outright on either side of its commit leaves the target's restored
+copy stopped, and the source's copy stopped or gone: `livemig recover` must leave exactly
+one copy running, its state intact. The coordinator stops itself at the exact point
+(LIVEMIG_TEST_STOP_AT, coordinator.py's fault injection), and the test kills it there
+with SIGKILL: nothing of it runs after.
+
+A workload that exits by itself mid-move is said to have done so (exit code 8), and
+nothing of it is left on either host.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from tests.test_containers import Counter
+from tests.test_move import leftovers
+
+pytestmark = pytest.mark.lab
+
+
+def killed_at(lab, point: str, *what: str) -> None:
+    """livemig move ... b, SIGKILLed at point; returns once its agent on b has let go."""
+    mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point}", "livemig", "move", "--mode", "stopcopy",
+                            *what, "b"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while True:
+        stopped = [line.split()[0] for line in lab.text("a", ["ps", "-eo", "pid=,stat=,args="]).splitlines()
+                   if "livemig move" in line and line.split()[1].startswith("T")]
+        if stopped:
+            break
+        assert mover.poll() is None, f"livemig ended before {point}: {mover.stderr.read().decode()}"
+        assert time.monotonic() < deadline, f"livemig never reached {point}"
+        time.sleep(0.1)
+    lab.run("a", ["kill", "-KILL", *stopped])
+    mover.wait(timeout=30)
+    # its agent on b sees it go, and leaves the restored copy stopped, marked
+    deadline = time.monotonic() + 60
+    while not lab.text("b", ["sh", "-c", "ls /var/lib/livemig/*/ORPHANED.json 2>/dev/null"], check=False).strip():
+        assert time.monotonic() < deadline, "b left no orphan marker"
+        time.sleep(0.2)
+
+
+def recover(lab) -> dict:
+    res = lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()
+    [settled] = json.loads(res.stdout)
+    assert lab.text("a", ["livemig", "recover"]).strip() == "nothing to recover here"
+    return settled
+
+
+def stat_of(lab, host: str, pid: int) -> str:
+    return lab.text(host, ["ps", "-o", "stat=", "-p", str(pid)], check=False).strip()
+
+
+def assert_one_copy_whole(lab, work, on: str, before: dict) -> None:
+    other = "b" if on == "a" else "a"
+    now = work.query(on, wait=10)
+    assert now["host"] == on and now["counter"] >= before["counter"]
+    time.sleep(0.3)
+    assert work.query(on)["counter"] > now["counter"]             # it counts on
+    check = work.query(on, "verify")
+    assert (check["bad_pages"], check["pages"]) == (0, work.mib * 256)
+    assert stat_of(lab, other, work.pid) == ""                     # and nothing of it on the other host
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+
+
+def test_killed_after_the_restore_before_the_commit_the_source_runs_on(lab):
+    work = lab.start_workload("a", mib=256, dirty_mibps=10, pid=4701, port=7811)
+    before = work.query("a")
+    killed_at(lab, "restored", "--pid", str(work.pid))
+    # CRIU's hook found no coordinator and a journal short of "committed": the source runs
+    assert not stat_of(lab, "a", work.pid).startswith("T")
+    assert stat_of(lab, "b", work.pid).startswith("T")            # the target's copy: stopped
+    settled = recover(lab)
+    assert settled["outcome"] == "rolled back" and "the stopped copy on b is gone" in settled["detail"], settled
+    assert_one_copy_whole(lab, work, "a", before)
+    lab.run("a", ["kill", str(work.pid)])
+
+
+def test_killed_after_the_commit_before_the_resume_the_target_runs_on(lab):
+    work = lab.start_workload("a", mib=256, dirty_mibps=10, pid=4702, port=7812)
+    before = work.query("a")
+    killed_at(lab, "released", "--pid", str(work.pid))
+    # the instant livemig guards against: the source's copy given up, the target's stopped
+    assert stat_of(lab, "a", work.pid) == "" and stat_of(lab, "b", work.pid).startswith("T")
+    settled = recover(lab)
+    assert settled["outcome"] == "moved" and settled["detail"].startswith("the copy on b runs now"), settled
+    assert_one_copy_whole(lab, work, "b", before)
+    lab.run("b", ["kill", str(work.pid)])
+
+
+@pytest.mark.parametrize("point, runs_on", [("restored", "a"), ("released", "b")])
+def test_a_runc_container_killed_either_side_of_the_commit(lab, point, runs_on):
+    ctr = Counter(lab, "a", "runc", f"orphan-{point}")
+    time.sleep(0.5)
+    before = ctr.count("a")
+    killed_at(lab, point, ctr.name)
+    assert ctr.status("b") == "paused"
+    assert ctr.status("a") == ("paused" if point == "restored" else None)
+    settled = recover(lab)
+    assert settled["outcome"] == ("rolled back" if runs_on == "a" else "moved"), settled
+    other = "b" if runs_on == "a" else "a"
+    assert ctr.status(runs_on) == "running" and ctr.status(other) is None
+    time.sleep(0.5)
+    assert ctr.count(runs_on) > before                           # it went on from where it was
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    ctr.remove(runs_on)
+    ctr.remove(other)
+
+
+def test_a_workload_that_exits_during_the_final_dump_is_said_to_and_nothing_is_left(lab):
+    work = lab.start_workload("a", mib=1024, dirty_mibps=0, pid=4703, port=7813)
+    mover = lab.popen("a", ["livemig", "move", "--mode", "stopcopy", "--pid", str(work.pid), "b"],
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+    while b"final dump..." not in seen:
+        line = mover.stderr.readline()
+        assert line, f"livemig ended before its final dump: {seen!r}"
+        seen += line
+    lab.run("a", ["kill", "-KILL", str(work.pid)])
+    err = mover.stderr.read().decode()
+    assert mover.wait(timeout=120) == 8, err
+    assert "the workload exited by itself during the move" in err and "Traceback" not in err, err
+    assert stat_of(lab, "a", work.pid) == "" and stat_of(lab, "b", work.pid) == ""
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
