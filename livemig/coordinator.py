@@ -106,6 +106,7 @@ class Migration:
         self.record = recovery.Record.mine(self.id, self.target, self.workload, lazy,
                                            bundle_moves=self.bundle_copied_at is not None)
         self.record.save(self.work)
+        stop_for_tests("final-dump")
         await self.final_dump(lazy)
         self.phase = Phase.TRANSFER
         await self.transfer()
@@ -570,9 +571,10 @@ STOP_FOR_TESTS = "LIVEMIG_TEST_STOP_AT"
 
 def stop_for_tests(point: str) -> None:
     """Fault injection for the lab's tests: with LIVEMIG_TEST_STOP_AT=point the coordinator
-    stops itself there (SIGSTOP), for a test to kill it at that exact instant. The points:
-    "restored" (the target's copy restored, the source's not given up) and "released"
-    (the source's copy given up, the target's not yet resumed)."""
+    stops itself there (SIGSTOP), for a test to act at that exact instant (then SIGKILL or
+    SIGCONT it). The points: "final-dump" (about to freeze the workload), "restored" (the
+    target's copy restored, the source's not given up) and "released" (the source's copy
+    given up, the target's not yet resumed)."""
     if os.environ.get(STOP_FOR_TESTS) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
 

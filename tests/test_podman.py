@@ -99,3 +99,25 @@ def test_a_podman_restore_that_fails_leaves_no_replica_and_moves_nothing(lab):
     assert ask(lab, "a", "web4") == first + 1        # the source's own state, restored where it was
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     lab.run("a", [*ENV, "podman", "rm", "--force", "web4"])
+
+
+def test_force_goes_past_a_must_match_mismatch_and_says_so(lab):
+    # b's podman runs containers with runc, a's with crun: podman's guide wants the same OCI runtime
+    conf = "/etc/containers/containers.conf"
+    lab.run("b", ["sh", "-c", f"mkdir -p /etc/containers && printf '[engine]\\nruntime = \"runc\"\\n' > {conf}"])
+    try:
+        first = int(lab.text("a", ["python3", TOOL, "serve", "--name", "web9"]))
+        res = lab.run("a", [*ENV, "livemig", "move", "web9", "b"], check=False, timeout=600)
+        err = res.stderr.decode()
+        assert res.returncode == 3 and "same OCI runtime" in err and "--force" in err, err
+        assert ask(lab, "a", "web9") == first + 1 and running(lab, "b", "web9") is None   # nothing touched
+        res = lab.run("a", [*ENV, "livemig", "move", "--force", "--json", "web9", "b"], check=False, timeout=600)
+        assert res.returncode == 0, res.stderr.decode()
+        report = json.loads(res.stdout)
+        assert any(w.startswith("forced past a failed check: same OCI runtime") for w in report["warnings"]), report
+        assert ask(lab, "b", "web9") == first + 2 and running(lab, "a", "web9") is None
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        lab.run("b", ["rm", "-f", conf])
+        for h in ("a", "b"):
+            lab.run(h, [*ENV, "podman", "rm", "--force", "web9"], check=False)

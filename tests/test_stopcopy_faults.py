@@ -24,8 +24,8 @@ from tests.test_move import leftovers
 pytestmark = pytest.mark.lab
 
 
-def killed_at(lab, point: str, *what: str) -> None:
-    """livemig move ... b, SIGKILLed at point; returns once its agent on b has let go."""
+def stopped_at(lab, point: str, *what: str) -> tuple[subprocess.Popen, list[str]]:
+    """livemig move --mode stopcopy ... b, stopped at point: the process and its PIDs on a."""
     mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point}", "livemig", "move", "--mode", "stopcopy",
                             *what, "b"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                       stderr=subprocess.PIPE)
@@ -34,10 +34,15 @@ def killed_at(lab, point: str, *what: str) -> None:
         stopped = [line.split()[0] for line in lab.text("a", ["ps", "-eo", "pid=,stat=,args="]).splitlines()
                    if "livemig move" in line and line.split()[1].startswith("T")]
         if stopped:
-            break
+            return mover, stopped
         assert mover.poll() is None, f"livemig ended before {point}: {mover.stderr.read().decode()}"
         assert time.monotonic() < deadline, f"livemig never reached {point}"
         time.sleep(0.1)
+
+
+def killed_at(lab, point: str, *what: str) -> None:
+    """livemig move ... b, SIGKILLed at point; returns once its agent on b has let go."""
+    mover, stopped = stopped_at(lab, point, *what)
     lab.run("a", ["kill", "-KILL", *stopped])
     mover.wait(timeout=30)
     # its agent on b sees it go, and leaves the restored copy stopped, marked
@@ -130,3 +135,44 @@ def test_a_workload_that_exits_during_the_final_dump_is_said_to_and_nothing_is_l
     assert "the workload exited by itself during the move" in err and "Traceback" not in err, err
     assert stat_of(lab, "a", work.pid) == "" and stat_of(lab, "b", work.pid) == ""
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+
+
+@pytest.fixture
+def small_image_root(lab):
+    """b's image root on a tmpfs of its own, sized by the test."""
+    def mount(mib: int) -> None:
+        lab.run("b", ["mkdir", "-p", "/var/lib/livemig"])
+        lab.run("b", ["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=700", "tmpfs", "/var/lib/livemig"])
+    yield mount
+    lab.run("b", ["umount", "/var/lib/livemig"], check=False)
+
+
+def test_a_target_without_room_for_the_images_is_refused_in_preflight(lab, small_image_root):
+    small_image_root(64)
+    work = lab.start_workload("a", mib=256, pid=4704, port=7814)
+    before = work.query("a")
+    res = lab.run("a", ["livemig", "move", "--pid", str(work.pid), "b"], check=False, timeout=120)
+    err = res.stderr.decode()
+    assert res.returncode == 3 and "room for images" in err and "MiB needed" in err, err
+    assert work.query("a")["counter"] > before["counter"] and stat_of(lab, "b", work.pid) == ""
+    lab.run("a", ["kill", str(work.pid)])
+
+
+def test_a_target_whose_disk_fills_during_the_dump_rolls_back(lab, small_image_root):
+    small_image_root(400)
+    work = lab.start_workload("a", mib=256, dirty_mibps=10, pid=4705, port=7815)
+    before = work.query("a")
+    # the room was there at the preflight; something else takes it before the pages land
+    mover, stopped = stopped_at(lab, "final-dump", "--pid", str(work.pid))
+    lab.run("b", ["sh", "-c", "head -c 390M /dev/zero > /var/lib/livemig/filler"], check=False)
+    lab.run("a", ["kill", "-CONT", *stopped])
+    err = mover.stderr.read().decode()
+    rc = mover.wait(timeout=300)
+    assert rc in (4, 5, 6) and "Traceback" not in err, (rc, err)
+    assert "final dump" in err or "transfer" in err or "restore" in err, err   # the phase is named
+    lab.run("b", ["rm", "-f", "/var/lib/livemig/filler"])
+    now = work.query("a", wait=10)
+    assert now["host"] == "a" and now["counter"] > before["counter"]
+    assert work.query("a", "verify")["bad_pages"] == 0 and stat_of(lab, "b", work.pid) == ""
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    lab.run("a", ["kill", str(work.pid)])
