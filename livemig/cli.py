@@ -21,7 +21,8 @@ EXAMPLES = """examples:
   livemig move web1 host-b --name web1-b         move it, named web1-b there
   livemig clone web1 host-b host-c --count 2     two running replicas of web1 on each host (podman)
   livemig check host-b                           can host-b take workloads from here?
-  livemig recover                                after a post-copy that lost its target (exit code 7)
+  livemig recover                                after a move that could not finish (exit code 7), or was killed
+  livemig completion bash > /etc/bash_completion.d/livemig
 """
 CLONE_EXAMPLES = """examples:
   livemig clone web1 host-b                      a replica named web1-clone on host-b
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="print the effective defaults and where each comes from",
                         epilog="The file is $LIVEMIG_CONFIG, else ~/.config/livemig/config.toml; each "
                                "setting may also come from LIVEMIG_<NAME> (e.g. LIVEMIG_MAX_DOWNTIME=0.5), "
-                               "and flags override both.")
+                               "and flags override both.\n\nexamples:\n  livemig config\n"
+                               "  LIVEMIG_MODE=stopcopy livemig config --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     cf.add_argument("--json", action="store_true", help="print them as JSON")
 
     rc = sub.add_parser("recover", help="settle moves that failed past their final dump, on this (the source) host",
