@@ -62,11 +62,18 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                           f"PIDs {', '.join(map(str, remote.pids_taken))} are in use",
                           "a process tree restores onto its own PIDs; free them, or move it in a "
                           "container (its own PID namespace)"))
-    rows.append(Check("room for images", remote.free_bytes >= need_bytes,
-                      f"{remote.free_bytes >> 20} MiB free" + (f", {need_bytes >> 20} MiB needed" if need_bytes else "")))
-    rows.append(Check("memory", remote.mem_available >= need_bytes,
+    room = remote.free_bytes >= need_bytes
+    rows.append(Check("room for images", room,
+                      f"{remote.free_bytes >> 20} MiB free" + (f", {need_bytes >> 20} MiB needed" if need_bytes else "")
+                      if room else f"no room for the images: {remote.free_bytes >> 20} MiB free in the image root, "
+                                   f"{need_bytes >> 20} MiB needed",
+                      "free some, or point --image-root at a larger file system (on both hosts)"))
+    memory = remote.mem_available >= need_bytes
+    rows.append(Check("memory", memory,
                       f"{remote.mem_available >> 20} MiB available" +
-                      (f", {need_bytes >> 20} MiB needed" if need_bytes else "")))
+                      (f", {need_bytes >> 20} MiB needed" if need_bytes else "") if memory
+                      else f"not enough memory: {remote.mem_available >> 20} MiB available, "
+                           f"{need_bytes >> 20} MiB needed"))
     return rows, mode, why
 
 
