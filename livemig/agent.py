@@ -226,6 +226,14 @@ class Agent:
                     meters = await pump(await streams.socket_streams(ours), remote)
                 except postcopy.PageStreamError as e:
                     raise AgentFailure(phase, str(e), "\n".join(criu.log_errors(_read(log)))) from None
+                except Exception as e:
+                    # the pipe to CRIU broke (an OSError, maybe in a group): CRIU's log says why
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(2):
+                            await criu_proc.wait()
+                    errors = criu.log_errors(_read(log))
+                    why = errors[0] if errors else (str(e) or type(e).__name__)
+                    raise AgentFailure(phase, f"{what} failed: {why}", "\n".join(errors)) from None
             rc = await criu_proc.wait()
             if rc != 0:
                 raise AgentFailure(phase, f"{what} exited {rc}", "\n".join(criu.log_errors(_read(log))))

@@ -38,8 +38,8 @@ class Migration:
         """what: a PID (a process tree) or a container's name or ID."""
         self.what, self.target, self.options = what, target, options
         self.phase = Phase.PREFLIGHT     # the phase under way: what an error names
-        self.progress = progress or quiet
-        self.ticker = Ticker(self.progress) if progress else None
+        self.ticker = Ticker(progress) if progress else None
+        self.progress = self.ticker.tell if self.ticker else quiet
         self.id = migration_id()
         self.report = Report(pid=what if isinstance(what, int) else 0, source=socket.gethostname(), target=target)
         self.to = TargetSession(target, transport_factory, options, self.id)
@@ -295,13 +295,28 @@ class Migration:
         self.dump = await w.final_dump(local, parent, lazy)
         if streaming:
             self.relay = asyncio.create_task(self._relay_when_connected(self.dump, tok))
-        dumped_at = await w.dumped(self.dump, lazy)
+        try:
+            dumped_at = await w.dumped(self.dump, lazy)
+        except DumpError as e:
+            # CRIU here sees only a broken pipe; the page server there knows why (a full disk...)
+            raise (await self._page_server_failure(e) if streaming else e) from None
         rnd = RoundReport("dump", seconds=dumped_at - self.dump.frozen_at)
         if streaming:
             relayed = await self.relay
             await self.to.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
             rnd.bytes_raw, rnd.bytes_wire = relayed.sent.raw, relayed.sent.wire
         self.report.rounds.append(rnd)
+
+    async def _page_server_failure(self, dump_error: DumpError) -> LivemigError:
+        """The target's page server's own failure, if it failed: the cause of dump_error."""
+        try:
+            async with asyncio.timeout(5):
+                await self.to.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
+        except p.RemoteFailure as e:
+            return remote_error(e, Phase.FINAL_DUMP, self.target)
+        except (Exception, TimeoutError):
+            pass
+        return dump_error
 
     async def _relay_when_connected(self, run: runtimes.DumpRun, tok: str) -> streams.Relay:
         sock = await run.pages()

@@ -20,6 +20,10 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _size(n: float) -> str:
+    return _mib(n) if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def line(e: Event) -> str | None:
     """The line a step gets; None for the events that only move a bar."""
     if isinstance(e, Connecting):
@@ -28,7 +32,7 @@ def line(e: Event) -> str | None:
         return f"mode {e.mode}: {e.reason} ({_mib(e.memory_bytes)} resident)"
     if isinstance(e, Copied):
         what = {"image": "container image", "bundle": "bundle", "images": "dump's image files"}[e.what]
-        return f"{what} sent{f' to {e.host}' if e.host else ''}: {_mib(e.raw)} ({_mib(e.wire)} on the wire)"
+        return f"{what} sent{f' to {e.host}' if e.host else ''}: {_size(e.raw)} ({_size(e.wire)} on the wire)"
     if isinstance(e, RoundDone):
         dirty = "" if e.dirty_rate is None else f"; dirtying {_mib(e.dirty_rate)}/s"
         return (f"round {e.n}: {e.pages} pages, {_mib(e.wire)} sent in {e.seconds:.2f} s at "
@@ -72,10 +76,15 @@ class Live:
 
     def __init__(self, console=None):
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn, TransferSpeedColumn)
+        from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+        from rich.text import Text
+
+        class Rate(ProgressColumn):     # in MiB/s, as the sizes beside it and every line livemig prints
+            def render(self, task) -> Text:
+                return Text("" if task.speed is None else f"{_mib(task.speed)}/s", style="progress.data.speed")
         self.bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                             DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeElapsedColumn(),
+                             DownloadColumn(binary_units=True), Rate(), TimeElapsedColumn(),
                              console=console or Console(stderr=True))
         self.memory = 0          # what a full copy sends: a bar's length
         self.task = None
@@ -102,7 +111,7 @@ class Live:
         self.bars.remove_task(self.task)
         self.task = None
         if self.tell_end:
-            sent = f", {_mib(t.completed)}" if t.completed else ""
+            sent = f", {_mib(t.completed)}" if t.completed >= 2**20 else ""   # not a lazy dump's few images
             self.bars.console.print(f"{t.description}: done in {t.elapsed or 0:.2f} s{sent}", highlight=False)
 
     def __call__(self, e: Event) -> None:

@@ -18,11 +18,18 @@ KEEP = 20
 
 
 def keep(work: Path, image_root: str, name: str) -> Path | None:
-    """Copy every CRIU log under work into <image_root>/logs/<name>; None if there was none."""
+    """Copy every CRIU log under work into <image_root>/logs/<name>; None if there was none,
+    or if they cannot be kept (a full disk: the failure being told may be just that)."""
+    try:
+        return _keep(work, Path(image_root) / "logs", name)
+    except OSError:
+        return None
+
+
+def _keep(work: Path, root: Path, name: str) -> Path | None:
     found = sorted(p for p in work.rglob("*.log") if p.is_file() and not p.is_symlink()) if work.is_dir() else []
     if not found:
         return None
-    root = Path(image_root) / "logs"
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     dest = root / name
     dest.mkdir(mode=0o700, exist_ok=True)

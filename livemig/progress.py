@@ -100,6 +100,13 @@ class Ticker:
     pages_since: float = 0.0
     _t0: float = field(default_factory=time.monotonic)
 
+    def tell(self, event: Event) -> None:
+        """Pass event on, the bytes sent until then first: whoever draws a bar per step
+        counts each byte in the step that sent it."""
+        if not isinstance(event, (Sending, Fetching)) and self.pages is None:
+            self.emit(Sending(self.tally.raw, self.tally.wire, time.monotonic() - self._t0))
+        self.emit(event)
+
     async def run(self) -> None:
         last = (-1, -1)
         while True:

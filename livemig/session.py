@@ -195,7 +195,8 @@ class TargetSession:
 
 def remote_error(e: p.RemoteFailure, phase: str, target: str) -> LivemigError:
     """What the agent could not do, as the error class of the phase it failed in."""
-    cls = {Phase.PREFLIGHT: PreflightError, Phase.FINAL_DUMP: DumpError,
+    # a checkpoint the target could not store (its disk full...) failed like one not taken
+    cls = {Phase.PREFLIGHT: PreflightError, Phase.FINAL_DUMP: DumpError, Phase.TRANSFER: DumpError,
            Phase.RESTORE: RestoreError}.get(e.failed.phase or phase, LivemigError)
     return cls(e.failed.message, phase=e.failed.phase or phase, host=target, detail=e.failed.detail or None)
 

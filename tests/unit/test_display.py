@@ -34,7 +34,7 @@ def test_lines_off_a_terminal_say_each_step_once_and_bytes_at_most_every_few_sec
     assert text[3].startswith("round 1: 131072 pages, 300.0 MiB sent in 2.00 s at 150.0 MiB/s; downtime now "
                               "would be 1200 ms (budget 300 ms)")
     assert "dirtying 5.0 MiB/s" in text[4] and "round 2" in text[4]
-    assert text[5:] == ["final dump...", "dump's image files sent: 0.2 MiB (0.0 MiB on the wire)",
+    assert text[5:] == ["final dump...", "dump's image files sent: 200 KiB (40 KiB on the wire)",
                         "restoring on the target...", "running on the target; its remaining pages follow...",
                         # within `every` seconds no byte count, but the end of post-copy always
                         "post-copy: 400 of 400 pages sent (100%)"]
@@ -85,3 +85,11 @@ async def test_the_ticker_reports_bytes_from_every_stream_then_post_copy_pages()
     assert sending and sending[-1].raw == 100000 and 0 < sending[-1].wire < 100000
     assert [(e.pages, e.total) for e in seen if isinstance(e, Fetching)] == [(3, 10)]   # once: it did not move
     assert streams.tally.get() is None          # and nothing counts once the move is over
+
+
+def test_a_step_is_preceded_by_the_bytes_sent_until_then():
+    seen = []
+    ticker = Ticker(seen.append)
+    ticker.tally.raw, ticker.tally.wire = 5 << 20, 2 << 20
+    ticker.tell(Stepping("restore", "restoring on the target"))
+    assert [type(e).__name__ for e in seen] == ["Sending", "Stepping"] and seen[0].raw == 5 << 20
