@@ -6,7 +6,9 @@ lazy-pages daemon and restore there, and takes data streams on a UNIX socket in
 that directory. It restores the tree stopped and lets it run only when told the
 source is gone (Resume). When the coordinator vanishes before that, it cannot
 tell whether the source was committed away: the restored tree is left stopped,
-never killed, the images are deleted, and a marker file says what was left.
+never killed, the images are deleted, and a marker (ORPHANED.json) says what was
+left, for the source's `livemig recover` to resume or kill through a fresh agent
+(SettleOrphan), by the commit mark the source wrote.
 Post-copy is the exception: a copy that lacks pages dies with its page source,
 whoever vanished (see _settle_lazy and guard.py), since the source's copy, stopped
 and whole, outlives it; a verdict file tells the source's `livemig recover` so.

@@ -121,3 +121,21 @@ def test_the_coordinator_killed_mid_postcopy_then_recover_puts_it_right(lab):
     assert res.stdout.decode().startswith("rolled back: PID 4604, moving to b"), res.stdout
     assert_runs_on_a_whole(lab, work, before)
     lab.run("a", ["kill", str(work.pid)])
+
+
+@pytest.mark.parametrize("sig, code, said", [("INT", 130, "livemig: interrupted: rolled back"),
+                                             ("TERM", 143, "livemig: terminated: rolled back")],
+                         ids=["ctrl-c", "sigterm"])
+def test_interrupted_mid_postcopy_rolls_back_to_the_source(lab, sig, code, said):
+    pid = 4606 if sig == "INT" else 4607
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=pid, port=7806)
+    before = work.query("a")
+    mover, seen = start_move(lab, work)
+    lab.run("a", ["pkill", f"-{sig}", "-f", "livemig move"])
+    _, err = mover.communicate(timeout=120)
+    err = (seen + err).decode()
+    assert mover.returncode == code, err
+    assert said in err and "Traceback" not in err, err
+    # the target's copy lacked pages: it is gone; the source's, whole, runs on
+    assert_runs_on_a_whole(lab, work, before)
+    lab.run("a", ["kill", str(work.pid)])
