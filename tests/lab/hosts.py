@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -185,8 +186,14 @@ def popen(state: State, name: str, argv: list[str], **kw) -> subprocess.Popen:
     """Start argv inside host name. close_fds stays on: a harness fd leaked into a
     workload makes `criu dump` fail (it cannot find that fd's mount)."""
     host = state.host(name)
-    join = (lambda: cgroups.join(list(host.cgroup_procs))) if host.cgroup_procs else None
-    return subprocess.Popen(enter_argv(state, host, argv), preexec_fn=join, **kw)
+
+    def prepare() -> None:
+        # as if typed at a terminal: a harness run in the background (nohup, &) ignores
+        # SIGINT, and a program started with it ignored never sees Ctrl-C
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if host.cgroup_procs:
+            cgroups.join(list(host.cgroup_procs))
+    return subprocess.Popen(enter_argv(state, host, argv), preexec_fn=prepare, **kw)
 
 
 def exec_(state: State, name: str, argv: list[str], *, check: bool = True, input: bytes | None = None,
