@@ -35,6 +35,7 @@ import time
 PAGE = 4096
 TICK = 0.010
 STALL = 0.050
+STALLS_KEPT = 4096
 _BLOCK = random.Random(1234).randbytes(1 << 20)
 _TEXT = (b"livemig memcounter page -- " * 200)[: PAGE // 2]
 
@@ -98,7 +99,9 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
         now = time.time()
         if now - last > STALL:
             stalls.append([round(last, 6), round(now, 6)])
-            del stalls[:-16]
+            # Enough to span a whole move: a post-copy that keeps faulting stalls hundreds of
+            # times after the resume, and 16 (as it was) lost the move's own stall among them.
+            del stalls[:-STALLS_KEPT]
         last = now
         counter += 1
         carry += per_tick
