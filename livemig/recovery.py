@@ -234,7 +234,8 @@ async def _settle_postcopy(work: Path, rec: Record, connect, options, target_los
         return "moved", ("the target's copy has every page and runs; the source's copy is gone"
                          + "".join(f"; {w}" for w in warnings)), True
     # "killed", or "none": the target never held a copy that could run
-    await c.resume()
+    if not rec.source_resumed:      # a rollback the target did not hear resumed it already
+        await c.resume()
     return "rolled back", ("the target's copy is gone " + (f"({detail}); " if detail else "; ")
                            + "the workload runs here again, from its final dump"), True
 
