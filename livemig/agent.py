@@ -30,10 +30,10 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, bundle, criu, host, logs, postcopy, proc, protocol as p, streams
+from . import __version__, bundle, criu, host, logs, postcopy, proc, protocol as p, recovery, streams
 from . import runtimes
 from .runtimes import oci, podman
-from .errors import Phase
+from .errors import LivemigError, Phase
 
 DEFAULT_ROOT = "/var/lib/livemig"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -541,9 +541,10 @@ class Agent:
             if d.is_dir():
                 shutil.rmtree(d, ignore_errors=True)
         pids = [pid for root in self.restored for pid in host.process_tree(root)]
-        Orphan(self._what_restored(), [(pid, host.start_time(pid) or 0) for pid in pids],
-               [(c.runtime, c.id) for c in self.containers],
-               str(self.created_tree) if self.created_tree else "").save(self.work)
+        c = self.containers[0] if self.containers else None      # a move restores one (replicas never hold it)
+        Orphan(self._what_restored(), recovery.HeldCopy(
+            c.runtime if c else "process", [(pid, host.start_time(pid) or 0) for pid in pids], c.id if c else "",
+            str(self.created_tree) if self.created_tree else "")).save(self.work)
         print(f"livemig agent: the coordinator vanished; restored {self._what_restored()} left "
               f"stopped (see {self.work / ORPHAN}; `livemig recover` on the source settles it)", file=sys.stderr)
 
@@ -556,21 +557,17 @@ class Agent:
             # resumed before its coordinator vanished (that verdict is written at Resume)?
             running = self.verdicts.read(mid)[0] == "running"
             return p.OrphanSettled("running" if running else "none")
-        alive = host.named(orphan.pids)
-        for runtime, ident in orphan.containers:
-            res = await proc.run(runtimes.control(p.Container(runtime, ident, ""), "resume" if msg.resume else
-                                                  "delete"), check=False, timeout=60)
-            if res.returncode != 0 and msg.resume:
-                raise AgentFailure(Phase.COMMIT, f"cannot resume {runtime} container {ident}: {proc.why(res.stderr)}")
-        if not orphan.containers:
-            host.signal_tree(alive if msg.resume else list(reversed(alive)),
-                             signal.SIGCONT if msg.resume else signal.SIGKILL)
-        if orphan.tree and not msg.resume:      # the bundle this move brought here
-            shutil.rmtree(orphan.tree, ignore_errors=True)
+        warnings = []
         if msg.resume:
+            try:
+                await orphan.copy.resume()
+            except LivemigError as e:
+                raise AgentFailure(Phase.COMMIT, f"cannot resume {orphan.what}: {e}") from None
             self.verdicts.write(mid, "running")
+        else:
+            warnings = await orphan.copy.end()     # its bundle with it
         shutil.rmtree(work, ignore_errors=True)
-        return p.OrphanSettled("resumed" if msg.resume else "killed", orphan.what)
+        return p.OrphanSettled("resumed" if msg.resume else "killed", "; ".join([orphan.what, *warnings]))
 
 
 ORPHAN = "ORPHANED.json"
@@ -579,21 +576,17 @@ ORPHAN = "ORPHANED.json"
 @dataclasses.dataclass
 class Orphan:
     """A restored copy left stopped because the coordinator vanished between the restore
-    and the resume: what `livemig recover`, through SettleOrphan, resumes or kills."""
+    and the resume: what `livemig recover`, through SettleOrphan, resumes or ends."""
     what: str
-    pids: list[tuple[int, int]]           # every process of it: (PID, start time)
-    containers: list[tuple[str, str]]     # (runtime, name): the runtime resumes or deletes them
-    tree: str = ""                        # a container's bundle, copied here by this move
+    copy: recovery.HeldCopy          # its bundle, if this move brought it here, goes with it
 
     def save(self, work: Path) -> None:
-        fd = os.open(work / ORPHAN, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(dataclasses.asdict(self), f)
+        recovery.write_private(work / ORPHAN, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, work: Path) -> "Orphan":
         d = json.loads((work / ORPHAN).read_text())
-        return cls(d["what"], [tuple(x) for x in d["pids"]], [tuple(x) for x in d["containers"]], d.get("tree", ""))
+        return cls(d["what"], recovery.HeldCopy.from_dict(d["copy"]))
 
 
 class Verdicts:

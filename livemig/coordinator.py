@@ -57,7 +57,7 @@ class Migration:
         self.record: recovery.Record | None = None    # kept on disk while post-copy may fail
         self.finished = False      # the agent was told the end (Finish)
         self.keep_record = False   # the target did not hear the rollback: recover finishes it
-        self.original: recovery.SourceCopy | None = None
+        self.original: recovery.HeldCopy | None = None
 
     # --- the whole ---------------------------------------------------------------------------
     async def run(self) -> Report:
@@ -123,7 +123,7 @@ class Migration:
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.pid = w.root_pid
         pids = w.pids()
-        self.original = recovery.SourceCopy.of(w)    # to tell, on failure, whether it exited by itself
+        self.original = recovery.HeldCopy.of(w)    # to tell, on failure, whether it exited by itself
         memory = host.resident_bytes(pids)
         self.spec = target_spec(w, self.options.name)
         local, remote = await self._probe_both(pids if w.kind == "process" else [], self.spec)

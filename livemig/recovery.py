@@ -30,16 +30,32 @@ RECORD = "RECOVER.json"
 start_time = host.start_time
 
 
+def write_private(path: Path, data: dict) -> None:
+    """data as JSON into path, readable by root alone, on disk before this returns: what a
+    host must still know after livemig is killed outright."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @dataclass
-class SourceCopy:
-    """The workload as the source still holds it: stopped (a tree) or paused (a container)."""
+class HeldCopy:
+    """The workload as one host holds it, stopped (a tree) or paused (a container), to
+    resume or to end: the source's copy after its final dump, or a target's restored copy
+    that its coordinator never resumed (the agent's Orphan)."""
     runtime: str                                   # "process", or the container's runtime
     pids: list[tuple[int, int]] = field(default_factory=list)   # (PID, start time)
     container: str = ""
-    bundle: str = ""        # its bundle, copied to the target: it goes when the copy does
+    bundle: str = ""        # its bundle, copied to the other host: it goes when the copy does
 
     @classmethod
-    def of(cls, workload, bundle_moves: bool = False) -> "SourceCopy":
+    def from_dict(cls, d: dict) -> "HeldCopy":
+        return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""))
+
+    @classmethod
+    def of(cls, workload, bundle_moves: bool = False) -> "HeldCopy":
         pids = [(pid, t) for pid in workload.pids() if (t := start_time(pid)) is not None]
         return cls(workload.kind, pids, "" if workload.kind == "process" else workload.name,
                    str(workload.bundle()) if bundle_moves else "")
@@ -97,7 +113,7 @@ class Record:
     directory if its coordinator vanished."""
     migration_id: str
     target: str
-    source_copy: SourceCopy
+    source_copy: HeldCopy
     coordinator: tuple[int, int]      # the livemig move that wrote it: (PID, start time)
     lazy: bool = True                 # post-copy: the target's verdict decides who runs on
     committed: bool = False           # stop-and-copy: the source's copy was given up (saved
@@ -105,24 +121,18 @@ class Record:
     source_resumed: bool = False      # recover ran it again; the target's stopped copy may remain
 
     def save(self, work: Path) -> None:
-        fd = os.open(work / RECORD, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(dataclasses.asdict(self), f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_private(work / RECORD, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> "Record":
         d = json.loads(path.read_text())
-        copy = d.pop("source_copy")
-        return cls(source_copy=SourceCopy(copy["runtime"], [tuple(x) for x in copy["pids"]], copy["container"],
-                                          copy.get("bundle", "")),
+        return cls(source_copy=HeldCopy.from_dict(d.pop("source_copy")),
                    coordinator=tuple(d.pop("coordinator")), **d)
 
     @classmethod
     def mine(cls, migration: str, target: str, workload, lazy: bool, bundle_moves: bool = False) -> "Record":
         me = os.getpid()
-        return cls(migration, target, SourceCopy.of(workload, bundle_moves), (me, start_time(me) or 0), lazy)
+        return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, start_time(me) or 0), lazy)
 
     def coordinator_alive(self) -> bool:
         pid, t = self.coordinator

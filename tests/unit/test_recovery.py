@@ -20,7 +20,7 @@ def record(root, n: int, coordinator=(999_999_999, 1)) -> recovery.Record:
     work = root / f"2026-{n}-source"
     work.mkdir()
     (work / "final").mkdir()        # images a killed coordinator left behind
-    rec = recovery.Record(f"2026-{n}", "b", recovery.SourceCopy("process", [(4242, 7)]), coordinator)
+    rec = recovery.Record(f"2026-{n}", "b", recovery.HeldCopy("process", [(4242, 7)]), coordinator)
     rec.save(work)
     return rec
 
@@ -35,8 +35,8 @@ def acted(monkeypatch):
     async def end(self):
         done.append("end")
         return []
-    monkeypatch.setattr(recovery.SourceCopy, "resume", resume)
-    monkeypatch.setattr(recovery.SourceCopy, "end", end)
+    monkeypatch.setattr(recovery.HeldCopy, "resume", resume)
+    monkeypatch.setattr(recovery.HeldCopy, "end", end)
     return done
 
 
@@ -111,16 +111,16 @@ async def test_target_lost_resumes_the_source_without_asking(root, acted, monkey
 def test_a_source_copy_acts_only_on_the_processes_it_recorded():
     # a PID reused by another process (another start time) is never signalled
     me = os.getpid()
-    copy = recovery.SourceCopy("process", [(me, recovery.start_time(me) + 1)])
+    copy = recovery.HeldCopy("process", [(me, recovery.start_time(me) + 1)])
     assert copy._alive() == []
-    assert recovery.SourceCopy("process", [(me, recovery.start_time(me))])._alive() == [me]
+    assert recovery.HeldCopy("process", [(me, recovery.start_time(me))])._alive() == [me]
 
 
 # --- stop-and-copy: the commit mark decides --------------------------------------------------
 def stopcopy_record(root, committed: bool) -> recovery.Record:
     work = root / "2026-9-source"
     work.mkdir()
-    rec = recovery.Record("2026-9", "b", recovery.SourceCopy("process", [(4242, 7)]), (999_999_999, 1),
+    rec = recovery.Record("2026-9", "b", recovery.HeldCopy("process", [(4242, 7)]), (999_999_999, 1),
                           lazy=False, committed=committed)
     rec.save(work)
     return rec
@@ -140,7 +140,7 @@ def orphan_answers(monkeypatch, *states, source_exists=False):
     async def exists(self):
         return source_exists
     monkeypatch.setattr(recovery, "_ask_agent", ask_agent)
-    monkeypatch.setattr(recovery.SourceCopy, "exists", exists)
+    monkeypatch.setattr(recovery.HeldCopy, "exists", exists)
     answers(monkeypatch)    # forget_verdict: recorded, not sent
     return asked
 
