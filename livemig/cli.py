@@ -65,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--dry-run", action="store_true",
                     help="run the preflight, measure the link, print the plan (mode and why, expected "
                          "rounds and downtime) and stop: nothing is dumped or changed")
-    mv.add_argument("--json", action="store_true", help="print only the report, as JSON")
-    mv.add_argument("-v", "--verbose", "--debug", action="store_true", dest="verbose",
-                    help="on failure, also print the lines of CRIU's logs that explain it")
+    _report_flags(mv)
 
     cl = sub.add_parser("clone", help="start running replicas of a podman container on other hosts",
                         usage="livemig clone [options] CTR HOST [HOST...]",
@@ -85,9 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
     cl.add_argument("--force", action="store_true", help="go on past must-match mismatches, as for move")
     cl.add_argument("--image-root")
-    cl.add_argument("--json", action="store_true", help="print only the report, as JSON")
-    cl.add_argument("-v", "--verbose", "--debug", action="store_true", dest="verbose",
-                    help="on failure, also print the lines of CRIU's logs that explain it")
+    _report_flags(cl)
 
     ck = sub.add_parser("check", help="run the preflight checks against a host, touching nothing",
                         epilog="example:\n  livemig check host-b", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("agent", help="the target side, started by `livemig move` over ssh")
     ag.add_argument("--image-root", default="/var/lib/livemig")
     return ap
+
+
+def _report_flags(sub: argparse.ArgumentParser) -> None:
+    """What a command that reports (move, clone) prints, and how much on failure."""
+    sub.add_argument("--json", action="store_true", help="print only the report, as JSON")
+    sub.add_argument("-v", "--verbose", "--debug", action="store_true", dest="verbose",
+                     help="on failure, also print the lines of CRIU's logs that explain it")
 
 
 def main(argv: list[str] | None = None) -> int:
