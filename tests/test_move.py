@@ -116,6 +116,18 @@ def test_a_failed_restore_rolls_back_and_the_source_goes_on(lab):
     report = json.loads(res.stdout)
     assert report["outcome"] == "rolled back" and report["failed_phase"] == "restore"
     assert_still_on_source(lab, work, before)     # nothing of it on b but the squatter
+    # CRIU's logs outlive the images, on both hosts, private; the report says where
+    [(h1, here), (h2, there)] = [x.split(":", 1) for x in report["logs"]]
+    assert (h1, h2) == ("a", "b") and here.endswith("-source") and there.endswith("-target")
+    assert "final-dump.log" in lab.text("a", ["ls", here]).split()
+    assert "final-restore.log" in lab.text("b", ["ls", there]).split()
+    assert lab.text("b", ["stat", "-c", "%a", there, f"{there}/final-restore.log"]).split() == ["700", "600"]
+    # and -v prints what in them explains it
+    res = lab.run("a", ["livemig", "move", "-v", "--mode", "stopcopy", "--pid", str(work.pid), "b"], check=False,
+                  timeout=600)
+    err = res.stderr.decode()
+    assert res.returncode == 6 and "CRIU's logs: a:/var/lib/livemig/logs/" in err, err
+    assert "final-dump.log: " in err and "-v prints" not in err, err
     lab.run("a", ["kill", str(work.pid)])
     lab.run("b", ["kill", str(squatter.pid)])
 
