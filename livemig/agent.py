@@ -1,9 +1,9 @@
 """The target side: `livemig agent`, started by the coordinator over SSH.
 
 It speaks the framed protocol (protocol.py) on its stdin/stdout, keeps every
-image in a private directory (0700) of its own, runs CRIU's page servers,
-lazy-pages daemon and restore there, and takes data streams on a UNIX socket in
-that directory. It restores the tree stopped and lets it run only when told the
+image in a private directory (0700) of its own, runs CRIU's page servers and
+restore there, places post-copy's pages itself (placer.py), and takes data
+streams on a UNIX socket in that directory. It restores the tree stopped and lets it run only when told the
 source is gone (Resume). When the coordinator vanishes before that, it cannot
 tell whether the source was committed away: the restored tree is left stopped,
 never killed, the images are deleted, and a marker (ORPHANED.json) says what was
@@ -30,7 +30,8 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, bundle, criu, host, logs, postcopy, proc, protocol as p, recovery, streams
+from . import __version__, bundle, criu, host, logs, pagemap, placer, postcopy, proc, protocol as p, recovery, \
+    streams
 from . import runtimes
 from .runtimes import oci, podman
 from .errors import LivemigError, Phase
@@ -62,9 +63,9 @@ class Agent:
         self.streams: dict[str, asyncio.Future] = {}
         self.page_servers: dict[str, asyncio.Task] = {}
         self.lazy: asyncio.Task | None = None
-        self.lazy_server: postcopy.Server | None = None
+        self.placer: placer.Placer | None = None
         self.guard = None                           # guard.py, during post-copy
-        self.guard_pipe = None
+        self.guard_socket: socket.socket | None = None
         self.restored: list[int] = []               # the root PIDs of what was restored here
         self.containers: list[p.Container] = []     # restored through their runtime (a clone: several)
         self.created_tree: Path | None = None       # a bundle this migration brought here
@@ -218,16 +219,13 @@ class Agent:
         return p.PageServerDone(msg.dir, meters.received.wire, meters.received.raw)
 
     async def _relay_criu(self, token: str, ours: socket.socket, criu_proc, phase: str, what: str,
-                          log: Path, pump=streams.relay, on_failure=None):
-        """pump(CRIU's end of a socketpair, data stream token) until both sides close
-        (by default, a plain relay); then CRIU must exit 0, or its log explains why not.
-        on_failure(why) runs before CRIU is killed."""
+                          log: Path):
+        """Relay CRIU's end of a socketpair and data stream token until both sides close;
+        then CRIU must exit 0, or its log explains why not."""
         try:
             async with self.stream(token) as remote:
                 try:
-                    meters = await pump(await streams.socket_streams(ours), remote)
-                except postcopy.PageStreamError as e:
-                    raise AgentFailure(phase, str(e), "\n".join(criu.log_errors(_read(log)))) from None
+                    meters = await streams.relay(await streams.socket_streams(ours), remote)
                 except Exception as e:
                     # the pipe to CRIU broke (an OSError, maybe in a group): CRIU's log says why
                     with contextlib.suppress(TimeoutError):
@@ -240,12 +238,6 @@ class Agent:
             if rc != 0:
                 raise AgentFailure(phase, f"{what} exited {rc}", "\n".join(criu.log_errors(_read(log))))
             return meters
-        except BaseException as e:
-            if on_failure is not None:
-                # CRIU still runs: a lazy-pages daemon keeps the pages a copy lacks blocking
-                # rather than reading as zeros
-                await on_failure(str(e) or type(e).__name__)
-            raise
         finally:
             await proc.kill(criu_proc)
             ours.close()
@@ -313,7 +305,7 @@ class Agent:
         for task in self.page_servers.values():
             await task   # every page is stored before CRIU reads them
         if msg.lazy_stream:
-            await self._start_lazy_pages(d, msg.lazy_stream, msg.fault_stream)
+            await self._start_placer(d, msg.lazy_stream, msg.fault_stream)
         pidfile = self.work / f"restored-{len(self.restored)}.pid"
         self.holds_workload |= not msg.replica
         c, lazy = msg.container, bool(msg.lazy_stream)
@@ -357,77 +349,73 @@ class Agent:
                                "\n".join(errors))
         return p.Restored(self.restored[-1] if self.restored else 0, seconds)
 
-    async def _start_lazy_pages(self, d: Path, token: str, faults: str | None) -> None:
-        ours, theirs = socket.socketpair()
-        status_r, status_w = os.pipe()
+    async def _start_placer(self, d: Path, token: str, faults: str | None) -> None:
+        """Post-copy's target side (placer.py): listening before CRIU's restore looks for it."""
         try:
-            daemon = await proc.start(criu.lazy_pages(str(d), theirs.fileno(), status_w),
-                                      stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno(), status_w])
-        finally:
-            theirs.close()
-            os.close(status_w)
+            ranges = pagemap.lazy_ranges(d)
+        except (OSError, pagemap.PagemapError) as e:
+            raise AgentFailure(Phase.RESTORE, f"cannot read the dump's pagemaps: {e}") from None
         # Before anything is restored: from here on `livemig recover` finds a verdict.
         self.verdicts.write(self.work.name, "serving")
-        self.lazy_server = postcopy.Server()
-        await self._start_guard(ours)
-        self.lazy = asyncio.create_task(self._lazy_pages(d, token, faults, ours, daemon))
-        # CRIU writes to its status fd once the daemon listens for the restore.
-        ready = await asyncio.to_thread(os.read, status_r, 1)
-        os.close(status_r)
-        if not ready:
-            raise AgentFailure(Phase.RESTORE, "criu lazy-pages did not start",
-                               "\n".join(criu.log_errors(_read(d / "lazy-pages.log"))))
+        await self._start_guard()
+        self.placer = placer.Placer(d, ranges, on_uffd=lambda fd: self._tell_guard("uffd", fds=[fd]))
+        self.placer.listen()
+        self.lazy = asyncio.create_task(self._place_pages(token, faults))
 
-    async def _start_guard(self, ours: socket.socket) -> None:
-        """guard.py: should this agent die during post-copy, its copy dies before the daemon."""
-        control_r, control_w = os.pipe()
-        held = os.dup(ours.fileno())
+    async def _start_guard(self) -> None:
+        """guard.py: should this agent die during post-copy, its copy dies before its uffds."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # Its output goes nowhere: it must outlive us and the SSH session's pipes. What
             # it did, it writes in the verdict.
             self.guard = await proc.start(
-                [sys.executable, "-m", "livemig.guard", str(control_r), str(held),
-                 str(self.verdicts.root), self.work.name],
+                [sys.executable, "-m", "livemig.guard", str(theirs.fileno()), str(self.verdicts.root),
+                 self.work.name],
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                pass_fds=[control_r, held], new_session=True)
+                pass_fds=[theirs.fileno()], new_session=True)
         finally:
-            os.close(control_r)
-            os.close(held)
-        self.guard_pipe = os.fdopen(control_w, "w", buffering=1)
+            theirs.close()
+        self.guard_socket = ours
 
-    def _tell_guard(self, *words: str) -> None:
-        if self.guard_pipe is not None:
-            self.guard_pipe.write(" ".join(words) + "\n")
+    def _tell_guard(self, *words: str, fds: list[int] = ()) -> None:
+        if self.guard_socket is not None:
+            socket.send_fds(self.guard_socket, [" ".join(words).encode()], list(fds))
             if words == ("done",):
-                self.guard_pipe.close()
-                self.guard_pipe = None
+                self.guard_socket.close()
+                self.guard_socket = None
 
-    async def _lazy_pages(self, d: Path, token: str, faults: str | None, ours: socket.socket,
-                          daemon) -> p.LazyDone:
-        server = self.lazy_server
-
-        async def serve(daemon_side, remote) -> postcopy.Served:
-            async with self.stream(faults) if faults else contextlib.nullcontext() as fault_stream:
-                return await server.run(daemon_side, remote, fault_stream)
-        served = await self._relay_criu(token, ours, daemon, Phase.POSTCOPY, "criu lazy-pages",
-                                        d / "lazy-pages.log", serve, on_failure=self._settle_lazy)
+    async def _place_pages(self, token: str, faults: str | None) -> p.LazyDone:
+        try:
+            async with self.stream(token) as remote, \
+                    self.stream(faults) if faults else contextlib.nullcontext() as fault_stream:
+                served = await self.placer.run(remote, fault_stream)
+        except BaseException as e:
+            await self._settle_lazy(str(e) or type(e).__name__)
+            if isinstance(e, postcopy.PageStreamError):
+                raise AgentFailure(Phase.POSTCOPY, str(e)) from None
+            if isinstance(e, OSError):
+                raise AgentFailure(Phase.POSTCOPY, f"post-copy failed: {e}") from None
+            raise
         self.verdicts.write(self.work.name, "whole")
         await self._release_guard()
+        self.placer.close()      # after the guard: a fault on a never-written page still finds us
         return p.LazyDone(served.pages_served, served.requests, served.requests_waited)
 
     async def _settle_lazy(self, why: str) -> None:
         """Post-copy ends before its time. The copy runs on only if it is whole and already
         running; anything else goes, and the source's copy, stopped since the final dump,
-        is the workload."""
-        if self.lazy_server.closed and self.resumed:
+        is the workload. Its uffds are let go only once it is dead or whole."""
+        if self.placer.whole and self.resumed:
             self.verdicts.write(self.work.name, "whole")
         else:
             await self._kill_restored(even_running=True)
             self.verdicts.write(self.work.name, "killed", f"post-copy ended before every page was here: {why}")
         await self._release_guard()
+        self.placer.close()
 
     async def _release_guard(self) -> None:
-        self._tell_guard("done")
+        with contextlib.suppress(OSError):     # a guard already gone has nothing to let go
+            self._tell_guard("done")
         if self.guard is not None:
             await self.guard.wait()
             self.guard = None
@@ -464,8 +452,8 @@ class Agent:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
         self.resumed = True
-        if self.lazy_server is not None:
-            self.lazy_server.resumed()
+        if self.placer is not None:
+            self.placer.resumed()
         elif self.holds_workload:
             # should the coordinator vanish now, `livemig recover` learns the copy here runs
             self.verdicts.write(self.work.name, "running")

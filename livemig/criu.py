@@ -99,11 +99,6 @@ def page_server(images: str, ps_fd: int, parent: str | None) -> list[str]:
     return argv
 
 
-def lazy_pages(images: str, ps_fd: int, status_fd: int) -> list[str]:
-    return ["criu", "lazy-pages", "-D", images, "-o", "lazy-pages.log", "--page-server",
-            "--ps-socket", str(ps_fd), "--status-fd", str(status_fd)]
-
-
 def restore(images: str, pidfile: str, *, lazy: bool, opts: Options) -> list[str]:
     """Restore detached and stopped: the tree runs only once the source is gone (Resume)."""
     argv = ["criu", "restore", "-D", images, "-o", "restore.log", "--restore-detached",

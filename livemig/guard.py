@@ -1,24 +1,24 @@
 """The target's last line of defence in post-copy: if the agent dies, its copy dies first.
 
-A copy restored with lazy pages reads every page it lacks from CRIU's lazy-pages
-daemon; when the daemon goes, the kernel fills those pages with zeros, and the
-copy runs on corrupted, silently. The agent kills an incomplete copy before it
-lets the daemon go (agent._settle_lazy), but an agent killed outright cannot. So
-the agent starts this guard beside the daemon. It holds a duplicate of the
-agent's end of the daemon's socket, so that the daemon never sees that end close
-while the guard lives, and a pipe from the agent that tells it what was restored.
-When the pipe ends without "done" (the agent is gone), it kills what it was told
-of, records the verdict "killed" for the source, deletes the agent's images, and
-only then exits, which lets the daemon go.
+A copy restored with lazy pages waits, on every page it lacks, for whoever holds its
+userfaultfd to place it (placer.py). Once the last descriptor of a uffd closes, the
+kernel fills those pages with zeros, and the copy runs on corrupted, silently. The agent
+kills an incomplete copy before it lets its uffds go (agent._settle_lazy), but an agent
+killed outright cannot. So the agent starts this guard before the restore, and sends it
+a duplicate of every uffd it receives: while the guard lives, a fault in the copy waits
+rather than reads zeros. When the guard's socket ends without "done" (the agent is gone),
+it kills what it was told of, records the verdict "killed" for the source, deletes the
+agent's images, and only then exits, which lets the uffds go.
 
-The pipe carries lines: "pidfile PATH" (a tree restored by CRIU, its root's PID
-in PATH once written), "container RUNTIME ID", "done".
+The socket (SOCK_SEQPACKET) carries one line per message: "pidfile PATH" (a tree
+restored by CRIU, its root's PID in PATH once written), "container RUNTIME ID", "uffd"
+(the descriptor rides along), "done".
 """
 
 from __future__ import annotations
 
-import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +43,14 @@ def kill_container(runtime: str, cid: str) -> None:
 
 def guard(control_fd: int, root: str, migration_id: str) -> int:
     told: list[list[str]] = []
-    with os.fdopen(control_fd, "r") as pipe:
-        for line in pipe:
-            words = line.split()
+    held: list[int] = []     # the uffds: never read, only kept open
+    with socket.socket(fileno=control_fd) as control:
+        while True:
+            msg, fds, _, _ = socket.recv_fds(control, 4096, 16)
+            held += fds
+            if not msg:
+                break
+            words = msg.decode(errors="replace").split()
             if words == ["done"]:
                 return 0
             if words:
@@ -57,12 +62,11 @@ def guard(control_fd: int, root: str, migration_id: str) -> int:
             kill_container(words[1], words[2])
     from .agent import Verdicts
     Verdicts(Path(root)).write(migration_id, "killed", "the agent died during post-copy; its guard "
-                               "killed the copy before the lazy-pages daemon could go")
+                               "killed the copy before its missing pages could read as zeros")
     shutil.rmtree(Path(root) / migration_id, ignore_errors=True)    # the dead agent's images
     return 0
 
 
 if __name__ == "__main__":
-    # argv: the control pipe's fd, the daemon socket's duplicate fd (held, never read), the
-    # image root and the migration's ID (where the verdict goes)
-    sys.exit(guard(int(sys.argv[1]), sys.argv[3], sys.argv[4]))
+    # argv: the control socket's fd, the image root and the migration's ID (where the verdict goes)
+    sys.exit(guard(int(sys.argv[1]), sys.argv[2], sys.argv[3]))

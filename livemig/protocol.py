@@ -207,16 +207,16 @@ class AwaitLazy:
 @message
 class LazyDone:
     """Post-copy: every page has arrived; the target no longer depends on the source."""
-    pages_fetched: int            # handed to the lazy-pages daemon
-    requests: int = 0             # the daemon's requests
-    requests_waited: int = 0      # requests whose first page had not arrived yet
+    pages_fetched: int            # placed in the copy
+    requests: int = 0             # the copy's page faults
+    requests_waited: int = 0      # faults whose page had to be asked for
 
 
 @message
 class SettlePostcopy:
     """Post-copy failed on the source's side: end it now. A copy that has every page runs
-    on; one that lacks pages is killed (before the lazy-pages daemon goes, so that it never
-    reads a missing page as zeros)."""
+    on; one that lacks pages is killed (before its uffds are let go, so that it never reads
+    a missing page as zeros)."""
 
 
 @message

@@ -52,11 +52,11 @@ class Report:
     downtime_seconds: float = 0.0  # source frozen -> target running
     total_seconds: float = 0.0
     target_pid: int = 0
-    postcopy_pages: int = 0          # pages the target's lazy-pages daemon took after the resume
+    postcopy_pages: int = 0          # pages placed in the target's copy after the resume
     postcopy_seconds: float = 0.0    # target running -> it had every page
-    postcopy_pages_on_demand: int = 0    # sent ahead of the address order, because a request waited
-    postcopy_requests: int = 0       # the lazy-pages daemon's requests (faults and its own fetches)
-    postcopy_requests_waited: int = 0    # of those, found their first page not yet there
+    postcopy_pages_on_demand: int = 0    # sent ahead of the push's order, because a fault waited
+    postcopy_requests: int = 0       # the copy's page faults
+    postcopy_requests_waited: int = 0    # of those, waited for their page to be asked for
     source_peak_rss_bytes: int = 0   # the livemig process here, at its peak
     source_cpu_seconds: float = 0.0  # livemig here and what it ran (CRIU, the runtime)
     warnings: list[str] = field(default_factory=list)
@@ -91,7 +91,7 @@ class Report:
             mib = self.postcopy_pages * 4096 / 2**20
             lines.append(f"  post-copy: {mib:.1f} MiB in {self.postcopy_seconds:.2f} s after the resume "
                          f"({mib / self.postcopy_seconds:.0f} MiB/s); {self.postcopy_requests_waited} of "
-                         f"{self.postcopy_requests} requests waited, {self.postcopy_pages_on_demand} pages "
+                         f"{self.postcopy_requests} faults waited, {self.postcopy_pages_on_demand} pages "
                          "sent on demand")
         return "\n".join(lines + _closing(self.warnings, self.error, self.failed_phase or "migration"))
 

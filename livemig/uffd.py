@@ -1,16 +1,13 @@
-"""userfaultfd from Python: what a post-copy page placer of livemig's own needs (issue 9).
+"""userfaultfd from Python: the kernel's side of post-copy's page placer (placer.py).
 
-CRIU's lazy-pages daemon asks its page server for one page per fault and spins while it
-waits, so a workload that keeps faulting gets its memory at a few hundred pages a second.
-QEMU's post-copy does better by placing pages as they arrive: every page the source
-pushes is copied into the process at once (UFFDIO_COPY), and only pages touched before
-they arrive fault. This module is the kernel side of that: a uffd's events, and copying
-pages into the process it belongs to. The restore hands each task's uffd over on
-CRIU's lazy-pages socket; the uffd is already registered for the task's lazy ranges.
+A uffd's events (faults, and the forks, moves and removals of the memory it covers), and
+placing pages into the process it belongs to. CRIU's restore creates one per task and
+registers the task's lazy ranges with it before handing it over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -29,8 +26,10 @@ def _iowr(nr: int, size: int, read_only: bool = False) -> int:
 UFFD_API = 0xAA
 UFFDIO_API = _iowr(0x3F, 24)          # struct uffdio_api {api, features, ioctls}
 UFFDIO_REGISTER = _iowr(0x00, 32)     # struct uffdio_register {start, len, mode, ioctls}
+UFFDIO_UNREGISTER = _iowr(0x01, 16, read_only=True)   # struct uffdio_range {start, len}
 UFFDIO_WAKE = _iowr(0x02, 16, read_only=True)
 UFFDIO_COPY = _iowr(0x03, 40)         # struct uffdio_copy {dst, src, len, mode, copy}
+UFFDIO_ZEROPAGE = _iowr(0x04, 32)     # struct uffdio_zeropage {start, len, mode, zeropage}
 REGISTER_MODE_MISSING = 1
 
 _MSG = struct.Struct("<B3xI24s")      # struct uffd_msg: event, reserved, the event's arguments
@@ -97,37 +96,106 @@ def read_events(fd: int) -> list[Event]:
 
 
 class Gone(Exception):
-    """The process behind the uffd has exited (or the range is no longer there)."""
+    """The process behind the uffd has exited."""
 
 
-def copy(fd: int, address: int, pages: bytes | bytearray | memoryview) -> int:
-    """Place pages at address in the uffd's process, waking whoever waits on them. The
-    number of bytes placed: 0 if they were there already (a fault's copy came first)."""
-    n = len(pages)
-    buf = (ctypes.c_char * n).from_buffer_copy(pages)
+class Busy(Exception):
+    """The process's memory map is changing (a fork, mremap, munmap or madvise): the uffd
+    has an event to be read first, after which the same call goes through."""
+
+    def __init__(self, done: int = 0):
+        super().__init__("the memory map is changing")
+        self.done = done     # bytes of the data dealt with (placed or skipped) before it said so
+
+
+def _copy(fd: int, address: int, data) -> tuple[int, int]:
+    """One UFFDIO_COPY: (bytes placed, the errno that stopped it, or 0)."""
+    n = len(data)
+    buf = (ctypes.c_char * n).from_buffer_copy(data)
     arg = bytearray(struct.pack("<QQQQq", address, ctypes.addressof(buf), n, 0, 0))
     try:
         fcntl.ioctl(fd, UFFDIO_COPY, arg, True)
+        return n, 0
     except OSError as e:
-        if e.errno == errno.EEXIST:
-            return 0
-        if e.errno in (errno.ENOENT, errno.ESRCH):
-            raise Gone(str(e)) from None
-        raise
-    return struct.unpack_from("<q", arg, 32)[0]
+        done = struct.unpack_from("<q", arg, 32)[0]
+        return max(done, 0), e.errno
+
+
+def _stop(err: int, done: int) -> None:
+    if err == errno.EAGAIN:
+        raise Busy(done)
+    if err in (errno.ESRCH, errno.ENOSPC):    # ENOSPC: newer kernels, once the mm is gone
+        raise Gone(os.strerror(err))
+    raise OSError(err, os.strerror(err))
+
+
+def place(fd: int, address: int, data) -> int:
+    """Copy data's pages to address in the uffd's process, waking whoever waits on them;
+    bytes placed. A page there already (EEXIST: a fault's copy came first, or a child
+    inherited it) or no longer mapped (ENOENT: unmapped, or beyond the end of its VMA, as a
+    run that spans two VMAs is, which the kernel refuses whole) is skipped, one page at a
+    time where the run as a whole was refused. Raises Busy or Gone."""
+    data = memoryview(data)
+    off = placed = 0
+    while off < len(data):
+        done, err = _copy(fd, address + off, data[off:])
+        off, placed = off + done, placed + done
+        if not err:
+            break
+        if err == errno.EAGAIN and done:
+            continue           # what the kernel says of a copy cut short: the rest, again
+        if err in (errno.EEXIST, errno.ENOENT):
+            one, err = _copy(fd, address + off, data[off:off + PAGE])
+            if err and err not in (errno.EEXIST, errno.ENOENT):
+                _stop(err, off)
+            off, placed = off + PAGE, placed + one
+            continue
+        _stop(err, off)
+    return placed
+
+
+def zero(fd: int, address: int, length: int = PAGE) -> None:
+    """Map zeros where nothing was ever written (a page the image does not have)."""
+    arg = bytearray(struct.pack("<QQQq", address, length, 0, 0))
+    try:
+        fcntl.ioctl(fd, UFFDIO_ZEROPAGE, arg, True)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOENT):
+            _stop(e.errno, 0)
+
+
+def wake(fd: int, address: int, length: int = PAGE) -> None:
+    """Wake threads waiting on pages that are there (placed while their fault was queued)."""
+    with contextlib.suppress(OSError):
+        fcntl.ioctl(fd, UFFDIO_WAKE, struct.pack("<QQ", address, length))
+
+
+def unregister(fd: int, address: int, length: int) -> None:
+    """Faults in the range no longer come here: the kernel fills them (zeros)."""
+    try:
+        fcntl.ioctl(fd, UFFDIO_UNREGISTER, struct.pack("<QQ", address, length))
+    except OSError as e:
+        if e.errno == errno.ENOMEM:          # what the kernel says once the process is gone
+            raise Gone(os.strerror(e.errno)) from None
+        if e.errno != errno.EINVAL:          # the range is no longer mapped: nothing to undo
+            raise
 
 
 # --- creating one: what CRIU's restorer does for each task (and the tests) -------------------------
 _NR_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
 
 
-def create(nonblocking: bool = True) -> int:
-    """A new uffd for this process, its API agreed."""
+FEATURE_EVENT_FORK, FEATURE_EVENT_REMAP, FEATURE_EVENT_REMOVE, FEATURE_EVENT_UNMAP = 1 << 1, 1 << 2, 1 << 3, 1 << 6
+CRIU_FEATURES = FEATURE_EVENT_FORK | FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP   # its restore's
+
+
+def create(nonblocking: bool = True, features: int = 0) -> int:
+    """A new uffd for this process, its API agreed (with the events in features)."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd = libc.syscall(_NR_USERFAULTFD[os.uname().machine], os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0))
     if fd < 0:
         raise OSError(ctypes.get_errno(), "userfaultfd: " + os.strerror(ctypes.get_errno()))
-    fcntl.ioctl(fd, UFFDIO_API, bytearray(struct.pack("<QQQ", UFFD_API, 0, 0)), True)
+    fcntl.ioctl(fd, UFFDIO_API, bytearray(struct.pack("<QQQ", UFFD_API, features, 0)), True)
     return fd
 
 

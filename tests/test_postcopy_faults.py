@@ -59,7 +59,7 @@ def assert_runs_on_a_whole(lab, work, before: dict) -> None:
 @pytest.mark.parametrize("host, victim, pid", [
     # CRIU's lazy dump on the source: the target's copy dies with its page stream
     ("a", ["-x", "criu"], 4601),
-    # the agent on the target: its guard kills the copy before the lazy-pages daemon goes, and
+    # the agent on the target: its guard kills the copy before its uffds go, and
     # the coordinator reads the guard's verdict through a fresh connection
     ("b", ["-f", "livemig agent"], 4603),
 ], ids=["source criu", "target agent"])

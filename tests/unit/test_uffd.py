@@ -47,7 +47,7 @@ def test_pages_placed_ahead_never_fault_and_the_others_arrive_on_their_fault():
         os.set_blocking(fd, False)
         # the last half goes before the child touches anything, as pushed pages would
         for i in range(PAGES // 2, PAGES):
-            assert uffd.copy(fd, address + i * uffd.PAGE, content(i)) == uffd.PAGE
+            assert uffd.place(fd, address + i * uffd.PAGE, content(i)) == uffd.PAGE
         ours.send(b"go")
         faults = []
         while len(faults) < PAGES // 2:
@@ -56,15 +56,15 @@ def test_pages_placed_ahead_never_fault_and_the_others_arrive_on_their_fault():
                 assert isinstance(e, uffd.PageFault)
                 i = (e.address - address) // uffd.PAGE
                 faults.append(i)
-                assert uffd.copy(fd, e.address, content(i)) == uffd.PAGE
+                assert uffd.place(fd, e.address, content(i)) == uffd.PAGE
                 if i == 0:      # the child waits on page 1 now: page 0 is there, so no copy, no error
-                    assert uffd.copy(fd, address, content(0)) == 0
+                    assert uffd.place(fd, address, content(0)) == 0
         assert ours.recv(1) == b"1"                       # every page as it must be
         assert faults == list(range(PAGES // 2))          # only the pages not placed ahead faulted
     finally:
         os.waitpid(pid, 0)
     with pytest.raises(uffd.Gone):                        # its process has exited
-        uffd.copy(fd, address, content(0))
+        uffd.place(fd, address, content(0))
     os.close(fd)
 
 

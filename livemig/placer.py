@@ -1,0 +1,520 @@
+"""Post-copy on the target: livemig puts each page into the restored copy as it lands.
+
+CRIU's lazy-pages daemon (criu/uffd.c, v4.2) cannot take pages at the speed they come:
+once the restore is done it spins on a poll with no timeout, asks its page server for
+one page per fault, clips every reply to what it asked (`uffd_io_complete`), and shrinks
+its own background fetch back to 64 KiB at every fault. A workload that keeps writing
+got a few hundred pages a second that way, however fast the source pushed them.
+
+So the agent takes the daemon's place. CRIU's restore hands each restored task's
+userfaultfd over on `lazy-pages.socket` in its work directory, as it would to the
+daemon: an int PID (negative: a zombie, no memory, no fd), then the uffd (SCM_RIGHTS on
+one byte), and once every task is restored and its lazy ranges registered, the word
+RESTORE_FINISHED. From then on every page the source pushes goes into its process the
+moment it lands (UFFDIO_COPY, a run at a time), and a fault asks the source for the pages
+it waits on, ahead of the push (postcopy.FAULT).
+
+A uffd also reports what the process does to its memory meanwhile (the features CRIU's
+restore asks for):
+- fork: the child gets a uffd of its own and lacks what its parent lacked then; every
+  page that lands afterwards goes to both (until the fork is read, the kernel refuses
+  copies into the parent: uffd.Busy);
+- mremap: the range's missing pages now live elsewhere;
+- munmap, madvise(DONTNEED): the range needs nothing any more, and must never get the old
+  pages afterwards: the program expects zeros there.
+A fault on a page the image never had (never written on the source) gets zeros.
+
+Once every page is in, the uffds stay open until the agent closes them (close()): the
+guard holds duplicates (guard.py), and a fault on a never-written page must find someone
+to give it zeros until the guard has let go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import os
+import socket
+import struct
+from pathlib import Path
+
+from . import postcopy, streams, uffd
+from .pagemap import PAGE, Range
+from .postcopy import ACK, CLOSE, FAULT, FRAME, NEED_PAGES, PAGES, PS_IOV_CLOSE, PUSHED_ALL, STATUS, \
+    PageStreamError
+
+SOCKET = "lazy-pages.socket"
+RESTORE_FINISHED = 0x52535446       # "ReSTore Finished", as criu/uffd.c sends it
+_WORD = struct.Struct("<I")
+_BUSY_WAIT = 0.0005                 # seconds before trying a copy the kernel refused again
+
+
+class _Lazy:
+    """The lazy ranges of one process in the dump, searchable by address."""
+
+    def __init__(self, ranges: list[Range]):
+        self.ranges = sorted(ranges, key=lambda r: r.vaddr)
+        self.starts = [r.vaddr for r in self.ranges]
+        self.pages = sum(r.pages for r in self.ranges)
+
+    def find(self, vaddr: int) -> tuple[int, int] | None:
+        """(range, page in it) of an address in the image, or None if no lazy page is there."""
+        i = bisect.bisect_right(self.starts, vaddr) - 1
+        if i >= 0 and (k := (vaddr - self.ranges[i].vaddr) // PAGE) < self.ranges[i].pages:
+            return i, k
+        return None
+
+    def overlapping(self, start: int, end: int):
+        """(range, first page, end page) of the lazy pages in [start, end) of the image."""
+        for i in range(max(bisect.bisect_right(self.starts, start) - 1, 0), len(self.ranges)):
+            r = self.ranges[i]
+            if r.vaddr >= end:
+                break
+            a = max(0, (start - r.vaddr) // PAGE)
+            b = min(r.pages, -(-(end - r.vaddr) // PAGE))
+            if a < b:
+                yield i, a, b
+
+
+class _Task:
+    """One restored process, or a child it forked since: its uffd, and which of its lazy
+    pages it still lacks (a byte per page, 1: missing), by the addresses of the image."""
+
+    def __init__(self, pid: int, fd: int, holes: list[bytearray], left: int,
+                 remaps: list[tuple[int, int, int]] | None = None, forked: bool = False):
+        self.pid, self.fd, self.holes, self.left = pid, fd, holes, left
+        self.remaps = remaps or []      # (from, to, length) in the order the process moved them
+        self.forked = forked
+        self.retry: list[int] = []      # faults to answer again: the kernel said Busy
+
+    def current(self, vaddr: int) -> int:
+        """Where the image's address is in the process now."""
+        for frm, to, length in self.remaps:
+            if frm <= vaddr < frm + length:
+                vaddr += to - frm
+        return vaddr
+
+    def image(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[start, end) of the process now, as spans of the image's addresses. What a move
+        left empty holds none of them (mremap reports the unmapping of its old place too)."""
+        spans = [(start, end)]
+        for frm, to, length in reversed(self.remaps):
+            out = []
+            for a, b in spans:
+                for lo, hi, back in _split(a, b, to, to + length):
+                    if back:
+                        out.append((lo - to + frm, hi - to + frm))
+                    else:
+                        out += [(x, y) for x, y, vacated in _split(lo, hi, frm, frm + length) if not vacated]
+            spans = out
+        return spans
+
+
+def _split(a: int, b: int, lo: int, hi: int) -> list[tuple[int, int, bool]]:
+    """[a, b) cut at [lo, hi): (start, end, inside) for each non-empty piece."""
+    cuts = sorted({a, b, min(max(lo, a), b), min(max(hi, a), b)})
+    return [(x, y, lo <= x and y <= hi) for x, y in zip(cuts, cuts[1:]) if x < y]
+
+
+def _runs(holes: bytearray, a: int, b: int):
+    """The runs of missing pages in holes[a:b]."""
+    missing = holes.count(1, a, b)
+    if missing == b - a:
+        yield a, b
+    elif missing:
+        start = None
+        for i in range(a, b):
+            if holes[i] and start is None:
+                start = i
+            elif not holes[i] and start is not None:
+                yield start, i
+                start = None
+        if start is not None:
+            yield start, b
+
+
+class Placer:
+    """The target's side of post-copy: takes the uffds from CRIU's restore, the pages from
+    the source's postcopy.Pusher, and puts the one into the other."""
+
+    def __init__(self, images: Path, ranges: list[Range], stall_seconds: float = postcopy.STALL_SECONDS,
+                 on_uffd=None):
+        self.images = images
+        self.stall_seconds = stall_seconds
+        self.on_uffd = on_uffd          # on_uffd(fd) for each uffd received (the guard holds a duplicate)
+        grouped = collections.defaultdict(list)
+        for r in ranges:
+            grouped[r.pid].append(r)
+        self.lazy = {pid: _Lazy(rs) for pid, rs in grouped.items()}
+        self.tasks: dict[int, list[_Task]] = {}
+        self.asked: dict[int, set[int]] = collections.defaultdict(set)   # pages a fault asked for, on their way
+        self.early: list[tuple[int, int, int, bytes]] = []   # pages that came before the restore was done
+        self.early_pages: dict[tuple[int, int], memoryview] = {}   # the same, by (pid, page)
+        self.stats = postcopy.Served()
+        self.finished = False     # the restore is done: every uffd is here, its ranges registered
+        self.whole = False        # every task has every page: CLOSE sent
+        self.pushed_all = False   # the source has sent every page: what is missing is on its way
+        self.running = False      # the copy runs: from now on the source must be heard from
+        self.heard = 0.0
+        self.status: int | None = None
+        self._listener: socket.socket | None = None
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._ended = asyncio.Event()        # whole, and the source's status is here
+        self._failed: asyncio.Future | None = None
+
+    # --- what the agent calls ------------------------------------------------------------------
+    def listen(self) -> None:
+        """Before the restore starts: CRIU's restore connects at once, and fails if nobody listens."""
+        path = self.images / SOCKET
+        path.unlink(missing_ok=True)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        os.chmod(path, 0o600)
+        s.listen(1)
+        s.setblocking(False)
+        self._listener = s
+
+    def resumed(self) -> None:
+        """The copy runs, so a silent source leaves it waiting on missing pages."""
+        self.running, self.heard = True, asyncio.get_running_loop().time()
+
+    def close(self) -> None:
+        """Let go of every uffd: call only once the copy is whole, or dead."""
+        loop = asyncio.get_running_loop()
+        for task in (t for ts in self.tasks.values() for t in ts):
+            if task.fd >= 0:
+                loop.remove_reader(task.fd)
+                os.close(task.fd)
+                task.fd = -1
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    async def run(self, remote: tuple, faults: tuple | None = None) -> postcopy.Served:
+        """Until every page is in and the source has said how its page server ended.
+        faults: the stream of pages that faults wait for, if the source has one."""
+        r_reader, r_writer = remote
+        out = streams.CompressedWriter(r_writer, streams.Meter(), 1)
+        self._failed = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(streams.Decompressed(r_reader, self.stats.received), acks=True))
+                if faults is not None:
+                    tg.create_task(self._receive(streams.Decompressed(faults[0], self.stats.received), acks=False))
+                tg.create_task(self._send(out))
+                background = [tg.create_task(self._watch()), tg.create_task(self._until_failed())]
+                await self._handover()
+                await self._ended.wait()
+                for t in background:
+                    t.cancel()
+        except BaseExceptionGroup as eg:
+            raise postcopy.told(eg, "source") from None
+        finally:
+            r_writer.close()
+        return self.stats
+
+    # --- the restore's side ----------------------------------------------------------------------
+    async def _handover(self) -> None:
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(self._listener)
+        self._listener.close()
+        self._listener = None
+        with conn:
+            conn.setblocking(False)
+            while True:
+                (word,) = _WORD.unpack(await self._recv_exactly(conn, _WORD.size))
+                if word == RESTORE_FINISHED:
+                    break
+                pid = word - (1 << 32) if word >= 1 << 31 else word
+                if pid < 0:
+                    continue          # a zombie: no memory to fill
+                fd = await self._recv_uffd(conn)
+                lazy = self.lazy.get(pid) or _Lazy([])
+                task = _Task(pid, fd, [bytearray(b"\1") * r.pages for r in lazy.ranges], lazy.pages)
+                self.tasks.setdefault(pid, []).append(task)
+                if self.on_uffd is not None:
+                    self.on_uffd(fd)
+                self._watch_uffd(task)      # the restore itself may fault (a task's stack, say)
+        self.finished = True
+        early, self.early = self.early, []
+        self.early_pages.clear()
+        for pid, vaddr, n, data in early:
+            await self._arrived(pid, vaddr, n, data)
+        self._check_whole()
+
+    @staticmethod
+    async def _recv_exactly(conn: socket.socket, n: int) -> bytes:
+        """Never a byte more: the next one may carry a uffd, which a plain read would drop."""
+        loop, buf = asyncio.get_running_loop(), b""
+        while len(buf) < n:
+            got = await loop.sock_recv(conn, n - len(buf))
+            if not got:
+                raise PageStreamError("CRIU's restore hung up before it was done")
+            buf += got
+        return buf
+
+    @staticmethod
+    async def _recv_uffd(conn: socket.socket) -> int:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                msg, fds, _, _ = socket.recv_fds(conn, 1, 1, socket.MSG_CMSG_CLOEXEC)
+            except BlockingIOError:
+                ready = loop.create_future()
+                loop.add_reader(conn.fileno(), ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(conn.fileno())
+                continue
+            if not fds:
+                raise PageStreamError("CRIU's restore sent a PID without its userfaultfd" if msg else
+                                      "CRIU's restore hung up before it was done")
+            os.set_blocking(fds[0], False)
+            return fds[0]
+
+    # --- the source's side ---------------------------------------------------------------------
+    async def _receive(self, inbound: streams.Decompressed, acks: bool) -> None:
+        """Frames from one of the source's streams (acks: the pushing one, whose pages the
+        source counts in its window until acknowledged)."""
+        while True:
+            try:
+                kind, pid, vaddr, n = FRAME.unpack(await inbound.need(FRAME.size, "the source's page stream"))
+            except EOFError:
+                # the fault stream ends once the source has our CLOSE, maybe before the
+                # pushing stream brings the status
+                if self.status is None and not (not acks and self.whole):
+                    raise PageStreamError("the source's page stream ended before every page was here") from None
+                return
+            self.heard = asyncio.get_running_loop().time()
+            if kind == PAGES:
+                data = await inbound.need(n * PAGE, "the source's page stream")
+                if acks and not self.whole:
+                    self._queue(ACK, pages=n)
+                await self._arrived(pid, vaddr, n, data)
+            elif kind == STATUS:
+                self.status = n
+                if self.whole:
+                    self._ended.set()
+            elif kind == PUSHED_ALL:
+                self.pushed_all = True
+            else:
+                raise PageStreamError(f"unknown frame {kind} from the source")
+
+    def _queue(self, kind: int, pid: int = 0, vaddr: int = 0, pages: int = 0) -> None:
+        self._outbox.put_nowait(FRAME.pack(kind, pid, vaddr, pages))
+
+    async def _send(self, out: streams.CompressedWriter) -> None:
+        """Frames to the source, as many at once as are waiting."""
+        while True:
+            frames = [await self._outbox.get()]
+            while not self._outbox.empty():
+                frames.append(self._outbox.get_nowait())
+            await out.write(b"".join(frames), flush=True)
+            if any(FRAME.unpack(f)[0] == CLOSE for f in frames):
+                await out.close()
+                return
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1)
+            if (self.running and not (self.pushed_all or self.whole)
+                    and loop.time() - self.heard > self.stall_seconds):
+                raise PageStreamError(f"nothing from the source for {self.stall_seconds:.0f} s while "
+                                      "pages were missing: the link is lost")
+
+    async def _until_failed(self) -> None:
+        await self._failed
+
+    def _fail(self, e: BaseException) -> None:
+        if not self._failed.done():
+            self._failed.set_exception(e)
+
+    # --- placing ---------------------------------------------------------------------------------
+    async def _arrived(self, pid: int, vaddr: int, n: int, data: bytes) -> None:
+        if self.whole:
+            return
+        asked = self.asked.get(pid)
+        tasks = self.tasks.get(pid, [])
+        if not self.finished:
+            # The restore is under way: its tasks' memory may not be where it belongs yet
+            # (CRIU moves it into place, then registers it), so only a page a fault waits
+            # on goes in now, where it faulted; the rest wait for the end of the restore.
+            self.early.append((pid, vaddr, n, data))
+            view = memoryview(data)
+            for i in range(n):
+                page, chunk = vaddr + i * PAGE, view[i * PAGE:(i + 1) * PAGE]
+                self.early_pages[(pid, page)] = chunk
+                if asked and page in asked:
+                    asked.discard(page)
+                    for task in tasks:
+                        await self._place(task, page, 1, chunk)
+            return
+        if asked:
+            asked.difference_update(range(vaddr, vaddr + n * PAGE, PAGE))
+        i = 0
+        while i < len(tasks):      # a child forked meanwhile is appended, and gets them too
+            await self._place(tasks[i], vaddr, n, data)
+            i += 1
+        self._check_whole()
+
+    async def _place(self, task: _Task, vaddr: int, n: int, data: bytes) -> None:
+        lazy = self.lazy.get(task.pid)
+        where = lazy.find(vaddr) if lazy else None
+        if where is None:
+            return
+        ri, k = where
+        r, view = lazy.ranges[ri], memoryview(data)
+        end = min(k + n, r.pages)
+        while task.fd >= 0:
+            try:
+                for a, b in _runs(task.holes[ri], k, end):
+                    self._place_run(task, ri, a, b, view[(a - k) * PAGE:(b - k) * PAGE])
+                return
+            except uffd.Busy:
+                # an event (a fork, say) is to be read first; then the runs are worked out
+                # again, since it may have removed some of them
+                self._drain(task)
+                await asyncio.sleep(_BUSY_WAIT)
+            except uffd.Gone:
+                self._gone(task)
+
+    def _place_run(self, task: _Task, ri: int, a: int, b: int, chunk: memoryview) -> None:
+        base = self.lazy[task.pid].ranges[ri].vaddr
+        if not task.remaps:
+            try:
+                uffd.place(task.fd, base + a * PAGE, chunk)
+            except uffd.Busy as e:
+                self._mark(task, ri, a, a + e.done // PAGE, placed=True)
+                raise
+        else:
+            for i in range(a, b):       # a moved range: page by page, each where it is now
+                try:
+                    uffd.place(task.fd, task.current(base + i * PAGE), chunk[(i - a) * PAGE:(i - a + 1) * PAGE])
+                except uffd.Busy:
+                    self._mark(task, ri, a, i, placed=True)
+                    raise
+        self._mark(task, ri, a, b, placed=True)
+
+    def _mark(self, task: _Task, ri: int, a: int, b: int, placed: bool) -> None:
+        """Pages a to b of range ri are no longer missing (placed, or no longer wanted)."""
+        holes = task.holes[ri]
+        missing = holes.count(1, a, b)
+        if missing:
+            holes[a:b] = bytes(b - a)
+            task.left -= missing
+            if placed and not task.forked:
+                self.stats.pages_served += missing
+
+    def _check_whole(self) -> None:
+        if self.whole or not self.finished:
+            return
+        if all(t.left == 0 or t.fd < 0 for ts in self.tasks.values() for t in ts):
+            self.whole = True
+            self._queue(CLOSE, pages=PS_IOV_CLOSE)
+            if self.status is not None:
+                self._ended.set()
+
+    def _gone(self, task: _Task) -> None:
+        """Its process has exited: nothing more goes to it."""
+        if task.fd >= 0:
+            asyncio.get_running_loop().remove_reader(task.fd)
+            os.close(task.fd)
+            task.fd = -1
+        task.left = 0
+
+    # --- the uffds' events -------------------------------------------------------------------------
+    def _watch_uffd(self, task: _Task) -> None:
+        asyncio.get_running_loop().add_reader(task.fd, self._readable, task)
+
+    def _readable(self, task: _Task) -> None:
+        try:
+            self._drain(task)
+            self._check_whole()
+        except Exception as e:        # a callback's exception would go nowhere: run() raises it
+            self._fail(e)
+
+    def _drain(self, task: _Task) -> None:
+        """Every event the uffd holds now."""
+        retry, task.retry = task.retry, []
+        for address in retry:
+            self._fault(task, address, again=True)
+        while task.fd >= 0:
+            events = uffd.read_events(task.fd)
+            if not events:
+                break
+            for e in events:
+                try:
+                    if isinstance(e, uffd.PageFault):
+                        self._fault(task, e.address)
+                    elif isinstance(e, uffd.Fork):
+                        self._fork(task, e.uffd)
+                    elif isinstance(e, uffd.Remap):
+                        task.remaps.append((e.old, e.new, e.length))
+                    elif isinstance(e, uffd.Removed):
+                        self._removed(task, e)
+                except uffd.Gone:
+                    self._gone(task)
+        if task.retry:
+            asyncio.get_running_loop().call_later(_BUSY_WAIT, self._readable, task)
+
+    def _fault(self, task: _Task, address: int, again: bool = False) -> None:
+        if not again:
+            self.stats.requests += 1
+        lazy = self.lazy.get(task.pid)
+        spans = task.image(address, address + PAGE)
+        vaddr = spans[0][0] if spans else -1
+        where = lazy.find(vaddr) if lazy and spans else None
+        try:
+            if where is None:
+                uffd.zero(task.fd, address)       # never written on the source
+                return
+            ri, k = where
+            holes = task.holes[ri]
+            if not holes[k]:
+                uffd.wake(task.fd, address)       # placed while the fault was queued
+                return
+        except uffd.Busy:
+            task.retry.append(address)
+            return
+        if not self.finished and (chunk := self.early_pages.get((task.pid, vaddr))) is not None:
+            try:
+                self._place_run(task, ri, k, k + 1, chunk)     # the restore faults on a page pushed ahead
+            except uffd.Busy:
+                task.retry.append(address)
+            return
+        asked = self.asked[task.pid]
+        if vaddr in asked:
+            return                                # on its way already
+        # during the restore, the page alone: its neighbours may not be in place yet
+        base, run, most = lazy.ranges[ri].vaddr, 0, NEED_PAGES if self.finished else 1
+        while k + run < len(holes) and run < most and holes[k + run] \
+                and base + (k + run) * PAGE not in asked:
+            asked.add(base + (k + run) * PAGE)
+            run += 1
+        self.stats.requests_waited += 1
+        self._queue(FAULT, task.pid, vaddr, run)
+
+    def _fork(self, parent: _Task, fd: int) -> None:
+        os.set_blocking(fd, False)
+        child = _Task(parent.pid, fd, [bytearray(h) for h in parent.holes], parent.left,
+                      list(parent.remaps), forked=True)
+        self.tasks[parent.pid].append(child)
+        if self.on_uffd is not None:
+            self.on_uffd(fd)
+        self._watch_uffd(child)
+
+    def _removed(self, task: _Task, e: uffd.Removed) -> None:
+        if not e.unmapped:
+            # the range stays mapped: its faults must get the kernel's zeros from now on,
+            # not come here for pages it threw away
+            uffd.unregister(task.fd, e.start, e.end - e.start)
+        lazy = self.lazy.get(task.pid)
+        if lazy is None:
+            return
+        for start, end in task.image(e.start, e.end):
+            for ri, a, b in lazy.overlapping(start, end):
+                self._mark(task, ri, a, b, placed=False)
+

@@ -1,0 +1,223 @@
+"""Post-copy's target side against the real kernel: a forked child plays the restored
+process. It maps its memory where the "dump" had it, registers a uffd with the events
+CRIU's restore asks for, and hands it over on lazy-pages.socket exactly as CRIU's restore
+does (PID, uffd, RESTORE_FINISHED). The source's side is the real postcopy.Pusher reading
+a stand-in for CRIU's page server. The child then reads its memory, and forks, throws
+pages away or moves them, as a program may, while its pages arrive."""
+
+import asyncio
+import ctypes
+import os
+import socket
+import struct
+
+import pytest
+
+from livemig import postcopy, uffd
+from livemig.pagemap import PAGE, Range
+from livemig.placer import RESTORE_FINISHED, SOCKET, Placer
+
+from .pagefakes import GatedReader, fake_criu, page, pair
+
+PID = 1                              # the process's PID in the "dump"
+BIG, SMALL, SPLIT = 0x5a0000000000, 0x5b0000000000, 0x5c0000000000
+MOVED_TO = 0x5d0000000000
+# (address, pages, writable): SPLIT's two mappings differ, so they are two VMAs, and one
+# lazy range spans both (the kernel refuses a copy across them as a whole)
+VMAS = [(BIG, 700, True), (SMALL, 40, True), (SPLIT, 30, True), (SPLIT + 30 * PAGE, 30, False)]
+RANGES = [Range(PID, BIG, 600), Range(PID, SMALL, 40), Range(PID, SPLIT, 60)]   # BIG's last 100: never written
+LAZY_PAGES = 700
+FIRST_FAULTS = range(550, 560)       # of BIG: the push, smallest ranges first, reaches them last
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mremap.restype = ctypes.c_void_p
+    libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _expect(address: int, was: int, pages: int, zeros: bool = False) -> list[str]:
+    """What is wrong in [address, +pages): each should hold the dump's page at was (or zeros)."""
+    bad = []
+    for i in range(pages):
+        got = ctypes.string_at(address + i * PAGE, PAGE)
+        if got != (bytes(PAGE) if zeros else page(PID, was + i * PAGE)):
+            bad.append(f"{address + i * PAGE:#x}")
+    return bad
+
+
+def restored(path: str, ctl: socket.socket, scenario: str) -> int:
+    """The child: CRIU's restore, then the program. Reports on ctl; exits 0 if all was well."""
+    libc = _libc()
+    prot_rw, prot_r, flags = 3, 1, 0x02 | 0x20 | 0x100000      # PRIVATE | ANONYMOUS | FIXED_NOREPLACE
+    for address, pages, writable in VMAS:
+        if libc.mmap(address, pages * PAGE, prot_rw if writable else prot_r, flags, -1, 0) != address:
+            ctl.send(b"mmap failed")
+            return 1
+    fd = uffd.create(features=uffd.CRIU_FEATURES)
+    for address, pages, _ in VMAS:
+        uffd.register(fd, address, pages * PAGE)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.send(struct.pack("<i", PID))
+        socket.send_fds(s, [b"\0"], [fd])
+        s.send(struct.pack("<i", -5))            # a zombie: a PID and nothing else
+        ctl.recv(1)
+        # CRIU's restore touches lazy memory before it is done (a task's stack): a page
+        # pushed ahead, and one nobody sent yet
+        bad = _expect(SMALL + 2 * PAGE, SMALL + 2 * PAGE, 1) + _expect(BIG + 3 * PAGE, BIG + 3 * PAGE, 1)
+        s.send(struct.pack("<I", RESTORE_FINISHED))
+    os.close(fd)                                 # as CRIU's restorer does: only the daemon holds it
+    ctl.recv(1)                                  # resumed
+    bad += _expect(BIG + FIRST_FAULTS[0] * PAGE, BIG + FIRST_FAULTS[0] * PAGE, len(FIRST_FAULTS))
+    # what the program does to its memory, before the push starts (after its first faults)
+    middle = (BIG + 450 * PAGE, BIG + 450 * PAGE, 50, False)   # pushed late: the push goes in address order
+    child = 0
+    if scenario == "fork":
+        child = os.fork()
+        if child == 0:          # the grandchild reads everything through a uffd of its own
+            os._exit(1 if _expect(BIG, BIG, 600) + _expect(SMALL, SMALL, 40) + _expect(SPLIT, SPLIT, 60) else 0)
+    elif scenario == "dontneed":
+        libc.madvise(middle[0], 50 * PAGE, 4)    # MADV_DONTNEED: it reads zeros from now on
+        middle = (middle[0], 0, 50, True)
+    elif scenario == "mremap":
+        if libc.mremap(middle[0], 50 * PAGE, 50 * PAGE, 1 | 2, MOVED_TO) != MOVED_TO:   # MAYMOVE | FIXED
+            ctl.send(b"mremap failed")
+            return 1
+        middle = (MOVED_TO, middle[1], 50, False)
+    ctl.send(b"f")
+    for address, was, pages, zeros in [(BIG, BIG, 450, False), middle, (BIG + 500 * PAGE, BIG + 500 * PAGE, 100, False),
+                                       (BIG + 600 * PAGE, 0, 100, True), (SMALL, SMALL, 40, False),
+                                       (SPLIT, SPLIT, 60, False)]:
+        bad += _expect(address, was, pages, zeros)
+    if child:
+        _, status = os.waitpid(child, 0)
+        if status:
+            bad.append("the forked child saw wrong pages")
+    ctl.recv(1)                                  # every page is in: nothing may change now
+    bad += _expect(*middle)
+    ctl.send((" ".join(bad[:5]) or "ok").encode())
+    return 0
+
+
+async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gate: bool = False):
+    """One post-copy into a child playing the restored process: (placer, pusher, its report)."""
+    held: list[int] = []
+    placer = Placer(tmp_path, RANGES, on_uffd=lambda fd: held.append(os.dup(fd)))
+    placer.listen()
+    ctl, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ctl.close()
+            code = restored(str(tmp_path / SOCKET), theirs, scenario)
+        finally:
+            os._exit(code)
+    theirs.close()
+    ctl.setblocking(False)
+    loop = asyncio.get_running_loop()
+    (criu_end, pusher_end), (link_src, link_dst) = await pair(), await pair()
+    faults_src = faults_dst = None
+    if fault_stream:
+        faults_src, faults_dst = await pair()
+    gated = GatedReader(link_dst[0])
+    pusher = postcopy.Pusher(RANGES, prefetch_pages=40)     # SMALL, while "CRIU" restores
+    try:
+        async with asyncio.timeout(30):
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(fake_criu(*criu_end, RANGES, []))
+                tg.create_task(pusher.run(pusher_end, link_src, faults_src))
+                tg.create_task(placer.run((gated, link_dst[1]), faults_dst))
+                while (PID, SMALL + 2 * PAGE) not in placer.early_pages:
+                    await asyncio.sleep(0.01)
+                await loop.sock_sendall(ctl, b"r")
+                while not placer.finished:
+                    await asyncio.sleep(0.01)
+                placer.resumed()
+                if gate:                  # pushed pages pile up on a stuck stream
+                    gated.open.clear()
+                    pusher.start_pushing()
+                    await asyncio.sleep(0.2)
+                await loop.sock_sendall(ctl, b"g")
+                assert await loop.sock_recv(ctl, 100) == b"f"   # its first faults are answered
+                gated.open.set()
+                pusher.start_pushing()
+            await loop.sock_sendall(ctl, b"c")
+            report = (await loop.sock_recv(ctl, 1000)).decode()
+    except BaseException:
+        os.kill(pid, 9)          # a child stuck on a page nobody will place
+        raise
+    finally:
+        _, status = os.waitpid(pid, 0)
+        placer.close()
+        for fd in held:
+            os.close(fd)
+    assert status == 0
+    return placer, pusher, report, held
+
+
+@pytest.mark.parametrize("fault_stream", [True, False], ids=["fault stream", "one stream"])
+async def test_every_page_lands_where_the_dump_had_it_and_faults_go_first(tmp_path, fault_stream):
+    placer, pusher, report, held = await move(tmp_path, fault_stream=fault_stream)
+    assert report == "ok"                           # every page, and zeros where the dump had none
+    assert placer.whole and placer.status == 0
+    assert placer.stats.pages_served == LAZY_PAGES  # each placed once
+    assert placer.stats.requests_waited >= 1 and pusher.stats.pages_on_demand >= len(FIRST_FAULTS)
+    assert pusher.stats.pages_pushed + pusher.stats.pages_on_demand >= LAZY_PAGES
+    assert len(held) == 1                           # the guard got the one uffd (the zombie has none)
+
+
+async def test_a_fault_is_answered_on_its_own_stream_while_the_pushing_stream_is_stuck(tmp_path):
+    placer, pusher, report, _ = await move(tmp_path, gate=True)
+    assert report == "ok"
+    assert pusher.stats.pages_on_demand >= len(FIRST_FAULTS)
+
+
+async def test_a_child_forked_during_post_copy_gets_every_page_too(tmp_path):
+    placer, _, report, held = await move(tmp_path, "fork")
+    assert report == "ok"
+    assert len(held) == 2                           # the child's uffd went to the guard too
+    assert placer.stats.pages_served == LAZY_PAGES  # the parent's; the child's are extra
+
+
+async def test_pages_thrown_away_stay_zeros_after_their_push(tmp_path):
+    placer, _, report, _ = await move(tmp_path, "dontneed")
+    assert report == "ok"                           # zeros, before and after the push passed
+    assert placer.stats.pages_served == LAZY_PAGES - 50     # never placed
+
+
+async def test_a_moved_range_gets_its_pages_where_it_is_now(tmp_path):
+    _, _, report, _ = await move(tmp_path, "mremap")
+    assert report == "ok"
+
+
+async def test_the_source_gone_mid_copy_fails_the_target_side_loudly(tmp_path):
+    placer = Placer(tmp_path, RANGES)
+    placer.listen()
+    (_, src_writer), (dst_reader, dst_writer) = await pair()
+    async with asyncio.timeout(10):
+        placing = asyncio.create_task(placer.run((dst_reader, dst_writer)))
+        src_writer.close()
+        with pytest.raises(postcopy.PageStreamError, match="source's page stream ended"):
+            await placing
+    placer.close()
+
+
+async def test_a_silent_link_fails_the_target_side_once_its_copy_runs_and_not_before(tmp_path):
+    # the link is cut: the source's end stays open, and nothing more arrives
+    source, (dst_reader, dst_writer) = await pair()
+    placer = Placer(tmp_path, RANGES, stall_seconds=0.5)
+    placer.listen()
+    async with asyncio.timeout(10):
+        placing = asyncio.create_task(placer.run((dst_reader, dst_writer)))
+        await asyncio.sleep(1.6)
+        assert not placing.done()        # restored, stopped: the source may take its time
+        placer.resumed()
+        with pytest.raises(postcopy.PageStreamError, match="nothing from the source for 0 s"):
+            await placing
+    placer.close()
