@@ -109,8 +109,37 @@ async def _send(out: streams.CompressedWriter, kind: int, pid: int = 0, vaddr: i
 
 
 # --- source ----------------------------------------------------------------------------------
+class _Outbound:
+    """The pushing stream's writer, in a task of its own. The pump hands it pages and goes
+    back at once to what the target asks: waiting for the pushing stream to drain (a link
+    saturated by the push) held a fault's pages back by as long."""
+
+    DEPTH = 4    # reads from CRIU handed over and not yet written out
+
+    def __init__(self, out: streams.CompressedWriter, wake: asyncio.Queue):
+        self.out, self.wake = out, wake
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def full(self) -> bool:
+        return self.queue.qsize() >= self.DEPTH
+
+    async def write(self, data: bytes, flush: bool = True) -> None:
+        self.queue.put_nowait(data)
+
+    async def close(self, writing: asyncio.Task) -> None:
+        """Once everything handed over is out: the end of the stream."""
+        self.queue.put_nowait(None)
+        await writing
+
+    async def run(self) -> None:
+        while (data := await self.queue.get()) is not None:
+            await self.out.write(data, flush=True)
+            self.wake.put_nowait(None)       # room again: the pump may read on
+        await self.out.close()
+
+
 class Pusher:
-    """Reads the lazy dump's page server (local) and pushes to the target's `Server`."""
+    """Reads the lazy dump's page server (local) and pushes to the target's placer.Placer."""
 
     def __init__(self, ranges: list[Range], level: int = 1, prefetch_pages: int = PREFETCH_PAGES,
                  stall_seconds: float = STALL_SECONDS):
@@ -139,14 +168,15 @@ class Pusher:
     async def run(self, criu_side: tuple, remote: tuple, faults: tuple | None = None) -> Pushed:
         """faults: a (reader, writer) stream of its own for the pages a request waits for."""
         (c_reader, c_writer), (r_reader, r_writer) = criu_side, remote
-        out = streams.CompressedWriter(r_writer, self.stats.sent, self.level)
+        out = _Outbound(streams.CompressedWriter(r_writer, self.stats.sent, self.level), self._inbox)
         if faults is not None:
             self._urgent = streams.CompressedWriter(faults[1], self.stats.sent, self.level)
             self._window = WINDOW_PAGES[1]
         try:
             async with asyncio.TaskGroup() as tg:
                 listening = tg.create_task(self._listen(streams.Decompressed(r_reader)))
-                await self._pump(c_reader, c_writer, out)
+                writing = tg.create_task(out.run())
+                await self._pump(c_reader, c_writer, out, writing)
                 listening.cancel()
         except BaseExceptionGroup as eg:
             raise told(eg, "target") from None
@@ -167,14 +197,14 @@ class Pusher:
             if frame[0] == _ENDED:
                 return
 
-    async def _pump(self, c_reader, c_writer, out) -> None:
+    async def _pump(self, c_reader, c_writer, out: _Outbound, writing: asyncio.Task) -> None:
         todo = chunks(self.ranges)
         pushed_all = False
         on_demand: dict[int, set[int]] = collections.defaultdict(set)
         while True:
             item = None if self._inbox.empty() else self._inbox.get_nowait()
             may_push = self._go or self.stats.pages_pushed < self.prefetch_pages
-            if item is None and may_push and not pushed_all and self._in_flight < self._window:
+            if item is None and may_push and not pushed_all and self._in_flight < self._window and not out.full():
                 nxt = next(todo, None)
                 if nxt is None:
                     pushed_all = True
@@ -207,7 +237,7 @@ class Pusher:
                 await c_writer.drain()
                 (status,) = _STATUS.unpack(await c_reader.readexactly(_STATUS.size))
                 await _send(out, STATUS, pages=status & 0xFFFFFFFF)
-                await out.close()
+                await out.close(writing)
                 if self._urgent is not None:
                     await self._urgent.close()
                 # Hang up only once the target has: its last acknowledgements and the end

@@ -221,3 +221,14 @@ async def test_a_silent_link_fails_the_target_side_once_its_copy_runs_and_not_be
         with pytest.raises(postcopy.PageStreamError, match="nothing from the source for 0 s"):
             await placing
     placer.close()
+
+
+def test_addresses_follow_each_move_and_a_vacated_range_holds_nothing():
+    from livemig.placer import _Task
+    t = _Task(PID, -1, [], 0, remaps=[(0x10000, 0x90000, 0x4000),     # moved 4 pages away
+                                       (0x91000, 0x20000, 0x1000)])   # then the 2nd of them again
+    assert t.current(0x10000) == 0x90000 and t.current(0x11000) == 0x20000 and t.current(0x13000) == 0x93000
+    assert t.current(0x50000) == 0x50000                                # never moved
+    assert t.image(0x90000, 0x94000) == [(0x10000, 0x11000), (0x12000, 0x14000)]  # the 2nd page left
+    assert t.image(0x20000, 0x21000) == [(0x11000, 0x12000)]
+    assert t.image(0x10000, 0x14000) == []       # where they were: nothing of the image (mremap's unmap event)
