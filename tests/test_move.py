@@ -81,6 +81,29 @@ def test_postcopy_restores_first_and_brings_every_page_after(lab):
     lab.run("b", ["kill", str(work.pid)])
 
 
+def test_postcopy_moves_a_family_that_forks_while_its_pages_arrive(lab):
+    # Three processes with memory of their own, the root forking a child every 0.2 s that
+    # checks every page it inherited: after the resume those children fault through uffds
+    # of their own (placer.py's fork events), and one is usually alive at the dump.
+    work = lab.start_workload("a", mib=64, dirty_mibps=8, pid=4460, port=7860, children=2, fork_every=0.2)
+    ports = [7860, 7861, 7862]
+    before = {port: work.query("a", port=port) for port in ports}
+    report = move(lab, work.pid, "--mode", "postcopy")
+    assert report["postcopy_pages"] >= 3 * 64 * 256
+    time.sleep(1)           # a few more checks, after every page arrived
+    for port in ports:
+        after = work.query("b", port=port, wait=10)
+        assert after["host"] == "b" and after["counter"] > before[port]["counter"]
+        assert work.query("b", "verify", port=port)["bad_pages"] == 0
+    root = work.query("b", port=7860)
+    assert root["fork_checks"] > before[7860]["fork_checks"] + 3 and root["fork_failures"] == 0
+    pids = [str(before[port]["pid"]) for port in ports]
+    assert all(lab.run("a", ["kill", "-0", pid], check=False).returncode != 0 for pid in pids)   # one copy, on b
+    assert lab.run("b", ["kill", "-0", *pids], check=False).returncode == 0
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    lab.run("b", ["kill", *pids])
+
+
 def test_auto_picks_stopcopy_here_and_says_why(lab):
     work = lab.start_workload("a", mib=64, pid=4403)
     before = work.query("a")

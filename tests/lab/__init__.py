@@ -82,10 +82,12 @@ class Lab:
                     self.text(h, ["pgrep", "-x", "criu"], check=False).split()) for h in hosts}
 
     def start_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
-                       pid: int = 0, port: int = 7777) -> "Workload":
-        """Start memcounter on host name, detached, and wait until it answers."""
+                       pid: int = 0, port: int = 7777, children: int = 0, fork_every: float = 0.0) -> "Workload":
+        """Start memcounter on host name, detached, and wait until it answers (children:
+        more memcounters in its tree, on the next ports; fork_every: see memcounter)."""
         argv = ["python3", WORKLOAD, "run", "--daemon", "--mib", str(mib),
-                "--dirty-mibps", str(dirty_mibps), "--port", str(port)]
+                "--dirty-mibps", str(dirty_mibps), "--port", str(port),
+                "--children", str(children), "--fork-every", str(fork_every)]
         if pid:
             argv += ["--pid", str(pid)]
         got = int(self.text(name, argv, timeout=300).strip())
@@ -120,8 +122,9 @@ class Workload:
         return ["python3", CONTAINER_TOOL, "bundle", "--bundle", self.bundle, "--mib", str(self.mib),
                 "--dirty-mibps", str(self.dirty_mibps), "--port", str(self.port)]
 
-    def query(self, host: str, what: str = "get", wait: float = 0.0) -> dict:
-        out = self.lab.text(host, ["python3", WORKLOAD, "query", what, "--port", str(self.port),
+    def query(self, host: str, what: str = "get", wait: float = 0.0, port: int = 0) -> dict:
+        """port: another process of its tree (memcounter --children)."""
+        out = self.lab.text(host, ["python3", WORKLOAD, "query", what, "--port", str(port or self.port),
                                    "--wait", str(wait)], timeout=600)
         return json.loads(out)
 

@@ -2,6 +2,7 @@
 """A workload whose state must survive a migration, and a client to ask it.
 
     memcounter.py run --mib M [--dirty-mibps D] [--port P] [--pid N] [--daemon]
+                      [--children C] [--fork-every S]
     memcounter.py query [--port P] [--wait S] get|verify|sum
 
 `run` holds M MiB of anonymous memory whose every page can be checked (its
@@ -10,9 +11,16 @@ index), rewrites D MiB/s of random pages, counts once every 10 ms, and notes
 every stall longer than 50 ms it lives through: a migration's downtime as the
 application saw it. It answers one request per connection on a TCP port:
 
-    get     {"counter", "pid", "host", "dirtied_pages", "stalls": [[start, end], ...], ...}
+    get     {"counter", "pid", "host", "dirtied_pages", "stalls": [[start, end], ...],
+             "fork_checks", "fork_failures", ...}
     verify  {"bad_pages", "pages", "counter"}: every page checked against what it must hold
     sum     {"sha256", "counter"}: a digest of all the memory
+
+A family: `--children C` first forks C more memcounters, each with memory of its
+own, answering on the next ports (P+1...); `--fork-every S` forks a child every S
+seconds that checks every page it inherited, lingers as long, and exits 1 if one
+was wrong (a page a migration lost, or placed wrong, in the child's own copy);
+"get" counts those checks and the failures.
 
 Stdlib only: it runs on whatever python3 a lab host has.
 """
@@ -80,6 +88,12 @@ class Memory:
 
 
 def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
+    for i in range(1, args.children + 1):
+        if os.fork() == 0:
+            if ready_fd is not None:
+                os.close(ready_fd)
+            serve(argparse.Namespace(**{**vars(args), "port": args.port + i, "children": 0, "fork_every": 0.0}), None)
+            os._exit(0)
     mem = Memory(args.mib)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -94,8 +108,12 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
     carry = 0.0
     stalls: list[list[float]] = []
     last = time.time()
-    next_tick = time.monotonic()
+    next_tick = next_fork = time.monotonic()
+    forks = {"fork_checks": 0, "fork_failures": 0}
     while True:
+        if args.fork_every and time.monotonic() >= next_fork:
+            next_fork = time.monotonic() + args.fork_every
+            _fork_check(mem, args.fork_every, forks)
         now = time.time()
         if now - last > STALL:
             stalls.append([round(last, 6), round(now, 6)])
@@ -114,10 +132,27 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
             next_tick, wait = time.monotonic(), 0.0
         readable, _, _ = select.select([listener], [], [], max(wait, 0.0))
         if readable:
-            _answer(listener, mem, counter, dirtied, stalls, args)
+            _answer(listener, mem, counter, dirtied, stalls, args, forks)
 
 
-def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args) -> None:
+def _fork_check(mem: Memory, linger: float, forks: dict) -> None:
+    """A child that checks the memory it inherited; and the children that have exited."""
+    if os.fork() == 0:
+        bad = mem.bad_pages()
+        time.sleep(linger)
+        os._exit(1 if bad else 0)
+    forks["fork_checks"] += 1
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        forks["fork_failures"] += bool(status)
+
+
+def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args, forks: dict) -> None:
     conn, _ = listener.accept()
     with conn:
         conn.settimeout(5)
@@ -130,7 +165,7 @@ def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args) -> 
             else:
                 reply = {"counter": counter, "pid": os.getpid(), "host": socket.gethostname(),
                          "dirtied_pages": dirtied, "mib": args.mib, "time": time.time(),
-                         "stalls": stalls}
+                         "stalls": stalls, **forks}
             conn.sendall(json.dumps(reply).encode() + b"\n")
         except OSError:
             pass
@@ -192,6 +227,8 @@ def main() -> int:
     r.add_argument("--port", type=int, default=7777)
     r.add_argument("--pid", type=int, default=0, help="start as this PID (written to ns_last_pid)")
     r.add_argument("--daemon", action="store_true", help="detach; print the PID once serving")
+    r.add_argument("--children", type=int, default=0, help="fork C more memcounters first, on the next ports")
+    r.add_argument("--fork-every", type=float, default=0.0, help="fork a child this often that checks its memory")
     q = sub.add_parser("query")
     q.add_argument("what", choices=["get", "verify", "sum"])
     q.add_argument("--port", type=int, default=7777)
