@@ -293,6 +293,7 @@ class Placer:
                 if acks and not self.whole:
                     self._queue(ACK, pages=n)
                 await self._arrived(pid, vaddr, n, data)
+                await asyncio.sleep(0)      # the copy's faults, read by a callback, go between frames
             elif kind == STATUS:
                 self.status = n
                 if self.whole:

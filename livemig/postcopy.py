@@ -47,7 +47,10 @@ _ENDED = 0                               # not on the wire: the target's stream 
 # read from CRIU and the window of pages pushed but not yet taken in by the target. The
 # window then starts small, so that the burst of faults right after the resume waits
 # milliseconds, grows while no fault comes, to fill the link, and shrinks back at the
-# next fault. With a fault stream it is as wide as it goes from the start.
+# next fault. With a fault stream it starts as wide as it goes, and still shrinks at a
+# fault: pages in flight keep both hosts' CPUs busy, and a fault's page waits for a CPU
+# too (measured, 1 rep: the longest stall of a workload dirtying 100 MiB/s of 512 MiB went
+# from 2.3-3.2 s to 1.3 s, with every page there 4.2 s after the move began, not 3.9 s).
 PUSH_PAGES = 64             # 256 KiB per read from CRIU
 WINDOW_PAGES = (256, 4096)  # 1 MiB to 16 MiB
 NEED_PAGES = 16     # what the target asks for at once: a fault's neighbours come along
@@ -224,8 +227,7 @@ class Pusher:
                 self._in_flight -= n
                 self._window = min(self._window + PUSH_PAGES, WINDOW_PAGES[1])
             elif kind == FAULT:
-                if self._urgent is None:
-                    self._window = WINDOW_PAGES[0]
+                self._window = WINDOW_PAGES[0]
                 self.stats.pages_on_demand += await self._copy(c_reader, c_writer, self._urgent or out,
                                                                pid, vaddr, n)
                 if self._urgent is None:     # on the pushing stream: counted in its window
