@@ -3,12 +3,13 @@
 It speaks the framed protocol (protocol.py) on its stdin/stdout, keeps every
 image in a private directory (0700) of its own, runs CRIU's page servers and
 restore there, places post-copy's pages itself (placer.py), and takes data
-streams on a UNIX socket in that directory. It restores the tree stopped and lets it run only when told the
-source is gone (Resume). When the coordinator vanishes before that, it cannot
-tell whether the source was committed away: the restored tree is left stopped,
-never killed, the images are deleted, and a marker (ORPHANED.json) says what was
-left, for the source's `livemig recover` to resume or kill through a fresh agent
-(SettleOrphan), by the commit mark the source wrote.
+streams on a UNIX socket in that directory. It restores the tree stopped and
+lets it run only when told the source is gone (Resume). When the coordinator
+vanishes before that, it cannot tell whether the source was committed away: the
+restored tree is left stopped, never killed, the images are deleted, and a
+marker (ORPHANED.json) says what was left, for the source's `livemig recover` to
+resume or kill through a fresh agent (SettleOrphan), by the commit mark the
+source wrote.
 Post-copy is the exception: a copy that lacks pages dies with its page source,
 whoever vanished (see _settle_lazy and guard.py), since the source's copy, stopped
 and whole, outlives it; a verdict file tells the source's `livemig recover` so.
@@ -358,7 +359,7 @@ class Agent:
         # Before anything is restored: from here on `livemig recover` finds a verdict.
         self.verdicts.write(self.work.name, "serving")
         await self._start_guard()
-        self.placer = placer.Placer(d, ranges, on_uffd=lambda fd: self._tell_guard("uffd", fds=[fd]))
+        self.placer = placer.Placer(d, ranges, on_uffd=lambda fd: self._tell_guard("uffd", fds=(fd,)))
         self.placer.listen()
         self.lazy = asyncio.create_task(self._place_pages(token, faults))
 
@@ -377,7 +378,7 @@ class Agent:
             theirs.close()
         self.guard_socket = ours
 
-    def _tell_guard(self, *words: str, fds: list[int] = ()) -> None:
+    def _tell_guard(self, *words: str, fds: tuple[int, ...] = ()) -> None:
         if self.guard_socket is not None:
             socket.send_fds(self.guard_socket, [" ".join(words).encode()], list(fds))
             if words == ("done",):
