@@ -440,14 +440,11 @@ class Placer:
     def _drain(self, task: _Task) -> None:
         """Every event the uffd holds now."""
         retry, task.retry = task.retry, []
-        for address in retry:
-            self._fault(task, address, again=True)
-        while task.fd >= 0:
-            events = uffd.read_events(task.fd)
-            if not events:
-                break
-            for e in events:
-                try:
+        try:
+            for address in retry:
+                self._fault(task, address, again=True)
+            while task.fd >= 0 and (events := uffd.read_events(task.fd)):
+                for e in events:
                     if isinstance(e, uffd.PageFault):
                         self._fault(task, e.address)
                     elif isinstance(e, uffd.Fork):
@@ -456,8 +453,9 @@ class Placer:
                         task.remaps.append((e.old, e.new, e.length))
                     elif isinstance(e, uffd.Removed):
                         self._removed(task, e)
-                except uffd.Gone:
-                    self._gone(task)
+        except uffd.Gone:         # a fault answered again, too, may find its process gone
+            self._gone(task)
+            return
         if task.retry:
             asyncio.get_running_loop().call_later(_BUSY_WAIT, self._readable, task)
 

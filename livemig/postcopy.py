@@ -12,10 +12,9 @@ livemig runs neither end of that conversation across the link:
 - target (placer.Placer): puts every page into the restored copy as it lands, and asks
   the source for the pages a fault waits on.
 
-The pages a request waits for go on a connection of their own when there is one (the
+The pages a fault waits for go on a connection of their own when there is one (the
 fault stream): on the pushing stream they would wait behind up to a window of pushed
 pages, measured at 0.5 to 1 s of app-seen downtime at idle.
-
 """
 
 from __future__ import annotations
@@ -169,7 +168,7 @@ class Pusher:
         self._inbox.put_nowait(None)
 
     async def run(self, criu_side: tuple, remote: tuple, faults: tuple | None = None) -> Pushed:
-        """faults: a (reader, writer) stream of its own for the pages a request waits for."""
+        """faults: a (reader, writer) stream of its own for the pages a fault waits for."""
         (c_reader, c_writer), (r_reader, r_writer) = criu_side, remote
         out = _Outbound(streams.CompressedWriter(r_writer, self.stats.sent, self.level), self._inbox)
         if faults is not None:
