@@ -92,6 +92,8 @@ def livemig(mode: str):
         s.rounds = [x["bytes_wire"] for x in r["rounds"]]
         s.peak_rss_bytes, s.cpu_seconds = r["source_peak_rss_bytes"], r["source_cpu_seconds"]
         s.steps = {"restore": r["restore_seconds"], "final dump frozen": r["final_dump_frozen_seconds"]}
+        if r.get("fill_seconds"):
+            s.steps["fill"] = r["fill_seconds"]     # pre-copy by hashes: pages into the stopped copy
         if r.get("postcopy_seconds"):
             s.fetch_seconds, s.fetch_bytes = r["postcopy_seconds"], r["postcopy_pages"] * 4096
         return _finish(lab, work, s, dst, since, before, wire0, src)
@@ -188,7 +190,9 @@ CONTENDERS = {
     "seeds": seeds,
     "lazy by hand": hand_lazy,
     "livemig stopcopy": livemig("stopcopy"),
+    # without soft-dirty (the namespaced lab): pre-copy by page hashes (livemig/pagehash.py)
+    "livemig precopy": livemig("precopy"),
     "livemig postcopy": livemig("postcopy"),
 }
 # CRIU lazy by hand, through runc, would take runc's page server and a tunnel: not built
-FOR_CONTAINERS = ("seeds", "livemig stopcopy", "livemig postcopy")
+FOR_CONTAINERS = ("seeds", "livemig stopcopy", "livemig precopy", "livemig postcopy")

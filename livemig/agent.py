@@ -31,7 +31,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, bundle, criu, host, logs, pagemap, placer, postcopy, proc, protocol as p, recovery, \
+from . import __version__, bundle, criu, host, logs, pagemap, placer, postcopy, proc, protocol as p, recovery, shadow, \
     streams
 from . import runtimes
 from .runtimes import oci, podman
@@ -65,6 +65,7 @@ class Agent:
         self.page_servers: dict[str, asyncio.Task] = {}
         self.lazy: asyncio.Task | None = None
         self.placer: placer.Placer | None = None
+        self.store: shadow.Store | None = None      # pre-copy by hashes: the pages sent so far
         self.guard = None                           # guard.py, during post-copy
         self.guard_socket: socket.socket | None = None
         self.restored: list[int] = []               # the root PIDs of what was restored here
@@ -272,6 +273,30 @@ class Agent:
             meter = await streams.send_files(d, pagemaps + pages, writer, empty=frozenset(pages))
         return p.FilesReceived(msg.dir, len(pagemaps) + len(pages), meter.raw)
 
+    async def on_StorePages(self, msg: p.StorePages) -> p.PagesStored:
+        if self.store is None:
+            self.store = shadow.Store()
+        pages = 0
+        async with self.stream(msg.stream) as (reader, _):
+            inbound = streams.Decompressed(reader)
+            while True:
+                try:
+                    kind, pid, vaddr, n = postcopy.FRAME.unpack(await inbound.need(postcopy.FRAME.size,
+                                                                                    "pre-copy's page stream"))
+                except EOFError:
+                    raise AgentFailure(Phase.PRECOPY, "pre-copy's page stream ended before its end mark") from None
+                if kind == postcopy.PUSHED_ALL and n == pages:
+                    break
+                if kind != postcopy.PAGES:
+                    raise AgentFailure(Phase.PRECOPY, f"unexpected frame {kind} in pre-copy's page stream")
+                data = await inbound.need(n * pagemap.PAGE, "pre-copy's page stream")
+                try:
+                    self.store.write(pid, vaddr, data)
+                except (OSError, MemoryError) as e:
+                    raise AgentFailure(Phase.PRECOPY, f"no memory here for pre-copy's pages: {e}") from None
+                pages += n
+        return p.PagesStored(pages, self.store.pages)
+
     async def on_ReceiveTree(self, msg: p.ReceiveTree) -> p.TreeReceived:
         root = Path(msg.path)
         if not root.is_absolute() or os.path.normpath(msg.path) != msg.path or msg.path == "/":
@@ -306,7 +331,7 @@ class Agent:
         for task in self.page_servers.values():
             await task   # every page is stored before CRIU reads them
         if msg.lazy_stream:
-            await self._start_placer(d, msg.lazy_stream, msg.fault_stream)
+            await self._start_placer(d, msg.lazy_stream, msg.fault_stream, msg.fill)
         pidfile = self.work / f"restored-{len(self.restored)}.pid"
         self.holds_workload |= not msg.replica
         c, lazy = msg.container, bool(msg.lazy_stream)
@@ -336,7 +361,8 @@ class Agent:
         seconds = time.monotonic() - t0
         if pidfile.exists():
             self.restored.append(int(pidfile.read_text().strip()))
-        if res.returncode == 0 and self.lazy is not None and self.lazy.done():
+        if res.returncode == 0 and self.lazy is not None and self.lazy.done() and \
+                (self.lazy.cancelled() or self.lazy.exception() is not None):
             # the page stream failed while CRIU restored: this copy can never be whole
             await self._kill_restored()
             raise AgentFailure(Phase.RESTORE, "post-copy's page stream ended during the restore: "
@@ -350,8 +376,10 @@ class Agent:
                                "\n".join(errors))
         return p.Restored(self.restored[-1] if self.restored else 0, seconds)
 
-    async def _start_placer(self, d: Path, token: str, faults: str | None) -> None:
-        """Post-copy's target side (placer.py): listening before CRIU's restore looks for it."""
+    async def _start_placer(self, d: Path, token: str, faults: str | None, fill: bool = False) -> None:
+        """Post-copy's target side (placer.py): listening before CRIU's restore looks for it.
+        fill: no post-copy, the same machinery fills the copy before it may run (pre-copy
+        by hashes), from the store where the source says a page is unchanged."""
         try:
             ranges = pagemap.lazy_ranges(d)
         except (OSError, pagemap.PagemapError) as e:
@@ -359,9 +387,10 @@ class Agent:
         # Before anything is restored: from here on `livemig recover` finds a verdict.
         self.verdicts.write(self.work.name, "serving")
         await self._start_guard()
-        self.placer = placer.Placer(d, ranges, on_uffd=lambda fd: self._tell_guard("uffd", fds=(fd,)))
+        self.placer = placer.Placer(d, ranges, on_uffd=lambda fd: self._tell_guard("uffd", fds=(fd,)),
+                                    store=self.store)
         self.placer.listen()
-        self.lazy = asyncio.create_task(self._place_pages(token, faults))
+        self.lazy = asyncio.create_task(self._place_pages(token, faults, fill))
 
     async def _start_guard(self) -> None:
         """guard.py: should this agent die during post-copy, its copy dies before its uffds."""
@@ -385,7 +414,7 @@ class Agent:
                 self.guard_socket.close()
                 self.guard_socket = None
 
-    async def _place_pages(self, token: str, faults: str | None) -> p.LazyDone:
+    async def _place_pages(self, token: str, faults: str | None, fill: bool = False) -> p.LazyDone:
         try:
             async with self.stream(token) as remote, \
                     self.stream(faults) if faults else contextlib.nullcontext() as fault_stream:
@@ -397,10 +426,23 @@ class Agent:
             if isinstance(e, OSError):
                 raise AgentFailure(Phase.POSTCOPY, f"post-copy failed: {e}") from None
             raise
-        self.verdicts.write(self.work.name, "whole")
+        if fill:
+            # Whole, and stopped: from here on a copy restored by stop-and-copy, which the
+            # source's commit alone lets run (a verdict is written at Resume).
+            self.verdicts.forget(self.work.name)
+        else:
+            self.verdicts.write(self.work.name, "whole")
         await self._release_guard()
         self.placer.close()      # after the guard: a fault on a never-written page still finds us
-        return p.LazyDone(served.pages_served, served.requests, served.requests_waited)
+        if fill:
+            self.placer = None
+            self._close_store()
+        return p.LazyDone(served.pages_served, served.requests, served.requests_waited, served.pages_known)
+
+    def _close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
 
     async def _settle_lazy(self, why: str) -> None:
         """Post-copy ends before its time. The copy runs on only if it is whole and already
@@ -512,6 +554,7 @@ class Agent:
                 await task
             except BaseException:
                 pass
+        self._close_store()
         if self.server:
             self.server.close()
         if not orphan:

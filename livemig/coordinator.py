@@ -21,7 +21,8 @@ import socket
 import time
 from pathlib import Path
 
-from . import bundle, criu, host, logs, pagemap, policy, postcopy, preflight, proc, protocol as p, recovery, runtimes, streams
+from . import bundle, criu, host, logs, pagehash, pagemap, policy, postcopy, preflight, proc, protocol as p, recovery, \
+    runtimes, streams
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
                      WorkloadExited, record_failure)
 from .options import Mode, Options
@@ -50,6 +51,7 @@ class Migration:
         self.relay: asyncio.Task | None = None
         self.lazy_token = ""
         self.pusher: postcopy.Pusher | None = None
+        self.tracker: pagehash.Tracker | None = None   # pre-copy by page hashes: what the target holds
         self.round_dirs: list[str] = []
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
         self.bundle_listing: set[str] = set()
@@ -100,10 +102,14 @@ class Migration:
         if mode in (Mode.PRECOPY, Mode.HYBRID):
             await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
         self.phase = Phase.FINAL_DUMP
-        lazy = mode in (Mode.POSTCOPY, Mode.HYBRID)
+        # Pre-copy by hashes ends in a lazy dump too: its pages stay in the frozen source,
+        # the target's store holds most of them, and the restored copy is filled before it
+        # runs (fill): a stop-and-copy of the changed pages alone, no post-copy.
+        fill = self.tracker is not None
+        lazy = mode in (Mode.POSTCOPY, Mode.HYBRID) or fill
         # From the final dump on, a coordinator killed outright may leave the source's copy
         # stopped, or the target's: this record is how `livemig recover` finds them.
-        self.record = recovery.Record.mine(self.id, self.target, self.workload, lazy,
+        self.record = recovery.Record.mine(self.id, self.target, self.workload, lazy and not fill,
                                            bundle_moves=self.bundle_copied_at is not None)
         self.record.save(self.work)
         stop_for_tests("final-dump")
@@ -111,9 +117,12 @@ class Migration:
         self.phase = Phase.TRANSFER
         await self.transfer()
         self.phase = Phase.RESTORE
-        await self.restore(lazy)
+        await self.restore(lazy, fill)
+        if fill:
+            self.phase = Phase.FILL
+            await self.fill()
         self.phase = Phase.COMMIT
-        await self.commit(lazy)
+        await self.commit(lazy, fill)
 
     # --- preflight: nothing on the source is touched ------------------------------------------
     async def preflight(self) -> Mode:
@@ -132,6 +141,12 @@ class Migration:
         self.report.warnings += preflight.enforce(rows, self.target, self.options.force)
         preflight.enforce([await self._check_cpu()], self.target)
         self.report.mode, self.report.mode_reason = mode, why
+        if mode in (Mode.PRECOPY.value, Mode.HYBRID.value):
+            if local.features.get("mem_dirty_track"):
+                self.report.precopy_tracking = "soft-dirty"
+            else:
+                self.report.precopy_tracking = "page hashes"
+                self.tracker = pagehash.Tracker()
         if mode in (Mode.PRECOPY.value, Mode.HYBRID.value) and host.huge_pages_in_use(pids):
             self.report.warnings.append("the workload's memory uses transparent huge pages: pre-copy "
                                         "resends whole 2 MiB pages (set THP to madvise, or use MADV_NOHUGEPAGE)")
@@ -232,38 +247,16 @@ class Migration:
         stats: list[policy.RoundStats] = []
         started: list[float] = []
         while True:
-            n = len(self.round_dirs) + 1
-            name, parent = f"pre-{n}", (self.round_dirs[-1] if self.round_dirs else None)
-            local = self.work / name
-            local.mkdir(mode=0o700)
-            tok = token()
-            if w.streams_pages:
-                await self.to.request(p.OpenPageServer(dir=name, stream=tok, parent=parent), p.Done)
-            t0 = time.monotonic()
-            started.append(t0)
-            run = await w.pre_dump(local, parent)
-            try:
-                sock = await run.pages()
-                relayed = await self.to.relay(sock, tok) if sock else None
-                rc = await run.proc.wait()
-                err = await run.proc.stderr.read() if rc else b""
-            finally:
-                await proc.kill(run.proc)
-                run.close()
-            if rc != 0:
-                raise DumpError(criu_failure(f"{w.kind} pre-dump", rc, run.log, err), phase=Phase.PRECOPY)
-            if w.streams_pages:
-                await self.to.request(p.AwaitPageServer(dir=name), p.PageServerDone)
-                sent = relayed.sent
+            n = len(stats) + 1
+            if self.tracker is not None:
+                t0 = time.monotonic()
+                started.append(t0)
+                pages, sent = await self._hashed_round()
+                seconds = time.monotonic() - t0
+                st = criu.DumpStats(pages_written=pages)
+                self.report.rounds.append(RoundReport("hashes", pages, sent.raw, sent.wire, 0.0, seconds))
             else:
-                sent = await self.to.send_images(name, parent, local)
-            seconds = time.monotonic() - t0
-            if lazy_final:
-                await self._fetch_pagemaps(name, local)
-            st = w.stats(local) or criu.DumpStats()
-            self.round_dirs.append(name)
-            self.report.rounds.append(RoundReport("pre-dump", st.pages_written, sent.raw,
-                                                  sent.wire, st.frozen_time, seconds))
+                st, sent, seconds, t0 = await self._predump_round(n, lazy_final, started)
             stats.append(policy.RoundStats(st.pages_written, sent.wire, seconds))
             decision = policy.decide(stats, limits)
             # what this round wrote, the workload dirtied since the round before began
@@ -273,6 +266,64 @@ class Migration:
             if decision.stop:
                 self.report.precopy_stop_reason = decision.reason.value
                 return
+
+    async def _hashed_round(self) -> tuple[int, streams.Meter]:
+        """One round of pre-copy by hashes: every page of the tree whose content changed
+        since the target got it (all of them, the first time), into the target's store."""
+        meter, tracker, level = streams.Meter(), self.tracker, self.options.compression_level
+
+        async def send(writer) -> int:
+            out, pages = streams.CompressedWriter(writer, meter, level), 0
+            for pid in self.workload.pids():
+                try:
+                    for run in tracker.scan(pid):
+                        await out.write(postcopy.FRAME.pack(postcopy.PAGES, run.vpid, run.vaddr, run.pages)
+                                        + run.data, flush=False)
+                        pages += run.pages
+                except (FileNotFoundError, ProcessLookupError):
+                    continue      # it exited: the final dump knows what became of it
+            await out.write(postcopy.FRAME.pack(postcopy.PUSHED_ALL, 0, 0, pages), flush=True)
+            await out.close()
+            return pages
+
+        _, pages = await self.to.push(send, lambda tok: p.StorePages(stream=tok), p.PagesStored)
+        return pages, meter
+
+    async def _predump_round(self, n: int, lazy_final: bool, started: list[float]):
+        """One round of CRIU's pre-dump (soft-dirty): (its stats, what it sent, seconds, start)."""
+        w = self.workload
+        name, parent = f"pre-{n}", (self.round_dirs[-1] if self.round_dirs else None)
+        local = self.work / name
+        local.mkdir(mode=0o700)
+        tok = token()
+        if w.streams_pages:
+            await self.to.request(p.OpenPageServer(dir=name, stream=tok, parent=parent), p.Done)
+        t0 = time.monotonic()
+        started.append(t0)
+        run = await w.pre_dump(local, parent)
+        try:
+            sock = await run.pages()
+            relayed = await self.to.relay(sock, tok) if sock else None
+            rc = await run.proc.wait()
+            err = await run.proc.stderr.read() if rc else b""
+        finally:
+            await proc.kill(run.proc)
+            run.close()
+        if rc != 0:
+            raise DumpError(criu_failure(f"{w.kind} pre-dump", rc, run.log, err), phase=Phase.PRECOPY)
+        if w.streams_pages:
+            await self.to.request(p.AwaitPageServer(dir=name), p.PageServerDone)
+            sent = relayed.sent
+        else:
+            sent = await self.to.send_images(name, parent, local)
+        seconds = time.monotonic() - t0
+        if lazy_final:
+            await self._fetch_pagemaps(name, local)
+        st = w.stats(local) or criu.DumpStats()
+        self.round_dirs.append(name)
+        self.report.rounds.append(RoundReport("pre-dump", st.pages_written, sent.raw,
+                                              sent.wire, st.frozen_time, seconds))
+        return st, sent, seconds, t0
 
     async def _fetch_pagemaps(self, name: str, local: Path) -> None:
         tok = token()
@@ -347,7 +398,7 @@ class Migration:
         self.progress(Copied("images", meter.raw, meter.wire))
 
     # --- restore: the target brings the tree back, stopped ---------------------------------------
-    async def restore(self, lazy: bool) -> None:
+    async def restore(self, lazy: bool, fill: bool = False) -> None:
         fault_token = None
         if lazy:
             try:
@@ -356,31 +407,67 @@ class Migration:
                 ranges = []
                 self.report.warnings.append(f"cannot read the dump's pagemaps ({e}): post-copy "
                                             "fetches pages only when the target asks")
-            self.pusher = postcopy.Pusher(ranges, self.options.compression_level)
-            fault_token = token()
-            faults, why_not = await self.to.fault_stream(fault_token)
-            if faults is None:
-                fault_token = None
-                self.report.warnings.append(f"no second connection for post-copy's faults ({why_not}): "
-                                            "they share the pushed pages' stream")
+            self.pusher = postcopy.Pusher(ranges, self.options.compression_level, known=self.tracker)
+            faults = None
+            if fill:
+                # nothing runs there yet: every page goes at once, read from the frozen tree
+                self.pusher.start_pushing(fill=True, memory=_by_vpid(self.workload.pids()))
+            else:
+                fault_token = token()
+                faults, why_not = await self.to.fault_stream(fault_token)
+                if faults is None:
+                    fault_token = None
+                    self.report.warnings.append(f"no second connection for post-copy's faults ({why_not}): "
+                                                "they share the pushed pages' stream")
             self.relay = asyncio.create_task(
                 self.to.push_pages(await self.dump.lazy_pages(), self.lazy_token, faults, self.pusher))
         self.progress(Stepping(Phase.RESTORE, "restoring on the target"))
         restored = await self.to.request(
             p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
-                      fault_stream=fault_token, container=self.spec), p.Restored)
+                      fault_stream=fault_token, container=self.spec, fill=fill), p.Restored)
         self.report.target_pid, self.report.restore_seconds = restored.pid, restored.restore_seconds
         stop_for_tests("restored")
 
+    # --- fill: pre-copy by hashes puts every page in before the target's copy runs ------------
+    async def fill(self) -> None:
+        """The target's copy, restored and stopped, gets every page of the final dump: the
+        ones changed since pre-copy over the link, the rest named only, from its store. Until
+        the commit the source's copy, stopped, is the workload, as in stop-and-copy."""
+        self.progress(Stepping(Phase.FILL, "placing every page in the target's copy"))
+        t0 = time.monotonic()
+        done, pushed = await self._pages_in()
+        r = self.report
+        r.fill_seconds, r.pages_known = time.monotonic() - t0, pushed.pages_known
+        rnd = r.rounds[-1]
+        rnd.pages_written = pushed.pages_pushed + pushed.pages_on_demand - pushed.pages_known
+        rnd.bytes_raw, rnd.bytes_wire = pushed.sent.raw, pushed.sent.wire
+
+    async def _pages_in(self) -> tuple[p.LazyDone, postcopy.Pushed]:
+        """Until the target's copy has every page: what each side counted."""
+        # Either side may fail first; across a cut link the agent's answer never comes.
+        awaiting = asyncio.ensure_future(self.to.request(p.AwaitLazy(), p.LazyDone))
+        try:
+            await asyncio.wait({awaiting, self.relay}, return_when=asyncio.FIRST_EXCEPTION)
+            if self.relay.done() and not self.relay.cancelled() and self.relay.exception():
+                raise self.relay.exception()
+            return await awaiting, await self.relay
+        finally:
+            if not awaiting.done():
+                awaiting.cancel()
+            elif not awaiting.cancelled():
+                awaiting.exception()     # seen: the relay's failure, which came first, is the one told
+
     # --- commit: the one place where the source is given up ---------------------------------
-    async def commit(self, lazy: bool) -> None:
+    async def commit(self, lazy: bool, fill: bool = False) -> None:
         w = self.workload
         self.committed = True              # from here on the target's copy is the workload
         self.record.committed = True       # on disk before the source's copy goes
         self.record.save(self.work)
         self.report.warnings += await w.release(self.dump, lazy)
+        if fill:
+            await w.finish_lazy(self.dump)     # the target has every page: the source's copy goes
         stop_for_tests("released")
-        if lazy:
+        if lazy and not fill:
             try:
                 running_at = await self._resume_target(lazy=True)
                 self.phase = Phase.POSTCOPY
@@ -499,19 +586,7 @@ class Migration:
         self.pusher.start_pushing()
         if self.ticker:
             self.ticker.pages_since, self.ticker.pages = running_at, self.pusher.progress
-        # Either side may fail first; across a cut link the agent's answer never comes.
-        awaiting = asyncio.ensure_future(self.to.request(p.AwaitLazy(), p.LazyDone))
-        try:
-            await asyncio.wait({awaiting, self.relay}, return_when=asyncio.FIRST_EXCEPTION)
-            if self.relay.done() and not self.relay.cancelled() and self.relay.exception():
-                raise self.relay.exception()
-            done = await awaiting
-            pushed = await self.relay
-        finally:
-            if not awaiting.done():
-                awaiting.cancel()
-            elif not awaiting.cancelled():
-                awaiting.exception()     # seen: the relay's failure, which came first, is the one told
+        done, pushed = await self._pages_in()
         r = self.report
         r.postcopy_seconds = time.monotonic() - running_at
         r.postcopy_pages, r.postcopy_pages_on_demand = done.pages_fetched, pushed.pages_on_demand
@@ -598,6 +673,15 @@ def _why(e: BaseException) -> str:
     if isinstance(e, p.RemoteFailure):
         return e.failed.message
     return str(e) or type(e).__name__
+
+
+def _by_vpid(pids: list[int]) -> dict[int, int]:
+    """The tree's processes by the PIDs the dump knows them by (their own PID namespace's)."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            out[pagehash.vpid_of(pid)] = pid
+    return out
 
 
 def make_work_dir(image_root: str, work: Path) -> None:

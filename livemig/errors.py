@@ -30,6 +30,7 @@ class Phase:
     FINAL_DUMP = "final dump"
     TRANSFER = "transfer"
     RESTORE = "restore"
+    FILL = "fill"           # pre-copy by hashes: every page into the restored copy before it runs
     COMMIT = "commit"
     POSTCOPY = "post-copy"
     ROLLBACK = "rollback"

@@ -39,9 +39,9 @@ import socket
 import struct
 from pathlib import Path
 
-from . import postcopy, streams, uffd
+from . import postcopy, shadow, streams, uffd
 from .pagemap import PAGE, Range
-from .postcopy import ACK, CLOSE, FAULT, FRAME, NEED_PAGES, PAGES, PS_IOV_CLOSE, PUSHED_ALL, STATUS, \
+from .postcopy import ACK, CLOSE, FAULT, FRAME, HAVE, NEED_PAGES, PAGES, PS_IOV_CLOSE, PUSHED_ALL, STATUS, \
     PageStreamError
 
 SOCKET = "lazy-pages.socket"
@@ -139,8 +139,10 @@ class Placer:
     the source's postcopy.Pusher, and puts the one into the other."""
 
     def __init__(self, images: Path, ranges: list[Range], stall_seconds: float = postcopy.STALL_SECONDS,
-                 on_uffd=None):
+                 on_uffd=None, store: shadow.Store | None = None):
+        """store: the pages pre-copy by hashes left here, which the source names (HAVE)."""
         self.images = images
+        self.store = store
         self.stall_seconds = stall_seconds
         self.on_uffd = on_uffd          # on_uffd(fd) for each uffd received (the guard holds a duplicate)
         grouped = collections.defaultdict(list)
@@ -294,6 +296,19 @@ class Placer:
                     self._queue(ACK, pages=n)
                 await self._arrived(pid, vaddr, n, data)
                 await asyncio.sleep(0)      # the copy's faults, read by a callback, go between frames
+            elif kind == HAVE:
+                if self.store is None:
+                    raise PageStreamError("the source named pages as held here, and this host holds none")
+                try:
+                    pieces = self.store.pieces(pid, vaddr, n)
+                except shadow.MissingPages as e:
+                    raise PageStreamError(str(e)) from None
+                if acks and not self.whole:
+                    self._queue(ACK, pages=n)
+                for first, count, view in pieces:
+                    await self._arrived(pid, first, count, view)
+                self.stats.pages_known += n
+                await asyncio.sleep(0)
             elif kind == STATUS:
                 self.status = n
                 if self.whole:

@@ -39,6 +39,7 @@ class Limits:
     max_rounds: int = 8            # P.Haul
     min_pages: int = 64            # P.Haul: a round this small is as good as it gets
     max_growth: float = 0.10       # P.Haul: +10 % pages over the round before: diverging
+    min_shrink: float = 0.10       # a round at least 10 % smaller than the one before still gains
     fixed_cost: float = 0.0        # seconds of downtime that do not depend on pages (freeze, restore)
     thp_always: bool = False       # the workload sits on huge pages: soft-dirty marks 2 MiB at a time
 
@@ -47,6 +48,7 @@ class StopReason(str, Enum):
     WITHIN_DOWNTIME = "the pages left fit the downtime limit"
     FEW_PAGES = "the last round wrote few pages"
     DIVERGING = "pages written grew: the workload dirties memory faster than it is sent"
+    STALLED = "pages written stopped shrinking: more rounds would send the same again"
     MAX_ROUNDS = "the round limit was reached"
     THP_ALWAYS = "the workload's memory is on transparent huge pages: every round would resend it all"
 
@@ -83,6 +85,10 @@ def decide(rounds: Sequence[RoundStats], limits: Limits = Limits()) -> Decision:
         reason = StopReason.WITHIN_DOWNTIME
     elif len(rounds) >= 2 and last.pages_written > rounds[-2].pages_written * (1 + limits.max_growth):
         reason = StopReason.DIVERGING
+    elif len(rounds) >= 2 and last.pages_written > rounds[-2].pages_written * (1 - limits.min_shrink):
+        # the dirty set has levelled off at dirty rate x round length: the final dump sends
+        # it whatever happens, and each further round only adds its length to the move
+        reason = StopReason.STALLED
     elif len(rounds) >= limits.max_rounds:
         reason = StopReason.MAX_ROUNDS
     return Decision(reason is not None, reason, estimate, last.bandwidth)
@@ -108,8 +114,12 @@ def choose_mode(requested: str, source_features: dict[str, bool],
                                 "podman checkpoints in one piece here: this kernel cannot track dirty pages")
         return "precopy", ("as requested" if requested == "precopy" else
                            "one pre-checkpoint while it runs, then the dirty pages: podman has no lazy restore")
-    if requested in ("precopy", "hybrid") and not dirty:
-        raise ValueError(f"{requested} needs dirty-page tracking (soft-dirty), which this kernel lacks")
+    if requested == "hybrid" and not dirty:
+        raise ValueError("hybrid needs dirty-page tracking (soft-dirty), which this kernel lacks")
+    if requested == "precopy" and not dirty and not lazy:
+        # by hashes (pagehash.py), the final dump is lazy and fills the copy before it runs
+        raise ValueError("precopy needs dirty-page tracking (soft-dirty), which this kernel lacks, or "
+                         "else userfaultfd on both hosts and a runtime that serves lazy pages (not crun)")
     if requested in ("postcopy", "hybrid") and runtime == "crun":
         raise ValueError(f"{requested} needs lazy pages, which crun cannot serve (runc can)")
     if requested in ("postcopy", "hybrid") and not lazy:
@@ -121,7 +131,12 @@ def choose_mode(requested: str, source_features: dict[str, bool],
     if dirty:
         return "precopy", ("crun cannot serve pages lazily" if runtime == "crun" else
                            "the target has no userfaultfd for lazy pages")
-    return "stopcopy", "this kernel cannot track dirty pages (no soft-dirty), so no pre-copy"
+    if lazy:
+        return "precopy", ("by page hashes: this kernel cannot track dirty pages (no soft-dirty), so pages "
+                           "are compared by content")
+    return "stopcopy", ("this kernel cannot track dirty pages (no soft-dirty), and pre-copy by page hashes "
+                        + ("needs lazy pages, which crun cannot serve" if runtime == "crun" else
+                           "needs userfaultfd on both hosts"))
 
 
 @dataclass(frozen=True)

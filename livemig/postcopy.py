@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import struct
 from dataclasses import dataclass, field
 
-from . import streams
+from . import pagehash, streams
 from .pagemap import PAGE, Range
 
 # CRIU's struct page_server_iov as laid out on x86-64 and AArch64: cmd, nr_pages, vaddr, dst_id.
@@ -37,7 +38,8 @@ _STATUS = struct.Struct("<i")
 
 # Frames between the two ends, inside the zstd stream: kind, pid, vaddr, pages.
 FRAME = struct.Struct("<BIQI")
-PAGES, PUSHED_ALL, STATUS = 1, 2, 3     # source -> target (STATUS carries it in pages)
+PAGES, PUSHED_ALL, STATUS, HAVE = 1, 2, 3, 4   # source -> target (STATUS carries it in pages; HAVE:
+                                               # pages the target's store holds as they are now)
 CLOSE, ACK, FAULT = 2, 3, 4              # target -> source (CLOSE: CRIU's command in pages; ACK: pages in;
                                          # FAULT: the pages a fault waits on)
 _ENDED = 0                               # not on the wire: the target's stream ended
@@ -51,6 +53,10 @@ _ENDED = 0                               # not on the wire: the target's stream 
 # too (measured, 1 rep: the longest stall of a workload dirtying 100 MiB/s of 512 MiB went
 # from 2.3-3.2 s to 1.3 s, with every page there 4.2 s after the move began, not 3.9 s).
 PUSH_PAGES = 64             # 256 KiB per read from CRIU
+# Filling a copy that does not run yet (pre-copy by hashes), no fault waits behind the
+# push: reads as large as CRIU's page server answers at once, and a window wide enough
+# that acknowledgements never hold the push back.
+FILL_PAGES, FILL_WINDOW = 512, 1 << 16       # 2 MiB per read, 256 MiB in flight
 WINDOW_PAGES = (256, 4096)  # 1 MiB to 16 MiB
 NEED_PAGES = 16     # what the target asks for at once: a fault's neighbours come along
 # Pushed while the target restores, before it runs: the smallest ranges, where the first
@@ -74,6 +80,7 @@ class Pushed:
     sent: streams.Meter = field(default_factory=streams.Meter)
     pages_pushed: int = 0        # in push order, nobody waiting
     pages_on_demand: int = 0     # because a request on the target waited for them
+    pages_known: int = 0         # of both, named only: the target's store held them as they are
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Served:
     pages_served: int = 0        # placed in the copy
     requests: int = 0            # the copy's faults
     requests_waited: int = 0     # faults that had to ask the source for their page
+    pages_known: int = 0         # placed from the store of pre-copy by hashes
 
 
 def chunks(ranges: list[Range], size: int = PUSH_PAGES):
@@ -144,8 +152,11 @@ class Pusher:
     """Reads the lazy dump's page server (local) and pushes to the target's placer.Placer."""
 
     def __init__(self, ranges: list[Range], level: int = 1, prefetch_pages: int = PREFETCH_PAGES,
-                 stall_seconds: float = STALL_SECONDS):
+                 stall_seconds: float = STALL_SECONDS, known: pagehash.Tracker | None = None):
+        """known: what pre-copy by hashes left in the target's store; a page it holds as
+        CRIU has it now is named (HAVE), not sent."""
         self.ranges = ranges
+        self.known = known
         self.total_pages = sum(r.pages for r in ranges)
         self.stall_seconds = stall_seconds
         self.level = level
@@ -155,6 +166,9 @@ class Pusher:
         self._go = False
         self._in_flight = 0    # pushed pages that the target has not acknowledged
         self._window = WINDOW_PAGES[0]
+        self._fill = False
+        self._memory: dict[int, int] = {}     # PID in the dump -> its /proc/PID/mem, open
+        self._buffer = bytearray()             # what is read there, one read at a time
         self._urgent: streams.CompressedWriter | None = None   # the fault stream's
 
     def progress(self) -> tuple[int, int]:
@@ -162,9 +176,21 @@ class Pusher:
         done = self.stats.pages_pushed + self.stats.pages_on_demand
         return done, max(done, self.total_pages)
 
-    def start_pushing(self) -> None:
-        """The target's copy runs: from now on every page goes, smallest ranges first."""
+    def start_pushing(self, fill: bool = False, memory: dict[int, int] | None = None) -> None:
+        """The target's copy runs: from now on every page goes, smallest ranges first.
+        fill: it does not run, and waits for every page (pre-copy by hashes). memory: the
+        frozen tree's processes (PID in the dump -> PID here), whose pages are read where
+        they are: through CRIU's page server every byte was copied three times more, and
+        the whole fill is downtime."""
         self._go = True
+        if fill:
+            self._fill = True
+            self._window = FILL_WINDOW
+        for vpid, pid in (memory or {}).items():
+            try:
+                self._memory[vpid] = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass        # read through CRIU, then
         self._inbox.put_nowait(None)
 
     async def run(self, criu_side: tuple, remote: tuple, faults: tuple | None = None) -> Pushed:
@@ -187,6 +213,9 @@ class Pusher:
             r_writer.close()
             if faults is not None:
                 faults[1].close()
+            for fd in self._memory.values():
+                os.close(fd)
+            self._memory.clear()
         return self.stats
 
     async def _listen(self, inbound: streams.Decompressed) -> None:
@@ -200,7 +229,7 @@ class Pusher:
                 return
 
     async def _pump(self, c_reader, c_writer, out: _Outbound, writing: asyncio.Task) -> None:
-        todo = chunks(self.ranges)
+        todo = chunks(self.ranges, FILL_PAGES if self._fill else PUSH_PAGES)
         pushed_all = False
         on_demand: dict[int, set[int]] = collections.defaultdict(set)
         while True:
@@ -224,9 +253,11 @@ class Pusher:
             kind, pid, vaddr, n = item
             if kind == ACK:
                 self._in_flight -= n
-                self._window = min(self._window + PUSH_PAGES, WINDOW_PAGES[1])
+                if not self._fill:
+                    self._window = min(self._window + PUSH_PAGES, WINDOW_PAGES[1])
             elif kind == FAULT:
-                self._window = WINDOW_PAGES[0]
+                if not self._fill:
+                    self._window = WINDOW_PAGES[0]
                 self.stats.pages_on_demand += await self._copy(c_reader, c_writer, self._urgent or out,
                                                                pid, vaddr, n)
                 if self._urgent is None:     # on the pushing stream: counted in its window
@@ -270,6 +301,17 @@ class Pusher:
 
     async def _copy(self, c_reader, c_writer, out, pid: int, vaddr: int, n: int) -> int:
         """Pages [vaddr, +n) of pid from CRIU to the target; CRIU may answer in parts."""
+        if (fd := self._memory.get(pid)) is not None:
+            if len(self._buffer) < n * PAGE:
+                self._buffer = bytearray(n * PAGE)
+            view = memoryview(self._buffer)[:n * PAGE]
+            try:
+                got = os.preadv(fd, [view], vaddr)
+            except OSError:
+                got = 0
+            if got == n * PAGE:
+                await self._forward(out, pid, vaddr, n, view)    # which copies what it keeps
+                return n
         done = 0
         while done < n:
             c_writer.write(_IOV.pack(PS_IOV_GET, n - done, vaddr + done * PAGE, pid))
@@ -282,9 +324,24 @@ class Pusher:
             except asyncio.IncompleteReadError:
                 raise PageStreamError(f"CRIU's page server closed the connection at pid {pid} "
                                       f"address {vaddr + done * PAGE:#x}") from None
-            await _send(out, PAGES, pid, vaddr + done * PAGE, got, data)
+            await self._forward(out, pid, vaddr + done * PAGE, got, data)
             done += got
         return done
+
+
+    async def _forward(self, out, pid: int, vaddr: int, n: int, data: bytes) -> None:
+        if self.known is None:
+            await _send(out, PAGES, pid, vaddr, n, data)
+            return
+        parts, view = [], memoryview(data)
+        for first, count, changed in self.known.changed(pid, vaddr, view, record=False):
+            if changed:
+                at = (first - vaddr) // PAGE * PAGE
+                parts += [FRAME.pack(PAGES, pid, first, count), view[at:at + count * PAGE]]
+            else:
+                parts.append(FRAME.pack(HAVE, pid, first, count))
+                self.stats.pages_known += count
+        await out.write(b"".join(parts), flush=True)     # one write: see _send
 
 
 def _runs_without(vaddr: int, n: int, skip) -> list[tuple[int, int]]:

@@ -52,6 +52,15 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
     except ValueError as e:
         mode, why = "", ""
         rows.append(Check("strategy", False, str(e), on_target=False))
+    memory_needed = need_bytes
+    if mode == "precopy" and not local.features.get("mem_dirty_track"):
+        # by page hashes: the target holds what pre-copy sent beside the copy it fills (shadow.py)
+        if remote.mem_available >= 2 * need_bytes or requested_mode == "precopy":
+            memory_needed = 2 * need_bytes
+        else:
+            mode, why = "stopcopy", ("pre-copy by page hashes would need the memory twice over on the target "
+                                     f"({2 * need_bytes >> 20} MiB; {remote.mem_available >> 20} MiB available)")
+            rows[-1] = Check("strategy", True, f"{mode}: {why}")
     for name in sorted(local.features):
         rows.append(Check(f"feature {name}", True,
                           f"here {'yes' if local.features[name] else 'no'}, "
@@ -68,12 +77,12 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                       if room else f"no room for the images: {remote.free_bytes >> 20} MiB free in the image root, "
                                    f"{need_bytes >> 20} MiB needed",
                       "free some, or point --image-root at a larger file system (on both hosts)"))
-    memory = remote.mem_available >= need_bytes
+    memory = remote.mem_available >= memory_needed
     rows.append(Check("memory", memory,
                       f"{remote.mem_available >> 20} MiB available" +
-                      (f", {need_bytes >> 20} MiB needed" if need_bytes else "") if memory
+                      (f", {memory_needed >> 20} MiB needed" if memory_needed else "") if memory
                       else f"not enough memory: {remote.mem_available >> 20} MiB available, "
-                           f"{need_bytes >> 20} MiB needed"))
+                           f"{memory_needed >> 20} MiB needed"))
     return rows, mode, why
 
 

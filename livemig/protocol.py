@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -126,6 +126,19 @@ class PageServerDone:
 
 
 @message
+class StorePages:
+    """Pre-copy by page hashes (pagehash.py): pages arrive on data stream `stream`, as
+    postcopy's PAGES frames in one zstd stream, for the store (shadow.py)."""
+    stream: str
+
+
+@message
+class PagesStored:
+    pages: int                    # pages this round brought
+    held: int                     # pages the store holds now
+
+
+@message
 class ReceiveFiles:
     """Files of image directory `dir` arrive on data stream `stream` (streams.send_files);
     dir is created, linked to parent, when no page server made it."""
@@ -181,6 +194,8 @@ class Restore:
     fault_stream: str | None = None   # post-copy: the pages faults wait for, on a connection of their own
     container: Container | None = None   # restore through this runtime (else CRIU directly)
     replica: bool = False   # a clone: the original runs on, so a replica never outlives its coordinator
+    fill: bool = False      # pre-copy by hashes: every page goes in before the copy may run, the
+                            # unchanged ones from the store (the lazy stream is no post-copy then)
 
 
 @message
@@ -210,6 +225,7 @@ class LazyDone:
     pages_fetched: int            # placed in the copy
     requests: int = 0             # the copy's page faults
     requests_waited: int = 0      # faults whose page had to be asked for
+    pages_known: int = 0          # placed from the store of pre-copy by hashes
 
 
 @message

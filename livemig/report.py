@@ -20,7 +20,7 @@ def _closing(warnings: list[str], error: str, phase: str) -> list[str]:
 @dataclass
 class RoundReport:
     """One pass of pages: a pre-copy round or the final dump."""
-    kind: str                     # "pre-dump" or "dump"
+    kind: str                     # "pre-dump" (CRIU's, by soft-dirty), "hashes" (pagehash.py) or "dump"
     pages_written: int = 0
     bytes_raw: int = 0            # what CRIU sent through the page stream
     bytes_wire: int = 0           # what crossed the network, compressed
@@ -44,6 +44,9 @@ class Report:
     outcome: str = "failed"       # "moved", "rolled back", "failed" or "unresolved" (livemig recover)
     rounds: list[RoundReport] = field(default_factory=list)
     precopy_stop_reason: str = ""
+    precopy_tracking: str = ""    # how pre-copy found changed pages: "soft-dirty" or "page hashes"
+    pages_known: int = 0          # pre-copy by hashes: pages the final dump only named (the target held them)
+    fill_seconds: float = 0.0     # pre-copy by hashes: every page into the stopped copy, after its restore
     final_dump_frozen_seconds: float = 0.0
     image_files_bytes: int = 0    # images other than pages, sent after the dump
     bundle_bytes_wire: int = 0    # a container's bundle: pre-copy and changes, compressed
@@ -79,6 +82,9 @@ class Report:
                          f"frozen {r.frozen_seconds * 1000:.0f} ms, {r.seconds:.2f} s")
         if self.precopy_stop_reason:
             lines.append(f"  pre-copy stopped: {self.precopy_stop_reason}")
+        if self.fill_seconds:
+            lines.append(f"  final pages: {self.pages_known} of {self.pages_known + self.rounds[-1].pages_written} "
+                         f"unchanged since pre-copy, placed from the target's store; all in {self.fill_seconds:.2f} s")
         if self.outcome == "moved":
             lines.append(f"  downtime {self.downtime_seconds * 1000:.0f} ms (restore "
                          f"{self.restore_seconds * 1000:.0f} ms), total {self.total_seconds:.2f} s; "

@@ -12,7 +12,7 @@ MIRROR = "http://deb.debian.org/debian"
 PACKAGES = [
     "openssh-server", "openssh-client",
     "python3", "python3-asyncssh", "python3-aiofiles", "python3-zstandard",
-    "python3-uvloop", "python3-rich", "python3-shtab",
+    "python3-uvloop", "python3-rich", "python3-shtab", "python3-xxhash",
     "runc", "crun",
     "podman", "conmon", "netavark", "aardvark-dns", "catatonit",
     "iproute2", "procps", "psmisc", "zstd", "busybox-static", "iputils-ping",

@@ -52,12 +52,20 @@ def test_growth_over_ten_percent_means_diverging():
     rounds = [rnd(131_072, 4.0), rnd(40_000, 1.2), rnd(44_001, 1.3)]
     d = decide(rounds, Limits(max_downtime=0.3))
     assert d.stop and d.reason is StopReason.DIVERGING
-    # exactly +10 % is still tolerated
-    assert not decide([rnd(131_072, 4.0), rnd(40_000, 1.2), rnd(44_000, 1.3)], Limits(max_downtime=0.3)).stop
+    # exactly +10 % is no divergence yet, but no progress either
+    d = decide([rnd(131_072, 4.0), rnd(40_000, 1.2), rnd(44_000, 1.3)], Limits(max_downtime=0.3))
+    assert d.stop and d.reason is StopReason.STALLED
+
+
+def test_a_round_that_shrank_less_than_ten_percent_stops_pre_copy_as_stalled():
+    # the dirty set levelled off (dirty rate x round length): more rounds send it again and again
+    d = decide([rnd(131_072, 4.0), rnd(5_000, 1.5), rnd(4_600, 1.5)], Limits(max_downtime=0.3))
+    assert d.stop and d.reason is StopReason.STALLED
+    assert not decide([rnd(131_072, 4.0), rnd(5_000, 1.5), rnd(4_499, 1.5)], Limits(max_downtime=0.3)).stop
 
 
 def test_round_limit():
-    rounds = [rnd(131_072, 4.0)] + [rnd(40_000 - i, 1.2) for i in range(7)]
+    rounds = [rnd(131_072, 4.0)] + [rnd(int(40_000 * 0.8 ** i), 1.2) for i in range(7)]
     assert len(rounds) == 8
     d = decide(rounds, Limits(max_downtime=0.3, max_rounds=8))
     assert d.stop and d.reason is StopReason.MAX_ROUNDS
@@ -82,7 +90,8 @@ NOTHING = {"mem_dirty_track": False, "uffd-noncoop": False}
 @pytest.mark.parametrize("src, dst, mode", [
     (ALL, ALL, "hybrid"),
     (ALL, NOTHING, "precopy"),
-    (NO_DIRTY, ALL, "stopcopy"),      # no soft-dirty: the namespaced lab, AArch64
+    (NO_DIRTY, ALL, "precopy"),       # no soft-dirty (the namespaced lab, AArch64): by page hashes
+    (NO_DIRTY, NOTHING, "stopcopy"),  # ...which needs lazy pages on both hosts
     (NOTHING, NOTHING, "stopcopy"),
 ])
 def test_auto_picks_the_best_strategy_both_hosts_support(src, dst, mode):
@@ -91,7 +100,7 @@ def test_auto_picks_the_best_strategy_both_hosts_support(src, dst, mode):
 
 
 @pytest.mark.parametrize("requested, src, dst", [
-    ("precopy", NO_DIRTY, ALL), ("hybrid", NO_DIRTY, ALL), ("postcopy", ALL, NOTHING), ("hybrid", ALL, NOTHING),
+    ("precopy", NO_DIRTY, NOTHING), ("hybrid", NO_DIRTY, ALL), ("postcopy", ALL, NOTHING), ("hybrid", ALL, NOTHING),
 ])
 def test_a_requested_strategy_the_hosts_cannot_run_is_refused(requested, src, dst):
     with pytest.raises(ValueError, match=requested):
@@ -100,6 +109,16 @@ def test_a_requested_strategy_the_hosts_cannot_run_is_refused(requested, src, ds
 
 def test_a_requested_strategy_they_can_run_is_kept():
     assert choose_mode("postcopy", NO_DIRTY, NO_DIRTY) == ("postcopy", "as requested")
+    assert choose_mode("precopy", NO_DIRTY, NO_DIRTY) == ("precopy", "as requested")
+
+
+def test_without_soft_dirty_auto_pre_copies_by_hashes_and_says_so_but_not_with_crun():
+    mode, why = choose_mode("auto", NO_DIRTY, NO_DIRTY)
+    assert mode == "precopy" and "page hashes" in why
+    mode, why = choose_mode("auto", NO_DIRTY, NO_DIRTY, "crun")
+    assert mode == "stopcopy" and "crun" in why
+    with pytest.raises(ValueError, match="crun"):
+        choose_mode("precopy", NO_DIRTY, NO_DIRTY, "crun")
 
 
 def test_podman_pre_copies_one_round_where_soft_dirty_exists_and_never_lazily():

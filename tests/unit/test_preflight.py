@@ -35,7 +35,7 @@ def test_no_criu_on_the_target_says_so_first():
 
 
 def test_an_unsupported_strategy_fails_and_blames_no_target():
-    rows, mode, _ = compare(facts(features={"mem_dirty_track": False, "uffd-noncoop": True}), facts(), "precopy")
+    rows, mode, _ = compare(facts(features={"mem_dirty_track": False, "uffd-noncoop": True}), facts(), "hybrid")
     [row] = [r for r in rows if not r.ok]
     assert row.name == "strategy" and not row.on_target and mode == ""
 
