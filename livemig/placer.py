@@ -48,6 +48,9 @@ SOCKET = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446       # "ReSTore Finished", as criu/uffd.c sends it
 _WORD = struct.Struct("<I")
 _BUSY_WAIT = 0.0005                 # seconds before trying a copy the kernel refused again
+# A fill's copies at once, each in a thread: the kernel's copy, most of a fill, needs no
+# GIL, and two threads placed 1.6 to 1.7 times as fast as one on the lab's two cores.
+FILL_THREADS = max(2, min(4, os.cpu_count() or 1))
 
 
 class _Lazy:
@@ -163,6 +166,8 @@ class Placer:
         self._listener: socket.socket | None = None
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._ended = asyncio.Event()        # whole, and the source's status is here
+        self._group: asyncio.TaskGroup | None = None
+        self._fill_slots = asyncio.Semaphore(FILL_THREADS)
         self._failed: asyncio.Future | None = None
 
     # --- what the agent calls ------------------------------------------------------------------
@@ -201,6 +206,7 @@ class Placer:
         self._failed = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._group = tg
                 tg.create_task(self._receive(streams.Decompressed(r_reader, self.stats.received), acks=True))
                 if faults is not None:
                     tg.create_task(self._receive(streams.Decompressed(faults[0], self.stats.received), acks=False))
@@ -306,7 +312,11 @@ class Placer:
                 if acks and not self.whole:
                     self._queue(ACK, pages=n)
                 for first, count, view in pieces:
-                    await self._arrived(pid, first, count, view)
+                    if self.finished and not self.running:
+                        await self._fill_slots.acquire()
+                        self._group.create_task(self._fill(pid, first, count, view))
+                    else:
+                        await self._arrived(pid, first, count, view)
                 self.stats.pages_known += n
                 await asyncio.sleep(0)
             elif kind == STATUS:
@@ -396,6 +406,40 @@ class Placer:
                 await asyncio.sleep(_BUSY_WAIT)
             except uffd.Gone:
                 self._gone(task)
+
+    async def _fill(self, pid: int, first: int, n: int, view: memoryview) -> None:
+        """Pages from the store into a copy that is restored and does not run (pre-copy by
+        hashes): the copies in a thread, several at once; the bookkeeping here, between.
+        Pages placed, the store lets their memory go: no fork can want them again."""
+        try:
+            lazy = self.lazy.get(pid)
+            where = lazy.find(first) if lazy else None
+            if where is not None:
+                ri, k = where
+                end, base = min(k + n, lazy.ranges[ri].pages), lazy.ranges[ri].vaddr
+                for task in list(self.tasks.get(pid, [])):
+                    runs = list(_runs(task.holes[ri], k, end)) if task.fd >= 0 else []
+                    if not runs:
+                        continue
+                    if task.remaps:
+                        await self._place(task, first, n, view)
+                        continue
+                    fd = task.fd
+
+                    def place() -> None:
+                        for a, b in runs:
+                            uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
+                    try:
+                        await asyncio.to_thread(place)
+                    except (uffd.Busy, uffd.Gone):
+                        await self._place(task, first, n, view)    # events first, on this thread
+                        continue
+                    for a, b in runs:
+                        self._mark(task, ri, a, b, placed=True)
+            self.store.release(pid, first, n)
+            self._check_whole()
+        finally:
+            self._fill_slots.release()
 
     def _place_run(self, task: _Task, ri: int, a: int, b: int, chunk: memoryview) -> None:
         base = self.lazy[task.pid].ranges[ri].vaddr

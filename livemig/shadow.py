@@ -67,6 +67,23 @@ class Store:
             i += take
         return out
 
+    def release(self, pid: int, vaddr: int, n: int) -> None:
+        """Pages [vaddr, +n) are in the copy: their memory goes back now, not at the end, so
+        the target holds the workload about once, not twice, by the end of the fill (and the
+        copy's next pages may be the ones just freed, which a VM's host backs already)."""
+        i = 0
+        while i < n:
+            addr = vaddr + i * PAGE
+            key = (pid, addr >> CHUNK_SHIFT)
+            k = (addr >> 12) & (CHUNK_PAGES - 1)
+            take = min(n - i, CHUNK_PAGES - k)
+            have = self._have.get(key)
+            if have is not None:
+                self.pages -= have.count(1, k, k + take)
+                have[k:k + take] = bytes(take)
+                self._slots[key].madvise(mmap.MADV_DONTNEED, k * PAGE, take * PAGE)
+            i += take
+
     def close(self) -> None:
         """The memory goes; a slot still viewed (a page the placer holds) goes with its view."""
         for slot in self._slots.values():

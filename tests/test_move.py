@@ -1,7 +1,7 @@
 """livemig move --pid in the namespaced lab: real CRIU, real sshd, a workload whose state must survive.
 
-The lab's kernel has no soft-dirty tracking, so here auto means stop-and-copy;
-pre-copy and hybrid are proven in the VM lab.
+The lab's kernel has no soft-dirty tracking, so here auto means pre-copy by page hashes
+(pagehash.py); CRIU's pre-copy by soft-dirty, and hybrid, are proven in the VM lab.
 """
 
 from __future__ import annotations
@@ -104,14 +104,38 @@ def test_postcopy_moves_a_family_that_forks_while_its_pages_arrive(lab):
     lab.run("b", ["kill", *pids])
 
 
-def test_auto_picks_stopcopy_here_and_says_why(lab):
+def test_auto_picks_precopy_by_page_hashes_here_and_says_why(lab):
     work = lab.start_workload("a", mib=64, pid=4403)
     before = work.query("a")
     res = lab.run("a", ["livemig", "move", "--pid", str(work.pid), "b"], timeout=600)
-    assert b"mode stopcopy: this kernel cannot track dirty pages" in res.stderr
-    assert res.stdout.decode().startswith("moved: PID 4403 a -> b, mode stopcopy")
+    assert b"mode precopy: by page hashes: this kernel cannot track dirty pages" in res.stderr
+    assert res.stdout.decode().startswith("moved: PID 4403 a -> b, mode precopy")
     after = work.query("b", wait=10)
     assert after["counter"] > before["counter"]
+    lab.run("b", ["kill", str(work.pid)])
+
+
+def test_precopy_by_page_hashes_sends_only_what_changed_and_fills_the_copy_before_it_runs(lab):
+    # no soft-dirty here: the rounds compare pages by content, and the final, lazy dump's
+    # pages that the target's store holds as they are are only named, never sent again
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=8, pid=4405)
+    before = work.query("a")
+    t0 = time.time()
+    report = move(lab, work.pid, "--mode", "precopy")
+    assert report["mode"] == "precopy" and report["precopy_tracking"] == "page hashes"
+    *rounds, final = report["rounds"]
+    assert len(rounds) >= 2 and {r["kind"] for r in rounds} == {"hashes"} and final["kind"] == "dump"
+    assert rounds[0]["pages_written"] >= MIB * 256                  # everything, while it ran
+    assert rounds[1]["pages_written"] < rounds[0]["pages_written"] / 4   # then what it wrote meanwhile
+    # the final sent what changed since the last round, and named the rest
+    assert report["pages_known"] >= MIB * 256 * 0.8
+    assert final["pages_written"] < MIB * 256 / 4
+    assert final["bytes_raw"] < MIB * 2**20 / 4
+    assert report["fill_seconds"] > 0 and report["postcopy_seconds"] == 0
+    # it ran nowhere while its copy filled: one stall, from the freeze to the resume
+    lived = work.stall_between("b", t0)
+    assert report["downtime_seconds"] >= lived - 0.02
+    assert_moved_intact(lab, work, before, report)
     lab.run("b", ["kill", str(work.pid)])
 
 
@@ -171,7 +195,7 @@ def test_a_pid_taken_on_the_target_stops_in_preflight_touching_nothing(lab):
 @pytest.mark.parametrize("args, code, message", [
     (["--pid", "99999", "b"], 3, b"livemig: preflight: no process with PID 99999"),
     (["--pid", "1", "nosuchhost"], 4, b"livemig: preflight on nosuchhost: cannot connect over ssh"),
-    (["--pid", "1", "--mode", "precopy", "b"], 3, b"precopy needs dirty-page tracking"),
+    (["--pid", "1", "--mode", "hybrid", "b"], 3, b"hybrid needs dirty-page tracking"),
     (["--pid", "x", "b"], 2, b"invalid int value"),
 ])
 def test_bad_input_gets_one_clear_line_and_its_exit_code(lab, args, code, message):
@@ -184,10 +208,10 @@ def test_bad_input_gets_one_clear_line_and_its_exit_code(lab, args, code, messag
 def test_check_runs_the_preflight_alone(lab):
     res = lab.run("a", ["livemig", "check", "--json", "b"])
     data = json.loads(res.stdout)
-    assert data["ok"] and data["mode"] == "stopcopy"
+    assert data["ok"] and data["mode"] == "precopy"
     names = [c["name"] for c in data["checks"]]
     assert {"criu on target", "criu versions", "architecture", "strategy", "CPU features"} <= set(names)
-    refused = lab.run("a", ["livemig", "check", "--mode", "precopy", "b"], check=False)
+    refused = lab.run("a", ["livemig", "check", "--mode", "hybrid", "b"], check=False)
     assert refused.returncode == 3 and b"FAIL strategy" in refused.stdout
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
 
@@ -246,7 +270,8 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
     work = lab.start_workload("a", mib=64, pid=4421)
     before = work.query("a")
     plan = move(lab, work.pid, "--dry-run")
-    assert plan["mode"] == "stopcopy" and "soft-dirty" in plan["mode_reason"]
+    assert plan["mode"] == "precopy" and "page hashes" in plan["mode_reason"]
+    plan = move(lab, work.pid, "--dry-run", "--mode", "stopcopy")
     assert plan["memory_bytes"] >= 64 * 2**20 and plan["processes"] == 1
     assert plan["link_bytes_per_s"] > 0 and plan["copy_seconds"] > 0
     assert plan["expected_downtime_seconds"] == plan["copy_seconds"]    # stop-and-copy: all of it frozen

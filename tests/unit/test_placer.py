@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from livemig import postcopy, uffd
+from livemig import pagehash, postcopy, shadow, uffd
 from livemig.pagemap import PAGE, Range
 from livemig.placer import RESTORE_FINISHED, SOCKET, Placer
 
@@ -104,10 +104,13 @@ def restored(path: str, ctl: socket.socket, scenario: str) -> int:
     return 0
 
 
-async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gate: bool = False):
-    """One post-copy into a child playing the restored process: (placer, pusher, its report)."""
+async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gate: bool = False,
+               known: pagehash.Tracker | None = None, store: shadow.Store | None = None):
+    """One post-copy into a child playing the restored process: (placer, pusher, its report).
+    known, store: pre-copy by hashes filled the store, and the copy is filled before it runs."""
     held: list[int] = []
-    placer = Placer(tmp_path, RANGES, on_uffd=lambda fd: held.append(os.dup(fd)))
+    fill = known is not None
+    placer = Placer(tmp_path, RANGES, on_uffd=lambda fd: held.append(os.dup(fd)), store=store)
     placer.listen()
     ctl, theirs = socket.socketpair()
     pid = os.fork()
@@ -126,7 +129,9 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
     if fault_stream:
         faults_src, faults_dst = await pair()
     gated = GatedReader(link_dst[0])
-    pusher = postcopy.Pusher(RANGES, prefetch_pages=40)     # SMALL, while "CRIU" restores
+    pusher = postcopy.Pusher(RANGES, prefetch_pages=40, known=known)     # SMALL, while "CRIU" restores
+    if fill:
+        pusher.start_pushing(fill=True)
     try:
         async with asyncio.timeout(30):
             async with asyncio.TaskGroup() as tg:
@@ -138,6 +143,9 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
                 await loop.sock_sendall(ctl, b"r")
                 while not placer.finished:
                     await asyncio.sleep(0.01)
+                if fill:        # it runs only once it has every page: no fault after this
+                    while not placer.whole:
+                        await asyncio.sleep(0.01)
                 placer.resumed()
                 if gate:                  # pushed pages pile up on a stuck stream
                     gated.open.clear()
@@ -194,6 +202,44 @@ async def test_pages_thrown_away_stay_zeros_after_their_push(tmp_path):
 async def test_a_moved_range_gets_its_pages_where_it_is_now(tmp_path):
     _, _, report, _ = await move(tmp_path, "mremap")
     assert report == "ok"
+
+
+async def test_a_fill_names_the_pages_the_store_holds_as_they_are_and_sends_only_the_rest(tmp_path):
+    # pre-copy by hashes left BIG and SPLIT in the store; 10 pages of BIG and one of SPLIT
+    # changed since (the store holds what they were); SMALL never made it there
+    known, store = pagehash.Tracker(), shadow.Store()
+    stale = {BIG + i * PAGE for i in range(100, 110)} | {SPLIT + 5 * PAGE}
+    for r in (RANGES[0], RANGES[2]):
+        for i in range(r.pages):
+            vaddr = r.vaddr + i * PAGE
+            data = b"was" * 1000 + bytes(PAGE - 3000) if vaddr in stale else page(PID, vaddr)
+            known.changed(PID, vaddr, data)
+            store.write(PID, vaddr, data)
+    placer, pusher, report, _ = await move(tmp_path, known=known, store=store)
+    assert report == "ok"                           # every page as the dump has it, stale or not
+    in_store = 600 + 60 - len(stale)
+    # the restore's own fault on BIG's 4th page asks for it before the fill names it
+    assert in_store - 1 <= pusher.stats.pages_known == placer.stats.pages_known <= in_store
+    assert pusher.stats.sent.raw < (LAZY_PAGES - in_store + 20) * PAGE + 10_000    # named, not sent
+    store.close()
+
+
+def test_the_store_hands_pages_back_in_pieces_of_its_slots_and_knows_what_it_lacks():
+    store = shadow.Store()
+    base = (7 << pagehash.CHUNK_SHIFT) - 3 * PAGE        # three pages before a slot's end
+    data = b"".join(page(PID, base + i * PAGE) for i in range(8))
+    store.write(PID, base, data)
+    store.write(PID, base + PAGE, data[PAGE:2 * PAGE])   # again: counted once
+    assert store.pages == 8
+    pieces = store.pieces(PID, base, 8)
+    assert [(a, n) for a, n, _ in pieces] == [(base, 3), (base + 3 * PAGE, 5)]
+    assert b"".join(bytes(v) for _, _, v in pieces) == data
+    with pytest.raises(shadow.MissingPages):
+        store.pieces(PID, base, 9)
+    with pytest.raises(shadow.MissingPages):
+        store.pieces(PID + 1, base, 1)
+    del pieces
+    store.close()
 
 
 async def test_the_source_gone_mid_copy_fails_the_target_side_loudly(tmp_path):
