@@ -30,59 +30,52 @@ class Store:
         self.pages = 0        # pages held
         self.bytes_in = 0     # bytes written, counting pages sent again
 
-    def write(self, pid: int, vaddr: int, data) -> None:
-        """Pages from vaddr of process pid (its PID in the dump), whole."""
-        view = memoryview(data)
-        n = len(view) // PAGE
+    @staticmethod
+    def _spans(pid: int, vaddr: int, n: int):
+        """[vaddr, +n pages) cut at the slots: (pages before it, slot's key, page in the slot, pages)."""
         i = 0
         while i < n:
             addr = vaddr + i * PAGE
-            key = (pid, addr >> CHUNK_SHIFT)
+            k = (addr >> 12) & (CHUNK_PAGES - 1)
+            take = min(n - i, CHUNK_PAGES - k)
+            yield i, (pid, addr >> CHUNK_SHIFT), k, take
+            i += take
+
+    def write(self, pid: int, vaddr: int, data) -> None:
+        """Pages from vaddr of process pid (its PID in the dump), whole."""
+        view = memoryview(data)
+        for i, key, k, take in self._spans(pid, vaddr, len(view) // PAGE):
             slot = self._slots.get(key)
             if slot is None:
                 slot = self._slots[key] = mmap.mmap(-1, SLOT)
                 self._have[key] = bytearray(CHUNK_PAGES)
-            k = (addr >> 12) & (CHUNK_PAGES - 1)
-            take = min(n - i, CHUNK_PAGES - k)
             slot[k * PAGE:(k + take) * PAGE] = view[i * PAGE:(i + take) * PAGE]
             have = self._have[key]
             self.pages += take - have.count(1, k, k + take)
             have[k:k + take] = b"\1" * take
             self.bytes_in += take * PAGE
-            i += take
 
     def pieces(self, pid: int, vaddr: int, n: int) -> list[tuple[int, int, memoryview]]:
         """Pages [vaddr, +n) of pid as (first address, pages, bytes) pieces, one per slot.
         MissingPages if any of them never came."""
-        out, i = [], 0
-        while i < n:
-            addr = vaddr + i * PAGE
-            key = (pid, addr >> CHUNK_SHIFT)
-            k = (addr >> 12) & (CHUNK_PAGES - 1)
-            take = min(n - i, CHUNK_PAGES - k)
+        out = []
+        for i, key, k, take in self._spans(pid, vaddr, n):
             have = self._have.get(key)
             if have is None or have.count(1, k, k + take) != take:
-                raise MissingPages(f"pages of PID {pid} at {addr:#x} were never stored here")
-            out.append((addr, take, memoryview(self._slots[key])[k * PAGE:(k + take) * PAGE]))
-            i += take
+                raise MissingPages(f"pages of PID {pid} at {vaddr + i * PAGE:#x} were never stored here")
+            out.append((vaddr + i * PAGE, take, memoryview(self._slots[key])[k * PAGE:(k + take) * PAGE]))
         return out
 
     def release(self, pid: int, vaddr: int, n: int) -> None:
         """Pages [vaddr, +n) are in the copy: their memory goes back now, not at the end, so
         the target holds the workload about once, not twice, by the end of the fill (and the
         copy's next pages may be the ones just freed, which a VM's host backs already)."""
-        i = 0
-        while i < n:
-            addr = vaddr + i * PAGE
-            key = (pid, addr >> CHUNK_SHIFT)
-            k = (addr >> 12) & (CHUNK_PAGES - 1)
-            take = min(n - i, CHUNK_PAGES - k)
+        for _, key, k, take in self._spans(pid, vaddr, n):
             have = self._have.get(key)
             if have is not None:
                 self.pages -= have.count(1, k, k + take)
                 have[k:k + take] = bytes(take)
                 self._slots[key].madvise(mmap.MADV_DONTNEED, k * PAGE, take * PAGE)
-            i += take
 
     def close(self) -> None:
         """The memory goes; a slot still viewed (a page the placer holds) goes with its view."""
