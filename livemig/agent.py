@@ -285,7 +285,10 @@ class Agent:
                                                                                     "pre-copy's page stream"))
                 except EOFError:
                     raise AgentFailure(Phase.PRECOPY, "pre-copy's page stream ended before its end mark") from None
-                if kind == postcopy.PUSHED_ALL and n == pages:
+                if kind == postcopy.PUSHED_ALL:
+                    if n != pages:
+                        raise AgentFailure(Phase.PRECOPY, f"pre-copy's page stream brought {pages} pages "
+                                                          f"of the {n} sent")
                     break
                 if kind != postcopy.PAGES:
                     raise AgentFailure(Phase.PRECOPY, f"unexpected frame {kind} in pre-copy's page stream")

@@ -147,7 +147,8 @@ class Migration:
             else:
                 self.report.precopy_tracking = "page hashes"
                 self.tracker = pagehash.Tracker()
-        if mode in (Mode.PRECOPY.value, Mode.HYBRID.value) and host.huge_pages_in_use(pids):
+        if self.report.precopy_tracking == "soft-dirty" and host.huge_pages_in_use(pids):
+            # (page hashes compare 4 KiB pages whatever backs them)
             self.report.warnings.append("the workload's memory uses transparent huge pages: pre-copy "
                                         "resends whole 2 MiB pages (set THP to madvise, or use MADV_NOHUGEPAGE)")
         self.progress(ModeChosen(mode, why, memory))
@@ -243,7 +244,7 @@ class Migration:
         w = self.workload
         limits = policy.Limits(max_downtime=self.options.max_downtime,
                                max_rounds=min(self.options.max_rounds, w.max_rounds or self.options.max_rounds),
-                               thp_always=host.huge_pages_in_use(w.pids()))
+                               thp_always=self.tracker is None and host.huge_pages_in_use(w.pids()))
         stats: list[policy.RoundStats] = []
         started: list[float] = []
         while True:
@@ -274,9 +275,9 @@ class Migration:
 
         async def send(writer) -> int:
             out, pages = streams.CompressedWriter(writer, meter, level), 0
-            for pid in self.workload.pids():
+            for pid, vpid in _by_pid(self.workload).items():
                 try:
-                    for run in tracker.scan(pid):
+                    for run in tracker.scan(pid, vpid):
                         await out.write(postcopy.FRAME.pack(postcopy.PAGES, run.vpid, run.vaddr, run.pages)
                                         + run.data, flush=False)
                         pages += run.pages
@@ -411,7 +412,7 @@ class Migration:
             faults = None
             if fill:
                 # nothing runs there yet: every page goes at once, read from the frozen tree
-                self.pusher.start_pushing(fill=True, memory=_by_vpid(self.workload.pids()))
+                self.pusher.start_pushing(fill=True, memory={v: pid for pid, v in _by_pid(self.workload).items()})
             else:
                 fault_token = token()
                 faults, why_not = await self.to.fault_stream(fault_token)
@@ -435,7 +436,7 @@ class Migration:
         the commit the source's copy, stopped, is the workload, as in stop-and-copy."""
         self.progress(Stepping(Phase.FILL, "placing every page in the target's copy"))
         t0 = time.monotonic()
-        done, pushed = await self._pages_in()
+        _, pushed = await self._pages_in()
         r = self.report
         r.fill_seconds, r.pages_known = time.monotonic() - t0, pushed.pages_known
         rnd = r.rounds[-1]
@@ -675,12 +676,14 @@ def _why(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _by_vpid(pids: list[int]) -> dict[int, int]:
-    """The tree's processes by the PIDs the dump knows them by (their own PID namespace's)."""
+def _by_pid(w: runtimes.Workload) -> dict[int, int]:
+    """The tree's processes (PID here -> PID in the dump, in its root's PID namespace)."""
     out = {}
-    for pid in pids:
-        with contextlib.suppress(OSError, ValueError):
-            out[pagehash.vpid_of(pid)] = pid
+    with contextlib.suppress(OSError, ValueError):
+        level = len(pagehash.ns_pids(w.root_pid)) - 1
+        for pid in w.pids():
+            with contextlib.suppress(OSError, ValueError):
+                out[pid] = pagehash.vpid_of(pid, level)
     return out
 
 

@@ -49,13 +49,21 @@ class Run:
     data: bytes
 
 
-def vpid_of(pid: int) -> int:
-    """The PID a process has in its own PID namespace: the one CRIU's images use."""
+def ns_pids(pid: int) -> list[int]:
+    """The PIDs a process has, from the host's PID namespace down to its own."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("NSpid:"):
-                return int(line.split()[-1])
-    return pid
+                return [int(x) for x in line.split()[1:]]
+    return [pid]
+
+
+def vpid_of(pid: int, level: int | None = None) -> int:
+    """The PID CRIU's images give a process: the one in the PID namespace of the tree's
+    root, whose nesting level is level (by default the process's own, innermost one). A
+    process in a namespace nested deeper keeps the root's number, not its innermost."""
+    pids = ns_pids(pid)
+    return pids[-1] if level is None else pids[min(level, len(pids) - 1)]
 
 
 def private_ranges(pid: int) -> list[tuple[int, int]]:
@@ -161,12 +169,11 @@ class Tracker:
             i += take
         return out
 
-    def scan(self, pid: int, vpid: int | None = None):
+    def scan(self, pid: int, vpid: int):
         """Run for each stretch of pid's private memory that changed since the last scan
         (everything, the first time); the table takes the new digests as they are handed
         out. A mapping that vanishes while it is read is skipped: the final dump sees
         what became of it."""
-        vpid = vpid_of(pid) if vpid is None else vpid
         buf = bytearray(READ_PAGES * PAGE)
         with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm, \
                 open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:

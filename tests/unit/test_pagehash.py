@@ -41,17 +41,17 @@ def ours(runs, base):
 def test_the_first_scan_sends_every_page_written_and_the_next_only_those_changed(child):
     p, base = child
     t = pagehash.Tracker()
-    first = list(t.scan(p.pid))
+    first = list(t.scan(p.pid, p.pid))
     assert ours(first, base) == [(0, 48)]            # never-touched pages are not read
     run = next(r for r in first if r.vaddr == base)
     assert run.data[:PAGE] == b"\1" * PAGE and run.vpid == p.pid
-    assert ours(t.scan(p.pid), base) == []           # nothing changed
+    assert ours(t.scan(p.pid, p.pid), base) == []           # nothing changed
     for i in (3, 4, 40):
         p.stdin.write(f"{i}\n")
         p.stdin.flush()
         assert p.stdout.readline() == "ok\n"
-    assert ours(t.scan(p.pid), base) == [(3, 2), (40, 1)]
-    assert ours(t.scan(p.pid), base) == []
+    assert ours(t.scan(p.pid, p.pid), base) == [(3, 2), (40, 1)]
+    assert ours(t.scan(p.pid, p.pid), base) == []
 
 
 def test_changed_tells_runs_and_records_only_when_asked():
@@ -76,7 +76,8 @@ def test_a_stretch_across_two_table_chunks_is_one_run():
 
 
 def test_a_process_in_no_pid_namespace_of_its_own_keeps_its_pid():
-    assert pagehash.vpid_of(os.getpid()) == os.getpid()
+    assert pagehash.vpid_of(os.getpid()) == os.getpid() == pagehash.vpid_of(os.getpid(), 0)
+    assert pagehash.vpid_of(os.getpid(), 3) == pagehash.ns_pids(os.getpid())[-1]
 
 
 def test_the_kernel_s_own_mappings_are_never_read():
