@@ -250,12 +250,7 @@ class Migration:
         while True:
             n = len(stats) + 1
             if self.tracker is not None:
-                t0 = time.monotonic()
-                started.append(t0)
-                pages, sent = await self._hashed_round()
-                seconds = time.monotonic() - t0
-                st = criu.DumpStats(pages_written=pages)
-                self.report.rounds.append(RoundReport("hashes", pages, sent.raw, sent.wire, 0.0, seconds))
+                st, sent, seconds, t0 = await self._hashed_round(started)
             else:
                 st, sent, seconds, t0 = await self._predump_round(n, lazy_final, started)
             stats.append(policy.RoundStats(st.pages_written, sent.wire, seconds))
@@ -268,10 +263,13 @@ class Migration:
                 self.report.precopy_stop_reason = decision.reason.value
                 return
 
-    async def _hashed_round(self) -> tuple[int, streams.Meter]:
+    async def _hashed_round(self, started: list[float]):
         """One round of pre-copy by hashes: every page of the tree whose content changed
-        since the target got it (all of them, the first time), into the target's store."""
+        since the target got it (all of them, the first time), into the target's store.
+        (its stats, what it sent, seconds, start), as _predump_round."""
         meter, tracker, level = streams.Meter(), self.tracker, self.options.compression_level
+        t0 = time.monotonic()
+        started.append(t0)
 
         async def send(writer) -> int:
             out, pages = streams.CompressedWriter(writer, meter, level), 0
@@ -288,7 +286,9 @@ class Migration:
             return pages
 
         _, pages = await self.to.push(send, lambda tok: p.StorePages(stream=tok), p.PagesStored)
-        return pages, meter
+        seconds = time.monotonic() - t0
+        self.report.rounds.append(RoundReport("hashes", pages, meter.raw, meter.wire, 0.0, seconds))
+        return criu.DumpStats(pages_written=pages), meter, seconds, t0
 
     async def _predump_round(self, n: int, lazy_final: bool, started: list[float]):
         """One round of CRIU's pre-dump (soft-dirty): (its stats, what it sent, seconds, start)."""

@@ -101,6 +101,27 @@ def present_runs(pagemap_fd: int, start: int, end: int):
         yield first, end
 
 
+def spans(vaddr: int, n: int):
+    """[vaddr, +n pages) cut where the 2 MiB chunks end: (pages before it, chunk number,
+    first page in the chunk, pages). The table here and the target's store are both kept
+    by chunk."""
+    i = 0
+    while i < n:
+        addr = vaddr + i * PAGE
+        k = (addr >> 12) & (CHUNK_PAGES - 1)
+        take = min(n - i, CHUNK_PAGES - k)
+        yield i, addr >> CHUNK_SHIFT, k, take
+        i += take
+
+
+def _add(out: list[tuple[int, int, bool]], addr: int, pages: int, changed: bool) -> None:
+    """pages from addr onto the runs in out: the last one grows if it ends there alike."""
+    if out and out[-1][2] == changed and out[-1][0] + out[-1][1] * PAGE == addr:
+        out[-1] = (out[-1][0], out[-1][1] + pages, changed)
+    else:
+        out.append((addr, pages, changed))
+
+
 class _Chunk:
     __slots__ = ("digests", "have")
 
@@ -117,43 +138,24 @@ class Tracker:
         self._chunks: dict[tuple[int, int], _Chunk] = {}
         self.pages = 0          # pages the target holds
 
-    def digest(self, page) -> bytes:
-        return xxhash.xxh3_128_digest(page, self.seed)
-
-    def _chunk(self, vpid: int, vaddr: int, create: bool) -> _Chunk | None:
-        key = (vpid, vaddr >> CHUNK_SHIFT)
-        c = self._chunks.get(key)
-        if c is None and create:
-            c = self._chunks[key] = _Chunk()
-        return c
-
     def changed(self, vpid: int, vaddr: int, data, record: bool = True) -> list[tuple[int, int, bool]]:
         """data (whole pages from vaddr) against what the target holds, as runs
         (first address, pages, changed). record: the changed pages are being sent, so
         the table takes their new digests."""
-        view = memoryview(data)
+        view, seed = memoryview(data), self.seed
         out: list[tuple[int, int, bool]] = []
-        n = len(view) // PAGE
-        i = 0
-        while i < n:
+        for i, chunk, k, take in spans(vaddr, len(view) // PAGE):
             addr = vaddr + i * PAGE
-            c = self._chunk(vpid, addr, record)
-            k = (addr >> 12) & (CHUNK_PAGES - 1)
-            take = min(n - i, CHUNK_PAGES - k)
-            seed = self.seed
+            c = self._chunks.get((vpid, chunk))
+            if c is None and record:
+                c = self._chunks[(vpid, chunk)] = _Chunk()
             digests = [xxhash.xxh3_128_digest(view[p:p + PAGE], seed)
                        for p in range(i * PAGE, (i + take) * PAGE, PAGE)]
             if c is not None and c.have.count(1, k, k + take) == take \
                     and c.digests[k * DIGEST:(k + take) * DIGEST] == b"".join(digests):
-                # the common case at the final dump: the whole stretch is as the target has it
-                if out and not out[-1][2] and out[-1][0] + out[-1][1] * PAGE == addr:
-                    out[-1] = (out[-1][0], out[-1][1] + take, False)
-                else:
-                    out.append((addr, take, False))
-                i += take
+                _add(out, addr, take, False)   # the common case at the final dump: all as the target has it
                 continue
-            for j in range(take):
-                d = digests[j]
+            for j, d in enumerate(digests):
                 at = (k + j) * DIGEST
                 same = c is not None and c.have[k + j] and c.digests[at:at + DIGEST] == d
                 if not same and record:
@@ -161,12 +163,7 @@ class Tracker:
                     if not c.have[k + j]:
                         c.have[k + j] = 1
                         self.pages += 1
-                page = addr + j * PAGE
-                if out and out[-1][2] == (not same) and out[-1][0] + out[-1][1] * PAGE == page:
-                    out[-1] = (out[-1][0], out[-1][1] + 1, not same)
-                else:
-                    out.append((page, 1, not same))
-            i += take
+                _add(out, addr + j * PAGE, 1, not same)
         return out
 
     def scan(self, pid: int, vpid: int):

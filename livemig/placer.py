@@ -386,14 +386,22 @@ class Placer:
             i += 1
         self._check_whole()
 
-    async def _place(self, task: _Task, vaddr: int, n: int, data: bytes) -> None:
-        lazy = self.lazy.get(task.pid)
+    def _span(self, pid: int, vaddr: int, n: int) -> tuple[int, int, int] | None:
+        """(range, first page, end page) of [vaddr, +n pages) in pid's lazy ranges; None if
+        vaddr is in none. Every frame's pages lie in one range (the push reads by range)."""
+        lazy = self.lazy.get(pid)
         where = lazy.find(vaddr) if lazy else None
         if where is None:
-            return
+            return None
         ri, k = where
-        r, view = lazy.ranges[ri], memoryview(data)
-        end = min(k + n, r.pages)
+        return ri, k, min(k + n, lazy.ranges[ri].pages)
+
+    async def _place(self, task: _Task, vaddr: int, n: int, data: bytes) -> None:
+        span = self._span(task.pid, vaddr, n)
+        if span is None:
+            return
+        ri, k, end = span
+        view = memoryview(data)
         while task.fd >= 0:
             try:
                 for a, b in _runs(task.holes[ri], k, end):
@@ -412,11 +420,10 @@ class Placer:
         hashes): the copies in a thread, several at once; the bookkeeping here, between.
         Pages placed, the store lets their memory go: no fork can want them again."""
         try:
-            lazy = self.lazy.get(pid)
-            where = lazy.find(first) if lazy else None
-            if where is not None:
-                ri, k = where
-                end, base = min(k + n, lazy.ranges[ri].pages), lazy.ranges[ri].vaddr
+            span = self._span(pid, first, n)
+            if span is not None:
+                ri, k, end = span
+                base = self.lazy[pid].ranges[ri].vaddr
                 for task in list(self.tasks.get(pid, [])):
                     runs = list(_runs(task.holes[ri], k, end)) if task.fd >= 0 else []
                     if not runs:

@@ -45,22 +45,22 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
     rows.append(Check("architecture", remote.arch == local.arch, f"target {remote.arch}, source {local.arch}"))
     if container is not None:
         rows += _container_rows(local, remote, container)
+    memory_needed = need_bytes
     try:
         mode, why = policy.choose_mode(requested_mode, local.features, remote.features,
                                        container.runtime if container else "process")
+        if mode == "precopy" and not local.features.get("mem_dirty_track"):
+            # by page hashes: the target holds what pre-copy sent beside the copy it fills (shadow.py)
+            if remote.mem_available >= 2 * need_bytes or requested_mode == "precopy":
+                memory_needed = 2 * need_bytes
+            else:
+                mode, why = "stopcopy", ("pre-copy by page hashes would need the memory twice over on the "
+                                         f"target ({2 * need_bytes >> 20} MiB; {remote.mem_available >> 20} MiB "
+                                         "available)")
         rows.append(Check("strategy", True, f"{mode}: {why}"))
     except ValueError as e:
         mode, why = "", ""
         rows.append(Check("strategy", False, str(e), on_target=False))
-    memory_needed = need_bytes
-    if mode == "precopy" and not local.features.get("mem_dirty_track"):
-        # by page hashes: the target holds what pre-copy sent beside the copy it fills (shadow.py)
-        if remote.mem_available >= 2 * need_bytes or requested_mode == "precopy":
-            memory_needed = 2 * need_bytes
-        else:
-            mode, why = "stopcopy", ("pre-copy by page hashes would need the memory twice over on the target "
-                                     f"({2 * need_bytes >> 20} MiB; {remote.mem_available >> 20} MiB available)")
-            rows[-1] = Check("strategy", True, f"{mode}: {why}")
     for name in sorted(local.features):
         rows.append(Check(f"feature {name}", True,
                           f"here {'yes' if local.features[name] else 'no'}, "

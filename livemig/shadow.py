@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import mmap
 
-from .pagehash import CHUNK_PAGES, CHUNK_SHIFT
+from . import pagehash
+from .pagehash import CHUNK_PAGES
 from .pagemap import PAGE
 
 SLOT = CHUNK_PAGES * PAGE
@@ -28,18 +29,12 @@ class Store:
         self._slots: dict[tuple[int, int], mmap.mmap] = {}
         self._have: dict[tuple[int, int], bytearray] = {}
         self.pages = 0        # pages held
-        self.bytes_in = 0     # bytes written, counting pages sent again
 
     @staticmethod
     def _spans(pid: int, vaddr: int, n: int):
-        """[vaddr, +n pages) cut at the slots: (pages before it, slot's key, page in the slot, pages)."""
-        i = 0
-        while i < n:
-            addr = vaddr + i * PAGE
-            k = (addr >> 12) & (CHUNK_PAGES - 1)
-            take = min(n - i, CHUNK_PAGES - k)
-            yield i, (pid, addr >> CHUNK_SHIFT), k, take
-            i += take
+        """pagehash.spans, keyed as the slots are."""
+        for i, chunk, k, take in pagehash.spans(vaddr, n):
+            yield i, (pid, chunk), k, take
 
     def write(self, pid: int, vaddr: int, data) -> None:
         """Pages from vaddr of process pid (its PID in the dump), whole."""
@@ -53,7 +48,6 @@ class Store:
             have = self._have[key]
             self.pages += take - have.count(1, k, k + take)
             have[k:k + take] = b"\1" * take
-            self.bytes_in += take * PAGE
 
     def pieces(self, pid: int, vaddr: int, n: int) -> list[tuple[int, int, memoryview]]:
         """Pages [vaddr, +n) of pid as (first address, pages, bytes) pieces, one per slot.

@@ -102,3 +102,15 @@ def test_every_name_taken_on_the_target_is_named():
                          "stopcopy", container=c)
     row = next(r for r in rows if r.name == "container name free on target")
     assert not row.ok and row.detail == "podman there already has a container web1-clone-1, web1-clone-3"
+
+
+def test_pre_copy_by_hashes_needs_the_memory_twice_on_the_target_and_auto_falls_back_without_it():
+    src = facts(features={"mem_dirty_track": False, "uffd-noncoop": True})
+    roomy = facts(features={"uffd-noncoop": True}, mem_available=3 << 30)
+    tight = facts(features={"uffd-noncoop": True}, mem_available=(3 << 30) // 2)
+    rows, mode, _ = compare(src, roomy, "auto", need_bytes=1 << 30)
+    assert mode == "precopy" and "2048 MiB needed" in [r for r in rows if r.name == "memory"][0].detail
+    rows, mode, why = compare(src, tight, "auto", need_bytes=1 << 30)
+    assert mode == "stopcopy" and "twice over" in why and failed(rows) == []
+    rows, mode, _ = compare(src, tight, "precopy", need_bytes=1 << 30)
+    assert mode == "precopy" and failed(rows) == ["memory"]
