@@ -16,7 +16,7 @@ target, the workload waits stopped on the source, and `livemig recover` settles 
 
 progress=, if given, is called with each event of livemig.progress as the move goes:
 ModeChosen, RoundDone (a pre-copy round, with its bandwidth, dirty rate and the downtime
-it promises), Stepping (a phase begins), Sending (bytes so far, a few times a second),
+it promises), Throttled (auto-converge slowed the workload: Options.throttle), Stepping (a phase begins), Sending (bytes so far, a few times a second),
 Running (the target runs), Fetching (post-copy's pages so far)...
 
     asyncio.run(livemig.migrate("web1", "host-b", progress=print))
@@ -28,7 +28,7 @@ from .errors import (ConnectionFailed, DumpError, ExitCode, LivemigError, Prefli
                      RestoreError, Unresolved, UsageError, WorkloadExited)
 from .options import Mode, Options  # noqa: E402
 from .progress import Callback  # noqa: E402
-from .report import CloneReport, Plan, Replica, Report, RoundReport  # noqa: E402
+from .report import CloneReport, Plan, Replica, Report, RoundReport, ThrottleStep  # noqa: E402
 
 
 async def migrate(what: int | str, host: str, options: Options = Options(), *, progress: Callback | None = None) -> Report:
@@ -57,6 +57,6 @@ async def clone(what: str, hosts: list[str], options: Options = Options(), *, na
     return await _clone(what, hosts, options, name=name, count=count, keep_name=keep_name, progress=progress)
 
 
-__all__ = ["migrate", "plan", "clone", "CloneReport", "Plan", "Replica", "Options", "Mode", "Report", "RoundReport", "LivemigError", "UsageError",
+__all__ = ["migrate", "plan", "clone", "CloneReport", "Plan", "Replica", "Options", "Mode", "Report", "RoundReport", "ThrottleStep", "LivemigError", "UsageError",
            "PreflightError", "ConnectionFailed", "DumpError", "RestoreError", "Unresolved", "WorkloadExited",
            "ExitCode"]

@@ -424,10 +424,11 @@ class Agent:
                 served = await self.placer.run(remote, fault_stream)
         except BaseException as e:
             await self._settle_lazy(str(e) or type(e).__name__)
+            phase = Phase.FILL if fill else Phase.POSTCOPY
             if isinstance(e, postcopy.PageStreamError):
-                raise AgentFailure(Phase.POSTCOPY, str(e)) from None
+                raise AgentFailure(phase, str(e)) from None
             if isinstance(e, OSError):
-                raise AgentFailure(Phase.POSTCOPY, f"post-copy failed: {e}") from None
+                raise AgentFailure(phase, f"{'filling the copy' if fill else 'post-copy'} failed: {e}") from None
             raise
         if fill:
             # Whole, and stopped: from here on a copy restored by stop-and-copy, which the

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--max-downtime", type=float, metavar="SECONDS",
                     help="pre-copy stops once the rest fits this downtime (default 0.3)")
     mv.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (default 8)")
+    mv.add_argument("--no-throttle", action="store_true",
+                    help="no auto-converge: never slow the workload's CPU when pre-copy does not converge")
     mv.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
     mv.add_argument("--tcp-established", action="store_true", help="move established TCP connections")
     mv.add_argument("--shell-job", action="store_true", help="the tree was started from a terminal")
@@ -239,7 +241,7 @@ def _move(args) -> int:
     def call():
         options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
                                     compression_level=args.compression_level, image_root=args.image_root).options,
-                          runtime=args.runtime, name=args.name, force=args.force,
+                          runtime=args.runtime, name=args.name, force=args.force, throttle=not args.no_throttle,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
         return (plan if args.dry_run else migrate)(what, host, options, progress=view)
     return _report(args, call, view, "nothing was changed" if args.dry_run else

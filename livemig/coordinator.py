@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 from . import bundle, criu, host, logs, pagehash, pagemap, policy, postcopy, preflight, proc, protocol as p, recovery, \
-    runtimes, streams
+    runtimes, streams, throttle
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
                      WorkloadExited, record_failure)
 from .options import Mode, Options
-from .progress import Connecting, Copied, ModeChosen, RoundDone, Running, Stepping, Ticker, quiet
-from .report import Plan, Report, RoundReport
+from .progress import Connecting, Copied, ModeChosen, RoundDone, Running, Stepping, Throttled, Ticker, quiet
+from .report import Plan, Report, RoundReport, ThrottleStep
 from .runtimes import podman
 from .runtimes.process import criu_failure
 from .session import TargetSession, migration_id, remote_error, ssh_connector, token
@@ -52,6 +52,7 @@ class Migration:
         self.lazy_token = ""
         self.pusher: postcopy.Pusher | None = None
         self.tracker: pagehash.Tracker | None = None   # pre-copy by page hashes: what the target holds
+        self.throttle: throttle.Throttle | None = None  # auto-converge's hold on the workload's CPU
         self.round_dirs: list[str] = []
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
         self.bundle_listing: set[str] = set()
@@ -147,12 +148,27 @@ class Migration:
             else:
                 self.report.precopy_tracking = "page hashes"
                 self.tracker = pagehash.Tracker()
+            self.report.throttle = self._find_throttle(pids)
         if self.report.precopy_tracking == "soft-dirty" and host.huge_pages_in_use(pids):
             # (page hashes compare 4 KiB pages whatever backs them)
             self.report.warnings.append("the workload's memory uses transparent huge pages: pre-copy "
                                         "resends whole 2 MiB pages (set THP to madvise, or use MADV_NOHUGEPAGE)")
         self.progress(ModeChosen(mode, why, memory))
         return Mode(mode)
+
+    def _find_throttle(self, pids: list[int]) -> str:
+        """Auto-converge's state before pre-copy, as the report says it."""
+        if not self.options.throttle:
+            return "off"
+        try:
+            what = f"PID {pids[0]}" if self.workload.kind == "process" else \
+                f"{self.workload.kind} container {self.workload.name}"
+            self.throttle = throttle.Throttle(throttle.find(pids), pids, self.work, what)
+        except throttle.Unavailable as e:
+            return f"unavailable: {e}"
+        except (OSError, ValueError) as e:
+            return f"unavailable: cannot read its cgroup ({e})"
+        return "ready"
 
     async def dry_run(self) -> Plan:
         """The preflight and a measure of the link, and what the move would do: nothing is
@@ -242,26 +258,68 @@ class Migration:
 
     async def precopy_rounds(self, lazy_final: bool) -> None:
         w = self.workload
-        limits = policy.Limits(max_downtime=self.options.max_downtime,
-                               max_rounds=min(self.options.max_rounds, w.max_rounds or self.options.max_rounds),
-                               thp_always=self.tracker is None and host.huge_pages_in_use(w.pids()))
+        max_rounds = min(self.options.max_rounds, w.max_rounds or self.options.max_rounds)
+        limits = policy.Limits(max_downtime=self.options.max_downtime, max_rounds=max_rounds,
+                               thp_always=self.tracker is None and host.huge_pages_in_use(w.pids()),
+                               # podman keeps one pre-checkpoint: no round to throttle for
+                               throttling=policy.Throttling() if self.throttle and max_rounds > 1 else None)
         stats: list[policy.RoundStats] = []
         started: list[float] = []
+        percent = 0          # auto-converge's throttle on the workload, in % of its CPU
+        if limits.throttling:
+            self.throttle.begin()
         while True:
             n = len(stats) + 1
             if self.tracker is not None:
                 st, sent, seconds, t0 = await self._hashed_round(started)
             else:
                 st, sent, seconds, t0 = await self._predump_round(n, lazy_final, started)
+            self.report.rounds[-1].throttle = percent
             stats.append(policy.RoundStats(st.pages_written, sent.wire, seconds))
-            decision = policy.decide(stats, limits)
+            decision = policy.decide(stats, limits, percent)
             # what this round wrote, the workload dirtied since the round before began
             dirtied = st.pages_written * policy.PAGE_SIZE / (t0 - started[-2]) if n > 1 else None
             self.progress(RoundDone(n, st.pages_written, sent.wire, seconds, decision.bandwidth, dirtied,
                                     decision.expected_downtime, limits.max_downtime))
+            if decision.throttle != percent:
+                if self._throttle_to(decision.throttle, n):
+                    percent = decision.throttle
+                else:
+                    limits = dataclasses.replace(limits, throttling=None)
+                    decision = policy.decide(stats, limits, percent)
             if decision.stop:
                 self.report.precopy_stop_reason = decision.reason.value
+                if (decision.reason in (policy.StopReason.DIVERGING, policy.StopReason.STALLED,
+                                        policy.StopReason.MAX_ROUNDS)
+                        and decision.expected_downtime > limits.max_downtime
+                        and self.report.throttle.startswith("unavailable")):
+                    self.report.warnings.append("pre-copy did not converge, and auto-converge could not slow the "
+                                                f"workload: {self.report.throttle}")
                 return
+
+    def _throttle_to(self, percent: int, after_round: int) -> bool:
+        """One auto-converge step; False (and the throttle lifted) if the cgroup refused it."""
+        try:
+            s = self.throttle.set(percent, after_round)
+        except OSError as e:
+            self._lift_throttle()
+            self.report.throttle = f"unavailable: its cgroup refused a CPU quota ({e})"
+            return False
+        self.report.throttle_steps.append(ThrottleStep(s.after_round, s.percent, s.baseline_cpus, s.quota_cpus))
+        self.progress(Throttled(s.after_round, s.percent, s.baseline_cpus, s.quota_cpus))
+        if len(self.report.throttle_steps) == 1:
+            stop_for_tests("throttled")
+        return True
+
+    def _lift_throttle(self) -> None:
+        """At switchover, and on every way out: the workload's CPU quota as it was."""
+        if self.throttle is None:
+            return
+        try:
+            self.throttle.release()
+        except OSError as e:
+            self.report.warnings.append(f"could not lift the CPU throttle of the workload's cgroup "
+                                        f"{self.throttle.cg.quota_dir}: {e}")
 
     async def _hashed_round(self, started: list[float]):
         """One round of pre-copy by hashes: every page of the tree whose content changed
@@ -344,7 +402,7 @@ class Migration:
         if streaming:
             await self.to.request(p.OpenPageServer(dir="final", stream=tok, parent=parent), p.Done)
         self.progress(Stepping(Phase.FINAL_DUMP, "final dump"))
-        self.dump = await w.final_dump(local, parent, lazy)
+        self.dump = await w.final_dump(local, parent, lazy, switchover=self._lift_throttle)
         if streaming:
             self.relay = asyncio.create_task(self._relay_when_connected(self.dump, tok))
         try:
@@ -450,7 +508,17 @@ class Migration:
         try:
             await asyncio.wait({awaiting, self.relay}, return_when=asyncio.FIRST_EXCEPTION)
             if self.relay.done() and not self.relay.cancelled() and self.relay.exception():
-                raise self.relay.exception()
+                broke = self.relay.exception()
+                # the stream broke here because the agent failed there, most often: its reason
+                # is the one to tell, if it comes
+                await asyncio.wait({awaiting}, timeout=REASON_SECONDS)
+                if awaiting.done() and not awaiting.cancelled() and isinstance(awaiting.exception(),
+                                                                               p.RemoteFailure):
+                    raise awaiting.exception()
+                if isinstance(broke, (postcopy.PageStreamError, OSError, EOFError)):
+                    raise ConnectionFailed(f"the page stream to {self.target} broke: {_why(broke)}",
+                                           phase=self.phase, host=self.target) from None
+                raise broke
             return await awaiting, await self.relay
         finally:
             if not awaiting.done():
@@ -612,6 +680,7 @@ class Migration:
 
     # --- rollback: the source goes on, the target forgets ------------------------------------
     async def rollback(self) -> None:
+        self._lift_throttle()
         if self.workload is not None:
             # The target's copy, if any, is stopped: it runs only after the commit.
             await self.workload.resume(self.dump, self._stop_relay)
@@ -639,6 +708,7 @@ class Migration:
             pass     # the failure that counts was told already: this one followed from it
 
     async def close(self) -> None:
+        self._lift_throttle()
         await self._stop_relay()
         if self.workload:
             await self.workload.close()
@@ -657,15 +727,16 @@ class Migration:
 
 
 SETTLE_SECONDS = 15.0    # for the target to say how its copy ended, once post-copy failed
+REASON_SECONDS = 5.0     # for the agent to say why, once its page stream broke
 STOP_FOR_TESTS = "LIVEMIG_TEST_STOP_AT"
 
 
 def stop_for_tests(point: str) -> None:
     """Fault injection for the lab's tests: with LIVEMIG_TEST_STOP_AT=point the coordinator
     stops itself there (SIGSTOP), for a test to act at that exact instant (then SIGKILL or
-    SIGCONT it). The points: "final-dump" (about to freeze the workload), "restored" (the
-    target's copy restored, the source's not given up) and "released" (the source's copy
-    given up, the target's not yet resumed)."""
+    SIGCONT it). The points: "throttled" (auto-converge's first step taken), "final-dump"
+    (about to freeze the workload), "restored" (the target's copy restored, the source's
+    not given up) and "released" (the source's copy given up, the target's not yet resumed)."""
     if os.environ.get(STOP_FOR_TESTS) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
 

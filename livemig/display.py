@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 
-from .progress import Connecting, Copied, Event, Fetching, ModeChosen, RoundDone, Running, Sending, Stepping
+from .progress import Connecting, Copied, Event, Fetching, ModeChosen, RoundDone, Running, Sending, Stepping, Throttled
 
 PAGE = 4096
 
@@ -38,6 +38,9 @@ def line(e: Event) -> str | None:
         return (f"round {e.n}: {e.pages} pages, {_mib(e.wire)} sent in {e.seconds:.2f} s at "
                 f"{_mib(e.bandwidth)}/s{dirty}; downtime now would be {e.expected_downtime * 1000:.0f} ms "
                 f"(budget {e.max_downtime * 1000:.0f} ms)")
+    if isinstance(e, Throttled):
+        return (f"auto-converge: pre-copy is not converging, so the workload is slowed by {e.percent} % "
+                f"({e.baseline_cpus:.2f} -> {e.quota_cpus:.3f} CPU) until the final dump")
     if isinstance(e, Stepping):
         return f"{e.what}..."
     if isinstance(e, Running):

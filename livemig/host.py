@@ -119,3 +119,18 @@ def own_usage() -> tuple[int, float]:
     import resource
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_maxrss * 1024, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time pid's live threads have used, in nanoseconds (0 if it is gone)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total

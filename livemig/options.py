@@ -20,7 +20,8 @@ class Mode(str, Enum):
 class Options:
     mode: Mode = Mode.AUTO
     max_downtime: float = 0.300      # seconds; QEMU's downtime-limit
-    max_rounds: int = 8              # pre-copy rounds at most
+    max_rounds: int = 8              # pre-copy rounds at most (auto-converge may add its steps)
+    throttle: bool = True            # auto-converge: slow the workload's CPU when pre-copy does not converge
     compression_level: int = 1       # zstd level for everything on the wire
     criu: criu.Options = field(default_factory=criu.Options)
     image_root: str = "/var/lib/livemig"   # private image directories live here, on both hosts

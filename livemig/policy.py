@@ -5,6 +5,13 @@ at the bandwidth the last round measured (pending / bandwidth <= max downtime).
 With P.Haul's safety nets: at most 8 rounds, stop when a round writes 64 pages or
 fewer, stop when a round writes more than 10 % more pages than the one before
 (the workload dirties memory faster than we send it: going on only loses).
+
+Auto-converge (QEMU's cpu-throttle): where a round shows pre-copy is not converging
+(it diverged, stalled, or used up the rounds) and the downtime limit is not met, the
+workload is slowed instead of stopped: 20 % off its CPU, then 10 % more at each round
+that still does not converge, up to 99 %; rounds go on while the throttle can rise.
+QEMU starts on a dirty-rate measure before any round stalls; a stall is the sign here,
+since the rounds' page counts are what CRIU and the hashes tell us.
 """
 
 from __future__ import annotations
@@ -34,6 +41,21 @@ class RoundStats:
 
 
 @dataclass(frozen=True)
+class Throttling:
+    """QEMU's cpu-throttle-initial, cpu-throttle-increment and max-cpu-throttle, in %."""
+    initial: int = 20
+    increment: int = 10
+    cap: int = 99
+
+    @property
+    def steps(self) -> int:
+        return 1 + -(-(self.cap - self.initial) // self.increment)
+
+    def after(self, percent: int) -> int:
+        return self.initial if percent == 0 else min(self.cap, percent + self.increment)
+
+
+@dataclass(frozen=True)
 class Limits:
     max_downtime: float = 0.300    # seconds: QEMU's downtime-limit default
     max_rounds: int = 8            # P.Haul
@@ -42,6 +64,7 @@ class Limits:
     min_shrink: float = 0.10       # a round at least 10 % smaller than the one before still gains
     fixed_cost: float = 0.0        # seconds of downtime that do not depend on pages (freeze, restore)
     thp_always: bool = False       # the workload sits on huge pages: soft-dirty marks 2 MiB at a time
+    throttling: Throttling | None = None   # auto-converge; None: off (--no-throttle, or no cgroup of its own)
 
 
 class StopReason(str, Enum):
@@ -59,6 +82,7 @@ class Decision:
     reason: StopReason | None
     expected_downtime: float     # seconds, if the final dump were taken now
     bandwidth: float             # bytes per second on the wire, last round
+    throttle: int = 0            # % off the workload's CPU for the next round (auto-converge)
 
 
 def expected_downtime(last: RoundStats, limits: Limits) -> float:
@@ -70,10 +94,11 @@ def expected_downtime(last: RoundStats, limits: Limits) -> float:
     return limits.fixed_cost + pending / last.bandwidth
 
 
-def decide(rounds: Sequence[RoundStats], limits: Limits = Limits()) -> Decision:
-    """Whether to take the final dump after these rounds, and why."""
+def decide(rounds: Sequence[RoundStats], limits: Limits = Limits(), throttle: int = 0) -> Decision:
+    """Whether to take the final dump after these rounds, and why; throttle: the % the
+    workload is throttled by now, and the decision's, what it should be next."""
     if not rounds:
-        return Decision(False, None, float("inf"), 0.0)
+        return Decision(False, None, float("inf"), 0.0, throttle)
     last = rounds[-1]
     estimate = expected_downtime(last, limits)
     reason = None
@@ -91,7 +116,12 @@ def decide(rounds: Sequence[RoundStats], limits: Limits = Limits()) -> Decision:
         reason = StopReason.STALLED
     elif len(rounds) >= limits.max_rounds:
         reason = StopReason.MAX_ROUNDS
-    return Decision(reason is not None, reason, estimate, last.bandwidth)
+    t = limits.throttling
+    if (reason in (StopReason.DIVERGING, StopReason.STALLED, StopReason.MAX_ROUNDS) and t is not None
+            and throttle < t.cap and len(rounds) < limits.max_rounds + t.steps):
+        # not converging: slow the workload down and go on, rather than stop over the limit
+        return Decision(False, None, estimate, last.bandwidth, t.after(throttle))
+    return Decision(reason is not None, reason, estimate, last.bandwidth, throttle)
 
 
 def choose_mode(requested: str, source_features: dict[str, bool],

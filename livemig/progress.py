@@ -52,6 +52,15 @@ class RoundDone:
 
 
 @dataclass(frozen=True)
+class Throttled:
+    """Auto-converge: pre-copy did not converge, so the workload was slowed down."""
+    after_round: int
+    percent: int               # off the CPU it used unthrottled
+    baseline_cpus: float
+    quota_cpus: float
+
+
+@dataclass(frozen=True)
 class Stepping:
     """A phase begins (errors.Phase's names) or, within one, a step worth a line."""
     phase: str
@@ -80,7 +89,7 @@ class Fetching:
     seconds: float             # since the target runs
 
 
-Event = Union[Connecting, ModeChosen, Copied, RoundDone, Stepping, Sending, Running, Fetching]
+Event = Union[Connecting, ModeChosen, Copied, RoundDone, Throttled, Stepping, Sending, Running, Fetching]
 Callback = Callable[[Event], None]
 
 

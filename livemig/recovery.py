@@ -20,7 +20,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bundle, host, proc, protocol as p
+from . import bundle, host, proc, protocol as p, throttle
 from .errors import LivemigError, Phase
 from .session import TargetSession, migration_id
 
@@ -208,12 +208,23 @@ async def recover(options, connect, *, target_lost: bool = False) -> list[Settle
     whose post-copy failed: exactly one copy runs on. target_lost: the operator knows the
     target is gone for good (its copy with it), so the source's copy runs on if it can."""
     done = []
+    for work in sorted(Path(options.image_root).glob(f"*-source/{throttle.FILE}")):
+        work = work.parent
+        what = throttle.left(work)
+        if what is None or (work / RECORD).exists():
+            continue
+        # killed in pre-copy: nothing was frozen, the workload ran on here all along
+        detail = throttle.lift_left(work)
+        forget(work)
+        done.append(Settled(work.name.removesuffix("-source"), "", what, "rolled back",
+                            f"livemig was killed in pre-copy; the workload ran on here throughout; {detail}"))
     for work, rec in records(options.image_root):
         c = rec.source_copy
         what = f"PID {c.pids[0][0]}" if c.runtime == "process" and c.pids else f"{c.runtime} container {c.container}"
         if rec.coordinator_alive():
             outcome, detail, finished = "unresolved", f"livemig (PID {rec.coordinator[0]}) is still moving it", False
         else:
+            throttle.lift_left(work)      # killed between its record and the switchover
             settle = _settle_postcopy if rec.lazy else _settle_stopcopy
             outcome, detail, finished = await settle(work, rec, connect, options, target_lost)
         done.append(Settled(rec.migration_id, rec.target, what, outcome, detail))

@@ -26,10 +26,20 @@ class RoundReport:
     bytes_wire: int = 0           # what crossed the network, compressed
     frozen_seconds: float = 0.0   # how long CRIU kept the workload frozen
     seconds: float = 0.0          # the round from start to last byte delivered
+    throttle: int = 0             # auto-converge: % off the workload's CPU during the round
 
     @property
     def compression_ratio(self) -> float:
         return self.bytes_raw / self.bytes_wire if self.bytes_wire else 1.0
+
+
+@dataclass
+class ThrottleStep:
+    """Auto-converge slowed the workload after a round that did not converge."""
+    after_round: int
+    percent: int                  # off its baseline: the CPU it used while pre-copy ran unthrottled
+    baseline_cpus: float
+    quota_cpus: float             # the CPU it was allowed from then on, until the final dump
 
 
 @dataclass
@@ -45,6 +55,8 @@ class Report:
     rounds: list[RoundReport] = field(default_factory=list)
     precopy_stop_reason: str = ""
     precopy_tracking: str = ""    # how pre-copy found changed pages: "soft-dirty" or "page hashes"
+    throttle: str = ""            # auto-converge: "" (no pre-copy), "ready", "off" (--no-throttle), "unavailable: why"
+    throttle_steps: list[ThrottleStep] = field(default_factory=list)   # each time it throttled harder
     pages_known: int = 0          # pre-copy by hashes: pages the final dump only named (the target held them)
     fill_seconds: float = 0.0     # pre-copy by hashes: every page into the stopped copy, after its restore
     final_dump_frozen_seconds: float = 0.0
@@ -80,6 +92,10 @@ class Report:
             lines.append(f"  {r.kind} {i}: {r.pages_written} pages, {r.bytes_raw / 2**20:.1f} MiB -> "
                          f"{r.bytes_wire / 2**20:.1f} MiB on the wire (x{r.compression_ratio:.1f}), "
                          f"frozen {r.frozen_seconds * 1000:.0f} ms, {r.seconds:.2f} s")
+        if self.throttle_steps:
+            lines.append("  auto-converge: " + ", ".join(f"{s.percent} % after round {s.after_round}"
+                                                         for s in self.throttle_steps)
+                         + f" (of {self.throttle_steps[0].baseline_cpus:.2f} CPU); lifted at the final dump")
         if self.precopy_stop_reason:
             lines.append(f"  pre-copy stopped: {self.precopy_stop_reason}")
         if self.fill_seconds:

@@ -28,6 +28,7 @@ class Store:
     def __init__(self):
         self._slots: dict[tuple[int, int], mmap.mmap] = {}
         self._have: dict[tuple[int, int], bytearray] = {}
+        self._placed: dict[tuple[int, int], bytearray] = {}   # released: in the copy already
         self.pages = 0        # pages held
 
     @staticmethod
@@ -50,14 +51,28 @@ class Store:
             have[k:k + take] = b"\1" * take
 
     def pieces(self, pid: int, vaddr: int, n: int) -> list[tuple[int, int, memoryview]]:
-        """Pages [vaddr, +n) of pid as (first address, pages, bytes) pieces, one per slot.
+        """Pages [vaddr, +n) of pid as (first address, pages, bytes) pieces, at most one per
+        slot and stretch, without the pages already in the copy (released): the source
+        names a page again when the copy faulted on it while it was on its way.
         MissingPages if any of them never came."""
         out = []
         for i, key, k, take in self._spans(pid, vaddr, n):
             have = self._have.get(key)
-            if have is None or have.count(1, k, k + take) != take:
-                raise MissingPages(f"pages of PID {pid} at {vaddr + i * PAGE:#x} were never stored here")
-            out.append((vaddr + i * PAGE, take, memoryview(self._slots[key])[k * PAGE:(k + take) * PAGE]))
+            if have is not None and have.count(1, k, k + take) == take:
+                out.append((vaddr + i * PAGE, take, memoryview(self._slots[key])[k * PAGE:(k + take) * PAGE]))
+                continue
+            placed = self._placed.get(key)
+            for j in range(k, k + take):
+                if have is not None and have[j]:
+                    addr = vaddr + (i + j - k) * PAGE
+                    if out and out[-1][0] + out[-1][1] * PAGE == addr and (addr >> 21) == (out[-1][0] >> 21):
+                        first, count, _ = out[-1]
+                        out[-1] = (first, count + 1, memoryview(self._slots[key])[(j - count) * PAGE:(j + 1) * PAGE])
+                    else:
+                        out.append((addr, 1, memoryview(self._slots[key])[j * PAGE:(j + 1) * PAGE]))
+                elif placed is None or not placed[j]:
+                    raise MissingPages(f"pages of PID {pid} at {vaddr + (i + j - k) * PAGE:#x} were never "
+                                       "stored here")
         return out
 
     def release(self, pid: int, vaddr: int, n: int) -> None:
@@ -69,6 +84,7 @@ class Store:
             if have is not None:
                 self.pages -= have.count(1, k, k + take)
                 have[k:k + take] = bytes(take)
+                self._placed.setdefault(key, bytearray(CHUNK_PAGES))[k:k + take] = b"\1" * take
                 self._slots[key].madvise(mmap.MADV_DONTNEED, k * PAGE, take * PAGE)
 
     def close(self) -> None:
@@ -80,3 +96,4 @@ class Store:
                 pass
         self._slots.clear()
         self._have.clear()
+        self._placed.clear()

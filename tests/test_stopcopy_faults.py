@@ -26,9 +26,9 @@ from tests.test_move import leftovers
 pytestmark = pytest.mark.lab
 
 
-def stopped_at(lab, point: str, *what: str) -> tuple[subprocess.Popen, list[str]]:
-    """livemig move --mode stopcopy ... b, stopped at point: the process and its PIDs on a."""
-    mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point}", "livemig", "move", "--mode", "stopcopy",
+def stopped_at(lab, point: str, *what: str, mode: str = "stopcopy") -> tuple[subprocess.Popen, list[str]]:
+    """livemig move --mode MODE ... b, stopped at point: the process and its PIDs on a."""
+    mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point}", "livemig", "move", "--mode", mode,
                             *what, "b"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                       stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

@@ -22,6 +22,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Callable
 
 from .. import criu, proc, protocol as p
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
@@ -134,7 +135,9 @@ class OciContainer(Workload):
             raise
         return _PageServerClientRun(dumping, images / "dump.log", listener=listener)
 
-    async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
+    async def final_dump(self, images: Path, parent: str | None, lazy: bool,
+                         switchover: Callable[[], None] = lambda: None) -> DumpRun:
+        switchover()
         frozen_at = time.monotonic()
         await proc.run([self.kind, "pause", self.container], phase=Phase.FINAL_DUMP)
         self.paused = True

@@ -239,6 +239,16 @@ def test_the_store_hands_pages_back_in_pieces_of_its_slots_and_knows_what_it_lac
     with pytest.raises(shadow.MissingPages):
         store.pieces(PID + 1, base, 1)
     del pieces
+    # placed and let go: named again (the copy faulted on them while they were on their way),
+    # they are skipped, not missing; the rest of the run still comes, in pieces of one slot
+    store.release(PID, base + 2 * PAGE, 2)
+    pieces = store.pieces(PID, base, 8)
+    assert [(a, n) for a, n, _ in pieces] == [(base, 2), (base + 4 * PAGE, 4)]
+    assert b"".join(bytes(v) for _, _, v in pieces) == data[:2 * PAGE] + data[4 * PAGE:]
+    assert store.pages == 6
+    with pytest.raises(shadow.MissingPages):
+        store.pieces(PID, base + 7 * PAGE, 2)        # the page after them never came
+    del pieces
     store.close()
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from livemig.policy import Limits, RoundStats, StopReason, choose_mode, decide, expected_downtime
+from livemig.policy import Limits, RoundStats, StopReason, Throttling, choose_mode, decide, expected_downtime
 
 MiB = 1 << 20
 
@@ -70,6 +70,40 @@ def test_round_limit():
     d = decide(rounds, Limits(max_downtime=0.3, max_rounds=8))
     assert d.stop and d.reason is StopReason.MAX_ROUNDS
     assert not decide(rounds[:7], Limits(max_downtime=0.3, max_rounds=8)).stop
+
+
+def test_auto_converge_throttles_instead_of_stopping_when_pre_copy_does_not_converge():
+    limits = Limits(max_downtime=0.3, throttling=Throttling())
+    stalled = [rnd(131_072, 4.0), rnd(40_000, 1.2), rnd(39_000, 1.2)]
+    d = decide(stalled, limits)
+    assert not d.stop and d.throttle == 20              # QEMU's cpu-throttle-initial
+    d = decide(stalled + [rnd(38_000, 1.2)], limits, throttle=20)
+    assert not d.stop and d.throttle == 30              # + cpu-throttle-increment
+    diverging = [rnd(131_072, 4.0), rnd(40_000, 1.2), rnd(50_000, 1.5)]
+    assert decide(diverging, limits, throttle=90).throttle == 99     # never past the cap
+    # at the cap, nothing more to try: stop, and say why
+    d = decide(diverging, limits, throttle=99)
+    assert d.stop and d.reason is StopReason.DIVERGING and d.throttle == 99
+    # a throttled round that converged stops as any round does; the throttle stays as it is
+    d = decide(stalled + [rnd(60, 0.1)], limits, throttle=40)
+    assert d.stop and d.reason is StopReason.FEW_PAGES and d.throttle == 40
+    # shrinking well under the throttle: go on, the throttle unchanged
+    d = decide(stalled + [rnd(20_000, 0.8)], limits, throttle=20)
+    assert not d.stop and d.throttle == 20
+
+
+def test_auto_converge_gets_rounds_past_the_round_limit_but_only_as_many_as_its_steps():
+    t = Throttling()
+    assert t.steps == 9                                 # 20, 30, ... 90, 99
+    limits = Limits(max_downtime=0.3, max_rounds=8, throttling=t)
+    rounds = [rnd(131_072, 4.0)] + [rnd(int(40_000 * 0.8 ** i), 1.2) for i in range(7)]
+    d = decide(rounds, limits)
+    assert not d.stop and d.throttle == 20
+    long = rounds + [rnd(5_000, 1.0)] * 9
+    d = decide(long, limits, throttle=50)
+    assert d.stop and d.reason is StopReason.STALLED
+    # off (--no-throttle, or no cgroup of its own): the same rounds stop as before
+    assert decide(rounds, Limits(max_downtime=0.3, max_rounds=8)).reason is StopReason.MAX_ROUNDS
 
 
 def test_thp_always_stops_after_the_first_round():

@@ -1,6 +1,7 @@
 """`livemig recover`'s decisions: the target's verdict picks the one copy that runs on. The
 lab's post-copy fault tests run it for real; here the target's answers are stand-ins."""
 
+import json
 import os
 import stat
 
@@ -190,3 +191,27 @@ async def test_stop_and_copy_committed_with_the_target_lost(root, acted, monkeyp
     orphan_answers(monkeypatch, source_exists=source_exists)
     [settled] = await recovery.recover(Options(image_root=str(root)), None, target_lost=True)
     assert (settled.outcome, acted) == (outcome, action)
+
+
+async def test_a_livemig_killed_in_pre_copy_leaves_a_throttle_that_recover_lifts(root, acted):
+    """Nothing was frozen yet: the workload ran on, slowed; recover gives it its CPU back
+    and deletes the pre-copy's images. (tests/unit/test_throttle.py does it on a real cgroup.)"""
+    from livemig import throttle
+    cg_dir = root / "cg"
+    cg_dir.mkdir()
+    (cg_dir / "cpu.cfs_quota_us").write_text("5000")
+    (cg_dir / "cpu.cfs_period_us").write_text("100000")
+    work = root / "2026-7-source"
+    (work / "pre-1").mkdir(parents=True)
+    throttle.save(work / throttle.FILE, throttle.CpuCgroup(1, str(cg_dir), ""), throttle.Quota(-1, 100000),
+                  "runc container web1")
+    # a record whose livemig still runs is its own business
+    assert await recovery.recover(Options(image_root=str(root)), None) == []
+    assert (cg_dir / "cpu.cfs_quota_us").read_text() == "5000"
+    d = json.loads((work / throttle.FILE).read_text())
+    d["coordinator"] = [999_999_999, 1]
+    (work / throttle.FILE).write_text(json.dumps(d))
+    [settled] = await recovery.recover(Options(image_root=str(root)), None)
+    assert (settled.workload, settled.outcome) == ("runc container web1", "rolled back")
+    assert "lifted" in settled.detail and (cg_dir / "cpu.cfs_quota_us").read_text() == "-1"
+    assert not work.exists() and acted == []

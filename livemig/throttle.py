@@ -1,0 +1,225 @@
+"""Auto-converge's hand on the workload: its cgroup's CPU quota.
+
+QEMU slows a guest that dirties memory faster than pre-copy sends it by putting its
+vCPUs to sleep a growing share of the time. A process tree is no vCPU: it may use a
+tenth of a core or three. So a throttle of P % here is P % off what the workload
+itself used since pre-copy began (its baseline), set as a CFS quota on the cgroup that
+holds it: cgroup v2's cpu.max or v1's cpu.cfs_quota_us. Only a cgroup that holds the
+workload and nothing else is throttled (a container's own; never a shared one).
+
+The original quota is written to THROTTLE.json in the move's work directory before
+the first change, so that `livemig recover` can put it back if livemig is killed
+outright while the workload is throttled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import host
+
+FILE = "THROTTLE.json"
+MIN_QUOTA_US = 1000          # the kernel's smallest CFS quota
+MAX_PERIOD_US = 1_000_000    # and its longest period
+MIN_BASELINE = 0.01          # CPUs: a workload that seemed idle is still allowed this much
+
+
+class Unavailable(Exception):
+    """Why the workload cannot be throttled."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A CFS bandwidth limit: quota_us of CPU time per period_us (quota_us < 0: none)."""
+    quota_us: int
+    period_us: int
+
+    @property
+    def cpus(self) -> float:
+        return self.quota_us / self.period_us if self.quota_us >= 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class CpuCgroup:
+    """Where the workload's CPU quota is set and its CPU time read."""
+    version: int                 # 1 or 2
+    quota_dir: str               # v1: the "cpu" hierarchy's cgroup; v2: the cgroup
+    usage_dir: str               # v1: the "cpuacct" hierarchy's ("" if not mounted); v2: the cgroup
+
+    def read(self) -> Quota:
+        d = Path(self.quota_dir)
+        if self.version == 2:
+            q, per = (d / "cpu.max").read_text().split()
+            return Quota(-1 if q == "max" else int(q), int(per))
+        return Quota(int((d / "cpu.cfs_quota_us").read_text()), int((d / "cpu.cfs_period_us").read_text()))
+
+    def write(self, q: Quota) -> None:
+        d = Path(self.quota_dir)
+        if self.version == 2:
+            (d / "cpu.max").write_text(f"{'max' if q.quota_us < 0 else q.quota_us} {q.period_us}")
+            return
+        # v1 checks the quota against the period in force: lift the quota first, so that no
+        # intermediate pair is refused
+        (d / "cpu.cfs_quota_us").write_text("-1")
+        (d / "cpu.cfs_period_us").write_text(str(q.period_us))
+        (d / "cpu.cfs_quota_us").write_text(str(q.quota_us))
+
+    def usage_ns(self, pids: list[int]) -> int:
+        """CPU time the workload has used, in nanoseconds: the cgroup's own account where
+        there is one, else its processes' (which forgets the threads that have exited)."""
+        if self.version == 2:
+            for line in (Path(self.usage_dir) / "cpu.stat").read_text().splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) * 1000
+        elif self.usage_dir:
+            return int((Path(self.usage_dir) / "cpuacct.usage").read_text())
+        return sum(host.cpu_ns(pid) for pid in pids)
+
+
+def _mounts() -> list[tuple[str, str, str, set[str]]]:
+    """(fstype, root, mountpoint, super options) of every cgroup mount."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        pre, post = line.split(" - ", 1)
+        fields, post_fields = pre.split(), post.split()
+        if post_fields[0] in ("cgroup", "cgroup2"):
+            found.append((post_fields[0], fields[3], fields[4], set(post_fields[2].split(","))))
+    return found
+
+
+def _dir(mounts, fstype: str, controller: str, path: str) -> str | None:
+    for fs, root, mountpoint, opts in mounts:
+        if fs == fstype and (fs == "cgroup2" or controller in opts) and (path + "/").startswith(root.rstrip("/") + "/"):
+            return os.path.join(mountpoint, os.path.relpath(path, root))
+    return None
+
+
+def locate(pid: int) -> CpuCgroup:
+    """The cgroup that sets pid's CPU quota."""
+    lines = [ln.split(":", 2) for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+    v1 = {c: path for hid, ctrls, path in lines if hid != "0" for c in ctrls.split(",")}
+    mounts = _mounts()
+    if "cpu" in v1:
+        path = v1["cpu"]
+        quota_dir = _dir(mounts, "cgroup", "cpu", path)
+        if quota_dir is None:
+            raise Unavailable(f"its cpu cgroup {path} is not mounted here")
+        acct = v1.get("cpuacct")
+        return CpuCgroup(1, quota_dir, (_dir(mounts, "cgroup", "cpuacct", acct) or "") if acct else "")
+    path = next((p for hid, _, p in lines if hid == "0"), None)
+    d = _dir(mounts, "cgroup2", "", path) if path is not None else None
+    if d is None:
+        raise Unavailable("it has no cpu cgroup here")
+    if "cpu" not in Path(d, "cgroup.controllers").read_text().split():
+        raise Unavailable(f"the cpu controller is not enabled in its cgroup {path}")
+    return CpuCgroup(2, d, d)
+
+
+def find(pids: list[int]) -> CpuCgroup:
+    """The workload's own cgroup; Unavailable when it shares it, or there is none to use."""
+    cgs = {locate(pid) for pid in pids}
+    if len(cgs) != 1:
+        raise Unavailable("its processes are in different cgroups")
+    cg = cgs.pop()
+    ours = set(pids)
+    if not (Path(cg.quota_dir) / ("cpu.max" if cg.version == 2 else "cpu.cfs_quota_us")).exists():
+        raise Unavailable("it is in the root cgroup, which has no CPU quota")
+    if os.getpid() in ours or any(p not in ours for p in _members(Path(cg.quota_dir))):
+        # throttling it would throttle others too (livemig itself, sshd, a shell)
+        raise Unavailable(f"its cgroup {cg.quota_dir} holds other processes too")
+    return cg
+
+
+def _members(d: Path) -> list[int]:
+    out = []
+    for procs in [d / "cgroup.procs", *d.rglob("*/cgroup.procs")]:
+        out += [int(x) for x in procs.read_text().split()]
+    return out
+
+
+@dataclass(frozen=True)
+class Step:
+    """One throttle step, as the report shows it."""
+    after_round: int
+    percent: int                 # off the baseline
+    baseline_cpus: float         # what the workload used while pre-copy ran unthrottled
+    quota_cpus: float            # what it may use now
+
+
+class Throttle:
+    """The workload's CPU quota, lowered in steps and put back (release) at switchover."""
+
+    def __init__(self, cg: CpuCgroup, pids: list[int], work: Path, what: str = ""):
+        self.cg, self.pids, self.record, self.what = cg, pids, work / FILE, what
+        self.original: Quota | None = None    # set once the quota was first changed
+        self.baseline: float | None = None
+        self._t0 = self._u0 = 0.0
+
+    def begin(self) -> None:
+        """Pre-copy starts: the baseline is measured from here to the first step."""
+        self._t0, self._u0 = time.monotonic(), self.cg.usage_ns(self.pids)
+
+    def set(self, percent: int, after_round: int) -> Step:
+        if self.baseline is None:
+            used = (self.cg.usage_ns(self.pids) - self._u0) / 1e9
+            self.baseline = max(MIN_BASELINE, used / max(time.monotonic() - self._t0, 1e-3))
+        if self.original is None:
+            self.original = self.cg.read()
+            save(self.record, self.cg, self.original, self.what)
+        cpus = min(self.baseline * (100 - percent) / 100, self.original.cpus)
+        period = self.original.period_us
+        if cpus * period < MIN_QUOTA_US:
+            # a long period lets a small share still be a quota the kernel takes
+            period = min(MAX_PERIOD_US, int(MIN_QUOTA_US / cpus) + 1)
+        quota = Quota(max(MIN_QUOTA_US, int(cpus * period)), period)
+        self.cg.write(quota)
+        return Step(after_round, percent, round(self.baseline, 4), round(quota.cpus, 4))
+
+    def release(self) -> None:
+        """The original quota back; again, harmlessly. The cgroup may be gone with its
+        workload (a container deleted at the commit)."""
+        if self.original is None:
+            return
+        try:
+            self.cg.write(self.original)
+        except FileNotFoundError:
+            pass
+        self.original = None
+        self.record.unlink(missing_ok=True)
+
+
+def save(path: Path, cg: CpuCgroup, original: Quota, what: str) -> None:
+    from .recovery import write_private
+    me = os.getpid()
+    write_private(path, {"cgroup": asdict(cg), "quota": asdict(original), "workload": what,
+                         "coordinator": [me, host.start_time(me) or 0]})
+
+
+def left(work: Path) -> str | None:
+    """The workload a killed livemig left throttled in work (None: none, or its livemig lives)."""
+    path = work / FILE
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    pid, t = d["coordinator"]
+    return None if host.start_time(pid) == t else d.get("workload", "")
+
+
+def lift_left(work: Path) -> str:
+    """`livemig recover`: put back a quota whose livemig was killed; what it did, or ""."""
+    if left(work) is None:
+        return ""       # none, or still moving it: its own release will come
+    path = work / FILE
+    d = json.loads(path.read_text())
+    cg, q = CpuCgroup(**d["cgroup"]), Quota(**d["quota"])
+    try:
+        cg.write(q)
+        done = "its CPU throttle is lifted"
+    except FileNotFoundError:
+        done = "its throttled cgroup is gone"
+    path.unlink(missing_ok=True)
+    return done

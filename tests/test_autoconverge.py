@@ -1,0 +1,139 @@
+"""Auto-converge in the namespaced lab: a runc container running memcounter that dirties
+memory faster than pre-copy (by page hashes, here) sends it. Throttled through its cgroup's
+CPU quota in QEMU's steps, pre-copy converges; without the throttle it does not. The
+throttle is lifted at the switchover (the target's copy is never throttled), on a
+rollback, and by `livemig recover` after a livemig killed outright."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.test_containers import move
+from tests.test_move import leftovers
+from tests.test_stopcopy_faults import stopped_at
+
+pytestmark = pytest.mark.lab
+
+TOOL = "/opt/livemig/tests/workloads/container.py"
+WORKLOAD = "/opt/livemig/tests/workloads/memcounter.py"
+CONVERGED = ("the pages left fit the downtime limit", "the last round wrote few pages")
+
+
+class Dirtier:
+    """memcounter in a runc container, on the lab host's network: 256 MiB, 400 MiB/s of
+    random page writes (about a fifth of a CPU here)."""
+
+    def __init__(self, lab, name: str, port: int, host: str = "a"):
+        self.lab, self.name, self.port, self.bundle = lab, name, port, f"/var/lib/ctr/{name}"
+        lab.run(host, ["python3", TOOL, "memcounter", "--name", name, "--bundle", self.bundle, "--mib", "256",
+                       "--dirty-mibps", "400", "--port", str(port)])
+        self.query(host, wait=30)
+
+    def query(self, host: str, what: str = "get", wait: float = 0.0) -> dict:
+        return json.loads(self.lab.text(host, ["python3", WORKLOAD, "query", what, "--port", str(self.port),
+                                               "--wait", str(wait)], timeout=600))
+
+    def quota(self, host: str) -> int:
+        return int(self.lab.text(host, ["cat", f"/sys/fs/cgroup/cpu/{self.name}/cpu.cfs_quota_us"]))
+
+    def status(self, host: str) -> str | None:
+        res = self.lab.run(host, ["runc", "state", self.name], check=False)
+        return json.loads(res.stdout)["status"] if res.returncode == 0 else None
+
+    def moved_intact(self, src: str, dst: str, before: dict, res) -> dict:
+        assert res.returncode == 0, res.stderr.decode()
+        report = json.loads(res.stdout)
+        now = self.query(dst, wait=10)
+        assert now["host"] == dst and now["counter"] > before["counter"]
+        assert self.query(dst, "verify")["bad_pages"] == 0
+        assert self.status(src) is None and self.status(dst) == "running"
+        assert self.quota(dst) == -1          # the copy runs at full speed there
+        return report
+
+    def remove(self, host: str) -> None:
+        self.lab.run(host, ["runc", "delete", "--force", self.name], check=False)
+        self.lab.run(host, ["rm", "-rf", self.bundle])
+
+
+def test_auto_converge_throttles_a_container_that_outruns_pre_copy_until_it_converges(lab):
+    ctr = Dirtier(lab, "fast1", 7821)
+    before = ctr.query("a")
+    report = ctr.moved_intact("a", "b", before, move(lab, "a", "b", "--max-downtime", "0.4", "fast1"))
+    assert report["mode"] == "precopy" and report["throttle"] == "ready"
+    steps = report["throttle_steps"]
+    # QEMU's steps: 20 %, then 10 % more at each round that still did not converge
+    assert [s["percent"] for s in steps] == [20 + 10 * i for i in range(len(steps))][:8] + \
+        ([99] if len(steps) == 9 else [])
+    assert all(s["quota_cpus"] < s["baseline_cpus"] for s in steps) and steps[0]["baseline_cpus"] > 0.05
+    rounds = [r for r in report["rounds"] if r["kind"] == "hashes"]
+    assert [r["throttle"] for r in rounds][:steps[0]["after_round"]] == [0] * steps[0]["after_round"]
+    assert rounds[-1]["throttle"] == steps[-1]["percent"]
+    unthrottled = rounds[steps[0]["after_round"] - 1]["pages_written"]
+    assert report["precopy_stop_reason"] in CONVERGED, report["precopy_stop_reason"]
+    assert rounds[-1]["pages_written"] * 3 < unthrottled, [r["pages_written"] for r in rounds]
+    throttled_final = report["rounds"][-1]["pages_written"]
+
+    # the same workload back, with --no-throttle: pre-copy levels off, and the final dump
+    # sends several times as much
+    before = ctr.query("b")
+    report = ctr.moved_intact("b", "a", before, move(lab, "b", "a", "--max-downtime", "0.4", "--no-throttle",
+                                                     "fast1"))
+    assert report["throttle"] == "off" and report["throttle_steps"] == []
+    assert report["precopy_stop_reason"] not in CONVERGED
+    assert report["rounds"][-1]["pages_written"] > 3 * throttled_final, (report["rounds"][-1], throttled_final)
+    ctr.remove("a")
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+
+
+def test_a_process_tree_in_a_shared_cgroup_is_never_throttled_and_the_report_says_why(lab):
+    work = lab.start_workload("a", mib=64, pid=4731, port=7822)
+    res = lab.run("a", ["livemig", "move", "--json", "--pid", str(work.pid), "b"], check=False, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()
+    report = json.loads(res.stdout)
+    # the lab host's processes (its sshd, livemig itself) share the tree's cgroup
+    assert report["throttle"].startswith("unavailable:") and "holds other processes" in report["throttle"]
+    assert work.query("b")["counter"] > 0
+    lab.run("b", ["kill", str(work.pid)])
+
+
+def test_a_throttle_outlives_a_killed_livemig_only_until_recover(lab):
+    ctr = Dirtier(lab, "fast2", 7823)
+    mover, stopped = stopped_at(lab, "throttled", "fast2", mode="precopy")
+    assert ctr.quota("a") > 0                                      # throttled now
+    lab.run("a", ["kill", "-KILL", *stopped])
+    os.kill(mover.pid, signal.SIGCONT)
+    mover.wait(timeout=30)
+    assert ctr.quota("a") > 0 and ctr.status("a") == "running"    # slowed, never stopped
+    res = lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=120)
+    assert res.returncode == 0, res.stderr.decode()
+    [settled] = json.loads(res.stdout)
+    assert settled["outcome"] == "rolled back" and "throttle is lifted" in settled["detail"], settled
+    assert ctr.quota("a") == -1 and ctr.query("a", "verify")["bad_pages"] == 0
+    # the agent on b forgets the move without its coordinator; nothing of it is left there
+    deadline = time.monotonic() + 60
+    while leftovers(lab) != {"a": ([], []), "b": ([], [])}:
+        assert time.monotonic() < deadline, leftovers(lab)
+        time.sleep(0.5)
+    ctr.remove("a")
+
+
+def test_ctrl_c_while_throttled_rolls_back_and_lifts_the_throttle(lab):
+    ctr = Dirtier(lab, "fast3", 7824)
+    before = ctr.query("a")
+    mover, stopped = stopped_at(lab, "throttled", "fast3", mode="precopy")
+    assert ctr.quota("a") > 0
+    lab.run("a", ["kill", "-INT", *stopped])       # waits, pending, until it runs again
+    lab.run("a", ["kill", "-CONT", *stopped])
+    os.kill(mover.pid, signal.SIGCONT)
+    err = mover.stderr.read().decode()
+    assert mover.wait(timeout=120) == 130 and "Traceback" not in err, err
+    assert ctr.quota("a") == -1 and ctr.status("a") == "running" and ctr.status("b") is None
+    now = ctr.query("a")
+    assert now["counter"] > before["counter"] and ctr.query("a", "verify")["bad_pages"] == 0
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    ctr.remove("a")
