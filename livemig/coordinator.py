@@ -360,14 +360,23 @@ class Migration:
         t0 = time.monotonic()
         started.append(t0)
         run = await w.pre_dump(local, parent)
+        easing = None
+        if self.throttle is not None and self.throttle.current is not None:
+            easing = asyncio.create_task(self.throttle.eased_while_seized(w.root_pid, run.proc.wait()))
         try:
             sock = await run.pages()
             relayed = await self.to.relay(sock, tok) if sock else None
             rc = await run.proc.wait()
             err = await run.proc.stderr.read() if rc else b""
+            if easing is not None:
+                await easing
         finally:
             await proc.kill(run.proc)
             run.close()
+            if easing is not None and not easing.done():
+                easing.cancel()
+                with contextlib.suppress(BaseException):
+                    await easing
         if rc != 0:
             raise DumpError(criu_failure(f"{w.kind} pre-dump", rc, run.log, err), phase=Phase.PRECOPY)
         if w.streams_pages:

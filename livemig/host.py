@@ -134,3 +134,14 @@ def cpu_ns(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             pass
     return total
+
+
+def tracer(pid: int) -> int:
+    """The PID that ptraces pid (CRIU, while it dumps it), 0 if none or it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0

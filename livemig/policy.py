@@ -6,12 +6,12 @@ With P.Haul's safety nets: at most 8 rounds, stop when a round writes 64 pages o
 fewer, stop when a round writes more than 10 % more pages than the one before
 (the workload dirties memory faster than we send it: going on only loses).
 
-Auto-converge (QEMU's cpu-throttle): where a round shows pre-copy is not converging
-(it diverged, stalled, or used up the rounds) and the downtime limit is not met, the
-workload is slowed instead of stopped: 20 % off its CPU, then 10 % more at each round
-that still does not converge, up to 99 %; rounds go on while the throttle can rise.
-QEMU starts on a dirty-rate measure before any round stalls; a stall is the sign here,
-since the rounds' page counts are what CRIU and the hashes tell us.
+Auto-converge (QEMU's cpu-throttle): while the downtime limit is not met and a round
+wrote more than half as many pages as the one before (QEMU's throttle-trigger-threshold:
+the workload dirtied more than half of what pre-copy sent meanwhile), the workload is
+slowed: 20 % off its CPU, then 10 % more at each such round, up to 99 %. A round that
+would have stopped pre-copy (diverged, stalled, the round limit) throttles instead while
+the throttle can rise, and the throttle's steps get rounds of their own.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ class Throttling:
     initial: int = 20
     increment: int = 10
     cap: int = 99
+    trigger: float = 0.5      # throttle-trigger-threshold: a round over half the one before
 
     @property
     def steps(self) -> int:
@@ -101,6 +102,10 @@ def decide(rounds: Sequence[RoundStats], limits: Limits = Limits(), throttle: in
         return Decision(False, None, float("inf"), 0.0, throttle)
     last = rounds[-1]
     estimate = expected_downtime(last, limits)
+    t = limits.throttling
+    # once throttling, its steps get rounds of their own: at the cap, rounds that still
+    # shrink go on to the end of them
+    round_limit = limits.max_rounds + (t.steps if t is not None and throttle > 0 else 0)
     reason = None
     if limits.thp_always:
         reason = StopReason.THP_ALWAYS
@@ -114,13 +119,14 @@ def decide(rounds: Sequence[RoundStats], limits: Limits = Limits(), throttle: in
         # the dirty set has levelled off at dirty rate x round length: the final dump sends
         # it whatever happens, and each further round only adds its length to the move
         reason = StopReason.STALLED
-    elif len(rounds) >= limits.max_rounds:
+    elif len(rounds) >= round_limit:
         reason = StopReason.MAX_ROUNDS
-    t = limits.throttling
-    if (reason in (StopReason.DIVERGING, StopReason.STALLED, StopReason.MAX_ROUNDS) and t is not None
-            and throttle < t.cap and len(rounds) < limits.max_rounds + t.steps):
-        # not converging: slow the workload down and go on, rather than stop over the limit
-        return Decision(False, None, estimate, last.bandwidth, t.after(throttle))
+    if t is not None and throttle < t.cap and len(rounds) < limits.max_rounds + t.steps:
+        slow = len(rounds) >= 2 and last.pages_written > t.trigger * rounds[-2].pages_written
+        if reason is StopReason.MAX_ROUNDS or (slow and reason in (None, StopReason.DIVERGING,
+                                                                     StopReason.STALLED)):
+            # not converging (fast enough): slow the workload down and go on
+            return Decision(False, None, estimate, last.bandwidth, t.after(throttle))
     return Decision(reason is not None, reason, estimate, last.bandwidth, throttle)
 
 

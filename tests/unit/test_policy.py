@@ -87,9 +87,13 @@ def test_auto_converge_throttles_instead_of_stopping_when_pre_copy_does_not_conv
     # a throttled round that converged stops as any round does; the throttle stays as it is
     d = decide(stalled + [rnd(60, 0.1)], limits, throttle=40)
     assert d.stop and d.reason is StopReason.FEW_PAGES and d.throttle == 40
-    # shrinking well under the throttle: go on, the throttle unchanged
-    d = decide(stalled + [rnd(20_000, 0.8)], limits, throttle=20)
+    # shrinking to less than half under the throttle: go on, the throttle unchanged
+    d = decide(stalled + [rnd(15_000, 0.8)], limits, throttle=20)
     assert not d.stop and d.throttle == 20
+    # shrinking, but by less than half (QEMU's trigger): a step, before any stall
+    d = decide([rnd(131_072, 4.0), rnd(40_000, 1.2), rnd(25_000, 1.0)], limits)
+    assert not d.stop and d.reason is None and d.throttle == 20
+    assert decide([rnd(131_072, 4.0), rnd(40_000, 1.2), rnd(25_000, 1.0)], Limits(max_downtime=0.3)).throttle == 0
 
 
 def test_auto_converge_gets_rounds_past_the_round_limit_but_only_as_many_as_its_steps():
@@ -102,6 +106,11 @@ def test_auto_converge_gets_rounds_past_the_round_limit_but_only_as_many_as_its_
     long = rounds + [rnd(5_000, 1.0)] * 9
     d = decide(long, limits, throttle=50)
     assert d.stop and d.reason is StopReason.STALLED
+    # at the cap, rounds that still shrink go on past the round limit, to its steps' end
+    shrinking = rounds + [rnd(int(8_000 * 0.85 ** i), 1.0) for i in range(9)]
+    assert not decide(shrinking[:12], limits, throttle=99).stop
+    d = decide(shrinking, limits, throttle=99)
+    assert d.stop and d.reason is StopReason.MAX_ROUNDS and len(shrinking) == 8 + t.steps
     # off (--no-throttle, or no cgroup of its own): the same rounds stop as before
     assert decide(rounds, Limits(max_downtime=0.3, max_rounds=8)).reason is StopReason.MAX_ROUNDS
 

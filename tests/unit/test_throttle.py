@@ -87,12 +87,12 @@ def test_a_tiny_share_lengthens_the_period_rather_than_refused(spinner, tmp_path
     pids = [spinner.pid]
     cg = throttle.find(pids)
     t = throttle.Throttle(cg, pids, tmp_path)
-    t.baseline = 0.2            # a workload that used 20 % of a CPU, throttled by 99 %
+    t.baseline = 0.5            # a workload that used half a CPU, throttled by 99 %
     step = t.set(99, after_round=1)
     q = cg.read()
-    assert q.quota_us >= throttle.MIN_QUOTA_US and q.period_us > 100_000 and abs(step.quota_cpus - 0.002) < 0.0001
-    t.baseline = 0.05           # 1 ms a second is the least the kernel can give
-    assert t.set(99, after_round=2).quota_cpus == 0.001
+    assert q.quota_us >= throttle.MIN_QUOTA_US and q.period_us > 100_000 and abs(step.quota_cpus - 0.005) < 0.0001
+    t.baseline = 0.05           # 1 ms in the longest period we use is the least it gets
+    assert t.set(99, after_round=2).quota_cpus == throttle.MIN_QUOTA_US / throttle.MAX_PERIOD_US
     t.release()
 
 
