@@ -38,6 +38,7 @@ class Sample:
     steps: dict[str, float] = field(default_factory=dict)
     fetch_seconds: float | None = None  # post-copy: target running -> every page there
     fetch_bytes: int | None = None     # post-copy: the page bytes that came in that time
+    throttle_percent: int = 0          # livemig's auto-converge: how hard, at the switchover
     error: str = ""
 
 
@@ -66,12 +67,12 @@ def _finish(lab: Lab, work: Workload, s: Sample, dst: str, since: float, before:
 LIVEMIG_LIMIT = 300
 
 
-def livemig(mode: str):
-    """livemig move --mode MODE, its JSON report read for the tool-side figures."""
+def livemig(mode: str, *flags: str):
+    """livemig move --mode MODE [FLAGS], its JSON report read for the tool-side figures."""
     def run(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample:
         before, wire0, since = work.query(src), _netdev(lab, src), time.time()
         what = [work.container] if work.container else ["--pid", str(work.pid)]
-        mover = lab.popen(src, ["livemig", "move", "--mode", mode, "--json", *what, dst],
+        mover = lab.popen(src, ["livemig", "move", "--mode", mode, "--json", *flags, *what, dst],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = mover.communicate(timeout=LIVEMIG_LIMIT)
@@ -94,6 +95,8 @@ def livemig(mode: str):
         s.steps = {"restore": r["restore_seconds"], "final dump frozen": r["final_dump_frozen_seconds"]}
         if r.get("fill_seconds"):
             s.steps["fill"] = r["fill_seconds"]     # pre-copy by hashes: pages into the stopped copy
+        if r.get("throttle_steps"):
+            s.throttle_percent = r["throttle_steps"][-1]["percent"]
         if r.get("postcopy_seconds"):
             s.fetch_seconds, s.fetch_bytes = r["postcopy_seconds"], r["postcopy_pages"] * 4096
         return _finish(lab, work, s, dst, since, before, wire0, src)
@@ -192,7 +195,10 @@ CONTENDERS = {
     "livemig stopcopy": livemig("stopcopy"),
     # without soft-dirty (the namespaced lab): pre-copy by page hashes (livemig/pagehash.py)
     "livemig precopy": livemig("precopy"),
+    # auto-converge off: what it is worth where a workload outruns pre-copy (a container's own
+    # cgroup is throttled; the lab's process trees share theirs, and never are)
+    "livemig precopy --no-throttle": livemig("precopy", "--no-throttle"),
     "livemig postcopy": livemig("postcopy"),
 }
 # CRIU lazy by hand, through runc, would take runc's page server and a tunnel: not built
-FOR_CONTAINERS = ("seeds", "livemig stopcopy", "livemig precopy", "livemig postcopy")
+FOR_CONTAINERS = ("seeds", "livemig stopcopy", "livemig precopy", "livemig precopy --no-throttle", "livemig postcopy")

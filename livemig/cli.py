@@ -240,8 +240,9 @@ def _move(args) -> int:
 
     def call():
         options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
+                                    throttle=False if args.no_throttle else None,
                                     compression_level=args.compression_level, image_root=args.image_root).options,
-                          runtime=args.runtime, name=args.name, force=args.force, throttle=not args.no_throttle,
+                          runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
         return (plan if args.dry_run else migrate)(what, host, options, progress=view)
     return _report(args, call, view, "nothing was changed" if args.dry_run else

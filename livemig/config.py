@@ -42,6 +42,14 @@ def _level(v) -> int:
     return x
 
 
+def _bool(v) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.lower() in ("true", "yes", "on", "1")
+    raise ValueError(f"{v!r} is not true or false")
+
+
 def _path(v) -> str:
     if not isinstance(v, str) or not os.path.isabs(v):
         raise ValueError(f"{v!r} is not an absolute path")
@@ -53,6 +61,7 @@ SETTINGS = {
     "mode": (_mode, "strategy: auto, precopy, postcopy, hybrid or stopcopy"),
     "max_downtime": (_positive(float), "seconds the workload may stand still (pre-copy's target)"),
     "max_rounds": (_positive(int), "pre-copy rounds at most"),
+    "throttle": (_bool, "auto-converge: slow the workload's CPU when pre-copy does not converge"),
     "compression_level": (_level, "zstd level of everything on the wire"),
     "image_root": (_path, "where the private image directories live, on both hosts"),
     "connect_timeout": (_positive(float), "seconds to reach a host over SSH"),

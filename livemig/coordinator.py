@@ -362,7 +362,7 @@ class Migration:
         run = await w.pre_dump(local, parent)
         easing = None
         if self.throttle is not None and self.throttle.current is not None:
-            easing = asyncio.create_task(self.throttle.eased_while_seized(w.root_pid, run.proc.wait()))
+            easing = asyncio.create_task(self.throttle.eased_while_held(w.root_pid, run.proc.wait()))
         try:
             sock = await run.pages()
             relayed = await self.to.relay(sock, tok) if sock else None
@@ -375,8 +375,7 @@ class Migration:
             run.close()
             if easing is not None and not easing.done():
                 easing.cancel()
-                with contextlib.suppress(BaseException):
-                    await easing
+                await asyncio.wait({easing})
         if rc != 0:
             raise DumpError(criu_failure(f"{w.kind} pre-dump", rc, run.log, err), phase=Phase.PRECOPY)
         if w.streams_pages:
@@ -411,14 +410,22 @@ class Migration:
         if streaming:
             await self.to.request(p.OpenPageServer(dir="final", stream=tok, parent=parent), p.Done)
         self.progress(Stepping(Phase.FINAL_DUMP, "final dump"))
-        self.dump = await w.final_dump(local, parent, lazy, switchover=self._lift_throttle)
-        if streaming:
-            self.relay = asyncio.create_task(self._relay_when_connected(self.dump, tok))
+        # switchover: auto-converge's throttle goes the moment the freeze begins
+        lifting = None if self.throttle is None or self.throttle.current is None else \
+            asyncio.create_task(self.throttle.released_once_held(w.root_pid, FREEZE_WAIT))
         try:
-            dumped_at = await w.dumped(self.dump, lazy)
-        except DumpError as e:
-            # CRIU here sees only a broken pipe; the page server there knows why (a full disk...)
-            raise (await self._page_server_failure(e) if streaming else e) from None
+            self.dump = await w.final_dump(local, parent, lazy)
+            if streaming:
+                self.relay = asyncio.create_task(self._relay_when_connected(self.dump, tok))
+            try:
+                dumped_at = await w.dumped(self.dump, lazy)
+            except DumpError as e:
+                # CRIU here sees only a broken pipe; the page server there knows why (a full disk...)
+                raise (await self._page_server_failure(e) if streaming else e) from None
+        finally:
+            if lifting is not None:
+                lifting.cancel()        # done by now, unless the dump failed first: it releases
+                await asyncio.wait({lifting})
         rnd = RoundReport("dump", seconds=dumped_at - self.dump.frozen_at)
         if streaming:
             relayed = await self.relay
@@ -737,6 +744,7 @@ class Migration:
 
 SETTLE_SECONDS = 15.0    # for the target to say how its copy ended, once post-copy failed
 REASON_SECONDS = 5.0     # for the agent to say why, once its page stream broke
+FREEZE_WAIT = 10.0       # for the final dump's freeze to begin (CRIU's first start in a VM: 4.2 s)
 STOP_FOR_TESTS = "LIVEMIG_TEST_STOP_AT"
 
 

@@ -27,7 +27,7 @@ FILE = "THROTTLE.json"
 MIN_QUOTA_US = 1000          # the kernel's smallest CFS quota
 MAX_PERIOD_US = 250_000      # a throttled task may wait this long to be frozen: not the kernel's 1 s
 MIN_BASELINE = 0.01          # CPUs: a workload that seemed idle is still allowed this much
-SEIZE_POLL = 0.005           # seconds between looks at whether CRIU holds the workload
+HELD_POLL = 0.002            # seconds between looks at whether the workload is being frozen
 
 
 class Unavailable(Exception):
@@ -51,6 +51,7 @@ class CpuCgroup:
     version: int                 # 1 or 2
     quota_dir: str               # v1: the "cpu" hierarchy's cgroup; v2: the cgroup
     usage_dir: str               # v1: the "cpuacct" hierarchy's ("" if not mounted); v2: the cgroup
+    freezer: str = ""            # v1: its freezer.state, v2: its cgroup.freeze ("" if none)
 
     def read(self) -> Quota:
         d = Path(self.quota_dir)
@@ -69,6 +70,16 @@ class CpuCgroup:
         (d / "cpu.cfs_quota_us").write_text("-1")
         (d / "cpu.cfs_period_us").write_text(str(q.period_us))
         (d / "cpu.cfs_quota_us").write_text(str(q.quota_us))
+
+    def freezing(self) -> bool:
+        """Has a runtime (or CRIU) asked the cgroup's freezer to freeze it?"""
+        if not self.freezer:
+            return False
+        try:
+            state = Path(self.freezer).read_text().strip()
+        except OSError:
+            return False
+        return state == "1" if self.version == 2 else state != "THAWED"
 
     def usage_ns(self, pids: list[int]) -> int:
         """CPU time the workload has used, in nanoseconds: the cgroup's own account where
@@ -110,15 +121,17 @@ def locate(pid: int) -> CpuCgroup:
         quota_dir = _dir(mounts, "cgroup", "cpu", path)
         if quota_dir is None:
             raise Unavailable(f"its cpu cgroup {path} is not mounted here")
-        acct = v1.get("cpuacct")
-        return CpuCgroup(1, quota_dir, (_dir(mounts, "cgroup", "cpuacct", acct) or "") if acct else "")
+        acct, frz = v1.get("cpuacct"), v1.get("freezer")
+        frz_dir = _dir(mounts, "cgroup", "freezer", frz) if frz else None
+        return CpuCgroup(1, quota_dir, (_dir(mounts, "cgroup", "cpuacct", acct) or "") if acct else "",
+                         os.path.join(frz_dir, "freezer.state") if frz_dir else "")
     path = next((p for hid, _, p in lines if hid == "0"), None)
     d = _dir(mounts, "cgroup2", "", path) if path is not None else None
     if d is None:
         raise Unavailable("it has no cpu cgroup here")
     if "cpu" not in Path(d, "cgroup.controllers").read_text().split():
         raise Unavailable(f"the cpu controller is not enabled in its cgroup {path}")
-    return CpuCgroup(2, d, d)
+    return CpuCgroup(2, d, d, os.path.join(d, "cgroup.freeze"))
 
 
 def find(pids: list[int]) -> CpuCgroup:
@@ -182,12 +195,17 @@ class Throttle:
         self.cg.write(self.current)
         return Step(after_round, percent, round(self.baseline, 4), round(self.current.cpus, 4))
 
-    async def eased_while_seized(self, pid: int, dumping) -> None:
-        """While CRIU holds pid (a pre-dump: seized, its parasite running as the workload),
-        the quota is the original one, and the throttle is back once CRIU lets go; until
-        dumping (an awaitable) is done. Throttled, a parasite that drains 60 MiB kept the
-        workload frozen 13.5 s in the VM lab; held by CRIU, the workload runs none of its
-        own code, so the eased quota gives it nothing."""
+    def held(self, pid: int) -> bool:
+        """Is the workload being frozen or dumped: its cgroup's freezer asked to freeze it
+        (runc, crun, podman, CRIU's --freeze-cgroup), or CRIU holding pid (ptrace)?"""
+        return self.cg.freezing() or host.tracer(pid) != 0
+
+    async def eased_while_held(self, pid: int, dumping) -> None:
+        """For a pre-dump: while the workload is being frozen and dumped, its quota is the
+        original one, and the throttle is back once CRIU lets go; until dumping (an
+        awaitable) is done. A throttled task is slow to reach the freezer, and CRIU's
+        parasite runs as the workload: throttled, a parasite draining 60 MiB kept it frozen
+        12 s in the VM lab. Frozen or held, it runs none of its own code meanwhile."""
         if self.current is None:
             await dumping
             return
@@ -195,15 +213,30 @@ class Throttle:
         waiting = asyncio.ensure_future(dumping)
         try:
             while not waiting.done():
-                held = host.tracer(pid) != 0
+                held = self.held(pid)
                 if held != eased:
                     self.cg.write(self.original if held else self.current)
                     eased = held
-                await asyncio.wait({waiting}, timeout=SEIZE_POLL)
+                await asyncio.wait({waiting}, timeout=HELD_POLL)
             await waiting
         finally:
             if eased and self.current is not None:
                 self.cg.write(self.current)
+
+    async def released_once_held(self, pid: int, wait: float) -> None:
+        """For the final dump (switchover): the original quota back as soon as the freeze
+        begins, so that the workload runs no unthrottled moment before it (at 400 MiB/s
+        dirtied, 50 ms of it are 5000 pages more for the final dump), yet freezes and is
+        dumped at full speed; at the latest after wait seconds."""
+        if self.current is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        try:
+            while not self.held(pid) and loop.time() < deadline:
+                await asyncio.sleep(HELD_POLL)
+        finally:
+            self.release()
 
     def release(self) -> None:
         """The original quota back; again, harmlessly. The cgroup may be gone with its

@@ -25,21 +25,26 @@ CONVERGED = ("the pages left fit the downtime limit", "the last round wrote few 
 
 
 class Dirtier:
-    """memcounter in a runc container, on the lab host's network: 256 MiB, 400 MiB/s of
-    random page writes (about a fifth of a CPU here)."""
+    """memcounter in a runc container, on the lab host's network: by default 256 MiB, 400 MiB/s
+    of random page writes (about a fifth of a CPU here)."""
 
-    def __init__(self, lab, name: str, port: int, host: str = "a"):
+    def __init__(self, lab, name: str, port: int, host: str = "a", mib: int = 256, dirty_mibps: float = 400):
         self.lab, self.name, self.port, self.bundle = lab, name, port, f"/var/lib/ctr/{name}"
-        lab.run(host, ["python3", TOOL, "memcounter", "--name", name, "--bundle", self.bundle, "--mib", "256",
-                       "--dirty-mibps", "400", "--port", str(port)])
-        self.query(host, wait=30)
+        lab.run(host, ["python3", TOOL, "memcounter", "--name", name, "--bundle", self.bundle, "--mib", str(mib),
+                       "--dirty-mibps", str(dirty_mibps), "--port", str(port)], timeout=600)
+        self.query(host, wait=120)
 
     def query(self, host: str, what: str = "get", wait: float = 0.0) -> dict:
         return json.loads(self.lab.text(host, ["python3", WORKLOAD, "query", what, "--port", str(self.port),
                                                "--wait", str(wait)], timeout=600))
 
     def quota(self, host: str) -> int:
-        return int(self.lab.text(host, ["cat", f"/sys/fs/cgroup/cpu/{self.name}/cpu.cfs_quota_us"]))
+        """Its cgroup's CPU quota in microseconds a period, -1 for none (cgroup v1 or v2)."""
+        v1 = self.lab.run(host, ["cat", f"/sys/fs/cgroup/cpu/{self.name}/cpu.cfs_quota_us"], check=False)
+        if v1.returncode == 0:
+            return int(v1.stdout)
+        q = self.lab.text(host, ["cat", f"/sys/fs/cgroup/{self.name}/cpu.max"]).split()[0]
+        return -1 if q == "max" else int(q)
 
     def status(self, host: str) -> str | None:
         res = self.lab.run(host, ["runc", "state", self.name], check=False)

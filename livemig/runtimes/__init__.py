@@ -14,7 +14,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .. import protocol as p
 
@@ -67,12 +66,8 @@ class Workload:
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
         raise NotImplementedError
 
-    async def final_dump(self, images: Path, parent: str | None, lazy: bool,
-                         switchover: Callable[[], None] = lambda: None) -> DumpRun:
-        """Freeze the workload and start the final dump; returns once it is started.
-        switchover() is called just before the freeze: auto-converge lifts its throttle
-        then. A task held to a thousandth of a CPU cannot even reach the cgroup freezer
-        ("unable to freeze", measured), and CRIU's parasite runs as the workload."""
+    async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
+        """Freeze the workload and start the final dump; returns once it is started."""
         raise NotImplementedError
 
     async def dumped(self, run: DumpRun, lazy: bool) -> float:

@@ -22,7 +22,6 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable
 
 from .. import criu, proc, protocol as p
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
@@ -135,9 +134,7 @@ class OciContainer(Workload):
             raise
         return _PageServerClientRun(dumping, images / "dump.log", listener=listener)
 
-    async def final_dump(self, images: Path, parent: str | None, lazy: bool,
-                         switchover: Callable[[], None] = lambda: None) -> DumpRun:
-        switchover()
+    async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
         frozen_at = time.monotonic()
         await proc.run([self.kind, "pause", self.container], phase=Phase.FINAL_DUMP)
         self.paused = True

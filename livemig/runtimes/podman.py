@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
 from .. import criu, proc, protocol as p
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
@@ -121,10 +120,8 @@ class PodmanContainer(Workload):
         return DumpRun(await _start(checkpoint(self.container, images / ARCHIVE, self.opts, pre=True), images),
                        images / "dump.log")
 
-    async def final_dump(self, images: Path, parent: str | None, lazy: bool,
-                         switchover: Callable[[], None] = lambda: None) -> DumpRun:
+    async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
         frozen_at = time.monotonic()
-        switchover()
         self.checkpointed = True     # from here on a rollback restores it
         argv = checkpoint(self.container, images / ARCHIVE, self.opts, with_previous=parent is not None)
         self.run = DumpRun(await _start(argv, images), images / "dump.log")

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Callable
 
 from .. import criu, hook, host, proc
 from ..host import signal_tree
@@ -48,10 +47,8 @@ class ProcessTree(Workload):
             theirs.close()
         return DumpRun(dumping, images / "pre-dump.log", ours)
 
-    async def final_dump(self, images: Path, parent: str | None, lazy: bool,
-                         switchover: Callable[[], None] = lambda: None) -> DumpRun:
+    async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
         self.hook = await hook.HookServer.start(self.work)
-        switchover()
         ours, theirs = socket.socketpair()
         try:
             argv = criu.dump(self.root_pid, str(images), ps_fd=theirs.fileno(), hook=str(self.hook.script),

@@ -23,6 +23,18 @@ def test_file_then_environment_then_flags(tmp_path):
     assert flagged.options.max_rounds == 4 and flagged.sources["max_rounds"] == str(path)
 
 
+def test_auto_converge_is_on_unless_a_file_a_variable_or_no_throttle_turns_it_off(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("throttle = false\n")
+    assert config.load({"HOME": str(tmp_path)}).options.throttle is True
+    assert config.load({"LIVEMIG_CONFIG": str(path)}).options.throttle is False
+    cfg = config.load({"HOME": str(tmp_path), "LIVEMIG_THROTTLE": "no"})
+    assert cfg.options.throttle is False and cfg.sources["throttle"] == "LIVEMIG_THROTTLE"
+    # --no-throttle is throttle=False; without it, None: whatever the file or variable said
+    assert config.load({"HOME": str(tmp_path)}).with_flags(throttle=False).options.throttle is False
+    assert config.load({"LIVEMIG_CONFIG": str(path)}).with_flags(throttle=None).options.throttle is False
+
+
 def test_no_file_means_the_built_in_defaults(tmp_path):
     cfg = config.load({"HOME": str(tmp_path)})
     assert cfg.file is None and cfg.options == config.Options()
@@ -37,6 +49,7 @@ def test_no_file_means_the_built_in_defaults(tmp_path):
     ("", {"LIVEMIG_MAX_ROUNDS": "0"}, "LIVEMIG_MAX_ROUNDS: '0' is not above 0"),
     ("", {"LIVEMIG_IMAGE_ROOT": "relative/dir"}, "not an absolute path"),
     ("", {"LIVEMIG_COMPRESSION_LEVEL": "30"}, "zstd level"),
+    ("throttle = \"sometimes\"\n", {}, "is not true or false"),
 ])
 def test_bad_settings_are_one_line_usage_errors(tmp_path, text, env, message):
     path = tmp_path / "c.toml"

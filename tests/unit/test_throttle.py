@@ -1,6 +1,7 @@
 """Auto-converge's throttle on a real cgroup of this machine (v1 or v2), around a child
 that spins: its CPU use must follow the quota, and come back when released."""
 
+import asyncio
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ def _cgroup_dirs(name: str) -> list[Path]:
     own = {c: path for hid, ctrls, path in (ln.split(":", 2) for ln in Path("/proc/self/cgroup").read_text().splitlines())
            for c in (ctrls.split(",") if hid != "0" else ["0"])}
     for fstype, root, mountpoint, opts in throttle._mounts():
-        key = "0" if fstype == "cgroup2" else next((c for c in ("cpu", "cpuacct") if c in opts), None)
+        key = "0" if fstype == "cgroup2" else next((c for c in ("cpu", "cpuacct", "freezer") if c in opts), None)
         if key is None or key not in own:
             continue
         if fstype == "cgroup2" and "cpu" not in (Path(mountpoint, os.path.relpath(own[key], root), "cgroup.subtree_control")
@@ -128,6 +129,48 @@ def test_recover_lifts_a_throttle_its_livemig_left(spinner, tmp_path):
     rec.write_text(json.dumps(d))
     assert throttle.lift_left(tmp_path) == "its CPU throttle is lifted"
     assert cg.read() == before and not rec.exists()
+
+
+def _freeze(cg: throttle.CpuCgroup, on: bool) -> None:
+    """What runc pause / resume (or CRIU's --freeze-cgroup) write."""
+    Path(cg.freezer).write_text(("1" if on else "0") if cg.version == 2 else ("FROZEN" if on else "THAWED"))
+
+
+async def test_the_quota_is_eased_while_a_dump_freezes_the_workload_and_lifted_when_the_final_one_does(
+        spinner, tmp_path):
+    pids = [spinner.pid]
+    cg = throttle.find(pids)
+    assert cg.freezer, "no freezer for the workload's cgroup"
+    before = cg.read()
+    t = throttle.Throttle(cg, pids, tmp_path)
+    t.baseline = 1.0
+    t.set(90, after_round=1)
+    throttled = cg.read()
+    assert not t.held(spinner.pid)
+    seen = []
+
+    async def pre_dump():      # freezes it, dumps, thaws it: the quota follows
+        await asyncio.sleep(0.05)
+        _freeze(cg, True)
+        await asyncio.sleep(0.2)
+        seen.append(cg.read())
+        _freeze(cg, False)
+        await asyncio.sleep(0.2)
+        seen.append(cg.read())
+    await t.eased_while_held(spinner.pid, pre_dump())
+    assert seen == [before, throttled] and cg.read() == throttled
+    # the switchover: throttled until the final dump's freeze begins, then as it was
+    lifting = asyncio.create_task(t.released_once_held(spinner.pid, wait=10))
+    await asyncio.sleep(0.2)
+    assert not lifting.done() and cg.read() == throttled
+    _freeze(cg, True)
+    await asyncio.wait_for(lifting, 1)
+    assert cg.read() == before and not (tmp_path / throttle.FILE).exists()
+    _freeze(cg, False)
+    # and at the latest after its wait, frozen or not
+    t.set(50, after_round=2)
+    await asyncio.wait_for(t.released_once_held(spinner.pid, wait=0.1), 1)
+    assert cg.read() == before
 
 
 def test_cpu_time_of_a_process_counts_its_threads():
