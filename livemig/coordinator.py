@@ -343,7 +343,11 @@ class Migration:
             await out.close()
             return pages
 
-        _, pages = await self.to.push(send, lambda tok: p.StorePages(stream=tok), p.PagesStored)
+        stored, pages = await self.to.push(send, lambda tok: p.StorePages(stream=tok), p.PagesStored)
+        if stored.held != tracker.pages:
+            # found now, not at the fill: the final dump would name pages the target lacks
+            raise LivemigError(f"the target's store holds {stored.held} pages of the {tracker.pages} pre-copy "
+                               "sent it", phase=Phase.PRECOPY, host=self.target)
         seconds = time.monotonic() - t0
         self.report.rounds.append(RoundReport("hashes", pages, meter.raw, meter.wire, 0.0, seconds))
         return criu.DumpStats(pages_written=pages), meter, seconds, t0
