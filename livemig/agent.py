@@ -67,6 +67,8 @@ class Agent:
         self.placer: placer.Placer | None = None
         self.store: shadow.Store | None = None      # pre-copy by hashes: the pages sent so far
         self.guard = None                           # guard.py, during post-copy
+        # a fill that ended before the copy ran: its guard and uffds are kept until Resume
+        self.whole_stopped = False
         self.guard_socket: socket.socket | None = None
         self.restored: list[int] = []               # the root PIDs of what was restored here
         self.containers: list[p.Container] = []     # restored through their runtime (a clone: several)
@@ -381,8 +383,9 @@ class Agent:
 
     async def _start_placer(self, d: Path, token: str, faults: str | None, fill: bool = False) -> None:
         """Post-copy's target side (placer.py): listening before CRIU's restore looks for it.
-        fill: no post-copy, the same machinery fills the copy before it may run (pre-copy
-        by hashes), from the store where the source says a page is unchanged."""
+        fill: pre-copy by hashes: the same machinery fills the copy from the store where
+        the source says a page is unchanged; the copy may run (Resume) once every page is
+        here, the source's copy waiting, stopped, until it has them all, as in post-copy."""
         try:
             ranges = pagemap.lazy_ranges(d)
         except (OSError, pagemap.PagemapError) as e:
@@ -430,18 +433,26 @@ class Agent:
             if isinstance(e, OSError):
                 raise AgentFailure(phase, f"{'filling the copy' if fill else 'post-copy'} failed: {e}") from None
             raise
-        if fill:
-            # Whole, and stopped: from here on a copy restored by stop-and-copy, which the
-            # source's commit alone lets run (a verdict is written at Resume).
-            self.verdicts.forget(self.work.name)
-        else:
-            self.verdicts.write(self.work.name, "whole")
+        done = p.LazyDone(served.pages_served, served.requests, served.requests_waited, served.pages_known)
+        if fill and not self.resumed:
+            # whole before it ran (a small one): "whole" is said at Resume, and until then
+            # the copy dies with this agent, as a copy still filling does
+            self.whole_stopped = True
+            return done
+        await self._whole(fill)
+        return done
+
+    async def _whole(self, fill: bool) -> None:
+        """The copy has every page: it is the workload once it runs (post-copy's may be
+        whole before its Resume: that keeps the placer, so that Resume does not say
+        "running", a stop-and-copy's word, over "whole")."""
+        self.whole_stopped = False
+        self.verdicts.write(self.work.name, "whole")
         await self._release_guard()
         self.placer.close()      # after the guard: a fault on a never-written page still finds us
         if fill:
             self.placer = None
             self._close_store()
-        return p.LazyDone(served.pages_served, served.requests, served.requests_waited, served.pages_known)
 
     def _close_store(self) -> None:
         if self.store is not None:
@@ -491,6 +502,8 @@ class Agent:
         if not self.restored:
             raise AgentFailure(Phase.COMMIT, "nothing was restored" if self.lazy is None else
                                f"the restored copy is gone: {self.verdicts.read(self.work.name)[1]}")
+        if self.placer is not None and self.placer.store is not None:
+            await self._all_here()
         pids = [pid for root in self.restored for pid in host.process_tree(root)]
         if self.containers:
             for c in self.containers:
@@ -499,12 +512,26 @@ class Agent:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
         self.resumed = True
-        if self.placer is not None:
+        if self.whole_stopped:
+            await self._whole(fill=True)
+        elif self.placer is not None:
             self.placer.resumed()
         elif self.holds_workload:
             # should the coordinator vanish now, `livemig recover` learns the copy here runs
             self.verdicts.write(self.work.name, "running")
         return p.Resumed(pids)
+
+    async def _all_here(self) -> None:
+        """A fill's copy may run once every frame of the source's push is read: every page
+        missing then is in this host's memory. Waits for that, or for the fill's failure."""
+        here = asyncio.ensure_future(self.placer.all_here.wait())
+        try:
+            await asyncio.wait({here, self.lazy}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            here.cancel()
+        if not self.placer.all_here.is_set():
+            raise AgentFailure(Phase.FILL, "the copy cannot be filled: "
+                                           f"{self.verdicts.read(self.work.name)[1] or 'its page stream ended'}")
 
     async def on_Abort(self, msg: p.Abort) -> p.Aborted:
         await self._end_lazy()
@@ -521,6 +548,9 @@ class Agent:
                 await self.lazy
             except BaseException:
                 pass
+        if self.whole_stopped and not self.resumed:
+            self.whole_stopped = False
+            await self._settle_lazy("the copy was never told to run")
 
     async def on_Finish(self, msg: p.Finish) -> p.Done:
         self.finished = True

@@ -61,6 +61,7 @@ class Migration:
         self.finished = False      # the agent was told the end (Finish)
         self.keep_record = False   # the target did not hear the rollback: recover finishes it
         self.original: recovery.HeldCopy | None = None
+        self.restored_at = 0.0
 
     # --- the whole ---------------------------------------------------------------------------
     async def run(self) -> Report:
@@ -104,13 +105,14 @@ class Migration:
             await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
         self.phase = Phase.FINAL_DUMP
         # Pre-copy by hashes ends in a lazy dump too: its pages stay in the frozen source,
-        # the target's store holds most of them, and the restored copy is filled before it
-        # runs (fill): a stop-and-copy of the changed pages alone, no post-copy.
+        # the target's store holds most of them; the changed ones cross, the rest are named,
+        # and the copy runs once all are on the target's host, filled from its memory (fill).
+        # Its failures are post-copy's: the source's copy waits, stopped, until it is whole.
         fill = self.tracker is not None
         lazy = mode in (Mode.POSTCOPY, Mode.HYBRID) or fill
         # From the final dump on, a coordinator killed outright may leave the source's copy
         # stopped, or the target's: this record is how `livemig recover` finds them.
-        self.record = recovery.Record.mine(self.id, self.target, self.workload, lazy and not fill,
+        self.record = recovery.Record.mine(self.id, self.target, self.workload, lazy,
                                            bundle_moves=self.bundle_copied_at is not None)
         self.record.save(self.work)
         stop_for_tests("final-dump")
@@ -119,9 +121,6 @@ class Migration:
         await self.transfer()
         self.phase = Phase.RESTORE
         await self.restore(lazy, fill)
-        if fill:
-            self.phase = Phase.FILL
-            await self.fill()
         self.phase = Phase.COMMIT
         await self.commit(lazy, fill)
 
@@ -505,18 +504,23 @@ class Migration:
             p.Restore(dir="final", lazy_stream=self.lazy_token if lazy else None,
                       fault_stream=fault_token, container=self.spec, fill=fill), p.Restored)
         self.report.target_pid, self.report.restore_seconds = restored.pid, restored.restore_seconds
+        self.restored_at = time.monotonic()
         stop_for_tests("restored")
 
-    # --- fill: pre-copy by hashes puts every page in before the target's copy runs ------------
-    async def fill(self) -> None:
-        """The target's copy, restored and stopped, gets every page of the final dump: the
-        ones changed since pre-copy over the link, the rest named only, from its store. Until
-        the commit the source's copy, stopped, is the workload, as in stop-and-copy."""
-        self.progress(Stepping(Phase.FILL, "placing every page in the target's copy"))
-        t0 = time.monotonic()
+    # --- fill: pre-copy by hashes puts the rest of the pages in while the copy runs -------------
+    async def fill(self, running_at: float) -> None:
+        """The target's copy runs, every page of the final dump on its host: the ones
+        changed since pre-copy came over the link before it ran, the rest it holds, and
+        they go in now, a fault's first, from its own memory. Until it has them all, the
+        source's copy waits, stopped, as in post-copy."""
+        self.progress(Stepping(Phase.FILL, "placing the rest of the pages from the target's memory"))
         _, pushed = await self._pages_in()
+        await self.workload.finish_lazy(self.dump)     # the target has every page: the source's copy goes
+        recovery.drop(self.work)
         r = self.report
-        r.fill_seconds, r.pages_known = time.monotonic() - t0, pushed.pages_known
+        r.fill_seconds, r.pages_known = time.monotonic() - self.restored_at, pushed.pages_known
+        r.fill_while_running_seconds = time.monotonic() - running_at
+        r.postcopy_pages_on_demand = pushed.pages_on_demand
         rnd = r.rounds[-1]
         rnd.pages_written = pushed.pages_pushed + pushed.pages_on_demand - pushed.pages_known
         rnd.bytes_raw, rnd.bytes_wire = pushed.sent.raw, pushed.sent.wire
@@ -553,14 +557,17 @@ class Migration:
         self.record.committed = True       # on disk before the source's copy goes
         self.record.save(self.work)
         self.report.warnings += await w.release(self.dump, lazy)
-        if fill:
-            await w.finish_lazy(self.dump)     # the target has every page: the source's copy goes
         stop_for_tests("released")
-        if lazy and not fill:
+        if lazy:
             try:
-                running_at = await self._resume_target(lazy=True)
-                self.phase = Phase.POSTCOPY
-                await self.postcopy(running_at)
+                # a fill's copy is resumed once every page is on its host (the agent waits)
+                running_at = await self._resume_target(lazy=not fill)
+                if fill:
+                    self.phase = Phase.FILL
+                    await self.fill(running_at)
+                else:
+                    self.phase = Phase.POSTCOPY
+                    await self.postcopy(running_at)
             except BaseException as e:
                 if not await asyncio.shield(self.settle_postcopy(e)):
                     raise self._rolled_back(e) from None
@@ -608,15 +615,15 @@ class Migration:
         if whole is None:
             self.report.outcome = "unresolved"
             self.report.warnings.append(f"the target did not say how its copy ended ({why_not})")
-            raise Unresolved(f"post-copy lost its link to {self.target} ({_why(cause)}); the workload is "
-                             "stopped here, whole as of the final dump", phase=Phase.POSTCOPY, host=self.target,
+            raise Unresolved(f"{self._lazy_phase()} lost its link to {self.target} ({_why(cause)}); the workload "
+                             "is stopped here, whole as of the final dump", phase=self._lazy_phase_id(), host=self.target,
                              hint=f"{self.target} kills its copy within {postcopy.STALL_SECONDS:.0f} s of silence; "
                                   f"then run `livemig recover` here, or `livemig recover --target-lost` if "
                                   f"{self.target} is gone for good") from None
         if whole:
             self.report.warnings += await copy.end()
-            self.report.warnings.append(f"post-copy failed after the target had every page ({_why(cause)}); "
-                                        "its copy runs on")
+            self.report.warnings.append(f"{self._lazy_phase()} failed after the target had every page "
+                                        f"({_why(cause)}); its copy runs on")
         else:
             await copy.resume()
             self.report.outcome = "rolled back"
@@ -666,9 +673,16 @@ class Migration:
         if isinstance(cause, (KeyboardInterrupt, asyncio.CancelledError)):
             return cause          # the CLI says "interrupted: rolled back"
         # whatever broke, it broke the page stream: a lost connection, to scripts (exit code 4)
-        return ConnectionFailed(f"post-copy failed ({_why(cause)}): the target's copy is gone, and the "
-                                "workload runs here again from its final dump", phase=Phase.POSTCOPY,
+        return ConnectionFailed(f"{self._lazy_phase()} failed ({_why(cause)}): the target's copy is gone, and "
+                                "the workload runs here again from its final dump", phase=self._lazy_phase_id(),
                                 host=self.target)
+
+    def _lazy_phase(self) -> str:
+        return "filling the copy" if self.tracker is not None else "post-copy"
+
+    def _lazy_phase_id(self) -> Phase:
+        """From the resume on (a fill's copy waits there for its pages)."""
+        return Phase.FILL if self.tracker is not None else Phase.POSTCOPY
 
     async def postcopy(self, running_at: float) -> None:
         """The target's copy runs; every page it has not got yet goes now, at wire speed."""

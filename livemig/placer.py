@@ -160,14 +160,18 @@ class Placer:
         self.finished = False     # the restore is done: every uffd is here, its ranges registered
         self.whole = False        # every task has every page: CLOSE sent
         self.pushed_all = False   # the source has sent every page: what is missing is on its way
+        # Every frame of the source's push is read and every page it sent placed, so every
+        # page still missing is one it named (HAVE), held in the store as it is now: from
+        # here on a fault needs nothing from the source, and the copy may run (a fill).
+        self.all_here = asyncio.Event()
+        self._replayed = False    # the pages that came during the restore are placed
         self.running = False      # the copy runs: from now on the source must be heard from
         self.heard = 0.0
         self.status: int | None = None
         self._listener: socket.socket | None = None
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._ended = asyncio.Event()        # whole, and the source's status is here
-        self._group: asyncio.TaskGroup | None = None
-        self._fill_slots = asyncio.Semaphore(FILL_THREADS)
+        self._fills: asyncio.Queue = asyncio.Queue()    # store pages named, to place
         self._failed: asyncio.Future | None = None
 
     # --- what the agent calls ------------------------------------------------------------------
@@ -206,12 +210,13 @@ class Placer:
         self._failed = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.TaskGroup() as tg:
-                self._group = tg
                 tg.create_task(self._receive(streams.Decompressed(r_reader, self.stats.received), acks=True))
                 if faults is not None:
                     tg.create_task(self._receive(streams.Decompressed(faults[0], self.stats.received), acks=False))
                 tg.create_task(self._send(out))
                 background = [tg.create_task(self._watch()), tg.create_task(self._until_failed())]
+                if self.store is not None:
+                    background += [tg.create_task(self._filler()) for _ in range(FILL_THREADS)]
                 await self._handover()
                 await self._ended.wait()
                 for t in background:
@@ -249,7 +254,13 @@ class Placer:
         self.early_pages.clear()
         for pid, vaddr, n, data in early:
             await self._arrived(pid, vaddr, n, data)
+        self._replayed = True
+        self._maybe_all_here()
         self._check_whole()
+
+    def _maybe_all_here(self) -> None:
+        if self.pushed_all and self._replayed:
+            self.all_here.set()
 
     @staticmethod
     async def _recv_exactly(conn: socket.socket, n: int) -> bytes:
@@ -313,8 +324,8 @@ class Placer:
                     self._queue(ACK, pages=n)
                 for first, count, view in pieces:
                     if self.finished and not self.running:
-                        await self._fill_slots.acquire()
-                        self._group.create_task(self._fill(pid, first, count, view))
+                        # read on at once: the copy may run once every frame is read
+                        self._fills.put_nowait((pid, first, count, view))
                     else:
                         await self._arrived(pid, first, count, view)
                 self.stats.pages_known += n
@@ -325,6 +336,7 @@ class Placer:
                     self._ended.set()
             elif kind == PUSHED_ALL:
                 self.pushed_all = True
+                self._maybe_all_here()
             else:
                 raise PageStreamError(f"unknown frame {kind} from the source")
 
@@ -415,38 +427,43 @@ class Placer:
             except uffd.Gone:
                 self._gone(task)
 
-    async def _fill(self, pid: int, first: int, n: int, view: memoryview) -> None:
-        """Pages from the store into a copy that is restored and does not run (pre-copy by
-        hashes): the copies in a thread, several at once; the bookkeeping here, between.
-        Pages placed, the store lets their memory go: no fork can want them again."""
-        try:
-            span = self._span(pid, first, n)
-            if span is not None:
-                ri, k, end = span
-                base = self.lazy[pid].ranges[ri].vaddr
-                for task in list(self.tasks.get(pid, [])):
-                    runs = list(_runs(task.holes[ri], k, end)) if task.fd >= 0 else []
-                    if not runs:
-                        continue
-                    if task.remaps:
-                        await self._place(task, first, n, view)
-                        continue
-                    fd = task.fd
+    async def _filler(self) -> None:
+        while True:
+            await self._fill(*await self._fills.get())
 
-                    def place() -> None:
-                        for a, b in runs:
-                            uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
-                    try:
-                        await asyncio.to_thread(place)
-                    except (uffd.Busy, uffd.Gone):
-                        await self._place(task, first, n, view)    # events first, on this thread
-                        continue
+    async def _fill(self, pid: int, first: int, n: int, view: memoryview) -> None:
+        """Pages from the store into the copy (pre-copy by hashes), which may run by now:
+        the copies in a thread, several at once; the bookkeeping here, between. A fault's
+        page may come first (from the store too): the kernel then skips it here. Pages
+        placed in every task, a child forked meanwhile included, the store lets their
+        memory go."""
+        span = self._span(pid, first, n)
+        if span is not None:
+            ri, k, end = span
+            base = self.lazy[pid].ranges[ri].vaddr
+            tasks, i = self.tasks.get(pid, []), 0
+            while i < len(tasks):      # a child forked while a thread placed is appended
+                task, i = tasks[i], i + 1
+                runs = list(_runs(task.holes[ri], k, end)) if task.fd >= 0 else []
+                if not runs:
+                    continue
+                if task.remaps:
+                    await self._place(task, first, n, view)
+                    continue
+                fd = task.fd
+
+                def place() -> None:
                     for a, b in runs:
-                        self._mark(task, ri, a, b, placed=True)
-            self.store.release(pid, first, n)
-            self._check_whole()
-        finally:
-            self._fill_slots.release()
+                        uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
+                try:
+                    await asyncio.to_thread(place)
+                except (uffd.Busy, uffd.Gone):
+                    await self._place(task, first, n, view)    # events first, on this thread
+                    continue
+                for a, b in runs:
+                    self._mark(task, ri, a, b, placed=True)
+        self.store.release(pid, first, n)
+        self._check_whole()
 
     def _place_run(self, task: _Task, ri: int, a: int, b: int, chunk: memoryview) -> None:
         base = self.lazy[task.pid].ranges[ri].vaddr
@@ -544,6 +561,13 @@ class Placer:
         except uffd.Busy:
             task.retry.append(address)
             return
+        if self.store is not None and self.all_here.is_set():
+            try:
+                if self._from_store(task, ri, k):
+                    return
+            except uffd.Busy:
+                task.retry.append(address)
+                return
         if not self.finished and (chunk := self.early_pages.get((task.pid, vaddr))) is not None:
             try:
                 self._place_run(task, ri, k, k + 1, chunk)     # the restore faults on a page pushed ahead
@@ -561,6 +585,25 @@ class Placer:
             run += 1
         self.stats.requests_waited += 1
         self._queue(FAULT, task.pid, vaddr, run)
+
+    def _from_store(self, task: _Task, ri: int, k: int) -> bool:
+        """A fault answered here, every frame read: the page and the missing ones after it,
+        up to a fault's worth, from the store, ahead of the fill. False if the store no
+        longer has the page (placed and let go before a child forked): the source's is asked."""
+        base, holes = self.lazy[task.pid].ranges[ri].vaddr, task.holes[ri]
+        run = 1
+        while k + run < len(holes) and run < NEED_PAGES and holes[k + run]:
+            run += 1
+        try:
+            pieces = self.store.pieces(task.pid, base + k * PAGE, run)
+        except shadow.MissingPages:
+            return False
+        if not pieces or pieces[0][0] != base + k * PAGE:
+            return False
+        for first, count, view in pieces:
+            a = (first - base) // PAGE
+            self._place_run(task, ri, a, a + count, view)
+        return True
 
     def _fork(self, parent: _Task, fd: int) -> None:
         os.set_blocking(fd, False)

@@ -58,7 +58,8 @@ class Report:
     throttle: str = ""            # auto-converge: "" (no pre-copy), "ready", "off" (--no-throttle), "unavailable: why"
     throttle_steps: list[ThrottleStep] = field(default_factory=list)   # each time it throttled harder
     pages_known: int = 0          # pre-copy by hashes: pages the final dump only named (the target held them)
-    fill_seconds: float = 0.0     # pre-copy by hashes: every page into the stopped copy, after its restore
+    fill_seconds: float = 0.0     # pre-copy by hashes: every page into the copy, from its restore on
+    fill_while_running_seconds: float = 0.0   # of which after the copy ran (all pages on its host then)
     final_dump_frozen_seconds: float = 0.0
     image_files_bytes: int = 0    # images other than pages, sent after the dump
     bundle_bytes_wire: int = 0    # a container's bundle: pre-copy and changes, compressed
@@ -100,7 +101,8 @@ class Report:
             lines.append(f"  pre-copy stopped: {self.precopy_stop_reason}")
         if self.fill_seconds:
             lines.append(f"  final pages: {self.pages_known} of {self.pages_known + self.rounds[-1].pages_written} "
-                         f"unchanged since pre-copy, placed from the target's store; all in {self.fill_seconds:.2f} s")
+                         f"unchanged since pre-copy, placed from the target's store; all in {self.fill_seconds:.2f} s, "
+                         f"{self.fill_while_running_seconds:.2f} s of it while the copy ran")
         if self.outcome == "moved":
             lines.append(f"  downtime {self.downtime_seconds * 1000:.0f} ms (restore "
                          f"{self.restore_seconds * 1000:.0f} ms), total {self.total_seconds:.2f} s; "

@@ -107,10 +107,19 @@ def restored(path: str, ctl: socket.socket, scenario: str) -> int:
 async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gate: bool = False,
                known: pagehash.Tracker | None = None, store: shadow.Store | None = None):
     """One post-copy into a child playing the restored process: (placer, pusher, its report).
-    known, store: pre-copy by hashes filled the store, and the copy is filled before it runs."""
+    known, store: pre-copy by hashes filled the store; the copy runs once every page is here,
+    and is filled from the store while it runs: held back until its first faults are answered."""
     held: list[int] = []
     fill = known is not None
     placer = Placer(tmp_path, RANGES, on_uffd=lambda fd: held.append(os.dup(fd)), store=store)
+    filling = asyncio.Event()
+    if fill:
+        place = placer._fill
+
+        async def held_back(*args):
+            await filling.wait()
+            await place(*args)
+        placer._fill = held_back
     placer.listen()
     ctl, theirs = socket.socketpair()
     pid = os.fork()
@@ -143,9 +152,9 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
                 await loop.sock_sendall(ctl, b"r")
                 while not placer.finished:
                     await asyncio.sleep(0.01)
-                if fill:        # it runs only once it has every page: no fault after this
-                    while not placer.whole:
-                        await asyncio.sleep(0.01)
+                if fill:        # it runs only once every page is on this host
+                    await placer.all_here.wait()
+                    assert not placer.whole
                 placer.resumed()
                 if gate:                  # pushed pages pile up on a stuck stream
                     gated.open.clear()
@@ -153,6 +162,7 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
                     await asyncio.sleep(0.2)
                 await loop.sock_sendall(ctl, b"g")
                 assert await loop.sock_recv(ctl, 100) == b"f"   # its first faults are answered
+                filling.set()
                 gated.open.set()
                 pusher.start_pushing()
             await loop.sock_sendall(ctl, b"c")
@@ -204,7 +214,8 @@ async def test_a_moved_range_gets_its_pages_where_it_is_now(tmp_path):
     assert report == "ok"
 
 
-async def test_a_fill_names_the_pages_the_store_holds_as_they_are_and_sends_only_the_rest(tmp_path):
+@pytest.mark.parametrize("scenario", ["plain", "fork"])
+async def test_a_fill_names_the_pages_the_store_holds_as_they_are_and_sends_only_the_rest(tmp_path, scenario):
     # pre-copy by hashes left BIG and SPLIT in the store; 10 pages of BIG and one of SPLIT
     # changed since (the store holds what they were); SMALL never made it there
     known, store = pagehash.Tracker(), shadow.Store()
@@ -215,12 +226,15 @@ async def test_a_fill_names_the_pages_the_store_holds_as_they_are_and_sends_only
             data = b"was" * 1000 + bytes(PAGE - 3000) if vaddr in stale else page(PID, vaddr)
             known.changed(PID, vaddr, data)
             store.write(PID, vaddr, data)
-    placer, pusher, report, _ = await move(tmp_path, known=known, store=store)
-    assert report == "ok"                           # every page as the dump has it, stale or not
+    placer, pusher, report, _ = await move(tmp_path, scenario, known=known, store=store)
+    assert report == "ok"      # every page as the dump has it, stale or not; in a child forked meanwhile too
     in_store = 600 + 60 - len(stale)
     # the restore's own fault on BIG's 4th page asks for it before the fill names it
     assert in_store - 1 <= pusher.stats.pages_known == placer.stats.pages_known <= in_store
     assert pusher.stats.sent.raw < (LAZY_PAGES - in_store + 20) * PAGE + 10_000    # named, not sent
+    # it ran before the fill: its faults were answered here, from the store, never by the source
+    assert placer.stats.requests >= len(FIRST_FAULTS) // postcopy.NEED_PAGES + 1
+    assert pusher.stats.pages_on_demand == 0
     store.close()
 
 
