@@ -94,7 +94,8 @@ def livemig(mode: str, *flags: str):
         s.peak_rss_bytes, s.cpu_seconds = r["source_peak_rss_bytes"], r["source_cpu_seconds"]
         s.steps = {"restore": r["restore_seconds"], "final dump frozen": r["final_dump_frozen_seconds"]}
         if r.get("fill_seconds"):
-            s.steps["fill"] = r["fill_seconds"]     # pre-copy by hashes: pages into the stopped copy
+            s.steps["fill"] = r["fill_seconds"]     # pre-copy by hashes: pages into the copy
+            s.steps["fill while running"] = r.get("fill_while_running_seconds", 0.0)   # of it, off the downtime
         if r.get("throttle_steps"):
             s.throttle_percent = r["throttle_steps"][-1]["percent"]
         if r.get("postcopy_seconds"):

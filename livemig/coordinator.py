@@ -515,6 +515,7 @@ class Migration:
         source's copy waits, stopped, as in post-copy."""
         self.progress(Stepping(Phase.FILL, "placing the rest of the pages from the target's memory"))
         _, pushed = await self._pages_in()
+        stop_for_tests("whole")
         await self.workload.finish_lazy(self.dump)     # the target has every page: the source's copy goes
         recovery.drop(self.work)
         r = self.report
@@ -690,6 +691,7 @@ class Migration:
         if self.ticker:
             self.ticker.pages_since, self.ticker.pages = running_at, self.pusher.progress
         done, pushed = await self._pages_in()
+        stop_for_tests("whole")
         r = self.report
         r.postcopy_seconds = time.monotonic() - running_at
         r.postcopy_pages, r.postcopy_pages_on_demand = done.pages_fetched, pushed.pages_on_demand
@@ -771,7 +773,9 @@ def stop_for_tests(point: str) -> None:
     stops itself there (SIGSTOP), for a test to act at that exact instant (then SIGKILL or
     SIGCONT it). The points: "throttled" (auto-converge's first step taken), "final-dump"
     (about to freeze the workload), "restored" (the target's copy restored, the source's
-    not given up) and "released" (the source's copy given up, the target's not yet resumed)."""
+    not given up), "released" (the source's copy given up, the target's not yet resumed)
+    and "whole" (post-copy or a fill: the running copy has every page, the source's copy
+    waits, stopped)."""
     if os.environ.get(STOP_FOR_TESTS) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
 

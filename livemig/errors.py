@@ -30,7 +30,7 @@ class Phase:
     FINAL_DUMP = "final dump"
     TRANSFER = "transfer"
     RESTORE = "restore"
-    FILL = "fill"           # pre-copy by hashes: every page into the restored copy before it runs
+    FILL = "fill"           # pre-copy by hashes: the rest of the pages into the copy, from the target's memory
     COMMIT = "commit"
     POSTCOPY = "post-copy"
     ROLLBACK = "rollback"

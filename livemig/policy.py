@@ -153,7 +153,7 @@ def choose_mode(requested: str, source_features: dict[str, bool],
     if requested == "hybrid" and not dirty:
         raise ValueError("hybrid needs dirty-page tracking (soft-dirty), which this kernel lacks")
     if requested == "precopy" and not dirty and not lazy:
-        # by hashes (pagehash.py), the final dump is lazy and fills the copy before it runs
+        # by hashes (pagehash.py), the final dump is lazy: the copy is filled from the target's memory
         raise ValueError("precopy needs dirty-page tracking (soft-dirty), which this kernel lacks, or "
                          "else userfaultfd on both hosts and a runtime that serves lazy pages (not crun)")
     if requested in ("postcopy", "hybrid") and runtime == "crun":

@@ -9,12 +9,15 @@ is left: one copy counting, its memory intact, nothing of the move on either hos
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 
 import pytest
 
 from tests.test_move import leftovers
+from tests.test_stopcopy_faults import assert_one_copy_whole, recover, stopped_at
 
 pytestmark = pytest.mark.lab
 
@@ -137,5 +140,62 @@ def test_interrupted_mid_postcopy_rolls_back_to_the_source(lab, sig, code, said)
     assert mover.returncode == code, err
     assert said in err and "Traceback" not in err, err
     # the target's copy lacked pages: it is gone; the source's, whole, runs on
+    assert_runs_on_a_whole(lab, work, before)
+    lab.run("a", ["kill", str(work.pid)])
+
+
+@pytest.mark.parametrize("mode, pid", [("postcopy", 4611), ("precopy", 4612)], ids=["post-copy", "fill"])
+def test_the_coordinator_killed_once_the_copy_is_whole_then_recover_keeps_the_target_s(lab, mode, pid):
+    # the target's copy runs with every page; the source's still waits, stopped, for the word
+    work = lab.start_workload("a", mib=64, dirty_mibps=10, pid=pid, port=7811)
+    before = work.query("a")
+    mover, stopped = stopped_at(lab, "whole", "--pid", str(work.pid), mode=mode)
+    lab.run("a", ["kill", "-KILL", *stopped])
+    os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
+    mover.wait(timeout=30)
+    assert source_state(lab, work.pid).startswith("T")
+    assert work.query("b", wait=10)["host"] == "b"          # whole, it runs on by itself
+    settled = recover(lab)
+    assert settled["outcome"] == "moved" and "has every page" in settled["detail"], settled
+    assert_one_copy_whole(lab, work, "b", before)
+    lab.run("b", ["kill", str(work.pid)])
+
+
+def test_interrupted_once_the_copy_is_whole_the_move_is_done(lab):
+    # Ctrl-C after the last page: the target's copy is the workload, and the source's goes
+    work = lab.start_workload("a", mib=64, dirty_mibps=10, pid=4613, port=7813)
+    before = work.query("a")
+    mover, stopped = stopped_at(lab, "whole", "--pid", str(work.pid), mode="postcopy")
+    lab.run("a", ["kill", "-INT", *stopped])
+    lab.run("a", ["kill", "-CONT", *stopped])
+    os.kill(mover.pid, signal.SIGCONT)
+    err = mover.stderr.read().decode()
+    code = mover.wait(timeout=60)
+    assert "Traceback" not in err, err
+    assert code == 0 and "post-copy failed after the target had every page" in err, (code, err)
+    assert_one_copy_whole(lab, work, "b", before)
+    lab.run("b", ["kill", str(work.pid)])
+
+
+def test_recover_target_lost_runs_the_source_s_copy_without_asking(lab):
+    # the link cut mid-post-copy, and the target declared gone for good: the source's
+    # copy, whole as of its final dump, runs again; the target's dies of the silence
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4614, port=7814)
+    before = work.query("a")
+    mover, _ = start_move(lab, work)
+    lab.run("a", ["ip", "link", "set", "eth0", "down"])
+    try:
+        assert mover.wait(timeout=180) == 7
+        assert source_state(lab, work.pid).startswith("T")
+        res = lab.run("a", ["livemig", "recover", "--target-lost", "--json"], timeout=60)
+        [settled] = json.loads(res.stdout)
+        assert settled["outcome"] == "rolled back" and "--target-lost" in settled["detail"], settled
+        assert not source_state(lab, work.pid).startswith("T")
+        assert gone_from_b(lab, work.pid, within=60)
+    finally:
+        lab.run("a", ["ip", "link", "set", "eth0", "up"])
+    deadline = time.monotonic() + 180      # b's agent gives up on its lost coordinator, and cleans up
+    while lab.leftovers(("b",))["b"][0] and time.monotonic() < deadline:
+        time.sleep(2)
     assert_runs_on_a_whole(lab, work, before)
     lab.run("a", ["kill", str(work.pid)])
