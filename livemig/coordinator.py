@@ -59,6 +59,7 @@ class Migration:
         self.committed = False
         self.record: recovery.Record | None = None    # kept on disk while post-copy may fail
         self.finished = False      # the agent was told the end (Finish)
+        self.moved = False         # the target's copy runs whole, the source's is gone: nothing to undo
         self.keep_record = False   # the target did not hear the rollback: recover finishes it
         self.original: recovery.HeldCopy | None = None
         self.restored_at = 0.0
@@ -76,6 +77,8 @@ class Migration:
             self.report.outcome = "moved"
             return self.report
         except BaseException as e:
+            if self.moved and isinstance(e, (KeyboardInterrupt, asyncio.CancelledError)):
+                return await self._moved_all_the_same(e)
             record_failure(e, self.phase, self.report)
             if not self.committed:
                 await asyncio.shield(self.rollback())
@@ -583,9 +586,29 @@ class Migration:
             self.report.rounds[-1].pages_written = st.pages_written
             self.report.rounds[-1].frozen_seconds = st.frozen_time
             self.report.final_dump_frozen_seconds = st.frozen_time
+        self.moved = True      # from here on nothing undoes the move: an interrupt only cuts its tidying short
+        await self._after_move()
+
+    async def _after_move(self) -> None:
+        """The target's copy runs, whole, and the source's is gone: what is left is tidying."""
         if not self.finished:
+            self.finished = True     # before: a request cut short is never sent twice
             await self.to.request(p.Finish(), p.Done)
         self._remove_source_bundle()
+
+    async def _moved_all_the_same(self, e: BaseException) -> Report:
+        """Ctrl-C or SIGTERM once the move was done: there is nothing to roll back, and
+        the workload runs on the target. Said as such (exit code 0), never as a rollback."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            task.uncancel()
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "cancelled"
+        self.report.warnings.append(f"{what} after the move was done: the workload runs on {self.target}")
+        with contextlib.suppress(Exception, TimeoutError):
+            async with asyncio.timeout(SETTLE_SECONDS):
+                await self._after_move()
+        self.report.outcome = "moved"
+        return self.report
 
     async def _resume_target(self, lazy: bool = False) -> float:
         resumed = await self.to.request(p.Resume(), p.Resumed)
