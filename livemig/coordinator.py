@@ -21,8 +21,8 @@ import socket
 import time
 from pathlib import Path
 
-from . import bundle, criu, host, logs, pagehash, pagemap, policy, postcopy, preflight, proc, protocol as p, recovery, \
-    runtimes, streams, throttle
+from . import addresses, bundle, criu, host, logs, pagehash, pagemap, policy, postcopy, preflight, proc, \
+    protocol as p, recovery, runtimes, streams, throttle
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
                      WorkloadExited, record_failure)
 from .options import Mode, Options
@@ -140,7 +140,7 @@ class Migration:
         self.spec = target_spec(w, self.options.name)
         local, remote = await self._probe_both(pids if w.kind == "process" else [], self.spec)
         rows, mode, why = preflight.compare(local, remote, self.options.mode.value, pids=pids,
-                                            need_bytes=memory, container=self.spec)
+                                            need_bytes=memory, container=self.spec, held=addresses.held(pids))
         self.report.warnings += preflight.enforce(rows, self.target, self.options.force)
         preflight.enforce([await self._check_cpu()], self.target)
         self.report.mode, self.report.mode_reason = mode, why

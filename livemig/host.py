@@ -8,7 +8,7 @@ import platform
 import socket
 from pathlib import Path
 
-from . import criu, proc
+from . import addresses, criu, proc
 from .protocol import HostFacts
 
 async def probe(pids: list[int], image_root: str) -> HostFacts:
@@ -24,7 +24,8 @@ async def probe(pids: list[int], image_root: str) -> HostFacts:
     return HostFacts(
         hostname=socket.gethostname(), arch=platform.machine(), kernel=platform.release(),
         criu_version=version, features=features, free_bytes=st.f_bavail * st.f_frsize,
-        mem_available=mem_available(), pids_taken=[pid for pid in pids if os.path.exists(f"/proc/{pid}")])
+        mem_available=mem_available(), pids_taken=[pid for pid in pids if os.path.exists(f"/proc/{pid}")],
+        addresses=addresses.local())
 
 
 def mem_available() -> int:

@@ -30,7 +30,8 @@ def _v(version: list[int]) -> str:
 
 def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
             pids: list[int] | None = None, need_bytes: int = 0,
-            container: Container | None = None) -> tuple[list[Check], str, str]:
+            container: Container | None = None,
+            held: list[tuple[str, int]] | None = None) -> tuple[list[Check], str, str]:
     """Every check, in the order a user should fix them; and the strategy (or "") and why."""
     rows = [
         Check("criu here", bool(local.criu_version), f"CRIU {_v(local.criu_version)}",
@@ -71,6 +72,14 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                           f"PIDs {', '.join(map(str, remote.pids_taken))} are in use",
                           "a process tree restores onto its own PIDs; free them, or move it in a "
                           "container (its own PID namespace)"))
+    if held:
+        # (addresses.py) its sockets rebind where they were: a host without the address fails the restore
+        missing = [(ip, port) for ip, port in held if ip not in remote.addresses]
+        rows.append(Check("addresses on target", not missing,
+                          f"the workload listens on {_where(missing)}, which the target does not have" if missing
+                          else f"the workload listens on {_where(held)}, which the target has too",
+                          "bind its sockets to the wildcard address (0.0.0.0 or ::), or add the address on the "
+                          "target (and take it off here)"))
     room = remote.free_bytes >= need_bytes
     rows.append(Check("room for images", room,
                       f"{remote.free_bytes >> 20} MiB free" + (f", {need_bytes >> 20} MiB needed" if need_bytes else "")
@@ -84,6 +93,10 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                       else f"not enough memory: {remote.mem_available >> 20} MiB available, "
                            f"{memory_needed >> 20} MiB needed"))
     return rows, mode, why
+
+
+def _where(held: list[tuple[str, int]]) -> str:
+    return ", ".join(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip, port in held)
 
 
 def _container_rows(local: HostFacts, remote: HostFacts, c: Container) -> list[Check]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9   # 9: a fill's Resume waits for every page on the host; HostFacts.addresses
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -89,6 +89,7 @@ class HostFacts:
     image_present: bool = False   # podman: the container's image is here
     runtime_facts: dict[str, str] = field(default_factory=dict)   # podman: what must match
     names_taken: list[str] = field(default_factory=list)   # of Probe's names, those in use here
+    addresses: list[str] = field(default_factory=list)     # the IP addresses this host has
 
 
 @message

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from tests.lab import WORKLOAD
+
 pytestmark = pytest.mark.lab
 
 MIB = 256
@@ -193,6 +195,23 @@ def test_a_pid_taken_on_the_target_stops_in_preflight_touching_nothing(lab):
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     lab.run("a", ["kill", str(work.pid)])
     lab.run("b", ["kill", str(squatter.pid)])
+
+
+def test_a_socket_bound_to_an_address_the_target_lacks_stops_in_preflight_touching_nothing(lab):
+    # CRIU's restore would bind it again at 198.18.0.1, which only a has: it would fail
+    # after the freeze and the dump. Preflight says so first.
+    work = lab.start_workload("a", mib=16, pid=4407, port=7793, bind=lab.address("a"))
+    def stalls() -> list:
+        return json.loads(lab.text("a", ["python3", WORKLOAD, "query", "get", "--port", "7793",
+                                         "--host", lab.address("a")]))["stalls"]
+    before = stalls()
+    res = move(lab, work.pid, check=False)
+    assert res.returncode == 3, res.stderr
+    assert (b"preflight on b: the workload listens on 198.18.0.1:7793, which the target does not have"
+            in res.stderr), res.stderr
+    assert stalls() == before     # never frozen
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    lab.run("a", ["kill", str(work.pid)])
 
 
 @pytest.mark.parametrize("args, code, message", [

@@ -82,12 +82,13 @@ class Lab:
                     self.text(h, ["pgrep", "-x", "criu"], check=False).split()) for h in hosts}
 
     def start_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
-                       pid: int = 0, port: int = 7777, children: int = 0, fork_every: float = 0.0) -> "Workload":
+                       pid: int = 0, port: int = 7777, children: int = 0, fork_every: float = 0.0,
+                       bind: str = "0.0.0.0") -> "Workload":
         """Start memcounter on host name, detached, and wait until it answers (children:
         more memcounters in its tree, on the next ports; fork_every: see memcounter)."""
         argv = ["python3", WORKLOAD, "run", "--daemon", "--mib", str(mib),
                 "--dirty-mibps", str(dirty_mibps), "--port", str(port),
-                "--children", str(children), "--fork-every", str(fork_every)]
+                "--children", str(children), "--fork-every", str(fork_every), "--bind", bind]
         if pid:
             argv += ["--pid", str(pid)]
         got = int(self.text(name, argv, timeout=300).strip())

@@ -114,3 +114,17 @@ def test_pre_copy_by_hashes_needs_the_memory_twice_on_the_target_and_auto_falls_
     assert mode == "stopcopy" and "twice over" in why and failed(rows) == []
     rows, mode, _ = compare(src, tight, "precopy", need_bytes=1 << 30)
     assert mode == "precopy" and failed(rows) == ["memory"]
+
+
+def test_sockets_bound_to_an_address_the_target_lacks_fail_before_anything_is_touched():
+    held = [("198.18.0.1", 7000), ("fd00::1", 53)]
+    rows, _, _ = compare(facts(), facts(addresses=["127.0.0.1", "198.18.0.2"]), "auto", pids=[42], held=held)
+    row = next(r for r in rows if r.name == "addresses on target")
+    assert failed(rows) == ["addresses on target"]
+    assert row.detail == "the workload listens on 198.18.0.1:7000, [fd00::1]:53, which the target does not have"
+    assert "0.0.0.0" in row.hint and not row.forceable
+    rows, _, _ = compare(facts(), facts(addresses=["198.18.0.1", "fd00::1"]), "auto", pids=[42], held=held)
+    assert failed(rows) == []
+    # wildcard and loopback sockets are never held (addresses.held): no row at all
+    rows, _, _ = compare(facts(), facts(), "auto", pids=[42], held=[])
+    assert "addresses on target" not in [r.name for r in rows]

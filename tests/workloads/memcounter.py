@@ -97,7 +97,7 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
     mem = Memory(args.mib)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("0.0.0.0", args.port))
+    listener.bind((args.bind, args.port))
     listener.listen(16)
     if ready_fd is not None:
         os.write(ready_fd, b"%d\n" % os.getpid())
@@ -225,6 +225,7 @@ def main() -> int:
     r.add_argument("--mib", type=int, default=64)
     r.add_argument("--dirty-mibps", type=float, default=0.0)
     r.add_argument("--port", type=int, default=7777)
+    r.add_argument("--bind", default="0.0.0.0", help="the address to listen on")
     r.add_argument("--pid", type=int, default=0, help="start as this PID (written to ns_last_pid)")
     r.add_argument("--daemon", action="store_true", help="detach; print the PID once serving")
     r.add_argument("--children", type=int, default=0, help="fork C more memcounters first, on the next ports")

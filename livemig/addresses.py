@@ -1,0 +1,110 @@
+"""The IP addresses a workload's sockets are bound to, and the ones a host has.
+
+A tree that shares its host's network namespace keeps its sockets across a move only if
+the target has their addresses: CRIU's restore binds each socket where it was bound, and
+fails (EADDRNOTAVAIL) on a host without the address, after the workload was frozen and
+dumped. A socket bound to the wildcard address or to loopback binds anywhere. Preflight
+compares the two (preflight.compare), before anything is touched.
+
+A tree in a network namespace of its own (a container with its own address) brings its
+addresses with it, and is left to its runtime. Read from /proc, no tool needed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+
+_LISTEN, _UDP_ANY = "0A", "07"          # TCP_LISTEN; an unconnected UDP socket (TCP_CLOSE)
+_SOCKET = re.compile(r"socket:\[(\d+)\]")
+
+
+def _inodes(pids: list[int]) -> set[int]:
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                m = _SOCKET.fullmatch(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+            if m:
+                found.add(int(m.group(1)))
+    return found
+
+
+def _address(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """/proc/net/tcp's address: 32-bit words, each in the host's byte order (little-endian here)."""
+    raw = bytes.fromhex(hex_ip)
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def parse_table(text: str, inodes: set[int], states: tuple[str, ...]) -> set[tuple[str, int]]:
+    """(address, port) of the sockets in a /proc/net/{tcp,udp}[6] table that are among
+    inodes, in one of states, and bound to an address that only some hosts have."""
+    out = set()
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 10 or f[3] not in states or int(f[9]) not in inodes:
+            continue
+        ip_hex, port_hex = f[1].split(":")
+        ip = _address(ip_hex)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if not (ip.is_unspecified or ip.is_loopback):
+            out.add((str(ip), int(port_hex, 16)))
+    return out
+
+
+def held(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every socket the tree listens on (TCP) or receives on (UDP) at an
+    address of this host's own; none for a tree in a network namespace of its own."""
+    if not pids:
+        return []
+    try:
+        if os.stat(f"/proc/{pids[0]}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino:
+            return []
+    except OSError:
+        return []
+    inodes = _inodes(pids)
+    if not inodes:
+        return []
+    out: set[tuple[str, int]] = set()
+    for table, states in (("tcp", (_LISTEN,)), ("tcp6", (_LISTEN,)), ("udp", (_UDP_ANY,)), ("udp6", (_UDP_ANY,))):
+        try:
+            out |= parse_table(Path(f"/proc/{pids[0]}/net/{table}").read_text(), inodes, states)
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def parse_fib_trie(text: str) -> set[str]:
+    """The host's own IPv4 addresses: the entries /proc/net/fib_trie marks "/32 host LOCAL"."""
+    out, last = set(), None
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith(("|--", "+--")):
+            last = s.split()[1]
+        elif s == "/32 host LOCAL" and last is not None:
+            out.add(last)
+    return out
+
+
+def parse_if_inet6(text: str) -> set[str]:
+    return {str(ipaddress.IPv6Address(bytes.fromhex(line.split()[0]))) for line in text.splitlines() if line.strip()}
+
+
+def local() -> list[str]:
+    """Every address this host's network namespace has."""
+    out: set[str] = set()
+    for path, parse in (("/proc/net/fib_trie", parse_fib_trie), ("/proc/net/if_inet6", parse_if_inet6)):
+        try:
+            out |= parse(Path(path).read_text())
+        except OSError:
+            pass
+    return sorted(out)

@@ -1,0 +1,65 @@
+"""The addresses a tree's sockets hold, read from /proc as the kernel writes it."""
+
+import os
+import socket
+
+from livemig import addresses
+
+TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 11 1 0 100 0 0 10 0
+   1: 010012C6:1B58 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12 1 0 100 0 0 10 0
+   2: 00000000:1B59 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 13 1 0 100 0 0 10 0
+   3: 010012C6:1B5A 020012C6:D431 01 00000000:00000000 00:00000000 00000000     0        0 14 1 0 100 0 0 10 0
+   4: 010012C6:1B5B 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0 100 0 0 10 0
+"""
+TCP6 = """  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0000000000000000FFFF0000010012C6:1B5C 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 15 1 0 100 0 0 10 0
+   1: 000000FD000000000000000001000000:0035 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 16 1 0 100 0 0 10 0
+"""
+FIB_TRIE = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 198.18.0.0/30 2 0 2
+        |-- 198.18.0.0
+           /30 link UNICAST
+        |-- 198.18.0.1
+           /32 host LOCAL
+        |-- 198.18.0.3
+           /32 link BROADCAST
+Local:
+  +-- 127.0.0.0/8 2 0 2
+     |-- 127.0.0.1
+        /32 host LOCAL
+"""
+IF_INET6 = """00000000000000000000000000000001 01 80 10 80       lo
+fd000000000000000000000000000001 02 40 00 80     eth0
+"""
+
+
+def test_listening_sockets_of_the_tree_at_a_host_s_own_address_are_held():
+    # 7000 at 198.18.0.1 is; loopback, the wildcard, a connection and someone else's socket are not
+    assert addresses.parse_table(TCP, {11, 12, 13, 14}, ("0A",)) == {("198.18.0.1", 7000)}
+    # IPv6, an IPv4-mapped one included (a dual-stack socket bound to an IPv4 address)
+    assert addresses.parse_table(TCP6, {15, 16}, ("0A",)) == {("198.18.0.1", 7004), ("fd00::1", 53)}
+
+
+def test_a_host_s_addresses_are_its_local_ones():
+    assert addresses.parse_fib_trie(FIB_TRIE) == {"198.18.0.1", "127.0.0.1"}
+    assert addresses.parse_if_inet6(IF_INET6) == {"::1", "fd00::1"}
+
+
+def test_this_process_s_sockets_as_the_kernel_lists_them():
+    mine = [a for a in addresses.local() if a not in ("127.0.0.1", "::1") and ":" not in a]
+    assert mine, "this host has an IPv4 address of its own"
+    with socket.socket() as bound, socket.socket() as anywhere, socket.socket() as looped, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        bound.bind((mine[0], 0))
+        bound.listen()
+        anywhere.bind(("0.0.0.0", 0))
+        anywhere.listen()
+        looped.bind(("127.0.0.1", 0))
+        looped.listen()
+        udp.bind((mine[0], 0))
+        held = addresses.held([os.getpid()])
+        assert held == sorted({(mine[0], bound.getsockname()[1]), (mine[0], udp.getsockname()[1])})
