@@ -497,6 +497,7 @@ class Placer:
             return
         if all(t.left == 0 or t.fd < 0 for ts in self.tasks.values() for t in ts):
             self.whole = True
+            self.all_here.set()     # the source may answer our CLOSE before it says PUSHED_ALL
             self._queue(CLOSE, pages=PS_IOV_CLOSE)
             if self.status is not None:
                 self._ended.set()

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.lab
 MIB, DIRTY = 1024, 100
 
 
-def start_move(lab, work):
-    mover = lab.popen("a", ["livemig", "move", "--pid", str(work.pid), "--mode", "postcopy", "b"],
+def start_move(lab, work, mode: str = "postcopy"):
+    mover = lab.popen("a", ["livemig", "move", "--pid", str(work.pid), "--mode", mode, "b"],
                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = b""
     while b"running on the target" not in seen:
