@@ -16,8 +16,9 @@ target, the workload waits stopped on the source, and `livemig recover` settles 
 
 progress=, if given, is called with each event of livemig.progress as the move goes:
 ModeChosen, RoundDone (a pre-copy round, with its bandwidth, dirty rate and the downtime
-it promises), Throttled (auto-converge slowed the workload: Options.throttle), Stepping (a phase begins), Sending (bytes so far, a few times a second),
-Running (the target runs), Fetching (post-copy's pages so far)...
+it promises), Throttled (auto-converge slowed the workload: Options.throttle), Stepping
+(a phase begins), Sending (bytes so far, a few times a second), Running (the target
+runs), Fetching (post-copy's pages so far)...
 
     asyncio.run(livemig.migrate("web1", "host-b", progress=print))
 """

@@ -27,7 +27,7 @@ from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, Preflight
                      WorkloadExited, record_failure)
 from .options import Mode, Options
 from .progress import Connecting, Copied, ModeChosen, RoundDone, Running, Stepping, Throttled, Ticker, quiet
-from .report import Plan, Report, RoundReport, ThrottleStep
+from .report import Plan, Report, RoundReport
 from .runtimes import podman
 from .runtimes.process import criu_failure
 from .session import TargetSession, migration_id, remote_error, ssh_connector, token
@@ -307,7 +307,7 @@ class Migration:
             self._lift_throttle()
             self.report.throttle = f"unavailable: its cgroup refused a CPU quota ({e})"
             return False
-        self.report.throttle_steps.append(ThrottleStep(s.after_round, s.percent, s.baseline_cpus, s.quota_cpus))
+        self.report.throttle_steps.append(s)
         self.progress(Throttled(s.after_round, s.percent, s.baseline_cpus, s.quota_cpus))
         if len(self.report.throttle_steps) == 1:
             stop_for_tests("throttled")
@@ -517,17 +517,11 @@ class Migration:
         they go in now, a fault's first, from its own memory. Until it has them all, the
         source's copy waits, stopped, as in post-copy."""
         self.progress(Stepping(Phase.FILL, "placing the rest of the pages from the target's memory"))
-        _, pushed = await self._pages_in()
-        stop_for_tests("whole")
-        await self.workload.finish_lazy(self.dump)     # the target has every page: the source's copy goes
-        recovery.drop(self.work)
+        _, pushed, whole_at = await self._until_whole()
         r = self.report
-        r.fill_seconds, r.pages_known = time.monotonic() - self.restored_at, pushed.pages_known
-        r.fill_while_running_seconds = time.monotonic() - running_at
+        r.fill_seconds, r.pages_known = whole_at - self.restored_at, pushed.pages_known
+        r.fill_while_running_seconds = whole_at - running_at
         r.postcopy_pages_on_demand = pushed.pages_on_demand
-        rnd = r.rounds[-1]
-        rnd.pages_written = pushed.pages_pushed + pushed.pages_on_demand - pushed.pages_known
-        rnd.bytes_raw, rnd.bytes_wire = pushed.sent.raw, pushed.sent.wire
 
     async def _pages_in(self) -> tuple[p.LazyDone, postcopy.Pushed]:
         """Until the target's copy has every page: what each side counted."""
@@ -713,18 +707,26 @@ class Migration:
         self.pusher.start_pushing()
         if self.ticker:
             self.ticker.pages_since, self.ticker.pages = running_at, self.pusher.progress
-        done, pushed = await self._pages_in()
-        stop_for_tests("whole")
+        done, pushed, whole_at = await self._until_whole()
         r = self.report
-        r.postcopy_seconds = time.monotonic() - running_at
+        r.postcopy_seconds = whole_at - running_at
         r.postcopy_pages, r.postcopy_pages_on_demand = done.pages_fetched, pushed.pages_on_demand
         r.postcopy_requests, r.postcopy_requests_waited = done.requests, done.requests_waited
+
+    async def _until_whole(self) -> tuple[p.LazyDone, postcopy.Pushed, float]:
+        """Post-copy's or a fill's end: once the running copy has every page, the source's
+        copy goes, and with it the record. What each side counted, and when it was whole."""
+        done, pushed = await self._pages_in()
+        whole_at = time.monotonic()
+        stop_for_tests("whole")
         await self.workload.finish_lazy(self.dump)
         recovery.drop(self.work)     # nothing left to recover: before the target forgets too
-        # A lazy dump's stats image holds zeroed counters: count what crossed the wire.
-        rnd = r.rounds[-1]
-        rnd.pages_written, rnd.bytes_raw, rnd.bytes_wire = \
-            pushed.pages_pushed + pushed.pages_on_demand, pushed.sent.raw, pushed.sent.wire
+        # A lazy dump's stats image holds zeroed counters: count what crossed the wire
+        # (the pages the target held, a fill only named).
+        rnd = self.report.rounds[-1]
+        rnd.pages_written = pushed.pages_pushed + pushed.pages_on_demand - pushed.pages_known
+        rnd.bytes_raw, rnd.bytes_wire = pushed.sent.raw, pushed.sent.wire
+        return done, pushed, whole_at
 
     def _remove_source_bundle(self) -> None:
         """The bundle moved with the container, unless shared; a tree with mounts in it

@@ -101,6 +101,23 @@ def present_runs(pagemap_fd: int, start: int, end: int):
         yield first, end
 
 
+def runs(flags: bytearray, a: int, b: int):
+    """The runs (start, end) of the set bytes in flags[a:b] (one per page: missing, held...)."""
+    count = flags.count(1, a, b)
+    if count == b - a:
+        yield a, b
+    elif count:
+        start = None
+        for i in range(a, b):
+            if flags[i] and start is None:
+                start = i
+            elif not flags[i] and start is not None:
+                yield start, i
+                start = None
+        if start is not None:
+            yield start, b
+
+
 def spans(vaddr: int, n: int):
     """[vaddr, +n pages) cut where the 2 MiB chunks end: (pages before it, chunk number,
     first page in the chunk, pages). The table here and the target's store are both kept

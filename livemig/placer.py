@@ -39,7 +39,7 @@ import socket
 import struct
 from pathlib import Path
 
-from . import postcopy, shadow, streams, uffd
+from . import pagehash, postcopy, shadow, streams, uffd
 from .pagemap import PAGE, Range
 from .postcopy import ACK, CLOSE, FAULT, FRAME, HAVE, NEED_PAGES, PAGES, PS_IOV_CLOSE, PUSHED_ALL, STATUS, \
     PageStreamError
@@ -118,23 +118,6 @@ def _split(a: int, b: int, lo: int, hi: int) -> list[tuple[int, int, bool]]:
     """[a, b) cut at [lo, hi): (start, end, inside) for each non-empty piece."""
     cuts = sorted({a, b, min(max(lo, a), b), min(max(hi, a), b)})
     return [(x, y, lo <= x and y <= hi) for x, y in zip(cuts, cuts[1:]) if x < y]
-
-
-def _runs(holes: bytearray, a: int, b: int):
-    """The runs of missing pages in holes[a:b]."""
-    missing = holes.count(1, a, b)
-    if missing == b - a:
-        yield a, b
-    elif missing:
-        start = None
-        for i in range(a, b):
-            if holes[i] and start is None:
-                start = i
-            elif not holes[i] and start is not None:
-                yield start, i
-                start = None
-        if start is not None:
-            yield start, b
 
 
 class Placer:
@@ -416,7 +399,7 @@ class Placer:
         view = memoryview(data)
         while task.fd >= 0:
             try:
-                for a, b in _runs(task.holes[ri], k, end):
+                for a, b in pagehash.runs(task.holes[ri], k, end):
                     self._place_run(task, ri, a, b, view[(a - k) * PAGE:(b - k) * PAGE])
                 return
             except uffd.Busy:
@@ -444,7 +427,7 @@ class Placer:
             tasks, i = self.tasks.get(pid, []), 0
             while i < len(tasks):      # a child forked while a thread placed is appended
                 task, i = tasks[i], i + 1
-                runs = list(_runs(task.holes[ri], k, end)) if task.fd >= 0 else []
+                runs = list(pagehash.runs(task.holes[ri], k, end)) if task.fd >= 0 else []
                 if not runs:
                     continue
                 if task.remaps:

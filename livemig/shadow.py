@@ -57,22 +57,17 @@ class Store:
         MissingPages if any of them never came."""
         out = []
         for i, key, k, take in self._spans(pid, vaddr, n):
-            have = self._have.get(key)
-            if have is not None and have.count(1, k, k + take) == take:
-                out.append((vaddr + i * PAGE, take, memoryview(self._slots[key])[k * PAGE:(k + take) * PAGE]))
-                continue
-            placed = self._placed.get(key)
-            for j in range(k, k + take):
-                if have is not None and have[j]:
-                    addr = vaddr + (i + j - k) * PAGE
-                    if out and out[-1][0] + out[-1][1] * PAGE == addr and (addr >> 21) == (out[-1][0] >> 21):
-                        first, count, _ = out[-1]
-                        out[-1] = (first, count + 1, memoryview(self._slots[key])[(j - count) * PAGE:(j + 1) * PAGE])
-                    else:
-                        out.append((addr, 1, memoryview(self._slots[key])[j * PAGE:(j + 1) * PAGE]))
-                elif placed is None or not placed[j]:
-                    raise MissingPages(f"pages of PID {pid} at {vaddr + (i + j - k) * PAGE:#x} were never "
-                                       "stored here")
+            have = self._have.get(key) or bytearray(CHUNK_PAGES)
+            held = 0
+            for a, b in pagehash.runs(have, k, k + take):
+                out.append((vaddr + (i + a - k) * PAGE, b - a, memoryview(self._slots[key])[a * PAGE:b * PAGE]))
+                held += b - a
+            if held < take:
+                placed = self._placed.get(key) or bytearray(CHUNK_PAGES)
+                for j in range(k, k + take):
+                    if not have[j] and not placed[j]:
+                        raise MissingPages(f"pages of PID {pid} at {vaddr + (i + j - k) * PAGE:#x} were never "
+                                           "stored here")
         return out
 
     def release(self, pid: int, vaddr: int, n: int) -> None:

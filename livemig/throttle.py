@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import host
+from .report import ThrottleStep
 
 FILE = "THROTTLE.json"
 MIN_QUOTA_US = 1000          # the kernel's smallest CFS quota
@@ -156,15 +157,6 @@ def _members(d: Path) -> list[int]:
     return out
 
 
-@dataclass(frozen=True)
-class Step:
-    """One throttle step, as the report shows it."""
-    after_round: int
-    percent: int                 # off the baseline
-    baseline_cpus: float         # what the workload used while pre-copy ran unthrottled
-    quota_cpus: float            # what it may use now
-
-
 class Throttle:
     """The workload's CPU quota, lowered in steps and put back (release) at switchover."""
 
@@ -179,7 +171,7 @@ class Throttle:
         """Pre-copy starts: the baseline is measured from here to the first step."""
         self._t0, self._u0 = time.monotonic(), self.cg.usage_ns(self.pids)
 
-    def set(self, percent: int, after_round: int) -> Step:
+    def set(self, percent: int, after_round: int) -> ThrottleStep:
         if self.baseline is None:
             used = (self.cg.usage_ns(self.pids) - self._u0) / 1e9
             self.baseline = max(MIN_BASELINE, used / max(time.monotonic() - self._t0, 1e-3))
@@ -193,7 +185,7 @@ class Throttle:
             period = min(MAX_PERIOD_US, int(MIN_QUOTA_US / cpus) + 1)
         self.current = Quota(max(MIN_QUOTA_US, int(cpus * period)), period)
         self.cg.write(self.current)
-        return Step(after_round, percent, round(self.baseline, 4), round(self.current.cpus, 4))
+        return ThrottleStep(after_round, percent, round(self.baseline, 4), round(self.current.cpus, 4))
 
     def held(self, pid: int) -> bool:
         """Is the workload being frozen or dumped: its cgroup's freezer asked to freeze it
