@@ -193,7 +193,10 @@ def hand_lazy(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample
 CONTENDERS = {
     "seeds": seeds,
     "lazy by hand": hand_lazy,
+    # the pages into the target's memory, placed while the copy runs (a fill)
     "livemig stopcopy": livemig("stopcopy"),
+    # the pages into image files that CRIU's restore reads back: the copy whole before it runs
+    "livemig stopcopy --no-fill": livemig("stopcopy", "--no-fill"),
     # without soft-dirty (the namespaced lab): pre-copy by page hashes (livemig/pagehash.py)
     "livemig precopy": livemig("precopy"),
     # auto-converge off: what it is worth where a workload outruns pre-copy (a container's own
@@ -202,4 +205,4 @@ CONTENDERS = {
     "livemig postcopy": livemig("postcopy"),
 }
 # CRIU lazy by hand, through runc, would take runc's page server and a tunnel: not built
-FOR_CONTAINERS = ("seeds", "livemig stopcopy", "livemig precopy", "livemig precopy --no-throttle", "livemig postcopy")
+FOR_CONTAINERS = ("seeds", "livemig stopcopy", "livemig stopcopy --no-fill", "livemig precopy", "livemig precopy --no-throttle", "livemig postcopy")

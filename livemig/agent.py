@@ -383,8 +383,9 @@ class Agent:
 
     async def _start_placer(self, d: Path, token: str, faults: str | None, fill: bool = False) -> None:
         """Post-copy's target side (placer.py): listening before CRIU's restore looks for it.
-        fill: pre-copy by hashes: the same machinery fills the copy from the store where
-        the source says a page is unchanged; the copy may run (Resume) once every page is
+        fill: the same machinery fills the copy from the store: pre-copy by hashes', where
+        the source says a page is unchanged, and every page pushed before the copy runs
+        (stop-and-copy into memory too); the copy may run (Resume) once every page is
         here, the source's copy waiting, stopped, until it has them all, as in post-copy."""
         try:
             ranges = pagemap.lazy_ranges(d)
@@ -392,6 +393,8 @@ class Agent:
             raise AgentFailure(Phase.RESTORE, f"cannot read the dump's pagemaps: {e}") from None
         # Before anything is restored: from here on `livemig recover` finds a verdict.
         self.verdicts.write(self.work.name, "serving")
+        if fill and self.store is None:
+            self.store = shadow.Store()     # stop-and-copy into memory: every page is pushed into it
         await self._start_guard()
         self.placer = placer.Placer(d, ranges, on_uffd=lambda fd: self._tell_guard("uffd", fds=(fd,)),
                                     store=self.store)

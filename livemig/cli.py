@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (default 8)")
     mv.add_argument("--no-throttle", action="store_true",
                     help="no auto-converge: never slow the workload's CPU when pre-copy does not converge")
+    mv.add_argument("--no-fill", action="store_true",
+                    help="stop-and-copy writes the pages as image files that the restore reads back: "
+                         "slower, but the copy is whole before it runs, and the source's copy is gone "
+                         "the moment it does (by default they go into the target's memory, and into "
+                         "the copy while it runs, the source's copy waiting, stopped, until then)")
     mv.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
     mv.add_argument("--tcp-established", action="store_true", help="move established TCP connections")
     mv.add_argument("--shell-job", action="store_true", help="the tree was started from a terminal")
@@ -241,6 +246,7 @@ def _move(args) -> int:
     def call():
         options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
                                     throttle=False if args.no_throttle else None,
+                                    fill=False if args.no_fill else None,
                                     compression_level=args.compression_level, image_root=args.image_root).options,
                           runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))

@@ -62,6 +62,7 @@ SETTINGS = {
     "max_downtime": (_positive(float), "seconds the workload may stand still (pre-copy's target)"),
     "max_rounds": (_positive(int), "pre-copy rounds at most"),
     "throttle": (_bool, "auto-converge: slow the workload's CPU when pre-copy does not converge"),
+    "fill": (_bool, "stop-and-copy: the pages into the target's memory, placed while the copy runs"),
     "compression_level": (_level, "zstd level of everything on the wire"),
     "image_root": (_path, "where the private image directories live, on both hosts"),
     "connect_timeout": (_positive(float), "seconds to reach a host over SSH"),

@@ -52,6 +52,9 @@ class Migration:
         self.lazy_token = ""
         self.pusher: postcopy.Pusher | None = None
         self.tracker: pagehash.Tracker | None = None   # pre-copy by page hashes: what the target holds
+        # the final dump's pages go into the target's memory, and into the copy as it runs:
+        # pre-copy by hashes, and stop-and-copy where the target has room
+        self.fills = False
         self.throttle: throttle.Throttle | None = None  # auto-converge's hold on the workload's CPU
         self.round_dirs: list[str] = []
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
@@ -107,12 +110,14 @@ class Migration:
         if mode in (Mode.PRECOPY, Mode.HYBRID):
             await self.precopy_rounds(lazy_final=mode is Mode.HYBRID)
         self.phase = Phase.FINAL_DUMP
-        # Pre-copy by hashes ends in a lazy dump too: its pages stay in the frozen source,
-        # the target's store holds most of them; the changed ones cross, the rest are named,
-        # and the copy runs once all are on the target's host, filled from its memory (fill).
-        # Its failures are post-copy's: the source's copy waits, stopped, until it is whole.
-        fill = self.tracker is not None
+        # A fill ends in a lazy dump too: its pages stay in the frozen source and are read
+        # from there (pre-copy by hashes: the target's store holds most of them, only the
+        # changed ones cross, the rest are named); the copy runs once all are on the
+        # target's host, and is filled from its memory while it runs. Its failures are
+        # post-copy's: the source's copy waits, stopped, until the target's is whole.
+        fill = self.fills
         lazy = mode in (Mode.POSTCOPY, Mode.HYBRID) or fill
+        self.report.pages_into = "target memory" if fill else "post-copy" if lazy else "image files"
         # From the final dump on, a coordinator killed outright may leave the source's copy
         # stopped, or the target's: this record is how `livemig recover` finds them.
         self.record = recovery.Record.mine(self.id, self.target, self.workload, lazy,
@@ -150,7 +155,12 @@ class Migration:
             else:
                 self.report.precopy_tracking = "page hashes"
                 self.tracker = pagehash.Tracker()
+                self.fills = True
             self.report.throttle = self._find_throttle(pids)
+        elif mode == Mode.STOPCOPY.value:
+            self.fills, into = policy.stopcopy_fills(self.options.fill, w.kind, local.features,
+                                                     remote.features, remote.mem_available, memory)
+            self.report.mode_reason = why = f"{why}; {into}"
         if self.report.precopy_tracking == "soft-dirty" and host.huge_pages_in_use(pids):
             # (page hashes compare 4 KiB pages whatever backs them)
             self.report.warnings.append("the workload's memory uses transparent huge pages: pre-copy "
@@ -510,12 +520,12 @@ class Migration:
         self.restored_at = time.monotonic()
         stop_for_tests("restored")
 
-    # --- fill: pre-copy by hashes puts the rest of the pages in while the copy runs -------------
+    # --- fill: the rest of the pages go in from the target's memory while the copy runs --------
     async def fill(self, running_at: float) -> None:
-        """The target's copy runs, every page of the final dump on its host: the ones
-        changed since pre-copy came over the link before it ran, the rest it holds, and
-        they go in now, a fault's first, from its own memory. Until it has them all, the
-        source's copy waits, stopped, as in post-copy."""
+        """The target's copy runs, every page of the final dump on its host (came over the
+        link before it ran, or held since pre-copy by hashes), and they go in now, a
+        fault's first, from its own memory. Until it has them all, the source's copy
+        waits, stopped, as in post-copy."""
         self.progress(Stepping(Phase.FILL, "placing the rest of the pages from the target's memory"))
         _, pushed, whole_at = await self._until_whole()
         r = self.report
@@ -696,11 +706,11 @@ class Migration:
                                 host=self.target)
 
     def _lazy_phase(self) -> str:
-        return "filling the copy" if self.tracker is not None else "post-copy"
+        return "filling the copy" if self.fills else "post-copy"
 
     def _lazy_phase_id(self) -> Phase:
         """From the resume on (a fill's copy waits there for its pages)."""
-        return Phase.FILL if self.tracker is not None else Phase.POSTCOPY
+        return Phase.FILL if self.fills else Phase.POSTCOPY
 
     async def postcopy(self, running_at: float) -> None:
         """The target's copy runs; every page it has not got yet goes now, at wire speed."""

@@ -48,6 +48,7 @@ class HookServer:
         loop = asyncio.get_running_loop()
         self.post_dump: asyncio.Future = loop.create_future()
         self.frozen_at = 0.0
+        self.rolled_back = False
         self._writer = None
         self._server = None
 
@@ -69,6 +70,9 @@ class HookServer:
         action = (await reader.readline()).decode().strip()
         if action == "pre-dump":
             self.frozen_at = time.monotonic()
+            writer.close()
+        elif action == "post-dump" and self.rolled_back:
+            writer.write(b"1")        # given up before the dump was done: CRIU resumes the tree
             writer.close()
         elif action == "post-dump" and not self.post_dump.done():
             self._writer = writer     # held open: the verdict goes back on it
@@ -93,6 +97,9 @@ class HookServer:
         self._write_journal("committed\n")
 
     def rollback(self) -> None:
+        """Now, or when the dump gets there: a lazy dump writes no page before its post-dump
+        step, so nothing else would stop it on its way."""
+        self.rolled_back = True
         self._write_journal("rolled back\n")
         self._verdict(b"1")
 

@@ -22,6 +22,7 @@ class Options:
     max_downtime: float = 0.300      # seconds; QEMU's downtime-limit
     max_rounds: int = 8              # pre-copy rounds at most (auto-converge may add its steps)
     throttle: bool = True            # auto-converge: slow the workload's CPU when pre-copy does not converge
+    fill: bool = True                # stop-and-copy pushes pages into the target's memory, placed as the copy runs
     compression_level: int = 1       # zstd level for everything on the wire
     criu: criu.Options = field(default_factory=criu.Options)
     image_root: str = "/var/lib/livemig"   # private image directories live here, on both hosts

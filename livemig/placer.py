@@ -126,7 +126,9 @@ class Placer:
 
     def __init__(self, images: Path, ranges: list[Range], stall_seconds: float = postcopy.STALL_SECONDS,
                  on_uffd=None, store: shadow.Store | None = None):
-        """store: the pages pre-copy by hashes left here, which the source names (HAVE)."""
+        """store: a fill's (the copy runs only once every page is on this host): the pages
+        pre-copy by hashes left here, which the source names (HAVE), and those it pushes
+        before the copy runs. Without one, post-copy: pages go in as they land."""
         self.images = images
         self.store = store
         self.stall_seconds = stall_seconds
@@ -155,6 +157,9 @@ class Placer:
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._ended = asyncio.Event()        # whole, and the source's status is here
         self._fills: asyncio.Queue = asyncio.Queue()    # store pages named, to place
+        # A fill places its pages once the copy runs, not while it stands: until then the
+        # CPUs carry the pages still crossing, the downtime (measured below, in resumed()).
+        self._filling = asyncio.Event()
         self._failed: asyncio.Future | None = None
 
     # --- what the agent calls ------------------------------------------------------------------
@@ -170,8 +175,10 @@ class Placer:
         self._listener = s
 
     def resumed(self) -> None:
-        """The copy runs, so a silent source leaves it waiting on missing pages."""
+        """The copy runs, so a silent source leaves it waiting on missing pages; a fill's
+        threads start placing."""
         self.running, self.heard = True, asyncio.get_running_loop().time()
+        self._filling.set()
 
     def close(self) -> None:
         """Let go of every uffd: call only once the copy is whole, or dead."""
@@ -236,7 +243,10 @@ class Placer:
         early, self.early = self.early, []
         self.early_pages.clear()
         for pid, vaddr, n, data in early:
-            await self._arrived(pid, vaddr, n, data)
+            if self.store is not None and not self.running:
+                self._fills.put_nowait((pid, vaddr, n, data))    # a view of the store already
+            else:
+                await self._arrived(pid, vaddr, n, data)
         self._replayed = True
         self._maybe_all_here()
         self._check_whole()
@@ -294,23 +304,23 @@ class Placer:
                 data = await inbound.need(n * PAGE, "the source's page stream")
                 if acks and not self.whole:
                     self._queue(ACK, pages=n)
-                await self._arrived(pid, vaddr, n, data)
+                if self.store is not None and not self.running:
+                    # a fill: the page waits in the store with the rest (a fault's first),
+                    # and the next frame is read at once
+                    try:
+                        self.store.hold(pid, vaddr, data)
+                    except (OSError, MemoryError) as e:
+                        raise PageStreamError(f"no memory here for the copy's pages: {e}") from None
+                    await self._held(pid, vaddr, n)
+                else:
+                    await self._arrived(pid, vaddr, n, data)
                 await asyncio.sleep(0)      # the copy's faults, read by a callback, go between frames
             elif kind == HAVE:
                 if self.store is None:
                     raise PageStreamError("the source named pages as held here, and this host holds none")
-                try:
-                    pieces = self.store.pieces(pid, vaddr, n)
-                except shadow.MissingPages as e:
-                    raise PageStreamError(str(e)) from None
                 if acks and not self.whole:
                     self._queue(ACK, pages=n)
-                for first, count, view in pieces:
-                    if self.finished and not self.running:
-                        # read on at once: the copy may run once every frame is read
-                        self._fills.put_nowait((pid, first, count, view))
-                    else:
-                        await self._arrived(pid, first, count, view)
+                await self._held(pid, vaddr, n)
                 self.stats.pages_known += n
                 await asyncio.sleep(0)
             elif kind == STATUS:
@@ -322,6 +332,19 @@ class Placer:
                 self._maybe_all_here()
             else:
                 raise PageStreamError(f"unknown frame {kind} from the source")
+
+    async def _held(self, pid: int, vaddr: int, n: int) -> None:
+        """Pages [vaddr, +n) of pid are in the store as they are now: to the fill."""
+        try:
+            pieces = self.store.pieces(pid, vaddr, n)
+        except shadow.MissingPages as e:
+            raise PageStreamError(str(e)) from None
+        for first, count, view in pieces:
+            if self.finished and not self.running:
+                # read on at once: the copy may run once every frame is read
+                self._fills.put_nowait((pid, first, count, view))
+            else:
+                await self._arrived(pid, first, count, view)
 
     def _queue(self, kind: int, pid: int = 0, vaddr: int = 0, pages: int = 0) -> None:
         self._outbox.put_nowait(FRAME.pack(kind, pid, vaddr, pages))
@@ -411,6 +434,7 @@ class Placer:
                 self._gone(task)
 
     async def _filler(self) -> None:
+        await self._filling.wait()
         while True:
             await self._fill(*await self._fills.get())
 

@@ -23,6 +23,31 @@ from typing import Sequence
 PAGE_SIZE = 4096
 
 
+# A fill holds every page in the target agent's store, then hands each to the copy and
+# lets it go (shadow.Store.release): the workload's memory about once, and some slack for
+# the pages in flight and the restore's own.
+FILL_ROOM = 1.25
+
+
+def stopcopy_fills(wanted: bool, runtime: str, source_features: dict[str, bool],
+                   target_features: dict[str, bool], mem_available: int, need_bytes: int) -> tuple[bool, str]:
+    """Whether stop-and-copy pushes the pages into the target's memory and fills the copy
+    while it runs (a lazy dump, the pages read from the frozen tree), rather than writing
+    them as image files that CRIU's restore reads back; and why. The fill takes the
+    restore's page allocation (seconds per GiB) off the downtime, at post-copy's price:
+    the source's copy waits, stopped, until the target's is whole."""
+    if not wanted:
+        return False, "into image files, as asked (--no-fill)"
+    if runtime in ("podman", "crun"):
+        return False, f"into image files: {runtime} restores its checkpoint whole, with no lazy pages"
+    if not (source_features.get("uffd-noncoop") and target_features.get("uffd-noncoop")):
+        return False, "into image files: a fill needs userfaultfd on both hosts"
+    if mem_available < FILL_ROOM * need_bytes:
+        return False, (f"into image files: the target's memory cannot hold the pages while they go in "
+                       f"({mem_available >> 20} MiB available, {int(FILL_ROOM * need_bytes) >> 20} MiB needed)")
+    return True, "into the target's memory, and into the copy while it runs"
+
+
 @dataclass(frozen=True)
 class RoundStats:
     """What one pre-copy round did, as the policy needs it."""

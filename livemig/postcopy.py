@@ -56,7 +56,7 @@ PUSH_PAGES = 64             # 256 KiB per read from CRIU
 # Filling a copy that does not run yet (pre-copy by hashes), no fault waits behind the
 # push: reads as large as CRIU's page server answers at once, and a window wide enough
 # that acknowledgements never hold the push back.
-FILL_PAGES, FILL_WINDOW = 512, 1 << 16       # 2 MiB per read, 256 MiB in flight
+FILL_PAGES, FILL_WINDOW = pagehash.CHUNK_PAGES, 1 << 16    # 2 MiB per read (a store slot), 256 MiB in flight
 WINDOW_PAGES = (256, 4096)  # 1 MiB to 16 MiB
 NEED_PAGES = 16     # what the target asks for at once: a fault's neighbours come along
 # Pushed while the target restores, before it runs: the smallest ranges, where the first
@@ -93,15 +93,21 @@ class Served:
     pages_known: int = 0         # placed from the store of pre-copy by hashes
 
 
-def chunks(ranges: list[Range], size: int = PUSH_PAGES):
+def chunks(ranges: list[Range], size: int = PUSH_PAGES, aligned: bool = False):
     """The order of the push: the smallest ranges first. A program's working set after
     the resume is mostly small mappings (stack, heap, an interpreter's arenas) while its
     large buffers wait; in address order a large buffer mapped late, below the earlier
     mappings, went first, and every small page the program touched meanwhile was a
-    fault (measured: 500 ms to 1 s of stall at idle, growing with the buffer)."""
+    fault (measured: 500 ms to 1 s of stall at idle, growing with the buffer).
+    aligned: no piece crosses a multiple of size pages in the address space (a fill's:
+    the target's store keeps a piece that fills one of its slots as it came)."""
     for r in sorted(ranges, key=lambda r: r.pages):
-        for first in range(0, r.pages, size):
-            yield r.pid, r.vaddr + first * PAGE, min(size, r.pages - first)
+        first = 0
+        while first < r.pages:
+            vaddr = r.vaddr + first * PAGE
+            n = min(size - (vaddr // PAGE) % size if aligned else size, r.pages - first)
+            yield r.pid, vaddr, n
+            first += n
 
 
 def told(eg: BaseExceptionGroup, peer: str) -> BaseException:
@@ -229,7 +235,7 @@ class Pusher:
                 return
 
     async def _pump(self, c_reader, c_writer, out: _Outbound, writing: asyncio.Task) -> None:
-        todo = chunks(self.ranges, FILL_PAGES if self._fill else PUSH_PAGES)
+        todo = chunks(self.ranges, FILL_PAGES, aligned=True) if self._fill else chunks(self.ranges)
         pushed_all = False
         on_demand: dict[int, set[int]] = collections.defaultdict(set)
         while True:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 9   # 9: a fill's Resume waits for every page on the host; HostFacts.addresses
+PROTOCOL_VERSION = 10  # 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -195,8 +195,9 @@ class Restore:
     fault_stream: str | None = None   # post-copy: the pages faults wait for, on a connection of their own
     container: Container | None = None   # restore through this runtime (else CRIU directly)
     replica: bool = False   # a clone: the original runs on, so a replica never outlives its coordinator
-    fill: bool = False      # pre-copy by hashes: every page goes in before the copy may run, the
-                            # unchanged ones from the store (the lazy stream is no post-copy then)
+    fill: bool = False      # every page lands here before the copy may run, and goes in while it
+                            # runs: pre-copy by hashes' unchanged ones from the store, the rest
+                            # pushed (the lazy stream is no post-copy then)
 
 
 @message

@@ -58,7 +58,9 @@ class Report:
     throttle: str = ""            # auto-converge: "" (no pre-copy), "ready", "off" (--no-throttle), "unavailable: why"
     throttle_steps: list[ThrottleStep] = field(default_factory=list)   # each time it throttled harder
     pages_known: int = 0          # pre-copy by hashes: pages the final dump only named (the target held them)
-    fill_seconds: float = 0.0     # pre-copy by hashes: every page into the copy, from its restore on
+    pages_into: str = ""          # where the final dump's pages went first: "target memory" (a fill:
+                                  # pre-copy by hashes, stop-and-copy into memory), "image files", "post-copy"
+    fill_seconds: float = 0.0     # a fill: every page into the copy, from its restore on
     fill_while_running_seconds: float = 0.0   # of which after the copy ran (all pages on its host then)
     final_dump_frozen_seconds: float = 0.0
     image_files_bytes: int = 0    # images other than pages, sent after the dump
@@ -100,8 +102,9 @@ class Report:
         if self.precopy_stop_reason:
             lines.append(f"  pre-copy stopped: {self.precopy_stop_reason}")
         if self.fill_seconds:
-            lines.append(f"  final pages: {self.pages_known} of {self.pages_known + self.rounds[-1].pages_written} "
-                         f"unchanged since pre-copy, placed from the target's store; all in {self.fill_seconds:.2f} s, "
+            known = (f"{self.pages_known} of {self.pages_known + self.rounds[-1].pages_written} unchanged since "
+                     "pre-copy, " if self.precopy_tracking else f"{self.rounds[-1].pages_written}, ")
+            lines.append(f"  final pages: {known}placed from the target's memory; all in {self.fill_seconds:.2f} s, "
                          f"{self.fill_while_running_seconds:.2f} s of it while the copy ran")
         if self.outcome == "moved":
             lines.append(f"  downtime {self.downtime_seconds * 1000:.0f} ms (restore "

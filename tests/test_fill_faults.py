@@ -1,4 +1,5 @@
-"""Pre-copy by page hashes, broken while its copy fills (issue 8's matrix, phase `fill`).
+"""Fills broken while the copy fills (issue 8's matrix, phase `fill`): pre-copy by page
+hashes, and stop-and-copy into memory.
 
 The copy runs once every page is on the target's host, and is filled from the agent's
 memory while it runs; the source's copy waits, stopped, until it has them all. So a
@@ -21,15 +22,19 @@ pytestmark = pytest.mark.lab
 MIB, DIRTY = 1024, 20
 
 
+MODES = pytest.mark.parametrize("mode", ["precopy", "stopcopy"], ids=["pre-copy by hashes", "stop-and-copy"])
+
+
+@MODES
 @pytest.mark.parametrize("host, victim, code, said, pid", [
     # its guard kills the copy before its uffds go; the coordinator reads the guard's verdict
     ("b", ["-KILL", "-f", "livemig agent"], 4, "livemig: fill on b: filling the copy failed", 4651),
     ("a", ["-INT", "-f", "livemig move"], 130, "livemig: interrupted: rolled back", 4653),
 ], ids=["target agent killed", "ctrl-c"])
-def test_a_fill_broken_rolls_back_to_the_source(lab, host, victim, code, said, pid):
-    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=pid, port=7851)
+def test_a_fill_broken_rolls_back_to_the_source(lab, mode, host, victim, code, said, pid):
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=pid + 10 * (mode == "stopcopy"), port=7851)
     before = work.query("a")
-    mover, seen = start_move(lab, work, "precopy")
+    mover, seen = start_move(lab, work, mode)
     lab.run(host, ["pkill", *victim])
     _, err = mover.communicate(timeout=120)
     err = (seen + err).decode()
@@ -40,10 +45,11 @@ def test_a_fill_broken_rolls_back_to_the_source(lab, host, victim, code, said, p
     lab.run("a", ["kill", str(work.pid)])
 
 
-def test_the_coordinator_killed_mid_fill_then_recover_leaves_one_whole_copy(lab):
-    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4652, port=7852)
+@MODES
+def test_the_coordinator_killed_mid_fill_then_recover_leaves_one_whole_copy(lab, mode):
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4652 + 10 * (mode == "stopcopy"), port=7852)
     before = work.query("a")
-    mover, _ = start_move(lab, work, "precopy")
+    mover, _ = start_move(lab, work, mode)
     lab.run("a", ["pkill", "-KILL", "-f", "livemig move"])
     mover.wait(timeout=30)
     # the source's copy waits, stopped, whatever the target's did

@@ -1,4 +1,5 @@
-"""Stop-and-copy's failures in the namespaced lab.
+"""Stop-and-copy's failures in the namespaced lab, its pages into image files (--no-fill:
+into memory, a fill, fails as pre-copy by hashes does: test_fill_faults.py).
 
 A `livemig move` killed outright on either side of its commit leaves the target's restored
 copy stopped, and the source's copy stopped or gone: `livemig recover` must leave exactly
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.lab
 
 def stopped_at(lab, point: str, *what: str, mode: str = "stopcopy") -> tuple[subprocess.Popen, list[str]]:
     """livemig move --mode MODE ... b, stopped at point: the process and its PIDs on a."""
-    mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point}", "livemig", "move", "--mode", mode,
+    fill = ["--no-fill"] if mode == "stopcopy" else []
+    mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point}", "livemig", "move", "--mode", mode, *fill,
                             *what, "b"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                       stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

@@ -99,6 +99,8 @@ class ProcessTree(Workload):
         if h and h.waiting:
             h.rollback()                   # CRIU resumes the source
         elif run and run.proc.returncode is None:
+            if h and not h.post_dump.done():
+                h.rollback()               # still dumping: its post-dump step hears it at once
             # Still dumping, or serving lazy pages: cut its page stream, and CRIU ends.
             await stop_pages()
             run.close()

@@ -2,7 +2,8 @@
 
 import pytest
 
-from livemig.policy import Limits, RoundStats, StopReason, Throttling, choose_mode, decide, expected_downtime
+from livemig.policy import (FILL_ROOM, Limits, RoundStats, StopReason, Throttling, choose_mode, decide,
+                            expected_downtime, stopcopy_fills)
 
 MiB = 1 << 20
 
@@ -174,3 +175,22 @@ def test_podman_pre_copies_one_round_where_soft_dirty_exists_and_never_lazily():
     for mode, features in (("postcopy", both), ("hybrid", both), ("precopy", none)):
         with pytest.raises(ValueError):
             choose_mode(mode, features, features, "podman")
+
+
+UFFD = {"uffd-noncoop": True}
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("wanted, runtime, features, available, fills, why", [
+    (True, "process", UFFD, 4 * GIB, True, "into the target's memory"),
+    (True, "runc", UFFD, int(FILL_ROOM * GIB), True, "into the target's memory"),
+    (False, "process", UFFD, 4 * GIB, False, "as asked (--no-fill)"),
+    (True, "crun", UFFD, 4 * GIB, False, "crun restores its checkpoint whole"),
+    (True, "podman", UFFD, 4 * GIB, False, "podman restores its checkpoint whole"),
+    (True, "process", {}, 4 * GIB, False, "needs userfaultfd on both hosts"),
+    (True, "process", UFFD, int(FILL_ROOM * GIB) - 1, False, "cannot hold the pages"),
+])
+def test_stop_and_copy_fills_from_memory_only_where_the_target_can_hold_it_and_the_runtime_lets_it(
+        wanted, runtime, features, available, fills, why):
+    got, reason = stopcopy_fills(wanted, runtime, UFFD, features, available, GIB)
+    assert got is fills and why in reason

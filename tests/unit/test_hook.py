@@ -1,0 +1,40 @@
+"""The commit point's server (hook.py), spoken to as CRIU's action script does."""
+
+from __future__ import annotations
+
+import asyncio
+
+from livemig.hook import HookServer
+
+
+async def _post_dump(server: HookServer) -> bytes:
+    reader, writer = await asyncio.open_unix_connection(str(server.socket))
+    writer.write(b"post-dump\n")
+    await writer.drain()
+    verdict = await reader.read(1)
+    writer.close()
+    return verdict
+
+
+async def test_a_rollback_before_the_dump_is_done_answers_its_post_dump_step_at_once(tmp_path):
+    # a lazy dump writes no page before its post-dump step: only this stops it
+    server = await HookServer.start(tmp_path)
+    try:
+        server.rollback()
+        async with asyncio.timeout(5):
+            assert await _post_dump(server) == b"1"
+        assert server.journal.read_text() == "rolled back\n" and not server.post_dump.done()
+    finally:
+        await server.close()
+
+
+async def test_post_dump_waits_for_the_verdict(tmp_path):
+    server = await HookServer.start(tmp_path)
+    try:
+        asking = asyncio.create_task(_post_dump(server))
+        await server.post_dump
+        assert server.waiting and not asking.done()
+        server.commit()
+        assert await asking == b"0" and server.journal.read_text() == "committed\n"
+    finally:
+        await server.close()
