@@ -15,7 +15,7 @@ import json
 import pytest
 
 from tests.test_move import leftovers
-from tests.test_postcopy_faults import assert_runs_on_a_whole, gone_from_b, source_state, start_move
+from tests.test_postcopy_faults import assert_runs_on_a_whole, broken_mid_move, gone_from_b, source_state, start_move
 
 pytestmark = pytest.mark.lab
 
@@ -33,16 +33,7 @@ MODES = pytest.mark.parametrize("mode", ["precopy", "stopcopy"], ids=["pre-copy 
 ], ids=["target agent killed", "ctrl-c"])
 def test_a_fill_broken_rolls_back_to_the_source(lab, mode, host, victim, code, said, pid):
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=pid + 10 * (mode == "stopcopy"), port=7851)
-    before = work.query("a")
-    mover, seen = start_move(lab, work, mode)
-    lab.run(host, ["pkill", *victim])
-    _, err = mover.communicate(timeout=120)
-    err = (seen + err).decode()
-    assert mover.returncode == code, err
-    assert said in err and "Traceback" not in err, err
-    # the target's copy lacked pages: it is gone; the source's, whole, runs on
-    assert_runs_on_a_whole(lab, work, before)
-    lab.run("a", ["kill", str(work.pid)])
+    broken_mid_move(lab, work, host, ["pkill", *victim], code, said, mode=mode)
 
 
 @MODES

@@ -59,6 +59,21 @@ def assert_runs_on_a_whole(lab, work, before: dict) -> None:
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
 
 
+def broken_mid_move(lab, work, host: str, argv: list[str], code: int, *said: str, mode: str = "postcopy") -> None:
+    """Move work; once the target's copy runs, run argv on host. The move must end with
+    code, saying each of said, and the source's copy run on whole, nothing else left."""
+    before = work.query("a")
+    mover, seen = start_move(lab, work, mode)
+    lab.run(host, argv)
+    _, err = mover.communicate(timeout=120)
+    err = (seen + err).decode()
+    assert mover.returncode == code, err
+    assert all(s in err for s in said) and "Traceback" not in err, err
+    # the target's copy lacked pages: it is gone; the source's, whole, runs on
+    assert_runs_on_a_whole(lab, work, before)
+    lab.run("a", ["kill", str(work.pid)])
+
+
 @pytest.mark.parametrize("host, victim, pid", [
     # CRIU's lazy dump on the source: the target's copy dies with its page stream
     ("a", ["-x", "criu"], 4601),
@@ -68,17 +83,8 @@ def assert_runs_on_a_whole(lab, work, before: dict) -> None:
 ], ids=["source criu", "target agent"])
 def test_a_side_killed_mid_postcopy_rolls_back_to_the_source(lab, host, victim, pid):
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=pid, port=7801)
-    before = work.query("a")
-    mover, seen = start_move(lab, work)
-    lab.run(host, ["pkill", "-KILL", *victim])
-    _, err = mover.communicate(timeout=120)
-    err = (seen + err).decode()
-    assert mover.returncode == 4, err
-    assert "Traceback" not in err
-    assert "livemig: post-copy on b: post-copy failed" in err and "runs here again" in err
-    # the target's copy never ran on missing pages; the source's, whole, runs on
-    assert_runs_on_a_whole(lab, work, before)
-    lab.run("a", ["kill", str(work.pid)])
+    broken_mid_move(lab, work, host, ["pkill", "-KILL", *victim], 4,
+                    "livemig: post-copy on b: post-copy failed", "runs here again")
 
 
 def test_a_cut_link_mid_postcopy_leaves_one_copy_and_recover_settles_it(lab):
@@ -132,16 +138,7 @@ def test_the_coordinator_killed_mid_postcopy_then_recover_puts_it_right(lab):
 def test_interrupted_mid_postcopy_rolls_back_to_the_source(lab, sig, code, said):
     pid = 4606 if sig == "INT" else 4607
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=pid, port=7806)
-    before = work.query("a")
-    mover, seen = start_move(lab, work)
-    lab.run("a", ["pkill", f"-{sig}", "-f", "livemig move"])
-    _, err = mover.communicate(timeout=120)
-    err = (seen + err).decode()
-    assert mover.returncode == code, err
-    assert said in err and "Traceback" not in err, err
-    # the target's copy lacked pages: it is gone; the source's, whole, runs on
-    assert_runs_on_a_whole(lab, work, before)
-    lab.run("a", ["kill", str(work.pid)])
+    broken_mid_move(lab, work, "a", ["pkill", f"-{sig}", "-f", "livemig move"], code, said)
 
 
 @pytest.mark.parametrize("mode, pid", [("postcopy", 4611), ("precopy", 4612)], ids=["post-copy", "fill"])
