@@ -154,13 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         from . import completion
         print(completion.script(build_parser(), args.shell))
         return ExitCode.MOVED
-    if args.command == "check":
-        return _check(args)
-    if args.command == "clone":
-        return _clone(args)
-    if args.command == "recover":
-        return _recover(args)
-    return _move(args)
+    try:
+        if args.command == "check":
+            return _check(args)
+        if args.command == "clone":
+            return _clone(args)
+        if args.command == "recover":
+            return _recover(args)
+        return _move(args)
+    except KeyboardInterrupt:       # move and clone say what was put back; check and recover change nothing
+        print("livemig: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Terminated:
+        print("livemig: terminated", file=sys.stderr)
+        return ExitCode.TERMINATED
 
 
 def _check(args) -> int:
@@ -313,25 +320,71 @@ class Terminated(Exception):
     """SIGTERM (systemd, timeout, kill): rolled back like Ctrl-C."""
 
 
-async def _cancelled_by_sigterm(coro):
-    """SIGTERM cancels the work as Ctrl-C does, so that the same rollback runs."""
+class _Interrupted(Exception):
+    """Ctrl-C, raised from the work's task (a KeyboardInterrupt raised there would cut
+    the event loop's own shutdown short) and told as a KeyboardInterrupt outside it."""
+
+
+class _Ended:
+    """What the work ended in, kept for a signal that comes after it ended."""
+
+    def __init__(self):
+        self.done, self.result, self.error = False, None, None
+
+    def outcome(self):
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+async def _stoppable(coro, ended: _Ended):
+    """Ctrl-C and SIGTERM cancel the work once, so that its rollback runs. One that comes
+    again while it rolls back is ignored: a second cancel would cut the rollback short,
+    and leave the workload stopped on both hosts. One that comes after the work ended
+    changes nothing: a finished move is not told as interrupted."""
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
-    got = []
-    loop.add_signal_handler(signal.SIGTERM, lambda: (got.append(1), task.cancel()))
-    try:
-        return await coro
-    except asyncio.CancelledError:
+    got: list[int] = []
+
+    def stop(sig: int) -> None:
+        if ended.done:
+            return
         if got:
-            raise Terminated() from None
+            if len(got) == 1:
+                print("livemig: still putting things back; `livemig recover` is there if it is killed",
+                      file=sys.stderr)
+            got.append(sig)
+            return
+        got.append(sig)
+        task.cancel()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        ended.result = await coro
+        return ended.result
+    except asyncio.CancelledError as e:
+        if not got:
+            raise
+        ended.error = _Interrupted() if got[0] == signal.SIGINT else Terminated()
+        raise ended.error from e
+    except BaseException as e:
+        ended.error = e
         raise
     finally:
-        loop.remove_signal_handler(signal.SIGTERM)
+        ended.done = True
 
 
 def _run(coro):
-    coro = _cancelled_by_sigterm(coro)
+    ended = _Ended()
     try:
-        import uvloop
-        return uvloop.run(coro) if hasattr(uvloop, "run") else asyncio.run(coro)
-    except ImportError:
-        return asyncio.run(coro)
+        try:
+            import uvloop
+            run = uvloop.run if hasattr(uvloop, "run") else asyncio.run
+        except ImportError:
+            run = asyncio.run
+        return run(_stoppable(coro, ended))
+    except KeyboardInterrupt:
+        if ended.done:       # it came as the loop shut down, the work's outcome known
+            return ended.outcome()
+        raise
+    except _Interrupted:
+        raise KeyboardInterrupt() from None

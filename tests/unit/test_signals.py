@@ -1,0 +1,89 @@
+"""Ctrl-C and SIGTERM around the work the CLI runs (cli._run): the first cancels it, so
+that its rollback runs; a second is ignored while it rolls back; one that comes after
+the work ended leaves its outcome as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from livemig import cli
+
+
+def _signal_soon(sig: int, after: float) -> None:
+    threading.Timer(after, os.kill, (os.getpid(), sig)).start()
+
+
+async def _rolls_back(log: list[str], signals: int = 1) -> str:
+    """Waits to be cancelled, then rolls back (shielded, as the coordinator does),
+    with more signals coming meanwhile."""
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        async def rollback():
+            for _ in range(signals - 1):
+                os.kill(os.getpid(), signal.SIGINT)
+                await asyncio.sleep(0.05)
+            log.append("rolled back")
+        await asyncio.shield(rollback())
+        raise
+    return "not interrupted"
+
+
+def test_ctrl_c_cancels_the_work_and_is_told_as_an_interrupt():
+    log: list[str] = []
+    _signal_soon(signal.SIGINT, 0.1)
+    with pytest.raises(KeyboardInterrupt):
+        cli._run(_rolls_back(log))
+    assert log == ["rolled back"]
+
+
+def test_a_second_ctrl_c_does_not_cut_the_rollback_short(capsys):
+    log: list[str] = []
+    _signal_soon(signal.SIGINT, 0.1)
+    with pytest.raises(KeyboardInterrupt):
+        cli._run(_rolls_back(log, signals=3))
+    assert log == ["rolled back"]
+    assert capsys.readouterr().err.count("still putting things back") == 1
+
+
+def test_sigterm_is_told_as_terminated():
+    log: list[str] = []
+    _signal_soon(signal.SIGTERM, 0.1)
+    with pytest.raises(cli.Terminated):
+        cli._run(_rolls_back(log))
+    assert log == ["rolled back"]
+
+
+def test_work_that_handles_the_cancel_keeps_its_result():
+    async def finishes_anyway() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return "moved"      # the coordinator's "moved all the same"
+        return "never"
+    _signal_soon(signal.SIGINT, 0.1)
+    assert cli._run(finishes_anyway()) == "moved"
+
+
+def test_a_ctrl_c_after_the_work_ended_leaves_its_outcome():
+    async def done_with_a_thread_still_running() -> str:
+        # the loop's shutdown waits for this thread: the signal comes meanwhile
+        asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.5)
+        _signal_soon(signal.SIGINT, 0.1)
+        return "moved"
+    assert cli._run(done_with_a_thread_still_running()) == "moved"
+
+
+def test_a_failure_stays_a_failure_when_a_ctrl_c_follows_it():
+    async def fails() -> None:
+        asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.5)
+        _signal_soon(signal.SIGINT, 0.1)
+        raise cli.LivemigError("restore failed")
+    with pytest.raises(cli.LivemigError, match="restore failed"):
+        cli._run(fails())
