@@ -20,9 +20,13 @@ from being crafted to collide.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import os
 import re
 import secrets
+import signal
 import struct
 from dataclasses import dataclass
 
@@ -205,3 +209,101 @@ class Tracker:
                             if changed:
                                 off = addr - at
                                 yield Run(vpid, addr, n, bytes(view[off:off + n * PAGE]))
+
+
+# --- the final comparison, in two processes ---------------------------------------------------
+_LEN = struct.Struct("<Q")
+_RUN = struct.Struct("<QI?")
+_UNREAD = 0xFFFFFFFF      # in place of a count of runs: the piece could not be read there
+
+
+class Comparer:
+    """Half of a final comparison, in a process of its own: the frozen tree's memory read
+    and hashed at twice the speed on two CPUs. Both are bound by the CPU (measured on
+    2 GiB: read in 1.25 s, hashed in 0.67 s, the whole comparison 2.4 s of the 4 s of
+    downtime), and in one Python process the GIL lets only one run at once. A fork
+    inherits the table as it is, with nothing copied.
+
+    The child reads its pieces in order and hands back, for each, its runs (first
+    address, pages, changed) and the changed pages' bytes; the parent takes them in the
+    same order."""
+
+    def __init__(self, tracker: "Tracker", pieces: list[tuple[int, int, int]], memory: dict[int, int]):
+        r, w = os.pipe()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)     # a piece's changed pages at once
+        pid = os.fork()
+        if pid == 0:         # only what follows runs here: no event loop, no import
+            code = 1
+            try:
+                os.close(r)
+                _compare_into(w, tracker, pieces, memory)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid, self._fd = pid, r
+        self._reader: asyncio.StreamReader | None = None
+        self._transport = None
+
+    async def next(self) -> list[tuple[int, int, bool, memoryview]] | None:
+        """The next piece's runs, each with the bytes of its pages if changed; None if the
+        child could not read it (the caller reads it itself). EOFError: the child is gone."""
+        if self._reader is None:
+            loop = asyncio.get_running_loop()
+            self._reader = asyncio.StreamReader(limit=1 << 22, loop=loop)
+            self._transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(self._reader),
+                                                              os.fdopen(self._fd, "rb", buffering=0))
+        try:
+            (size,) = _LEN.unpack(await self._reader.readexactly(_LEN.size))
+            blob = memoryview(await self._reader.readexactly(size))
+        except asyncio.IncompleteReadError:
+            raise EOFError("the comparing process ended early") from None
+        (count,) = struct.unpack_from("<I", blob)
+        if count == _UNREAD:
+            return None
+        out, at = [], 4
+        for _ in range(count):
+            first, pages, changed = _RUN.unpack_from(blob, at)
+            at += _RUN.size
+            data = blob[at:at + pages * PAGE] if changed else blob[at:at]
+            at += len(data)
+            out.append((first, pages, changed, data))
+        return out
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+        if self._transport is not None:
+            self._transport.close()         # and with it the pipe
+        elif self._reader is None:
+            os.close(self._fd)
+
+
+def _compare_into(w: int, tracker: "Tracker", pieces: list[tuple[int, int, int]], memory: dict[int, int]) -> None:
+    buf = bytearray(max((n for _, _, n in pieces), default=0) * PAGE)
+    for vpid, vaddr, n in pieces:
+        view = memoryview(buf)[:n * PAGE]
+        try:
+            got = os.preadv(memory[vpid], [view], vaddr)
+        except OSError:
+            got = 0
+        if got != n * PAGE:
+            parts = [struct.pack("<I", _UNREAD)]
+        else:
+            runs = tracker.changed(vpid, vaddr, view, record=False)
+            parts = [struct.pack("<I", len(runs))]
+            for first, count, changed in runs:
+                parts.append(_RUN.pack(first, count, changed))
+                if changed:
+                    parts.append(view[first - vaddr:first - vaddr + count * PAGE])
+        blob = b"".join(parts)
+        _write_all(w, _LEN.pack(len(blob)) + blob)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -175,6 +175,8 @@ class Pusher:
         self._fill = False
         self._memory: dict[int, int] = {}     # PID in the dump -> its /proc/PID/mem, open
         self._buffer = bytearray()             # what is read there, one read at a time
+        self._comparer: pagehash.Comparer | None = None
+        self._theirs: collections.deque = collections.deque()    # the comparer's pieces, in order
         self._urgent: streams.CompressedWriter | None = None   # the fault stream's
 
     def progress(self) -> tuple[int, int]:
@@ -219,6 +221,9 @@ class Pusher:
             r_writer.close()
             if faults is not None:
                 faults[1].close()
+            if self._comparer is not None:
+                self._comparer.close()
+                self._comparer = None
             for fd in self._memory.values():
                 os.close(fd)
             self._memory.clear()
@@ -235,7 +240,7 @@ class Pusher:
                 return
 
     async def _pump(self, c_reader, c_writer, out: _Outbound, writing: asyncio.Task) -> None:
-        todo = chunks(self.ranges, FILL_PAGES, aligned=True) if self._fill else chunks(self.ranges)
+        todo = self._share(chunks(self.ranges, FILL_PAGES, aligned=True)) if self._fill else chunks(self.ranges)
         pushed_all = False
         on_demand: dict[int, set[int]] = collections.defaultdict(set)
         while True:
@@ -307,6 +312,8 @@ class Pusher:
 
     async def _copy(self, c_reader, c_writer, out, pid: int, vaddr: int, n: int) -> int:
         """Pages [vaddr, +n) of pid from CRIU to the target; CRIU may answer in parts."""
+        if await self._compared_there(out, pid, vaddr, n):
+            return n
         if (fd := self._memory.get(pid)) is not None:
             if len(self._buffer) < n * PAGE:
                 self._buffer = bytearray(n * PAGE)
@@ -339,15 +346,51 @@ class Pusher:
         if self.known is None:
             await _send(out, PAGES, pid, vaddr, n, data)
             return
-        parts, view = [], memoryview(data)
-        for first, count, changed in self.known.changed(pid, vaddr, view, record=False):
+        view = memoryview(data)
+        await self._frames(out, pid, [(first, count, changed, view[first - vaddr:first - vaddr + count * PAGE])
+                                      for first, count, changed in self.known.changed(pid, vaddr, view, record=False)])
+
+    async def _frames(self, out, pid: int, runs) -> None:
+        """Runs (first, pages, changed, their bytes) as compared with what the target holds:
+        the changed ones go, the rest are named."""
+        parts = []
+        for first, count, changed, data in runs:
             if changed:
-                at = (first - vaddr) // PAGE * PAGE
-                parts += [FRAME.pack(PAGES, pid, first, count), view[at:at + count * PAGE]]
+                parts += [FRAME.pack(PAGES, pid, first, count), data]
             else:
                 parts.append(FRAME.pack(HAVE, pid, first, count))
                 self.stats.pages_known += count
         await out.write(b"".join(parts), flush=True)     # one write: see _send
+
+    def _share(self, todo):
+        """A fill by hashes compares every page of the frozen tree with what the target
+        holds: every other piece goes to a forked comparer (pagehash.Comparer)."""
+        if not (self._fill and self.known is not None and self._memory):
+            return todo
+        pieces = list(todo)
+        theirs = [(pid, vaddr, n) for pid, vaddr, n in pieces[1::2] if pid in self._memory]
+        if theirs:
+            try:
+                self._comparer = pagehash.Comparer(self.known, theirs, self._memory)
+                self._theirs = collections.deque(theirs)
+            except OSError:
+                pass        # no fork: all of it here
+        return iter(pieces)
+
+    async def _compared_there(self, out, pid: int, vaddr: int, n: int) -> bool:
+        """The piece, if it is the comparer's next: its frames sent (True)."""
+        if not self._theirs or self._theirs[0] != (pid, vaddr, n):
+            return False
+        self._theirs.popleft()
+        try:
+            runs = await self._comparer.next()
+        except EOFError:
+            self._theirs.clear()        # the rest are compared here
+            return False
+        if runs is None:
+            return False                # it could not read it: read here, or through CRIU
+        await self._frames(out, pid, runs)
+        return True
 
 
 def _runs_without(vaddr: int, n: int, skip) -> list[tuple[int, int]]:

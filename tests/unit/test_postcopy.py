@@ -3,11 +3,15 @@ server, and the reading of CRIU's pagemap images. The target's side, with real u
 in test_placer.py; the lab's post-copy tests run the real CRIU."""
 
 import asyncio
+import ctypes
+import mmap
+import os
+import random
 import struct
 
 import pytest
 
-from livemig import pagemap, postcopy
+from livemig import pagehash, pagemap, postcopy, streams
 from livemig.pagemap import PAGE, Range
 
 from .pagefakes import fake_criu as _fake_criu, pair
@@ -92,3 +96,70 @@ def test_pagemap_lazy_ranges_from_an_image(tmp_path):
         pagemap.entries(b"\0" * 8 + head)
     with pytest.raises(pagemap.PagemapError):     # a fixed64 field cut short
         pagemap.entries(image[:8] + head + struct.pack("<I", 2) + b"\x09\x01")
+
+
+@pytest.mark.parametrize("by_hashes", [False, True], ids=["stop-and-copy", "pre-copy by hashes"])
+async def test_a_fill_reads_the_frozen_process_s_memory_and_sends_every_page_it_must(monkeypatch, by_hashes):
+    """A fill reads the pages from /proc/PID/mem (here: this process's own), never through
+    CRIU's page server. Stop-and-copy sends each once, as it is; pre-copy by hashes only
+    those that differ from what the target holds, the rest named (HAVE), and every other
+    piece is compared by a forked process."""
+    pages = 5 * postcopy.FILL_PAGES + 77          # pieces cut at 2 MiB boundaries, and a short one
+    memory = mmap.mmap(-1, pages * PAGE)
+    for i in range(pages):
+        memory[i * PAGE:(i + 1) * PAGE] = random.Random(i).randbytes(PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    ranges = [Range(1, base, pages)]
+    known, changed = None, set()
+    if by_hashes:
+        known = pagehash.Tracker()
+        known.changed(1, base, memory, record=True)      # what pre-copy left on the target
+        changed = {3, 4, 600, 1500, pages - 1}             # rewritten since, in pieces of both processes
+        for i in changed:
+            memory[i * PAGE] ^= 0xFF
+    compared_there: list[int] = []
+
+    class Counted(pagehash.Comparer):
+        async def next(self):
+            runs = await super().next()
+            compared_there.append(runs[0][0])
+            return runs
+    monkeypatch.setattr(pagehash, "Comparer", Counted)
+    (criu_end, pusher_end), (link_src, link_dst) = await pair(), await pair()
+    log: list = []
+    pusher = postcopy.Pusher(ranges, known=known)
+    pusher.start_pushing(fill=True, memory={1: os.getpid()})
+    got: dict[int, bytes] = {}
+    named: set[int] = set()
+
+    async def target(reader, writer):
+        inbound, out = streams.Decompressed(reader), streams.CompressedWriter(writer, streams.Meter(), 1)
+        while True:
+            kind, _, vaddr, n = postcopy.FRAME.unpack(await inbound.need(postcopy.FRAME.size))
+            if kind == postcopy.PAGES:
+                data = await inbound.need(n * PAGE)
+                for i in range(n):
+                    assert vaddr + i * PAGE not in got
+                    got[vaddr + i * PAGE] = data[i * PAGE:(i + 1) * PAGE]
+            elif kind == postcopy.HAVE:
+                named.update(range(vaddr, vaddr + n * PAGE, PAGE))
+            elif kind == postcopy.PUSHED_ALL:
+                await out.write(postcopy.FRAME.pack(postcopy.CLOSE, 0, 0, postcopy.PS_IOV_CLOSE), flush=True)
+            elif kind == postcopy.STATUS:
+                await out.close()
+                return
+            if kind in (postcopy.PAGES, postcopy.HAVE):
+                await out.write(postcopy.FRAME.pack(postcopy.ACK, 0, 0, n), flush=True)
+
+    async with asyncio.timeout(30):
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(fake_criu(*criu_end, log))
+            tg.create_task(target(*link_dst))
+            stats = await pusher.run(pusher_end, link_src)
+    sent = {(a - base) // PAGE for a in got}
+    assert sent == (changed if by_hashes else set(range(pages)))
+    assert all(got[base + i * PAGE] == memory[i * PAGE:(i + 1) * PAGE] for i in sent)
+    assert len(named) == stats.pages_known == pages - len(sent) and not named & set(got)
+    assert [e[0] for e in log] == ["close"]       # no page came through CRIU
+    pieces = [vaddr for _, vaddr, _ in postcopy.chunks(ranges, postcopy.FILL_PAGES, aligned=True)]
+    assert compared_there == (pieces[1::2] if by_hashes else [])
