@@ -69,6 +69,7 @@ class Agent:
         self.guard = None                           # guard.py, during post-copy
         # a fill that ended before the copy ran: its guard and uffds are kept until Resume
         self.whole_stopped = False
+        self.filling = False      # the lazy copy is a fill's: every page on this host before it runs
         self.guard_socket: socket.socket | None = None
         self.restored: list[int] = []               # the root PIDs of what was restored here
         self.containers: list[p.Container] = []     # restored through their runtime (a clone: several)
@@ -393,6 +394,7 @@ class Agent:
             raise AgentFailure(Phase.RESTORE, f"cannot read the dump's pagemaps: {e}") from None
         # Before anything is restored: from here on `livemig recover` finds a verdict.
         self.verdicts.write(self.work.name, "serving")
+        self.filling = fill
         if fill and self.store is None:
             self.store = shadow.Store()     # stop-and-copy into memory: every page is pushed into it
         await self._start_guard()
@@ -470,7 +472,9 @@ class Agent:
             self.verdicts.write(self.work.name, "whole")
         else:
             await self._kill_restored(even_running=True)
-            self.verdicts.write(self.work.name, "killed", f"post-copy ended before every page was here: {why}")
+            said = "the fill ended before every page was in the copy" if self.filling else \
+                "post-copy ended before every page was here"
+            self.verdicts.write(self.work.name, "killed", f"{said}: {why}")
         await self._release_guard()
         self.placer.close()
 

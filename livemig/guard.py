@@ -61,7 +61,7 @@ def guard(control_fd: int, root: str, migration_id: str) -> int:
         elif words[0] == "container" and len(words) == 3:
             kill_container(words[1], words[2])
     from .agent import Verdicts
-    Verdicts(Path(root)).write(migration_id, "killed", "the agent died during post-copy; its guard "
+    Verdicts(Path(root)).write(migration_id, "killed", "the agent died before its copy had every page; its guard "
                                "killed the copy before its missing pages could read as zeros")
     shutil.rmtree(Path(root) / migration_id, ignore_errors=True)    # the dead agent's images
     return 0

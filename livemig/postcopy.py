@@ -253,6 +253,12 @@ class Pusher:
                     await _send(out, PUSHED_ALL)
                     continue
                 pid, vaddr, n = nxt
+                runs = await self._compared_there(pid, vaddr, n)
+                if runs is not None and not any(vaddr <= a < vaddr + n * PAGE for a in on_demand.get(pid, ())):
+                    await self._frames(out, pid, runs)
+                    self.stats.pages_pushed += n
+                    self._in_flight += n
+                    continue
                 for start, count in _runs_without(vaddr, n, on_demand.get(pid, ())):
                     self.stats.pages_pushed += await self._copy(c_reader, c_writer, out, pid, start, count)
                     self._in_flight += count
@@ -312,8 +318,6 @@ class Pusher:
 
     async def _copy(self, c_reader, c_writer, out, pid: int, vaddr: int, n: int) -> int:
         """Pages [vaddr, +n) of pid from CRIU to the target; CRIU may answer in parts."""
-        if await self._compared_there(out, pid, vaddr, n):
-            return n
         if (fd := self._memory.get(pid)) is not None:
             if len(self._buffer) < n * PAGE:
                 self._buffer = bytearray(n * PAGE)
@@ -368,7 +372,13 @@ class Pusher:
         if not (self._fill and self.known is not None and self._memory):
             return todo
         pieces = list(todo)
-        theirs = [(pid, vaddr, n) for pid, vaddr, n in pieces[1::2] if pid in self._memory]
+        # The first pieces (the smallest ranges, which the restore itself may touch) go
+        # at once from here: the comparer starts a moment later.
+        first, pages = 0, 0
+        while first < len(pieces) and pages < PREFETCH_PAGES:
+            pages += pieces[first][2]
+            first += 1
+        theirs = [(pid, vaddr, n) for pid, vaddr, n in pieces[first + 1::2] if pid in self._memory]
         if theirs:
             try:
                 self._comparer = pagehash.Comparer(self.known, theirs, self._memory)
@@ -377,20 +387,17 @@ class Pusher:
                 pass        # no fork: all of it here
         return iter(pieces)
 
-    async def _compared_there(self, out, pid: int, vaddr: int, n: int) -> bool:
-        """The piece, if it is the comparer's next: its frames sent (True)."""
+    async def _compared_there(self, pid: int, vaddr: int, n: int):
+        """The piece's runs as the comparer found them, if the piece is its; else None (and
+        if it could not read it, or is gone: the piece is read here)."""
         if not self._theirs or self._theirs[0] != (pid, vaddr, n):
-            return False
+            return None
         self._theirs.popleft()
         try:
-            runs = await self._comparer.next()
+            return await self._comparer.next()
         except EOFError:
             self._theirs.clear()        # the rest are compared here
-            return False
-        if runs is None:
-            return False                # it could not read it: read here, or through CRIU
-        await self._frames(out, pid, runs)
-        return True
+            return None
 
 
 def _runs_without(vaddr: int, n: int, skip) -> list[tuple[int, int]]:

@@ -249,7 +249,7 @@ async def _settle_postcopy(work: Path, rec: Record, connect, options, target_los
         except _UNREACHABLE as e:
             return "unresolved", f"cannot ask {rec.target}: {e}", False
     if state == "serving":
-        return "unresolved", f"post-copy is still under way on {rec.target}: try again in a minute", False
+        return "unresolved", f"the copy on {rec.target} is still taking in its pages: try again in a minute", False
     if state == "whole":
         warnings = await c.end()
         return "moved", ("the target's copy has every page and runs; the source's copy is gone"

@@ -94,7 +94,7 @@ def recover_when_settled(lab, within: float = 120) -> dict:
     while True:
         res = lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=120)
         [settled] = json.loads(res.stdout)
-        if res.returncode == 0 or "still under way" not in settled["detail"] or time.monotonic() > deadline:
+        if res.returncode == 0 or "try again" not in settled["detail"] or time.monotonic() > deadline:
             assert res.returncode == 0, (settled, res.stderr.decode())
             return settled
         time.sleep(2)

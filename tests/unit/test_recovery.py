@@ -80,7 +80,7 @@ async def test_the_targets_verdict_picks_the_copy_that_runs_on(root, acted, monk
 
 
 @pytest.mark.parametrize("answer, why", [
-    ("serving", "still under way"),
+    ("serving", "still taking in its pages"),
     (LivemigError("cannot connect over ssh"), "cannot ask b"),
 ])
 async def test_while_nobody_knows_the_source_copy_stays_stopped(root, acted, monkeypatch, answer, why):
