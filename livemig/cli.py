@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "recover":
             return _recover(args)
         return _move(args)
-    except KeyboardInterrupt:       # move and clone say what was put back; check and recover change nothing
+    except KeyboardInterrupt:       # move and clone say what was put back; check and recover are run again
         print("livemig: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except Terminated:
@@ -383,8 +383,8 @@ def _run(coro):
             run = asyncio.run
         return run(_stoppable(coro, ended))
     except KeyboardInterrupt:
-        if ended.done:       # it came as the loop shut down, the work's outcome known
-            return ended.outcome()
+        if ended.done and not isinstance(ended.error, _Interrupted):
+            return ended.outcome()      # it came as the loop shut down, the work's outcome known
         raise
     except _Interrupted:
         raise KeyboardInterrupt() from None

@@ -232,7 +232,12 @@ class Comparer:
         r, w = os.pipe()
         with contextlib.suppress(OSError):
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)     # a piece's changed pages at once
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(r)
+            os.close(w)
+            raise
         if pid == 0:         # only what follows runs here: no event loop, no import
             code = 1
             try:

@@ -29,3 +29,12 @@ def lab():
 @pytest.fixture(scope="module")
 def vm_lab():
     yield from _fresh("vm")
+
+
+@pytest.fixture
+def no_workload_left(lab):
+    """A test that fails mid-way leaves its workload running: it goes, so that the next
+    test's failure is its own (a copy left on b holds the PID and the port it moves to)."""
+    yield
+    for h in ("a", "b"):
+        lab.run(h, ["pkill", "-KILL", "-f", "memcounter.py run"], check=False)

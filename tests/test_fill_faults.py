@@ -10,30 +10,18 @@ checks that one copy counts on with every page intact and nothing of the move is
 
 from __future__ import annotations
 
-import json
-import time
-
 import pytest
 
-from tests.test_postcopy_faults import (assert_runs_on_a_whole, broken_mid_move, gone_from_b, said_by_livemig,
-                                        settled_state, start_move)
+from tests.test_postcopy_faults import (assert_runs_on_a_whole, broken_mid_move, killed_mid_move_then_recovered,
+                                        said_by_livemig, start_move)
 from tests.test_stopcopy_faults import assert_one_copy_whole
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]
 
 MIB, DIRTY = 1024, 20
 
 
 MODES = pytest.mark.parametrize("mode", ["precopy", "stopcopy"], ids=["pre-copy by hashes", "stop-and-copy"])
-
-
-@pytest.fixture(autouse=True)
-def no_workload_left(lab):
-    """A test that fails mid-way leaves its workload running: it goes, so that the next
-    test's failure is its own (a copy left on b holds the PID and the port it moves to)."""
-    yield
-    for h in ("a", "b"):
-        lab.run(h, ["pkill", "-KILL", "-f", "memcounter.py run"], check=False)
 
 
 @MODES
@@ -68,33 +56,4 @@ def test_ctrl_c_mid_fill_leaves_one_whole_copy_and_says_which(lab, mode):
 @MODES
 def test_the_coordinator_killed_mid_fill_then_recover_leaves_one_whole_copy(lab, mode):
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4652 + 10 * (mode == "stopcopy"), port=7852)
-    before = work.query("a")
-    mover, _ = start_move(lab, work, mode)
-    lab.run("a", ["pkill", "-KILL", "-f", "livemig move"])
-    mover.wait(timeout=30)
-    # the source's copy waits, stopped, whatever the target's did (once CRIU, which
-    # outlived the coordinator, lets go of it: until then it may show as runnable)
-    assert settled_state(lab, work.pid).startswith("T")
-    settled = recover_when_settled(lab)
-    if settled["outcome"] == "rolled back":
-        # its agent saw it go while the copy lacked pages, and killed it
-        assert gone_from_b(lab, work.pid, within=60)
-        assert_runs_on_a_whole(lab, work, before)
-    else:
-        # the fill was done first: the copy there is whole, and the source's goes
-        assert settled["outcome"] == "moved", settled
-        assert_one_copy_whole(lab, work, "b", before)
-    assert lab.text("a", ["livemig", "recover"]).strip() == "nothing to recover here"
-
-
-def recover_when_settled(lab, within: float = 120) -> dict:
-    """`livemig recover`, again while the target is still settling its copy (it says
-    "try again"), as an operator would."""
-    deadline = time.monotonic() + within
-    while True:
-        res = lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=120)
-        [settled] = json.loads(res.stdout)
-        if res.returncode == 0 or "try again" not in settled["detail"] or time.monotonic() > deadline:
-            assert res.returncode == 0, (settled, res.stderr.decode())
-            return settled
-        time.sleep(2)
+    killed_mid_move_then_recovered(lab, work, mode)
