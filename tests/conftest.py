@@ -33,8 +33,12 @@ def vm_lab():
 
 @pytest.fixture
 def no_workload_left(lab):
-    """A test that fails mid-way leaves its workload running: it goes, so that the next
-    test's failure is its own (a copy left on b holds the PID and the port it moves to)."""
+    """A test that fails mid-way leaves its workload running, and its move's record: they
+    go, so that the next test's failure is its own (a copy left on b holds the PID and the
+    port it moves to; a record makes `livemig recover` settle two moves)."""
     yield
     for h in ("a", "b"):
         lab.run(h, ["pkill", "-KILL", "-f", "memcounter.py run"], check=False)
+        # and what a failed move left (a passing test has checked that there is none)
+        lab.run(h, ["find", "/var/lib/livemig", "-mindepth", "1", "-maxdepth", "1", "!", "-name", "logs",
+                    "-exec", "rm", "-rf", "{}", "+"], check=False)

@@ -41,11 +41,12 @@ def source_state(lab, pid: int) -> str:
 
 
 def settled_state(lab, pid: int, within: float = 10) -> str:
-    """The source's copy's state once it stops changing: a task CRIU lets go of with a
-    SIGSTOP pending is runnable ("R") until the scheduler gets to it, and it stops before
+    """The source's copy's state once CRIU, which outlives a killed coordinator for a
+    moment, has let go of it: until then it is held by CRIU ("t"), and then, with a
+    SIGSTOP pending, runnable ("R") until the scheduler gets to it; it stops before
     running a single instruction of its own."""
     deadline = time.monotonic() + within
-    while (state := source_state(lab, pid)).startswith("R") and time.monotonic() < deadline:
+    while (state := source_state(lab, pid))[:1] in ("R", "t") and time.monotonic() < deadline:
         time.sleep(0.1)
     return state
 
