@@ -187,6 +187,13 @@ class Tracker:
                 _add(out, addr + j * PAGE, 1, not same)
         return out
 
+    def compared(self, vpid: int, vaddr: int, data) -> list[tuple[int, int, bool, memoryview]]:
+        """changed(), recording nothing, each run with its bytes in data: what the final
+        comparison sends (the changed runs) and names (the rest)."""
+        view = memoryview(data)
+        return [(first, n, changed, view[first - vaddr:first - vaddr + n * PAGE])
+                for first, n, changed in self.changed(vpid, vaddr, view, record=False)]
+
     def scan(self, pid: int, vpid: int):
         """Run for each stretch of pid's private memory that changed since the last scan
         (everything, the first time); the table takes the new digests as they are handed
@@ -298,12 +305,12 @@ def _compare_into(w: int, tracker: "Tracker", pieces: list[tuple[int, int, int]]
         if got != n * PAGE:
             parts = [struct.pack("<I", _UNREAD)]
         else:
-            runs = tracker.changed(vpid, vaddr, view, record=False)
+            runs = tracker.compared(vpid, vaddr, view)
             parts = [struct.pack("<I", len(runs))]
-            for first, count, changed in runs:
+            for first, count, changed, data in runs:
                 parts.append(_RUN.pack(first, count, changed))
                 if changed:
-                    parts.append(view[first - vaddr:first - vaddr + count * PAGE])
+                    parts.append(data)
         blob = b"".join(parts)
         _write_all(w, _LEN.pack(len(blob)) + blob)
 

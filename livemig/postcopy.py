@@ -350,9 +350,7 @@ class Pusher:
         if self.known is None:
             await _send(out, PAGES, pid, vaddr, n, data)
             return
-        view = memoryview(data)
-        await self._frames(out, pid, [(first, count, changed, view[first - vaddr:first - vaddr + count * PAGE])
-                                      for first, count, changed in self.known.changed(pid, vaddr, view, record=False)])
+        await self._frames(out, pid, self.known.compared(pid, vaddr, data))
 
     async def _frames(self, out, pid: int, runs) -> None:
         """Runs (first, pages, changed, their bytes) as compared with what the target holds:
