@@ -189,6 +189,23 @@ def test_interrupted_mid_postcopy_rolls_back_to_the_source(lab, sig, code, said)
     broken_mid_move(lab, work, "a", ["pkill", f"-{sig}", "-f", "livemig move"], code, said)
 
 
+def test_a_second_ctrl_c_while_it_rolls_back_is_ignored_and_the_rollback_ends_whole(lab):
+    # An impatient operator presses Ctrl-C again while the first one's rollback runs (the
+    # target kills its copy, the source's resumes): cut short there, the rollback would
+    # leave the source's copy stopped and the target's verdict unread.
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4608, port=7808)
+    before = work.query("a")
+    mover, seen = start_move(lab, work)
+    lab.run("a", ["pkill", "-INT", "-f", "livemig move"])
+    assert lab.run("a", ["pkill", "-INT", "-f", "livemig move"], check=False).returncode == 0   # it still ran
+    _, err = mover.communicate(timeout=120)
+    err = (seen + err).decode()
+    assert mover.returncode == 130 and "Traceback" not in err, err
+    assert "livemig: still putting things back" in err and "livemig: interrupted: rolled back" in err, err
+    with said_by_livemig(err):
+        assert_runs_on_a_whole(lab, work, before)
+
+
 @pytest.mark.parametrize("mode, pid", [("postcopy", 4611), ("precopy", 4612)], ids=["post-copy", "fill"])
 def test_the_coordinator_killed_once_the_copy_is_whole_then_recover_keeps_the_target_s(lab, mode, pid):
     # the target's copy runs with every page; the source's still waits, stopped, for the word
