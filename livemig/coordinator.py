@@ -27,7 +27,7 @@ from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, Preflight
                      WorkloadExited, record_failure)
 from .options import Mode, Options
 from .progress import Connecting, Copied, ModeChosen, RoundDone, Running, Stepping, Throttled, Ticker, quiet
-from .report import Plan, Report, RoundReport
+from .report import DowntimePart, Plan, Report, RoundReport
 from .runtimes import podman
 from .runtimes.process import criu_failure
 from .session import TargetSession, migration_id, remote_error, ssh_connector, token
@@ -66,6 +66,7 @@ class Migration:
         self.keep_record = False   # the target did not hear the rollback: recover finishes it
         self.original: recovery.HeldCopy | None = None
         self.restored_at = 0.0
+        self.dumped_at = self.images_at = 0.0     # the downtime's parts end at these
 
     # --- the whole ---------------------------------------------------------------------------
     async def run(self) -> Report:
@@ -442,6 +443,7 @@ class Migration:
             if lifting is not None:
                 lifting.cancel()        # done by now, unless the dump failed first: it releases
                 await asyncio.wait({lifting})
+        self.dumped_at = dumped_at
         rnd = RoundReport("dump", seconds=dumped_at - self.dump.frozen_at)
         if streaming:
             relayed = await self.relay
@@ -486,6 +488,7 @@ class Migration:
         if self.bundle_copied_at is not None:
             self.report.bundle_bytes_wire += tree.result().wire
         self.report.image_files_bytes = meter.raw
+        self.images_at = time.monotonic()
         self.progress(Copied("images", meter.raw, meter.wire))
 
     # --- restore: the target brings the tree back, stopped ---------------------------------------
@@ -499,10 +502,11 @@ class Migration:
                 self.report.warnings.append(f"cannot read the dump's pagemaps ({e}): post-copy "
                                             "fetches pages only when the target asks")
             self.pusher = postcopy.Pusher(ranges, self.options.compression_level, known=self.tracker)
+            self.pusher.read_in_place({v: pid for pid, v in _by_pid(self.workload).items()})
             faults = None
             if fill:
-                # nothing runs there yet: every page goes at once, read from the frozen tree
-                self.pusher.start_pushing(fill=True, memory={v: pid for pid, v in _by_pid(self.workload).items()})
+                # nothing runs there yet: every page goes at once
+                self.pusher.start_pushing(fill=True)
             else:
                 fault_token = token()
                 faults, why_not = await self.to.fault_stream(fault_token)
@@ -618,6 +622,13 @@ class Migration:
         resumed = await self.to.request(p.Resume(), p.Resumed)
         running_at = time.monotonic()
         self.report.downtime_seconds = running_at - self.dump.frozen_at
+        # a fill's Resume waits, on the target, for the pages still on their way
+        marks = [("dump", self.dumped_at), ("images", self.images_at), ("restore", self.restored_at),
+                 ("pages and resume" if self.fills else "resume", running_at)]
+        since = self.dump.frozen_at
+        for name, at in marks:
+            self.report.downtime_parts.append(DowntimePart(name, at - since))
+            since = at
         self.progress(Running(resumed.pids, lazy))
         return running_at
 
@@ -736,6 +747,9 @@ class Migration:
         rnd = self.report.rounds[-1]
         rnd.pages_written = pushed.pages_pushed + pushed.pages_on_demand - pushed.pages_known
         rnd.bytes_raw, rnd.bytes_wire = pushed.sent.raw, pushed.sent.wire
+        if pushed.criu_gone:
+            self.report.warnings.append("CRIU's lazy dump here ended before the target had every page; "
+                                        "the rest were read in the frozen tree, which it left stopped")
         return done, pushed, whole_at
 
     def _remove_source_bundle(self) -> None:

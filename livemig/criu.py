@@ -11,7 +11,7 @@ from pathlib import Path
 from . import protobuf
 
 # Version 4.2 is the first that dumps TCP sockets on kernels >= 6.16 (criu #2705).
-MIN_VERSION = (3, 15)
+MIN_VERSION = (3, 16)    # --network-lock
 
 FEATURE_DIRTY_TRACKING = "mem_dirty_track"   # soft-dirty: needed by pre-dump
 FEATURE_LAZY_PAGES = "uffd-noncoop"          # userfaultfd for a foreign process: post-copy
@@ -76,16 +76,23 @@ def pre_dump(pid: int, images: str, ps_fd: int, parent: str | None, opts: Option
 
 
 def dump(pid: int, images: str, *, ps_fd: int, hook: str, parent: str | None, lazy: bool,
-         opts: Options) -> list[str]:
+         opts: Options, nothing_to_lock: bool = False) -> list[str]:
     """The final dump. Pages go to the page server on ps_fd; the action script hook holds
     CRIU at post-dump until the migration is committed (exit 0: CRIU kills the source)
     or rolled back (non-zero: CRIU resumes it).
 
     Lazy, CRIU serves the pages on ps_fd only after post-dump, so the hook cannot wait for
     the restore there: the source is left stopped instead of killed, and livemig kills it
-    once the target has every page, or resumes it on rollback."""
+    once the target has every page, or resumes it on rollback.
+
+    nothing_to_lock: the tree shares CRIU's network namespace and no established TCP
+    connection moves. CRIU's nftables lock (Debian's /etc/criu/default.conf picks it)
+    still builds its table then, with the tree frozen: 70 ms of downtime measured, for
+    a table nothing is added to. Its iptables lock does nothing outside a namespace."""
     argv = ["criu", "dump", "-t", str(pid), "-D", images, "-o", "dump.log",
             "--ps-socket", str(ps_fd), "--action-script", hook, *opts.flags()]
+    if nothing_to_lock and not opts.tcp_established:
+        argv += ["--network-lock", "iptables"]
     argv += ["--lazy-pages", "--leave-stopped"] if lazy else ["--page-server"]
     if parent:
         argv += ["--prev-images-dir", parent, "--track-mem"]

@@ -114,6 +114,14 @@ def has_terminal(pid: int) -> bool:
     return int(stat.rsplit(")", 1)[1].split()[4]) != 0
 
 
+def same_netns(pid: int) -> bool:
+    """Does pid share this process's network namespace? (False when it cannot be told.)"""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return False
+
+
 def own_usage() -> tuple[int, float]:
     """This process's peak resident memory (bytes), and the CPU seconds it and the children it
     reaped (CRIU, the runtimes) spent: what a migration cost the source."""

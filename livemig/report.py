@@ -43,6 +43,13 @@ class ThrottleStep:
 
 
 @dataclass
+class DowntimePart:
+    """One stretch of the downtime, from the freeze to the target's copy running, in order."""
+    name: str                     # "dump", "images", "restore", "resume" ("pages and resume": a fill)
+    seconds: float
+
+
+@dataclass
 class Report:
     pid: int                      # the root of the tree (a container's init)
     source: str
@@ -68,6 +75,7 @@ class Report:
     image_bytes_wire: int = 0     # podman: the container's image, sent when the target lacked it
     restore_seconds: float = 0.0
     downtime_seconds: float = 0.0  # source frozen -> target running
+    downtime_parts: list[DowntimePart] = field(default_factory=list)   # where it went
     total_seconds: float = 0.0
     target_pid: int = 0
     postcopy_pages: int = 0          # pages placed in the target's copy after the resume
@@ -114,6 +122,9 @@ class Report:
                             if self.bundle_bytes_wire else "")
                          + (f"; image {self.image_bytes_wire / 2**20:.1f} MiB on the wire"
                             if self.image_bytes_wire else ""))
+        if self.outcome == "moved" and self.downtime_parts:
+            lines.append("  downtime, part by part: " + ", ".join(
+                f"{d.name} {d.seconds * 1000:.0f} ms" for d in self.downtime_parts))
         if self.postcopy_seconds:
             mib = self.postcopy_pages * 4096 / 2**20
             lines.append(f"  post-copy: {mib:.1f} MiB in {self.postcopy_seconds:.2f} s after the resume "

@@ -85,6 +85,12 @@ def test_postcopy_restores_first_and_brings_every_page_after(lab):
     assert report["postcopy_requests_waited"] <= report["postcopy_requests"]
     # faults had their own connection: no fallback to the pushing stream
     assert not [w for w in report["warnings"] if "second connection" in w]
+    # the downtime, part by part, in order, adds up to the whole
+    parts = report["downtime_parts"]
+    assert [d["name"] for d in parts] == ["dump", "images", "restore", "resume"]
+    assert all(d["seconds"] > 0 for d in parts)
+    assert sum(d["seconds"] for d in parts) == pytest.approx(report["downtime_seconds"], abs=1e-6)
+    assert report["restore_seconds"] < parts[2]["seconds"]     # CRIU's restore, inside its part
     assert_moved_intact(lab, work, before, report)
     lab.run("b", ["kill", str(work.pid)])
 

@@ -52,7 +52,8 @@ class ProcessTree(Workload):
         ours, theirs = socket.socketpair()
         try:
             argv = criu.dump(self.root_pid, str(images), ps_fd=theirs.fileno(), hook=str(self.hook.script),
-                             parent=f"../{parent}" if parent else None, lazy=lazy, opts=self.opts)
+                             parent=f"../{parent}" if parent else None, lazy=lazy, opts=self.opts,
+                             nothing_to_lock=host.same_netns(self.root_pid))
             dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno()],
                                        env=proc.environ(**self.hook.environment()))
         except BaseException:
@@ -73,17 +74,24 @@ class ProcessTree(Workload):
             raise DumpError(criu_failure("criu dump", run.proc.returncode, run.log))
         run.frozen_at = self.hook.frozen_at
         if lazy:
+            # The pages are read in the frozen tree itself (postcopy.Pusher.read_in_place), and
+            # CRIU resumes the tree by itself if its lazy page server fails (cr_dump_finish:
+            # TASK_ALIVE on error), or lets go of it if killed. A SIGSTOP queued while CRIU
+            # holds it (it waits here for our verdict) outlasts its detach: the tree never
+            # runs again but on rollback, so what is read is what was dumped.
+            signal_tree(self._pids, signal.SIGSTOP)
+            if let_go := [pid for pid in self._pids if os.path.exists(f"/proc/{pid}") and host.tracer(pid) == 0]:
+                signal_tree(self._pids, signal.SIGCONT)    # it runs on, as CRIU left it
+                raise DumpError(f"CRIU let go of PID {let_go[0]} before the dump was done")
             self.hook.proceed()     # CRIU goes on to serve pages, the tree stays stopped
         return self.hook.post_dump.result()
 
     async def release(self, run: DumpRun, lazy: bool) -> list[str]:
         if lazy:
-            # From the target's first instruction on, it is the workload: never resume the source.
+            # From the target's first instruction on, it is the workload: never resume the
+            # source. The SIGSTOP queued at the dump keeps it stopped however CRIU ends, so
+            # that only the target's verdict lets this copy run again (recovery.py).
             self.hook.mark_committed()
-            # CRIU resumes the tree by itself if its lazy page server fails (cr_dump_finish:
-            # TASK_ALIVE on error): a SIGSTOP queued now outlasts CRIU's detach, so that only
-            # the target's verdict lets this copy run again (recovery.py).
-            signal_tree(self._pids, signal.SIGSTOP)
             return []
         self.hook.commit()             # durable first: a crash from here on means "moved"
         rc = await run.proc.wait()     # CRIU kills the source and exits

@@ -56,6 +56,16 @@ def test_the_final_dump_is_held_by_the_hook_and_lazy_leaves_the_source_stopped()
     assert lazy[lazy.index("--prev-images-dir") + 1] == "../pre-2" and "--track-mem" in lazy
 
 
+def test_a_tree_with_nothing_to_lock_is_not_locked_by_nftables_while_it_is_frozen():
+    args = dict(ps_fd=7, hook="/h", parent=None, lazy=True)
+    alone = criu.dump(42, "/d", opts=criu.Options(), nothing_to_lock=True, **args)
+    assert alone[alone.index("--network-lock") + 1] == "iptables"
+    # its own namespace, or connections CRIU must lock: the configured method stays
+    assert "--network-lock" not in criu.dump(42, "/d", opts=criu.Options(), **args)
+    assert "--network-lock" not in criu.dump(42, "/d", opts=criu.Options(tcp_established=True),
+                                             nothing_to_lock=True, **args)
+
+
 def test_restore_is_detached_and_stopped():
     argv = criu.restore("/d", "/d/pid", lazy=True, opts=criu.Options())
     assert {"--restore-detached", "--leave-stopped", "--lazy-pages"} <= set(argv)

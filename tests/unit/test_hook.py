@@ -38,3 +38,31 @@ async def test_post_dump_waits_for_the_verdict(tmp_path):
         assert await asking == b"0" and server.journal.read_text() == "committed\n"
     finally:
         await server.close()
+
+
+async def _run_script(server: HookServer, action: str) -> asyncio.subprocess.Process:
+    # as CRIU runs it: the script itself (its #! line, -IS), the action in the environment
+    return await asyncio.create_subprocess_exec(
+        str(server.script), env={"CRTOOLS_SCRIPT_ACTION": action, **server.environment()})
+
+
+async def test_the_script_itself_waits_at_post_dump_and_exits_with_the_verdict(tmp_path):
+    server = await HookServer.start(tmp_path)
+    try:
+        pre = await _run_script(server, "pre-dump")
+        assert await pre.wait() == 0 and server.frozen_at > 0
+        assert await (await _run_script(server, "network-lock")).wait() == 0   # not ours: passes
+        post = await _run_script(server, "post-dump")
+        await server.post_dump
+        server.commit()
+        assert await post.wait() == 0          # CRIU kills the source
+    finally:
+        await server.close()
+
+
+async def test_the_script_asks_the_journal_once_the_coordinator_is_gone(tmp_path):
+    server = await HookServer.start(tmp_path)
+    await server.close()                   # the coordinator died: nobody on the socket
+    assert await (await _run_script(server, "post-dump")).wait() == 1     # "dumping": resume it
+    server.journal.write_text("committed\n")
+    assert await (await _run_script(server, "post-dump")).wait() == 0     # moved: the source goes

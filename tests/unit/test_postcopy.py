@@ -8,6 +8,7 @@ import mmap
 import os
 import random
 import struct
+import time
 
 import pytest
 
@@ -128,7 +129,8 @@ async def test_a_fill_reads_the_frozen_process_s_memory_and_sends_every_page_it_
     (criu_end, pusher_end), (link_src, link_dst) = await pair(), await pair()
     log: list = []
     pusher = postcopy.Pusher(ranges, known=known)
-    pusher.start_pushing(fill=True, memory={1: os.getpid()})
+    pusher.read_in_place({1: os.getpid()})
+    pusher.start_pushing(fill=True)
     got: dict[int, bytes] = {}
     named: set[int] = set()
 
@@ -163,5 +165,27 @@ async def test_a_fill_reads_the_frozen_process_s_memory_and_sends_every_page_it_
     assert [e[0] for e in log] == ["close"]       # no page came through CRIU
     # the first 16 MiB here (the smallest ranges: the restore may touch them), then every other piece there
     pieces = [vaddr for _, vaddr, _ in postcopy.chunks(ranges, postcopy.FILL_PAGES, aligned=True)]
-    first = next(i for i in range(len(pieces)) if pieces[i] - pieces[0] >= postcopy.PREFETCH_PAGES * PAGE)
+    first = next(i for i in range(len(pieces)) if pieces[i] - pieces[0] >= postcopy.OWN_FIRST_PAGES * PAGE)
     assert compared_there == (pieces[first + 1::2] if by_hashes else [])
+
+
+async def test_the_push_waits_while_the_copys_first_faults_keep_coming_and_no_longer_than_the_cap(monkeypatch):
+    monkeypatch.setattr(postcopy, "QUIET", 0.05)
+    monkeypatch.setattr(postcopy, "QUIET_CAP", 0.3)
+    pusher = postcopy.Pusher(RANGES)
+    pusher.start_pushing()
+    assert not pusher._quiet()                  # just resumed: its first faults go first
+    await asyncio.sleep(0.06)
+    assert pusher._quiet()                      # none came
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while loop.time() - t0 < 0.35:              # a fault every 20 ms
+        pusher._fault_at = time.monotonic()
+        if pusher._quiet():
+            break
+        await asyncio.sleep(0.02)
+    # the faults never paused, and the push went on at the cap, counted from the resume
+    assert pusher._quiet() and 0.3 - 0.06 - 0.03 <= loop.time() - t0 <= 0.3
+    fill = postcopy.Pusher(RANGES)
+    fill.start_pushing(fill=True)
+    assert fill._quiet()                        # a fill's copy does not run: nothing to wait for
