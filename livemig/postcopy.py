@@ -324,7 +324,7 @@ class Pusher:
     async def _close_criu(self, c_reader, c_writer, command: int) -> int:
         """CRIU's status once told the target has every page. A CRIU already gone (killed,
         say) changes nothing by then: the pages were read in the frozen tree, which it left
-        stopped (its release queued a SIGSTOP), and every one is in the target's copy."""
+        stopped (a SIGSTOP queued at the dump), and every one is in the target's copy."""
         try:
             c_writer.write(_IOV.pack(command, 0, 0, 0))
             await c_writer.drain()
