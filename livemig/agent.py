@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -32,7 +33,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__, bundle, criu, host, logs, pagemap, placer, postcopy, proc, protocol as p, recovery, shadow, \
-    streams
+    streams, workdirs
 from . import runtimes
 from .runtimes import oci, podman
 from .errors import LivemigError, Phase
@@ -72,6 +73,12 @@ class Agent:
         self.filling = False      # the lazy copy is a fill's: every page on this host before it runs
         self.guard_socket: socket.socket | None = None
         self.restored: list[int] = []               # the root PIDs of what was restored here
+        self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
+        self.inbox: asyncio.Queue = asyncio.Queue()     # the coordinator's messages (None: it is gone)
+        self.held: workdirs.Held | None = None     # self.work, ours while we live
+        self.inbox_reader: asyncio.Task | None = None
+        self.read_ahead: list = []        # read while a handler ran, to handle after it
+        self.stopping: str | None = None  # why a handler was cut short
         self.containers: list[p.Container] = []     # restored through their runtime (a clone: several)
         self.created_tree: Path | None = None       # a bundle this migration brought here
         self.resumed = False
@@ -89,23 +96,68 @@ class Agent:
                     f"speaks {p.PROTOCOL_VERSION}"))
                 return 2
             await self._start(hello)
+            self.inbox_reader = asyncio.create_task(self._read_inbox())
             while not self.finished:
-                msg = await self._next_message()
+                msg = self.read_ahead.pop(0) if self.read_ahead else await self._next_message()
+                if msg is None:
+                    return 1     # the coordinator is gone: cleanup below decides what stays
                 try:
-                    reply = await self.handle(msg)
+                    reply = await self._answer(msg)
                 except AgentFailure as e:
                     reply = p.Failed(e.phase, e.message, e.detail)
+                except asyncio.CancelledError:
+                    if self.stopping is None:
+                        raise
+                    reply = p.Failed(Phase.ROLLBACK, f"{type(msg).__name__} cut short: {self.stopping}")
+                    self.stopping = None
                 except Exception as e:
                     # a bug here must still reach the coordinator as an answer, which then
                     # rolls back or reports; dying would leave it guessing
                     reply = p.Failed("", f"the agent failed on {type(msg).__name__}: "
                                          f"{type(e).__name__}: {e}", traceback.format_exc())
+                if self.read_ahead and self.read_ahead[0] is None:
+                    return 1
                 await p.write_message(self.writer, reply)
             return 0
         except (EOFError, ConnectionError, TimeoutError):
             return 1     # the coordinator is gone: cleanup below decides what stays
         finally:
+            if self.inbox_reader is not None:
+                self.inbox_reader.cancel()
             await self._cleanup()
+
+    async def _read_inbox(self) -> None:
+        """Every message, as it comes, into the inbox; None once the coordinator is gone."""
+        try:
+            while True:
+                self.inbox.put_nowait(await p.read_message(self.reader))
+        except (EOFError, ConnectionError, p.ProtocolError):
+            self.inbox.put_nowait(None)
+
+    async def _answer(self, msg):
+        """msg's handler; cut short if the coordinator rolls back (Abort) or goes while it
+        runs: a restore whose page stream never comes would wait for it for a minute, and
+        the rollback's Abort, behind it, with it. What comes meanwhile waits its turn."""
+        handling = asyncio.ensure_future(self.handle(msg))
+        try:
+            while True:
+                incoming = asyncio.ensure_future(self.inbox.get())
+                await asyncio.wait({handling, incoming}, return_when=asyncio.FIRST_COMPLETED)
+                if not incoming.done():
+                    incoming.cancel()
+                    return handling.result()
+                nxt = incoming.result()
+                self.read_ahead.append(nxt)
+                if nxt is None or isinstance(nxt, p.Abort):
+                    self.stopping = "the coordinator is gone" if nxt is None else "the coordinator rolls back"
+                    self._stop_restoring()
+                    handling.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await handling
+                    return handling.result()
+        finally:
+            if not handling.done():
+                handling.cancel()
 
     async def _next_message(self):
         if self.lazy is not None and self.lazy.done() and self.verdicts.read(self.work.name)[0] == "killed":
@@ -113,14 +165,13 @@ class Agent:
             # us asks within seconds. Across a cut link its hang-up may never arrive, and
             # this agent would hold its images for as long as TCP keeps the session.
             async with asyncio.timeout(LINGER_SECONDS):
-                return await p.read_message(self.reader)
-        return await p.read_message(self.reader)
+                return await self.inbox.get()
+        return await self.inbox.get()
 
     async def _start(self, hello: p.Hello) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        workdirs.sweep(self.root)      # what agents killed outright left here
         self.work = self.root / checked_name(hello.migration_id, "migration id")
-        self.work.mkdir(mode=0o700)   # a fresh one: an existing directory is someone else's
+        self.held = workdirs.make(self.root, self.work)
         sock_path = str(self.work / "streams.sock")
         self.server = await asyncio.start_unix_server(self._on_stream, path=sock_path, limit=streams.CHUNK)
         os.chmod(sock_path, 0o600)
@@ -354,7 +405,11 @@ class Agent:
             argv = criu.restore(str(d), str(pidfile), lazy=lazy, opts=criu.Options())
             self._tell_guard("pidfile", str(pidfile))
         t0 = time.monotonic()
-        res = await proc.run(argv, check=False, leaves_daemon=c is not None)   # podman leaves conmon
+        try:
+            res = await proc.run(argv, check=False, leaves_daemon=c is not None,   # podman leaves conmon
+                                 started=lambda pr: setattr(self, "restoring", pr))
+        finally:
+            self.restoring = None
         if c is not None and res.returncode == 0:
             # A runtime restores running: pause at once, so that the container runs only
             # after the source is gone, like a tree restored stopped.
@@ -367,7 +422,7 @@ class Agent:
         seconds = time.monotonic() - t0
         if pidfile.exists():
             self.restored.append(int(pidfile.read_text().strip()))
-        if res.returncode == 0 and self.lazy is not None and self.lazy.done() and \
+        if self.lazy is not None and self.lazy.done() and \
                 (self.lazy.cancelled() or self.lazy.exception() is not None):
             # the page stream failed while CRIU restored: this copy can never be whole
             await self._kill_restored()
@@ -380,6 +435,8 @@ class Agent:
             raise AgentFailure(Phase.RESTORE, errors[0] if errors else
                                f"{what} exited {res.returncode}: {proc.why(res.stderr)}",
                                "\n".join(errors))
+        if self.holds_workload and self.lazy is None:
+            self._mark_orphan()
         return p.Restored(self.restored[-1] if self.restored else 0, seconds)
 
     async def _start_placer(self, d: Path, token: str, faults: str | None, fill: bool = False) -> None:
@@ -519,6 +576,7 @@ class Agent:
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
         self.resumed = True
+        (self.work / ORPHAN).unlink(missing_ok=True)     # it runs: a move's, no more an orphan
         if self.whole_stopped:
             await self._whole(fill=True)
         elif self.placer is not None:
@@ -564,10 +622,18 @@ class Agent:
         self.verdicts.forget(self.work.name)     # the coordinator knows how it ended
         return p.Done()
 
+    def _stop_restoring(self) -> None:
+        """A restore under way goes, its tasks with it. A lazy restore whose page stream ended
+        waits, in CRIU's restorer, for pages that never come (a fault's wait ends at a fatal
+        signal). Its tasks are killed before CRIU: they would outlive it, stopped."""
+        if self.restoring is not None and self.restoring.returncode is None:
+            host.kill_tree(self.restoring.pid)
+
     async def _kill_restored(self, even_running: bool = False) -> None:
         """Undo the restore: what this migration brought here goes, unless it already runs
         (even_running: a post-copy copy that lacks pages goes all the same)."""
         undo = even_running or not self.resumed
+        self._stop_restoring()
         while self.containers and undo:
             # delete --force thaws what it kills: a frozen task cannot die
             await proc.run(runtimes.control(self.containers.pop(), "delete"), check=False, timeout=60)
@@ -576,6 +642,8 @@ class Agent:
             self.created_tree = None
         while self.restored and undo:
             host.kill_tree(self.restored.pop())
+        if undo and self.work is not None:
+            (self.work / ORPHAN).unlink(missing_ok=True)
 
     async def _cleanup(self) -> None:
         # The coordinator may be gone mid-post-copy: the copy is settled first (a copy
@@ -603,21 +671,29 @@ class Agent:
         if self.work and not orphan:
             shutil.rmtree(self.work, ignore_errors=True)
         await self._release_guard()     # what it guarded is settled, killed or left as an orphan
+        if self.held is not None:
+            self.held.release()
 
     def _what_restored(self) -> str:
         if self.containers:
             return ", ".join(f"{c.runtime} container {c.id}" for c in self.containers)
         return "tree " + ", ".join(map(str, self.restored))
 
-    def _leave_orphan(self) -> None:
-        for d in self.work.iterdir():   # the memory images go, whatever happens
-            if d.is_dir():
-                shutil.rmtree(d, ignore_errors=True)
+    def _mark_orphan(self) -> None:
+        """What was restored here, stopped, in the marker recover reads: written at once after
+        a restore, so that an agent killed outright (no guard keeps a stop-and-copy's copy:
+        after the commit it is the only one) leaves it too."""
         pids = [pid for root in self.restored for pid in host.process_tree(root)]
         c = self.containers[0] if self.containers else None      # a move restores one (replicas never hold it)
         Orphan(self._what_restored(), recovery.HeldCopy(
             c.runtime if c else "process", [(pid, host.start_time(pid) or 0) for pid in pids], c.id if c else "",
             str(self.created_tree) if self.created_tree else "")).save(self.work)
+
+    def _leave_orphan(self) -> None:
+        for d in self.work.iterdir():   # the memory images go, whatever happens
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+        self._mark_orphan()
         print(f"livemig agent: the coordinator vanished; restored {self._what_restored()} left "
               f"stopped (see {self.work / ORPHAN}; `livemig recover` on the source settles it)", file=sys.stderr)
 
@@ -625,13 +701,27 @@ class Agent:
         mid = checked_name(msg.migration_id, "migration id")
         work = self.root / mid
         try:
+            held = workdirs.hold(work)
+        except BlockingIOError:
+            # its agent still tidies up (it lost its coordinator a moment ago)
+            raise AgentFailure(Phase.COMMIT, f"the agent of move {mid} is still there: try again") from None
+        except FileNotFoundError:
+            held = None
+        try:
+            return await self._settle_orphan(mid, work, msg.resume)
+        finally:
+            if held is not None:
+                held.release()
+
+    async def _settle_orphan(self, mid: str, work: Path, resume: bool) -> p.OrphanSettled:
+        try:
             orphan = Orphan.load(work)
         except FileNotFoundError:
             # resumed before its coordinator vanished (that verdict is written at Resume)?
             running = self.verdicts.read(mid)[0] == "running"
             return p.OrphanSettled("running" if running else "none")
         warnings = []
-        if msg.resume:
+        if resume:
             try:
                 await orphan.copy.resume()
             except LivemigError as e:
@@ -640,7 +730,7 @@ class Agent:
         else:
             warnings = await orphan.copy.end()     # its bundle with it
         shutil.rmtree(work, ignore_errors=True)
-        return p.OrphanSettled("resumed" if msg.resume else "killed", "; ".join([orphan.what, *warnings]))
+        return p.OrphanSettled("resumed" if resume else "killed", "; ".join([orphan.what, *warnings]))
 
 
 ORPHAN = "ORPHANED.json"
@@ -676,13 +766,21 @@ class Verdicts:
         return self.root / f"{migration_id}.verdict"
 
     def write(self, migration_id: str, state: str, detail: str = "") -> None:
+        """Durable before it returns. Each file keeps VERDICT_ROOM bytes, so that a verdict
+        still lands when the disk has filled up since the first (a copy declared whole, but
+        not written so, would run beside the source's copy resumed for want of a verdict)."""
         path = self.path(migration_id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(f"{state}\n{detail}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        record = f"{state}\n{detail}\n".encode()[:VERDICT_ROOM - 1]
+        record = record.ljust(VERDICT_ROOM - 1) + b"\n"     # read back stripped
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            _write_synced(tmp, record, os.O_CREAT | os.O_TRUNC)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
+                raise
+            _write_synced(path, record, 0)      # in place: the room it kept
 
     def read(self, migration_id: str) -> tuple[str, str]:
         try:
@@ -693,6 +791,18 @@ class Verdicts:
 
     def forget(self, migration_id: str) -> None:
         self.path(migration_id).unlink(missing_ok=True)
+
+
+VERDICT_ROOM = 1024
+
+
+def _write_synced(path: Path, data: bytes, flags: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _LAZY_PAUSE_SECONDS = 10.0

@@ -258,8 +258,14 @@ def _move(args) -> int:
                           runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
         return (plan if args.dry_run else migrate)(what, host, options, progress=view)
-    return _report(args, call, view, "nothing was changed" if args.dry_run else
-                   "rolled back, the workload runs on the source")
+    return _report(args, call, view, "nothing was changed" if args.dry_run else _undone)
+
+
+def _undone(report) -> str:
+    """What an interrupted move left, from its report."""
+    if report is not None and report.outcome == "failed":      # stopped before the workload was touched
+        return "nothing was changed, the workload runs on the source"
+    return "rolled back, the workload runs on the source"
 
 
 def _clone(args) -> int:
@@ -274,9 +280,10 @@ def _clone(args) -> int:
     return _report(args, call, view, "no replica is left; the original runs on")
 
 
-def _report(args, call, view, interrupted: str) -> int:
+def _report(args, call, view, interrupted) -> int:
     """Run call() (a migration or a clone) under view (None: nothing shown while it runs)
-    and print its report or its error."""
+    and print its report or its error. interrupted: what an interrupt left, said as such (or
+    a function of the report that says it)."""
     try:
         with view or contextlib.nullcontext():
             report = _run(call())
@@ -287,12 +294,16 @@ def _report(args, call, view, interrupted: str) -> int:
         if not args.json:
             _explain(e, args.verbose)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"livemig: interrupted: {interrupted}", file=sys.stderr)
-        return ExitCode.INTERRUPTED
-    except Terminated:
-        print(f"livemig: terminated: {interrupted}", file=sys.stderr)
-        return ExitCode.TERMINATED
+    except (KeyboardInterrupt, Terminated) as e:
+        what, code = ("terminated", ExitCode.TERMINATED) if isinstance(e, Terminated) else \
+            ("interrupted", ExitCode.INTERRUPTED)
+        report = getattr(e, "report", None)
+        where = f"{report.failed_phase}: " if report is not None and report.failed_phase else ""
+        said = interrupted(report) if callable(interrupted) else interrupted
+        print(f"livemig: {where}{what}: {said}", file=sys.stderr)
+        if args.json and report is not None:
+            print(report.to_json())
+        return code
     print(report.to_json() if args.json else report.summary())
     return ExitCode.MOVED
 
@@ -365,6 +376,7 @@ async def _stoppable(coro, ended: _Ended):
         if not got:
             raise
         ended.error = _Interrupted() if got[0] == signal.SIGINT else Terminated()
+        ended.error.report = getattr(e, "report", None)     # what the work had done, and undone
         raise ended.error from e
     except BaseException as e:
         ended.error = e
@@ -386,5 +398,7 @@ def _run(coro):
         if ended.done and not isinstance(ended.error, _Interrupted):
             return ended.outcome()      # it came as the loop shut down, the work's outcome known
         raise
-    except _Interrupted:
-        raise KeyboardInterrupt() from None
+    except _Interrupted as e:
+        told = KeyboardInterrupt()
+        told.report = getattr(e, "report", None)
+        raise told from None

@@ -55,6 +55,7 @@ class Clone:
         self.id = migration_id()
         self.phase = Phase.PREFLIGHT
         self.work = Path(options.image_root) / f"{self.id}-source"
+        self.held = None        # self.work, ours while we live
         self.to = [TargetSession(t, transport_factory, options, self.id) for t in targets]
         self.workload: podman.PodmanContainer | None = None
         self.report = CloneReport(source=socket.gethostname(), workload=what)
@@ -114,7 +115,7 @@ class Clone:
         self.workload = w
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.replicas = [Replica(t, n) for t in self.targets for n in self.names]
-        make_work_dir(self.options.image_root, self.work)
+        self.held = make_work_dir(self.options.image_root, self.work)
         spec = self._spec(self.names[0])
         local = await local_facts([], self.work, spec)
         cpuinfo = await local_cpuinfo(self.work)
@@ -192,6 +193,8 @@ class Clone:
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.to), return_exceptions=True)
         shutil.rmtree(self.work, ignore_errors=True)
+        if self.held is not None:
+            self.held.release()
 
 
 async def clone(what: str, targets: list[str], options: Options = Options(), *, name: str | None = None,

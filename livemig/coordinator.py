@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import addresses, bundle, criu, host, logs, pagehash, pagemap, policy, postcopy, preflight, proc, \
-    protocol as p, recovery, runtimes, streams, throttle
+    protocol as p, recovery, runtimes, streams, throttle, workdirs
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
                      WorkloadExited, record_failure)
 from .options import Mode, Options
@@ -56,6 +56,7 @@ class Migration:
         # pre-copy by hashes, and stop-and-copy where the target has room
         self.fills = False
         self.throttle: throttle.Throttle | None = None  # auto-converge's hold on the workload's CPU
+        self.held: workdirs.Held | None = None     # self.work, ours while we live
         self.round_dirs: list[str] = []
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
         self.bundle_listing: set[str] = set()
@@ -76,8 +77,9 @@ class Migration:
             try:
                 async with self.ticker.running() if self.ticker else contextlib.nullcontext():
                     await self._phases()
-            except p.RemoteFailure as e:
-                raise remote_error(e, self.phase, self.target) from None
+            except BaseException as e:
+                # named here, where the phase and the report are known
+                raise self._named(primary(e)) from None
             self.report.outcome = "moved"
             return self.report
         except BaseException as e:
@@ -100,6 +102,16 @@ class Migration:
             self.report.total_seconds = time.monotonic() - t0
             await asyncio.shield(self.close())
             self.report.source_peak_rss_bytes, self.report.source_cpu_seconds = host.own_usage()
+
+    def _named(self, e: BaseException) -> BaseException:
+        """A failure as the user is told it: the agent's, or a lost link, as livemig's error
+        in the phase under way."""
+        if isinstance(e, p.RemoteFailure):
+            return remote_error(e, self.phase, self.target)
+        if isinstance(e, link_errors()):
+            return ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
+                                    phase=self.phase, host=self.target)
+        return e
 
     async def _phases(self) -> None:
         mode = await self.preflight()
@@ -222,9 +234,10 @@ class Migration:
 
     async def _probe_both(self, pids: list[int], container: p.Container | None = None
                           ) -> tuple[p.HostFacts, p.HostFacts]:
-        make_work_dir(self.options.image_root, self.work)
+        self.held = make_work_dir(self.options.image_root, self.work) or self.held
         self.progress(Connecting(self.target))
         await self.to.open()
+        stop_for_tests("connected")
         local = await local_facts(pids, self.work, container)
         marker = None
         if container is not None and container.bundle:
@@ -283,10 +296,15 @@ class Migration:
             self.throttle.begin()
         while True:
             n = len(stats) + 1
+            if n == 1:
+                stop_for_tests("round")
             if self.tracker is not None:
                 st, sent, seconds, t0 = await self._hashed_round(started)
             else:
                 st, sent, seconds, t0 = await self._predump_round(n, lazy_final, started)
+            if await self.original.exited():
+                # pages read in a tree that is gone; run() tells it as the workload's own doing
+                raise LivemigError("its root process is gone", phase=Phase.PRECOPY)
             self.report.rounds[-1].throttle = percent
             stats.append(policy.RoundStats(st.pages_written, sent.wire, seconds))
             decision = policy.decide(stats, limits, percent)
@@ -473,6 +491,7 @@ class Migration:
         """The images that are not streamed pages; and a bundle's files changed since its pre-copy."""
         w = self.workload
         parent = self.round_dirs[-1] if self.round_dirs else None
+        stop_for_tests("transfer")
         async with asyncio.TaskGroup() as tg:
             images = tg.create_task(self.to.send_images("final", parent, self.work / "final"))
             if self.bundle_copied_at is not None:
@@ -493,6 +512,7 @@ class Migration:
 
     # --- restore: the target brings the tree back, stopped ---------------------------------------
     async def restore(self, lazy: bool, fill: bool = False) -> None:
+        stop_for_tests("restore")
         fault_token = None
         if lazy:
             try:
@@ -574,6 +594,7 @@ class Migration:
             try:
                 # a fill's copy is resumed once every page is on its host (the agent waits)
                 running_at = await self._resume_target(lazy=not fill)
+                stop_for_tests("running")
                 if fill:
                     self.phase = Phase.FILL
                     await self.fill(running_at)
@@ -655,7 +676,7 @@ class Migration:
             self.report.outcome = "unresolved"
             self.report.warnings.append(f"the target did not say how its copy ended ({why_not})")
             raise Unresolved(f"{self._lazy_phase()} lost its link to {self.target} ({_why(cause)}); the workload "
-                             "is stopped here, whole as of the final dump", phase=self._lazy_phase_id(), host=self.target,
+                             "is stopped here, whole as of the final dump", phase=self.phase, host=self.target,
                              hint=f"{self.target} kills its copy within {postcopy.STALL_SECONDS:.0f} s of silence; "
                                   f"then run `livemig recover` here, or `livemig recover --target-lost` if "
                                   f"{self.target} is gone for good") from None
@@ -712,16 +733,13 @@ class Migration:
         if isinstance(cause, (KeyboardInterrupt, asyncio.CancelledError)):
             return cause          # the CLI says "interrupted: rolled back"
         # whatever broke, it broke the page stream: a lost connection, to scripts (exit code 4)
-        return ConnectionFailed(f"{self._lazy_phase()} failed ({_why(cause)}): the target's copy is gone, and "
-                                "the workload runs here again from its final dump", phase=self._lazy_phase_id(),
-                                host=self.target)
+        what = "the target's copy could not be resumed" if self.phase == Phase.COMMIT else \
+            f"{self._lazy_phase()} failed"
+        return ConnectionFailed(f"{what} ({_why(cause)}): the target's copy is gone, and the workload runs "
+                                "here again from its final dump", phase=self.phase, host=self.target)
 
     def _lazy_phase(self) -> str:
         return "filling the copy" if self.fills else "post-copy"
-
-    def _lazy_phase_id(self) -> Phase:
-        """From the resume on (a fill's copy waits there for its pages)."""
-        return Phase.FILL if self.fills else Phase.POSTCOPY
 
     async def postcopy(self, running_at: float) -> None:
         """The target's copy runs; every page it has not got yet goes now, at wire speed."""
@@ -772,6 +790,9 @@ class Migration:
         kept = await self.to.abort()
         if kept:
             self.report.logs.append(f"{self.target}:{kept}")
+        if kept is None and await recovery.undo_on_target(self.target, self.id, self.to.connector, self.options,
+                                                          SETTLE_SECONDS):
+            kept = ""      # heard by a fresh agent: nothing of the move is left there
         if kept is None and self.phase in (Phase.RESTORE, Phase.COMMIT):
             # The target may hold a restored copy, stopped (it never runs without our Resume):
             # the record stays, for `livemig recover` to remove it once the target answers.
@@ -809,6 +830,8 @@ class Migration:
                     shutil.rmtree(d, ignore_errors=True)
         else:
             shutil.rmtree(self.work, ignore_errors=True)
+        if self.held is not None:
+            self.held.release()
 
 
 SETTLE_SECONDS = 15.0    # for the target to say how its copy ended, once post-copy failed
@@ -820,13 +843,38 @@ STOP_FOR_TESTS = "LIVEMIG_TEST_STOP_AT"
 def stop_for_tests(point: str) -> None:
     """Fault injection for the lab's tests: with LIVEMIG_TEST_STOP_AT=point the coordinator
     stops itself there (SIGSTOP), for a test to act at that exact instant (then SIGKILL or
-    SIGCONT it). The points: "throttled" (auto-converge's first step taken), "final-dump"
-    (about to freeze the workload), "restored" (the target's copy restored, the source's
-    not given up), "released" (the source's copy given up, the target's not yet resumed)
-    and "whole" (post-copy or a fill: the running copy has every page, the source's copy
-    waits, stopped)."""
+    SIGCONT it). The points, in a move's order: "connected" (preflight: the target's agent
+    answers, nothing probed yet), "round" (the first pre-copy round about to begin), "throttled"
+    (auto-converge's first step taken), "final-dump" (about to freeze the workload),
+    "transfer" (frozen and dumped, no image sent), "restore" (the images on the target,
+    not restored), "restored" (the target's copy restored, the source's not given up),
+    "released" (the source's copy given up, the target's not yet resumed), "running"
+    (post-copy or a fill: the target's copy resumed, pages still to come) and "whole" (the
+    running copy has every page, the source's copy waits, stopped)."""
     if os.environ.get(STOP_FOR_TESTS) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def primary(e: BaseException) -> BaseException:
+    """The failure that a TaskGroup's exception group stands for: an interrupt; else what
+    the agent said (a full disk there breaks our stream too, and that is not the cause);
+    else livemig's own error before a lost link; else the first."""
+    if not isinstance(e, BaseExceptionGroup):
+        return e
+    leaves = list(_leaves(e))
+    for kind in ((KeyboardInterrupt, asyncio.CancelledError), p.RemoteFailure, LivemigError):
+        for x in leaves:
+            if isinstance(x, kind) and not isinstance(x, ConnectionFailed):
+                return x
+    return leaves[0]
+
+
+def _leaves(e: BaseException):
+    if isinstance(e, BaseExceptionGroup):
+        for x in e.exceptions:
+            yield from _leaves(x)
+    else:
+        yield e
 
 
 def _why(e: BaseException) -> str:
@@ -846,12 +894,14 @@ def _by_pid(w: runtimes.Workload) -> dict[int, int]:
     return out
 
 
-def make_work_dir(image_root: str, work: Path) -> None:
-    """This host's private image directory for one move or clone, under a private root."""
-    Path(image_root).mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(image_root, 0o700)
-    if not work.exists():
-        work.mkdir(mode=0o700)
+def make_work_dir(image_root: str, work: Path) -> workdirs.Held | None:
+    """This host's private image directory for one move or clone, under a private root,
+    held while we live (None: it was made already). What moves killed outright left
+    there goes first."""
+    workdirs.sweep(image_root)
+    if work.exists():
+        return None
+    return workdirs.make(image_root, work)
 
 
 async def local_facts(pids: list[int], work: Path, container: p.Container | None) -> p.HostFacts:

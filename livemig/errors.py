@@ -96,10 +96,13 @@ class ProtocolError(LivemigError):
 def record_failure(e: BaseException, phase: str, report) -> None:
     """Note on report (a move's or a clone's) what failed, and in which phase; and tie the
     error to the phase and the report, for the user and for --json."""
-    report.failed_phase = phase
+    # the error's own phase, where it has one: the message and the report say the same
+    report.failed_phase = e.phase if isinstance(e, LivemigError) and e.phase else phase
     if isinstance(e, LivemigError):
         report.error = str(e)
         e.phase = e.phase or phase
         e.report = report
     else:
         report.error = "interrupted" if isinstance(e, (KeyboardInterrupt, CancelledError)) else repr(e)
+        # an interrupt's report, too, is printed (--json): the CLI finds it on the exception
+        e.report = report

@@ -8,7 +8,7 @@ import os
 import signal
 import tempfile
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from .errors import CommandFailed
 
@@ -48,16 +48,22 @@ def failure(argv: Sequence[str], returncode: int, stderr: bytes, phase: str | No
 
 async def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = True,
               env: Mapping[str, str] | None = None, pass_fds: Sequence[int] = (),
-              timeout: float | None = None, phase: str | None = None, leaves_daemon: bool = False) -> Result:
+              timeout: float | None = None, phase: str | None = None, leaves_daemon: bool = False,
+              started: Callable[[asyncio.subprocess.Process], None] | None = None) -> Result:
     """Run argv to completion. On cancellation or timeout the process is killed, never left behind.
 
     leaves_daemon: argv starts a daemon that inherits its output (podman's restore leaves
     conmon running); a pipe would stay open as long as the daemon lives, so the output
-    goes to unnamed files instead, and the command is done when it exits."""
+    goes to unnamed files instead, and the command is done when it exits.
+    started: told the process once it runs (for a caller that may have to kill what it
+    started, children included)."""
     if leaves_daemon:
-        return await _run_leaving_daemon(argv, check=check, env=env, timeout=timeout, phase=phase)
+        return await _run_leaving_daemon(argv, check=check, env=env, timeout=timeout, phase=phase,
+                                         started=started)
     proc = await start(argv, stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
                        stdout=asyncio.subprocess.PIPE, env=env, pass_fds=pass_fds)
+    if started:
+        started(proc)
     try:
         async with asyncio.timeout(timeout):
             out, err = await proc.communicate(input)
@@ -67,9 +73,11 @@ async def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = 
     return _result(argv, proc.returncode, out, err, check, phase)
 
 
-async def _run_leaving_daemon(argv, *, check, env, timeout, phase) -> Result:
+async def _run_leaving_daemon(argv, *, check, env, timeout, phase, started) -> Result:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = await start(argv, stdout=out, stderr=err, env=env)
+        if started:
+            started(proc)
         try:
             async with asyncio.timeout(timeout):
                 await proc.wait()

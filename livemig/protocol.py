@@ -372,11 +372,14 @@ class Channel:
 
     async def request(self, msg: Any, reply_type: type) -> Any:
         async with self._lock:
-            while self._owed:   # replies to requests whose callers were cancelled: not ours
-                await read_message(self.reader)
-                self._owed -= 1
+            # Sent before the replies still owed are read: a rollback's Abort must reach the
+            # peer while it still works on a request whose caller was cancelled (the agent
+            # cuts that one short), not after it.
             self._owed += 1     # from here on the peer owes a reply, whatever becomes of us
             await write_message(self.writer, msg)
+            while self._owed > 1:   # replies to requests whose callers were cancelled: not ours
+                await read_message(self.reader)
+                self._owed -= 1
             reply = await read_message(self.reader)
             self._owed -= 1
         if isinstance(reply, Failed):

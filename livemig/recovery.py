@@ -12,6 +12,7 @@ something to resume or end, and `recover`, which asks the target and acts.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bundle, host, proc, protocol as p, throttle
+from . import bundle, host, proc, protocol as p, throttle, workdirs
 from .errors import LivemigError, Phase
 from .session import TargetSession, migration_id
 
@@ -199,6 +200,27 @@ async def forget_verdict(target: str, migration: str, connect, options) -> None:
     await _ask_agent(target, p.ForgetVerdict(migration), p.Done, connect, options)
 
 
+async def undo_on_target(target: str, migration: str, connect, options, within: float) -> bool:
+    """A rollback the move's own agent did not hear (killed, or its link cut): through a
+    fresh agent, whose start sweeps what a dead agent left, the copy restored there (never
+    resumed: nothing was committed) goes, and the verdict with it. Its agent may still be
+    tidying up for a moment (\"try again\"). True: done."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
+                await _ask_agent(target, p.SettleOrphan(migration, resume=False), p.OrphanSettled, connect, options)
+                await forget_verdict(target, migration, connect, options)
+            return True
+        except p.RemoteFailure as e:
+            if "try again" not in str(e) or loop.time() >= deadline:
+                return False
+        except (Exception, TimeoutError):
+            return False
+        await asyncio.sleep(0.5)
+
+
 # what says the target cannot be asked now
 _UNREACHABLE = (LivemigError, p.RemoteFailure, OSError, EOFError)
 
@@ -208,6 +230,7 @@ async def recover(options, connect, *, target_lost: bool = False) -> list[Settle
     whose post-copy failed: exactly one copy runs on. target_lost: the operator knows the
     target is gone for good (its copy with it), so the source's copy runs on if it can."""
     done = []
+    workdirs.sweep(options.image_root)      # what moves killed before their record left
     for work in sorted(Path(options.image_root).glob(f"*-source/{throttle.FILE}")):
         work = work.parent
         what = throttle.left(work)

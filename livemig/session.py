@@ -96,14 +96,26 @@ class TargetSession:
 
     async def relay(self, sock: socket.socket, tok: str) -> streams.Relay:
         """Join CRIU's end of a socketpair to the agent's data stream tok, both ways."""
-        return await streams.relay(await streams.socket_streams(sock), await self.stream(tok),
+        criu_side = await streams.socket_streams(sock)
+        return await streams.relay(criu_side, await self._stream_or_close(tok, criu_side),
                                    self.options.compression_level)
 
     async def push_pages(self, sock: socket.socket, tok: str, faults, pusher: postcopy.Pusher) -> postcopy.Pushed:
         """Post-copy: pusher reads the lazy dump's page server on sock and feeds the agent's
         page server through data stream tok, and the pages a fault waits for through
         faults (a fault_stream), if there is one."""
-        return await pusher.run(await streams.socket_streams(sock), await self.stream(tok), faults)
+        criu_side = await streams.socket_streams(sock)
+        return await pusher.run(criu_side, await self._stream_or_close(tok, criu_side), faults)
+
+    async def _stream_or_close(self, tok: str, criu_side: tuple):
+        """Data stream tok; if it cannot be had, CRIU's side closed now: left to the garbage
+        collector, its transport would close the socket's descriptor under the socket object,
+        and the rollback's own close of it would hit a closed, or reused, descriptor."""
+        try:
+            return await self.stream(tok)
+        except BaseException:
+            criu_side[1].close()
+            raise
 
     async def push(self, send, request, reply_type):
         """send(writer) streams to the agent while it handles request(token), which names

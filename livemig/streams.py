@@ -116,7 +116,11 @@ async def relay(local: tuple, remote: tuple, level: int = 1) -> Relay:
 
 async def socket_streams(sock) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """asyncio streams over a socket whose other end CRIU holds: one end of a socketpair,
-    or a loopback TCP connection (the runtimes name page servers by address)."""
+    or a loopback TCP connection (the runtimes name page servers by address). The streams
+    own the socket from here on: sock is detached, and closing it is a no-op. (Seen with
+    uvloop: its transport closed the descriptor under sock, whose own close then failed
+    with EBADF, or could have closed a descriptor reused meanwhile.)"""
+    sock = socket.socket(sock.family, sock.type, fileno=sock.detach())
     if sock.family == socket.AF_UNIX:
         return await asyncio.open_unix_connection(sock=sock, limit=CHUNK)
     return await asyncio.open_connection(sock=sock, limit=CHUNK)

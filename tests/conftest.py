@@ -42,3 +42,17 @@ def no_workload_left(lab):
         # and what a failed move left (a passing test has checked that there is none)
         lab.run(h, ["find", "/var/lib/livemig", "-mindepth", "1", "-maxdepth", "1", "!", "-name", "logs",
                     "-exec", "rm", "-rf", "{}", "+"], check=False)
+
+
+@pytest.fixture
+def small_image_root(lab):
+    """b's image root on a tmpfs of its own, sized by the test (a call: nothing until then)."""
+    mounted = []
+
+    def mount(mib: int) -> None:
+        lab.run("b", ["mkdir", "-p", "/var/lib/livemig"])
+        lab.run("b", ["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=700", "tmpfs", "/var/lib/livemig"])
+        mounted.append(mib)
+    yield mount
+    if mounted:
+        lab.run("b", ["umount", "/var/lib/livemig"], check=False)

@@ -46,7 +46,7 @@ def test_ctrl_c_mid_fill_leaves_one_whole_copy_and_says_which(lab, mode):
     assert "Traceback" not in err, err
     with said_by_livemig(err):
         if mover.returncode == 130:
-            assert "livemig: interrupted: rolled back" in err
+            assert "livemig: fill: interrupted: rolled back" in err
             assert_runs_on_a_whole(lab, work, before)
         else:
             assert mover.returncode == 0 and "moved" in out.decode(), out

@@ -196,8 +196,8 @@ def recover_when_settled(lab, within: float = 120) -> dict:
         time.sleep(2)
 
 
-@pytest.mark.parametrize("sig, code, said", [("INT", 130, "livemig: interrupted: rolled back"),
-                                             ("TERM", 143, "livemig: terminated: rolled back")],
+@pytest.mark.parametrize("sig, code, said", [("INT", 130, "livemig: post-copy: interrupted: rolled back"),
+                                             ("TERM", 143, "livemig: post-copy: terminated: rolled back")],
                          ids=["ctrl-c", "sigterm"])
 def test_interrupted_mid_postcopy_rolls_back_to_the_source(lab, sig, code, said):
     pid = 4606 if sig == "INT" else 4607
@@ -217,7 +217,7 @@ def test_a_second_ctrl_c_while_it_rolls_back_is_ignored_and_the_rollback_ends_wh
     _, err = mover.communicate(timeout=120)
     err = (seen + err).decode()
     assert mover.returncode == 130 and "Traceback" not in err, err
-    assert "livemig: still putting things back" in err and "livemig: interrupted: rolled back" in err, err
+    assert "livemig: still putting things back" in err and "livemig: post-copy: interrupted: rolled back" in err, err
     with said_by_livemig(err):
         assert_runs_on_a_whole(lab, work, before)
 

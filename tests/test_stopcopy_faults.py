@@ -69,14 +69,19 @@ def stat_of(lab, host: str, pid: int) -> str:
     return lab.text(host, ["ps", "-o", "stat=", "-p", str(pid)], check=False).strip()
 
 
-def assert_one_copy_whole(lab, work, on: str, before: dict) -> None:
-    other = "b" if on == "a" else "a"
+def assert_counts_on_whole(work, on: str, before: dict) -> None:
+    """The copy on host on counts on from where it was before, every page intact."""
     now = work.query(on, wait=10)
     assert now["host"] == on and now["counter"] >= before["counter"]
     time.sleep(0.3)
     assert work.query(on)["counter"] > now["counter"]             # it counts on
     check = work.query(on, "verify")
     assert (check["bad_pages"], check["pages"]) == (0, work.mib * 256)
+
+
+def assert_one_copy_whole(lab, work, on: str, before: dict) -> None:
+    other = "b" if on == "a" else "a"
+    assert_counts_on_whole(work, on, before)
     assert stat_of(lab, other, work.pid) == ""                     # and nothing of it on the other host
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
 
@@ -136,16 +141,6 @@ def test_a_workload_that_exits_mid_move_is_said_to_and_nothing_is_left(lab):
     assert "the workload exited by itself during the move" in err and "Traceback" not in err, err
     assert stat_of(lab, "a", work.pid) == "" and stat_of(lab, "b", work.pid) == ""
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
-
-
-@pytest.fixture
-def small_image_root(lab):
-    """b's image root on a tmpfs of its own, sized by the test."""
-    def mount(mib: int) -> None:
-        lab.run("b", ["mkdir", "-p", "/var/lib/livemig"])
-        lab.run("b", ["mount", "-t", "tmpfs", "-o", f"size={mib}m,mode=700", "tmpfs", "/var/lib/livemig"])
-    yield mount
-    lab.run("b", ["umount", "/var/lib/livemig"], check=False)
 
 
 def test_a_target_without_room_for_the_images_is_refused_in_preflight(lab, small_image_root):

@@ -80,8 +80,12 @@ class SshTransport:
         try:
             return await self._conn.open_unix_connection(path, window=WINDOW, max_pktsize=MAX_PKTSIZE)
         except asyncssh.ChannelOpenError as e:
-            raise ConnectionFailed(f"sshd refused a stream to {path} ({e.reason})", host=self.host,
-                                   hint="livemig needs AllowStreamLocalForwarding in sshd_config") from None
+            if e.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
+                raise ConnectionFailed(f"sshd refused a stream to {path} ({e.reason})", host=self.host,
+                                       hint="livemig needs AllowStreamLocalForwarding in sshd_config") from None
+            # the connection closed, or nobody listens there any more: the agent is gone
+            raise ConnectionFailed(f"no stream to the agent ({e.reason}): it, or the connection, is gone",
+                                   host=self.host) from None
 
     async def close(self) -> None:
         self._conn.close()

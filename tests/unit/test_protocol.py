@@ -80,19 +80,20 @@ async def test_a_request_gets_its_reply_or_raises_the_remote_failure():
         await ch.request(p.Resume(), p.Resumed)
 
 
+class Slow:
+    """A peer whose replies come only when the test says so."""
+    def __init__(self):
+        self.reader = asyncio.StreamReader()
+        self.sent = []
+
+    def write(self, data):
+        self.sent.append(p.decode(data[4:]))
+
+    async def drain(self):
+        pass
+
+
 async def test_a_reply_owed_to_a_cancelled_request_is_not_taken_for_the_next_ones():
-    class Slow:
-        """A peer whose first reply comes only when the test says so."""
-        def __init__(self):
-            self.reader = asyncio.StreamReader()
-            self.sent = []
-
-        def write(self, data):
-            self.sent.append(p.decode(data[4:]))
-
-        async def drain(self):
-            pass
-
     peer = Slow()
     ch = p.Channel(peer.reader, peer)
     restoring = asyncio.create_task(ch.request(p.Restore(dir="final"), p.Restored))
@@ -104,3 +105,22 @@ async def test_a_reply_owed_to_a_cancelled_request_is_not_taken_for_the_next_one
     peer.reader.feed_data(p.encode(p.Done()))              # ...then the abort's own
     assert await ch.request(p.Abort(), p.Done) == p.Done()
     assert [type(m).__name__ for m in peer.sent] == ["Restore", "Abort"]
+
+
+async def test_a_rollback_s_request_reaches_the_peer_while_the_cancelled_one_is_still_owed():
+    # The agent cuts a restore short when an Abort comes: the Abort must be sent before the
+    # restore's reply is in, or the agent finishes (or hangs in) the restore first.
+    peer = Slow()
+    ch = p.Channel(peer.reader, peer)
+    restoring = asyncio.create_task(ch.request(p.Restore(dir="final"), p.Restored))
+    await asyncio.sleep(0)
+    restoring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await restoring
+    aborting = asyncio.create_task(ch.request(p.Abort(), p.Aborted))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [type(m).__name__ for m in peer.sent] == ["Restore", "Abort"] and not aborting.done()
+    peer.reader.feed_data(p.encode(p.Failed("rollback", "Restore cut short: the coordinator rolls back")))
+    peer.reader.feed_data(p.encode(p.Aborted("")))
+    assert await aborting == p.Aborted("")

@@ -1,0 +1,87 @@
+"""The private work directories under an image root: one per move and side (the source's
+ID-source, the target agent's ID), 0700, and held, by a lock on a file in it, for as long
+as the process that owns it lives.
+
+A coordinator or an agent killed outright cannot tidy up after itself, and its directory
+may hold memory images. The lock is let go by the kernel when its owner dies, so the next
+livemig to run on that host (a move, an agent, `livemig recover`) sweeps such directories
+away, but those that a marker says are still needed: `livemig recover`'s record, a
+throttle to lift, a restored copy left stopped. Those are recover's to settle.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+LOCK = ".owner"
+# what keeps a dead owner's directory for `livemig recover` (recovery.RECORD, throttle.FILE,
+# agent.ORPHAN)
+MARKERS = ("RECOVER.json", "THROTTLE.json", "ORPHANED.json")
+
+
+class Held:
+    """A work directory's lock, held by its owner until release() (or its death)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def make(root: Path | str, work: Path) -> Held:
+    """root (private), and work in it, fresh and held by this process."""
+    root = Path(root)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    work.mkdir(mode=0o700)      # a fresh one: an existing directory is someone else's
+    return hold(work)
+
+
+def hold(work: Path) -> Held:
+    # O_CLOEXEC: CRIU and the other children must not keep a dead owner's lock alive
+    fd = os.open(work / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Held(fd)
+
+
+def sweep(root: Path | str) -> list[str]:
+    """Remove what owners that died left under root, but for what a marker keeps; the
+    names of what went."""
+    gone = []
+    try:
+        entries = list(Path(root).iterdir())
+    except OSError:
+        return gone
+    for d in entries:
+        if not (d / LOCK).is_file() or d.is_symlink():
+            continue
+        try:
+            fd = os.open(d / LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue            # its owner lives
+            if any((d / m).exists() for m in MARKERS):
+                # the marker and what it names stay; the memory images (its directories) go
+                for sub in d.iterdir():
+                    if sub.is_dir() and not sub.is_symlink():
+                        shutil.rmtree(sub, ignore_errors=True)
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d.name)
+        finally:
+            os.close(fd)
+    return gone

@@ -1,0 +1,75 @@
+"""The agent's answers to faults, as logic: a verdict that still lands on a full disk, a
+request cut short by the coordinator's rollback, and the one failure a TaskGroup's many
+stand for. The lab's fault matrix (tests/test_fault_matrix.py) proves them end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+import pytest
+
+from livemig import agent as agent_mod, protocol as p
+from livemig.coordinator import primary
+from livemig.errors import ConnectionFailed
+
+
+def test_a_verdict_lands_in_the_room_its_file_kept_when_the_disk_is_full(tmp_path, monkeypatch):
+    verdicts = agent_mod.Verdicts(tmp_path)
+    verdicts.write("m1", "serving")
+    assert os.path.getsize(verdicts.path("m1")) == agent_mod.VERDICT_ROOM
+    real = agent_mod._write_synced
+
+    def full(path, data, flags):
+        if flags & os.O_CREAT:          # a new file needs room the disk no longer has
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data, flags)
+    monkeypatch.setattr(agent_mod, "_write_synced", full)
+    verdicts.write("m1", "whole", "every page is in")
+    assert verdicts.read("m1") == ("whole", "every page is in")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m1.verdict"]     # no temporary file left
+    with pytest.raises(OSError):        # a first verdict has no room kept: said, never lost silently
+        verdicts.write("m2", "serving")
+
+
+async def test_an_abort_cuts_the_request_under_way_short_and_is_answered_next(tmp_path):
+    a = agent_mod.Agent(asyncio.StreamReader(), None, str(tmp_path))
+    started = asyncio.Event()
+
+    async def restoring(msg):
+        started.set()
+        await asyncio.Event().wait()      # a lazy restore whose pages never come
+    a.handle = restoring
+    answering = asyncio.create_task(a._answer(p.Restore(dir="final")))
+    await started.wait()
+    a.inbox.put_nowait(p.Abort())
+    with pytest.raises(asyncio.CancelledError):
+        await answering
+    assert a.stopping == "the coordinator rolls back" and a.read_ahead == [p.Abort()]
+
+
+async def test_what_comes_while_a_request_runs_waits_its_turn(tmp_path):
+    a = agent_mod.Agent(asyncio.StreamReader(), None, str(tmp_path))
+    go = asyncio.Event()
+
+    async def handle(msg):
+        await go.wait()
+        return p.Done()
+    a.handle = handle
+    answering = asyncio.create_task(a._answer(p.Finish()))
+    await asyncio.sleep(0)
+    a.inbox.put_nowait(p.AwaitLazy())
+    await asyncio.sleep(0)
+    go.set()
+    assert await answering == p.Done() and a.read_ahead == [p.AwaitLazy()] and a.stopping is None
+
+
+def test_a_task_group_s_failure_is_the_agent_s_reason_not_the_stream_it_broke():
+    said = p.RemoteFailure(p.Failed("transfer", "No space left on device"))
+    broke = ConnectionFailed("no stream to the agent")
+    assert primary(ExceptionGroup("x", [broke, said])) is said
+    assert primary(ExceptionGroup("x", [ExceptionGroup("y", [broke])])) is broke
+    stop = asyncio.CancelledError()
+    assert primary(BaseExceptionGroup("x", [said, stop])) is stop
+    assert primary(said) is said
