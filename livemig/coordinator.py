@@ -302,8 +302,9 @@ class Migration:
                 st, sent, seconds, t0 = await self._hashed_round(started)
             else:
                 st, sent, seconds, t0 = await self._predump_round(n, lazy_final, started)
-            if await self.original.exited():
-                # pages read in a tree that is gone; run() tells it as the workload's own doing
+            if self.original.pids and not host.named(self.original.pids[:1]):
+                # pages read in a tree that is gone (its root: a container's init); run()
+                # tells it as the workload's own doing. (/proc, not the runtime: every round)
                 raise LivemigError("its root process is gone", phase=Phase.PRECOPY)
             self.report.rounds[-1].throttle = percent
             stats.append(policy.RoundStats(st.pages_written, sent.wire, seconds))
@@ -588,10 +589,10 @@ class Migration:
         self.committed = True              # from here on the target's copy is the workload
         self.record.committed = True       # on disk before the source's copy goes
         self.record.save(self.work)
-        self.report.warnings += await w.release(self.dump, lazy)
-        stop_for_tests("released")
         if lazy:
             try:
+                self.report.warnings += await _uncancellable(w.release(self.dump, lazy))
+                stop_for_tests("released")
                 # a fill's copy is resumed once every page is on its host (the agent waits)
                 running_at = await self._resume_target(lazy=not fill)
                 stop_for_tests("running")
@@ -605,11 +606,7 @@ class Migration:
                 if not await asyncio.shield(self.settle_postcopy(e)):
                     raise self._rolled_back(e) from None
         else:
-            try:
-                await self._resume_target()
-            except BaseException as e:
-                raise self._stranded(e) from None
-            recovery.drop(self.work)
+            await _uncancellable(self._switch_over())
         st = None if lazy else w.stats(self.work / "final")
         if st:
             self.report.rounds[-1].pages_written = st.pages_written
@@ -617,6 +614,19 @@ class Migration:
             self.report.final_dump_frozen_seconds = st.frozen_time
         self.moved = True      # from here on nothing undoes the move: an interrupt only cuts its tidying short
         await self._after_move()
+
+    async def _switch_over(self) -> None:
+        """Stop-and-copy's commit, once marked: the source's copy goes, the target's runs.
+        Nothing cuts it short: cut between the two, it would leave the only copy stopped
+        (an interrupt then ends a move that is done)."""
+        self.report.warnings += await self.workload.release(self.dump, False)
+        stop_for_tests("released")
+        try:
+            await self._resume_target()
+        except BaseException as e:
+            raise self._stranded(e) from None
+        recovery.drop(self.work)
+        self.moved = True
 
     async def _after_move(self) -> None:
         """The target's copy runs, whole, and the source's is gone: what is left is tidying."""
@@ -853,6 +863,18 @@ def stop_for_tests(point: str) -> None:
     running copy has every page, the source's copy waits, stopped)."""
     if os.environ.get(STOP_FOR_TESTS) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+async def _uncancellable(coro):
+    """coro's result; a cancellation (Ctrl-C) that comes meanwhile waits until it is done."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():
+            raise
+        await task
+        raise
 
 
 def primary(e: BaseException) -> BaseException:

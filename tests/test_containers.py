@@ -68,9 +68,8 @@ def test_runc_container_moves_and_keeps_counting(lab):
     # no soft-dirty here: auto pre-copies by page hashes, runc's lazy dump filling the copy
     assert report["mode"] == "precopy" and "page hashes" in report["mode_reason"]
     assert report["rounds"][0]["kind"] == "hashes" and report["rounds"][0]["pages_written"] > 0
-    # the final dump named what the target held as it was and sent the rest (a shell's few
-    # pages may all have changed since the round: then none is named)
-    assert report["pages_known"] + report["rounds"][-1]["pages_written"] > 0
+    # (what the final dump names or sends is not asserted: a shell's few pages may all lie in
+    # mappings CRIU restores whole, and then there are none; test_move.py's 256 MiB one is)
     assert report["bundle_bytes_wire"] > 0
     # and back again, with lazy pages this time: runc serves them, the target fetches them
     before, t = ctr.count("b"), time.monotonic()

@@ -49,6 +49,7 @@ class Point:
     stop: str        # LIVEMIG_TEST_STOP_AT
     mode: str        # livemig move --mode
     phase: str       # the phase under way there, as livemig names it
+    flags: tuple[str, ...] = ()
 
 
 POINTS = {
@@ -60,14 +61,23 @@ POINTS = {
     "commit": Point("released", "auto", "commit"),
     "fill": Point("running", "auto", "fill"),
     "post-copy": Point("running", "postcopy", "post-copy"),
+    # stop-and-copy into image files: its pages go through the target's page server, and
+    # its copy is resumed only after the commit mark (the source's copy gone by then)
+    "final dump, files": Point("final-dump", "stopcopy", "final dump", ("--no-fill",)),
+    "transfer, files": Point("transfer", "stopcopy", "transfer", ("--no-fill",)),
+    "restore, files": Point("restore", "stopcopy", "restore", ("--no-fill",)),
+    "commit, files": Point("restored", "stopcopy", "commit", ("--no-fill",)),
+    "committed, files": Point("released", "stopcopy", "commit", ("--no-fill",)),
 }
 FAULTS = ["cut", "agent", "disk", "restore", "ctrl-c", "sigkill", "exits"]
 
 # (phase, fault): why the cell cannot happen
 NOT_APPLICABLE = {
-    **{(ph, "restore"): "the restore is over: the copy holds its PID" for ph in ("commit", "fill", "post-copy")},
+    **{(ph, "restore"): "the restore is over: the copy holds its PID"
+       for ph in ("commit", "fill", "post-copy", "commit, files", "committed, files")},
     **{(ph, "exits"): "the workload is frozen from the final dump on: it cannot exit by itself"
-       for ph in ("transfer", "restore", "commit", "fill", "post-copy")},
+       for ph in ("transfer", "restore", "commit", "fill", "post-copy", "transfer, files", "restore, files",
+                  "commit, files", "committed, files")},
 }
 CELLS = [(ph, f) for ph in POINTS for f in FAULTS if (ph, f) not in NOT_APPLICABLE]
 
@@ -87,7 +97,7 @@ def run_cell(lab, phase: str, fault: str, index: int, image_root) -> Outcome:
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=pid, port=port)
     before = work.query("a")
     mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point.stop}", "livemig", "move", "--json",
-                            "--mode", point.mode, "--pid", str(pid), "b"],
+                            "--mode", point.mode, *point.flags, "--pid", str(pid), "b"],
                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stopped = stopped_coordinator(lab, mover, point.stop)
     squatter = None
@@ -119,9 +129,10 @@ def run_cell(lab, phase: str, fault: str, index: int, image_root) -> Outcome:
         failed = ""
         if fault == "sigkill":
             code = -9
+        if fault == "sigkill" or code == 7:     # unresolved: recover settles it (exit code 7)
             settled = recover_until_settled(lab)
             said += f"\nrecover: {settled}"
-        else:
+        if fault != "sigkill":
             report = json.loads(out)
             failed = report.get("failed_phase") or ""
             if failed:
@@ -219,6 +230,23 @@ EXPECTED = {
            ctrl_c=(MOVED, Outcome(130, A, "fill")), sigkill=(Outcome(-9, B, ""), KILLED)),
     **_row("post-copy", cut=Outcome(4, A, "post-copy"), agent=Outcome(4, A, "post-copy"), disk=MOVED,
            ctrl_c=Outcome(130, A, "post-copy"), sigkill=KILLED),
+    # its pages stream to the target's page server during the final dump
+    **_row("final dump, files", cut=Outcome(4, A, "final dump"), agent=Outcome(4, A, "final dump"),
+           disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),
+           ctrl_c=Outcome(130, A, "final dump"), sigkill=KILLED, exits=Outcome(8, NOWHERE, "final dump")),
+    **_row("transfer, files", cut=Outcome(4, A, "transfer"), agent=Outcome(4, A, "transfer"),
+           disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),
+           ctrl_c=Outcome(130, A, "transfer"), sigkill=KILLED),
+    **_row("restore, files", cut=Outcome(4, A, "restore"), agent=Outcome(4, A, "restore"),
+           disk=Outcome(6, A, "restore"), restore=Outcome(6, A, "restore"),
+           ctrl_c=Outcome(130, A, "restore"), sigkill=KILLED),
+    # restored, not committed: the commit needs no link, and is done before the resume
+    # finds the fault; then the target's copy, the only one, waits for `livemig recover`
+    # (exit code 7), which resumes it. Ctrl-C waits for the commit it lands in to end.
+    **_row("commit, files", cut=Outcome(7, B, "commit"), agent=Outcome(7, B, "commit"), disk=MOVED,
+           ctrl_c=MOVED, sigkill=KILLED),
+    **_row("committed, files", cut=Outcome(7, B, "commit"), agent=Outcome(7, B, "commit"), disk=MOVED,
+           ctrl_c=MOVED, sigkill=Outcome(-9, B, "")),
 }
 
 
