@@ -135,9 +135,11 @@ class Agent:
             self.inbox.put_nowait(None)
 
     async def _answer(self, msg):
-        """msg's handler; cut short if the coordinator rolls back (Abort) or goes while it
-        runs: a restore whose page stream never comes would wait for it for a minute, and
-        the rollback's Abort, behind it, with it. What comes meanwhile waits its turn."""
+        """msg's handler; cut short if the coordinator rolls back (Abort), or goes while a
+        restore runs: a restore whose page stream never comes would wait for it for a
+        minute, and the rollback's Abort, behind it, with it. Other handlers outlive a
+        coordinator that went (a fill whose pages are all here completes without it). What
+        comes meanwhile waits its turn."""
         handling = asyncio.ensure_future(self.handle(msg))
         try:
             while True:
@@ -148,7 +150,7 @@ class Agent:
                     return handling.result()
                 nxt = incoming.result()
                 self.read_ahead.append(nxt)
-                if nxt is None or isinstance(nxt, p.Abort):
+                if isinstance(nxt, p.Abort) or (nxt is None and self.restoring is not None):
                     self.stopping = "the coordinator is gone" if nxt is None else "the coordinator rolls back"
                     self._stop_restoring()
                     handling.cancel()

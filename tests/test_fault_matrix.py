@@ -202,8 +202,18 @@ def _row(phase: str, **cells: Outcome | tuple[Outcome, ...]) -> dict:
     return {(phase, fault.replace("_", "-")): o if isinstance(o, tuple) else (o,) for fault, o in cells.items()}
 
 
+def _renamed(row: dict, phase: str) -> dict:
+    return {(phase, fault): o for (_, fault), o in row.items()}
+
+
 A, B, NOWHERE = "a", "b", ""
 MOVED, KILLED = Outcome(0, B, ""), Outcome(-9, A, "")
+TRANSFER = _row("transfer", cut=Outcome(4, A, "transfer"), agent=Outcome(4, A, "transfer"),
+                disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),
+                ctrl_c=Outcome(130, A, "transfer"), sigkill=KILLED)
+RESTORE = _row("restore", cut=Outcome(4, A, "restore"), agent=Outcome(4, A, "restore"),
+               disk=Outcome(6, A, "restore"), restore=Outcome(6, A, "restore"),
+               ctrl_c=Outcome(130, A, "restore"), sigkill=KILLED)
 # What each cell must end in (the README's "What can go wrong" says the same). A fault
 # often shows in the phase after the one it was injected in: a final dump needs no link
 # (its pages stay on the source until the copy asks), the images do. The fill's copy has
@@ -218,12 +228,7 @@ EXPECTED = {
     **_row("final dump", cut=Outcome(4, A, "transfer"), agent=Outcome(4, A, "transfer"),
            disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),
            ctrl_c=Outcome(130, A, "final dump"), sigkill=KILLED, exits=Outcome(8, NOWHERE, "final dump")),
-    **_row("transfer", cut=Outcome(4, A, "transfer"), agent=Outcome(4, A, "transfer"),
-           disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),
-           ctrl_c=Outcome(130, A, "transfer"), sigkill=KILLED),
-    **_row("restore", cut=Outcome(4, A, "restore"), agent=Outcome(4, A, "restore"),
-           disk=Outcome(6, A, "restore"), restore=Outcome(6, A, "restore"),
-           ctrl_c=Outcome(130, A, "restore"), sigkill=KILLED),
+    **TRANSFER, **RESTORE,
     **_row("commit", cut=Outcome(4, A, "commit"), agent=Outcome(4, A, "commit"), disk=MOVED,
            ctrl_c=Outcome(130, A, "commit"), sigkill=KILLED),
     **_row("fill", cut=(MOVED, Outcome(4, A, "fill")), agent=(Outcome(4, A, "fill"), MOVED), disk=MOVED,
@@ -234,12 +239,7 @@ EXPECTED = {
     **_row("final dump, files", cut=Outcome(4, A, "final dump"), agent=Outcome(4, A, "final dump"),
            disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),
            ctrl_c=Outcome(130, A, "final dump"), sigkill=KILLED, exits=Outcome(8, NOWHERE, "final dump")),
-    **_row("transfer, files", cut=Outcome(4, A, "transfer"), agent=Outcome(4, A, "transfer"),
-           disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),
-           ctrl_c=Outcome(130, A, "transfer"), sigkill=KILLED),
-    **_row("restore, files", cut=Outcome(4, A, "restore"), agent=Outcome(4, A, "restore"),
-           disk=Outcome(6, A, "restore"), restore=Outcome(6, A, "restore"),
-           ctrl_c=Outcome(130, A, "restore"), sigkill=KILLED),
+    **_renamed(TRANSFER, "transfer, files"), **_renamed(RESTORE, "restore, files"),   # the same
     # restored, not committed: the commit needs no link, and is done before the resume
     # finds the fault; then the target's copy, the only one, waits for `livemig recover`
     # (exit code 7), which resumes it. Ctrl-C waits for the commit it lands in to end.

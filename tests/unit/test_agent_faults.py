@@ -49,7 +49,8 @@ async def test_an_abort_cuts_the_request_under_way_short_and_is_answered_next(tm
     assert a.stopping == "the coordinator rolls back" and a.read_ahead == [p.Abort()]
 
 
-async def test_what_comes_while_a_request_runs_waits_its_turn(tmp_path):
+def _held_back(tmp_path):
+    """An agent whose handler answers Done once the event returned is set."""
     a = agent_mod.Agent(asyncio.StreamReader(), None, str(tmp_path))
     go = asyncio.Event()
 
@@ -57,6 +58,11 @@ async def test_what_comes_while_a_request_runs_waits_its_turn(tmp_path):
         await go.wait()
         return p.Done()
     a.handle = handle
+    return a, go
+
+
+async def test_what_comes_while_a_request_runs_waits_its_turn(tmp_path):
+    a, go = _held_back(tmp_path)
     answering = asyncio.create_task(a._answer(p.Finish()))
     await asyncio.sleep(0)
     a.inbox.put_nowait(p.AwaitLazy())
@@ -73,3 +79,16 @@ def test_a_task_group_s_failure_is_the_agent_s_reason_not_the_stream_it_broke():
     stop = asyncio.CancelledError()
     assert primary(BaseExceptionGroup("x", [said, stop])) is stop
     assert primary(said) is said
+
+
+async def test_a_coordinator_that_went_cuts_short_only_a_restore(tmp_path):
+    # a fill whose pages are all here completes without its coordinator; a restore waiting
+    # for a page stream that will never come does not
+    a, go = _held_back(tmp_path)
+    answering = asyncio.create_task(a._answer(p.AwaitLazy()))
+    await asyncio.sleep(0)
+    a.inbox.put_nowait(None)
+    await asyncio.sleep(0.01)
+    assert not answering.done()
+    go.set()
+    assert await answering == p.Done() and a.read_ahead == [None]
