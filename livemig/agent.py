@@ -776,13 +776,13 @@ class Verdicts:
         record = record.ljust(VERDICT_ROOM - 1) + b"\n"     # read back stripped
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            _write_synced(tmp, record, os.O_CREAT | os.O_TRUNC)
+            recovery.write_synced(tmp, record)
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
                 raise
-            _write_synced(path, record, 0)      # in place: the room it kept
+            recovery.write_synced(path, record, 0)      # in place: the room it kept
 
     def read(self, migration_id: str) -> tuple[str, str]:
         try:
@@ -796,15 +796,6 @@ class Verdicts:
 
 
 VERDICT_ROOM = 1024
-
-
-def _write_synced(path: Path, data: bytes, flags: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _LAZY_PAUSE_SECONDS = 10.0

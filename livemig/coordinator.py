@@ -109,8 +109,7 @@ class Migration:
         if isinstance(e, p.RemoteFailure):
             return remote_error(e, self.phase, self.target)
         if isinstance(e, link_errors()):
-            return ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
-                                    phase=self.phase, host=self.target)
+            return lost_link(e, self.target, self.phase)
         return e
 
     async def _phases(self) -> None:
@@ -302,7 +301,7 @@ class Migration:
                 st, sent, seconds, t0 = await self._hashed_round(started)
             else:
                 st, sent, seconds, t0 = await self._predump_round(n, lazy_final, started)
-            if self.original.pids and not host.named(self.original.pids[:1]):
+            if self.original.root_gone():
                 # pages read in a tree that is gone (its root: a container's init); run()
                 # tells it as the workload's own doing. (/proc, not the runtime: every round)
                 raise LivemigError("its root process is gone", phase=Phase.PRECOPY)
@@ -899,6 +898,10 @@ def _leaves(e: BaseException):
         yield e
 
 
+def lost_link(e: BaseException, target: str, phase: str | None = None) -> ConnectionFailed:
+    return ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})", phase=phase, host=target)
+
+
 def _why(e: BaseException) -> str:
     if isinstance(e, p.RemoteFailure):
         return e.failed.message
@@ -960,8 +963,7 @@ async def migrate(what: int | str, target: str, options: Options = Options(), *,
     try:
         return await Migration(what, target, options, transport_factory or ssh_connector(options), progress).run()
     except link_errors() as e:
-        raise ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
-                               host=target) from None
+        raise lost_link(e, target) from None
 
 
 async def plan(what: int | str, target: str, options: Options = Options(), *, progress=None,
@@ -971,8 +973,7 @@ async def plan(what: int | str, target: str, options: Options = Options(), *, pr
         return await Migration(what, target, options, transport_factory or ssh_connector(options),
                                progress).dry_run()
     except link_errors() as e:
-        raise ConnectionFailed(f"lost the connection to the agent ({e or type(e).__name__})",
-                               host=target) from None
+        raise lost_link(e, target) from None
 
 
 async def check(target: str, options: Options = Options(), *, transport_factory=None):

@@ -34,11 +34,18 @@ start_time = host.start_time
 def write_private(path: Path, data: dict) -> None:
     """data as JSON into path, readable by root alone, on disk before this returns: what a
     host must still know after livemig is killed outright."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(path, json.dumps(data).encode())
+
+
+def write_synced(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) -> None:
+    """data into path (0600 if made), on disk before this returns. flags=0: over what an
+    existing file holds, in place."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -81,10 +88,14 @@ class HeldCopy:
             return bool(self._alive())
         return (await proc.run(self._control("exists"), check=False)).returncode == 0
 
+    def root_gone(self) -> bool:
+        """Is its root process (a container's init) gone? Read in /proc alone."""
+        return bool(self.pids) and not host.named(self.pids[:1])
+
     async def exited(self) -> bool:
         """Did it end by itself (its root process gone, its container stopped or gone)?"""
         if self.runtime == "process":
-            return bool(self.pids) and not host.named(self.pids[:1])
+            return self.root_gone()
         res = await proc.run(self._control("exists"), check=False)
         if res.returncode != 0:
             return True

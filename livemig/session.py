@@ -108,9 +108,9 @@ class TargetSession:
         return await pusher.run(criu_side, await self._stream_or_close(tok, criu_side), faults)
 
     async def _stream_or_close(self, tok: str, criu_side: tuple):
-        """Data stream tok; if it cannot be had, CRIU's side closed now: left to the garbage
-        collector, its transport would close the socket's descriptor under the socket object,
-        and the rollback's own close of it would hit a closed, or reused, descriptor."""
+        """Data stream tok; if it cannot be had, CRIU's side is closed now, so that CRIU sees
+        its page stream end (the socket is the streams' alone: left to the garbage collector,
+        it would stay open for as long as it pleases, and the rollback wait for CRIU)."""
         try:
             return await self.stream(tok)
         except BaseException:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.test_postcopy_faults import said_by_livemig
-from tests.test_stopcopy_faults import assert_counts_on_whole, stat_of
+from tests.test_stopcopy_faults import assert_counts_on_whole, stat_of, wait_stopped
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]
 
@@ -99,7 +99,7 @@ def run_cell(lab, phase: str, fault: str, index: int, image_root) -> Outcome:
     mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point.stop}", "livemig", "move", "--json",
                             "--mode", point.mode, *point.flags, "--pid", str(pid), "b"],
                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stopped = stopped_coordinator(lab, mover, point.stop)
+    stopped = wait_stopped(lab, mover, point.stop)
     squatter = None
     if fault == "cut":
         lab.run("b", ["pkill", "-KILL", "-x", "sshd-session"])
@@ -142,19 +142,6 @@ def run_cell(lab, phase: str, fault: str, index: int, image_root) -> Outcome:
         runs_on = where_it_runs(lab, work)
         assert_the_promise(lab, work, runs_on, before)
     return Outcome(code, runs_on, failed)
-
-
-def stopped_coordinator(lab, mover, stop: str) -> list[str]:
-    deadline = time.monotonic() + 120
-    while True:
-        stopped = [line.split()[0] for line in lab.text("a", ["ps", "-eo", "pid=,stat=,args="]).splitlines()
-                   if "livemig move" in line and line.split()[1].startswith("T")]
-        if stopped:
-            return stopped
-        if mover.poll() is not None:
-            raise AssertionError(f"livemig ended before {stop}: {mover.stderr.read().decode()}")
-        assert time.monotonic() < deadline, f"livemig never reached {stop}"
-        time.sleep(0.05)
 
 
 def recover_until_settled(lab, within: float = 120) -> str:

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.test_move import leftovers
-from tests.test_stopcopy_faults import assert_one_copy_whole, recover, stopped_at
+from tests.test_stopcopy_faults import assert_counts_on_whole, assert_one_copy_whole, recover, stopped_at, wait_stopped
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]
 
@@ -61,12 +61,7 @@ def gone_from_b(lab, pid: int, within: float) -> bool:
 
 
 def assert_runs_on_a_whole(lab, work, before: dict) -> None:
-    now = work.query("a", wait=10)
-    assert now["host"] == "a" and now["counter"] >= before["counter"]
-    time.sleep(0.3)
-    assert work.query("a")["counter"] > now["counter"]            # it counts on
-    check = work.query("a", "verify")
-    assert (check["bad_pages"], check["pages"]) == (0, work.mib * 256)
+    assert_counts_on_whole(work, "a", before)
     assert lab.run("b", ["kill", "-0", str(work.pid)], check=False).returncode != 0
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
 
@@ -248,11 +243,7 @@ def test_interrupted_once_the_copy_is_whole_the_move_is_done(lab, mode, pid):
     mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=whole", "livemig", "move", "--json", "--mode", mode,
                             "--pid", str(work.pid), "b"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (stopped := [line.split()[0] for line in lab.text("a", ["ps", "-eo", "pid=,stat=,args="]).splitlines()
-                           if "livemig move" in line and line.split()[1].startswith("T")]):
-        assert mover.poll() is None and time.monotonic() < deadline, "livemig never reached the point"
-        time.sleep(0.1)
+    stopped = wait_stopped(lab, mover, "whole")
     lab.run("a", ["kill", "-INT", *stopped])
     lab.run("a", ["kill", "-CONT", *stopped])
     os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)

@@ -33,15 +33,21 @@ def stopped_at(lab, point: str, *what: str, mode: str = "stopcopy") -> tuple[sub
     mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point}", "livemig", "move", "--mode", mode, *fill,
                             *what, "b"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                       stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
+    return mover, wait_stopped(lab, mover, point, within=300)
+
+
+def wait_stopped(lab, mover: subprocess.Popen, point: str, within: float = 120) -> list[str]:
+    """The PIDs on a of `livemig move` (mover, started with LIVEMIG_TEST_STOP_AT=point)
+    once it stopped itself there."""
+    deadline = time.monotonic() + within
     while True:
         stopped = [line.split()[0] for line in lab.text("a", ["ps", "-eo", "pid=,stat=,args="]).splitlines()
                    if "livemig move" in line and line.split()[1].startswith("T")]
         if stopped:
-            return mover, stopped
+            return stopped
         assert mover.poll() is None, f"livemig ended before {point}: {mover.stderr.read().decode()}"
         assert time.monotonic() < deadline, f"livemig never reached {point}"
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 def killed_at(lab, point: str, *what: str) -> None:
