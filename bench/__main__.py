@@ -3,6 +3,7 @@
     python -m bench                        the full matrix (sizes 64, 512, 2048 MiB x dirty 0, 10, 100 MiB/s, 3 reps)
     python -m bench --quick                one size, one rep: what CI runs to keep this working
     python -m bench --sizes 64,512 --dirty 0,10 --reps 5 --containers ""
+    python -m bench --max-bandwidth 50M    every contender within one cap (livemig's own, scp -l)
 
 It brings the namespaced lab up, measures the link and CRIU's floor, then for each
 repetition and scenario starts one workload and moves it back and forth between the hosts,
@@ -19,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from livemig.bandwidth import parse_rate
 from tests.lab import Lab
 
 from . import limits, output
@@ -43,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"which, comma-separated (default all: {', '.join(CONTENDERS)})")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where results go")
     ap.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    ap.add_argument("--max-bandwidth", metavar="RATE",
+                    help="every contender within this many bytes a second: livemig's --max-bandwidth, scp -l "
+                         "for the seeds (K, M, G: powers of 1024; default: no cap)")
     a = ap.parse_args(argv)
+    try:
+        cap = parse_rate(a.max_bandwidth) if a.max_bandwidth else None
+    except ValueError as e:
+        print(f"bench: --max-bandwidth: {e}", file=sys.stderr)
+        return 2
     sizes = [int(x) for x in _floats("64" if a.quick else a.sizes)]
     dirty = _floats("10" if a.quick else a.dirty)
     in_containers = [int(x) for x in _floats("64" if a.quick else a.containers)]
@@ -65,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
 
         def result_of(samples: list[Sample]) -> dict:
-            return {"started": started, "lab": "netns", "quick": a.quick, "sizes_mib": sizes,
+            return {"started": started, "lab": "netns", "quick": a.quick, "max_bandwidth": cap, "sizes_mib": sizes,
                     "container_sizes_mib": in_containers, "dirty_mibps": dirty, "reps": reps, "contenders": names, "limits": dataclasses.asdict(lim),
                     "samples": [dataclasses.asdict(s) for s in samples]}
         # written after every scenario: a run that dies late keeps what it measured
         scenarios = ([("process", mib, rate) for mib in sizes for rate in dirty]
                      + [("runc", mib, rate) for mib in in_containers for rate in dirty])
-        samples = run_matrix(lab, names, scenarios, reps,
+        samples = run_matrix(lab, names, scenarios, reps, cap,
                              on_scenario=lambda done: output.write_json(result_of(done), out / started))
     finally:
         if not a.keep:
@@ -88,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_matrix(lab: Lab, names: list[str], scenarios: list[tuple[str, int, float]], reps: int,
-               on_scenario=None) -> list[Sample]:
-    """Every contender on every scenario (workload kind, MiB, dirty MiB/s), reps times;
-    on_scenario(samples so far) after each."""
+               max_bandwidth: int | None = None, on_scenario=None) -> list[Sample]:
+    """Every contender on every scenario (workload kind, MiB, dirty MiB/s), reps times, each
+    within max_bandwidth bytes a second if given; on_scenario(samples so far) after each."""
     samples = []
     for rep in range(reps):
         for kind, mib, rate in scenarios:
@@ -108,7 +118,7 @@ def run_matrix(lab: Lab, names: list[str], scenarios: list[tuple[str, int, float
                 time.sleep(1)
                 for name in order:
                     there = "b" if where == "a" else "a"
-                    s = Sample(name, mib, rate, rep, workload=kind)
+                    s = Sample(name, mib, rate, rep, workload=kind, max_bandwidth=max_bandwidth)
                     print(f"rep {rep + 1}/{reps}, {mib} MiB ({kind}), {rate:g} MiB/s: {name} {where} -> {there}",
                           file=sys.stderr)
                     try:

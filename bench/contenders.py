@@ -39,6 +39,8 @@ class Sample:
     fetch_seconds: float | None = None  # post-copy: target running -> every page there
     fetch_bytes: int | None = None     # post-copy: the page bytes that came in that time
     throttle_percent: int = 0          # livemig's auto-converge: how hard, at the switchover
+    max_bandwidth: int | None = None   # the cap every contender kept to, bytes a second (--max-bandwidth)
+    peak_wire_bytes_per_s: float | None = None   # livemig: the most it sent over a second, as it counted
     error: str = ""
 
 
@@ -72,7 +74,8 @@ def livemig(mode: str, *flags: str):
     def run(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample:
         before, wire0, since = work.query(src), _netdev(lab, src), time.time()
         what = [work.container] if work.container else ["--pid", str(work.pid)]
-        mover = lab.popen(src, ["livemig", "move", "--mode", mode, "--json", *flags, *what, dst],
+        cap = ["--max-bandwidth", str(s.max_bandwidth)] if s.max_bandwidth else []
+        mover = lab.popen(src, ["livemig", "move", "--mode", mode, "--json", *flags, *cap, *what, dst],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             out, err = mover.communicate(timeout=LIVEMIG_LIMIT)
@@ -92,6 +95,7 @@ def livemig(mode: str, *flags: str):
         s.bytes_raw = sum(x["bytes_raw"] for x in r["rounds"]) + r["image_files_bytes"]
         s.rounds = [x["bytes_wire"] for x in r["rounds"]]
         s.peak_rss_bytes, s.cpu_seconds = r["source_peak_rss_bytes"], r["source_cpu_seconds"]
+        s.peak_wire_bytes_per_s = r["peak_wire_bytes_per_s"]
         s.steps = {"restore": r["restore_seconds"], "final dump frozen": r["final_dump_frozen_seconds"]}
         if r.get("fill_seconds"):
             s.steps["fill"] = r["fill_seconds"]     # pre-copy by hashes: pages into the copy
@@ -120,7 +124,8 @@ def seeds(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample:
         lab.run(dst, work.bundle_argv())
     try:
         hand = by_hand.migrate(lab, work.pid, src, dst, "seeds", wrap=measured, timeout=3600,
-                               container=(work.container, work.bundle) if work.container else None)
+                               container=(work.container, work.bundle) if work.container else None,
+                               max_bandwidth=s.max_bandwidth)
         if work.container:
             lab.run(src, ["rm", "-rf", work.bundle])
         s.cpu_seconds = sum(_usage(lab, src, path)["cpu_seconds"] for path in usage.values())
@@ -156,7 +161,9 @@ def hand_lazy(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample
         lab.run(src, ["python3", SIDE, "wait-listen", port, "600", dump])
         s.steps["dump"] = time.monotonic() - t0
         t = time.monotonic()
-        lab.run(src, ["scp", "-q", "-r", img, f"{dst}:/img/"], timeout=3600)
+        # (capped like the rest; the tunnel that carries the lazy pages after is not: ssh -L has no cap)
+        limit = ["-l", str(s.max_bandwidth * 8 // 1000)] if s.max_bandwidth else []
+        lab.run(src, ["scp", "-q", "-r", *limit, img, f"{dst}:/img/"], timeout=3600)
         s.steps["copy"] = time.monotonic() - t
         t = time.monotonic()
         tunnel = lab.text(dst, ["python3", SIDE, "spawn", "/dev/null", "ssh", "-N", "-o", "ExitOnForwardFailure=yes",

@@ -78,7 +78,9 @@ def table(result: dict) -> str:
     lim = result["limits"]
     lines = [f"Link between the lab hosts: ssh (scp) {lim['ssh_mibps']:.0f} MiB/s, plain TCP {lim['tcp_mibps']:.0f} MiB/s; "
              f"CRIU's dump + restore of an empty process: {lim['criu_floor'] * 1000:.0f} ms. "
-             "Times are medians (min-max) over the repetitions; ms unless marked.", "",
+             + (f"Every contender capped at {result['max_bandwidth'] / 2**20:g} MiB/s (livemig --max-bandwidth, "
+                "scp -l). " if result.get("max_bandwidth") else "")
+             + "Times are medians (min-max) over the repetitions; ms unless marked.", "",
              "| workload | MiB | dirty MiB/s | contender | downtime seen by the app | downtime (tool) | total s | "
              "MiB on the wire | CPU s (source) | peak RSS MiB | less downtime than seeds | "
              "stop-and-copy floor | post-copy fetch MiB/s (of scp's) |",

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "the moment it does (by default they go into the target's memory, and into "
                          "the copy while it runs, the source's copy waiting, stopped, until then)")
     mv.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
+    mv.add_argument("--max-bandwidth", metavar="RATE",
+                    help="bytes a second the move sends at most, over all its streams together: pre-copy, "
+                         "the final pages, post-copy (its faults first), image files, bundles; K, M, G are "
+                         "powers of 1024, e.g. 50M or 1G (default: no cap)")
     mv.add_argument("--tcp-established", action="store_true", help="move established TCP connections")
     mv.add_argument("--shell-job", action="store_true", help="the tree was started from a terminal")
     mv.add_argument("--image-root",
@@ -235,6 +239,9 @@ def _config(args) -> int:
     print(f"# {path}" + ("" if cfg.file else " (not present)") + "; LIVEMIG_<NAME> overrides it; flags override both")
     for k, (_, what) in config.SETTINGS.items():
         v = cfg.value(k)
+        if v is None:        # unset: a comment, so that the output stays a config file
+            print(f"# {k} unset".ljust(40) + f"# {cfg.sources[k]}: {what}")
+            continue
         print(f"{k} = {v!r}".replace("'", '"').ljust(40) + f"# {cfg.sources[k]}: {what}")
     return ExitCode.MOVED
 
@@ -254,7 +261,8 @@ def _move(args) -> int:
         options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
                                     throttle=False if args.no_throttle else None,
                                     fill=False if args.no_fill else None,
-                                    compression_level=args.compression_level, image_root=args.image_root).options,
+                                    compression_level=args.compression_level, image_root=args.image_root,
+                                    max_bandwidth=args.max_bandwidth).options,
                           runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
         return (plan if args.dry_run else migrate)(what, host, options, progress=view)

@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .bandwidth import parse_rate
 from .errors import UsageError
 from .options import Mode, Options
 
@@ -64,6 +65,8 @@ SETTINGS = {
     "throttle": (_bool, "auto-converge: slow the workload's CPU when pre-copy does not converge"),
     "fill": (_bool, "stop-and-copy: the pages into the target's memory, placed while the copy runs"),
     "compression_level": (_level, "zstd level of everything on the wire"),
+    "max_bandwidth": (parse_rate, "bytes a second one move sends at most, over all its streams "
+                                  "(K, M, G: powers of 1024; e.g. \"50M\"); unset: no cap"),
     "image_root": (_path, "where the private image directories live, on both hosts"),
     "connect_timeout": (_positive(float), "seconds to reach a host over SSH"),
 }

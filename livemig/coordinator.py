@@ -21,7 +21,7 @@ import socket
 import time
 from pathlib import Path
 
-from . import addresses, bundle, criu, host, logs, pagehash, pagemap, policy, postcopy, preflight, proc, \
+from . import addresses, bandwidth, bundle, criu, host, logs, pagehash, pagemap, policy, postcopy, preflight, proc, \
     protocol as p, recovery, runtimes, streams, throttle, workdirs
 from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
                      WorkloadExited, record_failure)
@@ -73,6 +73,9 @@ class Migration:
     async def run(self) -> Report:
         t0 = time.monotonic()
         self.phase = Phase.PREFLIGHT
+        cap = bandwidth.Cap(self.options.max_bandwidth)
+        capping = bandwidth.current.set(cap)     # every stream the move opens from here on
+        self.report.max_bandwidth_bytes_per_s = self.options.max_bandwidth
         try:
             try:
                 async with self.ticker.running() if self.ticker else contextlib.nullcontext():
@@ -102,6 +105,8 @@ class Migration:
             self.report.total_seconds = time.monotonic() - t0
             await asyncio.shield(self.close())
             self.report.source_peak_rss_bytes, self.report.source_cpu_seconds = host.own_usage()
+            self.report.wire_bytes, self.report.peak_wire_bytes_per_s = cap.sent, cap.peak()
+            bandwidth.current.reset(capping)
 
     def _named(self, e: BaseException) -> BaseException:
         """A failure as the user is told it: the agent's, or a lost link, as livemig's error
@@ -210,13 +215,15 @@ class Migration:
             memory = host.resident_bytes(w.pids())
             limits = policy.Limits(max_downtime=self.options.max_downtime,
                                    max_rounds=min(self.options.max_rounds, w.max_rounds or self.options.max_rounds))
+            if self.options.max_bandwidth:
+                link = min(link, self.options.max_bandwidth)    # the move would send no faster
             est = policy.estimate(mode.value, memory, link, limits)
             r = self.report
             return Plan(workload=str(self.what), runtime=r.runtime, source=r.source, target=self.target,
                         mode=r.mode, mode_reason=r.mode_reason, processes=len(w.pids()),
                         memory_bytes=memory, link_bytes_per_s=link, copy_seconds=est.copy_seconds,
                         expected_downtime_seconds=est.downtime, expected_rounds=est.rounds, note=est.note,
-                        warnings=r.warnings)
+                        warnings=r.warnings, max_bandwidth_bytes_per_s=self.options.max_bandwidth)
         finally:
             await self.close()
 
@@ -287,7 +294,8 @@ class Migration:
         limits = policy.Limits(max_downtime=self.options.max_downtime, max_rounds=max_rounds,
                                thp_always=self.tracker is None and host.huge_pages_in_use(w.pids()),
                                # podman keeps one pre-checkpoint: no round to throttle for
-                               throttling=policy.Throttling() if self.throttle and max_rounds > 1 else None)
+                               throttling=policy.Throttling() if self.throttle and max_rounds > 1 else None,
+                               max_bandwidth=self.options.max_bandwidth)
         stats: list[policy.RoundStats] = []
         started: list[float] = []
         percent = 0          # auto-converge's throttle on the workload, in % of its CPU
@@ -462,6 +470,10 @@ class Migration:
                 lifting.cancel()        # done by now, unless the dump failed first: it releases
                 await asyncio.wait({lifting})
         self.dumped_at = dumped_at
+        # The record names the tree as it was frozen (children forked in pre-copy too), not
+        # as it was before the freeze: what recover stops, resumes or ends.
+        self.record.source_copy = recovery.HeldCopy.of(w, self.record.source_copy.bundle != "")
+        self.record.save(self.work)
         rnd = RoundReport("dump", seconds=dumped_at - self.dump.frozen_at)
         if streaming:
             relayed = await self.relay

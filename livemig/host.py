@@ -50,7 +50,8 @@ def huge_pages_in_use(pids: list[int]) -> bool:
 
 
 def process_tree(root: int) -> list[int]:
-    """root and all its descendants (every thread's children), parents first."""
+    """root and all its descendants (every thread's children), parents first, as they are
+    now: a tree that forks is read again whenever it matters, never kept from before."""
     seen, todo = [], [root]
     while todo:
         pid = todo.pop(0)
@@ -65,13 +66,42 @@ def process_tree(root: int) -> list[int]:
     return [pid for pid in seen if os.path.exists(f"/proc/{pid}")]
 
 
-def signal_tree(pids: list[int], sig: int) -> None:
-    """sig to each of pids; one already gone is no error."""
-    for pid in pids:
+Task = tuple[int, int]
+"""One process named for good: (PID, start time). A PID alone may have been reused by
+another process since it was read; with its start time it names one process of this boot."""
+
+
+def tasks(pids: list[int]) -> list[Task]:
+    """pids paired with their start times (those already gone are left out)."""
+    return [(pid, t) for pid in pids if (t := start_time(pid)) is not None]
+
+
+def signal_tasks(named: list[Task], sig: int) -> int:
+    """sig to each task that is still the process it names; how many got it. Through a pidfd
+    where the kernel has them: the start time is checked once the pidfd holds the process,
+    so that a PID reused between the check and the signal is never signalled."""
+    sent = 0
+    for pid, started in named:
         try:
-            os.kill(pid, sig)
+            fd = os.pidfd_open(pid)
         except ProcessLookupError:
-            pass
+            continue
+        except OSError:      # no pidfds (ENOSYS): checked, then signalled by PID
+            fd = None
+        try:
+            if start_time(pid) != started:
+                continue
+            if fd is None:
+                os.kill(pid, sig)
+            else:
+                signal.pidfd_send_signal(fd, sig)
+            sent += 1
+        except ProcessLookupError:
+            pass        # it ended meanwhile: nothing left to signal
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return sent
 
 
 def start_time(pid: int) -> int | None:
@@ -83,14 +113,34 @@ def start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def named(pids: list[tuple[int, int]]) -> list[int]:
-    """Of (PID, start time) pairs, the PIDs that still name the process they named."""
+def state(pid: int) -> str | None:
+    """pid's state letter in /proc (R, S, T, t, Z...), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def boot_id() -> str:
+    """This boot's ID: (PID, start time) pairs name processes of one boot only."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def named(pids: list[Task], boot: str = "") -> list[int]:
+    """Of (PID, start time) pairs taken on boot (this one if ""), the PIDs that still name
+    the process they named."""
+    if boot and boot != boot_id():
+        return []
     return [pid for pid, t in pids if start_time(pid) == t]
 
 
 def kill_tree(root: int) -> None:
     """SIGKILL to root and its descendants, children first."""
-    signal_tree(list(reversed(process_tree(root))), signal.SIGKILL)
+    signal_tasks(tasks(list(reversed(process_tree(root)))), signal.SIGKILL)
 
 
 def resident_bytes(pids: list[int]) -> int:

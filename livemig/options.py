@@ -24,6 +24,8 @@ class Options:
     throttle: bool = True            # auto-converge: slow the workload's CPU when pre-copy does not converge
     fill: bool = True                # stop-and-copy pushes pages into the target's memory, placed as the copy runs
     compression_level: int = 1       # zstd level for everything on the wire
+    max_bandwidth: int | None = None  # bytes a second one move sends at most, all its streams together
+                                      # (QEMU's max-bandwidth; bandwidth.py); None: no cap
     criu: criu.Options = field(default_factory=criu.Options)
     image_root: str = "/var/lib/livemig"   # private image directories live here, on both hosts
     agent_command: tuple[str, ...] = ("livemig",)   # how to run livemig on the target

@@ -254,23 +254,19 @@ class Comparer:
             finally:
                 os._exit(code)
         os.close(w)
+        os.set_blocking(r, False)
+        # The pipe's end is read here with the loop's reader callbacks, never handed to a
+        # transport: one owner, closed once by close(). (Handed to connect_read_pipe through a
+        # file object, a connect cut short by a rollback left uvloop closing the descriptor
+        # under that object: EBADF when it was collected, or a reused descriptor closed.)
         self.pid, self._fd = pid, r
-        self._reader: asyncio.StreamReader | None = None
-        self._transport = None
+        self._buf = bytearray()
 
     async def next(self) -> list[tuple[int, int, bool, memoryview]] | None:
         """The next piece's runs, each with the bytes of its pages if changed; None if the
         child could not read it (the caller reads it itself). EOFError: the child is gone."""
-        if self._reader is None:
-            loop = asyncio.get_running_loop()
-            self._reader = asyncio.StreamReader(limit=1 << 22, loop=loop)
-            self._transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(self._reader),
-                                                              os.fdopen(self._fd, "rb", buffering=0))
-        try:
-            (size,) = _LEN.unpack(await self._reader.readexactly(_LEN.size))
-            blob = memoryview(await self._reader.readexactly(size))
-        except asyncio.IncompleteReadError:
-            raise EOFError("the comparing process ended early") from None
+        (size,) = _LEN.unpack(await self._read(_LEN.size))
+        blob = memoryview(await self._read(size))
         (count,) = struct.unpack_from("<I", blob)
         if count == _UNREAD:
             return None
@@ -283,15 +279,35 @@ class Comparer:
             out.append((first, pages, changed, data))
         return out
 
+    async def _read(self, n: int) -> bytes:
+        """The pipe's next n bytes; EOFError if the child ends before them."""
+        loop = asyncio.get_running_loop()
+        while len(self._buf) < n:
+            try:
+                data = os.read(self._fd, 1 << 22)
+            except BlockingIOError:
+                readable = loop.create_future()
+                loop.add_reader(self._fd, lambda: readable.done() or readable.set_result(None))
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(self._fd)
+                continue
+            if not data:
+                raise EOFError("the comparing process ended early")
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
     def close(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
-        if self._transport is not None:
-            self._transport.close()         # and with it the pipe
-        elif self._reader is None:
+        if self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1
 
 
 def _compare_into(w: int, tracker: "Tracker", pieces: list[tuple[int, int, int]], memory: dict[int, int]) -> None:

@@ -458,11 +458,17 @@ class Placer:
                 if task.remaps:
                     await self._place(task, first, n, view)
                     continue
-                fd = task.fd
+                # The thread's own descriptor of the uffd, closed by the thread: the task's may be
+                # closed meanwhile on this thread (its process exited: _gone), and the thread then
+                # placed through a closed descriptor (EBADF), or one reused since for another file.
+                fd = os.dup(task.fd)
 
                 def place() -> None:
-                    for a, b in runs:
-                        uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
+                    try:
+                        for a, b in runs:
+                            uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
+                    finally:
+                        os.close(fd)
                 try:
                     await asyncio.to_thread(place)
                 except (uffd.Busy, uffd.Gone):

@@ -91,6 +91,7 @@ class Limits:
     fixed_cost: float = 0.0        # seconds of downtime that do not depend on pages (freeze, restore)
     thp_always: bool = False       # the workload sits on huge pages: soft-dirty marks 2 MiB at a time
     throttling: Throttling | None = None   # auto-converge; None: off (--no-throttle, or no cgroup of its own)
+    max_bandwidth: float | None = None     # --max-bandwidth: the final dump's pages go no faster than this
 
 
 class StopReason(str, Enum):
@@ -113,11 +114,21 @@ class Decision:
 
 def expected_downtime(last: RoundStats, limits: Limits) -> float:
     """The final dump sends about what the last round did (the dirty set levels off at
-    dirty rate x round length), at the last round's bandwidth, plus the fixed cost."""
-    if last.bandwidth <= 0:
+    dirty rate x round length), at the last round's bandwidth (never above the cap), plus
+    the fixed cost."""
+    rate = bandwidth(last, limits)
+    if rate <= 0:
         return float("inf")
     pending = last.pages_written * last.wire_bytes_per_page
-    return limits.fixed_cost + pending / last.bandwidth
+    return limits.fixed_cost + pending / rate
+
+
+def bandwidth(last: RoundStats, limits: Limits) -> float:
+    """The rate the final dump's pages can expect: the last round's, within the cap. (A
+    round too short for the cap to show may have gone faster than the cap allows.)"""
+    if limits.max_bandwidth:
+        return min(last.bandwidth, limits.max_bandwidth)
+    return last.bandwidth
 
 
 def decide(rounds: Sequence[RoundStats], limits: Limits = Limits(), throttle: int = 0) -> Decision:
@@ -151,8 +162,8 @@ def decide(rounds: Sequence[RoundStats], limits: Limits = Limits(), throttle: in
         if reason is StopReason.MAX_ROUNDS or (slow and reason in (None, StopReason.DIVERGING,
                                                                      StopReason.STALLED)):
             # not converging (fast enough): slow the workload down and go on
-            return Decision(False, None, estimate, last.bandwidth, t.after(throttle))
-    return Decision(reason is not None, reason, estimate, last.bandwidth, throttle)
+            return Decision(False, None, estimate, bandwidth(last, limits), t.after(throttle))
+    return Decision(reason is not None, reason, estimate, bandwidth(last, limits), throttle)
 
 
 def choose_mode(requested: str, source_features: dict[str, bool],

@@ -226,7 +226,7 @@ class Pusher:
         (c_reader, c_writer), (r_reader, r_writer) = criu_side, remote
         out = _Outbound(streams.CompressedWriter(r_writer, self.stats.sent, self.level), self._inbox)
         if faults is not None:
-            self._urgent = streams.CompressedWriter(faults[1], self.stats.sent, self.level)
+            self._urgent = streams.CompressedWriter(faults[1], self.stats.sent, self.level, urgent=True)
             self._window = WINDOW_PAGES[1]
         try:
             async with asyncio.TaskGroup() as tg:
@@ -237,13 +237,13 @@ class Pusher:
         except BaseExceptionGroup as eg:
             raise told(eg, "target") from None
         finally:
+            if self._comparer is not None:     # first: the closes below may raise
+                self._comparer.close()
+                self._comparer = None
             c_writer.close()
             r_writer.close()
             if faults is not None:
                 faults[1].close()
-            if self._comparer is not None:
-                self._comparer.close()
-                self._comparer = None
             for fd in self._memory.values():
                 os.close(fd)
             self._memory.clear()

@@ -54,22 +54,25 @@ class HeldCopy:
     resume or to end: the source's copy after its final dump, or a target's restored copy
     that its coordinator never resumed (the agent's Orphan)."""
     runtime: str                                   # "process", or the container's runtime
-    pids: list[tuple[int, int]] = field(default_factory=list)   # (PID, start time)
+    pids: list[host.Task] = field(default_factory=list)   # (PID, start time), the root first
     container: str = ""
     bundle: str = ""        # its bundle, copied to the other host: it goes when the copy does
+    boot: str = ""          # the boot the pairs were taken in: after a reboot none of them runs
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeldCopy":
-        return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""))
+        return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""),
+                   d.get("boot", ""))
 
     @classmethod
     def of(cls, workload, bundle_moves: bool = False) -> "HeldCopy":
-        pids = [(pid, t) for pid in workload.pids() if (t := start_time(pid)) is not None]
-        return cls(workload.kind, pids, "" if workload.kind == "process" else workload.name,
-                   str(workload.bundle()) if bundle_moves else "")
+        """The workload's tree as it is now (frozen, once its final dump has begun)."""
+        return cls(workload.kind, host.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
+                   str(workload.bundle()) if bundle_moves else "", host.boot_id())
 
-    def _alive(self) -> list[int]:
-        return host.named(self.pids)
+    def _alive(self) -> list[host.Task]:
+        alive = set(host.named(self.pids, self.boot))
+        return [t for t in self.pids if t[0] in alive]
 
     def _control(self, action: str) -> list[str]:
         from .runtimes import control
@@ -78,7 +81,7 @@ class HeldCopy:
     async def resume(self) -> None:
         """Let it run again, from the final dump."""
         if self.runtime == "process":
-            host.signal_tree(self._alive(), signal.SIGCONT)
+            host.signal_tasks(self._alive(), signal.SIGCONT)
         else:
             await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
 
@@ -90,7 +93,7 @@ class HeldCopy:
 
     def root_gone(self) -> bool:
         """Is its root process (a container's init) gone? Read in /proc alone."""
-        return bool(self.pids) and not host.named(self.pids[:1])
+        return bool(self.pids) and not host.named(self.pids[:1], self.boot)
 
     async def exited(self) -> bool:
         """Did it end by itself (its root process gone, its container stopped or gone)?"""
@@ -107,7 +110,7 @@ class HeldCopy:
     async def end(self) -> list[str]:
         """Its target's copy runs: this one goes. Returns warnings."""
         if self.runtime == "process":
-            host.signal_tree(self._alive(), signal.SIGKILL)
+            host.signal_tasks(self._alive(), signal.SIGKILL)
             return []
         res = await proc.run(self._control("delete"), check=False)
         if res.returncode != 0 and await self.exists():
@@ -148,7 +151,7 @@ class Record:
 
     def coordinator_alive(self) -> bool:
         pid, t = self.coordinator
-        return start_time(pid) == t
+        return bool(host.named([(pid, t)], self.source_copy.boot))
 
 
 def records(image_root: str) -> list[tuple[Path, Record]]:

@@ -6,6 +6,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from .bandwidth import format_rate
+
 
 def _described(runtime: str, pid: int | str, container: str = "") -> str:
     """What was (or would be) moved, as a summary names it."""
@@ -83,6 +85,9 @@ class Report:
     postcopy_pages_on_demand: int = 0    # sent ahead of the push's order, because a fault waited
     postcopy_requests: int = 0       # the copy's page faults
     postcopy_requests_waited: int = 0    # of those, waited for their page to be asked for
+    max_bandwidth_bytes_per_s: int | None = None   # the cap on what the move sent (--max-bandwidth); None: none
+    wire_bytes: int = 0              # what the move sent to the target, every stream together
+    peak_wire_bytes_per_s: float = 0.0   # the most it sent over any one second (bandwidth.WINDOW)
     source_peak_rss_bytes: int = 0   # the livemig process here, at its peak
     source_cpu_seconds: float = 0.0  # livemig here and what it ran (CRIU, the runtime)
     warnings: list[str] = field(default_factory=list)
@@ -125,6 +130,11 @@ class Report:
         if self.outcome == "moved" and self.downtime_parts:
             lines.append("  downtime, part by part: " + ", ".join(
                 f"{d.name} {d.seconds * 1000:.0f} ms" for d in self.downtime_parts))
+        if self.wire_bytes:
+            lines.append(f"  on the wire: {self.wire_bytes / 2**20:.1f} MiB, at most "
+                         f"{format_rate(self.peak_wire_bytes_per_s)} over a second"
+                         + (f" (capped at {format_rate(self.max_bandwidth_bytes_per_s)})"
+                            if self.max_bandwidth_bytes_per_s else ""))
         if self.postcopy_seconds:
             mib = self.postcopy_pages * 4096 / 2**20
             lines.append(f"  post-copy: {mib:.1f} MiB in {self.postcopy_seconds:.2f} s after the resume "
@@ -187,12 +197,14 @@ class Plan:
     mode_reason: str
     processes: int
     memory_bytes: int             # resident memory of the tree
-    link_bytes_per_s: float       # measured through the real stream path, incompressible bytes
+    link_bytes_per_s: float       # measured through the real stream path, incompressible bytes;
+                                  # within the cap, if there is one
     copy_seconds: float           # memory_bytes at that rate: an upper bound
     expected_downtime_seconds: float   # apart from freeze and restore
     expected_rounds: str
     note: str
     warnings: list[str] = field(default_factory=list)
+    max_bandwidth_bytes_per_s: int | None = None   # --max-bandwidth, which the link rate is held to
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -200,7 +212,8 @@ class Plan:
     def summary(self) -> str:
         lines = [f"would move: {_described(self.runtime, self.workload)} {self.source} -> {self.target}, mode {self.mode} ({self.mode_reason})",
                  f"  {self.processes} process(es), {self.memory_bytes / 2**20:.1f} MiB resident; link "
-                 f"{self.link_bytes_per_s / 2**20:.0f} MiB/s (incompressible), so at most {self.copy_seconds:.1f} s "
+                 f"{self.link_bytes_per_s / 2**20:.0f} MiB/s (incompressible"
+                 + (", capped by --max-bandwidth" if self.max_bandwidth_bytes_per_s else "") + "), so at most {self.copy_seconds:.1f} s "
                  "to copy it",
                  f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
                  f"{self.expected_downtime_seconds * 1000:.0f} ms plus the freeze and the restore",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import zstandard
 
-from . import proc
+from . import bandwidth, proc
 
 CHUNK = 1 << 20
 _NAME = struct.Struct(">H")
@@ -45,10 +45,13 @@ tally: contextvars.ContextVar[Meter | None] = contextvars.ContextVar("livemig_ta
 
 class CompressedWriter:
     """zstd onto a stream writer, counting raw and wire bytes; close() ends the frame and
-    sends EOF. The one compressing path of every stream livemig sends."""
+    sends EOF. The one compressing path of every stream livemig sends, and so the one
+    place the move's bandwidth cap (bandwidth.current) is kept. urgent: a fault's pages,
+    which go before the pieces of other streams that wait for the cap."""
 
-    def __init__(self, writer, meter: Meter, level: int):
+    def __init__(self, writer, meter: Meter, level: int, urgent: bool = False):
         self.writer, self.meter, self.tally = writer, meter, tally.get()
+        self.cap, self.urgent = bandwidth.current.get(), urgent
         self.comp = zstandard.ZstdCompressor(level=level).compressobj()
 
     async def write(self, data: bytes, flush: bool = False) -> None:
@@ -69,8 +72,15 @@ class CompressedWriter:
             self.meter.wire += len(out)
             if self.tally:
                 self.tally.wire += len(out)
-            self.writer.write(out)
-            await self.writer.drain()
+            if self.cap is None:
+                self.writer.write(out)
+                await self.writer.drain()
+                return
+            for i in range(0, len(out), bandwidth.PIECE):
+                piece = out[i:i + bandwidth.PIECE]
+                await self.cap.take(len(piece), self.urgent)
+                self.writer.write(piece)
+                await self.writer.drain()
 
 
 async def send_compressed(reader, writer, meter: Meter, level: int = 1) -> None:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.lab import WORKLOAD
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.lab
 
@@ -74,7 +75,8 @@ def test_stopcopy_moves_a_counting_workload_with_its_memory(lab, flags, into):
 
 
 def test_postcopy_restores_first_and_brings_every_page_after(lab):
-    work = lab.start_workload("a", mib=MIB, dirty_mibps=8, pid=4402)
+    # it writes in its first 32 MiB only: however long the push takes, its faults stay there
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=8, pid=4402, hot_mib=32)
     before = work.query("a")
     report = move(lab, work.pid, "--mode", "postcopy")
     assert report["mode"] == "postcopy"
@@ -104,12 +106,13 @@ def test_postcopy_moves_a_family_that_forks_while_its_pages_arrive(lab):
     before = {port: work.query("a", port=port) for port in ports}
     report = move(lab, work.pid, "--mode", "postcopy")
     assert report["postcopy_pages"] >= 3 * 64 * 256
-    time.sleep(1)           # a few more checks, after every page arrived
     for port in ports:
         after = work.query("b", port=port, wait=10)
         assert after["host"] == "b" and after["counter"] > before[port]["counter"]
         assert work.query("b", "verify", port=port)["bad_pages"] == 0
-    root = work.query("b", port=7860)
+    # a few more checks, after every page arrived
+    moved = work.query("b", port=7860)["fork_checks"]
+    root = eventually(lambda: work.query("b", port=7860), lambda r: r["fork_checks"] >= moved + 3)
     assert root["fork_checks"] > before[7860]["fork_checks"] + 3 and root["fork_failures"] == 0
     pids = [str(before[port]["pid"]) for port in ports]
     assert all(lab.run("a", ["kill", "-0", pid], check=False).returncode != 0 for pid in pids)   # one copy, on b
@@ -131,8 +134,10 @@ def test_auto_picks_precopy_by_page_hashes_here_and_says_why(lab):
 
 def test_precopy_by_page_hashes_sends_only_what_changed_and_runs_the_copy_once_all_is_on_its_host(lab):
     # no soft-dirty here: the rounds compare pages by content, and the final, lazy dump's
-    # pages that the target's store holds as they are are only named, never sent again
-    work = lab.start_workload("a", mib=MIB, dirty_mibps=8, pid=4405)
+    # pages that the target's store holds as they are are only named, never sent again. It
+    # writes in its first 32 MiB only: what a round finds changed is bounded by that, however
+    # long the rounds take on this machine
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=8, pid=4405, hot_mib=32)
     before = work.query("a")
     t0 = time.time()
     report = move(lab, work.pid, "--mode", "precopy")
@@ -322,3 +327,34 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
     assert err.count("\n") == 1
     assert_still_on_source(lab, work, before)
     lab.run("a", ["kill", str(work.pid)])
+
+
+FAMILY_MODES = {"stopcopy": ("--mode", "stopcopy"), "stopcopy into image files": ("--mode", "stopcopy", "--no-fill"),
+                "postcopy": ("--mode", "postcopy"), "precopy by page hashes": ("--mode", "precopy")}
+
+
+@pytest.mark.parametrize("i, flags", list(enumerate(FAMILY_MODES.values())), ids=list(FAMILY_MODES))
+def test_a_family_that_forks_all_the_time_moves_whole_in_every_mode(lab, i, flags):
+    # The root forks a child every 0.2 s that checks the memory it inherited, lingers as long
+    # and exits: a zombie until the next fork reaps it. The tree is read afresh each round and
+    # at the freeze, so the children forked meanwhile are moved, and stopped, killed or resumed
+    # with the rest. The cap makes the move last seconds (32 MiB of pages, half of them text,
+    # at 4 MiB/s): children are forked during it, pre-copy's first round included, by
+    # construction rather than by the machine's speed.
+    pid, port = 4910 + 20 * i, 7870 + i
+    work = lab.start_workload("a", mib=32, dirty_mibps=2, pid=pid, port=port, fork_every=0.2)
+    before = work.query("a")
+    report = move(lab, pid, *flags, "--max-bandwidth", "4M")
+    if "precopy" in flags:
+        assert report["rounds"][0]["kind"] == "hashes" and report["rounds"][0]["seconds"] > 1
+    moved = work.query("b", wait=10)
+    after = eventually(lambda: work.query("b"), lambda r: r["fork_checks"] >= moved["fork_checks"] + 3)  # more, on b
+    assert after["host"] == "b" and after["pid"] == pid and after["counter"] > before["counter"]
+    assert after["fork_checks"] > before["fork_checks"] + 3 and after["fork_failures"] == 0
+    assert work.query("b", "verify")["bad_pages"] == 0
+    # nothing of the family is left on a, the children forked during the move included
+    family = ["pgrep", "-f", f"memcounter.py run .*--port {port} "]
+    assert lab.run("a", family, check=False).stdout == b""
+    assert lab.run("b", family, check=False).stdout.split()
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    lab.run("b", ["kill", str(pid)])

@@ -23,6 +23,7 @@ import pytest
 
 from tests.test_containers import Counter
 from tests.test_move import leftovers
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.lab
 
@@ -79,8 +80,7 @@ def assert_counts_on_whole(work, on: str, before: dict) -> None:
     """The copy on host on counts on from where it was before, every page intact."""
     now = work.query(on, wait=10)
     assert now["host"] == on and now["counter"] >= before["counter"]
-    time.sleep(0.3)
-    assert work.query(on)["counter"] > now["counter"]             # it counts on
+    eventually(lambda: work.query(on)["counter"], lambda c: c > now["counter"])    # it counts on
     check = work.query(on, "verify")
     assert (check["bad_pages"], check["pages"]) == (0, work.mib * 256)
 
@@ -129,8 +129,7 @@ def test_a_runc_container_killed_either_side_of_the_commit(lab, point, runs_on):
     assert settled["outcome"] == ("rolled back" if runs_on == "a" else "moved"), settled
     other = "b" if runs_on == "a" else "a"
     assert ctr.status(runs_on) == "running" and ctr.status(other) is None
-    time.sleep(0.5)
-    assert ctr.count(runs_on) > before                           # it went on from where it was
+    eventually(lambda: ctr.count(runs_on), lambda c: c > before)     # it went on from where it was
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     ctr.remove(runs_on)
     ctr.remove(other)

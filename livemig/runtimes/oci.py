@@ -252,10 +252,14 @@ class _LazyServerRun(DumpRun):
         self.port, self.status_r = port, status_r
 
     async def ready(self) -> bool:
-        try:
-            return bool(await asyncio.to_thread(os.read, self.status_r, 1))
-        finally:
-            os.close(self.status_r)
+        def read_once() -> bytes:
+            # closed by the thread that reads it: cancelled, this coroutine returns at once while
+            # the thread still waits in read(); closed under it, the number could be reused
+            try:
+                return os.read(self.status_r, 1)
+            finally:
+                os.close(self.status_r)
+        return bool(await asyncio.to_thread(read_once))
 
     async def lazy_pages(self) -> socket.socket:
         _, writer = await asyncio.open_connection(LOOPBACK, self.port)

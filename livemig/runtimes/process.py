@@ -15,7 +15,6 @@ import socket
 from pathlib import Path
 
 from .. import criu, hook, host, proc
-from ..host import signal_tree
 from ..errors import DumpError, PreflightError
 from . import DumpRun, Workload
 
@@ -27,12 +26,17 @@ class ProcessTree(Workload):
         if not os.path.exists(f"/proc/{pid}"):
             raise PreflightError(f"no process with PID {pid}")
         self.root_pid, self.name, self.opts, self.work = pid, str(pid), opts, work
-        self._pids = host.process_tree(pid)
+        # The tree as CRIU froze it, read once it is frozen (dumped), (PID, start time): what
+        # is stopped, killed after the move and resumed on rollback. Before the freeze the
+        # tree is read afresh each time: it may fork, and its children exit.
+        self.frozen: list[host.Task] = []
         self.hook: hook.HookServer | None = None
         self.run: DumpRun | None = None
 
     def pids(self) -> list[int]:
-        return self._pids
+        if self.frozen:
+            return [pid for pid, _ in self.frozen]
+        return host.process_tree(self.root_pid)
 
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
         ours, theirs = socket.socketpair()
@@ -73,15 +77,19 @@ class ProcessTree(Workload):
         if not self.hook.post_dump.done():
             raise DumpError(criu_failure("criu dump", run.proc.returncode, run.log))
         run.frozen_at = self.hook.frozen_at
+        # CRIU holds the tree frozen while its post-dump step waits for us: no task forks or
+        # exits now, so this is the tree that was dumped, children forked in pre-copy included.
+        self.frozen = host.tasks(host.process_tree(self.root_pid))
         if lazy:
             # The pages are read in the frozen tree itself (postcopy.Pusher.read_in_place), and
             # CRIU resumes the tree by itself if its lazy page server fails (cr_dump_finish:
             # TASK_ALIVE on error), or lets go of it if killed. A SIGSTOP queued while CRIU
             # holds it (it waits here for our verdict) outlasts its detach: the tree never
             # runs again but on rollback, so what is read is what was dumped.
-            signal_tree(self._pids, signal.SIGSTOP)
-            if let_go := [pid for pid in self._pids if os.path.exists(f"/proc/{pid}") and host.tracer(pid) == 0]:
-                signal_tree(self._pids, signal.SIGCONT)    # it runs on, as CRIU left it
+            host.signal_tasks(self.frozen, signal.SIGSTOP)
+            if let_go := [pid for pid in host.named(self.frozen) if _traceable(pid) and host.tracer(pid) == 0]:
+                host.signal_tasks(self.frozen, signal.SIGCONT)    # it runs on, as CRIU left it
+                self.frozen = []
                 raise DumpError(f"CRIU let go of PID {let_go[0]} before the dump was done")
             self.hook.proceed()     # CRIU goes on to serve pages, the tree stays stopped
         return self.hook.post_dump.result()
@@ -99,7 +107,7 @@ class ProcessTree(Workload):
 
     async def finish_lazy(self, run: DumpRun) -> None:
         await run.proc.wait()
-        signal_tree(self._pids, signal.SIGKILL)   # left stopped by the lazy dump
+        host.signal_tasks(self.frozen, signal.SIGKILL)   # left stopped by the lazy dump
 
     async def resume(self, run: DumpRun | None, stop_pages) -> None:
         h = self.hook
@@ -122,13 +130,19 @@ class ProcessTree(Workload):
         if lazy_served:
             # A lazy dump leaves the source stopped (--leave-stopped): let it run again.
             # The target's copy never ran: it is resumed only after the commit.
-            signal_tree(self._pids, signal.SIGCONT)
+            host.signal_tasks(self.frozen, signal.SIGCONT)
+        self.frozen = []       # it runs again: its tree is read afresh from here on
 
     async def close(self) -> None:
         if self.hook:
             await self.hook.close()
         if self.run:
             self.run.close()
+
+
+def _traceable(pid: int) -> bool:
+    """Can CRIU hold pid by ptrace? A zombie it dumps from /proc, never traced."""
+    return host.state(pid) not in (None, "Z", "X")
 
 
 def criu_failure(what: str, rc: int | None, log: Path, stderr: bytes = b"") -> str:

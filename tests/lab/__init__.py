@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import hosts as _hosts, netns, vm
 from .proc import LabError
@@ -81,14 +82,27 @@ class Lab:
         return {h: ([x for x in self.text(h, ["ls", "-A", "/var/lib/livemig"], check=False).split() if x != "logs"],
                     self.text(h, ["pgrep", "-x", "criu"], check=False).split()) for h in hosts}
 
+    def tx_bytes(self, name: str, interface: str = "eth0") -> int:
+        """What host name has sent on interface, on the wire (its kernel's counter, read from
+        the machine through the host's PID 1: no process is started for it)."""
+        host = self.state.host(name)
+        if self.state.kind != "netns":
+            raise LabError("tx_bytes reads a namespaced host's counters")
+        for line in Path(f"/proc/{host.pid}/net/dev").read_text().splitlines():
+            dev, _, counters = line.partition(":")
+            if dev.strip() == interface:
+                return int(counters.split()[8])
+        raise LabError(f"{name} has no interface {interface}")
+
     def start_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
                        pid: int = 0, port: int = 7777, children: int = 0, fork_every: float = 0.0,
-                       bind: str = "0.0.0.0") -> "Workload":
+                       bind: str = "0.0.0.0", hot_mib: int = 0) -> "Workload":
         """Start memcounter on host name, detached, and wait until it answers (children:
-        more memcounters in its tree, on the next ports; fork_every: see memcounter)."""
+        more memcounters in its tree, on the next ports; fork_every, hot_mib: see memcounter)."""
         argv = ["python3", WORKLOAD, "run", "--daemon", "--mib", str(mib),
                 "--dirty-mibps", str(dirty_mibps), "--port", str(port),
-                "--children", str(children), "--fork-every", str(fork_every), "--bind", bind]
+                "--children", str(children), "--fork-every", str(fork_every), "--bind", bind,
+                "--hot-mib", str(hot_mib)]
         if pid:
             argv += ["--pid", str(pid)]
         got = int(self.text(name, argv, timeout=300).strip())

@@ -25,11 +25,13 @@ class ByHand:
 
 
 def migrate(lab: Lab, pid: int, src: str, dst: str, name: str = "by-hand", wrap=None,
-            timeout: float = 600, container: tuple[str, str] | None = None) -> ByHand:
+            timeout: float = 600, container: tuple[str, str] | None = None,
+            max_bandwidth: int | None = None) -> ByHand:
     """wrap(label, host, argv), if given, returns the argv to run for each step instead (the
     benchmark measures the steps' CPU time through it). container (name, bundle): a runc
     container instead of PID, checkpointed and restored through runc as in the seeds' runc
-    procedure, its bundle already on dst (the seeds share it over NFS)."""
+    procedure, its bundle already on dst (the seeds share it over NFS). max_bandwidth: bytes
+    a second the copy may use (scp -l, as an operator sharing a link would)."""
     img, archive = f"/img/{name}", f"/img/{name}.tar.zst"
     steps: dict[str, float] = {}
 
@@ -48,7 +50,8 @@ def migrate(lab: Lab, pid: int, src: str, dst: str, name: str = "by-hand", wrap=
         image_bytes = int(lab.text(src, ["du", "-sb", img]).split()[0])
         step("pack", src, ["tar", "--zstd", "-cf", archive, "-C", img, "."])
         archive_bytes = int(lab.text(src, ["stat", "-c", "%s", archive]).strip())
-        step("copy", src, ["scp", "-q", archive, f"{dst}:{archive}"])
+        limit = ["-l", str(max_bandwidth * 8 // 1000)] if max_bandwidth else []    # scp counts Kbit/s
+        step("copy", src, ["scp", "-q", *limit, archive, f"{dst}:{archive}"])
         step("unpack", dst, ["tar", "--zstd", "-xf", archive, "-C", img])
         if container:
             step("restore", dst, ["runc", "restore", "--detach", "--image-path", img, "--work-path", img,

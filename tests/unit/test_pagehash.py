@@ -1,6 +1,10 @@
 """Pre-copy by page hashes: which pages changed, judged by content, read from a real
 running process's memory."""
 
+import asyncio
+import contextlib
+import ctypes
+import mmap
 import os
 import subprocess
 import sys
@@ -87,3 +91,43 @@ def test_the_kernel_s_own_mappings_are_never_read():
     for line in vdso:
         start = int(line.split("-")[0], 16)
         assert all(not (a <= start < b) for a, b in ranges)
+
+
+def test_a_comparison_cut_short_closes_its_pipe_once_and_nothing_else():
+    # A rollback cancels the fill while it waits for the comparing process's first piece.
+    # Its pipe must be closed exactly once: a descriptor closed under a file object that
+    # still owns it is closed again when that object is collected (EBADF at exit, or another
+    # file that took the same number closed). Under uvloop, as the CLI runs.
+    import gc
+    import uvloop
+
+    memory = mmap.mmap(-1, 64 * PAGE)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    tracker = pagehash.Tracker()
+    tracker.changed(1, base, memory, record=True)
+    unraisable = []
+
+    async def cut_short() -> int:
+        mem = os.open(f"/proc/{os.getpid()}/mem", os.O_RDONLY)
+        try:
+            comparer = pagehash.Comparer(tracker, [(1, base, 64)] * 200, {1: mem})
+            task = asyncio.ensure_future(comparer.next())
+            await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            comparer.close()
+            return os.open("/dev/null", os.O_RDONLY)      # the lowest free number: the pipe's again
+        finally:
+            os.close(mem)
+
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            other = runner.run(cut_short())
+        gc.collect()
+        os.fstat(other)          # still open: nobody closed it in the pipe's name
+        os.close(other)
+    finally:
+        sys.unraisablehook = old_hook
+    assert unraisable == []

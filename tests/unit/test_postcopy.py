@@ -9,6 +9,7 @@ import os
 import random
 import struct
 import time
+import types
 
 import pytest
 
@@ -170,22 +171,26 @@ async def test_a_fill_reads_the_frozen_process_s_memory_and_sends_every_page_it_
 
 
 async def test_the_push_waits_while_the_copys_first_faults_keep_coming_and_no_longer_than_the_cap(monkeypatch):
+    # on a clock of the test's own: the push's timing, not the machine's
+    now = [1000.0]
+    monkeypatch.setattr(postcopy, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     monkeypatch.setattr(postcopy, "QUIET", 0.05)
     monkeypatch.setattr(postcopy, "QUIET_CAP", 0.3)
     pusher = postcopy.Pusher(RANGES)
     pusher.start_pushing()
+    resumed = now[0]
     assert not pusher._quiet()                  # just resumed: its first faults go first
-    await asyncio.sleep(0.06)
+    now[0] += 0.04
+    assert not pusher._quiet()                  # not yet QUIET without one
+    now[0] += 0.02
     assert pusher._quiet()                      # none came
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    while loop.time() - t0 < 0.35:              # a fault every 20 ms
-        pusher._fault_at = time.monotonic()
+    while now[0] - resumed < 1:                 # a fault every 20 ms
+        pusher._fault_at = now[0]
         if pusher._quiet():
             break
-        await asyncio.sleep(0.02)
+        now[0] += 0.02
     # the faults never paused, and the push went on at the cap, counted from the resume
-    assert pusher._quiet() and 0.3 - 0.06 - 0.03 <= loop.time() - t0 <= 0.3
+    assert pusher._quiet() and 0.3 < now[0] - resumed <= 0.3 + 0.02
     fill = postcopy.Pusher(RANGES)
     fill.start_pushing(fill=True)
     assert fill._quiet()                        # a fill's copy does not run: nothing to wait for

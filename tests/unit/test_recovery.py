@@ -1,13 +1,14 @@
 """`livemig recover`'s decisions: the target's verdict picks the one copy that runs on. The
 lab's post-copy fault tests run it for real; here the target's answers are stand-ins."""
 
+import dataclasses
 import json
 import os
 import stat
 
 import pytest
 
-from livemig import recovery
+from livemig import host, recovery
 from livemig.errors import LivemigError
 from livemig.options import Options
 
@@ -114,7 +115,19 @@ def test_a_source_copy_acts_only_on_the_processes_it_recorded():
     me = os.getpid()
     copy = recovery.HeldCopy("process", [(me, recovery.start_time(me) + 1)])
     assert copy._alive() == []
-    assert recovery.HeldCopy("process", [(me, recovery.start_time(me))])._alive() == [me]
+    assert recovery.HeldCopy("process", [(me, recovery.start_time(me))])._alive() == [(me, recovery.start_time(me))]
+
+
+def test_a_source_copy_recorded_before_a_reboot_acts_on_nothing():
+    # after a reboot a (PID, start time) pair may name a new process: the boot ID tells
+    me = os.getpid()
+    pair = (me, recovery.start_time(me))
+    assert recovery.HeldCopy("process", [pair], boot=host.boot_id())._alive() == [pair]
+    other = recovery.HeldCopy("process", [pair], boot="another-boot")
+    assert other._alive() == [] and other.root_gone()
+    rec = recovery.Record("2026-1", "b", other, pair)
+    assert not rec.coordinator_alive()
+    assert recovery.HeldCopy.from_dict(dataclasses.asdict(other)) == other
 
 
 # --- stop-and-copy: the commit mark decides --------------------------------------------------

@@ -71,19 +71,28 @@ def test_work_that_handles_the_cancel_keeps_its_result():
     assert cli._run(finishes_anyway()) == "moved"
 
 
+def _signal_once_done(task: asyncio.Task, sig: int) -> None:
+    """In a thread of the loop's executor, which the loop's shutdown waits for: sig the moment
+    task has ended, then a while longer, so that the signal lands in the shutdown whatever
+    the machine's speed."""
+    def wait_then_signal() -> None:
+        while not task.done():
+            time.sleep(0.001)
+        os.kill(os.getpid(), sig)
+        time.sleep(0.3)
+    asyncio.get_running_loop().run_in_executor(None, wait_then_signal)
+
+
 def test_a_ctrl_c_after_the_work_ended_leaves_its_outcome():
     async def done_with_a_thread_still_running() -> str:
-        # the loop's shutdown waits for this thread: the signal comes meanwhile
-        asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.5)
-        _signal_soon(signal.SIGINT, 0.1)
+        _signal_once_done(asyncio.current_task(), signal.SIGINT)
         return "moved"
     assert cli._run(done_with_a_thread_still_running()) == "moved"
 
 
 def test_a_failure_stays_a_failure_when_a_ctrl_c_follows_it():
     async def fails() -> None:
-        asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.5)
-        _signal_soon(signal.SIGINT, 0.1)
+        _signal_once_done(asyncio.current_task(), signal.SIGINT)
         raise cli.LivemigError("restore failed")
     with pytest.raises(cli.LivemigError, match="restore failed"):
         cli._run(fails())

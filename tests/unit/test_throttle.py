@@ -70,17 +70,20 @@ def test_steps_lower_the_workloads_cpu_by_the_share_asked_and_release_puts_it_ba
     t.begin()
     time.sleep(0.5)
     step = t.set(50, after_round=2)
-    assert 0.8 < step.baseline_cpus < 1.1 and abs(step.quota_cpus - step.baseline_cpus / 2) < 0.01
+    # the baseline is what the spinner got of the machine's CPUs, one at most: how much of
+    # one depends on what else runs here, so what follows is measured against it
+    assert 0 < step.baseline_cpus < 1.1 and abs(step.quota_cpus - step.baseline_cpus / 2) < 0.01
     # what recover needs is on disk, private, from the first change on
     rec = tmp_path / throttle.FILE
     assert rec.stat().st_mode & 0o777 == 0o600 and json.loads(rec.read_text())["quota"]["quota_us"] == before.quota_us
-    assert 0.35 < _cpus(cg, pids, 1.0) < 0.6
+    half = step.quota_cpus
+    assert 0.5 * half < _cpus(cg, pids, 1.0) < 1.15 * half + 0.01     # the quota holds it, and it still spins
     step = t.set(90, after_round=3)
     assert abs(step.quota_cpus - step.baseline_cpus / 10) < 0.01
-    assert _cpus(cg, pids, 1.0) < 0.16
+    assert _cpus(cg, pids, 1.0) < 1.2 * step.quota_cpus + 0.01
     t.release()
     assert cg.read() == before and not rec.exists()
-    assert _cpus(cg, pids, 0.5) > 0.8
+    assert _cpus(cg, pids, 0.5) > 2 * step.quota_cpus               # no quota holds it any more
     t.release()      # twice is harmless (rollback after a switchover that released it)
 
 

@@ -68,7 +68,7 @@ def build(bundle: str, runtime: str) -> None:
         json.dump(config, f, indent=1)
 
 
-def build_memcounter(bundle: str, mib: int, dirty_mibps: float, port: int) -> None:
+def build_memcounter(bundle: str, mib: int, dirty_mibps: float, port: int, cpu_per_page: int = 0) -> None:
     """A runc bundle running memcounter.py: the host's /usr (python3 and its libraries) and
     the checkout bound in read-only, so the root in the bundle is a few empty directories;
     the host's network and name, so that memcounter answers the lab host as a bare process does."""
@@ -84,7 +84,8 @@ def build_memcounter(bundle: str, mib: int, dirty_mibps: float, port: int) -> No
         config = json.load(f)
     config["process"]["terminal"] = False
     config["process"]["args"] = ["python3", "/opt/livemig/tests/workloads/memcounter.py", "run", "--mib", str(mib),
-                                 "--dirty-mibps", str(dirty_mibps), "--port", str(port)]
+                                 "--dirty-mibps", str(dirty_mibps), "--port", str(port),
+                                 "--cpu-per-page", str(cpu_per_page)]
     config["root"]["readonly"] = False
     config["mounts"] += [{"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro"]}
                          for d in ("/usr", "/opt/livemig")]
@@ -123,9 +124,10 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--dirty-mibps", type=float, default=0.0)
     ap.add_argument("--port", type=int, default=7777)
+    ap.add_argument("--cpu-per-page", type=int, default=0, help="memcounter's CPU work per page it writes")
     a = ap.parse_args()
     if a.action in ("memcounter", "bundle"):
-        build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port)
+        build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port, a.cpu_per_page)
         if a.action == "bundle":    # only the bundle: where the seeds' procedure restores it
             return 0
         _detach(a.runtime, a.bundle, a.name)

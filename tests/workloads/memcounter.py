@@ -2,7 +2,7 @@
 """A workload whose state must survive a migration, and a client to ask it.
 
     memcounter.py run --mib M [--dirty-mibps D] [--port P] [--pid N] [--daemon]
-                      [--children C] [--fork-every S]
+                      [--children C] [--fork-every S] [--cpu-per-page K] [--hot-mib H]
     memcounter.py query [--port P] [--wait S] get|verify|sum
 
 `run` holds M MiB of anonymous memory whose every page can be checked (its
@@ -21,6 +21,14 @@ own, answering on the next ports (P+1...); `--fork-every S` forks a child every 
 seconds that checks every page it inherited, lingers as long, and exits 1 if one
 was wrong (a page a migration lost, or placed wrong, in the child's own copy);
 "get" counts those checks and the failures.
+
+`--hot-mib H` writes only in its first H MiB: what it dirties is bounded by H, however long
+a migration's rounds take (a test's premise that holds on any machine).
+
+`--cpu-per-page K` hashes each page it writes K times over (about 5 us each here): work
+done for every page dirtied, as a real program does, so that a CPU quota slows its
+dirtying in proportion (auto-converge's premise), however small the kernel's smallest
+quota is beside the CPU the writes alone take.
 
 Stdlib only: it runs on whatever python3 a lab host has.
 """
@@ -56,8 +64,9 @@ def expected_body(p: int) -> bytes:
 
 
 class Memory:
-    def __init__(self, mib: int):
-        self.pages = mib * 256
+    def __init__(self, mib: int, cpu_per_page: int = 0, hot_mib: int = 0):
+        self.pages, self.cpu_per_page = mib * 256, cpu_per_page
+        self.hot = min(self.pages, hot_mib * 256) if hot_mib else self.pages    # the pages it writes
         self.buf = mmap.mmap(-1, max(self.pages, 1) * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         # Soft-dirty is tracked per huge page when THP backs us: one write would
         # make 512 pages dirty and pre-copy would resend everything.
@@ -70,9 +79,11 @@ class Memory:
 
     def dirty(self, rng: random.Random, n: int) -> None:
         for _ in range(n):
-            p = rng.randrange(self.pages)
+            p = rng.randrange(self.hot)
             self.gens[p] += 1
             struct.pack_into("<Q", self.buf, p * PAGE + 8, self.gens[p])
+            for _ in range(self.cpu_per_page):
+                hashlib.blake2b(self.buf[p * PAGE:(p + 1) * PAGE])
 
     def bad_pages(self) -> int:
         bad = 0
@@ -94,7 +105,7 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
                 os.close(ready_fd)
             serve(argparse.Namespace(**{**vars(args), "port": args.port + i, "children": 0, "fork_every": 0.0}), None)
             os._exit(0)
-    mem = Memory(args.mib)
+    mem = Memory(args.mib, args.cpu_per_page, args.hot_mib)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.bind, args.port))
@@ -230,6 +241,8 @@ def main() -> int:
     r.add_argument("--daemon", action="store_true", help="detach; print the PID once serving")
     r.add_argument("--children", type=int, default=0, help="fork C more memcounters first, on the next ports")
     r.add_argument("--fork-every", type=float, default=0.0, help="fork a child this often that checks its memory")
+    r.add_argument("--cpu-per-page", type=int, default=0, help="hash each page written this many times over")
+    r.add_argument("--hot-mib", type=int, default=0, help="write only in the first H MiB (0: anywhere)")
     q = sub.add_parser("query")
     q.add_argument("what", choices=["get", "verify", "sum"])
     q.add_argument("--port", type=int, default=7777)

@@ -1,0 +1,109 @@
+"""--max-bandwidth: what one move sends, over all its streams together, at most so many
+bytes a second (QEMU's max-bandwidth), so that a move does not starve production
+traffic on a shared link.
+
+Every byte a move puts on the wire leaves through streams.CompressedWriter, which asks
+the move's Cap before it writes: pre-copy rounds, the final dump's pages, post-copy's
+push and its faults, image files, bundles and container images alike. The cap hands the
+link's time out piece by piece (at most PIECE bytes each) from two queues, a fault's
+pages (urgent) before everything else: each piece waits until the pieces granted before
+it have had their share at the capped rate. So faults go first, and within the cap; over
+any second the move sends at most the cap and one piece. A link slower than the cap banks
+no credit: the clock never runs behind the present.
+
+The Cap also counts what it let through in BUCKET-long slots, with or without a rate,
+so that the report can say the highest rate the move reached over WINDOW seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import re
+import time
+from collections import defaultdict, deque
+
+PIECE = 64 * 1024          # bytes written at once under a cap: what one window may overshoot by
+BUCKET = 0.25              # seconds: the slots the rate reached is counted in
+WINDOW = 1.0               # seconds: the rate reached is the most sent over this long
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?(?:/S)?\s*$")
+
+
+def parse_rate(text) -> int:
+    """A rate as users write it: bytes a second, with K, M, G or T for powers of 1024 (as
+    QEMU's max-bandwidth): "50M", "1G", "1.5G", "800K", "65536". ValueError otherwise."""
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ValueError(f"{text!r} is not a rate")
+    m = _RATE.match(str(text).upper())
+    if not m:
+        raise ValueError(f"{text!r} is not a rate in bytes a second (like 50M or 1G)")
+    rate = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if rate < PIECE:
+        raise ValueError(f"{text!r} is below {PIECE >> 10}K a second, the least livemig can keep to")
+    return rate
+
+
+def format_rate(rate: float) -> str:
+    """A rate as the report and the CLI print it: MiB/s (or KiB/s below one)."""
+    return f"{rate / (1 << 20):.1f} MiB/s" if rate >= 1 << 20 else f"{rate / 1024:.0f} KiB/s"
+
+
+class Cap:
+    """One move's share of the link: rate bytes a second at most (None: no cap, counted only)."""
+
+    def __init__(self, rate: float | None = None):
+        self.rate = rate
+        self._clock = 0.0         # when the pieces granted so far will have had their share
+        self._waiting: tuple[deque, deque] = (deque(), deque())     # (urgent, the rest): (bytes, future)
+        self._granting: asyncio.Task | None = None
+        self.sent = 0
+        self._slots: dict[int, int] = defaultdict(int)
+
+    async def take(self, n: int, urgent: bool = False) -> None:
+        """Wait until n more bytes may go (n at most PIECE, for the cap to hold); they are
+        counted as sent from then on."""
+        if self.rate is not None:
+            granted = asyncio.get_running_loop().create_future()
+            self._waiting[0 if urgent else 1].append((n, granted))
+            if self._granting is None or self._granting.done():
+                self._granting = asyncio.create_task(self._grant())
+            await granted
+        self.count(n)
+
+    async def _grant(self) -> None:
+        """Hand the link's time out, urgent pieces first, until nobody waits."""
+        while any(self._waiting):
+            queue = self._waiting[0] or self._waiting[1]
+            n, granted = queue[0]
+            if granted.done():        # its writer was cancelled: its share goes to the next
+                queue.popleft()
+                continue
+            now = time.monotonic()
+            if self._clock > now:
+                await asyncio.sleep(self._clock - now)
+                continue              # an urgent piece may have come meanwhile
+            queue.popleft()
+            self._clock = now + n / self.rate
+            granted.set_result(None)
+
+    def count(self, n: int) -> None:
+        self.sent += n
+        self._slots[int(time.monotonic() / BUCKET)] += n
+
+    def peak(self) -> float:
+        """The highest rate reached over any WINDOW seconds, in bytes a second."""
+        if not self._slots:
+            return 0.0
+        span = int(WINDOW / BUCKET)
+        first, last = min(self._slots), max(self._slots)
+        best = 0
+        for s in range(first, last + 1):
+            best = max(best, sum(self._slots.get(s - i, 0) for i in range(span)))
+        return best / WINDOW
+
+
+# The cap of the move under way, for every stream it opens: set by the coordinator for the
+# whole move (tasks inherit it), so that no stream's signature carries it. None: nothing counts.
+current: contextvars.ContextVar[Cap | None] = contextvars.ContextVar("livemig_cap", default=None)
