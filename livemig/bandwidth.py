@@ -7,8 +7,9 @@ the move's Cap before it writes: pre-copy rounds, the final dump's pages, post-c
 push and its faults, image files, bundles and container images alike. The cap hands the
 link's time out piece by piece (at most PIECE bytes each) from two queues, a fault's
 pages (urgent) before everything else: each piece waits until the pieces granted before
-it have had their share at the capped rate. So faults go first, and within the cap; over
-any second the move sends at most the cap and one piece. A link slower than the cap banks
+it have had their share at the capped rate (or is due within AHEAD). So faults go first,
+and within the cap; over any second the move sends at most the cap, one piece and AHEAD's
+worth. A link slower than the cap banks
 no credit: the clock never runs behind the present.
 
 The Cap also counts what it let through in BUCKET-long slots, with or without a rate,
@@ -24,6 +25,7 @@ import time
 from collections import defaultdict, deque
 
 PIECE = 64 * 1024          # bytes written at once under a cap: what one window may overshoot by
+AHEAD = 0.002              # seconds: a piece due this soon goes now (no sleep per piece at high rates)
 BUCKET = 0.25              # seconds: the slots the rate reached is counted in
 WINDOW = 1.0               # seconds: the rate reached is the most sent over this long
 
@@ -81,11 +83,11 @@ class Cap:
                 queue.popleft()
                 continue
             now = time.monotonic()
-            if self._clock > now:
+            if self._clock - now > AHEAD:
                 await asyncio.sleep(self._clock - now)
                 continue              # an urgent piece may have come meanwhile
             queue.popleft()
-            self._clock = now + n / self.rate
+            self._clock = max(self._clock, now) + n / self.rate
             granted.set_result(None)
 
     def count(self, n: int) -> None:

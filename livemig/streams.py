@@ -72,7 +72,9 @@ class CompressedWriter:
             self.meter.wire += len(out)
             if self.tally:
                 self.tally.wire += len(out)
-            if self.cap is None:
+            if self.cap is None or self.cap.rate is None:
+                if self.cap is not None:
+                    self.cap.count(len(out))
                 self.writer.write(out)
                 await self.writer.drain()
                 return

@@ -73,7 +73,7 @@ async def test_streams_of_one_move_keep_to_the_cap_together():
     assert max(n for s in sinks for _, n in s.pieces) <= bandwidth.PIECE
     # by construction: the last piece waits until every byte before it has had its share
     assert took >= (sent - bandwidth.PIECE) / rate
-    assert cap.peak() <= rate + bandwidth.PIECE / bandwidth.WINDOW
+    assert cap.peak() <= rate * (1 + bandwidth.AHEAD / bandwidth.WINDOW) + bandwidth.PIECE / bandwidth.WINDOW
 
 
 async def test_a_faults_pages_go_before_the_pieces_that_wait_for_the_cap():
