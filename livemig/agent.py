@@ -688,8 +688,8 @@ class Agent:
         pids = [pid for root in self.restored for pid in host.process_tree(root)]
         c = self.containers[0] if self.containers else None      # a move restores one (replicas never hold it)
         Orphan(self._what_restored(), recovery.HeldCopy(
-            c.runtime if c else "process", [(pid, host.start_time(pid) or 0) for pid in pids], c.id if c else "",
-            str(self.created_tree) if self.created_tree else "")).save(self.work)
+            c.runtime if c else "process", host.tasks(pids), c.id if c else "",
+            str(self.created_tree) if self.created_tree else "", host.boot_id())).save(self.work)
 
     def _leave_orphan(self) -> None:
         for d in self.work.iterdir():   # the memory images go, whatever happens
