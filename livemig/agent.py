@@ -32,10 +32,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, bundle, criu, host, logs, pagemap, placer, postcopy, proc, protocol as p, recovery, shadow, \
+from . import __version__, bundle, criu, host, logs, pagemap, placer, postcopy, proc, protocol as p, shadow, \
     streams, workdirs
 from . import runtimes
 from .runtimes import oci, podman
+from .runtimes.held import HeldCopy
+from .workdirs import write_private, write_synced
 from .errors import LivemigError, Phase
 
 DEFAULT_ROOT = "/var/lib/livemig"
@@ -687,7 +689,7 @@ class Agent:
         after the commit it is the only one) leaves it too."""
         pids = [pid for root in self.restored for pid in host.process_tree(root)]
         c = self.containers[0] if self.containers else None      # a move restores one (replicas never hold it)
-        Orphan(self._what_restored(), recovery.HeldCopy(
+        Orphan(self._what_restored(), HeldCopy(
             c.runtime if c else "process", host.tasks(pids), c.id if c else "",
             str(self.created_tree) if self.created_tree else "", host.boot_id())).save(self.work)
 
@@ -743,15 +745,15 @@ class Orphan:
     """A restored copy left stopped because the coordinator vanished between the restore
     and the resume: what `livemig recover`, through SettleOrphan, resumes or ends."""
     what: str
-    copy: recovery.HeldCopy          # its bundle, if this move brought it here, goes with it
+    copy: HeldCopy          # its bundle, if this move brought it here, goes with it
 
     def save(self, work: Path) -> None:
-        recovery.write_private(work / ORPHAN, dataclasses.asdict(self))
+        write_private(work / ORPHAN, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, work: Path) -> "Orphan":
         d = json.loads((work / ORPHAN).read_text())
-        return cls(d["what"], recovery.HeldCopy.from_dict(d["copy"]))
+        return cls(d["what"], HeldCopy.from_dict(d["copy"]))
 
 
 class Verdicts:
@@ -776,13 +778,13 @@ class Verdicts:
         record = record.ljust(VERDICT_ROOM - 1) + b"\n"     # read back stripped
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            recovery.write_synced(tmp, record)
+            write_synced(tmp, record)
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
                 raise
-            recovery.write_synced(path, record, 0)      # in place: the room it kept
+            write_synced(path, record, 0)      # in place: the room it kept
 
     def read(self, migration_id: str) -> tuple[str, str]:
         try:

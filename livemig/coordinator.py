@@ -29,6 +29,7 @@ from .options import Mode, Options
 from .progress import Connecting, Copied, ModeChosen, RoundDone, Running, Stepping, Throttled, Ticker, quiet
 from .report import DowntimePart, Plan, Report, RoundReport
 from .runtimes import podman
+from .runtimes.held import HeldCopy
 from .runtimes.process import criu_failure
 from .session import TargetSession, migration_id, remote_error, ssh_connector, token
 from transports import link_errors
@@ -65,7 +66,7 @@ class Migration:
         self.finished = False      # the agent was told the end (Finish)
         self.moved = False         # the target's copy runs whole, the source's is gone: nothing to undo
         self.keep_record = False   # the target did not hear the rollback: recover finishes it
-        self.original: recovery.HeldCopy | None = None
+        self.original: HeldCopy | None = None
         self.restored_at = 0.0
         self.dumped_at = self.images_at = 0.0     # the downtime's parts end at these
 
@@ -157,7 +158,7 @@ class Migration:
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.pid = w.root_pid
         pids = w.pids()
-        self.original = recovery.HeldCopy.of(w)    # to tell, on failure, whether it exited by itself
+        self.original = HeldCopy.of(w)    # to tell, on failure, whether it exited by itself
         memory = host.resident_bytes(pids)
         self.spec = target_spec(w, self.options.name)
         local, remote = await self._probe_both(pids if w.kind == "process" else [], self.spec)
@@ -472,7 +473,7 @@ class Migration:
         self.dumped_at = dumped_at
         # The record names the tree as it was frozen (children forked in pre-copy too), not
         # as it was before the freeze: what recover stops, resumes or ends.
-        self.record.source_copy = recovery.HeldCopy.of(w, self.record.source_copy.bundle != "")
+        self.record.source_copy = HeldCopy.of(w, self.record.source_copy.bundle != "")
         self.record.save(self.work)
         rnd = RoundReport("dump", seconds=dumped_at - self.dump.frozen_at)
         if streaming:

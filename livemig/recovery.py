@@ -17,11 +17,12 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import bundle, host, proc, protocol as p, throttle, workdirs
+from . import host, protocol as p, throttle, workdirs
+from .runtimes.held import HeldCopy
+from .workdirs import write_private
 from .errors import LivemigError, Phase
 from .session import TargetSession, migration_id
 
@@ -29,97 +30,6 @@ RECORD = "RECOVER.json"
 
 
 start_time = host.start_time
-
-
-def write_private(path: Path, data: dict) -> None:
-    """data as JSON into path, readable by root alone, on disk before this returns: what a
-    host must still know after livemig is killed outright."""
-    write_synced(path, json.dumps(data).encode())
-
-
-def write_synced(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) -> None:
-    """data into path (0600 if made), on disk before this returns. flags=0: over what an
-    existing file holds, in place."""
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclass
-class HeldCopy:
-    """The workload as one host holds it, stopped (a tree) or paused (a container), to
-    resume or to end: the source's copy after its final dump, or a target's restored copy
-    that its coordinator never resumed (the agent's Orphan)."""
-    runtime: str                                   # "process", or the container's runtime
-    pids: list[host.Task] = field(default_factory=list)   # (PID, start time), the root first
-    container: str = ""
-    bundle: str = ""        # its bundle, copied to the other host: it goes when the copy does
-    boot: str = ""          # the boot the pairs were taken in: after a reboot none of them runs
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HeldCopy":
-        return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""),
-                   d.get("boot", ""))
-
-    @classmethod
-    def of(cls, workload, bundle_moves: bool = False) -> "HeldCopy":
-        """The workload's tree as it is now (frozen, once its final dump has begun)."""
-        return cls(workload.kind, host.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
-                   str(workload.bundle()) if bundle_moves else "", host.boot_id())
-
-    def _alive(self) -> list[host.Task]:
-        alive = set(host.named(self.pids, self.boot))
-        return [t for t in self.pids if t[0] in alive]
-
-    def _control(self, action: str) -> list[str]:
-        from .runtimes import control
-        return control(p.Container(self.runtime, self.container, ""), action)
-
-    async def resume(self) -> None:
-        """Let it run again, from the final dump."""
-        if self.runtime == "process":
-            host.signal_tasks(self._alive(), signal.SIGCONT)
-        else:
-            await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
-
-    async def exists(self) -> bool:
-        """Is it still here (stopped, paused, or running)?"""
-        if self.runtime == "process":
-            return bool(self._alive())
-        return (await proc.run(self._control("exists"), check=False)).returncode == 0
-
-    def root_gone(self) -> bool:
-        """Is its root process (a container's init) gone? Read in /proc alone."""
-        return bool(self.pids) and not host.named(self.pids[:1], self.boot)
-
-    async def exited(self) -> bool:
-        """Did it end by itself (its root process gone, its container stopped or gone)?"""
-        if self.runtime == "process":
-            return self.root_gone()
-        res = await proc.run(self._control("exists"), check=False)
-        if res.returncode != 0:
-            return True
-        try:     # runc and crun print their state; podman's `container exists` prints nothing
-            return json.loads(res.stdout).get("status") == "stopped"
-        except ValueError:
-            return False
-
-    async def end(self) -> list[str]:
-        """Its target's copy runs: this one goes. Returns warnings."""
-        if self.runtime == "process":
-            host.signal_tasks(self._alive(), signal.SIGKILL)
-            return []
-        res = await proc.run(self._control("delete"), check=False)
-        if res.returncode != 0 and await self.exists():
-            return [f"{self.runtime} delete {self.container} failed here: {proc.why(res.stderr)}"]
-        if self.bundle and Path(self.bundle).is_dir():
-            if bundle.mounts_under(Path(self.bundle)):
-                return [f"the bundle {self.bundle} stays here: file systems are mounted in it"]
-            shutil.rmtree(self.bundle, ignore_errors=True)
-        return []
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import host
+from .workdirs import write_private
 from .report import ThrottleStep
 
 FILE = "THROTTLE.json"
@@ -244,7 +245,6 @@ class Throttle:
 
 
 def save(path: Path, cg: CpuCgroup, original: Quota, what: str) -> None:
-    from .recovery import write_private
     me = os.getpid()
     write_private(path, {"cgroup": asdict(cg), "quota": asdict(original), "workload": what,
                          "coordinator": [me, host.start_time(me) or 0]})

@@ -12,6 +12,7 @@ throttle to lift, a restored copy left stopped. Those are recover's to settle.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -85,3 +86,20 @@ def sweep(root: Path | str) -> list[str]:
         finally:
             os.close(fd)
     return gone
+
+
+def write_private(path: Path, data: dict) -> None:
+    """data as JSON into path, readable by root alone, on disk before this returns: what a
+    host must still know after livemig is killed outright."""
+    write_synced(path, json.dumps(data).encode())
+
+
+def write_synced(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) -> None:
+    """data into path (0600 if made), on disk before this returns. flags=0: over what an
+    existing file holds, in place."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

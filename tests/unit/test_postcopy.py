@@ -8,7 +8,6 @@ import mmap
 import os
 import random
 import struct
-import time
 import types
 
 import pytest

@@ -9,6 +9,7 @@ import stat
 import pytest
 
 from livemig import host, recovery
+from livemig.runtimes.held import HeldCopy
 from livemig.errors import LivemigError
 from livemig.options import Options
 
@@ -22,7 +23,7 @@ def record(root, n: int, coordinator=(999_999_999, 1)) -> recovery.Record:
     work = root / f"2026-{n}-source"
     work.mkdir()
     (work / "final").mkdir()        # images a killed coordinator left behind
-    rec = recovery.Record(f"2026-{n}", "b", recovery.HeldCopy("process", [(4242, 7)]), coordinator)
+    rec = recovery.Record(f"2026-{n}", "b", HeldCopy("process", [(4242, 7)]), coordinator)
     rec.save(work)
     return rec
 
@@ -37,8 +38,8 @@ def acted(monkeypatch):
     async def end(self):
         done.append("end")
         return []
-    monkeypatch.setattr(recovery.HeldCopy, "resume", resume)
-    monkeypatch.setattr(recovery.HeldCopy, "end", end)
+    monkeypatch.setattr(HeldCopy, "resume", resume)
+    monkeypatch.setattr(HeldCopy, "end", end)
     return done
 
 
@@ -113,28 +114,28 @@ async def test_target_lost_resumes_the_source_without_asking(root, acted, monkey
 def test_a_source_copy_acts_only_on_the_processes_it_recorded():
     # a PID reused by another process (another start time) is never signalled
     me = os.getpid()
-    copy = recovery.HeldCopy("process", [(me, recovery.start_time(me) + 1)])
+    copy = HeldCopy("process", [(me, recovery.start_time(me) + 1)])
     assert copy._alive() == []
-    assert recovery.HeldCopy("process", [(me, recovery.start_time(me))])._alive() == [(me, recovery.start_time(me))]
+    assert HeldCopy("process", [(me, recovery.start_time(me))])._alive() == [(me, recovery.start_time(me))]
 
 
 def test_a_source_copy_recorded_before_a_reboot_acts_on_nothing():
     # after a reboot a (PID, start time) pair may name a new process: the boot ID tells
     me = os.getpid()
     pair = (me, recovery.start_time(me))
-    assert recovery.HeldCopy("process", [pair], boot=host.boot_id())._alive() == [pair]
-    other = recovery.HeldCopy("process", [pair], boot="another-boot")
+    assert HeldCopy("process", [pair], boot=host.boot_id())._alive() == [pair]
+    other = HeldCopy("process", [pair], boot="another-boot")
     assert other._alive() == [] and other.root_gone()
     rec = recovery.Record("2026-1", "b", other, pair)
     assert not rec.coordinator_alive()
-    assert recovery.HeldCopy.from_dict(dataclasses.asdict(other)) == other
+    assert HeldCopy.from_dict(dataclasses.asdict(other)) == other
 
 
 # --- stop-and-copy: the commit mark decides --------------------------------------------------
 def stopcopy_record(root, committed: bool) -> recovery.Record:
     work = root / "2026-9-source"
     work.mkdir()
-    rec = recovery.Record("2026-9", "b", recovery.HeldCopy("process", [(4242, 7)]), (999_999_999, 1),
+    rec = recovery.Record("2026-9", "b", HeldCopy("process", [(4242, 7)]), (999_999_999, 1),
                           lazy=False, committed=committed)
     rec.save(work)
     return rec
@@ -154,7 +155,7 @@ def orphan_answers(monkeypatch, *states, source_exists=False):
     async def exists(self):
         return source_exists
     monkeypatch.setattr(recovery, "_ask_agent", ask_agent)
-    monkeypatch.setattr(recovery.HeldCopy, "exists", exists)
+    monkeypatch.setattr(HeldCopy, "exists", exists)
     answers(monkeypatch)    # forget_verdict: recorded, not sent
     return asked
 

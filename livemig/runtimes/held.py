@@ -1,0 +1,92 @@
+"""The workload as one host holds it after a final dump, stopped (a tree) or paused (a
+container), to resume or to end: the source's copy while the move may still go either way,
+and a target's restored copy that its coordinator never resumed (the agent's orphan). Both
+sides keep one, on disk, for `livemig recover`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import host, proc, protocol as p
+from ..errors import Phase
+from .. import bundle
+from . import control
+
+
+@dataclass
+class HeldCopy:
+    """The workload as one host holds it, stopped (a tree) or paused (a container), to
+    resume or to end: the source's copy after its final dump, or a target's restored copy
+    that its coordinator never resumed (the agent's Orphan)."""
+    runtime: str                                   # "process", or the container's runtime
+    pids: list[host.Task] = field(default_factory=list)   # (PID, start time), the root first
+    container: str = ""
+    bundle: str = ""        # its bundle, copied to the other host: it goes when the copy does
+    boot: str = ""          # the boot the pairs were taken in: after a reboot none of them runs
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeldCopy":
+        return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""),
+                   d.get("boot", ""))
+
+    @classmethod
+    def of(cls, workload, bundle_moves: bool = False) -> "HeldCopy":
+        """The workload's tree as it is now (frozen, once its final dump has begun)."""
+        return cls(workload.kind, host.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
+                   str(workload.bundle()) if bundle_moves else "", host.boot_id())
+
+    def _alive(self) -> list[host.Task]:
+        alive = set(host.named(self.pids, self.boot))
+        return [t for t in self.pids if t[0] in alive]
+
+    def _control(self, action: str) -> list[str]:
+        return control(p.Container(self.runtime, self.container, ""), action)
+
+    async def resume(self) -> None:
+        """Let it run again, from the final dump."""
+        if self.runtime == "process":
+            host.signal_tasks(self._alive(), signal.SIGCONT)
+        else:
+            await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
+
+    async def exists(self) -> bool:
+        """Is it still here (stopped, paused, or running)?"""
+        if self.runtime == "process":
+            return bool(self._alive())
+        return (await proc.run(self._control("exists"), check=False)).returncode == 0
+
+    def root_gone(self) -> bool:
+        """Is its root process (a container's init) gone? Read in /proc alone."""
+        return bool(self.pids) and not host.named(self.pids[:1], self.boot)
+
+    async def exited(self) -> bool:
+        """Did it end by itself (its root process gone, its container stopped or gone)?"""
+        if self.runtime == "process":
+            return self.root_gone()
+        res = await proc.run(self._control("exists"), check=False)
+        if res.returncode != 0:
+            return True
+        try:     # runc and crun print their state; podman's `container exists` prints nothing
+            return json.loads(res.stdout).get("status") == "stopped"
+        except ValueError:
+            return False
+
+    async def end(self) -> list[str]:
+        """Its target's copy runs: this one goes. Returns warnings."""
+        if self.runtime == "process":
+            host.signal_tasks(self._alive(), signal.SIGKILL)
+            return []
+        res = await proc.run(self._control("delete"), check=False)
+        if res.returncode != 0 and await self.exists():
+            return [f"{self.runtime} delete {self.container} failed here: {proc.why(res.stderr)}"]
+        if self.bundle and Path(self.bundle).is_dir():
+            if bundle.mounts_under(Path(self.bundle)):
+                return [f"the bundle {self.bundle} stays here: file systems are mounted in it"]
+            shutil.rmtree(self.bundle, ignore_errors=True)
+        return []
+
+
