@@ -37,7 +37,6 @@ from . import __version__, bundle, criu, host, logs, pagemap, placer, postcopy, 
 from . import runtimes
 from .runtimes import oci, podman
 from .runtimes.held import HeldCopy
-from .workdirs import write_private, write_synced
 from .errors import LivemigError, Phase
 
 DEFAULT_ROOT = "/var/lib/livemig"
@@ -748,7 +747,7 @@ class Orphan:
     copy: HeldCopy          # its bundle, if this move brought it here, goes with it
 
     def save(self, work: Path) -> None:
-        write_private(work / ORPHAN, dataclasses.asdict(self))
+        workdirs.write_private(work / ORPHAN, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, work: Path) -> "Orphan":
@@ -778,13 +777,13 @@ class Verdicts:
         record = record.ljust(VERDICT_ROOM - 1) + b"\n"     # read back stripped
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            write_synced(tmp, record)
+            workdirs.write_synced(tmp, record)
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
                 raise
-            write_synced(path, record, 0)      # in place: the room it kept
+            workdirs.write_synced(path, record, 0)      # in place: the room it kept
 
     def read(self, migration_id: str) -> tuple[str, str]:
         try:

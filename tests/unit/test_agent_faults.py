@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from livemig import agent as agent_mod, protocol as p, recovery
+from livemig import agent as agent_mod, protocol as p, workdirs
 from livemig.coordinator import primary
 from livemig.errors import ConnectionFailed
 
@@ -19,13 +19,13 @@ def test_a_verdict_lands_in_the_room_its_file_kept_when_the_disk_is_full(tmp_pat
     verdicts = agent_mod.Verdicts(tmp_path)
     verdicts.write("m1", "serving")
     assert os.path.getsize(verdicts.path("m1")) == agent_mod.VERDICT_ROOM
-    real = recovery.write_synced
+    real = workdirs.write_synced
 
     def full(path, data, flags=os.O_CREAT | os.O_TRUNC):
         if flags & os.O_CREAT:          # a new file needs room the disk no longer has
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data, flags)
-    monkeypatch.setattr(recovery, "write_synced", full)
+    monkeypatch.setattr(workdirs, "write_synced", full)
     verdicts.write("m1", "whole", "every page is in")
     assert verdicts.read("m1") == ("whole", "every page is in")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m1.verdict"]     # no temporary file left
