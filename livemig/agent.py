@@ -267,6 +267,9 @@ class Agent:
         try:
             server = await proc.start(criu.page_server(str(d), theirs.fileno(), parent),
                                       stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno()])
+        except BaseException:
+            ours.close()          # no page server came of it (or it was killed at once): nothing reads it
+            raise
         finally:
             theirs.close()
         self.page_servers[msg.dir] = asyncio.create_task(self._page_server(msg, d, ours, server))
@@ -467,13 +470,13 @@ class Agent:
         """guard.py: should this agent die during post-copy, its copy dies before its uffds."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            # Its output goes nowhere: it must outlive us and the SSH session's pipes. What
-            # it did, it writes in the verdict.
+            # Its output goes nowhere: it must outlive us and the SSH session's pipes (and, a
+            # session of its own, what kills our process group). What it did, it writes in the verdict.
             self.guard = await proc.start(
                 [sys.executable, "-m", "livemig.guard", str(theirs.fileno()), str(self.verdicts.root),
                  self.work.name],
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                pass_fds=[theirs.fileno()], new_session=True)
+                pass_fds=[theirs.fileno()])
         finally:
             theirs.close()
         self.guard_socket = ours
@@ -571,7 +574,7 @@ class Agent:
                                f"the restored copy is gone: {self.verdicts.read(self.work.name)[1]}")
         if self.placer is not None and self.placer.store is not None:
             await self._all_here()
-        pids = [pid for root in self.restored for pid in host.process_tree(root)]
+        pids = [pid for root in self.restored for pid in proc.process_tree(root)]
         if self.containers:
             for c in self.containers:
                 await proc.run(runtimes.control(c, "resume"), phase=Phase.COMMIT)
@@ -630,7 +633,9 @@ class Agent:
         waits, in CRIU's restorer, for pages that never come (a fault's wait ends at a fatal
         signal). Its tasks are killed before CRIU: they would outlive it, stopped."""
         if self.restoring is not None and self.restoring.returncode is None:
-            host.kill_tree(self.restoring.pid)
+            proc.kill_tree(self.restoring.pid)     # the tasks it restored, whichever group they took
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.restoring.pid, signal.SIGKILL)    # and what it forked since
 
     async def _kill_restored(self, even_running: bool = False) -> None:
         """Undo the restore: what this migration brought here goes, unless it already runs
@@ -644,7 +649,7 @@ class Agent:
             shutil.rmtree(self.created_tree, ignore_errors=True)
             self.created_tree = None
         while self.restored and undo:
-            host.kill_tree(self.restored.pop())
+            proc.kill_tree(self.restored.pop())
         if undo and self.work is not None:
             (self.work / ORPHAN).unlink(missing_ok=True)
 
@@ -686,11 +691,11 @@ class Agent:
         """What was restored here, stopped, in the marker recover reads: written at once after
         a restore, so that an agent killed outright (no guard keeps a stop-and-copy's copy:
         after the commit it is the only one) leaves it too."""
-        pids = [pid for root in self.restored for pid in host.process_tree(root)]
+        pids = [pid for root in self.restored for pid in proc.process_tree(root)]
         c = self.containers[0] if self.containers else None      # a move restores one (replicas never hold it)
         Orphan(self._what_restored(), HeldCopy(
-            c.runtime if c else "process", host.tasks(pids), c.id if c else "",
-            str(self.created_tree) if self.created_tree else "", host.boot_id())).save(self.work)
+            c.runtime if c else "process", proc.tasks(pids), c.id if c else "",
+            str(self.created_tree) if self.created_tree else "", proc.boot_id())).save(self.work)
 
     def _leave_orphan(self) -> None:
         for d in self.work.iterdir():   # the memory images go, whatever happens

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import host
+from . import proc
 
 
 def kill_pidfile(path: str) -> None:
@@ -31,7 +31,7 @@ def kill_pidfile(path: str) -> None:
         root = int(Path(path).read_text().strip())
     except (OSError, ValueError):
         return                   # never restored: nothing of it runs
-    host.kill_tree(root)
+    proc.kill_tree(root)
 
 
 def kill_container(runtime: str, cid: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import platform
 import socket
 from pathlib import Path
@@ -47,100 +46,6 @@ def huge_pages_in_use(pids: list[int]) -> bool:
         except OSError:
             pass
     return False
-
-
-def process_tree(root: int) -> list[int]:
-    """root and all its descendants (every thread's children), parents first, as they are
-    now: a tree that forks is read again whenever it matters, never kept from before."""
-    seen, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        if pid in seen:
-            continue
-        seen.append(pid)
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                todo += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
-            pass
-    return [pid for pid in seen if os.path.exists(f"/proc/{pid}")]
-
-
-Task = tuple[int, int]
-"""One process named for good: (PID, start time). A PID alone may have been reused by
-another process since it was read; with its start time it names one process of this boot."""
-
-
-def tasks(pids: list[int]) -> list[Task]:
-    """pids paired with their start times (those already gone are left out)."""
-    return [(pid, t) for pid in pids if (t := start_time(pid)) is not None]
-
-
-def signal_tasks(named: list[Task], sig: int) -> int:
-    """sig to each task that is still the process it names; how many got it. Through a pidfd
-    where the kernel has them: the start time is checked once the pidfd holds the process,
-    so that a PID reused between the check and the signal is never signalled."""
-    sent = 0
-    for pid, started in named:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        except OSError:      # no pidfds (ENOSYS): checked, then signalled by PID
-            fd = None
-        try:
-            if start_time(pid) != started:
-                continue
-            if fd is None:
-                os.kill(pid, sig)
-            else:
-                signal.pidfd_send_signal(fd, sig)
-            sent += 1
-        except ProcessLookupError:
-            pass        # it ended meanwhile: nothing left to signal
-        finally:
-            if fd is not None:
-                os.close(fd)
-    return sent
-
-
-def start_time(pid: int) -> int | None:
-    """When pid started (clock ticks since boot): with the PID, names one process for good."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def state(pid: int) -> str | None:
-    """pid's state letter in /proc (R, S, T, t, Z...), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-def boot_id() -> str:
-    """This boot's ID: (PID, start time) pairs name processes of one boot only."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def named(pids: list[Task], boot: str = "") -> list[int]:
-    """Of (PID, start time) pairs taken on boot (this one if ""), the PIDs that still name
-    the process they named."""
-    if boot and boot != boot_id():
-        return []
-    return [pid for pid, t in pids if start_time(pid) == t]
-
-
-def kill_tree(root: int) -> None:
-    """SIGKILL to root and its descendants, children first."""
-    signal_tasks(tasks(list(reversed(process_tree(root)))), signal.SIGKILL)
 
 
 def resident_bytes(pids: list[int]) -> int:
@@ -193,14 +98,3 @@ def cpu_ns(pid: int) -> int:
         except (OSError, ValueError, IndexError):
             pass
     return total
-
-
-def tracer(pid: int) -> int:
-    """The PID that ptraces pid (CRIU, while it dumps it), 0 if none or it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("TracerPid:"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0

@@ -4,10 +4,12 @@ string; stdout captured or passed on, stderr always kept for the error the user 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .errors import CommandFailed
@@ -98,35 +100,176 @@ def _result(argv, returncode: int, out: bytes, err: bytes, check: bool, phase: s
 
 async def start(argv: Sequence[str], *, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env: Mapping[str, str] | None = None,
-                pass_fds: Sequence[int] = (), new_session: bool = False) -> asyncio.subprocess.Process:
+                pass_fds: Sequence[int] = ()) -> asyncio.subprocess.Process:
     """Start argv with stderr captured (a pipe, or a file of the caller's): the caller owns
-    the process and must reap it. new_session: out of our process group, so that what
-    kills us does not reach it."""
+    the process and must reap it (kill(), or its exit).
+
+    Every program starts as the leader of a session of its own: what it forks stays in its
+    process group, which kill() ends whole, and a terminal's Ctrl-C reaches livemig alone,
+    which rolls back in order rather than find its CRIU already dead."""
     argv = [str(a) for a in argv]
+    creating = asyncio.ensure_future(asyncio.create_subprocess_exec(
+        *argv, stdin=stdin, stdout=stdout, stderr=stderr,
+        env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), close_fds=True,
+        start_new_session=True))
     try:
-        return await asyncio.create_subprocess_exec(
-            *argv, stdin=stdin, stdout=stdout, stderr=stderr,
-            env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), close_fds=True,
-            start_new_session=new_session)
+        return await asyncio.shield(creating)
     except FileNotFoundError:
         raise CommandFailed(f"{argv[0]}: command not found") from None
+    except asyncio.CancelledError:
+        # Cancelled (a rollback) while the program was being started: it may run all the
+        # same, unknown to anyone. So it is waited for, and ended with what it forked.
+        try:
+            child = await creating
+        except Exception:      # never started: nothing is left
+            raise asyncio.CancelledError from None
+        await kill(child)
+        raise
 
 
 async def kill(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> None:
-    """Kill proc if it still runs and reap it; safe to call twice, and from cleanup code."""
+    """Kill proc, and whatever it forked, if it still runs, and reap it; safe to call twice,
+    and from cleanup code."""
     if proc.returncode is None:
         try:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig)       # its group: what it forked goes with it
         except ProcessLookupError:
             pass
+        except PermissionError:            # not a group of ours (never seen): itself alone
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
     try:
-        await asyncio.shield(proc.wait())
+        await asyncio.shield(_reaped(proc))
     except asyncio.CancelledError:
-        await proc.wait()
+        await _reaped(proc)
         raise
+
+
+async def _reaped(proc: asyncio.subprocess.Process) -> int:
+    """proc's exit status. asyncio counts a process as ended once its pipes close too: a
+    descendant that left its group (setsid) and kept them open would hold the wait for as
+    long as it lives. Past REAP_WAIT our ends of them are closed. (Seen: CRIU killed as it
+    started left a child of its own holding its stderr, and the agent waiting for ever.)"""
+    try:
+        async with asyncio.timeout(REAP_WAIT):
+            return await proc.wait()
+    except TimeoutError:
+        transport = getattr(proc, "_transport", None)
+        if transport is not None:
+            transport.close()
+        return await proc.wait()
+
+
+REAP_WAIT = 5.0     # seconds for a killed program's pipes to close before ours are
 
 
 def environ(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+# --- processes, named for good: (PID, start time), of this boot ---------------------------------
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (every thread's children), parents first, as they are
+    now: a tree that forks is read again whenever it matters, never kept from before."""
+    seen, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        if pid in seen:
+            continue
+        seen.append(pid)
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return [pid for pid in seen if os.path.exists(f"/proc/{pid}")]
+
+
+Task = tuple[int, int]
+"""One process named for good: (PID, start time). A PID alone may have been reused by
+another process since it was read; with its start time it names one process of this boot."""
+
+
+def tasks(pids: list[int]) -> list[Task]:
+    """pids paired with their start times (those already gone are left out)."""
+    return [(pid, t) for pid in pids if (t := start_time(pid)) is not None]
+
+
+def signal_tasks(named: list[Task], sig: int) -> int:
+    """sig to each task that is still the process it names; how many got it. Through a pidfd
+    where the kernel has them: the start time is checked once the pidfd holds the process,
+    so that a PID reused between the check and the signal is never signalled."""
+    sent = 0
+    for pid, started in named:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        except OSError:      # no pidfds (ENOSYS): checked, then signalled by PID
+            fd = None
+        try:
+            if start_time(pid) != started:
+                continue
+            if fd is None:
+                os.kill(pid, sig)
+            else:
+                signal.pidfd_send_signal(fd, sig)
+            sent += 1
+        except ProcessLookupError:
+            pass        # it ended meanwhile: nothing left to signal
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return sent
+
+
+def start_time(pid: int) -> int | None:
+    """When pid started (clock ticks since boot): with the PID, names one process for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def state(pid: int) -> str | None:
+    """pid's state letter in /proc (R, S, T, t, Z...), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def boot_id() -> str:
+    """This boot's ID: (PID, start time) pairs name processes of one boot only."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def named(pids: list[Task], boot: str = "") -> list[int]:
+    """Of (PID, start time) pairs taken on boot (this one if ""), the PIDs that still name
+    the process they named."""
+    if boot and boot != boot_id():
+        return []
+    return [pid for pid, t in pids if start_time(pid) == t]
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL to root and its descendants, children first."""
+    signal_tasks(tasks(list(reversed(process_tree(root)))), signal.SIGKILL)
+
+
+def tracer(pid: int) -> int:
+    """The PID that ptraces pid (CRIU, while it dumps it), 0 if none or it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0

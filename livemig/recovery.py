@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import host, protocol as p, throttle, workdirs
+from . import proc, protocol as p, throttle, workdirs
 from .runtimes.held import HeldCopy
 from .workdirs import write_private
 from .errors import LivemigError, Phase
@@ -29,7 +29,7 @@ from .session import TargetSession, migration_id
 RECORD = "RECOVER.json"
 
 
-start_time = host.start_time
+start_time = proc.start_time
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Record:
 
     def coordinator_alive(self) -> bool:
         pid, t = self.coordinator
-        return bool(host.named([(pid, t)], self.source_copy.boot))
+        return bool(proc.named([(pid, t)], self.source_copy.boot))
 
 
 def records(image_root: str) -> list[tuple[Path, Record]]:

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import host
+from . import host, proc
 from .workdirs import write_private
 from .report import ThrottleStep
 
@@ -191,7 +191,7 @@ class Throttle:
     def held(self, pid: int) -> bool:
         """Is the workload being frozen or dumped: its cgroup's freezer asked to freeze it
         (runc, crun, podman, CRIU's --freeze-cgroup), or CRIU holding pid (ptrace)?"""
-        return self.cg.freezing() or host.tracer(pid) != 0
+        return self.cg.freezing() or proc.tracer(pid) != 0
 
     async def eased_while_held(self, pid: int, dumping) -> None:
         """For a pre-dump: while the workload is being frozen and dumped, its quota is the
@@ -247,7 +247,7 @@ class Throttle:
 def save(path: Path, cg: CpuCgroup, original: Quota, what: str) -> None:
     me = os.getpid()
     write_private(path, {"cgroup": asdict(cg), "quota": asdict(original), "workload": what,
-                         "coordinator": [me, host.start_time(me) or 0]})
+                         "coordinator": [me, proc.start_time(me) or 0]})
 
 
 def left(work: Path) -> str | None:
@@ -257,7 +257,7 @@ def left(work: Path) -> str | None:
         return None
     d = json.loads(path.read_text())
     pid, t = d["coordinator"]
-    return None if host.start_time(pid) == t else d.get("workload", "")
+    return None if proc.start_time(pid) == t else d.get("workload", "")
 
 
 def lift_left(work: Path) -> str:

@@ -11,7 +11,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import host, proc, protocol as p
+from .. import proc, protocol as p
 from ..errors import Phase
 from .. import bundle
 from . import control
@@ -23,7 +23,7 @@ class HeldCopy:
     resume or to end: the source's copy after its final dump, or a target's restored copy
     that its coordinator never resumed (the agent's Orphan)."""
     runtime: str                                   # "process", or the container's runtime
-    pids: list[host.Task] = field(default_factory=list)   # (PID, start time), the root first
+    pids: list[proc.Task] = field(default_factory=list)   # (PID, start time), the root first
     container: str = ""
     bundle: str = ""        # its bundle, copied to the other host: it goes when the copy does
     boot: str = ""          # the boot the pairs were taken in: after a reboot none of them runs
@@ -36,11 +36,11 @@ class HeldCopy:
     @classmethod
     def of(cls, workload, bundle_moves: bool = False) -> "HeldCopy":
         """The workload's tree as it is now (frozen, once its final dump has begun)."""
-        return cls(workload.kind, host.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
-                   str(workload.bundle()) if bundle_moves else "", host.boot_id())
+        return cls(workload.kind, proc.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
+                   str(workload.bundle()) if bundle_moves else "", proc.boot_id())
 
-    def _alive(self) -> list[host.Task]:
-        alive = set(host.named(self.pids, self.boot))
+    def _alive(self) -> list[proc.Task]:
+        alive = set(proc.named(self.pids, self.boot))
         return [t for t in self.pids if t[0] in alive]
 
     def _control(self, action: str) -> list[str]:
@@ -49,7 +49,7 @@ class HeldCopy:
     async def resume(self) -> None:
         """Let it run again, from the final dump."""
         if self.runtime == "process":
-            host.signal_tasks(self._alive(), signal.SIGCONT)
+            proc.signal_tasks(self._alive(), signal.SIGCONT)
         else:
             await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
 
@@ -61,7 +61,7 @@ class HeldCopy:
 
     def root_gone(self) -> bool:
         """Is its root process (a container's init) gone? Read in /proc alone."""
-        return bool(self.pids) and not host.named(self.pids[:1], self.boot)
+        return bool(self.pids) and not proc.named(self.pids[:1], self.boot)
 
     async def exited(self) -> bool:
         """Did it end by itself (its root process gone, its container stopped or gone)?"""
@@ -78,7 +78,7 @@ class HeldCopy:
     async def end(self) -> list[str]:
         """Its target's copy runs: this one goes. Returns warnings."""
         if self.runtime == "process":
-            host.signal_tasks(self._alive(), signal.SIGKILL)
+            proc.signal_tasks(self._alive(), signal.SIGKILL)
             return []
         res = await proc.run(self._control("delete"), check=False)
         if res.returncode != 0 and await self.exists():

@@ -112,8 +112,7 @@ class OciContainer(Workload):
         self.run: DumpRun | None = None
 
     def pids(self) -> list[int]:
-        from ..host import process_tree
-        return process_tree(self.root_pid)
+        return proc.process_tree(self.root_pid)
 
     def bundle(self) -> Path:
         return self._bundle

@@ -104,8 +104,7 @@ class PodmanContainer(Workload):
         self.run: DumpRun | None = None
 
     def pids(self) -> list[int]:
-        from ..host import process_tree
-        return process_tree(self.root_pid)
+        return proc.process_tree(self.root_pid)
 
     def target_spec(self) -> p.Container:
         return p.Container("podman", self.container, "", image=self.image)

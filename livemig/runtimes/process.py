@@ -29,14 +29,14 @@ class ProcessTree(Workload):
         # The tree as CRIU froze it, read once it is frozen (dumped), (PID, start time): what
         # is stopped, killed after the move and resumed on rollback. Before the freeze the
         # tree is read afresh each time: it may fork, and its children exit.
-        self.frozen: list[host.Task] = []
+        self.frozen: list[proc.Task] = []
         self.hook: hook.HookServer | None = None
         self.run: DumpRun | None = None
 
     def pids(self) -> list[int]:
         if self.frozen:
             return [pid for pid, _ in self.frozen]
-        return host.process_tree(self.root_pid)
+        return proc.process_tree(self.root_pid)
 
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
         ours, theirs = socket.socketpair()
@@ -79,16 +79,16 @@ class ProcessTree(Workload):
         run.frozen_at = self.hook.frozen_at
         # CRIU holds the tree frozen while its post-dump step waits for us: no task forks or
         # exits now, so this is the tree that was dumped, children forked in pre-copy included.
-        self.frozen = host.tasks(host.process_tree(self.root_pid))
+        self.frozen = proc.tasks(proc.process_tree(self.root_pid))
         if lazy:
             # The pages are read in the frozen tree itself (postcopy.Pusher.read_in_place), and
             # CRIU resumes the tree by itself if its lazy page server fails (cr_dump_finish:
             # TASK_ALIVE on error), or lets go of it if killed. A SIGSTOP queued while CRIU
             # holds it (it waits here for our verdict) outlasts its detach: the tree never
             # runs again but on rollback, so what is read is what was dumped.
-            host.signal_tasks(self.frozen, signal.SIGSTOP)
-            if let_go := [pid for pid in host.named(self.frozen) if _traceable(pid) and host.tracer(pid) == 0]:
-                host.signal_tasks(self.frozen, signal.SIGCONT)    # it runs on, as CRIU left it
+            proc.signal_tasks(self.frozen, signal.SIGSTOP)
+            if let_go := [pid for pid in proc.named(self.frozen) if _traceable(pid) and proc.tracer(pid) == 0]:
+                proc.signal_tasks(self.frozen, signal.SIGCONT)    # it runs on, as CRIU left it
                 self.frozen = []
                 raise DumpError(f"CRIU let go of PID {let_go[0]} before the dump was done")
             self.hook.proceed()     # CRIU goes on to serve pages, the tree stays stopped
@@ -107,7 +107,7 @@ class ProcessTree(Workload):
 
     async def finish_lazy(self, run: DumpRun) -> None:
         await run.proc.wait()
-        host.signal_tasks(self.frozen, signal.SIGKILL)   # left stopped by the lazy dump
+        proc.signal_tasks(self.frozen, signal.SIGKILL)   # left stopped by the lazy dump
 
     async def resume(self, run: DumpRun | None, stop_pages) -> None:
         h = self.hook
@@ -130,7 +130,7 @@ class ProcessTree(Workload):
         if lazy_served:
             # A lazy dump leaves the source stopped (--leave-stopped): let it run again.
             # The target's copy never ran: it is resumed only after the commit.
-            host.signal_tasks(self.frozen, signal.SIGCONT)
+            proc.signal_tasks(self.frozen, signal.SIGCONT)
         self.frozen = []       # it runs again: its tree is read afresh from here on
 
     async def close(self) -> None:
@@ -142,7 +142,7 @@ class ProcessTree(Workload):
 
 def _traceable(pid: int) -> bool:
     """Can CRIU hold pid by ptrace? A zombie it dumps from /proc, never traced."""
-    return host.state(pid) not in (None, "Z", "X")
+    return proc.state(pid) not in (None, "Z", "X")
 
 
 def criu_failure(what: str, rc: int | None, log: Path, stderr: bytes = b"") -> str:

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from livemig import host, recovery
+from livemig import proc, recovery
 from livemig.runtimes.held import HeldCopy
 from livemig.errors import LivemigError
 from livemig.options import Options
@@ -123,7 +123,7 @@ def test_a_source_copy_recorded_before_a_reboot_acts_on_nothing():
     # after a reboot a (PID, start time) pair may name a new process: the boot ID tells
     me = os.getpid()
     pair = (me, recovery.start_time(me))
-    assert HeldCopy("process", [pair], boot=host.boot_id())._alive() == [pair]
+    assert HeldCopy("process", [pair], boot=proc.boot_id())._alive() == [pair]
     other = HeldCopy("process", [pair], boot="another-boot")
     assert other._alive() == [] and other.root_gone()
     rec = recovery.Record("2026-1", "b", other, pair)

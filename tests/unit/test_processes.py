@@ -1,0 +1,117 @@
+"""Naming processes for good: a tree read as it is now, and signals that reach only the
+process a (PID, start time) pair names. Real processes, no stand-ins."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+from livemig import proc
+from livemig.runtimes import process
+from tests.waiting import eventually
+
+
+def test_a_signal_reaches_only_the_process_its_pair_names():
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        started = proc.start_time(child.pid)
+        # the same PID with another start time: another process, that reused the PID
+        assert proc.signal_tasks([(child.pid, started + 1)], signal.SIGKILL) == 0
+        assert child.poll() is None
+        assert proc.signal_tasks([(child.pid, started)], signal.SIGKILL) == 1
+        assert child.wait(timeout=10) == -signal.SIGKILL
+        # gone (reaped): nothing to signal, and no error
+        assert proc.signal_tasks([(child.pid, started)], signal.SIGKILL) == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+FAMILY = """
+import os, sys, time
+if os.fork() == 0:               # a child that exits at once: a zombie, never reaped
+    os._exit(0)
+time.sleep(0.2)
+if os.fork() == 0:               # and one that lives
+    time.sleep(60)
+    os._exit(0)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_tree_is_read_as_it_is_now_with_its_zombies_told_apart():
+    parent = subprocess.Popen([sys.executable, "-c", FAMILY], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout.readline() == b"ready\n"
+        tree = proc.process_tree(parent.pid)
+        assert tree[0] == parent.pid and len(tree) == 3
+        # the living child asleep, the other a zombie (each may take a moment to get there)
+        states = eventually(lambda: {pid: proc.state(pid) for pid in tree[1:]},
+                            lambda st: sorted(st.values()) == ["S", "Z"], within=10)
+        # a zombie is never held by CRIU's ptrace: it is not taken for one CRIU let go of
+        assert [pid for pid in tree if process._traceable(pid)] == [parent.pid] + \
+            [pid for pid, st in states.items() if st == "S"]
+        # the tree read later is the tree then: the live child killed, a zombie or gone
+        live = next(pid for pid, st in states.items() if st == "S")
+        os.kill(live, signal.SIGKILL)
+        eventually(lambda: proc.state(live), lambda st: st in ("Z", None), within=10)
+        assert parent.pid in proc.process_tree(parent.pid)
+    finally:
+        for pid in reversed(proc.process_tree(parent.pid)):
+            proc.signal_tasks(proc.tasks([pid]), signal.SIGKILL)
+        parent.wait()
+
+
+def test_the_boot_id_is_this_boots():
+    assert len(proc.boot_id()) == 36
+    me = (os.getpid(), proc.start_time(os.getpid()))
+    assert proc.named([me]) == [me[0]] == proc.named([me], proc.boot_id())
+    assert proc.named([me], "another-boot") == []
+
+
+
+def test_a_program_whose_start_is_cancelled_is_left_nowhere():
+    # A rollback may cancel a start under way: the program (and what it forked) must not run
+    # on unknown to anyone, as a CRIU restore once did, a second copy of the workload.
+    # Under uvloop, as the CLI and the agent run.
+    import asyncio
+    import uvloop
+    script = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\ntime.sleep(60)\n"
+
+    def ours() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if script.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                    found.append(int(pid))
+            except OSError:
+                pass
+        return found
+
+    async def starts() -> int:
+        cancelled = 0
+        for _ in range(20):      # the cancel lands at each stage of the start, one run or another
+            starting = asyncio.ensure_future(proc.start([sys.executable, "-c", script]))
+            await asyncio.sleep(0)
+            starting.cancel()
+            try:
+                child = await starting
+            except asyncio.CancelledError:
+                cancelled += 1
+                continue
+            proc.signal_tasks(proc.tasks(proc.process_tree(child.pid)), signal.SIGKILL)   # the caller's own
+            await child.wait()
+        return cancelled
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            assert runner.run(starts()) > 0
+        left = eventually(ours, lambda found: not [pid for pid in found if proc.state(pid) not in ("Z", None)],
+                          within=5)
+        assert left == [] or all(proc.state(pid) in ("Z", None) for pid in left)
+    finally:
+        for pid in ours():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
