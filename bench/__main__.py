@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from livemig.bandwidth import parse_rate
+from livemig.wire.bandwidth import parse_rate
 from tests.lab import Lab
 
 from . import limits, output

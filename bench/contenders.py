@@ -204,7 +204,7 @@ CONTENDERS = {
     "livemig stopcopy": livemig("stopcopy"),
     # the pages into image files that CRIU's restore reads back: the copy whole before it runs
     "livemig stopcopy --no-fill": livemig("stopcopy", "--no-fill"),
-    # without soft-dirty (the namespaced lab): pre-copy by page hashes (livemig/pagehash.py)
+    # without soft-dirty (the namespaced lab): pre-copy by page hashes (livemig/pages/pagehash.py)
     "livemig precopy": livemig("precopy"),
     # auto-converge off: what it is worth where a workload outruns pre-copy (a container's own
     # cgroup is throttled; the lab's process trees share theirs, and never are)

@@ -23,19 +23,18 @@ runs), Fetching (post-copy's pages so far)...
     asyncio.run(livemig.migrate("web1", "host-b", progress=print))
 """
 
-__version__ = "0.1.0"
-
-from .errors import (ConnectionFailed, DumpError, ExitCode, LivemigError, PreflightError,  # noqa: E402
-                     RestoreError, Unresolved, UsageError, WorkloadExited)
-from .options import Mode, Options  # noqa: E402
-from .progress import Callback  # noqa: E402
-from .report import CloneReport, Plan, Replica, Report, RoundReport, ThrottleStep  # noqa: E402
+from .errors import (ConnectionFailed, DumpError, ExitCode, LivemigError, PreflightError, RestoreError, Unresolved,
+                     UsageError, WorkloadExited)
+from .options import Mode, Options
+from .progress import Callback
+from .report import CloneReport, Plan, Replica, Report, RoundReport, ThrottleStep
+from .version import __version__
 
 
 async def migrate(what: int | str, host: str, options: Options = Options(), *, progress: Callback | None = None) -> Report:
     """Move a workload to host (an ssh host name): what is a PID (the process tree rooted
     there) or a container's name or ID (runc or crun; Options.runtime to say which)."""
-    from .coordinator import migrate as _migrate
+    from .source.migration import migrate as _migrate
     return await _migrate(what, host, options, progress=progress)
 
 
@@ -43,7 +42,7 @@ async def plan(what: int | str, host: str, options: Options = Options(), *, prog
     """What migrate() would do, changing nothing: its preflight passes (else the same
     LivemigError), the link is measured, and the Plan holds the mode, why, and the
     expected rounds and downtime."""
-    from .coordinator import plan as _plan
+    from .source.migration import plan as _plan
     return await _plan(what, host, options, progress=progress)
 
 
@@ -54,10 +53,10 @@ async def clone(what: str, hosts: list[str], options: Options = Options(), *, na
     that leaves it running: count per host, named NAME or NAME-1..N (NAME: name, else
     what-clone; keep_name: what). Returns a CloneReport, or raises a LivemigError (then no
     replica is left anywhere)."""
-    from .clone import clone as _clone
+    from .source.clone import clone as _clone
     return await _clone(what, hosts, options, name=name, count=count, keep_name=keep_name, progress=progress)
 
 
 __all__ = ["migrate", "plan", "clone", "CloneReport", "Plan", "Replica", "Options", "Mode", "Report", "RoundReport", "ThrottleStep", "LivemigError", "UsageError",
            "PreflightError", "ConnectionFailed", "DumpError", "RestoreError", "Unresolved", "WorkloadExited",
-           "ExitCode"]
+           "ExitCode", "__version__"]

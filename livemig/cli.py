@@ -9,7 +9,8 @@ import signal
 import sys
 from dataclasses import replace
 
-from . import __version__, config, criu, display
+from .version import __version__
+from . import config, criu, display
 from .errors import ExitCode, LivemigError
 from .options import Mode
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0) and ExitCode.USAGE
     if args.command == "agent":
-        from . import agent
+        from .target import agent
         return asyncio.run(agent.main(args.image_root))
     if args.command == "config":
         return _config(args)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(args) -> int:
     import json
-    from .coordinator import check
+    from .source.migration import check
     try:
         options = _settings(mode=args.mode, image_root=args.image_root).options
         rows, mode, why = _run(check(args.host, options))
@@ -199,8 +200,8 @@ def _check(args) -> int:
 def _recover(args) -> int:
     import dataclasses
     import json
-    from .coordinator import ssh_connector
-    from .recovery import recover
+    from .source.migration import ssh_connector
+    from .source.recovery import recover
     try:
         options = _settings(image_root=args.image_root).options
         settled = _run(recover(options, ssh_connector(options), target_lost=args.target_lost))
@@ -247,7 +248,7 @@ def _config(args) -> int:
 
 
 def _move(args) -> int:
-    from .coordinator import migrate, plan
+    from .source.migration import migrate, plan
     wanted = 1 if args.pid is not None else 2
     if len(args.names) != wanted:
         print("livemig: move takes " + ("HOST after --pid PID" if wanted == 1 else "a container and a HOST "
@@ -277,7 +278,7 @@ def _undone(report) -> str:
 
 
 def _clone(args) -> int:
-    from .clone import clone
+    from .source.clone import clone
     view = display.for_cli(args.json)
 
     def call():

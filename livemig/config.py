@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .bandwidth import parse_rate
+from .wire.bandwidth import parse_rate
 from .errors import UsageError
 from .options import Mode, Options
 

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from . import addresses, criu, proc
-from .protocol import HostFacts
+from .wire.protocol import HostFacts
 
 async def probe(pids: list[int], image_root: str) -> HostFacts:
     ver = await proc.run(criu.version(), check=False)

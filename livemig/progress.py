@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
-from . import streams
+from .wire import streams
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from .bandwidth import format_rate
+from .wire.bandwidth import format_rate
 
 
 def _described(runtime: str, pid: int | str, container: str = "") -> str:

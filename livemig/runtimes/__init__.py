@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import protocol as p
+from ..wire import protocol as p
 
 
 @dataclass

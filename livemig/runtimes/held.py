@@ -11,9 +11,10 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import proc, protocol as p
+from .. import proc
+from ..wire import protocol as p
 from ..errors import Phase
-from .. import bundle
+from . import bundle
 from . import control
 
 

@@ -23,7 +23,8 @@ import socket
 import time
 from pathlib import Path
 
-from .. import criu, proc, protocol as p
+from .. import criu, proc
+from ..wire import protocol as p
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from . import DumpRun, Workload
 from .process import criu_failure

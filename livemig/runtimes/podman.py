@@ -16,7 +16,8 @@ import json
 import time
 from pathlib import Path
 
-from .. import criu, proc, protocol as p
+from .. import criu, proc
+from ..wire import protocol as p
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from . import DumpRun, Workload
 
@@ -110,7 +111,7 @@ class PodmanContainer(Workload):
         return p.Container("podman", self.container, "", image=self.image)
 
     async def send_image(self, writer, level: int):
-        from .. import streams
+        from ..wire import streams
         return await streams.send_output(["podman", "save", self.image], writer, level)
 
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:

@@ -14,7 +14,8 @@ import signal
 import socket
 from pathlib import Path
 
-from .. import criu, hook, host, proc
+from .. import criu, host, proc
+from . import hook
 from ..errors import DumpError, PreflightError
 from . import DumpRun, Workload
 
@@ -98,7 +99,7 @@ class ProcessTree(Workload):
         if lazy:
             # From the target's first instruction on, it is the workload: never resume the
             # source. The SIGSTOP queued at the dump keeps it stopped however CRIU ends, so
-            # that only the target's verdict lets this copy run again (recovery.py).
+            # that only the target's verdict lets this copy run again (source/recovery.py).
             self.hook.mark_committed()
             return []
         self.hook.commit()             # durable first: a crash from here on means "moved"

@@ -97,7 +97,7 @@ def _config_disk(name: str, address: str, idx: int) -> None:
     h = LAB_DIR / "hosts" / name
     disk = h / "disk"
     disk.mkdir()
-    for part in ("livemig", "transports", "tests"):
+    for part in ("livemig", "tests"):
         shutil.copytree(REPO / part, disk / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", disk)
     shutil.copytree(h / "upper", disk / "lab-overlay", symlinks=True)

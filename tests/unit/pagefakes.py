@@ -5,9 +5,9 @@ import asyncio
 import socket
 import struct
 
-from livemig import postcopy
-from livemig.pagemap import PAGE, Range
-from livemig.streams import socket_streams
+from livemig.pages import postcopy
+from livemig.pages.pagemap import PAGE, Range
+from livemig.wire.streams import socket_streams
 
 IOV = struct.Struct("<I4xQQQ")
 PIPE_PAGES = 100    # CRIU answers a GET with at most the rest of one page-pipe iovec

@@ -10,8 +10,10 @@ import os
 
 import pytest
 
-from livemig import agent as agent_mod, protocol as p, workdirs
-from livemig.coordinator import primary
+from livemig.target import agent as agent_mod
+from livemig.wire import protocol as p
+from livemig import workdirs
+from livemig.source.migration import primary
 from livemig.errors import ConnectionFailed
 
 

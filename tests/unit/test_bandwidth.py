@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from livemig import bandwidth, config, streams
+from livemig.wire import bandwidth, streams
+from livemig import config
 from livemig.errors import UsageError
 
 

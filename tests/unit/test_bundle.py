@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from livemig import bundle
+from livemig.runtimes import bundle
 from livemig.errors import CommandFailed
 
 

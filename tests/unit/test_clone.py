@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from livemig.clone import replica_names
+from livemig.source.clone import replica_names
 from livemig.errors import UsageError
 from livemig.report import CloneReport, Replica
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from livemig.hook import HookServer
+from livemig.runtimes.hook import HookServer
 
 
 async def _post_dump(server: HookServer) -> bytes:

@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 
-from livemig import pagehash
-from livemig.pagemap import PAGE
+from livemig.pages import pagehash
+from livemig.pages.pagemap import PAGE
 
 CHILD = textwrap.dedent("""
     import mmap, sys, ctypes

@@ -13,9 +13,9 @@ import struct
 
 import pytest
 
-from livemig import pagehash, postcopy, shadow, uffd
-from livemig.pagemap import PAGE, Range
-from livemig.placer import RESTORE_FINISHED, SOCKET, Placer
+from livemig.pages import pagehash, postcopy, shadow, uffd
+from livemig.pages.pagemap import PAGE, Range
+from livemig.pages.placer import RESTORE_FINISHED, SOCKET, Placer
 
 from .pagefakes import GatedReader, fake_criu, page, pair
 
@@ -332,7 +332,7 @@ async def test_a_silent_link_fails_the_target_side_once_its_copy_runs_and_not_be
 
 
 def test_addresses_follow_each_move_and_a_vacated_range_holds_nothing():
-    from livemig.placer import _Task
+    from livemig.pages.placer import _Task
     t = _Task(PID, -1, [], 0, remaps=[(0x10000, 0x90000, 0x4000),     # moved 4 pages away
                                        (0x91000, 0x20000, 0x1000)])   # then the 2nd of them again
     assert t.current(0x10000) == 0x90000 and t.current(0x11000) == 0x20000 and t.current(0x13000) == 0x93000

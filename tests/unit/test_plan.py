@@ -2,7 +2,7 @@
 
 import json
 
-from livemig import policy
+from livemig.source import policy
 from livemig.report import Plan
 
 MIB = 2**20

@@ -2,8 +2,8 @@
 
 import pytest
 
-from livemig.policy import (FILL_ROOM, Limits, RoundStats, StopReason, Throttling, choose_mode, decide,
-                            expected_downtime, stopcopy_fills)
+from livemig.source.policy import (FILL_ROOM, Limits, RoundStats, StopReason, Throttling, choose_mode, decide,
+                                   expected_downtime, stopcopy_fills)
 
 MiB = 1 << 20
 
@@ -166,7 +166,7 @@ def test_without_soft_dirty_auto_pre_copies_by_hashes_and_says_so_but_not_with_c
 
 
 def test_podman_pre_copies_one_round_where_soft_dirty_exists_and_never_lazily():
-    from livemig.policy import choose_mode
+    from livemig.source.policy import choose_mode
     both = {"mem_dirty_track": True, "uffd-noncoop": True}
     none = {"mem_dirty_track": False, "uffd-noncoop": True}
     assert choose_mode("auto", both, both, "podman")[0] == "precopy"

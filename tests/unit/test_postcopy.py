@@ -12,8 +12,9 @@ import types
 
 import pytest
 
-from livemig import pagehash, pagemap, postcopy, streams
-from livemig.pagemap import PAGE, Range
+from livemig.pages import frames, pagehash, pagemap, postcopy
+from livemig.wire import streams
+from livemig.pages.pagemap import PAGE, Range
 
 from .pagefakes import fake_criu as _fake_criu, pair
 
@@ -137,21 +138,21 @@ async def test_a_fill_reads_the_frozen_process_s_memory_and_sends_every_page_it_
     async def target(reader, writer):
         inbound, out = streams.Decompressed(reader), streams.CompressedWriter(writer, streams.Meter(), 1)
         while True:
-            kind, _, vaddr, n = postcopy.FRAME.unpack(await inbound.need(postcopy.FRAME.size))
-            if kind == postcopy.PAGES:
+            kind, _, vaddr, n = await frames.read(inbound, "the page stream")
+            if kind == frames.PAGES:
                 data = await inbound.need(n * PAGE)
                 for i in range(n):
                     assert vaddr + i * PAGE not in got
                     got[vaddr + i * PAGE] = data[i * PAGE:(i + 1) * PAGE]
-            elif kind == postcopy.HAVE:
+            elif kind == frames.HAVE:
                 named.update(range(vaddr, vaddr + n * PAGE, PAGE))
-            elif kind == postcopy.PUSHED_ALL:
-                await out.write(postcopy.FRAME.pack(postcopy.CLOSE, 0, 0, postcopy.PS_IOV_CLOSE), flush=True)
-            elif kind == postcopy.STATUS:
+            elif kind == frames.PUSHED_ALL:
+                await out.write(frames.frame(frames.CLOSE, 0, 0, postcopy.PS_IOV_CLOSE), flush=True)
+            elif kind == frames.STATUS:
                 await out.close()
                 return
-            if kind in (postcopy.PAGES, postcopy.HAVE):
-                await out.write(postcopy.FRAME.pack(postcopy.ACK, 0, 0, n), flush=True)
+            if kind in (frames.PAGES, frames.HAVE):
+                await out.write(frames.frame(frames.ACK, 0, 0, n), flush=True)
 
     async with asyncio.timeout(30):
         async with asyncio.TaskGroup() as tg:

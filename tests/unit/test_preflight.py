@@ -1,7 +1,7 @@
 """The preflight comparisons: each check fails for its own reason, in the order to fix them."""
 
-from livemig.preflight import compare
-from livemig.protocol import HostFacts
+from livemig.source.preflight import compare
+from livemig.wire.protocol import HostFacts
 
 
 def facts(**kw) -> HostFacts:
@@ -41,7 +41,7 @@ def test_an_unsupported_strategy_fails_and_blames_no_target():
 
 
 def test_a_container_adds_its_runtime_name_and_bundle_checks_and_no_pid_check():
-    from livemig.protocol import Container
+    from livemig.wire.protocol import Container
     c = Container("runc", "web1", "/var/lib/ctr/web1")
     rows, mode, _ = compare(facts(), facts(runtime_version="1.1.15", bundle="absent"), "auto",
                             pids=[42], container=c)
@@ -54,7 +54,7 @@ def test_a_container_adds_its_runtime_name_and_bundle_checks_and_no_pid_check():
 
 
 def test_crun_gets_no_lazy_strategy():
-    from livemig.protocol import Container
+    from livemig.wire.protocol import Container
     c = Container("crun", "db1", "/b")
     rows, mode, why = compare(facts(), facts(runtime_version="1.21", bundle="absent"), "auto", container=c)
     assert (mode, why) == ("precopy", "crun cannot serve pages lazily")
@@ -65,8 +65,8 @@ def test_crun_gets_no_lazy_strategy():
 def test_podman_must_match_facts_and_the_kernel_fail_but_force_makes_them_warnings():
     import pytest
     from livemig.errors import PreflightError
-    from livemig.preflight import enforce
-    from livemig.protocol import Container
+    from livemig.source.preflight import enforce
+    from livemig.wire.protocol import Container
     c = Container("podman", "web1", "", image="localhost/x:1")
     same = {"podman": "5.4.2", "OCI runtime": "crun", "network stack": "netavark", "cgroups": "v1"}
     rows, _, _ = compare(facts(runtime_facts=same), facts(runtime_version="5.4.2", runtime_facts=same,
@@ -87,7 +87,7 @@ def test_podman_must_match_facts_and_the_kernel_fail_but_force_makes_them_warnin
 def test_force_never_passes_what_fails_after_the_commit():
     import pytest
     from livemig.errors import PreflightError
-    from livemig.preflight import Check, enforce
+    from livemig.source.preflight import Check, enforce
     with pytest.raises(PreflightError, match="lacks"):
         enforce([Check("CPU features", False, "the target's CPU lacks features")], "b", force=True)
     rows, _, _ = compare(facts(), facts(arch="aarch64"), "auto")
@@ -96,7 +96,7 @@ def test_force_never_passes_what_fails_after_the_commit():
 
 
 def test_every_name_taken_on_the_target_is_named():
-    from livemig.protocol import Container
+    from livemig.wire.protocol import Container
     c = Container("podman", "web1-clone-1", "", image="x")
     rows, _, _ = compare(facts(), facts(runtime_version="5.4.2", names_taken=["web1-clone-1", "web1-clone-3"]),
                          "stopcopy", container=c)

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from livemig import protocol as p
+from livemig.wire import protocol as p
 from livemig.errors import ProtocolError
 
 
@@ -124,3 +124,4 @@ async def test_a_rollback_s_request_reaches_the_peer_while_the_cancelled_one_is_
     peer.reader.feed_data(p.encode(p.Failed("rollback", "Restore cut short: the coordinator rolls back")))
     peer.reader.feed_data(p.encode(p.Aborted("")))
     assert await aborting == p.Aborted("")
+

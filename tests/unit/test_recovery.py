@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from livemig import proc, recovery
+from livemig import proc
+from livemig.source import recovery
 from livemig.runtimes.held import HeldCopy
 from livemig.errors import LivemigError
 from livemig.options import Options
@@ -210,7 +211,7 @@ async def test_stop_and_copy_committed_with_the_target_lost(root, acted, monkeyp
 async def test_a_livemig_killed_in_pre_copy_leaves_a_throttle_that_recover_lifts(root, acted):
     """Nothing was frozen yet: the workload ran on, slowed; recover gives it its CPU back
     and deletes the pre-copy's images. (tests/unit/test_throttle.py does it on a real cgroup.)"""
-    from livemig import throttle
+    from livemig.source import throttle
     cg_dir = root / "cg"
     cg_dir.mkdir()
     (cg_dir / "cpu.cfs_quota_us").write_text("5000")

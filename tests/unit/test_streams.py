@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from livemig import streams
+from livemig.wire import streams
 
 
 async def _pair():

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from livemig import host, throttle
+from livemig import host
+from livemig.source import throttle
 
 SPIN = "import sys\nprint('ready', flush=True)\nwhile True: pass\n"
 

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from livemig import uffd
+from livemig.pages import uffd
 
 PAGES = 16
 

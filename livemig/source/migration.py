@@ -21,18 +21,21 @@ import socket
 import time
 from pathlib import Path
 
-from . import addresses, bandwidth, bundle, criu, host, logs, pagehash, pagemap, policy, postcopy, preflight, proc, \
-    protocol as p, recovery, runtimes, streams, throttle, workdirs
-from .errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
-                     WorkloadExited, record_failure)
-from .options import Mode, Options
-from .progress import Connecting, Copied, ModeChosen, RoundDone, Running, Stepping, Throttled, Ticker, quiet
-from .report import DowntimePart, Plan, Report, RoundReport
-from .runtimes import podman
-from .runtimes.held import HeldCopy
-from .runtimes.process import criu_failure
+from .. import addresses, criu, host, logs, proc, runtimes, workdirs
+from ..wire import bandwidth, protocol as p, streams
+from ..runtimes import bundle
+from ..pages import frames, pagehash, pagemap, postcopy
+from . import policy, preflight, recovery, throttle
+from ..errors import (ConnectionFailed, DumpError, LivemigError, Phase, PreflightError, Unresolved, UsageError,
+                      WorkloadExited, record_failure)
+from ..options import Mode, Options
+from ..progress import Connecting, Copied, ModeChosen, RoundDone, Running, Stepping, Throttled, Ticker, quiet
+from ..report import DowntimePart, Plan, Report, RoundReport
+from ..runtimes import podman
+from ..runtimes.held import HeldCopy
+from ..runtimes.process import criu_failure
 from .session import TargetSession, migration_id, remote_error, ssh_connector, token
-from transports import link_errors
+from ..wire.transports import link_errors
 
 
 class Migration:
@@ -374,12 +377,12 @@ class Migration:
             for pid, vpid in _by_pid(self.workload).items():
                 try:
                     for run in tracker.scan(pid, vpid):
-                        await out.write(postcopy.FRAME.pack(postcopy.PAGES, run.vpid, run.vaddr, run.pages)
+                        await out.write(frames.frame(frames.PAGES, run.vpid, run.vaddr, run.pages)
                                         + run.data, flush=False)
                         pages += run.pages
                 except (FileNotFoundError, ProcessLookupError):
                     continue      # it exited: the final dump knows what became of it
-            await out.write(postcopy.FRAME.pack(postcopy.PUSHED_ALL, 0, 0, pages), flush=True)
+            await out.write(frames.frame(frames.PUSHED_ALL, 0, 0, pages), flush=True)
             await out.close()
             return pages
 

@@ -28,7 +28,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from . import pagehash, streams
+from . import frames, pagehash
+from ..wire import streams
 from .pagemap import PAGE, Range
 
 # CRIU's struct page_server_iov as laid out on x86-64 and AArch64: cmd, nr_pages, vaddr, dst_id.
@@ -38,13 +39,6 @@ PS_IOV_REPLY = (4 << 16) | 6    # encode_ps_cmd(PS_IOV_ADD_F, PE_PRESENT): CRIU'
 PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 0x1023, 0x1024
 _STATUS = struct.Struct("<i")
 
-# Frames between the two ends, inside the zstd stream: kind, pid, vaddr, pages.
-FRAME = struct.Struct("<BIQI")
-PAGES, PUSHED_ALL, STATUS, HAVE = 1, 2, 3, 4   # source -> target (STATUS carries it in pages; HAVE:
-                                               # pages the target's store holds as they are now)
-CLOSE, ACK, FAULT = 2, 3, 4              # target -> source (CLOSE: CRIU's command in pages; ACK: pages in;
-                                         # FAULT: the pages a fault waits on)
-_ENDED = 0                               # not on the wire: the target's stream ended
 
 # Without a fault stream a fault's pages wait behind whatever is already on its way: one
 # read from CRIU and the window of pages pushed but not yet taken in by the target. The
@@ -76,8 +70,8 @@ QUIET, QUIET_CAP = 0.02, 0.3
 CLOSE_WAIT = 10.0    # seconds the source waits for the target to hang up first
 # Once the target's copy runs, a side that hears nothing from the other for this long while
 # pages are still missing calls the link lost (a cut link is silent: TCP would wait minutes).
-# Each end then settles alone: the target kills a copy that lacks pages (agent.py), and
-# the source keeps its copy stopped until it learns that (coordinator.py).
+# Each end then settles alone: the target kills a copy that lacks pages (target/agent.py), and
+# the source keeps its copy stopped until it learns that (source/migration.py).
 STALL_SECONDS = 30.0
 
 
@@ -133,7 +127,7 @@ def told(eg: BaseExceptionGroup, peer: str) -> BaseException:
 async def _send(out: streams.CompressedWriter, kind: int, pid: int = 0, vaddr: int = 0, pages: int = 0,
                 data: bytes = b"") -> None:
     # one write: frames from two tasks never interleave
-    await out.write(FRAME.pack(kind, pid, vaddr, pages) + data, flush=True)
+    await out.write(frames.frame(kind, pid, vaddr, pages) + data, flush=True)
 
 
 # --- source ----------------------------------------------------------------------------------
@@ -173,7 +167,7 @@ class Pusher:
     def __init__(self, ranges: list[Range], level: int = 1, prefetch_pages: int = 0,
                  stall_seconds: float = STALL_SECONDS, known: pagehash.Tracker | None = None):
         """known: what pre-copy by hashes left in the target's store; a page it holds as
-        CRIU has it now is named (HAVE), not sent. prefetch_pages: pushed, smallest
+        CRIU has it now is named (frames.HAVE), not sent. prefetch_pages: pushed, smallest
         ranges first, before start_pushing (while the target restores; see QUIET)."""
         self.ranges = ranges
         self.known = known
@@ -252,11 +246,11 @@ class Pusher:
     async def _listen(self, inbound: streams.Decompressed) -> None:
         while True:
             try:
-                frame = FRAME.unpack(await inbound.need(FRAME.size, "the target's page requests"))
+                frame = await frames.read(inbound, "the target's page requests")
             except EOFError:
-                frame = (_ENDED, 0, 0, 0)     # after CLOSE, the end; before it, the target is gone
+                frame = (frames.ENDED, 0, 0, 0)     # after frames.CLOSE, the end; before it, the target is gone
             self._inbox.put_nowait(frame)
-            if frame[0] == _ENDED:
+            if frame[0] == frames.ENDED:
                 return
 
     async def _pump(self, c_reader, c_writer, out: _Outbound, writing: asyncio.Task) -> None:
@@ -270,7 +264,7 @@ class Pusher:
                 nxt = next(todo, None)
                 if nxt is None:
                     pushed_all = True
-                    await _send(out, PUSHED_ALL)
+                    await _send(out, frames.PUSHED_ALL)
                     continue
                 pid, vaddr, n = nxt
                 runs = await self._compared_there(pid, vaddr, n)
@@ -288,11 +282,11 @@ class Pusher:
                 if item is None:
                     continue
             kind, pid, vaddr, n = item
-            if kind == ACK:
+            if kind == frames.ACK:
                 self._in_flight -= n
                 if not self._fill:
                     self._window = min(self._window + PUSH_PAGES, WINDOW_PAGES[1])
-            elif kind == FAULT:
+            elif kind == frames.FAULT:
                 self._fault_at = time.monotonic()
                 if not self._fill:
                     self._window = WINDOW_PAGES[0]
@@ -301,10 +295,10 @@ class Pusher:
                 if self._urgent is None:     # on the pushing stream: counted in its window
                     self._in_flight += n
                 on_demand[pid].update(range(vaddr, vaddr + n * PAGE, PAGE))
-            elif kind == CLOSE:
+            elif kind == frames.CLOSE:
                 # the target has every page: end CRIU's page server, and pass its status back
                 status = await self._close_criu(c_reader, c_writer, n)
-                await _send(out, STATUS, pages=status & 0xFFFFFFFF)
+                await _send(out, frames.STATUS, pages=status & 0xFFFFFFFF)
                 await out.close(writing)
                 if self._urgent is not None:
                     await self._urgent.close()
@@ -313,10 +307,10 @@ class Pusher:
                 # connection breaks it before the target has read our status.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(CLOSE_WAIT):
-                        while (item := await self._inbox.get()) is None or item[0] != _ENDED:
+                        while (item := await self._inbox.get()) is None or item[0] != frames.ENDED:
                             pass
                 return
-            elif kind == _ENDED:
+            elif kind == frames.ENDED:
                 raise PageStreamError("the target's page requests ended before the copy had every page")
             else:
                 raise PageStreamError(f"unknown frame {kind} from the target")
@@ -397,7 +391,7 @@ class Pusher:
 
     async def _forward(self, out, pid: int, vaddr: int, n: int, data: bytes) -> None:
         if self.known is None:
-            await _send(out, PAGES, pid, vaddr, n, data)
+            await _send(out, frames.PAGES, pid, vaddr, n, data)
             return
         await self._frames(out, pid, self.known.compared(pid, vaddr, data))
 
@@ -407,9 +401,9 @@ class Pusher:
         parts = []
         for first, count, changed, data in runs:
             if changed:
-                parts += [FRAME.pack(PAGES, pid, first, count), data]
+                parts += [frames.frame(frames.PAGES, pid, first, count), data]
             else:
-                parts.append(FRAME.pack(HAVE, pid, first, count))
+                parts.append(frames.frame(frames.HAVE, pid, first, count))
                 self.stats.pages_known += count
         await out.write(b"".join(parts), flush=True)     # one write: see _send
 

@@ -1,7 +1,7 @@
 """The target's last line of defence in post-copy: if the agent dies, its copy dies first.
 
 A copy restored with lazy pages waits, on every page it lacks, for whoever holds its
-userfaultfd to place it (placer.py). Once the last descriptor of a uffd closes, the
+userfaultfd to place it (pages/placer.py). Once the last descriptor of a uffd closes, the
 kernel fills those pages with zeros, and the copy runs on corrupted, silently. The agent
 kills an incomplete copy before it lets its uffds go (agent._settle_lazy), but an agent
 killed outright cannot. So the agent starts this guard before the restore, and sends it
@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import proc
+from .. import proc
 
 
 def kill_pidfile(path: str) -> None:
@@ -35,8 +35,8 @@ def kill_pidfile(path: str) -> None:
 
 
 def kill_container(runtime: str, cid: str) -> None:
-    from .runtimes import control
-    from .protocol import Container
+    from ..runtimes import control
+    from ..wire.protocol import Container
     subprocess.run(control(Container(runtime, cid, ""), "delete"), stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
 

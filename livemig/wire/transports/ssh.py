@@ -11,7 +11,7 @@ from typing import Sequence
 
 import asyncssh
 
-from livemig.errors import ConnectionFailed
+from ...errors import ConnectionFailed
 
 from . import Completed
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Sequence
 
-from livemig import proc
+from ... import proc
 
 from . import Completed
 

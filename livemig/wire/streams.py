@@ -20,7 +20,8 @@ from pathlib import Path
 
 import zstandard
 
-from . import bandwidth, proc
+from . import bandwidth
+from .. import proc
 
 CHUNK = 1 << 20
 _NAME = struct.Struct(">H")

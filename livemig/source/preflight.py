@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import policy
-from .errors import PreflightError
-from .protocol import Container, HostFacts
+from ..errors import PreflightError
+from ..wire.protocol import Container, HostFacts
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import host, proc
-from .workdirs import write_private
-from .report import ThrottleStep
+from .. import host, proc
+from ..workdirs import write_private
+from ..report import ThrottleStep
 
 FILE = "THROTTLE.json"
 MIN_QUOTA_US = 1000          # the kernel's smallest CFS quota

@@ -12,7 +12,7 @@ daemon: an int PID (negative: a zombie, no memory, no fd), then the uffd (SCM_RI
 one byte), and once every task is restored and its lazy ranges registered, the word
 RESTORE_FINISHED. From then on every page the source pushes goes into its process the
 moment it lands (UFFDIO_COPY, a run at a time), and a fault asks the source for the pages
-it waits on, ahead of the push (postcopy.FAULT).
+it waits on, ahead of the push (frames.FAULT).
 
 A uffd also reports what the process does to its memory meanwhile (the features CRIU's
 restore asks for):
@@ -39,10 +39,11 @@ import socket
 import struct
 from pathlib import Path
 
-from . import pagehash, postcopy, shadow, streams, uffd
+from . import frames, pagehash, postcopy, shadow, uffd
+from ..wire import streams
 from .pagemap import PAGE, Range
-from .postcopy import ACK, CLOSE, FAULT, FRAME, HAVE, NEED_PAGES, PAGES, PS_IOV_CLOSE, PUSHED_ALL, STATUS, \
-    PageStreamError
+from .frames import ACK, CLOSE, FAULT, HAVE, PAGES, PUSHED_ALL, STATUS
+from .postcopy import NEED_PAGES, PS_IOV_CLOSE, PageStreamError
 
 SOCKET = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446       # "ReSTore Finished", as criu/uffd.c sends it
@@ -293,7 +294,7 @@ class Placer:
         source counts in its window until acknowledged)."""
         while True:
             try:
-                kind, pid, vaddr, n = FRAME.unpack(await inbound.need(FRAME.size, "the source's page stream"))
+                kind, pid, vaddr, n = await frames.read(inbound, "the source's page stream")
             except EOFError:
                 # the fault stream ends once the source has our CLOSE, maybe before the
                 # pushing stream brings the status
@@ -348,16 +349,16 @@ class Placer:
                 await self._arrived(pid, first, count, view)
 
     def _queue(self, kind: int, pid: int = 0, vaddr: int = 0, pages: int = 0) -> None:
-        self._outbox.put_nowait(FRAME.pack(kind, pid, vaddr, pages))
+        self._outbox.put_nowait(frames.frame(kind, pid, vaddr, pages))
 
     async def _send(self, out: streams.CompressedWriter) -> None:
         """Frames to the source, as many at once as are waiting."""
         while True:
-            frames = [await self._outbox.get()]
+            waiting = [await self._outbox.get()]
             while not self._outbox.empty():
-                frames.append(self._outbox.get_nowait())
-            await out.write(b"".join(frames), flush=True)
-            if any(FRAME.unpack(f)[0] == CLOSE for f in frames):
+                waiting.append(self._outbox.get_nowait())
+            await out.write(b"".join(waiting), flush=True)
+            if any(frames.kind_of(f) == CLOSE for f in waiting):
                 await out.close()
                 return
 

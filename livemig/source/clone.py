@@ -21,13 +21,15 @@ import socket
 import time
 from pathlib import Path
 
-from . import host, preflight, protocol as p, runtimes
-from .coordinator import local_cpuinfo, local_facts, make_work_dir
-from .errors import ConnectionFailed, Phase, PreflightError, UsageError, record_failure
-from .options import Options
-from .progress import Connecting, Copied, Running, Stepping, quiet
-from .report import CloneReport, Replica
-from .runtimes import podman
+from .. import host, runtimes
+from . import preflight
+from ..wire import protocol as p
+from .migration import local_cpuinfo, local_facts, make_work_dir
+from ..errors import ConnectionFailed, Phase, PreflightError, UsageError, record_failure
+from ..options import Options
+from ..progress import Connecting, Copied, Running, Stepping, quiet
+from ..report import CloneReport, Replica
+from ..runtimes import podman
 from .session import TargetSession, migration_id, remote_error, ssh_connector
 
 

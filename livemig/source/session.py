@@ -13,9 +13,11 @@ import socket
 import time
 from pathlib import Path
 
-from . import __version__, postcopy, protocol as p, streams
-from .errors import DumpError, LivemigError, Phase, PreflightError, RestoreError
-from .options import Options
+from ..version import __version__
+from ..pages import postcopy
+from ..wire import protocol as p, streams
+from ..errors import DumpError, LivemigError, Phase, PreflightError, RestoreError
+from ..options import Options
 from .preflight import Check
 
 NOT_IMAGES = {"stats-dump", "parent"}    # in an image directory, but not for the target
@@ -215,7 +217,7 @@ def remote_error(e: p.RemoteFailure, phase: str, target: str) -> LivemigError:
 
 def ssh_connector(options: Options):
     """How a session reaches its target by default: SSH, the user's own config applying."""
-    from transports.ssh import SshTransport
+    from ..wire.transports.ssh import SshTransport
 
     async def connect(target: str):
         return await SshTransport.connect(target, timeout=options.connect_timeout)

@@ -2,7 +2,7 @@
 
 It speaks the framed protocol (protocol.py) on its stdin/stdout, keeps every
 image in a private directory (0700) of its own, runs CRIU's page servers and
-restore there, places post-copy's pages itself (placer.py), and takes data
+restore there, places post-copy's pages itself (pages/placer.py), and takes data
 streams on a UNIX socket in that directory. It restores the tree stopped and
 lets it run only when told the source is gone (Resume). When the coordinator
 vanishes before that, it cannot tell whether the source was committed away: the
@@ -32,12 +32,15 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__, bundle, criu, host, logs, pagemap, placer, postcopy, proc, protocol as p, shadow, \
-    streams, workdirs
-from . import runtimes
-from .runtimes import oci, podman
-from .runtimes.held import HeldCopy
-from .errors import LivemigError, Phase
+from ..version import __version__
+from ..runtimes import bundle
+from .. import criu, host, logs, proc, workdirs
+from ..pages import frames, pagemap, placer, postcopy, shadow
+from ..wire import protocol as p, streams
+from .. import runtimes
+from ..runtimes import oci, podman
+from ..runtimes.held import HeldCopy
+from ..errors import LivemigError, Phase
 
 DEFAULT_ROOT = "/var/lib/livemig"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -341,16 +344,15 @@ class Agent:
             inbound = streams.Decompressed(reader)
             while True:
                 try:
-                    kind, pid, vaddr, n = postcopy.FRAME.unpack(await inbound.need(postcopy.FRAME.size,
-                                                                                    "pre-copy's page stream"))
+                    kind, pid, vaddr, n = await frames.read(inbound, "pre-copy's page stream")
                 except EOFError:
                     raise AgentFailure(Phase.PRECOPY, "pre-copy's page stream ended before its end mark") from None
-                if kind == postcopy.PUSHED_ALL:
+                if kind == frames.PUSHED_ALL:
                     if n != pages:
                         raise AgentFailure(Phase.PRECOPY, f"pre-copy's page stream brought {pages} pages "
                                                           f"of the {n} sent")
                     break
-                if kind != postcopy.PAGES:
+                if kind != frames.PAGES:
                     raise AgentFailure(Phase.PRECOPY, f"unexpected frame {kind} in pre-copy's page stream")
                 data = await inbound.need(n * pagemap.PAGE, "pre-copy's page stream")
                 try:
@@ -446,7 +448,7 @@ class Agent:
         return p.Restored(self.restored[-1] if self.restored else 0, seconds)
 
     async def _start_placer(self, d: Path, token: str, faults: str | None, fill: bool = False) -> None:
-        """Post-copy's target side (placer.py): listening before CRIU's restore looks for it.
+        """Post-copy's target side (pages/placer.py): listening before CRIU's restore looks for it.
         fill: the same machinery fills the copy from the store: pre-copy by hashes', where
         the source says a page is unchanged, and every page pushed before the copy runs
         (stop-and-copy into memory too); the copy may run (Resume) once every page is
@@ -473,7 +475,7 @@ class Agent:
             # Its output goes nowhere: it must outlive us and the SSH session's pipes (and, a
             # session of its own, what kills our process group). What it did, it writes in the verdict.
             self.guard = await proc.start(
-                [sys.executable, "-m", "livemig.guard", str(theirs.fileno()), str(self.verdicts.root),
+                [sys.executable, "-m", "livemig.target.guard", str(theirs.fileno()), str(self.verdicts.root),
                  self.work.name],
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                 pass_fds=[theirs.fileno()])
