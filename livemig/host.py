@@ -62,11 +62,8 @@ def resident_bytes(pids: list[int]) -> int:
 
 def has_terminal(pid: int) -> bool:
     """A process with a controlling terminal needs CRIU's --shell-job."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return int(stat.rsplit(")", 1)[1].split()[4]) != 0
+    fields = proc.stat_fields(pid)
+    return bool(fields) and int(fields[4]) != 0
 
 
 def same_netns(pid: int) -> bool:

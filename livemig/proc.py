@@ -225,22 +225,26 @@ def signal_tasks(named: list[Task], sig: int) -> int:
     return sent
 
 
-def start_time(pid: int) -> int | None:
-    """When pid started (clock ticks since boot): with the PID, names one process for good."""
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command's name (state first), None if pid is gone.
+    The name, in parentheses, may hold spaces and parentheses itself: it is cut at the last ")"."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    return stat.rsplit(")", 1)[1].split()
+
+
+def start_time(pid: int) -> int | None:
+    """When pid started (clock ticks since boot): with the PID, names one process for good."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def state(pid: int) -> str | None:
     """pid's state letter in /proc (R, S, T, t, Z...), None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
+    fields = stat_fields(pid)
+    return fields[0] if fields else None
 
 
 def boot_id() -> str:

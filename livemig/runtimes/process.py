@@ -90,7 +90,6 @@ class ProcessTree(Workload):
             proc.signal_tasks(self.frozen, signal.SIGSTOP)
             if let_go := [pid for pid in proc.named(self.frozen) if _traceable(pid) and proc.tracer(pid) == 0]:
                 proc.signal_tasks(self.frozen, signal.SIGCONT)    # it runs on, as CRIU left it
-                self.frozen = []
                 raise DumpError(f"CRIU let go of PID {let_go[0]} before the dump was done")
             self.hook.proceed()     # CRIU goes on to serve pages, the tree stays stopped
         return self.hook.post_dump.result()

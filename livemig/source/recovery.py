@@ -31,9 +31,6 @@ from .session import TargetSession, migration_id
 RECORD = "RECOVER.json"
 
 
-start_time = proc.start_time
-
-
 @dataclass
 class Record:
     """A move past its final dump, as `livemig recover` finds it in the source's work
@@ -59,7 +56,7 @@ class Record:
     @classmethod
     def mine(cls, migration: str, target: str, workload, lazy: bool, bundle_moves: bool = False) -> "Record":
         me = os.getpid()
-        return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, start_time(me) or 0), lazy)
+        return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, proc.start_time(me) or 0), lazy)
 
     def coordinator_alive(self) -> bool:
         pid, t = self.coordinator

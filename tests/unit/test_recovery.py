@@ -96,7 +96,7 @@ async def test_while_nobody_knows_the_source_copy_stays_stopped(root, acted, mon
 
 async def test_a_move_still_running_is_left_to_its_coordinator(root, acted, monkeypatch):
     me = os.getpid()
-    record(root, 1, coordinator=(me, recovery.start_time(me)))
+    record(root, 1, coordinator=(me, proc.start_time(me)))
     asked, _ = answers(monkeypatch)
     [settled] = await recovery.recover(Options(image_root=str(root)), None)
     assert settled.outcome == "unresolved" and "still moving it" in settled.detail
@@ -115,15 +115,15 @@ async def test_target_lost_resumes_the_source_without_asking(root, acted, monkey
 def test_a_source_copy_acts_only_on_the_processes_it_recorded():
     # a PID reused by another process (another start time) is never signalled
     me = os.getpid()
-    copy = HeldCopy("process", [(me, recovery.start_time(me) + 1)])
+    copy = HeldCopy("process", [(me, proc.start_time(me) + 1)])
     assert copy._alive() == []
-    assert HeldCopy("process", [(me, recovery.start_time(me))])._alive() == [(me, recovery.start_time(me))]
+    assert HeldCopy("process", [(me, proc.start_time(me))])._alive() == [(me, proc.start_time(me))]
 
 
 def test_a_source_copy_recorded_before_a_reboot_acts_on_nothing():
     # after a reboot a (PID, start time) pair may name a new process: the boot ID tells
     me = os.getpid()
-    pair = (me, recovery.start_time(me))
+    pair = (me, proc.start_time(me))
     assert HeldCopy("process", [pair], boot=proc.boot_id())._alive() == [pair]
     other = HeldCopy("process", [pair], boot="another-boot")
     assert other._alive() == [] and other.root_gone()
