@@ -123,7 +123,7 @@ def run_matrix(lab: Lab, names: list[str], scenarios: list[tuple[str, int, float
                           file=sys.stderr)
                     try:
                         CONTENDERS[name](lab, work, where, there, s)
-                    except Exception as e:     # one failed run is a figure too: recorded, not fatal
+                    except Exception as e:  # noqa: BLE001 - one failed run is a figure too: recorded, not fatal
                         s.error = f"{type(e).__name__}: {e}"[:300]
                     samples.append(s)
                     print(f"  app-seen downtime {s.downtime_app * 1000:.0f} ms, total {s.total:.2f} s, "

@@ -179,7 +179,7 @@ def hand_lazy(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample
         try:
             lab.run(dst, ["python3", SIDE, "wait-exit", daemon, str(HAND_FETCH_LIMIT)],
                     timeout=HAND_FETCH_LIMIT + 60)
-        except Exception:
+        except Exception:  # noqa: BLE001 - whichever way the wait failed, this is what it means
             raise RuntimeError(f"the lazy-pages daemon was still fetching pages {HAND_FETCH_LIMIT} s "
                                "after the restore") from None
         lab.run(src, ["python3", SIDE, "wait-exit", dump, "600"], timeout=700)

@@ -56,7 +56,7 @@ def _alive(pid: int) -> bool:
 def main(argv: list[str]) -> int:
     cmd, args = argv[0], argv[1:]
     if cmd == "usage":
-        rc = subprocess.run(args[1:]).returncode
+        rc = subprocess.run(args[1:], check=False).returncode
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         with open(args[0], "w") as out:
             json.dump({"cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": ru.ru_maxrss * 1024}, out)

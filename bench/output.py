@@ -81,9 +81,9 @@ def table(result: dict) -> str:
              + (f"Every contender capped at {result['max_bandwidth'] / 2**20:g} MiB/s (livemig --max-bandwidth, "
                 "scp -l). " if result.get("max_bandwidth") else "")
              + "Times are medians (min-max) over the repetitions; ms unless marked.", "",
-             "| workload | MiB | dirty MiB/s | contender | downtime seen by the app | downtime (tool) | total s | "
-             "MiB on the wire | CPU s (source) | peak RSS MiB | less downtime than seeds | "
-             "stop-and-copy floor | post-copy fetch MiB/s (of scp's) |",
+             ("| workload | MiB | dirty MiB/s | contender | downtime seen by the app | downtime (tool) | total s | "
+              "MiB on the wire | CPU s (source) | peak RSS MiB | less downtime than seeds | "
+              "stop-and-copy floor | post-copy fetch MiB/s (of scp's) |"),
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary(result):
         ratio = r["less_downtime_than_seeds"]
