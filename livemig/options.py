@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -33,3 +34,105 @@ class Options:
     runtime: str | None = None       # a container's runtime (runc, crun); None: whichever knows it
     name: str | None = None          # the container's name on the target; None keeps its name
     force: bool = False              # go on past mismatches that can only fail the restore
+
+
+# --- Internal limits ---------------------------------------------------------------------------
+# Not options a user sets: how long livemig waits for each thing it waits on, and the sizes that
+# shape its streams. Each lives here, once, under a name that says what it bounds; the comment
+# says why the figure. The modules read them as WAITS.<name> and SIZES.<name>; a test that needs
+# another figure passes it in where the code takes one (Placer's stall_seconds), never patches here.
+
+@dataclass(frozen=True)
+class Waits:
+    """Seconds. A wait that runs out is a failure of the thing waited for, said as such."""
+    # -- the source
+    freeze_start: float = 10.0            # for the final dump's freeze to begin (CRIU's first start in a VM: 4.2 s)
+    page_server_reason: float = 5.0       # for the target's page server to say why, once the final dump broke
+    agent_reason: float = 5.0             # for the agent to say why, once its page stream broke
+    target_verdict: float = 15.0          # for the target to say how its copy ended, once post-copy failed
+    target_verdict_poll: float = 1.0      # between asking a target whose agent is still settling its copy
+    verdict_forgotten: float = 10.0       # for the agent to take Finish once its verdict is ours
+    abort: float = 30.0                   # for the agent to undo its side of a move rolled back
+    agent_exit: float = 10.0              # for the agent to exit once its input ended; then it is killed
+    recover_retry_poll: float = 0.5       # between asking a target that said "try again" (recover)
+    throttle_hold_poll: float = 0.002     # between looks at whether the throttled workload is being frozen
+    # -- the page stream (both ends)
+    page_stream_stall: float = 30.0       # silence from the other end, pages still missing, before the link is
+    #                                      called lost (a cut link is silent: TCP would wait minutes). Each end
+    #                                      then settles alone: the target kills a copy that lacks pages, and the
+    #                                      source keeps its copy stopped until it learns that
+    page_stream_stall_poll: float = 1.0   # between looks for that silence
+    page_stream_close: float = 10.0       # for the target to hang up first once every page is across
+    postcopy_push_quiet: float = 0.02     # post-copy holds its push back after the resume until no fault came for
+    postcopy_push_quiet_cap: float = 0.3  # this long, or this long after the resume. Pushed pages cost both hosts'
+    #                                      CPUs, which the restore, the control messages and each fault's pages
+    #                                      need. Measured side by side in the namespaced lab (3 reps, medians, idle
+    #                                      workload): 16 MiB pushed during the restore and none held back after:
+    #                                      268 ms of downtime at 64 MiB (223 ms seen by the app), 415 (375) at
+    #                                      2 GiB; nothing pushed during the restore and a 20 ms quiet: 112 (138)
+    #                                      and 281 (312); all of 2 GiB was across 0.8 s later
+    uffd_busy_retry: float = 0.0005       # before trying again a page copy the kernel refused (EAGAIN)
+    # -- the target
+    stream_open: float = 60.0             # for the coordinator to open a stream the agent is waiting on
+    linger_after_failed_postcopy: float = 60.0   # for the coordinator to settle a failed post-copy's copy
+    lazy_pause: float = 10.0              # to pause a container restored with lazy pages (a task waiting for a
+    #                                      page cannot freeze until it lands; cgroup v1's freezer gives up fast)
+    lazy_pause_poll: float = 0.05         # between those tries
+    criu_exit_after_broken_pipe: float = 2.0     # for CRIU to write why its page pipe broke, before its log is read
+    container_delete: float = 60.0        # for a runtime's `delete --force` of a copy being undone
+    # -- programs
+    reap: float = 5.0                     # for a killed program's pipes to close before ours are (a stray child
+    #                                      of its own may hold them as long as it lives)
+    dump_exit: float = 60.0               # for CRIU to exit once its page stream is cut; then it is killed
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes, pages (4 KiB) or counts: how much goes at once."""
+    # -- post-copy's push. Without a fault stream a fault's pages wait behind whatever is already on its
+    # way: one read from CRIU and the window of pages pushed but not yet taken in by the target. The
+    # window then starts small, so that the burst of faults right after the resume waits milliseconds,
+    # grows while no fault comes, to fill the link, and shrinks back at the next fault. With a fault
+    # stream it starts as wide as it goes, and still shrinks at a fault: pages in flight keep both hosts'
+    # CPUs busy, and a fault's page waits for a CPU too (measured, 1 rep: the longest stall of a workload
+    # dirtying 100 MiB/s of 512 MiB went from 2.3-3.2 s to 1.3 s, every page there 4.2 s after the move
+    # began, not 3.9 s).
+    push_read_pages: int = 64                     # 256 KiB per read from CRIU
+    push_window_pages: tuple[int, int] = (256, 4096)  # 1 MiB to 16 MiB pushed and not yet taken in
+    # Filling a copy that does not run yet (pre-copy by hashes), no fault waits behind the push: it reads
+    # a store slot at once (pagehash's unit, not a tunable), and its window is wide enough that
+    # acknowledgements never hold the push back.
+    fill_window_pages: int = 1 << 16              # 256 MiB in flight
+    fault_pages: int = 16                         # what the target asks for at once: a fault's neighbours come along
+    fill_compared_here_pages: int = 4096          # a fill's first 16 MiB (the smallest ranges, which the restore
+    #                                               itself may touch) compared here, not by the forked comparer,
+    #                                               which starts a moment later
+    # A fill's copies at once, each in a thread: the kernel's copy, most of a fill, needs no GIL, and two
+    # threads placed 1.6 to 1.7 times as fast as one on the lab's two cores.
+    fill_threads: int = max(2, min(4, os.cpu_count() or 1))
+    hash_read_pages: int = 256                    # 1 MiB per read of a process's memory (page hashes)
+    # A fill holds every page in the target agent's store, then hands each to the copy and lets it go:
+    # the workload's memory about once, and some slack for the pages in flight and the restore's own.
+    fill_room: float = 1.25                       # times the pages' bytes the target must have free
+    # -- the wire
+    stream_chunk: int = 1 << 20                   # bytes a stream reads and compresses at once
+    ssh_window: int = 16 << 20                    # the receive window of our ssh channels (post-copy's
+    #                                               and the replies' direction come back to us)
+    ssh_max_packet: int = 128 << 10
+    capped_piece: int = 64 * 1024                 # bytes written at once under --max-bandwidth: what one
+    #                                               window may overshoot by
+    capped_ahead: float = 0.002                   # seconds: a piece due this soon goes now (no sleep per
+    #                                               piece at high rates)
+    capped_bucket: float = 0.25                   # seconds: the slots the rate reached is counted in
+    capped_window: float = 1.0                    # seconds: the rate reached is the most sent over this long
+    # -- auto-converge
+    throttle_max_period_us: int = 250_000         # a throttled task may wait this long to be frozen (not
+    #                                               the kernel's 1 s period)
+    throttle_min_cpus: float = 0.01               # a workload that seemed idle is still allowed this much
+    # -- what is kept
+    stderr_kept: int = 64 * 1024                  # bytes of a program's stderr kept for its error
+    logs_kept: int = 20                           # failed moves' logs kept under the image root
+
+
+WAITS = Waits()
+SIZES = Sizes()
