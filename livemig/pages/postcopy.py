@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import frames, pagehash
+from ..errors import LivemigError
 from ..wire import streams
 from .pagemap import PAGE, Range
 
@@ -75,8 +76,10 @@ CLOSE_WAIT = 10.0    # seconds the source waits for the target to hang up first
 STALL_SECONDS = 30.0
 
 
-class PageStreamError(Exception):
-    pass
+class PageStreamError(LivemigError):
+    """The page stream between the hosts (or the one with CRIU) broke, or said what it must
+    not. Raised without a phase: post-copy's or a fill's, as its catcher knows (the agent
+    names it; the source tells it as a lost connection)."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 
+from ..errors import LivemigError
 from . import pagehash
 from .pagehash import CHUNK_PAGES
 from .pagemap import PAGE
@@ -24,8 +25,8 @@ from .pagemap import PAGE
 SLOT = CHUNK_PAGES * PAGE
 
 
-class MissingPages(Exception):
-    pass
+class MissingPages(LivemigError):
+    """The source named pages as held here that never came (Store.pieces)."""
 
 
 class Store:

@@ -15,6 +15,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from ..errors import LivemigError
+
 PAGE = 4096
 
 
@@ -95,13 +97,15 @@ def read_events(fd: int) -> list[Event]:
         return []
 
 
-class Gone(Exception):
-    """The process behind the uffd has exited."""
+class Gone(LivemigError):
+    """The process behind the uffd has exited. The placer catches it: nothing more goes
+    to that process."""
 
 
-class Busy(Exception):
+class Busy(LivemigError):
     """The process's memory map is changing (a fork, mremap, munmap or madvise): the uffd
-    has an event to be read first, after which the same call goes through."""
+    has an event to be read first, after which the same call goes through. The placer
+    catches it and tries again."""
 
     def __init__(self, done: int = 0):
         super().__init__("the memory map is changing")

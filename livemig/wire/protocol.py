@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ProtocolError
+from ..errors import LivemigError, ProtocolError
 
 PROTOCOL_VERSION = 10  # 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
@@ -390,7 +390,16 @@ class Channel:
         return reply
 
 
-class RemoteFailure(Exception):
+class RemoteFailure(LivemigError):
+    """The agent answered Failed: what it could not do, in the phase it names (None if it
+    named none). The source turns it into the error class of that phase, with the host
+    (source/session.remote_error); until then, failed is the agent's answer as it came."""
+
     def __init__(self, failed: Failed):
-        super().__init__(failed.message)
+        super().__init__(failed.message, phase=failed.phase or None, detail=failed.detail or None)
         self.failed = failed
+
+    def __str__(self) -> str:
+        # the agent's words alone, as before it was a LivemigError: callers quote them inside
+        # messages of their own, which say the phase and the host themselves
+        return self.message
