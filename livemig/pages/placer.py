@@ -27,6 +27,12 @@ A fault on a page the image never had (never written on the source) gets zeros.
 Once every page is in, the uffds stay open until the agent closes them (close()): the
 guard holds duplicates (guard.py), and a fault on a never-written page must find someone
 to give it zeros until the guard has let go.
+
+The copy's pages go through the stages of Stage, in order (RESTORING, REPLAYING, PLACING,
+WHOLE); two things the placer tracks beside them are not stages of the same machine and
+stay flags: whether the copy runs (the agent's Resume, which may come in any stage but
+RESTORING's start) and whether the source has pushed every page (PUSHED_ALL, which may
+come in any stage, even while the restore is under way).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import enum
 import os
 import socket
 import struct
@@ -44,6 +51,7 @@ from ..wire import streams
 from .pagemap import PAGE, Range
 from .frames import ACK, CLOSE, FAULT, HAVE, PAGES, PUSHED_ALL, STATUS
 from .postcopy import NEED_PAGES, PS_IOV_CLOSE, PageStreamError
+from ..errors import LivemigError
 
 SOCKET = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446       # "ReSTore Finished", as criu/uffd.c sends it
@@ -52,6 +60,21 @@ _BUSY_WAIT = 0.0005                 # seconds before trying a copy the kernel re
 # A fill's copies at once, each in a thread: the kernel's copy, most of a fill, needs no
 # GIL, and two threads placed 1.6 to 1.7 times as fast as one on the lab's two cores.
 FILL_THREADS = max(2, min(4, os.cpu_count() or 1))
+
+
+class Stage(enum.Enum):
+    """Where the copy's pages stand. Only the moves in _NEXT are allowed."""
+    RESTORING = "restoring"   # CRIU's restore hands its uffds over: a page that lands waits (early),
+                              # but for one a fault of the restore itself waits on
+    REPLAYING = "replaying"   # every uffd is here, its ranges registered: the early pages go in
+    PLACING = "placing"       # the early pages are in: every page goes in as it lands
+    WHOLE = "whole"           # every task has every page: CLOSE sent, nothing more is placed
+
+
+# WHOLE may come while the early pages go in: the last missing one may be among them (or a
+# task's exit leaves nothing missing)
+_NEXT = {Stage.RESTORING: {Stage.REPLAYING}, Stage.REPLAYING: {Stage.PLACING, Stage.WHOLE},
+         Stage.PLACING: {Stage.WHOLE}, Stage.WHOLE: set()}
 
 
 class _Lazy:
@@ -89,7 +112,7 @@ class _Task:
                  remaps: list[tuple[int, int, int]] | None = None, forked: bool = False):
         self.pid, self.fd, self.holes, self.left = pid, fd, holes, left
         self.remaps = remaps or []      # (from, to, length) in the order the process moved them
-        self.forked = forked
+        self.forked = forked            # a child forked since the restore: its pages are not counted as served
         self.retry: list[int] = []      # faults to answer again: the kernel said Busy
 
     def current(self, vaddr: int) -> int:
@@ -143,15 +166,14 @@ class Placer:
         self.early: list[tuple[int, int, int, bytes]] = []   # pages that came before the restore was done
         self.early_pages: dict[tuple[int, int], memoryview] = {}   # the same, by (pid, page)
         self.stats = postcopy.Served()
-        self.finished = False     # the restore is done: every uffd is here, its ranges registered
-        self.whole = False        # every task has every page: CLOSE sent
+        self.stage = Stage.RESTORING
+        # Not stages of the pages (see the module's doc), so flags of their own:
         self.pushed_all = False   # the source has sent every page: what is missing is on its way
+        self.running = False      # the copy runs: from now on the source must be heard from
         # Every frame of the source's push is read and every page it sent placed, so every
         # page still missing is one it named (HAVE), held in the store as it is now: from
         # here on a fault needs nothing from the source, and the copy may run (a fill).
         self.all_here = asyncio.Event()
-        self._replayed = False    # the pages that came during the restore are placed
-        self.running = False      # the copy runs: from now on the source must be heard from
         self.heard = 0.0
         self.status: int | None = None
         self._listener: socket.socket | None = None
@@ -163,6 +185,21 @@ class Placer:
         # shared cores placing 2 GiB costs 2 to 3 s of CPU).
         self._filling = asyncio.Event()
         self._failed: asyncio.Future | None = None
+
+    @property
+    def finished(self) -> bool:
+        """The restore is done: every uffd is here, its ranges registered."""
+        return self.stage is not Stage.RESTORING
+
+    @property
+    def whole(self) -> bool:
+        """Every task has every page: CLOSE sent."""
+        return self.stage is Stage.WHOLE
+
+    def _advance(self, to: Stage) -> None:
+        if to not in _NEXT[self.stage]:
+            raise LivemigError(f"the placer cannot go from {self.stage.value} to {to.value}")
+        self.stage = to
 
     # --- what the agent calls ------------------------------------------------------------------
     def listen(self) -> None:
@@ -241,7 +278,7 @@ class Placer:
                 if self.on_uffd is not None:
                     self.on_uffd(fd)
                 self._watch_uffd(task)      # the restore itself may fault (a task's stack, say)
-        self.finished = True
+        self._advance(Stage.REPLAYING)
         early, self.early = self.early, []
         self.early_pages.clear()
         for pid, vaddr, n, data in early:
@@ -249,12 +286,13 @@ class Placer:
                 self._fills.put_nowait((pid, vaddr, n, data))    # a view of the store already
             else:
                 await self._arrived(pid, vaddr, n, data)
-        self._replayed = True
+        if self.stage is Stage.REPLAYING:     # (else WHOLE already)
+            self._advance(Stage.PLACING)
         self._maybe_all_here()
         self._check_whole()
 
     def _maybe_all_here(self) -> None:
-        if self.pushed_all and self._replayed:
+        if self.pushed_all and self.stage in (Stage.PLACING, Stage.WHOLE):
             self.all_here.set()
 
     @staticmethod
@@ -508,10 +546,10 @@ class Placer:
                 self.stats.pages_served += missing
 
     def _check_whole(self) -> None:
-        if self.whole or not self.finished:
+        if self.stage not in (Stage.REPLAYING, Stage.PLACING):
             return
         if all(t.left == 0 or t.fd < 0 for ts in self.tasks.values() for t in ts):
-            self.whole = True
+            self._advance(Stage.WHOLE)
             self.all_here.set()     # the source may answer our CLOSE before it says PUSHED_ALL
             self._queue(CLOSE, pages=PS_IOV_CLOSE)
             if self.status is not None:
