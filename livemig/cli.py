@@ -411,7 +411,7 @@ def _run(coro):
         try:
             import uvloop
             run = uvloop.run if hasattr(uvloop, "run") else asyncio.run
-        except ImportError:
+        except ImportError:     # no uvloop: asyncio's own loop runs the same code, a little slower
             run = asyncio.run
         return run(_stoppable(coro, ended))
     except KeyboardInterrupt:

@@ -43,7 +43,7 @@ def huge_pages_in_use(pids: list[int]) -> bool:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("AnonHugePages:") and int(line.split()[1]) > 0:
                     return True
-        except OSError:
+        except OSError:     # it exited meanwhile: none of its memory to count
             pass
     return False
 
@@ -55,7 +55,7 @@ def resident_bytes(pids: list[int]) -> int:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
-        except OSError:
+        except OSError:     # it exited meanwhile: none of its memory to count
             pass
     return total
 
@@ -70,7 +70,7 @@ def same_netns(pid: int) -> bool:
     """Does pid share this process's network namespace? (False when it cannot be told.)"""
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
-    except OSError:
+    except OSError:     # gone, or not ours to read: "cannot be told", as the docstring says
         return False
 
 
@@ -87,11 +87,11 @@ def cpu_ns(pid: int) -> int:
     total = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+    except OSError:     # it is gone: the docstring's 0
         return 0
     for tid in tids:
         try:
             total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, IndexError):     # the thread exited meanwhile: it adds nothing now
             pass
     return total

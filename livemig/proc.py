@@ -133,10 +133,10 @@ async def kill(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> N
     if proc.returncode is None:
         try:
             os.killpg(proc.pid, sig)       # its group: what it forked goes with it
-        except ProcessLookupError:
+        except ProcessLookupError:         # the group is gone already: nothing left to kill
             pass
         except PermissionError:            # not a group of ours (never seen): itself alone
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):     # it has exited meanwhile
                 proc.send_signal(sig)
     try:
         await asyncio.shield(_reaped(proc))
@@ -182,7 +182,7 @@ def process_tree(root: int) -> list[int]:
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 todo += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
+        except OSError:     # it exited meanwhile: no children to read (and it is left out below)
             pass
     return [pid for pid in seen if os.path.exists(f"/proc/{pid}")]
 
@@ -205,7 +205,7 @@ def signal_tasks(named: list[Task], sig: int) -> int:
     for pid, started in named:
         try:
             fd = os.pidfd_open(pid)
-        except ProcessLookupError:
+        except ProcessLookupError:     # it is gone: nothing to signal
             continue
         except OSError:      # no pidfds (ENOSYS): checked, then signalled by PID
             fd = None
@@ -230,7 +230,7 @@ def stat_fields(pid: int) -> list[str] | None:
     The name, in parentheses, may hold spaces and parentheses itself: it is cut at the last ")"."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    except OSError:     # gone: the docstring's None
         return None
     return stat.rsplit(")", 1)[1].split()
 
@@ -251,7 +251,7 @@ def boot_id() -> str:
     """This boot's ID: (PID, start time) pairs name processes of one boot only."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
+    except OSError:     # no boot ID to read: "" stands for this boot (see named())
         return ""
 
 
@@ -274,6 +274,6 @@ def tracer(pid: int) -> int:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("TracerPid:"):
                 return int(line.split()[1])
-    except (OSError, ValueError):
+    except (OSError, ValueError):     # gone: the docstring's 0
         pass
     return 0

@@ -139,6 +139,11 @@ class Ticker:
             yield self
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            streams.tally.reset(token)
+            try:
+                # Waited for without suppressing CancelledError: its end is the cancel above,
+                # and a cancel of this task that came meanwhile must not be swallowed with it.
+                await asyncio.wait({task})
+                if not task.cancelled():
+                    task.result()      # it failed by itself (a progress callback raised): told, as before
+            finally:
+                streams.tally.reset(token)

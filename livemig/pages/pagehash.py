@@ -208,7 +208,7 @@ class Tracker:
                         size = min(READ_PAGES * PAGE, last - at)
                         try:
                             got = os.preadv(mem.fileno(), [memoryview(buf)[:size]], at)
-                        except OSError:
+                        except OSError:     # unmapped meanwhile: skipped, as the docstring says
                             continue
                         got -= got % PAGE
                         view = memoryview(buf)[:got]
@@ -237,8 +237,10 @@ class Comparer:
 
     def __init__(self, tracker: "Tracker", pieces: list[tuple[int, int, int]], memory: dict[int, int]):
         r, w = os.pipe()
+        # a piece's changed pages at once; refused (past the system's pipe-max-size), the pipe
+        # only takes them in smaller bites
         with contextlib.suppress(OSError):
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)     # a piece's changed pages at once
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
         try:
             pid = os.fork()
         except OSError:
@@ -301,9 +303,9 @@ class Comparer:
         return out
 
     def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):     # it has exited already
             os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
+        with contextlib.suppress(ChildProcessError):      # reaped already: nothing left of it
             os.waitpid(self.pid, 0)
         if self._fd >= 0:
             os.close(self._fd)

@@ -650,7 +650,7 @@ class Placer:
             run += 1
         try:
             pieces = self.store.pieces(task.pid, base + k * PAGE, run)
-        except shadow.MissingPages:
+        except shadow.MissingPages:     # let go already: the source's page is asked for instead
             return False
         if not pieces or pieces[0][0] != base + k * PAGE:
             return False

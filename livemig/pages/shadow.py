@@ -117,7 +117,7 @@ class Store:
             try:
                 if isinstance(slot, mmap.mmap):
                     slot.close()
-            except BufferError:
+            except BufferError:     # still viewed: its memory goes with the last view, as said above
                 pass
         self._slots.clear()
         self._have.clear()

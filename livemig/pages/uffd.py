@@ -93,7 +93,7 @@ def read_events(fd: int) -> list[Event]:
     """What the uffd has to say now ([] if nothing: the fd is non-blocking)."""
     try:
         return parse(os.read(fd, MSG_SIZE * 64))
-    except BlockingIOError:
+    except BlockingIOError:     # nothing to read now: the fd does not block
         return []
 
 
@@ -179,6 +179,7 @@ def zero(fd: int, address: int, length: int = PAGE) -> None:
 
 def wake(fd: int, address: int, length: int = PAGE) -> None:
     """Wake threads waiting on pages that are there (placed while their fault was queued)."""
+    # refused only once the range or the process is gone: then nobody waits there
     with contextlib.suppress(OSError):
         fcntl.ioctl(fd, UFFDIO_WAKE, struct.pack("<QQ", address, length))
 

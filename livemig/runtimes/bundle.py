@@ -64,5 +64,5 @@ def remove_deleted(root: Path, deleted: list[str]) -> None:
                 os.rmdir(path)
             else:
                 os.unlink(path)
-        except FileNotFoundError:
+        except FileNotFoundError:     # not here either: nothing to delete
             pass

@@ -73,7 +73,7 @@ class HeldCopy:
             return True
         try:     # runc and crun print their state; podman's `container exists` prints nothing
             return json.loads(res.stdout).get("status") == "stopped"
-        except ValueError:
+        except ValueError:     # no state printed (podman): it exists, so it has not ended
             return False
 
     async def end(self) -> list[str]:
@@ -87,7 +87,7 @@ class HeldCopy:
         if self.bundle and Path(self.bundle).is_dir():
             if bundle.mounts_under(Path(self.bundle)):
                 return [f"the bundle {self.bundle} stays here: file systems are mounted in it"]
-            shutil.rmtree(self.bundle, ignore_errors=True)
+            shutil.rmtree(self.bundle, ignore_errors=True)     # what is left is only disk, not the workload
         return []
 
 

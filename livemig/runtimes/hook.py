@@ -30,7 +30,7 @@ try:
     s.connect(os.environ["LIVEMIG_HOOK_SOCKET"])
     s.sendall(action.encode() + b"\\n")
     verdict = s.recv(1) if action == "post-dump" else b"0"
-except OSError:
+except OSError:    # the coordinator is gone: the journal decides, below
     pass
 if not verdict:
     try:

@@ -72,14 +72,14 @@ async def state(runtime: str, container: str) -> dict | None:
         return None
     try:
         return json.loads(res.stdout)
-    except ValueError:
+    except ValueError:     # a state that is not JSON: none this livemig can act on
         return None
 
 
 async def version(runtime: str) -> str:
     try:
         res = await proc.run([runtime, "--version"], check=False)
-    except CommandFailed:
+    except CommandFailed:      # the runtime is not installed: no version
         return ""
     first = res.text.strip().splitlines()[:1]
     return first[0].split("version", 1)[-1].strip() if first else ""

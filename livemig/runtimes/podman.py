@@ -28,13 +28,13 @@ STATS = "checkpoint-stats.log"     # podman's --print-stats; a .log stays on the
 async def inspect(name: str) -> dict | None:
     try:
         res = await proc.run(["podman", "container", "inspect", name], check=False)
-    except CommandFailed:
+    except CommandFailed:      # podman is not installed: it knows no container
         return None
     if res.returncode != 0:
         return None
     try:
         [found] = json.loads(res.stdout)
-    except ValueError:
+    except ValueError:         # not one container's JSON: none by that name
         return None
     return found
 
@@ -44,7 +44,7 @@ async def facts() -> dict[str, str]:
     try:
         res = await proc.run(["podman", "info", "--format", "json"], check=False)
         info = json.loads(res.stdout) if res.returncode == 0 else {}
-    except (CommandFailed, ValueError):
+    except (CommandFailed, ValueError):     # no podman here, or no info from it: no facts to compare
         return {}
     h = info.get("host", {})
     return {"podman": info.get("version", {}).get("Version", ""),
@@ -148,7 +148,7 @@ class PodmanContainer(Workload):
     def stats(self, images: Path) -> criu.DumpStats | None:
         try:
             return parse_stats((images / STATS).read_bytes())
-        except OSError:
+        except OSError:     # none written: the report goes without them, as with CRIU's (criu.read_stats)
             return None
 
     async def release(self, run: DumpRun, lazy: bool) -> list[str]:

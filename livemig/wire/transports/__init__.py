@@ -45,6 +45,6 @@ def link_errors() -> tuple[type[BaseException], ...]:
     try:
         import asyncssh
         errors.append(asyncssh.Error)
-    except ImportError:
+    except ImportError:     # no asyncssh, so no SSH transport: none of its errors can come
         pass
     return tuple(errors)
