@@ -328,7 +328,7 @@ def _explain(e: LivemigError, verbose: bool) -> None:
             print(f"  {line}", file=sys.stderr)
         for where in kept:
             host, _, path = where.partition(":")
-            if host == e.report.source and Path(path).is_dir():   # the target's: there, and in detail
+            if e.report is not None and host == e.report.source and Path(path).is_dir():   # the target's: there, and in detail
                 for line in logs.excerpt(Path(path)):
                     print(f"  {line}", file=sys.stderr)
     if kept:
@@ -384,7 +384,8 @@ async def _stoppable(coro, ended: _Ended):
             got.append(sig)
             return
         got.append(sig)
-        task.cancel()
+        if task is not None:     # (a coroutine's own task: always)
+            task.cancel()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop, sig)
     try:

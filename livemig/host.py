@@ -63,7 +63,9 @@ def resident_bytes(pids: list[int]) -> int:
 def has_terminal(pid: int) -> bool:
     """A process with a controlling terminal needs CRIU's --shell-job."""
     fields = proc.stat_fields(pid)
-    return bool(fields) and int(fields[4]) != 0
+    if not fields:
+        return False
+    return int(fields[4]) != 0
 
 
 def same_netns(pid: int) -> bool:

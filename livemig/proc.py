@@ -69,10 +69,11 @@ async def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = 
     try:
         async with asyncio.timeout(timeout):
             out, err = await proc.communicate(input)
+            rc = await proc.wait()      # it has exited: its status, at once
     except BaseException:
         await kill(proc)
         raise
-    return _result(argv, proc.returncode, out, err, check, phase)
+    return _result(argv, rc, out, err, check, phase)
 
 
 async def _run_leaving_daemon(argv, *, check, env, timeout, phase, started) -> Result:
@@ -82,13 +83,13 @@ async def _run_leaving_daemon(argv, *, check, env, timeout, phase, started) -> R
             started(proc)
         try:
             async with asyncio.timeout(timeout):
-                await proc.wait()
+                rc = await proc.wait()
         except BaseException:
             await kill(proc)
             raise
         out.seek(0)
         err.seek(0)
-        return _result(argv, proc.returncode, out.read(), err.read()[-STDERR_KEPT:], check, phase)
+        return _result(argv, rc, out.read(), err.read()[-STDERR_KEPT:], check, phase)
 
 
 def _result(argv, returncode: int, out: bytes, err: bytes, check: bool, phase: str | None) -> Result:

@@ -58,7 +58,7 @@ def hold(work: Path) -> Held:
 def sweep(root: Path | str) -> list[str]:
     """Remove what owners that died left under root, but for what a marker keeps; the
     names of what went."""
-    gone = []
+    gone: list[str] = []
     try:
         entries = list(Path(root).iterdir())
     except OSError:

@@ -179,7 +179,7 @@ class Tracker:
             for j, d in enumerate(digests):
                 at = (k + j) * DIGEST
                 same = c is not None and c.have[k + j] and c.digests[at:at + DIGEST] == d
-                if not same and record:
+                if not same and record and c is not None:     # (recording, c was made above)
                     c.digests[at:at + DIGEST] = d
                     if not c.have[k + j]:
                         c.have[k + j] = 1
@@ -289,7 +289,7 @@ class Comparer:
                 data = os.read(self._fd, 1 << 22)
             except BlockingIOError:
                 readable = loop.create_future()
-                loop.add_reader(self._fd, lambda: readable.done() or readable.set_result(None))
+                loop.add_reader(self._fd, _set, readable)
                 try:
                     await readable
                 finally:
@@ -312,6 +312,11 @@ class Comparer:
             self._fd = -1
 
 
+def _set(f: asyncio.Future) -> None:
+    if not f.done():
+        f.set_result(None)
+
+
 def _compare_into(w: int, tracker: "Tracker", pieces: list[tuple[int, int, int]], memory: dict[int, int]) -> None:
     buf = bytearray(max((n for _, _, n in pieces), default=0) * PAGE)
     for vpid, vaddr, n in pieces:
@@ -320,6 +325,7 @@ def _compare_into(w: int, tracker: "Tracker", pieces: list[tuple[int, int, int]]
             got = os.preadv(memory[vpid], [view], vaddr)
         except OSError:
             got = 0
+        parts: list[bytes | memoryview]
         if got != n * PAGE:
             parts = [struct.pack("<I", _UNREAD)]
         else:

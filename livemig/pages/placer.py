@@ -49,7 +49,7 @@ from pathlib import Path
 from . import frames, pagehash, postcopy, shadow, uffd
 from ..wire import streams
 from .pagemap import PAGE, Range
-from .frames import ACK, CLOSE, FAULT, HAVE, PAGES, PUSHED_ALL, STATUS
+from .frames import ACK, CLOSE, FAULT, HAVE, PAGES, PUSHED_ALL, STATUS, PageBytes
 from .postcopy import NEED_PAGES, PS_IOV_CLOSE, PageStreamError
 from ..errors import LivemigError
 
@@ -163,7 +163,7 @@ class Placer:
         self.lazy = {pid: _Lazy(rs) for pid, rs in grouped.items()}
         self.tasks: dict[int, list[_Task]] = {}
         self.asked: dict[int, set[int]] = collections.defaultdict(set)   # pages a fault asked for, on their way
-        self.early: list[tuple[int, int, int, bytes]] = []   # pages that came before the restore was done
+        self.early: list[tuple[int, int, int, PageBytes]] = []   # pages that came before the restore was done
         self.early_pages: dict[tuple[int, int], memoryview] = {}   # the same, by (pid, page)
         self.stats = postcopy.Served()
         self.stage = Stage.RESTORING
@@ -259,8 +259,11 @@ class Placer:
     # --- the restore's side ----------------------------------------------------------------------
     async def _handover(self) -> None:
         loop = asyncio.get_running_loop()
-        conn, _ = await loop.sock_accept(self._listener)
-        self._listener.close()
+        listener = self._listener
+        if listener is None:
+            raise LivemigError("the placer was not listening (listen() first)")
+        conn, _ = await loop.sock_accept(listener)
+        listener.close()
         self._listener = None
         with conn:
             conn.setblocking(False)
@@ -373,10 +376,16 @@ class Placer:
             else:
                 raise PageStreamError(f"unknown frame {kind} from the source")
 
+    def _store(self) -> shadow.Store:
+        """The store, where only a fill's frames lead."""
+        if self.store is None:
+            raise PageStreamError("the source named pages as held here, and this host holds none")
+        return self.store
+
     async def _held(self, pid: int, vaddr: int, n: int) -> None:
         """Pages [vaddr, +n) of pid are in the store as they are now: to the fill."""
         try:
-            pieces = self.store.pieces(pid, vaddr, n)
+            pieces = self._store().pieces(pid, vaddr, n)
         except shadow.MissingPages as e:
             raise PageStreamError(str(e)) from None
         for first, count, view in pieces:
@@ -410,14 +419,15 @@ class Placer:
                                       "pages were missing: the link is lost")
 
     async def _until_failed(self) -> None:
-        await self._failed
+        if self._failed is not None:      # (made by run(), before this runs)
+            await self._failed
 
     def _fail(self, e: BaseException) -> None:
-        if not self._failed.done():
+        if self._failed is not None and not self._failed.done():
             self._failed.set_exception(e)
 
     # --- placing ---------------------------------------------------------------------------------
-    async def _arrived(self, pid: int, vaddr: int, n: int, data: bytes) -> None:
+    async def _arrived(self, pid: int, vaddr: int, n: int, data: PageBytes) -> None:
         if self.whole:
             return
         asked = self.asked.get(pid)
@@ -449,12 +459,12 @@ class Placer:
         vaddr is in none. Every frame's pages lie in one range (the push reads by range)."""
         lazy = self.lazy.get(pid)
         where = lazy.find(vaddr) if lazy else None
-        if where is None:
+        if lazy is None or where is None:
             return None
         ri, k = where
         return ri, k, min(k + n, lazy.ranges[ri].pages)
 
-    async def _place(self, task: _Task, vaddr: int, n: int, data: bytes) -> None:
+    async def _place(self, task: _Task, vaddr: int, n: int, data: PageBytes) -> None:
         span = self._span(task.pid, vaddr, n)
         if span is None:
             return
@@ -515,7 +525,7 @@ class Placer:
                     continue
                 for a, b in runs:
                     self._mark(task, ri, a, b, placed=True)
-        self.store.release(pid, first, n)
+        self._store().release(pid, first, n)
         self._check_whole()
 
     def _place_run(self, task: _Task, ri: int, a: int, b: int, chunk: memoryview) -> None:
@@ -604,7 +614,7 @@ class Placer:
         vaddr = spans[0][0] if spans else -1
         where = lazy.find(vaddr) if lazy and spans else None
         try:
-            if where is None:
+            if lazy is None or where is None:
                 uffd.zero(task.fd, address)       # never written on the source
                 return
             ri, k = where
@@ -649,7 +659,7 @@ class Placer:
         while k + run < len(holes) and run < NEED_PAGES and holes[k + run]:
             run += 1
         try:
-            pieces = self.store.pieces(task.pid, base + k * PAGE, run)
+            pieces = self._store().pieces(task.pid, base + k * PAGE, run)
         except shadow.MissingPages:     # let go already: the source's page is asked for instead
             return False
         if not pieces or pieces[0][0] != base + k * PAGE:

@@ -30,7 +30,10 @@ class MissingPages(LivemigError):
 
 
 class Store:
-    def __init__(self):
+    """The pages pre-copy by hashes sent, and those pushed before the copy runs, by process
+    and address, until placed."""
+
+    def __init__(self) -> None:
         # a slot: written into (an mmap), or a whole slot's frame kept as it came (a view)
         self._slots: dict[tuple[int, int], mmap.mmap | memoryview] = {}
         self._have: dict[tuple[int, int], bytearray] = {}

@@ -131,7 +131,7 @@ def _copy(fd: int, address: int, data: memoryview) -> tuple[int, int]:
         return n, 0
     except OSError as e:
         done = struct.unpack_from("<q", arg, 32)[0]
-        return max(done, 0), e.errno
+        return max(done, 0), e.errno or 0
 
 
 def _stop(err: int, done: int) -> None:
@@ -174,7 +174,7 @@ def zero(fd: int, address: int, length: int = PAGE) -> None:
         fcntl.ioctl(fd, UFFDIO_ZEROPAGE, arg, True)
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOENT):
-            _stop(e.errno, 0)
+            _stop(e.errno or 0, 0)
 
 
 def wake(fd: int, address: int, length: int = PAGE) -> None:

@@ -51,8 +51,8 @@ class HookServer:
         self.post_dump: asyncio.Future = loop.create_future()
         self.frozen_at = 0.0
         self.rolled_back = False
-        self._writer = None
-        self._server = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._server: asyncio.Server | None = None
 
     @classmethod
     async def start(cls, work: Path) -> "HookServer":
@@ -68,7 +68,7 @@ class HookServer:
     def environment(self) -> dict[str, str]:
         return {"LIVEMIG_HOOK_SOCKET": str(self.socket), "LIVEMIG_JOURNAL": str(self.journal)}
 
-    async def _on_connect(self, reader, writer) -> None:
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         action = (await reader.readline()).decode().strip()
         if action == "pre-dump":
             self.frozen_at = time.monotonic()

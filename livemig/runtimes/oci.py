@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import criu, proc
 from ..wire import protocol as p
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
-from . import DumpRun, Workload
+from . import DumpRun, StopPages, Workload
 from .process import criu_failure
 
 RUNTIMES = ("runc", "crun")
@@ -138,8 +138,9 @@ class OciContainer(Workload):
         frozen_at = time.monotonic()
         await proc.run([self.kind, "pause", self.container], phase=Phase.FINAL_DUMP)
         self.paused = True
-        listener = port = status_r = None
-        pass_fds = []
+        listener: socket.socket | None = None
+        port, status_r = 0, -1          # a lazy dump's: its page server's, the pipe it says "ready" on
+        pass_fds: list[int] = []
         if lazy:
             port = _free_port()
             status_r, status_w = os.pipe()
@@ -155,7 +156,7 @@ class OciContainer(Workload):
         except BaseException:
             if listener:
                 listener.close()
-            if status_r is not None:
+            if status_r >= 0:
                 os.close(status_r)
             raise
         finally:
@@ -170,7 +171,7 @@ class OciContainer(Workload):
 
     async def dumped(self, run: DumpRun, lazy: bool) -> float:
         if lazy:
-            if not await run.ready():
+            if not (isinstance(run, _LazyServerRun) and await run.ready()):
                 await run.proc.wait()
                 raise DumpError(criu_failure(f"{self.kind} checkpoint --lazy-pages", run.proc.returncode, run.log))
         else:
@@ -194,7 +195,7 @@ class OciContainer(Workload):
         return [] if res.returncode == 0 else [
             f"{self.kind} delete {self.container} failed here: {proc.why(res.stderr)}"]
 
-    async def resume(self, run: DumpRun | None, stop_pages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
         if run and run.proc.returncode is None:
             await stop_pages()
             run.close()
@@ -217,7 +218,7 @@ class OciContainer(Workload):
 class _PageServerClientRun(DumpRun):
     """CRIU connects to our loopback listener as a page-server client."""
 
-    def __init__(self, proc_, log, *, listener: socket.socket | None):
+    def __init__(self, proc_: asyncio.subprocess.Process, log: Path, *, listener: socket.socket | None):
         super().__init__(proc_, log)
         self.listener = listener
 
@@ -247,7 +248,7 @@ class _PageServerClientRun(DumpRun):
 class _LazyServerRun(DumpRun):
     """A lazy dump listens on a loopback port; the relay connects once it says it is ready."""
 
-    def __init__(self, proc_, log, *, port: int, status_r: int):
+    def __init__(self, proc_: asyncio.subprocess.Process, log: Path, *, port: int, status_r: int):
         super().__init__(proc_, log)
         self.port, self.status_r = port, status_r
 

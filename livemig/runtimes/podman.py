@@ -18,8 +18,10 @@ from pathlib import Path
 
 from .. import criu, proc
 from ..wire import protocol as p
+from ..wire import streams
+from ..wire.streams import Writer
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
-from . import DumpRun, Workload
+from . import DumpRun, StopPages, Workload
 
 ARCHIVE = "checkpoint.tar"
 STATS = "checkpoint-stats.log"     # podman's --print-stats; a .log stays on the source
@@ -99,7 +101,7 @@ class PodmanContainer(Workload):
         self.container = found["Name"]
         self.name = self.container
         self.root_pid = int(found["State"]["Pid"])
-        self.image = found.get("ImageName") or found["Image"]   # a name survives save and load
+        self.image: str = found.get("ImageName") or found["Image"]   # a name survives save and load
         self.opts = opts
         self.checkpointed = False
         self.run: DumpRun | None = None
@@ -110,8 +112,7 @@ class PodmanContainer(Workload):
     def target_spec(self) -> p.Container:
         return p.Container("podman", self.container, "", image=self.image)
 
-    async def send_image(self, writer, level: int):
-        from ..wire import streams
+    async def send_image(self, writer: Writer, level: int) -> streams.Meter:
         return await streams.send_output(["podman", "save", self.image], writer, level)
 
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
@@ -157,7 +158,7 @@ class PodmanContainer(Workload):
         return [] if res.returncode == 0 else [
             f"podman rm {self.container} failed here: {proc.why(res.stderr)}"]
 
-    async def resume(self, run: DumpRun | None, stop_pages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
         if run and run.proc.returncode is None:
             await run.proc.wait()          # podman ends its checkpoint; we act on what it left
         if not self.checkpointed:

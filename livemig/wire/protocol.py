@@ -13,25 +13,30 @@ import dataclasses
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, dataclass_transform
 
 from ..errors import LivemigError, ProtocolError
+from .streams import Reader, Writer
 
 PROTOCOL_VERSION = 10  # 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
 _PARTS: dict[str, type] = {}     # dataclasses carried inside messages, never sent alone
+_T = TypeVar("_T")
 
 
-def message(cls):
+# dataclass_transform: type checkers see each message as the frozen dataclass it is
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def message(cls: type[_T]) -> type[_T]:
     """Register a dataclass as a message type, under its class name."""
     cls = dataclass(frozen=True)(cls)
     _TYPES[cls.__name__] = cls
     return cls
 
 
-def part(cls):
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def part(cls: type[_T]) -> type[_T]:
     """Register a dataclass that travels inside messages (a field's value)."""
     cls = dataclass(frozen=True)(cls)
     _PARTS[cls.__name__] = cls
@@ -320,7 +325,9 @@ def _plain(value: Any) -> Any:
 
 
 def _typed(obj: dict) -> Any:
-    name = obj.get("type")
+    # whatever the wire says: a name that is no type's stays a plain dict; an unhashable one
+    # is malformed (TypeError, which decode() reports)
+    name: Any = obj.get("type")
     cls = _TYPES.get(name) or _PARTS.get(name)
     if cls is None:
         return obj
@@ -347,7 +354,7 @@ def decode(body: bytes) -> Any:
         raise ProtocolError(f"malformed message: {e}: {body[:200]!r}") from None
 
 
-async def read_message(reader: asyncio.StreamReader) -> Any:
+async def read_message(reader: Reader) -> Any:
     try:
         (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
         if size > MAX_FRAME:
@@ -357,7 +364,7 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
         raise EOFError("the peer closed the connection") from None
 
 
-async def write_message(writer, msg: Any) -> None:
+async def write_message(writer: Writer, msg: Any) -> None:
     writer.write(encode(msg))
     await writer.drain()
 
@@ -365,12 +372,12 @@ async def write_message(writer, msg: Any) -> None:
 class Channel:
     """Request/response over one framed stream: one request in flight at a time."""
 
-    def __init__(self, reader, writer):
+    def __init__(self, reader: Reader, writer: Writer):
         self.reader, self.writer = reader, writer
         self._lock = asyncio.Lock()
         self._owed = 0
 
-    async def request(self, msg: Any, reply_type: type) -> Any:
+    async def request(self, msg: Any, reply_type: type[_T]) -> _T:
         async with self._lock:
             # Sent before the replies still owed are read: a rollback's Abort must reach the
             # peer while it still works on a request whose caller was cancelled (the agent
