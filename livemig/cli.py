@@ -10,10 +10,10 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from .version import __version__
 from . import config, criu, display
 from .errors import ExitCode, LivemigError
 from .options import Mode
+from .version import __version__
 
 EXAMPLES = """examples:
   livemig move web1 host-b                       move the container web1 (podman, runc or crun) to host-b
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(args) -> int:
     import json
+
     from .source.migration import check
     try:
         options = _settings(mode=args.mode, image_root=args.image_root).options
@@ -200,6 +201,7 @@ def _check(args) -> int:
 def _recover(args) -> int:
     import dataclasses
     import json
+
     from .source.migration import ssh_connector
     from .source.recovery import recover
     try:
@@ -321,6 +323,7 @@ def _explain(e: LivemigError, verbose: bool) -> None:
     """Under the error's line: where CRIU's logs were kept; with -v, what in them (and in
     the failing command's output) explains it."""
     from pathlib import Path
+
     from . import logs
     kept = getattr(e.report, "logs", None) or []
     if verbose:

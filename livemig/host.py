@@ -10,6 +10,7 @@ from pathlib import Path
 from . import addresses, criu, proc
 from .wire.protocol import HostFacts
 
+
 async def probe(pids: list[int], image_root: str) -> HostFacts:
     ver = await proc.run(criu.version(), check=False)
     try:

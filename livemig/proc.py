@@ -8,9 +8,9 @@ import contextlib
 import os
 import signal
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from .errors import CommandFailed
 
@@ -122,7 +122,7 @@ async def start(argv: Sequence[str], *, stdin=asyncio.subprocess.DEVNULL, stdout
         # same, unknown to anyone. So it is waited for, and ended with what it forked.
         try:
             child = await creating
-        except Exception:      # never started: nothing is left
+        except Exception:  # noqa: BLE001 -- whatever stopped its start, it never started: nothing is left
             raise asyncio.CancelledError from None
         await kill(child)
         raise

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 from .wire import streams
 
@@ -89,7 +89,7 @@ class Fetching:
     seconds: float             # since the target runs
 
 
-Event = Union[Connecting, ModeChosen, Copied, RoundDone, Throttled, Stepping, Sending, Running, Fetching]
+Event = Connecting | ModeChosen | Copied | RoundDone | Throttled | Stepping | Sending | Running | Fetching
 Callback = Callable[[Event], None]
 
 

@@ -235,7 +235,7 @@ class Comparer:
     address, pages, changed) and the changed pages' bytes; the parent takes them in the
     same order."""
 
-    def __init__(self, tracker: "Tracker", pieces: list[tuple[int, int, int]], memory: dict[int, int]):
+    def __init__(self, tracker: Tracker, pieces: list[tuple[int, int, int]], memory: dict[int, int]):
         r, w = os.pipe()
         # a piece's changed pages at once; refused (past the system's pipe-max-size), the pipe
         # only takes them in smaller bites
@@ -317,7 +317,7 @@ def _set(f: asyncio.Future) -> None:
         f.set_result(None)
 
 
-def _compare_into(w: int, tracker: "Tracker", pieces: list[tuple[int, int, int]], memory: dict[int, int]) -> None:
+def _compare_into(w: int, tracker: Tracker, pieces: list[tuple[int, int, int]], memory: dict[int, int]) -> None:
     buf = bytearray(max((n for _, _, n in pieces), default=0) * PAGE)
     for vpid, vaddr, n in pieces:
         view = memoryview(buf)[:n * PAGE]

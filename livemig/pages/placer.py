@@ -41,17 +41,18 @@ import asyncio
 import bisect
 import collections
 import enum
+import itertools
 import os
 import socket
 import struct
 from pathlib import Path
 
-from . import frames, pagehash, postcopy, shadow, uffd
-from ..wire import streams
-from .pagemap import PAGE, Range
-from .frames import ACK, CLOSE, FAULT, HAVE, PAGES, PUSHED_ALL, STATUS, PageBytes
-from .postcopy import NEED_PAGES, PS_IOV_CLOSE, PageStreamError
 from ..errors import LivemigError
+from ..wire import streams
+from . import frames, pagehash, postcopy, shadow, uffd
+from .frames import ACK, CLOSE, FAULT, HAVE, PAGES, PUSHED_ALL, STATUS, PageBytes
+from .pagemap import PAGE, Range
+from .postcopy import NEED_PAGES, PS_IOV_CLOSE, PageStreamError
 
 SOCKET = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446       # "ReSTore Finished", as criu/uffd.c sends it
@@ -138,10 +139,20 @@ class _Task:
         return spans
 
 
+def _place_runs(fd: int, base: int, k: int, runs: list[tuple[int, int]], view: memoryview) -> None:
+    """In a fill's thread: pages a to b of each run (view's first is page k of the range at
+    base) through fd, a descriptor of the thread's own, closed here."""
+    try:
+        for a, b in runs:
+            uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
+    finally:
+        os.close(fd)
+
+
 def _split(a: int, b: int, lo: int, hi: int) -> list[tuple[int, int, bool]]:
     """[a, b) cut at [lo, hi): (start, end, inside) for each non-empty piece."""
     cuts = sorted({a, b, min(max(lo, a), b), min(max(hi, a), b)})
-    return [(x, y, lo <= x and y <= hi) for x, y in zip(cuts, cuts[1:]) if x < y]
+    return [(x, y, lo <= x and y <= hi) for x, y in itertools.pairwise(cuts) if x < y]
 
 
 class Placer:
@@ -511,15 +522,8 @@ class Placer:
                 # closed meanwhile on this thread (its process exited: _gone), and the thread then
                 # placed through a closed descriptor (EBADF), or one reused since for another file.
                 fd = os.dup(task.fd)
-
-                def place() -> None:
-                    try:
-                        for a, b in runs:
-                            uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
-                    finally:
-                        os.close(fd)
                 try:
-                    await asyncio.to_thread(place)
+                    await asyncio.to_thread(_place_runs, fd, base, k, runs, view)
                 except (uffd.Busy, uffd.Gone):
                     await self._place(task, first, n, view)    # events first, on this thread
                     continue
@@ -581,7 +585,7 @@ class Placer:
         try:
             self._drain(task)
             self._check_whole()
-        except Exception as e:        # a callback's exception would go nowhere: run() raises it
+        except Exception as e:  # noqa: BLE001 -- a callback's exception would go nowhere: run() raises it
             self._fail(e)
 
     def _drain(self, task: _Task) -> None:

@@ -28,10 +28,10 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from . import frames, pagehash
-from .frames import PageBytes
 from ..errors import LivemigError
 from ..wire import streams
+from . import frames, pagehash
+from .frames import PageBytes
 from .pagemap import PAGE, Range
 
 # CRIU's struct page_server_iov as laid out on x86-64 and AArch64: cmd, nr_pages, vaddr, dst_id.

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..wire import streams
 from ..errors import CommandFailed
+from ..wire import streams
 
 _TAR_OPTIONS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"]
 

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import proc
-from ..wire import protocol as p
 from ..errors import Phase
-from . import bundle
-from . import control
+from ..wire import protocol as p
+from . import bundle, control
 
 
 @dataclass
@@ -30,12 +29,12 @@ class HeldCopy:
     boot: str = ""          # the boot the pairs were taken in: after a reboot none of them runs
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HeldCopy":
+    def from_dict(cls, d: dict) -> HeldCopy:
         return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""),
                    d.get("boot", ""))
 
     @classmethod
-    def of(cls, workload, bundle_moves: bool = False) -> "HeldCopy":
+    def of(cls, workload, bundle_moves: bool = False) -> HeldCopy:
         """The workload's tree as it is now (frozen, once its final dump has begun)."""
         return cls(workload.kind, proc.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
                    str(workload.bundle()) if bundle_moves else "", proc.boot_id())

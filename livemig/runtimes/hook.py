@@ -55,7 +55,7 @@ class HookServer:
         self._server: asyncio.Server | None = None
 
     @classmethod
-    async def start(cls, work: Path) -> "HookServer":
+    async def start(cls, work: Path) -> HookServer:
         self = cls(work)
         fd = os.open(self.script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
         with os.fdopen(fd, "w") as f:

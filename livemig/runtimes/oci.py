@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 from .. import criu, proc
-from ..wire import protocol as p
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
+from ..wire import protocol as p
 from . import DumpRun, StopPages, Workload
 from .process import criu_failure
 
 RUNTIMES = ("runc", "crun")
+_NO_OPTIONS = criu.Options()     # nothing asked of CRIU (frozen: one instance serves every call)
 LOOPBACK = "127.0.0.1"
 
 
@@ -41,7 +42,7 @@ def flags(opts: criu.Options) -> list[str]:
 
 def checkpoint(runtime: str, container: str, images: str, *, pre_dump: bool = False,
                parent: str | None = None, page_server: str | None = None, lazy: bool = False,
-               status_fd: int | None = None, opts: criu.Options = criu.Options()) -> list[str]:
+               status_fd: int | None = None, opts: criu.Options = _NO_OPTIONS) -> list[str]:
     argv = [runtime, "checkpoint", "--image-path", images, "--work-path", images]
     argv += ["--pre-dump"] if pre_dump else ["--leave-running"]   # the final dump: see the module doc
     if parent:
@@ -54,7 +55,7 @@ def checkpoint(runtime: str, container: str, images: str, *, pre_dump: bool = Fa
 
 
 def restore(runtime: str, container: str, images: str, bundle: str, pidfile: str, *, lazy: bool,
-            opts: criu.Options = criu.Options()) -> list[str]:
+            opts: criu.Options = _NO_OPTIONS) -> list[str]:
     argv = [runtime, "restore", "--detach", "--image-path", images, "--work-path", images,
             "--bundle", bundle, "--pid-file", pidfile]
     if lazy:
@@ -85,7 +86,7 @@ async def version(runtime: str) -> str:
     return first[0].split("version", 1)[-1].strip() if first else ""
 
 
-async def find(name: str, runtime: str | None, opts: criu.Options) -> "OciContainer":
+async def find(name: str, runtime: str | None, opts: criu.Options) -> OciContainer:
     found = []
     for rt in [runtime] if runtime else RUNTIMES:
         st = await state(rt, name)

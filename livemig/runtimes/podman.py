@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from .. import criu, proc
+from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from ..wire import protocol as p
 from ..wire import streams
 from ..wire.streams import Writer
-from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from . import DumpRun, StopPages, Workload
 
 ARCHIVE = "checkpoint.tar"
@@ -71,7 +71,8 @@ def checkpoint(container: str, archive: Path, opts: criu.Options, *, leave_runni
 
 async def _start(argv: list[str], images: Path):
     """A checkpoint whose statistics (stdout) land in images/STATS."""
-    with open(images / STATS, "wb") as out:
+    # a new, empty local file: opening it blocks the loop no longer than a thread hop would
+    with open(images / STATS, "wb") as out:  # noqa: ASYNC230
         return await proc.start(argv, stdout=out)
 
 

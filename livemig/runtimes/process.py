@@ -15,9 +15,8 @@ import socket
 from pathlib import Path
 
 from .. import criu, host, proc
-from . import hook
 from ..errors import DumpError, Phase, PreflightError
-from . import DumpRun, StopPages, Workload
+from . import DumpRun, StopPages, Workload, hook
 
 
 class ProcessTree(Workload):

@@ -21,8 +21,8 @@ from typing import Protocol
 
 import zstandard
 
-from . import bandwidth
 from .. import proc
+from . import bandwidth
 
 CHUNK = 1 << 20
 _NAME = struct.Struct(">H")
@@ -177,7 +177,8 @@ async def send_files(directory: Path, names: list[str], writer: Writer, level: i
         if name in empty:
             await out.write(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(0))
             continue
-        with open(directory / name, "rb") as f:
+        # blocking reads, kept: image files CRIU has just written, read from the page cache
+        with open(directory / name, "rb") as f:  # noqa: ASYNC230
             size = os.fstat(f.fileno()).st_size
             await out.write(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(size))
             while chunk := f.read(CHUNK):
