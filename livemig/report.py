@@ -214,7 +214,7 @@ class Plan:
                  (f"  {self.processes} process(es), {self.memory_bytes / 2**20:.1f} MiB resident; link "
                   f"{self.link_bytes_per_s / 2**20:.0f} MiB/s (incompressible"
                   + (", capped by --max-bandwidth" if self.max_bandwidth_bytes_per_s else "")
-                  + "), so at most {self.copy_seconds:.1f} s to copy it"),
+                  + f"), so at most {self.copy_seconds:.1f} s to copy it"),
                  (f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
                   f"{self.expected_downtime_seconds * 1000:.0f} ms plus the freeze and the restore"),
                  f"  {self.note}"]
