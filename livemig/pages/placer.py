@@ -29,10 +29,11 @@ guard holds duplicates (guard.py), and a fault on a never-written page must find
 to give it zeros until the guard has let go.
 
 The copy's pages go through the stages of Stage, in order (RESTORING, REPLAYING, PLACING,
-WHOLE); two things the placer tracks beside them are not stages of the same machine and
-stay flags: whether the copy runs (the agent's Resume, which may come in any stage but
-RESTORING's start) and whether the source has pushed every page (PUSHED_ALL, which may
-come in any stage, even while the restore is under way).
+WHOLE). Two things the placer tracks beside them are not steps of that one machine, and
+stay flags: whether the copy runs (the agent's Resume: a post-copy's may come while the
+early pages still go in, or after the copy is whole; a fill's only once every page is
+here), and whether the source has pushed every page (PUSHED_ALL, which may come in any
+stage, even while the restore is under way).
 """
 
 from __future__ import annotations

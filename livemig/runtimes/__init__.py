@@ -1,10 +1,18 @@
 """What is being moved, and how it is checkpointed on the source.
 
-A workload is a bare process tree (CRIU driven directly) or an OCI container
-(runc or crun driven through the runtime, so that the target's runtime knows the
-container afterwards). Each says what it can do (stream pages into a page
-server, serve them lazily) and runs its own dumps, freeze, release and resume;
-the coordinator's phases are the same for all of them.
+A workload is a bare process tree (CRIU driven directly), an OCI container (runc
+or crun driven through the runtime, so that the target's runtime knows the
+container afterwards) or a podman container (podman's own checkpoint and restore).
+Each says what it can do (stream pages into a page server, serve them lazily) and
+runs its own dumps, freeze, release and resume; the coordinator's phases are the
+same for all of them.
+
+    process    a process tree: CRIU itself, its commit point in hook.py
+    oci        runc and crun
+    podman     podman
+    held       the workload as a host holds it after its final dump, to resume or to end
+    hook       CRIU's action script: the commit point of a process tree's final dump
+    bundle     an OCI bundle's files, carried to the target
 """
 
 from __future__ import annotations
