@@ -13,10 +13,12 @@ import dataclasses
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, dataclass_transform
+from typing import TYPE_CHECKING, Any, TypeVar, dataclass_transform
 
 from ..errors import LivemigError, ProtocolError
-from .streams import Reader, Writer
+
+if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to load
+    from .streams import Reader, Writer
 
 PROTOCOL_VERSION = 10  # 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own

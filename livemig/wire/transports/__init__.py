@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from ..streams import Reader, Writer
+if TYPE_CHECKING:     # for the annotations alone
+    from ..streams import Reader, Writer
 
 
 @dataclass(frozen=True)
