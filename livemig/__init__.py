@@ -23,22 +23,33 @@ runs), Fetching (post-copy's pages so far)...
     asyncio.run(livemig.migrate("web1", "host-b", progress=print))
 """
 
-from .errors import (ConnectionFailed, DumpError, ExitCode, LivemigError, PreflightError, RestoreError, Unresolved,
-                     UsageError, WorkloadExited)
+from .errors import (
+    ConnectionFailed,
+    DumpError,
+    ExitCode,
+    LivemigError,
+    PreflightError,
+    RestoreError,
+    Unresolved,
+    UsageError,
+    WorkloadExited,
+)
 from .options import Mode, Options
 from .progress import Callback
 from .report import CloneReport, Plan, Replica, Report, RoundReport, ThrottleStep
 from .version import __version__
 
+_DEFAULTS = Options()      # every default of Options (frozen: one instance serves every call)
 
-async def migrate(what: int | str, host: str, options: Options = Options(), *, progress: Callback | None = None) -> Report:
+
+async def migrate(what: int | str, host: str, options: Options = _DEFAULTS, *, progress: Callback | None = None) -> Report:
     """Move a workload to host (an ssh host name): what is a PID (the process tree rooted
     there) or a container's name or ID (runc or crun; Options.runtime to say which)."""
     from .source.migration import migrate as _migrate
     return await _migrate(what, host, options, progress=progress)
 
 
-async def plan(what: int | str, host: str, options: Options = Options(), *, progress: Callback | None = None) -> Plan:
+async def plan(what: int | str, host: str, options: Options = _DEFAULTS, *, progress: Callback | None = None) -> Plan:
     """What migrate() would do, changing nothing: its preflight passes (else the same
     LivemigError), the link is measured, and the Plan holds the mode, why, and the
     expected rounds and downtime."""
@@ -46,7 +57,7 @@ async def plan(what: int | str, host: str, options: Options = Options(), *, prog
     return await _plan(what, host, options, progress=progress)
 
 
-async def clone(what: str, hosts: list[str], options: Options = Options(), *, name: str | None = None,
+async def clone(what: str, hosts: list[str], options: Options = _DEFAULTS, *, name: str | None = None,
                 count: int = 1, keep_name: bool = False,
                 progress: Callback | None = None) -> CloneReport:
     """Running replicas of the podman container what on each of hosts, from one checkpoint
@@ -57,6 +68,26 @@ async def clone(what: str, hosts: list[str], options: Options = Options(), *, na
     return await _clone(what, hosts, options, name=name, count=count, keep_name=keep_name, progress=progress)
 
 
-__all__ = ["migrate", "plan", "clone", "CloneReport", "Plan", "Replica", "Options", "Mode", "Report", "RoundReport", "ThrottleStep", "LivemigError", "UsageError",
-           "PreflightError", "ConnectionFailed", "DumpError", "RestoreError", "Unresolved", "WorkloadExited",
-           "ExitCode", "__version__"]
+__all__ = [
+    "CloneReport",
+    "ConnectionFailed",
+    "DumpError",
+    "ExitCode",
+    "LivemigError",
+    "Mode",
+    "Options",
+    "Plan",
+    "PreflightError",
+    "Replica",
+    "Report",
+    "RestoreError",
+    "RoundReport",
+    "ThrottleStep",
+    "Unresolved",
+    "UsageError",
+    "WorkloadExited",
+    "__version__",
+    "clone",
+    "migrate",
+    "plan",
+]

@@ -26,12 +26,12 @@ def _inodes(pids: list[int]) -> set[int]:
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
+        except OSError:     # it exited meanwhile: no sockets of its own to count
             continue
         for fd in fds:
             try:
                 m = _SOCKET.fullmatch(os.readlink(f"/proc/{pid}/fd/{fd}"))
-            except OSError:
+            except OSError:     # closed meanwhile: not a socket it holds
                 continue
             if m:
                 found.add(int(m.group(1)))
@@ -69,7 +69,7 @@ def held(pids: list[int]) -> list[tuple[str, int]]:
     try:
         if os.stat(f"/proc/{pids[0]}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino:
             return []
-    except OSError:
+    except OSError:     # its root is gone: nothing of it to bind anywhere (the dump will say so)
         return []
     inodes = _inodes(pids)
     if not inodes:
@@ -78,7 +78,7 @@ def held(pids: list[int]) -> list[tuple[str, int]]:
     for table, states in (("tcp", (_LISTEN,)), ("tcp6", (_LISTEN,)), ("udp", (_UDP_ANY,)), ("udp6", (_UDP_ANY,))):
         try:
             out |= parse_table(Path(f"/proc/{pids[0]}/net/{table}").read_text(), inodes, states)
-        except OSError:
+        except OSError:     # a table this kernel lacks (no IPv6): no socket of that kind
             pass
     return sorted(out)
 
@@ -105,6 +105,6 @@ def local() -> list[str]:
     for path, parse in (("/proc/net/fib_trie", parse_fib_trie), ("/proc/net/if_inet6", parse_if_inet6)):
         try:
             out |= parse(Path(path).read_text())
-        except OSError:
+        except OSError:     # a table this kernel lacks (no IPv6): no address of that kind
             pass
     return sorted(out)

@@ -8,11 +8,12 @@ import contextlib
 import signal
 import sys
 from dataclasses import replace
+from typing import Any
 
-from .version import __version__
 from . import config, criu, display
 from .errors import ExitCode, LivemigError
 from .options import Mode
+from .version import __version__
 
 EXAMPLES = """examples:
   livemig move web1 host-b                       move the container web1 (podman, runc or crun) to host-b
@@ -170,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:       # move and clone say what was put back; check and recover are run again
         print("livemig: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
-    except Terminated:
-        print("livemig: terminated", file=sys.stderr)
-        return ExitCode.TERMINATED
+    # (SIGTERM: Terminated, a LivemigError that each command's own handler prints as
+    # "livemig: terminated" and turns into 143, as this one did before.)
 
 
 def _check(args) -> int:
     import json
+
     from .source.migration import check
     try:
         options = _settings(mode=args.mode, image_root=args.image_root).options
@@ -200,6 +201,7 @@ def _check(args) -> int:
 def _recover(args) -> int:
     import dataclasses
     import json
+
     from .source.migration import ssh_connector
     from .source.recovery import recover
     try:
@@ -296,14 +298,7 @@ def _report(args, call, view, interrupted) -> int:
     try:
         with view or contextlib.nullcontext():
             report = _run(call())
-    except LivemigError as e:
-        print(f"livemig: {e}", file=sys.stderr)
-        if args.json and e.report is not None:
-            print(e.report.to_json())
-        if not args.json:
-            _explain(e, args.verbose)
-        return e.exit_code
-    except (KeyboardInterrupt, Terminated) as e:
+    except (KeyboardInterrupt, Terminated) as e:     # first: Terminated is a LivemigError too
         what, code = ("terminated", ExitCode.TERMINATED) if isinstance(e, Terminated) else \
             ("interrupted", ExitCode.INTERRUPTED)
         report = getattr(e, "report", None)
@@ -313,6 +308,13 @@ def _report(args, call, view, interrupted) -> int:
         if args.json and report is not None:
             print(report.to_json())
         return code
+    except LivemigError as e:
+        print(f"livemig: {e}", file=sys.stderr)
+        if args.json and e.report is not None:
+            print(e.report.to_json())
+        if not args.json:
+            _explain(e, args.verbose)
+        return e.exit_code
     print(report.to_json() if args.json else report.summary())
     return ExitCode.MOVED
 
@@ -321,6 +323,7 @@ def _explain(e: LivemigError, verbose: bool) -> None:
     """Under the error's line: where CRIU's logs were kept; with -v, what in them (and in
     the failing command's output) explains it."""
     from pathlib import Path
+
     from . import logs
     kept = getattr(e.report, "logs", None) or []
     if verbose:
@@ -328,7 +331,7 @@ def _explain(e: LivemigError, verbose: bool) -> None:
             print(f"  {line}", file=sys.stderr)
         for where in kept:
             host, _, path = where.partition(":")
-            if host == e.report.source and Path(path).is_dir():   # the target's: there, and in detail
+            if e.report is not None and host == e.report.source and Path(path).is_dir():   # the target's: there, and in detail
                 for line in logs.excerpt(Path(path)):
                     print(f"  {line}", file=sys.stderr)
     if kept:
@@ -336,13 +339,22 @@ def _explain(e: LivemigError, verbose: bool) -> None:
               file=sys.stderr)
 
 
-class Terminated(Exception):
-    """SIGTERM (systemd, timeout, kill): rolled back like Ctrl-C."""
+class Terminated(LivemigError):
+    """SIGTERM (systemd, timeout, kill): rolled back like Ctrl-C. Its message and exit code
+    are what the CLI says of it ("livemig: terminated", 143), wherever it is caught."""
+    exit_code = ExitCode.TERMINATED
+
+    def __init__(self, message: str = "terminated", **kw: Any):
+        super().__init__(message, **kw)
 
 
-class _Interrupted(Exception):
+class _Interrupted(LivemigError):
     """Ctrl-C, raised from the work's task (a KeyboardInterrupt raised there would cut
     the event loop's own shutdown short) and told as a KeyboardInterrupt outside it."""
+    exit_code = ExitCode.INTERRUPTED
+
+    def __init__(self, message: str = "interrupted", **kw: Any):
+        super().__init__(message, **kw)
 
 
 class _Ended:
@@ -375,7 +387,8 @@ async def _stoppable(coro, ended: _Ended):
             got.append(sig)
             return
         got.append(sig)
-        task.cancel()
+        if task is not None:     # (a coroutine's own task: always)
+            task.cancel()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop, sig)
     try:
@@ -384,9 +397,11 @@ async def _stoppable(coro, ended: _Ended):
     except asyncio.CancelledError as e:
         if not got:
             raise
-        ended.error = _Interrupted() if got[0] == signal.SIGINT else Terminated()
-        ended.error.report = getattr(e, "report", None)     # what the work had done, and undone
-        raise ended.error from e
+        stopped = _Interrupted() if got[0] == signal.SIGINT else Terminated()
+        stopped.report = getattr(e, "report", None)     # what the work had done, and undone
+        stopped.phase = getattr(stopped.report, "failed_phase", None) or None
+        ended.error = stopped
+        raise stopped from e
     except BaseException as e:
         ended.error = e
         raise
@@ -400,7 +415,7 @@ def _run(coro):
         try:
             import uvloop
             run = uvloop.run if hasattr(uvloop, "run") else asyncio.run
-        except ImportError:
+        except ImportError:     # no uvloop: asyncio's own loop runs the same code, a little slower
             run = asyncio.run
         return run(_stoppable(coro, ended))
     except KeyboardInterrupt:

@@ -31,7 +31,7 @@ def script(parser: argparse.ArgumentParser, shell: str) -> str:
             action.complete = HOSTS
         elif action.dest == "names":      # move's [CTR] HOST
             action.complete = WORKLOADS
-    return shtab.complete(parser, shell=shell, preamble=PREAMBLE)
+    return shtab.complete(parser, shell=shell, preamble=PREAMBLE.get(shell, ""))
 
 
 def _actions(parser: argparse.ArgumentParser):

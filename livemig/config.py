@@ -13,9 +13,9 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .wire.bandwidth import parse_rate
 from .errors import UsageError
 from .options import Mode, Options
+from .wire.bandwidth import parse_rate
 
 
 def _mode(v) -> Mode:
@@ -28,7 +28,8 @@ def _mode(v) -> Mode:
 def _positive(kind):
     def parse(v):
         if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise ValueError(f"{v!r} is not a number")
+            # ValueError, as every refusal of a setting: _parsed and its callers catch that
+            raise ValueError(f"{v!r} is not a number")  # noqa: TRY004
         x = kind(v)
         if x <= 0:
             raise ValueError(f"{v!r} is not above 0")
@@ -65,8 +66,8 @@ SETTINGS = {
     "throttle": (_bool, "auto-converge: slow the workload's CPU when pre-copy does not converge"),
     "fill": (_bool, "stop-and-copy: the pages into the target's memory, placed while the copy runs"),
     "compression_level": (_level, "zstd level of everything on the wire"),
-    "max_bandwidth": (parse_rate, "bytes a second one move sends at most, over all its streams "
-                                  "(K, M, G: powers of 1024; e.g. \"50M\"); unset: no cap"),
+    "max_bandwidth": (parse_rate, ("bytes a second one move sends at most, over all its streams "
+                                   "(K, M, G: powers of 1024; e.g. \"50M\"); unset: no cap")),
     "image_root": (_path, "where the private image directories live, on both hosts"),
     "connect_timeout": (_positive(float), "seconds to reach a host over SSH"),
 }
@@ -87,7 +88,7 @@ class Config:
         v = getattr(self.options, name)
         return v.value if isinstance(v, Mode) else v
 
-    def with_flags(self, **flags) -> "Config":
+    def with_flags(self, **flags) -> Config:
         """Flags given on the command line win; None means not given."""
         given = {k: _parsed(k, v, "--" + k.replace("_", "-")) for k, v in flags.items() if v is not None}
         return Config(replace(self.options, **given), {**self.sources, **dict.fromkeys(given, "flag")}, self.file)

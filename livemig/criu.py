@@ -156,9 +156,11 @@ def parse_stats(data: bytes) -> DumpStats | RestoreStats:
 
 
 def read_stats(path: str | Path) -> DumpStats | RestoreStats | None:
+    """A stats image, None if CRIU left none or one that cannot be read: the statistics
+    only fill in the report, and a move does not fail for want of them."""
     try:
         return parse_stats(Path(path).read_bytes())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError):     # see above: the report goes without them
         return None
 
 

@@ -10,8 +10,20 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Self
 
-from .progress import Connecting, Copied, Event, Fetching, ModeChosen, RoundDone, Running, Sending, Stepping, Throttled
+from .progress import (
+    Connecting,
+    Copied,
+    Event,
+    Fetching,
+    ModeChosen,
+    RoundDone,
+    Running,
+    Sending,
+    Stepping,
+    Throttled,
+)
 
 PAGE = 4096
 
@@ -66,7 +78,7 @@ class Lines:
             self._last = now
             print(text, file=self.out, flush=True)
 
-    def __enter__(self) -> "Lines":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -79,8 +91,15 @@ class Live:
 
     def __init__(self, console=None):
         from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            ProgressColumn,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
         from rich.text import Text
 
         class Rate(ProgressColumn):     # in MiB/s, as the sizes beside it and every line livemig prints
@@ -95,7 +114,7 @@ class Live:
         self.sent = 0            # bytes sent so far, as last told
         self.base = 0            # ... when the current bar began
 
-    def __enter__(self) -> "Live":
+    def __enter__(self) -> Self:
         self.bars.start()
         return self
 

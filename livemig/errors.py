@@ -1,12 +1,24 @@
 """The errors livemig raises, each naming the phase that failed, and the exit codes they map to.
 
 Exit codes are part of the interface that failover scripts rely on: they never change meaning.
+
+Every exception class livemig defines derives from LivemigError, wherever it lives (the
+page machinery's in pages/, the wire's in wire/): one `except LivemigError` sees them all,
+and the CLI turns each into its exit code. An error raised where the phase is not known
+(pages/, wire/, most of proc.py) leaves phase None; the migration names it with the phase
+under way when it reaches it (record_failure). The classes used inside one mechanism (a
+uffd's Busy, say) keep the default exit code, FAILED: what a user saw had one escaped
+before they were LivemigErrors (Python's own exit status 1).
 """
 
 from __future__ import annotations
 
 from asyncio import CancelledError
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .report import CloneReport, Report
 
 
 class ExitCode(IntEnum):
@@ -37,7 +49,8 @@ class Phase:
 
 
 class LivemigError(Exception):
-    """A failure to report in one line; exit_code says which class it is."""
+    """A failure to report in one line; exit_code says which class it is. phase: the phase
+    that failed (Phase's names), None until someone who knows it names it."""
 
     exit_code = ExitCode.FAILED
 
@@ -45,7 +58,7 @@ class LivemigError(Exception):
                  hint: str | None = None, detail: str | None = None):
         super().__init__(message)
         self.message, self.phase, self.host, self.hint, self.detail = message, phase, host, hint, detail
-        self.report = None   # the migration's report so far, when it got that far
+        self.report: Report | CloneReport | None = None   # the move's (or clone's) so far, if it got that far
 
     def __str__(self) -> str:
         where = " ".join(x for x in (self.phase, f"on {self.host}" if self.host else None) if x)
@@ -93,7 +106,7 @@ class ProtocolError(LivemigError):
     """The peer said something the protocol does not allow."""
 
 
-def record_failure(e: BaseException, phase: str, report) -> None:
+def record_failure(e: BaseException, phase: str, report: Report | CloneReport) -> None:
     """Note on report (a move's or a clone's) what failed, and in which phase; and tie the
     error to the phase and the report, for the user and for --json."""
     # the error's own phase, where it has one: the message and the report say the same
@@ -104,5 +117,6 @@ def record_failure(e: BaseException, phase: str, report) -> None:
         e.report = report
     else:
         report.error = "interrupted" if isinstance(e, (KeyboardInterrupt, CancelledError)) else repr(e)
-        # an interrupt's report, too, is printed (--json): the CLI finds it on the exception
-        e.report = report
+        # an interrupt's report, too, is printed (--json): the CLI finds it on the exception,
+        # which is Python's own (KeyboardInterrupt, CancelledError), hence no declared attribute
+        e.report = report  # type: ignore[attr-defined]

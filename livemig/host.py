@@ -10,6 +10,7 @@ from pathlib import Path
 from . import addresses, criu, proc
 from .wire.protocol import HostFacts
 
+
 async def probe(pids: list[int], image_root: str) -> HostFacts:
     ver = await proc.run(criu.version(), check=False)
     try:
@@ -43,7 +44,7 @@ def huge_pages_in_use(pids: list[int]) -> bool:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("AnonHugePages:") and int(line.split()[1]) > 0:
                     return True
-        except OSError:
+        except OSError:     # it exited meanwhile: none of its memory to count
             pass
     return False
 
@@ -55,7 +56,7 @@ def resident_bytes(pids: list[int]) -> int:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
-        except OSError:
+        except OSError:     # it exited meanwhile: none of its memory to count
             pass
     return total
 
@@ -63,14 +64,16 @@ def resident_bytes(pids: list[int]) -> int:
 def has_terminal(pid: int) -> bool:
     """A process with a controlling terminal needs CRIU's --shell-job."""
     fields = proc.stat_fields(pid)
-    return bool(fields) and int(fields[4]) != 0
+    if not fields:
+        return False
+    return int(fields[4]) != 0
 
 
 def same_netns(pid: int) -> bool:
     """Does pid share this process's network namespace? (False when it cannot be told.)"""
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
-    except OSError:
+    except OSError:     # gone, or not ours to read: "cannot be told", as the docstring says
         return False
 
 
@@ -87,11 +90,11 @@ def cpu_ns(pid: int) -> int:
     total = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+    except OSError:     # it is gone: the docstring's 0
         return 0
     for tid in tids:
         try:
             total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, IndexError):     # the thread exited meanwhile: it adds nothing now
             pass
     return total

@@ -22,7 +22,7 @@ def keep(work: Path, image_root: str, name: str) -> Path | None:
     or if they cannot be kept (a full disk: the failure being told may be just that)."""
     try:
         return _keep(work, Path(image_root) / "logs", name)
-    except OSError:
+    except OSError:     # see above: the failure is told all the same, without its logs
         return None
 
 
@@ -46,7 +46,7 @@ def _keep(work: Path, root: Path, name: str) -> Path | None:
 def _prune(root: Path) -> None:
     kept = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
     for old in kept[KEEP:]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)     # what stays of it goes at the next prune
 
 
 def excerpt(directory: Path, per_log: int = 5) -> list[str]:

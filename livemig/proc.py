@@ -8,9 +8,9 @@ import contextlib
 import os
 import signal
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from .errors import CommandFailed
 
@@ -69,10 +69,11 @@ async def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = 
     try:
         async with asyncio.timeout(timeout):
             out, err = await proc.communicate(input)
+            rc = await proc.wait()      # it has exited: its status, at once
     except BaseException:
         await kill(proc)
         raise
-    return _result(argv, proc.returncode, out, err, check, phase)
+    return _result(argv, rc, out, err, check, phase)
 
 
 async def _run_leaving_daemon(argv, *, check, env, timeout, phase, started) -> Result:
@@ -82,13 +83,13 @@ async def _run_leaving_daemon(argv, *, check, env, timeout, phase, started) -> R
             started(proc)
         try:
             async with asyncio.timeout(timeout):
-                await proc.wait()
+                rc = await proc.wait()
         except BaseException:
             await kill(proc)
             raise
         out.seek(0)
         err.seek(0)
-        return _result(argv, proc.returncode, out.read(), err.read()[-STDERR_KEPT:], check, phase)
+        return _result(argv, rc, out.read(), err.read()[-STDERR_KEPT:], check, phase)
 
 
 def _result(argv, returncode: int, out: bytes, err: bytes, check: bool, phase: str | None) -> Result:
@@ -121,7 +122,7 @@ async def start(argv: Sequence[str], *, stdin=asyncio.subprocess.DEVNULL, stdout
         # same, unknown to anyone. So it is waited for, and ended with what it forked.
         try:
             child = await creating
-        except Exception:      # never started: nothing is left
+        except Exception:  # noqa: BLE001 -- whatever stopped its start, it never started: nothing is left
             raise asyncio.CancelledError from None
         await kill(child)
         raise
@@ -133,10 +134,10 @@ async def kill(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> N
     if proc.returncode is None:
         try:
             os.killpg(proc.pid, sig)       # its group: what it forked goes with it
-        except ProcessLookupError:
+        except ProcessLookupError:         # the group is gone already: nothing left to kill
             pass
         except PermissionError:            # not a group of ours (never seen): itself alone
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):     # it has exited meanwhile
                 proc.send_signal(sig)
     try:
         await asyncio.shield(_reaped(proc))
@@ -182,7 +183,7 @@ def process_tree(root: int) -> list[int]:
         try:
             for tid in os.listdir(f"/proc/{pid}/task"):
                 todo += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:
+        except OSError:     # it exited meanwhile: no children to read (and it is left out below)
             pass
     return [pid for pid in seen if os.path.exists(f"/proc/{pid}")]
 
@@ -205,7 +206,7 @@ def signal_tasks(named: list[Task], sig: int) -> int:
     for pid, started in named:
         try:
             fd = os.pidfd_open(pid)
-        except ProcessLookupError:
+        except ProcessLookupError:     # it is gone: nothing to signal
             continue
         except OSError:      # no pidfds (ENOSYS): checked, then signalled by PID
             fd = None
@@ -230,7 +231,7 @@ def stat_fields(pid: int) -> list[str] | None:
     The name, in parentheses, may hold spaces and parentheses itself: it is cut at the last ")"."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    except OSError:     # gone: the docstring's None
         return None
     return stat.rsplit(")", 1)[1].split()
 
@@ -251,7 +252,7 @@ def boot_id() -> str:
     """This boot's ID: (PID, start time) pairs name processes of one boot only."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
+    except OSError:     # no boot ID to read: "" stands for this boot (see named())
         return ""
 
 
@@ -274,6 +275,6 @@ def tracer(pid: int) -> int:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("TracerPid:"):
                 return int(line.split()[1])
-    except (OSError, ValueError):
+    except (OSError, ValueError):     # gone: the docstring's 0
         pass
     return 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
 
 from .wire import streams
 
@@ -89,7 +89,7 @@ class Fetching:
     seconds: float             # since the target runs
 
 
-Event = Union[Connecting, ModeChosen, Copied, RoundDone, Throttled, Stepping, Sending, Running, Fetching]
+Event = Connecting | ModeChosen | Copied | RoundDone | Throttled | Stepping | Sending | Running | Fetching
 Callback = Callable[[Event], None]
 
 
@@ -139,6 +139,11 @@ class Ticker:
             yield self
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            streams.tally.reset(token)
+            try:
+                # Waited for without suppressing CancelledError: its end is the cancel above,
+                # and a cancel of this task that came meanwhile must not be swallowed with it.
+                await asyncio.wait({task})
+                if not task.cancelled():
+                    task.result()      # it failed by itself (a progress callback raised): told, as before
+            finally:
+                streams.tally.reset(token)

@@ -175,8 +175,8 @@ class CloneReport:
 
     def summary(self) -> str:
         hosts = sorted({r.host for r in self.replicas})
-        lines = [f"{self.outcome}: {self.runtime} container {self.workload} on {self.source} -> "
-                 f"{len(self.replicas)} replica(s) on {', '.join(hosts)}"]
+        lines = [(f"{self.outcome}: {self.runtime} container {self.workload} on {self.source} -> "
+                  f"{len(self.replicas)} replica(s) on {', '.join(hosts)}")]
         if self.outcome == "cloned":
             lines.append(f"  the original stood still {self.frozen_seconds * 1000:.0f} ms and runs on; "
                          f"checkpoint {self.pages_written} pages, {self.checkpoint_bytes / 2**20:.1f} MiB; "
@@ -211,11 +211,11 @@ class Plan:
 
     def summary(self) -> str:
         lines = [f"would move: {_described(self.runtime, self.workload)} {self.source} -> {self.target}, mode {self.mode} ({self.mode_reason})",
-                 f"  {self.processes} process(es), {self.memory_bytes / 2**20:.1f} MiB resident; link "
-                 f"{self.link_bytes_per_s / 2**20:.0f} MiB/s (incompressible"
-                 + (", capped by --max-bandwidth" if self.max_bandwidth_bytes_per_s else "") + "), so at most {self.copy_seconds:.1f} s "
-                 "to copy it",
-                 f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
-                 f"{self.expected_downtime_seconds * 1000:.0f} ms plus the freeze and the restore",
+                 (f"  {self.processes} process(es), {self.memory_bytes / 2**20:.1f} MiB resident; link "
+                  f"{self.link_bytes_per_s / 2**20:.0f} MiB/s (incompressible"
+                  + (", capped by --max-bandwidth" if self.max_bandwidth_bytes_per_s else "")
+                  + f"), so at most {self.copy_seconds:.1f} s to copy it"),
+                 (f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
+                  f"{self.expected_downtime_seconds * 1000:.0f} ms plus the freeze and the restore"),
                  f"  {self.note}"]
         return "\n".join(lines + _closing(self.warnings, "", ""))

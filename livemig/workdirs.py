@@ -58,7 +58,7 @@ def hold(work: Path) -> Held:
 def sweep(root: Path | str) -> list[str]:
     """Remove what owners that died left under root, but for what a marker keeps; the
     names of what went."""
-    gone = []
+    gone: list[str] = []
     try:
         entries = list(Path(root).iterdir())
     except OSError:
@@ -68,7 +68,7 @@ def sweep(root: Path | str) -> list[str]:
             continue
         try:
             fd = os.open(d / LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
+        except OSError:     # gone meanwhile (its owner tidied up), or not ours: not to sweep now
             continue
         try:
             try:
@@ -79,9 +79,9 @@ def sweep(root: Path | str) -> list[str]:
                 # the marker and what it names stay; the memory images (its directories) go
                 for sub in d.iterdir():
                     if sub.is_dir() and not sub.is_symlink():
-                        shutil.rmtree(sub, ignore_errors=True)
+                        shutil.rmtree(sub, ignore_errors=True)     # what stays goes at the next sweep
                 continue
-            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(d, ignore_errors=True)     # as above: the next sweep finds what is left
             gone.append(d.name)
         finally:
             os.close(fd)

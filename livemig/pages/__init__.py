@@ -1,9 +1,14 @@
 """Pages: how a workload's memory crosses, both halves of each mechanism together.
 
-    postcopy   the page stream's format and the source's push (post-copy, fills)
+    frames     the page stream's format, written and read there alone
+    postcopy   the source's push (post-copy, fills), and what each side counted
     placer     the target's half: pages into the restored copy through its userfaultfds
     pagehash   pre-copy by page hashes, where the kernel cannot track dirty pages
     shadow     the target's store of pre-copied pages, until they are placed
     pagemap    CRIU's pagemap images: which pages a dump holds, and where
     uffd       userfaultfd, as the placer uses it
+
+What goes wrong in here raises a LivemigError of its own (postcopy.PageStreamError,
+uffd.Gone and Busy, shadow.MissingPages, pagemap.PagemapError) without a phase: post-copy
+and a fill share the machinery, and whoever catches it knows which one ran.
 """

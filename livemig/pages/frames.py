@@ -27,6 +27,10 @@ FAULT = 4          # pages a fault waits on: sent before anything else
 
 ENDED = 0          # never on the wire: the reader's own word for a stream that ended
 
+# Pages' bytes as they come: off the wire (a bytearray, the reader's own), or a view of a
+# buffer they were read into (the store's slots, the frozen tree's memory), never copied to bytes
+PageBytes = bytes | bytearray | memoryview
+
 
 def frame(kind: int, pid: int = 0, vaddr: int = 0, pages: int = 0) -> bytes:
     """A frame's header; PAGES' bytes follow it on the stream."""

@@ -179,7 +179,7 @@ class Tracker:
             for j, d in enumerate(digests):
                 at = (k + j) * DIGEST
                 same = c is not None and c.have[k + j] and c.digests[at:at + DIGEST] == d
-                if not same and record:
+                if not same and record and c is not None:     # (recording, c was made above)
                     c.digests[at:at + DIGEST] = d
                     if not c.have[k + j]:
                         c.have[k + j] = 1
@@ -208,7 +208,7 @@ class Tracker:
                         size = min(READ_PAGES * PAGE, last - at)
                         try:
                             got = os.preadv(mem.fileno(), [memoryview(buf)[:size]], at)
-                        except OSError:
+                        except OSError:     # unmapped meanwhile: skipped, as the docstring says
                             continue
                         got -= got % PAGE
                         view = memoryview(buf)[:got]
@@ -235,10 +235,12 @@ class Comparer:
     address, pages, changed) and the changed pages' bytes; the parent takes them in the
     same order."""
 
-    def __init__(self, tracker: "Tracker", pieces: list[tuple[int, int, int]], memory: dict[int, int]):
+    def __init__(self, tracker: Tracker, pieces: list[tuple[int, int, int]], memory: dict[int, int]):
         r, w = os.pipe()
+        # a piece's changed pages at once; refused (past the system's pipe-max-size), the pipe
+        # only takes them in smaller bites
         with contextlib.suppress(OSError):
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)     # a piece's changed pages at once
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
         try:
             pid = os.fork()
         except OSError:
@@ -287,7 +289,7 @@ class Comparer:
                 data = os.read(self._fd, 1 << 22)
             except BlockingIOError:
                 readable = loop.create_future()
-                loop.add_reader(self._fd, lambda: readable.done() or readable.set_result(None))
+                loop.add_reader(self._fd, _set, readable)
                 try:
                     await readable
                 finally:
@@ -301,16 +303,21 @@ class Comparer:
         return out
 
     def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):     # it has exited already
             os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
+        with contextlib.suppress(ChildProcessError):      # reaped already: nothing left of it
             os.waitpid(self.pid, 0)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
 
-def _compare_into(w: int, tracker: "Tracker", pieces: list[tuple[int, int, int]], memory: dict[int, int]) -> None:
+def _set(f: asyncio.Future) -> None:
+    if not f.done():
+        f.set_result(None)
+
+
+def _compare_into(w: int, tracker: Tracker, pieces: list[tuple[int, int, int]], memory: dict[int, int]) -> None:
     buf = bytearray(max((n for _, _, n in pieces), default=0) * PAGE)
     for vpid, vaddr, n in pieces:
         view = memoryview(buf)[:n * PAGE]
@@ -318,6 +325,7 @@ def _compare_into(w: int, tracker: "Tracker", pieces: list[tuple[int, int, int]]
             got = os.preadv(memory[vpid], [view], vaddr)
         except OSError:
             got = 0
+        parts: list[bytes | memoryview]
         if got != n * PAGE:
             parts = [struct.pack("<I", _UNREAD)]
         else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import protobuf
+from ..errors import LivemigError
 
 IMG_COMMON_MAGIC = 0x54564319
 PAGEMAP_MAGIC = 0x56084025
@@ -25,8 +26,9 @@ _U32 = struct.Struct("<I")
 _FILE = re.compile(r"pagemap-(\d+)\.img")
 
 
-class PagemapError(ValueError):
-    pass
+class PagemapError(LivemigError, ValueError):
+    """A pagemap image livemig cannot read. Still a ValueError, as it was: what a malformed
+    image raises, for callers that catch that."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,13 @@ A fault on a page the image never had (never written on the source) gets zeros.
 Once every page is in, the uffds stay open until the agent closes them (close()): the
 guard holds duplicates (guard.py), and a fault on a never-written page must find someone
 to give it zeros until the guard has let go.
+
+The copy's pages go through the stages of Stage, in order (RESTORING, REPLAYING, PLACING,
+WHOLE). Two things the placer tracks beside them are not steps of that one machine, and
+stay flags: whether the copy runs (the agent's Resume: a post-copy's may come while the
+early pages still go in, or after the copy is whole; a fill's only once every page is
+here), and whether the source has pushed every page (PUSHED_ALL, which may come in any
+stage, even while the restore is under way).
 """
 
 from __future__ import annotations
@@ -34,15 +41,18 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import enum
+import itertools
 import os
 import socket
 import struct
 from pathlib import Path
 
-from . import frames, pagehash, postcopy, shadow, uffd
+from ..errors import LivemigError
 from ..wire import streams
+from . import frames, pagehash, postcopy, shadow, uffd
+from .frames import ACK, CLOSE, FAULT, HAVE, PAGES, PUSHED_ALL, STATUS, PageBytes
 from .pagemap import PAGE, Range
-from .frames import ACK, CLOSE, FAULT, HAVE, PAGES, PUSHED_ALL, STATUS
 from .postcopy import NEED_PAGES, PS_IOV_CLOSE, PageStreamError
 
 SOCKET = "lazy-pages.socket"
@@ -52,6 +62,21 @@ _BUSY_WAIT = 0.0005                 # seconds before trying a copy the kernel re
 # A fill's copies at once, each in a thread: the kernel's copy, most of a fill, needs no
 # GIL, and two threads placed 1.6 to 1.7 times as fast as one on the lab's two cores.
 FILL_THREADS = max(2, min(4, os.cpu_count() or 1))
+
+
+class Stage(enum.Enum):
+    """Where the copy's pages stand. Only the moves in _NEXT are allowed."""
+    RESTORING = "restoring"   # CRIU's restore hands its uffds over: a page that lands waits (early),
+                              # but for one a fault of the restore itself waits on
+    REPLAYING = "replaying"   # every uffd is here, its ranges registered: the early pages go in
+    PLACING = "placing"       # the early pages are in: every page goes in as it lands
+    WHOLE = "whole"           # every task has every page: CLOSE sent, nothing more is placed
+
+
+# WHOLE may come while the early pages go in: the last missing one may be among them (or a
+# task's exit leaves nothing missing)
+_NEXT = {Stage.RESTORING: {Stage.REPLAYING}, Stage.REPLAYING: {Stage.PLACING, Stage.WHOLE},
+         Stage.PLACING: {Stage.WHOLE}, Stage.WHOLE: set()}
 
 
 class _Lazy:
@@ -89,7 +114,7 @@ class _Task:
                  remaps: list[tuple[int, int, int]] | None = None, forked: bool = False):
         self.pid, self.fd, self.holes, self.left = pid, fd, holes, left
         self.remaps = remaps or []      # (from, to, length) in the order the process moved them
-        self.forked = forked
+        self.forked = forked            # a child forked since the restore: its pages are not counted as served
         self.retry: list[int] = []      # faults to answer again: the kernel said Busy
 
     def current(self, vaddr: int) -> int:
@@ -115,10 +140,20 @@ class _Task:
         return spans
 
 
+def _place_runs(fd: int, base: int, k: int, runs: list[tuple[int, int]], view: memoryview) -> None:
+    """In a fill's thread: pages a to b of each run (view's first is page k of the range at
+    base) through fd, a descriptor of the thread's own, closed here."""
+    try:
+        for a, b in runs:
+            uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
+    finally:
+        os.close(fd)
+
+
 def _split(a: int, b: int, lo: int, hi: int) -> list[tuple[int, int, bool]]:
     """[a, b) cut at [lo, hi): (start, end, inside) for each non-empty piece."""
     cuts = sorted({a, b, min(max(lo, a), b), min(max(hi, a), b)})
-    return [(x, y, lo <= x and y <= hi) for x, y in zip(cuts, cuts[1:]) if x < y]
+    return [(x, y, lo <= x and y <= hi) for x, y in itertools.pairwise(cuts) if x < y]
 
 
 class Placer:
@@ -140,18 +175,17 @@ class Placer:
         self.lazy = {pid: _Lazy(rs) for pid, rs in grouped.items()}
         self.tasks: dict[int, list[_Task]] = {}
         self.asked: dict[int, set[int]] = collections.defaultdict(set)   # pages a fault asked for, on their way
-        self.early: list[tuple[int, int, int, bytes]] = []   # pages that came before the restore was done
+        self.early: list[tuple[int, int, int, PageBytes]] = []   # pages that came before the restore was done
         self.early_pages: dict[tuple[int, int], memoryview] = {}   # the same, by (pid, page)
         self.stats = postcopy.Served()
-        self.finished = False     # the restore is done: every uffd is here, its ranges registered
-        self.whole = False        # every task has every page: CLOSE sent
+        self.stage = Stage.RESTORING
+        # Not stages of the pages (see the module's doc), so flags of their own:
         self.pushed_all = False   # the source has sent every page: what is missing is on its way
+        self.running = False      # the copy runs: from now on the source must be heard from
         # Every frame of the source's push is read and every page it sent placed, so every
         # page still missing is one it named (HAVE), held in the store as it is now: from
         # here on a fault needs nothing from the source, and the copy may run (a fill).
         self.all_here = asyncio.Event()
-        self._replayed = False    # the pages that came during the restore are placed
-        self.running = False      # the copy runs: from now on the source must be heard from
         self.heard = 0.0
         self.status: int | None = None
         self._listener: socket.socket | None = None
@@ -163,6 +197,21 @@ class Placer:
         # shared cores placing 2 GiB costs 2 to 3 s of CPU).
         self._filling = asyncio.Event()
         self._failed: asyncio.Future | None = None
+
+    @property
+    def finished(self) -> bool:
+        """The restore is done: every uffd is here, its ranges registered."""
+        return self.stage is not Stage.RESTORING
+
+    @property
+    def whole(self) -> bool:
+        """Every task has every page: CLOSE sent."""
+        return self.stage is Stage.WHOLE
+
+    def _advance(self, to: Stage) -> None:
+        if to not in _NEXT[self.stage]:
+            raise LivemigError(f"the placer cannot go from {self.stage.value} to {to.value}")
+        self.stage = to
 
     # --- what the agent calls ------------------------------------------------------------------
     def listen(self) -> None:
@@ -222,8 +271,11 @@ class Placer:
     # --- the restore's side ----------------------------------------------------------------------
     async def _handover(self) -> None:
         loop = asyncio.get_running_loop()
-        conn, _ = await loop.sock_accept(self._listener)
-        self._listener.close()
+        listener = self._listener
+        if listener is None:
+            raise LivemigError("the placer was not listening (listen() first)")
+        conn, _ = await loop.sock_accept(listener)
+        listener.close()
         self._listener = None
         with conn:
             conn.setblocking(False)
@@ -241,7 +293,7 @@ class Placer:
                 if self.on_uffd is not None:
                     self.on_uffd(fd)
                 self._watch_uffd(task)      # the restore itself may fault (a task's stack, say)
-        self.finished = True
+        self._advance(Stage.REPLAYING)
         early, self.early = self.early, []
         self.early_pages.clear()
         for pid, vaddr, n, data in early:
@@ -249,12 +301,13 @@ class Placer:
                 self._fills.put_nowait((pid, vaddr, n, data))    # a view of the store already
             else:
                 await self._arrived(pid, vaddr, n, data)
-        self._replayed = True
+        if self.stage is Stage.REPLAYING:     # (else WHOLE already)
+            self._advance(Stage.PLACING)
         self._maybe_all_here()
         self._check_whole()
 
     def _maybe_all_here(self) -> None:
-        if self.pushed_all and self._replayed:
+        if self.pushed_all and self.stage in (Stage.PLACING, Stage.WHOLE):
             self.all_here.set()
 
     @staticmethod
@@ -335,10 +388,16 @@ class Placer:
             else:
                 raise PageStreamError(f"unknown frame {kind} from the source")
 
+    def _store(self) -> shadow.Store:
+        """The store, where only a fill's frames lead."""
+        if self.store is None:
+            raise PageStreamError("the source named pages as held here, and this host holds none")
+        return self.store
+
     async def _held(self, pid: int, vaddr: int, n: int) -> None:
         """Pages [vaddr, +n) of pid are in the store as they are now: to the fill."""
         try:
-            pieces = self.store.pieces(pid, vaddr, n)
+            pieces = self._store().pieces(pid, vaddr, n)
         except shadow.MissingPages as e:
             raise PageStreamError(str(e)) from None
         for first, count, view in pieces:
@@ -372,14 +431,15 @@ class Placer:
                                       "pages were missing: the link is lost")
 
     async def _until_failed(self) -> None:
-        await self._failed
+        if self._failed is not None:      # (made by run(), before this runs)
+            await self._failed
 
     def _fail(self, e: BaseException) -> None:
-        if not self._failed.done():
+        if self._failed is not None and not self._failed.done():
             self._failed.set_exception(e)
 
     # --- placing ---------------------------------------------------------------------------------
-    async def _arrived(self, pid: int, vaddr: int, n: int, data: bytes) -> None:
+    async def _arrived(self, pid: int, vaddr: int, n: int, data: PageBytes) -> None:
         if self.whole:
             return
         asked = self.asked.get(pid)
@@ -411,12 +471,12 @@ class Placer:
         vaddr is in none. Every frame's pages lie in one range (the push reads by range)."""
         lazy = self.lazy.get(pid)
         where = lazy.find(vaddr) if lazy else None
-        if where is None:
+        if lazy is None or where is None:
             return None
         ri, k = where
         return ri, k, min(k + n, lazy.ranges[ri].pages)
 
-    async def _place(self, task: _Task, vaddr: int, n: int, data: bytes) -> None:
+    async def _place(self, task: _Task, vaddr: int, n: int, data: PageBytes) -> None:
         span = self._span(task.pid, vaddr, n)
         if span is None:
             return
@@ -463,21 +523,14 @@ class Placer:
                 # closed meanwhile on this thread (its process exited: _gone), and the thread then
                 # placed through a closed descriptor (EBADF), or one reused since for another file.
                 fd = os.dup(task.fd)
-
-                def place() -> None:
-                    try:
-                        for a, b in runs:
-                            uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
-                    finally:
-                        os.close(fd)
                 try:
-                    await asyncio.to_thread(place)
+                    await asyncio.to_thread(_place_runs, fd, base, k, runs, view)
                 except (uffd.Busy, uffd.Gone):
                     await self._place(task, first, n, view)    # events first, on this thread
                     continue
                 for a, b in runs:
                     self._mark(task, ri, a, b, placed=True)
-        self.store.release(pid, first, n)
+        self._store().release(pid, first, n)
         self._check_whole()
 
     def _place_run(self, task: _Task, ri: int, a: int, b: int, chunk: memoryview) -> None:
@@ -508,10 +561,10 @@ class Placer:
                 self.stats.pages_served += missing
 
     def _check_whole(self) -> None:
-        if self.whole or not self.finished:
+        if self.stage not in (Stage.REPLAYING, Stage.PLACING):
             return
         if all(t.left == 0 or t.fd < 0 for ts in self.tasks.values() for t in ts):
-            self.whole = True
+            self._advance(Stage.WHOLE)
             self.all_here.set()     # the source may answer our CLOSE before it says PUSHED_ALL
             self._queue(CLOSE, pages=PS_IOV_CLOSE)
             if self.status is not None:
@@ -533,7 +586,7 @@ class Placer:
         try:
             self._drain(task)
             self._check_whole()
-        except Exception as e:        # a callback's exception would go nowhere: run() raises it
+        except Exception as e:  # noqa: BLE001 -- a callback's exception would go nowhere: run() raises it
             self._fail(e)
 
     def _drain(self, task: _Task) -> None:
@@ -566,7 +619,7 @@ class Placer:
         vaddr = spans[0][0] if spans else -1
         where = lazy.find(vaddr) if lazy and spans else None
         try:
-            if where is None:
+            if lazy is None or where is None:
                 uffd.zero(task.fd, address)       # never written on the source
                 return
             ri, k = where
@@ -611,8 +664,8 @@ class Placer:
         while k + run < len(holes) and run < NEED_PAGES and holes[k + run]:
             run += 1
         try:
-            pieces = self.store.pieces(task.pid, base + k * PAGE, run)
-        except shadow.MissingPages:
+            pieces = self._store().pieces(task.pid, base + k * PAGE, run)
+        except shadow.MissingPages:     # let go already: the source's page is asked for instead
             return False
         if not pieces or pieces[0][0] != base + k * PAGE:
             return False

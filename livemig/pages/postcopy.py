@@ -28,8 +28,10 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from . import frames, pagehash
+from ..errors import LivemigError
 from ..wire import streams
+from . import frames, pagehash
+from .frames import PageBytes
 from .pagemap import PAGE, Range
 
 # CRIU's struct page_server_iov as laid out on x86-64 and AArch64: cmd, nr_pages, vaddr, dst_id.
@@ -75,8 +77,10 @@ CLOSE_WAIT = 10.0    # seconds the source waits for the target to hang up first
 STALL_SECONDS = 30.0
 
 
-class PageStreamError(Exception):
-    pass
+class PageStreamError(LivemigError):
+    """The page stream between the hosts (or the one with CRIU) broke, or said what it must
+    not. Raised without a phase: post-copy's or a fill's, as its catcher knows (the agent
+    names it; the source tells it as a lost connection)."""
 
 
 @dataclass
@@ -124,8 +128,8 @@ def told(eg: BaseExceptionGroup, peer: str) -> BaseException:
     return e
 
 
-async def _send(out: streams.CompressedWriter, kind: int, pid: int = 0, vaddr: int = 0, pages: int = 0,
-                data: bytes = b"") -> None:
+async def _send(out: streams.CompressedWriter | _Outbound, kind: int, pid: int = 0, vaddr: int = 0,
+                pages: int = 0, data: PageBytes = b"") -> None:
     # one write: frames from two tasks never interleave
     await out.write(frames.frame(kind, pid, vaddr, pages) + data, flush=True)
 
@@ -389,7 +393,7 @@ class Pusher:
         return done
 
 
-    async def _forward(self, out, pid: int, vaddr: int, n: int, data: bytes) -> None:
+    async def _forward(self, out, pid: int, vaddr: int, n: int, data: PageBytes) -> None:
         if self.known is None:
             await _send(out, frames.PAGES, pid, vaddr, n, data)
             return
@@ -431,7 +435,7 @@ class Pusher:
     async def _compared_there(self, pid: int, vaddr: int, n: int):
         """The piece's runs as the comparer found them, if the piece is its; else None (and
         if it could not read it, or is gone: the piece is read here)."""
-        if not self._theirs or self._theirs[0] != (pid, vaddr, n):
+        if not self._theirs or self._comparer is None or self._theirs[0] != (pid, vaddr, n):
             return None
         self._theirs.popleft()
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import mmap
 
+from ..errors import LivemigError
 from . import pagehash
 from .pagehash import CHUNK_PAGES
 from .pagemap import PAGE
@@ -24,12 +25,15 @@ from .pagemap import PAGE
 SLOT = CHUNK_PAGES * PAGE
 
 
-class MissingPages(Exception):
-    pass
+class MissingPages(LivemigError):
+    """The source named pages as held here that never came (Store.pieces)."""
 
 
 class Store:
-    def __init__(self):
+    """The pages pre-copy by hashes sent, and those pushed before the copy runs, by process
+    and address, until placed."""
+
+    def __init__(self) -> None:
         # a slot: written into (an mmap), or a whole slot's frame kept as it came (a view)
         self._slots: dict[tuple[int, int], mmap.mmap | memoryview] = {}
         self._have: dict[tuple[int, int], bytearray] = {}
@@ -116,7 +120,7 @@ class Store:
             try:
                 if isinstance(slot, mmap.mmap):
                     slot.close()
-            except BufferError:
+            except BufferError:     # still viewed: its memory goes with the last view, as said above
                 pass
         self._slots.clear()
         self._have.clear()

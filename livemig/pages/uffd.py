@@ -15,6 +15,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from ..errors import LivemigError
+
 PAGE = 4096
 
 
@@ -91,17 +93,19 @@ def read_events(fd: int) -> list[Event]:
     """What the uffd has to say now ([] if nothing: the fd is non-blocking)."""
     try:
         return parse(os.read(fd, MSG_SIZE * 64))
-    except BlockingIOError:
+    except BlockingIOError:     # nothing to read now: the fd does not block
         return []
 
 
-class Gone(Exception):
-    """The process behind the uffd has exited."""
+class Gone(LivemigError):
+    """The process behind the uffd has exited. The placer catches it: nothing more goes
+    to that process."""
 
 
-class Busy(Exception):
+class Busy(LivemigError):
     """The process's memory map is changing (a fork, mremap, munmap or madvise): the uffd
-    has an event to be read first, after which the same call goes through."""
+    has an event to be read first, after which the same call goes through. The placer
+    catches it and tries again."""
 
     def __init__(self, done: int = 0):
         super().__init__("the memory map is changing")
@@ -127,7 +131,7 @@ def _copy(fd: int, address: int, data: memoryview) -> tuple[int, int]:
         return n, 0
     except OSError as e:
         done = struct.unpack_from("<q", arg, 32)[0]
-        return max(done, 0), e.errno
+        return max(done, 0), e.errno or 0
 
 
 def _stop(err: int, done: int) -> None:
@@ -170,11 +174,12 @@ def zero(fd: int, address: int, length: int = PAGE) -> None:
         fcntl.ioctl(fd, UFFDIO_ZEROPAGE, arg, True)
     except OSError as e:
         if e.errno not in (errno.EEXIST, errno.ENOENT):
-            _stop(e.errno, 0)
+            _stop(e.errno or 0, 0)
 
 
 def wake(fd: int, address: int, length: int = PAGE) -> None:
     """Wake threads waiting on pages that are there (placed while their fault was queued)."""
+    # refused only once the range or the process is gone: then nobody waits there
     with contextlib.suppress(OSError):
         fcntl.ioctl(fd, UFFDIO_WAKE, struct.pack("<QQ", address, length))
 

@@ -1,10 +1,18 @@
 """What is being moved, and how it is checkpointed on the source.
 
-A workload is a bare process tree (CRIU driven directly) or an OCI container
-(runc or crun driven through the runtime, so that the target's runtime knows the
-container afterwards). Each says what it can do (stream pages into a page
-server, serve them lazily) and runs its own dumps, freeze, release and resume;
-the coordinator's phases are the same for all of them.
+A workload is a bare process tree (CRIU driven directly), an OCI container (runc
+or crun driven through the runtime, so that the target's runtime knows the
+container afterwards) or a podman container (podman's own checkpoint and restore).
+Each says what it can do (stream pages into a page server, serve them lazily) and
+runs its own dumps, freeze, release and resume; the coordinator's phases are the
+same for all of them.
+
+    process    a process tree: CRIU itself, its commit point in hook.py
+    oci        runc and crun
+    podman     podman
+    held       the workload as a host holds it after its final dump, to resume or to end
+    hook       CRIU's action script: the commit point of a process tree's final dump
+    bundle     an OCI bundle's files, carried to the target
 """
 
 from __future__ import annotations
@@ -12,10 +20,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..errors import LivemigError, Phase
 from ..wire import protocol as p
+
+if TYPE_CHECKING:
+    from ..criu import DumpStats, Options
+
+StopPages = Callable[[], Awaitable[None]]   # cuts the coordinator's page relay (resume's stop_pages)
 
 
 @dataclass
@@ -34,6 +50,8 @@ class DumpRun:
         return self.sock
 
     async def lazy_pages(self) -> socket.socket:
+        if self.sock is None:       # a lazy dump's run always has one (process.py)
+            raise LivemigError("this dump serves no pages", phase=Phase.FINAL_DUMP)
         return self.sock
 
     def close(self) -> None:
@@ -80,16 +98,17 @@ class Workload:
         (lazy: recorded as given up; see finish_lazy). Returns warnings."""
         raise NotImplementedError
 
-    def stats(self, images: Path):
+    def stats(self, images: Path) -> DumpStats | None:
         """CRIU's statistics of the dump into images (criu.DumpStats), or None."""
-        from ..criu import read_stats
-        return read_stats(images / "stats-dump")
+        from ..criu import DumpStats, read_stats
+        st = read_stats(images / "stats-dump")
+        return st if isinstance(st, DumpStats) else None    # (a stats-dump image holds a dump's)
 
     async def finish_lazy(self, run: DumpRun) -> None:
         """Post-copy is over: every page is on the target; end the source's copy."""
         raise NotImplementedError
 
-    async def resume(self, run: DumpRun | None, stop_pages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
         """Roll back: the source runs on from where it was frozen. stop_pages() cuts the
         coordinator's page relay, which makes a running CRIU dump fail."""
         raise NotImplementedError
@@ -98,7 +117,7 @@ class Workload:
         pass
 
 
-async def resolve(what: str | int, runtime: str | None, criu_opts, work: Path) -> Workload:
+async def resolve(what: str | int, runtime: str | None, criu_opts: Options, work: Path) -> Workload:
     """The workload the user named: a PID (process tree), or a container name or ID. podman
     is asked first: its containers run under runc or crun too, but only podman knows them
     by name, and only podman can bring them back registered."""

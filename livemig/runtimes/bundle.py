@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..wire import streams
 from ..errors import CommandFailed
+from ..wire import streams
 
 _TAR_OPTIONS = ["--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls", "--sparse"]
 
@@ -64,5 +64,5 @@ def remove_deleted(root: Path, deleted: list[str]) -> None:
                 os.rmdir(path)
             else:
                 os.unlink(path)
-        except FileNotFoundError:
+        except FileNotFoundError:     # not here either: nothing to delete
             pass

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import proc
-from ..wire import protocol as p
 from ..errors import Phase
-from . import bundle
-from . import control
+from ..wire import protocol as p
+from . import bundle, control
 
 
 @dataclass
@@ -30,12 +29,12 @@ class HeldCopy:
     boot: str = ""          # the boot the pairs were taken in: after a reboot none of them runs
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HeldCopy":
+    def from_dict(cls, d: dict) -> HeldCopy:
         return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""),
                    d.get("boot", ""))
 
     @classmethod
-    def of(cls, workload, bundle_moves: bool = False) -> "HeldCopy":
+    def of(cls, workload, bundle_moves: bool = False) -> HeldCopy:
         """The workload's tree as it is now (frozen, once its final dump has begun)."""
         return cls(workload.kind, proc.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
                    str(workload.bundle()) if bundle_moves else "", proc.boot_id())
@@ -73,7 +72,7 @@ class HeldCopy:
             return True
         try:     # runc and crun print their state; podman's `container exists` prints nothing
             return json.loads(res.stdout).get("status") == "stopped"
-        except ValueError:
+        except ValueError:     # no state printed (podman): it exists, so it has not ended
             return False
 
     async def end(self) -> list[str]:
@@ -87,7 +86,7 @@ class HeldCopy:
         if self.bundle and Path(self.bundle).is_dir():
             if bundle.mounts_under(Path(self.bundle)):
                 return [f"the bundle {self.bundle} stays here: file systems are mounted in it"]
-            shutil.rmtree(self.bundle, ignore_errors=True)
+            shutil.rmtree(self.bundle, ignore_errors=True)     # what is left is only disk, not the workload
         return []
 
 

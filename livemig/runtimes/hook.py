@@ -30,7 +30,7 @@ try:
     s.connect(os.environ["LIVEMIG_HOOK_SOCKET"])
     s.sendall(action.encode() + b"\\n")
     verdict = s.recv(1) if action == "post-dump" else b"0"
-except OSError:
+except OSError:    # the coordinator is gone: the journal decides, below
     pass
 if not verdict:
     try:
@@ -51,11 +51,11 @@ class HookServer:
         self.post_dump: asyncio.Future = loop.create_future()
         self.frozen_at = 0.0
         self.rolled_back = False
-        self._writer = None
-        self._server = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._server: asyncio.Server | None = None
 
     @classmethod
-    async def start(cls, work: Path) -> "HookServer":
+    async def start(cls, work: Path) -> HookServer:
         self = cls(work)
         fd = os.open(self.script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
         with os.fdopen(fd, "w") as f:
@@ -68,7 +68,7 @@ class HookServer:
     def environment(self) -> dict[str, str]:
         return {"LIVEMIG_HOOK_SOCKET": str(self.socket), "LIVEMIG_JOURNAL": str(self.journal)}
 
-    async def _on_connect(self, reader, writer) -> None:
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         action = (await reader.readline()).decode().strip()
         if action == "pre-dump":
             self.frozen_at = time.monotonic()

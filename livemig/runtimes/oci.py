@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 from .. import criu, proc
-from ..wire import protocol as p
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
-from . import DumpRun, Workload
+from ..wire import protocol as p
+from . import DumpRun, StopPages, Workload
 from .process import criu_failure
 
 RUNTIMES = ("runc", "crun")
+_NO_OPTIONS = criu.Options()     # nothing asked of CRIU (frozen: one instance serves every call)
 LOOPBACK = "127.0.0.1"
 
 
@@ -41,7 +42,7 @@ def flags(opts: criu.Options) -> list[str]:
 
 def checkpoint(runtime: str, container: str, images: str, *, pre_dump: bool = False,
                parent: str | None = None, page_server: str | None = None, lazy: bool = False,
-               status_fd: int | None = None, opts: criu.Options = criu.Options()) -> list[str]:
+               status_fd: int | None = None, opts: criu.Options = _NO_OPTIONS) -> list[str]:
     argv = [runtime, "checkpoint", "--image-path", images, "--work-path", images]
     argv += ["--pre-dump"] if pre_dump else ["--leave-running"]   # the final dump: see the module doc
     if parent:
@@ -54,7 +55,7 @@ def checkpoint(runtime: str, container: str, images: str, *, pre_dump: bool = Fa
 
 
 def restore(runtime: str, container: str, images: str, bundle: str, pidfile: str, *, lazy: bool,
-            opts: criu.Options = criu.Options()) -> list[str]:
+            opts: criu.Options = _NO_OPTIONS) -> list[str]:
     argv = [runtime, "restore", "--detach", "--image-path", images, "--work-path", images,
             "--bundle", bundle, "--pid-file", pidfile]
     if lazy:
@@ -72,20 +73,20 @@ async def state(runtime: str, container: str) -> dict | None:
         return None
     try:
         return json.loads(res.stdout)
-    except ValueError:
+    except ValueError:     # a state that is not JSON: none this livemig can act on
         return None
 
 
 async def version(runtime: str) -> str:
     try:
         res = await proc.run([runtime, "--version"], check=False)
-    except CommandFailed:
+    except CommandFailed:      # the runtime is not installed: no version
         return ""
     first = res.text.strip().splitlines()[:1]
     return first[0].split("version", 1)[-1].strip() if first else ""
 
 
-async def find(name: str, runtime: str | None, opts: criu.Options) -> "OciContainer":
+async def find(name: str, runtime: str | None, opts: criu.Options) -> OciContainer:
     found = []
     for rt in [runtime] if runtime else RUNTIMES:
         st = await state(rt, name)
@@ -138,8 +139,9 @@ class OciContainer(Workload):
         frozen_at = time.monotonic()
         await proc.run([self.kind, "pause", self.container], phase=Phase.FINAL_DUMP)
         self.paused = True
-        listener = port = status_r = None
-        pass_fds = []
+        listener: socket.socket | None = None
+        port, status_r = 0, -1          # a lazy dump's: its page server's, the pipe it says "ready" on
+        pass_fds: list[int] = []
         if lazy:
             port = _free_port()
             status_r, status_w = os.pipe()
@@ -155,7 +157,7 @@ class OciContainer(Workload):
         except BaseException:
             if listener:
                 listener.close()
-            if status_r is not None:
+            if status_r >= 0:
                 os.close(status_r)
             raise
         finally:
@@ -170,7 +172,7 @@ class OciContainer(Workload):
 
     async def dumped(self, run: DumpRun, lazy: bool) -> float:
         if lazy:
-            if not await run.ready():
+            if not (isinstance(run, _LazyServerRun) and await run.ready()):
                 await run.proc.wait()
                 raise DumpError(criu_failure(f"{self.kind} checkpoint --lazy-pages", run.proc.returncode, run.log))
         else:
@@ -194,7 +196,7 @@ class OciContainer(Workload):
         return [] if res.returncode == 0 else [
             f"{self.kind} delete {self.container} failed here: {proc.why(res.stderr)}"]
 
-    async def resume(self, run: DumpRun | None, stop_pages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
         if run and run.proc.returncode is None:
             await stop_pages()
             run.close()
@@ -217,7 +219,7 @@ class OciContainer(Workload):
 class _PageServerClientRun(DumpRun):
     """CRIU connects to our loopback listener as a page-server client."""
 
-    def __init__(self, proc_, log, *, listener: socket.socket | None):
+    def __init__(self, proc_: asyncio.subprocess.Process, log: Path, *, listener: socket.socket | None):
         super().__init__(proc_, log)
         self.listener = listener
 
@@ -247,7 +249,7 @@ class _PageServerClientRun(DumpRun):
 class _LazyServerRun(DumpRun):
     """A lazy dump listens on a loopback port; the relay connects once it says it is ready."""
 
-    def __init__(self, proc_, log, *, port: int, status_r: int):
+    def __init__(self, proc_: asyncio.subprocess.Process, log: Path, *, port: int, status_r: int):
         super().__init__(proc_, log)
         self.port, self.status_r = port, status_r
 

@@ -15,11 +15,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import criu, proc
-from ..wire import protocol as p
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
-from . import DumpRun, Workload
+from ..wire import protocol as p
+from . import DumpRun, StopPages, Workload
+
+if TYPE_CHECKING:
+    from ..wire import streams
 
 ARCHIVE = "checkpoint.tar"
 STATS = "checkpoint-stats.log"     # podman's --print-stats; a .log stays on the source
@@ -28,13 +32,13 @@ STATS = "checkpoint-stats.log"     # podman's --print-stats; a .log stays on the
 async def inspect(name: str) -> dict | None:
     try:
         res = await proc.run(["podman", "container", "inspect", name], check=False)
-    except CommandFailed:
+    except CommandFailed:      # podman is not installed: it knows no container
         return None
     if res.returncode != 0:
         return None
     try:
         [found] = json.loads(res.stdout)
-    except ValueError:
+    except ValueError:         # not one container's JSON: none by that name
         return None
     return found
 
@@ -44,7 +48,7 @@ async def facts() -> dict[str, str]:
     try:
         res = await proc.run(["podman", "info", "--format", "json"], check=False)
         info = json.loads(res.stdout) if res.returncode == 0 else {}
-    except (CommandFailed, ValueError):
+    except (CommandFailed, ValueError):     # no podman here, or no info from it: no facts to compare
         return {}
     h = info.get("host", {})
     return {"podman": info.get("version", {}).get("Version", ""),
@@ -69,7 +73,8 @@ def checkpoint(container: str, archive: Path, opts: criu.Options, *, leave_runni
 
 async def _start(argv: list[str], images: Path):
     """A checkpoint whose statistics (stdout) land in images/STATS."""
-    with open(images / STATS, "wb") as out:
+    # a new, empty local file: opening it blocks the loop no longer than a thread hop would
+    with open(images / STATS, "wb") as out:  # noqa: ASYNC230
         return await proc.start(argv, stdout=out)
 
 
@@ -99,7 +104,7 @@ class PodmanContainer(Workload):
         self.container = found["Name"]
         self.name = self.container
         self.root_pid = int(found["State"]["Pid"])
-        self.image = found.get("ImageName") or found["Image"]   # a name survives save and load
+        self.image: str = found.get("ImageName") or found["Image"]   # a name survives save and load
         self.opts = opts
         self.checkpointed = False
         self.run: DumpRun | None = None
@@ -110,7 +115,7 @@ class PodmanContainer(Workload):
     def target_spec(self) -> p.Container:
         return p.Container("podman", self.container, "", image=self.image)
 
-    async def send_image(self, writer, level: int):
+    async def send_image(self, writer: streams.Writer, level: int) -> streams.Meter:
         from ..wire import streams
         return await streams.send_output(["podman", "save", self.image], writer, level)
 
@@ -148,7 +153,7 @@ class PodmanContainer(Workload):
     def stats(self, images: Path) -> criu.DumpStats | None:
         try:
             return parse_stats((images / STATS).read_bytes())
-        except OSError:
+        except OSError:     # none written: the report goes without them, as with CRIU's (criu.read_stats)
             return None
 
     async def release(self, run: DumpRun, lazy: bool) -> list[str]:
@@ -157,7 +162,7 @@ class PodmanContainer(Workload):
         return [] if res.returncode == 0 else [
             f"podman rm {self.container} failed here: {proc.why(res.stderr)}"]
 
-    async def resume(self, run: DumpRun | None, stop_pages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
         if run and run.proc.returncode is None:
             await run.proc.wait()          # podman ends its checkpoint; we act on what it left
         if not self.checkpointed:

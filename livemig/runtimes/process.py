@@ -15,9 +15,8 @@ import socket
 from pathlib import Path
 
 from .. import criu, host, proc
-from . import hook
-from ..errors import DumpError, PreflightError
-from . import DumpRun, Workload
+from ..errors import DumpError, Phase, PreflightError
+from . import DumpRun, StopPages, Workload, hook
 
 
 class ProcessTree(Workload):
@@ -69,15 +68,22 @@ class ProcessTree(Workload):
         self.run = DumpRun(dumping, images / "dump.log", ours)
         return self.run
 
+    def _final_hook(self) -> hook.HookServer:
+        """The final dump's hook: what the steps after final_dump() act through."""
+        if self.hook is None:
+            raise DumpError("no final dump was started", phase=Phase.FINAL_DUMP)
+        return self.hook
+
     async def dumped(self, run: DumpRun, lazy: bool) -> float:
+        h = self._final_hook()
         exited = asyncio.create_task(run.proc.wait())
         try:
-            await asyncio.wait({self.hook.post_dump, exited}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({h.post_dump, exited}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             exited.cancel()
-        if not self.hook.post_dump.done():
+        if not h.post_dump.done():
             raise DumpError(criu_failure("criu dump", run.proc.returncode, run.log))
-        run.frozen_at = self.hook.frozen_at
+        run.frozen_at = h.frozen_at
         # CRIU holds the tree frozen while its post-dump step waits for us: no task forks or
         # exits now, so this is the tree that was dumped, children forked in pre-copy included.
         self.frozen = proc.tasks(proc.process_tree(self.root_pid))
@@ -91,17 +97,18 @@ class ProcessTree(Workload):
             if let_go := [pid for pid in proc.named(self.frozen) if _traceable(pid) and proc.tracer(pid) == 0]:
                 proc.signal_tasks(self.frozen, signal.SIGCONT)    # it runs on, as CRIU left it
                 raise DumpError(f"CRIU let go of PID {let_go[0]} before the dump was done")
-            self.hook.proceed()     # CRIU goes on to serve pages, the tree stays stopped
-        return self.hook.post_dump.result()
+            h.proceed()     # CRIU goes on to serve pages, the tree stays stopped
+        return h.post_dump.result()
 
     async def release(self, run: DumpRun, lazy: bool) -> list[str]:
+        h = self._final_hook()
         if lazy:
             # From the target's first instruction on, it is the workload: never resume the
             # source. The SIGSTOP queued at the dump keeps it stopped however CRIU ends, so
             # that only the target's verdict lets this copy run again (source/recovery.py).
-            self.hook.mark_committed()
+            h.mark_committed()
             return []
-        self.hook.commit()             # durable first: a crash from here on means "moved"
+        h.commit()             # durable first: a crash from here on means "moved"
         rc = await run.proc.wait()     # CRIU kills the source and exits
         return [f"criu dump exited {rc} after the commit"] if rc != 0 else []
 
@@ -109,7 +116,7 @@ class ProcessTree(Workload):
         await run.proc.wait()
         proc.signal_tasks(self.frozen, signal.SIGKILL)   # left stopped by the lazy dump
 
-    async def resume(self, run: DumpRun | None, stop_pages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
         h = self.hook
         lazy_served = h is not None and h.post_dump.done() and not h.waiting
         if h and h.waiting:

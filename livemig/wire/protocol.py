@@ -13,25 +13,32 @@ import dataclasses
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, dataclass_transform
 
-from ..errors import ProtocolError
+from ..errors import LivemigError, ProtocolError
+
+if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to load
+    from .streams import Reader, Writer
 
 PROTOCOL_VERSION = 10  # 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
 _PARTS: dict[str, type] = {}     # dataclasses carried inside messages, never sent alone
+_T = TypeVar("_T")
 
 
-def message(cls):
+# dataclass_transform: type checkers see each message as the frozen dataclass it is
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def message(cls: type[_T]) -> type[_T]:
     """Register a dataclass as a message type, under its class name."""
     cls = dataclass(frozen=True)(cls)
     _TYPES[cls.__name__] = cls
     return cls
 
 
-def part(cls):
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def part(cls: type[_T]) -> type[_T]:
     """Register a dataclass that travels inside messages (a field's value)."""
     cls = dataclass(frozen=True)(cls)
     _PARTS[cls.__name__] = cls
@@ -320,7 +327,9 @@ def _plain(value: Any) -> Any:
 
 
 def _typed(obj: dict) -> Any:
-    name = obj.get("type")
+    # whatever the wire says: a name that is no type's stays a plain dict; an unhashable one
+    # is malformed (TypeError, which decode() reports)
+    name: Any = obj.get("type")
     cls = _TYPES.get(name) or _PARTS.get(name)
     if cls is None:
         return obj
@@ -347,7 +356,7 @@ def decode(body: bytes) -> Any:
         raise ProtocolError(f"malformed message: {e}: {body[:200]!r}") from None
 
 
-async def read_message(reader: asyncio.StreamReader) -> Any:
+async def read_message(reader: Reader) -> Any:
     try:
         (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
         if size > MAX_FRAME:
@@ -357,7 +366,7 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
         raise EOFError("the peer closed the connection") from None
 
 
-async def write_message(writer, msg: Any) -> None:
+async def write_message(writer: Writer, msg: Any) -> None:
     writer.write(encode(msg))
     await writer.drain()
 
@@ -365,12 +374,12 @@ async def write_message(writer, msg: Any) -> None:
 class Channel:
     """Request/response over one framed stream: one request in flight at a time."""
 
-    def __init__(self, reader, writer):
+    def __init__(self, reader: Reader, writer: Writer):
         self.reader, self.writer = reader, writer
         self._lock = asyncio.Lock()
         self._owed = 0
 
-    async def request(self, msg: Any, reply_type: type) -> Any:
+    async def request(self, msg: Any, reply_type: type[_T]) -> _T:
         async with self._lock:
             # Sent before the replies still owed are read: a rollback's Abort must reach the
             # peer while it still works on a request whose caller was cancelled (the agent
@@ -390,7 +399,16 @@ class Channel:
         return reply
 
 
-class RemoteFailure(Exception):
+class RemoteFailure(LivemigError):
+    """The agent answered Failed: what it could not do, in the phase it names (None if it
+    named none). The source turns it into the error class of that phase, with the host
+    (source/session.remote_error); until then, failed is the agent's answer as it came."""
+
     def __init__(self, failed: Failed):
-        super().__init__(failed.message)
+        super().__init__(failed.message, phase=failed.phase or None, detail=failed.detail or None)
         self.failed = failed
+
+    def __str__(self) -> str:
+        # the agent's words alone, as before it was a LivemigError: callers quote them inside
+        # messages of their own, which say the phase and the host themselves
+        return self.message

@@ -17,15 +17,35 @@ import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import zstandard
 
-from . import bandwidth
 from .. import proc
+from . import bandwidth
 
 CHUNK = 1 << 20
 _NAME = struct.Struct(">H")
 _SIZE = struct.Struct(">Q")
+
+
+class Reader(Protocol):
+    """The reading end of a byte stream, as asyncio's and asyncssh's streams both have it
+    (a data stream to the agent, CRIU's socket, a program's stdout)."""
+    async def read(self, n: int = -1) -> bytes: ...
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+class Writer(Protocol):
+    """The writing end of a byte stream, as asyncio's and asyncssh's streams both have it."""
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def write_eof(self) -> None: ...
+    def close(self) -> None: ...
+
+
+Stream = tuple[Reader, Writer]
 
 
 @dataclass
@@ -50,7 +70,7 @@ class CompressedWriter:
     place the move's bandwidth cap (bandwidth.current) is kept. urgent: a fault's pages,
     which go before the pieces of other streams that wait for the cap."""
 
-    def __init__(self, writer, meter: Meter, level: int, urgent: bool = False):
+    def __init__(self, writer: Writer, meter: Meter, level: int, urgent: bool = False):
         self.writer, self.meter, self.tally = writer, meter, tally.get()
         self.cap, self.urgent = bandwidth.current.get(), urgent
         self.comp = zstandard.ZstdCompressor(level=level).compressobj()
@@ -86,14 +106,14 @@ class CompressedWriter:
                 await self.writer.drain()
 
 
-async def send_compressed(reader, writer, meter: Meter, level: int = 1) -> None:
+async def send_compressed(reader: Reader, writer: Writer, meter: Meter, level: int = 1) -> None:
     out = CompressedWriter(writer, meter, level)
     while data := await reader.read(CHUNK):
         await out.write(data, flush=True)
     await out.close()
 
 
-async def receive_compressed(reader, writer, meter: Meter) -> None:
+async def receive_compressed(reader: Reader, writer: Writer, meter: Meter) -> None:
     dec = zstandard.ZstdDecompressor().decompressobj()
     while data := await reader.read(CHUNK):
         meter.wire += len(data)
@@ -112,7 +132,7 @@ class Relay:
     received: Meter
 
 
-async def relay(local: tuple, remote: tuple, level: int = 1) -> Relay:
+async def relay(local: Stream, remote: Stream, level: int = 1) -> Relay:
     """Pump local<->remote until both directions reach EOF. However it ends (cancelled
     included), both streams are closed: CRIU learns at once that its peer is gone."""
     (l_reader, l_writer), (r_reader, r_writer) = local, remote
@@ -146,7 +166,7 @@ def _checked_name(name: str) -> str:
     return name
 
 
-async def send_files(directory: Path, names: list[str], writer, level: int = 1,
+async def send_files(directory: Path, names: list[str], writer: Writer, level: int = 1,
                      empty: frozenset[str] = frozenset()) -> Meter:
     """Write the named regular files of directory as [u16 name][u64 size][bytes]..., then an
     empty name, zstd-compressed as one stream. Names in empty go as empty files."""
@@ -157,7 +177,8 @@ async def send_files(directory: Path, names: list[str], writer, level: int = 1,
         if name in empty:
             await out.write(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(0))
             continue
-        with open(directory / name, "rb") as f:
+        # blocking reads, kept: image files CRIU has just written, read from the page cache
+        with open(directory / name, "rb") as f:  # noqa: ASYNC230
             size = os.fstat(f.fileno()).st_size
             await out.write(_NAME.pack(len(encoded)) + encoded + _SIZE.pack(size))
             while chunk := f.read(CHUNK):
@@ -175,7 +196,7 @@ class Decompressed:
     to bytes and deleting the slice copied each page three times more (measured: 1.9 s
     of the target's CPU per 2 GiB)."""
 
-    def __init__(self, reader, meter: Meter | None = None):
+    def __init__(self, reader: Reader, meter: Meter | None = None):
         self.reader, self.meter = reader, meter or Meter()
         self.dec = zstandard.ZstdDecompressor().decompressobj()
         self.buf = bytearray()
@@ -192,22 +213,22 @@ class Decompressed:
                 self.eof = True
                 continue
             self.meter.wire += len(data)
-            out = self.dec.decompress(data)
-            self.meter.raw += len(out)
+            plain = self.dec.decompress(data)
+            self.meter.raw += len(plain)
             if self.pos:
                 del self.buf[:self.pos]     # at most once a read, of what was handed out
                 self.pos = 0
-            self.buf += out
+            self.buf += plain
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
         return out
 
 
-async def receive_files(reader, directory: Path) -> tuple[int, int]:
+async def receive_files(reader: Reader, directory: Path) -> tuple[int, int]:
     """The other side of send_files: files land in directory (0600); returns (files, bytes)."""
     stream = Decompressed(reader)
 
-    async def need(n: int) -> bytes:
+    async def need(n: int) -> bytearray:
         return await stream.need(n, "the image file stream")
 
     files = total = 0
@@ -229,13 +250,15 @@ async def receive_files(reader, directory: Path) -> tuple[int, int]:
 
 
 # --- a program's output to the target, and into a program there ---------------------------------
-async def send_output(argv: list[str], writer, level: int = 1) -> Meter:
+async def send_output(argv: list[str], writer: Writer, level: int = 1) -> Meter:
     """What argv writes on stdout goes onto writer, compressed; argv must exit 0."""
     child = await proc.start(argv)
+    stdout = child.stdout
+    assert stdout is not None      # a pipe: proc.start's default
     meter = Meter()
     out = CompressedWriter(writer, meter, level)
     try:
-        while data := await child.stdout.read(CHUNK):
+        while data := await stdout.read(CHUNK):
             await out.write(data)
         await out.close()
         await _exited_ok(child, argv)
@@ -244,21 +267,24 @@ async def send_output(argv: list[str], writer, level: int = 1) -> Meter:
     return meter
 
 
-async def receive_into(reader, argv: list[str]) -> int:
+async def receive_into(reader: Reader, argv: list[str]) -> int:
     """The other side of send_output: argv reads the stream on stdin and must exit 0;
     the raw bytes it was given."""
     child = await proc.start(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
+    stdin = child.stdin
+    assert stdin is not None       # a pipe, asked for above
     meter = Meter()
     try:
-        await receive_compressed(reader, child.stdin, meter)
-        child.stdin.close()
+        await receive_compressed(reader, stdin, meter)
+        stdin.close()
         await _exited_ok(child, argv)
     finally:
         await proc.kill(child)
     return meter.raw
 
 
-async def _exited_ok(child, argv: list[str]) -> None:
+async def _exited_ok(child: asyncio.subprocess.Process, argv: list[str]) -> None:
+    assert child.stderr is not None     # a pipe: proc.start keeps stderr
     err = await child.stderr.read()
     rc = await child.wait()
     if rc != 0:

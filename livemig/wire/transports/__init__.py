@@ -7,8 +7,12 @@ binary stdin/stdout (the agent), and opens byte streams to a UNIX socket there
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:     # for the annotations alone
+    from ..streams import Reader, Writer
 
 
 @dataclass(frozen=True)
@@ -20,20 +24,22 @@ class Completed:
 
 
 class Process(Protocol):
-    reader: Any                 # its stdout, an asyncio-style stream reader
-    writer: Any                 # its stdin
+    """A long-lived program on the transport's host (the agent), its stdio binary."""
+    reader: Reader              # its stdout
+    writer: Writer              # its stdin
 
     async def wait(self) -> Completed: ...
     def kill(self) -> None: ...
 
 
 class Transport(Protocol):
+    """How commands and bytes reach one host; see the module's doc."""
     host: str
 
     async def run(self, argv: Sequence[str], *, input: bytes | None = None,
                   timeout: float | None = None) -> Completed: ...
     async def start(self, argv: Sequence[str]) -> Process: ...
-    async def open_unix(self, path: str) -> tuple[Any, Any]: ...
+    async def open_unix(self, path: str) -> tuple[Reader, Writer]: ...
     async def close(self) -> None: ...
 
 
@@ -45,6 +51,6 @@ def link_errors() -> tuple[type[BaseException], ...]:
     try:
         import asyncssh
         errors.append(asyncssh.Error)
-    except ImportError:
+    except ImportError:     # no asyncssh, so no SSH transport: none of its errors can come
         pass
     return tuple(errors)

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from collections.abc import Sequence
 
 from ... import proc
-
 from . import Completed
 
 
 class LocalProcess:
     def __init__(self, p: asyncio.subprocess.Process, argv: Sequence[str]):
-        self._p, self._argv = p, tuple(argv)
-        self.reader, self.writer = p.stdout, p.stdin
+        # pipes, all three, as LocalTransport.start asks
+        assert p.stdout is not None and p.stdin is not None and p.stderr is not None
+        self._p, self._argv, self._stderr = p, tuple(argv), p.stderr
+        self.reader: asyncio.StreamReader = p.stdout
+        self.writer: asyncio.StreamWriter = p.stdin
 
     async def wait(self) -> Completed:
-        stderr = await self._p.stderr.read()
+        stderr = await self._stderr.read()
         rc = await self._p.wait()
         return Completed(self._argv, rc, b"", stderr)
 
@@ -37,7 +39,7 @@ class LocalTransport:
         p = await proc.start(argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
         return LocalProcess(p, argv)
 
-    async def open_unix(self, path: str):
+    async def open_unix(self, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_unix_connection(path, limit=1 << 20)
 
     async def close(self) -> None:

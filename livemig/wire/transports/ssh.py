@@ -7,12 +7,12 @@ stops the connection, and nothing here can turn that off.
 from __future__ import annotations
 
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import asyncssh
 
 from ...errors import ConnectionFailed
-
 from . import Completed
 
 # AES-GCM first: on our machines it moved twice what chacha20-poly1305 did. The rest
@@ -25,7 +25,7 @@ MAX_PKTSIZE = 128 << 10
 
 
 class SshProcess:
-    def __init__(self, p: asyncssh.SSHClientProcess, argv: Sequence[str]):
+    def __init__(self, p: asyncssh.SSHClientProcess[Any], argv: Sequence[str]):
         self._p, self._argv = p, tuple(argv)
         self.reader, self.writer = p.stdout, p.stdin
 
@@ -43,7 +43,7 @@ class SshTransport:
         self.host, self._conn = host, conn
 
     @classmethod
-    async def connect(cls, host: str, *, timeout: float = 15.0) -> "SshTransport":
+    async def connect(cls, host: str, *, timeout: float = 15.0) -> SshTransport:
         try:
             conn = await asyncssh.connect(
                 host, encryption_algs=CIPHERS, compression_algs=None, connect_timeout=timeout,
@@ -66,7 +66,8 @@ class SshTransport:
                                      timeout=timeout)
         except asyncssh.Error as e:
             raise ConnectionFailed(f"lost the ssh connection ({e.reason})", host=self.host) from None
-        return Completed(tuple(argv), r.returncode, r.stdout or b"", r.stderr or b"")
+        # encoding=None: asyncssh hands the output over as bytes
+        return Completed(tuple(argv), r.returncode, cast(bytes, r.stdout or b""), cast(bytes, r.stderr or b""))
 
     async def start(self, argv: Sequence[str]) -> SshProcess:
         try:
@@ -76,7 +77,7 @@ class SshTransport:
             raise ConnectionFailed(f"cannot start {argv[0]} ({e.reason})", host=self.host) from None
         return SshProcess(p, argv)
 
-    async def open_unix(self, path: str):
+    async def open_unix(self, path: str) -> tuple[asyncssh.SSHReader[Any], asyncssh.SSHWriter[Any]]:
         try:
             return await self._conn.open_unix_connection(path, window=WINDOW, max_pktsize=MAX_PKTSIZE)
         except asyncssh.ChannelOpenError as e:
