@@ -21,15 +21,22 @@ import socket
 import time
 from pathlib import Path
 
-from .. import host, runtimes
-from . import preflight
-from ..wire import protocol as p
-from .migration import local_cpuinfo, local_facts, make_work_dir
-from ..errors import ConnectionFailed, Phase, PreflightError, UsageError, record_failure
+from .. import host, runtimes, workdirs
+from ..errors import (
+    ConnectionFailed,
+    LivemigError,
+    Phase,
+    PreflightError,
+    UsageError,
+    record_failure,
+)
 from ..options import Options
 from ..progress import Connecting, Copied, Running, Stepping, quiet
 from ..report import CloneReport, Replica
 from ..runtimes import podman
+from ..wire import protocol as p
+from . import preflight
+from .local import local_cpuinfo, local_facts, make_work_dir
 from .session import TargetSession, migration_id, remote_error, ssh_connector
 
 
@@ -57,7 +64,7 @@ class Clone:
         self.id = migration_id()
         self.phase = Phase.PREFLIGHT
         self.work = Path(options.image_root) / f"{self.id}-source"
-        self.held = None        # self.work, ours while we live
+        self.held: workdirs.Held | None = None        # self.work, ours while we live
         self.to = [TargetSession(t, transport_factory, options, self.id) for t in targets]
         self.workload: podman.PodmanContainer | None = None
         self.report = CloneReport(source=socket.gethostname(), workload=what)
@@ -134,14 +141,23 @@ class Clone:
         for warnings in await self._each(check):
             self.report.warnings += warnings
 
+    @property
+    def w(self) -> podman.PodmanContainer:
+        if self.workload is None:
+            raise LivemigError("no container resolved yet", phase=self.phase)
+        return self.workload
+
     def _spec(self, name: str) -> p.Container:
-        return dataclasses.replace(self.workload.target_spec(), id=name)
+        spec = self.w.target_spec()
+        if spec is None:
+            raise LivemigError(f"{self.w.name} has no spec for its replicas", phase=self.phase)
+        return dataclasses.replace(spec, id=name)
 
     # --- image: a target that lacks the container's image gets it first -------------------------
     async def send_image(self) -> None:
         async def send(s: TargetSession) -> None:
-            if not s.facts.image_present:
-                meter = await s.load_image(self.workload)
+            if s.facts is None or not s.facts.image_present:
+                meter = await s.load_image(self.w)
                 self._replicas(s.target)[0].bytes_wire += meter.wire
                 self.progress(Copied("image", meter.raw, meter.wire, s.target))
         await self._each(send)
@@ -154,7 +170,7 @@ class Clone:
         self.progress(Stepping(Phase.FINAL_DUMP, "checkpoint (the original runs on)"))
         (self.work / "final").mkdir(mode=0o700)
         t0 = time.monotonic()
-        st = await self.workload.copy(self.work / "final")
+        st = await self.w.copy(self.work / "final")
         self.report.checkpoint_seconds = time.monotonic() - t0
         self.report.frozen_seconds, self.report.pages_written = st.frozen_time, st.pages_written
         self.report.checkpoint_bytes = (self.work / "final" / podman.ARCHIVE).stat().st_size
@@ -199,7 +215,10 @@ class Clone:
             self.held.release()
 
 
-async def clone(what: str, targets: list[str], options: Options = Options(), *, name: str | None = None,
+DEFAULTS = Options()      # what a call that names no options runs with
+
+
+async def clone(what: str, targets: list[str], options: Options = DEFAULTS, *, name: str | None = None,
                 count: int = 1, keep_name: bool = False, progress=None, transport_factory=None) -> CloneReport:
     """Replicas of the running podman container what, on each of targets, from one checkpoint:
     count of them per host, named as replica_names() says. The original runs on. Returns the

@@ -16,9 +16,9 @@ the throttle can rise, and the throttle's steps get rounds of their own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
 
 PAGE_SIZE = 4096
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import policy
 from ..errors import PreflightError
 from ..wire.protocol import Container, HostFacts
+from . import policy
 
 
 @dataclass(frozen=True)

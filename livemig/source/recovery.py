@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import proc, workdirs
-from ..wire import protocol as p
-from . import throttle
-from ..runtimes.held import HeldCopy
-from ..workdirs import write_private
 from ..errors import LivemigError, Phase
+from ..runtimes.held import HeldCopy
+from ..wire import protocol as p
+from ..workdirs import write_private
+from . import throttle
 from .session import TargetSession, migration_id
 
 RECORD = "RECOVER.json"
@@ -48,13 +48,13 @@ class Record:
         write_private(work / RECORD, dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> "Record":
+    def load(cls, path: Path) -> Record:
         d = json.loads(path.read_text())
         return cls(source_copy=HeldCopy.from_dict(d.pop("source_copy")),
                    coordinator=tuple(d.pop("coordinator")), **d)
 
     @classmethod
-    def mine(cls, migration: str, target: str, workload, lazy: bool, bundle_moves: bool = False) -> "Record":
+    def mine(cls, migration: str, target: str, workload, lazy: bool, bundle_moves: bool = False) -> Record:
         me = os.getpid()
         return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, proc.start_time(me) or 0), lazy)
 
@@ -139,7 +139,7 @@ async def undo_on_target(target: str, migration: str, connect, options, within: 
         except p.RemoteFailure as e:
             if "try again" not in str(e) or loop.time() >= deadline:
                 return False
-        except (Exception, TimeoutError):
+        except (Exception, TimeoutError):  # noqa: BLE001 (not heard, however: recover settles it later)
             return False
         await asyncio.sleep(0.5)
 

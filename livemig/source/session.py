@@ -7,17 +7,27 @@ A move has one session; a clone has one per target host, all fed from one checkp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
 import time
 from pathlib import Path
 
-from ..version import __version__
-from ..pages import postcopy
-from ..wire import protocol as p, streams
-from ..errors import DumpError, LivemigError, Phase, PreflightError, RestoreError
+from ..errors import (
+    ConnectionFailed,
+    DumpError,
+    LivemigError,
+    Phase,
+    PreflightError,
+    RestoreError,
+)
 from ..options import Options
+from ..pages import postcopy
+from ..version import __version__
+from ..wire import protocol as p
+from ..wire import streams
+from ..wire.transports import Process, Transport
 from .preflight import Check
 
 NOT_IMAGES = {"stats-dump", "parent"}    # in an image directory, but not for the target
@@ -36,12 +46,13 @@ class TargetSession:
     def __init__(self, target: str, connect, options: Options, migration_id: str):
         self.target, self.options, self.migration_id = target, options, migration_id
         self._connect = connect
-        self.transport = None
+        self.transport: Transport | None = None
         self.agent: p.Channel | None = None
-        self.agent_proc = None
+        self.agent_proc: Process | None = None
         self.welcome: p.Welcome | None = None
         self.facts: p.HostFacts | None = None    # what the agent's Probe said
         self._fault_link: asyncio.Task | None = None
+        self.ended = False     # the agent was told the end (Finish)
 
     @property
     def connector(self):
@@ -49,16 +60,15 @@ class TargetSession:
         return self._connect
 
     async def open(self) -> None:
-        self.transport = await self._connect(self.target)
+        transport = self.transport = await self._connect(self.target)
         argv = [*self.options.agent_command, "agent", "--image-root", self.options.image_root]
-        self.agent_proc = await self.transport.start(argv)
-        self.agent = p.Channel(self.agent_proc.reader, self.agent_proc.writer)
+        agent = self.agent_proc = await transport.start(argv)
+        self.agent = p.Channel(agent.reader, agent.writer)
         try:
-            await p.write_message(self.agent_proc.writer,
-                                  p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id))
-            welcome = await p.read_message(self.agent_proc.reader)
+            await p.write_message(agent.writer, p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id))
+            welcome = await p.read_message(agent.reader)
         except (EOFError, ConnectionError, p.ProtocolError):
-            done = await self.agent_proc.wait()
+            done = await agent.wait()
             err = done.stderr.decode(errors="replace").strip().splitlines()
             why = err[-1] if err else f"exit status {done.returncode}"
             raise PreflightError(f"cannot start the livemig agent: {why}", host=self.target,
@@ -67,13 +77,21 @@ class TargetSession:
             raise PreflightError(welcome.message, host=self.target)
         self.welcome = welcome
 
+    async def finish(self) -> None:
+        """The move's end, told to the agent: it forgets what it kept for a rollback."""
+        self.ended = True     # before: a request cut short is never sent twice
+        await self.request(p.Finish(), p.Done)
+
     async def request(self, msg, reply_type):
         return await self.agent.request(msg, reply_type)
 
     async def stream(self, tok: str, transport=None):
         """A data stream to the agent, named tok: (reader, writer); on transport, if
         given, else on the session's own connection."""
-        reader, writer = await (transport or self.transport).open_unix(self.welcome.stream_socket)
+        on = transport or self.transport
+        if on is None or self.welcome is None:
+            raise ConnectionFailed(f"no connection to {self.target}'s agent for a data stream", host=self.target)
+        reader, writer = await on.open_unix(self.welcome.stream_socket)
         writer.write(tok.encode() + b"\n")
         await writer.drain()
         return reader, writer
@@ -183,26 +201,24 @@ class TargetSession:
                 aborted = await self.agent.request(p.Abort(), p.Aborted)
                 await self.agent.request(p.Finish(), p.Done)
                 return aborted.logs
-        except (Exception, TimeoutError):
+        except (Exception, TimeoutError):  # noqa: BLE001 (whatever silenced it, the answer is the same)
             return None   # the agent keeps what it restored, stopped, when we vanish: recover settles it
 
     async def close(self) -> None:
         if self.agent_proc:
-            try:
+            # a pipe already broken: the agent is going, which is what the EOF asks of it
+            with contextlib.suppress(Exception):
                 self.agent_proc.writer.write_eof()
-            except Exception:
-                pass
             try:
                 async with asyncio.timeout(10):
                     await self.agent_proc.wait()
-            except Exception:   # TimeoutError included
+            except Exception:  # noqa: BLE001 (TimeoutError included: whatever kept it, it is killed)
                 self.agent_proc.kill()
         if self._fault_link is not None:
             self._fault_link.cancel()
-            try:
+            # cancelled just now, or it never connected: there is nothing left to close
+            with contextlib.suppress(BaseException):
                 await (await self._fault_link).close()
-            except BaseException:
-                pass
         if self.transport:
             await self.transport.close()
 

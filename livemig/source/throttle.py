@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import host, proc
-from ..workdirs import write_private
+from ..errors import LivemigError, Phase
 from ..report import ThrottleStep
+from ..workdirs import write_private
 
 FILE = "THROTTLE.json"
 MIN_QUOTA_US = 1000          # the kernel's smallest CFS quota
@@ -32,8 +33,11 @@ MIN_BASELINE = 0.01          # CPUs: a workload that seemed idle is still allowe
 HELD_POLL = 0.002            # seconds between looks at whether the workload is being frozen
 
 
-class Unavailable(Exception):
-    """Why the workload cannot be throttled."""
+class Unavailable(LivemigError):
+    """Why the workload cannot be throttled (found at the preflight; a move goes on unthrottled)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, phase=Phase.PREFLIGHT)
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,12 @@ def locate(pid: int) -> CpuCgroup:
         frz_dir = _dir(mounts, "cgroup", "freezer", frz) if frz else None
         return CpuCgroup(1, quota_dir, (_dir(mounts, "cgroup", "cpuacct", acct) or "") if acct else "",
                          os.path.join(frz_dir, "freezer.state") if frz_dir else "")
-    path = next((p for hid, _, p in lines if hid == "0"), None)
-    d = _dir(mounts, "cgroup2", "", path) if path is not None else None
+    unified = next((p for hid, _, p in lines if hid == "0"), None)
+    d = _dir(mounts, "cgroup2", "", unified) if unified is not None else None
     if d is None:
         raise Unavailable("it has no cpu cgroup here")
     if "cpu" not in Path(d, "cgroup.controllers").read_text().split():
-        raise Unavailable(f"the cpu controller is not enabled in its cgroup {path}")
+        raise Unavailable(f"the cpu controller is not enabled in its cgroup {unified}")
     return CpuCgroup(2, d, d, os.path.join(d, "cgroup.freeze"))
 
 
@@ -207,8 +211,9 @@ class Throttle:
         try:
             while not waiting.done():
                 held = self.held(pid)
-                if held != eased:
-                    self.cg.write(self.original if held else self.current)
+                quota = self.original if held else self.current
+                if held != eased and quota is not None:
+                    self.cg.write(quota)
                     eased = held
                 await asyncio.wait({waiting}, timeout=HELD_POLL)
             await waiting
