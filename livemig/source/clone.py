@@ -19,7 +19,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .. import host, runtimes, workdirs
 from ..errors import (
@@ -31,13 +33,15 @@ from ..errors import (
     record_failure,
 )
 from ..options import Options
-from ..progress import Connecting, Copied, Running, Stepping, quiet
+from ..progress import Connecting, Copied, Event, Running, Stepping, quiet
 from ..report import CloneReport, Replica
 from ..runtimes import podman
 from ..wire import protocol as p
 from . import preflight
 from .local import local_cpuinfo, local_facts, make_work_dir
-from .session import TargetSession, migration_id, remote_error, ssh_connector
+from .session import Connector, TargetSession, migration_id, remote_error, ssh_connector
+
+T = TypeVar("T")
 
 
 def replica_names(original: str, name: str | None, count: int, keep_name: bool) -> list[str]:
@@ -56,7 +60,7 @@ def replica_names(original: str, name: str | None, count: int, keep_name: bool) 
 
 class Clone:
     def __init__(self, what: str, targets: list[str], names: list[str], options: Options,
-                 transport_factory, progress=None):
+                 transport_factory: Connector, progress: Callable[[Event], None] | None = None) -> None:
         if len(set(targets)) != len(targets):
             raise UsageError("a host is named twice: --count gives one host several replicas")
         self.what, self.targets, self.names, self.options = what, targets, names, options
@@ -97,9 +101,9 @@ class Clone:
         self.phase = Phase.COMMIT
         await self.commit()
 
-    async def _each(self, fn) -> list:
+    async def _each(self, fn: Callable[[TargetSession], Coroutine[Any, Any, T]]) -> list[T]:
         """fn(session) on every target at once; a failure names the host it came from."""
-        async def one(s: TargetSession):
+        async def one(s: TargetSession) -> T:
             try:
                 return await fn(s)
             except p.RemoteFailure as e:
@@ -114,11 +118,11 @@ class Clone:
     # --- preflight: every target can take every replica -----------------------------------------
     async def preflight(self) -> None:
         if os.geteuid() != 0:
-            raise PreflightError("livemig must run as root (CRIU needs it)")
+            raise PreflightError("livemig must run as root (CRIU needs it)", phase=Phase.PREFLIGHT)
         w = await runtimes.resolve(self.what, self.options.runtime, self.options.criu, self.work)
         if not isinstance(w, podman.PodmanContainer):
             raise PreflightError(f"{self.what} is a {w.kind} {'tree' if w.kind == 'process' else 'container'}: "
-                                 "only podman containers clone",
+                                 "only podman containers clone", phase=Phase.PREFLIGHT,
                                  hint="a runc or crun replica needs its own copy of the bundle; "
                                       "run the container under podman")
         self.workload = w
@@ -133,8 +137,9 @@ class Clone:
         async def check(s: TargetSession) -> list[str]:
             self.progress(Connecting(s.target))
             await s.open()
-            s.facts = await s.request(p.Probe(container=spec, names=self.names[1:]), p.HostFacts)
-            rows, _, _ = preflight.compare(local, s.facts, "stopcopy", need_bytes=need, container=spec)
+            facts = await s.request(p.Probe(container=spec, names=self.names[1:]), p.HostFacts)
+            s.facts = facts
+            rows, _, _ = preflight.compare(local, facts, "stopcopy", need_bytes=need, container=spec)
             warnings = preflight.enforce(rows, s.target, self.options.force)
             preflight.enforce([await s.check_cpu(cpuinfo)], s.target)
             return [f"{s.target}: {x}" for x in warnings]
@@ -219,7 +224,8 @@ DEFAULTS = Options()      # what a call that names no options runs with
 
 
 async def clone(what: str, targets: list[str], options: Options = DEFAULTS, *, name: str | None = None,
-                count: int = 1, keep_name: bool = False, progress=None, transport_factory=None) -> CloneReport:
+                count: int = 1, keep_name: bool = False, progress: Callable[[Event], None] | None = None,
+                transport_factory: Connector | None = None) -> CloneReport:
     """Replicas of the running podman container what, on each of targets, from one checkpoint:
     count of them per host, named as replica_names() says. The original runs on. Returns the
     report, or raises a LivemigError naming the phase that failed (then no replica runs)."""

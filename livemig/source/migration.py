@@ -28,10 +28,9 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from .. import addresses, host, logs, runtimes
-from ..errors import LivemigError, PreflightError, record_failure
+from ..errors import LivemigError, Phase, PreflightError, record_failure
 from ..options import Mode, Options
 from ..pages import pagehash
 from ..progress import Connecting, Event, ModeChosen
@@ -46,7 +45,7 @@ from .failures import lost_link, primary
 from .local import local_cpuinfo, local_facts, make_work_dir, target_spec
 from .move import Move
 from .precopy import precopy_rounds
-from .session import remote_error, ssh_connector
+from .session import Connector, remote_error, ssh_connector
 from .stages import Stage
 from .testpoints import stop_for_tests
 
@@ -56,7 +55,7 @@ __all__ = ["Migration", "check", "lost_link", "migrate", "plan", "primary", "ssh
 
 
 class Migration:
-    def __init__(self, what: int | str, target: str, options: Options, transport_factory: Callable[..., Any],
+    def __init__(self, what: int | str, target: str, options: Options, transport_factory: Connector,
                  progress: Callable[[Event], None] | None = None):
         """what: a PID (a process tree) or a container's name or ID."""
         self.m = Move(what, target, options, transport_factory, progress)
@@ -134,7 +133,7 @@ class Migration:
     async def preflight(self) -> Mode:
         m = self.m
         if os.geteuid() != 0:
-            raise PreflightError("livemig must run as root (CRIU needs it)")
+            raise PreflightError("livemig must run as root (CRIU needs it)", phase=Phase.PREFLIGHT)
         w = m.workload = await runtimes.resolve(m.what, m.options.runtime, m.options.criu, m.work)
         m.report.runtime, m.report.workload = w.kind, w.name
         m.report.pid = w.root_pid
@@ -221,8 +220,9 @@ class Migration:
             marker = Path(container.bundle) / f"livemig-{m.id}.probe"
             marker.touch(mode=0o600)
         try:
-            facts = m.to.facts = await m.to.request(
+            facts = await m.to.request(
                 p.Probe(pids=pids, container=container, bundle_marker=marker.name if marker else ""), p.HostFacts)
+            m.to.facts = facts
         finally:
             if marker:
                 marker.unlink(missing_ok=True)
@@ -271,7 +271,7 @@ class Migration:
 
 async def migrate(what: int | str, target: str, options: Options = DEFAULTS, *,
                   progress: Callable[[Event], None] | None = None,
-                  transport_factory: Callable[..., Any] | None = None) -> Report:
+                  transport_factory: Connector | None = None) -> Report:
     """Move a workload to target: what is a PID (the process tree rooted there) or the name
     or ID of a runc or crun container. Returns the report, or raises a LivemigError naming
     the phase that failed (the workload then runs on the source)."""
@@ -283,7 +283,7 @@ async def migrate(what: int | str, target: str, options: Options = DEFAULTS, *,
 
 async def plan(what: int | str, target: str, options: Options = DEFAULTS, *,
                progress: Callable[[Event], None] | None = None,
-               transport_factory: Callable[..., Any] | None = None) -> Plan:
+               transport_factory: Connector | None = None) -> Plan:
     """What migrate() would do, found by its preflight and a measure of the link; changes nothing."""
     try:
         return await Migration(what, target, options, transport_factory or ssh_connector(options),
@@ -293,6 +293,6 @@ async def plan(what: int | str, target: str, options: Options = DEFAULTS, *,
 
 
 async def check(target: str, options: Options = DEFAULTS, *,
-                transport_factory: Callable[..., Any] | None = None) -> tuple[list[checks.Check], str, str]:
+                transport_factory: Connector | None = None) -> tuple[list[checks.Check], str, str]:
     """The preflight checks against target alone: (rows, strategy, why)."""
     return await Migration(0, target, options, transport_factory or ssh_connector(options)).inspect()

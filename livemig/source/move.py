@@ -24,14 +24,14 @@ from ..report import Report
 from ..runtimes.held import HeldCopy
 from ..wire import protocol as p
 from . import recovery, throttle
-from .session import TargetSession, migration_id
+from .session import Connector, TargetSession, migration_id
 from .stages import StageError, Stages
 
 T = TypeVar("T")
 
 
 class Move:
-    def __init__(self, what: int | str, target: str, options: Options, transport_factory: Callable[..., Any],
+    def __init__(self, what: int | str, target: str, options: Options, transport_factory: Connector,
                  progress: Callable[[Event], None] | None = None):
         """what: a PID (a process tree) or a container's name or ID."""
         self.what, self.target, self.options = what, target, options

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def _mounts() -> list[tuple[str, str, str, set[str]]]:
     return found
 
 
-def _dir(mounts, fstype: str, controller: str, path: str) -> str | None:
+def _dir(mounts: list[tuple[str, str, str, set[str]]], fstype: str, controller: str, path: str) -> str | None:
     for fs, root, mountpoint, opts in mounts:
         if fs == fstype and (fs == "cgroup2" or controller in opts) and (path + "/").startswith(root.rstrip("/") + "/"):
             return os.path.join(mountpoint, os.path.relpath(path, root))
@@ -197,7 +198,7 @@ class Throttle:
         (runc, crun, podman, CRIU's --freeze-cgroup), or CRIU holding pid (ptrace)?"""
         return self.cg.freezing() or proc.tracer(pid) != 0
 
-    async def eased_while_held(self, pid: int, dumping) -> None:
+    async def eased_while_held(self, pid: int, dumping: Awaitable[object]) -> None:
         """For a pre-dump: while the workload is being frozen and dumped, its quota is the
         original one, and the throttle is back once CRIU lets go; until dumping (an
         awaitable) is done. A throttled task is slow to reach the freezer, and CRIU's
