@@ -71,7 +71,7 @@ class Migration:
             try:
                 async with m.ticker.running() if m.ticker else contextlib.nullcontext():
                     await self._phases()
-            except BaseException as e:  # noqa: BLE001 (re-raised: named here, where the phase is known)
+            except BaseException as e:  # noqa: BLE001 (re-raised, as the user is told it)
                 # named here, where the phase and the report are known
                 raise failures.named(primary(e), m.phase, m.target) from None
             m.report.outcome = "moved"
@@ -104,10 +104,7 @@ class Migration:
         if mode in (Mode.POSTCOPY, Mode.HYBRID):
             m.to.open_fault_link()
         m.stages.to(Stage.PRECOPY)
-        await bundles.precopy_image(m)
-        await bundles.precopy_bundle(m)
-        if mode in (Mode.PRECOPY, Mode.HYBRID):
-            await precopy_rounds(m, lazy_final=mode is Mode.HYBRID)
+        await self.precopy(mode)
         m.stages.to(Stage.FINAL_DUMP)
         # A fill ends in a lazy dump too: its pages stay in the frozen source and are read
         # from there (pre-copy by hashes: the target's store holds most of them, only the
@@ -230,6 +227,14 @@ class Migration:
 
     async def _check_cpu(self) -> checks.Check:
         return await self.m.to.check_cpu(await local_cpuinfo(self.m.work))
+
+    # --- pre-copy: files and pages go while the workload runs ------------------------------------
+    async def precopy(self, mode: Mode) -> None:
+        m = self.m
+        await bundles.precopy_image(m)
+        await bundles.precopy_bundle(m)
+        if mode in (Mode.PRECOPY, Mode.HYBRID):
+            await precopy_rounds(m, lazy_final=mode is Mode.HYBRID)
 
     # --- commit: the one place where the source is given up ---------------------------------
     async def commit(self, lazy: bool, fill: bool = False) -> None:

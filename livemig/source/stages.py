@@ -1,7 +1,7 @@
 """Where a move stands: one stage at a time, and only the steps the table allows.
 
-    preflight -> pre-copy -> final dump -> transfer -> restore -> commit -> (fill | post-copy) -> moved
-        \\___________\\____________\\____________\\__________\\--> rolling back
+    preflight -> pre-copy -> final dump -> transfer -> restore -> commit -> [fill | post-copy] -> moved
+    any stage before the commit -> rolling back
 
 Before the commit any failure rolls back: the source's copy resumes and the target
 forgets. From the commit on the target's copy is the workload: a failure there is
