@@ -13,6 +13,7 @@ something to resume or end, and `recover`, which asks the target and acts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -91,10 +92,9 @@ def forget(work: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
-    try:
+    # gone already, or not empty: the move is settled all the same (its record went first)
+    with contextlib.suppress(OSError):
         work.rmdir()
-    except OSError:
-        pass
 
 
 @dataclass

@@ -15,6 +15,7 @@ outright while the workload is throttled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -242,10 +243,9 @@ class Throttle:
         workload (a container deleted at the commit)."""
         if self.original is None:
             return
-        try:
+        # the cgroup went with its workload (deleted at the commit): no quota left to restore
+        with contextlib.suppress(FileNotFoundError):
             self.cg.write(self.original)
-        except FileNotFoundError:
-            pass
         self.original = self.current = None
         self.record.unlink(missing_ok=True)
 
