@@ -56,7 +56,7 @@ __all__ = ["Migration", "check", "lost_link", "migrate", "plan", "primary", "ssh
 
 class Migration:
     def __init__(self, what: int | str, target: str, options: Options, transport_factory: Connector,
-                 progress: Callable[[Event], None] | None = None):
+                 progress: Callable[[Event], None] | None = None) -> None:
         """what: a PID (a process tree) or a container's name or ID."""
         self.m = Move(what, target, options, transport_factory, progress)
 

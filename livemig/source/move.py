@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 class Move:
     def __init__(self, what: int | str, target: str, options: Options, transport_factory: Connector,
-                 progress: Callable[[Event], None] | None = None):
+                 progress: Callable[[Event], None] | None = None) -> None:
         """what: a PID (a process tree) or a container's name or ID."""
         self.what, self.target, self.options = what, target, options
         self.stages = Stages()
