@@ -19,18 +19,29 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
-from .. import host, runtimes
-from . import preflight
-from ..wire import protocol as p
-from .migration import local_cpuinfo, local_facts, make_work_dir
-from ..errors import ConnectionFailed, Phase, PreflightError, UsageError, record_failure
+from .. import host, runtimes, workdirs
+from ..errors import (
+    ConnectionFailed,
+    LivemigError,
+    Phase,
+    PreflightError,
+    UsageError,
+    record_failure,
+)
 from ..options import Options
-from ..progress import Connecting, Copied, Running, Stepping, quiet
+from ..progress import Connecting, Copied, Event, Running, Stepping, quiet
 from ..report import CloneReport, Replica
 from ..runtimes import podman
-from .session import TargetSession, migration_id, remote_error, ssh_connector
+from ..wire import protocol as p
+from . import preflight
+from .local import local_cpuinfo, local_facts, make_work_dir
+from .session import Connector, TargetSession, migration_id, remote_error, ssh_connector
+
+T = TypeVar("T")
 
 
 def replica_names(original: str, name: str | None, count: int, keep_name: bool) -> list[str]:
@@ -49,7 +60,7 @@ def replica_names(original: str, name: str | None, count: int, keep_name: bool) 
 
 class Clone:
     def __init__(self, what: str, targets: list[str], names: list[str], options: Options,
-                 transport_factory, progress=None):
+                 transport_factory: Connector, progress: Callable[[Event], None] | None = None) -> None:
         if len(set(targets)) != len(targets):
             raise UsageError("a host is named twice: --count gives one host several replicas")
         self.what, self.targets, self.names, self.options = what, targets, names, options
@@ -57,7 +68,7 @@ class Clone:
         self.id = migration_id()
         self.phase = Phase.PREFLIGHT
         self.work = Path(options.image_root) / f"{self.id}-source"
-        self.held = None        # self.work, ours while we live
+        self.held: workdirs.Held | None = None        # self.work, ours while we live
         self.to = [TargetSession(t, transport_factory, options, self.id) for t in targets]
         self.workload: podman.PodmanContainer | None = None
         self.report = CloneReport(source=socket.gethostname(), workload=what)
@@ -90,9 +101,9 @@ class Clone:
         self.phase = Phase.COMMIT
         await self.commit()
 
-    async def _each(self, fn) -> list:
+    async def _each(self, fn: Callable[[TargetSession], Coroutine[Any, Any, T]]) -> list[T]:
         """fn(session) on every target at once; a failure names the host it came from."""
-        async def one(s: TargetSession):
+        async def one(s: TargetSession) -> T:
             try:
                 return await fn(s)
             except p.RemoteFailure as e:
@@ -107,11 +118,11 @@ class Clone:
     # --- preflight: every target can take every replica -----------------------------------------
     async def preflight(self) -> None:
         if os.geteuid() != 0:
-            raise PreflightError("livemig must run as root (CRIU needs it)")
+            raise PreflightError("livemig must run as root (CRIU needs it)", phase=Phase.PREFLIGHT)
         w = await runtimes.resolve(self.what, self.options.runtime, self.options.criu, self.work)
         if not isinstance(w, podman.PodmanContainer):
             raise PreflightError(f"{self.what} is a {w.kind} {'tree' if w.kind == 'process' else 'container'}: "
-                                 "only podman containers clone",
+                                 "only podman containers clone", phase=Phase.PREFLIGHT,
                                  hint="a runc or crun replica needs its own copy of the bundle; "
                                       "run the container under podman")
         self.workload = w
@@ -126,22 +137,32 @@ class Clone:
         async def check(s: TargetSession) -> list[str]:
             self.progress(Connecting(s.target))
             await s.open()
-            s.facts = await s.request(p.Probe(container=spec, names=self.names[1:]), p.HostFacts)
-            rows, _, _ = preflight.compare(local, s.facts, "stopcopy", need_bytes=need, container=spec)
+            facts = await s.request(p.Probe(container=spec, names=self.names[1:]), p.HostFacts)
+            s.facts = facts
+            rows, _, _ = preflight.compare(local, facts, "stopcopy", need_bytes=need, container=spec)
             warnings = preflight.enforce(rows, s.target, self.options.force)
             preflight.enforce([await s.check_cpu(cpuinfo)], s.target)
             return [f"{s.target}: {x}" for x in warnings]
         for warnings in await self._each(check):
             self.report.warnings += warnings
 
+    @property
+    def w(self) -> podman.PodmanContainer:
+        if self.workload is None:
+            raise LivemigError("no container resolved yet", phase=self.phase)
+        return self.workload
+
     def _spec(self, name: str) -> p.Container:
-        return dataclasses.replace(self.workload.target_spec(), id=name)
+        spec = self.w.target_spec()
+        if spec is None:
+            raise LivemigError(f"{self.w.name} has no spec for its replicas", phase=self.phase)
+        return dataclasses.replace(spec, id=name)
 
     # --- image: a target that lacks the container's image gets it first -------------------------
     async def send_image(self) -> None:
         async def send(s: TargetSession) -> None:
-            if not s.facts.image_present:
-                meter = await s.load_image(self.workload)
+            if s.facts is None or not s.facts.image_present:
+                meter = await s.load_image(self.w)
                 self._replicas(s.target)[0].bytes_wire += meter.wire
                 self.progress(Copied("image", meter.raw, meter.wire, s.target))
         await self._each(send)
@@ -154,7 +175,7 @@ class Clone:
         self.progress(Stepping(Phase.FINAL_DUMP, "checkpoint (the original runs on)"))
         (self.work / "final").mkdir(mode=0o700)
         t0 = time.monotonic()
-        st = await self.workload.copy(self.work / "final")
+        st = await self.w.copy(self.work / "final")
         self.report.checkpoint_seconds = time.monotonic() - t0
         self.report.frozen_seconds, self.report.pages_written = st.frozen_time, st.pages_written
         self.report.checkpoint_bytes = (self.work / "final" / podman.ARCHIVE).stat().st_size
@@ -199,8 +220,12 @@ class Clone:
             self.held.release()
 
 
-async def clone(what: str, targets: list[str], options: Options = Options(), *, name: str | None = None,
-                count: int = 1, keep_name: bool = False, progress=None, transport_factory=None) -> CloneReport:
+DEFAULTS = Options()      # what a call that names no options runs with
+
+
+async def clone(what: str, targets: list[str], options: Options = DEFAULTS, *, name: str | None = None,
+                count: int = 1, keep_name: bool = False, progress: Callable[[Event], None] | None = None,
+                transport_factory: Connector | None = None) -> CloneReport:
     """Replicas of the running podman container what, on each of targets, from one checkpoint:
     count of them per host, named as replica_names() says. The original runs on. Returns the
     report, or raises a LivemigError naming the phase that failed (then no replica runs)."""

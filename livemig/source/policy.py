@@ -16,9 +16,11 @@ the throttle can rise, and the throttle's steps get rounds of their own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
+
+from ..errors import Phase, PreflightError
 
 PAGE_SIZE = 4096
 
@@ -166,9 +168,16 @@ def decide(rounds: Sequence[RoundStats], limits: Limits = Limits(), throttle: in
     return Decision(reason is not None, reason, estimate, bandwidth(last, limits), throttle)
 
 
+class ModeUnavailable(PreflightError, ValueError):
+    """The requested mode cannot run between these hosts (a preflight row, not a crash)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, phase=Phase.PREFLIGHT)
+
+
 def choose_mode(requested: str, source_features: dict[str, bool],
                 target_features: dict[str, bool], runtime: str = "process") -> tuple[str, str]:
-    """The strategy to run, and why. Raises ValueError when the requested one cannot run.
+    """The strategy to run, and why. Raises ModeUnavailable when the requested one cannot run.
     runtime names what checkpoints the workload: crun cannot serve pages lazily."""
     dirty = source_features.get("mem_dirty_track", False)
     uffd = source_features.get("uffd-noncoop", False) and target_features.get("uffd-noncoop", False)
@@ -177,25 +186,25 @@ def choose_mode(requested: str, source_features: dict[str, bool],
         # podman restores an exported archive, never lazily; and it keeps one
         # pre-checkpoint, so its pre-copy is one round (MAX_ROUNDS_FOR).
         if requested in ("postcopy", "hybrid"):
-            raise ValueError(f"{requested} is not available for podman containers: podman restores an "
+            raise ModeUnavailable(f"{requested} is not available for podman containers: podman restores an "
                              "exported checkpoint whole, with no lazy pages")
         if requested == "precopy" and not dirty:
-            raise ValueError("precopy needs dirty-page tracking (soft-dirty), which this kernel lacks")
+            raise ModeUnavailable("precopy needs dirty-page tracking (soft-dirty), which this kernel lacks")
         if requested == "stopcopy" or not dirty:
             return "stopcopy", ("as requested" if requested == "stopcopy" else
                                 "podman checkpoints in one piece here: this kernel cannot track dirty pages")
         return "precopy", ("as requested" if requested == "precopy" else
                            "one pre-checkpoint while it runs, then the dirty pages: podman has no lazy restore")
     if requested == "hybrid" and not dirty:
-        raise ValueError("hybrid needs dirty-page tracking (soft-dirty), which this kernel lacks")
+        raise ModeUnavailable("hybrid needs dirty-page tracking (soft-dirty), which this kernel lacks")
     if requested == "precopy" and not dirty and not lazy:
         # by hashes (pagehash.py), the final dump is lazy: the copy is filled from the target's memory
-        raise ValueError("precopy needs dirty-page tracking (soft-dirty), which this kernel lacks, or "
+        raise ModeUnavailable("precopy needs dirty-page tracking (soft-dirty), which this kernel lacks, or "
                          "else userfaultfd on both hosts and a runtime that serves lazy pages (not crun)")
     if requested in ("postcopy", "hybrid") and runtime == "crun":
-        raise ValueError(f"{requested} needs lazy pages, which crun cannot serve (runc can)")
+        raise ModeUnavailable(f"{requested} needs lazy pages, which crun cannot serve (runc can)")
     if requested in ("postcopy", "hybrid") and not lazy:
-        raise ValueError(f"{requested} needs userfaultfd (uffd-noncoop) on both hosts")
+        raise ModeUnavailable(f"{requested} needs userfaultfd (uffd-noncoop) on both hosts")
     if requested != "auto":
         return requested, "as requested"
     if dirty and lazy:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import policy
 from ..errors import PreflightError
 from ..wire.protocol import Container, HostFacts
+from . import policy
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,9 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                                          f"target ({2 * need_bytes >> 20} MiB; {remote.mem_available >> 20} MiB "
                                          "available)")
         rows.append(Check("strategy", True, f"{mode}: {why}"))
-    except ValueError as e:
+    except policy.ModeUnavailable as e:
         mode, why = "", ""
-        rows.append(Check("strategy", False, str(e), on_target=False))
+        rows.append(Check("strategy", False, e.message, on_target=False))
     for name in sorted(local.features):
         rows.append(Check(f"feature {name}", True,
                           f"here {'yes' if local.features[name] else 'no'}, "

@@ -13,21 +13,26 @@ something to resume or end, and `recover`, which asks the target and acts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .. import proc, workdirs
-from ..wire import protocol as p
-from . import throttle
-from ..runtimes.held import HeldCopy
-from ..workdirs import write_private
 from ..errors import LivemigError, Phase
-from .session import TargetSession, migration_id
+from ..options import Options
+from ..runtimes import Workload
+from ..runtimes.held import HeldCopy
+from ..wire import protocol as p
+from ..workdirs import write_private
+from . import throttle
+from .session import Connector, TargetSession, migration_id
 
+R = TypeVar("R")
 RECORD = "RECOVER.json"
 
 
@@ -48,13 +53,13 @@ class Record:
         write_private(work / RECORD, dataclasses.asdict(self))
 
     @classmethod
-    def load(cls, path: Path) -> "Record":
+    def load(cls, path: Path) -> Record:
         d = json.loads(path.read_text())
         return cls(source_copy=HeldCopy.from_dict(d.pop("source_copy")),
                    coordinator=tuple(d.pop("coordinator")), **d)
 
     @classmethod
-    def mine(cls, migration: str, target: str, workload, lazy: bool, bundle_moves: bool = False) -> "Record":
+    def mine(cls, migration: str, target: str, workload: Workload | None, lazy: bool, bundle_moves: bool = False) -> Record:
         me = os.getpid()
         return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, proc.start_time(me) or 0), lazy)
 
@@ -87,10 +92,9 @@ def forget(work: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
-    try:
+    # gone already, or not empty: the move is settled all the same (its record went first)
+    with contextlib.suppress(OSError):
         work.rmdir()
-    except OSError:
-        pass
 
 
 @dataclass
@@ -103,7 +107,7 @@ class Settled:
     detail: str
 
 
-async def _ask_agent(target: str, msg, reply_type, connect, options):
+async def _ask_agent(target: str, msg: Any, reply_type: type[R], connect: Connector, options: Options) -> R:
     """One request to a fresh agent on target, in a session of its own."""
     session = TargetSession(target, connect, options, migration_id())
     try:
@@ -113,13 +117,13 @@ async def _ask_agent(target: str, msg, reply_type, connect, options):
         await session.close()
 
 
-async def ask_target(target: str, migration: str, connect, options) -> tuple[str, str]:
+async def ask_target(target: str, migration: str, connect: Connector, options: Options) -> tuple[str, str]:
     """The verdict the target's agents left for migration: (state, detail)."""
     verdict = await _ask_agent(target, p.AskVerdict(migration), p.Verdict, connect, options)
     return verdict.state, verdict.detail
 
 
-async def forget_verdict(target: str, migration: str, connect, options) -> None:
+async def forget_verdict(target: str, migration: str, connect: Connector, options: Options) -> None:
     await _ask_agent(target, p.ForgetVerdict(migration), p.Done, connect, options)
 
 
@@ -139,7 +143,7 @@ async def undo_on_target(target: str, migration: str, connect, options, within: 
         except p.RemoteFailure as e:
             if "try again" not in str(e) or loop.time() >= deadline:
                 return False
-        except (Exception, TimeoutError):
+        except (Exception, TimeoutError):  # noqa: BLE001 (not heard, however: recover settles it later)
             return False
         await asyncio.sleep(0.5)
 
@@ -148,7 +152,7 @@ async def undo_on_target(target: str, migration: str, connect, options, within: 
 _UNREACHABLE = (LivemigError, p.RemoteFailure, OSError, EOFError)
 
 
-async def recover(options, connect, *, target_lost: bool = False) -> list[Settled]:
+async def recover(options: Options, connect: Connector, *, target_lost: bool = False) -> list[Settled]:
     """Settle every move on this host whose coordinator vanished past its final dump, or
     whose post-copy failed: exactly one copy runs on. target_lost: the operator knows the
     target is gone for good (its copy with it), so the source's copy runs on if it can."""

@@ -7,17 +7,29 @@ A move has one session; a clone has one per target host, all fed from one checkp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
-from ..version import __version__
-from ..pages import postcopy
-from ..wire import protocol as p, streams
-from ..errors import DumpError, LivemigError, Phase, PreflightError, RestoreError
+from ..errors import (
+    ConnectionFailed,
+    DumpError,
+    LivemigError,
+    Phase,
+    PreflightError,
+    RestoreError,
+)
 from ..options import Options
+from ..pages import postcopy
+from ..version import __version__
+from ..wire import protocol as p
+from ..wire import streams
+from ..wire.transports import Process, Transport
 from .preflight import Check
 
 NOT_IMAGES = {"stats-dump", "parent"}    # in an image directory, but not for the target
@@ -27,38 +39,43 @@ def token() -> str:
     return secrets.token_hex(8)
 
 
+R = TypeVar("R")
+T = TypeVar("T")
+Connector = Callable[[str], Coroutine[Any, Any, Transport]]    # how a session reaches a host: its transport
+
+
 def migration_id() -> str:
     """A move's or a clone's name on every host: its image directories are named after it."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
 
 
 class TargetSession:
-    def __init__(self, target: str, connect, options: Options, migration_id: str):
+    def __init__(self, target: str, connect: Connector, options: Options, migration_id: str) -> None:
         self.target, self.options, self.migration_id = target, options, migration_id
         self._connect = connect
-        self.transport = None
+        self.transport: Transport | None = None
         self.agent: p.Channel | None = None
-        self.agent_proc = None
+        self.agent_proc: Process | None = None
         self.welcome: p.Welcome | None = None
         self.facts: p.HostFacts | None = None    # what the agent's Probe said
         self._fault_link: asyncio.Task | None = None
+        self.ended = False     # the agent was told the end (Finish)
 
     @property
-    def connector(self):
+    def connector(self) -> Connector:
         """How this session reaches its target: for a fresh connection when the agent is gone."""
         return self._connect
 
     async def open(self) -> None:
-        self.transport = await self._connect(self.target)
+        transport = self.transport = await self._connect(self.target)
         argv = [*self.options.agent_command, "agent", "--image-root", self.options.image_root]
-        self.agent_proc = await self.transport.start(argv)
-        self.agent = p.Channel(self.agent_proc.reader, self.agent_proc.writer)
+        agent = self.agent_proc = await transport.start(argv)
+        self.agent = p.Channel(agent.reader, agent.writer)
         try:
-            await p.write_message(self.agent_proc.writer,
-                                  p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id))
-            welcome = await p.read_message(self.agent_proc.reader)
+            await p.write_message(agent.writer, p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id))
+            welcome = await p.read_message(agent.reader)
         except (EOFError, ConnectionError, p.ProtocolError):
-            done = await self.agent_proc.wait()
+            done = await agent.wait()
             err = done.stderr.decode(errors="replace").strip().splitlines()
             why = err[-1] if err else f"exit status {done.returncode}"
             raise PreflightError(f"cannot start the livemig agent: {why}", host=self.target,
@@ -67,13 +84,28 @@ class TargetSession:
             raise PreflightError(welcome.message, host=self.target)
         self.welcome = welcome
 
-    async def request(self, msg, reply_type):
-        return await self.agent.request(msg, reply_type)
+    async def finish(self) -> None:
+        """The move's end, told to the agent: it forgets what it kept for a rollback."""
+        self.ended = True     # before: a request cut short is never sent twice
+        await self.request(p.Finish(), p.Done)
 
-    async def stream(self, tok: str, transport=None):
+    async def request(self, msg: Any, reply_type: type[R]) -> R:
+        """msg to the agent, and its reply (a Failed one raised as p.RemoteFailure)."""
+        return await self._channel.request(msg, reply_type)
+
+    @property
+    def _channel(self) -> p.Channel:
+        if self.agent is None:
+            raise ConnectionFailed(f"no connection to {self.target}'s agent", host=self.target)
+        return self.agent
+
+    async def stream(self, tok: str, transport: Transport | None = None) -> tuple[Any, Any]:
         """A data stream to the agent, named tok: (reader, writer); on transport, if
         given, else on the session's own connection."""
-        reader, writer = await (transport or self.transport).open_unix(self.welcome.stream_socket)
+        on = transport or self.transport
+        if on is None or self.welcome is None:
+            raise ConnectionFailed(f"no connection to {self.target}'s agent for a data stream", host=self.target)
+        reader, writer = await on.open_unix(self.welcome.stream_socket)
         writer.write(tok.encode() + b"\n")
         await writer.drain()
         return reader, writer
@@ -87,7 +119,7 @@ class TargetSession:
         if self._fault_link is None:
             self._fault_link = asyncio.create_task(self._connect(self.target))
 
-    async def fault_stream(self, tok: str):
+    async def fault_stream(self, tok: str) -> tuple[tuple[Any, Any] | None, str]:
         """A data stream named tok on the fault link: (reader, writer), or None, and why not."""
         if self._fault_link is None:
             return None, "no fault link was opened"
@@ -102,14 +134,15 @@ class TargetSession:
         return await streams.relay(criu_side, await self._stream_or_close(tok, criu_side),
                                    self.options.compression_level)
 
-    async def push_pages(self, sock: socket.socket, tok: str, faults, pusher: postcopy.Pusher) -> postcopy.Pushed:
+    async def push_pages(self, sock: socket.socket, tok: str, faults: tuple[Any, Any] | None,
+                         pusher: postcopy.Pusher) -> postcopy.Pushed:
         """Post-copy: pusher reads the lazy dump's page server on sock and feeds the agent's
         page server through data stream tok, and the pages a fault waits for through
         faults (a fault_stream), if there is one."""
         criu_side = await streams.socket_streams(sock)
         return await pusher.run(criu_side, await self._stream_or_close(tok, criu_side), faults)
 
-    async def _stream_or_close(self, tok: str, criu_side: tuple):
+    async def _stream_or_close(self, tok: str, criu_side: tuple[Any, Any]) -> tuple[Any, Any]:
         """Data stream tok; if it cannot be had, CRIU's side is closed now, so that CRIU sees
         its page stream end (the socket is the streams' alone: left to the garbage collector,
         it would stay open for as long as it pleases, and the rollback wait for CRIU)."""
@@ -119,14 +152,15 @@ class TargetSession:
             criu_side[1].close()
             raise
 
-    async def push(self, send, request, reply_type):
+    async def push(self, send: Callable[[Any], Coroutine[Any, Any, T]], request: Callable[[str], Any],
+                   reply_type: type[R]) -> tuple[R, T]:
         """send(writer) streams to the agent while it handles request(token), which names
         that stream: (the agent's reply, what was sent). A refused request stops the sending."""
         tok = token()
         _, writer = await self.stream(tok)
         sending = asyncio.create_task(send(writer))
         try:
-            reply = await self.agent.request(request(tok), reply_type)
+            reply = await self.request(request(tok), reply_type)
         except BaseException:
             sending.cancel()
             raise
@@ -145,7 +179,7 @@ class TargetSession:
                      "the target's CPU has every feature of this one" if result.ok else
                      f"the target's CPU lacks features the workload may use: {result.message}")
 
-    async def load_image(self, workload) -> streams.Meter:
+    async def load_image(self, workload: Any) -> streams.Meter:
         """A container's image, into the target's podman."""
         _, meter = await self.push(lambda wr: workload.send_image(wr, self.options.compression_level),
                                    lambda tok: p.LoadImage(stream=tok), p.TreeReceived)
@@ -178,31 +212,30 @@ class TargetSession:
         CRIU's logs ("": none); None if it did not answer."""
         if not self.agent:
             return None
+        agent = self.agent
         try:
             async with asyncio.timeout(30):
-                aborted = await self.agent.request(p.Abort(), p.Aborted)
-                await self.agent.request(p.Finish(), p.Done)
+                aborted = await agent.request(p.Abort(), p.Aborted)
+                await agent.request(p.Finish(), p.Done)
                 return aborted.logs
-        except (Exception, TimeoutError):
+        except (Exception, TimeoutError):  # noqa: BLE001 (whatever silenced it, the answer is the same)
             return None   # the agent keeps what it restored, stopped, when we vanish: recover settles it
 
     async def close(self) -> None:
         if self.agent_proc:
-            try:
+            # a pipe already broken: the agent is going, which is what the EOF asks of it
+            with contextlib.suppress(Exception):
                 self.agent_proc.writer.write_eof()
-            except Exception:
-                pass
             try:
                 async with asyncio.timeout(10):
                     await self.agent_proc.wait()
-            except Exception:   # TimeoutError included
+            except Exception:  # noqa: BLE001 (TimeoutError included: whatever kept it, it is killed)
                 self.agent_proc.kill()
         if self._fault_link is not None:
             self._fault_link.cancel()
-            try:
+            # cancelled just now, or it never connected: there is nothing left to close
+            with contextlib.suppress(BaseException):
                 await (await self._fault_link).close()
-            except BaseException:
-                pass
         if self.transport:
             await self.transport.close()
 
@@ -215,10 +248,10 @@ def remote_error(e: p.RemoteFailure, phase: str, target: str) -> LivemigError:
     return cls(e.failed.message, phase=e.failed.phase or phase, host=target, detail=e.failed.detail or None)
 
 
-def ssh_connector(options: Options):
+def ssh_connector(options: Options) -> Connector:
     """How a session reaches its target by default: SSH, the user's own config applying."""
     from ..wire.transports.ssh import SshTransport
 
-    async def connect(target: str):
+    async def connect(target: str) -> Transport:
         return await SshTransport.connect(target, timeout=options.connect_timeout)
     return connect

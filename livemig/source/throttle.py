@@ -15,15 +15,18 @@ outright while the workload is throttled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import host, proc
-from ..workdirs import write_private
+from ..errors import LivemigError, Phase
 from ..report import ThrottleStep
+from ..workdirs import write_private
 
 FILE = "THROTTLE.json"
 MIN_QUOTA_US = 1000          # the kernel's smallest CFS quota
@@ -32,8 +35,11 @@ MIN_BASELINE = 0.01          # CPUs: a workload that seemed idle is still allowe
 HELD_POLL = 0.002            # seconds between looks at whether the workload is being frozen
 
 
-class Unavailable(Exception):
-    """Why the workload cannot be throttled."""
+class Unavailable(LivemigError):
+    """Why the workload cannot be throttled (found at the preflight; a move goes on unthrottled)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, phase=Phase.PREFLIGHT)
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ def _mounts() -> list[tuple[str, str, str, set[str]]]:
     return found
 
 
-def _dir(mounts, fstype: str, controller: str, path: str) -> str | None:
+def _dir(mounts: list[tuple[str, str, str, set[str]]], fstype: str, controller: str, path: str) -> str | None:
     for fs, root, mountpoint, opts in mounts:
         if fs == fstype and (fs == "cgroup2" or controller in opts) and (path + "/").startswith(root.rstrip("/") + "/"):
             return os.path.join(mountpoint, os.path.relpath(path, root))
@@ -127,12 +133,12 @@ def locate(pid: int) -> CpuCgroup:
         frz_dir = _dir(mounts, "cgroup", "freezer", frz) if frz else None
         return CpuCgroup(1, quota_dir, (_dir(mounts, "cgroup", "cpuacct", acct) or "") if acct else "",
                          os.path.join(frz_dir, "freezer.state") if frz_dir else "")
-    path = next((p for hid, _, p in lines if hid == "0"), None)
-    d = _dir(mounts, "cgroup2", "", path) if path is not None else None
+    unified = next((p for hid, _, p in lines if hid == "0"), None)
+    d = _dir(mounts, "cgroup2", "", unified) if unified is not None else None
     if d is None:
         raise Unavailable("it has no cpu cgroup here")
     if "cpu" not in Path(d, "cgroup.controllers").read_text().split():
-        raise Unavailable(f"the cpu controller is not enabled in its cgroup {path}")
+        raise Unavailable(f"the cpu controller is not enabled in its cgroup {unified}")
     return CpuCgroup(2, d, d, os.path.join(d, "cgroup.freeze"))
 
 
@@ -193,7 +199,7 @@ class Throttle:
         (runc, crun, podman, CRIU's --freeze-cgroup), or CRIU holding pid (ptrace)?"""
         return self.cg.freezing() or proc.tracer(pid) != 0
 
-    async def eased_while_held(self, pid: int, dumping) -> None:
+    async def eased_while_held(self, pid: int, dumping: Awaitable[object]) -> None:
         """For a pre-dump: while the workload is being frozen and dumped, its quota is the
         original one, and the throttle is back once CRIU lets go; until dumping (an
         awaitable) is done. A throttled task is slow to reach the freezer, and CRIU's
@@ -207,8 +213,9 @@ class Throttle:
         try:
             while not waiting.done():
                 held = self.held(pid)
-                if held != eased:
-                    self.cg.write(self.original if held else self.current)
+                quota = self.original if held else self.current
+                if held != eased and quota is not None:
+                    self.cg.write(quota)
                     eased = held
                 await asyncio.wait({waiting}, timeout=HELD_POLL)
             await waiting
@@ -236,10 +243,9 @@ class Throttle:
         workload (a container deleted at the commit)."""
         if self.original is None:
             return
-        try:
+        # the cgroup went with its workload (deleted at the commit): no quota left to restore
+        with contextlib.suppress(FileNotFoundError):
             self.cg.write(self.original)
-        except FileNotFoundError:
-            pass
         self.original = self.current = None
         self.record.unlink(missing_ok=True)
 

@@ -1,0 +1,61 @@
+"""This host's side of the preflight, and its work directory: shared by moves and clones."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+from .. import criu, host, proc, runtimes, workdirs
+from ..errors import Phase, UsageError
+from ..pages import pagehash
+from ..runtimes import podman
+from ..wire import protocol as p
+
+
+def make_work_dir(image_root: str, work: Path) -> workdirs.Held | None:
+    """This host's private image directory for one move or clone, under a private root,
+    held while we live (None: it was made already). What moves killed outright left
+    there goes first."""
+    workdirs.sweep(image_root)
+    if work.exists():
+        return None
+    return workdirs.make(image_root, work)
+
+
+async def local_facts(pids: list[int], work: Path, container: p.Container | None) -> p.HostFacts:
+    """This host's facts for the preflight; with what podman says must match, for its containers."""
+    local = await host.probe(pids, str(work))
+    if container is not None and container.runtime == "podman":
+        local = dataclasses.replace(local, runtime_facts=await podman.facts())
+    return local
+
+
+async def local_cpuinfo(work: Path) -> Path:
+    """This CPU's features as CRIU records them, for the targets' cpuinfo check."""
+    d = work / "cpuinfo"
+    d.mkdir(mode=0o700)
+    await proc.run(criu.cpuinfo_dump(str(d)), phase=Phase.PREFLIGHT)
+    return d
+
+
+def target_spec(w: runtimes.Workload, name: str | None) -> p.Container | None:
+    """The container as the target's runtime will know it: renamed if the user says so."""
+    spec = w.target_spec()
+    if name is None:
+        return spec
+    if spec is None:
+        raise UsageError("--name names a container; a process tree has no name to change", phase=Phase.PREFLIGHT)
+    return dataclasses.replace(spec, id=name)
+
+
+def by_pid(w: runtimes.Workload) -> dict[int, int]:
+    """The tree's processes (PID here -> PID in the dump, in its root's PID namespace)."""
+    out: dict[int, int] = {}
+    # a process that exits meanwhile is left out: the dump knows what became of it
+    with contextlib.suppress(OSError, ValueError):
+        level = len(pagehash.ns_pids(w.root_pid)) - 1
+        for pid in w.pids():
+            with contextlib.suppress(OSError, ValueError):
+                out[pid] = pagehash.vpid_of(pid, level)
+    return out

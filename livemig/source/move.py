@@ -1,0 +1,117 @@
+"""What one move knows as it goes: the state its phases share (source side).
+
+Migration (migration.py) runs the phases; the modules beside it (precopy, rounds,
+switchover, postcopy, failures...) each do one of them on this state. Its stage is read
+here alone (stages.py). The rest are facts the phases hand on: the workload, its final
+dump, the record `livemig recover` reads, the page relay, and the instants the downtime
+is measured between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .. import runtimes, workdirs
+from ..options import Options
+from ..pages import pagehash, postcopy
+from ..progress import Event, Ticker, quiet
+from ..report import Report
+from ..runtimes.held import HeldCopy
+from ..wire import protocol as p
+from . import recovery, throttle
+from .session import Connector, TargetSession, migration_id
+from .stages import StageError, Stages
+
+T = TypeVar("T")
+
+
+class Move:
+    def __init__(self, what: int | str, target: str, options: Options, transport_factory: Connector,
+                 progress: Callable[[Event], None] | None = None) -> None:
+        """what: a PID (a process tree) or a container's name or ID."""
+        self.what, self.target, self.options = what, target, options
+        self.stages = Stages()
+        self.ticker = Ticker(progress) if progress else None
+        self.progress: Callable[[Event], None] = self.ticker.tell if self.ticker else quiet
+        self.id = migration_id()
+        self.report = Report(pid=what if isinstance(what, int) else 0, source=socket.gethostname(), target=target)
+        self.to = TargetSession(target, transport_factory, options, self.id)
+        self.work = Path(options.image_root) / f"{self.id}-source"
+        self.held: workdirs.Held | None = None     # self.work, ours while we live
+        self.workload: runtimes.Workload | None = None
+        self.original: HeldCopy | None = None      # to tell, on failure, whether it exited by itself
+        self.spec: p.Container | None = None       # the container as the target will know it
+        self.tracker: pagehash.Tracker | None = None   # pre-copy by page hashes: what the target holds
+        # the final dump's pages go into the target's memory, and into the copy as it runs:
+        # pre-copy by hashes, and stop-and-copy where the target has room
+        self.fills = False
+        self.throttle: throttle.Throttle | None = None  # auto-converge's hold on the workload's CPU
+        self.round_dirs: list[str] = []
+        self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
+        self.bundle_listing: set[str] = set()
+        self.record: recovery.Record | None = None    # kept on disk while post-copy may fail
+        self.dump: runtimes.DumpRun | None = None     # the final dump: the source was touched
+        self.relay: asyncio.Task[Any] | None = None   # the final dump's pages on their way
+        self.lazy_token = ""
+        self.pusher: postcopy.Pusher | None = None
+        self.dumped_at = self.images_at = self.restored_at = 0.0   # the downtime's parts end at these
+
+    @property
+    def phase(self) -> str:
+        return self.stages.phase
+
+    # The phases that need these run after the one that sets them: None there is livemig's bug.
+    @property
+    def w(self) -> runtimes.Workload:
+        return self._have(self.workload, "workload resolved")
+
+    @property
+    def final(self) -> runtimes.DumpRun:
+        return self._have(self.dump, "final dump")
+
+    @property
+    def rec(self) -> recovery.Record:
+        return self._have(self.record, "recovery record")
+
+    def _have(self, value: T | None, what: str) -> T:
+        if value is None:
+            raise StageError(f"no {what} yet", phase=self.phase)
+        return value
+
+    @property
+    def parent(self) -> str | None:
+        """The last pre-copy round's images, which the next dump builds on."""
+        return self.round_dirs[-1] if self.round_dirs else None
+
+    @property
+    def lazy_phase(self) -> str:
+        """Post-copy's failures as the user reads them."""
+        return "filling the copy" if self.fills else "post-copy"
+
+    def save_record(self) -> None:
+        self.rec.save(self.work)
+
+    async def stop_relay(self) -> None:
+        if self.relay is None:
+            return
+        if not self.relay.done():
+            self.relay.cancel()
+        # the failure that counts was told already: the relay's followed from it
+        with contextlib.suppress(BaseException):
+            await self.relay
+
+    def lift_throttle(self) -> None:
+        """At switchover, and on every way out: the workload's CPU quota as it was."""
+        if self.throttle is None:
+            return
+        try:
+            self.throttle.release()
+        except OSError as e:
+            self.report.warnings.append(f"could not lift the CPU throttle of the workload's cgroup "
+                                        f"{self.throttle.cg.quota_dir}: {e}")
+

@@ -1,0 +1,76 @@
+"""Pre-copy's rounds: pages go while the workload runs, round after round, until
+policy.decide says the final dump's downtime is short enough (or no round helps any
+more). Between rounds auto-converge may slow the workload (autoconverge.py). One round
+of either kind is rounds.py's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .. import host
+from ..errors import LivemigError, Phase
+from ..progress import RoundDone
+from . import autoconverge, policy
+from .move import Move
+from .rounds import hashed_round, predump_round
+from .testpoints import stop_for_tests
+
+
+def limits(m: Move) -> policy.Limits:
+    """When pre-copy stops: the user's limits, and the runtime's."""
+    w, o = m.w, m.options
+    max_rounds = min(o.max_rounds, w.max_rounds or o.max_rounds)
+    return policy.Limits(max_downtime=o.max_downtime, max_rounds=max_rounds,
+                         thp_always=m.tracker is None and host.huge_pages_in_use(w.pids()),
+                         # podman keeps one pre-checkpoint: no round to throttle for
+                         throttling=policy.Throttling() if m.throttle and max_rounds > 1 else None,
+                         max_bandwidth=o.max_bandwidth)
+
+
+async def precopy_rounds(m: Move, lazy_final: bool) -> None:
+    lim = limits(m)
+    stats: list[policy.RoundStats] = []
+    started: list[float] = []
+    percent = 0          # auto-converge's throttle on the workload, in % of its CPU
+    if lim.throttling and m.throttle is not None:
+        m.throttle.begin()
+    while True:
+        n = len(stats) + 1
+        if n == 1:
+            stop_for_tests("round")
+        if m.tracker is not None:
+            st, sent, seconds, t0 = await hashed_round(m)
+        else:
+            st, sent, seconds, t0 = await predump_round(m, n, lazy_final)
+        started.append(t0)
+        if m.original is not None and m.original.root_gone():
+            # pages read in a tree that is gone (its root: a container's init); run()
+            # tells it as the workload's own doing. (/proc, not the runtime: every round)
+            raise LivemigError("its root process is gone", phase=Phase.PRECOPY)
+        m.report.rounds[-1].throttle = percent
+        stats.append(policy.RoundStats(st.pages_written, sent.wire, seconds))
+        decision = policy.decide(stats, lim, percent)
+        # what this round wrote, the workload dirtied since the round before began
+        dirtied = st.pages_written * policy.PAGE_SIZE / (t0 - started[-2]) if n > 1 else None
+        m.progress(RoundDone(n, st.pages_written, sent.wire, seconds, decision.bandwidth, dirtied,
+                             decision.expected_downtime, lim.max_downtime))
+        if decision.throttle != percent:
+            if autoconverge.step(m, decision.throttle, n):
+                percent = decision.throttle
+            else:
+                lim = dataclasses.replace(lim, throttling=None)
+                decision = policy.decide(stats, lim, percent)
+        if decision.stop:
+            _stopped(m, decision, lim)
+            return
+
+
+def _stopped(m: Move, decision: policy.Decision, lim: policy.Limits) -> None:
+    """Why pre-copy stopped, in the report; and a warning where it did not converge and
+    auto-converge could not help."""
+    m.report.precopy_stop_reason = decision.reason.value if decision.reason else ""
+    if (decision.reason in (policy.StopReason.DIVERGING, policy.StopReason.STALLED, policy.StopReason.MAX_ROUNDS)
+            and decision.expected_downtime > lim.max_downtime
+            and m.report.throttle.startswith("unavailable")):
+        m.report.warnings.append("pre-copy did not converge, and auto-converge could not slow the "
+                                 f"workload: {m.report.throttle}")

@@ -1,0 +1,216 @@
+"""The switchover: the workload freezes (final dump), its images cross (transfer), the
+target restores its copy, stopped (restore), and at the commit the source's copy is
+given up and the target's resumed. Stop-and-copy's commit is here; post-copy's and a
+fill's, where the target's copy runs before it has every page, are postcopy.py's.
+
+The downtime runs from the freeze to the target's resume; its parts (dump, images,
+restore, resume) end at the instants noted on the Move as each step ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from .. import runtimes
+from ..errors import DumpError, LivemigError, Phase
+from ..pages import pagemap
+from ..progress import Copied, Running, Stepping
+from ..report import DowntimePart, RoundReport
+from ..runtimes.held import HeldCopy
+from ..runtimes.process import criu_failure
+from ..wire import protocol as p
+from ..wire import streams
+from . import bundles, postcopy, recovery
+from .failures import rolled_back, stranded
+from .move import Move
+from .session import remote_error, token
+from .stages import Stage
+from .testpoints import stop_for_tests
+
+FREEZE_WAIT = 10.0       # for the final dump's freeze to begin (CRIU's first start in a VM: 4.2 s)
+
+T = TypeVar("T")
+
+
+async def final_dump(m: Move, lazy: bool) -> None:
+    """The workload freezes, and stays frozen until the commit (or a rollback) lets it go."""
+    w = m.w
+    parent = m.parent
+    local = m.work / "final"
+    local.mkdir(mode=0o700)
+    tok = m.lazy_token = token()
+    streaming = w.streams_pages and not lazy
+    if streaming:
+        await m.to.request(p.OpenPageServer(dir="final", stream=tok, parent=parent), p.Done)
+    m.progress(Stepping(Phase.FINAL_DUMP, "final dump"))
+    # switchover: auto-converge's throttle goes the moment the freeze begins
+    lifting = None if m.throttle is None or m.throttle.current is None else \
+        asyncio.create_task(m.throttle.released_once_held(w.root_pid, FREEZE_WAIT))
+    try:
+        dump = m.dump = await w.final_dump(local, parent, lazy)
+        if streaming:
+            m.relay = asyncio.create_task(_relay_when_connected(m, dump, tok))
+        try:
+            dumped_at = await w.dumped(dump, lazy)
+        except DumpError as e:
+            # CRIU here sees only a broken pipe; the page server there knows why (a full disk...)
+            raise (await _page_server_failure(m, e) if streaming else e) from None
+    finally:
+        if lifting is not None:
+            lifting.cancel()        # done by now, unless the dump failed first: it releases
+            await asyncio.wait({lifting})
+    m.dumped_at = dumped_at
+    # The record names the tree as it was frozen (children forked in pre-copy too), not
+    # as it was before the freeze: what recover stops, resumes or ends.
+    m.rec.source_copy = HeldCopy.of(w, m.rec.source_copy.bundle != "")
+    m.save_record()
+    rnd = RoundReport("dump", seconds=dumped_at - dump.frozen_at)
+    if streaming and m.relay is not None:
+        relayed = await m.relay
+        await m.to.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
+        rnd.bytes_raw, rnd.bytes_wire = relayed.sent.raw, relayed.sent.wire
+    m.report.rounds.append(rnd)
+
+
+async def _page_server_failure(m: Move, dump_error: DumpError) -> LivemigError:
+    """The target's page server's own failure, if it failed: the cause of dump_error."""
+    # no word from it either (a lost link, a mute agent): CRIU's own failure is all there is to tell
+    with contextlib.suppress(Exception, TimeoutError):
+        try:
+            async with asyncio.timeout(5):
+                await m.to.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
+        except p.RemoteFailure as e:
+            return remote_error(e, Phase.FINAL_DUMP, m.target)
+    return dump_error
+
+
+async def _relay_when_connected(m: Move, run: runtimes.DumpRun, tok: str) -> streams.Relay:
+    sock = await run.pages()
+    if sock is None:
+        raise DumpError(criu_failure(f"{m.w.kind} dump", run.proc.returncode, run.log), phase=Phase.FINAL_DUMP)
+    return await m.to.relay(sock, tok)
+
+
+async def transfer(m: Move) -> None:
+    """The images that are not streamed pages; and a bundle's files changed since its pre-copy."""
+    stop_for_tests("transfer")
+    async with asyncio.TaskGroup() as tg:
+        images = tg.create_task(m.to.send_images("final", m.parent, m.work / "final"))
+        tree = tg.create_task(bundles.send_changes(m))
+    meter = images.result()
+    if not m.w.streams_pages:
+        # crun wrote the pages among the images: they crossed here, with the rest
+        rnd = m.report.rounds[-1]
+        rnd.bytes_raw, rnd.bytes_wire = meter.raw, meter.wire
+    changed = tree.result()
+    if changed is not None:
+        m.report.bundle_bytes_wire += changed.wire
+    m.report.image_files_bytes = meter.raw
+    m.images_at = time.monotonic()
+    m.progress(Copied("images", meter.raw, meter.wire))
+
+
+async def restore(m: Move, lazy: bool, fill: bool = False) -> None:
+    """The target brings the tree back, stopped: it runs only once the commit says so."""
+    stop_for_tests("restore")
+    fault_token = None
+    if lazy:
+        try:
+            ranges = pagemap.lazy_ranges(m.work / "final")
+        except (OSError, pagemap.PagemapError) as e:
+            ranges = []
+            m.report.warnings.append(f"cannot read the dump's pagemaps ({e}): post-copy "
+                                     "fetches pages only when the target asks")
+        fault_token = await postcopy.start_pages(m, ranges, fill)
+    m.progress(Stepping(Phase.RESTORE, "restoring on the target"))
+    restored = await m.to.request(
+        p.Restore(dir="final", lazy_stream=m.lazy_token if lazy else None,
+                  fault_stream=fault_token, container=m.spec, fill=fill), p.Restored)
+    m.report.target_pid, m.report.restore_seconds = restored.pid, restored.restore_seconds
+    m.restored_at = time.monotonic()
+    stop_for_tests("restored")
+
+
+async def commit_lazy(m: Move, fill: bool) -> None:
+    """Post-copy's or a fill's commit, once marked: the source's copy is released (it
+    stays frozen, its pages served from it), the target's runs and gets the rest. A
+    failure is settled by the target's verdict, never rolled back (postcopy.settle)."""
+    try:
+        m.report.warnings += await uncancellable(m.w.release(m.final, True))
+        stop_for_tests("released")
+        # a fill's copy is resumed once every page is on its host (the agent waits)
+        running_at = await resume_target(m, lazy=not fill)
+        stop_for_tests("running")
+        if fill:
+            m.stages.to(Stage.FILL)
+            await postcopy.fill(m, running_at)
+        else:
+            m.stages.to(Stage.POSTCOPY)
+            await postcopy.postcopy(m, running_at)
+    except BaseException as e:  # noqa: BLE001 (every end, an interrupt too, is settled by the target's verdict)
+        if not await asyncio.shield(postcopy.settle(m, e)):
+            raise rolled_back(m, e) from None
+
+
+async def switch_over(m: Move) -> None:
+    """Stop-and-copy's commit, once marked: the source's copy goes, the target's runs.
+    Nothing cuts it short: cut between the two, it would leave the only copy stopped
+    (an interrupt then ends a move that is done)."""
+    m.report.warnings += await m.w.release(m.final, False)
+    stop_for_tests("released")
+    try:
+        await resume_target(m)
+    except BaseException as e:  # noqa: BLE001 (however it failed, the target's copy is stranded)
+        raise stranded(m, e) from None
+    recovery.drop(m.work)
+    m.stages.to(Stage.MOVED)
+
+
+async def resume_target(m: Move, lazy: bool = False) -> float:
+    """The target's copy runs: the downtime ends here, and its parts are told."""
+    resumed = await m.to.request(p.Resume(), p.Resumed)
+    running_at = time.monotonic()
+    frozen_at = m.final.frozen_at
+    m.report.downtime_seconds = running_at - frozen_at
+    # a fill's Resume waits, on the target, for the pages still on their way
+    marks = [("dump", m.dumped_at), ("images", m.images_at), ("restore", m.restored_at),
+             ("pages and resume" if m.fills else "resume", running_at)]
+    since = frozen_at
+    for name, at in marks:
+        m.report.downtime_parts.append(DowntimePart(name, at - since))
+        since = at
+    m.progress(Running(resumed.pids, lazy))
+    return running_at
+
+
+def note_final_stats(m: Move) -> None:
+    """Stop-and-copy's final dump as CRIU counted it (a lazy dump's counters are zeros:
+    postcopy.py counts what crossed instead)."""
+    st = m.w.stats(m.work / "final")
+    if st:
+        m.report.rounds[-1].pages_written = st.pages_written
+        m.report.rounds[-1].frozen_seconds = st.frozen_time
+        m.report.final_dump_frozen_seconds = st.frozen_time
+
+
+async def after_move(m: Move) -> None:
+    """The target's copy runs, whole, and the source's is gone: what is left is tidying."""
+    if not m.to.ended:
+        await m.to.finish()
+    bundles.remove_source_bundle(m)
+
+
+async def uncancellable(coro: Awaitable[T]) -> T:
+    """coro's result; a cancellation (Ctrl-C) that comes meanwhile waits until it is done."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():
+            raise
+        await task
+        raise

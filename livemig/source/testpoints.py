@@ -1,0 +1,23 @@
+"""Fault injection for the lab's tests: where a move may stop itself for a test to act."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+STOP_FOR_TESTS = "LIVEMIG_TEST_STOP_AT"
+
+
+def stop_for_tests(point: str) -> None:
+    """With LIVEMIG_TEST_STOP_AT=point the coordinator stops itself there (SIGSTOP), for a
+    test to act at that exact instant (then SIGKILL or SIGCONT it). The points, in a move's
+    order: "connected" (preflight: the target's agent answers, nothing probed yet), "round"
+    (the first pre-copy round about to begin), "throttled" (auto-converge's first step
+    taken), "final-dump" (about to freeze the workload), "transfer" (frozen and dumped, no
+    image sent), "restore" (the images on the target, not restored), "restored" (the
+    target's copy restored, the source's not given up), "released" (the source's copy given
+    up, the target's not yet resumed), "running" (post-copy or a fill: the target's copy
+    resumed, pages still to come) and "whole" (the running copy has every page, the
+    source's copy waits, stopped)."""
+    if os.environ.get(STOP_FOR_TESTS) == point:
+        os.kill(os.getpid(), signal.SIGSTOP)
