@@ -2,7 +2,7 @@
 
 A failed move's work directory is deleted (its memory images hold secrets), but CRIU's
 logs are what explains the failure: each side copies them to <image root>/logs/<ID>-<side>,
-private like the images (they name files, sockets and addresses), and the newest KEEP
+private like the images (they name files, sockets and addresses), and the newest SIZES.logs_kept
 failures' logs stay. `livemig move -v` prints their error lines.
 """
 
@@ -13,8 +13,7 @@ import shutil
 from pathlib import Path
 
 from . import criu
-
-KEEP = 20
+from .options import SIZES
 
 
 def keep(work: Path, image_root: str, name: str) -> Path | None:
@@ -45,7 +44,7 @@ def _keep(work: Path, root: Path, name: str) -> Path | None:
 
 def _prune(root: Path) -> None:
     kept = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
-    for old in kept[KEEP:]:
+    for old in kept[SIZES.logs_kept:]:
         shutil.rmtree(old, ignore_errors=True)     # what stays of it goes at the next prune
 
 

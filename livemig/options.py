@@ -40,7 +40,8 @@ class Options:
 # Not options a user sets: how long livemig waits for each thing it waits on, and the sizes that
 # shape its streams. Each lives here, once, under a name that says what it bounds; the comment
 # says why the figure. The modules read them as WAITS.<name> and SIZES.<name>; a test that needs
-# another figure passes it in where the code takes one (Placer's stall_seconds), never patches here.
+# another figure passes it in where the code takes one (Placer's stall_seconds), or gives the module
+# under test a copy of its own (dataclasses.replace), never changes these.
 
 @dataclass(frozen=True)
 class Waits:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CommandFailed
-
-STDERR_KEPT = 64 * 1024
+from .options import SIZES, WAITS
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ async def _run_leaving_daemon(argv, *, check, env, timeout, phase, started) -> R
             raise
         out.seek(0)
         err.seek(0)
-        return _result(argv, rc, out.read(), err.read()[-STDERR_KEPT:], check, phase)
+        return _result(argv, rc, out.read(), err.read()[-SIZES.stderr_kept:], check, phase)
 
 
 def _result(argv, returncode: int, out: bytes, err: bytes, check: bool, phase: str | None) -> Result:
@@ -149,19 +148,16 @@ async def kill(proc: asyncio.subprocess.Process, sig: int = signal.SIGKILL) -> N
 async def _reaped(proc: asyncio.subprocess.Process) -> int:
     """proc's exit status. asyncio counts a process as ended once its pipes close too: a
     descendant that left its group (setsid) and kept them open would hold the wait for as
-    long as it lives. Past REAP_WAIT our ends of them are closed. (Seen: CRIU killed as it
+    long as it lives. Past WAITS.reap our ends of them are closed. (Seen: CRIU killed as it
     started left a child of its own holding its stderr, and the agent waiting for ever.)"""
     try:
-        async with asyncio.timeout(REAP_WAIT):
+        async with asyncio.timeout(WAITS.reap):
             return await proc.wait()
     except TimeoutError:
         transport = getattr(proc, "_transport", None)
         if transport is not None:
             transport.close()
         return await proc.wait()
-
-
-REAP_WAIT = 5.0     # seconds for a killed program's pipes to close before ours are
 
 
 def environ(**extra: str) -> dict[str, str]:

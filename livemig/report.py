@@ -87,7 +87,7 @@ class Report:
     postcopy_requests_waited: int = 0    # of those, waited for their page to be asked for
     max_bandwidth_bytes_per_s: int | None = None   # the cap on what the move sent (--max-bandwidth); None: none
     wire_bytes: int = 0              # what the move sent to the target, every stream together
-    peak_wire_bytes_per_s: float = 0.0   # the most it sent over any one second (bandwidth.WINDOW)
+    peak_wire_bytes_per_s: float = 0.0   # the most it sent over any one second (options.SIZES.capped_window)
     source_peak_rss_bytes: int = 0   # the livemig process here, at its peak
     source_cpu_seconds: float = 0.0  # livemig here and what it ran (CRIU, the runtime)
     warnings: list[str] = field(default_factory=list)

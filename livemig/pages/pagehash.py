@@ -6,7 +6,7 @@ running tree's memory itself (/proc/PID/mem, only the pages /proc/PID/pagemap sa
 there), keeps a digest of every page it sent, and in each later round sends only the
 pages whose digest changed. The target keeps what it got (shadow.py). At the final,
 lazy dump every page CRIU holds is compared with the digest of what the target holds,
-and only the differing ones cross the link (postcopy.Pusher, the HAVE frame).
+and only the differing ones cross the link (push.Pusher, the HAVE frame).
 
 Reading a page while the program writes it is harmless: the digest is of the bytes
 sent, so the target holds exactly what the table says, and the final comparison, made
@@ -32,12 +32,12 @@ from dataclasses import dataclass
 
 import xxhash
 
+from ..options import SIZES
 from .pagemap import PAGE
 
 CHUNK_SHIFT = 21                  # the table's unit: 2 MiB of address space
 CHUNK_PAGES = 1 << (CHUNK_SHIFT - 12)
 DIGEST = 16
-READ_PAGES = 256                  # 1 MiB per read of a process's memory
 _PM_PRESENT, _PM_SWAPPED, _PM_FILE = 1 << 63, 1 << 62, 1 << 61
 _MAPS = re.compile(r"([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)")
 _NEVER = {"[vsyscall]", "[vvar]", "[vvar_vclock]", "[vdso]", "[uprobes]"}
@@ -199,13 +199,13 @@ class Tracker:
         (everything, the first time); the table takes the new digests as they are handed
         out. A mapping that vanishes while it is read is skipped: the final dump sees
         what became of it."""
-        buf = bytearray(READ_PAGES * PAGE)
+        buf = bytearray(SIZES.hash_read_pages * PAGE)
         with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm, \
                 open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
             for start, end in private_ranges(pid):
                 for first, last in present_runs(pm.fileno(), start, end):
-                    for at in range(first, last, READ_PAGES * PAGE):
-                        size = min(READ_PAGES * PAGE, last - at)
+                    for at in range(first, last, SIZES.hash_read_pages * PAGE):
+                        size = min(SIZES.hash_read_pages * PAGE, last - at)
                         try:
                             got = os.preadv(mem.fileno(), [memoryview(buf)[:size]], at)
                         except OSError:     # unmapped meanwhile: skipped, as the docstring says

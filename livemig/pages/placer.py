@@ -49,19 +49,16 @@ import struct
 from pathlib import Path
 
 from ..errors import LivemigError
+from ..options import SIZES, WAITS
 from ..wire import streams
 from . import frames, pagehash, postcopy, shadow, uffd
 from .frames import ACK, CLOSE, FAULT, HAVE, PAGES, PUSHED_ALL, STATUS, PageBytes
 from .pagemap import PAGE, Range
-from .postcopy import NEED_PAGES, PS_IOV_CLOSE, PageStreamError
+from .postcopy import PS_IOV_CLOSE, PageStreamError
 
 SOCKET = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446       # "ReSTore Finished", as criu/uffd.c sends it
 _WORD = struct.Struct("<I")
-_BUSY_WAIT = 0.0005                 # seconds before trying a copy the kernel refused again
-# A fill's copies at once, each in a thread: the kernel's copy, most of a fill, needs no
-# GIL, and two threads placed 1.6 to 1.7 times as fast as one on the lab's two cores.
-FILL_THREADS = max(2, min(4, os.cpu_count() or 1))
 
 
 class Stage(enum.Enum):
@@ -158,9 +155,9 @@ def _split(a: int, b: int, lo: int, hi: int) -> list[tuple[int, int, bool]]:
 
 class Placer:
     """The target's side of post-copy: takes the uffds from CRIU's restore, the pages from
-    the source's postcopy.Pusher, and puts the one into the other."""
+    the source's push.Pusher, and puts the one into the other."""
 
-    def __init__(self, images: Path, ranges: list[Range], stall_seconds: float = postcopy.STALL_SECONDS,
+    def __init__(self, images: Path, ranges: list[Range], stall_seconds: float = WAITS.page_stream_stall,
                  on_uffd=None, store: shadow.Store | None = None):
         """store: a fill's (the copy runs only once every page is on this host): the pages
         pre-copy by hashes left here, which the source names (HAVE), and those it pushes
@@ -257,7 +254,7 @@ class Placer:
                 tg.create_task(self._send(out))
                 background = [tg.create_task(self._watch()), tg.create_task(self._until_failed())]
                 if self.store is not None:
-                    background += [tg.create_task(self._filler()) for _ in range(FILL_THREADS)]
+                    background += [tg.create_task(self._filler()) for _ in range(SIZES.fill_threads)]
                 await self._handover()
                 await self._ended.wait()
                 for t in background:
@@ -424,7 +421,7 @@ class Placer:
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(1)
+            await asyncio.sleep(WAITS.page_stream_stall_poll)
             if (self.running and not (self.pushed_all or self.whole)
                     and loop.time() - self.heard > self.stall_seconds):
                 raise PageStreamError(f"nothing from the source for {self.stall_seconds:.0f} s while "
@@ -491,7 +488,7 @@ class Placer:
                 # an event (a fork, say) is to be read first; then the runs are worked out
                 # again, since it may have removed some of them
                 self._drain(task)
-                await asyncio.sleep(_BUSY_WAIT)
+                await asyncio.sleep(WAITS.uffd_busy_retry)
             except uffd.Gone:
                 self._gone(task)
 
@@ -609,7 +606,7 @@ class Placer:
             self._gone(task)
             return
         if task.retry:
-            asyncio.get_running_loop().call_later(_BUSY_WAIT, self._readable, task)
+            asyncio.get_running_loop().call_later(WAITS.uffd_busy_retry, self._readable, task)
 
     def _fault(self, task: _Task, address: int, again: bool = False) -> None:
         if not again:
@@ -647,7 +644,7 @@ class Placer:
         if vaddr in asked:
             return                                # on its way already
         # during the restore, the page alone: its neighbours may not be in place yet
-        base, run, most = lazy.ranges[ri].vaddr, 0, NEED_PAGES if self.finished else 1
+        base, run, most = lazy.ranges[ri].vaddr, 0, SIZES.fault_pages if self.finished else 1
         while k + run < len(holes) and run < most and holes[k + run] \
                 and base + (k + run) * PAGE not in asked:
             asked.add(base + (k + run) * PAGE)
@@ -661,7 +658,7 @@ class Placer:
         longer has the page (placed and let go before a child forked): the source's is asked."""
         base, holes = self.lazy[task.pid].ranges[ri].vaddr, task.holes[ri]
         run = 1
-        while k + run < len(holes) and run < NEED_PAGES and holes[k + run]:
+        while k + run < len(holes) and run < SIZES.fault_pages and holes[k + run]:
             run += 1
         try:
             pieces = self._store().pieces(task.pid, base + k * PAGE, run)

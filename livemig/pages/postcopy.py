@@ -6,7 +6,7 @@ each request waits a round trip, so a workload that keeps faulting keeps the res
 memory waiting (measured: 52.8 s to fetch 512 MiB that a plain copy moves in 3 s). So
 livemig runs neither end of that conversation across the link:
 
-- source (`Pusher`): reads every lazy range (pagemap.lazy_ranges), smallest first, in
+- source (push.Pusher): reads every lazy range (pagemap.lazy_ranges), smallest first, in
   the frozen tree's memory (the lazy dump's page server when that cannot be read), and
   pushes the pages once the target's copy runs and its first faults are served; before
   each read it serves what the target said a request is waiting for.
@@ -16,65 +16,28 @@ livemig runs neither end of that conversation across the link:
 The pages a fault waits for go on a connection of their own when there is one (the
 fault stream): on the pushing stream they would wait behind up to a window of pushed
 pages, measured at 0.5 to 1 s of app-seen downtime at idle.
+
+This module holds what both halves share: CRIU's page-server words, the order of the push
+(chunks), what each side counts, and the stream's failure. The frames on the wire are
+frames.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
-import os
 import struct
-import time
 from dataclasses import dataclass, field
 
 from ..errors import LivemigError
+from ..options import SIZES
 from ..wire import streams
-from . import frames, pagehash
-from .frames import PageBytes
 from .pagemap import PAGE, Range
 
 # CRIU's struct page_server_iov as laid out on x86-64 and AArch64: cmd, nr_pages, vaddr, dst_id.
-_IOV = struct.Struct("<I4xQQQ")
+PS_IOV = struct.Struct("<I4xQQQ")
 PS_IOV_GET = 7
 PS_IOV_REPLY = (4 << 16) | 6    # encode_ps_cmd(PS_IOV_ADD_F, PE_PRESENT): CRIU's answer to a GET
 PS_IOV_CLOSE, PS_IOV_FORCE_CLOSE = 0x1023, 0x1024
-_STATUS = struct.Struct("<i")
-
-
-# Without a fault stream a fault's pages wait behind whatever is already on its way: one
-# read from CRIU and the window of pages pushed but not yet taken in by the target. The
-# window then starts small, so that the burst of faults right after the resume waits
-# milliseconds, grows while no fault comes, to fill the link, and shrinks back at the
-# next fault. With a fault stream it starts as wide as it goes, and still shrinks at a
-# fault: pages in flight keep both hosts' CPUs busy, and a fault's page waits for a CPU
-# too (measured, 1 rep: the longest stall of a workload dirtying 100 MiB/s of 512 MiB went
-# from 2.3-3.2 s to 1.3 s, with every page there 4.2 s after the move began, not 3.9 s).
-PUSH_PAGES = 64             # 256 KiB per read from CRIU
-# Filling a copy that does not run yet (pre-copy by hashes), no fault waits behind the
-# push: reads as large as CRIU's page server answers at once, and a window wide enough
-# that acknowledgements never hold the push back.
-FILL_PAGES, FILL_WINDOW = pagehash.CHUNK_PAGES, 1 << 16    # 2 MiB per read (a store slot), 256 MiB in flight
-WINDOW_PAGES = (256, 4096)  # 1 MiB to 16 MiB
-NEED_PAGES = 16     # what the target asks for at once: a fault's neighbours come along
-# A fill's first pieces, the smallest ranges (which the restore itself may touch), are
-# compared here rather than by the forked comparer, which starts a moment later.
-OWN_FIRST_PAGES = 4096   # 16 MiB
-# Post-copy pushes nothing while the target restores, and after the resume it holds the
-# push back while the copy's first burst of faults lasts (its stack, heap, interpreter
-# state): until no fault came for QUIET seconds, or QUIET_CAP after the resume. Pushed
-# pages cost both hosts' CPUs, which the restore, the control messages and each fault's
-# pages need. Measured side by side in the namespaced lab (3 reps, medians, idle
-# workload): 16 MiB pushed during the restore and none held back after: 268 ms of
-# downtime at 64 MiB (223 ms seen by the app), 415 (375) at 2 GiB; nothing pushed during
-# the restore and a 20 ms quiet: 112 (138) and 281 (312); all of 2 GiB was across 0.8 s later.
-QUIET, QUIET_CAP = 0.02, 0.3
-CLOSE_WAIT = 10.0    # seconds the source waits for the target to hang up first
-# Once the target's copy runs, a side that hears nothing from the other for this long while
-# pages are still missing calls the link lost (a cut link is silent: TCP would wait minutes).
-# Each end then settles alone: the target kills a copy that lacks pages (target/agent.py), and
-# the source keeps its copy stopped until it learns that (source/migration.py).
-STALL_SECONDS = 30.0
+PS_STATUS = struct.Struct("<i")
 
 
 class PageStreamError(LivemigError):
@@ -103,7 +66,7 @@ class Served:
     pages_known: int = 0         # placed from the store of pre-copy by hashes
 
 
-def chunks(ranges: list[Range], size: int = PUSH_PAGES, aligned: bool = False):
+def chunks(ranges: list[Range], size: int = SIZES.push_read_pages, aligned: bool = False):
     """The order of the push: the smallest ranges first. A program's working set after
     the resume is mostly small mappings (stack, heap, an interpreter's arenas) while its
     large buffers wait; in address order a large buffer mapped late, below the earlier
@@ -126,338 +89,3 @@ def told(eg: BaseExceptionGroup, peer: str) -> BaseException:
     if isinstance(e, ConnectionError):
         return PageStreamError(f"the {peer}'s page stream ended before the copy had every page ({e})")
     return e
-
-
-async def _send(out: streams.CompressedWriter | _Outbound, kind: int, pid: int = 0, vaddr: int = 0,
-                pages: int = 0, data: PageBytes = b"") -> None:
-    # one write: frames from two tasks never interleave
-    await out.write(frames.frame(kind, pid, vaddr, pages) + data, flush=True)
-
-
-# --- source ----------------------------------------------------------------------------------
-class _Outbound:
-    """The pushing stream's writer, in a task of its own. The pump hands it pages and goes
-    back at once to what the target asks: waiting for the pushing stream to drain (a link
-    saturated by the push) held a fault's pages back by as long."""
-
-    DEPTH = 4    # reads from CRIU handed over and not yet written out
-
-    def __init__(self, out: streams.CompressedWriter, wake: asyncio.Queue):
-        self.out, self.wake = out, wake
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def full(self) -> bool:
-        return self.queue.qsize() >= self.DEPTH
-
-    async def write(self, data: bytes, flush: bool = True) -> None:
-        self.queue.put_nowait(data)
-
-    async def close(self, writing: asyncio.Task) -> None:
-        """Once everything handed over is out: the end of the stream."""
-        self.queue.put_nowait(None)
-        await writing
-
-    async def run(self) -> None:
-        while (data := await self.queue.get()) is not None:
-            await self.out.write(data, flush=True)
-            self.wake.put_nowait(None)       # room again: the pump may read on
-        await self.out.close()
-
-
-class Pusher:
-    """Pushes the lazy dump's pages to the target's placer.Placer: read in the frozen
-    tree's memory where it can (read_in_place), else from the dump's page server."""
-
-    def __init__(self, ranges: list[Range], level: int = 1, prefetch_pages: int = 0,
-                 stall_seconds: float = STALL_SECONDS, known: pagehash.Tracker | None = None):
-        """known: what pre-copy by hashes left in the target's store; a page it holds as
-        CRIU has it now is named (frames.HAVE), not sent. prefetch_pages: pushed, smallest
-        ranges first, before start_pushing (while the target restores; see QUIET)."""
-        self.ranges = ranges
-        self.known = known
-        self.total_pages = sum(r.pages for r in ranges)
-        self.stall_seconds = stall_seconds
-        self.level = level
-        self.prefetch_pages = prefetch_pages
-        self.stats = Pushed()
-        self._inbox: asyncio.Queue = asyncio.Queue()
-        self._go = False
-        self._go_at = self._fault_at = 0.0
-        self._waking = False
-        self._in_flight = 0    # pushed pages that the target has not acknowledged
-        self._window = WINDOW_PAGES[0]
-        self._fill = False
-        self._memory: dict[int, int] = {}     # PID in the dump -> its /proc/PID/mem, open
-        self._buffer = bytearray()             # what is read there, one read at a time
-        self._comparer: pagehash.Comparer | None = None
-        self._theirs: collections.deque = collections.deque()    # the comparer's pieces, in order
-        self._urgent: streams.CompressedWriter | None = None   # the fault stream's
-
-    def progress(self) -> tuple[int, int]:
-        """(pages sent, of all the target lacked): for whoever watches."""
-        done = self.stats.pages_pushed + self.stats.pages_on_demand
-        return done, max(done, self.total_pages)
-
-    def read_in_place(self, memory: dict[int, int]) -> None:
-        """memory: the frozen tree's processes (PID in the dump -> PID here), whose pages
-        are read where they are, unchanged since the dump: through CRIU's page server every
-        byte was copied three times more, on the CPU that the push, the restore and the
-        copy's first faults share."""
-        for vpid, pid in memory.items():
-            try:
-                self._memory[vpid] = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                pass        # read through CRIU, then
-
-    def start_pushing(self, fill: bool = False) -> None:
-        """The target's copy runs: from now on every page goes, smallest ranges first.
-        fill: it does not run, and waits for every page (pre-copy by hashes)."""
-        self._go = True
-        self._go_at = time.monotonic()
-        if fill:
-            self._fill = True
-            self._window = FILL_WINDOW
-        self._inbox.put_nowait(None)
-
-    async def run(self, criu_side: tuple, remote: tuple, faults: tuple | None = None) -> Pushed:
-        """faults: a (reader, writer) stream of its own for the pages a fault waits for."""
-        (c_reader, c_writer), (r_reader, r_writer) = criu_side, remote
-        out = _Outbound(streams.CompressedWriter(r_writer, self.stats.sent, self.level), self._inbox)
-        if faults is not None:
-            self._urgent = streams.CompressedWriter(faults[1], self.stats.sent, self.level, urgent=True)
-            self._window = WINDOW_PAGES[1]
-        try:
-            async with asyncio.TaskGroup() as tg:
-                listening = tg.create_task(self._listen(streams.Decompressed(r_reader)))
-                writing = tg.create_task(out.run())
-                await self._pump(c_reader, c_writer, out, writing)
-                listening.cancel()
-        except BaseExceptionGroup as eg:
-            raise told(eg, "target") from None
-        finally:
-            if self._comparer is not None:     # first: the closes below may raise
-                self._comparer.close()
-                self._comparer = None
-            c_writer.close()
-            r_writer.close()
-            if faults is not None:
-                faults[1].close()
-            for fd in self._memory.values():
-                os.close(fd)
-            self._memory.clear()
-        return self.stats
-
-    async def _listen(self, inbound: streams.Decompressed) -> None:
-        while True:
-            try:
-                frame = await frames.read(inbound, "the target's page requests")
-            except EOFError:
-                frame = (frames.ENDED, 0, 0, 0)     # after frames.CLOSE, the end; before it, the target is gone
-            self._inbox.put_nowait(frame)
-            if frame[0] == frames.ENDED:
-                return
-
-    async def _pump(self, c_reader, c_writer, out: _Outbound, writing: asyncio.Task) -> None:
-        todo = self._share(chunks(self.ranges, FILL_PAGES, aligned=True)) if self._fill else chunks(self.ranges)
-        pushed_all = False
-        on_demand: dict[int, set[int]] = collections.defaultdict(set)
-        while True:
-            item = None if self._inbox.empty() else self._inbox.get_nowait()
-            may_push = (self._go and self._quiet()) or self.stats.pages_pushed < self.prefetch_pages
-            if item is None and may_push and not pushed_all and self._in_flight < self._window and not out.full():
-                nxt = next(todo, None)
-                if nxt is None:
-                    pushed_all = True
-                    await _send(out, frames.PUSHED_ALL)
-                    continue
-                pid, vaddr, n = nxt
-                runs = await self._compared_there(pid, vaddr, n)
-                if runs is not None and not any(vaddr <= a < vaddr + n * PAGE for a in on_demand.get(pid, ())):
-                    await self._frames(out, pid, runs)
-                    self.stats.pages_pushed += n
-                    self._in_flight += n
-                    continue
-                for start, count in _runs_without(vaddr, n, on_demand.get(pid, ())):
-                    self.stats.pages_pushed += await self._copy(c_reader, c_writer, out, pid, start, count)
-                    self._in_flight += count
-                continue
-            if item is None:
-                item = await self._next()
-                if item is None:
-                    continue
-            kind, pid, vaddr, n = item
-            if kind == frames.ACK:
-                self._in_flight -= n
-                if not self._fill:
-                    self._window = min(self._window + PUSH_PAGES, WINDOW_PAGES[1])
-            elif kind == frames.FAULT:
-                self._fault_at = time.monotonic()
-                if not self._fill:
-                    self._window = WINDOW_PAGES[0]
-                self.stats.pages_on_demand += await self._copy(c_reader, c_writer, self._urgent or out,
-                                                               pid, vaddr, n)
-                if self._urgent is None:     # on the pushing stream: counted in its window
-                    self._in_flight += n
-                on_demand[pid].update(range(vaddr, vaddr + n * PAGE, PAGE))
-            elif kind == frames.CLOSE:
-                # the target has every page: end CRIU's page server, and pass its status back
-                status = await self._close_criu(c_reader, c_writer, n)
-                await _send(out, frames.STATUS, pages=status & 0xFFFFFFFF)
-                await out.close(writing)
-                if self._urgent is not None:
-                    await self._urgent.close()
-                # Hang up only once the target has: its last acknowledgements and the end
-                # of its stream may still be on their way, and writing into a closed
-                # connection breaks it before the target has read our status.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(CLOSE_WAIT):
-                        while (item := await self._inbox.get()) is None or item[0] != frames.ENDED:
-                            pass
-                return
-            elif kind == frames.ENDED:
-                raise PageStreamError("the target's page requests ended before the copy had every page")
-            else:
-                raise PageStreamError(f"unknown frame {kind} from the target")
-
-    async def _close_criu(self, c_reader, c_writer, command: int) -> int:
-        """CRIU's status once told the target has every page. A CRIU already gone (killed,
-        say) changes nothing by then: the pages were read in the frozen tree, which it left
-        stopped (a SIGSTOP queued at the dump), and every one is in the target's copy."""
-        try:
-            c_writer.write(_IOV.pack(command, 0, 0, 0))
-            await c_writer.drain()
-            (status,) = _STATUS.unpack(await c_reader.readexactly(_STATUS.size))
-            return status
-        except (ConnectionError, asyncio.IncompleteReadError):
-            self.stats.criu_gone = True
-            return 0
-
-    def _quiet(self) -> bool:
-        """May the push go on? Not during the copy's first burst of faults (QUIET); until
-        then a wake-up is set, since no frame may come to wake the pump."""
-        if self._fill:
-            return True       # nothing runs there: no fault to make room for
-        now = time.monotonic()
-        if now - self._go_at > QUIET_CAP or now - max(self._fault_at, self._go_at) > QUIET:
-            return True
-        if not self._waking:
-            self._waking = True
-            asyncio.get_running_loop().call_later(QUIET / 2, self._wake)
-        return False
-
-    def _wake(self) -> None:
-        self._waking = False
-        self._inbox.put_nowait(None)
-
-    async def _next(self):
-        """What the target says next. Once its copy runs, silence while pushed pages are
-        unacknowledged means the link is lost; once every page is acknowledged, the
-        target needs nothing more from here but the status, and asks for it only once
-        every page is in its copy."""
-        if not (self._go and self._in_flight):
-            return await self._inbox.get()
-        try:
-            async with asyncio.timeout(self.stall_seconds):
-                return await self._inbox.get()
-        except TimeoutError:
-            raise PageStreamError(f"the target acknowledged nothing for {self.stall_seconds:.0f} s: "
-                                  "the link is lost") from None
-
-    async def _copy(self, c_reader, c_writer, out, pid: int, vaddr: int, n: int) -> int:
-        """Pages [vaddr, +n) of pid from CRIU to the target; CRIU may answer in parts."""
-        if (fd := self._memory.get(pid)) is not None:
-            if len(self._buffer) < n * PAGE:
-                self._buffer = bytearray(n * PAGE)
-            view = memoryview(self._buffer)[:n * PAGE]
-            try:
-                got = os.preadv(fd, [view], vaddr)
-            except OSError:
-                got = 0
-            if got == n * PAGE:
-                await self._forward(out, pid, vaddr, n, view)    # which copies what it keeps
-                return n
-        done = 0
-        while done < n:
-            c_writer.write(_IOV.pack(PS_IOV_GET, n - done, vaddr + done * PAGE, pid))
-            await c_writer.drain()
-            try:
-                _, got, _, _ = _IOV.unpack(await c_reader.readexactly(_IOV.size))
-                if got == 0 or got > n - done:
-                    raise PageStreamError(f"CRIU's page server answered {got} pages for {n - done}")
-                data = await c_reader.readexactly(got * PAGE)
-            except asyncio.IncompleteReadError:
-                raise PageStreamError(f"CRIU's page server closed the connection at pid {pid} "
-                                      f"address {vaddr + done * PAGE:#x}") from None
-            await self._forward(out, pid, vaddr + done * PAGE, got, data)
-            done += got
-        return done
-
-
-    async def _forward(self, out, pid: int, vaddr: int, n: int, data: PageBytes) -> None:
-        if self.known is None:
-            await _send(out, frames.PAGES, pid, vaddr, n, data)
-            return
-        await self._frames(out, pid, self.known.compared(pid, vaddr, data))
-
-    async def _frames(self, out, pid: int, runs) -> None:
-        """Runs (first, pages, changed, their bytes) as compared with what the target holds:
-        the changed ones go, the rest are named."""
-        parts = []
-        for first, count, changed, data in runs:
-            if changed:
-                parts += [frames.frame(frames.PAGES, pid, first, count), data]
-            else:
-                parts.append(frames.frame(frames.HAVE, pid, first, count))
-                self.stats.pages_known += count
-        await out.write(b"".join(parts), flush=True)     # one write: see _send
-
-    def _share(self, todo):
-        """A fill by hashes compares every page of the frozen tree with what the target
-        holds: every other piece goes to a forked comparer (pagehash.Comparer)."""
-        if not (self._fill and self.known is not None and self._memory):
-            return todo
-        pieces = list(todo)
-        # The first pieces (the smallest ranges, which the restore itself may touch) go
-        # at once from here: the comparer starts a moment later.
-        first, pages = 0, 0
-        while first < len(pieces) and pages < OWN_FIRST_PAGES:
-            pages += pieces[first][2]
-            first += 1
-        theirs = [(pid, vaddr, n) for pid, vaddr, n in pieces[first + 1::2] if pid in self._memory]
-        if theirs:
-            try:
-                self._comparer = pagehash.Comparer(self.known, theirs, self._memory)
-                self._theirs = collections.deque(theirs)
-            except OSError:
-                pass        # no fork: all of it here
-        return iter(pieces)
-
-    async def _compared_there(self, pid: int, vaddr: int, n: int):
-        """The piece's runs as the comparer found them, if the piece is its; else None (and
-        if it could not read it, or is gone: the piece is read here)."""
-        if not self._theirs or self._comparer is None or self._theirs[0] != (pid, vaddr, n):
-            return None
-        self._theirs.popleft()
-        try:
-            return await self._comparer.next()
-        except EOFError:
-            self._theirs.clear()        # the rest are compared here
-            return None
-
-
-def _runs_without(vaddr: int, n: int, skip) -> list[tuple[int, int]]:
-    """[vaddr, +n pages) minus the pages in skip, as (start, pages) runs."""
-    if not skip:
-        return [(vaddr, n)]
-    runs, start = [], None
-    for i in range(n):
-        page = vaddr + i * PAGE
-        if page in skip:
-            if start is not None:
-                runs.append((start, (page - start) // PAGE))
-                start = None
-        elif start is None:
-            start = page
-    if start is not None:
-        runs.append((start, (vaddr + n * PAGE - start) // PAGE))
-    return runs

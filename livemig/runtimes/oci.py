@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .. import criu, proc
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
+from ..options import WAITS
 from ..wire import protocol as p
 from . import DumpRun, StopPages, Workload
 from .process import criu_failure
@@ -201,7 +202,7 @@ class OciContainer(Workload):
             await stop_pages()
             run.close()
             try:
-                async with asyncio.timeout(60):
+                async with asyncio.timeout(WAITS.dump_exit):
                     await run.proc.wait()
             except TimeoutError:
                 await proc.kill(run.proc)

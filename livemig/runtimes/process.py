@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import criu, host, proc
 from ..errors import DumpError, Phase, PreflightError
+from ..options import WAITS
 from . import DumpRun, StopPages, Workload, hook
 
 
@@ -88,7 +89,7 @@ class ProcessTree(Workload):
         # exits now, so this is the tree that was dumped, children forked in pre-copy included.
         self.frozen = proc.tasks(proc.process_tree(self.root_pid))
         if lazy:
-            # The pages are read in the frozen tree itself (postcopy.Pusher.read_in_place), and
+            # The pages are read in the frozen tree itself (push.Pusher.read_in_place), and
             # CRIU resumes the tree by itself if its lazy page server fails (cr_dump_finish:
             # TASK_ALIVE on error), or lets go of it if killed. A SIGSTOP queued while CRIU
             # holds it (it waits here for our verdict) outlasts its detach: the tree never
@@ -129,7 +130,7 @@ class ProcessTree(Workload):
             run.close()
         if run and run.proc.returncode is None:
             try:
-                async with asyncio.timeout(60):
+                async with asyncio.timeout(WAITS.dump_exit):
                     await run.proc.wait()
             except TimeoutError:
                 # Never seen; CRIU's ptrace detach on exit lets the frozen tasks go on.

@@ -14,14 +14,13 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 
 from ..errors import ConnectionFailed, LivemigError, Phase, Unresolved, WorkloadExited
+from ..options import WAITS
 from ..report import Report
 from ..wire import protocol as p
 from ..wire.transports import link_errors
 from . import recovery
 from .move import Move
 from .session import remote_error
-
-SETTLE_SECONDS = 15.0    # for the target to say how its copy ended, once post-copy failed
 
 
 def primary(e: BaseException) -> BaseException:
@@ -95,7 +94,7 @@ async def rollback(m: Move) -> None:
     kept = await m.to.abort()
     if kept:
         m.report.logs.append(f"{m.target}:{kept}")
-    if kept is None and await recovery.undo_on_target(m.target, m.id, m.to.connector, m.options, SETTLE_SECONDS):
+    if kept is None and await recovery.undo_on_target(m.target, m.id, m.to.connector, m.options, WAITS.target_verdict):
         kept = ""      # heard by a fresh agent: nothing of the move is left there
     if kept is None and m.phase in (Phase.RESTORE, Phase.COMMIT):
         # The target may hold a restored copy, stopped (it never runs without our Resume):
@@ -127,7 +126,7 @@ async def moved_all_the_same(m: Move, e: BaseException, tidy: Callable[[], Await
     m.report.warnings.append(f"{what} after the move was done: the workload runs on {m.target}")
     # the move is done and said so; tidying cut short by the link or time leaves nothing to undo
     with contextlib.suppress(Exception, TimeoutError):
-        async with asyncio.timeout(SETTLE_SECONDS):
+        async with asyncio.timeout(WAITS.target_verdict):
             await tidy()
     m.report.outcome = "moved"
     return m.report

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from .. import runtimes, workdirs
 from ..options import Options
-from ..pages import pagehash, postcopy
+from ..pages import pagehash, push
 from ..progress import Event, Ticker, quiet
 from ..report import Report
 from ..runtimes.held import HeldCopy
@@ -58,7 +58,7 @@ class Move:
         self.dump: runtimes.DumpRun | None = None     # the final dump: the source was touched
         self.relay: asyncio.Task[Any] | None = None   # the final dump's pages on their way
         self.lazy_token = ""
-        self.pusher: postcopy.Pusher | None = None
+        self.pusher: push.Pusher | None = None
         self.dumped_at = self.images_at = self.restored_at = 0.0   # the downtime's parts end at these
 
     @property

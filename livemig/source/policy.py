@@ -21,14 +21,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..errors import Phase, PreflightError
+from ..options import SIZES
 
 PAGE_SIZE = 4096
-
-
-# A fill holds every page in the target agent's store, then hands each to the copy and
-# lets it go (shadow.Store.release): the workload's memory about once, and some slack for
-# the pages in flight and the restore's own.
-FILL_ROOM = 1.25
 
 
 def stopcopy_fills(wanted: bool, runtime: str, source_features: dict[str, bool],
@@ -44,9 +39,9 @@ def stopcopy_fills(wanted: bool, runtime: str, source_features: dict[str, bool],
         return False, f"into image files: {runtime} restores its checkpoint whole, with no lazy pages"
     if not (source_features.get("uffd-noncoop") and target_features.get("uffd-noncoop")):
         return False, "into image files: a fill needs userfaultfd on both hosts"
-    if mem_available < FILL_ROOM * need_bytes:
+    if mem_available < SIZES.fill_room * need_bytes:
         return False, (f"into image files: the target's memory cannot hold the pages while they go in "
-                       f"({mem_available >> 20} MiB available, {int(FILL_ROOM * need_bytes) >> 20} MiB needed)")
+                       f"({mem_available >> 20} MiB available, {int(SIZES.fill_room * need_bytes) >> 20} MiB needed)")
     return True, "into the target's memory, and into the copy while it runs"
 
 

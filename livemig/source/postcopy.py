@@ -1,7 +1,7 @@
 """Post-copy and fills, the source's side: the target's copy runs before it has every
 page, and the source's copy waits, frozen, until it has them all.
 
-Post-copy: the lazy dump's pages are read here (pages.postcopy.Pusher) and pushed at
+Post-copy: the lazy dump's pages are read here (pages.push.Pusher) and pushed at
 wire speed, a fault's first. A fill: every page is on the target's host before its copy
 runs (crossed at the final dump, or held since pre-copy by hashes), and goes in from its
 memory. Either way, once the running copy has every page the source's copy goes.
@@ -19,24 +19,24 @@ import time
 
 from .. import proc
 from ..errors import ConnectionFailed, Phase, Unresolved
+from ..options import WAITS
 from ..pages import postcopy as pages
+from ..pages import push
 from ..pages.pagemap import Range
 from ..progress import Stepping
 from ..wire import protocol as p
 from . import recovery
-from .failures import SETTLE_SECONDS, why
+from .failures import why
 from .local import by_pid
 from .move import Move
 from .session import token
 from .testpoints import stop_for_tests
 
-REASON_SECONDS = 5.0     # for the agent to say why, once its page stream broke
-
 
 async def start_pages(m: Move, ranges: list[Range], fill: bool) -> str | None:
     """Before the restore: the relay that serves the lazy dump's pages to the target. The
     name of the stream post-copy's faults come on, if it got one of its own."""
-    pusher = m.pusher = pages.Pusher(ranges, m.options.compression_level, known=m.tracker)
+    pusher = m.pusher = push.Pusher(ranges, m.options.compression_level, known=m.tracker)
     pusher.read_in_place({v: pid for pid, v in by_pid(m.w).items()})
     faults, fault_token = None, None
     if fill:
@@ -79,7 +79,7 @@ async def fill(m: Move, running_at: float) -> None:
     r.postcopy_pages_on_demand = pushed.pages_on_demand
 
 
-def _pusher(m: Move) -> pages.Pusher:
+def _pusher(m: Move) -> push.Pusher:
     if m.pusher is None:
         raise ConnectionFailed("no page relay was started", phase=m.phase, host=m.target)
     return m.pusher
@@ -117,7 +117,7 @@ async def _pages_in(m: Move) -> tuple[p.LazyDone, pages.Pushed]:
         if broke is not None:
             # the stream broke here because the agent failed there, most often: its reason
             # is the one to tell, if it comes
-            await asyncio.wait({awaiting}, timeout=REASON_SECONDS)
+            await asyncio.wait({awaiting}, timeout=WAITS.agent_reason)
             if awaiting.done() and not awaiting.cancelled():
                 reason = awaiting.exception()
                 if isinstance(reason, p.RemoteFailure):
@@ -147,7 +147,7 @@ async def settle(m: Move, cause: BaseException) -> bool:
         m.report.warnings.append(f"the target did not say how its copy ended ({why_not})")
         raise Unresolved(f"{m.lazy_phase} lost its link to {m.target} ({why(cause)}); the workload "
                          "is stopped here, whole as of the final dump", phase=m.phase, host=m.target,
-                         hint=f"{m.target} kills its copy within {pages.STALL_SECONDS:.0f} s of silence; "
+                         hint=f"{m.target} kills its copy within {WAITS.page_stream_stall:.0f} s of silence; "
                               f"then run `livemig recover` here, or `livemig recover --target-lost` if "
                               f"{m.target} is gone for good") from None
     if whole:
@@ -167,12 +167,12 @@ async def _forget_verdict(m: Move) -> None:
     its agent is gone."""
     # the agent is gone, or mute: a fresh connection tells its successor below
     with contextlib.suppress(Exception, TimeoutError):
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(WAITS.verdict_forgotten):
             await m.to.finish()
         return
     # the verdict is ours already: one the target keeps is a small file, forgotten in time
     with contextlib.suppress(Exception, TimeoutError):
-        async with asyncio.timeout(SETTLE_SECONDS):
+        async with asyncio.timeout(WAITS.target_verdict):
             await recovery.forget_verdict(m.target, m.id, m.to.connector, m.options)
 
 
@@ -181,9 +181,9 @@ async def _target_verdict(m: Move) -> tuple[bool | None, str]:
     there; else the verdict it (or its guard, if it was killed) left says, through a
     fresh connection. (None, why) when neither answers in time."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + SETTLE_SECONDS
+    deadline = loop.time() + WAITS.target_verdict
     try:
-        async with asyncio.timeout(SETTLE_SECONDS):
+        async with asyncio.timeout(WAITS.target_verdict):
             settled = await m.to.request(p.SettlePostcopy(), p.PostcopySettled)
         return settled.whole, ""
     except (Exception, TimeoutError) as e:  # noqa: BLE001 (told; the verdict is asked afresh below)
@@ -196,5 +196,5 @@ async def _target_verdict(m: Move) -> tuple[bool | None, str]:
             return None, f"{first}; then {why(e)}"
         if state in ("whole", "killed"):
             return state == "whole", ""
-        await asyncio.sleep(1)    # "serving": its agent is settling it now
+        await asyncio.sleep(WAITS.target_verdict_poll)    # "serving": its agent is settling it now
     return None, first

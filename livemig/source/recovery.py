@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from .. import proc, workdirs
 from ..errors import LivemigError, Phase
-from ..options import Options
+from ..options import WAITS, Options
 from ..runtimes import Workload
 from ..runtimes.held import HeldCopy
 from ..wire import protocol as p
@@ -145,7 +145,7 @@ async def undo_on_target(target: str, migration: str, connect, options, within: 
                 return False
         except (Exception, TimeoutError):  # noqa: BLE001 (not heard, however: recover settles it later)
             return False
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(WAITS.recover_retry_poll)
 
 
 # what says the target cannot be asked now

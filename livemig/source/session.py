@@ -24,8 +24,8 @@ from ..errors import (
     PreflightError,
     RestoreError,
 )
-from ..options import Options
-from ..pages import postcopy
+from ..options import WAITS, Options
+from ..pages import postcopy, push
 from ..version import __version__
 from ..wire import protocol as p
 from ..wire import streams
@@ -135,7 +135,7 @@ class TargetSession:
                                    self.options.compression_level)
 
     async def push_pages(self, sock: socket.socket, tok: str, faults: tuple[Any, Any] | None,
-                         pusher: postcopy.Pusher) -> postcopy.Pushed:
+                         pusher: push.Pusher) -> postcopy.Pushed:
         """Post-copy: pusher reads the lazy dump's page server on sock and feeds the agent's
         page server through data stream tok, and the pages a fault waits for through
         faults (a fault_stream), if there is one."""
@@ -214,7 +214,7 @@ class TargetSession:
             return None
         agent = self.agent
         try:
-            async with asyncio.timeout(30):
+            async with asyncio.timeout(WAITS.abort):
                 aborted = await agent.request(p.Abort(), p.Aborted)
                 await agent.request(p.Finish(), p.Done)
                 return aborted.logs
@@ -227,7 +227,7 @@ class TargetSession:
             with contextlib.suppress(Exception):
                 self.agent_proc.writer.write_eof()
             try:
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(WAITS.agent_exit):
                     await self.agent_proc.wait()
             except Exception:  # noqa: BLE001 (TimeoutError included: whatever kept it, it is killed)
                 self.agent_proc.kill()

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from .. import runtimes
 from ..errors import DumpError, LivemigError, Phase
+from ..options import WAITS
 from ..pages import pagemap
 from ..progress import Copied, Running, Stepping
 from ..report import DowntimePart, RoundReport
@@ -30,8 +31,6 @@ from .move import Move
 from .session import remote_error, token
 from .stages import Stage
 from .testpoints import stop_for_tests
-
-FREEZE_WAIT = 10.0       # for the final dump's freeze to begin (CRIU's first start in a VM: 4.2 s)
 
 T = TypeVar("T")
 
@@ -49,7 +48,7 @@ async def final_dump(m: Move, lazy: bool) -> None:
     m.progress(Stepping(Phase.FINAL_DUMP, "final dump"))
     # switchover: auto-converge's throttle goes the moment the freeze begins
     lifting = None if m.throttle is None or m.throttle.current is None else \
-        asyncio.create_task(m.throttle.released_once_held(w.root_pid, FREEZE_WAIT))
+        asyncio.create_task(m.throttle.released_once_held(w.root_pid, WAITS.freeze_start))
     try:
         dump = m.dump = await w.final_dump(local, parent, lazy)
         if streaming:
@@ -81,7 +80,7 @@ async def _page_server_failure(m: Move, dump_error: DumpError) -> LivemigError:
     # no word from it either (a lost link, a mute agent): CRIU's own failure is all there is to tell
     with contextlib.suppress(Exception, TimeoutError):
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(WAITS.page_server_reason):
                 await m.to.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
         except p.RemoteFailure as e:
             return remote_error(e, Phase.FINAL_DUMP, m.target)

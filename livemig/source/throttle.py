@@ -25,14 +25,12 @@ from pathlib import Path
 
 from .. import host, proc
 from ..errors import LivemigError, Phase
+from ..options import SIZES, WAITS
 from ..report import ThrottleStep
 from ..workdirs import write_private
 
 FILE = "THROTTLE.json"
 MIN_QUOTA_US = 1000          # the kernel's smallest CFS quota
-MAX_PERIOD_US = 250_000      # a throttled task may wait this long to be frozen: not the kernel's 1 s
-MIN_BASELINE = 0.01          # CPUs: a workload that seemed idle is still allowed this much
-HELD_POLL = 0.002            # seconds between looks at whether the workload is being frozen
 
 
 class Unavailable(LivemigError):
@@ -181,7 +179,7 @@ class Throttle:
     def set(self, percent: int, after_round: int) -> ThrottleStep:
         if self.baseline is None:
             used = (self.cg.usage_ns(self.pids) - self._u0) / 1e9
-            self.baseline = max(MIN_BASELINE, used / max(time.monotonic() - self._t0, 1e-3))
+            self.baseline = max(SIZES.throttle_min_cpus, used / max(time.monotonic() - self._t0, 1e-3))
         if self.original is None:
             self.original = self.cg.read()
             save(self.record, self.cg, self.original, self.what)
@@ -189,7 +187,7 @@ class Throttle:
         period = self.original.period_us
         if cpus * period < MIN_QUOTA_US:
             # a long period lets a small share still be a quota the kernel takes
-            period = min(MAX_PERIOD_US, int(MIN_QUOTA_US / cpus) + 1)
+            period = min(SIZES.throttle_max_period_us, int(MIN_QUOTA_US / cpus) + 1)
         self.current = Quota(max(MIN_QUOTA_US, int(cpus * period)), period)
         self.cg.write(self.current)
         return ThrottleStep(after_round, percent, round(self.baseline, 4), round(self.current.cpus, 4))
@@ -217,7 +215,7 @@ class Throttle:
                 if held != eased and quota is not None:
                     self.cg.write(quota)
                     eased = held
-                await asyncio.wait({waiting}, timeout=HELD_POLL)
+                await asyncio.wait({waiting}, timeout=WAITS.throttle_hold_poll)
             await waiting
         finally:
             if eased and self.current is not None:
@@ -234,7 +232,7 @@ class Throttle:
         deadline = loop.time() + wait
         try:
             while not self.held(pid) and loop.time() < deadline:
-                await asyncio.sleep(HELD_POLL)
+                await asyncio.sleep(WAITS.throttle_hold_poll)
         finally:
             self.release()
 

@@ -5,15 +5,15 @@ traffic on a shared link.
 Every byte a move puts on the wire leaves through streams.CompressedWriter, which asks
 the move's Cap before it writes: pre-copy rounds, the final dump's pages, post-copy's
 push and its faults, image files, bundles and container images alike. The cap hands the
-link's time out piece by piece (at most PIECE bytes each) from two queues, a fault's
+link's time out piece by piece (at most SIZES.capped_piece bytes each) from two queues, a fault's
 pages (urgent) before everything else: each piece waits until the pieces granted before
-it have had their share at the capped rate (or is due within AHEAD). So faults go first,
-and within the cap; over any second the move sends at most the cap, one piece and AHEAD's
+it have had their share at the capped rate (or is due within SIZES.capped_ahead). So faults go first,
+and within the cap; over any second the move sends at most the cap, one piece and SIZES.capped_ahead's
 worth. A link slower than the cap banks
 no credit: the clock never runs behind the present.
 
-The Cap also counts what it let through in BUCKET-long slots, with or without a rate,
-so that the report can say the highest rate the move reached over WINDOW seconds.
+The Cap also counts what it let through in SIZES.capped_bucket-long slots, with or without a rate,
+so that the report can say the highest rate the move reached over SIZES.capped_window seconds.
 """
 
 from __future__ import annotations
@@ -24,10 +24,7 @@ import re
 import time
 from collections import defaultdict, deque
 
-PIECE = 64 * 1024          # bytes written at once under a cap: what one window may overshoot by
-AHEAD = 0.002              # seconds: a piece due this soon goes now (no sleep per piece at high rates)
-BUCKET = 0.25              # seconds: the slots the rate reached is counted in
-WINDOW = 1.0               # seconds: the rate reached is the most sent over this long
+from ..options import SIZES
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?(?:/S)?\s*$")
@@ -43,8 +40,8 @@ def parse_rate(text) -> int:
     if not m:
         raise ValueError(f"{text!r} is not a rate in bytes a second (like 50M or 1G)")
     rate = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if rate < PIECE:
-        raise ValueError(f"{text!r} is below {PIECE >> 10}K a second, the least livemig can keep to")
+    if rate < SIZES.capped_piece:
+        raise ValueError(f"{text!r} is below {SIZES.capped_piece >> 10}K a second, the least livemig can keep to")
     return rate
 
 
@@ -65,7 +62,7 @@ class Cap:
         self._slots: dict[int, int] = defaultdict(int)
 
     async def take(self, n: int, urgent: bool = False) -> None:
-        """Wait until n more bytes may go (n at most PIECE, for the cap to hold); they are
+        """Wait until n more bytes may go (n at most SIZES.capped_piece, for the cap to hold); they are
         counted as sent from then on."""
         if self.rate is not None:
             granted = asyncio.get_running_loop().create_future()
@@ -84,7 +81,7 @@ class Cap:
                 queue.popleft()
                 continue
             now = time.monotonic()
-            if self._clock - now > AHEAD:
+            if self._clock - now > SIZES.capped_ahead:
                 await asyncio.sleep(self._clock - now)
                 continue              # an urgent piece may have come meanwhile
             queue.popleft()
@@ -93,18 +90,18 @@ class Cap:
 
     def count(self, n: int) -> None:
         self.sent += n
-        self._slots[int(time.monotonic() / BUCKET)] += n
+        self._slots[int(time.monotonic() / SIZES.capped_bucket)] += n
 
     def peak(self) -> float:
-        """The highest rate reached over any WINDOW seconds, in bytes a second."""
+        """The highest rate reached over any SIZES.capped_window seconds, in bytes a second."""
         if not self._slots:
             return 0.0
-        span = int(WINDOW / BUCKET)
+        span = int(SIZES.capped_window / SIZES.capped_bucket)
         first, last = min(self._slots), max(self._slots)
         best = 0
         for s in range(first, last + 1):
             best = max(best, sum(self._slots.get(s - i, 0) for i in range(span)))
-        return best / WINDOW
+        return best / SIZES.capped_window
 
 
 # The cap of the move under way, for every stream it opens: set by the coordinator for the

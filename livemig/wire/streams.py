@@ -5,7 +5,7 @@ SSH channel) in both directions: what leaves is zstd-compressed and flushed
 after every read, so that CRIU's request/reply exchanges never wait on a
 half-filled compression block; what arrives is decompressed. Both ends of a
 migration run the same relay, so the format needs no negotiation. Source-side
-buffering stays within CHUNK plus the transport's own window.
+buffering stays within SIZES.stream_chunk plus the transport's own window.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Protocol
 import zstandard
 
 from .. import proc
+from ..options import SIZES
 from . import bandwidth
 
-CHUNK = 1 << 20
+CHUNK = SIZES.stream_chunk
 _NAME = struct.Struct(">H")
 _SIZE = struct.Struct(">Q")
 
@@ -99,8 +100,8 @@ class CompressedWriter:
                 self.writer.write(out)
                 await self.writer.drain()
                 return
-            for i in range(0, len(out), bandwidth.PIECE):
-                piece = out[i:i + bandwidth.PIECE]
+            for i in range(0, len(out), SIZES.capped_piece):
+                piece = out[i:i + SIZES.capped_piece]
                 await self.cap.take(len(piece), self.urgent)
                 self.writer.write(piece)
                 await self.writer.drain()

@@ -10,6 +10,7 @@ import pytest
 from livemig.wire import bandwidth, streams
 from livemig import config
 from livemig.errors import UsageError
+from livemig.options import SIZES
 
 
 @pytest.mark.parametrize("text, rate", [("50M", 50 << 20), ("1G", 1 << 30), ("1.5g", 3 << 29), ("800K", 800 << 10),
@@ -71,10 +72,10 @@ async def test_streams_of_one_move_keep_to_the_cap_together():
         bandwidth.current.reset(token)
     sent = sum(n for s in sinks for _, n in s.pieces)
     assert sent == cap.sent > 2 << 20
-    assert max(n for s in sinks for _, n in s.pieces) <= bandwidth.PIECE
+    assert max(n for s in sinks for _, n in s.pieces) <= SIZES.capped_piece
     # by construction: the last piece waits until every byte before it has had its share
-    assert took >= (sent - bandwidth.PIECE) / rate
-    assert cap.peak() <= rate * (1 + bandwidth.AHEAD / bandwidth.WINDOW) + bandwidth.PIECE / bandwidth.WINDOW
+    assert took >= (sent - SIZES.capped_piece) / rate
+    assert cap.peak() <= rate * (1 + SIZES.capped_ahead / SIZES.capped_window) + SIZES.capped_piece / SIZES.capped_window
 
 
 async def test_a_faults_pages_go_before_the_pieces_that_wait_for_the_cap():
@@ -85,28 +86,28 @@ async def test_a_faults_pages_go_before_the_pieces_that_wait_for_the_cap():
         await cap.take(n, urgent)
         order.append(name)
 
-    bulk = [asyncio.create_task(take(f"bulk {i}", bandwidth.PIECE)) for i in range(8)]   # half a second of them
+    bulk = [asyncio.create_task(take(f"bulk {i}", SIZES.capped_piece)) for i in range(8)]   # half a second of them
     await asyncio.sleep(0)
     await take("fault", 4096, urgent=True)
     # at most the piece whose share was under way when it came went before it
     assert order[-1] == "fault" and len(order) <= 2
     await asyncio.gather(*bulk)
-    assert cap.sent == 8 * bandwidth.PIECE + 4096
+    assert cap.sent == 8 * SIZES.capped_piece + 4096
 
 
 async def test_a_writer_cancelled_while_it_waits_gives_its_share_to_the_next():
     cap = bandwidth.Cap(1 << 20)
-    first = asyncio.create_task(cap.take(bandwidth.PIECE))
-    stuck = asyncio.create_task(cap.take(bandwidth.PIECE))
+    first = asyncio.create_task(cap.take(SIZES.capped_piece))
+    stuck = asyncio.create_task(cap.take(SIZES.capped_piece))
     await first
     stuck.cancel()
     await cap.take(1024)       # granted, not left waiting behind a share nobody takes
-    assert cap.sent == bandwidth.PIECE + 1024 and not any(cap._waiting)
+    assert cap.sent == SIZES.capped_piece + 1024 and not any(cap._waiting)
 
 
 async def test_without_a_cap_nothing_waits_and_all_is_counted():
     cap = bandwidth.Cap()
     t0 = time.monotonic()
     for _ in range(100):
-        await cap.take(bandwidth.PIECE)
-    assert time.monotonic() - t0 < 1 and cap.sent == 100 * bandwidth.PIECE and cap.peak() > 0
+        await cap.take(SIZES.capped_piece)
+    assert time.monotonic() - t0 < 1 and cap.sent == 100 * SIZES.capped_piece and cap.peak() > 0

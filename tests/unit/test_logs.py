@@ -1,5 +1,6 @@
 """A failed move's CRIU logs outlive its images: kept private, named by round, pruned."""
 
+import dataclasses
 import os
 import time
 
@@ -22,7 +23,7 @@ def test_the_logs_are_kept_private_and_the_images_are_not(tmp_path):
 
 def test_nothing_is_kept_without_logs_and_only_the_newest_failures_stay(tmp_path, monkeypatch):
     assert logs.keep(tmp_path / "gone", str(tmp_path), "x") is None
-    monkeypatch.setattr(logs, "KEEP", 2)
+    monkeypatch.setattr(logs, "SIZES", dataclasses.replace(logs.SIZES, logs_kept=2))
     for i in range(3):
         work = tmp_path / f"w{i}"
         work.mkdir()

@@ -1,7 +1,7 @@
 """Post-copy's target side against the real kernel: a forked child plays the restored
 process. It maps its memory where the "dump" had it, registers a uffd with the events
 CRIU's restore asks for, and hands it over on lazy-pages.socket exactly as CRIU's restore
-does (PID, uffd, RESTORE_FINISHED). The source's side is the real postcopy.Pusher reading
+does (PID, uffd, RESTORE_FINISHED). The source's side is the real push.Pusher reading
 a stand-in for CRIU's page server. The child then reads its memory, and forks, throws
 pages away or moves them, as a program may, while its pages arrive."""
 
@@ -13,7 +13,8 @@ import struct
 
 import pytest
 
-from livemig.pages import pagehash, postcopy, shadow, uffd
+from livemig.options import SIZES
+from livemig.pages import pagehash, postcopy, push, shadow, uffd
 from livemig.pages.pagemap import PAGE, Range
 from livemig.pages.placer import RESTORE_FINISHED, SOCKET, Placer
 
@@ -139,7 +140,7 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
     if fault_stream:
         faults_src, faults_dst = await pair()
     gated = GatedReader(link_dst[0])
-    pusher = postcopy.Pusher(RANGES, prefetch_pages=40, known=known)     # SMALL, while "CRIU" restores
+    pusher = push.Pusher(RANGES, prefetch_pages=40, known=known)     # SMALL, while "CRIU" restores
     if fill:
         pusher.start_pushing(fill=True)
     try:
@@ -236,7 +237,7 @@ async def test_a_fill_names_the_pages_the_store_holds_as_they_are_and_sends_only
     assert pusher.stats.sent.raw < (LAZY_PAGES - in_store + 20) * PAGE + 10_000    # named, not sent
     # it ran before the fill: its faults were answered here, from the store, never by the source,
     # but for that one page when its fault came first: then the source sent it on demand
-    assert placer.stats.requests >= len(FIRST_FAULTS) // postcopy.NEED_PAGES + 1
+    assert placer.stats.requests >= len(FIRST_FAULTS) // SIZES.fault_pages + 1
     assert pusher.stats.pages_on_demand == max(0, in_store - pusher.stats.pages_known)
     store.close()
 
@@ -249,7 +250,7 @@ async def test_stop_and_copy_into_memory_has_every_page_here_before_the_copy_run
     assert pusher.stats.pages_known == 0 and pusher.stats.pages_pushed >= LAZY_PAGES
     # it ran before the fill: its faults were answered here, from the store; only the
     # restore's own fault on BIG's 4th page may have asked the source, if it came first
-    assert placer.stats.requests >= len(FIRST_FAULTS) // postcopy.NEED_PAGES + 1
+    assert placer.stats.requests >= len(FIRST_FAULTS) // SIZES.fault_pages + 1
     assert placer.stats.requests_waited <= 1
     store.close()
 

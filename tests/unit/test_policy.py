@@ -2,7 +2,8 @@
 
 import pytest
 
-from livemig.source.policy import (FILL_ROOM, Limits, RoundStats, StopReason, Throttling, choose_mode, decide,
+from livemig.options import SIZES
+from livemig.source.policy import (Limits, RoundStats, StopReason, Throttling, choose_mode, decide,
                                    expected_downtime, stopcopy_fills)
 
 MiB = 1 << 20
@@ -183,12 +184,12 @@ GIB = 1 << 30
 
 @pytest.mark.parametrize("wanted, runtime, features, available, fills, why", [
     (True, "process", UFFD, 4 * GIB, True, "into the target's memory"),
-    (True, "runc", UFFD, int(FILL_ROOM * GIB), True, "into the target's memory"),
+    (True, "runc", UFFD, int(SIZES.fill_room * GIB), True, "into the target's memory"),
     (False, "process", UFFD, 4 * GIB, False, "as asked (--no-fill)"),
     (True, "crun", UFFD, 4 * GIB, False, "crun restores its checkpoint whole"),
     (True, "podman", UFFD, 4 * GIB, False, "podman restores its checkpoint whole"),
     (True, "process", {}, 4 * GIB, False, "needs userfaultfd on both hosts"),
-    (True, "process", UFFD, int(FILL_ROOM * GIB) - 1, False, "cannot hold the pages"),
+    (True, "process", UFFD, int(SIZES.fill_room * GIB) - 1, False, "cannot hold the pages"),
 ])
 def test_stop_and_copy_fills_from_memory_only_where_the_target_can_hold_it_and_the_runtime_lets_it(
         wanted, runtime, features, available, fills, why):

@@ -1,8 +1,9 @@
-"""The source's side of post-copy (postcopy.Pusher) against a stand-in for CRIU's page
+"""The source's side of post-copy (push.Pusher) against a stand-in for CRIU's page
 server, and the reading of CRIU's pagemap images. The target's side, with real uffds, is
 in test_placer.py; the lab's post-copy tests run the real CRIU."""
 
 import asyncio
+import dataclasses
 import ctypes
 import mmap
 import os
@@ -12,11 +13,13 @@ import types
 
 import pytest
 
-from livemig.pages import frames, pagehash, pagemap, postcopy
-from livemig.wire import streams
+from livemig.options import SIZES
+from livemig.pages import frames, pagehash, pagemap, postcopy, push
 from livemig.pages.pagemap import PAGE, Range
+from livemig.wire import streams
 
-from .pagefakes import fake_criu as _fake_criu, pair
+from .pagefakes import fake_criu as _fake_criu
+from .pagefakes import pair
 
 RANGES = [Range(1, 0x10000, 600), Range(7, 0x500000, 40)]
 
@@ -28,7 +31,7 @@ def fake_criu(reader, writer, log):
 async def test_while_the_target_restores_only_the_smallest_ranges_go_ahead():
     (criu_end, pusher_end), (link_src, _) = await pair(), await pair()
     log: list = []
-    pusher = postcopy.Pusher(RANGES, prefetch_pages=40)
+    pusher = push.Pusher(RANGES, prefetch_pages=40)
     async with asyncio.timeout(10):
         criu = asyncio.create_task(fake_criu(*criu_end, log))
         pushing = asyncio.create_task(pusher.run(pusher_end, link_src))
@@ -43,7 +46,7 @@ async def test_while_the_target_restores_only_the_smallest_ranges_go_ahead():
 
 async def test_a_silent_target_fails_the_source_side_only_while_pages_await_acknowledgement():
     (criu_end, pusher_end), (link_src, link_dst) = await pair(), await pair()
-    pusher = postcopy.Pusher(RANGES, prefetch_pages=0, stall_seconds=0.5)
+    pusher = push.Pusher(RANGES, prefetch_pages=0, stall_seconds=0.5)
     async with asyncio.timeout(10):
         criu = asyncio.create_task(fake_criu(*criu_end, []))
         pushing = asyncio.create_task(pusher.run(pusher_end, link_src))
@@ -59,9 +62,9 @@ async def test_a_silent_target_fails_the_source_side_only_while_pages_await_ackn
 
 def test_runs_without_skips_pages_already_sent():
     v = 0x1000
-    assert postcopy._runs_without(v, 5, set()) == [(v, 5)]
-    assert postcopy._runs_without(v, 5, {v + PAGE, v + 4 * PAGE}) == [(v, 1), (v + 2 * PAGE, 2)]
-    assert postcopy._runs_without(v, 2, {v, v + PAGE}) == []
+    assert push._runs_without(v, 5, set()) == [(v, 5)]
+    assert push._runs_without(v, 5, {v + PAGE, v + 4 * PAGE}) == [(v, 1), (v + 2 * PAGE, 2)]
+    assert push._runs_without(v, 2, {v, v + PAGE}) == []
 
 
 def _varint(n: int) -> bytes:
@@ -106,7 +109,7 @@ async def test_a_fill_reads_the_frozen_process_s_memory_and_sends_every_page_it_
     CRIU's page server. Stop-and-copy sends each once, as it is; pre-copy by hashes only
     those that differ from what the target holds, the rest named (HAVE), and every other
     piece is compared by a forked process."""
-    pages = 12 * postcopy.FILL_PAGES + 77         # pieces cut at 2 MiB boundaries, and a short one
+    pages = 12 * push.FILL_PAGES + 77         # pieces cut at 2 MiB boundaries, and a short one
     memory = mmap.mmap(-1, pages * PAGE)
     for i in range(pages):
         memory[i * PAGE:(i + 1) * PAGE] = random.Random(i).randbytes(PAGE)
@@ -129,7 +132,7 @@ async def test_a_fill_reads_the_frozen_process_s_memory_and_sends_every_page_it_
     monkeypatch.setattr(pagehash, "Comparer", Counted)
     (criu_end, pusher_end), (link_src, link_dst) = await pair(), await pair()
     log: list = []
-    pusher = postcopy.Pusher(ranges, known=known)
+    pusher = push.Pusher(ranges, known=known)
     pusher.read_in_place({1: os.getpid()})
     pusher.start_pushing(fill=True)
     got: dict[int, bytes] = {}
@@ -165,23 +168,23 @@ async def test_a_fill_reads_the_frozen_process_s_memory_and_sends_every_page_it_
     assert len(named) == stats.pages_known == pages - len(sent) and not named & set(got)
     assert [e[0] for e in log] == ["close"]       # no page came through CRIU
     # the first 16 MiB here (the smallest ranges: the restore may touch them), then every other piece there
-    pieces = [vaddr for _, vaddr, _ in postcopy.chunks(ranges, postcopy.FILL_PAGES, aligned=True)]
-    first = next(i for i in range(len(pieces)) if pieces[i] - pieces[0] >= postcopy.OWN_FIRST_PAGES * PAGE)
+    pieces = [vaddr for _, vaddr, _ in postcopy.chunks(ranges, push.FILL_PAGES, aligned=True)]
+    first = next(i for i in range(len(pieces)) if pieces[i] - pieces[0] >= SIZES.fill_compared_here_pages * PAGE)
     assert compared_there == (pieces[first + 1::2] if by_hashes else [])
 
 
 async def test_the_push_waits_while_the_copys_first_faults_keep_coming_and_no_longer_than_the_cap(monkeypatch):
     # on a clock of the test's own: the push's timing, not the machine's
     now = [1000.0]
-    monkeypatch.setattr(postcopy, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
-    monkeypatch.setattr(postcopy, "QUIET", 0.05)
-    monkeypatch.setattr(postcopy, "QUIET_CAP", 0.3)
-    pusher = postcopy.Pusher(RANGES)
+    monkeypatch.setattr(push, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(push, "WAITS", dataclasses.replace(push.WAITS, postcopy_push_quiet=0.05,
+                                                          postcopy_push_quiet_cap=0.3))
+    pusher = push.Pusher(RANGES)
     pusher.start_pushing()
     resumed = now[0]
     assert not pusher._quiet()                  # just resumed: its first faults go first
     now[0] += 0.04
-    assert not pusher._quiet()                  # not yet QUIET without one
+    assert not pusher._quiet()                  # not yet quiet without one
     now[0] += 0.02
     assert pusher._quiet()                      # none came
     while now[0] - resumed < 1:                 # a fault every 20 ms
@@ -191,6 +194,6 @@ async def test_the_push_waits_while_the_copys_first_faults_keep_coming_and_no_lo
         now[0] += 0.02
     # the faults never paused, and the push went on at the cap, counted from the resume
     assert pusher._quiet() and 0.3 < now[0] - resumed <= 0.3 + 0.02
-    fill = postcopy.Pusher(RANGES)
+    fill = push.Pusher(RANGES)
     fill.start_pushing(fill=True)
     assert fill._quiet()                        # a fill's copy does not run: nothing to wait for

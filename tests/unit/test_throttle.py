@@ -13,6 +13,7 @@ import pytest
 
 from livemig import host
 from livemig.source import throttle
+from livemig.options import SIZES
 
 SPIN = "import sys\nprint('ready', flush=True)\nwhile True: pass\n"
 
@@ -97,7 +98,7 @@ def test_a_tiny_share_lengthens_the_period_rather_than_refused(spinner, tmp_path
     q = cg.read()
     assert q.quota_us >= throttle.MIN_QUOTA_US and q.period_us > 100_000 and abs(step.quota_cpus - 0.005) < 0.0001
     t.baseline = 0.05           # 1 ms in the longest period we use is the least it gets
-    assert t.set(99, after_round=2).quota_cpus == throttle.MIN_QUOTA_US / throttle.MAX_PERIOD_US
+    assert t.set(99, after_round=2).quota_cpus == throttle.MIN_QUOTA_US / SIZES.throttle_max_period_us
     t.release()
 
 

@@ -13,15 +13,13 @@ from typing import Any, cast
 import asyncssh
 
 from ...errors import ConnectionFailed
+from ...options import SIZES
 from . import Completed
 
 # AES-GCM first: on our machines it moved twice what chacha20-poly1305 did. The rest
 # keep us working with an sshd that offers no GCM.
 CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
            "aes128-ctr", "aes256-ctr"]
-# The receive window for our streams: the post-copy and reply directions come back to us.
-WINDOW = 16 << 20
-MAX_PKTSIZE = 128 << 10
 
 
 class SshProcess:
@@ -72,14 +70,14 @@ class SshTransport:
     async def start(self, argv: Sequence[str]) -> SshProcess:
         try:
             p = await self._conn.create_process(shlex.join(argv), encoding=None,
-                                                window=WINDOW, max_pktsize=MAX_PKTSIZE)
+                                                window=SIZES.ssh_window, max_pktsize=SIZES.ssh_max_packet)
         except asyncssh.Error as e:
             raise ConnectionFailed(f"cannot start {argv[0]} ({e.reason})", host=self.host) from None
         return SshProcess(p, argv)
 
     async def open_unix(self, path: str) -> tuple[asyncssh.SSHReader[Any], asyncssh.SSHWriter[Any]]:
         try:
-            return await self._conn.open_unix_connection(path, window=WINDOW, max_pktsize=MAX_PKTSIZE)
+            return await self._conn.open_unix_connection(path, window=SIZES.ssh_window, max_pktsize=SIZES.ssh_max_packet)
         except asyncssh.ChannelOpenError as e:
             if e.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
                 raise ConnectionFailed(f"sshd refused a stream to {path} ({e.reason})", host=self.host,
