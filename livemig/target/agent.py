@@ -81,8 +81,8 @@ class Agent:
             p.Resume: self.on_resume,
             p.Abort: self.on_abort,
             p.Finish: self.on_finish,
-            p.AskVerdict: self.on_ask_verdict,
-            p.ForgetVerdict: self.on_forget_verdict,
+            p.AskVerdict: lambda m: self.verdicts.ask(m),
+            p.ForgetVerdict: lambda m: self.verdicts.forget_asked(m),
             p.SettleOrphan: lambda m: orphans.settle(self.root, self.verdicts, m),
         }
 
@@ -188,7 +188,8 @@ class Agent:
         return await self.inbox.get()
 
     async def _start(self, hello: p.Hello) -> None:
-        self._ws = await Workspace.open(self.root, hello.migration_id)
+        self._ws = Workspace.make(self.root, hello.migration_id)
+        await self._ws.listen()
         self._images = Images(self._ws, self.copy)
         self.stages.to(Stage.PREPARING)
         welcome = p.Welcome(p.PROTOCOL_VERSION, __version__, str(self._ws.work), self._ws.socket)
@@ -249,14 +250,6 @@ class Agent:
         state, detail = self.verdicts.read(self.ws.name)
         return p.PostcopySettled(whole=state == "whole", detail=detail)
 
-    async def on_ask_verdict(self, msg: p.AskVerdict) -> p.Verdict:
-        state, detail = self.verdicts.read(checked_name(msg.migration_id, "migration id"))
-        return p.Verdict(msg.migration_id, state, detail)
-
-    async def on_forget_verdict(self, msg: p.ForgetVerdict) -> p.Done:
-        self.verdicts.forget(checked_name(msg.migration_id, "migration id"))
-        return p.Done()
-
     async def on_abort(self, msg: p.Abort) -> p.Aborted:
         if self.lazy is not None:
             await self.lazy.end()
@@ -277,15 +270,17 @@ class Agent:
         # lacking pages never outlives its page source), and is no orphan then.
         if self.lazy is not None:
             await self.lazy.end()
-        orphan = bool(self.copy.roots) and self.copy.holds_workload and not self.stages.running and not finished
         ws = self._ws
+        orphan = bool(self.copy.roots) and self.copy.holds_workload and not self.stages.running \
+            and not finished and ws is not None
         if orphan and ws is not None:
             # The coordinator vanished between our restore and its Resume: it may have
             # committed (the source is dead) or not (the source runs again). We cannot
             # tell, so the tree stays stopped, never killed: it is the workload if the
             # source is gone. A marker says so; `livemig recover` settles it.
             orphans.leave(self.copy, ws.work)
-        tasks = [*(self._images.page_servers.values() if self._images else ()), *([self.lazy.task] if self.lazy else [])]
+        tasks = [*(self._images.page_servers.values() if self._images else ()),
+                 *([self.lazy.task] if self.lazy else [])]
         for task in tasks:
             task.cancel()
         await reap(tasks)

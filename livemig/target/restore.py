@@ -13,7 +13,7 @@ from ..errors import Phase
 from ..runtimes import podman
 from ..wire import protocol as p
 from .copy import Copy
-from .failures import AgentFailure, checked_name, logged_errors
+from .failures import AgentFailure, checked_name, failing_as, logged_errors
 from .guard import Guard
 
 _LAZY_PAUSE_SECONDS = 10.0
@@ -42,8 +42,9 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
             guard.tell("pidfile", str(pidfile))
     t0 = time.monotonic()
     try:
-        res = await proc.run(argv, check=False, leaves_daemon=c is not None,   # podman leaves conmon
-                             started=copy.restore_started)
+        with failing_as(Phase.RESTORE, f"cannot restore with {argv[0]}"):
+            res = await proc.run(argv, check=False, leaves_daemon=c is not None,   # podman leaves conmon
+                                 started=copy.restore_started)
     finally:
         copy.restore_ended()
     if c is not None and res.returncode == 0:

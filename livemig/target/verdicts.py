@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .. import workdirs
 from ..errors import Phase
-from .failures import AgentFailure
+from ..wire import protocol as p
+from .failures import AgentFailure, checked_name
 
 VERDICT_ROOM = 1024
 
@@ -66,3 +67,12 @@ class Verdicts:
 
     def forget(self, migration_id: str) -> None:
         self.path(migration_id).unlink(missing_ok=True)
+
+    # --- asked by a fresh agent, for `livemig recover` ------------------------------------
+    async def ask(self, msg: p.AskVerdict) -> p.Verdict:
+        state, detail = self.read(checked_name(msg.migration_id, "migration id"))
+        return p.Verdict(msg.migration_id, state, detail)
+
+    async def forget_asked(self, msg: p.ForgetVerdict) -> p.Done:
+        self.forget(checked_name(msg.migration_id, "migration id"))
+        return p.Done()

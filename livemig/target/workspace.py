@@ -31,14 +31,16 @@ class Workspace:
         self._streams: dict[str, asyncio.Future[_Arrived]] = {}
 
     @classmethod
-    async def open(cls, root: Path, migration_id: str) -> Workspace:
-        """A fresh work directory for migration_id, ours, its stream socket listening."""
+    def make(cls, root: Path, migration_id: str) -> Workspace:
+        """A fresh work directory for migration_id, ours until release()."""
         workdirs.sweep(root)      # what agents killed outright left here
         work = root / checked_name(migration_id, "migration id")
-        ws = cls(root, work, workdirs.make(root, work))
-        ws.server = await asyncio.start_unix_server(ws._on_stream, path=ws.socket, limit=streams.CHUNK)
-        os.chmod(ws.socket, 0o600)
-        return ws
+        return cls(root, work, workdirs.make(root, work))
+
+    async def listen(self) -> None:
+        """Data streams may connect from now on."""
+        self.server = await asyncio.start_unix_server(self._on_stream, path=self.socket, limit=streams.CHUNK)
+        os.chmod(self.socket, 0o600)
 
     def close(self) -> None:
         """No more streams (the directory stays: what is left in it is the caller's to say)."""
