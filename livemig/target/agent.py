@@ -26,7 +26,7 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import logs
 from ..errors import Phase
@@ -50,6 +50,7 @@ DEFAULT_ROOT = "/var/lib/livemig"
 LINGER_SECONDS = 60    # after a failed post-copy, for the coordinator to settle it
 
 Handler = Callable[[Any], Awaitable[Any]]
+_T = TypeVar("_T")
 
 
 class Agent:
@@ -88,15 +89,18 @@ class Agent:
 
     @property
     def ws(self) -> Workspace:
-        if self._ws is None:
-            raise StageError(Phase.PREFLIGHT, "no work directory yet: the Hello comes first")
-        return self._ws
+        return self._after_hello(self._ws)
 
     @property
     def images(self) -> Images:
-        if self._images is None:
+        return self._after_hello(self._images)
+
+    @staticmethod
+    def _after_hello(made: _T | None) -> _T:
+        """What the Hello's answer makes (the work directory, and what is kept in it)."""
+        if made is None:
             raise StageError(Phase.PREFLIGHT, "no work directory yet: the Hello comes first")
-        return self._images
+        return made
 
     # --- the loop --------------------------------------------------------------------------
     async def serve(self) -> int:

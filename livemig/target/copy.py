@@ -3,9 +3,9 @@ clone: several replicas), the bundle the move brought; the restore under way; an
 ways it ends: resumed (it runs: the workload's, no more the move's) or undone (killed,
 with what the move brought).
 
-Whether it runs is the agent's stage (stage.py), moved here alone: RESTORING while CRIU
-or a runtime restores it, RESTORED once it is here stopped, RUNNING once resumed, UNDONE
-once it is gone.
+Whether it runs is the agent's stage (stage.py), which moves here but for the first move
+(PREPARING, at the Hello): RESTORING while CRIU or a runtime restores it, RESTORED once
+it is here stopped, RUNNING once resumed, UNDONE once it is gone.
 """
 
 from __future__ import annotations

@@ -76,7 +76,11 @@ class PostCopy:
         verdicts.write(ws.name, "serving", phase=Phase.RESTORE)
         # guard.py: should this agent die during post-copy, its copy dies before its uffds
         guard = await Guard.start(verdicts, ws.name)
-        return cls(ws, verdicts, copy, stages, images, guard, d, ranges, msg, token)
+        try:
+            return cls(ws, verdicts, copy, stages, images, guard, d, ranges, msg, token)
+        except BaseException:
+            await guard.release()   # nothing restored yet for it to guard (left, it would say "killed")
+            raise
 
     def _to(self, pages: Pages) -> None:
         if pages not in _PAGES_NEXT[self.pages]:
