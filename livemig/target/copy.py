@@ -1,0 +1,95 @@
+"""The copy this move restored here: its trees' roots, the containers it went into (a
+clone: several replicas), the bundle the move brought; the restore under way; and the
+ways it ends: resumed (it runs: the workload's, no more the move's) or undone (killed,
+with what the move brought).
+
+Whether it runs is the agent's stage (stage.py), which moves here but for the first move
+(PREPARING, at the Hello): RESTORING while CRIU or a runtime restores it, RESTORED once
+it is here stopped, RUNNING once resumed, UNDONE once it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from .. import proc, runtimes
+from ..errors import Phase
+from ..wire import protocol as p
+from .stage import Stage, Stages
+
+
+class Copy:
+    def __init__(self, stages: Stages):
+        self.stages = stages
+        self.roots: list[int] = []                      # the root PIDs of what was restored here
+        self.containers: list[p.Container] = []         # restored through their runtime
+        self.created_tree: Path | None = None           # a bundle this migration brought here
+        self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
+        self.holds_workload = False     # a move's, not a clone's replica: it may be the only copy left
+
+    def pids(self) -> list[int]:
+        """Every task of it, as it is now."""
+        return [pid for root in self.roots for pid in proc.process_tree(root)]
+
+    def what(self) -> str:
+        if self.containers:
+            return ", ".join(f"{c.runtime} container {c.id}" for c in self.containers)
+        return "tree " + ", ".join(map(str, self.roots))
+
+    def restore_started(self, process: asyncio.subprocess.Process) -> None:
+        self.restoring = process
+        self.stages.to(Stage.RESTORING)
+
+    def restore_ended(self) -> None:
+        self.restoring = None
+
+    def restored(self) -> None:
+        """The restore succeeded: the copy is here, stopped."""
+        self.stages.to(Stage.RESTORED)
+
+    async def resume(self) -> list[int]:
+        """Let it run; its PIDs."""
+        pids = self.pids()
+        if self.containers:
+            for c in self.containers:
+                await proc.run(runtimes.control(c, "resume"), phase=Phase.COMMIT)
+        else:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        self.stages.to(Stage.RUNNING)
+        return pids
+
+    def stop_restoring(self) -> None:
+        """A restore under way goes, its tasks with it. A lazy restore whose page stream ended
+        waits, in CRIU's restorer, for pages that never come (a fault's wait ends at a fatal
+        signal). Its tasks are killed before CRIU: they would outlive it, stopped."""
+        if self.restoring is not None and self.restoring.returncode is None:
+            proc.kill_tree(self.restoring.pid)     # the tasks it restored, whichever group they took
+            # CRIU's group may have gone with its tasks: then nothing of it is left to kill
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.restoring.pid, signal.SIGKILL)    # and what it forked since
+
+    async def undo(self, marker: Path | None, even_running: bool = False) -> None:
+        """What this migration brought here goes, unless it already runs (even_running: a
+        post-copy copy that lacks pages goes all the same); marker, the orphan's, with it."""
+        if self.stages.running and not even_running:
+            self.stop_restoring()
+            return
+        self.stop_restoring()
+        while self.containers:
+            # delete --force thaws what it kills: a frozen task cannot die
+            await proc.run(runtimes.control(self.containers.pop(), "delete"), check=False, timeout=60)
+        if self.created_tree is not None:
+            shutil.rmtree(self.created_tree, ignore_errors=True)
+            self.created_tree = None
+        while self.roots:
+            proc.kill_tree(self.roots.pop())
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+        if self.stages.stage not in (Stage.OPENING, Stage.UNDONE):
+            self.stages.to(Stage.UNDONE)

@@ -1,0 +1,192 @@
+"""The target's side of post-copy and of fills: the copy restored with lazy pages, and the
+pages placed in it (pages/placer.py) as they come from the source.
+
+Post-copy: the copy runs (Resume) while its pages still come; it faults on those it
+lacks, and waits for them. A fill: the same machinery fills the copy from this host's
+memory (pre-copy by hashes' store, where the source says a page is unchanged, and every
+page pushed before the copy runs: stop-and-copy into memory too); the copy may run only
+once every page is here, the source's copy waiting, stopped, until it has them all, as
+in post-copy.
+
+A copy that lacks pages dies with its page source, whoever vanished, since the source's
+copy, stopped and whole, outlives it: settle() kills it before its uffds are let go, and
+the guard (guard.py) does so if this agent is killed outright. The verdict (verdicts.py)
+says, at each step, how it stands, for the source's `livemig recover`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from enum import Enum
+from pathlib import Path
+
+from ..errors import Phase
+from ..pages import pagemap, placer
+from ..pages.postcopy import PageStreamError
+from ..wire import protocol as p
+from .copy import Copy
+from .failures import AgentFailure, reap, reason
+from .guard import Guard
+from .orphans import ORPHAN
+from .receive import Images
+from .stage import Stages
+from .verdicts import Verdicts
+from .workspace import Workspace
+
+
+class Pages(Enum):
+    """Where the copy's pages stand (the verdict on disk follows: "serving", "whole", "killed")."""
+    COMING = "coming"      # the page stream runs: the copy lacks pages
+    HERE = "here"          # a fill's copy has every page before it ran: guard and uffds kept until Resume
+    WHOLE = "whole"        # every page is in the copy: guard and uffds let go
+    LOST = "lost"          # it ended before every page was in: the copy is killed
+
+
+_PAGES_NEXT = {Pages.COMING: {Pages.HERE, Pages.WHOLE, Pages.LOST}, Pages.HERE: {Pages.WHOLE, Pages.LOST},
+               Pages.WHOLE: set(), Pages.LOST: set()}
+
+
+class PostCopy:
+    """One lazy restore's pages: the placer, the guard, and the task that runs them."""
+
+    def __init__(self, ws: Workspace, verdicts: Verdicts, copy: Copy, stages: Stages, images: Images,
+                 guard: Guard, d: Path, ranges: list[pagemap.Range], msg: p.Restore, token: str):
+        self.ws, self.verdicts, self.copy, self.stages, self.images = ws, verdicts, copy, stages, images
+        self.guard = guard
+        self.fill = msg.fill      # a fill's: every page on this host before the copy runs
+        self.phase = Phase.FILL if msg.fill else Phase.POSTCOPY
+        self.pages = Pages.COMING
+        if msg.fill:
+            images.open_store()     # stop-and-copy into memory: every page is pushed into it
+        self.placer: placer.Placer | None = placer.Placer(
+            d, ranges, on_uffd=lambda fd: guard.tell("uffd", fds=(fd,)), store=images.store)
+        self.placer.listen()
+        self.task = asyncio.create_task(self._place_pages(self.placer, token, msg.fault_stream))
+
+    @classmethod
+    async def start(cls, ws: Workspace, verdicts: Verdicts, copy: Copy, stages: Stages, images: Images,
+                    d: Path, msg: p.Restore, token: str) -> PostCopy:
+        """Listening before CRIU's restore of d looks for it; token: the source's page stream."""
+        try:
+            ranges = pagemap.lazy_ranges(d)
+        except (OSError, pagemap.PagemapError) as e:
+            raise AgentFailure(Phase.RESTORE, f"cannot read the dump's pagemaps: {e}") from None
+        # Before anything is restored: from here on `livemig recover` finds a verdict.
+        verdicts.write(ws.name, "serving", phase=Phase.RESTORE)
+        # guard.py: should this agent die during post-copy, its copy dies before its uffds
+        guard = await Guard.start(verdicts, ws.name)
+        try:
+            return cls(ws, verdicts, copy, stages, images, guard, d, ranges, msg, token)
+        except BaseException:
+            await guard.release()   # nothing restored yet for it to guard (left, it would say "killed")
+            raise
+
+    def _to(self, pages: Pages) -> None:
+        if pages not in _PAGES_NEXT[self.pages]:
+            raise AgentFailure(self.phase, f"the copy's pages cannot go from {self.pages.value} to {pages.value}")
+        self.pages = pages
+
+    def _placer(self) -> placer.Placer:
+        if self.placer is None:
+            raise AgentFailure(self.phase, "the copy's pages are no longer placed here")
+        return self.placer
+
+    @property
+    def failed(self) -> bool:
+        """The page stream ended without every page (a restore under way can never be whole)."""
+        return self.task.done() and (self.task.cancelled() or self.task.exception() is not None)
+
+    @property
+    def lost(self) -> bool:
+        """Over, and the copy is gone."""
+        return self.task.done() and self.pages is Pages.LOST
+
+    async def done(self) -> p.LazyDone:
+        """AwaitLazy: how it went, once every page is in (or why not)."""
+        return await self.task
+
+    async def _place_pages(self, placing: placer.Placer, token: str, faults: str | None) -> p.LazyDone:
+        try:
+            async with self.ws.stream(token) as remote, \
+                    self.ws.stream(faults) if faults else contextlib.nullcontext() as fault_stream:
+                served = await placing.run(remote, fault_stream)
+        except BaseException as e:
+            await self.settle(reason(e))
+            if isinstance(e, PageStreamError):
+                raise AgentFailure(self.phase, str(e)) from None
+            if isinstance(e, Exception) and not isinstance(e, AgentFailure):   # an OSError, say
+                raise AgentFailure(self.phase, f"{'filling the copy' if self.fill else 'post-copy'} "
+                                               f"failed: {e}") from None
+            raise       # an AgentFailure (a stream that never came), or a cancellation
+        done = p.LazyDone(served.pages_served, served.requests, served.requests_waited, served.pages_known)
+        if self.fill and not self.stages.running:
+            # whole before it ran (a small one): "whole" is said at Resume, and until then
+            # the copy dies with this agent, as a copy still filling does
+            self._to(Pages.HERE)
+            return done
+        await self._whole()
+        return done
+
+    async def _whole(self) -> None:
+        """The copy has every page: it is the workload once it runs (post-copy's may be
+        whole before its Resume: that keeps the placer, so that Resume does not say
+        "running", a stop-and-copy's word, over "whole")."""
+        self.verdicts.write(self.ws.name, "whole", phase=self.phase)
+        self._to(Pages.WHOLE)
+        await self.guard.release()
+        self._placer().close()      # after the guard: a fault on a never-written page still finds us
+        if self.fill:
+            self.placer = None
+            self.images.close_store()
+
+    async def settle(self, why: str) -> None:
+        """Post-copy ends before its time. The copy runs on only if it is whole and already
+        running; anything else goes, and the source's copy, stopped since the final dump,
+        is the workload. Its uffds are let go only once it is dead or whole."""
+        placing = self._placer()
+        if placing.whole and self.stages.running:
+            self.verdicts.write(self.ws.name, "whole", phase=self.phase)
+            self._to(Pages.WHOLE)
+        else:
+            await self.copy.undo(self.ws.work / ORPHAN, even_running=True)
+            said = "the fill ended before every page was in the copy" if self.fill else \
+                "post-copy ended before every page was here"
+            self.verdicts.write(self.ws.name, "killed", f"{said}: {why}", phase=self.phase)
+            self._to(Pages.LOST)
+        await self.guard.release()
+        placing.close()
+
+    async def all_here(self) -> None:
+        """A fill's copy may run once every frame of the source's push is read: every page
+        missing then is in this host's memory. Waits for that, or for the fill's failure
+        (post-copy's copy, which has no store, runs at once)."""
+        placing = self.placer
+        if placing is None or placing.store is None:
+            return
+        here = asyncio.ensure_future(placing.all_here.wait())
+        try:
+            await asyncio.wait({here, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            here.cancel()
+        if not placing.all_here.is_set():
+            raise AgentFailure(Phase.FILL, "the copy cannot be filled: "
+                                           f"{self.verdicts.read(self.ws.name)[1] or 'its page stream ended'}")
+
+    async def resumed(self) -> bool:
+        """The copy runs now; False if its pages have nothing more to do with it."""
+        if self.pages is Pages.HERE:
+            await self._whole()
+        elif self.placer is not None:
+            self.placer.resumed()
+        else:
+            return False
+        return True
+
+    async def end(self) -> None:
+        """Stop it, if under way; it settles its copy on the way out (settle)."""
+        if not self.task.done():
+            self.task.cancel()
+        await reap([self.task])
+        if self.pages is Pages.HERE and not self.stages.running:
+            await self.settle("the copy was never told to run")

@@ -1,0 +1,56 @@
+"""The target's answers before anything is moved: this host's facts (Probe: CRIU, the
+kernel, free room, PIDs and names taken, the container's runtime and bundle) and whether
+the source's CPU can be restored here (CpuinfoCheck)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .. import criu, host, proc, runtimes
+from ..errors import Phase
+from ..runtimes import oci, podman
+from ..wire import protocol as p
+from ..wire import streams
+from .failures import AgentFailure, checked_name
+from .workspace import Workspace
+
+
+async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
+    facts = await host.probe(msg.pids, str(ws.work))
+    c = msg.container
+    if c is None:
+        return facts
+    names = [checked_name(n, "container name") for n in [c.id, *msg.names]]   # for the runtime's argv
+    taken = [n for n in names if await runtimes.known(dataclasses.replace(c, id=n))]
+    if c.runtime == "podman":
+        info = await podman.facts()
+        image = await proc.run(["podman", "image", "exists", c.image], check=False) if info else None
+        return dataclasses.replace(facts, runtime_version=info.get("podman", ""),
+                                   container_exists=c.id in taken, names_taken=taken,
+                                   image_present=bool(image and image.returncode == 0),
+                                   runtime_facts=info)
+    if c.runtime not in oci.RUNTIMES:
+        raise AgentFailure(Phase.PREFLIGHT, f"unknown runtime {c.runtime!r}")
+    where = Path(c.bundle)
+    if not where.exists():
+        state = "absent"
+    elif msg.bundle_marker and (where / checked_name(msg.bundle_marker, "marker")).exists():
+        state = "shared"
+    else:
+        state = "exists"
+    return dataclasses.replace(facts, runtime_version=await oci.version(c.runtime),
+                               container_exists=c.id in taken, names_taken=taken,
+                               bundle=state)
+
+
+async def cpuinfo_check(msg: p.CpuinfoCheck, ws: Workspace) -> p.CpuinfoResult:
+    d = ws.dir("cpuinfo", create=True)
+    async with ws.stream(msg.stream) as (reader, _):
+        await streams.receive_files(reader, d)
+    res = await proc.run(criu.cpuinfo_check(str(d)), check=False)
+    if res.returncode == 0:
+        return p.CpuinfoResult(True)
+    log = (d / "cpuinfo-check.log").read_text(errors="replace") if (d / "cpuinfo-check.log").exists() else ""
+    why = "; ".join(criu.log_errors(log)) or res.stderr.decode(errors="replace").strip()
+    return p.CpuinfoResult(False, why or "criu cpuinfo check failed")

@@ -1,0 +1,83 @@
+"""The restore: CRIU's (a process tree) or a container runtime's (runc, crun, podman),
+from an image directory here, the copy left stopped (a runtime's paused at once) until
+Resume. Lazy: with post-copy's (or a fill's) pages still to come (postcopy.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from .. import criu, proc, runtimes
+from ..errors import Phase
+from ..runtimes import podman
+from ..wire import protocol as p
+from .copy import Copy
+from .failures import AgentFailure, checked_name, failing_as, logged_errors
+from .guard import Guard
+
+_LAZY_PAUSE_SECONDS = 10.0
+
+
+async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard | None,
+                  lazy: bool) -> tuple[proc.Result, list[str], float]:
+    """Restore from d: the copy's new root in copy.roots. The command's result, its argv
+    (a failed pause's, if the runtime's pause failed) and the time it took."""
+    pidfile = work / f"restored-{len(copy.roots)}.pid"
+    copy.holds_workload |= not msg.replica
+    c = msg.container
+    if c is not None:
+        if c.runtime not in runtimes.CONTAINER_RUNTIMES:
+            raise AgentFailure(Phase.RESTORE, f"unknown runtime {c.runtime!r}")
+        checked_name(c.id, "container name")
+        if await runtimes.known(c):   # never touch a container of someone else's
+            raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
+        argv = runtimes.restore_command(c, d, pidfile, lazy)
+        copy.containers.append(c)
+        if guard is not None:
+            guard.tell("container", c.runtime, c.id)
+    else:
+        argv = criu.restore(str(d), str(pidfile), lazy=lazy, opts=criu.Options())
+        if guard is not None:
+            guard.tell("pidfile", str(pidfile))
+    t0 = time.monotonic()
+    try:
+        with failing_as(Phase.RESTORE, f"cannot restore with {argv[0]}"):
+            res = await proc.run(argv, check=False, leaves_daemon=c is not None,   # podman leaves conmon
+                                 started=copy.restore_started)
+    finally:
+        copy.restore_ended()
+    if c is not None and res.returncode == 0:
+        # A runtime restores running: pause at once, so that the container runs only
+        # after the source is gone, like a tree restored stopped.
+        pause = runtimes.control(c, "pause")
+        paused = await _pause(pause, lazy)
+        if paused.returncode != 0:
+            res, argv = paused, pause
+        if c.runtime == "podman" and (found := await podman.inspect(c.id)):
+            copy.roots.append(int(found["State"]["Pid"]))
+    seconds = time.monotonic() - t0
+    if pidfile.exists():
+        copy.roots.append(int(pidfile.read_text().strip()))
+    return res, argv, seconds
+
+
+def failure(res: proc.Result, argv: list[str], d: Path) -> AgentFailure:
+    """Why the restore from d failed: CRIU's log, else the command's stderr."""
+    errors = logged_errors(d / "restore.log")
+    what = " ".join(argv[:2])
+    return AgentFailure(Phase.RESTORE, errors[0] if errors else
+                        f"{what} exited {res.returncode}: {proc.why(res.stderr)}", "\n".join(errors))
+
+
+async def _pause(argv: list[str], lazy: bool) -> proc.Result:
+    """Pause a container just restored (argv: its runtime's pause). With lazy pages a task
+    waiting inside the kernel for a missing page cannot freeze until the page lands, and a
+    cgroup v1 freezer gives up after a few hundred ms ("unable to freeze", thawing again):
+    the page is on its way, so try again for a while before calling the restore failed."""
+    deadline = time.monotonic() + (_LAZY_PAUSE_SECONDS if lazy else 0)
+    while True:
+        res = await proc.run(argv, check=False)
+        if res.returncode == 0 or time.monotonic() >= deadline:
+            return res
+        await asyncio.sleep(0.05)

@@ -1,0 +1,88 @@
+"""The agent's private directory for one move: ROOT/ID, 0700, held by a lock while the agent
+lives (workdirs.py); the image directories in it, one per round (checked plain names); and
+the data streams, which connect to the UNIX socket streams.sock in it, each introduced by
+its token on a first line, and are handed to whichever request waits for that token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .. import workdirs
+from ..errors import Phase
+from ..wire import streams
+from .failures import AgentFailure, checked_name
+
+STREAM_TIMEOUT = 60
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+_Arrived = tuple[asyncio.StreamReader, asyncio.StreamWriter, "asyncio.Future[None]"]
+
+
+class Workspace:
+    def __init__(self, root: Path, work: Path, held: workdirs.Held):
+        self.root, self.work, self.held = root, work, held
+        self.name = work.name                  # the migration's ID
+        self.socket = str(work / "streams.sock")
+        self.server: asyncio.AbstractServer | None = None
+        self._streams: dict[str, asyncio.Future[_Arrived]] = {}
+
+    @classmethod
+    def make(cls, root: Path, migration_id: str) -> Workspace:
+        """A fresh work directory for migration_id, ours until release()."""
+        workdirs.sweep(root)      # what agents killed outright left here
+        work = root / checked_name(migration_id, "migration id")
+        return cls(root, work, workdirs.make(root, work))
+
+    async def listen(self) -> None:
+        """Data streams may connect from now on."""
+        self.server = await asyncio.start_unix_server(self._on_stream, path=self.socket, limit=streams.CHUNK)
+        os.chmod(self.socket, 0o600)
+
+    def close(self) -> None:
+        """No more streams (the directory stays: what is left in it is the caller's to say)."""
+        if self.server:
+            self.server.close()
+
+    def release(self) -> None:
+        self.held.release()
+
+    def dir(self, name: str, create: bool = False) -> Path:
+        """The image directory name, made (create) or there already."""
+        d = self.work / checked_name(name, "image directory")
+        if create:
+            d.mkdir(mode=0o700)
+        elif not d.is_dir():
+            raise AgentFailure(Phase.TRANSFER, f"no image directory {name}")
+        return d
+
+    def _waiting(self, token: str) -> asyncio.Future[_Arrived]:
+        return self._streams.setdefault(token, asyncio.get_running_loop().create_future())
+
+    async def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            token = (await reader.readline()).decode(errors="replace").strip()
+            fut = self._waiting(token)
+            if not fut.done():
+                fut.set_result((reader, writer, done))
+                await done       # the stream lives as long as its consumer needs it
+        finally:
+            writer.close()
+
+    @contextlib.asynccontextmanager
+    async def stream(self, token: str) -> AsyncIterator[Stream]:
+        """The data stream token, as (reader, writer), held open until the block ends."""
+        fut = self._waiting(token)
+        try:
+            async with asyncio.timeout(STREAM_TIMEOUT):
+                reader, writer, done = await fut
+        except TimeoutError:
+            raise AgentFailure(Phase.TRANSFER, f"data stream {token} never arrived") from None
+        try:
+            yield reader, writer
+        finally:
+            done.set_result(None)
