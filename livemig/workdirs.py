@@ -19,7 +19,7 @@ from pathlib import Path
 
 LOCK = ".owner"
 # what keeps a dead owner's directory for `livemig recover` (recovery.RECORD, throttle.FILE,
-# agent.ORPHAN)
+# orphans.ORPHAN)
 MARKERS = ("RECOVER.json", "THROTTLE.json", "ORPHANED.json")
 
 

@@ -30,24 +30,19 @@ from typing import Any, TypeVar
 
 from .. import logs
 from ..errors import Phase
+from ..options import WAITS
 from ..version import __version__
 from ..wire import protocol as p
 from . import orphans, preflight, restore
 from .copy import Copy
-from .failures import AgentFailure, checked_name, reap
+from .failures import AgentFailure, reap
 from .postcopy import PostCopy
 from .receive import Images
 from .stage import Stage, StageError, Stages
-from .verdicts import VERDICT_ROOM, Verdicts
-from .workspace import STREAM_TIMEOUT, Workspace
-
-# what other modules and tests import from here
-__all__ = ["DEFAULT_ROOT", "ORPHAN", "STREAM_TIMEOUT", "VERDICT_ROOM", "Agent", "AgentFailure", "Orphan",
-           "Stage", "Verdicts", "checked_name", "main"]
-ORPHAN, Orphan = orphans.ORPHAN, orphans.Orphan
+from .verdicts import Verdicts
+from .workspace import Workspace
 
 DEFAULT_ROOT = "/var/lib/livemig"
-LINGER_SECONDS = 60    # after a failed post-copy, for the coordinator to settle it
 
 Handler = Callable[[Any], Awaitable[Any]]
 _T = TypeVar("_T")
@@ -187,7 +182,7 @@ class Agent:
             # Post-copy failed here and its copy is gone: a coordinator that can still reach
             # us asks within seconds. Across a cut link its hang-up may never arrive, and
             # this agent would hold its images for as long as TCP keeps the session.
-            async with asyncio.timeout(LINGER_SECONDS):
+            async with asyncio.timeout(WAITS.linger_after_failed_postcopy):
                 return await self.inbox.get()
         return await self.inbox.get()
 
@@ -235,7 +230,7 @@ class Agent:
         if self.lazy is not None:
             await self.lazy.all_here()
         pids = await self.copy.resume()
-        (self.ws.work / ORPHAN).unlink(missing_ok=True)     # it runs: a move's, no more an orphan
+        (self.ws.work / orphans.ORPHAN).unlink(missing_ok=True)     # it runs: a move's, no more an orphan
         said = self.lazy is not None and await self.lazy.resumed()     # post-copy's verdicts say it
         if not said and self.copy.holds_workload:
             # should the coordinator vanish now, `livemig recover` learns the copy here runs
@@ -267,7 +262,7 @@ class Agent:
 
     async def _undo(self) -> None:
         """Undo the restore: what this migration brought here goes, unless it already runs."""
-        await self.copy.undo(self._ws.work / ORPHAN if self._ws else None)
+        await self.copy.undo(self._ws.work / orphans.ORPHAN if self._ws else None)
 
     async def _cleanup(self, finished: bool) -> None:
         # The coordinator may be gone mid-post-copy: the copy is settled first (a copy

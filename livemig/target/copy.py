@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import proc, runtimes
 from ..errors import Phase
+from ..options import WAITS
 from ..wire import protocol as p
 from .stage import Stage, Stages
 
@@ -83,7 +84,7 @@ class Copy:
         self.stop_restoring()
         while self.containers:
             # delete --force thaws what it kills: a frozen task cannot die
-            await proc.run(runtimes.control(self.containers.pop(), "delete"), check=False, timeout=60)
+            await proc.run(runtimes.control(self.containers.pop(), "delete"), check=False, timeout=WAITS.container_delete)
         if self.created_tree is not None:
             shutil.rmtree(self.created_tree, ignore_errors=True)
             self.created_tree = None

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .. import proc
 from ..errors import Phase
+from ..options import WAITS
 from .failures import failing_as
 from .verdicts import Verdicts
 
@@ -86,7 +87,7 @@ def kill_container(runtime: str, cid: str) -> None:
     from ..runtimes import control
     from ..wire.protocol import Container
     subprocess.run(control(Container(runtime, cid, ""), "delete"), stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=WAITS.container_delete, check=False)
 
 
 def guard(control_fd: int, root: str, migration_id: str) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import criu, proc
 from ..errors import Phase
+from ..options import WAITS
 from ..pages import frames, pagemap, shadow
 from ..runtimes import bundle
 from ..wire import protocol as p
@@ -63,7 +64,7 @@ class Images:
                     # the pipe to CRIU broke (an OSError, maybe in a group): CRIU's log says why,
                     # once it has exited; one that does not within 2 s is killed below all the same
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(2):
+                        async with asyncio.timeout(WAITS.criu_exit_after_broken_pipe):
                             await criu_proc.wait()
                     errors = logged_errors(log)
                     why = errors[0] if errors else (str(e) or type(e).__name__)

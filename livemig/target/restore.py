@@ -10,13 +10,12 @@ from pathlib import Path
 
 from .. import criu, proc, runtimes
 from ..errors import Phase
+from ..options import WAITS
 from ..runtimes import podman
 from ..wire import protocol as p
 from .copy import Copy
 from .failures import AgentFailure, checked_name, failing_as, logged_errors
 from .guard import Guard
-
-_LAZY_PAUSE_SECONDS = 10.0
 
 
 async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard | None,
@@ -75,9 +74,9 @@ async def _pause(argv: list[str], lazy: bool) -> proc.Result:
     waiting inside the kernel for a missing page cannot freeze until the page lands, and a
     cgroup v1 freezer gives up after a few hundred ms ("unable to freeze", thawing again):
     the page is on its way, so try again for a while before calling the restore failed."""
-    deadline = time.monotonic() + (_LAZY_PAUSE_SECONDS if lazy else 0)
+    deadline = time.monotonic() + (WAITS.lazy_pause if lazy else 0)
     while True:
         res = await proc.run(argv, check=False)
         if res.returncode == 0 or time.monotonic() >= deadline:
             return res
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(WAITS.lazy_pause_poll)

@@ -13,10 +13,8 @@ from pathlib import Path
 
 from .. import workdirs
 from ..errors import Phase
-from ..wire import streams
+from ..options import SIZES, WAITS
 from .failures import AgentFailure, checked_name
-
-STREAM_TIMEOUT = 60
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 _Arrived = tuple[asyncio.StreamReader, asyncio.StreamWriter, "asyncio.Future[None]"]
@@ -39,7 +37,7 @@ class Workspace:
 
     async def listen(self) -> None:
         """Data streams may connect from now on."""
-        self.server = await asyncio.start_unix_server(self._on_stream, path=self.socket, limit=streams.CHUNK)
+        self.server = await asyncio.start_unix_server(self._on_stream, path=self.socket, limit=SIZES.stream_chunk)
         os.chmod(self.socket, 0o600)
 
     def close(self) -> None:
@@ -78,7 +76,7 @@ class Workspace:
         """The data stream token, as (reader, writer), held open until the block ends."""
         fut = self._waiting(token)
         try:
-            async with asyncio.timeout(STREAM_TIMEOUT):
+            async with asyncio.timeout(WAITS.stream_open):
                 reader, writer, done = await fut
         except TimeoutError:
             raise AgentFailure(Phase.TRANSFER, f"data stream {token} never arrived") from None

@@ -11,6 +11,7 @@ import os
 import pytest
 
 from livemig.target import agent as agent_mod
+from livemig.target.verdicts import VERDICT_ROOM, Verdicts
 from livemig.wire import protocol as p
 from livemig import workdirs
 from livemig.source.migration import primary
@@ -18,9 +19,9 @@ from livemig.errors import ConnectionFailed
 
 
 def test_a_verdict_lands_in_the_room_its_file_kept_when_the_disk_is_full(tmp_path, monkeypatch):
-    verdicts = agent_mod.Verdicts(tmp_path)
+    verdicts = Verdicts(tmp_path)
     verdicts.write("m1", "serving")
-    assert os.path.getsize(verdicts.path("m1")) == agent_mod.VERDICT_ROOM
+    assert os.path.getsize(verdicts.path("m1")) == VERDICT_ROOM
     real = workdirs.write_synced
 
     def full(path, data, flags=os.O_CREAT | os.O_TRUNC):

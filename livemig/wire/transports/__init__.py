@@ -25,8 +25,11 @@ class Completed:
 
 class Process(Protocol):
     """A long-lived program on the transport's host (the agent), its stdio binary."""
-    reader: Reader              # its stdout
-    writer: Writer              # its stdin
+    # read-only to its users (properties): each transport's own stream types stand for them
+    @property
+    def reader(self) -> Reader: ...     # its stdout
+    @property
+    def writer(self) -> Writer: ...     # its stdin
 
     async def wait(self) -> Completed: ...
     def kill(self) -> None: ...
