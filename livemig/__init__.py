@@ -45,6 +45,7 @@ _DEFAULTS = Options()      # every default of Options (frozen: one instance serv
 async def migrate(what: int | str, host: str, options: Options = _DEFAULTS, *, progress: Callback | None = None) -> Report:
     """Move a workload to host (an ssh host name): what is a PID (the process tree rooted
     there) or a container's name or ID (runc or crun; Options.runtime to say which)."""
+    # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
     from .source.migration import migrate as _migrate
     return await _migrate(what, host, options, progress=progress)
 
@@ -53,6 +54,7 @@ async def plan(what: int | str, host: str, options: Options = _DEFAULTS, *, prog
     """What migrate() would do, changing nothing: its preflight passes (else the same
     LivemigError), the link is measured, and the Plan holds the mode, why, and the
     expected rounds and downtime."""
+    # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
     from .source.migration import plan as _plan
     return await _plan(what, host, options, progress=progress)
 
@@ -64,6 +66,7 @@ async def clone(what: str, hosts: list[str], options: Options = _DEFAULTS, *, na
     that leaves it running: count per host, named NAME or NAME-1..N (NAME: name, else
     what-clone; keep_name: what). Returns a CloneReport, or raises a LivemigError (then no
     replica is left anywhere)."""
+    # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
     from .source.clone import clone as _clone
     return await _clone(what, hosts, options, name=name, count=count, keep_name=keep_name, progress=progress)
 

@@ -1,17 +1,23 @@
-"""The livemig command line: arguments in, the API called, results printed. No migration logic."""
+"""The livemig command line: arguments in, the API called, results printed. No migration logic.
+
+Each command imports only the side it runs, at its start: the agent (started on the target
+for every move) never loads the source's side, and `--version`, `config` and completion load
+neither (the source's side with asyncssh costs some 40 ms more at every start)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import signal
+import dataclasses
+import json
 import sys
 from dataclasses import replace
-from typing import Any
+from pathlib import Path
 
-from . import config, criu, display
+from . import config, criu, display, logs
 from .errors import ExitCode, LivemigError
+from .interrupts import Terminated, run
 from .options import Mode
 from .version import __version__
 
@@ -152,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0) and ExitCode.USAGE
     if args.command == "agent":
+        # this command's side only (see the module's doc)
         from .target import agent
         return asyncio.run(agent.main(args.image_root))
     if args.command == "config":
         return _config(args)
     if args.command == "completion":
+        # this command's side only (see the module's doc)
         from . import completion
         print(completion.script(build_parser(), args.shell))
         return ExitCode.MOVED
@@ -176,12 +184,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args) -> int:
-    import json
-
+    # this command's side only (see the module's doc)
     from .source.migration import check
     try:
         options = _settings(mode=args.mode, image_root=args.image_root).options
-        rows, mode, why = _run(check(args.host, options))
+        rows, mode, why = run(check(args.host, options))
     except LivemigError as e:
         print(f"livemig: {e}", file=sys.stderr)
         return e.exit_code
@@ -199,14 +206,12 @@ def _check(args) -> int:
 
 
 def _recover(args) -> int:
-    import dataclasses
-    import json
-
+    # this command's side only (see the module's doc)
     from .source.migration import ssh_connector
     from .source.recovery import recover
     try:
         options = _settings(image_root=args.image_root).options
-        settled = _run(recover(options, ssh_connector(options), target_lost=args.target_lost))
+        settled = run(recover(options, ssh_connector(options), target_lost=args.target_lost))
     except LivemigError as e:
         print(f"livemig: {e}", file=sys.stderr)
         return e.exit_code
@@ -227,7 +232,6 @@ def _settings(**flags) -> config.Config:
 
 
 def _config(args) -> int:
-    import json
     try:
         cfg = config.load()
     except LivemigError as e:
@@ -250,6 +254,7 @@ def _config(args) -> int:
 
 
 def _move(args) -> int:
+    # this command's side only (see the module's doc)
     from .source.migration import migrate, plan
     wanted = 1 if args.pid is not None else 2
     if len(args.names) != wanted:
@@ -280,6 +285,7 @@ def _undone(report) -> str:
 
 
 def _clone(args) -> int:
+    # this command's side only (see the module's doc)
     from .source.clone import clone
     view = display.for_cli(args.json)
 
@@ -297,7 +303,7 @@ def _report(args, call, view, interrupted) -> int:
     a function of the report that says it)."""
     try:
         with view or contextlib.nullcontext():
-            report = _run(call())
+            report = run(call())
     except (KeyboardInterrupt, Terminated) as e:     # first: Terminated is a LivemigError too
         what, code = ("terminated", ExitCode.TERMINATED) if isinstance(e, Terminated) else \
             ("interrupted", ExitCode.INTERRUPTED)
@@ -322,9 +328,6 @@ def _report(args, call, view, interrupted) -> int:
 def _explain(e: LivemigError, verbose: bool) -> None:
     """Under the error's line: where CRIU's logs were kept; with -v, what in them (and in
     the failing command's output) explains it."""
-    from pathlib import Path
-
-    from . import logs
     kept = getattr(e.report, "logs", None) or []
     if verbose:
         for line in (e.detail or "").splitlines():
@@ -337,92 +340,3 @@ def _explain(e: LivemigError, verbose: bool) -> None:
     if kept:
         print(f"  CRIU's logs: {', '.join(kept)}" + ("" if verbose else " (-v prints what in them explains it)"),
               file=sys.stderr)
-
-
-class Terminated(LivemigError):
-    """SIGTERM (systemd, timeout, kill): rolled back like Ctrl-C. Its message and exit code
-    are what the CLI says of it ("livemig: terminated", 143), wherever it is caught."""
-    exit_code = ExitCode.TERMINATED
-
-    def __init__(self, message: str = "terminated", **kw: Any):
-        super().__init__(message, **kw)
-
-
-class _Interrupted(LivemigError):
-    """Ctrl-C, raised from the work's task (a KeyboardInterrupt raised there would cut
-    the event loop's own shutdown short) and told as a KeyboardInterrupt outside it."""
-    exit_code = ExitCode.INTERRUPTED
-
-    def __init__(self, message: str = "interrupted", **kw: Any):
-        super().__init__(message, **kw)
-
-
-class _Ended:
-    """What the work ended in, kept for a signal that comes after it ended."""
-
-    def __init__(self):
-        self.done, self.result, self.error = False, None, None
-
-    def outcome(self):
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-async def _stoppable(coro, ended: _Ended):
-    """Ctrl-C and SIGTERM cancel the work once, so that its rollback runs. One that comes
-    again while it rolls back is ignored: a second cancel would cut the rollback short,
-    and leave the workload stopped on both hosts. One that comes after the work ended
-    changes nothing: a finished move is not told as interrupted."""
-    loop, task = asyncio.get_running_loop(), asyncio.current_task()
-    got: list[int] = []
-
-    def stop(sig: int) -> None:
-        if ended.done:
-            return
-        if got:
-            if len(got) == 1:
-                print("livemig: still putting things back; `livemig recover` is there if it is killed",
-                      file=sys.stderr)
-            got.append(sig)
-            return
-        got.append(sig)
-        if task is not None:     # (a coroutine's own task: always)
-            task.cancel()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop, sig)
-    try:
-        ended.result = await coro
-        return ended.result
-    except asyncio.CancelledError as e:
-        if not got:
-            raise
-        stopped = _Interrupted() if got[0] == signal.SIGINT else Terminated()
-        stopped.report = getattr(e, "report", None)     # what the work had done, and undone
-        stopped.phase = getattr(stopped.report, "failed_phase", None) or None
-        ended.error = stopped
-        raise stopped from e
-    except BaseException as e:
-        ended.error = e
-        raise
-    finally:
-        ended.done = True
-
-
-def _run(coro):
-    ended = _Ended()
-    try:
-        try:
-            import uvloop
-            run = uvloop.run if hasattr(uvloop, "run") else asyncio.run
-        except ImportError:     # no uvloop: asyncio's own loop runs the same code, a little slower
-            run = asyncio.run
-        return run(_stoppable(coro, ended))
-    except KeyboardInterrupt:
-        if ended.done and not isinstance(ended.error, _Interrupted):
-            return ended.outcome()      # it came as the loop shut down, the work's outcome known
-        raise
-    except _Interrupted as e:
-        told = KeyboardInterrupt()
-        told.report = getattr(e, "report", None)
-        raise told from None

@@ -25,6 +25,7 @@ WORKLOADS = {"bash": "_livemig_workloads", "zsh": "_hosts"}
 
 
 def script(parser: argparse.ArgumentParser, shell: str) -> str:
+    # only the completion command needs it
     import shtab
     for action in _actions(parser):
         if action.dest in ("host", "hosts"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import socket
 from pathlib import Path
 
@@ -80,7 +81,6 @@ def same_netns(pid: int) -> bool:
 def own_usage() -> tuple[int, float]:
     """This process's peak resident memory (bytes), and the CPU seconds it and the children it
     reaped (CRIU, the runtimes) spent: what a migration cost the source."""
-    import resource
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_maxrss * 1024, me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 

@@ -7,6 +7,7 @@ Each says what it can do (stream pages into a page server, serve them lazily) an
 runs its own dumps, freeze, release and resume; the coordinator's phases are the
 same for all of them.
 
+    workload   what every driver is: a Workload, and the DumpRun of a dump under way
     process    a process tree: CRIU itself, its commit point in hook.py
     oci        runc and crun
     podman     podman
@@ -17,118 +18,27 @@ same for all of them.
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..errors import LivemigError, Phase
+from ..criu import Options
+from ..errors import PreflightError
 from ..wire import protocol as p
+from . import oci, podman, process
+from .workload import DumpRun, StopPages, Workload
 
-if TYPE_CHECKING:
-    from ..criu import DumpStats, Options
-
-StopPages = Callable[[], Awaitable[None]]   # cuts the coordinator's page relay (resume's stop_pages)
-
-
-@dataclass
-class DumpRun:
-    """One CRIU dump under way on the source.
-
-    `pages()` gives the socket CRIU's page stream comes out of (None when this
-    workload writes its pages into the image directory instead); `lazy_pages()`
-    the connection to a lazy dump's page server."""
-    proc: asyncio.subprocess.Process
-    log: Path
-    sock: socket.socket | None = None
-    frozen_at: float = field(default_factory=time.monotonic)
-
-    async def pages(self) -> socket.socket | None:
-        return self.sock
-
-    async def lazy_pages(self) -> socket.socket:
-        if self.sock is None:       # a lazy dump's run always has one (process.py)
-            raise LivemigError("this dump serves no pages", phase=Phase.FINAL_DUMP)
-        return self.sock
-
-    def close(self) -> None:
-        if self.sock:
-            self.sock.close()
-
-
-class Workload:
-    """The interface every kind of workload implements (see process.py, oci.py)."""
-    kind = ""                 # "process", "runc", "crun": in the report
-    streams_pages = True      # pages go to the target's page server as CRIU writes them
-                              # (which strategies each runtime can run: policy.choose_mode)
-
-    root_pid: int
-    name: str                 # what the user called it: a PID or a container name
-    image: str | None = None  # a container image the target must have too (podman's)
-    max_rounds: int | None = None   # pre-copy rounds this runtime can chain (podman keeps one)
-
-    def pids(self) -> list[int]:
-        raise NotImplementedError
-
-    def target_spec(self) -> p.Container | None:
-        """What the target's agent needs to restore this workload under its runtime."""
-        return None
-
-    def bundle(self) -> Path | None:
-        """A directory that must exist on the target too (an OCI bundle), or None."""
-        return None
-
-    async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
-        raise NotImplementedError
-
-    async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
-        """Freeze the workload and start the final dump; returns once it is started."""
-        raise NotImplementedError
-
-    async def dumped(self, run: DumpRun, lazy: bool) -> float:
-        """Wait until every image is written (lazy: until the page server is ready), the
-        workload still frozen; the time that happened. Raises DumpError if the dump failed."""
-        raise NotImplementedError
-
-    async def release(self, run: DumpRun, lazy: bool) -> list[str]:
-        """The commit point, after the target restored: the source is given up for good
-        (lazy: recorded as given up; see finish_lazy). Returns warnings."""
-        raise NotImplementedError
-
-    def stats(self, images: Path) -> DumpStats | None:
-        """CRIU's statistics of the dump into images (criu.DumpStats), or None."""
-        from ..criu import DumpStats, read_stats
-        st = read_stats(images / "stats-dump")
-        return st if isinstance(st, DumpStats) else None    # (a stats-dump image holds a dump's)
-
-    async def finish_lazy(self, run: DumpRun) -> None:
-        """Post-copy is over: every page is on the target; end the source's copy."""
-        raise NotImplementedError
-
-    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
-        """Roll back: the source runs on from where it was frozen. stop_pages() cuts the
-        coordinator's page relay, which makes a running CRIU dump fail."""
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        pass
-
+__all__ = ["CONTAINER_RUNTIMES", "DumpRun", "StopPages", "Workload", "control", "known", "resolve",
+           "restore_command"]
 
 async def resolve(what: str | int, runtime: str | None, criu_opts: Options, work: Path) -> Workload:
     """The workload the user named: a PID (process tree), or a container name or ID. podman
     is asked first: its containers run under runc or crun too, but only podman knows them
     by name, and only podman can bring them back registered."""
-    from . import oci, podman, process
     if isinstance(what, int):
         return process.ProcessTree(what, criu_opts, work)
     if runtime in (None, "podman"):
         found = await podman.find(what, criu_opts)
         if found is not None or runtime == "podman":
             if found is None:
-                from ..errors import PreflightError
                 raise PreflightError(f"no container {what!r} here under podman")
             return found
     return await oci.find(what, runtime, criu_opts)
@@ -139,7 +49,6 @@ CONTAINER_RUNTIMES = ("podman", "runc", "crun")
 
 async def known(c: p.Container) -> bool:
     """Does this host's runtime have a container by c's name?"""
-    from . import oci, podman
     if c.runtime == "podman":
         return await podman.inspect(c.id) is not None
     return await oci.state(c.runtime, c.id) is not None
@@ -147,7 +56,6 @@ async def known(c: p.Container) -> bool:
 
 def restore_command(c: p.Container, images: Path, pidfile: Path, lazy: bool) -> list[str]:
     """How this host's runtime restores c from image directory images."""
-    from . import oci, podman
     if c.runtime == "podman":
         return podman.restore(images, c.id)
     return oci.restore(c.runtime, c.id, str(images), c.bundle, str(pidfile), lazy=lazy)

@@ -27,8 +27,8 @@ from .. import criu, proc
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from ..options import WAITS
 from ..wire import protocol as p
-from . import DumpRun, StopPages, Workload
 from .process import criu_failure
+from .workload import DumpRun, StopPages, Workload
 
 RUNTIMES = ("runc", "crun")
 _NO_OPTIONS = criu.Options()     # nothing asked of CRIU (frozen: one instance serves every call)

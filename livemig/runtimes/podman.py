@@ -15,15 +15,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import criu, proc
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from ..wire import protocol as p
-from . import DumpRun, StopPages, Workload
-
-if TYPE_CHECKING:
-    from ..wire import streams
+from ..wire import streams
+from .workload import DumpRun, StopPages, Workload
 
 ARCHIVE = "checkpoint.tar"
 STATS = "checkpoint-stats.log"     # podman's --print-stats; a .log stays on the source
@@ -116,7 +113,6 @@ class PodmanContainer(Workload):
         return p.Container("podman", self.container, "", image=self.image)
 
     async def send_image(self, writer: streams.Writer, level: int) -> streams.Meter:
-        from ..wire import streams
         return await streams.send_output(["podman", "save", self.image], writer, level)
 
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:

@@ -17,7 +17,8 @@ from pathlib import Path
 from .. import criu, host, proc
 from ..errors import DumpError, Phase, PreflightError
 from ..options import WAITS
-from . import DumpRun, StopPages, Workload, hook
+from . import hook
+from .workload import DumpRun, StopPages, Workload
 
 
 class ProcessTree(Workload):

@@ -56,6 +56,6 @@ def by_pid(w: runtimes.Workload) -> dict[int, int]:
     with contextlib.suppress(OSError, ValueError):
         level = len(pagehash.ns_pids(w.root_pid)) - 1
         for pid in w.pids():
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):     # likewise, one process
                 out[pid] = pagehash.vpid_of(pid, level)
     return out

@@ -250,6 +250,7 @@ def remote_error(e: p.RemoteFailure, phase: str, target: str) -> LivemigError:
 
 def ssh_connector(options: Options) -> Connector:
     """How a session reaches its target by default: SSH, the user's own config applying."""
+    # asyncssh costs 130 ms: loaded only when a session goes over SSH (a local transport needs none)
     from ..wire.transports.ssh import SshTransport
 
     async def connect(target: str) -> Transport:

@@ -29,6 +29,8 @@ from pathlib import Path
 from .. import proc
 from ..errors import Phase
 from ..options import WAITS
+from ..runtimes import control
+from ..wire.protocol import Container
 from .failures import failing_as
 from .verdicts import Verdicts
 
@@ -84,8 +86,6 @@ def kill_pidfile(path: str) -> None:
 
 
 def kill_container(runtime: str, cid: str) -> None:
-    from ..runtimes import control
-    from ..wire.protocol import Container
     subprocess.run(control(Container(runtime, cid, ""), "delete"), stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=WAITS.container_delete, check=False)
 

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM around the work the CLI runs (cli._run): the first cancels it, so
+"""Ctrl-C and SIGTERM around the work the CLI runs (interrupts.run): the first cancels it, so
 that its rollback runs; a second is ignored while it rolls back; one that comes after
 the work ended leaves its outcome as it was."""
 
@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from livemig import cli
+from livemig import interrupts
+from livemig.errors import LivemigError
 
 
 def _signal_soon(sig: int, after: float) -> None:
@@ -39,7 +40,7 @@ def test_ctrl_c_cancels_the_work_and_is_told_as_an_interrupt():
     log: list[str] = []
     _signal_soon(signal.SIGINT, 0.1)
     with pytest.raises(KeyboardInterrupt):
-        cli._run(_rolls_back(log))
+        interrupts.run(_rolls_back(log))
     assert log == ["rolled back"]
 
 
@@ -47,7 +48,7 @@ def test_a_second_ctrl_c_does_not_cut_the_rollback_short(capsys):
     log: list[str] = []
     _signal_soon(signal.SIGINT, 0.1)
     with pytest.raises(KeyboardInterrupt):
-        cli._run(_rolls_back(log, signals=3))
+        interrupts.run(_rolls_back(log, signals=3))
     assert log == ["rolled back"]
     assert capsys.readouterr().err.count("still putting things back") == 1
 
@@ -55,8 +56,8 @@ def test_a_second_ctrl_c_does_not_cut_the_rollback_short(capsys):
 def test_sigterm_is_told_as_terminated():
     log: list[str] = []
     _signal_soon(signal.SIGTERM, 0.1)
-    with pytest.raises(cli.Terminated):
-        cli._run(_rolls_back(log))
+    with pytest.raises(interrupts.Terminated):
+        interrupts.run(_rolls_back(log))
     assert log == ["rolled back"]
 
 
@@ -68,7 +69,7 @@ def test_work_that_handles_the_cancel_keeps_its_result():
             return "moved"      # the coordinator's "moved all the same"
         return "never"
     _signal_soon(signal.SIGINT, 0.1)
-    assert cli._run(finishes_anyway()) == "moved"
+    assert interrupts.run(finishes_anyway()) == "moved"
 
 
 def _signal_once_done(task: asyncio.Task, sig: int) -> None:
@@ -87,12 +88,12 @@ def test_a_ctrl_c_after_the_work_ended_leaves_its_outcome():
     async def done_with_a_thread_still_running() -> str:
         _signal_once_done(asyncio.current_task(), signal.SIGINT)
         return "moved"
-    assert cli._run(done_with_a_thread_still_running()) == "moved"
+    assert interrupts.run(done_with_a_thread_still_running()) == "moved"
 
 
 def test_a_failure_stays_a_failure_when_a_ctrl_c_follows_it():
     async def fails() -> None:
         _signal_once_done(asyncio.current_task(), signal.SIGINT)
-        raise cli.LivemigError("restore failed")
-    with pytest.raises(cli.LivemigError, match="restore failed"):
-        cli._run(fails())
+        raise LivemigError("restore failed")
+    with pytest.raises(LivemigError, match="restore failed"):
+        interrupts.run(fails())

@@ -1,0 +1,107 @@
+"""How a command is stopped: Ctrl-C and SIGTERM (systemd, timeout, kill) cancel the work
+once, so that its rollback runs; one that comes again while it rolls back is ignored, and
+one that comes after the work ended changes nothing.
+
+The CLI runs every move and clone through run(); the errors here are what it tells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any
+
+from .errors import ExitCode, LivemigError
+
+
+class Terminated(LivemigError):
+    """SIGTERM (systemd, timeout, kill): rolled back like Ctrl-C. Its message and exit code
+    are what the CLI says of it ("livemig: terminated", 143), wherever it is caught."""
+    exit_code = ExitCode.TERMINATED
+
+    def __init__(self, message: str = "terminated", **kw: Any):
+        super().__init__(message, **kw)
+
+
+class Interrupted(LivemigError):
+    """Ctrl-C, raised from the work's task (a KeyboardInterrupt raised there would cut
+    the event loop's own shutdown short) and told as a KeyboardInterrupt outside it."""
+    exit_code = ExitCode.INTERRUPTED
+
+    def __init__(self, message: str = "interrupted", **kw: Any):
+        super().__init__(message, **kw)
+
+
+class _Ended:
+    """What the work ended in, kept for a signal that comes after it ended."""
+
+    def __init__(self):
+        self.done, self.result, self.error = False, None, None
+
+    def outcome(self):
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+async def _stoppable(coro, ended: _Ended):
+    """Ctrl-C and SIGTERM cancel the work once, so that its rollback runs. One that comes
+    again while it rolls back is ignored: a second cancel would cut the rollback short,
+    and leave the workload stopped on both hosts. One that comes after the work ended
+    changes nothing: a finished move is not told as interrupted."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    got: list[int] = []
+
+    def stop(sig: int) -> None:
+        if ended.done:
+            return
+        if got:
+            if len(got) == 1:
+                print("livemig: still putting things back; `livemig recover` is there if it is killed",
+                      file=sys.stderr)
+            got.append(sig)
+            return
+        got.append(sig)
+        if task is not None:     # (a coroutine's own task: always)
+            task.cancel()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        ended.result = await coro
+        return ended.result
+    except asyncio.CancelledError as e:
+        if not got:
+            raise
+        stopped = Interrupted() if got[0] == signal.SIGINT else Terminated()
+        stopped.report = getattr(e, "report", None)     # what the work had done, and undone
+        stopped.phase = getattr(stopped.report, "failed_phase", None) or None
+        ended.error = stopped
+        raise stopped from e
+    except BaseException as e:
+        ended.error = e
+        raise
+    finally:
+        ended.done = True
+
+
+def run(coro):
+    """coro's result, run in an event loop of its own (uvloop's where there is one), Ctrl-C
+    and SIGTERM stopping it as _stoppable says: an interrupt raises KeyboardInterrupt, a
+    SIGTERM Terminated, each carrying the report of what was undone."""
+    ended = _Ended()
+    try:
+        try:
+            import uvloop  # optional: made the loop here, where it is chosen
+            run = uvloop.run if hasattr(uvloop, "run") else asyncio.run
+        except ImportError:     # no uvloop: asyncio's own loop runs the same code, a little slower
+            run = asyncio.run
+        return run(_stoppable(coro, ended))
+    except KeyboardInterrupt:
+        if ended.done and not isinstance(ended.error, Interrupted):
+            return ended.outcome()      # it came as the loop shut down, the work's outcome known
+        raise
+    except Interrupted as e:
+        told = KeyboardInterrupt()
+        told.report = getattr(e, "report", None)
+        raise told from None
