@@ -1,7 +1,7 @@
 """Issue 8's fault matrix, cell by cell, in the namespaced lab: every phase of a move, and
 in each every fault, with the same promise checked afterwards.
 
-The coordinator stops itself at the start of a phase (LIVEMIG_TEST_STOP_AT, source/migration.py's
+The coordinator stops itself at the start of a phase (LIVEMIG_TEST_STOP_AT, source/testpoints.py's
 fault injection), the test breaks something there, and lets it go on. Then, and after
 `livemig recover` where the coordinator itself was killed: exactly one copy of the
 workload runs (or none, where it exited by itself), counting on from where it was with

@@ -4,7 +4,7 @@ into memory, a fill, fails as pre-copy by hashes does: test_fill_faults.py).
 A `livemig move` killed outright on either side of its commit leaves the target's restored
 copy stopped, and the source's copy stopped or gone: `livemig recover` must leave exactly
 one copy running, its state intact. The coordinator stops itself at the exact point
-(LIVEMIG_TEST_STOP_AT, source/migration.py's fault injection), and the test kills it there
+(LIVEMIG_TEST_STOP_AT, source/testpoints.py's fault injection), and the test kills it there
 with SIGKILL: nothing of it runs after.
 
 A workload that exits by itself mid-move is said to have done so (exit code 8), and

@@ -2,8 +2,8 @@
 
 Pages cross inside a zstd stream (wire/streams.py) as frames: a header (kind, the
 process's PID in the dump, its first address, a count of pages) and, for PAGES, the
-pages' bytes. The source writes them (postcopy.py's push, and pre-copy's rounds by page
-hashes in source/migration.py); the target reads them (placer.py, and the agent's store
+pages' bytes. The source writes them (push.py, and pre-copy's rounds by page
+hashes in source/rounds.py); the target reads them (placer.py, and the agent's store
 of pre-copied pages). The target answers on the same stream's other direction with
 frames of its own, header only.
 """

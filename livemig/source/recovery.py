@@ -2,7 +2,7 @@
 
 Once a post-copy's target runs, two copies exist: the target's, which may lack pages,
 and the source's, stopped since the final dump, whole. Exactly one may run on. The
-target decides for its copy (target/agent.py: a copy lacking pages dies with its page stream,
+target decides for its copy (target/postcopy.py: a copy lacking pages dies with its page stream,
 and the target writes down the verdict); the source's copy follows that verdict, and
 waits, stopped, as long as nobody knows it: after a cut link, after the coordinator
 was killed. This module is the source's half: the record written before the final
