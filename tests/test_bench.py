@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_quick_benchmark_moves_the_workload_with_every_contender_and_writes_its_results(tmp_path):
     res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
-                         capture_output=True, timeout=1800)
+                         capture_output=True, timeout=1800, check=False)
     assert res.returncode == 0, res.stderr.decode()[-2000:]
     [path] = tmp_path.glob("*.json")
     result = json.loads(path.read_text())

@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_postcopy_faults import (assert_runs_on_a_whole, broken_mid_move, killed_mid_move_then_recovered,
-                                        said_by_livemig, start_move)
+from tests.test_postcopy_faults import (
+    assert_runs_on_a_whole,
+    broken_mid_move,
+    killed_mid_move_then_recovered,
+    said_by_livemig,
+    start_move,
+)
 from tests.test_stopcopy_faults import assert_one_copy_whole
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]

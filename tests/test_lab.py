@@ -17,15 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def lab_cli(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tests.lab", *args], cwd=REPO, input=input,
-                          capture_output=True, timeout=900)
+                          capture_output=True, timeout=900, check=False)
 
 
 def machine_snapshot() -> dict:
     """What a lab could leave behind on the machine, as the machine sees it."""
     mounts = [l.split()[1] for l in Path("/proc/self/mounts").read_text().splitlines()]
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
     cgs = sorted(str(p) for h in cgroups.hierarchies() for p in Path(h.mountpoint, h.own_path).glob("livemig-lab-*"))
-    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout
     return {"mounts": sorted(m for m in mounts if "livemig-lab" in m),
             "links": sorted(l.split(":")[1].strip() for l in links.splitlines()),
             "cgroups": cgs,
@@ -69,7 +69,7 @@ def test_three_hosts_share_a_bridge_and_all_reach_each_other():
                 if src != dst:
                     assert lab.text(src, ["ssh", dst, "hostname"]).strip() == dst
         # the bridge lives in a namespace of its own, not on the machine
-        assert "br0" not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert "br0" not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
     finally:
         assert Lab.down() == []
 

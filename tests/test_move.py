@@ -272,7 +272,7 @@ def test_ctrl_c_or_sigterm_rolls_back_and_the_source_goes_on(lab, after, sig):
         seen += line
     lab.run("a", ["pkill", f"-{sig}", "-f", "livemig move"])
     t0 = time.monotonic()
-    out, err = mover.communicate(timeout=300)
+    _out, err = mover.communicate(timeout=300)
     assert mover.returncode == {"INT": 130, "TERM": 143}[sig], (seen + err).decode()
     # CRIU let go by itself (page stream cut, or the hook's verdict), not through the last
     # resort of killing it after 60 s
@@ -283,8 +283,8 @@ def test_ctrl_c_or_sigterm_rolls_back_and_the_source_goes_on(lab, after, sig):
 
 
 def test_the_config_file_and_environment_set_the_mode_and_a_flag_wins(lab):
-    lab.run("a", ["sh", "-c", "mkdir -p /root/.config/livemig && "
-                  "printf 'mode = \"postcopy\"\\n' > /root/.config/livemig/config.toml"])
+    lab.run("a", ["sh", "-c", ("mkdir -p /root/.config/livemig && "
+                  "printf 'mode = \"postcopy\"\\n' > /root/.config/livemig/config.toml")])
     try:
         work = lab.start_workload("a", mib=16, pid=4420)
         before = work.query("a")

@@ -138,7 +138,7 @@ def test_a_runc_container_killed_either_side_of_the_commit(lab, point, runs_on):
 def test_a_workload_that_exits_mid_move_is_said_to_and_nothing_is_left(lab):
     work = lab.start_workload("a", mib=256, dirty_mibps=0, pid=4703, port=7813)
     # at the instant livemig is about to freeze it (waiting for a log line raced the dump)
-    mover, stopped = stopped_at(lab, "final-dump", "--pid", str(work.pid))
+    mover, _stopped = stopped_at(lab, "final-dump", "--pid", str(work.pid))
     lab.run("a", ["kill", "-KILL", str(work.pid)])
     os.kill(mover.pid, signal.SIGCONT)
     err = mover.stderr.read().decode()
@@ -164,7 +164,7 @@ def test_a_target_whose_disk_fills_during_the_dump_rolls_back(lab, small_image_r
     work = lab.start_workload("a", mib=256, dirty_mibps=10, pid=4705, port=7815)
     before = work.query("a")
     # the room was there at the preflight; something else takes it before the pages land
-    mover, stopped = stopped_at(lab, "final-dump", "--pid", str(work.pid))
+    mover, _stopped = stopped_at(lab, "final-dump", "--pid", str(work.pid))
     lab.run("b", ["sh", "-c", "head -c 390M /dev/zero > /var/lib/livemig/filler"], check=False)
     os.kill(mover.pid, signal.SIGCONT)     # nsenter, stopped with its child, passes it on
     err = mover.stderr.read().decode()

@@ -24,10 +24,10 @@ def test_vm_lab_cli_up_down_leaves_nothing():
     from tests.lab import Lab, vm
     Lab.down()
     up = subprocess.run([sys.executable, "-m", "tests.lab", "up", "--kind", "vm"], cwd=REPO,
-                        capture_output=True, timeout=900)
+                        capture_output=True, timeout=900, check=False)
     assert up.returncode == 0, up.stderr.decode()
     assert json.loads(up.stdout)["kind"] == "vm" and vm._lab_qemus()
-    down = subprocess.run([sys.executable, "-m", "tests.lab", "down"], cwd=REPO, capture_output=True, timeout=300)
+    down = subprocess.run([sys.executable, "-m", "tests.lab", "down"], cwd=REPO, capture_output=True, timeout=300, check=False)
     assert down.returncode == 0, down.stderr.decode()
     assert vm._lab_qemus() == [] and not vm.LAB_DIR.exists()
 
@@ -41,7 +41,7 @@ def test_vms_reach_each_other_and_track_dirty_pages(vm_lab):
         assert "is supported" in vm_lab.text(h, ["criu", "check", "--feature", "mem_dirty_track"])
     # the CLI speaks to the VM lab as to the namespaced one
     out = subprocess.run([sys.executable, "-m", "tests.lab", "exec", "b", "--", "hostname"], cwd=REPO,
-                         capture_output=True, timeout=120)
+                         capture_output=True, timeout=120, check=False)
     assert (out.returncode, out.stdout) == (0, b"b\n")
 
 
@@ -53,7 +53,7 @@ def test_two_pre_dumps_and_a_final_dump_restore_on_the_other_vm(vm_lab):
     """criu by hand: pre-dump, pre-dump, dump with the chain of parents; copy; restore on b."""
     work = vm_lab.start_workload("a", mib=32, dirty_mibps=1, pid=4701, hot_mib=8)    # dirties 8 MiB at most
     before = work.query("a")
-    run = lambda *argv: vm_lab.run("a", list(argv), timeout=600)   # noqa: E731
+    run = lambda *argv: vm_lab.run("a", list(argv), timeout=600)
     run("mkdir", "-p", "-m", "700", "/img/chain/1", "/img/chain/2", "/img/chain/3")
     run("criu", "pre-dump", "-t", str(work.pid), "-D", "/img/chain/1", "-o", "log", "--track-mem")
     run("criu", "pre-dump", "-t", str(work.pid), "-D", "/img/chain/2", "-o", "log", "--track-mem",
@@ -102,7 +102,7 @@ def test_livemig_auto_picks_hybrid_here(vm_lab):
     before = work.query("a")
     report = move(vm_lab, work.pid)
     assert report["mode"] == "hybrid" and "track dirty pages" in report["mode_reason"]
-    assert [r["kind"] for r in report["rounds"]][0] == "pre-dump"
+    assert next(r["kind"] for r in report["rounds"]) == "pre-dump"
     # after the restore only the last dirty set comes over, not the whole memory again
     assert 0 < report["postcopy_pages"] < report["rounds"][0]["pages_written"] / 4, report
     after = work.query("b", wait=30)
@@ -122,7 +122,7 @@ def test_containers_pre_copy_here_runc_crun_and_podman(vm_lab):
         ctr = Counter(vm_lab, "a", runtime, name)
         before, t = ctr.count("a"), time.monotonic()
         report = assert_moved(vm_lab, ctr, "a", "b", before, t, move_ctr("a", "b", "--mode", "precopy", name))
-        assert [r["kind"] for r in report["rounds"]][0] == "pre-dump" and report["mode"] == "precopy"
+        assert next(r["kind"] for r in report["rounds"]) == "pre-dump" and report["mode"] == "precopy"
         if runtime == "runc":
             before, t = ctr.count("b"), time.monotonic()
             report = assert_moved(vm_lab, ctr, "b", "a", before, t, move_ctr("b", "a", "--mode", "hybrid", name))

@@ -4,7 +4,8 @@ premise that holds however slow or busy the machine is."""
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 

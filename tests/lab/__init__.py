@@ -15,7 +15,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import hosts as _hosts, netns, vm
+from . import hosts as _hosts
+from . import netns, vm
 from .proc import LabError
 
 __all__ = ["Lab", "LabError", "Workload"]
@@ -48,7 +49,7 @@ class Lab:
         self.state = state
 
     @classmethod
-    def up(cls, hosts: int = 2, kind: str = "netns") -> "Lab":
+    def up(cls, hosts: int = 2, kind: str = "netns") -> Lab:
         return cls(up(hosts, kind))
 
     @staticmethod
@@ -96,7 +97,7 @@ class Lab:
 
     def start_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
                        pid: int = 0, port: int = 7777, children: int = 0, fork_every: float = 0.0,
-                       bind: str = "0.0.0.0", hot_mib: int = 0) -> "Workload":
+                       bind: str = "0.0.0.0", hot_mib: int = 0) -> Workload:
         """Start memcounter on host name, detached, and wait until it answers (children:
         more memcounters in its tree, on the next ports; fork_every, hot_mib: see memcounter)."""
         argv = ["python3", WORKLOAD, "run", "--daemon", "--mib", str(mib),
@@ -111,7 +112,7 @@ class Lab:
         return Workload(self, got, port, mib)
 
     def start_container_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
-                                 port: int = 7777, container: str = "mem1") -> "Workload":
+                                 port: int = 7777, container: str = "mem1") -> Workload:
         """memcounter in a runc container on host name (tests/workloads/container.py), its port
         on the host's network; wait until it answers."""
         bundle = f"/var/lib/ctr/{container}"

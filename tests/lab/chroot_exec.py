@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernel  # noqa: E402  (a script, not a package import)
+import kernel
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kernel as k  # noqa: E402  (run as a script by path, before pivot_root)
+import kernel as k
 
 NOSUID_NODEV = k.MS_NOSUID | k.MS_NODEV
 

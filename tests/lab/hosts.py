@@ -64,7 +64,7 @@ class State:
         (LAB_DIR / "state.json").write_text(json.dumps(asdict(self), indent=1))
 
     @staticmethod
-    def load() -> "State | None":
+    def load() -> State | None:
         try:
             d = json.loads((LAB_DIR / "state.json").read_text())
         except FileNotFoundError:
@@ -193,7 +193,7 @@ def popen(state: State, name: str, argv: list[str], **kw) -> subprocess.Popen:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if host.cgroup_procs:
             cgroups.join(list(host.cgroup_procs))
-    return subprocess.Popen(enter_argv(state, host, argv), preexec_fn=prepare, **kw)
+    return subprocess.Popen(enter_argv(state, host, argv), preexec_fn=prepare, **kw)  # noqa: PLW1509 - the lab is set up before any thread starts
 
 
 def exec_(state: State, name: str, argv: list[str], *, check: bool = True, input: bytes | None = None,

@@ -20,8 +20,18 @@ import time
 from pathlib import Path
 
 from . import cgroups, rootfs
-from .hosts import (LAB_DIR, REPO, Host, State, _alive, _wait_gone, addresses, host_names,
-                    prepare_host_files, wait_for_ssh)
+from .hosts import (
+    LAB_DIR,
+    REPO,
+    Host,
+    State,
+    _alive,
+    _wait_gone,
+    addresses,
+    host_names,
+    prepare_host_files,
+    wait_for_ssh,
+)
 from .proc import LabError, run
 
 PIPE_MAX = 4 * 1024 * 1024
@@ -70,14 +80,14 @@ def _start_host(name: str, base: Path) -> subprocess.Popen:
             "merged": str(h / "merged"), "repo": str(REPO),
             "cgroups": [{"relative": c.relative, "fstype": c.fstype, "options": c.options}
                         for c in cgroups.hierarchies()]}
-    console = open(LAB_DIR / "logs" / f"{name}.console", "wb")
+    console = open(LAB_DIR / "logs" / f"{name}.console", "wb")  # noqa: SIM115 - closed by the with below
     with console:
         return subprocess.Popen(
             ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--net", "--uts", "--ipc",
              "--cgroup", "--propagation", "private", "--",
              sys.executable, Path(__file__).with_name("hostinit.py"), json.dumps(spec)],
             stdin=subprocess.DEVNULL, stdout=console, stderr=console,
-            start_new_session=True, preexec_fn=lambda: cgroups.join(procs))
+            start_new_session=True, preexec_fn=lambda: cgroups.join(procs))  # noqa: PLW1509 - no thread runs yet
 
 
 def _wait_for_init(name: str, unshare: subprocess.Popen, address: str) -> Host:

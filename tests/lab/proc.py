@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import subprocess
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class LabError(RuntimeError):
@@ -16,7 +16,7 @@ def run(argv: Sequence[object], *, check: bool = True, input: bytes | None = Non
     args = [str(a) for a in argv]
     try:
         res = subprocess.run(args, input=input, timeout=timeout,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             capture_output=True, check=False)
     except FileNotFoundError as e:
         raise LabError(f"{args[0]}: not installed ({e.strerror})") from None
     except subprocess.TimeoutExpired:

@@ -23,8 +23,19 @@ import time
 from pathlib import Path
 
 from . import vmimage
-from .hosts import (LAB_DIR, REPO, Host, State, _alive, _wait_gone, addresses, exec_, host_names,
-                    prepare_host_files, wait_for_ssh)
+from .hosts import (
+    LAB_DIR,
+    REPO,
+    Host,
+    State,
+    _alive,
+    _wait_gone,
+    addresses,
+    exec_,
+    host_names,
+    prepare_host_files,
+    wait_for_ssh,
+)
 from .proc import LabError, run
 
 MEM_MIB = int(os.environ.get("LIVEMIG_LAB_VM_MEM", "2048"))

@@ -10,12 +10,12 @@ import os
 
 import pytest
 
+from livemig import workdirs
+from livemig.errors import ConnectionFailed
+from livemig.source.migration import primary
 from livemig.target import agent as agent_mod
 from livemig.target.verdicts import VERDICT_ROOM, Verdicts
 from livemig.wire import protocol as p
-from livemig import workdirs
-from livemig.source.migration import primary
-from livemig.errors import ConnectionFailed
 
 
 def test_a_verdict_lands_in_the_room_its_file_kept_when_the_disk_is_full(tmp_path, monkeypatch):

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from livemig.wire import bandwidth, streams
 from livemig import config
 from livemig.errors import UsageError
 from livemig.options import SIZES
+from livemig.wire import bandwidth, streams
 
 
 @pytest.mark.parametrize("text, rate", [("50M", 50 << 20), ("1G", 1 << 30), ("1.5g", 3 << 29), ("800K", 800 << 10),

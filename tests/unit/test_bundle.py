@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from livemig.runtimes import bundle
 from livemig.errors import CommandFailed
+from livemig.runtimes import bundle
 
 
 def test_listing_and_deletions_round_trip(tmp_path):

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from livemig.source.clone import replica_names
 from livemig.errors import UsageError
 from livemig.report import CloneReport, Replica
+from livemig.source.clone import replica_names
 
 
 def test_replicas_are_named_after_the_original_unless_told():

@@ -71,6 +71,7 @@ def test_a_bad_flag_value_is_a_usage_error_too():
 
 def test_livemig_config_prints_values_and_sources_and_bad_config_exits_2(tmp_path, monkeypatch, capsys):
     import json
+
     from livemig import cli
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)

@@ -57,7 +57,7 @@ def test_the_final_dump_is_held_by_the_hook_and_lazy_leaves_the_source_stopped()
 
 
 def test_a_tree_with_nothing_to_lock_is_not_locked_by_nftables_while_it_is_frozen():
-    args = dict(ps_fd=7, hook="/h", parent=None, lazy=True)
+    args = {"ps_fd": 7, "hook": "/h", "parent": None, "lazy": True}
     alone = criu.dump(42, "/d", opts=criu.Options(), nothing_to_lock=True, **args)
     assert alone[alone.index("--network-lock") + 1] == "iptables"
     # its own namespace, or connections CRIU must lock: the configured method stays

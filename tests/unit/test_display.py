@@ -9,9 +9,19 @@ import re
 from rich.console import Console
 
 from livemig import display
-from livemig.wire import streams
 from livemig.display import Lines, Live
-from livemig.progress import Connecting, Copied, Fetching, ModeChosen, RoundDone, Running, Sending, Stepping, Ticker
+from livemig.progress import (
+    Connecting,
+    Copied,
+    Fetching,
+    ModeChosen,
+    RoundDone,
+    Running,
+    Sending,
+    Stepping,
+    Ticker,
+)
+from livemig.wire import streams
 
 MOVE = [Connecting("b"), ModeChosen("hybrid", "the kernel tracks dirty pages", 512 << 20),
         Copied("bundle", 3 << 20, 1 << 20),

@@ -99,6 +99,7 @@ def test_a_comparison_cut_short_closes_its_pipe_once_and_nothing_else():
     # still owns it is closed again when that object is collected (EBADF at exit, or another
     # file that took the same number closed). Under uvloop, as the CLI runs.
     import gc
+
     import uvloop
 
     memory = mmap.mmap(-1, 64 * PAGE)

@@ -173,7 +173,7 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
         os.kill(pid, 9)          # a child stuck on a page nobody will place
         raise
     finally:
-        _, status = os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)  # noqa: ASYNC222 - the forked child has ended or is ending: no wait worth a loop
         placer.close()
         for fd in held:
             os.close(fd)
@@ -193,7 +193,7 @@ async def test_every_page_lands_where_the_dump_had_it_and_faults_go_first(tmp_pa
 
 
 async def test_a_fault_is_answered_on_its_own_stream_while_the_pushing_stream_is_stuck(tmp_path):
-    placer, pusher, report, _ = await move(tmp_path, gate=True)
+    _placer, pusher, report, _ = await move(tmp_path, gate=True)
     assert report == "ok"
     assert pusher.stats.pages_on_demand >= len(FIRST_FAULTS)
 
@@ -319,7 +319,7 @@ async def test_the_source_gone_mid_copy_fails_the_target_side_loudly(tmp_path):
 
 async def test_a_silent_link_fails_the_target_side_once_its_copy_runs_and_not_before(tmp_path):
     # the link is cut: the source's end stays open, and nothing more arrives
-    source, (dst_reader, dst_writer) = await pair()
+    _source, (dst_reader, dst_writer) = await pair()
     placer = Placer(tmp_path, RANGES, stall_seconds=0.5)
     placer.listen()
     async with asyncio.timeout(10):

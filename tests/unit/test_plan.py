@@ -2,8 +2,8 @@
 
 import json
 
-from livemig.source import policy
 from livemig.report import Plan
+from livemig.source import policy
 
 MIB = 2**20
 

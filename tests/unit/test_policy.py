@@ -3,8 +3,16 @@
 import pytest
 
 from livemig.options import SIZES
-from livemig.source.policy import (Limits, RoundStats, StopReason, Throttling, choose_mode, decide,
-                                   expected_downtime, stopcopy_fills)
+from livemig.source.policy import (
+    Limits,
+    RoundStats,
+    StopReason,
+    Throttling,
+    choose_mode,
+    decide,
+    expected_downtime,
+    stopcopy_fills,
+)
 
 MiB = 1 << 20
 

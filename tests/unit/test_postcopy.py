@@ -3,8 +3,8 @@ server, and the reading of CRIU's pagemap images. The target's side, with real u
 in test_placer.py; the lab's post-copy tests run the real CRIU."""
 
 import asyncio
-import dataclasses
 import ctypes
+import dataclasses
 import mmap
 import os
 import random

@@ -5,9 +5,9 @@ from livemig.wire.protocol import HostFacts
 
 
 def facts(**kw) -> HostFacts:
-    base = dict(hostname="h", arch="x86_64", kernel="6.12", criu_version=[4, 2, 1],
-                features={"mem_dirty_track": True, "uffd-noncoop": True}, free_bytes=10 << 30,
-                mem_available=10 << 30, pids_taken=[])
+    base = {"hostname": "h", "arch": "x86_64", "kernel": "6.12", "criu_version": [4, 2, 1],
+                "features": {"mem_dirty_track": True, "uffd-noncoop": True}, "free_bytes": 10 << 30,
+                "mem_available": 10 << 30, "pids_taken": []}
     return HostFacts(**{**base, **kw})
 
 
@@ -16,7 +16,7 @@ def failed(rows):
 
 
 def test_matching_hosts_pass_everything_and_pick_hybrid():
-    rows, mode, why = compare(facts(), facts(), "auto", pids=[42], need_bytes=1 << 30)
+    rows, mode, _why = compare(facts(), facts(), "auto", pids=[42], need_bytes=1 << 30)
     assert failed(rows) == [] and mode == "hybrid"
 
 
@@ -64,6 +64,7 @@ def test_crun_gets_no_lazy_strategy():
 
 def test_podman_must_match_facts_and_the_kernel_fail_but_force_makes_them_warnings():
     import pytest
+
     from livemig.errors import PreflightError
     from livemig.source.preflight import enforce
     from livemig.wire.protocol import Container
@@ -86,6 +87,7 @@ def test_podman_must_match_facts_and_the_kernel_fail_but_force_makes_them_warnin
 
 def test_force_never_passes_what_fails_after_the_commit():
     import pytest
+
     from livemig.errors import PreflightError
     from livemig.source.preflight import Check, enforce
     with pytest.raises(PreflightError, match="lacks"):
@@ -109,7 +111,7 @@ def test_pre_copy_by_hashes_needs_the_memory_twice_on_the_target_and_auto_falls_
     roomy = facts(features={"uffd-noncoop": True}, mem_available=3 << 30)
     tight = facts(features={"uffd-noncoop": True}, mem_available=(3 << 30) // 2)
     rows, mode, _ = compare(src, roomy, "auto", need_bytes=1 << 30)
-    assert mode == "precopy" and "2048 MiB needed" in [r for r in rows if r.name == "memory"][0].detail
+    assert mode == "precopy" and "2048 MiB needed" in next(r for r in rows if r.name == "memory").detail
     rows, mode, why = compare(src, tight, "auto", need_bytes=1 << 30)
     assert mode == "stopcopy" and "twice over" in why and failed(rows) == []
     rows, mode, _ = compare(src, tight, "precopy", need_bytes=1 << 30)

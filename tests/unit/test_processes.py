@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from livemig import proc
 from livemig.runtimes import process
@@ -77,6 +78,7 @@ def test_a_program_whose_start_is_cancelled_is_left_nowhere():
     # on unknown to anyone, as a CRIU restore once did, a second copy of the workload.
     # Under uvloop, as the CLI and the agent run.
     import asyncio
+
     import uvloop
     script = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\ntime.sleep(60)\n"
 
@@ -84,7 +86,7 @@ def test_a_program_whose_start_is_cancelled_is_left_nowhere():
         found = []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
-                if script.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                if script.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                     found.append(int(pid))
             except OSError:
                 pass

@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
-from livemig.wire import protocol as p
 from livemig.errors import ProtocolError
+from livemig.wire import protocol as p
 
 
 def test_every_message_round_trips_through_a_frame():

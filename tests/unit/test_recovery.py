@@ -9,10 +9,10 @@ import stat
 import pytest
 
 from livemig import proc
-from livemig.source import recovery
-from livemig.runtimes.held import HeldCopy
 from livemig.errors import LivemigError
 from livemig.options import Options
+from livemig.runtimes.held import HeldCopy
+from livemig.source import recovery
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def orphan_answers(monkeypatch, *states, source_exists=False):
     asked = []
 
     async def ask_agent(target, msg, reply_type, connect, options):
-        asked.append(("resume" if msg.resume else "kill"))
+        asked.append("resume" if msg.resume else "kill")
         state = states[len(asked) - 1]
         if isinstance(state, Exception):
             raise state

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from livemig import host
-from livemig.source import throttle
 from livemig.options import SIZES
+from livemig.source import throttle
 
 SPIN = "import sys\nprint('ready', flush=True)\nwhile True: pass\n"
 

@@ -28,7 +28,7 @@ PODMAN_ENV = {**os.environ, "PODMAN_IGNORE_CGROUPSV1_WARNING": "1"}
 
 def podman_image() -> None:
     """A one-binary image from the host's busybox: the lab has no registry."""
-    if subprocess.run(["podman", "image", "exists", IMAGE], env=PODMAN_ENV).returncode == 0:
+    if subprocess.run(["podman", "image", "exists", IMAGE], env=PODMAN_ENV, check=False).returncode == 0:
         return
     root = "/tmp/livemig-busybox-image"
     shutil.rmtree(root, ignore_errors=True)
@@ -110,7 +110,7 @@ def _detach(runtime: str, bundle: str, name: str) -> None:
     # dump a file outside the container's mounts. So /dev/null for all three.
     with open(os.devnull, "r+b") as null:
         res = subprocess.run([runtime, "run", "--detach", "--bundle", bundle, name],
-                             stdin=null, stdout=null, stderr=null)
+                             stdin=null, stdout=null, stderr=null, check=False)
     if res.returncode != 0:
         raise SystemExit(f"{runtime} run --detach {name} exited {res.returncode}")
 
