@@ -6,8 +6,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from .wire.bandwidth import format_rate
-
 
 def _described(runtime: str, pid: int | str, container: str = "") -> str:
     """What was (or would be) moved, as a summary names it."""
@@ -17,6 +15,12 @@ def _described(runtime: str, pid: int | str, container: str = "") -> str:
 def _closing(warnings: list[str], error: str, phase: str) -> list[str]:
     """A summary's last lines (a move's, a clone's, a plan's): its warnings, then its error."""
     return [f"  warning: {w}" for w in warnings] + ([f"  error in {phase}: {error}"] if error else [])
+
+
+
+def format_rate(rate: float) -> str:
+    """A rate as the report prints it: MiB/s (or KiB/s below one)."""
+    return f"{rate / (1 << 20):.1f} MiB/s" if rate >= 1 << 20 else f"{rate / 1024:.0f} KiB/s"
 
 
 @dataclass

@@ -45,11 +45,6 @@ def parse_rate(text) -> int:
     return rate
 
 
-def format_rate(rate: float) -> str:
-    """A rate as the report and the CLI print it: MiB/s (or KiB/s below one)."""
-    return f"{rate / (1 << 20):.1f} MiB/s" if rate >= 1 << 20 else f"{rate / 1024:.0f} KiB/s"
-
-
 class Cap:
     """One move's share of the link: rate bytes a second at most (None: no cap, counted only)."""
 
