@@ -207,8 +207,8 @@ def _check(args) -> int:
 
 def _recover(args) -> int:
     # this command's side only (see the module's doc)
-    from .source.migration import ssh_connector
     from .source.recovery import recover
+    from .source.session import ssh_connector
     try:
         options = _settings(image_root=args.image_root).options
         settled = run(recover(options, ssh_connector(options), target_lost=args.target_lost))

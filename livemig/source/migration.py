@@ -51,8 +51,6 @@ from .testpoints import stop_for_tests
 
 DEFAULTS = Options()      # what a call that names no options runs with
 
-__all__ = ["Migration", "check", "lost_link", "migrate", "plan", "primary", "ssh_connector", "stop_for_tests"]
-
 
 class Migration:
     def __init__(self, what: int | str, target: str, options: Options, transport_factory: Connector,

@@ -12,7 +12,7 @@ import pytest
 
 from livemig import workdirs
 from livemig.errors import ConnectionFailed
-from livemig.source.migration import primary
+from livemig.source.failures import primary
 from livemig.target import agent as agent_mod
 from livemig.target.verdicts import VERDICT_ROOM, Verdicts
 from livemig.wire import protocol as p
