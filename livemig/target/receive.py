@@ -163,8 +163,7 @@ class Images:
                                                f"{self.copy.created_tree}")
         async with self.ws.stream(msg.stream) as (reader, _):
             try:
-                size = await bundle.receive(reader, root)
-                bundle.remove_deleted(root, msg.deleted)
+                size = await bundle.receive(reader, root, msg.deleted)
             except Exception as e:
                 raise AgentFailure(Phase.TRANSFER, f"cannot unpack the bundle into {root}: {e}") from e
         return p.TreeReceived(msg.path, size)
