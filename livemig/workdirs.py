@@ -36,12 +36,32 @@ class Held:
 
 
 def make(root: Path | str, work: Path) -> Held:
-    """root (private), and work in it, fresh and held by this process."""
+    """root (private), and work in it, made by this process and held by it. An existing
+    work is someone else's (another agent of the same move on this host): FileExistsError,
+    and nothing of it touched."""
     root = Path(root)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
-    work.mkdir(mode=0o700)      # a fresh one: an existing directory is someone else's
-    return hold(work)
+    work.mkdir(mode=0o700)
+    try:
+        return _hold_new(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)    # ours, made above: the next sweep takes what is left
+        raise
+
+
+def _hold_new(work: Path) -> Held:
+    """work's lock, taken before it bears the lock's name: a sweep that finds .owner unheld
+    would take the directory for a dead owner's and remove it under its maker."""
+    taking = work / f"{LOCK}.new"
+    fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(taking, work / LOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Held(fd)
 
 
 def hold(work: Path) -> Held:
@@ -75,6 +95,8 @@ def sweep(root: Path | str) -> list[str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue            # its owner lives
+            if not _still_named(fd, d / LOCK):
+                continue            # another sweep removed it meanwhile: d, if there, is a new owner's
             if any((d / m).exists() for m in MARKERS):
                 # the marker and what it names stay; the memory images (its directories) go
                 for sub in d.iterdir():
@@ -86,6 +108,16 @@ def sweep(root: Path | str) -> list[str]:
         finally:
             os.close(fd)
     return gone
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether the file open as fd is the one at path now."""
+    try:
+        there = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def write_private(path: Path, data: dict) -> None:

@@ -129,6 +129,8 @@ class Clone:
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.replicas = [Replica(t, n) for t in self.targets for n in self.names]
         self.held = make_work_dir(self.options.image_root, self.work)
+        if self.held is None:
+            raise PreflightError(f"{self.work} exists already: not this clone's", phase=Phase.PREFLIGHT)
         spec = self._spec(self.names[0])
         local = await local_facts([], self.work, spec)
         cpuinfo = await local_cpuinfo(self.work)
@@ -215,8 +217,8 @@ class Clone:
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.to), return_exceptions=True)
-        shutil.rmtree(self.work, ignore_errors=True)
-        if self.held is not None:
+        if self.held is not None:       # the work directory is ours to remove only if we made it
+            shutil.rmtree(self.work, ignore_errors=True)
             self.held.release()
 
 

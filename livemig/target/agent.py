@@ -108,7 +108,11 @@ class Agent:
                     f"{getattr(hello, 'protocol', '?')}, this agent (livemig {__version__}) "
                     f"speaks {p.PROTOCOL_VERSION}"))
                 return 2
-            await self._start(hello)
+            try:
+                await self._start(hello)
+            except AgentFailure as e:     # no work directory of ours: the Hello's answer says why
+                await p.write_message(self.writer, p.Failed(e.phase or "", e.message, e.detail or ""))
+                return 2
             self.inbox_reader = asyncio.create_task(self._read_inbox())
             while not finished:
                 msg = self.read_ahead.pop(0) if self.read_ahead else await self._next_message()

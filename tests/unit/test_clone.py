@@ -5,8 +5,9 @@ import json
 import pytest
 
 from livemig.errors import UsageError
+from livemig.options import Options
 from livemig.report import CloneReport, Replica
-from livemig.source.clone import replica_names
+from livemig.source.clone import Clone, replica_names
 
 
 def test_replicas_are_named_after_the_original_unless_told():
@@ -32,3 +33,12 @@ def test_the_report_names_every_replica_and_the_originals_pause():
     assert "web1-clone-2 on b: PID 102" in text
     assert json.loads(r.to_json())["replicas"][0] == {"host": "b", "name": "web1-clone-1", "pid": 101,
                                                       "restore_seconds": 0.18, "bytes_wire": 0}
+
+
+async def test_a_clone_that_made_no_work_directory_removes_none(tmp_path):
+    # the clone's ID already names a directory there (not the clone's: it made none)
+    c = Clone("web1", ["b"], ["web1-clone"], Options(image_root=str(tmp_path)), lambda target: None)
+    c.work.mkdir()
+    (c.work / "theirs").write_text("keep")
+    await c.close()
+    assert (c.work / "theirs").read_text() == "keep"

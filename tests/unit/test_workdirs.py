@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import signal
 
 from livemig import workdirs
@@ -71,3 +73,46 @@ def test_a_held_directory_is_released_with_its_owner_s_release(tmp_path):
     assert workdirs.sweep(tmp_path / "root") == []          # we live, and hold it
     held.release()
     assert workdirs.sweep(tmp_path / "root") == ["m"]
+
+
+def test_a_sweep_in_the_instant_a_directory_is_made_leaves_it_to_its_maker(tmp_path, monkeypatch):
+    # another agent's sweep, run just before the maker takes its lock: the directory is
+    # not a dead owner's, and must not go
+    real = fcntl.flock
+    swept: list[list[str] | None] = []
+
+    def sweep_first(fd, op):
+        if not swept:
+            swept.append(None)          # the sweep's own flock goes straight through
+            swept[0] = workdirs.sweep(tmp_path)
+        real(fd, op)
+    monkeypatch.setattr(workdirs.fcntl, "flock", sweep_first)
+    held = workdirs.make(tmp_path, tmp_path / "m")
+    try:
+        assert swept == [[]] and (tmp_path / "m" / workdirs.LOCK).is_file()
+        assert workdirs.sweep(tmp_path) == []         # and it is held
+    finally:
+        held.release()
+
+
+def test_a_sweep_that_locks_a_lock_file_already_swept_leaves_the_new_directory_there(tmp_path, monkeypatch):
+    # two sweeps of one dead owner's directory: the second locks the old .owner, unlinked
+    # by the first, while a new owner has made the directory again under the same name
+    dead, d = _owned_by_a_child(tmp_path, "m")
+    _killed(dead)
+    real = fcntl.flock
+    alive: list[int] = []
+
+    def meanwhile(fd, op):
+        if not alive:
+            alive.append(0)
+            shutil.rmtree(d)                                    # the first sweep
+            alive[0], _ = _owned_by_a_child(tmp_path, "m")      # and the new owner
+        real(fd, op)
+    monkeypatch.setattr(workdirs.fcntl, "flock", meanwhile)
+    try:
+        assert workdirs.sweep(tmp_path) == []
+        assert (d / workdirs.LOCK).is_file()
+    finally:
+        _killed(alive[0])
+
