@@ -256,7 +256,9 @@ class Agent:
     async def on_abort(self, msg: p.Abort) -> p.Aborted:
         if self.lazy is not None:
             await self.lazy.end()
-        await self._undo()
+        # a clone's replicas go even once resumed (another host's failed: all or none); a
+        # move's copy that runs is the workload's, and stays
+        await self._undo(even_running=not self.copy.holds_workload)
         kept = logs.keep(self.ws.work, str(self.root), f"{self.ws.name}-target") if self._ws else None
         return p.Aborted(str(kept or ""))
 
@@ -264,9 +266,10 @@ class Agent:
         self.verdicts.forget(self.ws.name)     # the coordinator knows how it ended
         return p.Done()
 
-    async def _undo(self) -> None:
-        """Undo the restore: what this migration brought here goes, unless it already runs."""
-        await self.copy.undo(self._ws.work / orphans.ORPHAN if self._ws else None)
+    async def _undo(self, even_running: bool = False) -> None:
+        """Undo the restore: what this migration brought here goes, unless it already runs
+        (even_running: all the same)."""
+        await self.copy.undo(self._ws.work / orphans.ORPHAN if self._ws else None, even_running)
 
     async def _cleanup(self, finished: bool) -> None:
         # The coordinator may be gone mid-post-copy: the copy is settled first (a copy
