@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import logs
+from .. import logs, workdirs
 from ..errors import Phase
 from ..options import WAITS
 from ..version import __version__
@@ -233,6 +233,7 @@ class Agent:
                                f"the restored copy is gone: {self.verdicts.read(self.ws.name)[1]}")
         if self.lazy is not None:
             await self.lazy.all_here()
+        workdirs.disown_tree(self.ws.work)     # about to run from its bundle: never swept now
         pids = await self.copy.resume()
         (self.ws.work / orphans.ORPHAN).unlink(missing_ok=True)     # it runs: a move's, no more an orphan
         said = self.lazy is not None and await self.lazy.resumed()     # post-copy's verdicts say it

@@ -14,6 +14,8 @@ from livemig import workdirs
 from livemig.errors import ConnectionFailed
 from livemig.source.migration import primary
 from livemig.target import agent as agent_mod
+from livemig.target.receive import Images
+from livemig.target.stage import Stage
 from livemig.target.verdicts import VERDICT_ROOM, Verdicts
 from livemig.target.workspace import Workspace
 from livemig.version import __version__
@@ -128,3 +130,22 @@ async def test_a_second_agent_of_one_migration_on_one_host_answers_failed_and_re
     finally:
         first.close()
         first.release()
+
+
+async def test_a_bundle_whose_copy_resumed_stays_when_its_agent_is_killed_after(tmp_path):
+    a = agent_mod.Agent(asyncio.StreamReader(), None, str(tmp_path / "root"))
+    a._ws = Workspace.make(tmp_path / "root", "m1")
+    a._images = Images(a._ws, a.copy)
+    tree = a._images.tree(str(tmp_path / "ctr" / "bundle"))
+    copy = await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)
+    try:
+        for stage in (Stage.PREPARING, Stage.RESTORING, Stage.RESTORED):
+            a.stages.to(stage)
+        a.copy.roots, a.copy.holds_workload = [copy.pid], True
+        await a.on_resume(p.Resume())
+        a._ws.release()                 # killed outright: no cleanup of its own
+        assert workdirs.sweep(tmp_path / "root") == ["m1"]
+        assert tree.is_dir()            # the running container's bundle
+    finally:
+        copy.kill()
+        await copy.wait()

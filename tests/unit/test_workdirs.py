@@ -7,8 +7,13 @@ import fcntl
 import os
 import shutil
 import signal
+import time
 
 from livemig import workdirs
+from livemig.target.copy import Copy
+from livemig.target.receive import Images
+from livemig.target.stage import Stages
+from livemig.target.workspace import Workspace
 
 
 def _owned_by_a_child(root, name: str):
@@ -116,3 +121,39 @@ def test_a_sweep_that_locks_a_lock_file_already_swept_leaves_the_new_directory_t
     finally:
         _killed(alive[0])
 
+
+
+def _agent_killed_after_making_a_bundle(root, tree):
+    """An agent that made a bundle's tree (ReceiveTree) and was killed outright."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ws = Workspace.make(root, "m1")
+            Images(ws, Copy(Stages())).tree(str(tree))
+        finally:
+            os._exit(0)          # killed: nothing of its own cleanup runs
+    os.waitpid(pid, 0)
+
+
+def test_a_bundle_an_agent_killed_outright_made_goes_with_its_directory(tmp_path):
+    tree = tmp_path / "ctr" / "bundle"
+    _agent_killed_after_making_a_bundle(tmp_path / "root", tree)
+    assert tree.is_dir()
+    assert workdirs.sweep(tmp_path / "root") == ["m1"]
+    assert not tree.exists()          # a later move may bring it again
+
+
+def test_a_tree_at_that_path_made_since_by_someone_else_stays(tmp_path):
+    tree = tmp_path / "ctr" / "bundle"
+    _agent_killed_after_making_a_bundle(tmp_path / "root", tree)
+    tree.rmdir()
+    time.sleep(0.05)        # change times are as coarse as the clock's tick
+    tree.mkdir()            # maybe under the same inode number
+    assert workdirs.sweep(tmp_path / "root") == ["m1"] and tree.is_dir()
+
+
+def test_a_bundle_that_an_orphan_marker_keeps_stays(tmp_path):
+    tree = tmp_path / "ctr" / "bundle"
+    _agent_killed_after_making_a_bundle(tmp_path / "root", tree)
+    (tmp_path / "root" / "m1" / "ORPHANED.json").write_text("{}")    # the restored copy's: recover's
+    assert workdirs.sweep(tmp_path / "root") == [] and tree.is_dir()
