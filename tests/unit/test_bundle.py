@@ -150,6 +150,25 @@ async def test_a_directory_swapped_for_a_link_to_etc_deletes_nothing_there(tmp_p
     assert os.readlink(target / "rootfs/x") == str(etc)
 
 
+async def test_a_directory_and_a_file_that_swap_kinds_between_the_passes_arrive_as_they_are(tmp_path):
+    src = tmp_path / "src"
+    (src / "rootfs/d").mkdir(parents=True)
+    (src / "rootfs/d/f").write_text("1")
+    (src / "rootfs/file").write_text("x")
+
+    def between():
+        (src / "rootfs/d/f").unlink()
+        (src / "rootfs/d").rmdir()
+        (src / "rootfs/d").write_text("now a file")
+        (src / "rootfs/file").unlink()
+        (src / "rootfs/file").mkdir()
+        (src / "rootfs/file/in").write_text("now a directory")
+    m, target = _move(tmp_path, src)
+    await _two_passes(m, between)
+    assert (target / "rootfs/d").read_text() == "now a file"
+    assert (target / "rootfs/file/in").read_text() == "now a directory"
+
+
 @pytest.mark.parametrize("name", ["new\nline", "back\\slash", "caf\u00e9", os.fsdecode(b"bad\xff\x01"), "sp ace\"q"])
 async def test_odd_names_sent_then_deleted_go(tmp_path, name):
     src = tmp_path / "src"
