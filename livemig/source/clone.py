@@ -4,8 +4,9 @@ all from one checkpoint, on one or more hosts, while the original runs on.
     preflight (every target) -> image -> checkpoint -> transfer -> restore -> commit | rollback
 
 All or nothing: every replica is restored paused, and they run only once all of them
-are restored; a failure anywhere deletes every one, even those resumed already. The original is never at risk: the
-checkpoint leaves it running, and it stands still only while CRIU dumps it.
+are restored; a failure anywhere deletes every one, even those resumed already. The
+original is never at risk: the checkpoint leaves it running, and it stands still only
+while CRIU dumps it.
 
 Only podman containers clone. A replica of a runc or crun container would need its own
 copy of the bundle's root file system under another path, which nothing here builds.
