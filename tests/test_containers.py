@@ -4,14 +4,9 @@ must go on, on the target, from where it was, registered with the target's runti
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
 
 import pytest
-
-from tests.test_stopcopy_faults import wait_stopped
 
 pytestmark = pytest.mark.lab
 
@@ -145,21 +140,3 @@ def test_runc_restore_failure_rolls_back_to_the_source(lab):
     lab.run("b", ["rmdir", "/sys/fs/cgroup/pids/api2"], check=False)   # runc delete may have
     ctr.remove("a")
 
-
-def test_a_bundle_copy_left_by_an_agent_killed_outright_does_not_block_the_next_move(lab):
-    ctr = Counter(lab, "a", "runc", "api3")
-    time.sleep(1)
-    mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=restore", "livemig", "move", "--json", "api3", "b"],
-                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stopped = wait_stopped(lab, mover, "restore")
-    assert lab.run("b", ["test", "-d", ctr.bundle], check=False).returncode == 0     # the bundle's copy is there
-    lab.run("b", ["pkill", "-KILL", "-f", "livemig agent"])          # and its agent dies without a word
-    lab.run("a", ["kill", "-CONT", *stopped], check=False)
-    os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
-    out, err = mover.communicate(timeout=300)
-    assert mover.returncode == 4 and json.loads(out)["outcome"] == "rolled back", err.decode()
-    assert ctr.status("a") == "running"
-    # the next move's agent sweeps the dead one's directory, and the copy it left with it
-    before, t = ctr.count("a"), time.monotonic()
-    assert_moved(lab, ctr, "a", "b", before, t, move(lab, "a", "b", "api3"))
-    ctr.remove("b")
