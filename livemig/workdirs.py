@@ -6,7 +6,13 @@ A coordinator or an agent killed outright cannot tidy up after itself, and its d
 may hold memory images. The lock is let go by the kernel when its owner dies, so the next
 livemig to run on that host (a move, an agent, `livemig recover`) sweeps such directories
 away, but those that a marker says are still needed: `livemig recover`'s record, a
-throttle to lift, a restored copy left stopped. Those are recover's to settle.
+throttle to lift, a restored copy left stopped. Those are recover's to settle. A tree the
+owner made elsewhere (an agent's copy of a bundle, recorded in TREE) goes with its
+directory, until it is a running container's.
+
+A directory is made exclusively (an existing one is someone else's, never removed), and
+its lock is held before it bears the lock's name: a sweep never takes a directory being
+made for a dead owner's.
 """
 
 from __future__ import annotations
@@ -15,9 +21,13 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 LOCK = ".owner"
+# a tree its owner made outside it (a container's bundle, at the path the bundle had at
+# the source): it goes with the directory of an owner that died, unless a marker keeps both
+TREE = "TREE.json"
 # what keeps a dead owner's directory for `livemig recover` (recovery.RECORD, throttle.FILE,
 # orphans.ORPHAN)
 MARKERS = ("RECOVER.json", "THROTTLE.json", "ORPHANED.json")
@@ -36,12 +46,32 @@ class Held:
 
 
 def make(root: Path | str, work: Path) -> Held:
-    """root (private), and work in it, fresh and held by this process."""
+    """root (private), and work in it, made by this process and held by it. An existing
+    work is someone else's (another agent of the same move on this host): FileExistsError,
+    and nothing of it touched."""
     root = Path(root)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
-    work.mkdir(mode=0o700)      # a fresh one: an existing directory is someone else's
-    return hold(work)
+    work.mkdir(mode=0o700)
+    try:
+        return _hold_new(work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)    # ours, made above: the next sweep takes what is left
+        raise
+
+
+def _hold_new(work: Path) -> Held:
+    """work's lock, taken before it bears the lock's name: a sweep that finds .owner unheld
+    would take the directory for a dead owner's and remove it under its maker."""
+    taking = work / f"{LOCK}.new"
+    fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(taking, work / LOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Held(fd)
 
 
 def hold(work: Path) -> Held:
@@ -75,17 +105,59 @@ def sweep(root: Path | str) -> list[str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue            # its owner lives
+            if not _still_named(fd, d / LOCK):
+                continue            # another sweep removed it meanwhile: d, if there, is a new owner's
             if any((d / m).exists() for m in MARKERS):
                 # the marker and what it names stay; the memory images (its directories) go
                 for sub in d.iterdir():
                     if sub.is_dir() and not sub.is_symlink():
                         shutil.rmtree(sub, ignore_errors=True)     # what stays goes at the next sweep
                 continue
+            _remove_tree(d)
             shutil.rmtree(d, ignore_errors=True)     # as above: the next sweep finds what is left
             gone.append(d.name)
         finally:
             os.close(fd)
     return gone
+
+
+def own_tree(work: Path, tree: Path) -> None:
+    """tree, made by work's owner, goes with work should its owner die (sweep): left, it
+    would stand in the way of every later move of that bundle. Said again each time the
+    owner changed it: it is known by its inode and change time (an inode number is soon
+    reused)."""
+    write_private(work / TREE, {"path": str(tree), "id": _identity(os.lstat(tree))})
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    return [st.st_dev, st.st_ino, st.st_ctime_ns]
+
+
+def disown_tree(work: Path) -> None:
+    """The tree work's owner made is no more its own (a running container's bundle)."""
+    (work / TREE).unlink(missing_ok=True)
+
+
+def _remove_tree(work: Path) -> None:
+    """The tree a dead owner made, if it is still the directory it made, as it left it: one
+    made at that path since is someone else's (one it was changing as it died stays too)."""
+    try:
+        made = json.loads((work / TREE).read_text())
+        st = os.lstat(made["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return      # none made, gone since, or an unreadable record: nothing known to be its own
+    if stat.S_ISDIR(st.st_mode) and _identity(st) == made["id"]:
+        shutil.rmtree(made["path"], ignore_errors=True)     # as the work directory: the rest stays
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether the file open as fd is the one at path now."""
+    try:
+        there = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def write_private(path: Path, data: dict) -> None:

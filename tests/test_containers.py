@@ -139,3 +139,4 @@ def test_runc_restore_failure_rolls_back_to_the_source(lab):
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     lab.run("b", ["rmdir", "/sys/fs/cgroup/pids/api2"], check=False)   # runc delete may have
     ctr.remove("a")
+

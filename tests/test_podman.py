@@ -121,3 +121,17 @@ def test_force_goes_past_a_must_match_mismatch_and_says_so(lab):
         lab.run("b", ["rm", "-f", conf])
         for h in ("a", "b"):
             lab.run(h, [*ENV, "podman", "rm", "--force", "web9"], check=False)
+
+
+def test_a_host_named_twice_is_refused_and_nothing_of_either_agent_is_removed_by_the_other(lab):
+    # one clone ID, two agents on b: the second finds the first's work directory, and says so
+    lab.text("a", ["python3", TOOL, "serve", "--name", "web5"])
+    try:
+        res = lab.run("a", [*ENV, "livemig", "clone", "web5", "b", lab.address("b")], check=False, timeout=600)
+        err = res.stderr.decode()
+        said = [line for line in err.splitlines() if line.startswith("livemig")]     # not its progress
+        assert res.returncode == 3 and len(said) == 1 and "named twice" in said[0], err
+        assert replicas(lab, "b") == [] and running(lab, "a", "web5")
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        lab.run("a", [*ENV, "podman", "rm", "--force", "web5"])

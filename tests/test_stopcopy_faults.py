@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from tests.test_containers import Counter
+from tests.test_containers import Counter, assert_moved, move
 from tests.test_move import leftovers
 from tests.waiting import eventually
 
@@ -178,3 +178,25 @@ def test_a_target_whose_disk_fills_during_the_dump_rolls_back(lab, small_image_r
     assert work.query("a", "verify")["bad_pages"] == 0 and stat_of(lab, "b", work.pid) == ""
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     lab.run("a", ["kill", str(work.pid)])
+
+
+def test_a_bundle_copy_left_by_an_agent_killed_outright_does_not_block_the_next_move(lab):
+    ctr = Counter(lab, "a", "runc", "api3")
+    try:
+        time.sleep(1)
+        mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=restore", "livemig", "move", "--json", "api3", "b"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stopped = wait_stopped(lab, mover, "restore")
+        assert lab.run("b", ["test", "-d", ctr.bundle], check=False).returncode == 0     # the bundle's copy
+        lab.run("b", ["pkill", "-KILL", "-f", "livemig agent"])          # and its agent dies without a word
+        lab.run("a", ["kill", "-CONT", *stopped], check=False)
+        os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
+        out, err = mover.communicate(timeout=300)
+        assert mover.returncode == 4 and json.loads(out)["outcome"] == "rolled back", err.decode()
+        assert ctr.status("a") == "running"
+        # the next move's agent sweeps the dead one's directory, and the copy it left with it
+        before, t = ctr.count("a"), time.monotonic()
+        assert_moved(lab, ctr, "a", "b", before, t, move(lab, "a", "b", "api3"))
+    finally:
+        for host in ("a", "b"):
+            ctr.remove(host)

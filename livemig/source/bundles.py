@@ -31,25 +31,28 @@ async def precopy_bundle(m: Move) -> None:
     if root is None or (m.to.facts is not None and m.to.facts.bundle == "shared"):
         return
     m.bundle_copied_at = time.time()
-    m.bundle_listing = bundle.listing(root)
-    meter = await send_tree(m, root, None, [])
+    index = m.work / "bundle.index"
+    meter = await send_tree(m, root, None, [], index)
+    m.bundle_sent = bundle.archived(index)
     m.report.bundle_bytes_wire += meter.wire
     m.progress(Copied("bundle", meter.raw, meter.wire))
 
 
 async def send_changes(m: Move) -> streams.Meter | None:
-    """At the transfer: the bundle's files changed since its pre-copy, and those deleted
-    (None: the bundle did not move)."""
+    """At the transfer: the bundle's files changed since its pre-copy, and those deleted:
+    what the pre-copy sent that is not there now (None: the bundle did not move). The
+    container is stopped: what is there now stays so."""
     root = m.w.bundle()
     if m.bundle_copied_at is None or root is None:
         return None
     now = bundle.listing(root)
-    return await send_tree(m, root, m.bundle_copied_at, sorted(m.bundle_listing - now))
+    return await send_tree(m, root, m.bundle_copied_at, sorted(m.bundle_sent - now))
 
 
-async def send_tree(m: Move, root: Path, newer_than: float | None, deleted: list[str]) -> streams.Meter:
+async def send_tree(m: Move, root: Path, newer_than: float | None, deleted: list[str],
+                    index: Path | None = None) -> streams.Meter:
     _, meter = await m.to.push(
-        lambda w: bundle.send(root, w, m.options.compression_level, newer_than),
+        lambda w: bundle.send(root, w, m.options.compression_level, newer_than, index),
         lambda tok: p.ReceiveTree(path=str(root), stream=tok, deleted=deleted), p.TreeReceived)
     return meter
 

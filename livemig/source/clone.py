@@ -4,8 +4,9 @@ all from one checkpoint, on one or more hosts, while the original runs on.
     preflight (every target) -> image -> checkpoint -> transfer -> restore -> commit | rollback
 
 All or nothing: every replica is restored paused, and they run only once all of them
-are restored; a failure anywhere deletes every one. The original is never at risk: the
-checkpoint leaves it running, and it stands still only while CRIU dumps it.
+are restored; a failure anywhere deletes every one, even those resumed already. The
+original is never at risk: the checkpoint leaves it running, and it stands still only
+while CRIU dumps it.
 
 Only podman containers clone. A replica of a runc or crun container would need its own
 copy of the bundle's root file system under another path, which nothing here builds.
@@ -42,13 +43,16 @@ from .local import local_cpuinfo, local_facts, make_work_dir
 from .session import Connector, TargetSession, migration_id, remote_error, ssh_connector
 
 T = TypeVar("T")
+# replicas per host: each is a container restored from one checkpoint, in turn, while
+# the others wait paused; a typo's million would build its names before any check
+MAX_COUNT = 100
 
 
 def replica_names(original: str, name: str | None, count: int, keep_name: bool) -> list[str]:
     """The replicas' names on each target: NAME, or NAME-1..NAME-N for several; NAME is
     the original's own with --keep-name, else --name's, else ORIGINAL-clone."""
-    if count < 1:
-        raise UsageError(f"--count must be 1 or more, not {count}")
+    if not 1 <= count <= MAX_COUNT:
+        raise UsageError(f"--count must be from 1 to {MAX_COUNT}, not {count}")
     if keep_name:
         if name or count > 1:
             raise UsageError("--keep-name gives each host one replica under the original's name: "
@@ -129,6 +133,8 @@ class Clone:
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.replicas = [Replica(t, n) for t in self.targets for n in self.names]
         self.held = make_work_dir(self.options.image_root, self.work)
+        if self.held is None:
+            raise PreflightError(f"{self.work} exists already: not this clone's", phase=Phase.PREFLIGHT)
         spec = self._spec(self.names[0])
         local = await local_facts([], self.work, spec)
         cpuinfo = await local_cpuinfo(self.work)
@@ -201,10 +207,11 @@ class Clone:
 
     # --- commit: all of them run, or none ----------------------------------------------------------
     async def commit(self) -> None:
-        async def resume(s: TargetSession) -> None:
-            await s.request(p.Resume(), p.Resumed)
-            await s.request(p.Finish(), p.Done)
-        await self._each(resume)
+        # every replica runs before any agent is told the clone's end: a finished agent is
+        # gone, and a resume failing elsewhere leaves the rollback every agent, which kills
+        # its replicas, running or not
+        await self._each(lambda s: s.request(p.Resume(), p.Resumed))
+        await self._each(lambda s: s.request(p.Finish(), p.Done))
         self.progress(Running([r.pid for r in self.report.replicas]))
 
     # --- rollback: no replica anywhere; the original was never stopped -----------------------------
@@ -215,8 +222,8 @@ class Clone:
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.to), return_exceptions=True)
-        shutil.rmtree(self.work, ignore_errors=True)
-        if self.held is not None:
+        if self.held is not None:       # the work directory is ours to remove only if we made it
+            shutil.rmtree(self.work, ignore_errors=True)
             self.held.release()
 
 

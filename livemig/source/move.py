@@ -53,7 +53,7 @@ class Move:
         self.throttle: throttle.Throttle | None = None  # auto-converge's hold on the workload's CPU
         self.round_dirs: list[str] = []
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
-        self.bundle_listing: set[str] = set()
+        self.bundle_sent: set[str] = set()            # what its pre-copy archived
         self.record: recovery.Record | None = None    # kept on disk while post-copy may fail
         self.dump: runtimes.DumpRun | None = None     # the final dump: the source was touched
         self.relay: asyncio.Task[Any] | None = None   # the final dump's pages on their way

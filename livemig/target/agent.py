@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import logs
+from .. import logs, workdirs
 from ..errors import Phase
 from ..options import WAITS
 from ..version import __version__
@@ -108,7 +108,11 @@ class Agent:
                     f"{getattr(hello, 'protocol', '?')}, this agent (livemig {__version__}) "
                     f"speaks {p.PROTOCOL_VERSION}"))
                 return 2
-            await self._start(hello)
+            try:
+                await self._start(hello)
+            except AgentFailure as e:     # no work directory of ours: the Hello's answer says why
+                await p.write_message(self.writer, p.Failed(e.phase or "", e.message, e.detail or ""))
+                return 2
             self.inbox_reader = asyncio.create_task(self._read_inbox())
             while not finished:
                 msg = self.read_ahead.pop(0) if self.read_ahead else await self._next_message()
@@ -229,6 +233,7 @@ class Agent:
                                f"the restored copy is gone: {self.verdicts.read(self.ws.name)[1]}")
         if self.lazy is not None:
             await self.lazy.all_here()
+        workdirs.disown_tree(self.ws.work)     # about to run from its bundle: never swept now
         pids = await self.copy.resume()
         (self.ws.work / orphans.ORPHAN).unlink(missing_ok=True)     # it runs: a move's, no more an orphan
         said = self.lazy is not None and await self.lazy.resumed()     # post-copy's verdicts say it
@@ -252,7 +257,9 @@ class Agent:
     async def on_abort(self, msg: p.Abort) -> p.Aborted:
         if self.lazy is not None:
             await self.lazy.end()
-        await self._undo()
+        # a clone's replicas go even once resumed (another host's failed: all or none); a
+        # move's copy that runs is the workload's, and stays
+        await self._undo(even_running=not self.copy.holds_workload)
         kept = logs.keep(self.ws.work, str(self.root), f"{self.ws.name}-target") if self._ws else None
         return p.Aborted(str(kept or ""))
 
@@ -260,9 +267,10 @@ class Agent:
         self.verdicts.forget(self.ws.name)     # the coordinator knows how it ended
         return p.Done()
 
-    async def _undo(self) -> None:
-        """Undo the restore: what this migration brought here goes, unless it already runs."""
-        await self.copy.undo(self._ws.work / orphans.ORPHAN if self._ws else None)
+    async def _undo(self, even_running: bool = False) -> None:
+        """Undo the restore: what this migration brought here goes, unless it already runs
+        (even_running: all the same)."""
+        await self.copy.undo(self._ws.work / orphans.ORPHAN if self._ws else None, even_running)
 
     async def _cleanup(self, finished: bool) -> None:
         # The coordinator may be gone mid-post-copy: the copy is settled first (a copy

@@ -11,7 +11,7 @@ import os
 import socket
 from pathlib import Path
 
-from .. import criu, proc
+from .. import criu, proc, workdirs
 from ..errors import Phase
 from ..options import WAITS
 from ..pages import frames, pagemap, shadow
@@ -149,24 +149,30 @@ class Images:
         return p.PagesStored(pages, store.pages)
 
     # --- a container's bundle, podman's image ------------------------------------------------
-    async def receive_tree(self, msg: p.ReceiveTree) -> p.TreeReceived:
-        root = Path(msg.path)
-        if not root.is_absolute() or os.path.normpath(msg.path) != msg.path or msg.path == "/":
-            raise AgentFailure(Phase.TRANSFER, f"refusing bundle path {msg.path!r}: not a plain absolute path")
+    def tree(self, path: str) -> Path:
+        """The bundle's root at path: made, if this migration has none yet, or the one it made."""
+        root = Path(path)
+        if not root.is_absolute() or os.path.normpath(path) != path or path == "/":
+            raise AgentFailure(Phase.TRANSFER, f"refusing bundle path {path!r}: not a plain absolute path")
         if self.copy.created_tree is None:
             if root.exists():
-                raise AgentFailure(Phase.TRANSFER, f"{msg.path} already exists here")
+                raise AgentFailure(Phase.TRANSFER, f"{path} already exists here")
             root.mkdir(mode=0o700, parents=True)
             self.copy.created_tree = root       # the copy's: undone with it
+            workdirs.own_tree(self.ws.work, root)     # and, should this agent be killed, swept with its images
         elif root != self.copy.created_tree:
-            raise AgentFailure(Phase.TRANSFER, f"refusing {msg.path}: this migration's bundle is "
+            raise AgentFailure(Phase.TRANSFER, f"refusing {path}: this migration's bundle is "
                                                f"{self.copy.created_tree}")
+        return root
+
+    async def receive_tree(self, msg: p.ReceiveTree) -> p.TreeReceived:
+        root = self.tree(msg.path)
         async with self.ws.stream(msg.stream) as (reader, _):
             try:
-                size = await bundle.receive(reader, root)
-                bundle.remove_deleted(root, msg.deleted)
+                size = await bundle.receive(reader, root, msg.deleted)
             except Exception as e:
                 raise AgentFailure(Phase.TRANSFER, f"cannot unpack the bundle into {root}: {e}") from e
+        workdirs.own_tree(self.ws.work, root)      # as it is now
         return p.TreeReceived(msg.path, size)
 
     async def load_image(self, msg: p.LoadImage) -> p.TreeReceived:

@@ -33,7 +33,12 @@ class Workspace:
         """A fresh work directory for migration_id, ours until release()."""
         workdirs.sweep(root)      # what agents killed outright left here
         work = root / checked_name(migration_id, "migration id")
-        return cls(root, work, workdirs.make(root, work))
+        try:
+            return cls(root, work, workdirs.make(root, work))
+        except FileExistsError:
+            # not ours: another agent's, whose directory this one must never remove
+            raise AgentFailure(Phase.PREFLIGHT, f"migration {migration_id} already has a work directory "
+                                                f"here ({work}): is this host named twice?") from None
 
     async def listen(self) -> None:
         """Data streams may connect from now on."""

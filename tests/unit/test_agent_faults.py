@@ -14,7 +14,11 @@ from livemig import workdirs
 from livemig.errors import ConnectionFailed
 from livemig.source.failures import primary
 from livemig.target import agent as agent_mod
+from livemig.target.receive import Images
+from livemig.target.stage import Stage
 from livemig.target.verdicts import VERDICT_ROOM, Verdicts
+from livemig.target.workspace import Workspace
+from livemig.version import __version__
 from livemig.wire import protocol as p
 
 
@@ -95,3 +99,53 @@ async def test_a_coordinator_that_went_cuts_short_only_a_restore(tmp_path):
     assert not answering.done()
     go.set()
     assert await answering == p.Done() and a.read_ahead == [None]
+
+
+class _Said:
+    """A writer that keeps what the agent says."""
+
+    def __init__(self):
+        self.said = asyncio.StreamReader()
+
+    def write(self, data: bytes) -> None:
+        self.said.feed_data(data)
+
+    async def drain(self) -> None:
+        pass
+
+
+async def test_a_second_agent_of_one_migration_on_one_host_answers_failed_and_removes_nothing(tmp_path):
+    # `clone web1 host-b host-b.example.com`: one ID, two agents on one host
+    first = Workspace.make(tmp_path, "m1")
+    await first.listen()
+    try:
+        hello = asyncio.StreamReader()
+        hello.feed_data(p.encode(p.Hello(p.PROTOCOL_VERSION, __version__, "m1")))
+        hello.feed_eof()
+        out = _Said()
+        assert await agent_mod.Agent(hello, out, str(tmp_path)).serve() == 2
+        answer = await p.read_message(out.said)
+        assert isinstance(answer, p.Failed) and "named twice" in answer.message
+        assert (tmp_path / "m1" / workdirs.LOCK).is_file() and (tmp_path / "m1" / "streams.sock").exists()
+    finally:
+        first.close()
+        first.release()
+
+
+async def test_a_bundle_whose_copy_resumed_stays_when_its_agent_is_killed_after(tmp_path):
+    a = agent_mod.Agent(asyncio.StreamReader(), None, str(tmp_path / "root"))
+    a._ws = Workspace.make(tmp_path / "root", "m1")
+    a._images = Images(a._ws, a.copy)
+    tree = a._images.tree(str(tmp_path / "ctr" / "bundle"))
+    copy = await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)
+    try:
+        for stage in (Stage.PREPARING, Stage.RESTORING, Stage.RESTORED):
+            a.stages.to(stage)
+        a.copy.roots, a.copy.holds_workload = [copy.pid], True
+        await a.on_resume(p.Resume())
+        a._ws.release()                 # killed outright: no cleanup of its own
+        assert workdirs.sweep(tmp_path / "root") == ["m1"]
+        assert tree.is_dir()            # the running container's bundle
+    finally:
+        copy.kill()
+        await copy.wait()

@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import signal
+import time
 
 from livemig import workdirs
+from livemig.target.copy import Copy
+from livemig.target.receive import Images
+from livemig.target.stage import Stages
+from livemig.target.workspace import Workspace
 
 
 def _owned_by_a_child(root, name: str):
@@ -71,3 +78,82 @@ def test_a_held_directory_is_released_with_its_owner_s_release(tmp_path):
     assert workdirs.sweep(tmp_path / "root") == []          # we live, and hold it
     held.release()
     assert workdirs.sweep(tmp_path / "root") == ["m"]
+
+
+def test_a_sweep_in_the_instant_a_directory_is_made_leaves_it_to_its_maker(tmp_path, monkeypatch):
+    # another agent's sweep, run just before the maker takes its lock: the directory is
+    # not a dead owner's, and must not go
+    real = fcntl.flock
+    swept: list[list[str] | None] = []
+
+    def sweep_first(fd, op):
+        if not swept:
+            swept.append(None)          # the sweep's own flock goes straight through
+            swept[0] = workdirs.sweep(tmp_path)
+        real(fd, op)
+    monkeypatch.setattr(workdirs.fcntl, "flock", sweep_first)
+    held = workdirs.make(tmp_path, tmp_path / "m")
+    try:
+        assert swept == [[]] and (tmp_path / "m" / workdirs.LOCK).is_file()
+        assert workdirs.sweep(tmp_path) == []         # and it is held
+    finally:
+        held.release()
+
+
+def test_a_sweep_that_locks_a_lock_file_already_swept_leaves_the_new_directory_there(tmp_path, monkeypatch):
+    # two sweeps of one dead owner's directory: the second locks the old .owner, unlinked
+    # by the first, while a new owner has made the directory again under the same name
+    dead, d = _owned_by_a_child(tmp_path, "m")
+    _killed(dead)
+    real = fcntl.flock
+    alive: list[int] = []
+
+    def meanwhile(fd, op):
+        if not alive:
+            alive.append(0)
+            shutil.rmtree(d)                                    # the first sweep
+            alive[0], _ = _owned_by_a_child(tmp_path, "m")      # and the new owner
+        real(fd, op)
+    monkeypatch.setattr(workdirs.fcntl, "flock", meanwhile)
+    try:
+        assert workdirs.sweep(tmp_path) == []
+        assert (d / workdirs.LOCK).is_file()
+    finally:
+        _killed(alive[0])
+
+
+
+def _agent_killed_after_making_a_bundle(root, tree):
+    """An agent that made a bundle's tree (ReceiveTree) and was killed outright."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ws = Workspace.make(root, "m1")
+            Images(ws, Copy(Stages())).tree(str(tree))
+        finally:
+            os._exit(0)          # killed: nothing of its own cleanup runs
+    os.waitpid(pid, 0)
+
+
+def test_a_bundle_an_agent_killed_outright_made_goes_with_its_directory(tmp_path):
+    tree = tmp_path / "ctr" / "bundle"
+    _agent_killed_after_making_a_bundle(tmp_path / "root", tree)
+    assert tree.is_dir()
+    assert workdirs.sweep(tmp_path / "root") == ["m1"]
+    assert not tree.exists()          # a later move may bring it again
+
+
+def test_a_tree_at_that_path_made_since_by_someone_else_stays(tmp_path):
+    tree = tmp_path / "ctr" / "bundle"
+    _agent_killed_after_making_a_bundle(tmp_path / "root", tree)
+    tree.rmdir()
+    time.sleep(0.05)        # change times are as coarse as the clock's tick
+    tree.mkdir()            # maybe under the same inode number
+    assert workdirs.sweep(tmp_path / "root") == ["m1"] and tree.is_dir()
+
+
+def test_a_bundle_that_an_orphan_marker_keeps_stays(tmp_path):
+    tree = tmp_path / "ctr" / "bundle"
+    _agent_killed_after_making_a_bundle(tmp_path / "root", tree)
+    (tmp_path / "root" / "m1" / "ORPHANED.json").write_text("{}")    # the restored copy's: recover's
+    assert workdirs.sweep(tmp_path / "root") == [] and tree.is_dir()
