@@ -134,6 +134,10 @@ class Sizes:
     #                                               piece at high rates)
     capped_bucket: float = 0.25                   # seconds: the slots the rate reached is counted in
     capped_window: float = 1.0                    # seconds: the rate reached is the most sent over this long
+    # -- what the target sends back: its pagemaps of a round (SendPagemaps), which the source's CRIU
+    # reads as root. An entry is some 20 bytes: 256 MiB index 13 million runs of pages.
+    pagemaps_most: int = 256 << 20                # bytes of them all, at most
+    pagemaps_files_most: int = 1 << 16            # files, at most (two a process)
     # -- auto-converge
     throttle_max_period_us: int = 250_000         # a throttled task may wait this long to be frozen (not
     #                                               the kernel's 1 s period)

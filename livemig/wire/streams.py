@@ -15,7 +15,7 @@ import contextvars
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -256,8 +256,11 @@ class Decompressed:
         return out
 
 
-async def receive_files(reader: Reader, directory: Path) -> tuple[int, int]:
-    """The other side of send_files: files land in directory (0600); returns (files, bytes)."""
+async def receive_files(reader: Reader, directory: Path,
+                        accept: Callable[[str, int], None] | None = None) -> tuple[int, int]:
+    """The other side of send_files: files land in directory (0600); returns (files, bytes).
+    accept(name, size), before each file is written: raises to refuse it (what a peer not
+    to be trusted with the disk may send, say)."""
     stream = Decompressed(reader)
 
     async def need(n: int) -> bytearray:
@@ -270,6 +273,8 @@ async def receive_files(reader: Reader, directory: Path) -> tuple[int, int]:
             return files, total
         name = _checked_name((await need(n)).decode())
         (size,) = _SIZE.unpack(await need(_SIZE.size))
+        if accept is not None:
+            accept(name, size)
         fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             left = size

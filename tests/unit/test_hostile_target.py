@@ -6,16 +6,17 @@ push as the broken stream it is, before anything is read for it."""
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import pytest
 import zstandard
 
 from livemig.options import SIZES
-from livemig.pages import frames, postcopy, push
+from livemig.pages import frames, pagemap, postcopy, push
 from livemig.wire import streams
 
 from .pagefakes import fake_criu, pair
-from .test_postcopy import RANGES
+from .test_postcopy import RANGES, _entry
 
 MOST = 64 << 20      # what the coordinator may hold of one inflating read (SIZES.inflated_most is less)
 
@@ -82,3 +83,47 @@ async def test_a_fault_no_placer_would_send_ends_the_push_before_anything_is_rea
         assert log == []
         criu.cancel()
     link_dst[1].close()
+
+
+# --- the pagemaps a round's target sends back (SendPagemaps), which the source's CRIU reads as root
+def _pagemap(*entries: bytes) -> bytes:
+    return struct.pack("<II", pagemap.IMG_COMMON_MAGIC, pagemap.PAGEMAP_MAGIC) + _entry(vaddr=1) + b"".join(entries)
+
+
+GOOD = _pagemap(_entry(vaddr=0x400000, compat=0, flags=pagemap.PE_PRESENT, nr_pages=3),
+                _entry(vaddr=0x7f0000000000, compat=0, flags=pagemap.PE_PARENT, nr_pages=70000))
+
+
+async def _sent_back(tmp_path, files: dict[str, bytes], **limits):
+    src, dst = tmp_path / "target", tmp_path / "source"
+    src.mkdir()
+    dst.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    (a, b) = await pair()
+    sending = asyncio.create_task(streams.send_files(src, list(files), a[1]))
+    try:
+        return await pagemap.receive(b[0], dst, **limits), sorted(p.name for p in dst.iterdir())
+    finally:
+        a[1].close()
+        await asyncio.gather(sending, return_exceptions=True)
+
+
+async def test_the_pagemaps_a_target_sends_back_arrive_when_they_are_what_criu_wrote(tmp_path):
+    got, names = await _sent_back(tmp_path, {"pagemap-1.img": GOOD, "pagemap-shmem-9.img": GOOD, "pages-1.img": b""})
+    assert got == (3, 2 * len(GOOD)) and names == ["pagemap-1.img", "pagemap-shmem-9.img", "pages-1.img"]
+
+
+@pytest.mark.parametrize("files, limits", [
+    ({"pagemap-1.img": GOOD, "core-1.img": b"x"}, {}),                # not a pagemap
+    ({"pages-1.img": b"\0" * 4096}, {}),                             # pages sent back hold nothing
+    ({"pagemap-1.img": GOOD, "pagemap-2.img": GOOD}, {"most": len(GOOD) + 1}),   # too much
+    ({"pagemap-1.img": GOOD, "pagemap-2.img": GOOD}, {"files_most": 1}),
+    ({"pagemap-1.img": _pagemap(_entry(vaddr=0x400001, flags=pagemap.PE_PRESENT, nr_pages=1))}, {}),
+    ({"pagemap-1.img": _pagemap(_entry(vaddr=0x400000, flags=pagemap.PE_PRESENT, nr_pages=1 << 60))}, {}),
+    ({"pagemap-1.img": _pagemap(_entry(vaddr=0x400000, flags=0x80, nr_pages=1))}, {}),
+    ({"pagemap-1.img": GOOD[:-1]}, {}),
+])
+async def test_pagemaps_sent_back_that_criu_never_wrote_are_refused(tmp_path, files, limits):
+    with pytest.raises(pagemap.PagemapError):
+        await _sent_back(tmp_path, files, **limits)
