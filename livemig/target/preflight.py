@@ -27,7 +27,7 @@ def checked_container(c: p.Container) -> p.Container:
 
 
 async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
-    c = msg.container
+    c = msg.container and checked_container(msg.container)     # before anything runs (the agent checks it too)
     names = [checked_name(n, "container name") for n in [c.id, *msg.names]] if c else []   # for the runtime's argv
     facts = await host.probe(msg.pids, str(ws.work))
     if c is None:

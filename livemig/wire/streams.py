@@ -233,7 +233,7 @@ class Decompressed:
         What is held beyond them stays under SIZES.inflate_ahead and one piece."""
         while len(self.buf) - self.pos < n:
             if self.pos:
-                del self.buf[:self.pos]     # at most once a read, of what was handed out
+                del self.buf[:self.pos]     # what was handed out, before more comes
                 self.pos = 0
             for plain in self._pieces:
                 self.meter.raw += len(plain)
