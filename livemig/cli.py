@@ -183,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     # "livemig: terminated" and turns into 143, as this one did before.)
 
 
+def say(text: str, err: bool = False) -> None:
+    """Print text that may hold what another host said (its errors, CRIU's log lines, names),
+    escaped for the terminal (display.escaped)."""
+    print(display.escaped(text), file=sys.stderr if err else sys.stdout)
+
+
 def _check(args) -> int:
     # this command's side only (see the module's doc)
     from .source.migration import check
@@ -190,7 +196,7 @@ def _check(args) -> int:
         options = _settings(mode=args.mode, image_root=args.image_root).options
         rows, mode, why = run(check(args.host, options))
     except LivemigError as e:
-        print(f"livemig: {e}", file=sys.stderr)
+        say(f"livemig: {e}", err=True)
         return e.exit_code
     ok = all(r.ok for r in rows)
     if args.json:
@@ -200,8 +206,8 @@ def _check(args) -> int:
     else:
         width = max(len(r.name) for r in rows)
         for r in rows:
-            print(f"{'ok ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.detail}" +
-                  (f"  ({r.hint})" if not r.ok and r.hint else ""))
+            say(f"{'ok ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.detail}" +
+                (f"  ({r.hint})" if not r.ok and r.hint else ""))
     return ExitCode.MOVED if ok else ExitCode.PREFLIGHT
 
 
@@ -213,14 +219,14 @@ def _recover(args) -> int:
         options = _settings(image_root=args.image_root).options
         settled = run(recover(options, ssh_connector(options), target_lost=args.target_lost))
     except LivemigError as e:
-        print(f"livemig: {e}", file=sys.stderr)
+        say(f"livemig: {e}", err=True)
         return e.exit_code
     if args.json:
         print(json.dumps([dataclasses.asdict(x) for x in settled], indent=2))
     elif not settled:
         print("nothing to recover here")
     for x in [] if args.json else settled:
-        print(f"{x.outcome}: {x.workload}, moving to {x.target} ({x.migration_id}): {x.detail}")
+        say(f"{x.outcome}: {x.workload}, moving to {x.target} ({x.migration_id}): {x.detail}")
     if any(x.outcome == "unresolved" for x in settled):
         return ExitCode.UNRESOLVED
     return ExitCode.FAILED if any(x.outcome == "lost" for x in settled) else ExitCode.MOVED
@@ -235,7 +241,7 @@ def _config(args) -> int:
     try:
         cfg = config.load()
     except LivemigError as e:
-        print(f"livemig: {e}", file=sys.stderr)
+        say(f"livemig: {e}", err=True)
         return e.exit_code
     if args.json:
         print(json.dumps({"file": str(cfg.file) if cfg.file else None,
@@ -310,18 +316,21 @@ def _report(args, call, view, interrupted) -> int:
         report = getattr(e, "report", None)
         where = f"{report.failed_phase}: " if report is not None and report.failed_phase else ""
         said = interrupted(report) if callable(interrupted) else interrupted
-        print(f"livemig: {where}{what}: {said}", file=sys.stderr)
+        say(f"livemig: {where}{what}: {said}", err=True)
         if args.json and report is not None:
             print(report.to_json())
         return code
     except LivemigError as e:
-        print(f"livemig: {e}", file=sys.stderr)
+        say(f"livemig: {e}", err=True)
         if args.json and e.report is not None:
             print(e.report.to_json())
         if not args.json:
             _explain(e, args.verbose)
         return e.exit_code
-    print(report.to_json() if args.json else report.summary())
+    if args.json:
+        print(report.to_json())     # JSON escapes every control character itself
+    else:
+        say(report.summary())
     return ExitCode.MOVED
 
 
@@ -331,12 +340,12 @@ def _explain(e: LivemigError, verbose: bool) -> None:
     kept = getattr(e.report, "logs", None) or []
     if verbose:
         for line in (e.detail or "").splitlines():
-            print(f"  {line}", file=sys.stderr)
+            say(f"  {line}", err=True)
         for where in kept:
             host, _, path = where.partition(":")
             if e.report is not None and host == e.report.source and Path(path).is_dir():   # the target's: there, and in detail
                 for line in logs.excerpt(Path(path)):
-                    print(f"  {line}", file=sys.stderr)
+                    say(f"  {line}", err=True)
     if kept:
-        print(f"  CRIU's logs: {', '.join(kept)}" + ("" if verbose else " (-v prints what in them explains it)"),
-              file=sys.stderr)
+        say(f"  CRIU's logs: {', '.join(kept)}" + ("" if verbose else " (-v prints what in them explains it)"),
+            err=True)

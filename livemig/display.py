@@ -8,6 +8,7 @@ bytes at most every few seconds. With --json, nothing: the report is the output.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Self
@@ -26,6 +27,17 @@ from .progress import (
 )
 
 PAGE = 4096
+
+# What a terminal would act on rather than show: C0 controls but tab and newline, DEL, C1
+# (0x9b is CSI on many terminals), and the bidirectional overrides that reorder what is shown.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escaped(text: str) -> str:
+    """text as it may reach a terminal: what the target says (its errors, CRIU's log lines,
+    its host's names) could otherwise move the cursor, clear the screen or set the title."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1] if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                        text)
 
 
 def _mib(n: float) -> str:
@@ -76,7 +88,7 @@ class Lines:
             text = f"post-copy: {e.pages} of {e.total} pages sent ({e.pages / max(e.total, 1):.0%})"
         if text is not None:
             self._last = now
-            print(text, file=self.out, flush=True)
+            print(escaped(text), file=self.out, flush=True)
 
     def __enter__(self) -> Self:
         return self
@@ -108,7 +120,7 @@ class Live:
         class Rate(ProgressColumn):     # in MiB/s, as the sizes beside it and every line livemig prints
             def render(self, task) -> Text:
                 return Text("" if task.speed is None else f"{_mib(task.speed)}/s", style="progress.data.speed")
-        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+        self.bars = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
                              DownloadColumn(binary_units=True), Rate(), TimeElapsedColumn(),
                              console=console or Console(stderr=True))
         self.memory = 0          # what a full copy sends: a bar's length
@@ -127,7 +139,7 @@ class Live:
 
     def _bar(self, what: str, total: float | None, tell_end: bool = True) -> None:
         self._close_bar()
-        self.task, self.base, self.tell_end = self.bars.add_task(what, total=total), self.sent, tell_end
+        self.task, self.base, self.tell_end = self.bars.add_task(escaped(what), total=total), self.sent, tell_end
 
     def _close_bar(self) -> None:
         if self.task is None:
@@ -137,7 +149,8 @@ class Live:
         self.task = None
         if self.tell_end:
             sent = f", {_mib(t.completed)}" if t.completed >= 2**20 else ""   # not a lazy dump's few images
-            self.bars.console.print(f"{t.description}: done in {t.elapsed or 0:.2f} s{sent}", highlight=False)
+            self.bars.console.print(escaped(f"{t.description}: done in {t.elapsed or 0:.2f} s{sent}"),
+                                    highlight=False, markup=False)
 
     def __call__(self, e: Event) -> None:
         text = line(e)
@@ -156,8 +169,8 @@ class Live:
             return
         if isinstance(e, (RoundDone, Running)):
             self._close_bar()     # the step before ends here: its line first
-        if text is not None:
-            self.bars.console.print(text, highlight=False)
+        if text is not None:     # plain text: no rich markup in what the target says either
+            self.bars.console.print(escaped(text), highlight=False, markup=False)
         if isinstance(e, ModeChosen):
             self.memory = e.memory_bytes
             if e.mode in ("precopy", "hybrid"):

@@ -105,6 +105,7 @@ class Sizes:
     # acknowledgements never hold the push back.
     fill_window_pages: int = 1 << 16              # 256 MiB in flight
     fault_pages: int = 16                         # what the target asks for at once: a fault's neighbours come along
+    #                                               (and the most the source serves for one fault)
     fill_compared_here_pages: int = 4096          # a fill's first 16 MiB (the smallest ranges, which the restore
     #                                               itself may touch) compared here, not by the forked comparer,
     #                                               which starts a moment later
@@ -120,12 +121,23 @@ class Sizes:
     ssh_window: int = 16 << 20                    # the receive window of our ssh channels (post-copy's
     #                                               and the replies' direction come back to us)
     ssh_max_packet: int = 128 << 10
+    # What arrives compressed is inflated this many bytes of it at a time: zstd inflates at most
+    # 32768-fold (an RLE block: 4 bytes for 128 KiB), so a peer's stream of zeros (1 MiB that
+    # is 32 GiB) never lands in memory at once, whoever sent it; measured, 1 KiB pieces cost
+    # 45 ms per 128 MiB against 31 ms for whole reads.
+    inflate_piece: int = 1024
+    inflate_ahead: int = 4 << 20                  # bytes inflated past what a reader asked for, at most
+    #                                               (then a piece's more): one read's pieces at once
     capped_piece: int = 64 * 1024                 # bytes written at once under --max-bandwidth: what one
     #                                               window may overshoot by
     capped_ahead: float = 0.002                   # seconds: a piece due this soon goes now (no sleep per
     #                                               piece at high rates)
     capped_bucket: float = 0.25                   # seconds: the slots the rate reached is counted in
     capped_window: float = 1.0                    # seconds: the rate reached is the most sent over this long
+    # -- what the target sends back: its pagemaps of a round (SendPagemaps), which the source's CRIU
+    # reads as root. An entry is some 20 bytes: 256 MiB index 13 million runs of pages.
+    pagemaps_most: int = 256 << 20                # bytes of them all, at most
+    pagemaps_files_most: int = 1 << 16            # files, at most (two a process)
     # -- auto-converge
     throttle_max_period_us: int = 250_000         # a throttled task may wait this long to be frozen (not
     #                                               the kernel's 1 s period)
@@ -133,6 +145,12 @@ class Sizes:
     # -- what is kept
     stderr_kept: int = 64 * 1024                  # bytes of a program's stderr kept for its error
     logs_kept: int = 20                           # failed moves' logs kept under the image root
+
+
+    @property
+    def inflated_most(self) -> int:
+        """Bytes one piece may inflate to: a block per 4 bytes of it, and one the decoder held."""
+        return (self.inflate_piece // 4 + 1) * (128 << 10)
 
 
 WAITS = Waits()

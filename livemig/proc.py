@@ -102,7 +102,8 @@ async def start(argv: Sequence[str], *, stdin=asyncio.subprocess.DEVNULL, stdout
                 stderr=asyncio.subprocess.PIPE, env: Mapping[str, str] | None = None,
                 pass_fds: Sequence[int] = ()) -> asyncio.subprocess.Process:
     """Start argv with stderr captured (a pipe, or a file of the caller's): the caller owns
-    the process and must reap it (kill(), or its exit).
+    the process and must reap it (kill(), or its exit). Its environment is env, or environ()'s
+    when none is given: never livemig's own whole.
 
     Every program starts as the leader of a session of its own: what it forks stays in its
     process group, which kill() ends whole, and a terminal's Ctrl-C reaches livemig alone,
@@ -110,7 +111,7 @@ async def start(argv: Sequence[str], *, stdin=asyncio.subprocess.DEVNULL, stdout
     argv = [str(a) for a in argv]
     creating = asyncio.ensure_future(asyncio.create_subprocess_exec(
         *argv, stdin=stdin, stdout=stdout, stderr=stderr,
-        env=dict(env) if env is not None else None, pass_fds=tuple(pass_fds), close_fds=True,
+        env=dict(env) if env is not None else environ(), pass_fds=tuple(pass_fds), close_fds=True,
         start_new_session=True))
     try:
         return await asyncio.shield(creating)
@@ -160,8 +161,17 @@ async def _reaped(proc: asyncio.subprocess.Process) -> int:
         return await proc.wait()
 
 
+# What a program livemig runs (as root, often) is given of livemig's own environment: what
+# finds programs and files, and the language of their messages. The rest (a caller's secrets,
+# SSH_AUTH_SOCK, LD_PRELOAD, PYTHONPATH, LIVEMIG_*) stays with livemig. CONTAINERS_*: podman's
+# own settings (its storage and registries), which the user set for podman.
+KEPT_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "XDG_RUNTIME_DIR")
+KEPT_ENV_PREFIXES = ("LC_", "CONTAINERS_")
+
+
 def environ(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+    """A program's environment: the names KEPT_ENV keeps of ours, and extra."""
+    env = {k: v for k, v in os.environ.items() if k in KEPT_ENV or k.startswith(KEPT_ENV_PREFIXES)}
     env.update(extra)
     return env
 

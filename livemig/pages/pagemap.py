@@ -5,6 +5,11 @@ framed as [u32 length][protobuf], a PagemapHead first and PagemapEntry after it.
 entries flagged PE_LAZY are exactly what `criu dump --lazy-pages` kept in memory to
 serve, and the only ranges its page server answers: asking for anything else closes
 the connection. Reading them here lets the source push those pages before anyone asks.
+
+The pagemaps of a pre-copy round come back from the target (receive): the source's CRIU
+reads them, as root, for a lazy final dump. They are checked on the way in: the names of
+pagemaps and of (empty) pages files alone, bounded sizes, and entries that parse and name
+pages of a user's address space.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 
 from .. import protobuf
 from ..errors import LivemigError
+from ..options import SIZES
+from ..wire import streams
 
 IMG_COMMON_MAGIC = 0x54564319
 PAGEMAP_MAGIC = 0x56084025
@@ -24,6 +31,9 @@ PAGE = 4096
 
 _U32 = struct.Struct("<I")
 _FILE = re.compile(r"pagemap-(\d+)\.img")
+_SENT_BACK = re.compile(r"(pagemap-(shmem-)?\d+|pages-\d+)\.img")     # what SendPagemaps sends
+_FLAGS = PE_PARENT | PE_LAZY | PE_PRESENT
+_USER_TOP = 1 << 57      # no user address reaches it (five-level paging's top)
 
 
 class PagemapError(LivemigError, ValueError):
@@ -86,3 +96,37 @@ def lazy_ranges(images: Path) -> list[Range]:
             out += [Range(pid, e.vaddr, e.pages) for e in entries(path.read_bytes())
                     if e.flags & PE_LAZY and e.pages]
     return sorted(out, key=lambda r: (r.pid, r.vaddr))
+
+
+def check(data: bytes) -> None:
+    """PagemapError unless every entry of the image parses and names whole pages of a user's
+    address space, with flags CRIU writes."""
+    for e in entries(data):
+        if e.vaddr % PAGE or e.pages <= 0 or e.vaddr + e.pages * PAGE > _USER_TOP or e.flags & ~_FLAGS:
+            raise PagemapError(f"a pagemap entry no dump writes: {e.pages} pages at {e.vaddr:#x}, "
+                               f"flags {e.flags:#x}")
+
+
+async def receive(reader: streams.Reader, directory: Path, most: int = SIZES.pagemaps_most,
+                  files_most: int = SIZES.pagemaps_files_most) -> tuple[int, int]:
+    """A round's pagemaps as the target sends them back (SendPagemaps), into directory, each
+    checked before the source's CRIU may read it; (files, bytes). A target that sends
+    anything else, or more, is refused with a PagemapError."""
+    got: list[str] = []
+    total = 0
+
+    def accept(name: str, size: int) -> None:
+        nonlocal total
+        total += size
+        if not _SENT_BACK.fullmatch(name):
+            raise PagemapError(f"refusing {name!r} among the pagemaps sent back: not a pagemap")
+        if size and name.startswith("pages-"):
+            raise PagemapError(f"refusing {name!r}: a pages file sent back holds nothing")
+        if total > most or len(got) >= files_most:
+            raise PagemapError(f"refusing the pagemaps sent back: more than {most} bytes or {files_most} files")
+        got.append(name)
+    received = await streams.receive_files(reader, directory, accept)
+    for name in got:
+        if name.startswith("pagemap-"):
+            check((directory / name).read_bytes())
+    return received

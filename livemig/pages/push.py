@@ -9,6 +9,7 @@ options.WAITS, with why each is what it is.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import os
@@ -79,6 +80,10 @@ class Pusher:
         CRIU has it now is named (frames.HAVE), not sent. prefetch_pages: pushed, smallest
         ranges first, before start_pushing (while the target restores; see WAITS.postcopy_push_quiet)."""
         self.ranges = ranges
+        self._lazy: dict[int, list[Range]] = collections.defaultdict(list)   # PID -> its ranges, by address
+        for r in sorted(ranges, key=lambda r: r.vaddr):
+            self._lazy[r.pid].append(r)
+        self._starts = {pid: [r.vaddr for r in rs] for pid, rs in self._lazy.items()}
         self.known = known
         self.total_pages = sum(r.pages for r in ranges)
         self.stall_seconds = stall_seconds
@@ -196,6 +201,7 @@ class Pusher:
                 if not self._fill:
                     self._window = min(self._window + SIZES.push_read_pages, SIZES.push_window_pages[1])
             elif kind == frames.FAULT:
+                self._check_fault(pid, vaddr, n)
                 self._fault_at = time.monotonic()
                 if not self._fill:
                     self._window = SIZES.push_window_pages[0]
@@ -223,6 +229,17 @@ class Pusher:
                 raise PageStreamError("the target's page requests ended before the copy had every page")
             else:
                 raise PageStreamError(f"unknown frame {kind} from the target")
+
+    def _check_fault(self, pid: int, vaddr: int, n: int) -> None:
+        """A fault's pages as a placer asks for them: SIZES.fault_pages at most, all in one lazy
+        range. Anything else is no placer's (the target is not to be trusted with how much
+        the source reads and sends for it, nor with which memory): the stream is broken."""
+        ranges = self._lazy.get(pid, [])
+        i = bisect.bisect_right(self._starts.get(pid, []), vaddr) - 1
+        if not 0 < n <= SIZES.fault_pages or vaddr % PAGE or i < 0 \
+                or vaddr + n * PAGE > ranges[i].vaddr + ranges[i].pages * PAGE:
+            raise PageStreamError(f"the target asked for {n} pages at {vaddr:#x} of process {pid} for a fault, "
+                                  "which no lazy range of the dump holds in one request")
 
     async def _close_criu(self, c_reader, c_writer, command: int) -> int:
         """CRIU's status once told the target has every page. A CRIU already gone (killed,

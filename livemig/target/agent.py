@@ -151,6 +151,11 @@ class Agent:
                 self.inbox.put_nowait(await p.read_message(self.reader))
         except (EOFError, ConnectionError, p.ProtocolError):
             self.inbox.put_nowait(None)
+        except BaseException:
+            # whatever else ends this reader (a bug, its cancellation): the loop must not wait
+            # on an inbox nobody fills, holding the work directory and its lock for ever
+            self.inbox.put_nowait(None)
+            raise
 
     async def _answer(self, msg: object) -> Any:
         """msg's handler; cut short if the coordinator rolls back (Abort), or goes while a
@@ -202,6 +207,9 @@ class Agent:
         handler = self.handlers.get(type(msg))
         if handler is None:
             raise AgentFailure(Phase.PREFLIGHT, f"unexpected {type(msg).__name__}")
+        container = getattr(msg, "container", None)
+        if container is not None:     # its runtime and name become argv: checked before any handler
+            preflight.checked_container(container)
         return await handler(msg)
 
     # --- restore, commit, rollback ---------------------------------------------------------

@@ -34,6 +34,14 @@ from ..wire.protocol import Container
 from .failures import failing_as
 from .verdicts import Verdicts
 
+# How the guard starts: this Python, isolated (-I: no PYTHON* variables, no user site, not the
+# directory it runs in first on sys.path, where anyone might have left a livemig of their own),
+# importing livemig from where the agent's own came from, as root.
+_LIVEMIG_PARENT = str(Path(__file__).resolve().parents[2])
+COMMAND = (sys.executable, "-I", "-c",
+           ("import sys; sys.path.insert(0, sys.argv.pop(1)); from livemig.target.guard import main; "
+            "sys.exit(main(sys.argv[1:]))"), _LIVEMIG_PARENT)
+
 
 class Guard:
     """The agent's end: the guard process and the socket that tells it what to kill."""
@@ -50,8 +58,7 @@ class Guard:
             # session of its own, what kills our process group). What it did, it writes in the verdict.
             with failing_as(Phase.RESTORE, "cannot start the copy's guard"):
                 process = await proc.start(
-                    [sys.executable, "-m", "livemig.target.guard", str(theirs.fileno()), str(verdicts.root),
-                     migration_id],
+                    [*COMMAND, str(theirs.fileno()), str(verdicts.root), migration_id],
                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
                     pass_fds=[theirs.fileno()])
         except BaseException:
@@ -115,6 +122,6 @@ def guard(control_fd: int, root: str, migration_id: str) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    # argv: the control socket's fd, the image root and the migration's ID (where the verdict goes)
-    sys.exit(guard(int(sys.argv[1]), sys.argv[2], sys.argv[3]))
+def main(argv: list[str]) -> int:
+    """argv: the control socket's fd, the image root and the migration's ID (where the verdict goes)."""
+    return guard(int(argv[0]), argv[1], argv[2])

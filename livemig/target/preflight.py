@@ -16,12 +16,22 @@ from .failures import AgentFailure, checked_name
 from .workspace import Workspace
 
 
+def checked_container(c: p.Container) -> p.Container:
+    """c, if its runtime is one livemig drives and its name a plain one: both go into a
+    root command's argv (the runtime as its program), so a message naming anything else is
+    refused before any program runs."""
+    if c.runtime not in runtimes.CONTAINER_RUNTIMES:
+        raise AgentFailure(Phase.PREFLIGHT, f"unknown runtime {c.runtime!r}")
+    checked_name(c.id, "container name")
+    return c
+
+
 async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
+    c = msg.container and checked_container(msg.container)     # before anything runs (the agent checks it too)
+    names = [checked_name(n, "container name") for n in [c.id, *msg.names]] if c else []   # for the runtime's argv
     facts = await host.probe(msg.pids, str(ws.work))
-    c = msg.container
     if c is None:
         return facts
-    names = [checked_name(n, "container name") for n in [c.id, *msg.names]]   # for the runtime's argv
     taken = [n for n in names if await runtimes.known(dataclasses.replace(c, id=n))]
     if c.runtime == "podman":
         info = await podman.facts()

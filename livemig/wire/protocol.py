@@ -352,7 +352,8 @@ def decode(body: bytes) -> Any:
         if type(msg).__name__ not in _TYPES:
             raise KeyError("type")
         return msg
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        # RecursionError: nested deeper than the decoder goes (a peer's doing, never ours)
         raise ProtocolError(f"malformed message: {e}: {body[:200]!r}") from None
 
 

@@ -15,6 +15,7 @@ import contextvars
 import os
 import socket
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -114,17 +115,39 @@ async def send_compressed(reader: Reader, writer: Writer, meter: Meter, level: i
     await out.close()
 
 
+def inflated(dec, data: bytes, piece: int = SIZES.inflate_piece) -> Iterator[bytes]:
+    """data's plain bytes, piece bytes of it inflated at a time: a peer's stream inflates
+    32768-fold at most, so each is SIZES.inflated_most at most (what is read may come from a
+    target that is not to be trusted with the coordinator's memory)."""
+    view = memoryview(data)
+    for i in range(0, len(view), piece):
+        if plain := dec.decompress(view[i:i + piece]):
+            yield plain
+
+
 async def receive_compressed(reader: Reader, writer: Writer, meter: Meter) -> None:
     dec = zstandard.ZstdDecompressor().decompressobj()
     while data := await reader.read(CHUNK):
         meter.wire += len(data)
-        out = dec.decompress(data)
-        if out:
-            meter.raw += len(out)
-            writer.write(out)
-            await writer.drain()
+        held: list[bytes] = []      # written together, a chunk's worth at most: one send, not one a piece
+        size = 0
+        for plain in inflated(dec, data):
+            held.append(plain)
+            size += len(plain)
+            if size >= CHUNK:
+                await _write(writer, held, meter)
+                held, size = [], 0
+        await _write(writer, held, meter)
     if writer.can_write_eof():
         writer.write_eof()
+
+
+async def _write(writer: Writer, pieces: list[bytes], meter: Meter) -> None:
+    if pieces:
+        out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        meter.raw += len(out)
+        writer.write(out)
+        await writer.drain()
 
 
 @dataclass
@@ -203,30 +226,41 @@ class Decompressed:
         self.buf = bytearray()
         self.pos = 0           # what is before it was handed out already
         self.eof = False
+        self._pieces: Iterator[bytes] = iter(())     # the last read's, still to inflate (inflated())
 
     async def need(self, n: int, what: str = "the stream") -> bytearray:
-        """n bytes, writable and the caller's own; EOFError if the stream ends before them."""
+        """n bytes, writable and the caller's own; EOFError if the stream ends before them.
+        What is held beyond them stays under SIZES.inflate_ahead and one piece."""
         while len(self.buf) - self.pos < n:
-            if self.eof:
-                raise EOFError(f"{what} ended early")
-            data = await self.reader.read(CHUNK)
-            if not data:
-                self.eof = True
-                continue
-            self.meter.wire += len(data)
-            plain = self.dec.decompress(data)
-            self.meter.raw += len(plain)
             if self.pos:
-                del self.buf[:self.pos]     # at most once a read, of what was handed out
+                del self.buf[:self.pos]     # what was handed out, before more comes
                 self.pos = 0
-            self.buf += plain
+            for plain in self._pieces:
+                self.meter.raw += len(plain)
+                self.buf += plain
+                if len(self.buf) >= max(n, SIZES.inflate_ahead):
+                    break
+            else:
+                if len(self.buf) >= n:      # this read's pieces were enough
+                    continue
+                if self.eof:
+                    raise EOFError(f"{what} ended early")
+                data = await self.reader.read(CHUNK)
+                if not data:
+                    self.eof = True
+                    continue
+                self.meter.wire += len(data)
+                self._pieces = inflated(self.dec, data)
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
         return out
 
 
-async def receive_files(reader: Reader, directory: Path) -> tuple[int, int]:
-    """The other side of send_files: files land in directory (0600); returns (files, bytes)."""
+async def receive_files(reader: Reader, directory: Path,
+                        accept: Callable[[str, int], None] | None = None) -> tuple[int, int]:
+    """The other side of send_files: files land in directory (0600); returns (files, bytes).
+    accept(name, size), before each file is written: raises to refuse it (what a peer not
+    to be trusted with the disk may send, say)."""
     stream = Decompressed(reader)
 
     async def need(n: int) -> bytearray:
@@ -239,6 +273,8 @@ async def receive_files(reader: Reader, directory: Path) -> tuple[int, int]:
             return files, total
         name = _checked_name((await need(n)).decode())
         (size,) = _SIZE.unpack(await need(_SIZE.size))
+        if accept is not None:
+            accept(name, size)
         fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             left = size

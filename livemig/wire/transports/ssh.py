@@ -1,7 +1,10 @@
 """A host reached over SSH with asyncssh: the user's ~/.ssh/config, agent, keys and known_hosts.
 
 Host keys are always verified against known_hosts: an unknown or changed key
-stops the connection, and nothing here can turn that off.
+stops the connection. asyncssh (2.18 on) reads `UserKnownHostsFile none` in the
+config as "verify nothing": livemig refuses such a config rather than obey it, and
+passes the known_hosts files to asyncssh itself. Root's agent is never forwarded to
+a target, whatever ForwardAgent says: a target is not trusted with the source's keys.
 """
 
 from __future__ import annotations
@@ -43,9 +46,18 @@ class SshTransport:
     @classmethod
     async def connect(cls, host: str, *, timeout: float = 15.0) -> SshTransport:
         try:
-            conn = await asyncssh.connect(
-                host, encryption_algs=CIPHERS, compression_algs=None, connect_timeout=timeout,
-                keepalive_interval=5, keepalive_count_max=3)
+            # the user's config (config=(): ~/.ssh/config, as connect() reads it) for host, with
+            # what it may not change
+            options = await asyncssh.SSHClientConnectionOptions.construct(
+                config=(), host=host, encryption_algs=CIPHERS, compression_algs=None, connect_timeout=timeout,
+                keepalive_interval=5, keepalive_count_max=3, agent_forwarding=False)
+            if options.known_hosts is None:
+                raise ConnectionFailed("~/.ssh/config says UserKnownHostsFile none, which turns host key "
+                                       "checks off", host=host,
+                                       hint="livemig always verifies host keys: name a known_hosts file there")
+            # explicit, so that nothing read later turns the check off ([]: ~/.ssh/known_hosts)
+            conn = await asyncssh.connect(host, options=options, known_hosts=options.known_hosts,
+                                          agent_forwarding=False)
         except asyncssh.HostKeyNotVerifiable as e:
             raise ConnectionFailed(f"the host key is not trusted ({e.reason})", host=host,
                                    hint="check its fingerprint, then add it to ~/.ssh/known_hosts") from None
