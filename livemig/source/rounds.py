@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import criu, proc
 from ..errors import DumpError, LivemigError, Phase
-from ..pages import frames
+from ..pages import frames, pagemap
 from ..report import RoundReport
 from ..runtimes.process import criu_failure
 from ..wire import protocol as p
@@ -105,6 +105,6 @@ async def _fetch_pagemaps(m: Move, name: str, local: Path) -> None:
     """The round's pagemaps as the target holds them: a lazy final dump names its pages from them."""
     tok = token()
     reader, _ = await m.to.stream(tok)
-    receiving = asyncio.create_task(streams.receive_files(reader, local))
+    receiving = asyncio.create_task(pagemap.receive(reader, local))     # checked: CRIU reads them as root
     await m.to.request(p.SendPagemaps(dir=name, stream=tok), p.FilesReceived)
     await receiving

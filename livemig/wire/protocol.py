@@ -174,9 +174,10 @@ class FilesReceived:
 
 @message
 class ReceiveTree:
-    """A directory tree (an OCI bundle) arrives on stream as a tar archive: extracted into
-    path, which must not exist yet, or be the one this migration created; then the
-    paths listed in deleted (relative to path) are removed."""
+    """A directory tree (an OCI bundle) arrives on stream as a tar archive, extracted into
+    path, which must not exist yet, or be the one this migration created. Before it is
+    extracted, the paths listed in deleted (relative to path: what an earlier pass sent
+    and is gone since) are removed, never through a link."""
     path: str
     stream: str
     deleted: list[str] = field(default_factory=list)
