@@ -90,8 +90,8 @@ def sweep(root: Path | str) -> list[str]:
 
 def write_private(path: Path, data: dict) -> None:
     """data as JSON into path, readable by root alone, on disk before this returns: what a
-    host must still know after livemig is killed outright."""
-    write_synced(path, json.dumps(data).encode())
+    host must still know after livemig is killed outright. Whole or not at all (replace)."""
+    replace(path, json.dumps(data).encode())
 
 
 def write_synced(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) -> None:
@@ -100,6 +100,24 @@ def write_synced(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) 
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags, 0o600)
     try:
         os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace(path: Path, data: bytes) -> None:
+    """path holds data (0600), or, if this fails or livemig is killed meanwhile, what it held
+    before: never a part of either. Written beside it, synced, renamed over it, and its
+    directory synced, so that the rename outlives a crash too."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write_synced(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
