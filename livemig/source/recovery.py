@@ -163,6 +163,7 @@ async def recover(options: Options, connect: Connector, *, target_lost: bool = F
     whose post-copy failed: exactly one copy runs on. target_lost: the operator knows the
     target is gone for good (its copy with it), so the source's copy runs on if it can."""
     done = []
+    workdirs.check_root(options.image_root, sockets=False)     # livemig's alone, before it is swept
     workdirs.sweep(options.image_root)      # what moves killed before their record left
     for work in sorted(Path(options.image_root).glob(f"*-source/{throttle.FILE}")):
         work = work.parent

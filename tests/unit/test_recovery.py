@@ -17,12 +17,15 @@ from livemig.source import recovery
 
 @pytest.fixture
 def root(tmp_path):
-    return tmp_path
+    """An image root as livemig makes it: root's, private (workdirs.check_root)."""
+    r = tmp_path / "images"
+    r.mkdir(mode=0o700)
+    return r
 
 
 def record(root, n: int, coordinator=(999_999_999, 1)) -> recovery.Record:
     work = root / f"2026-{n}-source"
-    work.mkdir()
+    work.mkdir(mode=0o700)
     (work / "final").mkdir()        # images a killed coordinator left behind
     rec = recovery.Record(f"2026-{n}", "b", HeldCopy("process", [(4242, 7)]), coordinator)
     rec.save(work)
@@ -135,7 +138,7 @@ def test_a_source_copy_recorded_before_a_reboot_acts_on_nothing():
 # --- stop-and-copy: the commit mark decides --------------------------------------------------
 def stopcopy_record(root, committed: bool) -> recovery.Record:
     work = root / "2026-9-source"
-    work.mkdir()
+    work.mkdir(mode=0o700)
     rec = recovery.Record("2026-9", "b", HeldCopy("process", [(4242, 7)]), (999_999_999, 1),
                           lazy=False, committed=committed)
     rec.save(work)
@@ -212,12 +215,13 @@ async def test_a_livemig_killed_in_pre_copy_leaves_a_throttle_that_recover_lifts
     """Nothing was frozen yet: the workload ran on, slowed; recover gives it its CPU back
     and deletes the pre-copy's images. (tests/unit/test_throttle.py does it on a real cgroup.)"""
     from livemig.source import throttle
-    cg_dir = root / "cg"
+    cg_dir = root.parent / "cg"
     cg_dir.mkdir()
     (cg_dir / "cpu.cfs_quota_us").write_text("5000")
     (cg_dir / "cpu.cfs_period_us").write_text("100000")
     work = root / "2026-7-source"
-    (work / "pre-1").mkdir(parents=True)
+    work.mkdir(mode=0o700)
+    (work / "pre-1").mkdir()
     throttle.save(work / throttle.FILE, throttle.CpuCgroup(1, str(cg_dir), ""), throttle.Quota(-1, 100000),
                   "runc container web1")
     # a record whose livemig still runs is its own business
