@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from tests.test_stopcopy_faults import killed_at, recover
+
 pytestmark = pytest.mark.lab
 
 TOOL = "/opt/livemig/tests/workloads/container.py"
@@ -121,3 +123,21 @@ def test_force_goes_past_a_must_match_mismatch_and_says_so(lab):
         lab.run("b", ["rm", "-f", conf])
         for h in ("a", "b"):
             lab.run(h, [*ENV, "podman", "rm", "--force", "web9"], check=False)
+
+
+def test_a_podman_move_killed_before_its_commit_is_recovered_by_a_restore_here(lab):
+    """podman's final checkpoint stopped the source's container (podman cannot checkpoint a
+    paused one): `livemig recover` brings it back with a restore from that checkpoint, not
+    an unpause, and ends the target's paused copy."""
+    first = int(lab.text("a", ["python3", TOOL, "serve", "--name", "web5"]))
+    try:
+        killed_at(lab, "restored", "web5")
+        assert running(lab, "a", "web5") is False          # checkpointed: stopped, not paused
+        settled = recover(lab)
+        assert settled["outcome"] == "rolled back", settled
+        assert running(lab, "a", "web5") and running(lab, "b", "web5") is None
+        assert ask(lab, "a", "web5") == first + 1           # its own state, as of the checkpoint
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, [*ENV, "podman", "rm", "--force", "web5"], check=False)
