@@ -146,19 +146,19 @@ def enforce(rows: list[Check], target: str, force: bool = False) -> list[str]:
 
 
 PF_KTHREAD = 0x00200000     # /proc/PID/stat's flags: a kernel thread (include/linux/sched.h)
-KTHREADD = 2                # the kernel's thread daemon: every kernel thread's parent
 
 
 def refuse_tree(root: int) -> None:
     """A process tree (--pid root) that must never move is refused, in one line, before
-    anything is made or reached: the host's init, the kernel's threads, and the processes
-    this livemig runs under (its shell, the sshd of its session...), which CRIU would find
-    holding livemig itself only after their whole memory had crossed."""
+    anything is made or reached: the host's init, the kernel's threads (kthreadd, PID 2 in
+    the host's PID namespace, and its children), and the processes this livemig runs under
+    (its shell, the sshd of its session...), which CRIU would find holding livemig itself
+    only after their whole memory had crossed."""
     if root == 1:
         raise PreflightError("PID 1 is this host's init: it cannot move",
                              phase=Phase.PREFLIGHT, hint="name the process tree to move with --pid, or the container")
     fields = proc.stat_fields(root)
-    if root == KTHREADD or (fields and (int(fields[1]) == KTHREADD or int(fields[6]) & PF_KTHREAD)):
+    if fields and int(fields[6]) & PF_KTHREAD:
         raise PreflightError(f"PID {root} is a kernel thread: only user processes move", phase=Phase.PREFLIGHT)
     if root in _ancestors(os.getpid()):
         raise PreflightError(f"PID {root} cannot move: livemig runs under it (livemig itself, its shell, "
