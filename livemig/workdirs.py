@@ -24,6 +24,8 @@ import shutil
 import stat
 from pathlib import Path
 
+from .errors import Phase, PreflightError
+
 LOCK = ".owner"
 # a tree its owner made outside it (a container's bundle, at the path the bundle had at
 # the source): it goes with the directory of an owner that died, unless a marker keeps both
@@ -162,8 +164,8 @@ def _still_named(fd: int, path: Path) -> bool:
 
 def write_private(path: Path, data: dict) -> None:
     """data as JSON into path, readable by root alone, on disk before this returns: what a
-    host must still know after livemig is killed outright."""
-    write_synced(path, json.dumps(data).encode())
+    host must still know after livemig is killed outright. Whole or not at all (replace)."""
+    replace(path, json.dumps(data).encode())
 
 
 def write_synced(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) -> None:
@@ -175,3 +177,83 @@ def write_synced(path: Path, data: bytes, flags: int = os.O_CREAT | os.O_TRUNC) 
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace(path: Path, data: bytes) -> None:
+    """path holds data (0600), or, if this fails or livemig is killed meanwhile, what it held
+    before: never a part of either. Written beside it, synced, renamed over it, and its
+    directory synced, so that the rename outlives a crash too."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write_synced(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# The longest path livemig binds a UNIX socket at under an image root: the target's lazy
+# pages socket (pages/placer.py) in the final images of a move, its ID as session.migration_id
+# makes it (20261204-213449-0123abcd); the source's hook.sock (ID-source/hook.sock) is shorter.
+LONGEST_SOCKET = "/20261204-213449-0123abcd-source/final/lazy-pages.socket"
+SUN_PATH = 108      # sockaddr_un's sun_path, its NUL included (unix(7))
+
+
+def check_root(root: str, *, sockets: bool = True) -> None:
+    """An image root livemig may make private (0700) and sweep, or a PreflightError saying
+    why not, before anything is made or changed: an absolute path without symlinks, spaces
+    or control characters (the guard reads paths as words), short enough for the sockets
+    bound under it (sockets=False: none will be), every part of it root's and writable by
+    nobody else (a sticky ancestor aside, once the root exists: nobody else can rename it),
+    and, if it exists, holding only what livemig puts there: root's files, and directories
+    that are livemig's (private, or a work directory's lock in them, or logs). A directory
+    the host uses for something else (/tmp, /home, /usr) is never chmod-ed nor swept."""
+    path = Path(root)
+    if not path.is_absolute() or os.path.normpath(root) != root or root == "/":
+        raise _bad_root(root, "is not an absolute path to a directory of its own (like /var/lib/livemig)")
+    if any(c.isspace() or not c.isprintable() for c in root):
+        raise _bad_root(root, "holds a space or a control character")
+    if sockets and len(os.fsencode(root + LONGEST_SOCKET)) >= SUN_PATH:
+        raise _bad_root(root, f"is too long: a UNIX socket under it needs {len(LONGEST_SOCKET)} more bytes, "
+                              f"and a socket's path holds {SUN_PATH - 1} at most")
+    found = []      # the parts that exist, from / down: the last is the root, or where it will be made
+    for part in (Path(*path.parts[:i]) for i in range(1, len(path.parts) + 1)):
+        try:
+            found.append((part, os.lstat(part)))
+        except FileNotFoundError:
+            break       # made later, 0700, in a directory only root can write (checked below)
+    for part, st in found:
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise _bad_root(root, f"passes through {part}, which is a symlink or not a directory")
+        if st.st_uid != 0:
+            raise _bad_root(root, f"passes through {part}, which is not root's")
+        # sticky (/tmp): others may write in it, but not rename what is root's, below it
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and (part == found[-1][0] or not st.st_mode & stat.S_ISVTX):
+            raise _bad_root(root, f"passes through {part}, which others may write in")
+    exists = found[-1][0] == path
+    if exists:
+        for entry in path.iterdir():
+            if not _livemigs(entry):
+                raise _bad_root(root, f"holds {entry.name}, which livemig did not put there: an image root is "
+                                      "livemig's alone")
+
+
+def _livemigs(entry: Path) -> bool:
+    """Could livemig have put entry in an image root? Root's files (verdicts, a marker's
+    temporary copy), root's private directories (work directories), its logs."""
+    st = os.lstat(entry)
+    if st.st_uid != 0 or stat.S_ISLNK(st.st_mode):
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        return stat.S_ISREG(st.st_mode)
+    return entry.name == "logs" or stat.S_IMODE(st.st_mode) & 0o077 == 0 or (entry / LOCK).is_file()
+
+
+def _bad_root(root: str, why: str) -> PreflightError:
+    return PreflightError(f"the image root {root} {why}", phase=Phase.PREFLIGHT,
+                          hint="point --image-root at a directory of livemig's own: root's, 0700 or 0755")

@@ -236,15 +236,23 @@ def test_a_socket_bound_to_an_address_the_target_lacks_stops_in_preflight_touchi
 
 @pytest.mark.parametrize("args, code, message", [
     (["--pid", "99999", "b"], 3, b"livemig: preflight: no process with PID 99999"),
-    (["--pid", "1", "nosuchhost"], 4, b"livemig: preflight on nosuchhost: cannot connect over ssh"),
-    (["--pid", "1", "--mode", "hybrid", "b"], 3, b"hybrid needs dirty-page tracking"),
+    (["--pid", "WORKLOAD", "nosuchhost"], 4, b"livemig: preflight on nosuchhost: cannot connect over ssh"),
+    (["--pid", "WORKLOAD", "--mode", "hybrid", "b"], 3, b"hybrid needs dirty-page tracking"),
     (["--pid", "x", "b"], 2, b"invalid int value"),
+    # what must never move is refused before either host is touched
+    (["--pid", "1", "b"], 3, b"livemig: preflight: PID 1 is this host's init: it cannot move"),
 ])
 def test_bad_input_gets_one_clear_line_and_its_exit_code(lab, args, code, message):
-    res = lab.run("a", ["livemig", "move", *args], check=False, timeout=120)
-    assert res.returncode == code, res.stderr.decode()
-    assert message in res.stderr
-    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    work = lab.start_workload("a", mib=1, pid=4408, port=7795) if "WORKLOAD" in args else None
+    try:
+        argv = [str(work.pid) if a == "WORKLOAD" and work else a for a in args]
+        res = lab.run("a", ["livemig", "move", *argv], check=False, timeout=120)
+        assert res.returncode == code, res.stderr.decode()
+        assert message in res.stderr
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        if work:
+            lab.run("a", ["kill", str(work.pid)])
 
 
 def test_check_runs_the_preflight_alone(lab):

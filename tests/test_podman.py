@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from tests.test_stopcopy_faults import killed_at, recover
+
 pytestmark = pytest.mark.lab
 
 TOOL = "/opt/livemig/tests/workloads/container.py"
@@ -135,3 +137,21 @@ def test_a_host_named_twice_is_refused_and_nothing_of_either_agent_is_removed_by
         assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     finally:
         lab.run("a", [*ENV, "podman", "rm", "--force", "web5"])
+
+
+def test_a_podman_move_killed_before_its_commit_is_recovered_by_a_restore_here(lab):
+    """podman's final checkpoint stopped the source's container (podman cannot checkpoint a
+    paused one): `livemig recover` brings it back with a restore from that checkpoint, not
+    an unpause, and ends the target's paused copy."""
+    first = int(lab.text("a", ["python3", TOOL, "serve", "--name", "web6"]))
+    try:
+        killed_at(lab, "restored", "web6")
+        assert running(lab, "a", "web6") is False          # checkpointed: stopped, not paused
+        settled = recover(lab)
+        assert settled["outcome"] == "rolled back", settled
+        assert running(lab, "a", "web6") and running(lab, "b", "web6") is None
+        assert ask(lab, "a", "web6") == first + 1           # its own state, as of the checkpoint
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, [*ENV, "podman", "rm", "--force", "web6"], check=False)

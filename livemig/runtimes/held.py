@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import proc
-from ..errors import Phase
+from ..errors import LivemigError, Phase
 from ..wire import protocol as p
-from . import bundle, control
+from . import bundle, control, oci, podman
 
 
 @dataclass
@@ -47,11 +47,36 @@ class HeldCopy:
         return control(p.Container(self.runtime, self.container, ""), action)
 
     async def resume(self) -> None:
-        """Let it run again, from the final dump."""
+        """Let it run again, from the final dump, as it is now (not as it was left: a move
+        killed before its pause, or a resume that ran already, leave it running)."""
         if self.runtime == "process":
-            proc.signal_tasks(self._alive(), signal.SIGCONT)
+            proc.signal_tasks(self._alive(), signal.SIGCONT)     # a no-op on a running task
+        elif self.runtime == "podman":
+            await self._resume_podman()
         else:
+            st = await oci.state(self.runtime, self.container)
+            status = st.get("status") if st else None
+            if status == "paused":
+                await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
+            elif status != "running":
+                raise self._cannot_resume(status or "gone")
+
+    async def _resume_podman(self) -> None:
+        """podman cannot checkpoint a paused container: its final checkpoint stopped it, and
+        only a restore from the checkpoint podman kept brings it back (a target's restored
+        copy, or a move killed before its checkpoint, may be paused, or running, instead)."""
+        found = await podman.inspect(self.container)
+        if found is None:
+            raise self._cannot_resume("gone")
+        st = found.get("State", {})
+        if st.get("Paused"):
             await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
+        elif not st.get("Running"):
+            await proc.run(podman.restore_kept(self.container), phase=Phase.ROLLBACK, leaves_daemon=True)
+
+    def _cannot_resume(self, status: str) -> LivemigError:
+        return LivemigError(f"{self.runtime} container {self.container} is {status}: there is nothing to "
+                            "resume", phase=Phase.ROLLBACK)
 
     async def exists(self) -> bool:
         """Is it still here (stopped, paused, or running)?"""

@@ -92,6 +92,11 @@ def restore(images: Path, name: str) -> list[str]:
             *(["--import-previous", str(previous)] if previous.exists() else []), "--name", name]
 
 
+def restore_kept(name: str) -> list[str]:
+    """A rollback's restore: name, from the checkpoint podman kept of it (its final one)."""
+    return ["podman", "container", "restore", name]
+
+
 class PodmanContainer(Workload):
     kind = "podman"
     streams_pages = False
@@ -165,8 +170,7 @@ class PodmanContainer(Workload):
             return
         found = await inspect(self.container)
         if found and not found["State"].get("Running"):
-            await proc.run(["podman", "container", "restore", self.container], phase=Phase.ROLLBACK,
-                           leaves_daemon=True)
+            await proc.run(restore_kept(self.container), phase=Phase.ROLLBACK, leaves_daemon=True)
         self.checkpointed = False
 
 

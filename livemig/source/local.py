@@ -16,7 +16,8 @@ from ..wire import protocol as p
 def make_work_dir(image_root: str, work: Path) -> workdirs.Held | None:
     """This host's private image directory for one move or clone, under a private root,
     held while we live (None: it was made already). What moves killed outright left
-    there goes first."""
+    there goes first, once the root is known to be livemig's alone."""
+    workdirs.check_root(image_root)
     workdirs.sweep(image_root)
     if work.exists():
         return None

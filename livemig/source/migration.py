@@ -129,6 +129,8 @@ class Migration:
         m = self.m
         if os.geteuid() != 0:
             raise PreflightError("livemig must run as root (CRIU needs it)", phase=Phase.PREFLIGHT)
+        if isinstance(m.what, int):
+            checks.refuse_tree(m.what)      # before anything is made here or reached there
         w = m.workload = await runtimes.resolve(m.what, m.options.runtime, m.options.criu, m.work)
         m.report.runtime, m.report.workload = w.kind, w.name
         m.report.pid = w.root_pid

@@ -1,14 +1,17 @@
 """The preflight checks: pure comparisons of the two hosts' facts, one row per check.
 
 `livemig move` stops at the first failed row, before touching the source;
-`livemig check` prints them all.
+`livemig check` prints them all. Before any of them, refuse_tree turns away a process
+tree that must never move, before either host is touched.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from ..errors import PreflightError
+from .. import proc
+from ..errors import Phase, PreflightError
 from ..wire.protocol import Container, HostFacts
 from . import policy
 
@@ -140,3 +143,34 @@ def enforce(rows: list[Check], target: str, force: bool = False) -> list[str]:
         raise PreflightError(f"{row.name}: {row.detail}" if row.forceable else row.detail,
                              host=target if row.on_target else None, hint=hint)
     return warnings
+
+
+PF_KTHREAD = 0x00200000     # /proc/PID/stat's flags: a kernel thread (include/linux/sched.h)
+
+
+def refuse_tree(root: int) -> None:
+    """A process tree (--pid root) that must never move is refused, in one line, before
+    anything is made or reached: the host's init, the kernel's threads (kthreadd, PID 2 in
+    the host's PID namespace, and its children), and the processes this livemig runs under
+    (its shell, the sshd of its session...), which CRIU would find holding livemig itself
+    only after their whole memory had crossed."""
+    if root == 1:
+        raise PreflightError("PID 1 is this host's init: it cannot move",
+                             phase=Phase.PREFLIGHT, hint="name the process tree to move with --pid, or the container")
+    fields = proc.stat_fields(root)
+    if fields and int(fields[6]) & PF_KTHREAD:
+        raise PreflightError(f"PID {root} is a kernel thread: only user processes move", phase=Phase.PREFLIGHT)
+    if root in _ancestors(os.getpid()):
+        raise PreflightError(f"PID {root} cannot move: livemig runs under it (livemig itself, its shell, "
+                             "its ssh session...)",
+                             phase=Phase.PREFLIGHT, hint="start the workload apart (setsid, a service) and move that")
+
+
+def _ancestors(pid: int) -> list[int]:
+    """pid and its parents, up to init."""
+    chain = []
+    while pid > 0 and pid not in chain:
+        chain.append(pid)
+        fields = proc.stat_fields(pid)
+        pid = int(fields[1]) if fields else 0
+    return chain

@@ -69,13 +69,19 @@ class Record:
 
 
 def records(image_root: str) -> list[tuple[Path, Record]]:
-    """Every move whose post-copy has not been settled here, oldest first."""
-    found = []
+    """Every move whose post-copy has not been settled here and whose record reads, oldest first."""
+    return [(work, rec) for work, rec in _scan(image_root) if isinstance(rec, Record)]
+
+
+def _scan(image_root: str) -> list[tuple[Path, Record | LivemigError]]:
+    """Every record here, oldest first: each read, or why it cannot be (each on its own, so
+    that one unreadable record never keeps the others from being settled)."""
+    found: list[tuple[Path, Record | LivemigError]] = []
     for path in sorted(Path(image_root).glob(f"*-source/{RECORD}")):
         try:
             found.append((path.parent, Record.load(path)))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LivemigError(f"cannot read {path}: {e}", phase=Phase.ROLLBACK) from None
+            found.append((path.parent, LivemigError(f"cannot read {path}: {e}", phase=Phase.ROLLBACK)))
     return found
 
 
@@ -157,6 +163,7 @@ async def recover(options: Options, connect: Connector, *, target_lost: bool = F
     whose post-copy failed: exactly one copy runs on. target_lost: the operator knows the
     target is gone for good (its copy with it), so the source's copy runs on if it can."""
     done = []
+    workdirs.check_root(options.image_root, sockets=False)     # livemig's alone, before it is swept
     workdirs.sweep(options.image_root)      # what moves killed before their record left
     for work in sorted(Path(options.image_root).glob(f"*-source/{throttle.FILE}")):
         work = work.parent
@@ -168,16 +175,14 @@ async def recover(options: Options, connect: Connector, *, target_lost: bool = F
         forget(work)
         done.append(Settled(work.name.removesuffix("-source"), "", what, "rolled back",
                             f"livemig was killed in pre-copy; the workload ran on here throughout; {detail}"))
-    for work, rec in records(options.image_root):
-        c = rec.source_copy
-        what = f"PID {c.pids[0][0]}" if c.runtime == "process" and c.pids else f"{c.runtime} container {c.container}"
-        if rec.coordinator_alive():
-            outcome, detail, finished = "unresolved", f"livemig (PID {rec.coordinator[0]}) is still moving it", False
-        else:
-            throttle.lift_left(work)      # killed between its record and the switchover
-            settle = _settle_postcopy if rec.lazy else _settle_stopcopy
-            outcome, detail, finished = await settle(work, rec, connect, options, target_lost)
-        done.append(Settled(rec.migration_id, rec.target, what, outcome, detail))
+    for work, rec in _scan(options.image_root):
+        if isinstance(rec, LivemigError):
+            done.append(Settled(work.name.removesuffix("-source"), "", "a workload", "unresolved",
+                                f"{rec.message}: which workload it held, and where, cannot be told; settle it "
+                                f"by hand, then delete {work}"))
+            continue
+        settled, finished = await _settle(work, rec, connect, options, target_lost)
+        done.append(settled)
         if finished:
             forget(work)
             if not target_lost:
@@ -186,6 +191,25 @@ async def recover(options: Options, connect: Connector, *, target_lost: bool = F
                 except _UNREACHABLE:
                     pass    # a stale verdict file there, a few bytes: recover asks it no more
     return done
+
+
+async def _settle(work: Path, rec: Record, connect: Connector, options: Options, target_lost: bool
+                  ) -> tuple[Settled, bool]:
+    """One record, on its own: what it left, and whether it is done with. A failure here
+    (a runtime that cannot resume its container) is told, and the record kept for the next
+    try; the records after it are settled all the same."""
+    c = rec.source_copy
+    what = f"PID {c.pids[0][0]}" if c.runtime == "process" and c.pids else f"{c.runtime} container {c.container}"
+    if rec.coordinator_alive():
+        outcome, detail, finished = "unresolved", f"livemig (PID {rec.coordinator[0]}) is still moving it", False
+    else:
+        try:
+            throttle.lift_left(work)      # killed between its record and the switchover
+            settle = _settle_postcopy if rec.lazy else _settle_stopcopy
+            outcome, detail, finished = await settle(work, rec, connect, options, target_lost)
+        except (LivemigError, OSError) as e:
+            outcome, detail, finished = "unresolved", f"{e}; run `livemig recover` again once that is fixed", False
+    return Settled(rec.migration_id, rec.target, what, outcome, detail), finished
 
 
 async def _settle_postcopy(work: Path, rec: Record, connect, options, target_lost: bool) -> tuple[str, str, bool]:

@@ -31,6 +31,7 @@ class Workspace:
     @classmethod
     def make(cls, root: Path, migration_id: str) -> Workspace:
         """A fresh work directory for migration_id, ours until release()."""
+        workdirs.check_root(str(root))      # livemig's alone, before it is made private or swept
         workdirs.sweep(root)      # what agents killed outright left here
         work = root / checked_name(migration_id, "migration id")
         try:

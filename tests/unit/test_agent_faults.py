@@ -114,27 +114,27 @@ class _Said:
         pass
 
 
-async def test_a_second_agent_of_one_migration_on_one_host_answers_failed_and_removes_nothing(tmp_path):
+async def test_a_second_agent_of_one_migration_on_one_host_answers_failed_and_removes_nothing(short_root):
     # `clone web1 host-b host-b.example.com`: one ID, two agents on one host
-    first = Workspace.make(tmp_path, "m1")
+    first = Workspace.make(short_root, "m1")
     await first.listen()
     try:
         hello = asyncio.StreamReader()
         hello.feed_data(p.encode(p.Hello(p.PROTOCOL_VERSION, __version__, "m1")))
         hello.feed_eof()
         out = _Said()
-        assert await agent_mod.Agent(hello, out, str(tmp_path)).serve() == 2
+        assert await agent_mod.Agent(hello, out, str(short_root)).serve() == 2
         answer = await p.read_message(out.said)
         assert isinstance(answer, p.Failed) and "named twice" in answer.message
-        assert (tmp_path / "m1" / workdirs.LOCK).is_file() and (tmp_path / "m1" / "streams.sock").exists()
+        assert (short_root / "m1" / workdirs.LOCK).is_file() and (short_root / "m1" / "streams.sock").exists()
     finally:
         first.close()
         first.release()
 
 
-async def test_a_bundle_whose_copy_resumed_stays_when_its_agent_is_killed_after(tmp_path):
-    a = agent_mod.Agent(asyncio.StreamReader(), None, str(tmp_path / "root"))
-    a._ws = Workspace.make(tmp_path / "root", "m1")
+async def test_a_bundle_whose_copy_resumed_stays_when_its_agent_is_killed_after(tmp_path, short_root):
+    a = agent_mod.Agent(asyncio.StreamReader(), None, str(short_root / "root"))
+    a._ws = Workspace.make(short_root / "root", "m1")
     a._images = Images(a._ws, a.copy)
     tree = a._images.tree(str(tmp_path / "ctr" / "bundle"))
     copy = await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)
@@ -144,7 +144,7 @@ async def test_a_bundle_whose_copy_resumed_stays_when_its_agent_is_killed_after(
         a.copy.roots, a.copy.holds_workload = [copy.pid], True
         await a.on_resume(p.Resume())
         a._ws.release()                 # killed outright: no cleanup of its own
-        assert workdirs.sweep(tmp_path / "root") == ["m1"]
+        assert workdirs.sweep(short_root / "root") == ["m1"]
         assert tree.is_dir()            # the running container's bundle
     finally:
         copy.kill()

@@ -17,12 +17,15 @@ from livemig.source import recovery
 
 @pytest.fixture
 def root(tmp_path):
-    return tmp_path
+    """An image root as livemig makes it: root's, private (workdirs.check_root)."""
+    r = tmp_path / "images"
+    r.mkdir(mode=0o700)
+    return r
 
 
 def record(root, n: int, coordinator=(999_999_999, 1)) -> recovery.Record:
     work = root / f"2026-{n}-source"
-    work.mkdir()
+    work.mkdir(mode=0o700)
     (work / "final").mkdir()        # images a killed coordinator left behind
     rec = recovery.Record(f"2026-{n}", "b", HeldCopy("process", [(4242, 7)]), coordinator)
     rec.save(work)
@@ -135,7 +138,7 @@ def test_a_source_copy_recorded_before_a_reboot_acts_on_nothing():
 # --- stop-and-copy: the commit mark decides --------------------------------------------------
 def stopcopy_record(root, committed: bool) -> recovery.Record:
     work = root / "2026-9-source"
-    work.mkdir()
+    work.mkdir(mode=0o700)
     rec = recovery.Record("2026-9", "b", HeldCopy("process", [(4242, 7)]), (999_999_999, 1),
                           lazy=False, committed=committed)
     rec.save(work)
@@ -212,12 +215,13 @@ async def test_a_livemig_killed_in_pre_copy_leaves_a_throttle_that_recover_lifts
     """Nothing was frozen yet: the workload ran on, slowed; recover gives it its CPU back
     and deletes the pre-copy's images. (tests/unit/test_throttle.py does it on a real cgroup.)"""
     from livemig.source import throttle
-    cg_dir = root / "cg"
+    cg_dir = root.parent / "cg"
     cg_dir.mkdir()
     (cg_dir / "cpu.cfs_quota_us").write_text("5000")
     (cg_dir / "cpu.cfs_period_us").write_text("100000")
     work = root / "2026-7-source"
-    (work / "pre-1").mkdir(parents=True)
+    work.mkdir(mode=0o700)
+    (work / "pre-1").mkdir()
     throttle.save(work / throttle.FILE, throttle.CpuCgroup(1, str(cg_dir), ""), throttle.Quota(-1, 100000),
                   "runc container web1")
     # a record whose livemig still runs is its own business
@@ -230,3 +234,105 @@ async def test_a_livemig_killed_in_pre_copy_leaves_a_throttle_that_recover_lifts
     assert (settled.workload, settled.outcome) == ("runc container web1", "rolled back")
     assert "lifted" in settled.detail and (cg_dir / "cpu.cfs_quota_us").read_text() == "-1"
     assert not work.exists() and acted == []
+
+
+# --- each record on its own, written whole, and each copy resumed as it actually is ----------
+def test_a_record_rewritten_is_never_left_half_written(root, monkeypatch):
+    """A coordinator killed while it rewrites its record (here: the disk fails it) leaves the
+    record as it was, never an empty file; the directory is synced for the rename to last."""
+    rec = record(root, 1)
+    work = root / "2026-1-source"
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        if len(synced) == 1:
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    rec.committed = True
+    with pytest.raises(OSError):
+        rec.save(work)
+    [(_, again)] = recovery.records(str(root))
+    assert again.committed is False                          # the record as it was
+    assert [p.name for p in work.iterdir() if p.is_file()] == [recovery.RECORD]
+    rec.save(work)
+    assert synced[1:] == [False, True]                       # the file, then its directory
+    assert recovery.records(str(root))[0][1].committed is True
+
+
+async def test_an_unreadable_record_does_not_keep_the_others_from_being_settled(root, acted, monkeypatch):
+    record(root, 1)
+    (root / "2026-1-source" / recovery.RECORD).write_text("")     # killed mid-write by an older livemig
+    record(root, 2)
+    answers(monkeypatch, "killed")
+    first, second = await recovery.recover(Options(image_root=str(root)), None)
+    assert first.outcome == "unresolved" and "cannot read" in first.detail
+    assert (second.migration_id, second.outcome, acted) == ("2026-2", "rolled back", ["resume"])
+    assert (root / "2026-1-source" / recovery.RECORD).exists()       # kept, for the operator
+
+
+async def test_a_record_that_fails_to_settle_does_not_keep_the_others_from_it(root, monkeypatch):
+    record(root, 1)
+    record(root, 2)
+    answers(monkeypatch, "killed", "killed")
+    resumed = []
+
+    async def resume(self):
+        resumed.append(self)
+        if len(resumed) == 1:
+            raise LivemigError("podman container restore web1 exited 125", phase="rollback")
+    monkeypatch.setattr(HeldCopy, "resume", resume)
+    first, second = await recovery.recover(Options(image_root=str(root)), None)
+    assert first.outcome == "unresolved" and "exited 125" in first.detail
+    assert second.outcome == "rolled back" and len(resumed) == 2
+    assert [w.name for w, _ in recovery.records(str(root))] == ["2026-1-source"]   # tried again next time
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    """The container runtimes as stand-ins: the state each reports, and the commands run."""
+    from livemig.runtimes import held, oci, podman
+    ran: list[list[str]] = []
+    now: dict = {}
+
+    async def inspect(name):
+        return now.get("podman")
+
+    async def state(rt, name):
+        return now.get(rt)
+
+    async def run(argv, **kw):
+        ran.append(argv)
+        return proc.Result(tuple(argv), 0, b"", b"")
+    monkeypatch.setattr(podman, "inspect", inspect)
+    monkeypatch.setattr(oci, "state", state)
+    monkeypatch.setattr(held.proc, "run", run)
+    return ran, now
+
+
+@pytest.mark.parametrize("rt, state, command", [
+    # podman cannot pause what it checkpoints: its final checkpoint stopped it, a restore brings it back
+    ("podman", {"State": {"Status": "exited", "Running": False, "Checkpointed": True}},
+     ["podman", "container", "restore", "web1"]),
+    ("podman", {"State": {"Status": "paused", "Running": True, "Paused": True}}, ["podman", "unpause", "web1"]),
+    ("podman", {"State": {"Status": "running", "Running": True, "Paused": False}}, None),
+    ("runc", {"status": "paused"}, ["runc", "resume", "web1"]),
+    ("runc", {"status": "running"}, None),     # paused never, or resumed already: nothing to do
+    ("crun", {"status": "paused"}, ["crun", "resume", "web1"]),
+])
+async def test_a_held_container_is_resumed_as_it_actually_is(runtime, rt, state, command):
+    ran, now = runtime
+    now[rt] = state
+    await HeldCopy(rt, [], "web1").resume()
+    assert ran == ([command] if command else [])
+
+
+@pytest.mark.parametrize("rt, state", [("podman", None), ("runc", None), ("runc", {"status": "stopped"})])
+async def test_a_held_container_that_is_gone_or_stopped_cannot_be_resumed(runtime, rt, state):
+    ran, now = runtime
+    now[rt] = state
+    with pytest.raises(LivemigError, match="web1"):
+        await HeldCopy(rt, [], "web1").resume()
+    assert ran == []

@@ -135,25 +135,25 @@ def _agent_killed_after_making_a_bundle(root, tree):
     os.waitpid(pid, 0)
 
 
-def test_a_bundle_an_agent_killed_outright_made_goes_with_its_directory(tmp_path):
+def test_a_bundle_an_agent_killed_outright_made_goes_with_its_directory(tmp_path, short_root):
     tree = tmp_path / "ctr" / "bundle"
-    _agent_killed_after_making_a_bundle(tmp_path / "root", tree)
+    _agent_killed_after_making_a_bundle(short_root / "root", tree)
     assert tree.is_dir()
-    assert workdirs.sweep(tmp_path / "root") == ["m1"]
+    assert workdirs.sweep(short_root / "root") == ["m1"]
     assert not tree.exists()          # a later move may bring it again
 
 
-def test_a_tree_at_that_path_made_since_by_someone_else_stays(tmp_path):
+def test_a_tree_at_that_path_made_since_by_someone_else_stays(tmp_path, short_root):
     tree = tmp_path / "ctr" / "bundle"
-    _agent_killed_after_making_a_bundle(tmp_path / "root", tree)
+    _agent_killed_after_making_a_bundle(short_root / "root", tree)
     tree.rmdir()
     time.sleep(0.05)        # change times are as coarse as the clock's tick
     tree.mkdir()            # maybe under the same inode number
-    assert workdirs.sweep(tmp_path / "root") == ["m1"] and tree.is_dir()
+    assert workdirs.sweep(short_root / "root") == ["m1"] and tree.is_dir()
 
 
-def test_a_bundle_that_an_orphan_marker_keeps_stays(tmp_path):
+def test_a_bundle_that_an_orphan_marker_keeps_stays(tmp_path, short_root):
     tree = tmp_path / "ctr" / "bundle"
-    _agent_killed_after_making_a_bundle(tmp_path / "root", tree)
-    (tmp_path / "root" / "m1" / "ORPHANED.json").write_text("{}")    # the restored copy's: recover's
-    assert workdirs.sweep(tmp_path / "root") == [] and tree.is_dir()
+    _agent_killed_after_making_a_bundle(short_root / "root", tree)
+    (short_root / "root" / "m1" / "ORPHANED.json").write_text("{}")    # the restored copy's: recover's
+    assert workdirs.sweep(short_root / "root") == [] and tree.is_dir()
