@@ -52,17 +52,23 @@ def mounts_under(root: Path) -> list[str]:
 
 
 async def send(root: Path, writer, level: int = 1, newer_than: float | None = None,
-               index: Path | None = None) -> streams.Meter:
+               index: Path | None = None, running: bool = False) -> streams.Meter:
     """tar of root (only files changed after newer_than, when given) onto writer, compressed;
-    the names it archived into the file index, when given (read them with archived())."""
+    the names it archived into the file index, when given (read them with archived()).
+    running: the container runs, and may change a file while tar reads it. tar then says
+    so and exits 1 ("some files differ"): the file is archived all the same, and the pass
+    made once it is frozen sends it again (its time is past newer_than), so that is no
+    failure here. Frozen, every file must come whole: exit 0 only."""
     argv = ["tar", "-C", str(root), *_TAR_OPTIONS, "-cpf", "-"]
+    if running:
+        argv += ["--warning=no-file-changed"]      # expected, and said in the docstring
     if newer_than is not None:
         # a second of slack: file times may be coarser than our clock
         argv += [f"--newer=@{int(newer_than) - 1}"]
     if index is not None:
         # a file, not stderr: a long listing would fill that pipe, unread until tar exits
         argv += ["--verbose", f"--index-file={index}", "--quoting-style=escape"]
-    return await streams.send_output([*argv, "."], writer, level)
+    return await streams.send_output([*argv, "."], writer, level, ok=(0, 1) if running else (0,))
 
 
 def archived(index: Path) -> set[str]:

@@ -32,7 +32,7 @@ async def precopy_bundle(m: Move) -> None:
         return
     m.bundle_copied_at = time.time()
     index = m.work / "bundle.index"
-    meter = await send_tree(m, root, None, [], index)
+    meter = await send_tree(m, root, None, [], index, running=True)
     m.bundle_sent = bundle.archived(index)
     m.report.bundle_bytes_wire += meter.wire
     m.progress(Copied("bundle", meter.raw, meter.wire))
@@ -50,9 +50,9 @@ async def send_changes(m: Move) -> streams.Meter | None:
 
 
 async def send_tree(m: Move, root: Path, newer_than: float | None, deleted: list[str],
-                    index: Path | None = None) -> streams.Meter:
+                    index: Path | None = None, running: bool = False) -> streams.Meter:
     _, meter = await m.to.push(
-        lambda w: bundle.send(root, w, m.options.compression_level, newer_than, index),
+        lambda w: bundle.send(root, w, m.options.compression_level, newer_than, index, running),
         lambda tok: p.ReceiveTree(path=str(root), stream=tok, deleted=deleted), p.TreeReceived)
     return meter
 

@@ -287,8 +287,8 @@ async def receive_files(reader: Reader, directory: Path,
 
 
 # --- a program's output to the target, and into a program there ---------------------------------
-async def send_output(argv: list[str], writer: Writer, level: int = 1) -> Meter:
-    """What argv writes on stdout goes onto writer, compressed; argv must exit 0."""
+async def send_output(argv: list[str], writer: Writer, level: int = 1, ok: tuple[int, ...] = (0,)) -> Meter:
+    """What argv writes on stdout goes onto writer, compressed; argv must exit with a code in ok."""
     child = await proc.start(argv)
     stdout = child.stdout
     assert stdout is not None      # a pipe: proc.start's default
@@ -298,7 +298,7 @@ async def send_output(argv: list[str], writer: Writer, level: int = 1) -> Meter:
         while data := await stdout.read(CHUNK):
             await out.write(data)
         await out.close()
-        await _exited_ok(child, argv)
+        await _exited_ok(child, argv, ok)
     finally:
         await proc.kill(child)
     return meter
@@ -320,9 +320,9 @@ async def receive_into(reader: Reader, argv: list[str]) -> int:
     return meter.raw
 
 
-async def _exited_ok(child: asyncio.subprocess.Process, argv: list[str]) -> None:
+async def _exited_ok(child: asyncio.subprocess.Process, argv: list[str], ok: tuple[int, ...] = (0,)) -> None:
     assert child.stderr is not None     # a pipe: proc.start keeps stderr
     err = await child.stderr.read()
     rc = await child.wait()
-    if rc != 0:
+    if rc not in ok:
         raise proc.failure(argv, rc, err)

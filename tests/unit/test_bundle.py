@@ -178,3 +178,50 @@ async def test_odd_names_sent_then_deleted_go(tmp_path, name):
     m, target = _move(tmp_path, src)
     await _two_passes(m, lambda: (src / "rootfs" / name).unlink())
     assert os.listdir(target / "rootfs") == []
+
+
+class _HeldWriter:
+    """A stream whose first drain waits until the test lets it go: tar, its pipe full, stops
+    in the middle of the file it reads, for as long as the test needs."""
+
+    def __init__(self):
+        self.held, self.go, self.data = asyncio.Event(), asyncio.Event(), bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def drain(self) -> None:
+        self.held.set()
+        await self.go.wait()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def _sent_while_a_file_grows(root: Path, running: bool):
+    big = root / "rootfs" / "count"
+    big.parent.mkdir(parents=True)
+    big.write_bytes(os.urandom(16 << 20))        # far more than tar's pipe holds
+    out = _HeldWriter()
+    sending = asyncio.create_task(bundle.send(root, out, running=running))
+    await out.held.wait()                        # tar is in the middle of the file, blocked
+    with big.open("ab") as f:
+        f.write(b"the container counts on")      # as a running container does
+    out.go.set()
+    return await sending
+
+
+async def test_a_file_the_running_container_changes_while_tar_reads_it_is_sent_all_the_same(tmp_path):
+    meter = await _sent_while_a_file_grows(tmp_path, running=True)
+    assert meter.raw > 16 << 20                  # the file went (the frozen pass sends it again)
+
+
+async def test_a_file_that_changes_while_the_frozen_pass_reads_it_fails_that_pass(tmp_path):
+    with pytest.raises(CommandFailed, match="file changed as we read it"):
+        await _sent_while_a_file_grows(tmp_path, running=False)
