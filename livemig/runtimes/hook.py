@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..workdirs import write_synced
+
 # It runs with the tree frozen at post-dump: started isolated and without site (-IS), on
 # _socket rather than socket, it takes 17 ms rather than 30 (measured on the lab's hosts).
 SCRIPT = '''\
@@ -112,12 +114,10 @@ class HookServer:
             self._writer = None
 
     def _write_journal(self, state: str) -> None:
+        # whole or not at all for the script that reads it; its directory is not synced (as
+        # workdirs.replace would): the journal matters only while this boot's CRIU runs
         tmp = self.journal.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(state)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, state.encode())
         os.replace(tmp, self.journal)
 
     async def close(self) -> None:

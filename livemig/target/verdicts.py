@@ -9,7 +9,6 @@ stop-and-copy's copy was resumed), "none" (no file).
 from __future__ import annotations
 
 import errno
-import os
 from pathlib import Path
 
 from .. import workdirs
@@ -45,12 +44,9 @@ class Verdicts:
         path = self.path(migration_id)
         record = f"{state}\n{detail}\n".encode()[:VERDICT_ROOM - 1]
         record = record.ljust(VERDICT_ROOM - 1) + b"\n"     # read back stripped
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            workdirs.write_synced(tmp, record)
-            os.replace(tmp, path)
+            workdirs.replace(path, record)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not path.exists():
                 raise VerdictUnwritten(phase, path, e) from e
             try:
