@@ -60,8 +60,9 @@ class Copy:
             for c in self.containers:
                 await proc.run(runtimes.control(c, "resume"), phase=Phase.COMMIT)
         else:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
+            # Leaves first, and through pidfds that skip the gone: a parent resumed before its
+            # zombie child would reap it, and the child's PID would name nothing (or another).
+            proc.signal_tasks(proc.tasks(pids[::-1]), signal.SIGCONT)
         self.stages.to(Stage.RUNNING)
         return pids
 
