@@ -4,6 +4,7 @@ must go on, on the target, from where it was, registered with the target's runti
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -140,3 +141,61 @@ def test_runc_restore_failure_rolls_back_to_the_source(lab):
     lab.run("b", ["rmdir", "/sys/fs/cgroup/pids/api2"], check=False)   # runc delete may have
     ctr.remove("a")
 
+
+
+# Watches host a's TCP listening sockets every few milliseconds; connects at once to every
+# one that was not there when it started, as a local user or a host-network container could,
+# and prints each: the port, whether it got in (and holds on to what it got). It ends when its
+# stdin does.
+PORT_RACER = r"""
+import json, select, socket, sys, time
+def listening():
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+known, held = listening(), []
+print("watching", flush=True)
+while not (select.select([sys.stdin], [], [], 0.005)[0] and not sys.stdin.buffer.read1(1)):
+    for port in sorted(listening() - known):
+        known.add(port)
+        got = {"port": port, "connected": False}
+        try:
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+            got["connected"] = True
+        except OSError as e:
+            got["error"] = str(e)
+        print(json.dumps(got), flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", [("--mode", "postcopy"), ("--mode", "stopcopy", "--no-fill")],
+                         ids=["lazy page server", "page server client"])
+def test_runc_dumps_open_no_port_that_a_local_client_could_race_for(lab, mode):
+    # runc knows page servers only as TCP addresses: a lazy dump's page server would listen
+    # on every address (CRIU told lazy pages over RPC ignores the address), and a dump's
+    # pages would go to a listener of ours, where a racing client could read the frozen
+    # container's memory, or feed the target pages of its own. The cap makes the dump and
+    # its pages last seconds, by construction, so a racer polling every 5 ms cannot miss a port.
+    port = 7790 + len(mode)
+    work = lab.start_container_workload("a", mib=64, port=port, container=f"race{len(mode)}")
+    before = work.query("a")
+    racer = lab.popen("a", ["python3", "-c", PORT_RACER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)
+    try:
+        assert racer.stdout is not None and racer.stdout.readline() == b"watching\n"
+        res = move(lab, "a", "b", *mode, "--max-bandwidth", "4M", work.container)
+    finally:
+        seen, err = racer.communicate(timeout=30)      # its stdin closed: it ends
+    assert res.returncode == 0, res.stderr.decode()
+    assert seen == b"", (seen.decode(), err.decode())     # no port appeared on a while the container moved
+    after = work.query("b", wait=10)
+    assert after["host"] == "b" and after["counter"] > before["counter"]
+    assert work.query("b", "verify")["bad_pages"] == 0
+    lab.run("b", ["runc", "delete", "--force", work.container], check=False)
+    lab.run("b", ["rm", "-rf", work.bundle])
+    assert leftovers(lab) == {"a": ([], []), "b": ([], [])}

@@ -9,14 +9,26 @@ cgroup it found frozen frozen, so after the dump the source stays paused, neithe
 running nor gone. Commit deletes it; rollback resumes it. The target restores and
 pauses at once, and runs only once the source is deleted.
 
-runc streams pages to a page server (--page-server ADDRESS:PORT: a TCP port on
-loopback that livemig relays to the target) and serves them lazily; crun has
-neither, so its images are written here and sent as files, and it has no post-copy.
+runc streams pages to a page server and serves them lazily; crun has neither, so
+its images are written here and sent as files, and it has no post-copy.
+
+runc knows page servers only as TCP addresses, and a lazy dump's page server (CRIU told
+lazy pages over RPC, as runc tells it) listens on every address of the host, whatever
+address runc names: any local user, container or host that reaches the port could read
+the frozen container's memory, or, connecting to a page server of ours, feed the target
+pages of its own. So no TCP port is ever used: CRIU gets one end of a socketpair, named
+in a configuration file that CRIU reads from CRIU_CONFIG_FILE (runc's environment is its
+criu's, and a descriptor runc inherits criu inherits too) as `ps-socket FD`, which CRIU
+uses for its page-server connection, client or lazy server alike, instead of any TCP.
+Should a runc or CRIU ever drop that file or descriptor, CRIU falls back to the address
+runc gave it: a port livemig holds bound and never listens on (_held_port), where CRIU
+can neither listen nor connect, and the dump fails instead of opening the memory to others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
@@ -33,6 +45,10 @@ from .workload import DumpRun, StopPages, Workload
 RUNTIMES = ("runc", "crun")
 _NO_OPTIONS = criu.Options()     # nothing asked of CRIU (frozen: one instance serves every call)
 LOOPBACK = "127.0.0.1"
+PAGES_CONFIG = "criu-pages.conf"    # in the image directory: `ps-socket FD`, read by CRIU (see the module doc)
+# The page socket's number in runc's process, and so in criu's: above those runc hands criu
+# (stdio, its RPC socket, a status descriptor), which Go's exec moves onto 0, 1, 2, 3...
+_PAGES_FD_FLOOR = 64
 
 
 def flags(opts: criu.Options) -> list[str]:
@@ -124,56 +140,54 @@ class OciContainer(Workload):
         return p.Container(self.kind, self.container, str(self._bundle))
 
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
-        listener = _listen() if self.streams_pages else None
+        pages = _PageSocket(images) if self.streams_pages else None
         try:
             argv = checkpoint(self.kind, self.container, str(images), pre_dump=True,
                               parent=f"../{parent}" if parent else None,
-                              page_server=_address(listener), opts=self.opts)
-            dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL)
+                              page_server=pages.address if pages else None, opts=self.opts)
+            dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL,
+                                       pass_fds=pages.pass_fds if pages else (), env=pages.env if pages else None)
         except BaseException:
-            if listener:
-                listener.close()
+            if pages:
+                pages.close()
             raise
-        return _PageServerClientRun(dumping, images / "dump.log", listener=listener)
+        finally:
+            if pages:
+                pages.started()
+        return _RuncRun(dumping, images / "pre-dump.log", pages)
 
     async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
         frozen_at = time.monotonic()
         await proc.run([self.kind, "pause", self.container], phase=Phase.FINAL_DUMP)
         self.paused = True
-        listener: socket.socket | None = None
-        port, status_r = 0, -1          # a lazy dump's: its page server's, the pipe it says "ready" on
-        pass_fds: list[int] = []
-        if lazy:
-            port = _free_port()
-            status_r, status_w = os.pipe()
-            pass_fds = [status_w]
-        elif self.streams_pages:
-            listener = _listen()
+        pages = _PageSocket(images) if self.streams_pages or lazy else None
+        status_r, status_w = os.pipe() if lazy else (-1, -1)   # a lazy dump says "ready" on it
         try:
             argv = checkpoint(self.kind, self.container, str(images),
                               parent=f"../{parent}" if parent else None,
-                              page_server=f"{LOOPBACK}:{port}" if lazy else _address(listener),
-                              lazy=lazy, status_fd=pass_fds[0] if lazy else None, opts=self.opts)
-            dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=pass_fds)
+                              page_server=pages.address if pages else None,
+                              lazy=lazy, status_fd=status_w if lazy else None, opts=self.opts)
+            pass_fds = [*(pages.pass_fds if pages else ()), *([status_w] if lazy else [])]
+            dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=pass_fds,
+                                       env=pages.env if pages else None)
         except BaseException:
-            if listener:
-                listener.close()
+            if pages:
+                pages.close()
             if status_r >= 0:
                 os.close(status_r)
             raise
         finally:
-            for fd in pass_fds:
-                os.close(fd)
-        if lazy:
-            self.run = _LazyServerRun(dumping, images / "dump.log", port=port, status_r=status_r)
-        else:
-            self.run = _PageServerClientRun(dumping, images / "dump.log", listener=listener)
+            if pages:
+                pages.started()
+            if status_w >= 0:
+                os.close(status_w)
+        self.run = _RuncRun(dumping, images / "dump.log", pages, status_r=status_r)
         self.run.frozen_at = frozen_at
         return self.run
 
     async def dumped(self, run: DumpRun, lazy: bool) -> float:
         if lazy:
-            if not (isinstance(run, _LazyServerRun) and await run.ready()):
+            if not (isinstance(run, _RuncRun) and await run.ready()):
                 await run.proc.wait()
                 raise DumpError(criu_failure(f"{self.kind} checkpoint --lazy-pages", run.proc.returncode, run.log))
         else:
@@ -217,42 +231,48 @@ class OciContainer(Workload):
             self.run.close()
 
 
-class _PageServerClientRun(DumpRun):
-    """CRIU connects to our loopback listener as a page-server client."""
+class _PageSocket:
+    """Where CRIU's page-server connection goes: a socketpair, its far end named to CRIU
+    through CRIU_CONFIG_FILE, and the held port runc is told (see the module doc)."""
 
-    def __init__(self, proc_: asyncio.subprocess.Process, log: Path, *, listener: socket.socket | None):
-        super().__init__(proc_, log)
-        self.listener = listener
-
-    async def pages(self) -> socket.socket | None:
-        if self.listener is None:
-            return None
-        loop = asyncio.get_running_loop()
-        accepting = asyncio.ensure_future(loop.sock_accept(self.listener))
-        exited = asyncio.ensure_future(self.proc.wait())
+    def __init__(self, images: Path):
+        self.ours, theirs = socket.socketpair()
         try:
-            await asyncio.wait({accepting, exited}, return_when=asyncio.FIRST_COMPLETED)
+            self.fd = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, _PAGES_FD_FLOOR)
         finally:
-            exited.cancel()
-            if not accepting.done():
-                accepting.cancel()
-        if accepting.done() and not accepting.cancelled():
-            self.sock, _ = accepting.result()
-        self.listener.close()
-        return self.sock
+            theirs.close()
+        self.held = _held_port()
+        config = images / PAGES_CONFIG
+        config.write_text(f"ps-socket {self.fd}\n")
+        self.env = proc.environ(CRIU_CONFIG_FILE=str(config))
+        self.address = f"{LOOPBACK}:{self.held.getsockname()[1]}"
+        self.pass_fds = (self.fd,)
+
+    def started(self) -> None:
+        """The dump started (or failed to): its end is the dump's now, or nobody's."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        self.started()
+        self.ours.close()
+        self.held.close()
+
+
+class _RuncRun(DumpRun):
+    """A runtime's dump: its pages on our socket (runc's), the port held until it ends; a
+    lazy dump's page server serves there once it says it is ready (status_r)."""
+
+    def __init__(self, proc_: asyncio.subprocess.Process, log: Path, pages: _PageSocket | None, *,
+                 status_r: int = -1):
+        super().__init__(proc_, log, pages.ours if pages else None)
+        self.held, self.status_r = pages.held if pages else None, status_r
 
     def close(self) -> None:
         super().close()
-        if self.listener:
-            self.listener.close()
-
-
-class _LazyServerRun(DumpRun):
-    """A lazy dump listens on a loopback port; the relay connects once it says it is ready."""
-
-    def __init__(self, proc_: asyncio.subprocess.Process, log: Path, *, port: int, status_r: int):
-        super().__init__(proc_, log)
-        self.port, self.status_r = port, status_r
+        if self.held:
+            self.held.close()
 
     async def ready(self) -> bool:
         def read_once() -> bytes:
@@ -264,29 +284,11 @@ class _LazyServerRun(DumpRun):
                 os.close(self.status_r)
         return bool(await asyncio.to_thread(read_once))
 
-    async def lazy_pages(self) -> socket.socket:
-        _, writer = await asyncio.open_connection(LOOPBACK, self.port)
-        sock = writer.get_extra_info("socket").dup()
-        writer.transport.abort()
-        self.sock = socket.socket(fileno=sock.detach())
-        return self.sock
 
-
-def _listen() -> socket.socket:
+def _held_port() -> socket.socket:
+    """A port bound on every address, never listened on, and without SO_REUSEADDR: while
+    it is held, nobody (CRIU included, which binds with SO_REUSEADDR) can listen on it, and
+    a connection to it is refused."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind((LOOPBACK, 0))
-    s.listen(1)
-    s.setblocking(False)
+    s.bind(("0.0.0.0", 0))
     return s
-
-
-def _address(listener: socket.socket | None) -> str | None:
-    return f"{LOOPBACK}:{listener.getsockname()[1]}" if listener else None
-
-
-def _free_port() -> int:
-    """A port for a lazy dump to listen on. The runtimes take a number, not a socket, so
-    another program could take it first: the dump then fails cleanly and rolls back."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
