@@ -17,7 +17,8 @@ anything that ends its listening but "done" (the socket's end, a message it cann
 whole or does not know, an error) counts as the agent's death; each kill is tried whatever
 the others did (one that failed is named in the verdict's detail); and "killed" is written
 before it exits, whatever failed. Only SIGKILL ends it before that: a session scope sends
-it only once its stop has timed out, long after the guard is done.
+it once its stop timed out (90 s by default; the guard's kills take a fraction of a second,
+a runtime's delete up to WAITS.container_delete).
 
 A copy is killed through its cgroup first, where it has one of its own (cgroup v2's
 cgroup.kill: every process in it, those that left the copy's process tree and those forked
