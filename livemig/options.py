@@ -142,6 +142,9 @@ class Sizes:
     throttle_max_period_us: int = 250_000         # a throttled task may wait this long to be frozen (not
     #                                               the kernel's 1 s period)
     throttle_min_cpus: float = 0.01               # a workload that seemed idle is still allowed this much
+    # -- the copy's guard (target/guard.py)
+    guard_message: int = 16 << 10                 # bytes of one message the agent tells it, at most: a path
+    #                                               (4 KiB at most) and a few words; what is longer is refused
     # -- what is kept
     stderr_kept: int = 64 * 1024                  # bytes of a program's stderr kept for its error
     logs_kept: int = 20                           # failed moves' logs kept under the image root

@@ -37,8 +37,10 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
             guard.tell("container", c.runtime, c.id)
     else:
         argv = criu.restore(str(d), str(pidfile), lazy=lazy, opts=criu.Options())
-        if guard is not None:
-            guard.tell("pidfile", str(pidfile))
+    if guard is not None:
+        # where CRIU, or runc and crun, write the copy's root's PID (podman writes none): a
+        # container too is killed through its cgroup and by signals, its runtime hung or gone
+        guard.tell("pidfile", str(pidfile))
     t0 = time.monotonic()
     try:
         with failing_as(Phase.RESTORE, f"cannot restore with {argv[0]}"):
