@@ -24,6 +24,7 @@ from ..errors import Phase
 from .failures import AgentFailure
 
 VERDICT_ROOM = 1024
+NOTED = ("serving", "running")      # the states whose copy is noted (ID.copy), to see whether it runs
 
 
 class VerdictUnwritten(AgentFailure, OSError):
@@ -65,6 +66,8 @@ class Verdicts:
                 workdirs.write_synced(path, record, 0)      # in place: the room it kept
             except OSError as again:
                 raise VerdictUnwritten(phase, path, again) from again
+        if state not in NOTED:
+            self._copy_path(migration_id).unlink(missing_ok=True)     # its copy is settled: no more to note
 
     def read(self, migration_id: str) -> tuple[str, str]:
         state, detail, _ = self.read_all(migration_id)

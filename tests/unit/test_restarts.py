@@ -238,3 +238,11 @@ async def test_a_throttle_of_an_earlier_boot_is_never_written_to_the_cgroup_now_
     settled = await _recover(short_root)
     assert settled.outcome == "rolled back" and "until this host restarted" in settled.detail
     assert (cg_dir / "cpu.cfs_quota_us").read_text() == "5000"
+
+
+def test_a_copy_settled_leaves_no_note_beside_its_verdict(tmp_path, child):
+    verdicts = Verdicts(tmp_path)
+    verdicts.write("m1", "serving", phase="restore")
+    verdicts.note_copy("m1", named(child).__dict__)
+    verdicts.write("m1", "killed", "its page stream ended")
+    assert [f.name for f in tmp_path.iterdir()] == ["m1.verdict"]
