@@ -250,10 +250,11 @@ class Agent:
         (self.ws.work / orphans.ORPHAN).unlink(missing_ok=True)     # it runs: a move's, no more an orphan
         said = self.lazy is not None and await self.lazy.resumed()     # post-copy's verdicts say it
         if not said and self.copy.holds_workload:
-            # should the coordinator vanish now, `livemig recover` learns the copy here runs
-            # (and, asking, whether it still does: orphans.py)
-            self.verdicts.note_copy(self.ws.name, dataclasses.asdict(orphans.held(self.copy)))
+            # should the coordinator vanish now, `livemig recover` learns the copy here runs;
+            # and, asking, whether it still does (orphans.py): the note comes second, as it
+            # may take the room the verdict needs on a full disk (the marker's, just freed)
             self.verdicts.write(self.ws.name, "running", phase=Phase.COMMIT)
+            self.verdicts.note_copy(self.ws.name, dataclasses.asdict(orphans.held(self.copy)))
         return p.Resumed(pids)
 
     async def on_await_lazy(self, msg: p.AwaitLazy) -> p.LazyDone:
