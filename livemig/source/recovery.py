@@ -355,6 +355,8 @@ async def _nothing_here(rec: Record, here: str, given_up: bool, connect, options
         if got.state in ("resumed", "running"):
             mine = gone if here == REBOOTED else "the source's is gone"
             return "moved", f"the copy on {target} runs {'again' if got.state == 'running' else 'now'}; {mine}", True
+        if got.state == "ended":
+            return "lost", f"the source's copy was given up ({gone}), and the copy on {target} ran: {got.detail}", True
         return "lost", (f"the source's copy was given up ({gone}), and {target} holds no copy of it"
                         + (f": {got.detail}" if got.detail else "")), True
     removed = f"; the stopped copy on {target} is gone" if got.state == "killed" else ""
