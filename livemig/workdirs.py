@@ -87,6 +87,22 @@ def hold(work: Path) -> Held:
     return Held(fd)
 
 
+def owned(work: Path) -> bool:
+    """Does a live owner hold work (its lock taken)? False once its owner is gone, and if it
+    is gone itself."""
+    try:
+        fd = os.open(work / LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:      # no directory, or no lock in it: nobody holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)        # a lock taken here goes with it
+    return False
+
+
 def sweep(root: Path | str) -> list[str]:
     """Remove what owners that died left under root, but for what a marker keeps; the
     names of what went."""

@@ -117,14 +117,31 @@ def test_killed_after_the_commit_before_the_resume_the_target_runs_on(lab):
     lab.run("b", ["kill", str(work.pid)])
 
 
-@pytest.mark.parametrize("point, runs_on", [("restored", "a"), ("released", "b")])
+def test_killed_between_the_commit_mark_and_criu_s_journal_the_source_runs_on(lab):
+    """The mark claims a commit CRIU never got (its journal short of "committed"): CRIU
+    resumes the source, and recover, reading the journal and the tree, keeps it running and
+    removes the target's stopped copy, never the other way round (issue 27, item 5)."""
+    work = lab.start_workload("a", mib=256, dirty_mibps=10, pid=4706, port=7816)
+    before = work.query("a")
+    killed_at(lab, "marked", "--pid", str(work.pid))
+    assert not stat_of(lab, "a", work.pid).startswith("T")
+    assert stat_of(lab, "b", work.pid).startswith("T")            # the target's copy: stopped
+    settled = recover(lab)
+    assert settled["outcome"] == "rolled back" and "CRIU never got the commit" in settled["detail"], settled
+    assert "the stopped copy on b is gone" in settled["detail"], settled
+    assert_one_copy_whole(lab, work, "a", before)
+    lab.run("a", ["kill", str(work.pid)])
+
+
+# a container's commit is its mark: paused at "marked", its target's copy is the workload
+@pytest.mark.parametrize("point, runs_on", [("restored", "a"), ("marked", "b"), ("released", "b")])
 def test_a_runc_container_killed_either_side_of_the_commit(lab, point, runs_on):
     ctr = Counter(lab, "a", "runc", f"orphan-{point}")
     time.sleep(0.5)
     before = ctr.count("a")
     killed_at(lab, point, ctr.name)
     assert ctr.status("b") == "paused"
-    assert ctr.status("a") == ("paused" if point == "restored" else None)
+    assert ctr.status("a") == ("paused" if point in ("restored", "marked") else None)
     settled = recover(lab)
     assert settled["outcome"] == ("rolled back" if runs_on == "a" else "moved"), settled
     other = "b" if runs_on == "a" else "a"

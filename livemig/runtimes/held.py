@@ -16,6 +16,13 @@ from ..errors import LivemigError, Phase
 from ..wire import protocol as p
 from . import bundle, control, oci, podman
 
+# How a held copy stands on this host now (HeldCopy.standing)
+REBOOTED = "rebooted"     # its boot is over: nothing of it runs, whatever has its PIDs now
+GONE = "gone"
+HELD = "held"             # a tracer holds its processes: CRIU still at work (or a debugger)
+STOPPED = "stopped"       # a tree stopped, a container paused (or podman's, checkpointed): it may run again
+RUNNING = "running"
+
 
 @dataclass
 class HeldCopy:
@@ -39,6 +46,39 @@ class HeldCopy:
         return cls(workload.kind, proc.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
                    str(workload.bundle()) if bundle_moves else "", proc.boot_id())
 
+    @property
+    def what(self) -> str:
+        if self.runtime == "process":
+            return f"PID {self.pids[0][0]}" if self.pids else "a process tree"
+        return f"{self.runtime} container {self.container}"
+
+    async def standing(self) -> str:
+        """How it is here now, read from the host itself (REBOOTED, GONE, HELD, STOPPED or RUNNING),
+        never from what was said of it."""
+        if self.boot and self.boot != proc.boot_id():
+            return REBOOTED
+        if self.runtime == "process":
+            return self._tree_standing()
+        if self.runtime == "podman":
+            found = await podman.inspect(self.container)
+            st = found.get("State", {}) if found else {}
+            if st.get("Paused"):
+                return STOPPED
+            if st.get("Running"):
+                return RUNNING
+            return STOPPED if st.get("Checkpointed") else GONE     # its checkpoint brings it back
+        st = await oci.state(self.runtime, self.container)
+        return {"paused": STOPPED, "running": RUNNING}.get(str((st or {}).get("status")), GONE)
+
+    def _tree_standing(self) -> str:
+        states = {pid: proc.state(pid) for pid, _ in self._alive()}
+        live = [pid for pid, st in states.items() if st not in (None, "Z", "X")]    # a zombie runs nothing
+        if not live:
+            return GONE
+        if any(proc.tracer(pid) for pid in live):
+            return HELD
+        return STOPPED if all(states[pid] in ("T", "t") for pid in live) else RUNNING
+
     def _alive(self) -> list[proc.Task]:
         alive = set(proc.named(self.pids, self.boot))
         return [t for t in self.pids if t[0] in alive]
@@ -48,7 +88,21 @@ class HeldCopy:
 
     async def resume(self) -> None:
         """Let it run again, from the final dump, as it is now (not as it was left: a move
-        killed before its pause, or a resume that ran already, leave it running)."""
+        killed before its pause, or a resume that ran already, leave it running). Returns
+        once it runs; else raises, saying how it is instead."""
+        await self._resume()
+        now = await self.standing()
+        if now != RUNNING:
+            raise LivemigError(f"{self.what} was resumed, but it does not run: it is {self.told(now)}",
+                               phase=Phase.ROLLBACK)
+
+    @staticmethod
+    def told(standing: str) -> str:
+        """standing, as a sentence says it."""
+        return {REBOOTED: "gone with a restart of this host", HELD: "held by a tracer (CRIU, or a debugger)"
+                }.get(standing, standing)
+
+    async def _resume(self) -> None:
         if self.runtime == "process":
             proc.signal_tasks(self._alive(), signal.SIGCONT)     # a no-op on a running task
         elif self.runtime == "podman":

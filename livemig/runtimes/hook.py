@@ -7,6 +7,12 @@ workload still frozen) it waits for our verdict: exit 0 and CRIU kills the
 source; exit non-zero and CRIU resumes it. When the coordinator is gone, the
 script asks the journal instead: only a migration recorded as committed
 (the target holds the restored tree) lets the source die.
+
+The recovery record's commit mark (source/recovery.py) is written before the journal
+says "committed", never after: a coordinator killed between the two leaves a mark that
+claims a commit CRIU never got (CRIU resumes the source), never a source killed that
+no record knows was given up. `livemig recover` reads the journal as the script does
+(committed()), so that it does what CRIU did, whatever the mark claims.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import time
 from pathlib import Path
 
 from ..workdirs import write_synced
+
+JOURNAL = "journal"
+COMMITTED = "committed"     # the journal's word that lets CRIU kill the source (the script's, below)
 
 # It runs with the tree frozen at post-dump: started isolated and without site (-IS), on
 # _socket rather than socket, it takes 17 ms rather than 30 (measured on the lab's hosts).
@@ -44,11 +53,26 @@ sys.exit(0 if verdict == b"0" else 1)
 '''
 
 
+def journal(work: Path) -> str | None:
+    """The journal a final dump in work left (its first line), None if it has none: what
+    CRIU's script read once the coordinator was gone (only the coordinator writes it)."""
+    try:
+        return (work / JOURNAL).read_text().partition("\n")[0]
+    except FileNotFoundError:
+        return None
+
+
+def committed(state: str | None) -> bool:
+    """Did a journal reading state let CRIU kill the source? As the script decides: no
+    journal, or anything but "committed", and CRIU resumes it."""
+    return state is not None and state.startswith(COMMITTED)
+
+
 class HookServer:
     def __init__(self, work: Path):
         self.script = work / "criu-hook"
         self.socket = work / "hook.sock"
-        self.journal = work / "journal"
+        self.journal = work / JOURNAL
         loop = asyncio.get_running_loop()
         self.post_dump: asyncio.Future = loop.create_future()
         self.frozen_at = 0.0
@@ -89,7 +113,9 @@ class HookServer:
         return self._writer is not None
 
     def commit(self) -> None:
-        self._write_journal("committed\n")
+        """CRIU kills the source: the journal says so first, for a coordinator killed before
+        the verdict's byte is out (the record's commit mark is on disk already)."""
+        self._write_journal(f"{COMMITTED}\n")
         self._verdict(b"0")
 
     def proceed(self) -> None:
@@ -98,7 +124,7 @@ class HookServer:
         self._verdict(b"0")
 
     def mark_committed(self) -> None:
-        self._write_journal("committed\n")
+        self._write_journal(f"{COMMITTED}\n")
 
     def rollback(self) -> None:
         """Now, or when the dump gets there: a lazy dump writes no page before its post-dump
@@ -115,7 +141,8 @@ class HookServer:
 
     def _write_journal(self, state: str) -> None:
         # whole or not at all for the script that reads it; its directory is not synced (as
-        # workdirs.replace would): the journal matters only while this boot's CRIU runs
+        # workdirs.replace would): the journal matters only to this boot's CRIU, and to this
+        # boot's `livemig recover` (after a restart the source's copy is gone, whatever it says)
         tmp = self.journal.with_suffix(".tmp")
         write_synced(tmp, state.encode())
         os.replace(tmp, self.journal)

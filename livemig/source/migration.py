@@ -240,8 +240,11 @@ class Migration:
     async def commit(self, lazy: bool, fill: bool = False) -> None:
         m = self.m
         m.stages.to(Stage.COMMIT)      # from here on the target's copy is the workload
-        m.rec.committed = True         # on disk before the source's copy goes
+        # On disk before the source's copy goes, and before CRIU's journal lets it go (hook.py):
+        # killed between the two, CRIU resumes the source, and recover, reading both, too.
+        m.rec.committed = True
         m.save_record()
+        stop_for_tests("marked")
         if lazy:
             await switchover.commit_lazy(m, fill)
             m.stages.to(Stage.MOVED)

@@ -144,7 +144,7 @@ async def settle(m: Move, cause: BaseException) -> bool:
     whole, why_not = await _target_verdict(m)
     if whole is None:
         m.report.outcome = "unresolved"
-        m.report.warnings.append(f"the target did not say how its copy ended ({why_not})")
+        m.report.warnings.append(f"how the target's copy ended is not settled ({why_not})")
         raise Unresolved(f"{m.lazy_phase} lost its link to {m.target} ({why(cause)}); the workload "
                          "is stopped here, whole as of the final dump", phase=m.phase, host=m.target,
                          hint=f"{m.target} kills its copy within {WAITS.page_stream_stall:.0f} s of silence; "
@@ -191,10 +191,12 @@ async def _target_verdict(m: Move) -> tuple[bool | None, str]:
     while loop.time() < deadline:
         try:
             async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
-                state, _ = await recovery.ask_target(m.target, m.id, m.to.connector, m.options)
+                state, detail = await recovery.ask_target(m.target, m.id, m.to.connector, m.options)
         except (Exception, TimeoutError) as e:  # noqa: BLE001 (told, as the reason nobody knows)
             return None, f"{first}; then {why(e)}"
         if state in ("whole", "killed"):
             return state == "whole", ""
+        if state in ("abandoned", "restarted"):      # its agent died unheard: nobody there settles it now
+            return None, f"{first}; then: {detail}"
         await asyncio.sleep(WAITS.target_verdict_poll)    # "serving": its agent is settling it now
     return None, first

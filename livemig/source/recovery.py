@@ -8,6 +8,12 @@ waits, stopped, as long as nobody knows it: after a cut link, after the coordina
 was killed. This module is the source's half: the record written before the final
 dump (so that a coordinator killed with SIGKILL leaves it too), the source's copy as
 something to resume or end, and `recover`, which asks the target and acts.
+
+What was written down is checked against what is: `recover` reads the source's copy on
+the host (HeldCopy.standing: running, stopped, held by CRIU still, gone, or of an earlier
+boot), and a tree's commit in CRIU's own journal, and the target's agent answers as its
+copy is, not as it was written. Nothing is said to run that does not: a copy resumed is
+checked to run, and one gone with a restart is said to be.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from typing import Any, TypeVar
 from .. import proc, workdirs
 from ..errors import LivemigError, Phase
 from ..options import WAITS, Options
-from ..runtimes import Workload
-from ..runtimes.held import HeldCopy
+from ..runtimes import Workload, hook
+from ..runtimes.held import GONE, HELD, REBOOTED, RUNNING, STOPPED, HeldCopy
 from ..wire import protocol as p
 from ..workdirs import write_private
 from . import throttle
@@ -43,10 +49,13 @@ class Record:
     migration_id: str
     target: str
     source_copy: HeldCopy
-    coordinator: tuple[int, int]      # the livemig move that wrote it: (PID, start time)
+    coordinator: tuple[int, int]      # the livemig move that wrote it: (PID, start time), of
+                                      # source_copy.boot
     lazy: bool = True                 # post-copy: the target's verdict decides who runs on
-    committed: bool = False           # stop-and-copy: the source's copy was given up (saved
-                                      # before it goes), so the target's copy is the workload
+    committed: bool = False           # stop-and-copy: the source's copy is given up (saved before
+                                      # it goes), so the target's copy is the workload. A tree's is
+                                      # given up once CRIU's journal says so too, which is written
+                                      # after this (runtimes/hook.py): recover reads both
     source_resumed: bool = False      # recover ran it again; the target's stopped copy may remain
 
     def save(self, work: Path) -> None:
@@ -170,11 +179,13 @@ async def recover(options: Options, connect: Connector, *, target_lost: bool = F
         what = throttle.left(work)
         if what is None or (work / RECORD).exists():
             continue
-        # killed in pre-copy: nothing was frozen, the workload ran on here all along
+        # killed in pre-copy: nothing was frozen, the workload ran on here all along (or until a restart)
+        ran = ("the workload ran on here until this host restarted (nothing of it runs now unless the host "
+               "started it again)" if throttle.restarted(work) else "the workload ran on here throughout")
         detail = throttle.lift_left(work)
         forget(work)
         done.append(Settled(work.name.removesuffix("-source"), "", what, "rolled back",
-                            f"livemig was killed in pre-copy; the workload ran on here throughout; {detail}"))
+                            f"livemig was killed in pre-copy; {ran}; {detail}"))
     for work, rec in _scan(options.image_root):
         if isinstance(rec, LivemigError):
             done.append(Settled(work.name.removesuffix("-source"), "", "a workload", "unresolved",
@@ -199,76 +210,156 @@ async def _settle(work: Path, rec: Record, connect: Connector, options: Options,
     (a runtime that cannot resume its container) is told, and the record kept for the next
     try; the records after it are settled all the same."""
     c = rec.source_copy
-    what = f"PID {c.pids[0][0]}" if c.runtime == "process" and c.pids else f"{c.runtime} container {c.container}"
     if rec.coordinator_alive():
         outcome, detail, finished = "unresolved", f"livemig (PID {rec.coordinator[0]}) is still moving it", False
     else:
         try:
             throttle.lift_left(work)      # killed between its record and the switchover
-            settle = _settle_postcopy if rec.lazy else _settle_stopcopy
-            outcome, detail, finished = await settle(work, rec, connect, options, target_lost)
+            here = await c.standing()     # what is here, read now: never only what was written
+            if here == HELD:
+                outcome, detail, finished = "unresolved", (f"{c.what} is {HeldCopy.told(here)} still: run "
+                                                           "`livemig recover` again in a moment"), False
+            else:
+                settle = _settle_postcopy if rec.lazy else _settle_stopcopy
+                outcome, detail, finished = await settle(work, rec, here, connect, options, target_lost)
         except (LivemigError, OSError) as e:
             outcome, detail, finished = "unresolved", f"{e}; run `livemig recover` again once that is fixed", False
-    return Settled(rec.migration_id, rec.target, what, outcome, detail), finished
+    return Settled(rec.migration_id, rec.target, c.what, outcome, detail), finished
 
 
-async def _settle_postcopy(work: Path, rec: Record, connect, options, target_lost: bool) -> tuple[str, str, bool]:
-    """The target's verdict decides: its copy, whole, runs on; else the source's does."""
-    c = rec.source_copy
+def _gone_here(here: str) -> str:
+    return ("this host restarted since the final dump, and the source's copy went with it" if here == REBOOTED
+            else "the source's copy is no more here (it was killed, or ended, since)")
+
+
+async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options, target_lost: bool
+                           ) -> tuple[str, str, bool]:
+    """The target's verdict decides: its copy, whole, runs on; else the source's does, if it
+    is still here. A target's copy whose agent died unheard may have run: the source's then
+    runs again only by the operator's word (--target-lost)."""
+    c, target = rec.source_copy, rec.target
+    gone = here in (GONE, REBOOTED)
     if target_lost:
+        if gone:
+            return "lost", f"{target} is gone, said the operator (--target-lost), and {_gone_here(here)}", True
         state, detail = "killed", "the target is gone, said the operator (--target-lost)"
     else:
         try:
-            state, detail = await ask_target(rec.target, rec.migration_id, connect, options)
+            state, detail = await ask_target(target, rec.migration_id, connect, options)
         except _UNREACHABLE as e:
-            return "unresolved", f"cannot ask {rec.target}: {e}", False
-    if state == "serving":
-        return "unresolved", f"the copy on {rec.target} is still taking in its pages: try again in a minute", False
+            return "unresolved", f"cannot ask {target}: {e}", False
     if state == "whole":
-        warnings = await c.end()
-        return "moved", ("the target's copy has every page and runs; the source's copy is gone"
-                         + "".join(f"; {w}" for w in warnings)), True
+        warnings = [] if gone else await c.end()
+        return "moved", ("the target's copy has every page and runs; " + (_gone_here(here) if gone else
+                         "the source's copy is gone") + "".join(f"; {w}" for w in warnings)), True
+    if state == "serving":
+        if gone:
+            return "lost", (f"the copy on {target} still waits for pages only the source's copy held, and "
+                            f"{_gone_here(here)}: it can never be whole (its agent ends it)"), True
+        return "unresolved", f"the copy on {target} is still taking in its pages: try again in a minute", False
+    if state in ("abandoned", "restarted"):
+        if gone:
+            return "lost", f"on {target}, {detail}; and {_gone_here(here)}", True
+        return "unresolved", (f"on {target}, {detail}. The source's copy waits here, stopped, whole as of its "
+                              f"final dump: once nothing of the move runs on {target}, `livemig recover "
+                              "--target-lost` runs it here"), False
     # "killed", or "none": the target never held a copy that could run
-    if not rec.source_resumed:      # a rollback the target did not hear resumed it already
+    said = "the target's copy is gone " + (f"({detail})" if detail else "")
+    if gone:
+        return "lost", f"{said.rstrip()}, and {_gone_here(here)}", True
+    if here != RUNNING:      # a rollback the target did not hear resumed it already
         await c.resume()
-    return "rolled back", ("the target's copy is gone " + (f"({detail}); " if detail else "; ")
-                           + "the workload runs here again, from its final dump"), True
+    return "rolled back", f"{said.rstrip()}; the workload runs here again, from its final dump", True
 
 
-async def _settle_stopcopy(work: Path, rec: Record, connect, options, target_lost: bool) -> tuple[str, str, bool]:
-    """Before the commit mark the source's copy is the workload: the target resumes its copy
-    only after the source gave its own up, so the source's may run again at once, and the
-    target's stopped copy goes. After it, the target's copy is the workload: it is resumed,
-    and what is left of the source's goes."""
+async def _orphan(rec: Record, resume: bool, connect, options) -> p.OrphanSettled:
+    """The target's restored copy, resumed or removed, as its agent found it."""
+    return await _ask_agent(rec.target, p.SettleOrphan(rec.migration_id, resume=resume), p.OrphanSettled,
+                            connect, options)
+
+
+async def _settle_stopcopy(work: Path, rec: Record, here: str, connect, options, target_lost: bool
+                           ) -> tuple[str, str, bool]:
+    """What was done to the source's copy decides, and what is here now says it: given up
+    (CRIU's journal said "committed" to a tree's dump; a container's commit is its mark), the
+    target's copy is the workload, resumed there; never given up, the source's copy is, and
+    runs again at once, the target's stopped copy removed. A tree's mark is written before
+    the journal (hook.py) and may claim a commit CRIU never got: the journal says what CRIU
+    did. A source's copy that runs is never ended for a target's that never ran."""
     c, target = rec.source_copy, rec.target
-    if rec.committed and not (target_lost and await c.exists()):
-        if target_lost:
-            return "lost", (f"the source's copy was given up for {target}'s, and {target} is gone "
-                            "(--target-lost): no copy is left"), True
+    if here == REBOOTED:
+        # nothing here to contradict the mark (and the journal may have missed the disk)
+        given_up = rec.committed
+    else:
+        given_up = hook.committed(hook.journal(work)) if c.runtime == "process" else rec.committed
+    if here in (GONE, REBOOTED):
+        return await _nothing_here(rec, here, given_up, connect, options, target_lost)
+    note = ("livemig was killed between its commit mark and CRIU's journal: CRIU never got the commit, and "
+            "resumed the workload; " if rec.committed and not given_up else
+            "the source's copy was given up, but it was not ended, and runs; " if here == RUNNING and given_up
+            else "")
+    if given_up and here == STOPPED and not target_lost:
         try:
-            got = await _ask_agent(target, p.SettleOrphan(rec.migration_id, resume=True), p.OrphanSettled,
-                                   connect, options)
+            got = await _orphan(rec, True, connect, options)
         except _UNREACHABLE as e:
             return "unresolved", f"cannot ask {target} to resume its copy: {e}", False
-        if got.state == "none":
-            if await c.exists():      # given up on paper only: the source's copy still stands
-                await c.resume()
-                return "rolled back", f"{target} holds no copy; the workload runs here again", True
-            return "lost", f"the source's copy was given up, and {target} holds no copy of it", True
-        warnings = await c.end()
-        return "moved", (f"the copy on {target} runs " + ("again" if got.state == "running" else "now")
-                         + "; the source's is gone" + "".join(f"; {w}" for w in warnings)), True
-    if not rec.source_resumed:
+        if got.state in ("resumed", "running"):
+            warnings = await c.end()
+            return "moved", (f"the copy on {target} runs " + ("again" if got.state == "running" else "now")
+                             + "; the source's is gone" + "".join(f"; {w}" for w in warnings)), True
+        if got.state == "ended":     # it ran: the source's runs again only by the operator's word
+            return "unresolved", (f"the copy on {target} ran, and is no more ({got.detail}); the source's copy, "
+                                  "given up, still stands here, stopped: `livemig recover --target-lost` runs "
+                                  "it here"), False
+        await c.resume()      # given up on paper only: the target holds no copy
+        return "rolled back", (f"{target} holds no copy" + (f" ({got.detail})" if got.detail else "")
+                               + "; the workload runs here again"), True
+    if here != RUNNING:
         await c.resume()
-        rec.source_resumed = True
-        rec.save(work)
+    rec.source_resumed = True
+    rec.save(work)
     if target_lost:
-        return "rolled back", "the workload runs here again; the target is gone, said the operator", True
+        return "rolled back", note + "the workload runs here again; the target is gone, said the operator", True
     try:
-        got = await _ask_agent(target, p.SettleOrphan(rec.migration_id, resume=False), p.OrphanSettled,
-                               connect, options)
+        got = await _orphan(rec, False, connect, options)
     except _UNREACHABLE as e:
-        return "rolled back", (f"the workload runs here again; {target} may still hold a stopped copy ({e}): "
-                               "run `livemig recover` again once it answers"), False
-    return "rolled back", ("the workload runs here again" +
+        return "rolled back", (f"{note}the workload runs here again; {target} may still hold a stopped copy "
+                               f"({e}): run `livemig recover` again once it answers"), False
+    if got.state == "running":
+        # CRIU let the source's copy go after the commit, and the target's was resumed too: that
+        # one is the workload (it ran: the source's runs on only by the operator's word)
+        warnings = await c.end()
+        return "moved", (f"both copies ran (CRIU let the source's go after the commit); the copy on {target} "
+                         "runs on, the source's is ended" + "".join(f"; {w}" for w in warnings)), True
+    return "rolled back", (note + "the workload runs here again" +
                            (f"; the stopped copy on {target} is gone" if got.state == "killed" else "")), True
+
+
+async def _nothing_here(rec: Record, here: str, given_up: bool, connect, options, target_lost: bool
+                        ) -> tuple[str, str, bool]:
+    """Stop-and-copy, the source's copy gone: the target's copy is the workload if the
+    source's was given up; else the workload was the source's, and is no more."""
+    target, gone = rec.target, _gone_here(here)
+    if target_lost:
+        return "lost", f"{gone}, and {target} is gone, said the operator (--target-lost): no copy is left", True
+    if not given_up and here == REBOOTED:
+        # the workload may have run on here past the final dump: the stopped copy there is the operator's to judge
+        return "lost", (f"{gone}; it was the workload, never given up. {target} may keep a copy restored from the "
+                        "final dump, stopped and never run, older than what ran here: it is left there for you to "
+                        f"resume or remove (ORPHANED.json in its work directory under the image root names it)"), True
+    try:
+        got = await _orphan(rec, given_up, connect, options)
+    except _UNREACHABLE as e:
+        return "unresolved", f"{gone}; cannot ask {target} about its copy: {e}", False
+    if given_up:
+        if got.state in ("resumed", "running"):
+            mine = gone if here == REBOOTED else "the source's is gone"
+            return "moved", f"the copy on {target} runs {'again' if got.state == 'running' else 'now'}; {mine}", True
+        if got.state == "ended":
+            return "lost", f"the source's copy was given up ({gone}), and the copy on {target} ran: {got.detail}", True
+        return "lost", (f"the source's copy was given up ({gone}), and {target} holds no copy of it"
+                        + (f": {got.detail}" if got.detail else "")), True
+    removed = f"; the stopped copy on {target} is gone" if got.state == "killed" else ""
+    if rec.source_resumed:
+        return "rolled back", f"the workload ran here again after the rollback, and has ended since{removed}", True
+    return "lost", f"{gone}: it was the workload, never given up, and ended or was killed after CRIU let it go{removed}", True

@@ -15,7 +15,8 @@ def stop_for_tests(point: str) -> None:
     (the first pre-copy round about to begin), "throttled" (auto-converge's first step
     taken), "final-dump" (about to freeze the workload), "transfer" (frozen and dumped, no
     image sent), "restore" (the images on the target, not restored), "restored" (the
-    target's copy restored, the source's not given up), "released" (the source's copy given
+    target's copy restored, the source's not given up), "marked" (the commit mark on disk,
+    CRIU's journal not yet written: the source's copy not given up), "released" (the source's copy given
     up, the target's not yet resumed), "running" (post-copy or a fill: the target's copy
     resumed, pages still to come) and "whole" (the running copy has every page, the
     source's copy waits, stopped)."""

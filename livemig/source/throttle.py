@@ -251,7 +251,7 @@ class Throttle:
 def save(path: Path, cg: CpuCgroup, original: Quota, what: str) -> None:
     me = os.getpid()
     write_private(path, {"cgroup": asdict(cg), "quota": asdict(original), "workload": what,
-                         "coordinator": [me, proc.start_time(me) or 0]})
+                         "coordinator": [me, proc.start_time(me) or 0], "boot": proc.boot_id()})
 
 
 def left(work: Path) -> str | None:
@@ -261,7 +261,16 @@ def left(work: Path) -> str | None:
         return None
     d = json.loads(path.read_text())
     pid, t = d["coordinator"]
-    return None if proc.start_time(pid) == t else d.get("workload", "")
+    return None if proc.named([(pid, t)], d.get("boot", "")) else d.get("workload", "")
+
+
+def restarted(work: Path) -> bool:
+    """Was the throttle left in work set in an earlier boot of this host?"""
+    try:
+        boot = json.loads((work / FILE).read_text()).get("boot", "")
+    except (OSError, ValueError):      # none left (or unreadable): nothing says so
+        return False
+    return bool(boot) and boot != proc.boot_id()
 
 
 def lift_left(work: Path) -> str:
@@ -269,6 +278,10 @@ def lift_left(work: Path) -> str:
     if left(work) is None:
         return ""       # none, or still moving it: its own release will come
     path = work / FILE
+    if restarted(work):
+        # cgroups do not outlive a boot: one at that path now is another's, never written
+        path.unlink(missing_ok=True)
+        return "its CPU throttle went with the restart"
     d = json.loads(path.read_text())
     cg, q = CpuCgroup(**d["cgroup"]), Quota(**d["quota"])
     try:

@@ -11,7 +11,8 @@ ssh by the source (`livemig agent`).
     postcopy   post-copy and fills: lazy pages placed in the copy, which dies if they never come
     guard      the process that kills a copy lacking pages if the agent dies
     verdicts   how each post-copy ended, kept on disk for `livemig recover`
-    orphans    copies left stopped when the coordinator vanished before Resume
+    orphans    copies left behind (stopped when the coordinator vanished before Resume; or by
+               an agent that died unheard), and the verdicts told as the copies now are
     failures   AgentFailure: every error here, with its phase
 
 Nothing here imports the source side (livemig.source), nor the other way round.

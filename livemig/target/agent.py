@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import sys
 import traceback
@@ -77,8 +78,8 @@ class Agent:
             p.Resume: self.on_resume,
             p.Abort: self.on_abort,
             p.Finish: self.on_finish,
-            p.AskVerdict: lambda m: self.verdicts.ask(m),
-            p.ForgetVerdict: lambda m: self.verdicts.forget_asked(m),
+            p.AskVerdict: lambda m: orphans.ask(self.root, self.verdicts, m),
+            p.ForgetVerdict: lambda m: orphans.forget(self.verdicts, m),
             p.SettleOrphan: lambda m: orphans.settle(self.root, self.verdicts, m),
         }
 
@@ -233,6 +234,9 @@ class Agent:
         self.copy.restored()
         if self.copy.holds_workload and self.lazy is None:
             orphans.mark(self.copy, self.ws.work)
+        elif self.lazy is not None:
+            # what the verdict "serving" is about, should this agent and its guard die unheard
+            self.verdicts.note_copy(self.ws.name, dataclasses.asdict(orphans.held(self.copy)))
         return p.Restored(self.copy.roots[-1] if self.copy.roots else 0, seconds)
 
     async def on_resume(self, msg: p.Resume) -> p.Resumed:
@@ -246,8 +250,11 @@ class Agent:
         (self.ws.work / orphans.ORPHAN).unlink(missing_ok=True)     # it runs: a move's, no more an orphan
         said = self.lazy is not None and await self.lazy.resumed()     # post-copy's verdicts say it
         if not said and self.copy.holds_workload:
-            # should the coordinator vanish now, `livemig recover` learns the copy here runs
+            # should the coordinator vanish now, `livemig recover` learns the copy here runs;
+            # and, asking, whether it still does (orphans.py): the note comes second, as it
+            # may take the room the verdict needs on a full disk (the marker's, just freed)
             self.verdicts.write(self.ws.name, "running", phase=Phase.COMMIT)
+            self.verdicts.note_copy(self.ws.name, dataclasses.asdict(orphans.held(self.copy)))
         return p.Resumed(pids)
 
     async def on_await_lazy(self, msg: p.AwaitLazy) -> p.LazyDone:

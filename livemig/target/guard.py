@@ -98,7 +98,10 @@ class Guard:
         self.socket: socket.socket | None = sock
 
     @classmethod
-    async def start(cls, verdicts: Verdicts, migration_id: str) -> Guard:
+    async def start(cls, verdicts: Verdicts, migration_id: str, lock: int | None = None) -> Guard:
+        """lock: the agent's hold on the move's work directory (workdirs.Held's descriptor),
+        which the guard holds too, as long as it lives: while either lives, the move is
+        someone's (a post-copy "serving" then is true), and its directory is never swept."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             # Its output goes nowhere: it must outlive us and the SSH session's pipes (and, a
@@ -107,7 +110,7 @@ class Guard:
                 process = await proc.start(
                     [*COMMAND, str(theirs.fileno()), str(verdicts.root), migration_id],
                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                    pass_fds=[theirs.fileno()])
+                    pass_fds=[theirs.fileno(), *([] if lock is None else [lock])])
         except BaseException:
             ours.close()        # no guard came of it: nobody reads it
             raise

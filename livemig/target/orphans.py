@@ -1,10 +1,17 @@
-"""Copies left stopped because the coordinator vanished between the restore and the resume.
+"""Copies left behind by an agent that is gone, and what a fresh agent tells `livemig recover`
+of them, as they actually are here now, never only as they were written down.
 
-The agent cannot tell then whether the source committed (its copy is dead: ours is the
+A copy left stopped because the coordinator vanished between the restore and the resume:
+the agent cannot tell then whether the source committed (its copy is dead: ours is the
 workload) or not (the source's runs again), so ours stays stopped, never killed, and a
 marker in the work directory (ORPHANED.json) says what it is. The work directory outlives
 the agent (workdirs.sweep keeps it for the marker); the source's `livemig recover` settles
 it, through a fresh agent (SettleOrphan), by the commit mark the source wrote.
+
+A post-copy's verdict (AskVerdict): "serving" is true only while its agent, or its guard,
+lives (they hold the move's work directory); else they died without a word (killed both,
+or the host restarted), and the answer says so ("abandoned", "restarted"), and whether
+the copy still runs. A copy resumed here ("running") is said to run only if it does.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 
 from .. import proc, workdirs
 from ..errors import LivemigError, Phase
-from ..runtimes.held import HeldCopy
+from ..runtimes.held import GONE, REBOOTED, HeldCopy
 from ..wire import protocol as p
 from .copy import Copy
 from .failures import AgentFailure, checked_name
@@ -41,14 +48,18 @@ class Orphan:
         return cls(d["what"], HeldCopy.from_dict(d["copy"]))
 
 
+def held(copy: Copy) -> HeldCopy:
+    """The copy restored here, as it is now, its processes named for good."""
+    c = copy.containers[0] if copy.containers else None      # a move restores one (replicas never hold it)
+    return HeldCopy(c.runtime if c else "process", proc.tasks(copy.pids()), c.id if c else "",
+                    str(copy.created_tree) if copy.created_tree else "", proc.boot_id())
+
+
 def mark(copy: Copy, work: Path) -> None:
     """What was restored here, stopped, in the marker recover reads: written at once after
     a restore, so that an agent killed outright (no guard keeps a stop-and-copy's copy:
     after the commit it is the only one) leaves it too."""
-    c = copy.containers[0] if copy.containers else None      # a move restores one (replicas never hold it)
-    Orphan(copy.what(), HeldCopy(
-        c.runtime if c else "process", proc.tasks(copy.pids()), c.id if c else "",
-        str(copy.created_tree) if copy.created_tree else "", proc.boot_id())).save(work)
+    Orphan(copy.what(), held(copy)).save(work)
 
 
 def leave(copy: Copy, work: Path) -> None:
@@ -85,8 +96,13 @@ async def _settle(verdicts: Verdicts, mid: str, work: Path, resume: bool) -> p.O
         orphan = Orphan.load(work)
     except FileNotFoundError:
         # resumed before its coordinator vanished (that verdict is written at Resume)?
-        running = verdicts.read(mid)[0] == "running"
-        return p.OrphanSettled("running" if running else "none")
+        return await _resumed_before(verdicts, mid)
+    now = await orphan.copy.standing()
+    if now in (GONE, REBOOTED):
+        # nothing of it to resume or to end: said as such, never as resumed
+        shutil.rmtree(work, ignore_errors=True)
+        return p.OrphanSettled("gone", f"{orphan.what}, restored here and never run, is "
+                                       f"{HeldCopy.told(now)} since")
     warnings = []
     if resume:
         try:
@@ -98,3 +114,57 @@ async def _settle(verdicts: Verdicts, mid: str, work: Path, resume: bool) -> p.O
         warnings = await orphan.copy.end()     # its bundle with it
     shutil.rmtree(work, ignore_errors=True)
     return p.OrphanSettled("resumed" if resume else "killed", "; ".join([orphan.what, *warnings]))
+
+
+async def _resumed_before(verdicts: Verdicts, mid: str) -> p.OrphanSettled:
+    """A copy its agent resumed ("running"), as it is now: "running" only if it still runs,
+    "ended" if it ran and is no more; "none": no copy of that move was resumed here."""
+    state, _, writer = verdicts.read_all(mid)
+    if state != "running":
+        return p.OrphanSettled("none")
+    ended = _restarted_since(writer)
+    if not ended:
+        noted = verdicts.noted_copy(mid)
+        ran = HeldCopy.from_dict(noted) if noted else None
+        if ran is not None and await ran.standing() in (GONE, REBOOTED):
+            ended = f"{ran.what} ran here, and has ended since"
+    return p.OrphanSettled("ended", ended) if ended else p.OrphanSettled("running")
+
+
+def _restarted_since(writer: dict) -> str:
+    boot = writer.get("boot", "")
+    return "" if not boot or boot == proc.boot_id() else "this host restarted since: the copy went with it"
+
+
+async def ask(root: Path, verdicts: Verdicts, msg: p.AskVerdict) -> p.Verdict:
+    """AskVerdict: how the move's post-copy ended here, as written, but for a copy whose
+    agent died without a word: "restarted" (a verdict of an earlier boot, but "killed",
+    which a restart does not undo) or "abandoned" (its agent and its guard are gone)."""
+    mid = checked_name(msg.migration_id, "migration id")
+    state, detail, writer = verdicts.read_all(mid)
+    restarted = _restarted_since(writer)
+    if state in ("serving", "whole", "running") and restarted:
+        was = {"serving": "its copy was still taking in its pages", "whole": "its copy had every page and ran",
+               "running": "its copy ran"}[state]
+        return p.Verdict(mid, "restarted", f"{was} when {restarted}")
+    if state == "serving" and not workdirs.owned(root / mid):     # its agent's, or guard's
+        return p.Verdict(mid, "abandoned", await _abandoned(verdicts, mid, writer))
+    return p.Verdict(mid, state, detail)
+
+
+async def _abandoned(verdicts: Verdicts, mid: str, writer: dict) -> str:
+    agent = f"its agent (PID {writer['pid']})" if "pid" in writer else "its agent"
+    said = f"{agent} and its guard died while its copy still took in its pages, and nobody ended the copy: "
+    noted = verdicts.noted_copy(mid)
+    if noted is None:
+        return said + "it was never restored, or what it was cannot be told"
+    copy = HeldCopy.from_dict(noted)
+    now = await copy.standing()
+    if now in (GONE, REBOOTED):
+        return said + f"{copy.what} is gone"
+    return said + f"{copy.what} is still here, {HeldCopy.told(now)}, and the pages it lacked may read as zeros"
+
+
+async def forget(verdicts: Verdicts, msg: p.ForgetVerdict) -> p.Done:
+    verdicts.forget(checked_name(msg.migration_id, "migration id"))
+    return p.Done()

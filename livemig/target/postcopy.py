@@ -75,7 +75,7 @@ class PostCopy:
         # Before anything is restored: from here on `livemig recover` finds a verdict.
         verdicts.write(ws.name, "serving", phase=Phase.RESTORE)
         # guard.py: should this agent die during post-copy, its copy dies before its uffds
-        guard = await Guard.start(verdicts, ws.name)
+        guard = await Guard.start(verdicts, ws.name, ws.held.fd)
         try:
             return cls(ws, verdicts, copy, stages, images, guard, d, ranges, msg, token)
         except BaseException:

@@ -4,19 +4,27 @@ image root): the source's `livemig recover` asks for it when its coordinator nev
 The states: "serving" (post-copy under way), "whole" (the copy has every page and runs),
 "killed" (the copy is gone: the source's copy is the workload), "running" (a
 stop-and-copy's copy was resumed), "none" (no file).
+
+Each verdict says who wrote it, in its last line: the boot (a verdict of an earlier boot
+speaks of a copy that went with the restart) and the writer's PID. What its copy is (its
+processes, named for good) is noted beside it (ID.copy) once known, and not synced: it
+names processes of this boot alone, and is read only to see whether they still run
+(orphans.py asks both before answering `livemig recover`).
 """
 
 from __future__ import annotations
 
 import errno
+import json
+import os
 from pathlib import Path
 
-from .. import workdirs
+from .. import proc, workdirs
 from ..errors import Phase
-from ..wire import protocol as p
-from .failures import AgentFailure, checked_name
+from .failures import AgentFailure
 
 VERDICT_ROOM = 1024
+NOTED = ("serving", "running")      # the states whose copy is noted (ID.copy), to see whether it runs
 
 
 class VerdictUnwritten(AgentFailure, OSError):
@@ -37,12 +45,17 @@ class Verdicts:
     def path(self, migration_id: str) -> Path:
         return self.root / f"{migration_id}.verdict"
 
+    def _copy_path(self, migration_id: str) -> Path:
+        return self.root / f"{migration_id}.copy"
+
     def write(self, migration_id: str, state: str, detail: str = "", phase: str = Phase.POSTCOPY) -> None:
         """Durable before it returns. Each file keeps VERDICT_ROOM bytes, so that a verdict
         still lands when the disk has filled up since the first (a copy declared whole, but
         not written so, would run beside the source's copy resumed for want of a verdict)."""
         path = self.path(migration_id)
-        record = f"{state}\n{detail}\n".encode()[:VERDICT_ROOM - 1]
+        writer = json.dumps({"boot": proc.boot_id(), "pid": os.getpid()})
+        detail = " ".join(detail.split("\n"))[:VERDICT_ROOM // 2]     # one line; room left for the writer's
+        record = f"{state}\n{detail}\n{writer}\n".encode()[:VERDICT_ROOM - 1]
         record = record.ljust(VERDICT_ROOM - 1) + b"\n"     # read back stripped
         try:
             workdirs.replace(path, record)
@@ -53,22 +66,48 @@ class Verdicts:
                 workdirs.write_synced(path, record, 0)      # in place: the room it kept
             except OSError as again:
                 raise VerdictUnwritten(phase, path, again) from again
+        if state not in NOTED:
+            self._copy_path(migration_id).unlink(missing_ok=True)     # its copy is settled: no more to note
 
     def read(self, migration_id: str) -> tuple[str, str]:
+        state, detail, _ = self.read_all(migration_id)
+        return state, detail
+
+    def read_all(self, migration_id: str) -> tuple[str, str, dict]:
+        """(state, detail, who wrote it: {"boot", "pid"}, {} if it does not say)."""
         try:
-            state, _, detail = self.path(migration_id).read_text().partition("\n")
+            lines = self.path(migration_id).read_text().split("\n")
         except FileNotFoundError:
-            return "none", ""
-        return state, detail.strip()
+            return "none", "", {}
+        state, detail = lines[0], lines[1].strip() if len(lines) > 1 else ""
+        try:
+            writer = json.loads(lines[2])
+        except (IndexError, ValueError):     # written by an older livemig, or cut short: nobody named
+            writer = {}
+        return state, detail, writer if isinstance(writer, dict) else {}
+
+    def note_copy(self, migration_id: str, copy: dict) -> None:
+        """What the copy is (runtimes.held.HeldCopy's fields), beside its verdict. Whole or not
+        at all, but not synced: a restart ends the processes it names, and this note with them."""
+        path = self._copy_path(migration_id)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(copy).encode())
+            os.replace(tmp, path)
+        except OSError:
+            # a full disk: whether the copy still runs is then not told (noted_copy: None),
+            # never told wrong, and the move goes on
+            tmp.unlink(missing_ok=True)
+
+    def noted_copy(self, migration_id: str) -> dict | None:
+        try:
+            noted = json.loads(self._copy_path(migration_id).read_text())
+        except (OSError, ValueError):     # never noted (or lost with a restart): not known
+            return None
+        return noted if isinstance(noted, dict) else None
 
     def forget(self, migration_id: str) -> None:
         self.path(migration_id).unlink(missing_ok=True)
-
-    # --- asked by a fresh agent, for `livemig recover` ------------------------------------
-    async def ask(self, msg: p.AskVerdict) -> p.Verdict:
-        state, detail = self.read(checked_name(msg.migration_id, "migration id"))
-        return p.Verdict(msg.migration_id, state, detail)
-
-    async def forget_asked(self, msg: p.ForgetVerdict) -> p.Done:
-        self.forget(checked_name(msg.migration_id, "migration id"))
-        return p.Done()
+        self._copy_path(migration_id).unlink(missing_ok=True)

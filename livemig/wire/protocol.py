@@ -261,7 +261,9 @@ class AskVerdict:
 class Verdict:
     migration_id: str
     state: str           # "whole" (the copy runs), "killed" (it is gone), "serving" (post-copy
-                         # under way), "none" (no post-copy of that migration here)
+                         # under way), "none" (no post-copy of that migration here); and, of an
+                         # agent that died unheard: "abandoned" (it and its guard are gone: the
+                         # detail says whether the copy is), "restarted" (the host restarted since)
     detail: str = ""
 
 
@@ -283,7 +285,9 @@ class SettleOrphan:
 @message
 class OrphanSettled:
     state: str           # "resumed", "killed", "running" (resumed before the coordinator
-                         # vanished), "none" (nothing of that migration here)
+                         # vanished, and runs), "none" (nothing of that migration here), "gone"
+                         # (restored, never run, and no more: a restart), "ended" (it ran, and is
+                         # no more: the detail says why)
     detail: str = ""
 
 

@@ -11,6 +11,7 @@ import pytest
 from livemig import proc
 from livemig.errors import LivemigError
 from livemig.options import Options
+from livemig.runtimes import held
 from livemig.runtimes.held import HeldCopy
 from livemig.source import recovery
 
@@ -27,20 +28,34 @@ def record(root, n: int, coordinator=(999_999_999, 1)) -> recovery.Record:
     work = root / f"2026-{n}-source"
     work.mkdir(mode=0o700)
     (work / "final").mkdir()        # images a killed coordinator left behind
-    rec = recovery.Record(f"2026-{n}", "b", HeldCopy("process", [(4242, 7)]), coordinator)
+    rec = recovery.Record(f"2026-{n}", "b", HeldCopy("process", [(4242 + n, 7)]), coordinator)
     rec.save(work)
     return rec
 
 
 @pytest.fixture
-def acted(monkeypatch):
+def here(monkeypatch):
+    """Each source's copy as the host has it (HeldCopy.standing), by its root: stopped, as a
+    move leaves it, until resumed or ended."""
+    now: dict = {}
+
+    async def standing(self):
+        return now.get(self.pids[0], held.STOPPED)
+    monkeypatch.setattr(HeldCopy, "standing", standing)
+    return now
+
+
+@pytest.fixture
+def acted(monkeypatch, here):
     done = []
 
     async def resume(self):
         done.append("resume")
+        here[self.pids[0]] = held.RUNNING
 
     async def end(self):
         done.append("end")
+        here[self.pids[0]] = held.GONE
         return []
     monkeypatch.setattr(HeldCopy, "resume", resume)
     monkeypatch.setattr(HeldCopy, "end", end)
@@ -136,16 +151,19 @@ def test_a_source_copy_recorded_before_a_reboot_acts_on_nothing():
 
 
 # --- stop-and-copy: the commit mark decides --------------------------------------------------
-def stopcopy_record(root, committed: bool) -> recovery.Record:
+def stopcopy_record(root, committed: bool, runtime: str = "process") -> recovery.Record:
+    """A tree's (CRIU's journal beside it, as its dump left it) or a container's."""
     work = root / "2026-9-source"
     work.mkdir(mode=0o700)
-    rec = recovery.Record("2026-9", "b", HeldCopy("process", [(4242, 7)]), (999_999_999, 1),
-                          lazy=False, committed=committed)
+    rec = recovery.Record("2026-9", "b", HeldCopy(runtime, [(4242, 7)], "" if runtime == "process" else "web1"),
+                          (999_999_999, 1), lazy=False, committed=committed)
     rec.save(work)
+    if runtime == "process":
+        (work / "journal").write_text("committed\n" if committed else "dumping\n")
     return rec
 
 
-def orphan_answers(monkeypatch, *states, source_exists=False):
+def orphan_answers(monkeypatch, *states, source_exists=None):
     """The target's agent answering SettleOrphan; states[i] for the i-th question."""
     asked = []
 
@@ -156,14 +174,16 @@ def orphan_answers(monkeypatch, *states, source_exists=False):
             raise state
         return reply_type(state)
 
-    async def exists(self):
-        return source_exists
+    async def standing(self):
+        return held.STOPPED if source_exists is True else held.GONE if source_exists is False else source_exists
     monkeypatch.setattr(recovery, "_ask_agent", ask_agent)
-    monkeypatch.setattr(HeldCopy, "exists", exists)
+    if source_exists is not None:
+        monkeypatch.setattr(HeldCopy, "standing", standing)
     answers(monkeypatch)    # forget_verdict: recorded, not sent
     return asked
 
 
+@pytest.mark.parametrize("runtime", ["process", "runc"])
 @pytest.mark.parametrize("committed, target, outcome, source_action, asked", [
     # the source never gave its copy up: it runs again, the target's stopped copy goes
     (False, "killed", "rolled back", ["resume"], ["kill"]),
@@ -172,8 +192,9 @@ def orphan_answers(monkeypatch, *states, source_exists=False):
     (True, "running", "moved", ["end"], ["resume"]),
 ])
 async def test_stop_and_copy_the_commit_mark_picks_the_copy_that_runs_on(root, acted, monkeypatch, committed,
-                                                                         target, outcome, source_action, asked):
-    stopcopy_record(root, committed)
+                                                                         target, outcome, source_action, asked,
+                                                                         runtime):
+    stopcopy_record(root, committed, runtime)
     questions = orphan_answers(monkeypatch, target)
     [settled] = await recovery.recover(Options(image_root=str(root)), None)
     assert (settled.outcome, acted, questions) == (outcome, source_action, asked)
@@ -273,7 +294,7 @@ async def test_an_unreadable_record_does_not_keep_the_others_from_being_settled(
     assert (root / "2026-1-source" / recovery.RECORD).exists()       # kept, for the operator
 
 
-async def test_a_record_that_fails_to_settle_does_not_keep_the_others_from_it(root, monkeypatch):
+async def test_a_record_that_fails_to_settle_does_not_keep_the_others_from_it(root, monkeypatch, here):
     record(root, 1)
     record(root, 2)
     answers(monkeypatch, "killed", "killed")
@@ -305,6 +326,8 @@ def runtime(monkeypatch):
 
     async def run(argv, **kw):
         ran.append(argv)
+        if argv[1] in ("resume", "unpause", "container"):      # it runs now, as the runtime would say
+            now[argv[0]] = {"status": "running", "State": {"Running": True}}
         return proc.Result(tuple(argv), 0, b"", b"")
     monkeypatch.setattr(podman, "inspect", inspect)
     monkeypatch.setattr(oci, "state", state)
