@@ -229,6 +229,8 @@ def _recover(args) -> int:
         say(f"{x.outcome}: {x.workload}, moving to {x.target} ({x.migration_id}): {x.detail}")
     if any(x.outcome == "unresolved" for x in settled):
         return ExitCode.UNRESOLVED
+    if any(x.outcome == "target lost" for x in settled):
+        return ExitCode.TARGET_LOST      # the operator's word is wanted (--target-lost)
     return ExitCode.FAILED if any(x.outcome == "lost" for x in settled) else ExitCode.MOVED
 
 

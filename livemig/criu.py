@@ -88,9 +88,14 @@ def dump(pid: int, images: str, *, ps_fd: int, hook: str, parent: str | None, la
     nothing_to_lock: the tree shares CRIU's network namespace and no established TCP
     connection moves. CRIU's nftables lock (Debian's /etc/criu/default.conf picks it)
     still builds its table then, with the tree frozen: 70 ms of downtime measured, for
-    a table nothing is added to. Its iptables lock does nothing outside a namespace."""
+    a table nothing is added to. Its iptables lock does nothing outside a namespace.
+
+    --skip-in-flight: a client whose connection the kernel took but the workload had not
+    accepted when it froze (a service under load always has some) would otherwise fail the
+    dump ("In-flight connection"), and with it the move: such a connection is left out, and
+    its client, never answered on it, connects again (to the target's copy)."""
     argv = ["criu", "dump", "-t", str(pid), "-D", images, "-o", "dump.log",
-            "--ps-socket", str(ps_fd), "--action-script", hook, *opts.flags()]
+            "--ps-socket", str(ps_fd), "--action-script", hook, "--skip-in-flight", *opts.flags()]
     if nothing_to_lock and not opts.tcp_established:
         argv += ["--network-lock", "iptables"]
     argv += ["--lazy-pages", "--leave-stopped"] if lazy else ["--page-server"]

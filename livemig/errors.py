@@ -31,6 +31,8 @@ class ExitCode(IntEnum):
     RESTORE = 6          # the target could not restore; rolled back, it runs on the source
     UNRESOLVED = 7       # post-copy lost the target: the source's copy waits, stopped; `livemig recover`
     EXITED = 8           # the workload exited by itself during the move: it runs nowhere, as it chose
+    TARGET_LOST = 9      # the target's copy ran, then was lost: the source's waits, stopped, as of its final
+                         # dump; only `livemig recover --target-lost` runs it again (what the other did is lost)
     INTERRUPTED = 130    # Ctrl-C: rolled back, it runs on the source
     TERMINATED = 143     # SIGTERM: rolled back, as for Ctrl-C
 
@@ -90,6 +92,13 @@ class Unresolved(LivemigError):
     """Post-copy failed and the target could not say whether its copy is gone: the source's
     copy stays stopped until `livemig recover` learns it (never two copies running)."""
     exit_code = ExitCode.UNRESOLVED
+
+
+class TargetLost(LivemigError):
+    """The target's copy ran, then went before it had every page: the source's copy, stopped
+    since its final dump, never runs again by livemig's own choice (answers the target's copy
+    gave would be given again); only the operator's word does it (recover --target-lost)."""
+    exit_code = ExitCode.TARGET_LOST
 
 
 class WorkloadExited(LivemigError):

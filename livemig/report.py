@@ -64,7 +64,7 @@ class Report:
     workload: str = ""            # what the user named: a PID or a container
     mode: str = ""                # the strategy used
     mode_reason: str = ""         # why that one
-    outcome: str = "failed"       # "moved", "rolled back", "failed" or "unresolved" (livemig recover)
+    outcome: str = "failed"       # "moved", "rolled back", "failed", "unresolved" or "target lost" (livemig recover)
     rounds: list[RoundReport] = field(default_factory=list)
     precopy_stop_reason: str = ""
     precopy_tracking: str = ""    # how pre-copy found changed pages: "soft-dirty" or "page hashes"
@@ -86,6 +86,7 @@ class Report:
     target_pid: int = 0
     postcopy_pages: int = 0          # pages placed in the target's copy after the resume
     postcopy_seconds: float = 0.0    # target running -> it had every page
+    target_ran_seconds: float = 0.0  # "target lost": how long, at most, the target's lost copy ran
     postcopy_pages_on_demand: int = 0    # sent ahead of the push's order, because a fault waited
     postcopy_requests: int = 0       # the copy's page faults
     postcopy_requests_waited: int = 0    # of those, waited for their page to be asked for

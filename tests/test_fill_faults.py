@@ -3,7 +3,8 @@ hashes, and stop-and-copy into memory.
 
 The copy runs once every page is on the target's host, and is filled from the agent's
 memory while it runs; the source's copy waits, stopped, until it has them all. So a
-failure then ends as post-copy's do: exactly one copy runs, whole. Each test moves 1 GiB
+failure then ends as post-copy's do: the copy ran, so the source's never runs again but by
+the operator's word, and then exactly one copy runs, whole. Each test moves 1 GiB
 (its fill lasts seconds after the resume), breaks something as soon as the copy runs, and
 checks that one copy counts on with every page intact and nothing of the move is left.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import pytest
 
 from tests.test_postcopy_faults import (
-    assert_runs_on_a_whole,
     broken_mid_move,
     killed_mid_move_then_recovered,
     said_by_livemig,
@@ -30,32 +30,27 @@ MODES = pytest.mark.parametrize("mode", ["precopy", "stopcopy"], ids=["pre-copy 
 
 
 @MODES
-def test_the_target_agent_killed_mid_fill_rolls_back_to_the_source(lab, mode):
+def test_the_target_agent_killed_mid_fill_leaves_the_source_stopped_for_the_operator(lab, mode):
     # its guard kills the copy before its uffds go; the coordinator reads the guard's verdict
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4651 + 10 * (mode == "stopcopy"), port=7851)
-    broken_mid_move(lab, work, "b", ["pkill", "-KILL", "-f", "livemig agent"], 4,
+    broken_mid_move(lab, work, "b", ["pkill", "-KILL", "-f", "livemig agent"],
                     "livemig: fill on b: filling the copy failed", mode=mode)
 
 
 @MODES
-def test_ctrl_c_mid_fill_leaves_one_whole_copy_and_says_which(lab, mode):
-    """Every page is on the target's host before its copy runs, so the fill may end
-    before the interrupt lands: then the move is done and says so (exit code 0).
-    Else the target kills its copy and the source's runs on (exit code 130)."""
+def test_ctrl_c_mid_fill_waits_for_the_fill_and_the_move_is_done(lab, mode):
+    """The copy runs: undone, what it did would be done again by the source's, older. The
+    interrupt waits for the fill to end, and the move is done (exit code 0)."""
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4653 + 10 * (mode == "stopcopy"), port=7851)
     before = work.query("a")
     mover, seen = start_move(lab, work, mode)
     lab.run("a", ["pkill", "-INT", "-f", "livemig move"])
-    out, err = mover.communicate(timeout=120)
+    out, err = mover.communicate(timeout=300)
     err = (seen + err).decode()
     assert "Traceback" not in err, err
     with said_by_livemig(err):
-        if mover.returncode == 130:
-            assert "livemig: fill: interrupted: rolled back" in err
-            assert_runs_on_a_whole(lab, work, before)
-        else:
-            assert mover.returncode == 0 and "moved" in out.decode(), out
-            assert_one_copy_whole(lab, work, "b", before)
+        assert mover.returncode == 0 and "moved" in out.decode(), out
+        assert_one_copy_whole(lab, work, "b", before)
 
 
 @MODES

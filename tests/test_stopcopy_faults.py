@@ -64,8 +64,10 @@ def killed_at(lab, point: str, *what: str) -> None:
         time.sleep(0.2)
 
 
-def recover(lab) -> dict:
-    res = lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=120)
+def recover(lab, *flags: str) -> dict:
+    """`livemig recover` (with flags: --target-lost, the operator's word), which settles the one
+    move left; then again, which finds nothing."""
+    res = lab.run("a", ["livemig", "recover", "--json", *flags], check=False, timeout=120)
     assert res.returncode == 0, res.stderr.decode()
     [settled] = json.loads(res.stdout)
     assert lab.text("a", ["livemig", "recover"]).strip() == "nothing to recover here"

@@ -266,7 +266,7 @@ class Migration:
             kept = logs.keep(m.work, m.options.image_root, f"{m.id}-source")
             if kept:
                 m.report.logs.insert(0, f"{m.report.source}:{kept}")
-        if m.report.outcome == "unresolved" or (m.record is not None and m.record.source_resumed):
+        if m.report.outcome in ("unresolved", "target lost") or (m.record is not None and m.record.source_resumed):
             # the memory images go; the record stays, for `livemig recover`
             for d in m.work.iterdir():
                 if d.is_dir():

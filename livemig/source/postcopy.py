@@ -18,7 +18,7 @@ import contextlib
 import time
 
 from .. import proc
-from ..errors import ConnectionFailed, Phase, Unresolved
+from ..errors import ConnectionFailed, Phase, TargetLost, Unresolved
 from ..options import WAITS
 from ..pages import postcopy as pages
 from ..pages import push
@@ -141,7 +141,7 @@ async def settle(m: Move, cause: BaseException) -> bool:
     await proc.kill(m.final.proc)     # its CRIU, which would resume the tree on its way out
     await m.stop_relay()
     copy = m.rec.source_copy
-    whole, why_not = await _target_verdict(m)
+    whole, ran, why_not = await _target_verdict(m)
     if whole is None:
         m.report.outcome = "unresolved"
         m.report.warnings.append(f"how the target's copy ended is not settled ({why_not})")
@@ -154,12 +154,27 @@ async def settle(m: Move, cause: BaseException) -> bool:
         m.report.warnings += await copy.end()
         m.report.warnings.append(f"{m.lazy_phase} failed after the target had every page "
                                  f"({why(cause)}); its copy runs on")
+    elif ran:
+        raise _target_lost(m, cause, why_not)
     else:
         await copy.resume()
         m.report.outcome = "rolled back"
     recovery.drop(m.work)
     await _forget_verdict(m)
     return whole
+
+
+def _target_lost(m: Move, cause: BaseException, detail: str) -> TargetLost:
+    """The target's copy ran and is gone: the source's stays stopped, and its record, for
+    the operator to decide (the commit point: switchover.commit_lazy)."""
+    ran = max(time.time() - m.rec.target_resumed_at, 0.0)
+    m.report.outcome, m.report.target_ran_seconds = "target lost", ran
+    return TargetLost(f"{m.lazy_phase} failed ({why(cause)}) after the copy on {m.target} ran, for up to "
+                      f"{ran:.1f} s; it is gone{f' ({detail})' if detail else ''}. The workload is stopped "
+                      "here, whole as of its final dump; livemig never runs it again by itself: what the "
+                      "copy there did and answered would be undone", phase=m.phase, host=m.target,
+                      hint="`livemig recover --target-lost` runs it here again from its final dump, "
+                           "losing what the other copy did")
 
 
 async def _forget_verdict(m: Move) -> None:
@@ -176,16 +191,16 @@ async def _forget_verdict(m: Move) -> None:
             await recovery.forget_verdict(m.target, m.id, m.to.connector, m.options)
 
 
-async def _target_verdict(m: Move) -> tuple[bool | None, str]:
-    """Is the target's copy whole (it runs on) or gone? Its agent says, if it is still
-    there; else the verdict it (or its guard, if it was killed) left says, through a
-    fresh connection. (None, why) when neither answers in time."""
+async def _target_verdict(m: Move) -> tuple[bool | None, bool, str]:
+    """Is the target's copy whole (it runs on) or gone, and did it run? Its agent says, if
+    it is still there; else the verdict it (or its guard, if it was killed) left says,
+    through a fresh connection. (None, True, why) when neither answers in time."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + WAITS.target_verdict
     try:
         async with asyncio.timeout(WAITS.target_verdict):
             settled = await m.to.request(p.SettlePostcopy(), p.PostcopySettled)
-        return settled.whole, ""
+        return settled.whole, settled.ran, settled.detail if not settled.whole else ""
     except (Exception, TimeoutError) as e:  # noqa: BLE001 (told; the verdict is asked afresh below)
         first = why(e)
     while loop.time() < deadline:
@@ -193,10 +208,10 @@ async def _target_verdict(m: Move) -> tuple[bool | None, str]:
             async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
                 state, detail = await recovery.ask_target(m.target, m.id, m.to.connector, m.options)
         except (Exception, TimeoutError) as e:  # noqa: BLE001 (told, as the reason nobody knows)
-            return None, f"{first}; then {why(e)}"
-        if state in ("whole", "killed"):
-            return state == "whole", ""
+            return None, True, f"{first}; then {why(e)}"
+        if state in ("whole", "killed", "lost"):
+            return state == "whole", state != "killed", "" if state == "whole" else detail
         if state in ("abandoned", "restarted"):      # its agent died unheard: nobody there settles it now
-            return None, f"{first}; then: {detail}"
+            return None, True, f"{first}; then: {detail}"
         await asyncio.sleep(WAITS.target_verdict_poll)    # "serving": its agent is settling it now
-    return None, first
+    return None, True, first

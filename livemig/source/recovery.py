@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +58,9 @@ class Record:
                                       # given up once CRIU's journal says so too, which is written
                                       # after this (runtimes/hook.py): recover reads both
     source_resumed: bool = False      # recover ran it again; the target's stopped copy may remain
+    target_resumed_at: float = 0.0    # post-copy's or a fill's commit point: when the target's copy was
+                                      # told to run (time.time(); 0: never). From then on the source's
+                                      # copy runs again only by the operator's word (--target-lost)
 
     def save(self, work: Path) -> None:
         write_private(work / RECORD, dataclasses.asdict(self))
@@ -196,11 +200,14 @@ async def recover(options: Options, connect: Connector, *, target_lost: bool = F
         done.append(settled)
         if finished:
             forget(work)
-            if not target_lost:
-                try:
+            # The target's verdict is forgotten too, where it answers: said lost (--target-lost)
+            # it may only have lost its copy, or be gone for good, so its answer is waited for
+            # no longer than a moment.
+            try:
+                async with asyncio.timeout(WAITS.verdict_forgotten if target_lost else None):
                     await forget_verdict(rec.target, rec.migration_id, connect, options)
-                except _UNREACHABLE:
-                    pass    # a stale verdict file there, a few bytes: recover asks it no more
+            except (*_UNREACHABLE, TimeoutError):
+                pass    # a stale verdict file there, a few bytes: recover asks it no more
     return done
 
 
@@ -263,13 +270,28 @@ async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options,
         return "unresolved", (f"on {target}, {detail}. The source's copy waits here, stopped, whole as of its "
                               f"final dump: once nothing of the move runs on {target}, `livemig recover "
                               "--target-lost` runs it here"), False
-    # "killed", or "none": the target never held a copy that could run
+    # "lost", "killed", or "none": the target's copy is gone (or never was), after it ran or before
     said = "the target's copy is gone " + (f"({detail})" if detail else "")
     if gone:
         return "lost", f"{said.rstrip()}, and {_gone_here(here)}", True
+    ran = _target_ran(rec) if state == "lost" or target_lost else ""
+    if ran and not target_lost and here != RUNNING:
+        # the commit point was passed: answers the target's copy gave, the source's would give again
+        return "target lost", (f"{said.rstrip()}, after it ran ({ran}). The workload waits here, stopped, whole "
+                               "as of its final dump; livemig runs it again only by your word: `livemig recover "
+                               "--target-lost` does, losing what the copy there did"), False
     if here != RUNNING:      # a rollback the target did not hear resumed it already
         await c.resume()
-    return "rolled back", f"{said.rstrip()}; the workload runs here again, from its final dump", True
+    lost = f"; what the target's copy did ({ran}) is lost" if ran else ""
+    return "rolled back", f"{said.rstrip()}; the workload runs here again, from its final dump{lost}", True
+
+
+def _target_ran(rec: Record) -> str:
+    """How long the target's copy may have run, from its Resume on ("" if it was never told to)."""
+    if not rec.target_resumed_at:
+        return ""
+    return f"told to run at {time.strftime('%H:%M:%S', time.localtime(rec.target_resumed_at))}, " \
+           f"{max(time.time() - rec.target_resumed_at, 0):.0f} s ago at most"
 
 
 async def _orphan(rec: Record, resume: bool, connect, options) -> p.OrphanSettled:

@@ -137,22 +137,41 @@ async def restore(m: Move, lazy: bool, fill: bool = False) -> None:
 async def commit_lazy(m: Move, fill: bool) -> None:
     """Post-copy's or a fill's commit, once marked: the source's copy is released (it
     stays frozen, its pages served from it), the target's runs and gets the rest. A
-    failure is settled by the target's verdict, never rolled back (postcopy.settle)."""
+    failure is settled by the target's verdict, never rolled back (postcopy.settle).
+
+    The target's Resume is the commit point, as QEMU's post-copy has it: once the target's
+    copy may have run (the Resume sent, answered or not), it may have answered clients, and
+    the source's copy, older, would answer them again. So from then on an interrupt waits
+    for the copy to be whole (the move is then done), and a failure that leaves the target
+    without its copy leaves the source's stopped (TargetLost): it runs again only by the
+    operator's word (`livemig recover --target-lost`)."""
+    whole: asyncio.Future[None] | None = None
     try:
         m.report.warnings += await uncancellable(m.w.release(m.final, True))
         stop_for_tests("released")
-        # a fill's copy is resumed once every page is on its host (the agent waits)
-        running_at = await resume_target(m, lazy=not fill)
-        stop_for_tests("running")
-        if fill:
-            m.stages.to(Stage.FILL)
-            await postcopy.fill(m, running_at)
-        else:
-            m.stages.to(Stage.POSTCOPY)
-            await postcopy.postcopy(m, running_at)
-    except BaseException as e:  # noqa: BLE001 (every end, an interrupt too, is settled by the target's verdict)
+        m.rec.target_resumed_at = time.time()      # on disk before the Resume can be heard
+        m.save_record()
+        whole = asyncio.ensure_future(_run_target(m, fill))
+        await uncancellable(whole)
+    except BaseException as e:      # every end, an interrupt too, is settled by the target's verdict
+        if whole is not None and whole.done() and not whole.cancelled() and whole.exception() is None:
+            m.stages.to(Stage.MOVED)     # interrupted once it was whole: the move is done all the same
+            raise
         if not await asyncio.shield(postcopy.settle(m, e)):
             raise rolled_back(m, e) from None
+
+
+async def _run_target(m: Move, fill: bool) -> None:
+    """The target's copy runs (a fill's once every page is on its host: the agent waits),
+    until it has every page."""
+    running_at = await resume_target(m, lazy=not fill)
+    stop_for_tests("running")
+    if fill:
+        m.stages.to(Stage.FILL)
+        await postcopy.fill(m, running_at)
+    else:
+        m.stages.to(Stage.POSTCOPY)
+        await postcopy.postcopy(m, running_at)
 
 
 async def switch_over(m: Move) -> None:

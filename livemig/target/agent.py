@@ -245,6 +245,9 @@ class Agent:
                                f"the restored copy is gone: {self.verdicts.read(self.ws.name)[1]}")
         if self.lazy is not None:
             await self.lazy.all_here()
+            # before it runs: should it end before it has every page, it is "lost", not
+            # "killed" (it may have answered clients: the source's copy must not, again)
+            self.verdicts.write(self.ws.name, "serving", phase=Phase.COMMIT, ran=True)
         workdirs.disown_tree(self.ws.work)     # about to run from its bundle: never swept now
         pids = await self.copy.resume()
         (self.ws.work / orphans.ORPHAN).unlink(missing_ok=True)     # it runs: a move's, no more an orphan
@@ -267,7 +270,7 @@ class Agent:
             raise AgentFailure(Phase.POSTCOPY, "no post-copy in progress")
         await self.lazy.end()
         state, detail = self.verdicts.read(self.ws.name)
-        return p.PostcopySettled(whole=state == "whole", detail=detail)
+        return p.PostcopySettled(whole=state == "whole", detail=detail, ran=state in ("whole", "lost"))
 
     async def on_abort(self, msg: p.Abort) -> p.Aborted:
         if self.lazy is not None:

@@ -260,7 +260,8 @@ def guard(control_fd: int, root: str, migration_id: str) -> int:
               "could read as zeros")
     status = 0
     try:
-        Verdicts(Path(root)).write(migration_id, "killed", detail)
+        verdicts = Verdicts(Path(root))
+        verdicts.write(migration_id, verdicts.gone_state(migration_id), detail)
     except LivemigError:    # the copy is dead all the same; the verdict left ("serving") keeps recover waiting
         status = 1
     shutil.rmtree(Path(root) / migration_id, ignore_errors=True)    # the dead agent's images

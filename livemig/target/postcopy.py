@@ -152,7 +152,8 @@ class PostCopy:
             await self.copy.undo(self.ws.work / ORPHAN, even_running=True)
             said = "the fill ended before every page was in the copy" if self.fill else \
                 "post-copy ended before every page was here"
-            self.verdicts.write(self.ws.name, "killed", f"{said}: {why}", phase=self.phase)
+            self.verdicts.write(self.ws.name, self.verdicts.gone_state(self.ws.name), f"{said}: {why}",
+                                phase=self.phase)
             self._to(Pages.LOST)
         await self.guard.release()
         placing.close()

@@ -2,8 +2,12 @@
 image root): the source's `livemig recover` asks for it when its coordinator never learnt it.
 
 The states: "serving" (post-copy under way), "whole" (the copy has every page and runs),
-"killed" (the copy is gone: the source's copy is the workload), "running" (a
-stop-and-copy's copy was resumed), "none" (no file).
+"killed" (the copy is gone before it ever ran: the source's copy is the workload), "lost"
+(the copy is gone after it ran: what it did and answered would be undone by the source's,
+which runs again only by the operator's word), "running" (a stop-and-copy's copy was
+resumed), "none" (no file). Whether a "serving" copy has run is in its writer's line
+("ran"), written before it is resumed: the one who ends it, the agent or its guard, says
+"lost" rather than "killed" then (gone_state).
 
 Each verdict says who wrote it, in its last line: the boot (a verdict of an earlier boot
 speaks of a copy that went with the restart) and the writer's PID. What its copy is (its
@@ -48,12 +52,13 @@ class Verdicts:
     def _copy_path(self, migration_id: str) -> Path:
         return self.root / f"{migration_id}.copy"
 
-    def write(self, migration_id: str, state: str, detail: str = "", phase: str = Phase.POSTCOPY) -> None:
+    def write(self, migration_id: str, state: str, detail: str = "", phase: str = Phase.POSTCOPY,
+              ran: bool = False) -> None:
         """Durable before it returns. Each file keeps VERDICT_ROOM bytes, so that a verdict
         still lands when the disk has filled up since the first (a copy declared whole, but
         not written so, would run beside the source's copy resumed for want of a verdict)."""
         path = self.path(migration_id)
-        writer = json.dumps({"boot": proc.boot_id(), "pid": os.getpid()})
+        writer = json.dumps({"boot": proc.boot_id(), "pid": os.getpid(), **({"ran": True} if ran else {})})
         detail = " ".join(detail.split("\n"))[:VERDICT_ROOM // 2]     # one line; room left for the writer's
         record = f"{state}\n{detail}\n{writer}\n".encode()[:VERDICT_ROOM - 1]
         record = record.ljust(VERDICT_ROOM - 1) + b"\n"     # read back stripped
@@ -72,6 +77,11 @@ class Verdicts:
     def read(self, migration_id: str) -> tuple[str, str]:
         state, detail, _ = self.read_all(migration_id)
         return state, detail
+
+    def gone_state(self, migration_id: str) -> str:
+        """What a copy ended before it had every page is: "lost" if it ran (its verdict said
+        so before it was resumed), else "killed"."""
+        return "lost" if self.read_all(migration_id)[2].get("ran") else "killed"
 
     def read_all(self, migration_id: str) -> tuple[str, str, dict]:
         """(state, detail, who wrote it: {"boot", "pid"}, {} if it does not say)."""

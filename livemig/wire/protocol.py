@@ -249,6 +249,7 @@ class SettlePostcopy:
 class PostcopySettled:
     whole: bool          # the target's copy has every page and runs; else it is gone
     detail: str = ""
+    ran: bool = False    # it ran (and, gone, is lost: the source's copy waits for the operator)
 
 
 @message
@@ -260,7 +261,8 @@ class AskVerdict:
 @message
 class Verdict:
     migration_id: str
-    state: str           # "whole" (the copy runs), "killed" (it is gone), "serving" (post-copy
+    state: str           # "whole" (the copy runs), "killed" (it is gone, never having run),
+                         # "lost" (it is gone, after it ran), "serving" (post-copy
                          # under way), "none" (no post-copy of that migration here); and, of an
                          # agent that died unheard: "abandoned" (it and its guard are gone: the
                          # detail says whether the copy is), "restarted" (the host restarted since)

@@ -383,3 +383,14 @@ def test_the_guards_own_cgroup_is_never_killed_whole(guards, trees, cgroups):
     g.agent_dies()
     assert copy.killed()
     assert g.exit_status() == 0 and g.verdict()[0] == "killed"
+
+
+def test_a_copy_that_ran_is_said_lost_not_killed(guards, trees):
+    # issue 26: the agent's verdict says, before the Resume, that the copy runs; its guard,
+    # ending it, says "lost": the source's copy then waits for the operator's word
+    g, copy = guards(), trees()
+    g.guard.tell("pidfile", str(copy.pidfile))
+    Verdicts(g.root).write(MID, "serving", phase="commit", ran=True)
+    g.agent_dies()
+    assert copy.killed()
+    assert g.exit_status() == 0 and g.verdict()[0] == "lost"

@@ -246,3 +246,42 @@ def test_a_copy_settled_leaves_no_note_beside_its_verdict(tmp_path, child):
     verdicts.note_copy("m1", named(child).__dict__)
     verdicts.write("m1", "killed", "its page stream ended")
     assert [f.name for f in tmp_path.iterdir()] == ["m1.verdict"]
+
+
+async def test_a_target_copy_that_ran_and_is_gone_never_brings_the_source_back_by_itself(
+        short_root, monkeypatch, child):
+    # issue 26: the target's Resume is the commit point; its copy may have answered clients,
+    # which the source's, older, would answer again: only the operator's word runs it again
+    stopped(child)
+    rec = _record(short_root, named(child))
+    rec.target_resumed_at = time.time() - 5
+    rec.save(short_root / f"{rec.migration_id}-source")
+    _target(monkeypatch, "lost")
+    settled = await _recover(short_root)
+    assert settled.outcome == "target lost" and "--target-lost" in settled.detail, settled
+    assert "ago at most" in settled.detail and proc.state(child.pid) == "T"
+    assert recovery.records(str(short_root))        # kept, for the operator's word
+    settled = await _recover(short_root, target_lost=True)
+    assert settled.outcome == "rolled back" and "is lost" in settled.detail, settled
+    assert proc.state(child.pid) in ("S", "R") and not recovery.records(str(short_root))
+
+
+async def test_a_target_copy_killed_before_it_ran_brings_the_source_back(short_root, monkeypatch, child):
+    # told to run, but gone before the Resume reached it (its agent killed first): it never
+    # answered anyone, and the source's copy runs on at once
+    stopped(child)
+    rec = _record(short_root, named(child))
+    rec.target_resumed_at = time.time() - 5
+    rec.save(short_root / f"{rec.migration_id}-source")
+    _target(monkeypatch, "killed")
+    settled = await _recover(short_root)
+    assert settled.outcome == "rolled back" and "is lost" not in settled.detail, settled
+    assert proc.state(child.pid) in ("S", "R")
+
+
+def test_the_one_who_ends_a_copy_says_lost_once_it_ran_killed_before(tmp_path):
+    verdicts = Verdicts(tmp_path)
+    verdicts.write("m1", "serving", phase="restore")
+    assert verdicts.gone_state("m1") == "killed"
+    verdicts.write("m1", "serving", phase="commit", ran=True)     # the agent, before its Resume
+    assert verdicts.gone_state("m1") == "lost"

@@ -3,7 +3,7 @@
 
     memcounter.py run --mib M [--dirty-mibps D] [--port P] [--pid N] [--daemon]
                       [--children C] [--fork-every S] [--cpu-per-page K] [--hot-mib H]
-    memcounter.py query [--port P] [--wait S] get|verify|sum
+    memcounter.py query [--port P] [--wait S] get|verify|sum|next
 
 `run` holds M MiB of anonymous memory whose every page can be checked (its
 index, a generation number bumped on each write, and content derived from the
@@ -15,6 +15,8 @@ application saw it. It answers one request per connection on a TCP port:
              "fork_checks", "fork_failures", ...}
     verify  {"bad_pages", "pages", "counter"}: every page checked against what it must hold
     sum     {"sha256", "counter"}: a digest of all the memory
+    next    {"next", "pid", "host"}: the next integer, 1 first, one for each request: what a
+            client was told, which a copy that runs on from an older state tells again
 
 A family: `--children C` first forks C more memcounters, each with memory of its
 own, answering on the next ports (P+1...); `--fork-every S` forks a child every S
@@ -121,6 +123,7 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
     last = time.time()
     next_tick = next_fork = time.monotonic()
     forks = {"fork_checks": 0, "fork_failures": 0}
+    told = {"next": 0}      # the last integer "next" answered
     while True:
         if args.fork_every and time.monotonic() >= next_fork:
             next_fork = time.monotonic() + args.fork_every
@@ -143,7 +146,7 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
             next_tick, wait = time.monotonic(), 0.0
         readable, _, _ = select.select([listener], [], [], max(wait, 0.0))
         if readable:
-            _answer(listener, mem, counter, dirtied, stalls, args, forks)
+            _answer(listener, mem, counter, dirtied, stalls, args, forks, told)
 
 
 def _fork_check(mem: Memory, linger: float, forks: dict) -> None:
@@ -163,7 +166,7 @@ def _fork_check(mem: Memory, linger: float, forks: dict) -> None:
         forks["fork_failures"] += bool(status)
 
 
-def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args, forks: dict) -> None:
+def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args, forks: dict, told: dict) -> None:
     conn, _ = listener.accept()
     with conn:
         conn.settimeout(5)
@@ -171,6 +174,9 @@ def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args, for
             cmd = conn.recv(64).strip()
             if cmd == b"verify":
                 reply = {"bad_pages": mem.bad_pages(), "pages": mem.pages, "counter": counter}
+            elif cmd == b"next":
+                told["next"] += 1
+                reply = {"next": told["next"], "pid": os.getpid(), "host": socket.gethostname()}
             elif cmd == b"sum":
                 reply = {"sha256": mem.sha256(), "counter": counter}
             else:
@@ -244,7 +250,7 @@ def main() -> int:
     r.add_argument("--cpu-per-page", type=int, default=0, help="hash each page written this many times over")
     r.add_argument("--hot-mib", type=int, default=0, help="write only in the first H MiB (0: anywhere)")
     q = sub.add_parser("query")
-    q.add_argument("what", choices=["get", "verify", "sum"])
+    q.add_argument("what", choices=["get", "verify", "sum", "next"])
     q.add_argument("--port", type=int, default=7777)
     q.add_argument("--host", default="127.0.0.1")
     q.add_argument("--wait", type=float, default=0.0, help="retry this long while nothing answers")

@@ -1,0 +1,67 @@
+"""The moved service as its clients live it: a client that asks, over and over, on every
+host the service may answer on, for the next integer (memcounter's `next`), and keeps
+every answer it got, in the order it got them. The promise in its words: no answer it got
+is ever given again (a copy running on from an older state would), and afterwards exactly
+one copy answers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Self
+
+from tests.lab import WORKLOAD
+
+
+@dataclass(frozen=True)
+class Answer:
+    at: float       # time.monotonic() when it came
+    host: str
+    n: int
+
+
+class Client(threading.Thread):
+    def __init__(self, lab, port: int, hosts: tuple[str, ...] = ("a", "b"), every: float = 0.05):
+        super().__init__(daemon=True)
+        self.lab, self.port, self.hosts, self.every = lab, port, hosts, every
+        self.answers: list[Answer] = []
+        self._stop_asking = threading.Event()
+
+    def ask(self, host: str) -> Answer | None:
+        res = self.lab.run(host, ["python3", WORKLOAD, "query", "next", "--port", str(self.port)],
+                           check=False, timeout=120)
+        if res.returncode != 0:
+            return None      # nothing answers there (now)
+        got = Answer(time.monotonic(), host, json.loads(res.stdout)["next"])
+        self.answers.append(got)
+        return got
+
+    def run(self) -> None:
+        while not self._stop_asking.is_set():
+            for host in self.hosts:
+                self.ask(host)
+            self._stop_asking.wait(self.every)
+
+    def __enter__(self) -> Self:
+        self.ask(self.hosts[0])     # one answer before anything happens to it
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop_asking.set()
+        self.join(timeout=180)
+
+    def taken_back(self) -> list[tuple[Answer, Answer]]:
+        """Each answer that was not above every one before it, with the one it repeats or undercuts."""
+        back, best = [], None
+        for a in self.answers:
+            if best is not None and a.n <= best.n:
+                back.append((a, best))
+            if best is None or a.n > best.n:
+                best = a
+        return back
+
+    def said(self) -> str:
+        return " ".join(f"{a.host}:{a.n}" for a in self.answers)
