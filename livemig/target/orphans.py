@@ -48,7 +48,7 @@ def mark(copy: Copy, work: Path) -> None:
     c = copy.containers[0] if copy.containers else None      # a move restores one (replicas never hold it)
     Orphan(copy.what(), HeldCopy(
         c.runtime if c else "process", proc.tasks(copy.pids()), c.id if c else "",
-        str(copy.created_tree) if copy.created_tree else "", proc.boot_id())).save(work)
+        str(copy.created_tree) if copy.created_tree else "", proc.boot_id(), stopped=c is not None)).save(work)
 
 
 def leave(copy: Copy, work: Path) -> None:
