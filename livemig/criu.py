@@ -111,6 +111,15 @@ def page_server(images: str, ps_fd: int, parent: str | None) -> list[str]:
     return argv
 
 
+# What a runtime's restore (runc, crun, podman's runtime) is given instead of --leave-stopped,
+# which none of them takes: every `criu swrk` they start reads the configuration file this
+# variable names (after /etc/criu/default.conf, before the runtime's request), and keeps
+# what it sets that the request does not (a restore's request says nothing of the tasks'
+# final state).
+CONFIG_FILE_ENV = "CRIU_CONFIG_FILE"
+LEAVE_STOPPED_CONFIG = b"leave-stopped\n"
+
+
 def restore(images: str, pidfile: str, *, lazy: bool, opts: Options) -> list[str]:
     """Restore detached and stopped: the tree runs only once the source is gone (Resume)."""
     argv = ["criu", "restore", "-D", images, "-o", "restore.log", "--restore-detached",

@@ -76,8 +76,10 @@ class Waits:
     # -- the target
     stream_open: float = 60.0             # for the coordinator to open a stream the agent is waiting on
     linger_after_failed_postcopy: float = 60.0   # for the coordinator to settle a failed post-copy's copy
-    lazy_pause: float = 10.0              # to pause a container restored with lazy pages (a task waiting for a
-    #                                      page cannot freeze until it lands; cgroup v1's freezer gives up fast)
+    lazy_pause: float = 10.0              # to pause a container restored with lazy pages. Its tasks are stopped
+    #                                      and freeze at once; were they running (a runtime that kept CRIU's
+    #                                      configuration from it), one waiting for a page could not freeze until
+    #                                      the page landed, and cgroup v1's freezer gives up fast
     lazy_pause_poll: float = 0.05         # between those tries
     criu_exit_after_broken_pipe: float = 2.0     # for CRIU to write why its page pipe broke, before its log is read
     container_delete: float = 60.0        # for a runtime's `delete --force` of a copy being undone

@@ -4,6 +4,8 @@ must go on, on the target, from where it was, registered with the target's runti
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 
@@ -17,13 +19,18 @@ TOOL = "/opt/livemig/tests/workloads/container.py"
 class Counter:
     """A busybox container counting in memory (tests/workloads/container.py)."""
 
-    def __init__(self, lab, host: str, runtime: str, name: str):
+    def __init__(self, lab, host: str, runtime: str, name: str, busy: bool = False):
         self.lab, self.runtime, self.name = lab, runtime, name
         self.bundle = f"/var/lib/ctr/{name}"
-        lab.run(host, ["python3", TOOL, "start", "--runtime", runtime, "--name", name, "--bundle", self.bundle])
+        lab.run(host, ["python3", TOOL, "start", "--runtime", runtime, "--name", name, "--bundle", self.bundle,
+                       *(["--busy"] if busy else [])])
 
     def count(self, host: str) -> int:
         return int(self.lab.text(host, ["python3", TOOL, "count", "--bundle", self.bundle]))
+
+    def written(self, host: str) -> str:
+        """/count as it is, even empty (caught between its truncation and its write)."""
+        return self.lab.text(host, ["cat", f"{self.bundle}/rootfs/count"])
 
     def status(self, host: str) -> str | None:
         res = self.lab.run(host, [self.runtime, "state", self.name], check=False)
@@ -199,3 +206,45 @@ def test_runc_dumps_open_no_port_that_a_local_client_could_race_for(lab, mode):
     lab.run("b", ["runc", "delete", "--force", work.container], check=False)
     lab.run("b", ["rm", "-rf", work.bundle])
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+
+
+@pytest.mark.parametrize("runtime, how", [("runc", []), ("runc", ["--no-fill"]), ("crun", [])],
+                         ids=["runc-lazy-fill", "runc-image-files", "crun"])
+def test_a_container_never_runs_on_the_target_before_its_resume(lab, runtime, how):
+    """Restored on b, the container stays stopped until the Resume, not even a moment's run
+    before it is paused: held just after the restore (the source's copy paused, not given
+    up), b's copy has not counted once past the source's last count, counting thousands a
+    second as it does; then the move goes on, and it counts on, on b."""
+    # here, not at the top: that module imports this one
+    from tests.test_stopcopy_faults import wait_stopped
+    name = f"still-{runtime}{len(how)}"
+    ctr = Counter(lab, "a", runtime, name, busy=True)
+    mover = None
+    try:
+        time.sleep(0.5)
+        mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=restored", "livemig", "move", "--json",
+                                "--mode", "stopcopy", *how, name, "b"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stopped = wait_stopped(lab, mover, "restored")
+        assert ctr.status("b") == "paused"
+        frozen = ctr.written("a")        # its last count there, stopped since the final dump
+        time.sleep(0.5)
+        assert ctr.written("b") == frozen, (runtime, how, frozen, ctr.written("b"))
+        lab.run("a", ["kill", "-CONT", *stopped])
+        os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
+        out, err = mover.communicate(timeout=300)
+        assert mover.returncode == 0, err.decode()
+        assert json.loads(out)["outcome"] == "moved"
+        time.sleep(0.5)
+        assert ctr.status("b") == "running" and ctr.count("b") > int(frozen or 0)    # and on from there
+        assert ctr.status("a") is None
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        if mover is not None and mover.poll() is None:     # failed while held: nothing of it may stay
+            lab.run("a", ["pkill", "-KILL", "-f", "livemig move"], check=False)
+            os.kill(mover.pid, signal.SIGCONT)
+            mover.wait(timeout=60)
+        for host in ("a", "b"):
+            ctr.remove(host)
+            lab.run(host, ["find", "/var/lib/livemig", "-mindepth", "1", "-maxdepth", "1", "!", "-name", "logs",
+                           "-exec", "rm", "-rf", "{}", "+"], check=False)

@@ -4,10 +4,15 @@ request answers the next integer) moves, image and all, and answers the next num
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 
-from tests.test_stopcopy_faults import killed_at, recover
+from tests.test_stopcopy_faults import killed_at, recover, wait_stopped
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.lab
 
@@ -155,3 +160,37 @@ def test_a_podman_move_killed_before_its_commit_is_recovered_by_a_restore_here(l
     finally:
         for h in ("a", "b"):
             lab.run(h, [*ENV, "podman", "rm", "--force", "web6"], check=False)
+
+
+def test_a_podman_container_never_runs_on_the_target_before_its_resume(lab):
+    """Restored on b, the container stays stopped until the Resume (podman's runtime gets the
+    CRIU configuration that leaves it so through conmon): held just after the restore, b's
+    copy has not counted once past the source's checkpoint, counting thousands a second."""
+    lab.run("a", ["python3", TOOL, "busy", "--name", "still1"])
+    mover = None
+    try:
+        mover = lab.popen("a", [*ENV, "LIVEMIG_TEST_STOP_AT=restored", "livemig", "move", "--json", "still1", "b"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stopped = wait_stopped(lab, mover, "restored")
+        checkpointed = lab.text("a", ["python3", TOOL, "written", "--name", "still1"])
+        time.sleep(0.5)
+        assert lab.text("b", ["python3", TOOL, "written", "--name", "still1"]) == checkpointed
+        assert json.loads(lab.text("b", [*ENV, "podman", "container", "inspect", "still1"]))[0]["State"]["Paused"]
+        lab.run("a", ["kill", "-CONT", *stopped])
+        os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
+        out, err = mover.communicate(timeout=300)
+        assert mover.returncode == 0 and json.loads(out)["outcome"] == "moved", err.decode()
+        eventually(lambda: lab.text("b", ["python3", TOOL, "written", "--name", "still1"]),
+                   lambda now: now.strip() != "" and int(now) > int(checkpointed or 0), within=10)
+        assert running(lab, "b", "still1")
+        assert running(lab, "a", "still1") is None
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        if mover is not None and mover.poll() is None:     # failed while held: nothing of it may stay
+            lab.run("a", ["pkill", "-KILL", "-f", "livemig move"], check=False)
+            os.kill(mover.pid, signal.SIGCONT)
+            mover.wait(timeout=60)
+        for h in ("a", "b"):
+            lab.run(h, [*ENV, "podman", "rm", "--force", "--time", "0", "still1"], check=False)
+            lab.run(h, ["find", "/var/lib/livemig", "-mindepth", "1", "-maxdepth", "1", "!", "-name", "logs",
+                        "-exec", "rm", "-rf", "{}", "+"], check=False)

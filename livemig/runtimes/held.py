@@ -34,11 +34,12 @@ class HeldCopy:
     container: str = ""
     bundle: str = ""        # its bundle, copied to the other host: it goes when the copy does
     boot: str = ""          # the boot the pairs were taken in: after a reboot none of them runs
+    stopped: bool = False   # a container's tasks are stopped too (SIGSTOP): a target's restored copy
 
     @classmethod
     def from_dict(cls, d: dict) -> HeldCopy:
         return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""),
-                   d.get("boot", ""))
+                   d.get("boot", ""), d.get("stopped", False))
 
     @classmethod
     def of(cls, workload, bundle_moves: bool = False) -> HeldCopy:
@@ -105,7 +106,8 @@ class HeldCopy:
     async def _resume(self) -> None:
         if self.runtime == "process":
             proc.signal_tasks(self._alive(), signal.SIGCONT)     # a no-op on a running task
-        elif self.runtime == "podman":
+            return
+        if self.runtime == "podman":
             await self._resume_podman()
         else:
             st = await oci.state(self.runtime, self.container)
@@ -114,6 +116,8 @@ class HeldCopy:
                 await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
             elif status != "running":
                 raise self._cannot_resume(status or "gone")
+        if self.stopped:     # thawed, its tasks still stopped: leaves first, as the target's Resume
+            proc.signal_tasks(self._alive()[::-1], signal.SIGCONT)
 
     async def _resume_podman(self) -> None:
         """podman cannot checkpoint a paused container: its final checkpoint stopped it, and

@@ -6,8 +6,9 @@ know the container afterwards: `runc list` there shows it, `runc exec` works.
 The commit point is the runtime's own freeze. The container is paused (cgroup
 freezer) before the final dump, and dumped with --leave-running: CRIU leaves a
 cgroup it found frozen frozen, so after the dump the source stays paused, neither
-running nor gone. Commit deletes it; rollback resumes it. The target restores and
-pauses at once, and runs only once the source is deleted.
+running nor gone. Commit deletes it; rollback resumes it. The target restores it with
+its tasks stopped (CRIU's leave-stopped, in a configuration file: target/restore.py) and
+pauses it, and runs it only once the source is deleted.
 
 runc streams pages to a page server and serves them lazily; crun has neither, so
 its images are written here and sent as files, and it has no post-copy.
@@ -244,7 +245,7 @@ class _PageSocket:
         self.held = _held_port()
         config = images / PAGES_CONFIG
         config.write_text(f"ps-socket {self.fd}\n")
-        self.env = proc.environ(CRIU_CONFIG_FILE=str(config))
+        self.env = proc.environ(**{criu.CONFIG_FILE_ENV: str(config)})
         self.address = f"{LOOPBACK}:{self.held.getsockname()[1]}"
         self.pass_fds = (self.fd,)
 

@@ -3,6 +3,9 @@ clone: several replicas), the bundle the move brought; the restore under way; an
 ways it ends: resumed (it runs: the workload's, no more the move's) or undone (killed,
 with what the move brought).
 
+Restored, every task of it is stopped (SIGSTOP), a container's paused too (restore.py):
+resumed, a container is thawed, then every task continued (SIGCONT).
+
 Whether it runs is the agent's stage (stage.py), which moves here but for the first move
 (PREPARING, at the Hello): RESTORING while CRIU or a runtime restores it, RESTORED once
 it is here stopped, RUNNING once resumed, UNDONE once it is gone.
@@ -56,13 +59,12 @@ class Copy:
     async def resume(self) -> list[int]:
         """Let it run; its PIDs."""
         pids = self.pids()
-        if self.containers:
-            for c in self.containers:
-                await proc.run(runtimes.control(c, "resume"), phase=Phase.COMMIT)
-        else:
-            # Leaves first, and through pidfds that skip the gone: a parent resumed before its
-            # zombie child would reap it, and the child's PID would name nothing (or another).
-            proc.signal_tasks(proc.tasks(pids[::-1]), signal.SIGCONT)
+        named = proc.tasks(pids[::-1])
+        for c in self.containers:     # thawed, its tasks still stopped (restore.py)
+            await proc.run(runtimes.control(c, "resume"), phase=Phase.COMMIT)
+        # Leaves first, and through pidfds that skip the gone: a parent resumed before its
+        # zombie child would reap it, and the child's PID would name nothing (or another).
+        proc.signal_tasks(named, signal.SIGCONT)
         self.stages.to(Stage.RUNNING)
         return pids
 

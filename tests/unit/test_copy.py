@@ -1,17 +1,29 @@
 """The target's copy resumed (Copy.resume): every task of a stopped tree gets SIGCONT, and a
 task gone between reading the tree and the signal (a zombie its resumed parent reaped, as a
-family that forks all the time has) is skipped, not a failed Resume."""
+family that forks all the time has) is skipped, not a failed Resume. A container is restored
+stopped too (its runtime's CRIU told so through a configuration file), paused, and resumed
+by a thaw and then SIGCONT; the same for one `livemig recover` resumes as an orphan."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from livemig import proc
+import pytest
+
+from livemig import criu, proc, runtimes
+from livemig.runtimes import held as held_mod
+from livemig.runtimes.held import HeldCopy
+from livemig.target import restore as restore_mod
 from livemig.target.copy import Copy
 from livemig.target.stage import Stage, Stages
+from livemig.wire import protocol as p
 
 # forks a child that exits at once (a zombie), stops itself, and once continued reaps it
 PARENT = """
@@ -59,3 +71,92 @@ def test_resume_continues_a_stopped_tree_and_skips_a_task_gone_meanwhile(monkeyp
     finally:
         parent.kill()
         parent.wait()
+
+
+def _restored() -> Stages:
+    stages = Stages()
+    for s in (Stage.PREPARING, Stage.RESTORING, Stage.RESTORED):
+        stages.to(s)
+    return stages
+
+
+STOPS_ITSELF = "import os, signal, time; os.kill(os.getpid(), signal.SIGSTOP); time.sleep(30)"
+
+
+@pytest.fixture
+def stopped_task():
+    """A task stopped as CRIU leaves a restored one (SIGSTOP)."""
+    task = subprocess.Popen([sys.executable, "-c", STOPS_ITSELF])
+    _until(lambda: proc.state(task.pid) == "T")
+    yield task
+    task.kill()
+    task.wait()
+
+
+async def test_a_container_is_restored_with_a_criu_configuration_that_leaves_it_stopped(tmp_path, monkeypatch):
+    ran: list[tuple[list[str], dict | None]] = []
+
+    async def run(argv, **kw):
+        ran.append((list(argv), kw.get("env")))
+        return proc.Result(tuple(argv), 0, b"", b"")
+
+    async def known(c):
+        return False
+    monkeypatch.setattr(proc, "run", run)
+    monkeypatch.setattr(runtimes, "known", known)
+    images = tmp_path / "final"
+    images.mkdir()
+    c = p.Container("runc", "web1", "/var/lib/ctr/web1")
+    res, argv, _ = await restore_mod.restore(p.Restore(dir="final", container=c), images, tmp_path,
+                                             Copy(_restored()), None, lazy=False)
+    assert res.returncode == 0 and argv[:2] == ["runc", "restore"]
+    (restoring, env), (pausing, pause_env) = ran
+    assert restoring == argv and pausing == ["runc", "pause", "web1"] and pause_env is None
+    assert env is not None and env["PATH"] == proc.environ()["PATH"]
+    assert Path(env[criu.CONFIG_FILE_ENV]).read_bytes() == b"leave-stopped\n"
+    assert Path(env[criu.CONFIG_FILE_ENV]).parent == tmp_path       # the move's own, private
+
+
+async def test_a_container_is_thawed_and_then_its_stopped_tasks_continued(monkeypatch, stopped_task):
+    thawed_while: list[str | None] = []
+
+    async def run(argv, **kw):
+        assert list(argv) == ["runc", "resume", "web1"]
+        thawed_while.append(proc.state(stopped_task.pid))
+        return proc.Result(tuple(argv), 0, b"", b"")
+    monkeypatch.setattr(proc, "run", run)
+    copy = Copy(_restored())
+    copy.containers = [p.Container("runc", "web1", "/var/lib/ctr/web1")]
+    copy.roots = [stopped_task.pid]
+    assert await copy.resume() == [stopped_task.pid]
+    assert thawed_while == ["T"]         # thawed first, still stopped: then continued
+    _until(lambda: proc.state(stopped_task.pid) not in ("T", None))
+
+
+async def test_an_orphaned_container_recover_resumes_is_continued_too(monkeypatch, stopped_task):
+    async def state(runtime, container):
+        return {"status": "paused"}
+
+    async def run(argv, **kw):
+        return proc.Result(tuple(argv), 0, b"", b"")
+    signalled = []
+    real = proc.signal_tasks
+
+    def signal_tasks(named, sig):
+        signalled.append(sig)
+        return real(named, sig)
+    monkeypatch.setattr(held_mod.oci, "state", state)
+    monkeypatch.setattr(proc, "run", run)
+    monkeypatch.setattr(proc, "signal_tasks", signal_tasks)
+
+    async def standing(self):
+        return held_mod.RUNNING      # (what a real thaw would leave: the runtime here is a stand-in)
+    monkeypatch.setattr(HeldCopy, "standing", standing)
+    source = HeldCopy("runc", proc.tasks([stopped_task.pid]), "web1", boot=proc.boot_id())
+    await source.resume()        # a source's paused container: thawed, never signalled
+    assert signalled == [] and proc.state(stopped_task.pid) == "T"
+    orphan = HeldCopy.from_dict(json.loads(json.dumps(dataclasses.asdict(
+        HeldCopy("runc", proc.tasks([stopped_task.pid]), "web1", boot=proc.boot_id(), stopped=True)))))
+    await orphan.resume()        # a target's restored one: its tasks continued as well
+    assert signalled == [signal.SIGCONT]
+    _until(lambda: proc.state(stopped_task.pid) not in ("T", None))

@@ -4,6 +4,8 @@
     python3 container.py count --bundle /var/lib/ctr/c1      # the last count it wrote
     python3 container.py serve --name web1                   # podman: the seeds' counter server
     python3 container.py ask --name web1                     # its next number
+    python3 container.py busy --name p1                      # podman: a container counting flat out
+    python3 container.py written --name p1                   # podman: its /count as it is (even empty)
     python3 container.py memcounter --name m1 --bundle /var/lib/ctr/m1 --mib 512 --dirty-mibps 10 --port 7777
                                                              # the benchmark's workload, in a container
 
@@ -12,14 +14,20 @@ root every 100 ms, so a restart from scratch shows as a count that went back.
 """
 
 import argparse
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.1; done"
+# Counting without a pause: thousands of counts a second (an idle loop between two, so that
+# /count is seldom caught empty), for a test that must see any instant the container runs.
+BUSY_COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /count; "
+                "j=0; while [ $j -lt 50 ]; do j=$((j+1)); done; done")
 # The seeds' counter web server, in busybox: each connection to port 8080 gets the next integer.
 SERVER = "i=0; while true; do i=$((i+1)); echo $i | nc -l -p 8080 >/dev/null; done"
 IMAGE = "localhost/livemig-busybox:1"
@@ -49,7 +57,21 @@ def ask(name: str) -> int:
     return int(out.stdout.strip())
 
 
-def build(bundle: str, runtime: str) -> None:
+def podman_written(name: str) -> str:
+    """A podman container's /count as it is: read through its init while it exists (paused
+    too), else copied out of its storage (checkpointed, it is stopped)."""
+    status, pid = subprocess.run(["podman", "container", "inspect", "--format", "{{.State.Status}} {{.State.Pid}}",
+                                  name], env=PODMAN_ENV, capture_output=True, check=True, text=True).stdout.split()
+    if status in ("running", "paused"):      # (a checkpointed one keeps the PID it had)
+        with open(f"/proc/{pid}/root/count") as f:
+            return f.read()
+    tar = subprocess.run(["podman", "cp", f"{name}:/count", "-"], env=PODMAN_ENV, capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(tar.stdout)) as t:
+        member = t.extractfile("count")
+        return member.read().decode() if member else ""
+
+
+def build(bundle: str, runtime: str, busy: bool = False) -> None:
     root = os.path.join(bundle, "rootfs")
     shutil.rmtree(bundle, ignore_errors=True)
     for d in ("bin", "tmp", "proc", "dev", "sys"):
@@ -62,7 +84,7 @@ def build(bundle: str, runtime: str) -> None:
     with open(path) as f:
         config = json.load(f)
     config["process"]["terminal"] = False
-    config["process"]["args"] = ["/bin/sh", "-c", COUNTER]
+    config["process"]["args"] = ["/bin/sh", "-c", BUSY_COUNTER if busy else COUNTER]
     config["root"]["readonly"] = False
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
@@ -117,7 +139,7 @@ def _detach(runtime: str, bundle: str, name: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("action", choices=["start", "count", "serve", "ask", "memcounter", "bundle"])
+    ap.add_argument("action", choices=["start", "count", "serve", "ask", "memcounter", "bundle", "busy", "written"])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--name", default="c1")
     ap.add_argument("--bundle")
@@ -125,6 +147,7 @@ def main() -> int:
     ap.add_argument("--dirty-mibps", type=float, default=0.0)
     ap.add_argument("--port", type=int, default=7777)
     ap.add_argument("--cpu-per-page", type=int, default=0, help="memcounter's CPU work per page it writes")
+    ap.add_argument("--busy", action="store_true", help="start: count without sleeping between counts")
     a = ap.parse_args()
     if a.action in ("memcounter", "bundle"):
         build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port, a.cpu_per_page)
@@ -143,13 +166,21 @@ def main() -> int:
             except (subprocess.CalledProcessError, ValueError):
                 time.sleep(0.1)
         raise SystemExit("the counter server never answered")
+    if a.action == "busy":
+        podman_image()
+        subprocess.run(["podman", "run", "--detach", "--name", a.name, IMAGE, "sh", "-c", BUSY_COUNTER],
+                       env=PODMAN_ENV, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return 0
+    if a.action == "written":
+        print(podman_written(a.name), end="")
+        return 0
     if a.action == "ask":
         print(ask(a.name))
         return 0
     if a.action == "count":
         print(count(a.bundle))
         return 0
-    build(a.bundle, a.runtime)
+    build(a.bundle, a.runtime, a.busy)
     _detach(a.runtime, a.bundle, a.name)
     deadline = time.monotonic() + 30
     while not os.path.exists(os.path.join(a.bundle, "rootfs/count")):
