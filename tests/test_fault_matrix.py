@@ -112,6 +112,7 @@ def run_cell(lab, phase: str, fault: str, index: int, image_root) -> Outcome:
     before = work.query("a")
     with Client(lab, port) as client:
         code, runs_on, failed, lost = _cell(lab, point, fault, pid, port, work)
+    assert not client.errors and not client.is_alive(), client.errors    # it asked all along, and stopped
     assert not client.taken_back(), f"answers taken back: {client.taken_back()}; all: {client.said()}"
     assert client.answers and client.answers[0].host == "a"
     if lost:

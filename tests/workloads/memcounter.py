@@ -221,7 +221,7 @@ def query(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:
         try:
-            with socket.create_connection((args.host, args.port), timeout=120) as s:
+            with socket.create_connection((args.host, args.port), timeout=args.timeout) as s:
                 s.sendall(args.what.encode() + b"\n")
                 data = b""
                 while chunk := s.recv(65536):
@@ -254,6 +254,8 @@ def main() -> int:
     q.add_argument("--port", type=int, default=7777)
     q.add_argument("--host", default="127.0.0.1")
     q.add_argument("--wait", type=float, default=0.0, help="retry this long while nothing answers")
+    q.add_argument("--timeout", type=float, default=120.0,
+                   help="for one answer (a stopped workload's port takes the connection, and answers never)")
     args = ap.parse_args()
     if args.cmd == "run":
         run(args)
