@@ -111,13 +111,20 @@ def page_server(images: str, ps_fd: int, parent: str | None) -> list[str]:
     return argv
 
 
-# What a runtime's restore (runc, crun, podman's runtime) is given instead of --leave-stopped,
-# which none of them takes: every `criu swrk` they start reads the configuration file this
-# variable names (after /etc/criu/default.conf, before the runtime's request), and keeps
-# what it sets that the request does not (a restore's request says nothing of the tasks'
-# final state).
+# How livemig gives CRIU options a runtime has no flag for (runc's dumps their page socket,
+# every runtime's restore --leave-stopped): every `criu swrk` a runtime starts reads the
+# configuration file this variable names (after /etc/criu/default.conf, before the
+# runtime's request), and keeps what it sets that the request does not.
 CONFIG_FILE_ENV = "CRIU_CONFIG_FILE"
-LEAVE_STOPPED_CONFIG = b"leave-stopped\n"
+LEAVE_STOPPED_CONFIG = "leave-stopped\n"
+
+
+def configured(path: Path, options: str) -> dict[str, str]:
+    """options written to a CRIU configuration file at path (in a directory of livemig's,
+    root's alone), and the variable that makes the criu a runtime starts read it: for the
+    runtime's environment (proc.environ)."""
+    path.write_text(options)
+    return {CONFIG_FILE_ENV: str(path)}
 
 
 def restore(images: str, pidfile: str, *, lazy: bool, opts: Options) -> list[str]:

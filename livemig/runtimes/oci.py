@@ -243,9 +243,7 @@ class _PageSocket:
         finally:
             theirs.close()
         self.held = _held_port()
-        config = images / PAGES_CONFIG
-        config.write_text(f"ps-socket {self.fd}\n")
-        self.env = proc.environ(**{criu.CONFIG_FILE_ENV: str(config)})
+        self.env = proc.environ(**criu.configured(images / PAGES_CONFIG, f"ps-socket {self.fd}\n"))
         self.address = f"{LOOPBACK}:{self.held.getsockname()[1]}"
         self.pass_fds = (self.fd,)
 

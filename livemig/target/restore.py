@@ -57,7 +57,7 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         if await runtimes.known(c):   # never touch a container of someone else's
             raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
         argv = runtimes.restore_command(c, d, pidfile, lazy)
-        env = proc.environ(**{criu.CONFIG_FILE_ENV: str(_leave_stopped(work))})
+        env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.LEAVE_STOPPED_CONFIG))
         copy.containers.append(c)
         if guard is not None:
             guard.tell("container", c.runtime, c.id)
@@ -87,14 +87,6 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
     if pidfile.exists():
         copy.roots.append(int(pidfile.read_text().strip()))
     return res, argv, seconds
-
-
-def _leave_stopped(work: Path) -> Path:
-    """The CRIU configuration file that leaves a runtime's restored tasks stopped."""
-    path = work / LEAVE_STOPPED
-    if not path.exists():
-        path.write_bytes(criu.LEAVE_STOPPED_CONFIG)     # the work directory is root's alone (0700)
-    return path
 
 
 def failure(res: proc.Result, argv: list[str], d: Path) -> AgentFailure:
