@@ -167,7 +167,7 @@ async def settle(m: Move, cause: BaseException) -> bool:
 def _target_lost(m: Move, cause: BaseException, detail: str) -> TargetLost:
     """The target's copy ran and is gone: the source's stays stopped, and its record, for
     the operator to decide (the commit point: switchover.commit_lazy)."""
-    ran = max(time.time() - m.rec.target_resumed_at, 0.0)
+    ran = m.rec.target_ran_for()
     m.report.outcome, m.report.target_ran_seconds = "target lost", ran
     return TargetLost(f"{m.lazy_phase} failed ({why(cause)}) after the copy on {m.target} ran, for up to "
                       f"{ran:.1f} s; it is gone{f' ({detail})' if detail else ''}. The workload is stopped "

@@ -76,6 +76,10 @@ class Record:
         me = os.getpid()
         return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, proc.start_time(me) or 0), lazy)
 
+    def target_ran_for(self) -> float:
+        """How long, at most, the target's copy has run: since it was told to (0: never)."""
+        return max(time.time() - self.target_resumed_at, 0.0) if self.target_resumed_at else 0.0
+
     def coordinator_alive(self) -> bool:
         pid, t = self.coordinator
         return bool(proc.named([(pid, t)], self.source_copy.boot))
@@ -291,7 +295,7 @@ def _target_ran(rec: Record) -> str:
     if not rec.target_resumed_at:
         return ""
     return f"told to run at {time.strftime('%H:%M:%S', time.localtime(rec.target_resumed_at))}, " \
-           f"{max(time.time() - rec.target_resumed_at, 0):.0f} s ago at most"
+           f"{rec.target_ran_for():.0f} s ago at most"
 
 
 async def _orphan(rec: Record, resume: bool, connect, options) -> p.OrphanSettled:
