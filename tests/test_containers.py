@@ -4,8 +4,6 @@ must go on, on the target, from where it was, registered with the target's runti
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 
@@ -216,7 +214,7 @@ def test_a_container_never_runs_on_the_target_before_its_resume(lab, runtime, ho
     up), b's copy has not counted once past the source's last count, counting thousands a
     second as it does; then the move goes on, and it counts on, on b."""
     # here, not at the top: that module imports this one
-    from tests.test_stopcopy_faults import wait_stopped
+    from tests.test_stopcopy_faults import end_if_held, go_on, wait_stopped
     name = f"still-{runtime}{len(how)}"
     ctr = Counter(lab, "a", runtime, name, busy=True)
     mover = None
@@ -230,8 +228,7 @@ def test_a_container_never_runs_on_the_target_before_its_resume(lab, runtime, ho
         frozen = ctr.written("a")        # its last count there, stopped since the final dump
         time.sleep(0.5)
         assert ctr.written("b") == frozen, (runtime, how, frozen, ctr.written("b"))
-        lab.run("a", ["kill", "-CONT", *stopped])
-        os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
+        go_on(lab, mover, stopped)
         out, err = mover.communicate(timeout=300)
         assert mover.returncode == 0, err.decode()
         assert json.loads(out)["outcome"] == "moved"
@@ -240,10 +237,7 @@ def test_a_container_never_runs_on_the_target_before_its_resume(lab, runtime, ho
         assert ctr.status("a") is None
         assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     finally:
-        if mover is not None and mover.poll() is None:     # failed while held: nothing of it may stay
-            lab.run("a", ["pkill", "-KILL", "-f", "livemig move"], check=False)
-            os.kill(mover.pid, signal.SIGCONT)
-            mover.wait(timeout=60)
+        end_if_held(lab, mover)     # failed while held: nothing of it may stay
         for host in ("a", "b"):
             ctr.remove(host)
             lab.run(host, ["find", "/var/lib/livemig", "-mindepth", "1", "-maxdepth", "1", "!", "-name", "logs",

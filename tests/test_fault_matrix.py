@@ -35,8 +35,6 @@ test_postcopy_faults.py, test_fill_faults.py and test_stopcopy_faults.py.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -45,7 +43,12 @@ import pytest
 
 from tests.clients import Client
 from tests.test_postcopy_faults import said_by_livemig
-from tests.test_stopcopy_faults import assert_counts_on_whole, stat_of, wait_stopped
+from tests.test_stopcopy_faults import (
+    assert_counts_on_whole,
+    go_on,
+    stat_of,
+    wait_stopped,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]
 
@@ -153,8 +156,7 @@ def _cell(lab, point: Point, fault: str, pid: int, port: int, work) -> tuple[int
         lab.run("a", ["kill", "-KILL", *stopped])
     elif fault == "exits":
         lab.run("a", ["kill", "-KILL", str(pid)])
-    lab.run("a", ["kill", "-CONT", *stopped], check=False)
-    os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
+    go_on(lab, mover, stopped)
     out, err = mover.communicate(timeout=300)
     said = err.decode()
     code = mover.returncode

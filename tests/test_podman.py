@@ -4,14 +4,18 @@ request answers the next integer) moves, image and all, and answers the next num
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.test_stopcopy_faults import killed_at, recover, wait_stopped
+from tests.test_stopcopy_faults import (
+    end_if_held,
+    go_on,
+    killed_at,
+    recover,
+    wait_stopped,
+)
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.lab
@@ -176,8 +180,7 @@ def test_a_podman_container_never_runs_on_the_target_before_its_resume(lab):
         time.sleep(0.5)
         assert lab.text("b", ["python3", TOOL, "written", "--name", "still1"]) == checkpointed
         assert json.loads(lab.text("b", [*ENV, "podman", "container", "inspect", "still1"]))[0]["State"]["Paused"]
-        lab.run("a", ["kill", "-CONT", *stopped])
-        os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
+        go_on(lab, mover, stopped)
         out, err = mover.communicate(timeout=300)
         assert mover.returncode == 0 and json.loads(out)["outcome"] == "moved", err.decode()
         eventually(lambda: lab.text("b", ["python3", TOOL, "written", "--name", "still1"]),
@@ -186,10 +189,7 @@ def test_a_podman_container_never_runs_on_the_target_before_its_resume(lab):
         assert running(lab, "a", "still1") is None
         assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     finally:
-        if mover is not None and mover.poll() is None:     # failed while held: nothing of it may stay
-            lab.run("a", ["pkill", "-KILL", "-f", "livemig move"], check=False)
-            os.kill(mover.pid, signal.SIGCONT)
-            mover.wait(timeout=60)
+        end_if_held(lab, mover)     # failed while held: nothing of it may stay
         for h in ("a", "b"):
             lab.run(h, [*ENV, "podman", "rm", "--force", "--time", "0", "still1"], check=False)
             lab.run(h, ["find", "/var/lib/livemig", "-mindepth", "1", "-maxdepth", "1", "!", "-name", "logs",

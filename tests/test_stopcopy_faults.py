@@ -51,6 +51,20 @@ def wait_stopped(lab, mover: subprocess.Popen, point: str, within: float = 120) 
         time.sleep(0.05)
 
 
+def go_on(lab, mover: subprocess.Popen, stopped: list[str]) -> None:
+    """Let a `livemig move` stopped at its point (wait_stopped's PIDs) go on."""
+    lab.run("a", ["kill", "-CONT", *stopped], check=False)
+    os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
+
+
+def end_if_held(lab, mover: subprocess.Popen | None) -> None:
+    """A test that failed while its move was held: the move is killed, and let go to die."""
+    if mover is not None and mover.poll() is None:
+        lab.run("a", ["pkill", "-KILL", "-f", "livemig move"], check=False)
+        os.kill(mover.pid, signal.SIGCONT)
+        mover.wait(timeout=60)
+
+
 def killed_at(lab, point: str, *what: str) -> None:
     """livemig move ... b, SIGKILLed at point; returns once its agent on b has let go."""
     mover, stopped = stopped_at(lab, point, *what)

@@ -133,10 +133,11 @@ async def test_a_copy_resumed_here_is_said_to_run_only_while_it_does(tmp_path, c
 
 
 # --- the source: a copy of an earlier boot, or gone, is never said to run again --------------
-def _record(root, copy: HeldCopy, lazy=True, committed=False) -> recovery.Record:
+def _record(root, copy: HeldCopy, lazy=True, committed=False, target_resumed_at=0.0) -> recovery.Record:
     work = root / "2026-1-source"
     work.mkdir(mode=0o700)
-    rec = recovery.Record("2026-1", "b", copy, (999_999_999, 1), lazy=lazy, committed=committed)
+    rec = recovery.Record("2026-1", "b", copy, (999_999_999, 1), lazy=lazy, committed=committed,
+                          target_resumed_at=target_resumed_at)
     rec.save(work)
     return rec
 
@@ -253,9 +254,7 @@ async def test_a_target_copy_that_ran_and_is_gone_never_brings_the_source_back_b
     # issue 26: the target's Resume is the commit point; its copy may have answered clients,
     # which the source's, older, would answer again: only the operator's word runs it again
     stopped(child)
-    rec = _record(short_root, named(child))
-    rec.target_resumed_at = time.time() - 5
-    rec.save(short_root / f"{rec.migration_id}-source")
+    _record(short_root, named(child), target_resumed_at=time.time() - 5)
     _target(monkeypatch, "lost")
     settled = await _recover(short_root)
     assert settled.outcome == "target lost" and "--target-lost" in settled.detail, settled
@@ -270,9 +269,7 @@ async def test_a_target_copy_killed_before_it_ran_brings_the_source_back(short_r
     # told to run, but gone before the Resume reached it (its agent killed first): it never
     # answered anyone, and the source's copy runs on at once
     stopped(child)
-    rec = _record(short_root, named(child))
-    rec.target_resumed_at = time.time() - 5
-    rec.save(short_root / f"{rec.migration_id}-source")
+    _record(short_root, named(child), target_resumed_at=time.time() - 5)
     _target(monkeypatch, "killed")
     settled = await _recover(short_root)
     assert settled.outcome == "rolled back" and "is lost" not in settled.detail, settled
