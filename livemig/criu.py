@@ -93,15 +93,30 @@ def dump(pid: int, images: str, *, ps_fd: int, hook: str, parent: str | None, la
     --skip-in-flight: a client whose connection the kernel took but the workload had not
     accepted when it froze (a service under load always has some) would otherwise fail the
     dump ("In-flight connection"), and with it the move: such a connection is left out, and
-    its client, never answered on it, connects again (to the target's copy)."""
+    its client, never answered on it, connects again (to the target's copy).
+
+    Connections not asked to move (no --tcp-established) are closed in the copy
+    (connections_closed): one a client opened just as the workload froze would otherwise
+    fail the dump ("Connected TCP socket"), and with it the move."""
     argv = ["criu", "dump", "-t", str(pid), "-D", images, "-o", "dump.log",
-            "--ps-socket", str(ps_fd), "--action-script", hook, "--skip-in-flight", *opts.flags()]
+            "--ps-socket", str(ps_fd), "--action-script", hook, "--skip-in-flight",
+            *opts.flags(), *connections_closed(opts)]
     if nothing_to_lock and not opts.tcp_established:
         argv += ["--network-lock", "iptables"]
     argv += ["--lazy-pages", "--leave-stopped"] if lazy else ["--page-server"]
     if parent:
         argv += ["--prev-images-dir", parent, "--track-mem"]
     return argv
+
+
+def connections_closed(opts: Options) -> list[str]:
+    """--tcp-close, for a dump and its restore (CRIU refuses to restore images dumped with it
+    without it), unless established connections move: the dump then takes the source's
+    connections as they are (the source's copy keeps them, and answers on them, should the
+    move roll back), and the copy's are shut down, unbound, so they need none of the
+    source's addresses. Their clients see the connection end unanswered and connect again;
+    an answer the source sent before the freeze was counted in the state that moved."""
+    return [] if opts.tcp_established else ["--tcp-close"]
 
 
 def page_server(images: str, ps_fd: int, parent: str | None) -> list[str]:
@@ -130,7 +145,7 @@ def configured(path: Path, options: str) -> dict[str, str]:
 def restore(images: str, pidfile: str, *, lazy: bool, opts: Options) -> list[str]:
     """Restore detached and stopped: the tree runs only once the source is gone (Resume)."""
     argv = ["criu", "restore", "-D", images, "-o", "restore.log", "--restore-detached",
-            "--leave-stopped", "--pidfile", pidfile, *opts.flags()]
+            "--leave-stopped", "--pidfile", pidfile, *opts.flags(), *connections_closed(opts)]
     if lazy:
         argv.append("--lazy-pages")
     return argv

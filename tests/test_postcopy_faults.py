@@ -21,6 +21,8 @@ from tests.test_move import leftovers
 from tests.test_stopcopy_faults import (
     assert_counts_on_whole,
     assert_one_copy_whole,
+    end_if_held,
+    go_on,
     recover,
     stopped_at,
     wait_stopped,
@@ -40,6 +42,16 @@ def start_move(lab, work, mode: str = "postcopy"):
         assert line, f"livemig ended before the target ran: {seen!r}"
         seen += line
     return mover, seen
+
+
+def held_running(lab, work, mode: str) -> tuple[subprocess.Popen, list[str]]:
+    """Move work, held (stopped) once the target's copy runs: a fault is then sure to come
+    before the move is done, however fast the machine (a fill from the agent's memory can
+    end before a `pkill` sent as the copy runs lands). The move and its PIDs on a."""
+    mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=running", "livemig", "move", "--pid", str(work.pid),
+                            "--mode", mode, "b"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)
+    return mover, wait_stopped(lab, mover, "running", within=300)
 
 
 def source_state(lab, pid: int) -> str:
@@ -87,10 +99,14 @@ def broken_mid_move(lab, work, host: str, argv: list[str], *said: str, mode: str
     each of said, and the source's copy waits, stopped, until the operator's word (`livemig
     recover --target-lost`) runs it on, whole; nothing else is left."""
     before = work.query("a")
-    mover, seen = start_move(lab, work, mode)
-    lab.run(host, argv)
-    _, err = mover.communicate(timeout=120)
-    err = (seen + err).decode()
+    mover, stopped = held_running(lab, work, mode)
+    try:
+        lab.run(host, argv)
+        go_on(lab, mover, stopped)
+        _, err = mover.communicate(timeout=120)
+    finally:
+        end_if_held(lab, mover)
+    err = err.decode()
     assert mover.returncode == 9, err
     assert all(s in err for s in said) and "Traceback" not in err, err
     assert "after the copy on b ran, for up to" in err, err
@@ -175,13 +191,15 @@ def test_the_coordinator_killed_mid_postcopy_then_recover_puts_it_right(lab):
 
 
 def killed_mid_move_then_recovered(lab, work, mode: str) -> None:
-    """Move work; once the target's copy runs, SIGKILL the coordinator. The source's copy
-    waits, stopped; the target's agent, alone, kills its copy if it lacks pages (it may
-    have had them all by then: the push goes on while `pkill` is on its way), and
-    `livemig recover` leaves exactly one copy, whole."""
+    """Move work; once the target's copy runs, SIGKILL the coordinator (stopped there: a
+    fill from the agent's memory may be over by the time a `pkill` sent then lands, and the
+    move done). The source's copy waits, stopped; the target's agent, alone, kills its copy
+    if it lacks pages (it may have had them all by then: a fill goes on without the
+    coordinator), and `livemig recover` leaves exactly one copy, whole."""
     before = work.query("a")
-    mover, _ = start_move(lab, work, mode)
-    lab.run("a", ["pkill", "-KILL", "-f", "livemig move"])
+    mover, stopped = held_running(lab, work, mode)
+    lab.run("a", ["kill", "-KILL", *stopped])
+    os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
     mover.wait(timeout=30)
     # the source's copy waits, stopped, whatever the target's did (once CRIU, which
     # outlived the coordinator, lets go of it: until then it may show as runnable)

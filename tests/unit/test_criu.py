@@ -66,6 +66,16 @@ def test_a_tree_with_nothing_to_lock_is_not_locked_by_nftables_while_it_is_froze
                                              nothing_to_lock=True, **args)
 
 
+def test_connections_not_asked_to_move_are_closed_by_the_dump_and_its_restore_alike():
+    args = {"ps_fd": 7, "hook": "/h", "parent": None, "lazy": False}
+    # a client that connected just as the workload froze must not fail the move
+    assert "--tcp-close" in criu.dump(42, "/d", opts=criu.Options(), **args)
+    assert "--tcp-close" in criu.restore("/d", "/d/pid", lazy=False, opts=criu.Options())
+    moved = criu.Options(tcp_established=True)
+    assert "--tcp-close" not in criu.dump(42, "/d", opts=moved, **args)
+    assert "--tcp-close" not in criu.restore("/d", "/d/pid", lazy=False, opts=moved)
+
+
 def test_restore_is_detached_and_stopped():
     argv = criu.restore("/d", "/d/pid", lazy=True, opts=criu.Options())
     assert {"--restore-detached", "--leave-stopped", "--lazy-pages"} <= set(argv)
