@@ -1,6 +1,7 @@
 """How a command is stopped: Ctrl-C and SIGTERM (systemd, timeout, kill) cancel the work
 once, so that its rollback runs; one that comes again while it rolls back is ignored, and
-one that comes after the work ended changes nothing.
+one that comes after the work ended (while it tidies up: to_the_end; or as its outcome is
+told) changes nothing.
 
 The CLI runs every move and clone through run(); the errors here are what it tells.
 """
@@ -10,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from .errors import ExitCode, LivemigError
+
+T = TypeVar("T")
 
 
 class Terminated(LivemigError):
@@ -85,6 +89,31 @@ async def _stoppable(coro, ended: _Ended):
         ended.done = True
 
 
+async def to_the_end(coro: Awaitable[T]) -> bool:
+    """Run coro (a move's or a clone's tidying, once it ended, whichever way) to its end,
+    whatever interrupt comes meanwhile; True if one came. It is taken back (the task
+    uncancelled): the work ended before it, as it did, and is told so. Shielded only, the
+    interrupt would end the work as "terminated" with its outcome unsaid (a move done, told
+    as rolled back)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+        return False
+    except asyncio.CancelledError:
+        if task.cancelled():      # not an interrupt: the tidying itself was cancelled
+            raise
+        await task
+        me = asyncio.current_task()
+        if me is not None:
+            me.uncancel()
+        return True
+
+
+def _after_the_end(signum: int, frame: object) -> None:
+    """SIGTERM once the work ended and its loop closed (which puts back the default, death):
+    the outcome is known and about to be told, and stays as it was."""
+
+
 def run(coro):
     """coro's result, run in an event loop of its own (uvloop's where there is one), Ctrl-C
     and SIGTERM stopping it as _stoppable says: an interrupt raises KeyboardInterrupt, a
@@ -105,3 +134,9 @@ def run(coro):
         told = KeyboardInterrupt()
         told.report = getattr(e, "report", None)
         raise told from None
+    finally:
+        if ended.done:
+            # Its outcome is told next, then the process exits: a SIGTERM meanwhile would
+            # kill it unsaid. (A Ctrl-C then raises KeyboardInterrupt, caught above, or by
+            # the CLI, where it is told as the interrupt it is.)
+            signal.signal(signal.SIGTERM, _after_the_end)

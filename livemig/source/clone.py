@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import host, runtimes, workdirs
+from .. import host, interrupts, runtimes, workdirs
 from ..errors import (
     ConnectionFailed,
     LivemigError,
@@ -90,7 +90,8 @@ class Clone:
             raise
         finally:
             self.report.total_seconds = time.monotonic() - t0
-            await asyncio.shield(self.close())
+            if await interrupts.to_the_end(self.close()):
+                self.report.warnings.append("interrupted while tidying up once the clone ended: it ended as told")
 
     async def _phases(self) -> None:
         await self.preflight()

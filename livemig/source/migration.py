@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import addresses, host, logs, runtimes
+from .. import addresses, host, interrupts, logs, runtimes
 from ..errors import LivemigError, Phase, PreflightError, record_failure
 from ..options import Mode, Options
 from ..pages import pagehash
@@ -91,7 +91,8 @@ class Migration:
             raise
         finally:
             m.report.total_seconds = time.monotonic() - t0
-            await asyncio.shield(self.close())
+            if await interrupts.to_the_end(self.close()):
+                m.report.warnings.append("interrupted while tidying up once the move ended: it ended as told")
             m.report.source_peak_rss_bytes, m.report.source_cpu_seconds = host.own_usage()
             m.report.wire_bytes, m.report.peak_wire_bytes_per_s = cap.sent, cap.peak()
             bandwidth.current.reset(capping)

@@ -97,3 +97,32 @@ def test_a_failure_stays_a_failure_when_a_ctrl_c_follows_it():
         raise LivemigError("restore failed")
     with pytest.raises(LivemigError, match="restore failed"):
         interrupts.run(fails())
+
+
+def test_an_interrupt_while_the_work_tidies_up_leaves_its_outcome_and_the_tidying_whole():
+    # a move done, its connections closing: what it ended as is told, not "terminated"
+    log: list[str] = []
+
+    async def tidy() -> None:
+        await asyncio.sleep(0.3)
+        log.append("tidied")
+
+    async def moved_then_tidied() -> str:
+        try:
+            return "moved"
+        finally:
+            if await interrupts.to_the_end(tidy()):
+                log.append("interrupted meanwhile")
+    _signal_soon(signal.SIGTERM, 0.1)
+    assert interrupts.run(moved_then_tidied()) == "moved"
+    assert log == ["tidied", "interrupted meanwhile"]
+
+
+def test_a_sigterm_once_the_work_ended_does_not_kill_the_process_before_it_tells_the_outcome():
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert interrupts.run(asyncio.sleep(0, "moved")) == "moved"
+        os.kill(os.getpid(), signal.SIGTERM)    # the loop is closed: by default, this would kill
+        time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, before)
