@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
+from tests.held import end_if_held, go_on, wait_stopped
 from tests.test_move import assert_moved_intact
-from tests.test_stopcopy_faults import end_if_held, go_on, wait_stopped
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]

@@ -214,7 +214,7 @@ def test_a_container_never_runs_on_the_target_before_its_resume(lab, runtime, ho
     up), b's copy has not counted once past the source's last count, counting thousands a
     second as it does; then the move goes on, and it counts on, on b."""
     # here, not at the top: that module imports this one
-    from tests.test_stopcopy_faults import end_if_held, go_on, wait_stopped
+    from tests.held import end_if_held, go_on, wait_stopped
     name = f"still-{runtime}{len(how)}"
     ctr = Counter(lab, "a", runtime, name, busy=True)
     mover = None

@@ -42,12 +42,11 @@ from dataclasses import dataclass
 import pytest
 
 from tests.clients import Client
+from tests.held import go_on, wait_stopped
 from tests.test_postcopy_faults import said_by_livemig
 from tests.test_stopcopy_faults import (
     assert_counts_on_whole,
-    go_on,
     stat_of,
-    wait_stopped,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]

@@ -9,12 +9,10 @@ import time
 
 import pytest
 
+from tests.held import end_if_held, go_on, wait_stopped
 from tests.test_stopcopy_faults import (
-    end_if_held,
-    go_on,
     killed_at,
     recover,
-    wait_stopped,
 )
 from tests.waiting import eventually
 

@@ -17,15 +17,13 @@ import time
 
 import pytest
 
+from tests.held import end_if_held, go_on, wait_stopped
 from tests.test_move import leftovers
 from tests.test_stopcopy_faults import (
     assert_counts_on_whole,
     assert_one_copy_whole,
-    end_if_held,
-    go_on,
     recover,
     stopped_at,
-    wait_stopped,
 )
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]
