@@ -18,6 +18,7 @@ from .progress import (
     Copied,
     Event,
     Fetching,
+    Finishing,
     ModeChosen,
     RoundDone,
     Running,
@@ -69,6 +70,9 @@ def line(e: Event) -> str | None:
         return f"{e.what}..."
     if isinstance(e, Running):
         return "running on the target" + ("; its remaining pages follow..." if e.lazy else "")
+    if isinstance(e, Finishing):
+        return (f"interrupted once the copy on {e.host} ran: waiting until it has every page, "
+                "and then the move is done (it cannot be undone now)")
     return None
 
 

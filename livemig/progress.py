@@ -89,7 +89,15 @@ class Fetching:
     seconds: float             # since the target runs
 
 
-Event = Connecting | ModeChosen | Copied | RoundDone | Throttled | Stepping | Sending | Running | Fetching
+@dataclass(frozen=True)
+class Finishing:
+    """An interrupt came once the target's copy ran, before it had every page: the move
+    waits for them, and is then done (undone, what the copy answered would be answered
+    again by the source's, older)."""
+    host: str
+
+
+Event = Connecting | ModeChosen | Copied | RoundDone | Throttled | Stepping | Sending | Running | Fetching | Finishing
 Callback = Callable[[Event], None]
 
 

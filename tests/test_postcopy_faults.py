@@ -133,10 +133,14 @@ def test_the_source_criu_killed_mid_postcopy_costs_nothing_the_pages_are_read_in
     # (a SIGSTOP queued at the dump), and the rest of its pages are read there
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4601, port=7801)
     before = work.query("a")
-    mover, seen = start_move(lab, work)
-    lab.run("a", ["pkill", "-KILL", "-x", "criu"])
-    out, err = mover.communicate(timeout=120)
-    said = (seen + err + out).decode()
+    mover, stopped = held_running(lab, work, "postcopy")     # CRIU is sure to be there
+    try:
+        lab.run("a", ["pkill", "-KILL", "-x", "criu"])
+        go_on(lab, mover, stopped)
+        out, err = mover.communicate(timeout=120)
+    finally:
+        end_if_held(lab, mover)
+    said = (err + out).decode()
     assert mover.returncode == 0 and "moved: PID 4601 a -> b" in said, said
     # pkill found CRIU (it exits 1 when it finds none): it had not heard that the copy was whole
     assert "CRIU's lazy dump here ended before the target had every page" in said, said
@@ -152,11 +156,12 @@ def test_the_source_criu_killed_mid_postcopy_costs_nothing_the_pages_are_read_in
 def test_a_cut_link_mid_postcopy_leaves_one_copy_and_recover_settles_it(lab):
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4602, port=7802)
     before = work.query("a")
-    mover, seen = start_move(lab, work)
+    mover, stopped = held_running(lab, work, "postcopy")     # cut before the copy is whole
     lab.run("a", ["ip", "link", "set", "eth0", "down"])
     try:
+        go_on(lab, mover, stopped)
         _, err = mover.communicate(timeout=180)
-        err = (seen + err).decode()
+        err = err.decode()
         assert mover.returncode == 7, err
         assert "Traceback" not in err
         assert "livemig: post-copy on b: post-copy lost its link to b" in err and "livemig recover" in err
@@ -233,15 +238,34 @@ def recover_when_settled(lab, within: float = 120) -> dict:
 @pytest.mark.parametrize("sig, pid", [("INT", 4606), ("TERM", 4607)], ids=["ctrl-c", "sigterm"])
 def test_interrupted_mid_postcopy_waits_for_the_copy_to_be_whole_and_the_move_is_done(lab, sig, pid):
     # The target's copy runs: undone, what it answered would be answered again by the
-    # source's, older. So an interrupt waits until it has every page, and the move is done;
-    # a second one meanwhile is ignored (cut short, the copy would lack pages).
+    # source's, older. So an interrupt waits until it has every page (and says so), and the
+    # move is done; a second one meanwhile is ignored (cut short, the copy would lack pages).
+    # Both come mid-post-copy however fast the machine: the move is held as its copy runs,
+    # and b's agent, which alone can tell it the copy is whole, is held until they came.
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=pid, port=7806)
     before = work.query("a")
-    mover, seen = start_move(lab, work)
-    lab.run("a", ["pkill", f"-{sig}", "-f", "livemig move"])
-    assert lab.run("a", ["pkill", f"-{sig}", "-f", "livemig move"], check=False).returncode == 0   # it still ran
-    out, err = mover.communicate(timeout=300)
-    err = (seen + err).decode()
+    mover, stopped = held_running(lab, work, "postcopy")
+    said = b""
+
+    def until(text: bytes) -> None:
+        nonlocal said
+        while text not in said:
+            line = mover.stderr.readline()
+            assert line, f"livemig ended before it said {text!r}: {said!r}"
+            said += line
+    try:
+        lab.run("b", ["pkill", "-STOP", "-f", "livemig agent"])
+        lab.run("a", ["kill", f"-{sig}", *stopped])
+        go_on(lab, mover, stopped)
+        until(b"waiting until it has every page")
+        lab.run("a", ["kill", f"-{sig}", *stopped])
+        until(b"still putting things back")
+        lab.run("b", ["pkill", "-CONT", "-f", "livemig agent"])
+        out, err = mover.communicate(timeout=300)
+    finally:
+        lab.run("b", ["pkill", "-CONT", "-f", "livemig agent"], check=False)
+        end_if_held(lab, mover)
+    err = (said + err).decode()
     assert mover.returncode == 0 and "Traceback" not in err, err
     with said_by_livemig(err):
         assert "moved" in out.decode(), out
@@ -293,9 +317,10 @@ def test_recover_target_lost_runs_the_source_s_copy_without_asking(lab):
     # copy, whole as of its final dump, runs again; the target's dies of the silence
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4614, port=7814)
     before = work.query("a")
-    mover, _ = start_move(lab, work)
+    mover, stopped = held_running(lab, work, "postcopy")     # cut before the copy is whole
     lab.run("a", ["ip", "link", "set", "eth0", "down"])
     try:
+        go_on(lab, mover, stopped)
         assert mover.wait(timeout=180) == 7
         assert settled_state(lab, work.pid).startswith("T")
         res = lab.run("a", ["livemig", "recover", "--target-lost", "--json"], timeout=60)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from .. import runtimes
 from ..errors import DumpError, LivemigError, Phase
 from ..options import WAITS
 from ..pages import pagemap
-from ..progress import Copied, Running, Stepping
+from ..progress import Copied, Finishing, Running, Stepping
 from ..report import DowntimePart, RoundReport
 from ..runtimes.held import HeldCopy
 from ..runtimes.process import criu_failure
@@ -152,7 +152,7 @@ async def commit_lazy(m: Move, fill: bool) -> None:
         m.rec.target_resumed_at = time.time()      # on disk before the Resume can be heard
         m.save_record()
         whole = asyncio.ensure_future(_run_target(m, fill))
-        await uncancellable(whole)
+        await uncancellable(whole, told=lambda: m.progress(Finishing(m.target)))
     except BaseException as e:      # every end, an interrupt too, is settled by the target's verdict
         if whole is not None and whole.done() and not whole.cancelled() and whole.exception() is None:
             m.stages.to(Stage.MOVED)     # interrupted once it was whole: the move is done all the same
@@ -222,13 +222,16 @@ async def after_move(m: Move) -> None:
     bundles.remove_source_bundle(m)
 
 
-async def uncancellable(coro: Awaitable[T]) -> T:
-    """coro's result; a cancellation (Ctrl-C) that comes meanwhile waits until it is done."""
+async def uncancellable(coro: Awaitable[T], told: Callable[[], None] | None = None) -> T:
+    """coro's result; a cancellation (Ctrl-C) that comes meanwhile waits until it is done
+    (told, if given, is called then: the user hears why the interrupt does not end it)."""
     task = asyncio.ensure_future(coro)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         if task.done():
             raise
+        if told is not None:
+            told()
         await task
         raise

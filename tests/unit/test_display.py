@@ -14,6 +14,7 @@ from livemig.progress import (
     Connecting,
     Copied,
     Fetching,
+    Finishing,
     ModeChosen,
     RoundDone,
     Running,
@@ -103,3 +104,8 @@ def test_a_step_is_preceded_by_the_bytes_sent_until_then():
     ticker.tally.raw, ticker.tally.wire = 5 << 20, 2 << 20
     ticker.tell(Stepping("restore", "restoring on the target"))
     assert [type(e).__name__ for e in seen] == ["Sending", "Stepping"] and seen[0].raw == 5 << 20
+
+
+def test_an_interrupt_once_the_copy_ran_is_told_why_the_move_goes_on():
+    said = display.line(Finishing("b"))
+    assert said is not None and "copy on b ran" in said and "every page" in said and "done" in said

@@ -126,3 +126,23 @@ def test_a_sigterm_once_the_work_ended_does_not_kill_the_process_before_it_tells
         time.sleep(0.05)
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_an_interrupt_once_the_target_s_copy_ran_is_told_why_it_waits():
+    from livemig.source.switchover import uncancellable
+    told: list[str] = []
+
+    async def copy_made_whole() -> str:
+        await asyncio.sleep(0.3)
+        return "whole"
+
+    async def commit() -> str:
+        whole = asyncio.ensure_future(copy_made_whole())
+        try:
+            await uncancellable(whole, told=lambda: told.append("waiting for every page"))
+        except asyncio.CancelledError:
+            return f"moved all the same ({whole.result()})"
+        return "not interrupted"
+    _signal_soon(signal.SIGINT, 0.1)
+    assert interrupts.run(commit()) == "moved all the same (whole)"
+    assert told == ["waiting for every page"]
