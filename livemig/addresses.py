@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 _LISTEN, _UDP_ANY = "0A", "07"          # TCP_LISTEN; an unconnected UDP socket (TCP_CLOSE)
+_ESTABLISHED = "01"                      # TCP_ESTABLISHED
 _SOCKET = re.compile(r"socket:\[(\d+)\]")
 
 
@@ -44,21 +45,60 @@ def _address(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
 
 
+def _rows(text: str, inodes: set[int], states: tuple[str, ...]) -> list[list[str]]:
+    """The fields of a /proc/net/{tcp,udp}[6] table's sockets that are among inodes, in one of states."""
+    out = []
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 10 and f[3] in states and int(f[9]) in inodes:
+            out.append(f)
+    return out
+
+
+def _endpoint(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """A table's "address:port" (an IPv4 address mapped into IPv6 told as IPv4)."""
+    ip_hex, port_hex = field.split(":")
+    ip = _address(ip_hex)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip, int(port_hex, 16)
+
+
 def parse_table(text: str, inodes: set[int], states: tuple[str, ...]) -> set[tuple[str, int]]:
     """(address, port) of the sockets in a /proc/net/{tcp,udp}[6] table that are among
     inodes, in one of states, and bound to an address that only some hosts have."""
     out = set()
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 10 or f[3] not in states or int(f[9]) not in inodes:
-            continue
-        ip_hex, port_hex = f[1].split(":")
-        ip = _address(ip_hex)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
+    for f in _rows(text, inodes, states):
+        ip, port = _endpoint(f[1])
         if not (ip.is_unspecified or ip.is_loopback):
-            out.add((str(ip), int(port_hex, 16)))
+            out.add((str(ip), port))
     return out
+
+
+def parse_connections(text: str, inodes: set[int]) -> set[tuple[str, int, str, int]]:
+    """(address, port, peer's address, peer's port) of the established TCP connections in a
+    /proc/net/tcp[6] table that are among inodes."""
+    out = set()
+    for f in _rows(text, inodes, (_ESTABLISHED,)):
+        (ip, port), (peer, peer_port) = _endpoint(f[1]), _endpoint(f[2])
+        out.add((str(ip), port, str(peer), peer_port))
+    return out
+
+
+def connected(pids: list[int]) -> list[tuple[str, int, str, int]]:
+    """The tree's established TCP connections, as parse_connections tells them, in its own
+    network namespace's tables (a container's too): a move without --tcp-established
+    closes them in the copy (criu.connections_closed)."""
+    inodes = _inodes(pids) if pids else set()
+    if not inodes:
+        return []
+    out: set[tuple[str, int, str, int]] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            out |= parse_connections(Path(f"/proc/{pids[0]}/net/{table}").read_text(), inodes)
+        except OSError:     # a table this kernel lacks (no IPv6), or the tree's root gone: none there
+            pass
+    return sorted(out)
 
 
 def held(pids: list[int]) -> list[tuple[str, int]]:

@@ -14,6 +14,7 @@ import time
 from typing import Self
 
 from .progress import (
+    Cautioned,
     Connecting,
     Copied,
     Event,
@@ -70,6 +71,8 @@ def line(e: Event) -> str | None:
         return f"{e.what}..."
     if isinstance(e, Running):
         return "running on the target" + ("; its remaining pages follow..." if e.lazy else "")
+    if isinstance(e, Cautioned):
+        return f"warning: {e.text}"
     if isinstance(e, Finishing):
         return (f"interrupted once the copy on {e.host} ran: waiting until it has every page, "
                 "and then the move is done (it cannot be undone now)")

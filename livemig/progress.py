@@ -97,7 +97,15 @@ class Finishing:
     host: str
 
 
-Event = Connecting | ModeChosen | Copied | RoundDone | Throttled | Stepping | Sending | Running | Fetching | Finishing
+@dataclass(frozen=True)
+class Cautioned:
+    """Preflight found something the user should know before the move goes on (also among
+    the report's warnings)."""
+    text: str
+
+
+Event = (Connecting | ModeChosen | Copied | RoundDone | Throttled | Stepping | Sending | Running | Fetching
+         | Finishing | Cautioned)
 Callback = Callable[[Event], None]
 
 

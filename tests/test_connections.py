@@ -3,7 +3,8 @@
 Without --tcp-established nothing moves a connection (issue 30 will): a client connected
 as the workload froze must not fail the move. The copy's end of its connection is closed
 (CRIU's --tcp-close, on the dump and its restore), the source's ends as the source's copy
-does; the client sees it end unanswered, and asks again, of the copy on the target.
+does; the client sees it end unanswered, and asks again, of the copy on the target. A
+move says so in its preflight, before anything is touched, and --dry-run says it too.
 """
 
 from __future__ import annotations
@@ -36,11 +37,46 @@ sys.stdout.write(got.decode())
 """
 
 
+# A service that holds every connection it takes until its client ends it (a database's
+# clients do), started on the PID asked for (free on every lab host), detached.
+HOLDING_SERVER = """
+import os, select, socket, sys
+port, pid = int(sys.argv[1]), int(sys.argv[2])
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("0.0.0.0", port))
+listener.listen()
+with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+    f.write(str(pid - 1))
+child = os.fork()
+if child:
+    print(child)
+    sys.exit(0)
+os.setsid()
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+held = []
+while True:
+    readable, _, _ = select.select([listener, *held], [], [])
+    for s in readable:
+        if s is listener:
+            held.append(listener.accept()[0])
+        elif not s.recv(64):
+            held.remove(s)
+            s.close()
+"""
+
+
 def taken(lab, work) -> bool:
     """Whether the workload accepted a connection to its port (one in its listener's queue
     has no process)."""
-    out = lab.text("a", ["ss", "-tnpH", "state", "established", "sport", "=", f":{work.port}"])
-    return f"pid={work.pid}," in out
+    return _taken(lab, work.pid, work.port)
+
+
+def _taken(lab, pid: int, port: int) -> bool:
+    out = lab.text("a", ["ss", "-tnpH", "state", "established", "sport", "=", f":{port}"])
+    return f"pid={pid}," in out
 
 
 @pytest.mark.parametrize("mode, pid", [("stopcopy", 4801), ("precopy", 4802), ("postcopy", 4803)],
@@ -68,3 +104,34 @@ def test_a_connection_open_as_the_workload_froze_ends_unanswered_and_the_move_go
     assert client.returncode == 0, why.decode()
     assert said == b"", said        # never answered: its connection ended with the source's copy
     lab.run("b", ["kill", str(work.pid)])
+
+
+def test_a_move_says_in_its_preflight_that_the_connections_it_holds_will_be_closed(lab):
+    pid, port = 4811, 7871
+    assert lab.text("a", ["python3", "-c", HOLDING_SERVER, str(port), str(pid)]).strip() == str(pid)
+    client = lab.popen("a", ["python3", "-c", HOLDING_CLIENT, str(port)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        eventually(lambda: _taken(lab, pid, port), bool, within=30)
+        # --dry-run says it, and changes nothing
+        plan = json.loads(lab.text("a", ["livemig", "move", "--dry-run", "--json", "--pid", str(pid), "b"]))
+        [said] = [w for w in plan["warnings"] if "established TCP" in w]
+        assert said.startswith("the workload holds 1 established TCP connection (127.0.0.1:") and \
+            said.split("(", 1)[1].split(")")[0].endswith(f" to 127.0.0.1:{port}"), said
+        assert client.poll() is None and _taken(lab, pid, port)
+        # the move says it before it freezes anything, and goes through
+        res = lab.run("a", ["livemig", "move", "--mode", "stopcopy", "--pid", str(pid), "b"], check=False)
+        err = res.stderr.decode()
+        assert res.returncode == 0, err
+        assert f"warning: {said}" in err and err.index("warning: the workload holds") < err.index("final dump"), err
+        out, why = client.communicate(timeout=60)
+        assert (client.returncode, out) == (0, b""), why.decode()     # its connection ended, unanswered
+        # the service runs on b, and takes connections there
+        assert lab.run("b", ["python3", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}), 5)"],
+                       check=False).returncode == 0
+        assert lab.run("a", ["kill", "-0", str(pid)], check=False).returncode != 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+        for host in ("a", "b"):
+            lab.run(host, ["kill", str(pid)], check=False)

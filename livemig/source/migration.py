@@ -33,7 +33,7 @@ from .. import addresses, host, interrupts, logs, runtimes
 from ..errors import LivemigError, Phase, PreflightError, record_failure
 from ..options import Mode, Options
 from ..pages import pagehash
-from ..progress import Connecting, Event, ModeChosen
+from ..progress import Cautioned, Connecting, Event, ModeChosen
 from ..report import Plan, Report
 from ..runtimes.held import HeldCopy
 from ..wire import bandwidth
@@ -144,6 +144,12 @@ class Migration:
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
         m.report.warnings += checks.enforce(rows, m.target, m.options.force)
         checks.enforce([await self._check_cpu()], m.target)
+        # (a container's dump does not close them yet: one open as it freezes fails its dump)
+        connections = addresses.connected(pids) if w.kind == "process" else []
+        if connections and not m.options.criu.tcp_established:
+            said = checks.connections_closed(connections)
+            m.report.warnings.append(said)
+            m.progress(Cautioned(said))
         m.report.mode, m.report.mode_reason = mode, why
         if mode in (Mode.PRECOPY.value, Mode.HYBRID.value):
             if local.features.get("mem_dirty_track"):

@@ -63,3 +63,24 @@ def test_this_process_s_sockets_as_the_kernel_lists_them():
         udp.bind((mine[0], 0))
         held = addresses.held([os.getpid()])
         assert held == sorted({(mine[0], bound.getsockname()[1]), (mine[0], udp.getsockname()[1])})
+
+
+def test_the_tree_s_established_connections_whatever_their_address():
+    # 14: 198.18.0.1:7002 from 198.18.0.2:54321; listening ones are not connections
+    assert addresses.parse_connections(TCP, {11, 12, 13, 14, 99}) == {("198.18.0.1", 7002, "198.18.0.2", 54321)}
+    assert addresses.parse_connections(TCP, {11, 12}) == set()
+
+
+def test_this_process_s_connections_as_the_kernel_lists_them():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()):
+            taken, _ = server.accept()
+            with taken:
+                here, there = taken.getsockname(), taken.getpeername()
+                ends = addresses.connected([os.getpid()])
+                # both ends are this process's: each is one connection of the tree
+                assert (here[0], here[1], there[0], there[1]) in ends
+                assert (there[0], there[1], here[0], here[1]) in ends and len(ends) == 2
+    assert addresses.connected([os.getpid()]) == []
