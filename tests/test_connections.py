@@ -116,8 +116,7 @@ def test_a_move_says_in_its_preflight_that_the_connections_it_holds_will_be_clos
         # --dry-run says it, and changes nothing
         plan = json.loads(lab.text("a", ["livemig", "move", "--dry-run", "--json", "--pid", str(pid), "b"]))
         [said] = [w for w in plan["warnings"] if "established TCP" in w]
-        assert said.startswith("the workload holds 1 established TCP connection (127.0.0.1:") and \
-            said.split("(", 1)[1].split(")")[0].endswith(f" to 127.0.0.1:{port}"), said
+        assert said.startswith(f"the workload holds 1 established TCP connection (127.0.0.1:{port} with 127.0.0.1:"), said
         assert client.poll() is None and _taken(lab, pid, port)
         # the move says it before it freezes anything, and goes through
         res = lab.run("a", ["livemig", "move", "--mode", "stopcopy", "--pid", str(pid), "b"], check=False)

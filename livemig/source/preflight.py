@@ -102,12 +102,12 @@ def connections_closed(connections: list[tuple[str, int, str, int]], shown: int 
     """What a move without --tcp-established does to the workload's established TCP
     connections (addresses.connected), said before anything is touched."""
     n = len(connections)
-    named = ", ".join(f"{_where([(peer, peer_port)])} to {_where([(ip, port)])}"
+    named = ", ".join(f"{_where([(ip, port)])} with {_where([(peer, peer_port)])}"
                       for ip, port, peer, peer_port in sorted(connections)[:shown])
     return (f"the workload holds {n} established TCP connection{'s' if n != 1 else ''} ({named}"
             f"{f', and {n - shown} more' if n > shown else ''}): the moved copy's ends are closed, so "
-            "their clients see them end unanswered and must connect again (livemig does not yet "
-            "carry connections from host to host)")
+            "the other ends see them close with nothing more said, and must connect again (livemig "
+            "does not yet carry connections from host to host)")
 
 
 def _where(held: list[tuple[str, int]]) -> str:

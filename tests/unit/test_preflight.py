@@ -135,9 +135,9 @@ def test_sockets_bound_to_an_address_the_target_lacks_fail_before_anything_is_to
 
 def test_a_move_says_before_anything_is_touched_which_connections_its_copy_closes():
     one = checks.connections_closed([("127.0.0.1", 7870, "127.0.0.1", 40000)])
-    assert one.startswith("the workload holds 1 established TCP connection (127.0.0.1:40000 to 127.0.0.1:7870)")
+    assert one.startswith("the workload holds 1 established TCP connection (127.0.0.1:7870 with 127.0.0.1:40000)")
     assert "closed" in one and "connect again" in one
     many = checks.connections_closed([("198.18.0.1", 80, f"198.18.0.{i}", 5000 + i) for i in range(2, 7)]
                                      + [("::1", 443, "::1", 6000)])
-    assert "6 established TCP connections (198.18.0.2:5002 to 198.18.0.1:80, 198.18.0.3:5003 to" in many
+    assert "6 established TCP connections (198.18.0.1:80 with 198.18.0.2:5002, 198.18.0.1:80 with 198.18.0.3:5003" in many
     assert "and 3 more" in many
