@@ -250,14 +250,7 @@ def _config(args) -> int:
                           "settings": {k: {"value": cfg.value(k), "from": cfg.sources[k]} for k in config.SETTINGS}},
                          indent=2))
         return ExitCode.MOVED
-    path = config.default_path()
-    print(f"# {path}" + ("" if cfg.file else " (not present)") + "; LIVEMIG_<NAME> overrides it; flags override both")
-    for k, (_, what) in config.SETTINGS.items():
-        v = cfg.value(k)
-        if v is None:        # unset: a comment, so that the output stays a config file
-            print(f"# {k} unset".ljust(40) + f"# {cfg.sources[k]}: {what}")
-            continue
-        print(f"{k} = {v!r}".replace("'", '"').ljust(40) + f"# {cfg.sources[k]}: {what}")
+    print(config.as_toml(cfg, config.default_path()))
     return ExitCode.MOVED
 
 

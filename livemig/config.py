@@ -8,6 +8,7 @@ that `livemig config` can say why a migration behaved as it did.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -71,6 +72,28 @@ SETTINGS = {
     "image_root": (_path, "where the private image directories live, on both hosts"),
     "connect_timeout": (_positive(float), "seconds to reach a host over SSH"),
 }
+
+
+def toml_value(v: bool | float | str) -> str:
+    """v as TOML writes it: `livemig config`'s output is a config file (Python's spelling
+    of True, or of a string with a quote in it, is not)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)     # a JSON string, \uXXXX escapes and all, is a TOML basic string
+
+
+def as_toml(cfg: Config, path: Path) -> str:
+    """The effective settings as a config file that loads back to them, each with where it
+    came from and what it is; an unset one as a comment."""
+    lines = [f"# {path}" + ("" if cfg.file else " (not present)") + "; LIVEMIG_<NAME> overrides it; "
+             "flags override both"]
+    for k, (_, what) in SETTINGS.items():
+        v = cfg.value(k)
+        setting = f"# {k} unset" if v is None else f"{k} = {toml_value(v)}"
+        lines.append(setting.ljust(40) + f"# {cfg.sources[k]}: {what}")
+    return "\n".join(lines)
 
 
 def env_name(name: str) -> str:

@@ -85,3 +85,21 @@ def test_livemig_config_prints_values_and_sources_and_bad_config_exits_2(tmp_pat
     assert cli.main(["move", "--pid", "1", "b"]) == 2
     assert capsys.readouterr().err.strip() == "livemig: LIVEMIG_MODE: 'warp' is not a mode " \
         "(auto, precopy, postcopy, hybrid, stopcopy)"
+
+
+def test_livemig_config_prints_a_config_file_that_loads_back_to_the_same_settings(tmp_path, monkeypatch, capsys):
+    from livemig import cli
+    # a false flag, a rate, a path with a quote in it: Python's spellings of them are not TOML
+    env = {"HOME": str(tmp_path), "LIVEMIG_THROTTLE": "0", "LIVEMIG_MAX_BANDWIDTH": "50M",
+           "LIVEMIG_IMAGE_ROOT": '/var/lib/live"mig', "LIVEMIG_MODE": "precopy"}
+    for k in ("XDG_CONFIG_HOME", "LIVEMIG_CONFIG"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli.main(["config"]) == 0
+    (tmp_path / "printed.toml").write_text(capsys.readouterr().out)
+    shown = config.load(env)
+    back = config.load({"HOME": str(tmp_path), "LIVEMIG_CONFIG": str(tmp_path / "printed.toml")})
+    assert (back.options.throttle, back.options.max_bandwidth, back.options.image_root, back.options.mode) == \
+        (False, 50 << 20, '/var/lib/live"mig', Mode.PRECOPY)
+    assert {k: back.value(k) for k in config.SETTINGS} == {k: shown.value(k) for k in config.SETTINGS}
