@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from .errors import ExitCode, LivemigError
@@ -89,23 +89,35 @@ async def _stoppable(coro, ended: _Ended):
         ended.done = True
 
 
-async def to_the_end(coro: Awaitable[T]) -> bool:
-    """Run coro (a move's or a clone's tidying, once it ended, whichever way) to its end,
-    whatever interrupt comes meanwhile; True if one came. It is taken back (the task
-    uncancelled): the work ended before it, as it did, and is told so. Shielded only, the
-    interrupt would end the work as "terminated" with its outcome unsaid (a move done, told
-    as rolled back)."""
+async def uncancellable(coro: Awaitable[T], told: Callable[[], None] | None = None) -> T:
+    """coro's result; a cancellation (Ctrl-C) that comes meanwhile waits until it is done
+    (told, if given, is called then: the user hears why the interrupt does not end it)."""
     task = asyncio.ensure_future(coro)
     try:
-        await asyncio.shield(task)
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done():
+            raise
+        if told is not None:
+            told()
+        await task
+        raise
+
+
+async def to_the_end(coro: Awaitable[T]) -> bool:
+    """Run coro (a move's or a clone's tidying, once it ended, whichever way) to its end,
+    whatever interrupt comes meanwhile (uncancellable); True if one came. It is taken back
+    (the task uncancelled): the work ended before it, as it did, and is told so. Shielded
+    only, the interrupt would end the work as "terminated" with its outcome unsaid (a move
+    done, told as rolled back)."""
+    me = asyncio.current_task()
+    try:
+        await uncancellable(coro)
         return False
     except asyncio.CancelledError:
-        if task.cancelled():      # not an interrupt: the tidying itself was cancelled
+        if me is None or not me.cancelling():      # not an interrupt: the tidying itself was cancelled
             raise
-        await task
-        me = asyncio.current_task()
-        if me is not None:
-            me.uncancel()
+        me.uncancel()
         return True
 
 

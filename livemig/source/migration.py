@@ -256,7 +256,7 @@ class Migration:
             await switchover.commit_lazy(m, fill)
             m.stages.to(Stage.MOVED)
         else:
-            await switchover.uncancellable(switchover.switch_over(m))   # moved once it returns
+            await interrupts.uncancellable(switchover.switch_over(m))   # moved once it returns
             switchover.note_final_stats(m)
         # from here on nothing undoes the move: an interrupt only cuts its tidying short
         await switchover.after_move(m)

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 from .. import runtimes
 from ..errors import DumpError, LivemigError, Phase
+from ..interrupts import uncancellable
 from ..options import WAITS
 from ..pages import pagemap
 from ..progress import Copied, Finishing, Running, Stepping
@@ -31,8 +30,6 @@ from .move import Move
 from .session import remote_error, token
 from .stages import Stage
 from .testpoints import stop_for_tests
-
-T = TypeVar("T")
 
 
 async def final_dump(m: Move, lazy: bool) -> None:
@@ -220,18 +217,3 @@ async def after_move(m: Move) -> None:
     if not m.to.ended:
         await m.to.finish()
     bundles.remove_source_bundle(m)
-
-
-async def uncancellable(coro: Awaitable[T], told: Callable[[], None] | None = None) -> T:
-    """coro's result; a cancellation (Ctrl-C) that comes meanwhile waits until it is done
-    (told, if given, is called then: the user hears why the interrupt does not end it)."""
-    task = asyncio.ensure_future(coro)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        if task.done():
-            raise
-        if told is not None:
-            told()
-        await task
-        raise

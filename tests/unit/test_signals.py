@@ -129,7 +129,7 @@ def test_a_sigterm_once_the_work_ended_does_not_kill_the_process_before_it_tells
 
 
 def test_an_interrupt_once_the_target_s_copy_ran_is_told_why_it_waits():
-    from livemig.source.switchover import uncancellable
+    from livemig.interrupts import uncancellable
     told: list[str] = []
 
     async def copy_made_whole() -> str:
