@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bytes a second the move sends at most, over all its streams together: pre-copy, "
                          "the final pages, post-copy (its faults first), image files, bundles; K, M, G are "
                          "powers of 1024, e.g. 50M or 1G (default: no cap)")
+    mv.add_argument("--reconnect-timeout", type=float, metavar="SECONDS",
+                    help="once the target's copy runs, how long to reach the target again if the link "
+                         "breaks, the copy waiting on its missing pages meanwhile, before that copy is "
+                         "given up (default 300)")
     mv.add_argument("--tcp-established", action="store_true", help="move established TCP connections")
     mv.add_argument("--shell-job", action="store_true", help="the tree was started from a terminal")
     mv.add_argument("--image-root",
@@ -271,7 +275,8 @@ def _move(args) -> int:
                                     throttle=False if args.no_throttle else None,
                                     fill=False if args.no_fill else None,
                                     compression_level=args.compression_level, image_root=args.image_root,
-                                    max_bandwidth=args.max_bandwidth).options,
+                                    max_bandwidth=args.max_bandwidth,
+                                    reconnect_timeout=args.reconnect_timeout).options,
                           runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
         return (plan if args.dry_run else migrate)(what, host, options, progress=view)

@@ -21,6 +21,8 @@ from .progress import (
     Fetching,
     Finishing,
     ModeChosen,
+    Reconnected,
+    Reconnecting,
     RoundDone,
     Running,
     Sending,
@@ -73,6 +75,11 @@ def line(e: Event) -> str | None:
         return "running on the target" + ("; its remaining pages follow..." if e.lazy else "")
     if isinstance(e, Cautioned):
         return f"warning: {e.text}"
+    if isinstance(e, Reconnecting):
+        return (f"the link to {e.host} broke ({e.why}): reaching it again for up to {e.within:.0f} s; "
+                "its copy waits on the pages it lacks meanwhile...")
+    if isinstance(e, Reconnected):
+        return f"back on {e.host} after {e.seconds:.1f} s: the {e.pages} pages its copy still lacks follow..."
     if isinstance(e, Finishing):
         return (f"interrupted once the copy on {e.host} ran: waiting until it has every page, "
                 "and then the move is done (it cannot be undone now)")

@@ -31,6 +31,11 @@ class Options:
     image_root: str = "/var/lib/livemig"   # private image directories live here, on both hosts
     agent_command: tuple[str, ...] = ("livemig",)   # how to run livemig on the target
     connect_timeout: float = 15.0
+    # Once the target's copy runs, a broken link is reached again for this long (the copy waits on
+    # its missing pages meanwhile) before the copy is given up. Given up, the workload is down until
+    # an operator runs `livemig recover --target-lost`, so waiting costs less than giving up: five
+    # minutes outlast a switch's reload, an sshd restart or a routing change.
+    reconnect_timeout: float = 300.0
     runtime: str | None = None       # a container's runtime (runc, crun); None: whichever knows it
     name: str | None = None          # the container's name on the target; None keeps its name
     force: bool = False              # go on past mismatches that can only fail the restore
@@ -55,6 +60,9 @@ class Waits:
     verdict_forgotten: float = 10.0       # for the agent to take Finish once its verdict is ours
     abort: float = 30.0                   # for the agent to undo its side of a move rolled back
     agent_exit: float = 10.0              # for the agent to exit once its input ended; then it is killed
+    reconnect_first_retry: float = 0.5    # before trying a broken link again; doubled at each try, up to
+    reconnect_longest_retry: float = 10.0  # this: a link back after a blip is used at once, and a host down
+    #                                      for minutes is not asked twenty times a second
     recover_retry_poll: float = 0.5       # between asking a target that said "try again" (recover)
     throttle_hold_poll: float = 0.002     # between looks at whether the throttled workload is being frozen
     # -- the page stream (both ends)
@@ -76,6 +84,8 @@ class Waits:
     # -- the target
     stream_open: float = 60.0             # for the coordinator to open a stream the agent is waiting on
     linger_after_failed_postcopy: float = 60.0   # for the coordinator to settle a failed post-copy's copy
+    rejoin_grace: float = 30.0            # past the coordinator's reconnect_timeout, for it to rejoin: its
+    #                                      last try may start just before its time is up, and take connect_timeout
     lazy_pause: float = 10.0              # to pause a container restored with lazy pages. Its tasks are stopped
     #                                      and freeze at once; were they running (a runtime that kept CRIU's
     #                                      configuration from it), one waiting for a page could not freeze until

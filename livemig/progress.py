@@ -98,6 +98,24 @@ class Finishing:
 
 
 @dataclass(frozen=True)
+class Reconnecting:
+    """The link to the target broke while its copy runs: it is being reached again, for up
+    to within seconds (the copy's faults on missing pages wait meanwhile)."""
+    host: str
+    why: str
+    within: float
+
+
+@dataclass(frozen=True)
+class Reconnected:
+    """The target's agent took us back after seconds without a link; pages: what its copy
+    still lacked, pushed now."""
+    host: str
+    seconds: float
+    pages: int
+
+
+@dataclass(frozen=True)
 class Cautioned:
     """Preflight found something the user should know before the move goes on (also among
     the report's warnings)."""
@@ -105,7 +123,7 @@ class Cautioned:
 
 
 Event = (Connecting | ModeChosen | Copied | RoundDone | Throttled | Stepping | Sending | Running | Fetching
-         | Finishing | Cautioned)
+         | Finishing | Reconnecting | Reconnected | Cautioned)
 Callback = Callable[[Event], None]
 
 

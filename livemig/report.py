@@ -87,6 +87,8 @@ class Report:
     postcopy_pages: int = 0          # pages placed in the target's copy after the resume
     postcopy_seconds: float = 0.0    # target running -> it had every page
     target_ran_seconds: float = 0.0  # "target lost": how long, at most, the target's lost copy ran
+    reconnects: int = 0              # times the link broke while the target's copy ran, and was made again
+    reconnect_seconds: float = 0.0   # how long, all together, the copy's missing pages had no link to come on
     postcopy_pages_on_demand: int = 0    # sent ahead of the push's order, because a fault waited
     postcopy_requests: int = 0       # the copy's page faults
     postcopy_requests_waited: int = 0    # of those, waited for their page to be asked for

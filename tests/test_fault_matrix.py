@@ -11,10 +11,11 @@ directories, CRIU processes); and livemig's error names the phase that failed.
 And the client's view (tests/clients.py): a client asks the workload for the next integer on
 both hosts, over and over, from before the move until the cell has ended, and no answer it
 got is ever given again. Once the target's copy has run (its Resume: post-copy's and a
-fill's commit point), a failure that takes that copy away leaves the source's stopped: no
-way forward exists there yet (issue 26's reconnection is not built), so the move ends
-"target lost" (exit code 9), and the workload runs again only when the operator says so
-(`livemig recover --target-lost`): the test says it, after the client's view is checked.
+fill's commit point), the move goes forward: a cut link is made again (source/rejoin.py), a
+killed coordinator's page stream taken up by `livemig recover`. A failure that takes that
+copy away (its agent killed) leaves the source's stopped: the move ends "target lost" (exit
+code 9), and the workload runs again only when the operator says so (`livemig recover
+--target-lost`): the test says it, after the client's view is checked.
 
 The faults:
 - cut: every SSH connection to the target cut (its sshd's session processes killed: the
@@ -240,7 +241,6 @@ def _renamed(row: dict, phase: str) -> dict:
 
 A, B, NOWHERE = "a", "b", ""
 MOVED, KILLED = Outcome(0, B, ""), Outcome(-9, A, "")
-KILLED_LOST = Outcome(-9, A, "", by_the_operator=True)
 
 
 def LOST(phase: str) -> Outcome:      # read as a constant in the table
@@ -272,14 +272,16 @@ EXPECTED = {
     **_row("commit", cut=Outcome(4, A, "commit"), agent=Outcome(4, A, "commit"), disk=MOVED,
            ctrl_c=MOVED, sigkill=KILLED),
     # The target's copy has run (the fill's and post-copy's commit point, its Resume): its answers
-    # stand. Lost before it had every page, the source's copy waits, stopped, for the operator's
-    # word (exit code 9, then `livemig recover --target-lost`); a Ctrl-C waits for the copy to
-    # be whole, and the move is done. (The way forward, reconnecting and serving the copy its
-    # pages again, is issue 26's next step: until then these cells are the operator's to end.)
-    **_row("fill", cut=(MOVED, LOST("fill")), agent=(LOST("fill"), MOVED), disk=MOVED, ctrl_c=MOVED,
-           sigkill=(Outcome(-9, B, ""), KILLED_LOST)),
-    **_row("post-copy", cut=LOST("post-copy"), agent=LOST("post-copy"), disk=MOVED, ctrl_c=MOVED,
-           sigkill=KILLED_LOST),
+    # stand, and the move goes forward. A cut link is made again and the copy gets the rest of
+    # its pages on the fresh one (a fill's copy, every page on its host, needs none); a Ctrl-C
+    # waits for the copy to be whole; a coordinator killed, `livemig recover` takes its page
+    # stream up. Where no way forward exists yet (its agent killed: the guard kills the copy,
+    # issue 26's next step), the source's copy waits, stopped, for the operator's word (exit
+    # code 9, then `livemig recover --target-lost`).
+    **_row("fill", cut=MOVED, agent=(LOST("fill"), MOVED), disk=MOVED, ctrl_c=MOVED,
+           sigkill=Outcome(-9, B, "")),
+    **_row("post-copy", cut=MOVED, agent=LOST("post-copy"), disk=MOVED, ctrl_c=MOVED,
+           sigkill=Outcome(-9, B, "")),
     # its pages stream to the target's page server during the final dump
     **_row("final dump, files", cut=Outcome(4, A, "final dump"), agent=Outcome(4, A, "final dump"),
            disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from tests.clients import Client
 from tests.held import end_if_held, go_on, wait_stopped
 from tests.test_move import leftovers
 from tests.test_stopcopy_faults import (
@@ -42,12 +43,12 @@ def start_move(lab, work, mode: str = "postcopy"):
     return mover, seen
 
 
-def held_running(lab, work, mode: str) -> tuple[subprocess.Popen, list[str]]:
+def held_running(lab, work, mode: str, *flags: str) -> tuple[subprocess.Popen, list[str]]:
     """Move work, held (stopped) once the target's copy runs: a fault is then sure to come
     before the move is done, however fast the machine (a fill from the agent's memory can
     end before a `pkill` sent as the copy runs lands). The move and its PIDs on a."""
     mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=running", "livemig", "move", "--pid", str(work.pid),
-                            "--mode", mode, "b"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            "--mode", mode, *flags, "b"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
     return mover, wait_stopped(lab, mover, "running", within=300)
 
@@ -153,10 +154,12 @@ def test_the_source_criu_killed_mid_postcopy_costs_nothing_the_pages_are_read_in
     lab.run("b", ["kill", str(work.pid)])
 
 
-def test_a_cut_link_mid_postcopy_leaves_one_copy_and_recover_settles_it(lab):
+def test_a_link_lost_for_good_mid_postcopy_leaves_one_copy_and_recover_settles_it(lab):
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4602, port=7802)
     before = work.query("a")
-    mover, stopped = held_running(lab, work, "postcopy")     # cut before the copy is whole
+    # cut before the copy is whole, and never back: each side gives the other up 15 s after
+    # it found the link silent
+    mover, stopped = held_running(lab, work, "postcopy", "--reconnect-timeout", "15")
     lab.run("a", ["ip", "link", "set", "eth0", "down"])
     try:
         go_on(lab, mover, stopped)
@@ -186,6 +189,69 @@ def test_a_cut_link_mid_postcopy_leaves_one_copy_and_recover_settles_it(lab):
     assert_runs_on_a_whole(lab, work, before)
     assert lab.text("a", ["livemig", "recover"]).strip() == "nothing to recover here"
     lab.run("a", ["kill", str(work.pid)])
+
+
+def test_every_ssh_session_to_b_killed_mid_postcopy_the_move_reconnects_and_b_answers_on(lab):
+    # issue 26's first case: a client on b got answers from the copy there, then every sshd
+    # session on b is killed (the agent's, the page streams'). The move makes the link again,
+    # the copy gets the rest of its pages, and b answers on from where it was: nothing a
+    # client was told is taken back, and nothing runs on a. Capped, its post-copy lasts half
+    # a minute at least (512 MiB at 16 MiB/s), so the cut lands mid-post-copy on any machine.
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4616, port=7816)
+    before = work.query("a")
+    with Client(lab, 7816, every=0.2) as client:
+        mover = lab.popen("a", ["livemig", "move", "--json", "--pid", str(work.pid), "--mode", "postcopy",
+                                "--max-bandwidth", "16M", "b"], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 120
+            while len([a for a in client.answers if a.host == "b"]) < 3 and time.monotonic() < deadline:
+                assert mover.poll() is None, mover.communicate()
+                time.sleep(0.2)
+            cut_at = time.monotonic()
+            lab.run("b", ["pkill", "-KILL", "-x", "sshd-session"])
+            out, err = mover.communicate(timeout=300)
+        finally:
+            end_if_held(lab, mover)
+    err = err.decode()
+    with said_by_livemig(err + client.said()):
+        assert mover.returncode == 0 and "Traceback" not in err
+        report = json.loads(out)
+        assert report["outcome"] == "moved" and report["reconnects"] == 1, report
+        assert not client.errors and not client.taken_back()
+        on_b = [a.n for a in client.answers if a.host == "b" and a.at < cut_at]
+        after = [a for a in client.answers if a.at > cut_at]
+        assert len(on_b) >= 3 and after and all(a.host == "b" and a.n > max(on_b) for a in after)
+        assert_one_copy_whole(lab, work, "b", before)     # and none on a
+    lab.run("b", ["kill", str(work.pid)])
+
+
+def test_a_link_down_mid_postcopy_then_back_the_move_reconnects_and_ends_on_b(lab):
+    # down long enough for both ends to call it lost (30 s of silence), then back: the move
+    # reaches b again, and the copy there, its faults waiting meanwhile, gets the rest
+    work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4617, port=7817)
+    before = work.query("a")
+    mover, stopped = held_running(lab, work, "postcopy")     # cut before the copy is whole
+    lab.run("a", ["ip", "link", "set", "eth0", "down"])
+    said = b""
+    try:
+        go_on(lab, mover, stopped)
+        while b"reaching it again" not in said:
+            line = mover.stderr.readline()
+            assert line, f"livemig ended before it tried to reconnect: {said!r}"
+            said += line
+        lab.run("a", ["ip", "link", "set", "eth0", "up"])
+        out, err = mover.communicate(timeout=180)
+    finally:
+        lab.run("a", ["ip", "link", "set", "eth0", "up"])
+        end_if_held(lab, mover)
+    err = (said + err).decode()
+    with said_by_livemig(err):
+        assert mover.returncode == 0 and "Traceback" not in err
+        assert "back on b after" in err and "moved" in out.decode()
+        assert_one_copy_whole(lab, work, "b", before)
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    lab.run("b", ["kill", str(work.pid)])
 
 
 def test_the_coordinator_killed_mid_postcopy_then_recover_puts_it_right(lab):
@@ -317,7 +383,7 @@ def test_recover_target_lost_runs_the_source_s_copy_without_asking(lab):
     # copy, whole as of its final dump, runs again; the target's dies of the silence
     work = lab.start_workload("a", mib=MIB, dirty_mibps=DIRTY, pid=4614, port=7814)
     before = work.query("a")
-    mover, stopped = held_running(lab, work, "postcopy")     # cut before the copy is whole
+    mover, stopped = held_running(lab, work, "postcopy", "--reconnect-timeout", "15")   # cut before it is whole
     lab.run("a", ["ip", "link", "set", "eth0", "down"])
     try:
         go_on(lab, mover, stopped)

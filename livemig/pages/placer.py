@@ -46,6 +46,7 @@ import itertools
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ..errors import LivemigError
@@ -59,6 +60,7 @@ from .postcopy import PS_IOV_CLOSE, PageStreamError
 SOCKET = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446       # "ReSTore Finished", as criu/uffd.c sends it
 _WORD = struct.Struct("<I")
+Link = tuple[tuple, "tuple | None"]     # the pushing stream and the fault stream (None: it shares the first)
 
 
 class Stage(enum.Enum):
@@ -194,6 +196,9 @@ class Placer:
         # shared cores placing 2 GiB costs 2 to 3 s of CPU).
         self._filling = asyncio.Event()
         self._failed: asyncio.Future | None = None
+        self._dropped: asyncio.Future | None = None    # set by drop_link(): the link in use goes
+        self._whole = asyncio.Event()        # every page is in (CLOSE queued)
+        self.relinks = 0                     # fresh links taken since the first
 
     @property
     def finished(self) -> bool:
@@ -240,30 +245,113 @@ class Placer:
             self._listener.close()
             self._listener = None
 
-    async def run(self, remote: tuple, faults: tuple | None = None) -> postcopy.Served:
+    async def run(self, remote: tuple, faults: tuple | None = None,
+                   relink: Callable[[], Awaitable[Link]] | None = None) -> postcopy.Served:
         """Until every page is in and the source has said how its page server ended.
-        faults: the stream of pages that faults wait for, if the source has one."""
+        faults: the stream of pages that faults wait for, if the source has one.
+
+        relink: should the link break once the copy runs (postcopy.LinkLost), the next link,
+        awaited while the copy's faults wait (they are asked again on it, and missing() is
+        what its push brings); it raises once none will come. A copy that needs nothing more
+        from the source (whole, or a fill's with every page here) goes on without one."""
+        self._failed = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                background = [tg.create_task(self._until_failed())]
+                if self.store is not None:
+                    background += [tg.create_task(self._filler()) for _ in range(SIZES.fill_threads)]
+                handover = tg.create_task(self._handover())
+                link: Link = (remote, faults)
+                while True:
+                    try:
+                        await self._over(*link)
+                        break
+                    except postcopy.LinkLost:
+                        if self.whole or (self.running and self.store is not None and self.all_here.is_set()):
+                            await self._whole.wait()     # nothing more is wanted from the source
+                            break
+                        if relink is None or not self.running:
+                            raise
+                    link = await relink()
+                    self._relinked()
+                await handover
+                for t in background:
+                    t.cancel()
+        except BaseExceptionGroup as eg:
+            raise postcopy.told(eg, "source") from None
+        return self.stats
+
+    async def _over(self, remote: tuple, faults: tuple | None) -> None:
+        """One link's part: until every page is in and the source's status is here, or the
+        link breaks (postcopy.LinkLost)."""
         r_reader, r_writer = remote
         out = streams.CompressedWriter(r_writer, streams.Meter(), 1)
-        self._failed = asyncio.get_running_loop().create_future()
+        self._dropped = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(streams.Decompressed(r_reader, self.stats.received), acks=True))
                 if faults is not None:
                     tg.create_task(self._receive(streams.Decompressed(faults[0], self.stats.received), acks=False))
                 tg.create_task(self._send(out))
-                background = [tg.create_task(self._watch()), tg.create_task(self._until_failed())]
-                if self.store is not None:
-                    background += [tg.create_task(self._filler()) for _ in range(SIZES.fill_threads)]
-                await self._handover()
+                watching = [tg.create_task(self._watch()), tg.create_task(self._until_dropped())]
                 await self._ended.wait()
-                for t in background:
+                for t in watching:
                     t.cancel()
         except BaseExceptionGroup as eg:
             raise postcopy.told(eg, "source") from None
         finally:
             r_writer.close()
-        return self.stats
+            if faults is not None:
+                faults[1].close()
+
+    def drop_link(self) -> None:
+        """The source is back on a fresh link: the one in use, which it gave up, goes (it may
+        look alive from here: a cut link is silent)."""
+        if self._dropped is not None and not self._dropped.done():
+            self._dropped.set_result(None)
+
+    async def _until_dropped(self) -> None:
+        if self._dropped is not None:
+            await self._dropped
+            raise postcopy.LinkLost("the source came back on a fresh link")
+
+    def _relinked(self) -> None:
+        """A fresh link: what was queued for the old one goes (its acknowledgements count
+        pages the new push never sent), and the pages the copy's faults wait for are asked
+        again (their answers may have been lost with the old link)."""
+        while not self._outbox.empty():
+            self._outbox.get_nowait()
+        self.pushed_all, self.status = False, None
+        self.heard = asyncio.get_running_loop().time()
+        self.relinks += 1
+        for pid, asked in self.asked.items():
+            lazy = self.lazy.get(pid)
+            runs: list[list[int]] = []      # [range, first page, pages]: a fault's worth at most, in one range
+            for page in sorted(asked):
+                where = lazy.find(page) if lazy else None
+                if where is None:
+                    continue
+                last = runs[-1] if runs else None
+                if last and last[0] == where[0] and page == last[1] + last[2] * PAGE and last[2] < SIZES.fault_pages:
+                    last[2] += 1
+                else:
+                    runs.append([where[0], page, 1])
+            for _, first, n in runs:
+                self._queue(FAULT, pid, first, n)
+
+    def missing(self) -> list[Range]:
+        """What the copy still lacks, for a fresh link's push: a span per lazy range, from its
+        first missing page to its last in any process of the copy (the pages between that are
+        in already are skipped as they land)."""
+        spans = []
+        for pid, lazy in self.lazy.items():
+            tasks = [t for t in self.tasks.get(pid, []) if t.fd >= 0 and t.left]
+            for ri, r in enumerate(lazy.ranges):
+                firsts = [f for t in tasks if (f := t.holes[ri].find(1)) >= 0]
+                if firsts:
+                    last = max(t.holes[ri].rfind(1) for t in tasks)
+                    spans.append(Range(pid, r.vaddr + min(firsts) * PAGE, last - min(firsts) + 1))
+        return spans
 
     # --- the restore's side ----------------------------------------------------------------------
     async def _handover(self) -> None:
@@ -349,7 +437,7 @@ class Placer:
                 # the fault stream ends once the source has our CLOSE, maybe before the
                 # pushing stream brings the status
                 if self.status is None and not (not acks and self.whole):
-                    raise PageStreamError("the source's page stream ended before every page was here") from None
+                    raise postcopy.LinkLost("the source's page stream ended before every page was here") from None
                 return
             self.heard = asyncio.get_running_loop().time()
             if kind == PAGES:
@@ -424,7 +512,7 @@ class Placer:
             await asyncio.sleep(WAITS.page_stream_stall_poll)
             if (self.running and not (self.pushed_all or self.whole)
                     and loop.time() - self.heard > self.stall_seconds):
-                raise PageStreamError(f"nothing from the source for {self.stall_seconds:.0f} s while "
+                raise postcopy.LinkLost(f"nothing from the source for {self.stall_seconds:.0f} s while "
                                       "pages were missing: the link is lost")
 
     async def _until_failed(self) -> None:
@@ -562,6 +650,7 @@ class Placer:
             return
         if all(t.left == 0 or t.fd < 0 for ts in self.tasks.values() for t in ts):
             self._advance(Stage.WHOLE)
+            self._whole.set()
             self.all_here.set()     # the source may answer our CLOSE before it says PUSHED_ALL
             self._queue(CLOSE, pages=PS_IOV_CLOSE)
             if self.status is not None:

@@ -46,6 +46,11 @@ class PageStreamError(LivemigError):
     names it; the source tells it as a lost connection)."""
 
 
+class LinkLost(PageStreamError):
+    """The link under the page stream broke: it ended, was reset, or went silent. Unlike a
+    stream that said what it must not, a fresh link may carry on where it stopped."""
+
+
 @dataclass
 class Pushed:
     """The source's side of one post-copy."""
@@ -86,6 +91,6 @@ def chunks(ranges: list[Range], size: int = SIZES.push_read_pages, aligned: bool
 def told(eg: BaseExceptionGroup, peer: str) -> BaseException:
     """The first failure is the one to tell; a broken socket, as the stream it broke."""
     e = eg.exceptions[0]
-    if isinstance(e, ConnectionError):
-        return PageStreamError(f"the {peer}'s page stream ended before the copy had every page ({e})")
+    if isinstance(e, (ConnectionError, EOFError)):
+        return LinkLost(f"the {peer}'s page stream ended before the copy had every page ({e})")
     return e

@@ -24,6 +24,7 @@ from .postcopy import (
     PS_IOV,
     PS_IOV_GET,
     PS_STATUS,
+    LinkLost,
     PageStreamError,
     Pushed,
     chunks,
@@ -129,9 +130,13 @@ class Pusher:
             self._window = SIZES.fill_window_pages
         self._inbox.put_nowait(None)
 
-    async def run(self, criu_side: tuple, remote: tuple, faults: tuple | None = None) -> Pushed:
-        """faults: a (reader, writer) stream of its own for the pages a fault waits for."""
-        (c_reader, c_writer), (r_reader, r_writer) = criu_side, remote
+    async def run(self, criu_side: tuple | None, remote: tuple, faults: tuple | None = None) -> Pushed:
+        """faults: a (reader, writer) stream of its own for the pages a fault waits for.
+        criu_side: the lazy dump's page server; None once it is gone (a push after the link
+        broke and came back: every page is read in the frozen tree)."""
+        (c_reader, c_writer), (r_reader, r_writer) = criu_side or (None, None), remote
+        if criu_side is None:
+            self.stats.criu_gone = True
         out = _Outbound(streams.CompressedWriter(r_writer, self.stats.sent, self.level), self._inbox)
         if faults is not None:
             self._urgent = streams.CompressedWriter(faults[1], self.stats.sent, self.level, urgent=True)
@@ -148,7 +153,8 @@ class Pusher:
             if self._comparer is not None:     # first: the closes below may raise
                 self._comparer.close()
                 self._comparer = None
-            c_writer.close()
+            if c_writer is not None:
+                c_writer.close()
             r_writer.close()
             if faults is not None:
                 faults[1].close()
@@ -201,7 +207,7 @@ class Pusher:
                 if not self._fill:
                     self._window = min(self._window + SIZES.push_read_pages, SIZES.push_window_pages[1])
             elif kind == frames.FAULT:
-                self._check_fault(pid, vaddr, n)
+                _check_fault(self._lazy.get(pid, []), self._starts.get(pid, []), pid, vaddr, n)
                 self._fault_at = time.monotonic()
                 if not self._fill:
                     self._window = SIZES.push_window_pages[0]
@@ -226,25 +232,16 @@ class Pusher:
                             pass
                 return
             elif kind == frames.ENDED:
-                raise PageStreamError("the target's page requests ended before the copy had every page")
+                raise LinkLost("the target's page requests ended before the copy had every page")
             else:
                 raise PageStreamError(f"unknown frame {kind} from the target")
-
-    def _check_fault(self, pid: int, vaddr: int, n: int) -> None:
-        """A fault's pages as a placer asks for them: SIZES.fault_pages at most, all in one lazy
-        range. Anything else is no placer's (the target is not to be trusted with how much
-        the source reads and sends for it, nor with which memory): the stream is broken."""
-        ranges = self._lazy.get(pid, [])
-        i = bisect.bisect_right(self._starts.get(pid, []), vaddr) - 1
-        if not 0 < n <= SIZES.fault_pages or vaddr % PAGE or i < 0 \
-                or vaddr + n * PAGE > ranges[i].vaddr + ranges[i].pages * PAGE:
-            raise PageStreamError(f"the target asked for {n} pages at {vaddr:#x} of process {pid} for a fault, "
-                                  "which no lazy range of the dump holds in one request")
 
     async def _close_criu(self, c_reader, c_writer, command: int) -> int:
         """CRIU's status once told the target has every page. A CRIU already gone (killed,
         say) changes nothing by then: the pages were read in the frozen tree, which it left
         stopped (a SIGSTOP queued at the dump), and every one is in the target's copy."""
+        if c_writer is None:
+            return 0
         try:
             c_writer.write(PS_IOV.pack(command, 0, 0, 0))
             await c_writer.drain()
@@ -282,7 +279,7 @@ class Pusher:
             async with asyncio.timeout(self.stall_seconds):
                 return await self._inbox.get()
         except TimeoutError:
-            raise PageStreamError(f"the target acknowledged nothing for {self.stall_seconds:.0f} s: "
+            raise LinkLost(f"the target acknowledged nothing for {self.stall_seconds:.0f} s: "
                                   "the link is lost") from None
 
     async def _copy(self, c_reader, c_writer, out, pid: int, vaddr: int, n: int) -> int:
@@ -298,6 +295,9 @@ class Pusher:
             if got == n * PAGE:
                 await self._forward(out, pid, vaddr, n, view)    # which copies what it keeps
                 return n
+        if c_writer is None:
+            raise PageStreamError(f"pages at {vaddr:#x} of process {pid} cannot be read in the frozen tree, "
+                                  "and CRIU's page server, which would serve them, is gone")
         done = 0
         while done < n:
             c_writer.write(PS_IOV.pack(PS_IOV_GET, n - done, vaddr + done * PAGE, pid))
@@ -365,6 +365,18 @@ class Pusher:
         except EOFError:
             self._theirs.clear()        # the rest are compared here
             return None
+
+
+def _check_fault(ranges: list[Range], starts: list[int], pid: int, vaddr: int, n: int) -> None:
+    """A fault's pages as a placer asks for them: SIZES.fault_pages at most, all in one lazy
+    range of pid's (ranges, by address, and their starts). Anything else is no placer's (the
+    target is not to be trusted with how much the source reads and sends for it, nor with
+    which memory): the stream is broken."""
+    i = bisect.bisect_right(starts, vaddr) - 1
+    if not 0 < n <= SIZES.fault_pages or vaddr % PAGE or i < 0 \
+            or vaddr + n * PAGE > ranges[i].vaddr + ranges[i].pages * PAGE:
+        raise PageStreamError(f"the target asked for {n} pages at {vaddr:#x} of process {pid} for a fault, "
+                              "which no lazy range of the dump holds in one request")
 
 
 def _runs_without(vaddr: int, n: int, skip) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ from ..options import WAITS
 from ..report import Report
 from ..wire import protocol as p
 from ..wire.transports import link_errors
-from . import recovery
+from . import fresh_agent
 from .move import Move
 from .session import remote_error
 
@@ -94,7 +94,7 @@ async def rollback(m: Move) -> None:
     kept = await m.to.abort()
     if kept:
         m.report.logs.append(f"{m.target}:{kept}")
-    if kept is None and await recovery.undo_on_target(m.target, m.id, m.to.connector, m.options, WAITS.target_verdict):
+    if kept is None and await fresh_agent.undo_on_target(m.target, m.id, m.to.connector, m.options, WAITS.target_verdict):
         kept = ""      # heard by a fresh agent: nothing of the move is left there
     if kept is None and m.phase in (Phase.RESTORE, Phase.COMMIT):
         # The target may hold a restored copy, stopped (it never runs without our Resume):

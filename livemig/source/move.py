@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from .. import runtimes, workdirs
 from ..options import Options
 from ..pages import pagehash, push
+from ..pages import postcopy as pages
 from ..progress import Event, Ticker, quiet
 from ..report import Report
 from ..runtimes.held import HeldCopy
@@ -58,6 +59,8 @@ class Move:
         self.dump: runtimes.DumpRun | None = None     # the final dump: the source was touched
         self.relay: asyncio.Task[Any] | None = None   # the final dump's pages on their way
         self.lazy_token = ""
+        self.rejoin_token = ""    # the stream the target's agent takes us back on, should the link break
+        self.pushed_before: list[pages.Pushed] = []    # the pushes of links that broke, for the counts
         self.pusher: push.Pusher | None = None
         self.dumped_at = self.images_at = self.restored_at = 0.0   # the downtime's parts end at these
 

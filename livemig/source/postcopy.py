@@ -25,7 +25,8 @@ from ..pages import push
 from ..pages.pagemap import Range
 from ..progress import Stepping
 from ..wire import protocol as p
-from . import recovery
+from ..wire.transports import link_errors
+from . import fresh_agent, recovery, rejoin
 from .failures import why
 from .local import by_pid
 from .move import Move
@@ -38,6 +39,7 @@ async def start_pages(m: Move, ranges: list[Range], fill: bool) -> str | None:
     name of the stream post-copy's faults come on, if it got one of its own."""
     pusher = m.pusher = push.Pusher(ranges, m.options.compression_level, known=m.tracker)
     pusher.read_in_place({v: pid for pid, v in by_pid(m.w).items()})
+    m.rejoin_token = token()
     faults, fault_token = None, None
     if fill:
         # nothing runs there yet: every page goes at once
@@ -105,7 +107,18 @@ async def _until_whole(m: Move) -> tuple[p.LazyDone, pages.Pushed, float]:
 
 
 async def _pages_in(m: Move) -> tuple[p.LazyDone, pages.Pushed]:
-    """Until the target's copy has every page: what each side counted."""
+    """Until the target's copy has every page: what each side counted (the pushes of every
+    link together). A link that breaks meanwhile is made again (reconnect)."""
+    while True:
+        try:
+            done, pushed = await _pages_on_link(m)
+            return done, rejoin.together([*m.pushed_before, pushed])
+        except rejoin.LinkBroke as e:
+            await rejoin.reconnect(m, e.cause)
+
+
+async def _pages_on_link(m: Move) -> tuple[p.LazyDone, pages.Pushed]:
+    """Until the target's copy has every page, on the link in use."""
     relay = m.relay
     if relay is None:
         raise ConnectionFailed("no page relay was started", phase=m.phase, host=m.target)
@@ -123,10 +136,17 @@ async def _pages_in(m: Move) -> tuple[p.LazyDone, pages.Pushed]:
                 if isinstance(reason, p.RemoteFailure):
                     raise reason
             if isinstance(broke, (pages.PageStreamError, OSError, EOFError)):
+                if m.rejoin_token and (isinstance(broke, pages.LinkLost) or not isinstance(broke, pages.PageStreamError)):
+                    raise rejoin.LinkBroke(broke)
                 raise ConnectionFailed(f"the page stream to {m.target} broke: {why(broke)}",
                                        phase=m.phase, host=m.target) from None
             raise broke
-        return await awaiting, await relay
+        try:
+            return await awaiting, await relay
+        except link_errors() as e:      # the agent's connection broke first
+            if m.rejoin_token:
+                raise rejoin.LinkBroke(e) from None
+            raise
     finally:
         if not awaiting.done():
             awaiting.cancel()
@@ -147,9 +167,9 @@ async def settle(m: Move, cause: BaseException) -> bool:
         m.report.warnings.append(f"how the target's copy ended is not settled ({why_not})")
         raise Unresolved(f"{m.lazy_phase} lost its link to {m.target} ({why(cause)}); the workload "
                          "is stopped here, whole as of the final dump", phase=m.phase, host=m.target,
-                         hint=f"{m.target} kills its copy within {WAITS.page_stream_stall:.0f} s of silence; "
-                              f"then run `livemig recover` here, or `livemig recover --target-lost` if "
-                              f"{m.target} is gone for good") from None
+                         hint=f"{m.target} gives its copy up {m.options.reconnect_timeout:.0f} s after the link "
+                              f"broke, if nobody came back; then run `livemig recover` here, or `livemig "
+                              f"recover --target-lost` if {m.target} is gone for good") from None
     if whole:
         m.report.warnings += await copy.end()
         m.report.warnings.append(f"{m.lazy_phase} failed after the target had every page "
@@ -188,7 +208,7 @@ async def _forget_verdict(m: Move) -> None:
     # the verdict is ours already: one the target keeps is a small file, forgotten in time
     with contextlib.suppress(Exception, TimeoutError):
         async with asyncio.timeout(WAITS.target_verdict):
-            await recovery.forget_verdict(m.target, m.id, m.to.connector, m.options)
+            await fresh_agent.forget_verdict(m.target, m.id, m.to.connector, m.options)
 
 
 async def _target_verdict(m: Move) -> tuple[bool | None, bool, str]:
@@ -206,7 +226,7 @@ async def _target_verdict(m: Move) -> tuple[bool | None, bool, str]:
     while loop.time() < deadline:
         try:
             async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
-                state, detail = await recovery.ask_target(m.target, m.id, m.to.connector, m.options)
+                state, detail = await fresh_agent.ask_target(m.target, m.id, m.to.connector, m.options)
         except (Exception, TimeoutError) as e:  # noqa: BLE001 (told, as the reason nobody knows)
             return None, True, f"{first}; then {why(e)}"
         if state in ("whole", "killed", "lost"):

@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .. import proc, workdirs
 from ..errors import LivemigError, Phase
@@ -36,8 +36,9 @@ from ..runtimes import Workload, hook
 from ..runtimes.held import GONE, HELD, REBOOTED, RUNNING, STOPPED, HeldCopy
 from ..wire import protocol as p
 from ..workdirs import write_private
-from . import throttle
-from .session import Connector, TargetSession, migration_id
+from . import fresh_agent, throttle
+from .local import in_dump
+from .session import AgentGone, Connector, TargetSession
 
 R = TypeVar("R")
 RECORD = "RECOVER.json"
@@ -61,6 +62,8 @@ class Record:
     target_resumed_at: float = 0.0    # post-copy's or a fill's commit point: when the target's copy was
                                       # told to run (time.time(); 0: never). From then on the source's
                                       # copy runs again only by the operator's word (--target-lost)
+    rejoin_token: str = ""            # post-copy: the target's agent takes back whoever comes with it,
+    stream_socket: str = ""           # here, once its coordinator is gone (rejoin.py)
 
     def save(self, work: Path) -> None:
         write_private(work / RECORD, dataclasses.asdict(self))
@@ -130,47 +133,6 @@ class Settled:
     detail: str
 
 
-async def _ask_agent(target: str, msg: Any, reply_type: type[R], connect: Connector, options: Options) -> R:
-    """One request to a fresh agent on target, in a session of its own."""
-    session = TargetSession(target, connect, options, migration_id())
-    try:
-        await session.open()
-        return await session.request(msg, reply_type)
-    finally:
-        await session.close()
-
-
-async def ask_target(target: str, migration: str, connect: Connector, options: Options) -> tuple[str, str]:
-    """The verdict the target's agents left for migration: (state, detail)."""
-    verdict = await _ask_agent(target, p.AskVerdict(migration), p.Verdict, connect, options)
-    return verdict.state, verdict.detail
-
-
-async def forget_verdict(target: str, migration: str, connect: Connector, options: Options) -> None:
-    await _ask_agent(target, p.ForgetVerdict(migration), p.Done, connect, options)
-
-
-async def undo_on_target(target: str, migration: str, connect, options, within: float) -> bool:
-    """A rollback the move's own agent did not hear (killed, or its link cut): through a
-    fresh agent, whose start sweeps what a dead agent left, the copy restored there (never
-    resumed: nothing was committed) goes, and the verdict with it. Its agent may still be
-    tidying up for a moment (\"try again\"). True: done."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while True:
-        try:
-            async with asyncio.timeout(max(deadline - loop.time(), 0.1)):
-                await _ask_agent(target, p.SettleOrphan(migration, resume=False), p.OrphanSettled, connect, options)
-                await forget_verdict(target, migration, connect, options)
-            return True
-        except p.RemoteFailure as e:
-            if "try again" not in str(e) or loop.time() >= deadline:
-                return False
-        except (Exception, TimeoutError):  # noqa: BLE001 (not heard, however: recover settles it later)
-            return False
-        await asyncio.sleep(WAITS.recover_retry_poll)
-
-
 # what says the target cannot be asked now
 _UNREACHABLE = (LivemigError, p.RemoteFailure, OSError, EOFError)
 
@@ -209,7 +171,7 @@ async def recover(options: Options, connect: Connector, *, target_lost: bool = F
             # no longer than a moment.
             try:
                 async with asyncio.timeout(WAITS.verdict_forgotten if target_lost else None):
-                    await forget_verdict(rec.target, rec.migration_id, connect, options)
+                    await fresh_agent.forget_verdict(rec.target, rec.migration_id, connect, options)
             except (*_UNREACHABLE, TimeoutError):
                 pass    # a stale verdict file there, a few bytes: recover asks it no more
     return done
@@ -256,7 +218,7 @@ async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options,
         state, detail = "killed", "the target is gone, said the operator (--target-lost)"
     else:
         try:
-            state, detail = await ask_target(target, rec.migration_id, connect, options)
+            state, detail = await fresh_agent.ask_target(target, rec.migration_id, connect, options)
         except _UNREACHABLE as e:
             return "unresolved", f"cannot ask {target}: {e}", False
     if state == "whole":
@@ -267,7 +229,18 @@ async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options,
         if gone:
             return "lost", (f"the copy on {target} still waits for pages only the source's copy held, and "
                             f"{_gone_here(here)}: it can never be whole (its agent ends it)"), True
-        return "unresolved", f"the copy on {target} is still taking in its pages: try again in a minute", False
+        if not rec.rejoin_token:
+            return "unresolved", f"the copy on {target} is still taking in its pages: try again in a minute", False
+        try:
+            sent = await _take_up(rec, connect, options)
+        except AgentGone:      # its agent ended meanwhile: its verdict says how
+            return "unresolved", f"the copy on {target} was settled meanwhile: run `livemig recover` again", False
+        except _UNREACHABLE as e:
+            return "unresolved", f"cannot take up the copy's pages on {target}: {e}", False
+        warnings = await c.end()
+        return "moved", (f"the target's copy has every page now (the {sent} it still lacked were sent from the "
+                         "source's copy, stopped here) and runs; the source's copy is gone"
+                         + "".join(f"; {w}" for w in warnings)), True
     if state in ("abandoned", "restarted"):
         if gone:
             return "lost", f"on {target}, {detail}; and {_gone_here(here)}", True
@@ -290,6 +263,22 @@ async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options,
     return "rolled back", f"{said.rstrip()}; the workload runs here again, from its final dump{lost}", True
 
 
+async def _take_up(rec: Record, connect: Connector, options: Options) -> int:
+    """The dead coordinator's page stream, taken up: the pages the target's copy still
+    lacks, read in the source's copy, stopped here (how many)."""
+    from . import rejoin  # the move's machinery: loaded only when a copy waits for it
+    session = TargetSession(rec.target, connect, options, rec.migration_id)
+    session.welcome = p.Welcome(p.PROTOCOL_VERSION, "", "", rec.stream_socket)
+    pids = [pid for pid, _ in rec.source_copy.pids]
+    try:
+        return await rejoin.take_up(session, rec.rejoin_token, options.compression_level,
+                                    in_dump(pids[0], pids) if pids else {})
+    finally:
+        with contextlib.suppress(*_UNREACHABLE):      # it may be told, or not: it forgets its verdict later
+            await session.request(p.Finish(), p.Done)
+        await session.close()
+
+
 def _target_ran(rec: Record) -> str:
     """How long the target's copy may have run, from its Resume on ("" if it was never told to)."""
     if not rec.target_resumed_at:
@@ -300,7 +289,7 @@ def _target_ran(rec: Record) -> str:
 
 async def _orphan(rec: Record, resume: bool, connect, options) -> p.OrphanSettled:
     """The target's restored copy, resumed or removed, as its agent found it."""
-    return await _ask_agent(rec.target, p.SettleOrphan(rec.migration_id, resume=resume), p.OrphanSettled,
+    return await fresh_agent.ask_agent(rec.target, p.SettleOrphan(rec.migration_id, resume=resume), p.OrphanSettled,
                             connect, options)
 
 

@@ -84,6 +84,32 @@ class TargetSession:
             raise PreflightError(welcome.message, host=self.target)
         self.welcome = welcome
 
+    async def rejoin(self, tok: str) -> None:
+        """The link to the agent broke while its copy runs: a fresh connection to its host,
+        and the agent's requests on the stream tok there (the agent takes it for its
+        coordinator, come back). The old connection is let go, unread. Raises AgentGone
+        when the host answers and the agent is no longer there."""
+        if self.welcome is None:
+            raise ConnectionFailed(f"no agent on {self.target} to rejoin", host=self.target)
+        old, old_faults = self.transport, self._fault_link
+        self.agent, self.agent_proc, self._fault_link = None, None, None
+        for task in (old_faults,):
+            if task is not None:
+                task.cancel()
+        if old is not None:
+            # its peer is gone, or unreachable: closing it may wait for nobody
+            with contextlib.suppress(Exception, TimeoutError):
+                async with asyncio.timeout(WAITS.agent_exit):
+                    await old.close()
+        transport = self.transport = await self._connect(self.target)
+        try:
+            reader, writer = await transport.open_unix(self.welcome.stream_socket)
+        except (OSError, LivemigError) as e:
+            raise AgentGone(f"the agent on {self.target} is gone ({e})", host=self.target) from None
+        writer.write(tok.encode() + b"\n")
+        await writer.drain()
+        self.agent = p.Channel(reader, writer)
+
     async def finish(self) -> None:
         """The move's end, told to the agent: it forgets what it kept for a rollback."""
         self.ended = True     # before: a request cut short is never sent twice
@@ -141,6 +167,12 @@ class TargetSession:
         faults (a fault_stream), if there is one."""
         criu_side = await streams.socket_streams(sock)
         return await pusher.run(criu_side, await self._stream_or_close(tok, criu_side), faults)
+
+    async def push_more(self, tok: str, faults: tuple[Any, Any] | None, pusher: push.Pusher) -> postcopy.Pushed:
+        """After a rejoin: pusher sends what the copy still lacks on data stream tok (and
+        faults' pages on faults), every page read in the frozen tree (CRIU's lazy dump
+        ended with the old link)."""
+        return await pusher.run(None, await self.stream(tok), faults)
 
     async def _stream_or_close(self, tok: str, criu_side: tuple[Any, Any]) -> tuple[Any, Any]:
         """Data stream tok; if it cannot be had, CRIU's side is closed now, so that CRIU sees
@@ -238,6 +270,11 @@ class TargetSession:
                 await (await self._fault_link).close()
         if self.transport:
             await self.transport.close()
+
+
+class AgentGone(ConnectionFailed):
+    """The target answers, and its agent is no longer there to rejoin: what it left says
+    how its copy ended."""
 
 
 def remote_error(e: p.RemoteFailure, phase: str, target: str) -> LivemigError:

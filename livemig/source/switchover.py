@@ -125,7 +125,8 @@ async def restore(m: Move, lazy: bool, fill: bool = False) -> None:
     m.progress(Stepping(Phase.RESTORE, "restoring on the target"))
     restored = await m.to.request(
         p.Restore(dir="final", lazy_stream=m.lazy_token if lazy else None,
-                  fault_stream=fault_token, container=m.spec, fill=fill), p.Restored)
+                  fault_stream=fault_token, container=m.spec, fill=fill,
+                  rejoin=m.rejoin_token or None, rejoin_within=m.options.reconnect_timeout), p.Restored)
     m.report.target_pid, m.report.restore_seconds = restored.pid, restored.restore_seconds
     m.restored_at = time.monotonic()
     stop_for_tests("restored")
@@ -147,6 +148,8 @@ async def commit_lazy(m: Move, fill: bool) -> None:
         m.report.warnings += await uncancellable(m.w.release(m.final, True))
         stop_for_tests("released")
         m.rec.target_resumed_at = time.time()      # on disk before the Resume can be heard
+        # who comes back with these takes the page stream up, should we vanish (rejoin.py)
+        m.rec.rejoin_token, m.rec.stream_socket = m.rejoin_token, m.to.welcome.stream_socket if m.to.welcome else ""
         m.save_record()
         whole = asyncio.ensure_future(_run_target(m, fill))
         await uncancellable(whole, told=lambda: m.progress(Finishing(m.target)))

@@ -35,6 +35,7 @@ from ..options import WAITS
 from ..version import __version__
 from ..wire import protocol as p
 from . import orphans, preflight, restore
+from .coordinator import Coordinator, Rejoined
 from .copy import Copy
 from .failures import AgentFailure, reap
 from .postcopy import PostCopy
@@ -47,20 +48,19 @@ DEFAULT_ROOT = "/var/lib/livemig"
 
 Handler = Callable[[Any], Awaitable[Any]]
 _T = TypeVar("_T")
+_UNHEARD = object()     # a reply nobody will read: its asker is gone, or was replaced by one who rejoined
 
 
 class Agent:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, root: str = DEFAULT_ROOT):
-        self.reader, self.writer, self.root = reader, writer, Path(root)
+        self.line = Coordinator(reader, writer)
+        self.root = Path(root)
         self.stages = Stages()
         self.verdicts = Verdicts(self.root)
         self.copy = Copy(self.stages)
         self._ws: Workspace | None = None
         self._images: Images | None = None
         self.lazy: PostCopy | None = None           # post-copy, or a fill, under way or over
-        self.inbox: asyncio.Queue[object] = asyncio.Queue()   # the coordinator's (None: it is gone)
-        self.inbox_reader: asyncio.Task[None] | None = None
-        self.read_ahead: list[object] = []     # read while a handler ran, to handle after it
         self.stopping: str | None = None  # why a handler was cut short
         self.handlers: dict[type, Handler] = {
             p.Probe: lambda m: preflight.probe(m, self.ws),
@@ -74,6 +74,7 @@ class Agent:
             p.LoadImage: lambda m: self.images.load_image(m),
             p.Restore: self.on_restore,
             p.AwaitLazy: self.on_await_lazy,
+            p.RejoinPages: self.on_rejoin_pages,
             p.SettlePostcopy: self.on_settle_postcopy,
             p.Resume: self.on_resume,
             p.Abort: self.on_abort,
@@ -102,9 +103,9 @@ class Agent:
     async def serve(self) -> int:
         finished = False
         try:
-            hello = await p.read_message(self.reader)
+            hello = await p.read_message(self.line.reader)
             if not isinstance(hello, p.Hello) or hello.protocol != p.PROTOCOL_VERSION:
-                await p.write_message(self.writer, p.Failed(
+                await self.line.say(p.Failed(
                     Phase.PREFLIGHT, f"protocol mismatch: the coordinator speaks "
                     f"{getattr(hello, 'protocol', '?')}, this agent (livemig {__version__}) "
                     f"speaks {p.PROTOCOL_VERSION}"))
@@ -112,12 +113,17 @@ class Agent:
             try:
                 await self._start(hello)
             except AgentFailure as e:     # no work directory of ours: the Hello's answer says why
-                await p.write_message(self.writer, p.Failed(e.phase or "", e.message, e.detail or ""))
+                await self.line.say(p.Failed(e.phase or "", e.message, e.detail or ""))
                 return 2
-            self.inbox_reader = asyncio.create_task(self._read_inbox())
+            self.line.listen()
             while not finished:
-                msg = self.read_ahead.pop(0) if self.read_ahead else await self._next_message()
+                msg = await self._next_message()
+                if isinstance(msg, Rejoined):
+                    await self.line.switch(msg)
+                    continue
                 if msg is None:
+                    if await self._await_rejoin():
+                        continue
                     return 1     # the coordinator is gone: cleanup below decides what stays
                 finished = isinstance(msg, p.Finish)     # the last request, however it is answered
                 try:
@@ -134,46 +140,56 @@ class Agent:
                     # rolls back or reports; dying would leave it guessing
                     reply = p.Failed("", f"the agent failed on {type(msg).__name__}: "
                                          f"{type(e).__name__}: {e}", traceback.format_exc())
-                if self.read_ahead and self.read_ahead[0] is None:
-                    return 1
-                await p.write_message(self.writer, reply)
+                if reply is _UNHEARD:
+                    continue
+                if self.line.read_ahead and self.line.read_ahead[0] is None:
+                    if finished or not self._may_rejoin():
+                        return 1
+                    continue      # told to no one: the loop waits for the coordinator to come back
+                await self.line.say(reply)
             return 0
         except (EOFError, ConnectionError, TimeoutError):
             return 1     # the coordinator is gone: cleanup below decides what stays
         finally:
-            if self.inbox_reader is not None:
-                self.inbox_reader.cancel()
+            self.line.stop()
             await self._cleanup(finished)
+            await self.line.close()
 
-    async def _read_inbox(self) -> None:
-        """Every message, as it comes, into the inbox; None once the coordinator is gone."""
-        try:
-            while True:
-                self.inbox.put_nowait(await p.read_message(self.reader))
-        except (EOFError, ConnectionError, p.ProtocolError):
-            self.inbox.put_nowait(None)
-        except BaseException:
-            # whatever else ends this reader (a bug, its cancellation): the loop must not wait
-            # on an inbox nobody fills, holding the work directory and its lock for ever
-            self.inbox.put_nowait(None)
-            raise
+    def _may_rejoin(self) -> bool:
+        """A coordinator gone may come back: the copy runs, and its pages are still going in."""
+        return self.line.may_come_back and self.lazy is not None and self.stages.running \
+            and not self.lazy.task.done()
+
+    async def _await_rejoin(self) -> bool:
+        """The coordinator is gone: if it may come back, wait for it (True) until the copy's
+        pages have nothing more to wait for (its placer gives the copy up once the
+        coordinator's reconnect time is over), or a grace longer at most."""
+        if not self._may_rejoin() or self.lazy is None:
+            return False
+        return await self.line.wait_back(self.lazy.task, (self.lazy.rejoin_within or 0) + WAITS.rejoin_grace)
 
     async def _answer(self, msg: object) -> Any:
         """msg's handler; cut short if the coordinator rolls back (Abort), or goes while a
         restore runs: a restore whose page stream never comes would wait for it for a
         minute, and the rollback's Abort, behind it, with it. Other handlers outlive a
-        coordinator that went (a fill whose pages are all here completes without it). What
-        comes meanwhile waits its turn."""
+        coordinator that went (a fill whose pages are all here completes without it); an
+        AwaitLazy whose asker is gone or came back is told to nobody (_UNHEARD): the copy's
+        pages go in all the same, and a coordinator back asks again. What comes meanwhile
+        waits its turn."""
         handling = asyncio.ensure_future(self.handle(msg))
         try:
             while True:
-                incoming = asyncio.ensure_future(self.inbox.get())
+                incoming = asyncio.ensure_future(self.line.take())
                 await asyncio.wait({handling, incoming}, return_when=asyncio.FIRST_COMPLETED)
                 if not incoming.done():
                     incoming.cancel()
                     return handling.result()
                 nxt = incoming.result()
-                self.read_ahead.append(nxt)
+                self.line.read_ahead.append(nxt)
+                if isinstance(msg, p.AwaitLazy) and (isinstance(nxt, Rejoined) or nxt is None) \
+                        and self._may_rejoin():
+                    handling.cancel()
+                    return _UNHEARD
                 if isinstance(nxt, p.Abort) or (nxt is None and self.copy.restoring is not None):
                     self.stopping = "the coordinator is gone" if nxt is None else "the coordinator rolls back"
                     self.copy.stop_restoring()
@@ -188,13 +204,15 @@ class Agent:
                 handling.cancel()
 
     async def _next_message(self) -> object:
+        if self.line.read_ahead:
+            return await self.line.next()
         if self.lazy is not None and self.lazy.lost:
             # Post-copy failed here and its copy is gone: a coordinator that can still reach
             # us asks within seconds. Across a cut link its hang-up may never arrive, and
             # this agent would hold its images for as long as TCP keeps the session.
             async with asyncio.timeout(WAITS.linger_after_failed_postcopy):
-                return await self.inbox.get()
-        return await self.inbox.get()
+                return await self.line.take()
+        return await self.line.take()
 
     async def _start(self, hello: p.Hello) -> None:
         self._ws = Workspace.make(self.root, hello.migration_id)
@@ -202,7 +220,7 @@ class Agent:
         self._images = Images(self._ws, self.copy)
         self.stages.to(Stage.PREPARING)
         welcome = p.Welcome(p.PROTOCOL_VERSION, __version__, str(self._ws.work), self._ws.socket)
-        await p.write_message(self.writer, welcome)
+        await self.line.say(welcome)
 
     async def handle(self, msg: object) -> Any:
         handler = self.handlers.get(type(msg))
@@ -223,6 +241,8 @@ class Agent:
                                              d, msg, msg.lazy_stream)
         res, argv, seconds = await restore.restore(msg, d, self.ws.work, self.copy,
                                                    self.lazy.guard if self.lazy else None, bool(msg.lazy_stream))
+        if self.lazy is not None and msg.rejoin:
+            self.line.accept_rejoins(self.ws, msg.rejoin)
         if self.lazy is not None and self.lazy.failed:
             # the page stream failed while CRIU restored: this copy can never be whole
             await self._undo()
@@ -264,6 +284,11 @@ class Agent:
         if self.lazy is None:
             raise AgentFailure(Phase.POSTCOPY, "no post-copy in progress")
         return await self.lazy.done()
+
+    async def on_rejoin_pages(self, msg: p.RejoinPages) -> p.PagesRejoined:
+        if self.lazy is None:
+            raise AgentFailure(Phase.POSTCOPY, "no post-copy in progress")
+        return self.lazy.rejoin(msg)
 
     async def on_settle_postcopy(self, msg: p.SettlePostcopy) -> p.PostcopySettled:
         if self.lazy is None:

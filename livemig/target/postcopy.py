@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import Phase
 from ..pages import pagemap, placer
-from ..pages.postcopy import PageStreamError
+from ..pages.postcopy import LinkLost, PageStreamError
 from ..wire import protocol as p
 from .copy import Copy
 from .failures import AgentFailure, reap, reason
@@ -62,6 +62,10 @@ class PostCopy:
         self.placer: placer.Placer | None = placer.Placer(
             d, ranges, on_uffd=lambda fd: guard.tell("uffd", fds=(fd,)), store=images.store)
         self.placer.listen()
+        # once the copy runs, a broken link waits this long for the coordinator to come back
+        self.rejoin_within = msg.rejoin_within if msg.rejoin else None
+        self._rejoins: asyncio.Queue[p.RejoinPages] = asyncio.Queue()
+        self._link = contextlib.AsyncExitStack()     # the streams of the link in use
         self.task = asyncio.create_task(self._place_pages(self.placer, token, msg.fault_stream))
 
     @classmethod
@@ -103,14 +107,17 @@ class PostCopy:
         return self.task.done() and self.pages is Pages.LOST
 
     async def done(self) -> p.LazyDone:
-        """AwaitLazy: how it went, once every page is in (or why not)."""
-        return await self.task
+        """AwaitLazy: how it went, once every page is in (or why not). Shielded: an AwaitLazy
+        cut short (its coordinator gone) leaves the pages going in."""
+        return await asyncio.shield(self.task)
 
     async def _place_pages(self, placing: placer.Placer, token: str, faults: str | None) -> p.LazyDone:
         try:
-            async with self.ws.stream(token) as remote, \
-                    self.ws.stream(faults) if faults else contextlib.nullcontext() as fault_stream:
-                served = await placing.run(remote, fault_stream)
+            try:
+                served = await placing.run(*await self._streams(token, faults),
+                                           relink=self._relink if self.rejoin_within is not None else None)
+            finally:
+                await self._link.aclose()    # the streams of the last link (each link's own, replaced)
         except BaseException as e:
             await self.settle(reason(e))
             if isinstance(e, PageStreamError):
@@ -127,6 +134,41 @@ class PostCopy:
             return done
         await self._whole()
         return done
+
+    async def _streams(self, token: str, faults: str | None) -> placer.Link:
+        remote = await self._link.enter_async_context(self.ws.stream(token))
+        return remote, await self._link.enter_async_context(self.ws.stream(faults)) if faults else None
+
+    async def _relink(self) -> placer.Link:
+        """The link broke while the copy runs: its faults wait until the coordinator comes
+        back (RejoinPages) with fresh streams, within rejoin_within; then the copy is lost."""
+        await self._link.aclose()
+        try:
+            async with asyncio.timeout(self.rejoin_within):
+                while True:
+                    msg = await self._rejoins.get()
+                    self._link = contextlib.AsyncExitStack()
+                    try:
+                        return await self._streams(msg.lazy_stream, msg.fault_stream)
+                    except AgentFailure:      # its streams never came: it may come back again
+                        await self._link.aclose()
+        except TimeoutError:
+            raise LinkLost(f"the source did not come back within {self.rejoin_within:.0f} s of the link "
+                           "breaking") from None
+
+    def rejoin(self, msg: p.RejoinPages) -> p.PagesRejoined:
+        """The coordinator is back: the copy's pages come on msg's streams from now on, and
+        what it still lacks is what the source pushes there (nothing, if it is whole)."""
+        placing = self._placer()
+        if self.rejoin_within is None or not self.stages.running or self.task.done():
+            raise AgentFailure(self.phase, "no running copy's page stream here to rejoin")
+        placing.drop_link()
+        if placing.whole or (self.fill and placing.all_here.is_set()):
+            return p.PagesRejoined([])      # nothing more from the source: the old link ends all the same
+        while not self._rejoins.empty():      # an earlier try's, which never got its streams opened
+            self._rejoins.get_nowait()
+        self._rejoins.put_nowait(msg)
+        return p.PagesRejoined([[r.pid, r.vaddr, r.pages] for r in placing.missing()])
 
     async def _whole(self) -> None:
         """The copy has every page: it is the workload once it runs (post-copy's may be

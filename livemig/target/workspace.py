@@ -78,14 +78,19 @@ class Workspace:
             writer.close()
 
     @contextlib.asynccontextmanager
-    async def stream(self, token: str) -> AsyncIterator[Stream]:
-        """The data stream token, as (reader, writer), held open until the block ends."""
+    async def stream(self, token: str, within: float | None = WAITS.stream_open) -> AsyncIterator[Stream]:
+        """The data stream token, as (reader, writer), held open until the block ends; within:
+        how long it may take to come (None: for as long as the caller waits). Once it came,
+        the name may come again: a coordinator that rejoins uses the same one each time."""
         fut = self._waiting(token)
         try:
-            async with asyncio.timeout(WAITS.stream_open):
+            async with asyncio.timeout(within):
                 reader, writer, done = await fut
         except TimeoutError:
             raise AgentFailure(Phase.TRANSFER, f"data stream {token} never arrived") from None
+        finally:
+            if self._streams.get(token) is fut:
+                del self._streams[token]
         try:
             yield reader, writer
         finally:

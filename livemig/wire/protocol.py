@@ -20,7 +20,7 @@ from ..errors import LivemigError, ProtocolError
 if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to load
     from .streams import Reader, Writer
 
-PROTOCOL_VERSION = 10  # 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_VERSION = 11  # 11: a lazy restore's coordinator may rejoin it (RejoinPages); 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -206,6 +206,21 @@ class Restore:
     fill: bool = False      # every page lands here before the copy may run, and goes in while it
                             # runs: pre-copy by hashes' unchanged ones from the store, the rest
                             # pushed (the lazy stream is no post-copy then)
+    rejoin: str | None = None   # once the copy runs, the coordinator may come back on a stream by this name
+    rejoin_within: float = 0.0  # seconds it has to, after the page stream broke
+
+
+@message
+class RejoinPages:
+    """The coordinator is back (on the rejoin stream) after the page stream broke: the copy's
+    pages come on these streams now."""
+    lazy_stream: str
+    fault_stream: str | None = None
+
+
+@message
+class PagesRejoined:
+    missing: list[list[int]]    # [pid, vaddr, pages]: what the copy still lacks, a span per lazy range
 
 
 @message

@@ -50,10 +50,10 @@ async def test_an_abort_cuts_the_request_under_way_short_and_is_answered_next(tm
     a.handle = restoring
     answering = asyncio.create_task(a._answer(p.Restore(dir="final")))
     await started.wait()
-    a.inbox.put_nowait(p.Abort())
+    a.line.inbox.put_nowait((a.line.reader, p.Abort()))
     with pytest.raises(asyncio.CancelledError):
         await answering
-    assert a.stopping == "the coordinator rolls back" and a.read_ahead == [p.Abort()]
+    assert a.stopping == "the coordinator rolls back" and a.line.read_ahead == [p.Abort()]
 
 
 def _held_back(tmp_path):
@@ -72,10 +72,10 @@ async def test_what_comes_while_a_request_runs_waits_its_turn(tmp_path):
     a, go = _held_back(tmp_path)
     answering = asyncio.create_task(a._answer(p.Finish()))
     await asyncio.sleep(0)
-    a.inbox.put_nowait(p.AwaitLazy())
+    a.line.inbox.put_nowait((a.line.reader, p.AwaitLazy()))
     await asyncio.sleep(0)
     go.set()
-    assert await answering == p.Done() and a.read_ahead == [p.AwaitLazy()] and a.stopping is None
+    assert await answering == p.Done() and a.line.read_ahead == [p.AwaitLazy()] and a.stopping is None
 
 
 def test_a_task_group_s_failure_is_the_agent_s_reason_not_the_stream_it_broke():
@@ -94,11 +94,11 @@ async def test_a_coordinator_that_went_cuts_short_only_a_restore(tmp_path):
     a, go = _held_back(tmp_path)
     answering = asyncio.create_task(a._answer(p.AwaitLazy()))
     await asyncio.sleep(0)
-    a.inbox.put_nowait(None)
+    a.line.inbox.put_nowait((a.line.reader, None))
     await asyncio.sleep(0.01)
     assert not answering.done()
     go.set()
-    assert await answering == p.Done() and a.read_ahead == [None]
+    assert await answering == p.Done() and a.line.read_ahead == [None]
 
 
 class _Said:
@@ -149,3 +149,42 @@ async def test_a_bundle_whose_copy_resumed_stays_when_its_agent_is_killed_after(
     finally:
         copy.kill()
         await copy.wait()
+
+
+async def test_an_await_lazy_whose_coordinator_went_is_told_to_nobody_when_it_may_come_back(tmp_path):
+    # the copy runs and its pages still come: a coordinator gone may rejoin, and asks again
+    a, go = _held_back(tmp_path)
+    a._may_rejoin = lambda: True
+    answering = asyncio.create_task(a._answer(p.AwaitLazy()))
+    await asyncio.sleep(0)
+    a.line.inbox.put_nowait((a.line.reader, None))
+    assert await asyncio.wait_for(answering, 5) is agent_mod._UNHEARD
+    assert a.line.read_ahead == [None] and not go.is_set()
+
+
+def _framed(msg) -> asyncio.StreamReader:
+    r = asyncio.StreamReader()
+    r.feed_data(p.encode(msg))
+    return r
+
+
+async def test_a_coordinator_back_on_its_rejoin_stream_is_heard_there_and_its_old_connection_no_more(tmp_path):
+    from contextlib import AsyncExitStack
+
+    from livemig.target.coordinator import Coordinator, Rejoined
+    old = asyncio.StreamReader()
+    line = Coordinator(old, None)
+    line.listen()
+    line.read_ahead.append(p.AwaitLazy())           # read from the old one before it went
+    new = _framed(p.RejoinPages("pages", None))
+    line.inbox.put_nowait(Rejoined((new, _Said()), AsyncExitStack()))
+    back = await line.take()
+    assert isinstance(back, Rejoined)
+    await line.switch(back)
+    assert line.reader is new and line.read_ahead == []
+    old.feed_data(p.encode(p.Finish()))             # the old connection, alive after all: nobody's now
+    old.feed_eof()
+    assert await asyncio.wait_for(line.take(), 5) == p.RejoinPages("pages", None)
+    new.feed_eof()
+    assert await asyncio.wait_for(line.take(), 5) is None       # the new one's end is heard, not the old one's
+    await line.close()

@@ -73,5 +73,5 @@ async def test_the_agent_s_reader_ends_on_a_frame_it_cannot_decode_rather_than_d
     reader = asyncio.StreamReader()
     reader.feed_data(_nested(200_000))
     a = agent_mod.Agent(reader, None, str(tmp_path))
-    await asyncio.wait_for(a._read_inbox(), 5)
-    assert a.inbox.get_nowait() is None     # the loop learns the coordinator is gone, and cleans up
+    await asyncio.wait_for(a.line.read(a.line.reader), 5)
+    assert a.line.inbox.get_nowait() == (a.line.reader, None)     # the loop learns the coordinator is gone, and cleans up

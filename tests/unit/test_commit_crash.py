@@ -20,7 +20,7 @@ from livemig.options import Options
 from livemig.runtimes.held import HeldCopy
 from livemig.runtimes.hook import HookServer
 from livemig.runtimes.process import ProcessTree
-from livemig.source import recovery, switchover
+from livemig.source import fresh_agent, recovery, switchover
 from livemig.source.migration import Migration
 from livemig.source.stages import Stage
 from livemig.wire import protocol as p
@@ -102,8 +102,8 @@ async def test_recover_does_what_criu_did_wherever_the_commit_was_killed(short_r
         assert isinstance(msg, p.SettleOrphan)
         asked.append("resume" if msg.resume else "kill")
         return reply_type("resumed" if msg.resume else "killed")
-    monkeypatch.setattr(recovery, "_ask_agent", ask_agent)
-    monkeypatch.setattr(recovery, "forget_verdict", lambda *a: asyncio.sleep(0))
+    monkeypatch.setattr(fresh_agent, "ask_agent", ask_agent)
+    monkeypatch.setattr(fresh_agent, "forget_verdict", lambda *a: asyncio.sleep(0))
     [settled] = await recovery.recover(Options(image_root=str(short_root)), None)
     if rc == 0:
         # the source's copy is gone: the target's, restored and stopped, is the workload
@@ -134,8 +134,8 @@ async def test_a_source_copy_that_runs_is_never_ended_for_a_target_copy_that_nev
     async def ask_agent(target, msg, reply_type, connect, options):
         asked.append("resume" if msg.resume else "kill")
         return reply_type("killed")
-    monkeypatch.setattr(recovery, "_ask_agent", ask_agent)
-    monkeypatch.setattr(recovery, "forget_verdict", lambda *a: asyncio.sleep(0))
+    monkeypatch.setattr(fresh_agent, "ask_agent", ask_agent)
+    monkeypatch.setattr(fresh_agent, "forget_verdict", lambda *a: asyncio.sleep(0))
     [settled] = await recovery.recover(Options(image_root=str(short_root)), None)
     assert (settled.outcome, asked) == ("rolled back", ["kill"]), settled
     assert "was not ended, and runs" in settled.detail and workload.poll() is None
@@ -144,7 +144,7 @@ async def test_a_source_copy_that_runs_is_never_ended_for_a_target_copy_that_nev
 async def test_a_source_copy_criu_still_holds_is_left_until_criu_is_done(short_root, workload, monkeypatch):
     await _commit_killed(short_root, workload, monkeypatch, "journal")
     monkeypatch.setattr(proc, "tracer", lambda pid: 4242)      # CRIU, still attached
-    monkeypatch.setattr(recovery, "_ask_agent", None)           # nobody is asked
+    monkeypatch.setattr(fresh_agent, "ask_agent", None)           # nobody is asked
     [settled] = await recovery.recover(Options(image_root=str(short_root)), None)
     assert settled.outcome == "unresolved" and "again in a moment" in settled.detail
     assert recovery.records(str(short_root)) and workload.poll() is None

@@ -6,6 +6,7 @@ a stand-in for CRIU's page server. The child then reads its memory, and forks, t
 pages away or moves them, as a program may, while its pages arrive."""
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import socket
@@ -106,8 +107,10 @@ def restored(path: str, ctl: socket.socket, scenario: str) -> int:
 
 
 async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gate: bool = False,
-               known: pagehash.Tracker | None = None, store: shadow.Store | None = None):
+               known: pagehash.Tracker | None = None, store: shadow.Store | None = None, cut: bool = False):
     """One post-copy into a child playing the restored process: (placer, pusher, its report).
+    cut: the link breaks once the copy's first faults are answered, and a fresh one, a fresh
+    push of what the placer says it lacks, comes a moment later (its faults wait meanwhile).
     store: a fill: the copy runs once every page is here, and is filled from the store while
     it runs: held back until its first faults are answered. known: pre-copy by hashes filled
     the store (else every page is pushed into it: stop-and-copy into memory)."""
@@ -143,12 +146,28 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
     pusher = push.Pusher(RANGES, prefetch_pages=40, known=known)     # SMALL, while "CRIU" restores
     if fill:
         pusher.start_pushing(fill=True)
+    relinked = asyncio.Event()
+
+    async def first_push():
+        with contextlib.suppress(postcopy.LinkLost):     # cut: its link breaks under it
+            await pusher.run(pusher_end, link_src, faults_src)
+
+    async def relink():
+        await asyncio.sleep(0.3)            # the copy faults meanwhile: those faults wait
+        (criu2, pusher2), (src2, dst2) = await pair(), await pair()
+        second = push.Pusher(placer.missing())
+        second.start_pushing()
+        tg.create_task(fake_criu(*criu2, RANGES, []))
+        tg.create_task(second.run(pusher2, src2))
+        relinked.set()
+        return dst2, None
+
     try:
         async with asyncio.timeout(30):
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(fake_criu(*criu_end, RANGES, []))
-                tg.create_task(pusher.run(pusher_end, link_src, faults_src))
-                tg.create_task(placer.run((gated, link_dst[1]), faults_dst))
+                tg.create_task(first_push())
+                tg.create_task(placer.run((gated, link_dst[1]), faults_dst, relink=relink))
                 while (PID, SMALL + 2 * PAGE) not in placer.early_pages:
                     await asyncio.sleep(0.01)
                 await loop.sock_sendall(ctl, b"r")
@@ -164,6 +183,11 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
                     await asyncio.sleep(0.2)
                 await loop.sock_sendall(ctl, b"g")
                 assert await loop.sock_recv(ctl, 100) == b"f"   # its first faults are answered
+                if cut:
+                    link_src[1].transport.abort()
+                    if faults_src is not None:
+                        faults_src[1].transport.abort()
+                    await relinked.wait()
                 filling.set()
                 gated.open.set()
                 pusher.start_pushing()
@@ -253,6 +277,18 @@ async def test_stop_and_copy_into_memory_has_every_page_here_before_the_copy_run
     assert placer.stats.requests >= len(FIRST_FAULTS) // SIZES.fault_pages + 1
     assert placer.stats.requests_waited <= 1
     store.close()
+
+
+@pytest.mark.parametrize("scenario", ["plain", "fork"])
+async def test_a_link_broken_while_the_copy_runs_is_taken_up_again_on_a_fresh_one(tmp_path, scenario):
+    # cut before the push began: all but the first faults' pages and SMALL come on the
+    # fresh link, pushed from what the placer says the copy lacks, and the faults that
+    # waited across the cut are asked again there
+    placer, _, report, held = await move(tmp_path, scenario, cut=True)
+    assert report == "ok"      # every page as the dump has it; in a child forked meanwhile too
+    assert placer.relinks == 1 and placer.whole
+    assert placer.stats.pages_served == LAZY_PAGES      # each placed once, across both links
+    assert len(held) == (2 if scenario == "fork" else 1)
 
 
 def test_a_frame_that_fills_a_slot_is_kept_as_it_came_and_copied_only_once_written_into():

@@ -13,7 +13,7 @@ from livemig.errors import LivemigError
 from livemig.options import Options
 from livemig.runtimes import held
 from livemig.runtimes.held import HeldCopy
-from livemig.source import recovery
+from livemig.source import fresh_agent, recovery
 
 
 @pytest.fixture
@@ -74,8 +74,8 @@ def answers(monkeypatch, *states):
 
     async def forget(target, migration, connect, options):
         forgotten.append(migration)
-    monkeypatch.setattr(recovery, "ask_target", ask)
-    monkeypatch.setattr(recovery, "forget_verdict", forget)
+    monkeypatch.setattr(fresh_agent, "ask_target", ask)
+    monkeypatch.setattr(fresh_agent, "forget_verdict", forget)
     return asked, forgotten
 
 
@@ -178,7 +178,7 @@ def orphan_answers(monkeypatch, *states, source_exists=None):
 
     async def standing(self):
         return held.STOPPED if source_exists is True else held.GONE if source_exists is False else source_exists
-    monkeypatch.setattr(recovery, "_ask_agent", ask_agent)
+    monkeypatch.setattr(fresh_agent, "ask_agent", ask_agent)
     if source_exists is not None:
         monkeypatch.setattr(HeldCopy, "standing", standing)
     answers(monkeypatch)    # forget_verdict: recorded, not sent

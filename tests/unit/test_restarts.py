@@ -18,7 +18,7 @@ from livemig import proc, workdirs
 from livemig.errors import LivemigError
 from livemig.options import Options
 from livemig.runtimes.held import REBOOTED, RUNNING, STOPPED, HeldCopy
-from livemig.source import recovery, throttle
+from livemig.source import fresh_agent, recovery, throttle
 from livemig.target import orphans
 from livemig.target.guard import Guard
 from livemig.target.verdicts import Verdicts
@@ -152,9 +152,9 @@ def _target(monkeypatch, verdict="killed", orphan="killed"):
     async def ask_agent(target, msg, reply_type, connect, options):
         asked.append("resume" if msg.resume else "kill")
         return reply_type(orphan)
-    monkeypatch.setattr(recovery, "ask_target", ask)
-    monkeypatch.setattr(recovery, "_ask_agent", ask_agent)
-    monkeypatch.setattr(recovery, "forget_verdict", lambda *a: asyncio.sleep(0))
+    monkeypatch.setattr(fresh_agent, "ask_target", ask)
+    monkeypatch.setattr(fresh_agent, "ask_agent", ask_agent)
+    monkeypatch.setattr(fresh_agent, "forget_verdict", lambda *a: asyncio.sleep(0))
     return asked
 
 
