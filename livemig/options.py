@@ -116,6 +116,9 @@ class Sizes:
     # a store slot at once (pagehash's unit, not a tunable), and its window is wide enough that
     # acknowledgements never hold the push back.
     fill_window_pages: int = 1 << 16              # 256 MiB in flight
+    rejoin_runs: int = 8192                       # runs of pages a copy lacks, said at most when its link is made
+    #                                               again (some 25 bytes each in the control message, whose limit
+    #                                               is 1 MiB): past that, runs are joined across their smallest gaps
     fault_pages: int = 16                         # what the target asks for at once: a fault's neighbours come along
     #                                               (and the most the source serves for one fault)
     fill_compared_here_pages: int = 4096          # a fill's first 16 MiB (the smallest ranges, which the restore

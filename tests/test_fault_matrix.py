@@ -133,12 +133,14 @@ def run_cell(lab, phase: str, fault: str, index: int, image_root) -> Outcome:
     return Outcome(code, runs_on, failed, lost)
 
 
-def _cell(lab, point: Point, fault: str, pid: int, port: int, work) -> tuple[int, str, str, bool]:
+def _cell(lab, point: Point, fault: str, pid: int, port: int, work, what: tuple[str, ...] = ()
+          ) -> tuple[int, str, str, bool]:
     """The move, broken at point by fault, and `livemig recover` where it is wanted: the exit
     code, where the workload runs, the phase that failed, and whether the target's copy ran
-    and was lost (the source's then waits, stopped, for the operator's word)."""
+    and was lost (the source's then waits, stopped, for the operator's word). what: the
+    container to move, if not the tree at pid."""
     mover = lab.popen("a", ["env", f"LIVEMIG_TEST_STOP_AT={point.stop}", "livemig", "move", "--json",
-                            "--mode", point.mode, *point.flags, "--pid", str(pid), "b"],
+                            "--mode", point.mode, *point.flags, *(what or ("--pid", str(pid))), "b"],
                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stopped = wait_stopped(lab, mover, point.stop)
     squatter = None
@@ -306,3 +308,50 @@ def test_every_cell_of_the_matrix_is_tested_or_said_why_not():
 def test_the_cell_ends_with_one_whole_copy_and_nothing_left(lab, small_image_root, phase, fault):
     outcome = run_cell(lab, phase, fault, CELLS.index((phase, fault)), small_image_root)
     assert outcome in EXPECTED[(phase, fault)], outcome
+
+
+# A runc container's post-copy: runc's lazy dump serves its pages, which livemig reads in the
+# frozen container; the same faults end as a process tree's (memcounter in a runc container,
+# on the host's network, so that the client asks it as it asks a tree).
+RUNC_POSTCOPY = {"cut": MOVED, "agent": LOST("post-copy"), "ctrl-c": MOVED, "sigkill": Outcome(-9, B, "")}
+
+
+def container_states(lab, name: str) -> dict[str, str]:
+    """runc's word for the container on each host ("" where it knows none)."""
+    states = {}
+    for h in ("a", "b"):
+        res = lab.run(h, ["runc", "state", name], check=False)
+        states[h] = json.loads(res.stdout)["status"] if res.returncode == 0 else ""
+    return states
+
+
+def container_runs(lab, name: str) -> str:
+    """The host where the container runs, nothing of it left on the other."""
+    states = container_states(lab, name)
+    running = [h for h, st in states.items() if st == "running"]
+    assert len(running) <= 1 and all(st in ("", "running") for st in states.values()), states
+    return running[0] if running else ""
+
+
+@pytest.mark.parametrize("fault", list(RUNC_POSTCOPY))
+def test_a_runc_container_s_post_copy_ends_as_a_process_tree_s(lab, fault):
+    i = list(RUNC_POSTCOPY).index(fault)
+    name, port = f"pc{i}", 7980 + i
+    work = lab.start_container_workload("a", mib=MIB, dirty_mibps=DIRTY, port=port, container=name)
+    try:
+        before = work.query("a")
+        with Client(lab, port) as client:
+            code, _, failed, lost = _cell(lab, POINTS["post-copy"], fault, 0, port, work, what=(name,))
+        assert not client.errors and not client.taken_back(), (client.errors, client.said())
+        if lost:
+            assert container_states(lab, name) == {"a": "paused", "b": ""}       # stopped, and alone
+            res = lab.run("a", ["livemig", "recover", "--target-lost", "--json"], check=False, timeout=120)
+            assert res.returncode == 0 and json.loads(res.stdout)[0]["outcome"] == "rolled back", res.stdout
+        runs_on = container_runs(lab, name)
+        assert Outcome(code, runs_on, failed, lost) == RUNC_POSTCOPY[fault], client.said()
+        assert_counts_on_whole(work, runs_on, before)
+        assert_nothing_left(lab)
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["runc", "delete", "--force", name], check=False)
+            lab.run(h, ["rm", "-rf", work.bundle], check=False)

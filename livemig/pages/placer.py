@@ -149,6 +149,26 @@ def _place_runs(fd: int, base: int, k: int, runs: list[tuple[int, int]], view: m
         os.close(fd)
 
 
+def _or(holes: list[bytearray]) -> int:
+    """The union of several processes' missing pages, as one number (a byte per page)."""
+    union = 0
+    for h in holes:
+        union |= int.from_bytes(h, "big")
+    return union
+
+
+def _joined(runs: list[tuple[int, int, int, int]], gap: int) -> list[tuple[int, int, int, int]]:
+    """runs, each joined with the next in its range when at most gap pages lie between."""
+    out = [runs[0]]
+    for pid, ri, a, b in runs[1:]:
+        lpid, lri, la, lb = out[-1]
+        if (pid, ri) == (lpid, lri) and a - lb <= gap:
+            out[-1] = (pid, ri, la, b)
+        else:
+            out.append((pid, ri, a, b))
+    return out
+
+
 def _split(a: int, b: int, lo: int, hi: int) -> list[tuple[int, int, bool]]:
     """[a, b) cut at [lo, hi): (start, end, inside) for each non-empty piece."""
     cuts = sorted({a, b, min(max(lo, a), b), min(max(hi, a), b)})
@@ -340,18 +360,24 @@ class Placer:
                 self._queue(FAULT, pid, first, n)
 
     def missing(self) -> list[Range]:
-        """What the copy still lacks, for a fresh link's push: a span per lazy range, from its
-        first missing page to its last in any process of the copy (the pages between that are
-        in already are skipped as they land)."""
-        spans = []
+        """What the copy still lacks, for a fresh link's push: its runs of missing pages in
+        any process of the copy, by the image's addresses. Runs past SIZES.rejoin_runs are
+        joined across their smallest gaps (the pages between, in already, are skipped as
+        they land): the list crosses in one control message."""
+        runs: list[tuple[int, int, int, int]] = []      # (pid, range, first page, end page)
         for pid, lazy in self.lazy.items():
             tasks = [t for t in self.tasks.get(pid, []) if t.fd >= 0 and t.left]
-            for ri, r in enumerate(lazy.ranges):
-                firsts = [f for t in tasks if (f := t.holes[ri].find(1)) >= 0]
-                if firsts:
-                    last = max(t.holes[ri].rfind(1) for t in tasks)
-                    spans.append(Range(pid, r.vaddr + min(firsts) * PAGE, last - min(firsts) + 1))
-        return spans
+            for ri in range(len(lazy.ranges)):
+                holes = [t.holes[ri] for t in tasks if 1 in t.holes[ri]]
+                if not holes:
+                    continue
+                # a child forked: what any of them lacks (a byte per page, 0 or 1: OR is union)
+                lacks = holes[0] if len(holes) == 1 else bytearray(_or(holes).to_bytes(len(holes[0]), "big"))
+                runs += [(pid, ri, a, b) for a, b in pagehash.runs(lacks, 0, len(lacks))]
+        gap = 1
+        while len(runs) > SIZES.rejoin_runs:
+            runs, gap = _joined(runs, gap), gap * 2
+        return [Range(pid, self.lazy[pid].ranges[ri].vaddr + a * PAGE, b - a) for pid, ri, a, b in runs]
 
     # --- the restore's side ----------------------------------------------------------------------
     async def _handover(self) -> None:

@@ -6,9 +6,11 @@ wire speed, a fault's first. A fill: every page is on the target's host before i
 runs (crossed at the final dump, or held since pre-copy by hashes), and goes in from its
 memory. Either way, once the running copy has every page the source's copy goes.
 
-If that fails, the target decides who runs on (settle): its agent kills a copy that
-lacks pages before they could read as zeros, and the source follows its verdict; while
-nobody knows, the source's copy stays stopped: never two copies running.
+A link that breaks meanwhile is made again (rejoin.py): the copy waits for its pages, and
+gets them on the fresh link. If that fails, the target decides who runs on (settle): its
+agent kills a copy that lacks pages before they could read as zeros, and the source
+follows its verdict; while nobody knows, the source's copy stays stopped: never two copies
+running.
 """
 
 from __future__ import annotations
@@ -167,9 +169,10 @@ async def settle(m: Move, cause: BaseException) -> bool:
         m.report.warnings.append(f"how the target's copy ended is not settled ({why_not})")
         raise Unresolved(f"{m.lazy_phase} lost its link to {m.target} ({why(cause)}); the workload "
                          "is stopped here, whole as of the final dump", phase=m.phase, host=m.target,
-                         hint=f"{m.target} gives its copy up {m.options.reconnect_timeout:.0f} s after the link "
-                              f"broke, if nobody came back; then run `livemig recover` here, or `livemig "
-                              f"recover --target-lost` if {m.target} is gone for good") from None
+                         hint=f"once {m.target} answers, run `livemig recover` here: it takes the page stream up "
+                              f"if the copy there still waits (it gives up {m.options.reconnect_timeout:.0f} s after "
+                              f"the link broke), else settles what is left; `livemig recover --target-lost` if "
+                              f"{m.target} is gone for good") from None
     if whole:
         m.report.warnings += await copy.end()
         m.report.warnings.append(f"{m.lazy_phase} failed after the target had every page "

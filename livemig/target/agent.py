@@ -10,9 +10,11 @@ is gone (Resume). When the coordinator vanishes before that, it cannot tell whet
 source was committed away: the restored copy is left stopped, never killed, the images
 are deleted, and a marker says what was left (orphans.py), for the source's `livemig
 recover` to resume or kill through a fresh agent (SettleOrphan), by the commit mark the
-source wrote. Post-copy is the exception: a copy that lacks pages dies with its page
-source, whoever vanished (postcopy.py, guard.py), since the source's copy, stopped and
-whole, outlives it; a verdict file tells the source's `livemig recover` so (verdicts.py).
+source wrote. Post-copy is the exception: once its copy runs, a coordinator that vanished may
+come back, on a stream of its own (coordinator.py), and the copy waits for it; a copy
+that lacks pages dies with its page source once nobody came back (postcopy.py), or with
+this agent if it is killed (guard.py), since the source's copy, stopped and whole,
+outlives it; a verdict file tells the source's `livemig recover` so (verdicts.py).
 
 Where the agent stands is its stage (stage.py), read and changed in one place.
 """
@@ -146,7 +148,12 @@ class Agent:
                     if finished or not self._may_rejoin():
                         return 1
                     continue      # told to no one: the loop waits for the coordinator to come back
-                await self.line.say(reply)
+                try:
+                    await self.line.say(reply)
+                except ConnectionError:       # it went as we answered: it may come back, and ask again
+                    if await self._await_rejoin():
+                        continue
+                    raise
             return 0
         except (EOFError, ConnectionError, TimeoutError):
             return 1     # the coordinator is gone: cleanup below decides what stays

@@ -8,10 +8,13 @@ page pushed before the copy runs: stop-and-copy into memory too); the copy may r
 once every page is here, the source's copy waiting, stopped, until it has them all, as
 in post-copy.
 
-A copy that lacks pages dies with its page source, whoever vanished, since the source's
-copy, stopped and whole, outlives it: settle() kills it before its uffds are let go, and
-the guard (guard.py) does so if this agent is killed outright. The verdict (verdicts.py)
-says, at each step, how it stands, for the source's `livemig recover`.
+Once the copy runs, a link that breaks is waited for: the coordinator may come back within
+the Restore's rejoin_within (rejoin(), and coordinator.py for its requests), and the
+placer takes its pages on the fresh link. A copy that lacks pages dies with its page
+source once that is over, since the source's copy, stopped and whole, outlives it:
+settle() kills it before its uffds are let go, and the guard (guard.py) does so if this
+agent is killed outright. The verdict (verdicts.py) says, at each step, how it stands,
+for the source's `livemig recover`.
 """
 
 from __future__ import annotations

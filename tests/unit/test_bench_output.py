@@ -53,3 +53,10 @@ def test_a_container_is_its_own_scenario_with_its_own_baseline():
     assert by[("runc", "livemig postcopy")]["less_downtime_than_seeds"] == 4.0
     assert by[("process", "livemig postcopy")]["less_downtime_than_seeds"] == 10.0
     assert "| runc | 64 | 10 | livemig postcopy | 500 |" in table(result(boxed))
+
+
+def test_a_cut_s_cost_is_the_ratio_of_medians_cut_over_uncut():
+    from bench.cut import ratios
+    samples = [{"cut": c, "postcopy_seconds": t, "wire_bytes": w, "longest_wait_for_b_after": g}
+               for c, t, w, g in [(False, 30, 100, 2), (False, 34, 100, 2), (True, 40, 110, 3), (True, 36, 130, 3)]]
+    assert ratios(samples) == {"postcopy_seconds": 38 / 32, "wire_bytes": 120 / 100, "longest_wait_for_b_after": 1.5}

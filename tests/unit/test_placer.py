@@ -11,6 +11,7 @@ import ctypes
 import os
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -377,3 +378,18 @@ def test_addresses_follow_each_move_and_a_vacated_range_holds_nothing():
     assert t.image(0x90000, 0x94000) == [(0x10000, 0x11000), (0x12000, 0x14000)]  # the 2nd page left
     assert t.image(0x20000, 0x21000) == [(0x11000, 0x12000)]
     assert t.image(0x10000, 0x14000) == []       # where they were: nothing of the image (mremap's unmap event)
+
+
+def test_what_a_copy_lacks_is_said_in_runs_a_forked_child_s_too_and_joined_past_the_limit(monkeypatch):
+    import dataclasses
+
+    from livemig.pages import placer as placer_mod
+    from livemig.pages.placer import _Task
+    p = Placer(Path("/nonexistent"), [Range(PID, BIG, 10), Range(PID, SMALL, 4)])
+    parent = bytearray(b"\1\1\0\0\1\0\0\0\0\1")
+    child = bytearray(b"\0\0\0\1\0\0\0\0\0\0")      # forked after its parent got page 3; lost it since
+    p.tasks[PID] = [_Task(PID, 99, [parent, bytearray(4)], 4),
+                    _Task(PID, 98, [child, bytearray(4)], 1, forked=True)]
+    assert p.missing() == [Range(PID, BIG, 2), Range(PID, BIG + 3 * PAGE, 2), Range(PID, BIG + 9 * PAGE, 1)]
+    monkeypatch.setattr(placer_mod, "SIZES", dataclasses.replace(SIZES, rejoin_runs=2))
+    assert p.missing() == [Range(PID, BIG, 5), Range(PID, BIG + 9 * PAGE, 1)]     # the 1-page gap joined first
