@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from livemig import criu
+from tests.held import end_if_held, go_on, wait_stopped
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +109,44 @@ def test_livemig_auto_picks_hybrid_here(vm_lab):
     after = work.query("b", wait=30)
     assert after["counter"] > before["counter"] and work.query("b", "verify")["bad_pages"] == 0
     vm_lab.run("b", ["kill", str(work.pid)])
+
+
+@pytest.mark.parametrize("fault, pid", [("cut", 4706), ("sigkill", 4707)])
+def test_hybrid_s_post_copy_broken_here_goes_forward_and_ends_on_b(vm_lab, fault, pid):
+    # auto's choice where the kernel tracks dirty pages: pre-copy rounds, then a lazy final
+    # dump whose pages follow the resume. Held once the copy on b runs (its pages wait for
+    # the coordinator, stopped), then every SSH session to b is cut (the link is made
+    # again) or the coordinator killed (`livemig recover` takes its page stream up)
+    work = vm_lab.start_workload("a", mib=24, dirty_mibps=1, pid=pid, hot_mib=6)
+    before = work.query("a")
+    mover = vm_lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=running", "livemig", "move", "--json", "--mode",
+                               "hybrid", "--pid", str(pid), "b"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        stopped = wait_stopped(vm_lab, mover, "running", within=900)
+        if fault == "cut":      # the harness's own session to b goes too: its pkill exits unheard
+            vm_lab.run("b", ["pkill", "-KILL", "-x", "sshd-session"], check=False)
+        else:
+            vm_lab.run("a", ["kill", "-KILL", *stopped])
+        go_on(vm_lab, mover, stopped)
+        out, err = mover.communicate(timeout=900)
+    finally:
+        end_if_held(vm_lab, mover)
+    if fault == "cut":
+        assert mover.returncode == 0, err.decode()
+        report = json.loads(out)
+        assert (report["mode"], report["outcome"], report["reconnects"]) == ("hybrid", "moved", 1), report
+        assert report["rounds"][0]["kind"] == "pre-dump" and report["postcopy_pages"] > 0, report
+    else:
+        res = vm_lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=600)
+        [settled] = json.loads(res.stdout)
+        assert res.returncode == 0 and settled["outcome"] == "moved", settled
+        assert "has every page now" in settled["detail"], settled
+    after = work.query("b", wait=60)
+    assert after["host"] == "b" and after["counter"] > before["counter"]
+    assert work.query("b", "verify")["bad_pages"] == 0
+    assert vm_lab.run("a", ["kill", "-0", str(pid)], check=False).returncode != 0     # nothing runs on a
+    vm_lab.run("b", ["kill", str(pid)])
 
 
 def test_containers_pre_copy_here_runc_crun_and_podman(vm_lab):

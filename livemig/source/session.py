@@ -93,9 +93,8 @@ class TargetSession:
             raise ConnectionFailed(f"no agent on {self.target} to rejoin", host=self.target)
         old, old_faults = self.transport, self._fault_link
         self.agent, self.agent_proc, self._fault_link = None, None, None
-        for task in (old_faults,):
-            if task is not None:
-                task.cancel()
+        if old_faults is not None:
+            old_faults.cancel()      # its connection, if it made one, went with the link
         if old is not None:
             # its peer is gone, or unreachable: closing it may wait for nobody
             with contextlib.suppress(Exception, TimeoutError):
