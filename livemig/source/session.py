@@ -93,13 +93,17 @@ class TargetSession:
             raise ConnectionFailed(f"no agent on {self.target} to rejoin", host=self.target)
         old, old_faults = self.transport, self._fault_link
         self.agent, self.agent_proc, self._fault_link = None, None, None
-        if old_faults is not None:
-            old_faults.cancel()      # its connection, if it made one, went with the link
+        # their peer is gone, or unreachable: closing them may wait for nobody
         if old is not None:
-            # its peer is gone, or unreachable: closing it may wait for nobody
             with contextlib.suppress(Exception, TimeoutError):
                 async with asyncio.timeout(WAITS.agent_exit):
                     await old.close()
+        if old_faults is not None:
+            old_faults.cancel()
+            # cancelled just now, or it never connected: there is nothing left to close (as in close())
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(WAITS.agent_exit):
+                    await (await old_faults).close()
         transport = self.transport = await self._connect(self.target)
         try:
             reader, writer = await transport.open_unix(self.welcome.stream_socket)
