@@ -76,7 +76,7 @@ def line(e: Event) -> str | None:
     if isinstance(e, Cautioned):
         return f"warning: {e.text}"
     if isinstance(e, Reconnecting):
-        return (f"the link to {e.host} broke ({e.why}): reaching it again for up to {e.within:.0f} s; "
+        return (f"the link to {e.host} broke ({e.why}): reaching it again for up to {e.within:g} s; "
                 "its copy waits on the pages it lacks meanwhile...")
     if isinstance(e, Reconnected):
         return f"back on {e.host} after {e.seconds:.1f} s: the {e.pages} pages its copy still lacks follow..."

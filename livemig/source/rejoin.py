@@ -72,7 +72,7 @@ async def reconnect(m: Move, cause: BaseException) -> None:
             last = e     # not there yet: each try until the time is up, the last one said
         if loop.time() + delay >= deadline:
             raise ConnectionFailed(f"the link to {m.target} broke ({why(cause)}) and could not be made again "
-                                   f"within {within:.0f} s ({why(last)})", phase=m.phase, host=m.target)
+                                   f"within {within:g} s ({why(last)})", phase=m.phase, host=m.target)
         await asyncio.sleep(delay)
         delay = min(delay * 2, WAITS.reconnect_longest_retry)
     m.pusher = pusher

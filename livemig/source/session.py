@@ -93,8 +93,8 @@ class TargetSession:
             raise ConnectionFailed(f"no agent on {self.target} to rejoin", host=self.target)
         old, old_faults = self.transport, self._fault_link
         self.agent, self.agent_proc, self._fault_link = None, None, None
-        # their peer is gone, or unreachable: closing them may wait for nobody
         if old is not None:
+            # its peer is gone, or unreachable: closing it may wait for nobody, or fail
             with contextlib.suppress(Exception, TimeoutError):
                 async with asyncio.timeout(WAITS.agent_exit):
                     await old.close()
