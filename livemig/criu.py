@@ -119,6 +119,13 @@ def connections_closed(opts: Options) -> list[str]:
     return [] if opts.tcp_established else ["--tcp-close"]
 
 
+def connections_config(opts: Options) -> str:
+    """A container's final dump's connection options, as CRIU's configuration file spells
+    them: runc and crun pass no --tcp-close or --skip-in-flight of their own (runc 1.1 has
+    neither flag). Their restores close the connections too (RESTORED_CONFIG)."""
+    return "skip-in-flight\n" + "".join(f"{flag[2:]}\n" for flag in connections_closed(opts))
+
+
 def page_server(images: str, ps_fd: int, parent: str | None) -> list[str]:
     argv = ["criu", "page-server", "-D", images, "-o", "page-server.log", "--ps-socket", str(ps_fd)]
     if parent:
@@ -132,6 +139,10 @@ def page_server(images: str, ps_fd: int, parent: str | None) -> list[str]:
 # runtime's request), and keeps what it sets that the request does not.
 CONFIG_FILE_ENV = "CRIU_CONFIG_FILE"
 LEAVE_STOPPED_CONFIG = "leave-stopped\n"
+# a container's restore: stopped until the Resume, and its connections closed as its dump closed
+# them (CRIU refuses images dumped with --tcp-close restored without it; without such sockets
+# in the images, it changes nothing)
+RESTORED_CONFIG = LEAVE_STOPPED_CONFIG + "tcp-close\n"
 
 
 def configured(path: Path, options: str) -> dict[str, str]:

@@ -161,7 +161,11 @@ class OciContainer(Workload):
         frozen_at = time.monotonic()
         await proc.run([self.kind, "pause", self.container], phase=Phase.FINAL_DUMP)
         self.paused = True
-        pages = _PageSocket(images) if self.streams_pages or lazy else None
+        connections = criu.connections_config(self.opts)
+        pages = _PageSocket(images, connections) if self.streams_pages or lazy else None
+        # without a page socket, the connections' options alone (the runtimes have no flags
+        # for them, or only newer ones do)
+        env = pages.env if pages else proc.environ(**criu.configured(images / PAGES_CONFIG, connections))
         status_r, status_w = os.pipe() if lazy else (-1, -1)   # a lazy dump says "ready" on it
         try:
             argv = checkpoint(self.kind, self.container, str(images),
@@ -169,8 +173,7 @@ class OciContainer(Workload):
                               page_server=pages.address if pages else None,
                               lazy=lazy, status_fd=status_w if lazy else None, opts=self.opts)
             pass_fds = [*(pages.pass_fds if pages else ()), *([status_w] if lazy else [])]
-            dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=pass_fds,
-                                       env=pages.env if pages else None)
+            dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=pass_fds, env=env)
         except BaseException:
             if pages:
                 pages.close()
@@ -234,16 +237,17 @@ class OciContainer(Workload):
 
 class _PageSocket:
     """Where CRIU's page-server connection goes: a socketpair, its far end named to CRIU
-    through CRIU_CONFIG_FILE, and the held port runc is told (see the module doc)."""
+    through CRIU_CONFIG_FILE, and the held port runc is told (see the module doc). also:
+    more of CRIU's configuration, in the same file (a final dump's connections_config)."""
 
-    def __init__(self, images: Path):
+    def __init__(self, images: Path, also: str = ""):
         self.ours, theirs = socket.socketpair()
         try:
             self.fd = fcntl.fcntl(theirs.fileno(), fcntl.F_DUPFD_CLOEXEC, _PAGES_FD_FLOOR)
         finally:
             theirs.close()
         self.held = _held_port()
-        self.env = proc.environ(**criu.configured(images / PAGES_CONFIG, f"ps-socket {self.fd}\n"))
+        self.env = proc.environ(**criu.configured(images / PAGES_CONFIG, f"ps-socket {self.fd}\n{also}"))
         self.address = f"{LOOPBACK}:{self.held.getsockname()[1]}"
         self.pass_fds = (self.fd,)
 

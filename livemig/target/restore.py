@@ -57,7 +57,7 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         if await runtimes.known(c):   # never touch a container of someone else's
             raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
         argv = runtimes.restore_command(c, d, pidfile, lazy)
-        env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.LEAVE_STOPPED_CONFIG))
+        env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.RESTORED_CONFIG))
         copy.containers.append(c)
         if guard is not None:
             guard.tell("container", c.runtime, c.id)

@@ -89,3 +89,9 @@ def test_the_line_that_says_why_a_command_failed_skips_the_warnings_around_it():
     assert why(err) == "Error: conmon failed: exit status 1"
     assert why(b"criu: no such file\n\n") == "criu: no such file"
     assert why(b"") == "no error output"
+
+
+def test_a_container_s_final_dump_skips_in_flight_connections_and_closes_the_rest_by_its_config():
+    assert criu.connections_config(criu.Options()) == "skip-in-flight\ntcp-close\n"
+    assert criu.connections_config(criu.Options(tcp_established=True)) == "skip-in-flight\n"
+    assert criu.RESTORED_CONFIG.splitlines() == ["leave-stopped", "tcp-close"]
