@@ -162,9 +162,13 @@ class PostCopy:
     def rejoin(self, msg: p.RejoinPages) -> p.PagesRejoined:
         """The coordinator is back: the copy's pages come on msg's streams from now on, and
         what it still lacks is what the source pushes there (nothing, if it is whole)."""
-        placing = self._placer()
-        if self.rejoin_within is None or not self.stages.running or self.task.done():
+        if self.rejoin_within is None or not self.stages.running:
             raise AgentFailure(self.phase, "no running copy's page stream here to rejoin")
+        if self.pages is Pages.WHOLE:
+            return p.PagesRejoined([])      # whole before the link broke: nothing to take up
+        placing = self._placer()
+        if self.task.done():
+            raise AgentFailure(self.phase, f"the copy's pages stopped coming: {self.verdicts.read(self.ws.name)[1]}")
         placing.drop_link()
         if placing.whole or (self.fill and placing.all_here.is_set()):
             return p.PagesRejoined([])      # nothing more from the source: the old link ends all the same
@@ -223,6 +227,10 @@ class PostCopy:
         """The copy runs now; False if its pages have nothing more to do with it."""
         if self.pages is Pages.HERE:
             await self._whole()
+        elif self.pages is Pages.WHOLE:
+            # whole before it ran (its restore left nothing lazy): the Resume's verdict, "serving"
+            # (it may have answered clients), is "whole" again
+            self.verdicts.write(self.ws.name, "whole", phase=self.phase)
         elif self.placer is not None:
             self.placer.resumed()
         else:
