@@ -113,7 +113,7 @@ async def test_a_container_is_restored_with_a_criu_configuration_that_leaves_it_
     (restoring, env), (pausing, pause_env) = ran
     assert restoring == argv and pausing == ["runc", "pause", "web1"] and pause_env is None
     assert env is not None and env["PATH"] == proc.environ()["PATH"]
-    assert Path(env[criu.CONFIG_FILE_ENV]).read_bytes() == b"leave-stopped\n"
+    assert Path(env[criu.CONFIG_FILE_ENV]).read_bytes() == b"leave-stopped\ntcp-close\n"
     assert Path(env[criu.CONFIG_FILE_ENV]).parent == tmp_path       # the move's own, private
 
 
