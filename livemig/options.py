@@ -63,6 +63,9 @@ class Waits:
     reconnect_first_retry: float = 0.5    # before trying a broken link again; doubled at each try, up to
     reconnect_longest_retry: float = 10.0  # this: a link back after a blip is used at once, and a host down
     #                                      for minutes is not asked twenty times a second
+    successor_appears: float = 3.0        # for a dead agent's guard to wait for a successor, once the agent's
+    #                                      socket is found unanswered: it hears of the death at once, then
+    #                                      writes a verdict (synced) before it listens
     recover_retry_poll: float = 0.5       # between asking a target that said "try again" (recover)
     throttle_hold_poll: float = 0.002     # between looks at whether the throttled workload is being frozen
     # -- the page stream (both ends)

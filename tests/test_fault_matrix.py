@@ -277,13 +277,10 @@ EXPECTED = {
     # stand, and the move goes forward. A cut link is made again and the copy gets the rest of
     # its pages on the fresh one (a fill's copy, every page on its host, needs none); a Ctrl-C
     # waits for the copy to be whole; a coordinator killed, `livemig recover` takes its page
-    # stream up. Where no way forward exists yet (its agent killed: the guard kills the copy,
-    # issue 26's next step), the source's copy waits, stopped, for the operator's word (exit
-    # code 9, then `livemig recover --target-lost`).
-    **_row("fill", cut=MOVED, agent=(LOST("fill"), MOVED), disk=MOVED, ctrl_c=MOVED,
-           sigkill=Outcome(-9, B, "")),
-    **_row("post-copy", cut=MOVED, agent=LOST("post-copy"), disk=MOVED, ctrl_c=MOVED,
-           sigkill=Outcome(-9, B, "")),
+    # stream up; its agent killed, a successor takes the copy over from the agent's guard,
+    # which holds its uffds meanwhile.
+    **_row("fill", cut=MOVED, agent=MOVED, disk=MOVED, ctrl_c=MOVED, sigkill=Outcome(-9, B, "")),
+    **_row("post-copy", cut=MOVED, agent=MOVED, disk=MOVED, ctrl_c=MOVED, sigkill=Outcome(-9, B, "")),
     # its pages stream to the target's page server during the final dump
     **_row("final dump, files", cut=Outcome(4, A, "final dump"), agent=Outcome(4, A, "final dump"),
            disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),
@@ -313,7 +310,7 @@ def test_the_cell_ends_with_one_whole_copy_and_nothing_left(lab, small_image_roo
 # A runc container's post-copy: runc's lazy dump serves its pages, which livemig reads in the
 # frozen container; the same faults end as a process tree's (memcounter in a runc container,
 # on the host's network, so that the client asks it as it asks a tree).
-RUNC_POSTCOPY = {"cut": MOVED, "agent": LOST("post-copy"), "ctrl-c": MOVED, "sigkill": Outcome(-9, B, "")}
+RUNC_POSTCOPY = {"cut": MOVED, "agent": MOVED, "ctrl-c": MOVED, "sigkill": Outcome(-9, B, "")}
 
 
 def container_states(lab, name: str) -> dict[str, str]:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import enum
 import itertools
 import os
@@ -114,6 +115,7 @@ class _Task:
         self.pid, self.fd, self.holes, self.left = pid, fd, holes, left
         self.remaps = remaps or []      # (from, to, length) in the order the process moved them
         self.forked = forked            # a child forked since the restore: its pages are not counted as served
+        self.index = -1                 # its uffd's among those told to the guard
         self.retry: list[int] = []      # faults to answer again: the kernel said Busy
 
     def current(self, vaddr: int) -> int:
@@ -187,7 +189,12 @@ class Placer:
         self.images = images
         self.store = store
         self.stall_seconds = stall_seconds
-        self.on_uffd = on_uffd          # on_uffd(fd) for each uffd received (the guard holds a duplicate)
+        # on_uffd(pid, fd) for each uffd received, on_remap(index, from, to, length) for each move of
+        # a range, index: the uffd's among those received: the guard holds a duplicate of each, and
+        # what a successor needs to know of them
+        self.on_uffd = on_uffd
+        self.on_remap: Callable[[int, int, int, int], None] | None = None
+        self._told = 0           # uffds received so far
         grouped = collections.defaultdict(list)
         for r in ranges:
             grouped[r.pid].append(r)
@@ -247,6 +254,33 @@ class Placer:
         s.setblocking(False)
         self._listener = s
 
+    def adopt(self, uffds: list[tuple[int, int]], remaps: list[tuple[int, int, int, int]]) -> None:
+        """A successor's: the copy runs, its uffds come from the dead agent's guard (PID in
+        the dump, uffd; remaps: (index in uffds, from, to, length), in the order they came),
+        and which pages it lacks is not known: every lazy page is taken for missing (one
+        there already is skipped as it lands). Its faults read and left unanswered by the
+        dead agent are woken, to fault again."""
+        for pid, fd in uffds:
+            os.set_blocking(fd, False)
+            lazy = self.lazy.get(pid) or _Lazy([])
+            task = _Task(pid, fd, [bytearray(b"\1") * r.pages for r in lazy.ranges], lazy.pages,
+                         forked=bool(self.tasks.get(pid)))
+            self.tasks.setdefault(pid, []).append(task)
+            task.index, self._told = self._told, self._told + 1
+        tasks = [t for ts in self.tasks.values() for t in ts]
+        for index, frm, to, length in remaps:
+            tasks[index].remaps.append((frm, to, length))
+        if self._listener is not None:
+            self._listener.close()       # CRIU's restore is long over: nobody hands uffds over there
+            self._listener = None
+        self._advance(Stage.REPLAYING)
+        self._advance(Stage.PLACING)
+        self.resumed()
+        for task in tasks:
+            self._watch_uffd(task)
+            with contextlib.suppress(uffd.Gone):     # its process exited meanwhile: nothing waits there
+                uffd.wake_all(task.fd)
+
     def resumed(self) -> None:
         """The copy runs, so a silent source leaves it waiting on missing pages; a fill's
         threads start placing."""
@@ -265,7 +299,7 @@ class Placer:
             self._listener.close()
             self._listener = None
 
-    async def run(self, remote: tuple, faults: tuple | None = None,
+    async def run(self, remote: tuple | None, faults: tuple | None = None,
                    relink: Callable[[], Awaitable[Link]] | None = None) -> postcopy.Served:
         """Until every page is in and the source has said how its page server ended.
         faults: the stream of pages that faults wait for, if the source has one.
@@ -281,7 +315,7 @@ class Placer:
                 if self.store is not None:
                     background += [tg.create_task(self._filler()) for _ in range(SIZES.fill_threads)]
                 handover = tg.create_task(self._handover())
-                link: Link = (remote, faults)
+                link: Link = (remote, faults) if remote is not None else await self._first(relink)
                 while True:
                     try:
                         await self._over(*link)
@@ -300,6 +334,13 @@ class Placer:
         except BaseExceptionGroup as eg:
             raise postcopy.told(eg, "source") from None
         return self.stats
+
+    @staticmethod
+    async def _first(relink: Callable[[], Awaitable[Link]] | None) -> Link:
+        """A successor's first link: the one its coordinator opens once it took the copy over."""
+        if relink is None:
+            raise LivemigError("no link to take the pages on")
+        return await relink()
 
     async def _over(self, remote: tuple, faults: tuple | None) -> None:
         """One link's part: until every page is in and the source's status is here, or the
@@ -381,6 +422,8 @@ class Placer:
 
     # --- the restore's side ----------------------------------------------------------------------
     async def _handover(self) -> None:
+        if self.stage is not Stage.RESTORING:
+            return      # a successor's: the uffds came from the guard (adopt)
         loop = asyncio.get_running_loop()
         listener = self._listener
         if listener is None:
@@ -401,8 +444,7 @@ class Placer:
                 lazy = self.lazy.get(pid) or _Lazy([])
                 task = _Task(pid, fd, [bytearray(b"\1") * r.pages for r in lazy.ranges], lazy.pages)
                 self.tasks.setdefault(pid, []).append(task)
-                if self.on_uffd is not None:
-                    self.on_uffd(fd)
+                self._tell_uffd(task)
                 self._watch_uffd(task)      # the restore itself may fault (a task's stack, say)
         self._advance(Stage.REPLAYING)
         early, self.early = self.early, []
@@ -715,6 +757,8 @@ class Placer:
                         self._fork(task, e.uffd)
                     elif isinstance(e, uffd.Remap):
                         task.remaps.append((e.old, e.new, e.length))
+                        if self.on_remap is not None:
+                            self.on_remap(task.index, e.old, e.new, e.length)
                     elif isinstance(e, uffd.Removed):
                         self._removed(task, e)
         except uffd.Gone:         # a fault answered again, too, may find its process gone
@@ -791,9 +835,13 @@ class Placer:
         child = _Task(parent.pid, fd, [bytearray(h) for h in parent.holes], parent.left,
                       list(parent.remaps), forked=True)
         self.tasks[parent.pid].append(child)
-        if self.on_uffd is not None:
-            self.on_uffd(fd)
+        self._tell_uffd(child)
         self._watch_uffd(child)
+
+    def _tell_uffd(self, task: _Task) -> None:
+        task.index, self._told = self._told, self._told + 1
+        if self.on_uffd is not None:
+            self.on_uffd(task.pid, task.fd)
 
     def _removed(self, task: _Task, e: uffd.Removed) -> None:
         if not e.unmapped:

@@ -14,6 +14,7 @@ import fcntl
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import LivemigError
 
@@ -182,6 +183,31 @@ def wake(fd: int, address: int, length: int = PAGE) -> None:
     # refused only once the range or the process is gone: then nobody waits there
     with contextlib.suppress(OSError):
         fcntl.ioctl(fd, UFFDIO_WAKE, struct.pack("<QQ", address, length))
+
+
+# The top of a process's address space as kernels set it, highest first (x86-64 with five levels
+# of page table, AArch64 with 52 and 48 bits, x86-64 with four): UFFDIO_WAKE refuses a range past
+# the process's own (EINVAL), and the first it takes covers all of it.
+_TOPS = ((1 << 56) - PAGE, 1 << 52, 1 << 48, (1 << 47) - PAGE)
+
+
+def wake_all(fd: int) -> None:
+    """Wake every thread that waits on fd: a fault read by an agent that died before it
+    answered it faults again, and is read anew."""
+    try:
+        lowest = int(Path("/proc/sys/vm/mmap_min_addr").read_text()) or PAGE
+    except (OSError, ValueError):
+        lowest = 1 << 16          # the kernel's default: nothing is ever mapped below
+    lowest = -(-lowest // PAGE) * PAGE
+    for top in _TOPS:
+        try:
+            fcntl.ioctl(fd, UFFDIO_WAKE, struct.pack("<QQ", lowest, top - lowest))
+            return
+        except OSError as e:
+            if e.errno in (errno.ENOMEM, errno.ESRCH):      # what the kernel says once the process is gone
+                raise Gone(os.strerror(e.errno)) from None
+            if e.errno != errno.EINVAL:
+                raise
 
 
 def unregister(fd: int, address: int, length: int) -> None:

@@ -60,14 +60,22 @@ async def reconnect(m: Move, cause: BaseException) -> None:
     loop = asyncio.get_running_loop()
     deadline, delay, last = loop.time() + within, WAITS.reconnect_first_retry, cause
     unreached: tuple[type[BaseException], ...] = (LivemigError, OSError, TimeoutError, *link_errors())
+    gone_since = None
     while True:
         try:
             async with asyncio.timeout(max(deadline - loop.time(), 0.01)):
                 pusher, missing, m.relay = await pushed_again(m.to, m.rejoin_token, m.options.compression_level,
-                                                              by_pid(m.w), fault_link=True)
+                                                              by_pid(m.w), fault_link=True, within=within)
             break
-        except (AgentGone, p.RemoteFailure):
-            raise        # the target answered: nothing waits for us there (settle asks how it ended)
+        except AgentGone as e:
+            # the target answered, and nobody waits for us there (settle asks how the copy ended),
+            # unless a dead agent's guard is a moment late to wait for a successor
+            gone_since = gone_since or loop.time()
+            if loop.time() - gone_since > WAITS.successor_appears:
+                raise
+            last = e
+        except p.RemoteFailure:
+            raise        # the agent refused: it says why
         except unreached as e:
             last = e     # not there yet: each try until the time is up, the last one said
         if loop.time() + delay >= deadline:
@@ -85,11 +93,17 @@ async def reconnect(m: Move, cause: BaseException) -> None:
 
 
 async def pushed_again(to: TargetSession, rejoin_token: str, level: int, tree: dict[int, int],
-                       fault_link: bool) -> tuple[push.Pusher, list[Range], asyncio.Task[pages.Pushed]]:
-    """One try: a fresh connection, the agent rejoined, and the push of what its copy lacks
-    started, read in tree (PID here -> PID in the dump): the pusher, what it pushes, and
-    the task that does. fault_link: the faults' pages on a connection of their own."""
-    await to.rejoin(rejoin_token)
+                       fault_link: bool, within: float) -> tuple[push.Pusher, list[Range], asyncio.Task[pages.Pushed]]:
+    """One try: a fresh connection, the agent rejoined (or a successor of a dead one), and
+    the push of what its copy lacks started, read in tree (PID here -> PID in the dump): the
+    pusher, what it pushes, and the task that does. fault_link: the faults' pages on a
+    connection of their own. within: how long the copy waits for us, should the link
+    break again."""
+    try:
+        await to.rejoin(rejoin_token)
+    except AgentGone:
+        # its agent died: a successor takes the copy over from its guard, if that waits for one
+        await to.succeed(rejoin_token, within)
     faults, fault_token = None, token()
     if fault_link:
         to.open_fault_link()
@@ -108,11 +122,11 @@ async def _nothing(pusher: push.Pusher) -> pages.Pushed:
     return pusher.stats      # the copy lacked nothing by the time we came back
 
 
-async def take_up(to: TargetSession, rejoin_token: str, level: int, tree: dict[int, int]) -> int:
+async def take_up(to: TargetSession, rejoin_token: str, level: int, tree: dict[int, int], within: float) -> int:
     """`livemig recover`, its coordinator gone: the page stream taken up where it stopped,
     until the target's copy has every page (how many it still lacked). Raises AgentGone
     when nobody waits there."""
-    _, missing, relay = await pushed_again(to, rejoin_token, level, tree, fault_link=False)
+    _, missing, relay = await pushed_again(to, rejoin_token, level, tree, fault_link=False, within=within)
     try:
         await to.request(p.AwaitLazy(), p.LazyDone)
         await relay

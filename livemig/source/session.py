@@ -66,13 +66,15 @@ class TargetSession:
         """How this session reaches its target: for a fresh connection when the agent is gone."""
         return self._connect
 
-    async def open(self) -> None:
+    async def open(self, successor: bool = False) -> None:
+        """successor: the agent takes over the copy of one that died (TakeOver next)."""
         transport = self.transport = await self._connect(self.target)
         argv = [*self.options.agent_command, "agent", "--image-root", self.options.image_root]
         agent = self.agent_proc = await transport.start(argv)
         self.agent = p.Channel(agent.reader, agent.writer)
         try:
-            await p.write_message(agent.writer, p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id))
+            await p.write_message(agent.writer, p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id,
+                                                        successor))
             welcome = await p.read_message(agent.reader)
         except (EOFError, ConnectionError, p.ProtocolError):
             done = await agent.wait()
@@ -112,6 +114,22 @@ class TargetSession:
         writer.write(tok.encode() + b"\n")
         await writer.drain()
         self.agent = p.Channel(reader, writer)
+
+    async def succeed(self, tok: str, within: float, images: str = "final") -> None:
+        """The agent is gone, its copy's guard waiting for a successor: a fresh agent takes
+        the copy over, and takes us back on the stream tok should the link break again.
+        Raises AgentGone if nothing waits there."""
+        old = self.transport
+        if old is not None:
+            # the rejoin's connection, which found no agent: this one starts a fresh one
+            with contextlib.suppress(Exception, TimeoutError):
+                async with asyncio.timeout(WAITS.agent_exit):
+                    await old.close()
+        try:
+            await self.open(successor=True)
+        except PreflightError as e:
+            raise AgentGone(f"nothing on {self.target} waits for a successor ({e.message})", host=self.target) from None
+        await self.request(p.TakeOver(images, tok, within), p.Done)
 
     async def finish(self) -> None:
         """The move's end, told to the agent: it forgets what it kept for a rollback."""

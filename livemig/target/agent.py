@@ -12,9 +12,10 @@ are deleted, and a marker says what was left (orphans.py), for the source's `liv
 recover` to resume or kill through a fresh agent (SettleOrphan), by the commit mark the
 source wrote. Post-copy is the exception: once its copy runs, a coordinator that vanished may
 come back, on a stream of its own (coordinator.py), and the copy waits for it; a copy
-that lacks pages dies with its page source once nobody came back (postcopy.py), or with
-this agent if it is killed (guard.py), since the source's copy, stopped and whole,
-outlives it; a verdict file tells the source's `livemig recover` so (verdicts.py).
+that lacks pages dies with its page source once nobody came back (postcopy.py), since the
+source's copy, stopped and whole, outlives it; this agent killed, its guard holds the copy
+for a successor (an agent started with Hello's successor, then TakeOver), or kills it
+(guard.py); a verdict file tells the source's `livemig recover` how it stands (verdicts.py).
 
 Where the agent stands is its stage (stage.py), read and changed in one place.
 """
@@ -40,6 +41,7 @@ from . import orphans, preflight, restore
 from .coordinator import Coordinator, Rejoined
 from .copy import Copy
 from .failures import AgentFailure, reap
+from .guard import Guard, Handover
 from .postcopy import PostCopy
 from .receive import Images
 from .stage import Stage, StageError, Stages
@@ -64,6 +66,7 @@ class Agent:
         self._images: Images | None = None
         self.lazy: PostCopy | None = None           # post-copy, or a fill, under way or over
         self.stopping: str | None = None  # why a handler was cut short
+        self.succession: tuple[Guard, Handover] | None = None    # a successor's, until TakeOver
         self.handlers: dict[type, Handler] = {
             p.Probe: lambda m: preflight.probe(m, self.ws),
             p.CpuinfoCheck: lambda m: preflight.cpuinfo_check(m, self.ws),
@@ -75,9 +78,10 @@ class Agent:
             p.ReceiveTree: lambda m: self.images.receive_tree(m),
             p.LoadImage: lambda m: self.images.load_image(m),
             p.Restore: self.on_restore,
-            p.AwaitLazy: self.on_await_lazy,
-            p.RejoinPages: self.on_rejoin_pages,
-            p.SettlePostcopy: self.on_settle_postcopy,
+            p.AwaitLazy: lambda m: self._lazy.done(),
+            p.RejoinPages: lambda m: self._lazy.rejoin(m),
+            p.TakeOver: self.on_take_over,
+            p.SettlePostcopy: lambda m: self._lazy.settled(),
             p.Resume: self.on_resume,
             p.Abort: self.on_abort,
             p.Finish: self.on_finish,
@@ -119,7 +123,7 @@ class Agent:
                 return 2
             self.line.listen()
             while not finished:
-                msg = await self._next_message()
+                msg = await self.line.next(lost=self.lazy is not None and self.lazy.lost)
                 if isinstance(msg, Rejoined):
                     await self.line.switch(msg)
                     continue
@@ -210,19 +214,13 @@ class Agent:
             if not handling.done():
                 handling.cancel()
 
-    async def _next_message(self) -> object:
-        if self.line.read_ahead:
-            return await self.line.next()
-        if self.lazy is not None and self.lazy.lost:
-            # Post-copy failed here and its copy is gone: a coordinator that can still reach
-            # us asks within seconds. Across a cut link its hang-up may never arrive, and
-            # this agent would hold its images for as long as TCP keeps the session.
-            async with asyncio.timeout(WAITS.linger_after_failed_postcopy):
-                return await self.line.take()
-        return await self.line.take()
-
     async def _start(self, hello: p.Hello) -> None:
-        self._ws = Workspace.make(self.root, hello.migration_id)
+        if hello.successor:
+            # the guard of a dead agent's copy hands it over: its work directory, lock and uffds
+            self.succession = Guard.succeed(self.root, hello.migration_id)
+            self._ws = Workspace.adopt(self.root, hello.migration_id, self.succession[1].lock)
+        else:
+            self._ws = Workspace.make(self.root, hello.migration_id)
         await self._ws.listen()
         self._images = Images(self._ws, self.copy)
         self.stages.to(Stage.PREPARING)
@@ -287,22 +285,22 @@ class Agent:
             self.verdicts.note_copy(self.ws.name, dataclasses.asdict(orphans.held(self.copy)))
         return p.Resumed(pids)
 
-    async def on_await_lazy(self, msg: p.AwaitLazy) -> p.LazyDone:
+    @property
+    def _lazy(self) -> PostCopy:
         if self.lazy is None:
             raise AgentFailure(Phase.POSTCOPY, "no post-copy in progress")
-        return await self.lazy.done()
+        return self.lazy
 
-    async def on_rejoin_pages(self, msg: p.RejoinPages) -> p.PagesRejoined:
-        if self.lazy is None:
-            raise AgentFailure(Phase.POSTCOPY, "no post-copy in progress")
-        return self.lazy.rejoin(msg)
-
-    async def on_settle_postcopy(self, msg: p.SettlePostcopy) -> p.PostcopySettled:
-        if self.lazy is None:
-            raise AgentFailure(Phase.POSTCOPY, "no post-copy in progress")
-        await self.lazy.end()
-        state, detail = self.verdicts.read(self.ws.name)
-        return p.PostcopySettled(whole=state == "whole", detail=detail, ran=state in ("whole", "lost"))
+    async def on_take_over(self, msg: p.TakeOver) -> p.Done:
+        """A successor's: the dead agent's copy, which runs, is ours; its pages come once its
+        coordinator says on which streams (RejoinPages)."""
+        if self.succession is None or self.lazy is not None:
+            raise AgentFailure(Phase.POSTCOPY, "no copy here to take over")
+        self.lazy = PostCopy.succeed(self.ws, self.verdicts, self.copy, self.stages, self.images,
+                                     *self.succession, msg)
+        self.succession = None
+        self.line.accept_rejoins(self.ws, msg.rejoin)
+        return p.Done()
 
     async def on_abort(self, msg: p.Abort) -> p.Aborted:
         if self.lazy is not None:

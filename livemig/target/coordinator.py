@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 from typing import Any
 
+from ..options import WAITS
 from ..wire import protocol as p
 from .workspace import Workspace
 
@@ -67,9 +68,18 @@ class Coordinator:
             if reader is self.reader:
                 return msg
 
-    async def next(self) -> object:
-        """What to handle next: what was read ahead first."""
-        return self.read_ahead.pop(0) if self.read_ahead else await self.take()
+    async def next(self, lost: bool = False) -> object:
+        """What to handle next: what was read ahead first. lost: the post-copy failed here
+        and its copy is gone (it is waited for WAITS.linger_after_failed_postcopy at most)."""
+        if self.read_ahead:
+            return self.read_ahead.pop(0)
+        if lost:
+            # a coordinator that can still reach us asks within seconds. Across a cut link its
+            # hang-up may never arrive, and the agent would hold its images for as long as TCP
+            # keeps the session.
+            async with asyncio.timeout(WAITS.linger_after_failed_postcopy):
+                return await self.take()
+        return await self.take()
 
     async def say(self, reply: Any) -> None:
         await p.write_message(self.writer, reply)

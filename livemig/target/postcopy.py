@@ -12,9 +12,11 @@ Once the copy runs, a link that breaks is waited for: the coordinator may come b
 the Restore's rejoin_within (rejoin(), and coordinator.py for its requests), and the
 placer takes its pages on the fresh link. A copy that lacks pages dies with its page
 source once that is over, since the source's copy, stopped and whole, outlives it:
-settle() kills it before its uffds are let go, and the guard (guard.py) does so if this
-agent is killed outright. The verdict (verdicts.py) says, at each step, how it stands,
-for the source's `livemig recover`.
+settle() kills it before its uffds are let go. If this agent is killed outright, its guard
+(guard.py) holds the uffds for a successor (succeed(): a fresh agent, which knows the copy
+by its uffds alone, and takes every page it may lack again), and kills the copy if none
+comes. The verdict (verdicts.py) says, at each step, how it stands, for the source's
+`livemig recover`.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from ..pages.postcopy import LinkLost, PageStreamError
 from ..wire import protocol as p
 from .copy import Copy
 from .failures import AgentFailure, reap, reason
-from .guard import Guard
+from .guard import Guard, Handover
 from .orphans import ORPHAN
 from .receive import Images
-from .stage import Stages
+from .stage import Stage, Stages
 from .verdicts import Verdicts
 from .workspace import Workspace
 
@@ -54,22 +56,31 @@ class PostCopy:
     """One lazy restore's pages: the placer, the guard, and the task that runs them."""
 
     def __init__(self, ws: Workspace, verdicts: Verdicts, copy: Copy, stages: Stages, images: Images,
-                 guard: Guard, d: Path, ranges: list[pagemap.Range], msg: p.Restore, token: str):
+                 guard: Guard, d: Path, ranges: list[pagemap.Range], msg: p.Restore | p.TakeOver,
+                 token: str | None, handed: Handover | None = None):
         self.ws, self.verdicts, self.copy, self.stages, self.images = ws, verdicts, copy, stages, images
         self.guard = guard
-        self.fill = msg.fill      # a fill's: every page on this host before the copy runs
-        self.phase = Phase.FILL if msg.fill else Phase.POSTCOPY
+        self.fill = isinstance(msg, p.Restore) and msg.fill      # a fill's: every page on this host before the copy runs
+        self.phase = Phase.FILL if self.fill else Phase.POSTCOPY
         self.pages = Pages.COMING
-        if msg.fill:
+        if self.fill:
             images.open_store()     # stop-and-copy into memory: every page is pushed into it
         self.placer: placer.Placer | None = placer.Placer(
-            d, ranges, on_uffd=lambda fd: guard.tell("uffd", fds=(fd,)), store=images.store)
-        self.placer.listen()
-        # once the copy runs, a broken link waits this long for the coordinator to come back
+            d, ranges, on_uffd=lambda pid, fd: guard.tell("uffd", str(pid), fds=(fd,)), store=images.store)
+        self.placer.on_remap = lambda *move: guard.tell("remap", *(str(x) for x in move))
+        self.successor = handed is not None     # of an agent that died: the copy is known by its uffds alone
+        if handed is None:
+            self.placer.listen()
+        else:
+            self.placer.adopt(handed.uffds, handed.remaps)
+        # once the copy runs, a broken link waits this long for the coordinator to come back, and
+        # the guard as long for a successor, should this agent die
         self.rejoin_within = msg.rejoin_within if msg.rejoin else None
+        if self.rejoin_within:
+            guard.tell("successor", f"{self.rejoin_within:g}")
         self._rejoins: asyncio.Queue[p.RejoinPages] = asyncio.Queue()
         self._link = contextlib.AsyncExitStack()     # the streams of the link in use
-        self.task = asyncio.create_task(self._place_pages(self.placer, token, msg.fault_stream))
+        self.task = asyncio.create_task(self._place_pages(self.placer, token, getattr(msg, "fault_stream", None)))
 
     @classmethod
     async def start(cls, ws: Workspace, verdicts: Verdicts, copy: Copy, stages: Stages, images: Images,
@@ -88,6 +99,21 @@ class PostCopy:
         except BaseException:
             await guard.release()   # nothing restored yet for it to guard (left, it would say "killed")
             raise
+
+    @classmethod
+    def succeed(cls, ws: Workspace, verdicts: Verdicts, copy: Copy, stages: Stages, images: Images,
+                guard: Guard, handed: Handover, msg: p.TakeOver) -> PostCopy:
+        """A successor's: the dead agent's copy, which runs, taken over from its guard (which
+        keeps guarding it: should we die too, it waits for the next); its pages come on the
+        first link its coordinator opens (RejoinPages)."""
+        d = ws.dir(msg.dir)
+        try:
+            ranges = pagemap.lazy_ranges(d)
+        except (OSError, pagemap.PagemapError) as e:
+            raise AgentFailure(Phase.POSTCOPY, f"cannot read the dump's pagemaps: {e}") from None
+        for stage in (Stage.RESTORING, Stage.RESTORED, Stage.RUNNING):     # restored and resumed by the dead agent
+            stages.to(stage)
+        return cls(ws, verdicts, copy, stages, images, guard, d, ranges, msg, None, handed)
 
     def _to(self, pages: Pages) -> None:
         if pages not in _PAGES_NEXT[self.pages]:
@@ -114,10 +140,12 @@ class PostCopy:
         cut short (its coordinator gone) leaves the pages going in."""
         return await asyncio.shield(self.task)
 
-    async def _place_pages(self, placing: placer.Placer, token: str, faults: str | None) -> p.LazyDone:
+    async def _place_pages(self, placing: placer.Placer, token: str | None, faults: str | None) -> p.LazyDone:
         try:
             try:
-                served = await placing.run(*await self._streams(token, faults),
+                # a successor's first link is its coordinator's first RejoinPages
+                remote, fault_stream = await self._streams(token, faults) if token else (None, None)
+                served = await placing.run(remote, fault_stream,
                                            relink=self._relink if self.rejoin_within is not None else None)
             finally:
                 await self._link.aclose()    # the streams of the last link (each link's own, replaced)
@@ -159,7 +187,13 @@ class PostCopy:
             raise LinkLost(f"the source did not come back within {self.rejoin_within:.0f} s of the link "
                            "breaking") from None
 
-    def rejoin(self, msg: p.RejoinPages) -> p.PagesRejoined:
+    async def settled(self) -> p.PostcopySettled:
+        """SettlePostcopy: ended, if under way; how the copy stands."""
+        await self.end()
+        state, detail = self.verdicts.read(self.ws.name)
+        return p.PostcopySettled(whole=state == "whole", detail=detail, ran=state in ("whole", "lost"))
+
+    async def rejoin(self, msg: p.RejoinPages) -> p.PagesRejoined:
         """The coordinator is back: the copy's pages come on msg's streams from now on, and
         what it still lacks is what the source pushes there (nothing, if it is whole)."""
         if self.rejoin_within is None or not self.stages.running:
@@ -197,6 +231,12 @@ class PostCopy:
         if placing.whole and self.stages.running:
             self.verdicts.write(self.ws.name, "whole", phase=self.phase)
             self._to(Pages.WHOLE)
+        elif self.successor:
+            # it knows the copy by its uffds alone: the guard, told what to kill, kills it
+            self.guard.abandon()
+            self._to(Pages.LOST)
+            placing.close()
+            return
         else:
             await self.copy.undo(self.ws.work / ORPHAN, even_running=True)
             said = "the fill ended before every page was in the copy" if self.fill else \

@@ -41,6 +41,14 @@ class Workspace:
             raise AgentFailure(Phase.PREFLIGHT, f"migration {migration_id} already has a work directory "
                                                 f"here ({work}): is this host named twice?") from None
 
+    @classmethod
+    def adopt(cls, root: Path, migration_id: str, lock: int | None) -> Workspace:
+        """A dead agent's work directory, taken over with its lock (its guard held it)."""
+        work = root / checked_name(migration_id, "migration id")
+        if lock is None or not work.is_dir():
+            raise AgentFailure(Phase.PREFLIGHT, f"migration {migration_id} left no work directory here to take over")
+        return cls(root, work, workdirs.Held(lock))
+
     async def listen(self) -> None:
         """Data streams may connect from now on."""
         self.server = await asyncio.start_unix_server(self._on_stream, path=self.socket, limit=SIZES.stream_chunk)

@@ -20,7 +20,7 @@ from ..errors import LivemigError, ProtocolError
 if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to load
     from .streams import Reader, Writer
 
-PROTOCOL_VERSION = 11  # 11: a lazy restore's coordinator may rejoin it (RejoinPages); 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_VERSION = 11  # 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -51,6 +51,7 @@ class Hello:
     protocol: int
     livemig_version: str
     migration_id: str
+    successor: bool = False    # take over the copy whose agent died, from its guard (TakeOver)
 
 
 @message
@@ -208,6 +209,15 @@ class Restore:
                             # pushed (the lazy stream is no post-copy then)
     rejoin: str | None = None   # once the copy runs, the coordinator may come back on a stream by this name
     rejoin_within: float = 0.0  # seconds it has to, after the page stream broke
+
+
+@message
+class TakeOver:
+    """A successor's first request: the dead agent's copy, its pages' images in dir, becomes
+    ours; its coordinator may come back on the stream rejoin, within rejoin_within."""
+    dir: str
+    rejoin: str
+    rejoin_within: float
 
 
 @message

@@ -6,6 +6,7 @@ copy has a cgroup of its own, it kills the copy through it, escaped processes to
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -182,7 +183,8 @@ def test_done_lets_the_guard_go_and_the_copy_be_signals_or_not(guards, trees):
 # --- (b) a kill that fails ----------------------------------------------------------------------
 
 SHORT_DELETE = ("import dataclasses, sys; sys.path.insert(0, sys.argv.pop(1)); import livemig.target.guard as g; "
-                "g.WAITS = dataclasses.replace(g.WAITS, container_delete=1.0); sys.exit(g.main(sys.argv[1:]))")
+                "import livemig.target.kills as k; k.WAITS = dataclasses.replace(k.WAITS, container_delete=1.0); "
+                "sys.exit(g.main(sys.argv[1:]))")
 
 
 def test_a_kill_that_fails_stops_neither_the_other_kills_nor_the_verdict(guards, trees, tmp_path):
@@ -233,7 +235,7 @@ def test_messages_are_read_whole_a_path_of_any_length_or_characters_and_a_burst(
         g.guard.tell("pidfile", str(spaced.pidfile))
         for t in burst:               # sent at once, never read until all are in
             for _ in range(10):
-                g.guard.tell("uffd", fds=(held.fileno(),))
+                g.guard.tell("uffd", "1", fds=(held.fileno(),))
             g.guard.tell("pidfile", str(t.pidfile))
     g.agent_dies()
     assert long.killed() and spaced.killed() and all(t.killed() for t in burst)
@@ -394,3 +396,45 @@ def test_a_copy_that_ran_is_said_lost_not_killed(guards, trees):
     g.agent_dies()
     assert copy.killed()
     assert g.exit_status() == 0 and g.verdict()[0] == "lost"
+
+
+def test_a_copy_that_ran_waits_for_a_successor_who_takes_its_uffds_and_guard_over(guards, trees):
+    # the agent dies once the copy ran: its guard holds the uffds, and hands them, with the
+    # PIDs they are of and the moves of their ranges, to a successor, whose guard it becomes
+    g, copy = guards(), trees()
+    g.guard.tell("pidfile", str(copy.pidfile))
+    g.guard.tell("successor", "30")
+    with open("/dev/null") as one, open("/dev/zero") as two:     # stand for uffds: any descriptor rides along
+        g.guard.tell("uffd", "1", fds=(one.fileno(),))
+        g.guard.tell("uffd", "7", fds=(two.fileno(),))
+    g.guard.tell("remap", "1", "4096", "8192", "4096")
+    Verdicts(g.root).write(MID, "serving", phase="commit", ran=True)
+    g.agent_dies()
+    successor, handed = eventually(lambda: _succeed(g.root), lambda got: got is not None, within=30)
+    try:
+        assert [pid for pid, _ in handed.uffds] == [1, 7] and handed.remaps == [(1, 4096, 8192, 4096)]
+        assert os.readlink(f"/proc/self/fd/{handed.uffds[1][1]}") == "/dev/zero"
+        assert g.verdict()[0] == "serving" and "successor" in g.verdict()[1]
+        assert copy.alive()          # the copy runs on, its faults waiting
+    finally:
+        handed.close()
+    asyncio.run(successor.release())         # the successor's copy is whole: the guard may go
+    assert g.exit_status() == 0 and copy.alive()
+
+
+def test_a_successor_that_never_comes_leaves_the_copy_killed_once_the_time_is_up(guards, trees):
+    g, copy = guards(), trees()
+    g.guard.tell("pidfile", str(copy.pidfile))
+    g.guard.tell("successor", "1")
+    Verdicts(g.root).write(MID, "serving", phase="commit", ran=True)
+    g.agent_dies()
+    assert copy.killed(within=30)
+    assert g.exit_status() == 0 and g.verdict()[0] == "lost"
+    assert not (g.root / f"{MID}.successor").exists()
+
+
+def _succeed(root):
+    try:
+        return Guard.succeed(root, MID)
+    except LivemigError:      # its guard is not listening yet
+        return None

@@ -117,7 +117,7 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
     the store (else every page is pushed into it: stop-and-copy into memory)."""
     held: list[int] = []
     fill = store is not None
-    placer = Placer(tmp_path, RANGES, on_uffd=lambda fd: held.append(os.dup(fd)), store=store)
+    placer = Placer(tmp_path, RANGES, on_uffd=lambda pid, fd: held.append(os.dup(fd)), store=store)
     filling = asyncio.Event()
     if fill:
         place = placer._fill

@@ -32,14 +32,14 @@ def _move(said: list):
 @pytest.fixture
 def quick(monkeypatch):
     monkeypatch.setattr(rejoin, "WAITS", dataclasses.replace(WAITS, reconnect_first_retry=0.02,
-                                                             reconnect_longest_retry=0.08))
+                                                             reconnect_longest_retry=0.08, successor_appears=0.1))
     monkeypatch.setattr(rejoin, "by_pid", lambda w: {})
 
 
 async def test_the_link_is_tried_again_backing_off_until_it_comes_back(monkeypatch, quick):
     tries: list[float] = []
 
-    async def pushed_again(to, token, level, tree, fault_link):
+    async def pushed_again(to, token, level, tree, fault_link, within):
         tries.append(asyncio.get_running_loop().time())
         if len(tries) < 4:
             raise ConnectionFailed("Connection refused", host="b")
@@ -66,13 +66,28 @@ async def test_a_link_that_never_comes_back_fails_once_the_time_is_up_saying_the
     assert 0.3 < loop.time() - started < 1.5
 
 
-async def test_a_target_whose_agent_is_gone_is_not_asked_again(monkeypatch, quick):
+async def test_a_target_whose_agent_is_gone_is_asked_again_only_while_a_guard_may_be_late(monkeypatch, quick):
+    # a dead agent's guard waits for a successor a moment after the agent's socket went quiet
+    tries = []
+
+    async def pushed_again(*args, **kw):
+        tries.append(asyncio.get_running_loop().time())
+        raise AgentGone("the agent on b is gone", host="b")
+    monkeypatch.setattr(rejoin, "pushed_again", pushed_again)
+    with pytest.raises(AgentGone):
+        await rejoin.reconnect(_move([]), ConnectionResetError("reset"))     # reconnect_timeout: 0.5 s
+    assert 2 <= len(tries) and tries[-1] - tries[0] < 0.3
+
+
+async def test_a_successor_s_guard_late_by_a_moment_is_waited_for(monkeypatch, quick):
     tries = []
 
     async def pushed_again(*args, **kw):
         tries.append(1)
-        raise AgentGone("the agent on b is gone", host="b")
+        if len(tries) < 3:
+            raise AgentGone("nothing on b waits for a successor", host="b")
+        return types.SimpleNamespace(progress=None), [], "relay"
     monkeypatch.setattr(rejoin, "pushed_again", pushed_again)
-    with pytest.raises(AgentGone):
-        await rejoin.reconnect(_move([]), ConnectionResetError("reset"))
-    assert tries == [1]
+    m = _move([])
+    await rejoin.reconnect(m, ConnectionResetError("reset"))
+    assert len(tries) == 3 and m.report.reconnects == 1
