@@ -245,10 +245,6 @@ A, B, NOWHERE = "a", "b", ""
 MOVED, KILLED = Outcome(0, B, ""), Outcome(-9, A, "")
 
 
-def LOST(phase: str) -> Outcome:      # read as a constant in the table
-    return Outcome(9, A, phase, by_the_operator=True)
-
-
 TRANSFER = _row("transfer", cut=Outcome(4, A, "transfer"), agent=Outcome(4, A, "transfer"),
                 disk=Outcome(5, A, "transfer"), restore=Outcome(6, A, "restore"),
                 ctrl_c=Outcome(130, A, "transfer"), sigkill=KILLED)

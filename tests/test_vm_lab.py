@@ -6,6 +6,7 @@ Everything runs under TCG emulation on our machines: slow, so the workloads are 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from livemig import criu
+from tests.clients import Client
 from tests.held import end_if_held, go_on, wait_stopped
 
 pytestmark = pytest.mark.vm
@@ -111,38 +113,55 @@ def test_livemig_auto_picks_hybrid_here(vm_lab):
     vm_lab.run("b", ["kill", str(work.pid)])
 
 
-@pytest.mark.parametrize("fault, pid", [("cut", 4706), ("sigkill", 4707)])
+def cut_from_a(lab) -> None:
+    """Every SSH session a holds to b killed (the coordinator's link cut), the harness's own
+    to b (from the machine, through QEMU's network) left: the client asks on."""
+    out = lab.text("b", ["ss", "-Htnp", "state", "established", "( sport = :22 )"])
+    pids = sorted({pid for line in out.splitlines() if " 198.18.0.1:" in line
+                   for pid in re.findall(r"pid=(\d+)", line)})
+    assert pids, out
+    lab.run("b", ["kill", "-KILL", *pids])
+
+
+@pytest.mark.parametrize("fault, pid", [("cut", 4706), ("agent", 4707), ("sigkill", 4708)])
 def test_hybrid_s_post_copy_broken_here_goes_forward_and_ends_on_b(vm_lab, fault, pid):
     # auto's choice where the kernel tracks dirty pages: pre-copy rounds, then a lazy final
     # dump whose pages follow the resume. Held once the copy on b runs (its pages wait for
-    # the coordinator, stopped), then every SSH session to b is cut (the link is made
-    # again) or the coordinator killed (`livemig recover` takes its page stream up)
-    work = vm_lab.start_workload("a", mib=24, dirty_mibps=1, pid=pid, hot_mib=6)
+    # the coordinator, stopped), then a's SSH sessions to b are cut (the link is made again),
+    # b's agent killed (a successor takes the copy over), or the coordinator killed (`livemig
+    # recover` takes its page stream up); a client asks on both hosts all along
+    port = 7700 + pid % 100
+    work = vm_lab.start_workload("a", mib=24, dirty_mibps=1, pid=pid, hot_mib=6, port=port)
     before = work.query("a")
-    mover = vm_lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=running", "livemig", "move", "--json", "--mode",
-                               "hybrid", "--pid", str(pid), "b"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    try:
-        stopped = wait_stopped(vm_lab, mover, "running", within=900)
-        if fault == "cut":      # the harness's own session to b goes too: its pkill exits unheard
-            vm_lab.run("b", ["pkill", "-KILL", "-x", "sshd-session"], check=False)
+    with Client(vm_lab, port, every=0.5) as client:
+        mover = vm_lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=running", "livemig", "move", "--json", "--mode",
+                                   "hybrid", "--pid", str(pid), "b"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            stopped = wait_stopped(vm_lab, mover, "running", within=900)
+            if fault == "cut":
+                cut_from_a(vm_lab)
+            elif fault == "agent":
+                vm_lab.run("b", ["pkill", "-KILL", "-f", "livemig agent"])
+            else:
+                vm_lab.run("a", ["kill", "-KILL", *stopped])
+            go_on(vm_lab, mover, stopped)
+            out, err = mover.communicate(timeout=900)
+        finally:
+            end_if_held(vm_lab, mover)
+        if fault == "sigkill":
+            res = vm_lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=600)
+            [settled] = json.loads(res.stdout)
+            assert res.returncode == 0 and settled["outcome"] == "moved", settled
+            assert "has every page now" in settled["detail"], settled
         else:
-            vm_lab.run("a", ["kill", "-KILL", *stopped])
-        go_on(vm_lab, mover, stopped)
-        out, err = mover.communicate(timeout=900)
-    finally:
-        end_if_held(vm_lab, mover)
-    if fault == "cut":
-        assert mover.returncode == 0, err.decode()
-        report = json.loads(out)
-        assert (report["mode"], report["outcome"], report["reconnects"]) == ("hybrid", "moved", 1), report
-        assert report["rounds"][0]["kind"] == "pre-dump" and report["postcopy_pages"] > 0, report
-    else:
-        res = vm_lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=600)
-        [settled] = json.loads(res.stdout)
-        assert res.returncode == 0 and settled["outcome"] == "moved", settled
-        assert "has every page now" in settled["detail"], settled
-    after = work.query("b", wait=60)
+            assert mover.returncode == 0, err.decode()
+            report = json.loads(out)
+            assert (report["mode"], report["outcome"], report["reconnects"]) == ("hybrid", "moved", 1), report
+            assert report["rounds"][0]["kind"] == "pre-dump" and report["postcopy_pages"] > 0, report
+        after = work.query("b", wait=60)
+    assert not client.errors and not client.taken_back(), (client.errors, client.said())
+    assert client.answers[-1].host == "b", client.said()
     assert after["host"] == "b" and after["counter"] > before["counter"]
     assert work.query("b", "verify")["bad_pages"] == 0
     assert vm_lab.run("a", ["kill", "-0", str(pid)], check=False).returncode != 0     # nothing runs on a
