@@ -14,7 +14,10 @@ dump ended with the old link.
 
 Either end of the move may take the stream up: the coordinator that lost its link
 (reconnect), or `livemig recover` once the coordinator itself is gone (take_up), from what
-the record kept.
+the record kept. Where the target answers and its agent is gone (killed), its guard holds
+the copy for a successor (target/guard.py): a fresh agent takes the copy over (TakeOver),
+and, knowing nothing of what the dead one had placed, is pushed every page the copy may
+lack.
 """
 
 from __future__ import annotations
