@@ -3,8 +3,13 @@
 A tree that shares its host's network namespace keeps its sockets across a move only if
 the target has their addresses: CRIU's restore binds each socket where it was bound, and
 fails (EADDRNOTAVAIL) on a host without the address, after the workload was frozen and
-dumped. A socket bound to the wildcard address or to loopback binds anywhere. Preflight
-compares the two (preflight.compare), before anything is touched.
+dumped. A socket bound to the wildcard address or to loopback binds anywhere. One set to
+bind to an address no interface has (IP_FREEBIND, IP_TRANSPARENT) is told apart (Bound's
+freebind): CRIU binds every IPv6 socket with IP_FREEBIND set, so such a one binds
+anywhere too; but it binds an IPv4 one before it sets the option again (criu/sk-inet.c,
+4.2.1), so that one binds only where the target has the address or lets any be bound
+(net.ipv4.ip_nonlocal_bind). Preflight compares them (preflight.compare), before anything
+is touched.
 
 A tree in a network namespace of its own (a container with its own address) brings its
 addresses with it, and is left to its runtime. Read from /proc, no tool needed.
@@ -12,18 +17,23 @@ addresses with it, and is left to its runtime. Read from /proc, no tool needed.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import re
+import socket
+from collections.abc import Callable, Container
 from pathlib import Path
+from typing import NamedTuple
 
 _LISTEN, _UDP_ANY = "0A", "07"          # TCP_LISTEN; an unconnected UDP socket (TCP_CLOSE)
 _ESTABLISHED = "01"                      # TCP_ESTABLISHED
 _SOCKET = re.compile(r"socket:\[(\d+)\]")
 
 
-def _inodes(pids: list[int]) -> set[int]:
-    found = set()
+def _inodes(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """The tree's sockets: inode -> (PID, fd) of one process that holds it."""
+    found: dict[int, tuple[int, int]] = {}
     for pid in pids:
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
@@ -35,8 +45,38 @@ def _inodes(pids: list[int]) -> set[int]:
             except OSError:     # closed meanwhile: not a socket it holds
                 continue
             if m:
-                found.add(int(m.group(1)))
+                found.setdefault(int(m.group(1)), (pid, int(fd)))
     return found
+
+
+_PIDFD_GETFD = 438      # the syscall's number, the same on every architecture (asm-generic)
+_SOCKOPTS_ANYWHERE = ((socket.SOL_IP, 15), (socket.SOL_IP, 19),            # IP_FREEBIND, IP_TRANSPARENT
+                      (socket.IPPROTO_IPV6, 78), (socket.IPPROTO_IPV6, 75))  # IPV6_FREEBIND, IPV6_TRANSPARENT
+
+
+def binds_anywhere(pid: int, fd: int) -> bool:
+    """Is pid's socket fd set to bind to addresses no interface has (IP_FREEBIND or
+    IP_TRANSPARENT, or their IPv6 twins)? Read from a copy of the descriptor (pidfd_getfd:
+    Linux 5.6); where none can be taken, False: the address is then checked like any other."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:     # gone, or no pidfds: see the docstring's False
+        return False
+    try:
+        copy = libc.syscall(_PIDFD_GETFD, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    if copy < 0:
+        return False    # closed meanwhile, or no pidfd_getfd: the docstring's False
+    with socket.socket(fileno=copy) as sock:
+        for level, option in _SOCKOPTS_ANYWHERE:
+            try:
+                if sock.getsockopt(level, option):
+                    return True
+            except OSError:     # an IPv6 option on an IPv4 socket: not set, then
+                pass
+    return False
 
 
 def _address(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -45,7 +85,7 @@ def _address(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
 
 
-def _rows(text: str, inodes: set[int], states: tuple[str, ...]) -> list[list[str]]:
+def _rows(text: str, inodes: Container[int], states: tuple[str, ...]) -> list[list[str]]:
     """The fields of a /proc/net/{tcp,udp}[6] table's sockets that are among inodes, in one of states."""
     out = []
     for line in text.splitlines()[1:]:
@@ -64,18 +104,27 @@ def _endpoint(field: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address
     return ip, int(port_hex, 16)
 
 
-def parse_table(text: str, inodes: set[int], states: tuple[str, ...]) -> set[tuple[str, int]]:
-    """(address, port) of the sockets in a /proc/net/{tcp,udp}[6] table that are among
-    inodes, in one of states, and bound to an address that only some hosts have."""
+class Bound(NamedTuple):
+    """A socket of the tree bound to an address that only some hosts have."""
+    ip: str
+    port: int
+    freebind: bool = False      # set to bind to addresses no interface has (binds_anywhere)
+
+
+def parse_table(text: str, inodes: Container[int], states: tuple[str, ...],
+                anywhere: Callable[[int], bool] = lambda inode: False) -> set[Bound]:
+    """The sockets in a /proc/net/{tcp,udp}[6] table that are among inodes, in one of
+    states, and bound to an address that only some hosts have; anywhere(inode) says
+    whether one is set to bind to any address."""
     out = set()
     for f in _rows(text, inodes, states):
         ip, port = _endpoint(f[1])
         if not (ip.is_unspecified or ip.is_loopback):
-            out.add((str(ip), port))
+            out.add(Bound(str(ip), port, anywhere(int(f[9]))))
     return out
 
 
-def parse_connections(text: str, inodes: set[int]) -> set[tuple[str, int, str, int]]:
+def parse_connections(text: str, inodes: Container[int]) -> set[tuple[str, int, str, int]]:
     """(address, port, peer's address, peer's port) of the established TCP connections in a
     /proc/net/tcp[6] table that are among inodes."""
     out = set()
@@ -89,7 +138,7 @@ def connected(pids: list[int]) -> list[tuple[str, int, str, int]]:
     """The tree's established TCP connections, as parse_connections tells them, in its own
     network namespace's tables (a container's too): a move without --tcp-established
     closes them in the copy (criu.connections_closed)."""
-    inodes = _inodes(pids) if pids else set()
+    inodes = _inodes(pids) if pids else {}
     if not inodes:
         return []
     out: set[tuple[str, int, str, int]] = set()
@@ -101,9 +150,10 @@ def connected(pids: list[int]) -> list[tuple[str, int, str, int]]:
     return sorted(out)
 
 
-def held(pids: list[int]) -> list[tuple[str, int]]:
-    """(address, port) of every socket the tree listens on (TCP) or receives on (UDP) at an
-    address of this host's own; none for a tree in a network namespace of its own."""
+def held(pids: list[int]) -> list[Bound]:
+    """Every socket the tree listens on (TCP) or receives on (UDP) at an address of this
+    host's own, or one no host need have (freebind); none for a tree in a network namespace
+    of its own."""
     if not pids:
         return []
     try:
@@ -114,10 +164,11 @@ def held(pids: list[int]) -> list[tuple[str, int]]:
     inodes = _inodes(pids)
     if not inodes:
         return []
-    out: set[tuple[str, int]] = set()
+    out: set[Bound] = set()
     for table, states in (("tcp", (_LISTEN,)), ("tcp6", (_LISTEN,)), ("udp", (_UDP_ANY,)), ("udp6", (_UDP_ANY,))):
         try:
-            out |= parse_table(Path(f"/proc/{pids[0]}/net/{table}").read_text(), inodes, states)
+            out |= parse_table(Path(f"/proc/{pids[0]}/net/{table}").read_text(), inodes, states,
+                               lambda inode: binds_anywhere(*inodes[inode]))
         except OSError:     # a table this kernel lacks (no IPv6): no socket of that kind
             pass
     return sorted(out)
@@ -137,6 +188,23 @@ def parse_fib_trie(text: str) -> set[str]:
 
 def parse_if_inet6(text: str) -> set[str]:
     return {str(ipaddress.IPv6Address(bytes.fromhex(line.split()[0]))) for line in text.splitlines() if line.strip()}
+
+
+def nonlocal_bind() -> bool:
+    """Does this host let IPv4 sockets bind to addresses it does not have
+    (net.ipv4.ip_nonlocal_bind)?"""
+    try:
+        return Path("/proc/sys/net/ipv4/ip_nonlocal_bind").read_text().strip() == "1"
+    except OSError:     # no such setting here: binding follows the addresses alone
+        return False
+
+
+def binds_here(bound: Bound, local: list[str], nonlocal_ok: bool) -> bool:
+    """Will CRIU's restore bind this socket on a host with these addresses (local) and
+    net.ipv4.ip_nonlocal_bind (nonlocal_ok)? See the module's docstring."""
+    if bound.ip in local:
+        return True
+    return bound.freebind and (":" in bound.ip or nonlocal_ok)
 
 
 def local() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ FEATURE_LAZY_PAGES = "uffd-noncoop"          # userfaultfd for a foreign process
 FEATURES = (FEATURE_DIRTY_TRACKING, FEATURE_LAZY_PAGES)
 
 _STATS_MAGIC = b"\x40\x59\x10\x55\x06\x33\x09\x57"   # service image magic + STATS
+_CORE_MAGIC = struct.pack("<II", 0x54564319, 0x55053847)   # image magic + CORE
+_TASK_STOPPED = 3     # task_core_entry.task_state of a task stopped when dumped (compel's)
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,31 @@ def _stats(cls, names: dict[int, str], body: bytes):
         if name and isinstance(value, int):
             values[name] = value / 1e6 if name in _MICROSECONDS else value
     return cls(**values)
+
+
+def parse_task_state(data: bytes) -> int | None:
+    """A core-PID.img's task state (core_entry.tc.task_state); None for a thread's core,
+    which has no task core."""
+    if data[:8] != _CORE_MAGIC or len(data) < 12:
+        raise ValueError("not a CRIU core image")
+    (size,) = struct.unpack_from("<I", data, 8)
+    tc = dict(protobuf.fields(data[12:12 + size])).get(3)
+    if not isinstance(tc, bytes):
+        return None
+    state = dict(protobuf.fields(tc)).get(1)
+    return state if isinstance(state, int) else None
+
+
+def stopped_tasks(images: Path) -> set[int]:
+    """The processes the dump in images found stopped (SIGSTOP, a shell's job control), by
+    their PIDs in the dump: the workload's own stops, which a move keeps (CRIU stops every
+    task it restores for livemig, and the Resume continues only the others)."""
+    return stopped_among((core.name, core.read_bytes()) for core in images.glob("core-*.img"))
+
+
+def stopped_among(cores: Iterable[tuple[str, bytes]]) -> set[int]:
+    """Of core images (file name, contents), the PIDs whose task was stopped."""
+    return {int(name[5:-4]) for name, data in cores if parse_task_state(data) == _TASK_STOPPED}
 
 
 _NOISE = ("RLIMIT_NOFILE",          # every run, where root lacks CAP_SYS_RESOURCE

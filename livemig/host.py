@@ -26,7 +26,7 @@ async def probe(pids: list[int], image_root: str) -> HostFacts:
         hostname=socket.gethostname(), arch=platform.machine(), kernel=platform.release(),
         criu_version=version, features=features, free_bytes=st.f_bavail * st.f_frsize,
         mem_available=mem_available(), pids_taken=[pid for pid in pids if os.path.exists(f"/proc/{pid}")],
-        addresses=addresses.local())
+        addresses=addresses.local(), nonlocal_bind=addresses.nonlocal_bind())
 
 
 def mem_available() -> int:

@@ -270,9 +270,46 @@ def named(pids: list[Task], boot: str = "") -> list[int]:
     return [pid for pid, t in pids if start_time(pid) == t]
 
 
+def ns_pids(pid: int) -> list[int]:
+    """The PIDs a process has, from the host's PID namespace down to its own."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return [int(x) for x in line.split()[1:]]
+    return [pid]
+
+
+def vpid_of(pid: int, level: int | None = None) -> int:
+    """The PID CRIU's images give a process: the one in the PID namespace of the tree's
+    root, whose nesting level is level (by default the process's own, innermost one). A
+    process in a namespace nested deeper keeps the root's number, not its innermost."""
+    pids = ns_pids(pid)
+    return pids[-1] if level is None else pids[min(level, len(pids) - 1)]
+
+
+def in_dump(root: int, pids: list[int]) -> dict[int, int]:
+    """pids, of the tree at root (PID here -> PID in the dump, in root's PID namespace)."""
+    out: dict[int, int] = {}
+    # a process that exits meanwhile is left out: the dump knows what became of it
+    with contextlib.suppress(OSError, ValueError):
+        level = len(ns_pids(root)) - 1
+        for pid in pids:
+            with contextlib.suppress(OSError, ValueError):     # likewise, one process
+                out[pid] = vpid_of(pid, level)
+    return out
+
+
 def kill_tree(root: int) -> None:
     """SIGKILL to root and its descendants, children first."""
     signal_tasks(tasks(list(reversed(process_tree(root)))), signal.SIGKILL)
+
+
+def threads(pid: int) -> list[int]:
+    """pid's threads (their TIDs, in order), none if it is gone."""
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:     # gone: the docstring's none
+        return []
 
 
 def tracer(pid: int) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from livemig import criu
+from tests import test_faithful as faithful
 from tests.clients import Client
 from tests.held import end_if_held, go_on, wait_stopped
 
@@ -111,6 +112,27 @@ def test_livemig_auto_picks_hybrid_here(vm_lab):
     after = work.query("b", wait=30)
     assert after["counter"] > before["counter"] and work.query("b", "verify")["bad_pages"] == 0
     vm_lab.run("b", ["kill", str(work.pid)])
+
+
+def test_a_tree_comes_out_of_soft_dirty_pre_copy_and_hybrid_as_it_went_in(vm_lab):
+    # tests/test_faithful.py's tree (stopped tasks, a zombie, signals pending, a socket set to
+    # bind anywhere), through the modes only this kernel has: over to b by pre-copy, back by hybrid
+    pid, port = 4720, 7720
+    faithful.start(vm_lab, pid, port, faithful.FREE_V6)
+    try:
+        before = faithful.seen(vm_lab, "a", port)
+        for src, dst, mode in (("a", "b", "precopy"), ("b", "a", "hybrid")):
+            res = faithful.move(vm_lab, src, pid, dst, "--mode", mode)
+            assert res.returncode == 0, res.stderr.decode()
+            report = json.loads(res.stdout)
+            assert report["outcome"] == "moved" and report["rounds"][0]["kind"] == "pre-dump"
+            now = faithful.seen(vm_lab, dst, port)
+            faithful.assert_as_it_went_in(now, before)
+            assert f"[{faithful.FREE_V6}]:{port + 1}" in faithful.listening(vm_lab, dst)
+            before = now
+    finally:
+        for h in ("a", "b"):
+            vm_lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
 
 
 def cut_from_a(lab) -> None:

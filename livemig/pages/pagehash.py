@@ -53,23 +53,6 @@ class Run:
     data: bytes
 
 
-def ns_pids(pid: int) -> list[int]:
-    """The PIDs a process has, from the host's PID namespace down to its own."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                return [int(x) for x in line.split()[1:]]
-    return [pid]
-
-
-def vpid_of(pid: int, level: int | None = None) -> int:
-    """The PID CRIU's images give a process: the one in the PID namespace of the tree's
-    root, whose nesting level is level (by default the process's own, innermost one). A
-    process in a namespace nested deeper keeps the root's number, not its innermost."""
-    pids = ns_pids(pid)
-    return pids[-1] if level is None else pids[min(level, len(pids) - 1)]
-
-
 def private_ranges(pid: int) -> list[tuple[int, int]]:
     """The writable private mappings: what CRIU dumps as the process's own pages. Shared
     and read-only mappings come from files or are dumped apart; the kernel's own

@@ -35,17 +35,20 @@ class HeldCopy:
     bundle: str = ""        # its bundle, copied to the other host: it goes when the copy does
     boot: str = ""          # the boot the pairs were taken in: after a reboot none of them runs
     stopped: bool = False   # a container's tasks are stopped too (SIGSTOP): a target's restored copy
+    # The tasks the workload had stopped itself when it was dumped: they stay stopped when
+    # the rest runs again (their stop is the workload's state, not the move's).
+    own_stops: list[proc.Task] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict) -> HeldCopy:
         return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""),
-                   d.get("boot", ""), d.get("stopped", False))
+                   d.get("boot", ""), d.get("stopped", False), [tuple(x) for x in d.get("own_stops", [])])
 
     @classmethod
     def of(cls, workload, bundle_moves: bool = False) -> HeldCopy:
         """The workload's tree as it is now (frozen, once its final dump has begun)."""
         return cls(workload.kind, proc.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
-                   str(workload.bundle()) if bundle_moves else "", proc.boot_id())
+                   str(workload.bundle()) if bundle_moves else "", proc.boot_id(), own_stops=list(workload.own_stops))
 
     @property
     def what(self) -> str:
@@ -78,11 +81,19 @@ class HeldCopy:
             return GONE
         if any(proc.tracer(pid) for pid in live):
             return HELD
-        return STOPPED if all(states[pid] in ("T", "t") for pid in live) else RUNNING
+        # A task the workload stopped itself tells nothing of the move's stop; a tree of
+        # nothing else is as the workload left it, which RUNNING stands for.
+        own = {pid for pid, _ in self.own_stops}
+        return STOPPED if all(states[pid] in ("T", "t") for pid in live if pid not in own) and \
+            any(pid not in own for pid in live) else RUNNING
 
     def _alive(self) -> list[proc.Task]:
         alive = set(proc.named(self.pids, self.boot))
         return [t for t in self.pids if t[0] in alive]
+
+    def _ours(self) -> list[proc.Task]:
+        """Its live tasks that the move stopped: all but the workload's own stops."""
+        return [t for t in self._alive() if t not in self.own_stops]
 
     def _control(self, action: str) -> list[str]:
         return control(p.Container(self.runtime, self.container, ""), action)
@@ -105,7 +116,7 @@ class HeldCopy:
 
     async def _resume(self) -> None:
         if self.runtime == "process":
-            proc.signal_tasks(self._alive(), signal.SIGCONT)     # a no-op on a running task
+            proc.signal_tasks(self._ours(), signal.SIGCONT)     # a no-op on a running task
             return
         if self.runtime == "podman":
             await self._resume_podman()
@@ -117,7 +128,7 @@ class HeldCopy:
             elif status != "running":
                 raise self._cannot_resume(status or "gone")
         if self.stopped:     # thawed, its tasks still stopped: leaves first, as the target's Resume
-            proc.signal_tasks(self._alive()[::-1], signal.SIGCONT)
+            proc.signal_tasks(self._ours()[::-1], signal.SIGCONT)
 
     async def _resume_podman(self) -> None:
         """podman cannot checkpoint a paused container: its final checkpoint stopped it, and

@@ -13,8 +13,10 @@ The container's image goes first, while it still runs, if the target lacks it.
 from __future__ import annotations
 
 import json
+import re
+import tarfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from .. import criu, proc
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
@@ -90,6 +92,14 @@ def restore(images: Path, name: str) -> list[str]:
     previous = images / "parent" / ARCHIVE     # a pre-checkpoint the final one builds on
     return ["podman", "container", "restore", "--import", str(images / ARCHIVE),
             *(["--import-previous", str(previous)] if previous.exists() else []), "--name", name]
+
+
+def stopped_tasks(images: Path) -> set[int]:
+    """criu.stopped_tasks, of the checkpoint archive in images (its core images are under
+    checkpoint/; the members' headers are read, the pages skipped)."""
+    with tarfile.open(images / ARCHIVE) as tar:
+        cores = [m for m in tar if m.isfile() and re.fullmatch(r"checkpoint/core-\d+\.img", m.name)]
+        return criu.stopped_among((PurePath(m.name).name, tar.extractfile(m).read()) for m in cores)  # type: ignore[union-attr]
 
 
 def restore_kept(name: str) -> list[str]:

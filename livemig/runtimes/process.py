@@ -94,10 +94,16 @@ class ProcessTree(Workload):
             # CRIU resumes the tree by itself if its lazy page server fails (cr_dump_finish:
             # TASK_ALIVE on error), or lets go of it if killed. A SIGSTOP queued while CRIU
             # holds it (it waits here for our verdict) outlasts its detach: the tree never
-            # runs again but on rollback, so what is read is what was dumped.
-            proc.signal_tasks(self.frozen, signal.SIGSTOP)
+            # runs again but on rollback, so what is read is what was dumped. The tasks the
+            # workload stopped itself get none: CRIU leaves them stopped as it found them,
+            # and a rollback continues only the others (a SIGSTOP left pending on them would
+            # be state the workload never had).
+            stopped = criu.stopped_tasks(run.log.parent)
+            in_dump = proc.in_dump(self.root_pid, [pid for pid, _ in self.frozen])
+            self.own_stops = tuple(t for t in self.frozen if in_dump.get(t[0]) in stopped)
+            proc.signal_tasks(self._ours(), signal.SIGSTOP)
             if let_go := [pid for pid in proc.named(self.frozen) if _traceable(pid) and proc.tracer(pid) == 0]:
-                proc.signal_tasks(self.frozen, signal.SIGCONT)    # it runs on, as CRIU left it
+                proc.signal_tasks(self._ours(), signal.SIGCONT)    # it runs on, as CRIU left it
                 raise DumpError(f"CRIU let go of PID {let_go[0]} before the dump was done")
             h.proceed()     # CRIU goes on to serve pages, the tree stays stopped
         return h.post_dump.result()
@@ -139,8 +145,12 @@ class ProcessTree(Workload):
         if lazy_served:
             # A lazy dump leaves the source stopped (--leave-stopped): let it run again.
             # The target's copy never ran: it is resumed only after the commit.
-            proc.signal_tasks(self.frozen, signal.SIGCONT)
-        self.frozen = []       # it runs again: its tree is read afresh from here on
+            proc.signal_tasks(self._ours(), signal.SIGCONT)
+        self.frozen, self.own_stops = [], ()     # it runs again: its tree is read afresh from here on
+
+    def _ours(self) -> list[proc.Task]:
+        """The frozen tree's tasks that the move stopped: all but the workload's own stops."""
+        return [t for t in self.frozen if t not in self.own_stops]
 
     async def close(self) -> None:
         if self.hook:

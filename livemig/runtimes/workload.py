@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import proc
 from ..criu import DumpStats, read_stats
 from ..errors import LivemigError, Phase
 from ..wire import protocol as p
@@ -54,6 +55,10 @@ class Workload:
     name: str                 # what the user called it: a PID or a container name
     image: str | None = None  # a container image the target must have too (podman's)
     max_rounds: int | None = None   # pre-copy rounds this runtime can chain (podman keeps one)
+    # The tasks the workload had stopped itself, as its final dump found them: a rollback
+    # that continues the tasks it stopped leaves these stopped (read where the runtime
+    # itself does not keep them so: process.py).
+    own_stops: tuple[proc.Task, ...] = ()
 
     def pids(self) -> list[int]:
         raise NotImplementedError

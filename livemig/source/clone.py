@@ -130,6 +130,8 @@ class Clone:
                                  "only podman containers clone", phase=Phase.PREFLIGHT,
                                  hint="a runc or crun replica needs its own copy of the bundle; "
                                       "run the container under podman")
+        preflight.refuse_traced(w.pids())
+        preflight.refuse_stopped_in_a_frozen_cgroup(w.pids())
         self.workload = w
         self.report.runtime, self.report.workload = w.kind, w.name
         self.report.replicas = [Replica(t, n) for t in self.targets for n in self.names]

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 
 from .. import criu, host, proc, runtimes, workdirs
 from ..errors import Phase, UsageError
-from ..pages import pagehash
 from ..runtimes import podman
 from ..wire import protocol as p
 
@@ -52,16 +50,4 @@ def target_spec(w: runtimes.Workload, name: str | None) -> p.Container | None:
 
 def by_pid(w: runtimes.Workload) -> dict[int, int]:
     """The tree's processes (PID here -> PID in the dump, in its root's PID namespace)."""
-    return in_dump(w.root_pid, w.pids())
-
-
-def in_dump(root: int, pids: list[int]) -> dict[int, int]:
-    """pids, of the tree at root (PID here -> PID in the dump, in root's PID namespace)."""
-    out: dict[int, int] = {}
-    # a process that exits meanwhile is left out: the dump knows what became of it
-    with contextlib.suppress(OSError, ValueError):
-        level = len(pagehash.ns_pids(root)) - 1
-        for pid in pids:
-            with contextlib.suppress(OSError, ValueError):     # likewise, one process
-                out[pid] = pagehash.vpid_of(pid, level)
-    return out
+    return proc.in_dump(w.root_pid, w.pids())

@@ -136,6 +136,9 @@ class Migration:
         m.report.runtime, m.report.workload = w.kind, w.name
         m.report.pid = w.root_pid
         pids = w.pids()
+        checks.refuse_traced(pids)
+        if w.kind != "process":
+            checks.refuse_stopped_in_a_frozen_cgroup(pids)
         m.original = HeldCopy.of(w)    # to tell, on failure, whether it exited by itself
         memory = host.resident_bytes(pids)
         m.spec = target_spec(w, m.options.name)

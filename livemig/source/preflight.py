@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from .. import proc
+from .. import addresses, proc
 from ..errors import Phase, PreflightError
 from ..wire.protocol import Container, HostFacts
 from . import policy
@@ -34,7 +35,7 @@ def _v(version: list[int]) -> str:
 def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
             pids: list[int] | None = None, need_bytes: int = 0,
             container: Container | None = None,
-            held: list[tuple[str, int]] | None = None) -> tuple[list[Check], str, str]:
+            held: list[addresses.Bound] | None = None) -> tuple[list[Check], str, str]:
     """Every check, in the order a user should fix them; and the strategy (or "") and why."""
     rows = [
         Check("criu here", bool(local.criu_version), f"CRIU {_v(local.criu_version)}",
@@ -77,12 +78,17 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                           "container (its own PID namespace)"))
     if held:
         # (addresses.py) its sockets rebind where they were: a host without the address fails the restore
-        missing = [(ip, port) for ip, port in held if ip not in remote.addresses]
+        missing = [b for b in held if not addresses.binds_here(b, remote.addresses, remote.nonlocal_bind)]
+        free = [b for b in missing if b.freebind]
         rows.append(Check("addresses on target", not missing,
-                          f"the workload listens on {_where(missing)}, which the target does not have" if missing
-                          else f"the workload listens on {_where(held)}, which the target has too",
+                          f"the workload listens on {_where(missing)}, which the target does not have" +
+                          (f" ({_where(free)} set to bind anywhere (IP_FREEBIND), but CRIU binds an IPv4 "
+                           "socket before it sets that again)" if free else "") if missing
+                          else f"the workload listens on {_where(held)}, which the target can bind too",
                           "bind its sockets to the wildcard address (0.0.0.0 or ::), or add the address on the "
-                          "target (and take it off here)"))
+                          "target (and take it off here)" +
+                          ("; or let the target bind IPv4 sockets anywhere (sysctl net.ipv4.ip_nonlocal_bind=1)"
+                           if free else "")))
     room = remote.free_bytes >= need_bytes
     rows.append(Check("room for images", room,
                       f"{remote.free_bytes >> 20} MiB free" + (f", {need_bytes >> 20} MiB needed" if need_bytes else "")
@@ -110,8 +116,8 @@ def connections_closed(connections: list[tuple[str, int, str, int]], shown: int 
             "does not yet carry connections from host to host)")
 
 
-def _where(held: list[tuple[str, int]]) -> str:
-    return ", ".join(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip, port in held)
+def _where(held: list[tuple[str, int]] | list[addresses.Bound]) -> str:
+    return ", ".join(f"[{b[0]}]:{b[1]}" if ":" in b[0] else f"{b[0]}:{b[1]}" for b in held)
 
 
 def _container_rows(local: HostFacts, remote: HostFacts, c: Container) -> list[Check]:
@@ -176,6 +182,42 @@ def refuse_tree(root: int) -> None:
         raise PreflightError(f"PID {root} cannot move: livemig runs under it (livemig itself, its shell, "
                              "its ssh session...)",
                              phase=Phase.PREFLIGHT, hint="start the workload apart (setsid, a service) and move that")
+
+
+def refuse_traced(pids: list[int]) -> None:
+    """A tree with a traced task (a debugger, strace) is refused: CRIU holds every task by
+    ptrace to dump it, and a task has one tracer at most, so its dump would fail with the
+    workload frozen. Said before anything is touched, naming the tracer."""
+    for pid in pids:
+        for tid in proc.threads(pid):
+            if tracer := proc.tracer(tid):
+                raise PreflightError(f"PID {pid} is traced by PID {tracer} (a debugger or strace): CRIU cannot "
+                                     "dump a traced task", phase=Phase.PREFLIGHT,
+                                     hint="detach the tracer, then move it")
+
+
+def refuse_stopped_in_a_frozen_cgroup(pids: list[int]) -> None:
+    """A container's task that the workload stopped (SIGSTOP, job control) cannot be dumped
+    where its runtime freezes the container through a cgroup v1 freezer: CRIU's ptrace
+    attach waits for the stopped task to trap, and a frozen task never does, so the dump
+    hangs with the workload frozen (plain `runc checkpoint` too: CRIU 4.2.1, kernel 6.18).
+    Refused before anything is touched. A process tree is frozen by ptrace alone, and its
+    stopped tasks move stopped."""
+    for pid in pids:
+        if proc.state(pid) == "T" and _v1_freezer(pid):
+            raise PreflightError(f"PID {pid} of the container is stopped (SIGSTOP or job control), and its "
+                                 "runtime freezes it through a cgroup v1 freezer, in which CRIU cannot dump a "
+                                 "stopped task (its dump would never end)", phase=Phase.PREFLIGHT,
+                                 hint=f"continue it first: kill -CONT {pid}")
+
+
+def _v1_freezer(pid: int) -> bool:
+    """Is pid in a cgroup v1 freezer hierarchy (a "freezer" line in /proc/PID/cgroup)?"""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:     # gone: nothing of it to freeze
+        return False
+    return any("freezer" in line.split(":")[1].split(",") for line in lines if line.count(":") >= 2)
 
 
 def _ancestors(pid: int) -> list[int]:

@@ -37,7 +37,6 @@ from ..runtimes.held import GONE, HELD, REBOOTED, RUNNING, STOPPED, HeldCopy
 from ..wire import protocol as p
 from ..workdirs import write_private
 from . import fresh_agent, throttle
-from .local import in_dump
 from .session import AgentGone, Connector, TargetSession
 
 R = TypeVar("R")
@@ -272,7 +271,7 @@ async def _take_up(rec: Record, connect: Connector, options: Options) -> int:
     pids = [pid for pid, _ in rec.source_copy.pids]
     try:
         return await rejoin.take_up(session, rec.rejoin_token, options.compression_level,
-                                    in_dump(pids[0], pids) if pids else {}, options.reconnect_timeout)
+                                    proc.in_dump(pids[0], pids) if pids else {}, options.reconnect_timeout)
     finally:
         with contextlib.suppress(*_UNREACHABLE):      # it may be told, or not: it forgets its verdict later
             await session.request(p.Finish(), p.Done)

@@ -248,14 +248,18 @@ class Agent:
                                                    self.lazy.guard if self.lazy else None, bool(msg.lazy_stream))
         if self.lazy is not None and msg.rejoin:
             self.line.accept_rejoins(self.ws, msg.rejoin)
-        if self.lazy is not None and self.lazy.failed:
-            # the page stream failed while CRIU restored: this copy can never be whole
+        try:
+            if self.lazy is not None and self.lazy.failed:
+                # the page stream failed while CRIU restored: this copy can never be whole
+                raise AgentFailure(Phase.RESTORE, "post-copy's page stream ended during the restore: "
+                                                  f"{self.verdicts.read(self.ws.name)[1]}")
+            if res.returncode != 0:
+                raise restore.failure(res, argv, d)
+            if self.copy.roots:    # which tasks the workload had stopped itself: they stay so
+                self.copy.note_own_stops(restore.stopped_in(msg, d), self.copy.roots[-1])
+        except AgentFailure:
             await self._undo()
-            raise AgentFailure(Phase.RESTORE, "post-copy's page stream ended during the restore: "
-                                              f"{self.verdicts.read(self.ws.name)[1]}")
-        if res.returncode != 0:
-            await self._undo()
-            raise restore.failure(res, argv, d)
+            raise
         self.copy.restored()
         if self.copy.holds_workload and self.lazy is None:
             orphans.mark(self.copy, self.ws.work)

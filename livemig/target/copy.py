@@ -4,7 +4,8 @@ ways it ends: resumed (it runs: the workload's, no more the move's) or undone (k
 with what the move brought).
 
 Restored, every task of it is stopped (SIGSTOP), a container's paused too (restore.py):
-resumed, a container is thawed, then every task continued (SIGCONT).
+resumed, a container is thawed, then every task continued (SIGCONT) but those the workload
+had stopped itself (a shell's stopped job, a SIGSTOP it was sent), which its images say.
 
 Whether it runs is the agent's stage (stage.py), which moves here but for the first move
 (PREPARING, at the Hello): RESTORING while CRIU or a runtime restores it, RESTORED once
@@ -35,6 +36,9 @@ class Copy:
         self.created_tree: Path | None = None           # a bundle this migration brought here
         self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
         self.holds_workload = False     # a move's, not a clone's replica: it may be the only copy left
+        # The tasks the workload had stopped itself when it was dumped: CRIU stops every task
+        # it restores for us (leave-stopped), and these stay stopped when the rest resume.
+        self.own_stops: list[proc.Task] = []
 
     def pids(self) -> list[int]:
         """Every task of it, as it is now."""
@@ -52,6 +56,13 @@ class Copy:
     def restore_ended(self) -> None:
         self.restoring = None
 
+    def note_own_stops(self, stopped: set[int], root: int) -> None:
+        """The tree just restored at root: which of its tasks were stopped when dumped
+        (stopped, as PIDs in the images: those of root's PID namespace, a container's own)."""
+        if stopped:
+            here = proc.in_dump(root, proc.process_tree(root))
+            self.own_stops += proc.tasks([pid for pid, in_images in here.items() if in_images in stopped])
+
     def restored(self) -> None:
         """The restore succeeded: the copy is here, stopped."""
         self.stages.to(Stage.RESTORED)
@@ -64,7 +75,7 @@ class Copy:
             await proc.run(runtimes.control(c, "resume"), phase=Phase.COMMIT)
         # Leaves first, and through pidfds that skip the gone: a parent resumed before its
         # zombie child would reap it, and the child's PID would name nothing (or another).
-        proc.signal_tasks(named, signal.SIGCONT)
+        proc.signal_tasks([t for t in named if t not in self.own_stops], signal.SIGCONT)
         self.stages.to(Stage.RUNNING)
         return pids
 

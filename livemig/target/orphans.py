@@ -52,7 +52,8 @@ def held(copy: Copy) -> HeldCopy:
     """The copy restored here, as it is now, its processes named for good."""
     c = copy.containers[0] if copy.containers else None      # a move restores one (replicas never hold it)
     return HeldCopy(c.runtime if c else "process", proc.tasks(copy.pids()), c.id if c else "",
-                    str(copy.created_tree) if copy.created_tree else "", proc.boot_id(), stopped=c is not None)
+                    str(copy.created_tree) if copy.created_tree else "", proc.boot_id(), stopped=c is not None,
+                    own_stops=copy.own_stops)
 
 
 def mark(copy: Copy, work: Path) -> None:

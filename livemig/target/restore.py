@@ -9,9 +9,9 @@ one starts reads the configuration file that CRIU_CONFIG_FILE names (runc and cr
 their environment on; podman passes it to conmon, conmon to its runtime): the restore's
 own, in the work directory, says "leave-stopped". Its tasks stopped, the container is
 then paused too (cgroup freezer), so that its runtime says what it is (`runc state`:
-paused); Resume thaws it and continues its tasks (SIGCONT, copy.py). A task that was
-stopped in the source's container (a shell's stopped job) is continued with the rest then,
-as in a process tree: CRIU's stop hides which ones were.
+paused); Resume thaws it and continues its tasks (SIGCONT, copy.py), but those the
+workload had stopped itself (a shell's stopped job), which the images say (criu.stopped_tasks;
+a podman checkpoint's archive holds them too).
 
 Before, a runtime restored its container running and the pause came after: the workload
 ran here, before the commit, for as long as the runtime took to exit and `pause` to freeze
@@ -27,6 +27,7 @@ some 40 ms; runc's (lazy) and crun's rewrote their count file.
 from __future__ import annotations
 
 import asyncio
+import tarfile
 import time
 from pathlib import Path
 
@@ -87,6 +88,18 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
     if pidfile.exists():
         copy.roots.append(int(pidfile.read_text().strip()))
     return res, argv, seconds
+
+
+def stopped_in(msg: p.Restore, d: Path) -> set[int]:
+    """The tasks the workload had stopped itself, as the images in d say (their PIDs in the
+    dump); AgentFailure if they cannot be read: a copy whose stopped tasks are not known
+    would have them continued with the rest."""
+    try:
+        if msg.container is not None and msg.container.runtime == "podman":
+            return podman.stopped_tasks(d)
+        return criu.stopped_tasks(d)
+    except (OSError, ValueError, tarfile.TarError) as e:
+        raise AgentFailure(Phase.RESTORE, f"the images do not say which tasks were stopped: {e}") from None
 
 
 def failure(res: proc.Result, argv: list[str], d: Path) -> AgentFailure:

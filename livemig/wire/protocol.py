@@ -20,7 +20,7 @@ from ..errors import LivemigError, ProtocolError
 if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to load
     from .streams import Reader, Writer
 
-PROTOCOL_VERSION = 11  # 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_VERSION = 12  # 12: HostFacts.nonlocal_bind; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -98,6 +98,7 @@ class HostFacts:
     runtime_facts: dict[str, str] = field(default_factory=dict)   # podman: what must match
     names_taken: list[str] = field(default_factory=list)   # of Probe's names, those in use here
     addresses: list[str] = field(default_factory=list)     # the IP addresses this host has
+    nonlocal_bind: bool = False   # IPv4 sockets may bind to addresses it lacks (net.ipv4.ip_nonlocal_bind)
 
 
 @message

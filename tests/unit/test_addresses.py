@@ -39,9 +39,10 @@ fd000000000000000000000000000001 02 40 00 80     eth0
 
 def test_listening_sockets_of_the_tree_at_a_host_s_own_address_are_held():
     # 7000 at 198.18.0.1 is; loopback, the wildcard, a connection and someone else's socket are not
-    assert addresses.parse_table(TCP, {11, 12, 13, 14}, ("0A",)) == {("198.18.0.1", 7000)}
+    assert addresses.parse_table(TCP, {11, 12, 13, 14}, ("0A",)) == {addresses.Bound("198.18.0.1", 7000)}
     # IPv6, an IPv4-mapped one included (a dual-stack socket bound to an IPv4 address)
-    assert addresses.parse_table(TCP6, {15, 16}, ("0A",)) == {("198.18.0.1", 7004), ("fd00::1", 53)}
+    assert addresses.parse_table(TCP6, {15, 16}, ("0A",)) == {addresses.Bound("198.18.0.1", 7004),
+                                                             addresses.Bound("fd00::1", 53)}
 
 
 def test_a_host_s_addresses_are_its_local_ones():
@@ -62,7 +63,8 @@ def test_this_process_s_sockets_as_the_kernel_lists_them():
         looped.listen()
         udp.bind((mine[0], 0))
         held = addresses.held([os.getpid()])
-        assert held == sorted({(mine[0], bound.getsockname()[1]), (mine[0], udp.getsockname()[1])})
+        assert held == sorted({addresses.Bound(mine[0], bound.getsockname()[1]),
+                               addresses.Bound(mine[0], udp.getsockname()[1])})
 
 
 def test_the_tree_s_established_connections_whatever_their_address():
@@ -84,3 +86,20 @@ def test_this_process_s_connections_as_the_kernel_lists_them():
                 assert (here[0], here[1], there[0], there[1]) in ends
                 assert (there[0], there[1], here[0], here[1]) in ends and len(ends) == 2
     assert addresses.connected([os.getpid()]) == []
+
+
+def test_a_socket_set_to_bind_to_any_address_is_told_apart():
+    # IP_FREEBIND (and IP_TRANSPARENT) let a socket bind to an address no interface has:
+    # CRIU sets it again before it binds, so it binds on any target
+    with socket.socket() as free, socket.socket() as plain:
+        free.setsockopt(socket.SOL_IP, 15, 1)      # IP_FREEBIND
+        free.bind(("198.19.99.99", 0))
+        free.listen()
+        plain.bind(("0.0.0.0", 0))
+        plain.listen()
+        assert addresses.binds_anywhere(os.getpid(), free.fileno())
+        assert not addresses.binds_anywhere(os.getpid(), plain.fileno())
+        assert addresses.Bound("198.19.99.99", free.getsockname()[1], freebind=True) in addresses.held([os.getpid()])
+    # a table's row whose socket binds anywhere says so
+    assert addresses.parse_table(TCP, {11, 12, 13, 14}, ("0A",), lambda inode: inode == 12) == {
+        addresses.Bound("198.18.0.1", 7000, freebind=True)}

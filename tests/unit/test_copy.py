@@ -160,3 +160,49 @@ async def test_an_orphaned_container_recover_resumes_is_continued_too(monkeypatc
     await orphan.resume()        # a target's restored one: its tasks continued as well
     assert signalled == [signal.SIGCONT]
     _until(lambda: proc.state(stopped_task.pid) not in ("T", None))
+
+
+@pytest.fixture
+def two_stopped():
+    """Two tasks stopped: one by the move (CRIU's restore), one by the workload itself."""
+    tasks = [subprocess.Popen([sys.executable, "-c", STOPS_ITSELF]) for _ in range(2)]
+    _until(lambda: all(proc.state(t.pid) == "T" for t in tasks))
+    yield tasks
+    for t in tasks:
+        t.kill()
+        t.wait()
+
+
+def _running(pid: int) -> bool:
+    return proc.state(pid) not in ("T", "t", None)
+
+
+async def test_a_task_the_workload_had_stopped_stays_stopped_when_the_copy_resumes(two_stopped):
+    ours, its_own = two_stopped
+    copy = Copy(_restored())
+    copy.roots = [ours.pid, its_own.pid]
+    copy.pids = lambda: [ours.pid, its_own.pid]      # type: ignore[method-assign]
+    # what the images said: its_own was stopped when dumped (in the dump's PIDs, the same here)
+    copy.note_own_stops({its_own.pid}, its_own.pid)
+    assert copy.own_stops == proc.tasks([its_own.pid])
+    await copy.resume()
+    _until(lambda: _running(ours.pid))
+    await asyncio.sleep(0.2)
+    assert proc.state(its_own.pid) == "T"
+    # and so does it when recover resumes the copy, as an orphan or a source's held copy
+    held = HeldCopy.from_dict(json.loads(json.dumps(dataclasses.asdict(
+        HeldCopy("process", proc.tasks([its_own.pid]), boot=proc.boot_id(), own_stops=copy.own_stops)))))
+    assert held.own_stops == copy.own_stops
+    assert await held.standing() == held_mod.RUNNING     # as the workload left it
+    await held._resume()
+    await asyncio.sleep(0.2)
+    assert proc.state(its_own.pid) == "T"
+
+
+async def test_a_held_tree_with_an_own_stop_is_stopped_while_the_rest_is(two_stopped):
+    ours, its_own = two_stopped
+    held = HeldCopy("process", proc.tasks([ours.pid, its_own.pid]), boot=proc.boot_id(),
+                    own_stops=proc.tasks([its_own.pid]))
+    assert await held.standing() == held_mod.STOPPED
+    await held.resume()
+    assert _running(ours.pid) and proc.state(its_own.pid) == "T"

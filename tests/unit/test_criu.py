@@ -1,5 +1,7 @@
 """Reading what CRIU leaves behind, and the command lines livemig gives it."""
 
+import struct
+
 import pytest
 
 from livemig import criu
@@ -95,3 +97,35 @@ def test_a_container_s_final_dump_skips_in_flight_connections_and_closes_the_res
     assert criu.connections_config(criu.Options()) == "skip-in-flight\ntcp-close\n"
     assert criu.connections_config(criu.Options(tcp_established=True)) == "skip-in-flight\n"
     assert criu.RESTORED_CONFIG.splitlines() == ["leave-stopped", "tcp-close"]
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+def _core(task_state: int | None) -> bytes:
+    """A core-PID.img as CRIU writes it: magics, then one CoreEntry (mtype 1, tc 3 with its
+    task_state 1; a thread's core has no tc)."""
+    entry = b"\x08" + _varint(1)          # mtype = 1 (x86-64)
+    if task_state is not None:
+        tc = b"\x08" + _varint(task_state) + b"\x10" + _varint(0)       # task_state, exit_code
+        entry += b"\x1a" + _varint(len(tc)) + tc
+    return struct.pack("<III", 0x54564319, 0x55053847, len(entry)) + entry
+
+
+def test_the_tasks_a_dump_found_stopped_are_read_from_its_core_images(tmp_path):
+    # alive (1), stopped (3), a zombie (2, CRIU's TASK_DEAD), a thread's core (no tc)
+    for pid, state in ((3001, 1), (3002, 3), (3003, 3), (3006, 2), (3005, None)):
+        (tmp_path / f"core-{pid}.img").write_bytes(_core(state))
+    assert criu.parse_task_state(_core(3)) == 3 and criu.parse_task_state(_core(None)) is None
+    assert criu.stopped_tasks(tmp_path) == {3002, 3003}
+    with pytest.raises(ValueError):
+        criu.parse_task_state(b"not a core image")
+    # a zombie's core as criu 4.2.1 wrote it in the lab (exit code 7, "python3")
+    zombie = bytes.fromhex("19435654473805551800000008011a14080210800e1800200028003207707974686f6e33")
+    assert criu.parse_task_state(zombie) == 2

@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 
+from livemig import proc
 from livemig.pages import pagehash
 from livemig.pages.pagemap import PAGE
 
@@ -80,8 +81,8 @@ def test_a_stretch_across_two_table_chunks_is_one_run():
 
 
 def test_a_process_in_no_pid_namespace_of_its_own_keeps_its_pid():
-    assert pagehash.vpid_of(os.getpid()) == os.getpid() == pagehash.vpid_of(os.getpid(), 0)
-    assert pagehash.vpid_of(os.getpid(), 3) == pagehash.ns_pids(os.getpid())[-1]
+    assert proc.vpid_of(os.getpid()) == os.getpid() == proc.vpid_of(os.getpid(), 0)
+    assert proc.vpid_of(os.getpid(), 3) == proc.ns_pids(os.getpid())[-1]
 
 
 def test_the_kernel_s_own_mappings_are_never_read():

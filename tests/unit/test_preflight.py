@@ -1,5 +1,6 @@
 """The preflight comparisons: each check fails for its own reason, in the order to fix them."""
 
+from livemig.addresses import Bound
 from livemig.source import preflight as checks
 from livemig.source.preflight import compare
 from livemig.wire.protocol import HostFacts
@@ -120,7 +121,7 @@ def test_pre_copy_by_hashes_needs_the_memory_twice_on_the_target_and_auto_falls_
 
 
 def test_sockets_bound_to_an_address_the_target_lacks_fail_before_anything_is_touched():
-    held = [("198.18.0.1", 7000), ("fd00::1", 53)]
+    held = [Bound("198.18.0.1", 7000), Bound("fd00::1", 53)]
     rows, _, _ = compare(facts(), facts(addresses=["127.0.0.1", "198.18.0.2"]), "auto", pids=[42], held=held)
     row = next(r for r in rows if r.name == "addresses on target")
     assert failed(rows) == ["addresses on target"]
@@ -131,6 +132,24 @@ def test_sockets_bound_to_an_address_the_target_lacks_fail_before_anything_is_to
     # wildcard and loopback sockets are never held (addresses.held): no row at all
     rows, _, _ = compare(facts(), facts(), "auto", pids=[42], held=[])
     assert "addresses on target" not in [r.name for r in rows]
+
+
+def test_a_socket_set_to_bind_anywhere_binds_where_criu_can_bind_it():
+    # IPv6: CRIU binds every IPv6 socket with IP_FREEBIND set, so a freebind one binds anywhere
+    v6, v4 = Bound("fd00::99", 53, freebind=True), Bound("198.19.99.99", 7001, freebind=True)
+    rows, _, _ = compare(facts(), facts(addresses=["198.18.0.2"]), "auto", pids=[42], held=[v6])
+    assert failed(rows) == []
+    # IPv4: CRIU binds before it sets IP_FREEBIND again, so only ip_nonlocal_bind lets it
+    rows, _, _ = compare(facts(), facts(addresses=["198.18.0.2"]), "auto", pids=[42], held=[v4, v6])
+    row = next(r for r in rows if r.name == "addresses on target")
+    assert failed(rows) == ["addresses on target"]
+    assert row.detail == ("the workload listens on 198.19.99.99:7001, which the target does not have "
+                          "(198.19.99.99:7001 set to bind anywhere (IP_FREEBIND), but CRIU binds an IPv4 "
+                          "socket before it sets that again)")
+    assert "net.ipv4.ip_nonlocal_bind=1" in row.hint
+    rows, _, _ = compare(facts(), facts(addresses=["198.18.0.2"], nonlocal_bind=True), "auto", pids=[42],
+                         held=[v4, v6])
+    assert failed(rows) == []
 
 
 def test_a_move_says_before_anything_is_touched_which_connections_its_copy_closes():

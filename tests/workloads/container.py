@@ -28,6 +28,8 @@ COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.1; done"
 # /count is seldom caught empty), for a test that must see any instant the container runs.
 BUSY_COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /count; "
                 "j=0; while [ $j -lt 50 ]; do j=$((j+1)); done; done")
+# Put first: a child the container's shell stops at once (SIGSTOP), which a move keeps stopped.
+STOPPED_CHILD = "sleep 100000 & kill -STOP $!; "
 # The seeds' counter web server, in busybox: each connection to port 8080 gets the next integer.
 SERVER = "i=0; while true; do i=$((i+1)); echo $i | nc -l -p 8080 >/dev/null; done"
 IMAGE = "localhost/livemig-busybox:1"
@@ -71,20 +73,21 @@ def podman_written(name: str) -> str:
         return member.read().decode() if member else ""
 
 
-def build(bundle: str, runtime: str, busy: bool = False) -> None:
+def build(bundle: str, runtime: str, busy: bool = False, stopped_child: bool = False) -> None:
     root = os.path.join(bundle, "rootfs")
     shutil.rmtree(bundle, ignore_errors=True)
     for d in ("bin", "tmp", "proc", "dev", "sys"):
         os.makedirs(os.path.join(root, d))
     shutil.copy("/usr/bin/busybox", os.path.join(root, "bin/busybox"))
-    for tool in ("sh", "sleep", "cat", "echo"):
+    for tool in ("sh", "sleep", "cat", "echo", "kill"):
         os.symlink("busybox", os.path.join(root, "bin", tool))
     subprocess.run(["runc", "spec"], cwd=bundle, check=True)   # the same spec serves crun
     path = os.path.join(bundle, "config.json")
     with open(path) as f:
         config = json.load(f)
     config["process"]["terminal"] = False
-    config["process"]["args"] = ["/bin/sh", "-c", BUSY_COUNTER if busy else COUNTER]
+    config["process"]["args"] = ["/bin/sh", "-c", (STOPPED_CHILD if stopped_child else "") +
+                                 (BUSY_COUNTER if busy else COUNTER)]
     config["root"]["readonly"] = False
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
@@ -148,6 +151,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=7777)
     ap.add_argument("--cpu-per-page", type=int, default=0, help="memcounter's CPU work per page it writes")
     ap.add_argument("--busy", action="store_true", help="start: count without sleeping between counts")
+    ap.add_argument("--stopped-child", action="store_true", help="start, busy: with a child stopped at once")
     a = ap.parse_args()
     if a.action in ("memcounter", "bundle"):
         build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port, a.cpu_per_page)
@@ -168,7 +172,8 @@ def main() -> int:
         raise SystemExit("the counter server never answered")
     if a.action == "busy":
         podman_image()
-        subprocess.run(["podman", "run", "--detach", "--name", a.name, IMAGE, "sh", "-c", BUSY_COUNTER],
+        script = (STOPPED_CHILD if a.stopped_child else "") + BUSY_COUNTER
+        subprocess.run(["podman", "run", "--detach", "--name", a.name, IMAGE, "sh", "-c", script],
                        env=PODMAN_ENV, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         return 0
     if a.action == "written":
@@ -180,7 +185,7 @@ def main() -> int:
     if a.action == "count":
         print(count(a.bundle))
         return 0
-    build(a.bundle, a.runtime, a.busy)
+    build(a.bundle, a.runtime, a.busy, a.stopped_child)
     _detach(a.runtime, a.bundle, a.name)
     deadline = time.monotonic() + 30
     while not os.path.exists(os.path.join(a.bundle, "rootfs/count")):

@@ -49,6 +49,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 
 PAGE = 4096
 TICK = 0.010
@@ -189,13 +190,19 @@ def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args, for
 
 
 def run(args: argparse.Namespace) -> None:
+    start(args, serve, "memcounter")
+
+
+def start(args: argparse.Namespace, serve_as: Callable[[argparse.Namespace, int | None], None], name: str) -> None:
+    """serve_as(args, ready_fd) as PID args.pid (if set); with args.daemon in a session of
+    its own, detached: its PID printed once it writes it to ready_fd, and we return."""
     if args.pid:
         # The next fork gets this PID: a bare process restores only onto free
         # PIDs, so tests pick one that is free on every lab host.
         with open("/proc/sys/kernel/ns_last_pid", "w") as f:
             f.write(str(args.pid - 1))
     if not args.daemon:
-        serve(args, None)
+        serve_as(args, None)
         return
     r, w = os.pipe()
     child = os.fork()
@@ -203,7 +210,7 @@ def run(args: argparse.Namespace) -> None:
         os.close(w)
         line = os.read(r, 64)
         if not line:
-            sys.exit("memcounter: the workload died while starting")
+            sys.exit(f"{name}: the workload died while starting")
         print(line.decode().strip(), flush=True)
         return
     os.close(r)
@@ -214,7 +221,7 @@ def run(args: argparse.Namespace) -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
-    serve(args, w)
+    serve_as(args, w)
 
 
 def query(args: argparse.Namespace) -> int:

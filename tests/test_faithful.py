@@ -1,0 +1,184 @@
+"""The process comes out of a move as it went in, in every mode of the namespaced lab: what
+plain CRIU carries from host to host, livemig carries too, and what plain CRIU cannot carry
+is refused before anything is touched.
+
+The workload (tests/workloads/states.py) is a tree in the states a move could lose: a child
+it stopped, a stopped child with threads, a running child, a zombie, signals pending on the
+root (on the process and on its thread), and a socket set to bind anywhere (IP_FREEBIND). It
+says how it sees itself, from its own /proc, on whichever host it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from tests.held import end_if_held, go_on, wait_stopped
+from tests.lab import LabError
+
+pytestmark = pytest.mark.lab
+
+STATES = "/opt/livemig/tests/workloads/states.py"
+CONTAINER_TOOL = "/opt/livemig/tests/workloads/container.py"
+SHDPND, SIGPND = 1 << 9, 1 << 11       # SIGUSR1 pending on the process, SIGUSR2 on its thread
+FREE_V4, FREE_V6 = "198.19.99.99", "fd00:198:19::99"     # addresses no lab host has
+
+MODES = {"stopcopy": ("--mode", "stopcopy"), "stopcopy into image files": ("--mode", "stopcopy", "--no-fill"),
+         "postcopy": ("--mode", "postcopy"), "precopy by page hashes": ("--mode", "precopy")}
+
+
+def start(lab, pid: int, port: int, *freebind: str) -> None:
+    args = [a for address in freebind for a in ("--freebind", address)]
+    got = int(lab.text("a", ["python3", STATES, "run", "--daemon", "--pid", str(pid), "--port", str(port), *args]))
+    if got != pid:
+        raise LabError(f"the tree started as PID {got}, not {pid}: that PID was taken on a")
+
+
+def seen(lab, host: str, port: int) -> dict:
+    return json.loads(lab.text(host, ["python3", STATES, "query", "--port", str(port), "--wait", "10"]))
+
+
+def assert_as_it_went_in(now: dict, before: dict) -> None:
+    """The tree as it saw itself before, and now: the same, but for its counter's progress
+    and whether its running tasks were caught running or sleeping."""
+    assert now["counter"] > before["counter"]                              # it runs on, from where it was
+    assert now["root"]["state"] in "RS" and now["running"]["state"] in "RS"
+    assert now["root"]["sigpnd"] & SIGPND and now["root"]["shdpnd"] & SHDPND     # still pending
+    assert now["stopped"]["state"] == "T"                                  # stopped as it was
+    assert now["threads"]["threads"] == ["T", "T", "T"]                    # its three threads too
+    assert now["zombie"]["state"] == "Z"                                   # never reaped, still there
+    assert now["memory_ok"]
+    for kind in ("root", "stopped", "threads", "running", "zombie"):
+        same = ("pid", "sigpnd", "shdpnd") if kind in ("root", "running") else ("pid", "state", "threads",
+                                                                                   "sigpnd", "shdpnd")
+        assert {k: now[kind][k] for k in same} == {k: before[kind][k] for k in same}, kind   # no signal left behind
+
+
+def move(lab, src: str, pid: int, dst: str, *flags: str) -> subprocess.CompletedProcess:
+    return lab.run(src, ["livemig", "move", "--pid", str(pid), "--json", *flags, dst], check=False, timeout=600)
+
+
+def listening(lab, host: str) -> str:
+    return lab.text(host, ["ss", "-Hltn"])
+
+
+@pytest.mark.parametrize("i, flags", list(enumerate(MODES.values())), ids=list(MODES))
+def test_a_tree_comes_out_of_every_mode_as_it_went_in(lab, i, flags):
+    pid, port = 5010 + 20 * i, 7610 + 10 * i
+    start(lab, pid, port, FREE_V6)
+    try:
+        before = seen(lab, "a", port)
+        assert before["stopped"]["state"] == "T" and before["zombie"]["state"] == "Z"
+        for src, dst in (("a", "b"), ("b", "a")):
+            res = move(lab, src, pid, dst, *flags)
+            assert res.returncode == 0, res.stderr.decode()
+            assert json.loads(res.stdout)["outcome"] == "moved"
+            now = seen(lab, dst, port)
+            assert_as_it_went_in(now, before)
+            # the IPv6 socket set to bind anywhere is not refused, and listens there as it did
+            assert f"[{FREE_V6}]:{port + 1}" in listening(lab, dst)
+            assert lab.run(src, ["kill", "-0", str(pid)], check=False).returncode != 0    # one copy only
+            before = now
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
+
+
+def test_an_ipv4_socket_set_to_bind_anywhere_moves_where_criu_can_bind_it(lab):
+    # CRIU binds an IPv4 socket before it sets IP_FREEBIND again: on a target without the
+    # address it binds only if the host lets any address be bound (net.ipv4.ip_nonlocal_bind)
+    pid, port = 5110, 7710
+    start(lab, pid, port, FREE_V4)
+    try:
+        before = seen(lab, "a", port)
+        res = move(lab, "a", pid, "b")
+        assert res.returncode == 3
+        assert f"{FREE_V4}:{port + 1} set to bind anywhere (IP_FREEBIND)" in res.stderr.decode()
+        assert "net.ipv4.ip_nonlocal_bind=1" in res.stderr.decode()
+        assert seen(lab, "a", port)["counter"] > before["counter"] and lab.leftovers() == {"a": ([], []), "b": ([], [])}
+        lab.run("b", ["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"])
+        res = move(lab, "a", pid, "b")
+        assert res.returncode == 0, res.stderr.decode()
+        assert_as_it_went_in(seen(lab, "b", port), before)
+        assert f"{FREE_V4}:{port + 1}" in listening(lab, "b")
+    finally:
+        lab.run("b", ["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=0"], check=False)
+        for h in ("a", "b"):
+            lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
+
+
+def test_a_post_copy_rolled_back_leaves_the_workload_s_own_stops_stopped(lab):
+    # A lazy dump leaves the source's tree stopped by livemig until the verdict: rolled back,
+    # it continues the tasks it stopped, and only those
+    pid, port = 5150, 7750
+    start(lab, pid, port)
+    mover = None
+    try:
+        before = seen(lab, "a", port)
+        mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=restored", "livemig", "move", "--pid", str(pid),
+                                "--mode", "postcopy", "b"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stopped = wait_stopped(lab, mover, "restored")
+        lab.run("a", ["kill", "-INT", *stopped])
+        go_on(lab, mover, stopped)
+        _out, err = mover.communicate(timeout=300)
+        assert mover.returncode == 130, err.decode()
+        assert b"rolled back, the workload runs on the source" in err
+        time.sleep(0.3)
+        assert_as_it_went_in(seen(lab, "a", port), before)
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    finally:
+        end_if_held(lab, mover)
+        lab.run("a", ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
+
+
+def test_a_traced_task_is_refused_before_anything_is_touched(lab):
+    pid, port = 5170, 7770
+    start(lab, pid, port)
+    child = seen(lab, "a", port)["running"]["pid"]
+    # a tracer of its own, as a debugger would be (PTRACE_SEIZE: the task runs on)
+    program = ("import ctypes, time; libc = ctypes.CDLL(None); "
+               f"assert libc.ptrace(0x4206, {child}, 0, 0) == 0; print(1, flush=True); time.sleep(1000)")
+    tracer = lab.popen("a", ["python3", "-c", program], stdout=subprocess.PIPE)
+    try:
+        assert tracer.stdout is not None and tracer.stdout.readline().strip() == b"1"
+        res = move(lab, "a", pid, "b")
+        assert res.returncode == 3
+        assert f"PID {child} is traced by PID" in res.stderr.decode() and b"detach the tracer" in res.stderr
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    finally:
+        tracer.kill()
+        tracer.wait()
+        lab.run("a", ["pkill", "-KILL", "-f", "ptrace\\(0x4206"], check=False)
+        lab.run("a", ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
+
+
+@pytest.mark.parametrize("runtime", ["runc", "podman"])
+def test_a_container_with_a_stopped_task_is_refused_where_criu_cannot_dump_it(lab, runtime):
+    # Under a cgroup v1 freezer (the lab's), CRIU's attach to a stopped task in the frozen
+    # container waits for ever; plain `runc checkpoint` hangs too. Refused, in one line
+    name = f"stopped-{runtime}"
+    if runtime == "podman":
+        lab.run("a", ["python3", CONTAINER_TOOL, "busy", "--name", name, "--stopped-child"])
+    else:
+        lab.run("a", ["python3", CONTAINER_TOOL, "start", "--runtime", runtime, "--name", name,
+                      "--bundle", f"/var/lib/ctr/{name}", "--stopped-child"])
+    try:
+        res = lab.run("a", ["livemig", "move", "--mode", "postcopy", name, "b"], check=False, timeout=120)
+        assert res.returncode == 3
+        assert b"is stopped (SIGSTOP or job control)" in res.stderr and b"cgroup v1 freezer" in res.stderr
+        assert len(res.stderr.decode().strip().splitlines()) == 1
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+        states = lab.text("a", ["ps", "-eo", "stat=,args="])
+        assert any(line.startswith("T") and "sleep 100000" in line for line in states.splitlines())
+    finally:
+        if runtime == "podman":
+            lab.run("a", ["env", "PODMAN_IGNORE_CGROUPSV1_WARNING=1", "podman", "rm", "--force", "--time", "0",
+                          name], check=False)
+        else:
+            lab.run("a", [runtime, "delete", "--force", name], check=False)
+            lab.run("a", ["rm", "-rf", f"/var/lib/ctr/{name}"], check=False)
