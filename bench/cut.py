@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     a = ap.parse_args(argv)
     lab = Lab.up(2)
-    samples = []
+    samples: list[dict] = []
     try:
         for rep in range(a.reps):
             for cut in (False, True):

@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "breaks, the copy waiting on its missing pages meanwhile, before that copy is "
                          "given up (default 300)")
     mv.add_argument("--tcp-established", action="store_true", help="move established TCP connections")
-    mv.add_argument("--shell-job", action="store_true", help="the tree was started from a terminal")
+    mv.add_argument("--file-locks", action="store_true",
+                    help="move the file locks the tree holds (flock, fcntl): CRIU's --file-locks on both hosts")
+    mv.add_argument("--shell-job", action="store_true",
+                    help="the tree was started from a terminal: refused, as its terminal cannot follow it")
     mv.add_argument("--image-root",
                     help="where private image directories go, on both hosts (default /var/lib/livemig)")
     mv.add_argument("--name", help="the container's name on the target (default: the same name)")
@@ -278,7 +281,8 @@ def _move(args) -> int:
                                     max_bandwidth=args.max_bandwidth,
                                     reconnect_timeout=args.reconnect_timeout).options,
                           runtime=args.runtime, name=args.name, force=args.force,
-                          criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job))
+                          criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job,
+                                            file_locks=args.file_locks))
         return (plan if args.dry_run else migrate)(what, host, options, progress=view)
     return _report(args, call, view, "nothing was changed" if args.dry_run else _undone)
 

@@ -50,6 +50,23 @@ def huge_pages_in_use(pids: list[int]) -> bool:
     return False
 
 
+def cow_shared_bytes(pids: list[int]) -> int:
+    """What the tree's processes share of their anonymous memory (copy-on-write, since a fork),
+    as the copies it would take if each had its own: its Anonymous summed less its Pss_Anon
+    summed (a page shared by n processes counts n times in one, once in the other)."""
+    anonymous = pss = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Anonymous:"):
+                    anonymous += int(line.split()[1]) * 1024
+                elif line.startswith("Pss_Anon:"):
+                    pss += int(line.split()[1]) * 1024
+        except OSError:     # it exited meanwhile: none of its memory to count
+            pass
+    return max(0, anonymous - pss)
+
+
 def resident_bytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:

@@ -18,6 +18,7 @@ import pytest
 
 from tests.held import end_if_held, go_on, wait_stopped
 from tests.lab import LabError
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.lab
 
@@ -25,13 +26,16 @@ STATES = "/opt/livemig/tests/workloads/states.py"
 CONTAINER_TOOL = "/opt/livemig/tests/workloads/container.py"
 SHDPND, SIGPND = 1 << 9, 1 << 11       # SIGUSR1 pending on the process, SIGUSR2 on its thread
 FREE_V4, FREE_V6 = "198.19.99.99", "fd00:198:19::99"     # addresses no lab host has
+LOCKED = "/tmp/states.lock"
 
 MODES = {"stopcopy": ("--mode", "stopcopy"), "stopcopy into image files": ("--mode", "stopcopy", "--no-fill"),
          "postcopy": ("--mode", "postcopy"), "precopy by page hashes": ("--mode", "precopy")}
 
 
-def start(lab, pid: int, port: int, *freebind: str) -> None:
-    args = [a for address in freebind for a in ("--freebind", address)]
+def start(lab, pid: int, port: int, *freebind: str, flags: tuple[str, ...] = ()) -> None:
+    """states.py's tree on a, as PID pid, listening at each of freebind with IP_FREEBIND too;
+    flags: more of states.py's own."""
+    args = [*(a for address in freebind for a in ("--freebind", address)), *flags]
     got = int(lab.text("a", ["python3", STATES, "run", "--daemon", "--pid", str(pid), "--port", str(port), *args]))
     if got != pid:
         raise LabError(f"the tree started as PID {got}, not {pid}: that PID was taken on a")
@@ -136,7 +140,7 @@ def test_a_post_copy_rolled_back_leaves_the_workload_s_own_stops_stopped(lab):
         lab.run("a", ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
 
 
-def test_a_traced_task_is_refused_before_anything_is_touched(lab):
+def test_a_traced_task_and_a_shell_job_are_refused_before_anything_is_touched(lab):
     pid, port = 5170, 7770
     start(lab, pid, port)
     child = seen(lab, "a", port)["running"]["pid"]
@@ -149,6 +153,9 @@ def test_a_traced_task_is_refused_before_anything_is_touched(lab):
         res = move(lab, "a", pid, "b")
         assert res.returncode == 3
         assert f"PID {child} is traced by PID" in res.stderr.decode() and b"detach the tracer" in res.stderr
+        # and a shell job, whose terminal cannot follow it (the agent restores with none)
+        res = move(lab, "a", pid, "b", "--shell-job")
+        assert res.returncode == 3 and b"--shell-job cannot move a tree to another host" in res.stderr
         assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
     finally:
         tracer.kill()
@@ -182,3 +189,67 @@ def test_a_container_with_a_stopped_task_is_refused_where_criu_cannot_dump_it(la
         else:
             lab.run("a", [runtime, "delete", "--force", name], check=False)
             lab.run("a", ["rm", "-rf", f"/var/lib/ctr/{name}"], check=False)
+
+
+PREFORK = "/opt/livemig/tests/workloads/prefork.py"
+
+
+def test_a_pre_fork_tree_keeps_its_sharing_through_stop_and_copy_and_is_told_what_post_copy_costs(lab):
+    # A parent and four children that only read its 64 MiB: every page is shared by five.
+    # Only CRIU's own restore from image files keeps that (it restores the parent's pages
+    # before it forks the children): stop-and-copy goes that way for such a tree, and a
+    # mode that places each process's pages apart says what it costs before anything is touched
+    pid, port = 5200, 7790
+    lab.run("a", ["python3", PREFORK, "run", "--daemon", "--pid", str(pid), "--port", str(port), "--mib", "64",
+                  "--children", "4"])
+    try:
+        ask = ["python3", PREFORK, "query", "--port", str(port), "--wait", "10"]
+        tree = eventually(lambda: json.loads(lab.text("a", ask)), lambda t: t["children_ok"], within=60)
+        pids = [tree["root"], *tree["children"]]
+        before = lab.pss_bytes("a", pids)
+        res = move(lab, "a", pid, "b", "--mode", "stopcopy")
+        assert res.returncode == 0, res.stderr.decode()
+        report = json.loads(res.stdout)
+        assert report["pages_into"] == "image files" and "copy-on-write" in report["mode_reason"]
+        assert lab.pss_bytes("b", pids) <= before * 1.05          # shared as it was
+        moved = eventually(lambda: json.loads(lab.text("b", ask)), lambda t: t["children_ok"], within=30)
+        assert moved["memory_ok"] and moved["children"] == tree["children"]
+        res = move(lab, "b", pid, "a", "--mode", "postcopy")
+        assert res.returncode == 0, res.stderr.decode()
+        warned = [w for w in json.loads(res.stdout)["warnings"] if "copy-on-write" in w]
+        assert warned and "postcopy gives each its own copy" in warned[0]
+        assert json.loads(lab.text("a", ask))["memory_ok"]
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["pkill", "-KILL", "-f", f"prefork.py run .*--port {port} "], check=False)
+
+
+@pytest.mark.parametrize("i, flags", list(enumerate([(), ("--mode", "postcopy"), ("--mode", "stopcopy", "--no-fill")])),
+                         ids=["auto", "postcopy", "stopcopy into image files"])
+def test_a_loopback_connection_and_a_file_lock_move_when_asked(lab, i, flags):
+    # Both ends of the connection are in the tree: CRIU's TCP repair carries it (loopback is
+    # on every host). The lock's file is one each host has. The restore must ask CRIU for
+    # what the dump took (--tcp-established, --file-locks), or the connection comes back
+    # closed and the lock not held, the move saying it moved
+    pid, port = 5250 + 20 * i, 7810 + 10 * i
+    # each host's own file: one both share (the lab's checkout) would stay locked by the
+    # source's copy, which lives until the target's is restored, and the restore would wait for it
+    for h in ("a", "b"):
+        lab.run(h, ["touch", LOCKED])
+    start(lab, pid, port, flags=("--connected", "--locked", LOCKED))
+    try:
+        before = seen(lab, "a", port)
+        assert before["connected"] is True and before["locks"] == 1
+        res = move(lab, "a", pid, "b", *flags)             # a lock, and nobody asked for it
+        assert res.returncode == 3 and b"holds 1 file lock" in res.stderr and b"--file-locks" in res.stderr
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+        res = move(lab, "a", pid, "b", *flags, "--tcp-established", "--file-locks")
+        assert res.returncode == 0, res.stderr.decode()
+        now = seen(lab, "b", port)
+        assert now["connected"] is True and now["locks"] == 1
+        assert_as_it_went_in(now, before)
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)

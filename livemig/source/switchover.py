@@ -126,7 +126,9 @@ async def restore(m: Move, lazy: bool, fill: bool = False) -> None:
     restored = await m.to.request(
         p.Restore(dir="final", lazy_stream=m.lazy_token if lazy else None,
                   fault_stream=fault_token, container=m.spec, fill=fill,
-                  rejoin=m.rejoin_token or None, rejoin_within=m.options.reconnect_timeout), p.Restored)
+                  rejoin=m.rejoin_token or None, rejoin_within=m.options.reconnect_timeout,
+                  tcp_established=m.options.criu.tcp_established, file_locks=m.options.criu.file_locks),
+        p.Restored)
     m.report.target_pid, m.report.restore_seconds = restored.pid, restored.restore_seconds
     m.restored_at = time.monotonic()
     stop_for_tests("restored")

@@ -58,12 +58,15 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         if await runtimes.known(c):   # never touch a container of someone else's
             raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
         argv = runtimes.restore_command(c, d, pidfile, lazy)
-        env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.RESTORED_CONFIG))
+        # (its file locks too, if its dump took them: runc's and podman's checkpoints pass --file-locks on)
+        env = proc.environ(**criu.configured(work / LEAVE_STOPPED,
+                                             criu.RESTORED_CONFIG + ("file-locks\n" if msg.file_locks else "")))
         copy.containers.append(c)
         if guard is not None:
             guard.tell("container", c.runtime, c.id)
     else:
-        argv = criu.restore(str(d), str(pidfile), lazy=lazy, opts=criu.Options())
+        argv = criu.restore(str(d), str(pidfile), lazy=lazy,
+                            opts=criu.Options(tcp_established=msg.tcp_established, file_locks=msg.file_locks))
     if guard is not None:
         # where CRIU, or runc and crun, write the copy's root's PID (podman writes none): a
         # container too is killed through its cgroup and by signals, its runtime hung or gone

@@ -20,7 +20,7 @@ from ..errors import LivemigError, ProtocolError
 if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to load
     from .streams import Reader, Writer
 
-PROTOCOL_VERSION = 12  # 12: HostFacts.nonlocal_bind; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_VERSION = 12  # 12: HostFacts.nonlocal_bind, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -210,6 +210,11 @@ class Restore:
                             # pushed (the lazy stream is no post-copy then)
     rejoin: str | None = None   # once the copy runs, the coordinator may come back on a stream by this name
     rejoin_within: float = 0.0  # seconds it has to, after the page stream broke
+    # what the tree's dump carried, which its restore must ask CRIU for too (a container's runtime
+    # restores with its own configuration): without them CRIU restores the images all the same,
+    # and the connections come back closed, the locks not held
+    tcp_established: bool = False
+    file_locks: bool = False
 
 
 @message

@@ -83,6 +83,12 @@ class Lab:
         return {h: ([x for x in self.text(h, ["ls", "-A", "/var/lib/livemig"], check=False).split() if x != "logs"],
                     self.text(h, ["pgrep", "-x", "criu"], check=False).split()) for h in hosts}
 
+    def pss_bytes(self, name: str, pids: list[int]) -> int:
+        """The processes' PSS on host name, summed (smaps_rollup's Pss: a page shared by n
+        processes counts 1/n in each)."""
+        text = self.text(name, ["cat", *[f"/proc/{pid}/smaps_rollup" for pid in pids]])
+        return sum(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("Pss:"))
+
     def tx_bytes(self, name: str, interface: str = "eth0") -> int:
         """What host name has sent on interface, on the wire (its kernel's counter, read from
         the machine through the host's PID 1: no process is started for it)."""

@@ -1,7 +1,13 @@
 """The pre-copy stop policy: every stop reason, and the downtime estimate behind them."""
 
+import mmap
+import os
+import signal
+from pathlib import Path
+
 import pytest
 
+from livemig import host
 from livemig.options import SIZES
 from livemig.source.policy import (
     Limits,
@@ -11,6 +17,8 @@ from livemig.source.policy import (
     choose_mode,
     decide,
     expected_downtime,
+    loses_sharing,
+    sharing_lost,
     stopcopy_fills,
 )
 
@@ -203,3 +211,33 @@ def test_stop_and_copy_fills_from_memory_only_where_the_target_can_hold_it_and_t
         wanted, runtime, features, available, fills, why):
     got, reason = stopcopy_fills(wanted, runtime, UFFD, features, available, GIB)
     assert got is fills and why in reason
+
+
+def test_a_tree_that_shares_its_memory_copy_on_write_goes_into_image_files():
+    features = {"uffd-noncoop": True}
+    fills, why = stopcopy_fills(True, "process", features, features, 8 << 30, 1 << 30, shared_bytes=600 << 20)
+    assert not fills and "share 600 MiB copy-on-write" in why
+    # a little sharing (a forked helper's few pages) leaves the fill as it was
+    fills, _ = stopcopy_fills(True, "process", features, features, 8 << 30, 1 << 30, shared_bytes=8 << 20)
+    assert fills
+    assert loses_sharing(512 << 20, 1 << 30) and not loses_sharing(0, 0)
+    assert "postcopy gives each its own copy" in sharing_lost(512 << 20, "postcopy")
+
+
+def test_what_a_tree_shares_copy_on_write_is_what_its_own_copies_would_cost():
+    memory = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.write(b"x" * (16 << 20))        # every page present, then shared with the child
+    alone = host.cow_shared_bytes([os.getpid()])
+    anonymous = next(int(line.split()[1]) << 10 for line in Path(f"/proc/{os.getpid()}/smaps_rollup").read_text()
+                     .splitlines() if line.startswith("Anonymous:"))
+    child = os.fork()
+    if child == 0:
+        signal.pause()
+        os._exit(0)
+    try:
+        # the child shares all the parent had (its 16 MiB and the interpreter's own), each page once
+        shared = host.cow_shared_bytes([os.getpid(), child])
+        assert alone == 0 and abs(shared - anonymous) <= 4 << 20 and shared >= 16 << 20, (shared, anonymous)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

@@ -224,6 +224,28 @@ def start(args: argparse.Namespace, serve_as: Callable[[argparse.Namespace, int 
     serve_as(args, w)
 
 
+def tree_main(name: str, serve_as: Callable[[argparse.Namespace, int | None], None],
+              run_options: Callable[[argparse.ArgumentParser], None]) -> int:
+    """The command line of another lab tree that serves as memcounter does (states.py,
+    prefork.py): `run --port P [--pid N] [--daemon]` and run_options' own, and `query
+    --port P [--wait S]`, whose answer (to "get") it prints."""
+    ap = argparse.ArgumentParser(prog=name)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--port", type=int, required=True)
+    r.add_argument("--pid", type=int, default=0)
+    r.add_argument("--daemon", action="store_true")
+    run_options(r)
+    q = sub.add_parser("query")
+    q.add_argument("--port", type=int, required=True)
+    q.add_argument("--wait", type=float, default=0.0)
+    args = ap.parse_args()
+    if args.cmd == "run":
+        start(args, serve_as, name)
+        return 0
+    return query(argparse.Namespace(what="get", host="127.0.0.1", timeout=10.0, **vars(args)))
+
+
 def query(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.wait
     while True:

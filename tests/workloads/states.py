@@ -9,7 +9,9 @@ stops too, one that runs (reading, every 0.1 s, memory it shares copy-on-write w
 root) and one that exits at once and is never reaped (a zombie). The root blocks SIGUSR1
 and SIGUSR2, with one of each pending: SIGUSR1 sent to the process (ShdPnd), SIGUSR2 to
 its thread (SigPnd). With --freebind it also listens at ADDR (P+1, P+2... for each one)
-with IP_FREEBIND (IPV6_FREEBIND): an address no host need have. It counts every 0.1 s.
+with IP_FREEBIND (IPV6_FREEBIND): an address no host need have. With --connected it holds
+a TCP connection to itself over loopback (both ends in the tree), with --locked a flock on
+a file. It counts every 0.1 s.
 
 Asked (query), the root answers one JSON line: its counter, and each task's state as its
 own /proc shows it (in its own PID namespace: a container's too), so that a test reads
@@ -19,6 +21,7 @@ the tree's view of itself wherever it runs.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import mmap
 import os
@@ -29,7 +32,7 @@ import sys
 import threading
 import time
 
-import memcounter  # beside this file: its start (a fixed PID, detached) and its query
+import memcounter  # beside this file: its command line for a lab tree
 
 
 def _status(pid: int | str) -> dict[str, str]:
@@ -72,6 +75,27 @@ def _child(kind: str, memory: mmap.mmap) -> int:
         os._exit(1)
 
 
+def _talks(pair: tuple[socket.socket, socket.socket] | None) -> bool | None:
+    """Does the tree's loopback connection still carry a byte each way? None: it has none."""
+    if pair is None:
+        return None
+    try:
+        for one, other in (pair, pair[::-1]):
+            one.sendall(b"x")
+            other.settimeout(5)
+            if other.recv(1) != b"x":
+                return False
+        return True
+    except OSError:     # reset, closed: it does not talk
+        return False
+
+
+def _locks(pid: int) -> int:
+    """The file locks /proc/locks says pid holds."""
+    with open("/proc/locks") as f:
+        return sum(1 for line in f if len(line.split()) > 4 and line.split()[4] == str(pid))
+
+
 def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
     os.kill(os.getpid(), signal.SIGUSR1)                         # pending on the process
@@ -91,6 +115,13 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
         sock.bind((address, args.port + i))
         sock.listen()
         free.append(sock)
+    pair = None
+    if args.connected:          # a TCP connection with both its ends in the tree, over loopback
+        server = socket.create_server(("127.0.0.1", args.port + 10))
+        pair = (socket.create_connection(("127.0.0.1", args.port + 10)), server.accept()[0])
+    if args.locked:             # a file lock (flock) on a file every host has
+        held = open(args.locked)    # noqa: SIM115 (held for the tree's life)
+        fcntl.flock(held, fcntl.LOCK_EX)
     kids = {kind: _child(kind, memory) for kind in ("stopped", "threads", "running", "zombie")}
     # its threads started, the zombie dead: then the stops
     while len(_task(kids["threads"])["threads"]) < 3 or _task(kids["zombie"])["state"] != "Z":
@@ -113,32 +144,20 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
         with conn:
             conn.settimeout(5)
             conn.recv(64)
-            answer = {"counter": counter, "root": _task(os.getpid()),
+            answer = {"counter": counter, "root": _task(os.getpid()), "connected": _talks(pair),
+                      "locks": _locks(os.getpid()),
                       **{kind: _task(pid) for kind, pid in kids.items()},
                       "memory_ok": all(memory[i:i + 8] == (i // mmap.PAGESIZE + 1).to_bytes(8, "little")
                                        for i in range(0, len(memory), mmap.PAGESIZE))}
             conn.sendall(json.dumps(answer).encode() + b"\n")
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--port", type=int, required=True)
-    r.add_argument("--pid", type=int, default=0)
-    r.add_argument("--daemon", action="store_true")
+def options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--freebind", action="append", default=[], help="listen at this address too, on the next port")
     r.add_argument("--mib", type=int, default=16)
-    q = sub.add_parser("query")
-    q.add_argument("--port", type=int, required=True)
-    q.add_argument("--wait", type=float, default=0.0)
-    args = ap.parse_args()
-    if args.cmd == "run":
-        memcounter.start(args, serve, "states")
-        return 0
-    # memcounter's query, whose question this tree takes as any other
-    return memcounter.query(argparse.Namespace(what="get", host="127.0.0.1", timeout=10.0, **vars(args)))
+    r.add_argument("--connected", action="store_true", help="hold a TCP connection to itself, over loopback")
+    r.add_argument("--locked", default="", help="hold a flock on this file (one every host has)")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(memcounter.tree_main("states", serve, options))
