@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import platform
 import resource
 import socket
+import stat
 from pathlib import Path
 
 from . import addresses, criu, proc
@@ -77,6 +80,49 @@ def resident_bytes(pids: list[int]) -> int:
         except OSError:     # it exited meanwhile: none of its memory to count
             pass
     return total
+
+
+def locked_files(pids: list[int]) -> list[str]:
+    """The files the tree holds a lock on (flock, fcntl: a "lock:" line in the fd's fdinfo)."""
+    out = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:     # it exited meanwhile: no locks of its own to count
+            continue
+        for fd in fds:
+            try:
+                if "\nlock:" in Path(f"/proc/{pid}/fdinfo/{fd}").read_text():
+                    out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:     # closed meanwhile: not a lock it holds
+                continue
+    return sorted(path for path in out if path.startswith("/"))
+
+
+def locked_here(path: str) -> bool:
+    """Does a process of this host (or of another, on storage both share) hold a lock on
+    path that a restore taking it again would wait for? A shared lock is asked for and let
+    go of at once, without waiting: it is refused only where another holds an exclusive one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:     # not here: CRIU's restore says so, if it needs it
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        for lock in (fcntl.flock, fcntl.lockf):
+            try:
+                lock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                lock(fd, fcntl.LOCK_UN)
+            except BlockingIOError:
+                return True
+            except OSError as e:
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    return True
+                raise
+        return False
+    finally:
+        os.close(fd)
 
 
 def has_terminal(pid: int) -> bool:

@@ -253,3 +253,19 @@ def test_a_loopback_connection_and_a_file_lock_move_when_asked(lab, i, flags):
     finally:
         for h in ("a", "b"):
             lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
+
+
+def test_a_lock_on_a_file_both_hosts_share_is_refused_before_anything_is_touched(lab):
+    # The lab's hosts share the checkout's files, as hosts share NFS: the source's copy would
+    # hold the lock until the target's is restored, and that restore would wait for it for ever
+    pid, port = 5330, 7890
+    start(lab, pid, port, flags=("--locked", STATES))
+    try:
+        before = seen(lab, "a", port)
+        res = move(lab, "a", pid, "b", "--file-locks")
+        assert res.returncode == 3, res.stderr.decode()
+        assert f"holds a lock on {STATES}, which is locked on the target too".encode() in res.stderr
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+        assert_as_it_went_in(seen(lab, "a", port), before)
+    finally:
+        lab.run("a", ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)

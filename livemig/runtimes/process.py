@@ -98,7 +98,10 @@ class ProcessTree(Workload):
             # workload stopped itself get none: CRIU leaves them stopped as it found them,
             # and a rollback continues only the others (a SIGSTOP left pending on them would
             # be state the workload never had).
-            stopped = criu.stopped_tasks(run.log.parent)
+            try:
+                stopped = criu.stopped_tasks(run.log.parent)
+            except (OSError, ValueError) as e:     # CRIU's hook still waits: a rollback resumes the tree
+                raise DumpError(f"the dump's images do not say which tasks were stopped: {e}") from None
             in_dump = proc.in_dump(self.root_pid, [pid for pid, _ in self.frozen])
             self.own_stops = tuple(t for t in self.frozen if in_dump.get(t[0]) in stopped)
             proc.signal_tasks(self._ours(), signal.SIGSTOP)

@@ -240,7 +240,8 @@ class Migration:
             marker.touch(mode=0o600)
         try:
             facts = await m.to.request(
-                p.Probe(pids=pids, container=container, bundle_marker=marker.name if marker else ""), p.HostFacts)
+                p.Probe(pids=pids, container=container, bundle_marker=marker.name if marker else "",
+                        locked_files=host.locked_files(pids)), p.HostFacts)
             m.to.facts = facts
         finally:
             if marker:

@@ -89,6 +89,12 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                           "target (and take it off here)" +
                           ("; or let the target bind IPv4 sockets anywhere (sysctl net.ipv4.ip_nonlocal_bind=1)"
                            if free else "")))
+    if remote.locks_taken:
+        rows.append(Check("locked files free on target", False,
+                          f"the workload holds a lock on {', '.join(remote.locks_taken)}, which is locked on the "
+                          "target too (a file both hosts share, or one a process there locks): its restore "
+                          "would wait for it for ever, the source's copy holding it until then",
+                          "release the lock before the move, or keep the file on storage of the source's own"))
     room = remote.free_bytes >= need_bytes
     rows.append(Check("room for images", room,
                       f"{remote.free_bytes >> 20} MiB free" + (f", {need_bytes >> 20} MiB needed" if need_bytes else "")

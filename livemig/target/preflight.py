@@ -30,6 +30,8 @@ async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
     c = msg.container and checked_container(msg.container)     # before anything runs (the agent checks it too)
     names = [checked_name(n, "container name") for n in [c.id, *msg.names]] if c else []   # for the runtime's argv
     facts = await host.probe(msg.pids, str(ws.work))
+    if msg.locked_files:
+        facts = dataclasses.replace(facts, locks_taken=[f for f in msg.locked_files if host.locked_here(f)])
     if c is None:
         return facts
     taken = [n for n in names if await runtimes.known(dataclasses.replace(c, id=n))]

@@ -20,7 +20,7 @@ from ..errors import LivemigError, ProtocolError
 if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to load
     from .streams import Reader, Writer
 
-PROTOCOL_VERSION = 12  # 12: HostFacts.nonlocal_bind, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_VERSION = 12  # 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -79,6 +79,7 @@ class Probe:
     container: Container | None = None
     bundle_marker: str = ""       # a file the source put in the bundle: seen here = shared storage
     names: list[str] = field(default_factory=list)   # more names for the container (clones): free?
+    locked_files: list[str] = field(default_factory=list)   # the tree holds locks on these: locked there?
 
 
 @message
@@ -99,6 +100,7 @@ class HostFacts:
     names_taken: list[str] = field(default_factory=list)   # of Probe's names, those in use here
     addresses: list[str] = field(default_factory=list)     # the IP addresses this host has
     nonlocal_bind: bool = False   # IPv4 sockets may bind to addresses it lacks (net.ipv4.ip_nonlocal_bind)
+    locks_taken: list[str] = field(default_factory=list)   # of Probe's locked_files, those locked here
 
 
 @message

@@ -1,5 +1,9 @@
 """The preflight comparisons: each check fails for its own reason, in the order to fix them."""
 
+import subprocess
+import sys
+
+from livemig import host
 from livemig.addresses import Bound
 from livemig.source import preflight as checks
 from livemig.source.preflight import compare
@@ -160,3 +164,27 @@ def test_a_move_says_before_anything_is_touched_which_connections_its_copy_close
                                      + [("::1", 443, "::1", 6000)])
     assert "6 established TCP connections (198.18.0.1:80 with 198.18.0.2:5002, 198.18.0.1:80 with 198.18.0.3:5003" in many
     assert "and 3 more" in many
+
+
+HOLDS = "import fcntl, sys, time; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)"
+
+
+def test_a_lock_the_tree_holds_is_found_and_so_is_one_taken_where_it_would_be_restored(tmp_path):
+    path = tmp_path / "locked"
+    path.write_text("")
+    free = tmp_path / "free"
+    free.write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDS, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"1\n"
+        assert host.locked_files([holder.pid]) == [str(path)]
+        # seen from a host where the same file is locked (storage both share): the restore would wait
+        assert host.locked_here(str(path)) and not host.locked_here(str(free))
+        assert not host.locked_here(str(tmp_path / "absent"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not host.locked_here(str(path))
+    rows, _, _ = compare(facts(), facts(locks_taken=[str(path)]), "auto", pids=[42])
+    row = next(r for r in rows if r.name == "locked files free on target")
+    assert failed(rows) == ["locked files free on target"] and str(path) in row.detail and "for ever" in row.detail
