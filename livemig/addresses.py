@@ -26,6 +26,8 @@ from collections.abc import Callable, Container
 from pathlib import Path
 from typing import NamedTuple
 
+from . import proc
+
 _LISTEN, _UDP_ANY = "0A", "07"          # TCP_LISTEN; an unconnected UDP socket (TCP_CLOSE)
 _ESTABLISHED = "01"                      # TCP_ESTABLISHED
 _SOCKET = re.compile(r"socket:\[(\d+)\]")
@@ -34,18 +36,9 @@ _SOCKET = re.compile(r"socket:\[(\d+)\]")
 def _inodes(pids: list[int]) -> dict[int, tuple[int, int]]:
     """The tree's sockets: inode -> (PID, fd) of one process that holds it."""
     found: dict[int, tuple[int, int]] = {}
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:     # it exited meanwhile: no sockets of its own to count
-            continue
-        for fd in fds:
-            try:
-                m = _SOCKET.fullmatch(os.readlink(f"/proc/{pid}/fd/{fd}"))
-            except OSError:     # closed meanwhile: not a socket it holds
-                continue
-            if m:
-                found.setdefault(int(m.group(1)), (pid, int(fd)))
+    for pid, fd, names in proc.fds(pids):
+        if m := _SOCKET.fullmatch(names):
+            found.setdefault(int(m.group(1)), (pid, fd))
     return found
 
 

@@ -85,18 +85,13 @@ def resident_bytes(pids: list[int]) -> int:
 def locked_files(pids: list[int]) -> list[str]:
     """The files the tree holds a lock on (flock, fcntl: a "lock:" line in the fd's fdinfo)."""
     out = set()
-    for pid in pids:
+    for pid, fd, names in proc.fds(pids):
         try:
-            fds = os.listdir(f"/proc/{pid}/fdinfo")
-        except OSError:     # it exited meanwhile: no locks of its own to count
+            if names.startswith("/") and "\nlock:" in Path(f"/proc/{pid}/fdinfo/{fd}").read_text():
+                out.add(names)
+        except OSError:     # closed meanwhile: not a lock it holds
             continue
-        for fd in fds:
-            try:
-                if "\nlock:" in Path(f"/proc/{pid}/fdinfo/{fd}").read_text():
-                    out.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-            except OSError:     # closed meanwhile: not a lock it holds
-                continue
-    return sorted(path for path in out if path.startswith("/"))
+    return sorted(out)
 
 
 def locked_here(path: str) -> bool:

@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,6 +302,21 @@ def in_dump(root: int, pids: list[int]) -> dict[int, int]:
 def kill_tree(root: int) -> None:
     """SIGKILL to root and its descendants, children first."""
     signal_tasks(tasks(list(reversed(process_tree(root)))), signal.SIGKILL)
+
+
+def fds(pids: list[int]) -> Iterator[tuple[int, int, str]]:
+    """(PID, fd, what it names: a path, "socket:[inode]"...) of every fd the processes hold
+    now; those closed, or whose process exited, meanwhile are left out."""
+    for pid in pids:
+        try:
+            numbers = os.listdir(f"/proc/{pid}/fd")
+        except OSError:     # it exited meanwhile: no fds of its own to tell
+            continue
+        for fd in numbers:
+            try:
+                yield pid, int(fd), os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:     # closed meanwhile: not one it holds
+                continue
 
 
 def threads(pid: int) -> list[int]:
