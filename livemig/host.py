@@ -39,47 +39,37 @@ def mem_available() -> int:
     return 0
 
 
+def _summed(pids: list[int], file: str, *fields: str) -> dict[str, int]:
+    """Each of fields (a "Name:" line in kB) of /proc/PID/file, in bytes, summed over pids."""
+    out = dict.fromkeys(fields, 0)
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in out:
+                    out[name] += int(value.split()[0]) * 1024
+        except OSError:     # it exited meanwhile: none of its memory to count
+            pass
+    return out
+
+
 def huge_pages_in_use(pids: list[int]) -> bool:
     """Soft-dirty tracks a transparent huge page as one: one write dirties 2 MiB, and
     pre-copy resends nearly everything each round. What counts is whether the
     workload's memory is backed by huge pages (THP 'always', and no MADV_NOHUGEPAGE)."""
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("AnonHugePages:") and int(line.split()[1]) > 0:
-                    return True
-        except OSError:     # it exited meanwhile: none of its memory to count
-            pass
-    return False
+    return _summed(pids, "smaps_rollup", "AnonHugePages")["AnonHugePages"] > 0
 
 
 def cow_shared_bytes(pids: list[int]) -> int:
     """What the tree's processes share of their anonymous memory (copy-on-write, since a fork),
     as the copies it would take if each had its own: its Anonymous summed less its Pss_Anon
     summed (a page shared by n processes counts n times in one, once in the other)."""
-    anonymous = pss = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Anonymous:"):
-                    anonymous += int(line.split()[1]) * 1024
-                elif line.startswith("Pss_Anon:"):
-                    pss += int(line.split()[1]) * 1024
-        except OSError:     # it exited meanwhile: none of its memory to count
-            pass
-    return max(0, anonymous - pss)
+    rollup = _summed(pids, "smaps_rollup", "Anonymous", "Pss_Anon")
+    return max(0, rollup["Anonymous"] - rollup["Pss_Anon"])
 
 
 def resident_bytes(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:     # it exited meanwhile: none of its memory to count
-            pass
-    return total
+    return _summed(pids, "status", "VmRSS")["VmRSS"]
 
 
 def locked_files(pids: list[int]) -> list[str]:

@@ -299,6 +299,11 @@ def in_dump(root: int, pids: list[int]) -> dict[int, int]:
     return out
 
 
+def dumped_as(root: int, pids: list[int], in_images: set[int]) -> list[int]:
+    """Of pids (the tree at root), those whose PID in the dump (in_dump) is among in_images."""
+    return [pid for pid, dumped in in_dump(root, pids).items() if dumped in in_images]
+
+
 def kill_tree(root: int) -> None:
     """SIGKILL to root and its descendants, children first."""
     signal_tasks(tasks(list(reversed(process_tree(root)))), signal.SIGKILL)

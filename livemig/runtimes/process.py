@@ -102,8 +102,8 @@ class ProcessTree(Workload):
                 stopped = criu.stopped_tasks(run.log.parent)
             except (OSError, ValueError) as e:     # CRIU's hook still waits: a rollback resumes the tree
                 raise DumpError(f"the dump's images do not say which tasks were stopped: {e}") from None
-            in_dump = proc.in_dump(self.root_pid, [pid for pid, _ in self.frozen])
-            self.own_stops = tuple(t for t in self.frozen if in_dump.get(t[0]) in stopped)
+            own = proc.dumped_as(self.root_pid, [pid for pid, _ in self.frozen], stopped)
+            self.own_stops = tuple(t for t in self.frozen if t[0] in own)
             proc.signal_tasks(self._ours(), signal.SIGSTOP)
             if let_go := [pid for pid in proc.named(self.frozen) if _traceable(pid) and proc.tracer(pid) == 0]:
                 proc.signal_tasks(self._ours(), signal.SIGCONT)    # it runs on, as CRIU left it

@@ -143,13 +143,16 @@ class Migration:
         m.report.pid = w.root_pid
         pids = w.pids()
         checks.refuse_traced(pids)
-        checks.refuse_locks_unasked(pids, m.options.criu.file_locks)
+        locked = host.locked_files(pids)
+        checks.refuse_locks_unasked(locked, m.options.criu.file_locks)
         if w.kind != "process":
             checks.refuse_stopped_in_a_frozen_cgroup(pids)
         m.original = HeldCopy.of(w)    # to tell, on failure, whether it exited by itself
         memory, shared = host.resident_bytes(pids), host.cow_shared_bytes(pids)
         m.spec = target_spec(w, m.options.name)
-        local, remote = await self._probe_both(pids if w.kind == "process" else [], m.spec)
+        # (a container's paths are in its own mount namespace: not the target's to look at)
+        local, remote = await self._probe_both(pids if w.kind == "process" else [], m.spec,
+                                               locked if w.kind == "process" else [])
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
         m.report.warnings += checks.enforce(rows, m.target, m.options.force)
@@ -175,7 +178,7 @@ class Migration:
             m.report.mode_reason = why = f"{why}; {into}"
         # (hybrid's post-copy part too, unmeasured: the VM lab has no pre-fork tree yet)
         if (m.fills or mode == Mode.POSTCOPY.value) and policy.loses_sharing(shared, memory):
-            said = policy.sharing_lost(shared, "pre-copy by page hashes" if m.fills and mode != "stopcopy" else mode)
+            said = policy.sharing_lost(shared, mode if mode == Mode.POSTCOPY.value else "pre-copy by page hashes")
             m.report.warnings.append(said)
             m.progress(Cautioned(said))
         if m.report.precopy_tracking == "soft-dirty" and host.huge_pages_in_use(pids):
@@ -225,8 +228,8 @@ class Migration:
         finally:
             await self.close()
 
-    async def _probe_both(self, pids: list[int], container: p.Container | None = None
-                          ) -> tuple[p.HostFacts, p.HostFacts]:
+    async def _probe_both(self, pids: list[int], container: p.Container | None = None,
+                          locked: list[str] | None = None) -> tuple[p.HostFacts, p.HostFacts]:
         m = self.m
         m.held = make_work_dir(m.options.image_root, m.work) or m.held
         m.progress(Connecting(m.target))
@@ -241,7 +244,7 @@ class Migration:
         try:
             facts = await m.to.request(
                 p.Probe(pids=pids, container=container, bundle_marker=marker.name if marker else "",
-                        locked_files=host.locked_files(pids)), p.HostFacts)
+                        locked_files=locked or []), p.HostFacts)
             m.to.facts = facts
         finally:
             if marker:

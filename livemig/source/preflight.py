@@ -202,21 +202,14 @@ def refuse_traced(pids: list[int]) -> None:
                                      hint="detach the tracer, then move it")
 
 
-def refuse_locks_unasked(pids: list[int], file_locks: bool) -> None:
-    """A tree that holds file locks (flock, fcntl: /proc/locks) moves only with --file-locks:
-    CRIU refuses to dump it otherwise, once the workload is frozen. Said before anything is touched."""
-    if file_locks:
-        return
-    try:
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:     # no /proc/locks to read: CRIU's dump says it, if it must
-        return
-    tree = {str(pid) for pid in pids}
-    held = [f[4] for f in (line.split() for line in lines) if len(f) > 4 and f[4] in tree]
-    if held:
-        raise PreflightError(f"PID {held[0]} holds {len(held)} file lock{'s' if len(held) != 1 else ''} "
-                             "(flock, fcntl), which CRIU moves only when asked to", phase=Phase.PREFLIGHT,
-                             hint="move it with --file-locks")
+def refuse_locks_unasked(locked: list[str], file_locks: bool) -> None:
+    """A tree that holds file locks (flock, fcntl; locked: host.locked_files) moves only with
+    --file-locks: CRIU refuses to dump it otherwise, once the workload is frozen. Said
+    before anything is touched."""
+    if locked and not file_locks:
+        raise PreflightError(f"the tree holds {len(locked)} file lock{'s' if len(locked) != 1 else ''} (flock, "
+                             f"fcntl: {', '.join(locked)}), which CRIU moves only when asked to",
+                             phase=Phase.PREFLIGHT, hint="move it with --file-locks")
 
 
 def refuse_stopped_in_a_frozen_cgroup(pids: list[int]) -> None:

@@ -60,8 +60,7 @@ class Copy:
         """The tree just restored at root: which of its tasks were stopped when dumped
         (stopped, as PIDs in the images: those of root's PID namespace, a container's own)."""
         if stopped:
-            here = proc.in_dump(root, proc.process_tree(root))
-            self.own_stops += proc.tasks([pid for pid, in_images in here.items() if in_images in stopped])
+            self.own_stops += proc.tasks(proc.dumped_as(root, proc.process_tree(root), stopped))
 
     def restored(self) -> None:
         """The restore succeeded: the copy is here, stopped."""
