@@ -9,7 +9,8 @@ The tree (tests/workloads/prefork.py): a parent fills --mib MiB, then forks --ch
 children that only read it, so that every page is shared by all of them. Each contender
 moves a fresh tree from a to b; the tree's PSS (the kernel's proportional share: a page
 shared by n processes counts 1/n in each) is summed over its processes, on a before the
-move and on b after it, and every process's memory is checked on b. It writes
+move and on b after it, and every process's memory is checked on b. livemig's report adds
+its downtime, the bytes it sent, and what it kept shared by putting it into the images. It writes
 bench/results/<date>-cow.json: every sample and, per contender, the ratio of the target's
 PSS to the source's (1.0: the sharing kept; children + 1: none of it).
 """
@@ -49,12 +50,14 @@ def sample(lab: Lab, contender: str, i: int, mib: int, children: int) -> dict:
         before = lab.pss_bytes("a", pids)
         t0 = time.monotonic()
         flags = CONTENDERS[contender]
+        report: dict = {}
         if flags is None:
             by_hand.migrate(lab, pid, "a", "b", name=f"cow{i}")
             error = ""
         else:
             res = lab.run("a", ["livemig", "move", "--pid", str(pid), "--json", *flags, "b"], check=False, timeout=900)
             error = "" if res.returncode == 0 else res.stderr.decode().strip().splitlines()[-1]
+            report = json.loads(res.stdout) if res.stdout.strip() else {}
         seconds = time.monotonic() - t0
         time.sleep(6)      # every child has read its memory again, on b
         after_tree = _asked(lab, "b", port) if not error else {}
@@ -65,7 +68,11 @@ def sample(lab: Lab, contender: str, i: int, mib: int, children: int) -> dict:
     return {"contender": contender, "mib": mib, "children": children, "error": error, "seconds": seconds,
             "pss_before_bytes": before, "pss_after_bytes": after,
             "pss_after_over_before": after / before if before and after else None,
-            "memory_ok_after": bool(after_tree.get("memory_ok")) and bool(after_tree.get("children_ok"))}
+            "memory_ok_after": bool(after_tree.get("memory_ok")) and bool(after_tree.get("children_ok")),
+            # livemig's own account (none by hand, whose move is all downtime): what keeping the
+            # sharing cost, and where the pages went
+            **{k: report.get(k) for k in ("pages_into", "downtime_seconds", "downtime_parts", "wire_bytes", "shared_kept_bytes",
+                                          "shared_sent_bytes")}}
 
 
 def main(argv: list[str] | None = None) -> int:

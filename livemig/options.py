@@ -134,12 +134,13 @@ class Sizes:
     # A fill holds every page in the target agent's store, then hands each to the copy and lets it go:
     # the workload's memory about once, and some slack for the pages in flight and the restore's own.
     fill_room: float = 1.25                       # times the pages' bytes the target must have free
-    # Pages a tree's processes share copy-on-write are kept shared only by CRIU's own restore from image
-    # files (it restores a parent's pages before it forks the children); a fill, post-copy and pre-copy
-    # by page hashes place each process's pages apart. From this share of the tree's resident memory
-    # on (its VmRSS summed: a shared page counts once per process), stop-and-copy writes image files,
-    # and the lazy modes say in preflight what the copy will cost. A pre-fork server shares most of it.
+    # From this share of a tree's resident memory on (its VmRSS summed: a shared page counts once
+    # per process), what its processes share copy-on-write is said in post-copy's preflight: it
+    # crosses before the copy runs, to stay shared (pages/cow.py). A pre-fork server shares most.
     cow_shared_least: float = 0.25
+    # The pages a tree shares copy-on-write are read from its frozen memory into the images
+    # (pages/cow.py) this many at a time: 2 MiB, as the rest of the source's reads.
+    cow_read_pages: int = 512
     # -- the wire
     stream_chunk: int = 1 << 20                   # bytes a stream reads and compresses at once
     ssh_window: int = 16 << 20                    # the receive window of our ssh channels (post-copy's

@@ -254,6 +254,26 @@ def state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def exe(pid: int) -> str | None:
+    """The program pid runs (/proc/PID/exe), None if that cannot be told (gone, a kernel thread)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:     # the docstring's None
+        return None
+
+
+def private_mappings(pid: int) -> list[tuple[int, int]]:
+    """(start, end) of each of pid's private mappings, from /proc/PID/maps."""
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            span, perms = line.split(None, 2)[:2]
+            if perms[3] == "p":
+                start, end = span.split("-")
+                out.append((int(start, 16), int(end, 16)))
+    return out
+
+
 def boot_id() -> str:
     """This boot's ID: (PID, start time) pairs name processes of one boot only."""
     try:

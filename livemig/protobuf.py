@@ -1,5 +1,6 @@
 """The little of protobuf that reading CRIU's images takes: varints and length-delimited
-fields, by number. Hand-written because a handful of fields is all livemig reads, and
+fields, by number; and varint fields written, for the pagemaps livemig rewrites
+(pages/pagemap.py). Hand-written because a handful of fields is all livemig reads, and
 pycriu is not installed with CRIU everywhere."""
 
 from __future__ import annotations
@@ -50,3 +51,22 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
+
+
+def varint_field(num: int, value: int) -> bytes:
+    """One field of wire type 0 (an unsigned integer), as protobuf encodes it."""
+    return _encode_varint(num << 3) + _encode_varint(value)
+
+
+def _encode_varint(value: int) -> bytes:
+    if value < 0:
+        raise ValueError("protobuf varints here are unsigned")
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)

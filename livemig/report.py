@@ -77,6 +77,9 @@ class Report:
     fill_while_running_seconds: float = 0.0   # of which after the copy ran (all pages on its host then)
     final_dump_frozen_seconds: float = 0.0
     image_files_bytes: int = 0    # images other than pages, sent after the dump
+    shared_kept_bytes: int = 0    # a lazy dump's pages the tree's processes share copy-on-write, put into
+                                  # the images to stay shared (pages/cow.py)
+    shared_sent_bytes: int = 0    # of those, the ones whose bytes crossed in the images (not held there)
     bundle_bytes_wire: int = 0    # a container's bundle: pre-copy and changes, compressed
     image_bytes_wire: int = 0     # podman: the container's image, sent when the target lacked it
     restore_seconds: float = 0.0

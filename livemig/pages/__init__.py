@@ -6,9 +6,10 @@
     pagehash   pre-copy by page hashes, where the kernel cannot track dirty pages
     shadow     the target's store of pre-copied pages, until they are placed
     pagemap    CRIU's pagemap images: which pages a dump holds, and where
+    cow        what the tree shares copy-on-write, kept shared through a lazy restore
     uffd       userfaultfd, as the placer uses it
 
 What goes wrong in here raises a LivemigError of its own (postcopy.PageStreamError,
-uffd.Gone and Busy, shadow.MissingPages, pagemap.PagemapError) without a phase: post-copy
+uffd.Gone and Busy, shadow.MissingPages, pagemap.PagemapError, cow.CowError) without a phase: post-copy
 and a fill share the machinery, and whoever catches it knows which one ran.
 """

@@ -6,6 +6,9 @@ entries flagged PE_LAZY are exactly what `criu dump --lazy-pages` kept in memory
 serve, and the only ranges its page server answers: asking for anything else closes
 the connection. Reading them here lets the source push those pages before anyone asks.
 
+Where a tree's processes share pages copy-on-write, a lazy dump's pagemaps are rewritten
+(cow.py): image() writes one as CRIU does.
+
 The pagemaps of a pre-copy round come back from the target (receive): the source's CRIU
 reads them, as root, for a lazy final dump. They are checked on the way in: the names of
 pagemaps and of (empty) pages files alone, bounded sizes, and entries that parse and name
@@ -14,6 +17,8 @@ pages of a user's address space.
 
 from __future__ import annotations
 
+import bisect
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from ..wire import streams
 IMG_COMMON_MAGIC = 0x54564319
 PAGEMAP_MAGIC = 0x56084025
 PE_PARENT, PE_LAZY, PE_PRESENT = 1, 2, 4
+PARENT = "parent"        # a dump's directory of the images its PE_PARENT pages are in (CRIU's CR_PARENT_LINK)
 PAGE = 4096
 
 _U32 = struct.Struct("<I")
@@ -58,10 +64,16 @@ class Range:
 
 def entries(data: bytes) -> list[Entry]:
     """Every PagemapEntry of a pagemap image, with CRIU's own defaults filled in."""
+    return read(data)[1]
+
+
+def read(data: bytes) -> tuple[int, list[Entry]]:
+    """A pagemap image: the N of the pages-N.img that holds its present pages (its
+    PagemapHead), and its entries."""
     if len(data) < 8 or _U32.unpack_from(data, 0)[0] != IMG_COMMON_MAGIC \
             or _U32.unpack_from(data, 4)[0] != PAGEMAP_MAGIC:
         raise PagemapError("not a CRIU pagemap image")
-    i, out, head = 8, [], True
+    i, out, head, pages_id = 8, [], True, None
     while i < len(data):
         if i + 4 > len(data):
             raise PagemapError("truncated entry size")
@@ -70,20 +82,33 @@ def entries(data: bytes) -> list[Entry]:
         if len(msg) != size:
             raise PagemapError("truncated entry")
         i += 4 + size
-        if head:            # PagemapHead: which pages-N.img holds the present pages
-            head = False
-            continue
         try:
             f = {num: v for num, v in protobuf.fields(msg) if isinstance(v, int)}
         except ValueError as e:
             raise PagemapError(f"bad pagemap entry: {e}") from None
+        if head:            # PagemapHead: which pages-N.img holds the present pages
+            head, pages_id = False, f.get(1)
+            continue
         if 1 not in f:
             raise PagemapError("pagemap entry without vaddr")
         flags = f.get(4)
         if flags is None:   # images older than flags: in_parent or present
             flags = PE_PARENT if f.get(3) else PE_PRESENT
         out.append(Entry(f[1], f.get(5, f.get(2, 0)), flags))
-    return out
+    if pages_id is None:
+        raise PagemapError("a pagemap image without its head")
+    return pages_id, out
+
+
+def image(pages_id: int, written: list[Entry]) -> bytes:
+    """A pagemap image of these entries, read by CRIU as one it wrote: the magics, the head,
+    then each entry (vaddr, the page count in both its fields, flags)."""
+    out = [_U32.pack(IMG_COMMON_MAGIC), _U32.pack(PAGEMAP_MAGIC)]
+    for msg in [protobuf.varint_field(1, pages_id)] + [
+            protobuf.varint_field(1, e.vaddr) + protobuf.varint_field(2, e.pages if e.pages < 1 << 32 else 0)
+            + protobuf.varint_field(4, e.flags) + protobuf.varint_field(5, e.pages) for e in written]:
+        out += [_U32.pack(len(msg)), msg]
+    return b"".join(out)
 
 
 def lazy_ranges(images: Path) -> list[Range]:
@@ -96,6 +121,62 @@ def lazy_ranges(images: Path) -> list[Range]:
             out += [Range(pid, e.vaddr, e.pages) for e in entries(path.read_bytes())
                     if e.flags & PE_LAZY and e.pages]
     return sorted(out, key=lambda r: (r.pid, r.vaddr))
+
+
+class Index:
+    """Where a process's present pages are in its pages file."""
+
+    def __init__(self, images: Path, pid: int):
+        pages_id, written = read((images / f"pagemap-{pid}.img").read_bytes())
+        self.path = images / f"pages-{pages_id}.img"
+        self.spans, at = [], 0
+        for e in written:
+            if e.flags & PE_PRESENT:
+                self.spans.append((e.vaddr, e.pages, at))
+                at += e.pages * PAGE
+        self.starts = [s[0] for s in self.spans]
+
+    def copy_into(self, fd: int, vaddr: int, n: int) -> None:
+        """Pages [vaddr, +n) of the process, appended to fd."""
+        with open(self.path, "rb") as f:
+            while n:
+                i = bisect.bisect_right(self.starts, vaddr) - 1
+                start, pages, at = self.spans[i] if i >= 0 else (0, 0, 0)
+                k = (vaddr - start) // PAGE
+                if i < 0 or k >= pages:
+                    raise PagemapError(f"{self.path.name} lacks the page at {vaddr:#x} a child shares")
+                take = min(n, pages - k)
+                left, offset = take * PAGE, at + k * PAGE
+                while left:
+                    copied = os.copy_file_range(f.fileno(), fd, left, offset)
+                    if copied <= 0:
+                        raise PagemapError(f"{self.path.name} ends before its pagemap says")
+                    left, offset = left - copied, offset + copied
+                vaddr, n = vaddr + take * PAGE, n - take
+
+
+def read_through_parents(images: Path, parents: dict[int, int]) -> None:
+    """Each process of parents (child -> parent, PIDs in the dump) reads the pages its pagemap
+    names as PE_PARENT from its parent's image, as CRIU reads a pre-dump's: from the pagemap
+    of the same PID in the directory PARENT. There, its pagemap is its parent's, and the pages
+    file that pagemap names is the parent's own (a link: nothing is copied). A parent that
+    names pages as its own parent's has them read a directory further up, and so on."""
+    readers, d = dict(parents), images     # reader -> whose pagemap it reads at this level
+    while readers:
+        d = d / PARENT
+        d.mkdir(mode=0o700)
+        further = {}
+        for reader, owner in readers.items():
+            data = (images / f"pagemap-{owner}.img").read_bytes()
+            pages_id, written = read(data)
+            (d / f"pagemap-{reader}.img").write_bytes(data)
+            if not (d / f"pages-{pages_id}.img").exists():
+                os.link(images / f"pages-{pages_id}.img", d / f"pages-{pages_id}.img")
+            if any(e.flags & PE_PARENT for e in written):
+                if owner not in parents:
+                    raise PagemapError(f"pagemap-{owner}.img names pages as its parent's, and has none")
+                further[reader] = parents[owner]
+        readers = further
 
 
 def check(data: bytes) -> None:

@@ -174,11 +174,11 @@ class Migration:
             m.report.throttle = autoconverge.find(m, pids)
         elif mode == Mode.STOPCOPY.value:
             m.fills, into = policy.stopcopy_fills(m.options.fill, w.kind, local.features, remote.features,
-                                                  remote.mem_available, memory, shared)
+                                                  remote.mem_available, memory)
             m.report.mode_reason = why = f"{why}; {into}"
-        # (hybrid's post-copy part too, unmeasured: the VM lab has no pre-fork tree yet)
-        if (m.fills or mode == Mode.POSTCOPY.value) and policy.loses_sharing(shared, memory):
-            said = policy.sharing_lost(shared, mode if mode == Mode.POSTCOPY.value else "pre-copy by page hashes")
+        # (a fill's shared pages were pre-copied, or cross with the rest before it runs: nothing to tell)
+        if mode in (Mode.POSTCOPY.value, Mode.HYBRID.value) and policy.shares_much(shared, memory):
+            said = policy.shared_first(shared)
             m.report.warnings.append(said)
             m.progress(Cautioned(said))
         if m.report.precopy_tracking == "soft-dirty" and host.huge_pages_in_use(pids):

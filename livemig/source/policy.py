@@ -27,20 +27,15 @@ PAGE_SIZE = 4096
 
 
 def stopcopy_fills(wanted: bool, runtime: str, source_features: dict[str, bool],
-                   target_features: dict[str, bool], mem_available: int, need_bytes: int,
-                   shared_bytes: int = 0) -> tuple[bool, str]:
+                   target_features: dict[str, bool], mem_available: int, need_bytes: int) -> tuple[bool, str]:
     """Whether stop-and-copy pushes the pages into the target's memory and fills the copy
     while it runs (a lazy dump, the pages read from the frozen tree), rather than writing
     them as image files that CRIU's restore reads back; and why. The fill takes the
     restore's page allocation (seconds per GiB) off the downtime, at post-copy's price:
-    the source's copy waits, stopped, until the target's is whole. A tree whose processes
-    share much of their memory copy-on-write (shared_bytes: host.cow_shared_bytes) goes
-    into image files: only CRIU's restore keeps the sharing."""
+    the source's copy waits, stopped, until the target's is whole. (What the tree's processes
+    share copy-on-write goes into image files either way, and stays shared: pages/cow.py.)"""
     if not wanted:
         return False, "into image files, as asked (--no-fill)"
-    if loses_sharing(shared_bytes, need_bytes):
-        return False, (f"into image files: the tree's processes share {shared_bytes >> 20} MiB copy-on-write, "
-                       "which only CRIU's restore from image files keeps shared")
     if runtime in ("podman", "crun"):
         return False, f"into image files: {runtime} restores its checkpoint whole, with no lazy pages"
     if not (source_features.get("uffd-noncoop") and target_features.get("uffd-noncoop")):
@@ -51,16 +46,16 @@ def stopcopy_fills(wanted: bool, runtime: str, source_features: dict[str, bool],
     return True, "into the target's memory, and into the copy while it runs"
 
 
-def loses_sharing(shared_bytes: int, need_bytes: int) -> bool:
+def shares_much(shared_bytes: int, need_bytes: int) -> bool:
     """Is what the tree shares copy-on-write (host.cow_shared_bytes) enough of its resident
-    memory (need_bytes) that placing each process's pages apart matters? SIZES.cow_shared_least."""
+    memory (need_bytes) to tell what keeping it shared costs? SIZES.cow_shared_least."""
     return shared_bytes > 0 and shared_bytes >= SIZES.cow_shared_least * need_bytes
 
 
-def sharing_lost(shared_bytes: int, mode: str) -> str:
-    """What a mode that places each process's pages apart does to what the tree shares, said in preflight."""
-    return (f"the tree's processes share {shared_bytes >> 20} MiB copy-on-write: {mode} gives each its own copy "
-            f"of it on the target ({shared_bytes >> 20} MiB more there); --mode stopcopy keeps it shared")
+def shared_first(shared_bytes: int) -> str:
+    """What post-copy does with what the tree shares, said in preflight: it is not lazy."""
+    return (f"the tree's processes share {shared_bytes >> 20} MiB copy-on-write: to stay shared, it crosses "
+            "before the target's copy runs, as in stop-and-copy (downtime), and the rest after")
 
 
 @dataclass(frozen=True)

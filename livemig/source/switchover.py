@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 from .. import runtimes
 from ..errors import DumpError, LivemigError, Phase
 from ..interrupts import uncancellable
 from ..options import WAITS
-from ..pages import pagemap
+from ..pages import cow, pagemap
+from ..pages.pagemap import PAGE
 from ..progress import Copied, Finishing, Running, Stepping
 from ..report import DowntimePart, RoundReport
 from ..runtimes.held import HeldCopy
@@ -26,6 +28,7 @@ from ..wire import protocol as p
 from ..wire import streams
 from . import bundles, postcopy, recovery
 from .failures import rolled_back, stranded
+from .local import by_pid
 from .move import Move
 from .session import remote_error, token
 from .stages import Stage
@@ -52,6 +55,9 @@ async def final_dump(m: Move, lazy: bool) -> None:
             m.relay = asyncio.create_task(_relay_when_connected(m, dump, tok))
         try:
             dumped_at = await w.dumped(dump, lazy)
+            if lazy:
+                await _keep_sharing(m, local)
+                dumped_at = time.monotonic()
         except DumpError as e:
             # CRIU here sees only a broken pipe; the page server there knows why (a full disk...)
             raise (await _page_server_failure(m, e) if streaming else e) from None
@@ -70,6 +76,16 @@ async def final_dump(m: Move, lazy: bool) -> None:
         await m.to.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
         rnd.bytes_raw, rnd.bytes_wire = relayed.sent.raw, relayed.sent.wire
     m.report.rounds.append(rnd)
+
+
+async def _keep_sharing(m: Move, images: Path) -> None:
+    """What the frozen tree's processes share copy-on-write leaves its lazy ranges, for the
+    target's restore to share again (pages/cow.py)."""
+    try:
+        kept = await asyncio.to_thread(cow.into_images, images, by_pid(m.w), m.tracker)
+    except (OSError, cow.CowError) as e:
+        raise DumpError(f"cannot keep what the tree shares copy-on-write: {e}", phase=Phase.FINAL_DUMP) from None
+    m.report.shared_kept_bytes, m.report.shared_sent_bytes = kept.pages * PAGE, kept.sent * PAGE
 
 
 async def _page_server_failure(m: Move, dump_error: DumpError) -> LivemigError:

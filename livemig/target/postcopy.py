@@ -26,8 +26,8 @@ import contextlib
 from enum import Enum
 from pathlib import Path
 
-from ..errors import Phase
-from ..pages import pagemap, placer
+from ..errors import LivemigError, Phase
+from ..pages import cow, pagemap, placer
 from ..pages.postcopy import LinkLost, PageStreamError
 from ..wire import protocol as p
 from .copy import Copy
@@ -87,8 +87,11 @@ class PostCopy:
                     d: Path, msg: p.Restore, token: str) -> PostCopy:
         """Listening before CRIU's restore of d looks for it; token: the source's page stream."""
         try:
+            # what the tree shares copy-on-write goes into every sharer's image first (cow.py):
+            # the lazy ranges are what is left
+            await asyncio.to_thread(cow.complete, d, images.store)
             ranges = pagemap.lazy_ranges(d)
-        except (OSError, pagemap.PagemapError) as e:
+        except (OSError, LivemigError) as e:
             raise AgentFailure(Phase.RESTORE, f"cannot read the dump's pagemaps: {e}") from None
         # Before anything is restored: from here on `livemig recover` finds a verdict.
         verdicts.write(ws.name, "serving", phase=Phase.RESTORE)

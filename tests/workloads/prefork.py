@@ -5,9 +5,9 @@ PostgreSQL's, gunicorn's or Apache's prefork workers share their parent's).
     python3 prefork.py run --port P --mib M --children K [--pid N] [--daemon]
     python3 prefork.py query --port P [--wait S]
 
-Asked (query), the parent answers one JSON line: its PID, its children's, and whether its
+Asked (query), the parent answers one JSON line: its PID, its children's, whether its
 memory and every child's still hold what the parent wrote (each child checks its own and
-says so in a pipe to the parent).
+says so in a pipe to the parent), and how many such reports it has had.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
         os.write(ready_fd, f"{os.getpid()}\n".encode())
         os.close(ready_fd)
     open_reports = set(reports)
+    reads = 0       # the children's reports so far: a later answer's children_ok is a fresh one
     while True:
         ready, _, _ = select.select([listener, *open_reports], [], [])
         for r in ready:
@@ -73,13 +74,14 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
                     said = b"0"
                     open_reports.discard(r)
                 reports[r] = said[-1:]
+                reads += len(said)
                 continue
             conn, _ = listener.accept()
             with conn:
                 conn.settimeout(5)
                 conn.recv(64)
                 answer = {"root": os.getpid(), "children": children, "memory_ok": _intact(memory),
-                          "children_ok": all(v == b"1" for v in reports.values())}
+                          "children_ok": all(v == b"1" for v in reports.values()), "reads": reads}
                 conn.sendall(json.dumps(answer).encode() + b"\n")
 
 
