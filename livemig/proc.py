@@ -254,6 +254,12 @@ def state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+def parent_of(pid: int) -> int | None:
+    """pid's parent's PID, None if pid is gone."""
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
 def exe(pid: int) -> str | None:
     """The program pid runs (/proc/PID/exe), None if that cannot be told (gone, a kernel thread)."""
     try:

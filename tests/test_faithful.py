@@ -10,9 +10,11 @@ says how it sees itself, from its own /proc, on whichever host it runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -32,13 +34,19 @@ MODES = {"stopcopy": ("--mode", "stopcopy"), "stopcopy into image files": ("--mo
          "postcopy": ("--mode", "postcopy"), "precopy by page hashes": ("--mode", "precopy")}
 
 
-def start(lab, pid: int, port: int, *freebind: str, flags: tuple[str, ...] = ()) -> None:
-    """states.py's tree on a, as PID pid, listening at each of freebind with IP_FREEBIND too;
-    flags: more of states.py's own."""
+@contextlib.contextmanager
+def states_tree(lab, pid: int, port: int, *freebind: str, flags: tuple[str, ...] = ()) -> Iterator[None]:
+    """states.py's tree on a, as PID pid, listening at each of freebind with IP_FREEBIND too
+    (flags: more of states.py's own); killed on both hosts once the test is done with it."""
     args = [*(a for address in freebind for a in ("--freebind", address)), *flags]
-    got = int(lab.text("a", ["python3", STATES, "run", "--daemon", "--pid", str(pid), "--port", str(port), *args]))
-    if got != pid:
-        raise LabError(f"the tree started as PID {got}, not {pid}: that PID was taken on a")
+    try:
+        got = int(lab.text("a", ["python3", STATES, "run", "--daemon", "--pid", str(pid), "--port", str(port), *args]))
+        if got != pid:
+            raise LabError(f"the tree started as PID {got}, not {pid}: that PID was taken on a")
+        yield
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
 
 
 def seen(lab, host: str, port: int) -> dict:
@@ -72,8 +80,7 @@ def listening(lab, host: str) -> str:
 @pytest.mark.parametrize("i, flags", list(enumerate(MODES.values())), ids=list(MODES))
 def test_a_tree_comes_out_of_every_mode_as_it_went_in(lab, i, flags):
     pid, port = 5010 + 20 * i, 7610 + 10 * i
-    start(lab, pid, port, FREE_V6)
-    try:
+    with states_tree(lab, pid, port, FREE_V6):
         before = seen(lab, "a", port)
         assert before["stopped"]["state"] == "T" and before["zombie"]["state"] == "Z"
         for src, dst in (("a", "b"), ("b", "a")):
@@ -87,81 +94,74 @@ def test_a_tree_comes_out_of_every_mode_as_it_went_in(lab, i, flags):
             assert lab.run(src, ["kill", "-0", str(pid)], check=False).returncode != 0    # one copy only
             before = now
         assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
-    finally:
-        for h in ("a", "b"):
-            lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
 
 
 def test_an_ipv4_socket_set_to_bind_anywhere_moves_where_criu_can_bind_it(lab):
     # CRIU binds an IPv4 socket before it sets IP_FREEBIND again: on a target without the
     # address it binds only if the host lets any address be bound (net.ipv4.ip_nonlocal_bind)
     pid, port = 5110, 7710
-    start(lab, pid, port, FREE_V4)
-    try:
-        before = seen(lab, "a", port)
-        res = move(lab, "a", pid, "b")
-        assert res.returncode == 3
-        assert f"{FREE_V4}:{port + 1} set to bind anywhere (IP_FREEBIND)" in res.stderr.decode()
-        assert "net.ipv4.ip_nonlocal_bind=1" in res.stderr.decode()
-        assert seen(lab, "a", port)["counter"] > before["counter"] and lab.leftovers() == {"a": ([], []), "b": ([], [])}
-        lab.run("b", ["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"])
-        res = move(lab, "a", pid, "b")
-        assert res.returncode == 0, res.stderr.decode()
-        assert_as_it_went_in(seen(lab, "b", port), before)
-        assert f"{FREE_V4}:{port + 1}" in listening(lab, "b")
-    finally:
-        lab.run("b", ["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=0"], check=False)
-        for h in ("a", "b"):
-            lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
+    with states_tree(lab, pid, port, FREE_V4):
+        try:
+            before = seen(lab, "a", port)
+            res = move(lab, "a", pid, "b")
+            assert res.returncode == 3
+            assert f"{FREE_V4}:{port + 1} set to bind anywhere (IP_FREEBIND)" in res.stderr.decode()
+            assert "net.ipv4.ip_nonlocal_bind=1" in res.stderr.decode()
+            assert seen(lab, "a", port)["counter"] > before["counter"] and lab.leftovers() == {"a": ([], []), "b": ([], [])}
+            lab.run("b", ["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=1"])
+            res = move(lab, "a", pid, "b")
+            assert res.returncode == 0, res.stderr.decode()
+            assert_as_it_went_in(seen(lab, "b", port), before)
+            assert f"{FREE_V4}:{port + 1}" in listening(lab, "b")
+        finally:
+            lab.run("b", ["sysctl", "-qw", "net.ipv4.ip_nonlocal_bind=0"], check=False)
 
 
 def test_a_post_copy_rolled_back_leaves_the_workload_s_own_stops_stopped(lab):
     # A lazy dump leaves the source's tree stopped by livemig until the verdict: rolled back,
     # it continues the tasks it stopped, and only those
     pid, port = 5150, 7750
-    start(lab, pid, port)
-    mover = None
-    try:
-        before = seen(lab, "a", port)
-        mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=restored", "livemig", "move", "--pid", str(pid),
-                                "--mode", "postcopy", "b"],
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        stopped = wait_stopped(lab, mover, "restored")
-        lab.run("a", ["kill", "-INT", *stopped])
-        go_on(lab, mover, stopped)
-        _out, err = mover.communicate(timeout=300)
-        assert mover.returncode == 130, err.decode()
-        assert b"rolled back, the workload runs on the source" in err
-        time.sleep(0.3)
-        assert_as_it_went_in(seen(lab, "a", port), before)
-        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
-    finally:
-        end_if_held(lab, mover)
-        lab.run("a", ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
+    with states_tree(lab, pid, port):
+        mover = None
+        try:
+            before = seen(lab, "a", port)
+            mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=restored", "livemig", "move", "--pid", str(pid),
+                                    "--mode", "postcopy", "b"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stopped = wait_stopped(lab, mover, "restored")
+            lab.run("a", ["kill", "-INT", *stopped])
+            go_on(lab, mover, stopped)
+            _out, err = mover.communicate(timeout=300)
+            assert mover.returncode == 130, err.decode()
+            assert b"rolled back, the workload runs on the source" in err
+            time.sleep(0.3)
+            assert_as_it_went_in(seen(lab, "a", port), before)
+            assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+        finally:
+            end_if_held(lab, mover)
 
 
 def test_a_traced_task_and_a_shell_job_are_refused_before_anything_is_touched(lab):
     pid, port = 5170, 7770
-    start(lab, pid, port)
-    child = seen(lab, "a", port)["running"]["pid"]
-    # a tracer of its own, as a debugger would be (PTRACE_SEIZE: the task runs on)
-    program = ("import ctypes, time; libc = ctypes.CDLL(None); "
-               f"assert libc.ptrace(0x4206, {child}, 0, 0) == 0; print(1, flush=True); time.sleep(1000)")
-    tracer = lab.popen("a", ["python3", "-c", program], stdout=subprocess.PIPE)
-    try:
-        assert tracer.stdout is not None and tracer.stdout.readline().strip() == b"1"
-        res = move(lab, "a", pid, "b")
-        assert res.returncode == 3
-        assert f"PID {child} is traced by PID" in res.stderr.decode() and b"detach the tracer" in res.stderr
-        # and a shell job, whose terminal cannot follow it (the agent restores with none)
-        res = move(lab, "a", pid, "b", "--shell-job")
-        assert res.returncode == 3 and b"--shell-job cannot move a tree to another host" in res.stderr
-        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
-    finally:
-        tracer.kill()
-        tracer.wait()
-        lab.run("a", ["pkill", "-KILL", "-f", "ptrace\\(0x4206"], check=False)
-        lab.run("a", ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
+    with states_tree(lab, pid, port):
+        child = seen(lab, "a", port)["running"]["pid"]
+        # a tracer of its own, as a debugger would be (PTRACE_SEIZE: the task runs on)
+        program = ("import ctypes, time; libc = ctypes.CDLL(None); "
+                   f"assert libc.ptrace(0x4206, {child}, 0, 0) == 0; print(1, flush=True); time.sleep(1000)")
+        tracer = lab.popen("a", ["python3", "-c", program], stdout=subprocess.PIPE)
+        try:
+            assert tracer.stdout is not None and tracer.stdout.readline().strip() == b"1"
+            res = move(lab, "a", pid, "b")
+            assert res.returncode == 3
+            assert f"PID {child} is traced by PID" in res.stderr.decode() and b"detach the tracer" in res.stderr
+            # and a shell job, whose terminal cannot follow it (the agent restores with none)
+            res = move(lab, "a", pid, "b", "--shell-job")
+            assert res.returncode == 3 and b"--shell-job cannot move a tree to another host" in res.stderr
+            assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+        finally:
+            tracer.kill()
+            tracer.wait()
+            lab.run("a", ["pkill", "-KILL", "-f", "ptrace\\(0x4206"], check=False)
 
 
 @pytest.mark.parametrize("runtime", ["runc", "podman"])
@@ -194,11 +194,17 @@ def test_a_container_with_a_stopped_task_is_refused_where_criu_cannot_dump_it(la
 PREFORK = "/opt/livemig/tests/workloads/prefork.py"
 
 
-def start_prefork(lab, pid: int, port: int, mib: int, children: int) -> dict:
-    """prefork.py's tree on a, as PID pid, once each child has read its memory: how it sees itself."""
-    lab.run("a", ["python3", PREFORK, "run", "--daemon", "--pid", str(pid), "--port", str(port), "--mib", str(mib),
-                  "--children", str(children)])
-    return prefork_read_again(lab, "a", port, {"reads": 0, "children": range(children)}, within=120)
+@contextlib.contextmanager
+def prefork_tree(lab, pid: int, port: int, mib: int, children: int) -> Iterator[dict]:
+    """prefork.py's tree on a, as PID pid, once each child has read its memory: how it sees
+    itself. Killed on both hosts once the test is done with it."""
+    try:
+        lab.run("a", ["python3", PREFORK, "run", "--daemon", "--pid", str(pid), "--port", str(port), "--mib",
+                      str(mib), "--children", str(children)])
+        yield prefork_read_again(lab, "a", port, {"reads": 0, "children": range(children)}, within=120)
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["pkill", "-KILL", "-f", f"prefork.py run .*--port {port} "], check=False)
 
 
 def prefork_read_again(lab, host: str, port: int, tree: dict, within: float = 60) -> dict:
@@ -220,8 +226,7 @@ def test_a_pre_fork_tree_keeps_its_sharing_in_every_mode(lab, mode):
     # before it forks the children, which compare theirs): the lazy modes put what the tree
     # shares there (pages/cow.py), and place only the rest
     pid, port = 5200, 7790
-    tree = start_prefork(lab, pid, port, mib=64, children=4)
-    try:
+    with prefork_tree(lab, pid, port, mib=64, children=4) as tree:
         pids = [tree["root"], *tree["children"]]
         before = lab.pss_bytes("a", pids)
         res = move(lab, "a", pid, "b", *MODES[mode])
@@ -239,9 +244,33 @@ def test_a_pre_fork_tree_keeps_its_sharing_in_every_mode(lab, mode):
         if mode == "postcopy":
             assert any("crosses before the target's copy runs" in w for w in report["warnings"])
         assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
-    finally:
-        for h in ("a", "b"):
-            lab.run(h, ["pkill", "-KILL", "-f", f"prefork.py run .*--port {port} "], check=False)
+
+
+def test_a_pre_fork_tree_whose_shared_pages_the_target_cannot_take_is_rolled_back_intact(lab):
+    # The images cross; then the list of what each child takes from its parent's image is
+    # spoilt on b (cow.SHARED, as a disk that lost it would): the restore fails before CRIU
+    # runs, the move rolls back, and the tree runs on a as it was, its sharing and all
+    pid, port = 5380, 7930
+    with prefork_tree(lab, pid, port, mib=16, children=2) as tree:
+        pids = [tree["root"], *tree["children"]]
+        before = lab.pss_bytes("a", pids)
+        mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=restore", "livemig", "move", "--pid", str(pid),
+                                "--json", "--mode", "postcopy", "b"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            stopped = wait_stopped(lab, mover, "restore")
+            lab.run("b", ["sh", "-c", "for f in /var/lib/livemig/*/final/cow-shared.json; do echo '{' > $f; done"])
+            go_on(lab, mover, stopped)
+            out, err = mover.communicate(timeout=300)
+        finally:
+            end_if_held(lab, mover)
+        report = json.loads(out)
+        assert mover.returncode == 6 and report["outcome"] == "rolled back", err.decode()
+        assert report["failed_phase"] == "restore" and "cow-shared.json" in report["error"]
+        after = prefork_read_again(lab, "a", port, tree)
+        assert after["memory_ok"] and after["children"] == tree["children"]
+        assert lab.pss_bytes("a", pids) <= before * 1.05
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
 
 
 @pytest.mark.parametrize("i, flags", list(enumerate([(), ("--mode", "postcopy"), ("--mode", "stopcopy", "--no-fill")])),
@@ -256,8 +285,7 @@ def test_a_loopback_connection_and_a_file_lock_move_when_asked(lab, i, flags):
     # source's copy, which lives until the target's is restored, and the restore would wait for it
     for h in ("a", "b"):
         lab.run(h, ["touch", LOCKED])
-    start(lab, pid, port, flags=("--connected", "--locked", LOCKED))
-    try:
+    with states_tree(lab, pid, port, flags=("--connected", "--locked", LOCKED)):
         before = seen(lab, "a", port)
         assert before["connected"] is True and before["locks"] == 1
         res = move(lab, "a", pid, "b", *flags)             # a lock, and nobody asked for it
@@ -269,22 +297,16 @@ def test_a_loopback_connection_and_a_file_lock_move_when_asked(lab, i, flags):
         assert now["connected"] is True and now["locks"] == 1
         assert_as_it_went_in(now, before)
         assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
-    finally:
-        for h in ("a", "b"):
-            lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
 
 
 def test_a_lock_on_a_file_both_hosts_share_is_refused_before_anything_is_touched(lab):
     # The lab's hosts share the checkout's files, as hosts share NFS: the source's copy would
     # hold the lock until the target's is restored, and that restore would wait for it for ever
     pid, port = 5330, 7890
-    start(lab, pid, port, flags=("--locked", STATES))
-    try:
+    with states_tree(lab, pid, port, flags=("--locked", STATES)):
         before = seen(lab, "a", port)
         res = move(lab, "a", pid, "b", "--file-locks")
         assert res.returncode == 3, res.stderr.decode()
         assert f"holds a lock on {STATES}, which is locked on the target too".encode() in res.stderr
         assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
         assert_as_it_went_in(seen(lab, "a", port), before)
-    finally:
-        lab.run("a", ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)

@@ -111,8 +111,7 @@ def _parents(tree: dict[int, _Process]) -> dict[int, int]:
     by_pid = {t.pid: t.vpid for t in tree.values()}
     out = {}
     for t in tree.values():
-        fields = proc.stat_fields(t.pid)
-        parent = by_pid.get(int(fields[1])) if fields else None
+        parent = by_pid.get(proc.parent_of(t.pid) or 0)
         if parent is not None and proc.exe(t.pid) == proc.exe(tree[parent].pid) is not None:
             out[t.vpid] = parent
     return out
@@ -137,8 +136,9 @@ def _mark_shared(child: _Process, parent: _Process) -> None:
             while i < len(parent.lazy) and parent.lazy[i].vaddr < end:
                 p = parent.lazy[i]
                 a, b = max(start, p.vaddr), min(end, p.vaddr + p.pages * PAGE)
-                ka, ja, n = (a - e.vaddr) // PAGE, (a - p.vaddr) // PAGE, (b - a) // PAGE
-                _mark_pair(kids[ci][ka:ka + n], parents[i][ja:ja + n], child.marks[ci], ka, parent.marks[i], ja)
+                if a < b:       # (the entry found first may end before start)
+                    ka, ja, n = (a - e.vaddr) // PAGE, (a - p.vaddr) // PAGE, (b - a) // PAGE
+                    _mark_pair(kids[ci][ka:ka + n], parents[i][ja:ja + n], child.marks[ci], ka, parent.marks[i], ja)
                 i += 1
 
 

@@ -39,6 +39,7 @@ CHUNK_SHIFT = 21                  # the table's unit: 2 MiB of address space
 CHUNK_PAGES = 1 << (CHUNK_SHIFT - 12)
 DIGEST = 16
 _PM_PRESENT, _PM_SWAPPED, _PM_FILE = 1 << 63, 1 << 62, 1 << 61
+_PM_PFN = (1 << 55) - 1
 _MAPS = re.compile(r"([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)")
 _NEVER = {"[vsyscall]", "[vvar]", "[vvar_vclock]", "[vdso]", "[uprobes]"}
 
@@ -66,17 +67,23 @@ def private_ranges(pid: int) -> list[tuple[int, int]]:
     return out
 
 
-def present_runs(pagemap_fd: int, start: int, end: int):
+def present_runs(pagemap_fd: int, start: int, end: int, parents_fd: int | None = None):
     """(first, end) addresses of the runs of pages in [start, end) that hold the process's
     own data (present or swapped, and not a file's page): never-touched pages are not
-    read, so a large reservation costs nothing."""
+    read, so a large reservation costs nothing. parents_fd: its parent's pagemap, whose
+    pages it shares copy-on-write (the same frame there) are its parent's to send: the
+    final dump names them so (cow.py)."""
     first = None
     step = 64 << 10     # pagemap entries per read: 256 MiB of address space
     for base in range(start, end, step * PAGE):
         n = min(step, (end - base) // PAGE)
         raw = os.pread(pagemap_fd, n * 8, base // PAGE * 8)
+        theirs = struct.unpack(f"<{len(raw) // 8}Q", os.pread(parents_fd, len(raw), base // PAGE * 8).ljust(
+            len(raw), b"\0")) if parents_fd is not None else None
         for i, e in enumerate(struct.unpack(f"<{len(raw) // 8}Q", raw)):
-            mine = e & (_PM_PRESENT | _PM_SWAPPED) and not e & _PM_FILE
+            mine = e & (_PM_PRESENT | _PM_SWAPPED) and not e & _PM_FILE and not (
+                theirs and e & _PM_PRESENT and e & _PM_PFN and e & _PM_PFN == theirs[i] & _PM_PFN
+                and theirs[i] & _PM_PRESENT)
             if mine and first is None:
                 first = base + i * PAGE
             elif not mine and first is not None:
@@ -177,16 +184,21 @@ class Tracker:
         return [(first, n, changed, view[first - vaddr:first - vaddr + n * PAGE])
                 for first, n, changed in self.changed(vpid, vaddr, view, record=False)]
 
-    def scan(self, pid: int, vpid: int):
+    def scan(self, pid: int, vpid: int, parent: int | None = None):
         """Run for each stretch of pid's private memory that changed since the last scan
-        (everything, the first time); the table takes the new digests as they are handed
-        out. A mapping that vanishes while it is read is skipped: the final dump sees
-        what became of it."""
+        (everything, the first time), but for what it shares with parent (its parent in the
+        tree, if any); the table takes the new digests as they are handed out. A mapping
+        that vanishes while it is read is skipped: the final dump sees what became of it."""
         buf = bytearray(SIZES.hash_read_pages * PAGE)
         with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm, \
-                open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+                open(f"/proc/{pid}/mem", "rb", buffering=0) as mem, \
+                contextlib.ExitStack() as theirs:
+            parents = None
+            if parent:
+                with contextlib.suppress(OSError):      # gone meanwhile: its child's pages are all its own
+                    parents = theirs.enter_context(open(f"/proc/{parent}/pagemap", "rb", buffering=0))
             for start, end in private_ranges(pid):
-                for first, last in present_runs(pm.fileno(), start, end):
+                for first, last in present_runs(pm.fileno(), start, end, parents.fileno() if parents else None):
                     for at in range(first, last, SIZES.hash_read_pages * PAGE):
                         size = min(SIZES.hash_read_pages * PAGE, last - at)
                         try:

@@ -34,9 +34,12 @@ async def hashed_round(m: Move) -> Round:
 
     async def send(writer: asyncio.StreamWriter) -> int:
         out, pages = streams.CompressedWriter(writer, meter, level), 0
-        for pid, vpid in by_pid(m.w).items():
+        tree = by_pid(m.w)
+        for pid, vpid in tree.items():
+            # what a child shares with its parent copy-on-write is sent once, as the parent's
+            parent = proc.parent_of(pid)
             try:
-                for run in tracker.scan(pid, vpid):
+                for run in tracker.scan(pid, vpid, parent if parent in tree else None):
                     await out.write(frames.frame(frames.PAGES, run.vpid, run.vaddr, run.pages)
                                     + run.data, flush=False)
                     pages += run.pages

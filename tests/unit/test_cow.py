@@ -147,6 +147,19 @@ def test_pages_the_target_holds_as_they_are_do_not_cross_again(tree, tmp_path, m
     assert store.pages == 1         # in the images now, the store lets them go: all but the lazy one
 
 
+def test_shared_pages_are_found_whatever_the_lazy_entries_of_each_process_cover(tree, tmp_path):
+    # the parent's first lazy entry ends before the child's begins, and its next one begins
+    # after: the child's page in between is its own (no entry of its parent's holds it)
+    parent, child, base = tree
+    (tmp_path / "pagemap-1.img").write_bytes(pagemap.image(1, [Entry(base, 2, PE_LAZY),
+                                                                Entry(base + 4 * PAGE, N - 4, PE_LAZY)]))
+    (tmp_path / "pagemap-2.img").write_bytes(pagemap.image(2, [Entry(base + 3 * PAGE, N - 3, PE_LAZY)]))
+    kept = cow.into_images(tmp_path, {parent: 1, child: 2})
+    assert kept.pages == 2 * (N - 5)        # all but page 3 (the parent's lacks it) and page 5 (the child wrote it)
+    assert pagemap.lazy_ranges(tmp_path)[:3] == [pagemap.Range(1, base, 2), pagemap.Range(1, base + WRITTEN * PAGE, 1),
+                                                  pagemap.Range(2, base + 3 * PAGE, 1)]
+
+
 def test_nothing_shared_writes_nothing(tree, tmp_path):
     parent, _, base = tree
     _images(tmp_path, base, (1,))
@@ -165,3 +178,15 @@ def test_a_shared_file_that_does_not_fit_the_images_is_refused(tree, tmp_path):
     (tmp_path / cow.SHARED).write_text('{"version": 1, "processes": [{"pid": 2}]}')
     with pytest.raises(cow.CowError, match="does not say"):
         cow.complete(tmp_path)
+
+
+def test_pre_copy_by_hashes_sends_what_a_child_shares_once_as_its_parent_s(tree):
+    parent, child, base = tree
+
+    def sent(pid: int, vpid: int, of: int | None) -> list[int]:
+        """The mapping's pages a scan of pid sends, by page number."""
+        return sorted({(r.vaddr - base) // PAGE + k for r in pagehash.Tracker().scan(pid, vpid, of)
+                       for k in range(r.pages) if base <= r.vaddr + k * PAGE < base + N * PAGE})
+    assert sent(parent, 1, None) == list(range(N))
+    assert sent(child, 2, parent) == [WRITTEN]          # its own copy only
+    assert sent(child, 2, None) == list(range(N))       # no parent named: all of it
