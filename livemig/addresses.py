@@ -43,6 +43,7 @@ def _inodes(pids: list[int]) -> dict[int, tuple[int, int]]:
 
 
 _PIDFD_GETFD = 438      # the syscall's number, the same on every architecture (asm-generic)
+_TCP_REPAIR = 19
 _SOCKOPTS_ANYWHERE = ((socket.SOL_IP, 15), (socket.SOL_IP, 19),            # IP_FREEBIND, IP_TRANSPARENT
                       (socket.IPPROTO_IPV6, 78), (socket.IPPROTO_IPV6, 75))  # IPV6_FREEBIND, IPV6_TRANSPARENT
 
@@ -51,17 +52,10 @@ def binds_anywhere(pid: int, fd: int) -> bool:
     """Is pid's socket fd set to bind to addresses no interface has (IP_FREEBIND or
     IP_TRANSPARENT, or their IPv6 twins)? Read from a copy of the descriptor (pidfd_getfd:
     Linux 5.6); where none can be taken, False: the address is then checked like any other."""
-    libc = ctypes.CDLL(None, use_errno=True)
     try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:     # gone, or no pidfds: see the docstring's False
+        copy = _getfd(pid, fd)
+    except OSError:     # gone, closed meanwhile, or no pidfd_getfd: the docstring's False
         return False
-    try:
-        copy = libc.syscall(_PIDFD_GETFD, pidfd, fd, 0)
-    finally:
-        os.close(pidfd)
-    if copy < 0:
-        return False    # closed meanwhile, or no pidfd_getfd: the docstring's False
     with socket.socket(fileno=copy) as sock:
         for level, option in _SOCKOPTS_ANYWHERE:
             try:
@@ -70,6 +64,40 @@ def binds_anywhere(pid: int, fd: int) -> bool:
             except OSError:     # an IPv6 option on an IPv4 socket: not set, then
                 pass
     return False
+
+
+def _getfd(pid: int, fd: int) -> int:
+    """A copy of pid's descriptor fd, in this process (pidfd_getfd: Linux 5.6); OSError if
+    none can be taken."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        copy = libc.syscall(_PIDFD_GETFD, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    if copy < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return copy
+
+
+def repair_off(pids: list[int]) -> int:
+    """Every TCP socket of the processes that a lazy dump left in repair mode (CRIU puts each
+    established one there, and takes it out only before serving pages: criu.unlock_network)
+    taken out, as CRIU's own unlock does (TCP_REPAIR off, which probes the peer's window);
+    how many. Done on copies of the descriptors (pidfd_getfd)."""
+    done = 0
+    for pid, fd, name in proc.fds(pids):
+        if not name.startswith("socket:"):
+            continue
+        try:
+            with socket.socket(fileno=_getfd(pid, fd)) as sock:
+                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
+                        and sock.getsockopt(socket.SOL_TCP, _TCP_REPAIR):
+                    sock.setsockopt(socket.SOL_TCP, _TCP_REPAIR, 0)
+                    done += 1
+        except OSError:     # closed, or its process gone, meanwhile: nothing left to unlock
+            continue
+    return done
 
 
 def _address(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -257,3 +257,18 @@ def log_errors(log_text: str, limit: int = 5) -> list[str]:
     """The error lines of a CRIU log that explain a failure, cause first."""
     lines = [ln.strip() for ln in log_text.splitlines() if "Error" in ln]
     return [ln for ln in lines if not any(n in ln for n in _NOISE)][:limit]
+
+
+_INVENTORY_MAGIC = 0x58313116
+
+
+def parse_run_id(data: bytes) -> str | None:
+    """inventory.img's dump_criu_run_id (field 13): the run the dump was, which names the
+    network lock it took (an nftables table "inet CRIU-<id>"); None if it has none."""
+    # (one magic only: the inventory is not among the images with the common one)
+    if len(data) < 8 or struct.unpack_from("<I", data, 0)[0] != _INVENTORY_MAGIC:
+        raise ValueError("not a CRIU inventory image")
+    (size,) = struct.unpack_from("<I", data, 4)
+    run_id = dict(protobuf.fields(data[8:8 + size])).get(13)
+    return run_id.decode() if isinstance(run_id, bytes) and run_id else None
+

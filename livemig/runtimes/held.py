@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import proc
 from ..errors import LivemigError, Phase
 from ..wire import protocol as p
-from . import bundle, control, oci, podman
+from . import bundle, control, oci, podman, process
 
 # How a held copy stands on this host now (HeldCopy.standing)
 REBOOTED = "rebooted"     # its boot is over: nothing of it runs, whatever has its PIDs now
@@ -98,15 +98,20 @@ class HeldCopy:
     def _control(self, action: str) -> list[str]:
         return control(p.Container(self.runtime, self.container, ""), action)
 
-    async def resume(self) -> None:
+    async def resume(self, lazy_images: Path | None = None) -> list[str]:
         """Let it run again, from the final dump, as it is now (not as it was left: a move
         killed before its pause, or a resume that ran already, leave it running). Returns
-        once it runs; else raises, saying how it is instead."""
+        once it runs, with what could not be put back as it was; else raises, saying how it
+        is instead. lazy_images: a process tree's lazy dump, cut short (its network lock)."""
+        warnings = []
+        if lazy_images is not None and self.runtime == "process":
+            warnings = await process.unlock_after_lazy([pid for pid, _ in self._alive()], lazy_images)
         await self._resume()
         now = await self.standing()
         if now != RUNNING:
             raise LivemigError(f"{self.what} was resumed, but it does not run: it is {self.told(now)}",
                                phase=Phase.ROLLBACK)
+        return warnings
 
     @staticmethod
     def told(standing: str) -> str:

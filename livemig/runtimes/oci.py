@@ -205,9 +205,9 @@ class OciContainer(Workload):
             return []     # the source stays paused until every page has been served
         return await self._delete()
 
-    async def finish_lazy(self, run: DumpRun) -> None:
+    async def finish_lazy(self, run: DumpRun) -> list[str]:
         await run.proc.wait()
-        await self._delete()
+        return await self._delete()
 
     async def _delete(self) -> list[str]:
         res = await proc.run([self.kind, "delete", "--force", self.container], check=False)
@@ -215,7 +215,7 @@ class OciContainer(Workload):
         return [] if res.returncode == 0 else [
             f"{self.kind} delete {self.container} failed here: {proc.why(res.stderr)}"]
 
-    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> list[str]:
         if run and run.proc.returncode is None:
             await stop_pages()
             run.close()
@@ -229,6 +229,7 @@ class OciContainer(Workload):
             if st and st.get("status") == "paused":
                 await proc.run([self.kind, "resume", self.container], phase=Phase.ROLLBACK)
             self.paused = False
+        return []
 
     async def close(self) -> None:
         if self.run:

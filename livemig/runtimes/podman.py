@@ -173,15 +173,16 @@ class PodmanContainer(Workload):
         return [] if res.returncode == 0 else [
             f"podman rm {self.container} failed here: {proc.why(res.stderr)}"]
 
-    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> list[str]:
         if run and run.proc.returncode is None:
             await run.proc.wait()          # podman ends its checkpoint; we act on what it left
         if not self.checkpointed:
-            return
+            return []
         found = await inspect(self.container)
         if found and not found["State"].get("Running"):
             await proc.run(restore_kept(self.container), phase=Phase.ROLLBACK, leaves_daemon=True)
         self.checkpointed = False
+        return []
 
 
 async def find(name: str, opts: criu.Options) -> PodmanContainer | None:

@@ -14,7 +14,7 @@ import signal
 import socket
 from pathlib import Path
 
-from .. import criu, host, proc
+from .. import addresses, criu, host, proc
 from ..errors import DumpError, Phase, PreflightError
 from ..options import WAITS
 from . import hook
@@ -121,13 +121,14 @@ class ProcessTree(Workload):
             return []
         h.commit()             # durable first: a crash from here on means "moved"
         rc = await run.proc.wait()     # CRIU kills the source and exits
-        return [f"criu dump exited {rc} after the commit"] if rc != 0 else []
+        return [f"criu dump exited {rc} after the commit"] if rc != 0 else await _network_let_go(run)
 
-    async def finish_lazy(self, run: DumpRun) -> None:
+    async def finish_lazy(self, run: DumpRun) -> list[str]:
         await run.proc.wait()
         proc.signal_tasks(self.frozen, signal.SIGKILL)   # left stopped by the lazy dump
+        return await _network_let_go(run)
 
-    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> list[str]:
         h = self.hook
         lazy_served = h is not None and h.post_dump.done() and not h.waiting
         if h and h.waiting:
@@ -145,11 +146,15 @@ class ProcessTree(Workload):
             except TimeoutError:
                 # Never seen; CRIU's ptrace detach on exit lets the frozen tasks go on.
                 await proc.kill(run.proc)
+        warnings = []
         if lazy_served:
+            if run is not None:
+                warnings = await unlock_after_lazy([pid for pid, _ in self.frozen], run.log.parent)
             # A lazy dump leaves the source stopped (--leave-stopped): let it run again.
             # The target's copy never ran: it is resumed only after the commit.
             proc.signal_tasks(self._ours(), signal.SIGCONT)
         self.frozen, self.own_stops = [], ()     # it runs again: its tree is read afresh from here on
+        return warnings
 
     def _ours(self) -> list[proc.Task]:
         """The frozen tree's tasks that the move stopped: all but the workload's own stops."""
@@ -176,3 +181,42 @@ def criu_failure(what: str, rc: int | None, log: Path, stderr: bytes = b"") -> s
     if not errors and stderr.strip():
         errors = [proc.why(stderr)]
     return f"{what} exited {rc}" + (f": {errors[0]}" if errors else "")
+
+
+async def _network_let_go(run: DumpRun) -> list[str]:
+    """Once the source's copy is gone: CRIU leaves its network lock for the restore to lift,
+    which does so on its own host, so the source's would stay for good (a table a move)."""
+    why = await unlock_network(run.log.parent)
+    return [f"CRIU's network lock stays on this host: {why}"] if why else []
+
+
+async def unlock_after_lazy(pids: list[int], images: Path) -> list[str]:
+    """A tree whose lazy dump (in images) was cut short, as a rollback cuts it, put back as
+    CRIU leaves a dump it could not finish where it unlocks in time: CRIU lets go of its
+    network lock and of its sockets' repair mode only before it serves lazy pages, so the
+    tree's connections would stay dead (EPERM). What could not be undone, in words."""
+    why = await unlock_network(images)
+    addresses.repair_off(pids)
+    return [f"the workload's connections may stay blocked: {why}"] if why else []
+
+
+async def unlock_network(images: Path) -> str | None:
+    """The network lock a lazy dump took, let go of where CRIU itself did not: it unlocks only
+    before it serves the lazy pages (cr_dump_finish), so a dump whose page serving fails, as a
+    rollback makes it, leaves its table (and its sockets in repair: addresses.repair_off).
+    None once done (or if there was none); else why not, for a warning."""
+    try:
+        run_id = criu.parse_run_id((images / "inventory.img").read_bytes())
+    except (OSError, ValueError) as e:
+        return f"cannot read which network lock the dump took: {e}"
+    if run_id is None:
+        return None
+    listed = await proc.run(["nft", "list", "tables", "inet"], check=False)
+    # CRIU cuts the name to its buffer ("inet CRIU-" and the run id's first 21 characters, in 4.2)
+    tables = [t for t in listed.stdout.decode(errors="replace").split()
+              if t.startswith("CRIU-") and len(t) > 13 and f"CRIU-{run_id}".startswith(t)]
+    if listed.returncode != 0 or not tables:
+        return None     # no such table: the dump locked nothing, or not with nftables
+    table = tables[0]
+    gone = await proc.run(["nft", "delete", "table", "inet", table], check=False)
+    return None if gone.returncode == 0 else f"nft delete table inet {table}: {proc.why(gone.stderr)}"

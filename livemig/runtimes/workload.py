@@ -93,13 +93,15 @@ class Workload:
         st = read_stats(images / "stats-dump")
         return st if isinstance(st, DumpStats) else None    # (a stats-dump image holds a dump's)
 
-    async def finish_lazy(self, run: DumpRun) -> None:
-        """Post-copy is over: every page is on the target; end the source's copy."""
+    async def finish_lazy(self, run: DumpRun) -> list[str]:
+        """Post-copy is over: every page is on the target; end the source's copy. Returns
+        warnings."""
         raise NotImplementedError
 
-    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> None:
+    async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> list[str]:
         """Roll back: the source runs on from where it was frozen. stop_pages() cuts the
-        coordinator's page relay, which makes a running CRIU dump fail."""
+        coordinator's page relay, which makes a running CRIU dump fail. What could not be
+        put back as it was, in words (warnings for the report)."""
         raise NotImplementedError
 
     async def close(self) -> None:

@@ -90,7 +90,7 @@ async def rollback(m: Move) -> None:
     m.lift_throttle()
     if m.workload is not None:
         # The target's copy, if any, is stopped: it runs only after the commit.
-        await m.workload.resume(m.dump, m.stop_relay)
+        m.report.warnings += await m.workload.resume(m.dump, m.stop_relay)
     kept = await m.to.abort()
     if kept:
         m.report.logs.append(f"{m.target}:{kept}")

@@ -95,7 +95,7 @@ async def _until_whole(m: Move) -> tuple[p.LazyDone, pages.Pushed, float]:
     done, pushed = await _pages_in(m)
     whole_at = time.monotonic()
     stop_for_tests("whole")
-    await m.w.finish_lazy(m.final)
+    m.report.warnings += await m.w.finish_lazy(m.final)
     recovery.drop(m.work)     # nothing left to recover: before the target forgets too
     # A lazy dump's stats image holds zeroed counters: count what crossed the wire
     # (the pages the target held, a fill only named).
@@ -180,7 +180,7 @@ async def settle(m: Move, cause: BaseException) -> bool:
     elif ran:
         raise _target_lost(m, cause, why_not)
     else:
-        await copy.resume()
+        m.report.warnings += await copy.resume(m.work / "final")     # (its CRIU, killed, left the network locked)
         m.report.outcome = "rolled back"
     recovery.drop(m.work)
     await _forget_verdict(m)

@@ -256,10 +256,11 @@ async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options,
         return "target lost", (f"{said.rstrip()}, after it ran ({ran}). The workload waits here, stopped, whole "
                                "as of its final dump; livemig runs it again only by your word: `livemig recover "
                                "--target-lost` does, losing what the copy there did"), False
-    if here != RUNNING:      # a rollback the target did not hear resumed it already
-        await c.resume()
+    # (a rollback the target did not hear resumed it already)
+    unlocked = await c.resume(work / "final") if here != RUNNING else []
     lost = f"; what the target's copy did ({ran}) is lost" if ran else ""
-    return "rolled back", f"{said.rstrip()}; the workload runs here again, from its final dump{lost}", True
+    return "rolled back", (f"{said.rstrip()}; the workload runs here again, from its final dump{lost}"
+                           + "".join(f"; {w}" for w in unlocked)), True
 
 
 async def _take_up(rec: Record, connect: Connector, options: Options) -> int:

@@ -103,3 +103,18 @@ def test_a_socket_set_to_bind_to_any_address_is_told_apart():
     # a table's row whose socket binds anywhere says so
     assert addresses.parse_table(TCP, {11, 12, 13, 14}, ("0A",), lambda inode: inode == 12) == {
         addresses.Bound("198.18.0.1", 7000, freebind=True)}
+
+
+def test_a_socket_a_lazy_dump_left_in_repair_mode_is_taken_out():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    with listener, socket.create_connection(listener.getsockname()) as ours:
+        theirs, _ = listener.accept()
+        with theirs:
+            ours.setsockopt(socket.SOL_TCP, 19, 1)        # TCP_REPAIR, as CRIU's dump leaves it
+            assert addresses.repair_off([os.getpid()]) == 1
+            assert ours.getsockopt(socket.SOL_TCP, 19) == 0
+            ours.sendall(b"x")
+            assert theirs.recv(1) == b"x"                   # it talks again
+            assert addresses.repair_off([os.getpid()]) == 0     # and nothing else is touched

@@ -129,3 +129,14 @@ def test_the_tasks_a_dump_found_stopped_are_read_from_its_core_images(tmp_path):
     # a zombie's core as criu 4.2.1 wrote it in the lab (exit code 7, "python3")
     zombie = bytes.fromhex("19435654473805551800000008011a14080210800e1800200028003207707974686f6e33")
     assert criu.parse_task_state(zombie) == 2
+
+
+def test_the_run_a_dump_was_names_its_network_lock():
+    run_id = b"3e90675a-3cc5-4fba-92aa-0123456789ab"
+    entry = bytes([0x08, 0x02]) + bytes([13 << 3 | 2, len(run_id)]) + run_id      # img_version, dump_criu_run_id
+    image = struct.pack("<II", 0x58313116, len(entry)) + entry      # as CRIU 4.2.1 writes it: one magic
+    assert criu.parse_run_id(image) == run_id.decode()
+    bare = struct.pack("<II", 0x58313116, 2) + bytes([0x08, 0x02])
+    assert criu.parse_run_id(bare) is None
+    with pytest.raises(ValueError):
+        criu.parse_run_id(b"\0" * 16)

@@ -49,9 +49,10 @@ def here(monkeypatch):
 def acted(monkeypatch, here):
     done = []
 
-    async def resume(self):
+    async def resume(self, lazy_images=None):
         done.append("resume")
         here[self.pids[0]] = held.RUNNING
+        return []
 
     async def end(self):
         done.append("end")
@@ -302,10 +303,11 @@ async def test_a_record_that_fails_to_settle_does_not_keep_the_others_from_it(ro
     answers(monkeypatch, "killed", "killed")
     resumed = []
 
-    async def resume(self):
+    async def resume(self, lazy_images=None):
         resumed.append(self)
         if len(resumed) == 1:
             raise LivemigError("podman container restore web1 exited 125", phase="rollback")
+        return []
     monkeypatch.setattr(HeldCopy, "resume", resume)
     first, second = await recovery.recover(Options(image_root=str(root)), None)
     assert first.outcome == "unresolved" and "exited 125" in first.detail
