@@ -15,6 +15,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,19 +39,28 @@ MODES = {"stopcopy": ("--mode", "stopcopy"), "stopcopy into image files": ("--mo
 def states_tree(lab, pid: int, port: int, *freebind: str, flags: tuple[str, ...] = ()) -> Iterator[None]:
     """states.py's tree on a, as PID pid, listening at each of freebind with IP_FREEBIND too
     (flags: more of states.py's own); killed on both hosts once the test is done with it."""
-    args = [*(a for address in freebind for a in ("--freebind", address)), *flags]
+    with lab_tree(lab, STATES, pid, port, *(a for address in freebind for a in ("--freebind", address)), *flags):
+        yield
+
+
+@contextlib.contextmanager
+def lab_tree(lab, workload: str, pid: int, port: int, *args: str) -> Iterator[None]:
+    """A lab tree (a workload with memcounter's command line: states.py, kinds.py) on a, as
+    PID pid (args: the workload's own); killed on both hosts once the test is done with it."""
     try:
-        got = int(lab.text("a", ["python3", STATES, "run", "--daemon", "--pid", str(pid), "--port", str(port), *args]))
+        got = int(lab.text("a", ["python3", workload, "run", "--daemon", "--pid", str(pid), "--port", str(port),
+                                 *args]))
         if got != pid:
             raise LabError(f"the tree started as PID {got}, not {pid}: that PID was taken on a")
         yield
     finally:
         for h in ("a", "b"):
-            lab.run(h, ["pkill", "-KILL", "-f", f"states.py run .*--port {port}"], check=False)
+            lab.run(h, ["pkill", "-KILL", "-f", f"{Path(workload).name} run .*--port {port}( |$)"], check=False)
 
 
-def seen(lab, host: str, port: int) -> dict:
-    return json.loads(lab.text(host, ["python3", STATES, "query", "--port", str(port), "--wait", "10"]))
+def seen(lab, host: str, port: int, workload: str = STATES) -> dict:
+    """How the tree sees itself, on host."""
+    return json.loads(lab.text(host, ["python3", workload, "query", "--port", str(port), "--wait", "10"]))
 
 
 def assert_as_it_went_in(now: dict, before: dict) -> None:
