@@ -110,14 +110,6 @@ def locked_here(path: str) -> bool:
         os.close(fd)
 
 
-def has_terminal(pid: int) -> bool:
-    """A process with a controlling terminal needs CRIU's --shell-job."""
-    fields = proc.stat_fields(pid)
-    if not fields:
-        return False
-    return int(fields[4]) != 0
-
-
 def same_netns(pid: int) -> bool:
     """Does pid share this process's network namespace? (False when it cannot be told.)"""
     try:

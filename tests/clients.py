@@ -63,6 +63,14 @@ class Client(threading.Thread):
         self._stop_asking.set()
         self.join(timeout=180)
 
+    def until_answered_by(self, host: str, within: float = 60) -> None:
+        """Back once host has answered since this call (the service runs there); an
+        AssertionError if it has not within that many seconds."""
+        since, deadline = len(self.answers), time.monotonic() + within
+        while not any(a.host == host for a in self.answers[since:]):
+            assert time.monotonic() < deadline, f"{host} never answered: {self.said()}"
+            time.sleep(0.05)
+
     def taken_back(self) -> list[tuple[Answer, Answer]]:
         """Each answer that was not above every one before it, with the one it repeats or undercuts."""
         back, best = [], None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.clients import Client
 from tests.held import end_if_held, go_on, wait_stopped
 from tests.lab import LabError
 from tests.waiting import eventually
@@ -246,8 +247,11 @@ def test_a_pre_fork_tree_keeps_its_sharing_in_every_mode(lab, mode):
     with prefork_tree(lab, pid, port, mib=64, children=4) as tree:
         pids = [tree["root"], *tree["children"]]
         before = lab.pss_bytes("a", pids)
-        res = move(lab, "a", pid, "b", *MODES[mode])
+        with Client(lab, port) as client:        # asks on both hosts, all along
+            res = move(lab, "a", pid, "b", *MODES[mode])
+            client.until_answered_by("b")
         assert res.returncode == 0, res.stderr.decode()
+        assert not client.errors and client.taken_back() == [] and client.answers[-1].host == "b", client.said()
         report = json.loads(res.stdout)
         assert report["pages_into"] == INTO[mode]
         if mode != "stopcopy into image files":         # lazy: kept by livemig, not by CRIU alone
@@ -275,12 +279,16 @@ def test_a_pre_fork_tree_whose_shared_pages_the_target_cannot_take_is_rolled_bac
                                 "--json", "--mode", "postcopy", "b"],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            stopped = wait_stopped(lab, mover, "restore")
-            lab.run("b", ["sh", "-c", "for f in /var/lib/livemig/*/final/cow-shared.json; do echo '{' > $f; done"])
-            go_on(lab, mover, stopped)
-            out, err = mover.communicate(timeout=300)
+            with Client(lab, port) as client:        # asks on both hosts, all along
+                stopped = wait_stopped(lab, mover, "restore")
+                lab.run("b", ["sh", "-c", "for f in /var/lib/livemig/*/final/cow-shared.json; do echo '{' > $f; done"])
+                go_on(lab, mover, stopped)
+                out, err = mover.communicate(timeout=300)
+                client.until_answered_by("a")
         finally:
             end_if_held(lab, mover)
+        assert not client.errors and client.taken_back() == [] and {a.host for a in client.answers} == {"a"}, \
+            client.said()
         report = json.loads(out)
         assert mover.returncode == 6 and report["outcome"] == "rolled back", err.decode()
         assert report["failed_phase"] == "restore" and "cow-shared.json" in report["error"]

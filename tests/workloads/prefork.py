@@ -7,7 +7,8 @@ PostgreSQL's, gunicorn's or Apache's prefork workers share their parent's).
 
 Asked (query), the parent answers one JSON line: its PID, its children's, whether its
 memory and every child's still hold what the parent wrote (each child checks its own and
-says so in a pipe to the parent), and how many such reports it has had.
+says so in a pipe to the parent), and how many such reports it has had. Asked `next`, it
+answers the next integer, as memcounter does (a client of the moved service: tests/clients.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
         os.close(ready_fd)
     open_reports = set(reports)
     reads = 0       # the children's reports so far: a later answer's children_ok is a fresh one
+    told = 0        # the last integer a client was told (memcounter's `next`)
     while True:
         ready, _, _ = select.select([listener, *open_reports], [], [])
         for r in ready:
@@ -79,9 +81,12 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
             conn, _ = listener.accept()
             with conn:
                 conn.settimeout(5)
-                conn.recv(64)
-                answer = {"root": os.getpid(), "children": children, "memory_ok": _intact(memory),
-                          "children_ok": all(v == b"1" for v in reports.values()), "reads": reads}
+                if conn.recv(64).strip() == b"next":      # a client's question (tests/clients.py)
+                    told += 1
+                    answer = {"next": told}
+                else:
+                    answer = {"root": os.getpid(), "children": children, "memory_ok": _intact(memory),
+                              "children_ok": all(v == b"1" for v in reports.values()), "reads": reads}
                 conn.sendall(json.dumps(answer).encode() + b"\n")
 
 
