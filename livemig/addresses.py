@@ -22,7 +22,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -80,24 +80,44 @@ def _getfd(pid: int, fd: int) -> int:
     return copy
 
 
+def in_repair(pids: list[int]) -> int:
+    """How many of the processes' TCP sockets a dump left in repair mode (CRIU puts each
+    established one there, when asked to carry it): none, and the dump locked no connection."""
+    return sum(1 for _ in _repairing(pids))
+
+
 def repair_off(pids: list[int]) -> int:
-    """Every TCP socket of the processes that a lazy dump left in repair mode (CRIU puts each
-    established one there, and takes it out only before serving pages: criu.unlock_network)
-    taken out, as CRIU's own unlock does (TCP_REPAIR off, which probes the peer's window);
-    how many. Done on copies of the descriptors (pidfd_getfd)."""
+    """Every TCP socket of the processes that a lazy dump left in repair mode (CRIU takes them
+    out only before serving pages: process.unlock_network) taken out, as CRIU's own unlock
+    does (TCP_REPAIR off, which probes the peer's window); how many."""
     done = 0
+    for sock in _repairing(pids):
+        try:
+            sock.setsockopt(socket.SOL_TCP, _TCP_REPAIR, 0)
+        except OSError:     # closed meanwhile: nothing left to unlock
+            continue
+        done += 1
+    return done
+
+
+def _repairing(pids: list[int]) -> Iterator[socket.socket]:
+    """Copies (pidfd_getfd) of the processes' TCP sockets in repair mode, each closed once
+    the caller is done with it."""
     for pid, fd, name in proc.fds(pids):
         if not name.startswith("socket:"):
             continue
         try:
-            with socket.socket(fileno=_getfd(pid, fd)) as sock:
-                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
-                        and sock.getsockopt(socket.SOL_TCP, _TCP_REPAIR):
-                    sock.setsockopt(socket.SOL_TCP, _TCP_REPAIR, 0)
-                    done += 1
-        except OSError:     # closed, or its process gone, meanwhile: nothing left to unlock
+            sock = socket.socket(fileno=_getfd(pid, fd))
+        except OSError:     # closed, or its process gone, meanwhile: not one to unlock
             continue
-    return done
+        with sock:
+            try:
+                repairing = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
+                    and sock.getsockopt(socket.SOL_TCP, _TCP_REPAIR)
+            except OSError:     # not a TCP socket after all: not one to unlock
+                continue
+            if repairing:
+                yield sock
 
 
 def _address(hex_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

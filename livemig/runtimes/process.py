@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 
 from .. import addresses, criu, host, proc
-from ..errors import DumpError, Phase, PreflightError
+from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from ..options import WAITS
 from . import hook
 from .workload import DumpRun, StopPages, Workload
@@ -121,12 +121,12 @@ class ProcessTree(Workload):
             return []
         h.commit()             # durable first: a crash from here on means "moved"
         rc = await run.proc.wait()     # CRIU kills the source and exits
-        return [f"criu dump exited {rc} after the commit"] if rc != 0 else await _network_let_go(run)
+        return [f"criu dump exited {rc} after the commit"] if rc != 0 else await self._network_let_go(run)
 
     async def finish_lazy(self, run: DumpRun) -> list[str]:
         await run.proc.wait()
         proc.signal_tasks(self.frozen, signal.SIGKILL)   # left stopped by the lazy dump
-        return await _network_let_go(run)
+        return await self._network_let_go(run)
 
     async def resume(self, run: DumpRun | None, stop_pages: StopPages) -> list[str]:
         h = self.hook
@@ -156,6 +156,15 @@ class ProcessTree(Workload):
         self.frozen, self.own_stops = [], ()     # it runs again: its tree is read afresh from here on
         return warnings
 
+    async def _network_let_go(self, run: DumpRun) -> list[str]:
+        """Once the source's copy is gone: CRIU leaves its network lock (taken only for the
+        connections it was asked to carry) for the restore to lift, which does so on its own
+        host, so the source's would stay for good (a table a move)."""
+        if not self.opts.tcp_established:
+            return []
+        why = await unlock_network(run.log.parent)
+        return [f"CRIU's network lock stays on this host: {why}"] if why else []
+
     def _ours(self) -> list[proc.Task]:
         """The frozen tree's tasks that the move stopped: all but the workload's own stops."""
         return [t for t in self.frozen if t not in self.own_stops]
@@ -183,18 +192,13 @@ def criu_failure(what: str, rc: int | None, log: Path, stderr: bytes = b"") -> s
     return f"{what} exited {rc}" + (f": {errors[0]}" if errors else "")
 
 
-async def _network_let_go(run: DumpRun) -> list[str]:
-    """Once the source's copy is gone: CRIU leaves its network lock for the restore to lift,
-    which does so on its own host, so the source's would stay for good (a table a move)."""
-    why = await unlock_network(run.log.parent)
-    return [f"CRIU's network lock stays on this host: {why}"] if why else []
-
-
 async def unlock_after_lazy(pids: list[int], images: Path) -> list[str]:
     """A tree whose lazy dump (in images) was cut short, as a rollback cuts it, put back as
     CRIU leaves a dump it could not finish where it unlocks in time: CRIU lets go of its
     network lock and of its sockets' repair mode only before it serves lazy pages, so the
     tree's connections would stay dead (EPERM). What could not be undone, in words."""
+    if not addresses.in_repair(pids):
+        return []       # no connection was taken: the dump locked none
     why = await unlock_network(images)
     addresses.repair_off(pids)
     return [f"the workload's connections may stay blocked: {why}"] if why else []
@@ -211,7 +215,10 @@ async def unlock_network(images: Path) -> str | None:
         return f"cannot read which network lock the dump took: {e}"
     if run_id is None:
         return None
-    listed = await proc.run(["nft", "list", "tables", "inet"], check=False)
+    try:
+        listed = await proc.run(["nft", "list", "tables", "inet"], check=False)
+    except CommandFailed as e:      # no nft here: the table, if any, cannot be lifted
+        return str(e)
     # CRIU cuts the name to its buffer ("inet CRIU-" and the run id's first 21 characters, in 4.2)
     tables = [t for t in listed.stdout.decode(errors="replace").split()
               if t.startswith("CRIU-") and len(t) > 13 and f"CRIU-{run_id}".startswith(t)]

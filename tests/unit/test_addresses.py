@@ -112,7 +112,10 @@ def test_a_socket_a_lazy_dump_left_in_repair_mode_is_taken_out():
     with listener, socket.create_connection(listener.getsockname()) as ours:
         theirs, _ = listener.accept()
         with theirs:
+            assert addresses.in_repair([os.getpid()]) == 0
             ours.setsockopt(socket.SOL_TCP, 19, 1)        # TCP_REPAIR, as CRIU's dump leaves it
+            assert addresses.in_repair([os.getpid()]) == 1
+            assert ours.getsockopt(socket.SOL_TCP, 19) == 1      # counted, not taken out
             assert addresses.repair_off([os.getpid()]) == 1
             assert ours.getsockopt(socket.SOL_TCP, 19) == 0
             ours.sendall(b"x")
