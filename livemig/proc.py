@@ -268,16 +268,21 @@ def exe(pid: int) -> str | None:
         return None
 
 
-def private_mappings(pid: int) -> list[tuple[int, int]]:
-    """(start, end) of each of pid's private mappings, from /proc/PID/maps."""
+def mappings(pid: int) -> list[tuple[int, int, str, str]]:
+    """(start, end, permissions, name: a path, [heap], or "") of each of pid's mappings, from
+    /proc/PID/maps."""
     out = []
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
-            span, perms = line.split(None, 2)[:2]
-            if perms[3] == "p":
-                start, end = span.split("-")
-                out.append((int(start, 16), int(end, 16)))
+            span, perms, *rest = line.rstrip("\n").split(None, 5)
+            start, end = span.split("-")
+            out.append((int(start, 16), int(end, 16), perms, rest[3].strip() if len(rest) > 3 else ""))
     return out
+
+
+def private_mappings(pid: int) -> list[tuple[int, int]]:
+    """(start, end) of each of pid's private mappings."""
+    return [(start, end) for start, end, perms, _ in mappings(pid) if perms[3] == "p"]
 
 
 def boot_id() -> str:

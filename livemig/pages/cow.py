@@ -66,6 +66,7 @@ class _Process:
     written: list[Entry]        # its pagemap's entries
     lazy: list[Entry]           # of them, the lazy ones, by address
     marks: list[bytearray] = field(default_factory=list)    # per lazy entry, a mark per page
+    starts: list[int] = field(default_factory=list)         # where each lazy entry begins (bisect)
 
 
 # --- the source: the frozen tree's shared pages into its images -------------------------------
@@ -75,8 +76,12 @@ def into_images(images: Path, processes: dict[int, int], tracker: Tracker | None
     the target. Nothing is written when nothing is shared."""
     tree = _read(images, processes)
     parents = _parents(tree)
+    related = set(parents) | set(parents.values())
+    # each process's frames and mappings read once, however many children it has
+    frames = {v: _frames(tree[v]) for v in related}
+    mappings = {v: proc.private_mappings(tree[v].pid) for v in related}
     for child, parent in parents.items():
-        _mark_shared(tree[child], tree[parent])
+        _mark_shared(tree[child], tree[parent], (frames[child], frames[parent]), (mappings[child], mappings[parent]))
     marked = [t for t in tree.values() if any(m.count(LAZY) < len(m) for m in t.marks)]
     if not marked:
         return Kept()
@@ -101,7 +106,8 @@ def _read(images: Path, processes: dict[int, int]) -> dict[int, _Process]:
             continue
         pages_id, written = pagemap.read(path.read_bytes())
         lazy = [e for e in written if e.flags & PE_LAZY and e.pages]
-        tree[vpid] = _Process(vpid, pid, pages_id, written, lazy, [bytearray(e.pages) for e in lazy])
+        tree[vpid] = _Process(vpid, pid, pages_id, written, lazy, [bytearray(e.pages) for e in lazy],
+                              [e.vaddr for e in lazy])
     return tree
 
 
@@ -124,12 +130,14 @@ def _depth(vpid: int, parents: dict[int, int]) -> int:
     return depth
 
 
-def _mark_shared(child: _Process, parent: _Process) -> None:
+def _mark_shared(child: _Process, parent: _Process, frames: tuple[list[array.array], list[array.array]],
+                 mappings: tuple[list[tuple[int, int]], list[tuple[int, int]]]) -> None:
     """Each lazy page child shares with parent: PARENTS in the child's marks, and at least OWN
-    in the parent's (PARENTS there too, when it shares it with its own parent)."""
-    kids, parents = _frames(child), _frames(parent)
-    kid_vmas, parent_vmas = proc.private_mappings(child.pid), set(proc.private_mappings(parent.pid))
-    starts = [e.vaddr for e in parent.lazy]
+    in the parent's (PARENTS there too, when it shares it with its own parent). frames: each
+    one's (_frames); mappings: each one's private mappings."""
+    kids, parents = frames
+    kid_vmas, parent_vmas = mappings[0], set(mappings[1])
+    starts = parent.starts
     for ci, e in enumerate(child.lazy):
         for start, end in _inherited(e, kid_vmas, parent_vmas):
             i = max(bisect.bisect_right(starts, start) - 1, 0)
@@ -249,7 +257,7 @@ def _own(new, written: list[Entry], mem: int, t: _Process, vaddr: int, n: int, t
 
 def _mark(t: _Process, vaddr: int, n: int, mark: int) -> None:
     """n of t's lazy pages from vaddr (in one lazy entry) marked mark."""
-    i = bisect.bisect_right([e.vaddr for e in t.lazy], vaddr) - 1
+    i = bisect.bisect_right(t.starts, vaddr) - 1
     k = (vaddr - t.lazy[i].vaddr) // PAGE
     t.marks[i][k:k + n] = bytes([mark]) * n
 

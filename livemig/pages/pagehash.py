@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import re
 import secrets
 import signal
 import struct
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .. import proc
 from ..options import SIZES
 from .pagemap import PAGE
 
@@ -40,7 +40,6 @@ CHUNK_PAGES = 1 << (CHUNK_SHIFT - 12)
 DIGEST = 16
 _PM_PRESENT, _PM_SWAPPED, _PM_FILE = 1 << 63, 1 << 62, 1 << 61
 _PM_PFN = (1 << 55) - 1
-_MAPS = re.compile(r"([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)")
 _NEVER = {"[vsyscall]", "[vvar]", "[vvar_vclock]", "[vdso]", "[uprobes]"}
 
 
@@ -58,13 +57,8 @@ def private_ranges(pid: int) -> list[tuple[int, int]]:
     """The writable private mappings: what CRIU dumps as the process's own pages. Shared
     and read-only mappings come from files or are dumped apart; the kernel's own
     (vdso, vvar) are not the program's."""
-    out = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            m = _MAPS.match(line)
-            if m and m.group(3)[1] == "w" and m.group(3)[3] == "p" and m.group(5).strip() not in _NEVER:
-                out.append((int(m.group(1), 16), int(m.group(2), 16)))
-    return out
+    return [(start, end) for start, end, perms, name in proc.mappings(pid)
+            if perms[1] == "w" and perms[3] == "p" and name not in _NEVER]
 
 
 def present_runs(pagemap_fd: int, start: int, end: int, parents_fd: int | None = None):

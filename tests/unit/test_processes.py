@@ -117,3 +117,11 @@ def test_a_program_whose_start_is_cancelled_is_left_nowhere():
         for pid in ours():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_process_s_mappings_are_read_with_their_names():
+    mine = proc.mappings(os.getpid())
+    names = {name for _, _, _, name in mine}
+    assert "[stack]" in names and "[vdso]" in names and any("python" in name for name in names)
+    assert all(start < end and len(perms) == 4 for start, end, perms, _ in mine)
+    assert proc.private_mappings(os.getpid()) == [(s, e) for s, e, perms, _ in mine if perms[3] == "p"]
