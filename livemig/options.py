@@ -100,6 +100,8 @@ class Waits:
     reap: float = 5.0                     # for a killed program's pipes to close before ours are (a stray child
     #                                      of its own may hold them as long as it lives)
     dump_exit: float = 60.0               # for CRIU to exit once its page stream is cut; then it is killed
+    tree_stop: float = 0.5                # for a tree being killed to stop, task by task (proc.kill_tree), so
+    tree_stop_poll: float = 0.002         # that none forks between the tree's reading and the kill
 
 
 @dataclass(frozen=True)

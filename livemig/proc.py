@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,8 +337,31 @@ def dumped_as(root: int, pids: list[int], in_images: set[int]) -> list[int]:
 
 
 def kill_tree(root: int) -> None:
-    """SIGKILL to root and its descendants, children first."""
-    signal_tasks(tasks(list(reversed(process_tree(root)))), signal.SIGKILL)
+    """SIGKILL to root and its descendants, children first. Each is stopped first, and the
+    tree read again until it holds none not yet stopped: a task forked between one reading
+    and the kill would outlive its parent, reparented, and run on. (Seen: a restore's task,
+    forked while its CRIU was killed, left running beside the source's copy.) A task that
+    does not stop within WAITS.tree_stop (asleep in the kernel, unkillable but by SIGKILL)
+    forks nothing meanwhile: it is killed as it is."""
+    stopped: dict[int, Task] = {}
+    deadline = time.monotonic() + WAITS.tree_stop
+    while True:
+        new = [t for t in tasks(process_tree(root)) if stopped.get(t[0]) != t]
+        if not new:
+            break
+        signal_tasks(new, signal.SIGSTOP)
+        stopped.update((t[0], t) for t in new)
+        while time.monotonic() < deadline and any(state(pid) not in _STOPPED for pid, _ in new):
+            time.sleep(WAITS.tree_stop_poll)
+        if time.monotonic() >= deadline:
+            new = [t for t in tasks(process_tree(root)) if stopped.get(t[0]) != t]
+            stopped.update((t[0], t) for t in new)
+            break
+    signal_tasks(list(reversed(stopped.values())), signal.SIGKILL)
+
+
+# stopped (by a signal, or under a tracer), dead, or gone: forks nothing
+_STOPPED = frozenset(("T", "t", "Z", "X", "x", None))
 
 
 def fds(pids: list[int]) -> Iterator[tuple[int, int, str]]:

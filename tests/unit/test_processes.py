@@ -125,3 +125,53 @@ def test_a_process_s_mappings_are_read_with_their_names():
     assert "[stack]" in names and "[vdso]" in names and any("python" in name for name in names)
     assert all(start < end and len(perms) == 4 for start, end, perms, _ in mine)
     assert proc.private_mappings(os.getpid()) == [(s, e) for s, e, perms, _ in mine if perms[3] == "p"]
+
+
+FORKING = r"""
+import os, sys, time
+r, w = os.pipe()
+os.write(int(sys.argv[1]), str(os.getpid()).encode() + b"\n")
+while True:             # a child every millisecond, each of a session of its own, as CRIU's restore makes them
+    if os.fork() == 0:
+        os.setsid()
+        os.write(int(sys.argv[1]), str(os.getpid()).encode() + b"\n")
+        time.sleep(60)
+        os._exit(0)
+    time.sleep(0.001)
+"""
+
+
+def test_a_tree_that_keeps_forking_is_killed_whole():
+    # The kill once read the tree, then killed it: a child forked in between outlived its
+    # parent, reparented, and a restore's task ran on beside the source's copy.
+    for _ in range(5):
+        r, w = os.pipe()
+        p = subprocess.Popen([sys.executable, "-c", FORKING, str(w)], pass_fds=(w,))
+        os.close(w)
+        born: list[int] = []
+        try:
+            with os.fdopen(r, "rb", buffering=0) as out:
+                lines = _lines(out)
+                assert next(lines) == p.pid
+                born += [next(lines) for _ in range(20)]      # a tree of some size, still forking
+                proc.kill_tree(p.pid)
+                p.wait(timeout=10)
+                born += list(_lines(out, within=3.0))       # until EOF: every writer gone
+            assert not [pid for pid in born if proc.state(pid) not in (None, "Z")]
+        finally:
+            for pid in born:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _lines(out, within: float = 10.0):
+    """The PIDs written to out, until EOF or within seconds are over (a survivor holds it open)."""
+    import select
+    import time
+    deadline, rest = time.monotonic() + within, b""
+    while select.select([out], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = out.read(4096)
+        if not chunk:
+            return
+        *whole, rest = (rest + chunk).split(b"\n")
+        yield from (int(x) for x in whole)
