@@ -3,8 +3,9 @@
     python3 failover.py --to host-b --to host-c web1 db1 4242
 
 Each workload (a container's name, or a PID for a process tree) goes to the first target
-that takes it: a target that cannot be reached, or whose preflight refuses it, is passed
-over for the next one; any other failure stops there, with the workload still running
+that takes it: a target that cannot be reached, whose preflight refuses it, or over whose
+link the workload would stand still longer than --max-downtime promises, is passed over for
+the next one; any other failure stops there, with the workload still running
 here (livemig rolls back). One JSON line per workload on stdout. Exit status 0 when every
 workload moved, else livemig's exit code of the last failure (see the README).
 """
@@ -16,7 +17,7 @@ import sys
 
 import livemig
 
-TRY_NEXT = {livemig.ExitCode.CONNECTION, livemig.ExitCode.PREFLIGHT}
+TRY_NEXT = {livemig.ExitCode.CONNECTION, livemig.ExitCode.PREFLIGHT, livemig.ExitCode.DOWNTIME}
 
 
 async def move_one(name: str, targets: list[str], options: livemig.Options) -> int:
@@ -49,7 +50,9 @@ async def evacuate(workloads: list[str], targets: list[str], options: livemig.Op
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--to", action="append", required=True, metavar="HOST", help="a target, in order of preference")
-    ap.add_argument("--max-downtime", type=float, default=0.3)
+    ap.add_argument("--max-downtime", type=float, metavar="SECONDS",
+                    help="a promise: a move that would stand the workload still longer is refused, before "
+                         "the freeze, and the next target tried (default: none)")
     ap.add_argument("workloads", nargs="+", metavar="CTR|PID")
     a = ap.parse_args()
     return asyncio.run(evacuate(a.workloads, a.to, livemig.Options(max_downtime=a.max_downtime)))

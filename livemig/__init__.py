@@ -11,6 +11,9 @@ migrate() returns a Report, or raises a LivemigError whose .phase names the
 phase that failed and whose .exit_code is the CLI's; the workload then runs on
 the source. The one exception is Unresolved (exit code 7): post-copy lost its
 target, the workload waits stopped on the source, and `livemig recover` settles it.
+Options(max_downtime=0.5) is a promise: a move that would stand the workload still longer is
+refused before the freeze (DowntimeRefused, exit code 10), its .report's
+expected_downtime_seconds saying how long it would have been.
 
     report = asyncio.run(livemig.clone("web1", ["host-b", "host-c"], count=2))   # podman replicas
 
@@ -25,6 +28,7 @@ runs), Fetching (post-copy's pages so far)...
 
 from .errors import (
     ConnectionFailed,
+    DowntimeRefused,
     DumpError,
     ExitCode,
     LivemigError,
@@ -74,6 +78,7 @@ async def clone(what: str, hosts: list[str], options: Options = _DEFAULTS, *, na
 __all__ = [
     "CloneReport",
     "ConnectionFailed",
+    "DowntimeRefused",
     "DumpError",
     "ExitCode",
     "LivemigError",

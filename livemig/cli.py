@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="strategy (default auto: hybrid where the kernel tracks dirty pages, "
                          "else stop-and-copy)")
     mv.add_argument("--max-downtime", type=float, metavar="SECONDS",
-                    help="pre-copy stops once the rest fits this downtime (default 0.3)")
+                    help="a promise: the move is refused before the freeze (exit code 10) when its downtime "
+                         "would be longer (default: none; pre-copy aims at 0.3 s, and a longer one is told)")
     mv.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (default 8)")
     mv.add_argument("--no-throttle", action="store_true",
                     help="no auto-converge: never slow the workload's CPU when pre-copy does not converge")

@@ -62,7 +62,8 @@ def _path(v) -> str:
 # name in the file and on Options -> (parse, what it is)
 SETTINGS = {
     "mode": (_mode, "strategy: auto, precopy, postcopy, hybrid or stopcopy"),
-    "max_downtime": (_positive(float), "seconds the workload may stand still (pre-copy's target)"),
+    "max_downtime": (_positive(float), ("seconds the workload may stand still: a promise, the move refused before the freeze "
+                                    "if its downtime would be longer; unset: pre-copy aims at 0.3 s")),
     "max_rounds": (_positive(int), "pre-copy rounds at most"),
     "throttle": (_bool, "auto-converge: slow the workload's CPU when pre-copy does not converge"),
     "fill": (_bool, "stop-and-copy: the pages into the target's memory, placed while the copy runs"),

@@ -33,6 +33,8 @@ class ExitCode(IntEnum):
     EXITED = 8           # the workload exited by itself during the move: it runs nowhere, as it chose
     TARGET_LOST = 9      # the target's copy ran, then was lost: the source's waits, stopped, as of its final
                          # dump; only `livemig recover --target-lost` runs it again (what the other did is lost)
+    DOWNTIME = 10        # the downtime would be over --max-downtime: refused before the freeze; it runs on
+                         # the source (the report's expected_downtime_seconds, and the error's hint: what it takes)
     INTERRUPTED = 130    # Ctrl-C: rolled back, it runs on the source
     TERMINATED = 143     # SIGTERM: rolled back, as for Ctrl-C
 
@@ -74,6 +76,11 @@ class UsageError(LivemigError):
 
 class PreflightError(LivemigError):
     exit_code = ExitCode.PREFLIGHT
+
+
+class DowntimeRefused(LivemigError):
+    """--max-downtime cannot be kept: the move stops before the freeze (source/downtime.py)."""
+    exit_code = ExitCode.DOWNTIME
 
 
 class ConnectionFailed(LivemigError):

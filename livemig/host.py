@@ -68,6 +68,57 @@ def cow_shared_bytes(pids: list[int]) -> int:
     return max(0, rollup["Anonymous"] - rollup["Pss_Anon"])
 
 
+def shared_memory_bytes(pids: list[int]) -> int:
+    """What CRIU's dump writes into image files of the tree's shared memory, whatever the
+    mode: the pages of every anonymous shared mapping, memfd (mapped, or held open) and SysV
+    segment the tree holds, each counted once however many map it (CRIU dumps it once), and
+    only its pages with data (CRIU skips its holes: SEEK_DATA). A file on a tmpfs the tree
+    maps is not among them: CRIU finds it by its path on the target."""
+    seen: dict[tuple[int, int], str] = {}
+    for pid in pids:
+        try:
+            for start, end, perms, name in proc.mappings(pid):
+                if name.startswith(("/memfd:", "/SYSV")) or (perms[3] == "s" and name == "/dev/zero (deleted)"):
+                    _note(seen, f"/proc/{pid}/map_files/{start:x}-{end:x}")
+        except OSError:     # it exited meanwhile: nothing of it to dump
+            continue
+        for _, fd, name in proc.fds([pid]):
+            if name.startswith("/memfd:"):
+                _note(seen, f"/proc/{pid}/fd/{fd}")
+    return sum(_data_bytes(path) for path in seen.values())
+
+
+def _note(seen: dict[tuple[int, int], str], path: str) -> None:
+    """path (a shared memory object, by /proc), under its identity, once."""
+    try:
+        st = os.stat(path)
+    except OSError:     # unmapped or closed meanwhile: not the tree's to dump
+        return
+    seen.setdefault((st.st_dev, st.st_ino), path)
+
+
+def _data_bytes(path: str) -> int:
+    """The bytes of path's data extents (a tmpfs object's pages that exist)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:     # unmapped or closed meanwhile: not the tree's to dump
+        return 0
+    try:
+        size, at, total = os.fstat(fd).st_size, 0, 0
+        while at < size:
+            try:
+                data = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:      # no data past at
+                    break
+                raise
+            at = os.lseek(fd, data, os.SEEK_HOLE)
+            total += min(at, size) - data
+        return total
+    finally:
+        os.close(fd)
+
+
 def resident_bytes(pids: list[int]) -> int:
     return _summed(pids, "status", "VmRSS")["VmRSS"]
 

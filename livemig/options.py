@@ -20,7 +20,9 @@ class Mode(str, Enum):
 @dataclass(frozen=True)
 class Options:
     mode: Mode = Mode.AUTO
-    max_downtime: float = 0.300      # seconds; QEMU's downtime-limit
+    # Seconds the workload may stand still: a promise, kept or the move refused before the freeze
+    # (DowntimeRefused). None: none made; pre-copy aims at DOWNTIME_AIM, and a longer downtime is told.
+    max_downtime: float | None = None
     max_rounds: int = 8              # pre-copy rounds at most (auto-converge may add its steps)
     throttle: bool = True            # auto-converge: slow the workload's CPU when pre-copy does not converge
     fill: bool = True                # stop-and-copy pushes pages into the target's memory, placed as the copy runs
@@ -39,6 +41,14 @@ class Options:
     runtime: str | None = None       # a container's runtime (runc, crun); None: whichever knows it
     name: str | None = None          # the container's name on the target; None keeps its name
     force: bool = False              # go on past mismatches that can only fail the restore
+
+    @property
+    def downtime_budget(self) -> float:
+        """What pre-copy aims at: the promised downtime, or DOWNTIME_AIM where none was."""
+        return DOWNTIME_AIM if self.max_downtime is None else self.max_downtime
+
+
+DOWNTIME_AIM = 0.300     # seconds: QEMU's downtime-limit default, pre-copy's aim where no --max-downtime is given
 
 
 # --- Internal limits ---------------------------------------------------------------------------
@@ -143,6 +153,10 @@ class Sizes:
     # The pages a tree shares copy-on-write are read from its frozen memory into the images
     # (pages/cow.py) this many at a time: 2 MiB, as the rest of the source's reads.
     cow_read_pages: int = 512
+    # Below this many bytes at the freeze (stop-and-copy's memory; else the shared memory CRIU writes
+    # into image files), the downtime's estimate takes no measure of the link: under 16 MiB cost less
+    # than the 16 MiB the measure sends, and a promised downtime is measured for whatever it is.
+    frozen_least: int = 16 << 20
     # -- the wire
     stream_chunk: int = 1 << 20                   # bytes a stream reads and compresses at once
     ssh_window: int = 16 << 20                    # the receive window of our ssh channels (post-copy's
@@ -183,5 +197,16 @@ class Sizes:
         return (self.inflate_piece // 4 + 1) * (128 << 10)
 
 
+@dataclass(frozen=True)
+class Rates:
+    """Bytes a second of the work at the freeze that no preflight times, for the downtime's estimate
+    (source/downtime.py): CRIU writing the tree's shared memory into image files as it dumps, and
+    its restore reading them back into the copy's memory. Measured in the namespaced lab, shared
+    against private memory side by side (bench/shm.py; bench/results/ names the run)."""
+    criu_writes_images: float = 400 * 2**20
+    criu_reads_images: float = 400 * 2**20
+
+
 WAITS = Waits()
 SIZES = Sizes()
+RATES = Rates()

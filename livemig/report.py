@@ -84,6 +84,10 @@ class Report:
     image_bytes_wire: int = 0     # podman: the container's image, sent when the target lacked it
     restore_seconds: float = 0.0
     downtime_seconds: float = 0.0  # source frozen -> target running
+    expected_downtime_seconds: float | None = None   # the last estimate before the freeze (source/downtime.py);
+                                                     # None: none made (a small tree, no promise to keep)
+    shared_memory_bytes: int = 0  # the tree's shared memory (anonymous shared, memfd, SysV), which CRIU writes
+                                  # into image files at the freeze in every mode (host.shared_memory_bytes)
     downtime_parts: list[DowntimePart] = field(default_factory=list)   # where it went
     total_seconds: float = 0.0
     target_pid: int = 0
@@ -215,11 +219,15 @@ class Plan:
     note: str
     warnings: list[str] = field(default_factory=list)
     max_bandwidth_bytes_per_s: int | None = None   # --max-bandwidth, which the link rate is held to
+    shared_memory_bytes: int = 0     # what goes through image files at the freeze in every mode
+    max_downtime_seconds: float | None = None      # --max-downtime: the promise; None: none made
+    expected_downtime_by_mode: dict[str, float] = field(default_factory=dict)   # each mode that runs here
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     def summary(self) -> str:
+        by_mode = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.expected_downtime_by_mode.items())
         lines = [f"would move: {_described(self.runtime, self.workload)} {self.source} -> {self.target}, mode {self.mode} ({self.mode_reason})",
                  (f"  {self.processes} process(es), {self.memory_bytes / 2**20:.1f} MiB resident; link "
                   f"{self.link_bytes_per_s / 2**20:.0f} MiB/s (incompressible"
@@ -228,4 +236,8 @@ class Plan:
                  (f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
                   f"{self.expected_downtime_seconds * 1000:.0f} ms plus the freeze and the restore"),
                  f"  {self.note}"]
+        if by_mode:
+            lines.append(f"  downtime by mode: {by_mode}" + (
+                f" (--max-downtime {self.max_downtime_seconds * 1000:.0f} ms: a mode over it is refused "
+                "before the freeze)" if self.max_downtime_seconds is not None else ""))
         return "\n".join(lines + _closing(self.warnings, "", ""))

@@ -99,14 +99,24 @@ def test_auto_converge_throttles_a_container_that_outruns_pre_copy_until_it_conv
     throttled_final = report["rounds"][-1]["pages_written"]
 
     # the same workload back, with --no-throttle: pre-copy levels off at nearly every page,
-    # and the final dump sends several times as much
+    # and the final dump would send several times as much: over the 0.4 s promised, the move
+    # is refused before the freeze (exit code 10), and the container runs on where it was
     before = ctr.query("b")
-    report = ctr.moved_intact("b", "a", before, move(lab, "b", "a", "--max-downtime", "0.4", "--no-throttle",
-                                                     *CAP, "fast1"))
+    res = move(lab, "b", "a", "--max-downtime", "0.4", "--no-throttle", *CAP, "fast1")
+    assert res.returncode == 10, res.stderr.decode()
+    assert "over --max-downtime 400 ms" in res.stderr.decode()
+    report = json.loads(res.stdout)
+    assert report["outcome"] == "failed", report["outcome"]      # the source never touched
+    assert report["final_dump_frozen_seconds"] == 0 and report["downtime_seconds"] == 0
     assert report["throttle"] == "off" and report["throttle_steps"] == []
     assert report["precopy_stop_reason"] not in CONVERGED
+    assert report["expected_downtime_seconds"] > 0.4
     assert report["rounds"][-1]["pages_written"] > 3 * throttled_final, (report["rounds"][-1], throttled_final)
-    ctr.remove("a")
+    now = ctr.query("b", wait=10)
+    assert now["host"] == "b" and now["counter"] > before["counter"]
+    assert ctr.query("b", "verify")["bad_pages"] == 0
+    assert ctr.status("b") == "running" and ctr.status("a") is None
+    ctr.remove("b")
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
 
 

@@ -39,7 +39,7 @@ from ..runtimes.held import HeldCopy
 from ..wire import bandwidth
 from ..wire import protocol as p
 from ..wire.transports import link_errors
-from . import autoconverge, bundles, failures, policy, recovery, switchover
+from . import autoconverge, bundles, downtime, failures, policy, recovery, switchover
 from . import preflight as checks
 from .failures import lost_link, primary
 from .local import local_cpuinfo, local_facts, make_work_dir, target_spec
@@ -100,6 +100,7 @@ class Migration:
     async def _phases(self) -> None:
         m = self.m
         mode = await self.preflight()
+        await downtime.foresee(m, mode)
         if mode in (Mode.POSTCOPY, Mode.HYBRID):
             m.to.open_fault_link()
         m.stages.to(Stage.PRECOPY)
@@ -164,6 +165,8 @@ class Migration:
             m.report.warnings.append(said)
             m.progress(Cautioned(said))
         m.report.mode, m.report.mode_reason = mode, why
+        m.modes_here = [x.value for x in (Mode.PRECOPY, Mode.HYBRID, Mode.POSTCOPY, Mode.STOPCOPY)
+                        if policy.runs_here(x.value, local.features, remote.features, w.kind)]
         if mode in (Mode.PRECOPY.value, Mode.HYBRID.value):
             if local.features.get("mem_dirty_track"):
                 m.report.precopy_tracking = "soft-dirty"
@@ -202,18 +205,26 @@ class Migration:
                 e.phase = e.phase or m.phase     # named as the move's would be
                 raise
             w = m.w
-            memory = host.resident_bytes(w.pids())
-            limits = policy.Limits(max_downtime=m.options.max_downtime,
-                                   max_rounds=min(m.options.max_rounds, w.max_rounds or m.options.max_rounds))
+            pids = w.pids()
+            memory, shared = host.resident_bytes(pids), host.shared_memory_bytes(pids)
             if m.options.max_bandwidth:
                 link = min(link, m.options.max_bandwidth)    # the move would send no faster
-            est = policy.estimate(mode.value, memory, link, limits)
+
+            def estimate(mode: str) -> policy.Estimate:
+                frozen = shared + (host.cow_shared_bytes(pids) if mode == Mode.POSTCOPY.value else 0)
+                limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen,
+                                       max_rounds=min(m.options.max_rounds, w.max_rounds or m.options.max_rounds))
+                return policy.estimate(mode, memory, link, limits,
+                                       into_images=mode == Mode.STOPCOPY.value and not m.fills)
+            est = estimate(mode.value)
             r = m.report
             return Plan(workload=str(m.what), runtime=r.runtime, source=r.source, target=m.target,
-                        mode=r.mode, mode_reason=r.mode_reason, processes=len(w.pids()),
+                        mode=r.mode, mode_reason=r.mode_reason, processes=len(pids),
                         memory_bytes=memory, link_bytes_per_s=link, copy_seconds=est.copy_seconds,
                         expected_downtime_seconds=est.downtime, expected_rounds=est.rounds, note=est.note,
-                        warnings=r.warnings, max_bandwidth_bytes_per_s=m.options.max_bandwidth)
+                        warnings=r.warnings, max_bandwidth_bytes_per_s=m.options.max_bandwidth,
+                        shared_memory_bytes=shared, max_downtime_seconds=m.options.max_downtime,
+                        expected_downtime_by_mode={x: estimate(x).downtime for x in m.modes_here})
         finally:
             await self.close()
 

@@ -51,6 +51,7 @@ class Move:
         # the final dump's pages go into the target's memory, and into the copy as it runs:
         # pre-copy by hashes, and stop-and-copy where the target has room
         self.fills = False
+        self.modes_here: list[str] = []     # the modes that can run between these hosts (preflight)
         self.throttle: throttle.Throttle | None = None  # auto-converge's hold on the workload's CPU
         self.round_dirs: list[str] = []
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then

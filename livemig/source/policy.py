@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..errors import Phase, PreflightError
-from ..options import SIZES
+from ..options import RATES, SIZES
 
 PAGE_SIZE = 4096
 
@@ -102,6 +102,8 @@ class Limits:
     thp_always: bool = False       # the workload sits on huge pages: soft-dirty marks 2 MiB at a time
     throttling: Throttling | None = None   # auto-converge; None: off (--no-throttle, or no cgroup of its own)
     max_bandwidth: float | None = None     # --max-bandwidth: the final dump's pages go no faster than this
+    frozen_bytes: int = 0          # what goes through image files at the freeze whatever pre-copy did:
+    #                                the tree's shared memory (host.shared_memory_bytes)
 
 
 class StopReason(str, Enum):
@@ -125,12 +127,27 @@ class Decision:
 def expected_downtime(last: RoundStats, limits: Limits) -> float:
     """The final dump sends about what the last round did (the dirty set levels off at
     dirty rate x round length), at the last round's bandwidth (never above the cap), plus
-    the fixed cost."""
+    what goes through image files whatever pre-copy does (compressed as the round's pages
+    were), plus the fixed cost."""
     rate = bandwidth(last, limits)
     if rate <= 0:
         return float("inf")
     pending = last.pages_written * last.wire_bytes_per_page
-    return limits.fixed_cost + pending / rate
+    return (limits.fixed_cost + pending / rate
+            + frozen_seconds(limits.frozen_bytes, rate, last.wire_bytes_per_page / PAGE_SIZE))
+
+
+def frozen_seconds(image_bytes: int, link_bytes_per_s: float, wire_ratio: float = 1.0) -> float:
+    """What image_bytes of memory written into image files at the freeze add to the downtime:
+    CRIU's dump writes them, they cross the link (wire_ratio of them on the wire), and its
+    restore reads them back (options.RATES)."""
+    if not image_bytes:
+        return 0.0
+    if link_bytes_per_s <= 0:
+        return float("inf")
+    # (an infinite link: CRIU's writing and reading alone)
+    return image_bytes * (1 / RATES.criu_writes_images + wire_ratio / link_bytes_per_s
+                          + 1 / RATES.criu_reads_images)
 
 
 def bandwidth(last: RoundStats, limits: Limits) -> float:
@@ -228,28 +245,49 @@ def choose_mode(requested: str, source_features: dict[str, bool],
                            "needs userfaultfd on both hosts"))
 
 
+def runs_here(mode: str, source_features: dict[str, bool], target_features: dict[str, bool],
+              runtime: str = "process") -> bool:
+    """Can mode run between these hosts (choose_mode would take it)?"""
+    try:
+        choose_mode(mode, source_features, target_features, runtime)
+    except ModeUnavailable:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """What a migration should cost, before it runs (livemig move --dry-run)."""
+    """What a migration should cost, before it runs (livemig move --dry-run), and the downtime
+    expected before the freeze of stop-and-copy and post-copy."""
     copy_seconds: float          # the memory at the measured link rate
     downtime: float              # seconds of downtime to expect, apart from freeze and restore
     rounds: str                  # how many pre-copy rounds to expect, in words
     note: str
 
 
-def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limits = Limits()) -> Estimate:
+def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limits = Limits(),
+             into_images: bool = False) -> Estimate:
     """The plan's figures. The link rate is measured with incompressible bytes, so the
-    copy time is an upper bound: memory pages usually compress."""
+    copy time is an upper bound: memory pages usually compress. What goes through image
+    files (limits.frozen_bytes; stop-and-copy's every page with into_images) is downtime in
+    every mode: pre-copy and post-copy carry none of it."""
     copy = memory_bytes / link_bytes_per_s if link_bytes_per_s > 0 else float("inf")
+    frozen = frozen_seconds(limits.frozen_bytes, link_bytes_per_s)
+    shared = (f"; {limits.frozen_bytes / 2**20:.0f} MiB of shared memory goes through image files while it "
+              f"is frozen, about {frozen:.1f} s" if limits.frozen_bytes else "")
     if mode == "stopcopy":
-        return Estimate(copy, copy, "none", "the workload is frozen while all its memory is copied")
+        if into_images:
+            down = frozen_seconds(memory_bytes, link_bytes_per_s)
+        else:      # every page crosses at the link's rate; the shared ones through image files too
+            down = copy + frozen_seconds(limits.frozen_bytes, float("inf"))
+        return Estimate(copy, down, "none", "the workload is frozen while all its memory is copied" + shared)
     if mode == "postcopy":
-        return Estimate(copy, 0.0, "none", f"the target runs at once; its memory follows in about {copy:.1f} s, "
-                                           "while it runs")
+        return Estimate(copy, frozen, "none", f"the target runs at once; its memory follows in about {copy:.1f} s, "
+                                              "while it runs" + shared)
     final = "a lazy final dump: what is left follows after the resume" if mode == "hybrid" else \
         "then the final dump"
-    return Estimate(copy, limits.max_downtime,
+    return Estimate(copy, limits.max_downtime + frozen,
                     f"1 to {limits.max_rounds}: fewer when the workload dirties little memory",
                     f"the first round copies everything while the workload runs, about {copy:.1f} s; {final}. "
                     f"The downtime meets {limits.max_downtime * 1000:.0f} ms if the workload dirties memory "
-                    "slower than the link sends it")
+                    "slower than the link sends it" + shared)

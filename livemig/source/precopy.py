@@ -10,7 +10,7 @@ import dataclasses
 from .. import host
 from ..errors import LivemigError, Phase
 from ..progress import RoundDone
-from . import autoconverge, policy
+from . import autoconverge, downtime, policy
 from .move import Move
 from .rounds import hashed_round, predump_round
 from .testpoints import stop_for_tests
@@ -20,7 +20,8 @@ def limits(m: Move) -> policy.Limits:
     """When pre-copy stops: the user's limits, and the runtime's."""
     w, o = m.w, m.options
     max_rounds = min(o.max_rounds, w.max_rounds or o.max_rounds)
-    return policy.Limits(max_downtime=o.max_downtime, max_rounds=max_rounds,
+    return policy.Limits(max_downtime=o.downtime_budget, max_rounds=max_rounds,
+                         frozen_bytes=m.report.shared_memory_bytes,
                          thp_always=m.tracker is None and host.huge_pages_in_use(w.pids()),
                          # podman keeps one pre-checkpoint: no round to throttle for
                          throttling=policy.Throttling() if m.throttle and max_rounds > 1 else None,
@@ -62,6 +63,7 @@ async def precopy_rounds(m: Move, lazy_final: bool) -> None:
                 decision = policy.decide(stats, lim, percent)
         if decision.stop:
             _stopped(m, decision, lim)
+            downtime.after_rounds(m, decision, stats[-1], lim)
             return
 
 

@@ -1,0 +1,107 @@
+"""The downtime, told or promised before the freeze.
+
+Before anything freezes, the move estimates what its switchover will cost the workload
+(policy.py's arithmetic), and the report keeps the last estimate as expected_downtime_seconds:
+- pre-copy and hybrid: what the last round says the final dump sends (policy.expected_downtime),
+  once the rounds stop (after_rounds);
+- stop-and-copy: every page, at the link's rate (measured here: session.measure_link);
+- post-copy: none of the private memory (it follows after the resume);
+and in every mode what goes through image files whatever pre-copy or post-copy does: the
+tree's shared memory (anonymous shared mappings, memfd, SysV segments;
+host.shared_memory_bytes), which CRIU writes as it dumps, which crosses then, and which its
+restore reads back (options.RATES), the workload frozen all the while; and post-copy's pages
+shared copy-on-write (pages/cow.py), which cross before the copy runs.
+
+A --max-downtime given is a promise: a move whose estimate is over it is refused before the
+freeze (DowntimeRefused, its own exit code), the workload running on where it was, and the
+error says what it would take. Pre-copy's modes are refused at once (foresee) where what no
+round can take off is over it already. None given, pre-copy aims at options.DOWNTIME_AIM and a
+longer downtime is told (a warning), not refused.
+
+Not counted: the freeze, CRIU's dump and restore of everything but memory (some tenths of a
+second a tree), and a container's bundle changes: a trial restore would time them.
+"""
+
+from __future__ import annotations
+
+from .. import host
+from ..errors import DowntimeRefused
+from ..options import SIZES, Mode
+from ..progress import Cautioned
+from . import policy
+from .move import Move
+
+
+async def foresee(m: Move, mode: Mode) -> None:
+    """After the preflight, before anything crosses: the tree's shared memory, and the
+    downtime of a mode without rounds, kept or refused; for pre-copy's modes, the least no
+    round can take off, refused at once if over a promise (the rounds tell the rest)."""
+    pids = m.w.pids()
+    shared = m.report.shared_memory_bytes = host.shared_memory_bytes(pids)
+    frozen = shared + (host.cow_shared_bytes(pids) if mode is Mode.POSTCOPY else 0)
+    memory = host.resident_bytes(pids)
+    at_freeze = memory if mode is Mode.STOPCOPY else frozen
+    if at_freeze < SIZES.frozen_least and m.options.max_downtime is None:
+        return      # little enough not to measure the link for: the rounds, if any, tell
+    link = await link_rate(m)
+    limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen)
+    if mode in (Mode.PRECOPY, Mode.HYBRID):
+        least = policy.frozen_seconds(frozen, link)
+        if m.options.max_downtime is not None and least > m.options.max_downtime:
+            keep(m, least, _shared(frozen, least))
+        return
+    est = policy.estimate(mode.value, memory, link, limits, into_images=not m.fills)
+    why = ([f"all {memory >> 20} MiB cross while it is frozen, at {link / 2**20:.0f} MiB/s"]
+           if mode is Mode.STOPCOPY else []) + ([_shared(frozen, policy.frozen_seconds(frozen, link))]
+                                                if frozen else [])
+    keep(m, est.downtime, "; ".join(why))
+
+
+def after_rounds(m: Move, decision: policy.Decision, last: policy.RoundStats, limits: policy.Limits) -> None:
+    """Pre-copy has stopped: its estimate of the final dump's downtime, kept or refused."""
+    left = last.pages_written * last.wire_bytes_per_page
+    why = [f"pre-copy's last round left {left / 2**20:.1f} MiB to send, at {decision.bandwidth / 2**20:.0f} MiB/s"]
+    if limits.frozen_bytes:
+        why.append(_shared(limits.frozen_bytes, policy.frozen_seconds(
+            limits.frozen_bytes, decision.bandwidth, last.wire_bytes_per_page / policy.PAGE_SIZE)))
+    keep(m, decision.expected_downtime, "; ".join(why))
+
+
+def keep(m: Move, expected: float, why: str) -> None:
+    """expected: the downtime the switchover would cost now. Recorded; over a promise,
+    refused (before the freeze, nothing of the workload touched); over the aim, told."""
+    m.report.expected_downtime_seconds = expected
+    promised = m.options.max_downtime
+    if expected <= m.options.downtime_budget:
+        return
+    if promised is not None:
+        raise DowntimeRefused(
+            f"the downtime would be about {_s(expected)}, over --max-downtime {_s(promised)} ({why})",
+            phase=m.phase, hint=f"--max-downtime {_up(expected)} would let it go; or move it with less "
+                                "memory in use, or over a faster link")
+    said = (f"the downtime will be about {_s(expected)}, over the {_s(m.options.downtime_budget)} "
+            f"pre-copy aims at ({why})")
+    m.report.warnings.append(said)
+    m.progress(Cautioned(said))
+
+
+async def link_rate(m: Move) -> float:
+    """The rate the switchover's bytes can expect: the cap, where there is one (the move goes
+    no faster), else measured now with incompressible bytes."""
+    if m.options.max_bandwidth:
+        return float(m.options.max_bandwidth)
+    return await m.to.measure_link(m.work)
+
+
+def _shared(frozen: int, seconds: float) -> str:
+    return (f"{frozen / 2**20:.0f} MiB of shared memory goes through image files while it is frozen, "
+            f"about {_s(seconds)}")
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def _up(seconds: float) -> str:
+    """A budget a little over seconds, as a user would write it."""
+    return f"{seconds * 1.25:.2g}" if seconds < 10 else f"{seconds * 1.25:.0f}"

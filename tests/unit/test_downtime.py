@@ -1,0 +1,107 @@
+"""The downtime before the freeze: what the tree's shared memory costs in every mode, the
+estimate kept, told or refused (source/downtime.py), and the shared memory counted as CRIU
+dumps it (host.shared_memory_bytes)."""
+
+import mmap
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from livemig import host
+from livemig.errors import DowntimeRefused, ExitCode
+from livemig.options import RATES, Options
+from livemig.report import Report
+from livemig.source import downtime, policy
+
+MIB = 2**20
+CRIU = 1 / RATES.criu_writes_images + 1 / RATES.criu_reads_images     # seconds a byte, at the freeze
+
+
+def test_shared_memory_goes_through_image_files_in_every_mode_and_is_counted_in_each():
+    link, shared = 100 * MIB, 512 * MIB
+    frozen = policy.frozen_seconds(shared, link)
+    assert frozen == pytest.approx(shared * (CRIU + 1 / link))
+    limits = policy.Limits(max_downtime=0.3, frozen_bytes=shared)
+    by = {mode: policy.estimate(mode, 1024 * MIB, link, limits, into_images=mode == "stopcopy").downtime
+          for mode in ("precopy", "hybrid", "postcopy", "stopcopy")}
+    assert by["postcopy"] == pytest.approx(frozen)
+    assert by["precopy"] == by["hybrid"] == pytest.approx(0.3 + frozen)
+    assert by["stopcopy"] == pytest.approx(policy.frozen_seconds(1024 * MIB, link))
+    filled = policy.estimate("stopcopy", 1024 * MIB, link, limits).downtime
+    assert filled == pytest.approx(1024 * MIB / link + shared * CRIU)   # its pages crossed with the rest
+    assert "512 MiB of shared memory" in policy.estimate("postcopy", MIB, link, limits).note
+
+
+def test_pre_copy_s_estimate_counts_what_no_round_can_take_off():
+    last = policy.RoundStats(pages_written=50, bytes_on_wire=50 * 2048, seconds=0.1)   # compressed to half
+    without = policy.expected_downtime(last, policy.Limits())
+    with_shared = policy.expected_downtime(last, policy.Limits(frozen_bytes=256 * MIB))
+    assert with_shared - without == pytest.approx(256 * MIB * (CRIU + 0.5 / last.bandwidth))
+    # few pages left stop the rounds, but the estimate says what the freeze costs all the same
+    d = policy.decide([last], policy.Limits(frozen_bytes=256 * MIB))
+    assert d.stop and d.reason is policy.StopReason.FEW_PAGES and d.expected_downtime == with_shared
+
+
+def moved(max_downtime=None):
+    said = []
+    m = SimpleNamespace(report=Report(pid=1, source="a", target="b"), options=Options(max_downtime=max_downtime), phase="pre-copy",
+                        progress=said.append)
+    return m, said
+
+
+def test_a_promised_downtime_the_move_would_not_keep_is_refused_before_the_freeze():
+    m, said = moved(max_downtime=0.5)
+    with pytest.raises(DowntimeRefused) as e:
+        downtime.keep(m, 2.0, "600 MiB of shared memory goes through image files while it is frozen")
+    assert e.value.exit_code == ExitCode.DOWNTIME == 10 and e.value.phase == "pre-copy"
+    assert str(e.value).startswith("pre-copy: the downtime would be about 2.0 s, over --max-downtime 500 ms "
+                                   "(600 MiB of shared memory")
+    assert "--max-downtime 2.5 would let it go" in e.value.hint
+    assert m.report.expected_downtime_seconds == 2.0 and not said
+
+
+def test_a_downtime_within_the_promise_is_kept_and_recorded():
+    m, said = moved(max_downtime=0.5)
+    downtime.keep(m, 0.4, "")
+    assert m.report.expected_downtime_seconds == 0.4 and not m.report.warnings and not said
+
+
+def test_with_no_promise_a_longer_downtime_is_told_not_refused():
+    m, said = moved()
+    downtime.keep(m, 1.5, "all 512 MiB cross while it is frozen")
+    assert m.report.warnings == [("the downtime will be about 1.5 s, over the 300 ms pre-copy aims at "
+                                 "(all 512 MiB cross while it is frozen)")]
+    assert [e.text for e in said] == m.report.warnings
+    assert m.options.downtime_budget == 0.3 and Options(max_downtime=2.0).downtime_budget == 2.0
+
+
+def test_shared_memory_is_counted_once_however_many_map_it_and_only_where_it_holds_data():
+    shared = mmap.mmap(-1, 64 * MIB)                  # anonymous shared: 48 MiB written, 16 never
+    shared[:48 * MIB] = b"s" * (48 * MIB)
+    fd = os.memfd_create("t")                         # a memfd, held and mapped: 8 MiB of 32 written
+    os.ftruncate(fd, 32 * MIB)
+    os.pwrite(fd, b"m" * (8 * MIB), 0)
+    held = mmap.mmap(fd, 32 * MIB)
+    private = mmap.mmap(-1, 16 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # not shared: not counted
+    private[:] = b"p" * (16 * MIB)
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:              # maps both too, inherited: still one copy each for CRIU
+        os.close(r)
+        os.write(w, b"ok")
+        signal.pause()
+        os._exit(0)
+    try:
+        os.close(w)
+        assert os.read(r, 2) == b"ok"
+        assert host.shared_memory_bytes([os.getpid(), child]) == 56 * MIB
+        assert host.shared_memory_bytes([child]) == 56 * MIB
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        held.close()
+        os.close(fd)
+        shared.close()
+        private.close()
