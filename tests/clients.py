@@ -26,9 +26,12 @@ class Answer:
 
 
 class Client(threading.Thread):
-    def __init__(self, lab, port: int, hosts: tuple[str, ...] = ("a", "b"), every: float = 0.05):
+    def __init__(self, lab, port: int, hosts: tuple[str, ...] = ("a", "b"), every: float = 0.05,
+                 wait: float = 0.0):
         super().__init__(daemon=True)
-        self.lab, self.port, self.hosts, self.every = lab, port, hosts, every
+        # wait: each ask retries, in its one process, this long while nothing answers (query
+        # --wait): a host the service is not on costs one process per wait, not one per ask
+        self.lab, self.port, self.hosts, self.every, self.wait = lab, port, hosts, every, wait
         self.answers: list[Answer] = []
         self.errors: list[str] = []       # asks the lab itself failed to run (none may be)
         self._stop_asking = threading.Event()
@@ -38,7 +41,8 @@ class Client(threading.Thread):
         # answers: a client gives up on it after a moment, as a real one would, and asks again.
         try:
             res = self.lab.run(host, ["python3", WORKLOAD, "query", "next", "--port", str(self.port),
-                                      "--timeout", str(ANSWER_WITHIN)], check=False, timeout=60)
+                                      "--timeout", str(ANSWER_WITHIN), "--wait", str(self.wait)],
+                               check=False, timeout=60)
         except LabError as e:      # the host itself did not run the query: said after, as a failure
             self.errors.append(f"{host}: {e}")
             return None

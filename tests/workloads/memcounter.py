@@ -2,7 +2,7 @@
 """A workload whose state must survive a migration, and a client to ask it.
 
     memcounter.py run --mib M [--dirty-mibps D] [--port P] [--pid N] [--daemon]
-                      [--children C] [--fork-every S] [--cpu-per-page K] [--hot-mib H]
+                      [--children C] [--fork-every S] [--cpu-per-page K] [--hot-mib H] [--shared]
     memcounter.py query [--port P] [--wait S] get|verify|sum|next
 
 `run` holds M MiB of anonymous memory whose every page can be checked (its
@@ -11,7 +11,7 @@ index), rewrites D MiB/s of random pages, counts once every 10 ms, and notes
 every stall longer than 50 ms it lives through: a migration's downtime as the
 application saw it. It answers one request per connection on a TCP port:
 
-    get     {"counter", "pid", "host", "dirtied_pages", "stalls": [[start, end], ...],
+    get     {"counter", "pid", "host", "dirtied_pages", "shared", "stalls": [[start, end], ...],
              "fork_checks", "fork_failures", ...}
     verify  {"bad_pages", "pages", "counter"}: every page checked against what it must hold
     sum     {"sha256", "counter"}: a digest of all the memory
@@ -31,6 +31,13 @@ a migration's rounds take (a test's premise that holds on any machine).
 done for every page dirtied, as a real program does, so that a CPU quota slows its
 dirtying in proportion (auto-converge's premise), however small the kernel's smallest
 quota is beside the CPU the writes alone take.
+
+`--shared` maps the memory MAP_SHARED|MAP_ANONYMOUS instead of MAP_PRIVATE, as Python's
+mmap.mmap(-1, n) does by default and as shared buffers are: same content, same checks, but
+the kernel keeps it in shmem, which CRIU dumps and restores apart from private memory
+(bench/shm.py measures what that costs a move). A shared mapping is not copied at a fork,
+so a fork check's child would take its parent's later writes for wrong pages: `--shared`
+does not combine with `--fork-every` (with `--children`, each maps its own, shared too).
 
 Stdlib only: it runs on whatever python3 a lab host has.
 """
@@ -67,10 +74,11 @@ def expected_body(p: int) -> bytes:
 
 
 class Memory:
-    def __init__(self, mib: int, cpu_per_page: int = 0, hot_mib: int = 0):
+    def __init__(self, mib: int, cpu_per_page: int = 0, hot_mib: int = 0, shared: bool = False):
         self.pages, self.cpu_per_page = mib * 256, cpu_per_page
         self.hot = min(self.pages, hot_mib * 256) if hot_mib else self.pages    # the pages it writes
-        self.buf = mmap.mmap(-1, max(self.pages, 1) * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        flags = (mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE) | mmap.MAP_ANONYMOUS
+        self.buf = mmap.mmap(-1, max(self.pages, 1) * PAGE, flags=flags)
         # Soft-dirty is tracked per huge page when THP backs us: one write would
         # make 512 pages dirty and pre-copy would resend everything.
         self.buf.madvise(mmap.MADV_NOHUGEPAGE)
@@ -108,7 +116,7 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
                 os.close(ready_fd)
             serve(argparse.Namespace(**{**vars(args), "port": args.port + i, "children": 0, "fork_every": 0.0}), None)
             os._exit(0)
-    mem = Memory(args.mib, args.cpu_per_page, args.hot_mib)
+    mem = Memory(args.mib, args.cpu_per_page, args.hot_mib, args.shared)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.bind, args.port))
@@ -182,7 +190,7 @@ def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args, for
                 reply = {"sha256": mem.sha256(), "counter": counter}
             else:
                 reply = {"counter": counter, "pid": os.getpid(), "host": socket.gethostname(),
-                         "dirtied_pages": dirtied, "mib": args.mib, "time": time.time(),
+                         "dirtied_pages": dirtied, "mib": args.mib, "shared": args.shared, "time": time.time(),
                          "stalls": stalls, **forks}
             conn.sendall(json.dumps(reply).encode() + b"\n")
         except OSError:
@@ -278,6 +286,8 @@ def main() -> int:
     r.add_argument("--fork-every", type=float, default=0.0, help="fork a child this often that checks its memory")
     r.add_argument("--cpu-per-page", type=int, default=0, help="hash each page written this many times over")
     r.add_argument("--hot-mib", type=int, default=0, help="write only in the first H MiB (0: anywhere)")
+    r.add_argument("--shared", action="store_true",
+                   help="map the memory MAP_SHARED|MAP_ANONYMOUS, not MAP_PRIVATE (not with --fork-every)")
     q = sub.add_parser("query")
     q.add_argument("what", choices=["get", "verify", "sum", "next"])
     q.add_argument("--port", type=int, default=7777)
@@ -286,6 +296,9 @@ def main() -> int:
     q.add_argument("--timeout", type=float, default=120.0,
                    help="for one answer (a stopped workload's port takes the connection, and answers never)")
     args = ap.parse_args()
+    if args.cmd == "run" and args.shared and args.fork_every:
+        ap.error("--shared does not combine with --fork-every: a fork check's child shares the memory "
+                 "its parent goes on writing")
     if args.cmd == "run":
         run(args)
         return 0
