@@ -68,12 +68,11 @@ def cow_shared_bytes(pids: list[int]) -> int:
     return max(0, rollup["Anonymous"] - rollup["Pss_Anon"])
 
 
-def shared_memory_bytes(pids: list[int]) -> int:
-    """What CRIU's dump writes into image files of the tree's shared memory, whatever the
-    mode: the pages of every anonymous shared mapping, memfd (mapped, or held open) and SysV
-    segment the tree holds, each counted once however many map it (CRIU dumps it once), and
-    only its pages with data (CRIU skips its holes: SEEK_DATA). A file on a tmpfs the tree
-    maps is not among them: CRIU finds it by its path on the target."""
+def shared_memory(pids: list[int]) -> list[str]:
+    """The shared memory CRIU's dump writes into image files, whatever the mode: every
+    anonymous shared mapping, memfd (mapped, or held open) and SysV segment the tree holds,
+    once each however many map it (CRIU dumps it once), as a /proc path to open it by. A
+    file on a tmpfs the tree maps is not among them: CRIU finds it by its path on the target."""
     seen: dict[tuple[int, int], str] = {}
     for pid in pids:
         try:
@@ -85,7 +84,13 @@ def shared_memory_bytes(pids: list[int]) -> int:
         for _, fd, name in proc.fds([pid]):
             if name.startswith("/memfd:"):
                 _note(seen, f"/proc/{pid}/fd/{fd}")
-    return sum(_data_bytes(path) for path in seen.values())
+    return list(seen.values())
+
+
+def shared_memory_bytes(pids: list[int]) -> int:
+    """What CRIU's dump writes of the tree's shared memory: only its pages with data (CRIU
+    skips its holes: SEEK_DATA)."""
+    return sum(end - start for path in shared_memory(pids) for start, end in data_extents(path))
 
 
 def _note(seen: dict[tuple[int, int], str], path: str) -> None:
@@ -97,14 +102,15 @@ def _note(seen: dict[tuple[int, int], str], path: str) -> None:
     seen.setdefault((st.st_dev, st.st_ino), path)
 
 
-def _data_bytes(path: str) -> int:
-    """The bytes of path's data extents (a tmpfs object's pages that exist)."""
+def data_extents(path: str) -> list[tuple[int, int]]:
+    """(start, end) offsets of path's data: a tmpfs object's pages that exist."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:     # unmapped or closed meanwhile: not the tree's to dump
-        return 0
+        return []
+    out: list[tuple[int, int]] = []
     try:
-        size, at, total = os.fstat(fd).st_size, 0, 0
+        size, at = os.fstat(fd).st_size, 0
         while at < size:
             try:
                 data = os.lseek(fd, at, os.SEEK_DATA)
@@ -112,11 +118,17 @@ def _data_bytes(path: str) -> int:
                 if e.errno == errno.ENXIO:      # no data past at
                     break
                 raise
-            at = os.lseek(fd, data, os.SEEK_HOLE)
-            total += min(at, size) - data
-        return total
+            at = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            out.append((data, at))
+        return out
     finally:
         os.close(fd)
+
+
+def private_bytes(pids: list[int]) -> int:
+    """The tree's resident anonymous private memory (RssAnon summed: a page shared copy-on-write
+    counts once per process)."""
+    return _summed(pids, "status", "RssAnon")["RssAnon"]
 
 
 def resident_bytes(pids: list[int]) -> int:

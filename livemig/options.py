@@ -157,6 +157,10 @@ class Sizes:
     # into image files), the downtime's estimate takes no measure of the link: under 16 MiB cost less
     # than the 16 MiB the measure sends, and a promised downtime is measured for whatever it is.
     frozen_least: int = 16 << 20
+    # Pages read from the tree, spread over all it holds, and compressed as the streams do: what its
+    # memory comes to on the wire, for the estimate of a mode without rounds to measure it. 4 MiB:
+    # some 10 ms of reading and compressing.
+    wire_sample_pages: int = 1024
     # -- the wire
     stream_chunk: int = 1 << 20                   # bytes a stream reads and compresses at once
     ssh_window: int = 16 << 20                    # the receive window of our ssh channels (post-copy's
@@ -199,12 +203,24 @@ class Sizes:
 
 @dataclass(frozen=True)
 class Rates:
-    """Bytes a second of the work at the freeze that no preflight times, for the downtime's estimate
-    (source/downtime.py): CRIU writing the tree's shared memory into image files as it dumps, and
-    its restore reading them back into the copy's memory. Measured in the namespaced lab, shared
-    against private memory side by side (bench/shm.py; bench/results/ names the run)."""
-    criu_writes_images: float = 400 * 2**20
-    criu_reads_images: float = 400 * 2**20
+    """What the work at the freeze costs that no preflight times, for the downtime's estimate
+    (source/downtime.py). Measured in the namespaced lab, a service with 1536 MiB of shared
+    memory against the same with private memory, side by side in each mode (bench/shm.py,
+    bench/results/2026-12-05T15-18-38-shm.json), the private one's parts taken off the shared
+    one's. What the same sample spent, from one mode to the next, varied up to twice over (CRIU's
+    dump shares two CPUs with the push of a fill): these are its middle."""
+    # bytes a second CRIU's dump writes the tree's shared memory into image files, and its restore
+    # reads them back into the copy (3.4 to 7.1 s, and 0.7 to 2.8 s, for 1536 MiB)
+    criu_writes_images: float = 300 * 2**20
+    criu_reads_images: float = 700 * 2**20
+    # seconds, whatever the memory: the freeze, CRIU's dump and restore of a tree's all but memory,
+    # the requests around them and the resume (the private service: 0.12 s in post-copy, 0.24 to
+    # 0.29 s with the dump's and the restore's image files)
+    per_tree: float = 0.2
+    # bytes a second a fill goes through the frozen tree's private memory: pre-copy by hashes
+    # compares every page with what the target holds, and the target places them in its copy
+    # (0.50 s for 1536 MiB)
+    fill: float = 3 * 2**30
 
 
 WAITS = Waits()

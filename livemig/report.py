@@ -214,7 +214,7 @@ class Plan:
     link_bytes_per_s: float       # measured through the real stream path, incompressible bytes;
                                   # within the cap, if there is one
     copy_seconds: float           # memory_bytes at that rate: an upper bound
-    expected_downtime_seconds: float   # apart from freeze and restore
+    expected_downtime_seconds: float   # in the mode chosen (source/downtime.py tells what it counts)
     expected_rounds: str
     note: str
     warnings: list[str] = field(default_factory=list)
@@ -234,7 +234,7 @@ class Plan:
                   + (", capped by --max-bandwidth" if self.max_bandwidth_bytes_per_s else "")
                   + f"), so at most {self.copy_seconds:.1f} s to copy it"),
                  (f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
-                  f"{self.expected_downtime_seconds * 1000:.0f} ms plus the freeze and the restore"),
+                  f"{self.expected_downtime_seconds * 1000:.0f} ms"),
                  f"  {self.note}"]
         if by_mode:
             lines.append(f"  downtime by mode: {by_mode}" + (

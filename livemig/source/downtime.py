@@ -24,9 +24,15 @@ second a tree), and a container's bundle changes: a trial restore would time the
 
 from __future__ import annotations
 
+import os
+
+import zstandard
+
 from .. import host
 from ..errors import DowntimeRefused
 from ..options import SIZES, Mode
+from ..pages import pagehash
+from ..pages.pagemap import PAGE
 from ..progress import Cautioned
 from . import policy
 from .move import Move
@@ -37,24 +43,80 @@ async def foresee(m: Move, mode: Mode) -> None:
     downtime of a mode without rounds, kept or refused; for pre-copy's modes, the least no
     round can take off, refused at once if over a promise (the rounds tell the rest)."""
     pids = m.w.pids()
-    shared = m.report.shared_memory_bytes = host.shared_memory_bytes(pids)
-    frozen = shared + (host.cow_shared_bytes(pids) if mode is Mode.POSTCOPY else 0)
-    memory = host.resident_bytes(pids)
-    at_freeze = memory if mode is Mode.STOPCOPY else frozen
-    if at_freeze < SIZES.frozen_least and m.options.max_downtime is None:
-        return      # little enough not to measure the link for: the rounds, if any, tell
-    link = await link_rate(m)
-    limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen)
+    m.report.shared_memory_bytes = host.shared_memory_bytes(pids)
+    at_freeze = host.resident_bytes(pids) if mode is Mode.STOPCOPY else _frozen(m, mode.value, pids)
+    if at_freeze >= SIZES.frozen_least or m.options.max_downtime is not None:
+        link, ratio = await link_rate(m), wire_ratio(pids, m.options.compression_level)
+    else:       # too little to measure the link for: CRIU's work alone, and the fixed cost
+        link, ratio = float("inf"), 1.0
+    est, why = estimate(m, mode.value, m.fills, link, ratio)
     if mode in (Mode.PRECOPY, Mode.HYBRID):
-        least = policy.frozen_seconds(frozen, link)
+        # what no round can take off; the rounds tell the rest
+        least = est.downtime - m.options.downtime_budget
         if m.options.max_downtime is not None and least > m.options.max_downtime:
-            keep(m, least, _shared(frozen, least))
+            keep(m, least, why)
         return
-    est = policy.estimate(mode.value, memory, link, limits, into_images=not m.fills)
+    keep(m, est.downtime, why)
+
+
+def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tuple[policy.Estimate, str]:
+    """mode's estimate for the tree as it is now, at link bytes a second with its pages
+    coming to ratio of themselves on the wire; and what weighs in it, in words."""
+    pids = m.w.pids()
+    memory, frozen = host.resident_bytes(pids), _frozen(m, mode, pids)
+    limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen,
+                           fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills),
+                           max_rounds=min(m.options.max_rounds, m.w.max_rounds or m.options.max_rounds))
+    est = policy.estimate(mode, memory, link, limits, into_images=mode == Mode.STOPCOPY.value and not fills,
+                          wire_ratio=ratio)
     why = ([f"all {memory >> 20} MiB cross while it is frozen, at {link / 2**20:.0f} MiB/s"]
-           if mode is Mode.STOPCOPY else []) + ([_shared(frozen, policy.frozen_seconds(frozen, link))]
-                                                if frozen else [])
-    keep(m, est.downtime, "; ".join(why))
+           if mode == Mode.STOPCOPY.value else [])
+    if frozen:
+        why.append(_shared(frozen, policy.frozen_seconds(frozen, link, ratio)))
+    return est, "; ".join(why) or "the freeze, and CRIU's dump and restore"
+
+
+def _frozen(m: Move, mode: str, pids: list[int]) -> int:
+    """What goes through image files in mode, whatever pre-copy or post-copy does: the shared
+    memory; and in post-copy what the tree shares copy-on-write (pages/cow.py)."""
+    return m.report.shared_memory_bytes + (host.cow_shared_bytes(pids) if mode == Mode.POSTCOPY.value else 0)
+
+
+def wire_ratio(pids: list[int], level: int) -> float:
+    """What the tree's memory comes to on the wire, compressed as the streams do it: a sample
+    of SIZES.wire_sample_pages of its pages, spread evenly over what it holds (its private
+    pages present, and its shared memory's data)."""
+    spans: list[tuple[str, int, int]] = []      # (what to read, from, to)
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm:
+                for start, end in pagehash.private_ranges(pid):
+                    spans += [(f"/proc/{pid}/mem", a, b) for a, b in pagehash.present_runs(pm.fileno(), start, end)]
+        except OSError:     # it exited meanwhile: none of its pages to sample
+            continue
+    spans += [(path, a, b) for path in host.shared_memory(pids) for a, b in host.data_extents(path)]
+    total = sum(b - a for _, a, b in spans)
+    step = max(PAGE, total // SIZES.wire_sample_pages // PAGE * PAGE)
+    sample, at = bytearray(), 0
+    for path, a, b in spans:
+        first = -(-at // step) * step - at       # the first sampled page in this span
+        if first < b - a:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:     # gone meanwhile: its pages are not sampled
+                fd = -1
+            if fd >= 0:
+                try:
+                    for off in range(a + first, b, step):
+                        sample += os.pread(fd, PAGE, off)
+                except OSError:     # gone, or unmapped, meanwhile: sampled as far as it went
+                    pass
+                finally:
+                    os.close(fd)
+        at += b - a
+    if not sample:
+        return 1.0
+    return len(zstandard.ZstdCompressor(level=level).compress(bytes(sample))) / len(sample)
 
 
 def after_rounds(m: Move, decision: policy.Decision, last: policy.RoundStats, limits: policy.Limits) -> None:

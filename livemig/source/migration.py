@@ -206,24 +206,27 @@ class Migration:
                 raise
             w = m.w
             pids = w.pids()
-            memory, shared = host.resident_bytes(pids), host.shared_memory_bytes(pids)
+            memory = host.resident_bytes(pids)
             if m.options.max_bandwidth:
                 link = min(link, m.options.max_bandwidth)    # the move would send no faster
+            ratio = downtime.wire_ratio(pids, m.options.compression_level)
 
             def estimate(mode: str) -> policy.Estimate:
-                frozen = shared + (host.cow_shared_bytes(pids) if mode == Mode.POSTCOPY.value else 0)
-                limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen,
-                                       max_rounds=min(m.options.max_rounds, w.max_rounds or m.options.max_rounds))
-                return policy.estimate(mode, memory, link, limits,
-                                       into_images=mode == Mode.STOPCOPY.value and not m.fills)
-            est = estimate(mode.value)
+                # pre-copy by hashes fills where no mode tracks dirty pages (hybrid needs it);
+                # stop-and-copy, where lazy pages could run (its room is not asked here)
+                fills = m.fills if mode == r.mode else (
+                    Mode.HYBRID.value not in m.modes_here if mode == Mode.PRECOPY.value else
+                    mode == Mode.STOPCOPY.value and m.options.fill and Mode.POSTCOPY.value in m.modes_here)
+                return downtime.estimate(m, mode, fills, link, ratio)[0]
             r = m.report
+            r.shared_memory_bytes = host.shared_memory_bytes(pids)
+            est = estimate(mode.value)
             return Plan(workload=str(m.what), runtime=r.runtime, source=r.source, target=m.target,
                         mode=r.mode, mode_reason=r.mode_reason, processes=len(pids),
                         memory_bytes=memory, link_bytes_per_s=link, copy_seconds=est.copy_seconds,
                         expected_downtime_seconds=est.downtime, expected_rounds=est.rounds, note=est.note,
                         warnings=r.warnings, max_bandwidth_bytes_per_s=m.options.max_bandwidth,
-                        shared_memory_bytes=shared, max_downtime_seconds=m.options.max_downtime,
+                        shared_memory_bytes=r.shared_memory_bytes, max_downtime_seconds=m.options.max_downtime,
                         expected_downtime_by_mode={x: estimate(x).downtime for x in m.modes_here})
         finally:
             await self.close()

@@ -265,28 +265,36 @@ class Estimate:
     note: str
 
 
+def fixed_cost(private_bytes: int, fills: bool) -> float:
+    """The downtime that no page crossing takes: the freeze, CRIU's dump and restore of all but
+    memory, and, for a fill, going through every private page of the frozen tree (options.RATES)."""
+    return RATES.per_tree + (private_bytes / RATES.fill if fills else 0.0)
+
+
 def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limits = Limits(),
-             into_images: bool = False) -> Estimate:
-    """The plan's figures. The link rate is measured with incompressible bytes, so the
-    copy time is an upper bound: memory pages usually compress. What goes through image
-    files (limits.frozen_bytes; stop-and-copy's every page with into_images) is downtime in
-    every mode: pre-copy and post-copy carry none of it."""
+             into_images: bool = False, wire_ratio: float = 1.0) -> Estimate:
+    """The plan's figures. The link rate is measured with incompressible bytes, so the copy
+    time is an upper bound; the downtime counts the pages as they compress (wire_ratio: what
+    a sample of them came to). What goes through image files (limits.frozen_bytes; stop-and-
+    copy's every page with into_images) is downtime in every mode: pre-copy and post-copy
+    carry none of it. limits.fixed_cost: what no page crossing takes (fixed_cost())."""
     copy = memory_bytes / link_bytes_per_s if link_bytes_per_s > 0 else float("inf")
-    frozen = frozen_seconds(limits.frozen_bytes, link_bytes_per_s)
+    frozen = frozen_seconds(limits.frozen_bytes, link_bytes_per_s, wire_ratio)
     shared = (f"; {limits.frozen_bytes / 2**20:.0f} MiB of shared memory goes through image files while it "
               f"is frozen, about {frozen:.1f} s" if limits.frozen_bytes else "")
+    fixed = limits.fixed_cost
     if mode == "stopcopy":
         if into_images:
-            down = frozen_seconds(memory_bytes, link_bytes_per_s)
+            down = fixed + frozen_seconds(memory_bytes, link_bytes_per_s, wire_ratio)
         else:      # every page crosses at the link's rate; the shared ones through image files too
-            down = copy + frozen_seconds(limits.frozen_bytes, float("inf"))
+            down = fixed + copy * wire_ratio + frozen_seconds(limits.frozen_bytes, float("inf"))
         return Estimate(copy, down, "none", "the workload is frozen while all its memory is copied" + shared)
     if mode == "postcopy":
-        return Estimate(copy, frozen, "none", f"the target runs at once; its memory follows in about {copy:.1f} s, "
-                                              "while it runs" + shared)
+        return Estimate(copy, fixed + frozen, "none", f"the target runs at once; its memory follows in about "
+                                                      f"{copy:.1f} s, while it runs" + shared)
     final = "a lazy final dump: what is left follows after the resume" if mode == "hybrid" else \
         "then the final dump"
-    return Estimate(copy, limits.max_downtime + frozen,
+    return Estimate(copy, fixed + limits.max_downtime + frozen,
                     f"1 to {limits.max_rounds}: fewer when the workload dirties little memory",
                     f"the first round copies everything while the workload runs, about {copy:.1f} s; {final}. "
                     f"The downtime meets {limits.max_downtime * 1000:.0f} ms if the workload dirties memory "

@@ -22,6 +22,7 @@ def limits(m: Move) -> policy.Limits:
     max_rounds = min(o.max_rounds, w.max_rounds or o.max_rounds)
     return policy.Limits(max_downtime=o.downtime_budget, max_rounds=max_rounds,
                          frozen_bytes=m.report.shared_memory_bytes,
+                         fixed_cost=policy.fixed_cost(host.private_bytes(w.pids()), m.fills),
                          thp_always=m.tracker is None and host.huge_pages_in_use(w.pids()),
                          # podman keeps one pre-checkpoint: no round to throttle for
                          throttling=policy.Throttling() if m.throttle and max_rounds > 1 else None,

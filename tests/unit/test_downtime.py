@@ -5,6 +5,8 @@ dumps it (host.shared_memory_bytes)."""
 import mmap
 import os
 import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -105,3 +107,29 @@ def test_shared_memory_is_counted_once_however_many_map_it_and_only_where_it_hol
         os.close(fd)
         shared.close()
         private.close()
+
+
+HOLDER = """
+import mmap, os, sys
+private = mmap.mmap(-1, 128 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+private[:] = os.urandom(128 << 20)                 # does not compress
+if sys.argv[1] == "shared":
+    shared = mmap.mmap(-1, 384 << 20)              # three times as much, compresses to nothing
+    shared[:] = b"a" * (384 << 20)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_what_the_memory_comes_to_on_the_wire_is_sampled_from_what_the_tree_holds():
+    got = {}
+    for kind in ("private", "shared"):
+        p = subprocess.Popen([sys.executable, "-c", HOLDER, kind], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert p.stdout.readline() == b"ready\n"
+            got[kind] = downtime.wire_ratio([p.pid], 1)
+        finally:
+            p.kill()
+            p.wait()
+    # the interpreter's own few MiB compress: a little under 1 alone, about a quarter with the rest
+    assert got["private"] > 0.85 and 0.15 < got["shared"] < 0.35, got
