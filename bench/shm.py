@@ -165,6 +165,26 @@ def ratios(samples: list[dict]) -> dict:
         for key in ("downtime_seconds", "app_stall_seconds", "client_gap_seconds", "total_seconds"):
             p, sh = _median(by["private"], key), _median(by["shared"], key)
             out[mode][key] = sh / p if p and sh is not None else None
+        # the goal's other half: the estimate made before the freeze, over the downtime measured
+        for k in KINDS:
+            e, d = _median(by[k], "expected_downtime_seconds"), _median(by[k], "downtime_seconds")
+            out[mode][f"{k}_expected_over_measured"] = e / d if e is not None and d else None
+    return out
+
+
+def goals(rat: dict) -> list[str]:
+    """Issue 33's goals, per mode: shared's downtime at most 1.3 times private's, and the
+    estimate within a factor of 2 of the measured downtime, for both."""
+    out = []
+    for mode, r in rat.items():
+        down = r.get("downtime_seconds")
+        est = [r.get(f"{k}_expected_over_measured") for k in KINDS]
+        out.append(f"{mode}: shared/private downtime " + ("-" if down is None else f"x{down:.2f}") +
+                   (" (goal <= 1.3: met)" if down is not None and down <= 1.3 else " (goal <= 1.3: NOT met)") +
+                   "; estimate/measured " + ", ".join(f"{k} " + ("-" if e is None else f"{e:.2f}")
+                                                      for k, e in zip(KINDS, est)) +
+                   (" (goal 0.5 to 2: met)" if all(e is not None and 0.5 <= e <= 2 for e in est)
+                    else " (goal 0.5 to 2: NOT met)"))
     return out
 
 
@@ -223,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     print("(tool: livemig's downtime_seconds; app: the workload's longest stall; client: the longest gap "
           "between a client's answers; expected: the report's expected downtime; plan: move --dry-run's; "
           "images: the dump's image files other than the page stream, sent while the workload is stopped)")
+    print("\n".join(goals(rat)))
     print(f"-> {path}")
     return 0
 
