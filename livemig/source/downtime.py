@@ -50,6 +50,7 @@ async def foresee(m: Move, mode: Mode) -> None:
     else:       # too little to measure the link for: CRIU's work alone, and the fixed cost
         link, ratio = float("inf"), 1.0
     est, why = estimate(m, mode.value, m.fills, link, ratio)
+    m.frozen_seconds = policy.frozen_seconds(_frozen(m, mode.value, pids), link, ratio)
     if mode in (Mode.PRECOPY, Mode.HYBRID):
         # what no round can take off; the rounds tell the rest
         least = est.downtime - m.options.downtime_budget
@@ -119,13 +120,12 @@ def wire_ratio(pids: list[int], level: int) -> float:
     return len(zstandard.ZstdCompressor(level=level).compress(bytes(sample))) / len(sample)
 
 
-def after_rounds(m: Move, decision: policy.Decision, last: policy.RoundStats, limits: policy.Limits) -> None:
+def after_rounds(m: Move, decision: policy.Decision, last: policy.RoundStats) -> None:
     """Pre-copy has stopped: its estimate of the final dump's downtime, kept or refused."""
     left = last.pages_written * last.wire_bytes_per_page
     why = [f"pre-copy's last round left {left / 2**20:.1f} MiB to send, at {decision.bandwidth / 2**20:.0f} MiB/s"]
-    if limits.frozen_bytes:
-        why.append(_shared(limits.frozen_bytes, policy.frozen_seconds(
-            limits.frozen_bytes, decision.bandwidth, last.wire_bytes_per_page / policy.PAGE_SIZE)))
+    if m.report.shared_memory_bytes:
+        why.append(_shared(m.report.shared_memory_bytes, m.frozen_seconds))
     keep(m, decision.expected_downtime, "; ".join(why))
 
 

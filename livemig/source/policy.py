@@ -98,12 +98,13 @@ class Limits:
     min_pages: int = 64            # P.Haul: a round this small is as good as it gets
     max_growth: float = 0.10       # P.Haul: +10 % pages over the round before: diverging
     min_shrink: float = 0.10       # a round at least 10 % smaller than the one before still gains
-    fixed_cost: float = 0.0        # seconds of downtime that do not depend on pages (freeze, restore)
+    fixed_cost: float = 0.0        # seconds of downtime that do not depend on pre-copy's pages (freeze,
+    #                                restore, a fill's pass, what goes through image files: fixed_cost())
     thp_always: bool = False       # the workload sits on huge pages: soft-dirty marks 2 MiB at a time
     throttling: Throttling | None = None   # auto-converge; None: off (--no-throttle, or no cgroup of its own)
     max_bandwidth: float | None = None     # --max-bandwidth: the final dump's pages go no faster than this
     frozen_bytes: int = 0          # what goes through image files at the freeze whatever pre-copy did:
-    #                                the tree's shared memory (host.shared_memory_bytes)
+    #                                the tree's shared memory (host.shared_memory_bytes), for estimate()
 
 
 class StopReason(str, Enum):
@@ -127,14 +128,13 @@ class Decision:
 def expected_downtime(last: RoundStats, limits: Limits) -> float:
     """The final dump sends about what the last round did (the dirty set levels off at
     dirty rate x round length), at the last round's bandwidth (never above the cap), plus
-    what goes through image files whatever pre-copy does (compressed as the round's pages
-    were), plus the fixed cost."""
+    the fixed cost (what goes through image files whatever pre-copy does among it: a round
+    that wrote a few pages tells nothing of the link's rate)."""
     rate = bandwidth(last, limits)
     if rate <= 0:
         return float("inf")
     pending = last.pages_written * last.wire_bytes_per_page
-    return (limits.fixed_cost + pending / rate
-            + frozen_seconds(limits.frozen_bytes, rate, last.wire_bytes_per_page / PAGE_SIZE))
+    return limits.fixed_cost + pending / rate
 
 
 def frozen_seconds(image_bytes: int, link_bytes_per_s: float, wire_ratio: float = 1.0) -> float:
@@ -265,10 +265,11 @@ class Estimate:
     note: str
 
 
-def fixed_cost(private_bytes: int, fills: bool) -> float:
-    """The downtime that no page crossing takes: the freeze, CRIU's dump and restore of all but
-    memory, and, for a fill, going through every private page of the frozen tree (options.RATES)."""
-    return RATES.per_tree + (private_bytes / RATES.fill if fills else 0.0)
+def fixed_cost(private_bytes: int, fills: bool, frozen: float = 0.0) -> float:
+    """The downtime that pre-copy's pages do not make: the freeze, CRIU's dump and restore of
+    all but memory, for a fill going through every private page of the frozen tree
+    (options.RATES), and frozen, the seconds of what goes through image files (frozen_seconds)."""
+    return RATES.per_tree + (private_bytes / RATES.fill if fills else 0.0) + frozen
 
 
 def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limits = Limits(),

@@ -21,8 +21,7 @@ def limits(m: Move) -> policy.Limits:
     w, o = m.w, m.options
     max_rounds = min(o.max_rounds, w.max_rounds or o.max_rounds)
     return policy.Limits(max_downtime=o.downtime_budget, max_rounds=max_rounds,
-                         frozen_bytes=m.report.shared_memory_bytes,
-                         fixed_cost=policy.fixed_cost(host.private_bytes(w.pids()), m.fills),
+                         fixed_cost=policy.fixed_cost(host.private_bytes(w.pids()), m.fills, m.frozen_seconds),
                          thp_always=m.tracker is None and host.huge_pages_in_use(w.pids()),
                          # podman keeps one pre-checkpoint: no round to throttle for
                          throttling=policy.Throttling() if m.throttle and max_rounds > 1 else None,
@@ -64,7 +63,7 @@ async def precopy_rounds(m: Move, lazy_final: bool) -> None:
                 decision = policy.decide(stats, lim, percent)
         if decision.stop:
             _stopped(m, decision, lim)
-            downtime.after_rounds(m, decision, stats[-1], lim)
+            downtime.after_rounds(m, decision, stats[-1])
             return
 
 

@@ -38,12 +38,15 @@ def test_shared_memory_goes_through_image_files_in_every_mode_and_is_counted_in_
 
 def test_pre_copy_s_estimate_counts_what_no_round_can_take_off():
     last = policy.RoundStats(pages_written=50, bytes_on_wire=50 * 2048, seconds=0.1)   # compressed to half
+    frozen = policy.frozen_seconds(256 * MIB, 100 * MIB, 0.5)      # as measured before the rounds
+    fixed = policy.fixed_cost(1024 * MIB, fills=True, frozen=frozen)
+    assert fixed == pytest.approx(RATES.per_tree + 1024 * MIB / RATES.fill + frozen)
     without = policy.expected_downtime(last, policy.Limits())
-    with_shared = policy.expected_downtime(last, policy.Limits(frozen_bytes=256 * MIB))
-    assert with_shared - without == pytest.approx(256 * MIB * (CRIU + 0.5 / last.bandwidth))
-    # few pages left stop the rounds, but the estimate says what the freeze costs all the same
-    d = policy.decide([last], policy.Limits(frozen_bytes=256 * MIB))
-    assert d.stop and d.reason is policy.StopReason.FEW_PAGES and d.expected_downtime == with_shared
+    assert policy.expected_downtime(last, policy.Limits(fixed_cost=fixed)) == pytest.approx(without + fixed)
+    # few pages left stop the rounds, but the estimate says what the freeze costs all the same;
+    # and the few pages' round, whose rate says nothing of the link's, does not weigh in it
+    d = policy.decide([last], policy.Limits(fixed_cost=fixed))
+    assert d.stop and d.reason is policy.StopReason.FEW_PAGES and d.expected_downtime == pytest.approx(without + fixed)
 
 
 def moved(max_downtime=None):
