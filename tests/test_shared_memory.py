@@ -84,3 +84,49 @@ def test_shared_memory_moves_intact_and_the_downtime_it_costs_is_told_before_the
     assert client.answers[-1].host == "b"
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
     lab.run("b", ["kill", "-9", str(work.pid)], check=False)
+
+
+TOOL = "/opt/livemig/tests/workloads/container.py"
+SHMKINDS = "/opt/livemig/tests/workloads/shmkinds.py"
+
+
+def asked(lab, host: str, port: int, *what: str, wait: float = 0.0) -> dict:
+    return json.loads(lab.text(host, ["python3", SHMKINDS, "query", "--port", str(port), "--wait", str(wait), *what],
+                               timeout=120))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_kind_of_shared_memory_moves_with_a_container_every_page_and_still_shared(lab, mode):
+    # A runc container has an IPC namespace and a /dev/shm of its own: all four kinds move with
+    # it (a bare tree's SysV segment lives in the host's IPC namespace, which CRIU refuses, and
+    # its /dev/shm file is the host's: tests/test_kinds.py). Its two processes map each kind.
+    i = list(MODES).index(mode)
+    name, port = f"shm{i}", 7891 + i
+    bundle = f"/var/lib/ctr/{name}"
+    lab.run("a", ["python3", TOOL, "shmkinds", "--name", name, "--bundle", bundle, "--port", str(port),
+                  "--mib", "8"], timeout=120)
+    try:
+        before = asked(lab, "a", port, "check", wait=60)
+        assert before["pages"] == 2047 and before["bad"] == dict.fromkeys(("anon", "memfd", "sysv", "devshm"), 0)
+        assert set(asked(lab, "a", port, "poke", "before").values()) == {"before"}
+        with Client(lab, port) as client:
+            res = lab.run("a", ["livemig", "move", "--json", *MODES[mode], name, "b"], check=False, timeout=600)
+            client.until_answered_by("b")
+        assert res.returncode == 0, res.stderr.decode()
+        report = json.loads(res.stdout)
+        assert report["outcome"] == "moved" and report["runtime"] == "runc"
+        # the anonymous mapping, the memfd and the SysV segment, each counted once (the tmpfs
+        # file is the container's mount's: CRIU carries it in the mount's archive)
+        assert report["shared_memory_bytes"] >= 3 * (8 << 20), report["shared_memory_bytes"]
+        after = asked(lab, "b", port, "check")
+        assert after["bad"] == dict.fromkeys(("anon", "memfd", "sysv", "devshm"), 0), after
+        # the child writes, the parent reads: each kind still one memory for both
+        assert asked(lab, "b", port, "poke", "after") == dict.fromkeys(("anon", "memfd", "sysv", "devshm"), "after")
+        assert not client.errors and not client.taken_back(), client.said()
+        assert client.answers[-1].host == "b"
+        assert lab.run("a", ["runc", "state", name], check=False).returncode != 0     # one copy only
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["runc", "delete", "--force", name], check=False)
+            lab.run(h, ["rm", "-rf", bundle], check=False)

@@ -8,6 +8,8 @@
     python3 container.py written --name p1                   # podman: its /count as it is (even empty)
     python3 container.py memcounter --name m1 --bundle /var/lib/ctr/m1 --mib 512 --dirty-mibps 10 --port 7777
                                                              # the benchmark's workload, in a container
+    python3 container.py shmkinds --name s1 --bundle /var/lib/ctr/s1 --mib 8 --port 7891
+                                                             # every kind of shared memory (shmkinds.py)
 
 The count lives in the shell's memory; the container writes it to /count in its
 root every 100 ms, so a restart from scratch shows as a count that went back.
@@ -94,9 +96,17 @@ def build(bundle: str, runtime: str, busy: bool = False, stopped_child: bool = F
 
 
 def build_memcounter(bundle: str, mib: int, dirty_mibps: float, port: int, cpu_per_page: int = 0) -> None:
-    """A runc bundle running memcounter.py: the host's /usr (python3 and its libraries) and
-    the checkout bound in read-only, so the root in the bundle is a few empty directories;
-    the host's network and name, so that memcounter answers the lab host as a bare process does."""
+    """A runc bundle running memcounter.py (build_python)."""
+    build_python(bundle, ["python3", "/opt/livemig/tests/workloads/memcounter.py", "run", "--mib", str(mib),
+                          "--dirty-mibps", str(dirty_mibps), "--port", str(port), "--cpu-per-page", str(cpu_per_page)])
+
+
+def build_python(bundle: str, args: list[str]) -> None:
+    """A runc bundle running args, a workload of the checkout's: the host's /usr (python3 and
+    its libraries) and the checkout bound in read-only, so the root in the bundle is a few
+    empty directories; the host's network and name, so that the workload answers the lab host
+    as a bare process does. Its IPC namespace and its /dev/shm (a tmpfs) are its own, as
+    runc's spec gives them."""
     root = os.path.join(bundle, "rootfs")
     shutil.rmtree(bundle, ignore_errors=True)
     for d in ("usr", "opt/livemig", "tmp", "proc", "dev", "sys"):
@@ -108,9 +118,7 @@ def build_memcounter(bundle: str, mib: int, dirty_mibps: float, port: int, cpu_p
     with open(path) as f:
         config = json.load(f)
     config["process"]["terminal"] = False
-    config["process"]["args"] = ["python3", "/opt/livemig/tests/workloads/memcounter.py", "run", "--mib", str(mib),
-                                 "--dirty-mibps", str(dirty_mibps), "--port", str(port),
-                                 "--cpu-per-page", str(cpu_per_page)]
+    config["process"]["args"] = args
     config["root"]["readonly"] = False
     config["mounts"] += [{"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro"]}
                          for d in ("/usr", "/opt/livemig")]
@@ -142,7 +150,8 @@ def _detach(runtime: str, bundle: str, name: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("action", choices=["start", "count", "serve", "ask", "memcounter", "bundle", "busy", "written"])
+    ap.add_argument("action", choices=["start", "count", "serve", "ask", "memcounter", "bundle", "busy", "written",
+                                       "shmkinds"])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--name", default="c1")
     ap.add_argument("--bundle")
@@ -157,6 +166,11 @@ def main() -> int:
         build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port, a.cpu_per_page)
         if a.action == "bundle":    # only the bundle: where the seeds' procedure restores it
             return 0
+        _detach(a.runtime, a.bundle, a.name)
+        return 0
+    if a.action == "shmkinds":
+        build_python(a.bundle, ["python3", "/opt/livemig/tests/workloads/shmkinds.py", "run", "--port", str(a.port),
+                                "--mib", str(a.mib)])
         _detach(a.runtime, a.bundle, a.name)
         return 0
     if a.action == "serve":
