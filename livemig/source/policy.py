@@ -298,5 +298,5 @@ def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limi
     return Estimate(copy, fixed + limits.max_downtime + frozen,
                     f"1 to {limits.max_rounds}: fewer when the workload dirties little memory",
                     f"the first round copies everything while the workload runs, about {copy:.1f} s; {final}. "
-                    f"The downtime meets {limits.max_downtime * 1000:.0f} ms if the workload dirties memory "
+                    f"The pages left meet {limits.max_downtime * 1000:.0f} ms if the workload dirties memory "
                     "slower than the link sends it" + shared)
