@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from livemig.options import RATES
 from tests.held import end_if_held, go_on, wait_stopped
 from tests.lab import WORKLOAD
 from tests.waiting import eventually
@@ -329,7 +330,12 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
     plan = move(lab, work.pid, "--dry-run", "--mode", "stopcopy")
     assert plan["memory_bytes"] >= 64 * 2**20 and plan["processes"] == 1
     assert plan["link_bytes_per_s"] > 0 and plan["copy_seconds"] > 0
-    assert plan["expected_downtime_seconds"] == plan["copy_seconds"]    # stop-and-copy: all of it frozen
+    # stop-and-copy: all of it frozen, as it compresses (memcounter's pages do, to about half: the
+    # copy time is for incompressible bytes), and what no page takes (options.RATES.per_tree)
+    assert RATES.per_tree < plan["expected_downtime_seconds"] < RATES.per_tree + plan["copy_seconds"]
+    assert set(plan["expected_downtime_by_mode"]) == {"precopy", "postcopy", "stopcopy"}
+    assert plan["expected_downtime_by_mode"]["stopcopy"] == plan["expected_downtime_seconds"]
+    assert plan["shared_memory_bytes"] == 0 and plan["max_downtime_seconds"] is None
     assert_still_on_source(lab, work, before)
     text = lab.text("a", ["livemig", "move", "--dry-run", "--mode", "postcopy", "--pid", str(work.pid), "b"])
     assert text.startswith(f"would move: PID {work.pid} a -> b, mode postcopy (as requested)")
