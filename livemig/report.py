@@ -134,7 +134,9 @@ class Report:
             lines.append(f"  final pages: {known}placed from the target's memory; all in {self.fill_seconds:.2f} s, "
                          f"{self.fill_while_running_seconds:.2f} s of it while the copy ran")
         if self.outcome == "moved":
-            lines.append(f"  downtime {self.downtime_seconds * 1000:.0f} ms (restore "
+            expected = ("" if self.expected_downtime_seconds is None else
+                        f"expected {self.expected_downtime_seconds * 1000:.0f} ms, ")
+            lines.append(f"  downtime {self.downtime_seconds * 1000:.0f} ms ({expected}restore "
                          f"{self.restore_seconds * 1000:.0f} ms), total {self.total_seconds:.2f} s; "
                          f"now PID {self.target_pid} on {self.target}"
                          + (f"; bundle {self.bundle_bytes_wire / 2**20:.1f} MiB on the wire"
