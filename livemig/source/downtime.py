@@ -51,6 +51,9 @@ async def foresee(m: Move, mode: Mode) -> None:
         link, ratio = float("inf"), 1.0
     est, why = estimate(m, mode.value, m.fills, link, ratio)
     m.frozen_seconds = policy.frozen_seconds(_frozen(m, mode.value, pids), link, ratio)
+    if m.options.max_downtime is not None:      # for the hint, should the promise be broken
+        m.downtime_by_mode = {x: estimate(m, x, fills_in(m, x), link, ratio)[0].downtime
+                              for x in m.modes_here if x in (Mode.POSTCOPY.value, Mode.STOPCOPY.value)}
     if mode in (Mode.PRECOPY, Mode.HYBRID):
         # what no round can take off; the rounds tell the rest
         least = est.downtime - m.options.downtime_budget
@@ -75,6 +78,17 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     if frozen:
         why.append(_shared(frozen, policy.frozen_seconds(frozen, link, ratio)))
     return est, "; ".join(why) or "the freeze, and CRIU's dump and restore"
+
+
+def fills_in(m: Move, mode: str) -> bool:
+    """Would mode fill the copy from the target's memory (the chosen mode: as the preflight
+    said)? Pre-copy by hashes does where no mode tracks dirty pages (hybrid needs it); stop-
+    and-copy, where lazy pages could run (its room is not asked here)."""
+    if mode == m.report.mode:
+        return m.fills
+    if mode == Mode.PRECOPY.value:
+        return Mode.HYBRID.value not in m.modes_here
+    return mode == Mode.STOPCOPY.value and m.options.fill and Mode.POSTCOPY.value in m.modes_here
 
 
 def _frozen(m: Move, mode: str, pids: list[int]) -> int:
@@ -137,10 +151,13 @@ def keep(m: Move, expected: float, why: str) -> None:
     if expected <= m.options.downtime_budget:
         return
     if promised is not None:
+        keeping = [f"--mode {x} (about {_s(t)})" for x, t in m.downtime_by_mode.items()
+                   if t <= promised and x != m.report.mode]
         raise DowntimeRefused(
             f"the downtime would be about {_s(expected)}, over --max-downtime {_s(promised)} ({why})",
-            phase=m.phase, hint=f"--max-downtime {_up(expected)} would let it go; or move it with less "
-                                "memory in use, or over a faster link")
+            phase=m.phase, hint=(" or ".join(keeping) + " would keep it; " if keeping else "")
+            + f"--max-downtime {_up(expected)} would let it go; or move it with less memory in use, "
+              "or over a faster link")
     said = (f"the downtime will be about {_s(expected)}, over the {_s(m.options.downtime_budget)} "
             f"pre-copy aims at ({why})")
     m.report.warnings.append(said)

@@ -212,12 +212,7 @@ class Migration:
             ratio = downtime.wire_ratio(pids, m.options.compression_level)
 
             def estimate(mode: str) -> policy.Estimate:
-                # pre-copy by hashes fills where no mode tracks dirty pages (hybrid needs it);
-                # stop-and-copy, where lazy pages could run (its room is not asked here)
-                fills = m.fills if mode == r.mode else (
-                    Mode.HYBRID.value not in m.modes_here if mode == Mode.PRECOPY.value else
-                    mode == Mode.STOPCOPY.value and m.options.fill and Mode.POSTCOPY.value in m.modes_here)
-                return downtime.estimate(m, mode, fills, link, ratio)[0]
+                return downtime.estimate(m, mode, downtime.fills_in(m, mode), link, ratio)[0]
             r = m.report
             r.shared_memory_bytes = host.shared_memory_bytes(pids)
             est = estimate(mode.value)

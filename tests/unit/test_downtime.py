@@ -49,10 +49,11 @@ def test_pre_copy_s_estimate_counts_what_no_round_can_take_off():
     assert d.stop and d.reason is policy.StopReason.FEW_PAGES and d.expected_downtime == pytest.approx(without + fixed)
 
 
-def moved(max_downtime=None):
+def moved(max_downtime=None, by_mode=None):
     said = []
-    m = SimpleNamespace(report=Report(pid=1, source="a", target="b"), options=Options(max_downtime=max_downtime), phase="pre-copy",
-                        progress=said.append)
+    m = SimpleNamespace(report=Report(pid=1, source="a", target="b", mode="precopy"),
+                        options=Options(max_downtime=max_downtime), phase="pre-copy", progress=said.append,
+                        downtime_by_mode=by_mode or {})
     return m, said
 
 
@@ -65,6 +66,13 @@ def test_a_promised_downtime_the_move_would_not_keep_is_refused_before_the_freez
                                    "(600 MiB of shared memory")
     assert "--max-downtime 2.5 would let it go" in e.value.hint
     assert m.report.expected_downtime_seconds == 2.0 and not said
+
+
+def test_a_refusal_names_the_modes_that_would_keep_the_promise():
+    m, _ = moved(max_downtime=0.5, by_mode={"postcopy": 0.3, "stopcopy": 4.0})
+    with pytest.raises(DowntimeRefused) as e:
+        downtime.keep(m, 2.0, "pre-copy's last round left 40 MiB to send")
+    assert e.value.hint.startswith("--mode postcopy (about 300 ms) would keep it; --max-downtime 2.5 would")
 
 
 def test_a_downtime_within_the_promise_is_kept_and_recorded():
