@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -258,7 +259,11 @@ class TargetSession:
         (d / "random").write_bytes(os.urandom(size))
         t = time.monotonic()
         meter = await self.send_images("link-probe", None, d)
-        return meter.wire / max(time.monotonic() - t, 1e-6)
+        rate = meter.wire / max(time.monotonic() - t, 1e-6)
+        # the probe's bytes go on both hosts: they would take room the move's images need
+        shutil.rmtree(d)
+        await self.request(p.DropFiles(dir="link-probe"), p.FilesDropped)
+        return rate
 
     async def abort(self) -> str | None:
         """Rollback's message: the agent undoes what it restored and ends. Where it kept

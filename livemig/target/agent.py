@@ -72,7 +72,7 @@ class Agent:
             p.CpuinfoCheck: lambda m: preflight.cpuinfo_check(m, self.ws),
             p.OpenPageServer: lambda m: self.images.open_page_server(m),
             p.AwaitPageServer: lambda m: self.images.await_page_server(m),
-            p.ReceiveFiles: lambda m: self.images.receive_files(m),
+            p.ReceiveFiles: lambda m: self.images.receive_files(m), p.DropFiles: lambda m: self.images.drop_files(m),
             p.SendPagemaps: lambda m: self.images.send_pagemaps(m),
             p.StorePages: lambda m: self.images.store_pages(m),
             p.ReceiveTree: lambda m: self.images.receive_tree(m),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -102,6 +103,10 @@ class Images:
             except (ValueError, EOFError, FileExistsError) as e:
                 raise AgentFailure(Phase.TRANSFER, f"bad image stream: {e}") from None
         return p.FilesReceived(msg.dir, files, size)
+
+    async def drop_files(self, msg: p.DropFiles) -> p.FilesDropped:
+        shutil.rmtree(self.ws.dir(msg.dir))
+        return p.FilesDropped(msg.dir)
 
     async def send_pagemaps(self, msg: p.SendPagemaps) -> p.FilesReceived:
         d = self.ws.dir(msg.dir)
