@@ -192,6 +192,8 @@ class Sizes:
     #                                               (4 KiB at most) and a few words; what is longer is refused
     # -- what is kept
     stderr_kept: int = 64 * 1024                  # bytes of a program's stderr kept for its error
+    disk_full_below: int = 1 << 20                # bytes free under which a CRIU that logged nothing is said to have
+    #                                               failed for a full disk (it could not write its log either)
     logs_kept: int = 20                           # failed moves' logs kept under the image root
 
 

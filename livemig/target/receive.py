@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import criu, proc, workdirs
 from ..errors import Phase
-from ..options import WAITS
+from ..options import SIZES, WAITS
 from ..pages import frames, pagemap, shadow
 from ..runtimes import bundle
 from ..wire import protocol as p
@@ -68,7 +68,7 @@ class Images:
                         async with asyncio.timeout(WAITS.criu_exit_after_broken_pipe):
                             await criu_proc.wait()
                     errors = logged_errors(log)
-                    why = errors[0] if errors else (str(e) or type(e).__name__)
+                    why = errors[0] if errors else _unlogged(e, log.parent)
                     raise AgentFailure(phase, f"{what} failed: {why}", "\n".join(errors)) from e
             rc = await criu_proc.wait()
             if rc != 0:
@@ -187,3 +187,14 @@ class Images:
             except Exception as e:
                 raise AgentFailure(Phase.TRANSFER, f"podman load failed: {e}") from e
         return p.TreeReceived("", size)
+
+
+def _unlogged(e: BaseException, d: Path) -> str:
+    """Why CRIU failed where its log says nothing: a disk so full that it could not write
+    even its log, or else the first of what broke the pipe to it."""
+    free = shutil.disk_usage(d).free
+    if free < SIZES.disk_full_below:
+        return f"No space left on device (the image directory's disk has {free >> 10} KiB free)"
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return str(e) or type(e).__name__
