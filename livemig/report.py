@@ -85,7 +85,7 @@ class Report:
     restore_seconds: float = 0.0
     downtime_seconds: float = 0.0  # source frozen -> target running
     expected_downtime_seconds: float | None = None   # the last estimate before the freeze (source/downtime.py);
-                                                     # None: none made (a small tree, no promise to keep)
+                                                     # None: the move ended before it made one
     shared_memory_bytes: int = 0  # the tree's shared memory (anonymous shared, memfd, SysV), which CRIU writes
                                   # into image files at the freeze in every mode (host.shared_memory_bytes)
     downtime_parts: list[DowntimePart] = field(default_factory=list)   # where it went
