@@ -159,8 +159,12 @@ class HeldCopy:
         return (await proc.run(self._control("exists"), check=False)).returncode == 0
 
     def root_gone(self) -> bool:
-        """Is its root process (a container's init) gone? Read in /proc alone."""
-        return bool(self.pids) and not proc.named(self.pids[:1], self.boot)
+        """Is its root process (a container's init) gone? Read in /proc alone. A zombie has
+        gone: it exited, and only its parent's reaping is still to come (a round that read a
+        killed workload before its reaper did went on to the final dump, and failed there)."""
+        if not self.pids:
+            return False
+        return not proc.named(self.pids[:1], self.boot) or proc.state(self.pids[0][0]) in ("Z", "X")
 
     async def exited(self) -> bool:
         """Did it end by itself (its root process gone, its container stopped or gone)?"""

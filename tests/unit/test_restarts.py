@@ -282,3 +282,20 @@ def test_the_one_who_ends_a_copy_says_lost_once_it_ran_killed_before(tmp_path):
     assert verdicts.gone_state("m1") == "killed"
     verdicts.write("m1", "serving", phase="commit", ran=True)     # the agent, before its Resume
     assert verdicts.gone_state("m1") == "lost"
+
+
+def test_a_root_that_exited_is_gone_before_its_parent_reaps_it():
+    # a zombie: it exited, and only its reaping is still to come (a pre-copy round that read the
+    # workload killed meanwhile went on to the final dump while its reaper had not run yet)
+    c = subprocess.Popen(["sleep", "60"])
+    try:
+        held = named(c)
+        assert not held.root_gone()
+        c.kill()
+        while proc.state(c.pid) != "Z":
+            time.sleep(0.001)
+        assert held.root_gone()
+    finally:
+        c.kill()
+        c.wait()
+    assert held.root_gone() and DEAD.root_gone() and not HeldCopy("process").root_gone()
