@@ -134,13 +134,14 @@ def wire_ratio(pids: list[int], level: int) -> float:
     return len(zstandard.ZstdCompressor(level=level).compress(bytes(sample))) / len(sample)
 
 
-def after_rounds(m: Move, decision: policy.Decision, last: policy.RoundStats) -> None:
+def after_rounds(m: Move, rounds: list[policy.RoundStats], limits: policy.Limits) -> None:
     """Pre-copy has stopped: its estimate of the final dump's downtime, kept or refused."""
-    left = last.pages_written * last.wire_bytes_per_page
-    why = [f"pre-copy's last round left {left / 2**20:.1f} MiB to send, at {decision.bandwidth / 2**20:.0f} MiB/s"]
+    expected, rate = policy.final_estimate(rounds, limits)
+    left = rounds[-1].pages_written * rounds[-1].wire_bytes_per_page
+    why = [f"pre-copy's last round left {left / 2**20:.1f} MiB to send, at {rate / 2**20:.0f} MiB/s"]
     if m.report.shared_memory_bytes:
         why.append(_shared(m.report.shared_memory_bytes, m.frozen_seconds))
-    keep(m, decision.expected_downtime, "; ".join(why))
+    keep(m, expected, "; ".join(why))
 
 
 def keep(m: Move, expected: float, why: str) -> None:

@@ -125,12 +125,12 @@ class Decision:
     throttle: int = 0            # % off the workload's CPU for the next round (auto-converge)
 
 
-def expected_downtime(last: RoundStats, limits: Limits) -> float:
+def expected_downtime(last: RoundStats, limits: Limits, rate: float | None = None) -> float:
     """The final dump sends about what the last round did (the dirty set levels off at
-    dirty rate x round length), at the last round's bandwidth (never above the cap), plus
-    the fixed cost (what goes through image files whatever pre-copy does among it: a round
-    that wrote a few pages tells nothing of the link's rate)."""
-    rate = bandwidth(last, limits)
+    dirty rate x round length), at rate (by default the last round's bandwidth, never above
+    the cap), plus the fixed cost (what goes through image files whatever pre-copy does
+    among it)."""
+    rate = bandwidth(last, limits) if rate is None else rate
     if rate <= 0:
         return float("inf")
     pending = last.pages_written * last.wire_bytes_per_page
@@ -148,6 +148,15 @@ def frozen_seconds(image_bytes: int, link_bytes_per_s: float, wire_ratio: float 
     # (an infinite link: CRIU's writing and reading alone)
     return image_bytes * (1 / RATES.criu_writes_images + wire_ratio / link_bytes_per_s
                           + 1 / RATES.criu_reads_images)
+
+
+def final_estimate(rounds: Sequence[RoundStats], limits: Limits) -> tuple[float, float]:
+    """The downtime to expect once pre-copy has stopped, and the rate it is reckoned at: the
+    best a round reached. The stop rule keeps QEMU's (the last round's rate), but a round of
+    a few pages spends its time reading the memory, not sending, and at its rate the final
+    dump's few pages took as long as that whole round (0.5 s for 1.5 GiB read by hashes)."""
+    rate = max(bandwidth(r, limits) for r in rounds)
+    return expected_downtime(rounds[-1], limits, rate), rate
 
 
 def bandwidth(last: RoundStats, limits: Limits) -> float:

@@ -63,7 +63,7 @@ async def precopy_rounds(m: Move, lazy_final: bool) -> None:
                 decision = policy.decide(stats, lim, percent)
         if decision.stop:
             _stopped(m, decision, lim)
-            downtime.after_rounds(m, decision, stats[-1])
+            downtime.after_rounds(m, stats, lim)
             return
 
 

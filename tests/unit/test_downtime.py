@@ -144,3 +144,13 @@ def test_what_the_memory_comes_to_on_the_wire_is_sampled_from_what_the_tree_hold
             p.wait()
     # the interpreter's own few MiB compress: a little under 1 alone, about a quarter with the rest
     assert got["private"] > 0.85 and 0.15 < got["shared"] < 0.35, got
+
+
+def test_once_pre_copy_stops_its_estimate_is_at_the_best_rate_a_round_reached():
+    # 1.5 GiB read by hashes in 4 s, then 0.5 s to find 50 pages changed: the final dump sends
+    # 50 pages, not as long as the round that found them
+    rounds = [policy.RoundStats(393_216, 393_216 * 2048, 4.0), policy.RoundStats(50, 50 * 2048, 0.5)]
+    limits = policy.Limits(fixed_cost=0.2)
+    assert policy.decide(rounds, limits).expected_downtime == pytest.approx(0.2 + 0.5)   # the stop rule's
+    expected, rate = policy.final_estimate(rounds, limits)
+    assert rate == rounds[0].bandwidth and expected == pytest.approx(0.2 + 50 * 2048 / rate) and expected < 0.21
