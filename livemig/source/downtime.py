@@ -18,8 +18,9 @@ error says what it would take. Pre-copy's modes are refused at once (foresee) wh
 round can take off is over it already. None given, pre-copy aims at options.DOWNTIME_AIM and a
 longer downtime is told (a warning), not refused.
 
-Not counted: the freeze, CRIU's dump and restore of everything but memory (some tenths of a
-second a tree), and a container's bundle changes: a trial restore would time them.
+The freeze, CRIU's dump and restore of everything but memory, and a fill's pass over the
+frozen memory are counted at rates measured in the lab (options.RATES), not on the hosts at
+hand: a trial dump and restore would time them. A container's bundle changes are not counted.
 """
 
 from __future__ import annotations
