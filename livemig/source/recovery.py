@@ -32,6 +32,7 @@ from typing import TypeVar
 from .. import proc, workdirs
 from ..errors import LivemigError, Phase
 from ..options import WAITS, Options
+from ..report import Settled
 from ..runtimes import Workload, hook
 from ..runtimes.held import GONE, HELD, REBOOTED, RUNNING, STOPPED, HeldCopy
 from ..wire import protocol as p
@@ -122,16 +123,6 @@ def forget(work: Path) -> None:
         work.rmdir()
 
 
-@dataclass
-class Settled:
-    """One move as `livemig recover` left it."""
-    migration_id: str
-    target: str
-    workload: str
-    outcome: str        # "moved", "rolled back", "unresolved" (ask again), or "lost" (neither host has it)
-    detail: str
-
-
 # what says the target cannot be asked now
 _UNREACHABLE = (LivemigError, p.RemoteFailure, OSError, EOFError)
 
@@ -220,10 +211,6 @@ async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options,
             state, detail = await fresh_agent.ask_target(target, rec.migration_id, connect, options)
         except _UNREACHABLE as e:
             return "unresolved", f"cannot ask {target}: {e}", False
-    if state == "whole":
-        warnings = [] if gone else await c.end()
-        return "moved", ("the target's copy has every page and runs; " + (_gone_here(here) if gone else
-                         "the source's copy is gone") + "".join(f"; {w}" for w in warnings)), True
     if state == "serving":
         if gone:
             return "lost", (f"the copy on {target} still waits for pages only the source's copy held, and "
@@ -235,11 +222,24 @@ async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options,
         except AgentGone:      # its agent ended meanwhile: its verdict says how
             return "unresolved", f"the copy on {target} was settled meanwhile: run `livemig recover` again", False
         except _UNREACHABLE as e:
-            return "unresolved", f"cannot take up the copy's pages on {target}: {e}", False
-        warnings = await c.end()
-        return "moved", (f"the target's copy has every page now (the {sent} it still lacked were sent from the "
-                         "source's copy, stopped here) and runs; the source's copy is gone"
-                         + "".join(f"; {w}" for w in warnings)), True
+            # A fill goes on without its coordinator: the copy may have become whole as we
+            # joined, and its agent, done, ended and closed our stream. Its verdict says.
+            try:
+                state, detail = await fresh_agent.ask_target(target, rec.migration_id, connect, options)
+            except _UNREACHABLE:
+                state = "unheard"     # the first error is the one to tell
+            if state != "whole":
+                return "unresolved", (f"cannot take up the copy's pages on {target}: {e}; try again in a "
+                                      "moment: `livemig recover`"), False
+        else:
+            warnings = await c.end()
+            return "moved", (f"the target's copy has every page now (the {sent} it still lacked were sent from "
+                             "the source's copy, stopped here) and runs; the source's copy is gone"
+                             + "".join(f"; {w}" for w in warnings)), True
+    if state == "whole":
+        warnings = [] if gone else await c.end()
+        return "moved", ("the target's copy has every page and runs; " + (_gone_here(here) if gone else
+                         "the source's copy is gone") + "".join(f"; {w}" for w in warnings)), True
     if state in ("abandoned", "restarted"):
         if gone:
             return "lost", f"on {target}, {detail}; and {_gone_here(here)}", True

@@ -52,8 +52,8 @@ def link_errors() -> tuple[type[BaseException], ...]:
     a lost link from a bug."""
     errors: list[type[BaseException]] = [ConnectionError, EOFError]
     try:
-        # asyncssh costs 130 ms, and a local transport needs none
-        import asyncssh
+        # asyncssh costs 130 ms, and a local transport needs none; ssh.py imports it quietly
+        from .ssh import asyncssh
         errors.append(asyncssh.Error)
     except ImportError:     # no asyncssh, so no SSH transport: none of its errors can come
         pass
