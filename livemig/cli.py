@@ -10,15 +10,15 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from . import config, criu, display, logs
-from .errors import ExitCode, LivemigError
+from . import config, contract, criu, display, logs
+from .errors import ExitCode, LivemigError, UsageError
 from .interrupts import Terminated, run
 from .options import Mode
+from .report import CheckReport, CheckRow, Recovered
 from .version import __version__
 
 EXAMPLES = """examples:
@@ -161,9 +161,13 @@ def _report_flags(sub: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+        args = ap.parse_args(argv)
     except SystemExit as e:
+        if e.code and "--json" in argv:     # argparse said why on stderr, with the usage
+            print(contract.failure(_command_in(argv), "bad arguments (the usage, on stderr, says which)",
+                                   "usage", ExitCode.USAGE))
         return int(e.code or 0) and ExitCode.USAGE
     if args.command == "agent":
         # this command's side only (see the module's doc)
@@ -186,9 +190,27 @@ def main(argv: list[str] | None = None) -> int:
         return _move(args)
     except KeyboardInterrupt:       # move and clone say what was put back; check and recover are run again
         print("livemig: interrupted", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(contract.failure(args.command, "interrupted", "", ExitCode.INTERRUPTED))
         return ExitCode.INTERRUPTED
     # (SIGTERM: Terminated, a LivemigError that each command's own handler prints as
     # "livemig: terminated" and turns into 143, as this one did before.)
+
+
+def _command_in(argv: list[str]) -> str:
+    """The command argv names, for a --json failure before its arguments parse."""
+    command = next((a for a in argv if a in contract.BODIES), "")
+    return "move --dry-run" if command == "move" and "--dry-run" in argv else command
+
+
+def _failed(args, command: str, e: LivemigError) -> int:
+    """A command's error, before it had a report: its line on stderr, and with --json its object."""
+    say(f"livemig: {e}", err=True)
+    if args.json:
+        # check is the preflight alone
+        phase = e.phase or ("preflight" if command == "check" else "")
+        print(contract.failure(command, e.message, phase, e.exit_code, e.host, e.hint))
+    return e.exit_code
 
 
 def say(text: str, err: bool = False) -> None:
@@ -204,19 +226,18 @@ def _check(args) -> int:
         options = _settings(mode=args.mode, image_root=args.image_root).options
         rows, mode, why = run(check(args.host, options))
     except LivemigError as e:
-        say(f"livemig: {e}", err=True)
-        return e.exit_code
+        return _failed(args, "check", e)
     ok = all(r.ok for r in rows)
+    code = ExitCode.MOVED if ok else ExitCode.PREFLIGHT
     if args.json:
-        print(json.dumps({"host": args.host, "ok": ok, "mode": mode, "mode_reason": why,
-                          "checks": [{"name": r.name, "ok": r.ok, "detail": r.detail, "hint": r.hint}
-                                     for r in rows]}, indent=2))
+        found = CheckReport(args.host, ok, mode, why, [CheckRow(r.name, r.ok, r.detail, r.hint) for r in rows])
+        print(contract.document("check", dataclasses.asdict(found), code))
     else:
         width = max(len(r.name) for r in rows)
         for r in rows:
             say(f"{'ok ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.detail}" +
                 (f"  ({r.hint})" if not r.ok and r.hint else ""))
-    return ExitCode.MOVED if ok else ExitCode.PREFLIGHT
+    return code
 
 
 def _recover(args) -> int:
@@ -227,19 +248,20 @@ def _recover(args) -> int:
         options = _settings(image_root=args.image_root).options
         settled = run(recover(options, ssh_connector(options), target_lost=args.target_lost))
     except LivemigError as e:
-        say(f"livemig: {e}", err=True)
-        return e.exit_code
+        return _failed(args, "recover", e)
+    if any(x.outcome == "unresolved" for x in settled):
+        code = ExitCode.UNRESOLVED
+    elif any(x.outcome == "target lost" for x in settled):
+        code = ExitCode.TARGET_LOST      # the operator's word is wanted (--target-lost)
+    else:
+        code = ExitCode.FAILED if any(x.outcome == "lost" for x in settled) else ExitCode.MOVED
     if args.json:
-        print(json.dumps([dataclasses.asdict(x) for x in settled], indent=2))
+        print(contract.document("recover", dataclasses.asdict(Recovered(settled)), code))
     elif not settled:
         print("nothing to recover here")
     for x in [] if args.json else settled:
         say(f"{x.outcome}: {x.workload}, moving to {x.target} ({x.migration_id}): {x.detail}")
-    if any(x.outcome == "unresolved" for x in settled):
-        return ExitCode.UNRESOLVED
-    if any(x.outcome == "target lost" for x in settled):
-        return ExitCode.TARGET_LOST      # the operator's word is wanted (--target-lost)
-    return ExitCode.FAILED if any(x.outcome == "lost" for x in settled) else ExitCode.MOVED
+    return code
 
 
 def _settings(**flags) -> config.Config:
@@ -251,12 +273,11 @@ def _config(args) -> int:
     try:
         cfg = config.load()
     except LivemigError as e:
-        say(f"livemig: {e}", err=True)
-        return e.exit_code
+        return _failed(args, "config", e)
     if args.json:
-        print(json.dumps({"file": str(cfg.file) if cfg.file else None,
-                          "settings": {k: {"value": cfg.value(k), "from": cfg.sources[k]} for k in config.SETTINGS}},
-                         indent=2))
+        print(contract.document("config", {
+            "file": str(cfg.file) if cfg.file else None,
+            "settings": {k: {"value": cfg.value(k), "from": cfg.sources[k]} for k in config.SETTINGS}}, ExitCode.MOVED))
         return ExitCode.MOVED
     print(config.as_toml(cfg, config.default_path()))
     return ExitCode.MOVED
@@ -267,9 +288,9 @@ def _move(args) -> int:
     from .source.migration import migrate, plan
     wanted = 1 if args.pid is not None else 2
     if len(args.names) != wanted:
-        print("livemig: move takes " + ("HOST after --pid PID" if wanted == 1 else "a container and a HOST "
-              "(or --pid PID HOST)"), file=sys.stderr)
-        return ExitCode.USAGE
+        said = "move takes " + ("HOST after --pid PID" if wanted == 1 else "a container and a HOST (or --pid PID HOST)")
+        return _failed(args, _command_in(["move", "--dry-run"] if args.dry_run else ["move"]),
+                       UsageError(said))
     what = args.pid if args.pid is not None else args.names[0]
     host = args.names[-1]
     view = display.for_cli(args.json)
@@ -285,7 +306,8 @@ def _move(args) -> int:
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job,
                                             file_locks=args.file_locks))
         return (plan if args.dry_run else migrate)(what, host, options, progress=view)
-    return _report(args, call, view, "nothing was changed" if args.dry_run else _undone)
+    return _report(args, "move --dry-run" if args.dry_run else "move", call, view,
+                   "nothing was changed" if args.dry_run else _undone)
 
 
 def _undone(report) -> str:
@@ -305,13 +327,14 @@ def _clone(args) -> int:
                           runtime=args.runtime, force=args.force)
         return clone(args.container, args.hosts, options, name=args.name, count=args.count,
                      keep_name=args.keep_name, progress=view)
-    return _report(args, call, view, "no replica is left; the original runs on")
+    return _report(args, "clone", call, view, "no replica is left; the original runs on")
 
 
-def _report(args, call, view, interrupted) -> int:
-    """Run call() (a migration or a clone) under view (None: nothing shown while it runs)
-    and print its report or its error. interrupted: what an interrupt left, said as such (or
-    a function of the report that says it)."""
+def _report(args, command: str, call, view, interrupted) -> int:
+    """Run call() (a migration, its plan or a clone) under view (None: nothing shown while it
+    runs) and print its report or its error (with --json, the report, or a Failure where
+    there is none: a dry run's is a move's that never was). interrupted: what an interrupt
+    left, said as such (or a function of the report that says it)."""
     try:
         with view or contextlib.nullcontext():
             report = run(call())
@@ -319,21 +342,24 @@ def _report(args, call, view, interrupted) -> int:
         what, code = ("terminated", ExitCode.TERMINATED) if isinstance(e, Terminated) else \
             ("interrupted", ExitCode.INTERRUPTED)
         report = getattr(e, "report", None)
-        where = f"{report.failed_phase}: " if report is not None and report.failed_phase else ""
+        where = report.failed_phase if report is not None and report.failed_phase else ""
         said = interrupted(report) if callable(interrupted) else interrupted
-        say(f"livemig: {where}{what}: {said}", err=True)
-        if args.json and report is not None:
-            print(report.to_json())
+        say(f"livemig: {where}{': ' if where else ''}{what}: {said}", err=True)
+        if args.json:
+            print(contract.document(command, report.to_dict(), code) if report is not None and command != "move --dry-run"
+                  else contract.failure(command, f"{what}: {said}", where, code))
         return code
     except LivemigError as e:
         say(f"livemig: {e}", err=True)
-        if args.json and e.report is not None:
-            print(e.report.to_json())
-        if not args.json:
+        if args.json:
+            print(contract.document(command, e.report.to_dict(), e.exit_code)
+                  if e.report is not None and command != "move --dry-run"
+                  else contract.failure(command, e.message, e.phase, e.exit_code, e.host, e.hint))
+        else:
             _explain(e, args.verbose)
         return e.exit_code
     if args.json:
-        print(report.to_json())     # JSON escapes every control character itself
+        print(contract.document(command, report.to_dict(), ExitCode.MOVED))   # JSON escapes every control character
     else:
         say(report.summary())
     return ExitCode.MOVED

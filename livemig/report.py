@@ -5,6 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+
+def now() -> str:
+    """A report's timestamps: UTC, ISO 8601, to the millisecond."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _described(runtime: str, pid: int | str, container: str = "") -> str:
@@ -60,6 +66,9 @@ class Report:
     pid: int                      # the root of the tree (a container's init)
     source: str
     target: str
+    migration_id: str = ""        # the move's own (its work directories', its record's; `livemig recover` names it)
+    started_at: str = ""          # UTC, ISO 8601 (now())
+    ended_at: str = ""
     runtime: str = "process"      # what checkpointed it: "process" (CRIU directly), "runc", "crun"
     workload: str = ""            # what the user named: a PID or a container
     mode: str = ""                # the strategy used
@@ -109,11 +118,14 @@ class Report:
     failed_phase: str = ""
     logs: list[str] = field(default_factory=list)   # HOST:DIR where a failed move's CRIU logs were kept
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for r, rd in zip(self.rounds, d["rounds"]):
             rd["compression_ratio"] = round(r.compression_ratio, 2)
-        return json.dumps(d, indent=2)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
 
     def summary(self) -> str:
         lines = [f"{self.outcome}: {_described(self.runtime, self.pid, self.workload)} {self.source} -> {self.target}, mode {self.mode}"
@@ -174,6 +186,9 @@ class CloneReport:
     """What `livemig clone` did: one checkpoint of the original, replicas of it elsewhere."""
     source: str
     workload: str
+    migration_id: str = ""
+    started_at: str = ""          # UTC, ISO 8601 (now())
+    ended_at: str = ""
     runtime: str = "podman"
     outcome: str = "failed"       # "cloned" or "failed" (then no replica runs; the original does)
     replicas: list[Replica] = field(default_factory=list)
@@ -186,8 +201,11 @@ class CloneReport:
     error: str = ""
     failed_phase: str = ""
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        return json.dumps(self.to_dict(), indent=2)
 
     def summary(self) -> str:
         hosts = sorted({r.host for r in self.replicas})
@@ -225,8 +243,11 @@ class Plan:
     max_downtime_seconds: float | None = None      # --max-downtime: the promise; None: none made
     expected_downtime_by_mode: dict[str, float] = field(default_factory=dict)   # each mode that runs here
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        return json.dumps(self.to_dict(), indent=2)
 
     def summary(self) -> str:
         by_mode = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.expected_downtime_by_mode.items())
@@ -243,3 +264,48 @@ class Plan:
                 f" (--max-downtime {self.max_downtime_seconds * 1000:.0f} ms: a mode over it is refused "
                 "before the freeze)" if self.max_downtime_seconds is not None else ""))
         return "\n".join(lines + _closing(self.warnings, "", ""))
+
+
+@dataclass
+class CheckRow:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+
+
+@dataclass
+class CheckReport:
+    """What `livemig check HOST` found: the preflight's checks against HOST, and the mode auto would take."""
+    host: str
+    ok: bool
+    mode: str
+    mode_reason: str
+    checks: list[CheckRow] = field(default_factory=list)
+
+
+@dataclass
+class Settled:
+    """One move as `livemig recover` left it."""
+    migration_id: str
+    target: str
+    workload: str
+    outcome: str        # "moved", "rolled back", "unresolved" (ask again), "target lost" or "lost" (neither host has it)
+    detail: str
+
+
+@dataclass
+class Recovered:
+    """What `livemig recover` settled (nothing: an empty list)."""
+    settled: list[Settled] = field(default_factory=list)
+
+
+@dataclass
+class Failure:
+    """A command that failed before it had a report of its own (bad arguments, a host not
+    reached, a PID that is not there): what `--json` prints instead."""
+    error: str                    # the message, as the line on stderr says it
+    failed_phase: str             # the phase (Phase's names), "usage" for bad arguments, or ""
+    host: str = ""                # where it failed, when that is known
+    hint: str = ""                # what to do about it
+    outcome: str = "failed"

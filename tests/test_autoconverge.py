@@ -141,7 +141,7 @@ def test_a_throttle_outlives_a_killed_livemig_only_until_recover(lab):
     assert ctr.quota("a") > 0 and ctr.status("a") == "running"    # slowed, never stopped
     res = lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=120)
     assert res.returncode == 0, res.stderr.decode()
-    [settled] = json.loads(res.stdout)
+    [settled] = json.loads(res.stdout)["settled"]
     assert settled["outcome"] == "rolled back" and "throttle is lifted" in settled["detail"], settled
     assert ctr.quota("a") == -1 and ctr.query("a", "verify")["bad_pages"] == 0
     # the agent on b forgets the move without its coordinator; nothing of it is left there

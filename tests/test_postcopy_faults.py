@@ -168,7 +168,7 @@ def test_a_link_lost_for_good_mid_postcopy_leaves_one_copy_and_recover_settles_i
         lab.run("a", ["ip", "link", "set", "eth0", "up"])
     # the target's copy ran, and is gone: recover says so, and waits for the operator's word
     res = lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=120)
-    [settled] = json.loads(res.stdout)
+    [settled] = json.loads(res.stdout)["settled"]
     assert res.returncode == 9 and settled["outcome"] == "target lost", settled
     assert settled_state(lab, work.pid).startswith("T")
     settled = recover(lab, "--target-lost")
@@ -286,7 +286,7 @@ def recover_when_settled(lab, within: float = 120) -> dict:
     deadline = time.monotonic() + within
     while True:
         res = lab.run("a", ["livemig", "recover", "--json"], check=False, timeout=120)
-        [settled] = json.loads(res.stdout)
+        [settled] = json.loads(res.stdout)["settled"]
         if res.returncode in (0, 9) or "try again" not in settled["detail"] or time.monotonic() > deadline:
             assert res.returncode in (0, 9), (settled, res.stderr.decode())     # 9: target lost
             return settled
@@ -382,7 +382,7 @@ def test_recover_target_lost_runs_the_source_s_copy_without_asking(lab):
         assert mover.wait(timeout=180) == 7
         assert settled_state(lab, work.pid).startswith("T")
         res = lab.run("a", ["livemig", "recover", "--target-lost", "--json"], timeout=60)
-        [settled] = json.loads(res.stdout)
+        [settled] = json.loads(res.stdout)["settled"]
         assert settled["outcome"] == "rolled back" and "--target-lost" in settled["detail"], settled
         assert not source_state(lab, work.pid).startswith("T")
         assert gone_from_b(lab, work.pid, within=60)

@@ -56,7 +56,7 @@ def recover(lab, *flags: str) -> dict:
     move left; then again, which finds nothing."""
     res = lab.run("a", ["livemig", "recover", "--json", *flags], check=False, timeout=120)
     assert res.returncode == 0, res.stderr.decode()
-    [settled] = json.loads(res.stdout)
+    [settled] = json.loads(res.stdout)["settled"]
     assert lab.text("a", ["livemig", "recover"]).strip() == "nothing to recover here"
     return settled
 

@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..options import Options
 from ..progress import Connecting, Copied, Event, Running, Stepping, quiet
-from ..report import CloneReport, Replica
+from ..report import CloneReport, Replica, now
 from ..runtimes import podman
 from ..wire import protocol as p
 from . import preflight
@@ -75,11 +75,12 @@ class Clone:
         self.held: workdirs.Held | None = None        # self.work, ours while we live
         self.to = [TargetSession(t, transport_factory, options, self.id) for t in targets]
         self.workload: podman.PodmanContainer | None = None
-        self.report = CloneReport(source=socket.gethostname(), workload=what)
+        self.report = CloneReport(source=socket.gethostname(), workload=what, migration_id=self.id)
 
     # --- the whole ---------------------------------------------------------------------------
     async def run(self) -> CloneReport:
         t0 = time.monotonic()
+        self.report.started_at = now()
         try:
             await self._phases()      # every request goes through _each, which names its host
             self.report.outcome = "cloned"
@@ -90,6 +91,7 @@ class Clone:
             raise
         finally:
             self.report.total_seconds = time.monotonic() - t0
+            self.report.ended_at = now()
             if await interrupts.to_the_end(self.close()):
                 self.report.warnings.append("interrupted while tidying up once the clone ended: it ended as told")
 

@@ -34,7 +34,7 @@ from ..errors import LivemigError, Phase, PreflightError, record_failure
 from ..options import Mode, Options
 from ..pages import pagehash
 from ..progress import Cautioned, Connecting, Event, ModeChosen
-from ..report import Plan, Report
+from ..report import Plan, Report, now
 from ..runtimes.held import HeldCopy
 from ..wire import bandwidth
 from ..wire import protocol as p
@@ -62,6 +62,7 @@ class Migration:
     async def run(self) -> Report:
         m = self.m
         t0 = time.monotonic()
+        m.report.started_at = now()
         cap = bandwidth.Cap(m.options.max_bandwidth)
         capping = bandwidth.current.set(cap)     # every stream the move opens from here on
         m.report.max_bandwidth_bytes_per_s = m.options.max_bandwidth
@@ -91,6 +92,7 @@ class Migration:
             raise
         finally:
             m.report.total_seconds = time.monotonic() - t0
+            m.report.ended_at = now()
             if await interrupts.to_the_end(self.close()):
                 m.report.warnings.append("interrupted while tidying up once the move ended: it ended as told")
             m.report.source_peak_rss_bytes, m.report.source_cpu_seconds = host.own_usage()

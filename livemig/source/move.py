@@ -40,7 +40,8 @@ class Move:
         self.ticker = Ticker(progress) if progress else None
         self.progress: Callable[[Event], None] = self.ticker.tell if self.ticker else quiet
         self.id = migration_id()
-        self.report = Report(pid=what if isinstance(what, int) else 0, source=socket.gethostname(), target=target)
+        self.report = Report(pid=what if isinstance(what, int) else 0, source=socket.gethostname(), target=target,
+                             migration_id=self.id)
         self.to = TargetSession(target, transport_factory, options, self.id)
         self.work = Path(options.image_root) / f"{self.id}-source"
         self.held: workdirs.Held | None = None     # self.work, ours while we live

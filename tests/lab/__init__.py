@@ -69,7 +69,13 @@ class Lab:
 
     def run(self, name: str, argv: list[str], *, check: bool = True, input: bytes | None = None,
             timeout: float | None = 600) -> subprocess.CompletedProcess:
-        return _hosts.exec_(self.state, name, argv, check=check, input=input, timeout=timeout)
+        # imported here: the hosts load this package too, and have no jsonschema
+        from tests import contract
+        res = _hosts.exec_(self.state, name, argv, check=check, input=input, timeout=timeout)
+        command = contract.command_of(argv)
+        if command is not None:     # every --json output holds to the contract, failures too
+            contract.held(command, res.stdout, res.returncode)
+        return res
 
     def text(self, name: str, argv: list[str], **kw) -> str:
         return self.run(name, argv, **kw).stdout.decode(errors="replace")
