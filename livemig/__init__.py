@@ -38,20 +38,62 @@ from .errors import (
     UsageError,
     WorkloadExited,
 )
+from .interrupts import Terminated, terminable
 from .options import Mode, Options
 from .progress import Callback
-from .report import CloneReport, Plan, Replica, Report, RoundReport, ThrottleStep
+from .report import (
+    CheckReport,
+    CheckRow,
+    CloneReport,
+    Pending,
+    Plan,
+    Replica,
+    Report,
+    RoundReport,
+    Settled,
+    ThrottleStep,
+)
 from .version import __version__
 
 _DEFAULTS = Options()      # every default of Options (frozen: one instance serves every call)
 
 
 async def migrate(what: int | str, host: str, options: Options = _DEFAULTS, *, progress: Callback | None = None) -> Report:
-    """Move a workload to host (an ssh host name): what is a PID (the process tree rooted
-    there) or a container's name or ID (runc or crun; Options.runtime to say which)."""
+    """Move a workload to host ([user@]host or ssh://[user@]host[:port], as ssh takes it):
+    what is a PID (the process tree rooted there) or a container's name or ID (runc or crun;
+    Options.runtime to say which). A SIGTERM meanwhile rolls it back and raises Terminated
+    (exit_code 143), unless the program handles SIGTERM itself."""
     # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
     from .source.migration import migrate as _migrate
-    return await _migrate(what, host, options, progress=progress)
+    return await terminable(_migrate(what, host, options, progress=progress))
+
+
+async def check(host: str, options: Options = _DEFAULTS) -> CheckReport:
+    """The preflight's checks against host, touching nothing: `livemig check`'s report (.ok
+    False: a check failed, its row says which and how to fix it). Raises a LivemigError
+    when host cannot be asked (ConnectionFailed)."""
+    # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
+    from .source.migration import check as _check
+    rows, mode, why = await _check(host, options)
+    return CheckReport(host, all(r.ok for r in rows), mode, why, [CheckRow(r.name, r.ok, r.detail, r.hint) for r in rows])
+
+
+async def recover(options: Options = _DEFAULTS, *, target_lost: bool = False) -> list[Settled]:
+    """`livemig recover`: settle every move on this host that its livemig left unfinished
+    (killed, or post-copy's target lost), so that exactly one copy runs on; target_lost:
+    the operator's word that the target is gone for good."""
+    # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
+    from .source.recovery import recover as _recover
+    from .source.session import ssh_connector
+    return await _recover(options, ssh_connector(options), target_lost=target_lost)
+
+
+async def pending(options: Options = _DEFAULTS) -> list[Pending]:
+    """`livemig recover --list`: what recover() would settle, and where each move stands;
+    nothing is touched."""
+    # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
+    from .source.pending import pending as _pending
+    return await _pending(options)
 
 
 async def plan(what: int | str, host: str, options: Options = _DEFAULTS, *, progress: Callback | None = None) -> Plan:
@@ -60,7 +102,7 @@ async def plan(what: int | str, host: str, options: Options = _DEFAULTS, *, prog
     expected rounds and downtime."""
     # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
     from .source.migration import plan as _plan
-    return await _plan(what, host, options, progress=progress)
+    return await terminable(_plan(what, host, options, progress=progress))
 
 
 async def clone(what: str, hosts: list[str], options: Options = _DEFAULTS, *, name: str | None = None,
@@ -72,10 +114,13 @@ async def clone(what: str, hosts: list[str], options: Options = _DEFAULTS, *, na
     replica is left anywhere)."""
     # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
     from .source.clone import clone as _clone
-    return await _clone(what, hosts, options, name=name, count=count, keep_name=keep_name, progress=progress)
+    return await terminable(_clone(what, hosts, options, name=name, count=count, keep_name=keep_name,
+                                   progress=progress))
 
 
 __all__ = [
+    "CheckReport",
+    "CheckRow",
     "CloneReport",
     "ConnectionFailed",
     "DowntimeRefused",
@@ -84,18 +129,24 @@ __all__ = [
     "LivemigError",
     "Mode",
     "Options",
+    "Pending",
     "Plan",
     "PreflightError",
     "Replica",
     "Report",
     "RestoreError",
     "RoundReport",
+    "Settled",
+    "Terminated",
     "ThrottleStep",
     "Unresolved",
     "UsageError",
     "WorkloadExited",
     "__version__",
+    "check",
     "clone",
     "migrate",
+    "pending",
     "plan",
+    "recover",
 ]

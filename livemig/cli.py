@@ -6,7 +6,6 @@ neither (the source's side with asyncssh costs some 40 ms more at every start)."
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -15,148 +14,18 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import config, contract, criu, display, logs
+from .arguments import build_parser
 from .errors import ExitCode, LivemigError, UsageError
 from .interrupts import Terminated, run
-from .options import Mode
-from .report import CheckReport, CheckRow, Recovered
-from .version import __version__
-
-EXAMPLES = """examples:
-  livemig move web1 host-b                       move the container web1 (podman, runc or crun) to host-b
-  livemig move --pid 4242 host-b                 move process 4242 and its children to host-b
-  livemig move --pid 4242 --mode stopcopy --json host-b
-  livemig move --dry-run web1 host-b             what would happen: the mode, why, expected downtime
-  livemig move web1 host-b --name web1-b         move it, named web1-b there
-  livemig clone web1 host-b host-c --count 2     two running replicas of web1 on each host (podman)
-  livemig check host-b                           can host-b take workloads from here?
-  livemig recover                                after a move that could not finish (exit code 7), or was killed
-  livemig completion bash > /etc/bash_completion.d/livemig
-"""
-CLONE_EXAMPLES = """examples:
-  livemig clone web1 host-b                      a replica named web1-clone on host-b
-  livemig clone web1 host-b --count 3            web1-clone-1, -2 and -3 on host-b
-  livemig clone web1 host-b host-c --keep-name   a replica named web1 on host-b and one on host-c
-"""
+from .report import Listed, Recovered
+from .wire.transports.destination import Destination
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="livemig", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Live-migrate running containers and process trees to another host with CRIU.")
-    ap.add_argument("--version", action="version", version=f"livemig {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    mv = sub.add_parser("move", help="move a container or a process tree to another host",
-                        usage="livemig move [options] (CTR | --pid PID) HOST",
-                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mv.add_argument("names", nargs="+", metavar="[CTR] HOST",
-                    help="the container's name or ID (unless --pid), then the target: an ssh host "
-                         "name (your ~/.ssh/config applies)")
-    mv.add_argument("--pid", type=int, help="move the process tree rooted at PID instead of a container")
-    mv.add_argument("--runtime", choices=["podman", "runc", "crun"],
-                    help="the container's runtime (default: whichever knows the container)")
-    mv.add_argument("--mode", choices=[m.value for m in Mode],
-                    help="strategy (default auto: hybrid where the kernel tracks dirty pages, "
-                         "else stop-and-copy)")
-    mv.add_argument("--max-downtime", type=float, metavar="SECONDS",
-                    help="a promise: the move is refused before the freeze (exit code 10) when its downtime "
-                         "would be longer (default: none; pre-copy aims at 0.3 s, and a longer one is told)")
-    mv.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (default 8)")
-    mv.add_argument("--no-throttle", action="store_true",
-                    help="no auto-converge: never slow the workload's CPU when pre-copy does not converge")
-    mv.add_argument("--no-fill", action="store_true",
-                    help="stop-and-copy writes the pages as image files that the restore reads back: "
-                         "slower, but the copy is whole before it runs, and the source's copy is gone "
-                         "the moment it does (by default they go into the target's memory, and into "
-                         "the copy while it runs, the source's copy waiting, stopped, until then)")
-    mv.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
-    mv.add_argument("--max-bandwidth", metavar="RATE",
-                    help="bytes a second the move sends at most, over all its streams together: pre-copy, "
-                         "the final pages, post-copy (its faults first), image files, bundles; K, M, G are "
-                         "powers of 1024, e.g. 50M or 1G (default: no cap)")
-    mv.add_argument("--reconnect-timeout", type=float, metavar="SECONDS",
-                    help="once the target's copy runs, how long to reach the target again if the link "
-                         "breaks, the copy waiting on its missing pages meanwhile, before that copy is "
-                         "given up (default 300)")
-    mv.add_argument("--tcp-established", action="store_true", help="move established TCP connections")
-    mv.add_argument("--file-locks", action="store_true",
-                    help="move the file locks the tree holds (flock, fcntl): CRIU's --file-locks on both hosts")
-    mv.add_argument("--shell-job", action="store_true",
-                    help="the tree was started from a terminal: refused, as its terminal cannot follow it")
-    mv.add_argument("--image-root",
-                    help="where private image directories go, on both hosts (default /var/lib/livemig)")
-    mv.add_argument("--name", help="the container's name on the target (default: the same name)")
-    mv.add_argument("--force", action="store_true",
-                    help="go on past must-match mismatches (podman version, network stack, kernel...) "
-                         "that can only make the restore fail, which rolls back")
-    mv.add_argument("--dry-run", action="store_true",
-                    help="run the preflight, measure the link, print the plan (mode and why, expected "
-                         "rounds and downtime) and stop: nothing is dumped or changed")
-    _report_flags(mv)
-
-    cl = sub.add_parser("clone", help="start running replicas of a podman container on other hosts",
-                        usage="livemig clone [options] CTR HOST [HOST...]",
-                        description="Checkpoint a running podman container once, leaving it running, and "
-                                    "restore replicas of it (same memory, same state) on each HOST. All or "
-                                    "nothing: if one replica fails, none is left.",
-                        epilog=CLONE_EXAMPLES,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    cl.add_argument("container", metavar="CTR", help="the running podman container's name or ID")
-    cl.add_argument("hosts", nargs="+", metavar="HOST", help="where replicas go: ssh host names")
-    cl.add_argument("--name", help="the replicas' name (default CTR-clone); with --count, NAME-1..NAME-N")
-    cl.add_argument("--count", type=int, default=1, help="replicas on each host (default 1)")
-    cl.add_argument("--keep-name", action="store_true", help="one replica per host, under CTR's own name")
-    cl.add_argument("--runtime", choices=["podman"], help="the container's runtime (only podman clones)")
-    cl.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
-    cl.add_argument("--force", action="store_true", help="go on past must-match mismatches, as for move")
-    cl.add_argument("--image-root")
-    _report_flags(cl)
-
-    ck = sub.add_parser("check", help="run the preflight checks against a host, touching nothing",
-                        epilog="example:\n  livemig check host-b", formatter_class=argparse.RawDescriptionHelpFormatter)
-    ck.add_argument("host", help="the target: an ssh host name")
-    ck.add_argument("--mode", choices=[m.value for m in Mode])
-    ck.add_argument("--image-root")
-    ck.add_argument("--json", action="store_true", help="print the checks as JSON")
-
-    cf = sub.add_parser("config", help="print the effective defaults and where each comes from",
-                        epilog="The file is $LIVEMIG_CONFIG, else ~/.config/livemig/config.toml; each "
-                               "setting may also come from LIVEMIG_<NAME> (e.g. LIVEMIG_MAX_DOWNTIME=0.5), "
-                               "and flags override both.\n\nexamples:\n  livemig config\n"
-                               "  LIVEMIG_MODE=stopcopy livemig config --json",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    cf.add_argument("--json", action="store_true", help="print them as JSON")
-
-    rc = sub.add_parser("recover", help="settle moves that failed past their final dump, on this (the source) host",
-                        description="A move whose livemig was killed past its final dump, or whose post-copy "
-                                    "lost its target, may leave the workload stopped here or on the target. "
-                                    "recover finds each such move and lets exactly one copy run on: for "
-                                    "post-copy the target's if it had every page, else this one; for "
-                                    "stop-and-copy the target's if this one was already given up, else this one.",
-                        epilog="examples:\n  livemig recover\n  livemig recover --target-lost    "
-                               "the target host is gone for good: resume the workload here",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    rc.add_argument("--target-lost", action="store_true",
-                    help="the target host is gone for good (and its copy with it): resume here without asking")
-    rc.add_argument("--image-root")
-    rc.add_argument("--json", action="store_true", help="print what was settled as JSON")
-
-    co = sub.add_parser("completion", help="print a shell completion script",
-                        epilog="examples:\n  livemig completion bash > /etc/bash_completion.d/livemig\n"
-                               "  livemig completion zsh > \"${fpath[1]}/_livemig\"",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    co.add_argument("shell", choices=["bash", "zsh"])
-
-    ag = sub.add_parser("agent", help="the target side, started by `livemig move` over ssh")
-    ag.add_argument("--image-root", default="/var/lib/livemig")
-    return ap
-
-
-def _report_flags(sub: argparse.ArgumentParser) -> None:
-    """What a command that reports (move, clone) prints, and how much on failure."""
-    sub.add_argument("--json", action="store_true", help="print only the report, as JSON")
-    sub.add_argument("-v", "--verbose", "--debug", action="store_true", dest="verbose",
-                     help="on failure, also print the lines of CRIU's logs that explain it")
+def _destination(host: str, port: int | None) -> str:
+    """The target, with --port folded in (ssh://host:port): a move's record keeps it, so that
+    `livemig recover` reaches the same host the same way. Bad input: UsageError."""
+    to = Destination.parse(host)
+    return to.with_port(port).text if port is not None else host
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
 def _command_in(argv: list[str]) -> str:
     """The command argv names, for a --json failure before its arguments parse."""
     command = next((a for a in argv if a in contract.BODIES), "")
-    return "move --dry-run" if command == "move" and "--dry-run" in argv else command
+    for flag in ("--dry-run", "--list"):
+        if f"{command} {flag}" in contract.BODIES and flag in argv:
+            return f"{command} {flag}"
+    return command
 
 
 def _failed(args, command: str, e: LivemigError) -> int:
@@ -220,27 +92,48 @@ def say(text: str, err: bool = False) -> None:
 
 
 def _check(args) -> int:
-    # this command's side only (see the module's doc)
-    from .source.migration import check
+    # the API's, which loads the source's side (see the module's doc)
+    from . import check
     try:
         options = _settings(mode=args.mode, image_root=args.image_root).options
-        rows, mode, why = run(check(args.host, options))
+        found = run(check(_destination(args.host, args.port), options))
     except LivemigError as e:
         return _failed(args, "check", e)
-    ok = all(r.ok for r in rows)
-    code = ExitCode.MOVED if ok else ExitCode.PREFLIGHT
+    code = ExitCode.MOVED if found.ok else ExitCode.PREFLIGHT
     if args.json:
-        found = CheckReport(args.host, ok, mode, why, [CheckRow(r.name, r.ok, r.detail, r.hint) for r in rows])
         print(contract.document("check", dataclasses.asdict(found), code))
     else:
-        width = max(len(r.name) for r in rows)
-        for r in rows:
+        width = max(len(r.name) for r in found.checks)
+        for r in found.checks:
             say(f"{'ok ' if r.ok else 'FAIL'} {r.name:<{width}}  {r.detail}" +
                 (f"  ({r.hint})" if not r.ok and r.hint else ""))
     return code
 
 
+def _listed(args) -> int:
+    # the API's, which loads the source's side (see the module's doc)
+    from . import pending
+    try:
+        found = run(pending(_settings(image_root=args.image_root).options))
+    except LivemigError as e:
+        return _failed(args, "recover --list", e)
+    if args.json:
+        print(contract.document("recover --list", dataclasses.asdict(Listed(found)), ExitCode.MOVED))
+    elif not found:
+        print("nothing to recover here")
+    for x in [] if args.json else found:
+        ran = f"; the target's copy was told to run {x.target_ran_seconds:.0f} s ago" if x.target_ran_seconds else ""
+        alive = "; its livemig still runs" if x.livemig_alive else ""
+        say(f"{x.migration_id}: {x.workload}" + (f", moving to {x.target}" if x.target else "")
+            + f", {x.stage}: here {x.here}{ran}{alive} (as of {x.recorded_at})")
+    return ExitCode.MOVED
+
+
 def _recover(args) -> int:
+    if args.list:
+        if args.target_lost:
+            return _failed(args, "recover --list", UsageError("--list touches nothing: not with --target-lost"))
+        return _listed(args)
     # this command's side only (see the module's doc)
     from .source.recovery import recover
     from .source.session import ssh_connector
@@ -292,10 +185,10 @@ def _move(args) -> int:
         return _failed(args, _command_in(["move", "--dry-run"] if args.dry_run else ["move"]),
                        UsageError(said))
     what = args.pid if args.pid is not None else args.names[0]
-    host = args.names[-1]
     view = display.for_cli(args.json)
 
     def call():
+        host = _destination(args.names[-1], args.port)
         options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
                                     throttle=False if args.no_throttle else None,
                                     fill=False if args.no_fill else None,
@@ -325,7 +218,7 @@ def _clone(args) -> int:
     def call():
         options = replace(_settings(compression_level=args.compression_level, image_root=args.image_root).options,
                           runtime=args.runtime, force=args.force)
-        return clone(args.container, args.hosts, options, name=args.name, count=args.count,
+        return clone(args.container, [_destination(h, args.port) for h in args.hosts], options, name=args.name, count=args.count,
                      keep_name=args.keep_name, progress=view)
     return _report(args, "clone", call, view, "no replica is left; the original runs on")
 

@@ -28,6 +28,7 @@ from .report import (
     CheckReport,
     CloneReport,
     Failure,
+    Listed,
     Plan,
     Recovered,
     Report,
@@ -41,7 +42,7 @@ SCHEMAS = Path(__file__).parent / "schemas"
 # each command's body, besides a Failure (config's is written by hand: its values are the settings')
 BODIES: dict[str, type | None] = {
     "move": Report, "move --dry-run": Plan, "clone": CloneReport, "check": CheckReport,
-    "recover": Recovered, "config": None,
+    "recover": Recovered, "recover --list": Listed, "config": None,
 }
 _COMPUTED: dict[type, dict[str, Any]] = {RoundReport: {"compression_ratio": {"type": "number"}}}    # Report.to_dict adds it
 

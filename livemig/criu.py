@@ -12,7 +12,10 @@ from pathlib import Path
 from . import protobuf
 
 # Version 4.2 is the first that dumps TCP sockets on kernels >= 6.16 (criu #2705).
-MIN_VERSION = (3, 16)    # --network-lock
+# The oldest CRIU livemig works with, checked on both hosts before anything is touched: 3.x
+# (Debian 12's 3.17) cannot dump on recent kernels ("Unexpected rt vDSO area bounds"); the lab
+# proves 4.2.1.
+MIN_VERSION = (4, 0)
 
 FEATURE_DIRTY_TRACKING = "mem_dirty_track"   # soft-dirty: needed by pre-dump
 FEATURE_LAZY_PAGES = "uffd-noncoop"          # userfaultfd for a foreign process: post-copy

@@ -89,6 +89,38 @@ async def _stoppable(coro, ended: _Ended):
         ended.done = True
 
 
+async def terminable(coro: Awaitable[T]) -> T:
+    """The API's own: SIGTERM (systemd, timeout) rolls the work back as in the CLI, and
+    raises Terminated with its report, where the program left SIGTERM to its default (death,
+    which would leave a move half done) and this is its main thread's loop. A program that
+    handles SIGTERM itself keeps its handler (the CLI's run() is one)."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    if task is None or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return await coro
+    got: list[bool] = []
+
+    def stop() -> None:
+        if not got:       # once: a second would cut the rollback short
+            got.append(True)
+            task.cancel()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return await coro    # not the main thread's loop (or no signals there): SIGTERM is the program's
+    try:
+        return await coro
+    except asyncio.CancelledError as e:
+        if not got:
+            raise
+        task.uncancel()
+        stopped = Terminated()
+        stopped.report = getattr(e, "report", None)     # what the work had done, and undone
+        stopped.phase = getattr(stopped.report, "failed_phase", None) or None
+        raise stopped from e
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)      # (which puts the default back)
+
+
 async def uncancellable(coro: Awaitable[T], told: Callable[[], None] | None = None) -> T:
     """coro's result; a cancellation (Ctrl-C) that comes meanwhile waits until it is done
     (told, if given, is called then: the user hears why the interrupt does not end it)."""

@@ -301,6 +301,25 @@ class Recovered:
 
 
 @dataclass
+class Pending:
+    """One move `livemig recover` would settle, as `recover --list` finds it (source/pending.py)."""
+    migration_id: str
+    target: str                   # "" for one killed in pre-copy (nothing of it went there)
+    workload: str
+    stage: str                    # "pre-copy", "post-copy or a fill", "stop-and-copy[, the source's copy given up]"
+    here: str                     # the source's copy, as it stands now
+    livemig_alive: bool           # the move's livemig still runs: recover leaves the move to it
+    target_ran_seconds: float     # how long, at most, the target's copy has run (0: never told to)
+    recorded_at: str              # UTC, ISO 8601: when the move last wrote where it stood
+
+
+@dataclass
+class Listed:
+    """What `livemig recover --list` found (nothing: an empty list)."""
+    pending: list[Pending] = field(default_factory=list)
+
+
+@dataclass
 class Failure:
     """A command that failed before it had a report of its own (bad arguments, a host not
     reached, a PID that is not there): what `--json` prints instead."""

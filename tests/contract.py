@@ -26,7 +26,10 @@ def command_of(argv: list[str]) -> str | None:
         return None
     rest = argv[argv.index("livemig") + 1:]
     command = next((a for a in rest if a in contract.BODIES), None)
-    return "move --dry-run" if command == "move" and "--dry-run" in rest else command
+    for flag in ("--dry-run", "--list"):
+        if f"{command} {flag}" in contract.BODIES and flag in rest:
+            return f"{command} {flag}"
+    return command
 
 
 def held(command: str, stdout: bytes, returncode: int) -> dict:

@@ -10,13 +10,14 @@ import subprocess
 import time
 
 
-def wait_stopped(lab, mover: subprocess.Popen, point: str, within: float = 120) -> list[str]:
+def wait_stopped(lab, mover: subprocess.Popen, point: str, within: float = 120, named: str = "livemig move"
+                 ) -> list[str]:
     """The PIDs on a of `livemig move` (mover, started with LIVEMIG_TEST_STOP_AT=point)
-    once it stopped itself there."""
+    once it stopped itself there (named: what its command line holds)."""
     deadline = time.monotonic() + within
     while True:
         stopped = [line.split()[0] for line in lab.text("a", ["ps", "-eo", "pid=,stat=,args="]).splitlines()
-                   if "livemig move" in line and line.split()[1].startswith("T")]
+                   if named in line and line.split()[1].startswith("T")]
         if stopped:
             return stopped
         assert mover.poll() is None, f"livemig ended before {point}: {mover.stderr.read().decode()}"

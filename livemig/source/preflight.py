@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import addresses, proc
+from .. import addresses, criu, proc
 from ..errors import Phase, PreflightError
 from ..wire.protocol import Container, HostFacts
 from . import policy
@@ -32,16 +32,26 @@ def _v(version: list[int]) -> str:
     return ".".join(map(str, version)) or "none"
 
 
+def _usable(version: list[int]) -> bool:
+    return bool(version) and tuple(version) >= criu.MIN_VERSION
+
+
+def _criu_hint(version: list[int]) -> str:
+    least = f"install CRIU {_v(list(criu.MIN_VERSION))} or newer (4.2 is the one proven)"
+    return (f"{least}: CRIU 3.x cannot dump on recent kernels (\"Unexpected rt vDSO area bounds\")"
+            if version else least)
+
+
 def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
             pids: list[int] | None = None, need_bytes: int = 0,
             container: Container | None = None,
             held: list[addresses.Bound] | None = None) -> tuple[list[Check], str, str]:
     """Every check, in the order a user should fix them; and the strategy (or "") and why."""
     rows = [
-        Check("criu here", bool(local.criu_version), f"CRIU {_v(local.criu_version)}",
-              "install criu 4.2 or newer", on_target=False),
-        Check("criu on target", bool(remote.criu_version), f"CRIU {_v(remote.criu_version)}",
-              "install criu 4.2 or newer"),
+        Check("criu here", _usable(local.criu_version), f"CRIU {_v(local.criu_version)}",
+              _criu_hint(local.criu_version), on_target=False),
+        Check("criu on target", _usable(remote.criu_version), f"CRIU {_v(remote.criu_version)}",
+              _criu_hint(remote.criu_version)),
     ]
     if local.criu_version and remote.criu_version:
         rows.append(Check("criu versions", tuple(remote.criu_version) >= tuple(local.criu_version),

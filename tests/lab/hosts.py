@@ -18,6 +18,7 @@ from .proc import LabError, run
 LAB_DIR = Path(os.environ.get("LIVEMIG_LAB_DIR", "/var/tmp/livemig-lab"))
 REPO = Path(__file__).resolve().parents[2]
 SUBNET = "198.18.0"
+SSH_PORT_TOO = 2222    # each host's sshd listens here too: targets named with a port (ssh://root@b:2222)
 HOST_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME=/root", "LANG=C.UTF-8", "PODMAN_IGNORE_CGROUPSV1_WARNING=1"]
 
@@ -99,7 +100,9 @@ def prepare_host_files(names: list[str], addrs: dict[str, str]) -> None:
         hostkey = upper / "etc/ssh/lab_host_ed25519_key"
         hostkey.parent.mkdir(parents=True)
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"host {name}", "-f", hostkey])
-        known.append(f"{name},{addrs[name]} " + " ".join(hostkey.with_suffix(".pub").read_text().split()[:2]))
+        key = " ".join(hostkey.with_suffix(".pub").read_text().split()[:2])
+        known.append(f"{name},{addrs[name]} {key}")
+        known.append(f"[{name}]:{SSH_PORT_TOO},[{addrs[name]}]:{SSH_PORT_TOO} {key}")    # as ssh writes them
     hosts_file = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n" + \
         "".join(f"{addrs[nm]} {nm}\n" for nm in names)
     pyver = _python_version(rootfs.path())
@@ -120,6 +123,7 @@ def prepare_host_files(names: list[str], addrs: dict[str, str]) -> None:
             f.chmod(0o600)
         (u / "etc/ssh/sshd_config.d").mkdir(parents=True)
         (u / "etc/ssh/sshd_config.d/lab.conf").write_text(
+            f"Port 22\nPort {SSH_PORT_TOO}\n"
             "HostKey /etc/ssh/lab_host_ed25519_key\nPermitRootLogin prohibit-password\n"
             "PasswordAuthentication no\nUsePAM no\nUseDNS no\n"
             "MaxStartups 100:30:200\nMaxSessions 64\n")

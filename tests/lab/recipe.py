@@ -11,7 +11,7 @@ MIRROR = "http://deb.debian.org/debian"
 # host on the system python3 with nothing fetched from PyPI at lab start.
 PACKAGES = [
     "openssh-server", "openssh-client",
-    "python3", "python3-asyncssh", "python3-aiofiles", "python3-zstandard",
+    "python3", "python3-asyncssh", "python3-zstandard",
     "python3-uvloop", "python3-rich", "python3-shtab", "python3-xxhash",
     "runc", "crun",
     "podman", "conmon", "netavark", "aardvark-dns", "catatonit",

@@ -188,3 +188,14 @@ def test_a_lock_the_tree_holds_is_found_and_so_is_one_taken_where_it_would_be_re
     rows, _, _ = compare(facts(), facts(locks_taken=[str(path)]), "auto", pids=[42])
     row = next(r for r in rows if r.name == "locked files free on target")
     assert failed(rows) == ["locked files free on target"] and str(path) in row.detail and "for ever" in row.detail
+
+
+def test_a_criu_older_than_livemig_works_with_is_refused_on_either_host_saying_why():
+    rows, _, _ = compare(facts(criu_version=[3, 17]), facts(), "auto")
+    [here] = [r for r in rows if r.name == "criu here"]
+    assert not here.ok and not here.on_target and "vDSO" in here.hint and "4.0 or newer" in here.hint
+    rows, _, _ = compare(facts(), facts(criu_version=[3, 17]), "auto")
+    [there] = [r for r in rows if r.name == "criu on target"]
+    assert not there.ok and there.on_target and "3.17" in there.detail
+    rows, _, _ = compare(facts(criu_version=[4, 0]), facts(criu_version=[4, 0]), "auto")
+    assert all(r.ok for r in rows if r.name.startswith("criu"))

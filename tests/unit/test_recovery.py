@@ -363,3 +363,23 @@ async def test_a_held_container_that_is_gone_or_stopped_cannot_be_resumed(runtim
     with pytest.raises(LivemigError, match="web1"):
         await HeldCopy(rt, [], "web1").resume()
     assert ran == []
+
+
+async def test_recover_list_says_where_each_move_stands_and_touches_nothing(root, here):
+    from livemig.source.pending import pending
+    record(root, 1)
+    rec = record(root, 2)
+    rec.lazy, rec.target_resumed_at = False, 0.0
+    rec.committed = True
+    rec.save(root / "2026-2-source")
+    (root / "2026-3-source").mkdir(mode=0o700)
+    (root / "2026-3-source" / recovery.RECORD).write_text("{not json")
+    here[(4242 + 1, 7)] = held.HELD
+    before = sorted(str(p) for p in root.rglob("*"))
+    found = await pending(Options(image_root=str(root)))
+    assert [(x.migration_id, x.target, x.stage, x.here, x.livemig_alive) for x in found] == [
+        ("2026-1", "b", "post-copy or a fill", "held by a tracer (CRIU, or a debugger)", False),
+        ("2026-2", "b", "stop-and-copy, the source's copy given up", "stopped", False),
+        ("2026-3", "", "unknown", found[2].here, False)]
+    assert "cannot read" in found[2].here and all(x.recorded_at.endswith("+00:00") for x in found)
+    assert sorted(str(p) for p in root.rglob("*")) == before       # nothing settled, nothing deleted

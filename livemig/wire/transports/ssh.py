@@ -1,4 +1,6 @@
-"""A host reached over SSH with asyncssh: the user's ~/.ssh/config, agent, keys and known_hosts.
+"""A host reached over SSH with asyncssh: the user's ~/.ssh/config and the system's
+/etc/ssh/ssh_config, agent, keys, and known_hosts (~/.ssh/ and /etc/ssh/ssh_known_hosts).
+The host is named as ssh names it: [user@]host or ssh://[user@]host[:port] (destination.py).
 
 Host keys are always verified against known_hosts: an unknown or changed key
 stops the connection. asyncssh (2.18 on) reads `UserKnownHostsFile none` in the
@@ -12,6 +14,7 @@ from __future__ import annotations
 import shlex
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 with warnings.catch_warnings():
@@ -24,6 +27,11 @@ with warnings.catch_warnings():
 from ...errors import ConnectionFailed
 from ...options import SIZES
 from . import Completed
+from .destination import Destination
+
+# as ssh(1) reads them, in its order
+CONFIGS = (Path("~/.ssh/config"), Path("/etc/ssh/ssh_config"))
+KNOWN_HOSTS = (Path("~/.ssh/known_hosts"), Path("/etc/ssh/ssh_known_hosts"))
 
 # AES-GCM first: on our machines it moved twice what chacha20-poly1305 did. The rest
 # keep us working with an sshd that offers no GCM.
@@ -51,19 +59,23 @@ class SshTransport:
 
     @classmethod
     async def connect(cls, host: str, *, timeout: float = 15.0) -> SshTransport:
+        """host: a destination as ssh takes it (destination.py)."""
+        to = Destination.parse(host)
+        given: dict[str, Any] = {k: v for k, v in (("username", to.user), ("port", to.port)) if v is not None}
         try:
-            # the user's config (config=(): ~/.ssh/config, as connect() reads it) for host, with
-            # what it may not change
+            # the user's config and the system's, as ssh reads them (the first value found wins),
+            # for the host, with what they may not change
             options = await asyncssh.SSHClientConnectionOptions.construct(
-                config=(), host=host, encryption_algs=CIPHERS, compression_algs=None, connect_timeout=timeout,
-                keepalive_interval=5, keepalive_count_max=3, agent_forwarding=False)
+                config=[str(f.expanduser()) for f in CONFIGS if f.expanduser().is_file()] or (), host=to.host,
+                encryption_algs=CIPHERS, compression_algs=None, connect_timeout=timeout,
+                keepalive_interval=5, keepalive_count_max=3, agent_forwarding=False, **given)
             if options.known_hosts is None:
-                raise ConnectionFailed("~/.ssh/config says UserKnownHostsFile none, which turns host key "
+                raise ConnectionFailed("the ssh config says UserKnownHostsFile none, which turns host key "
                                        "checks off", host=host,
                                        hint="livemig always verifies host keys: name a known_hosts file there")
-            # explicit, so that nothing read later turns the check off ([]: ~/.ssh/known_hosts)
-            conn = await asyncssh.connect(host, options=options, known_hosts=options.known_hosts,
-                                          agent_forwarding=False)
+            # explicit, so that nothing read later turns the check off; none named: ssh's own two
+            known = options.known_hosts or [str(f.expanduser()) for f in KNOWN_HOSTS if f.expanduser().is_file()]
+            conn = await asyncssh.connect(to.host, options=options, known_hosts=known, agent_forwarding=False)
         except asyncssh.HostKeyNotVerifiable as e:
             raise ConnectionFailed(f"the host key is not trusted ({e.reason})", host=host,
                                    hint="check its fingerprint, then add it to ~/.ssh/known_hosts") from None

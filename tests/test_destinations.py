@@ -1,0 +1,45 @@
+"""Targets named as ssh names them (issue 28): a user, a port, in ssh's two forms and with
+--port, each taking a real move in the lab. Each host's sshd listens on 22 and on
+hosts.SSH_PORT_TOO; a port where nothing listens is refused, so the port named is the one used."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.lab.hosts import SSH_PORT_TOO
+
+pytestmark = pytest.mark.lab
+
+
+def test_a_target_named_with_a_user_and_a_port_takes_the_move(lab):
+    work = lab.start_workload("a", mib=64, dirty_mibps=4, pid=4801, port=7881)
+    before = work.query("a")
+    try:
+        for src, dst, named, recorded in (
+                ("a", "b", ["root@b"], "root@b"),
+                ("b", "a", [f"ssh://root@a:{SSH_PORT_TOO}"], f"ssh://root@a:{SSH_PORT_TOO}"),
+                ("a", "b", ["-p", str(SSH_PORT_TOO), "b"], f"ssh://b:{SSH_PORT_TOO}")):
+            res = lab.run(src, ["livemig", "move", "--pid", str(work.pid), "--json", *named], check=False, timeout=600)
+            assert res.returncode == 0, res.stderr.decode()
+            report = json.loads(res.stdout)
+            assert (report["outcome"], report["target"]) == ("moved", recorded), report
+            after = work.query(dst, wait=10)
+            assert after["host"] == dst and after["counter"] > before["counter"]
+            assert work.query(dst, "verify")["bad_pages"] == 0
+            assert lab.run(src, ["kill", "-0", str(work.pid)], check=False).returncode != 0    # one copy only
+            before = after
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["kill", str(work.pid)], check=False)
+
+
+def test_check_reaches_the_port_it_is_given_and_no_other(lab):
+    res = lab.run("a", ["livemig", "check", "--json", f"ssh://root@b:{SSH_PORT_TOO}"], check=False)
+    assert res.returncode == 0 and json.loads(res.stdout)["ok"], res.stdout.decode()
+    res = lab.run("a", ["livemig", "check", "--json", "-p", str(SSH_PORT_TOO + 1), "root@b"], check=False)
+    failed = json.loads(res.stdout)
+    assert res.returncode == 4 and "refused" in failed["error"].lower(), failed
+    assert failed["host"] == f"ssh://root@b:{SSH_PORT_TOO + 1}", failed
