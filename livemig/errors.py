@@ -22,21 +22,39 @@ if TYPE_CHECKING:
 
 
 class ExitCode(IntEnum):
-    MOVED = 0            # the workload runs on the target, and only there
-    FAILED = 1           # an unexpected failure; the workload runs on the source
-    USAGE = 2            # bad arguments: nothing was touched
-    PREFLIGHT = 3        # a check failed before the source was touched
-    CONNECTION = 4       # the target could not be reached or lost on the way; rolled back
-    DUMP = 5             # CRIU could not checkpoint the workload; it runs on the source
-    RESTORE = 6          # the target could not restore; rolled back, it runs on the source
-    UNRESOLVED = 7       # post-copy lost the target: the source's copy waits, stopped; `livemig recover`
-    EXITED = 8           # the workload exited by itself during the move: it runs nowhere, as it chose
-    TARGET_LOST = 9      # the target's copy ran, then was lost: the source's waits, stopped, as of its final
-                         # dump; only `livemig recover --target-lost` runs it again (what the other did is lost)
-    DOWNTIME = 10        # the downtime would be over --max-downtime: refused before the freeze; it runs on
-                         # the source (the report's expected_downtime_seconds, and the error's hint: what it takes)
-    INTERRUPTED = 130    # Ctrl-C: rolled back, it runs on the source
-    TERMINATED = 143     # SIGTERM: rolled back, as for Ctrl-C
+    """What each means: EXIT_CODES_SAID, below (the man page and the README say the same)."""
+    MOVED = 0
+    FAILED = 1
+    USAGE = 2
+    PREFLIGHT = 3
+    CONNECTION = 4
+    DUMP = 5
+    RESTORE = 6
+    UNRESOLVED = 7
+    EXITED = 8
+    TARGET_LOST = 9
+    DOWNTIME = 10
+    INTERRUPTED = 130
+    TERMINATED = 143
+
+
+EXIT_CODES_SAID = {
+    ExitCode.MOVED: "the workload runs on the target, and only there (check: every check passed)",
+    ExitCode.FAILED: "an unexpected failure; the workload runs on the source",
+    ExitCode.USAGE: "bad arguments: nothing was touched",
+    ExitCode.PREFLIGHT: "a check failed before the source was touched",
+    ExitCode.CONNECTION: "the target could not be reached, or was lost on the way; rolled back",
+    ExitCode.DUMP: "CRIU could not checkpoint the workload; it runs on the source",
+    ExitCode.RESTORE: "the target could not restore; rolled back, it runs on the source",
+    ExitCode.UNRESOLVED: "post-copy lost the target: the source's copy waits, stopped; `livemig recover` settles it",
+    ExitCode.EXITED: "the workload exited by itself during the move: it runs nowhere, as it chose",
+    ExitCode.TARGET_LOST: ("the target's copy ran, then was lost: the source's waits, stopped, as of its final dump; "
+                           "only `livemig recover --target-lost` runs it again (what the other did is lost)"),
+    ExitCode.DOWNTIME: ("the downtime would be over --max-downtime: refused before the freeze; it runs on the "
+                        "source (the report's expected_downtime_seconds, and the error's hint: what it takes)"),
+    ExitCode.INTERRUPTED: "Ctrl-C: rolled back, it runs on the source",
+    ExitCode.TERMINATED: "SIGTERM: rolled back, as for Ctrl-C",
+}
 
 
 class Phase:
@@ -85,6 +103,11 @@ class DowntimeRefused(LivemigError):
 
 class ConnectionFailed(LivemigError):
     exit_code = ExitCode.CONNECTION
+
+
+class StreamsRefused(ConnectionFailed):
+    """The target's sshd refuses the agent's data streams (streamlocal forwarding): every
+    move needs them, so `livemig check` says so in a row of its own."""
 
 
 class DumpError(LivemigError):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.lab.hosts import SSH_PORT_TOO
+from tests.lab.hosts import SSH_PORT_NO_STREAMS, SSH_PORT_TOO
 
 pytestmark = pytest.mark.lab
 
@@ -43,3 +43,30 @@ def test_check_reaches_the_port_it_is_given_and_no_other(lab):
     failed = json.loads(res.stdout)
     assert res.returncode == 4 and "refused" in failed["error"].lower(), failed
     assert failed["host"] == f"ssh://root@b:{SSH_PORT_TOO + 1}", failed
+
+
+def test_an_sshd_that_refuses_the_agent_s_streams_is_named_in_check_with_the_setting_to_change(lab, work_on_a):
+    lab.run("b", ["/usr/sbin/sshd", "-p", str(SSH_PORT_NO_STREAMS), "-o", "AllowStreamLocalForwarding=no",
+                  "-o", f"PidFile=/run/sshd-{SSH_PORT_NO_STREAMS}.pid"])
+    try:
+        res = lab.run("a", ["livemig", "check", "--json", "-p", str(SSH_PORT_NO_STREAMS), "root@b"], check=False)
+        found = json.loads(res.stdout)
+        [streams] = [c for c in found["checks"] if c["name"] == "data streams"]
+        assert res.returncode == 3 and not found["ok"] and not streams["ok"], found
+        assert "AllowStreamLocalForwarding yes" in streams["hint"], streams
+        # a move there stops in its preflight, saying the same; the workload runs on, untouched
+        work, before = work_on_a
+        res = lab.run("a", ["livemig", "move", "--pid", str(work.pid), "-p", str(SSH_PORT_NO_STREAMS), "root@b"],
+                      check=False)
+        assert res.returncode == 4 and b"AllowStreamLocalForwarding yes" in res.stderr, res.stderr
+        assert work.query("a")["counter"] > before["counter"]
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    finally:
+        lab.run("b", ["sh", "-c", f"kill $(cat /run/sshd-{SSH_PORT_NO_STREAMS}.pid)"], check=False)
+
+
+@pytest.fixture
+def work_on_a(lab):
+    work = lab.start_workload("a", mib=16, pid=4803, port=7883)
+    yield work, work.query("a")
+    lab.run("a", ["kill", str(work.pid)], check=False)

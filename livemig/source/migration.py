@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import addresses, host, interrupts, logs, runtimes
-from ..errors import LivemigError, Phase, PreflightError, record_failure
+from ..errors import LivemigError, Phase, PreflightError, StreamsRefused, record_failure
 from ..options import Mode, Options
 from ..pages import pagehash
 from ..progress import Cautioned, Connecting, Event, ModeChosen
@@ -234,7 +234,10 @@ class Migration:
             local, remote = await self._probe_both([], None)
             rows, mode, why = checks.compare(local, remote, self.m.options.mode.value)
             if all(r.ok for r in rows[:3]):
-                rows.append(await self._check_cpu())
+                try:
+                    rows.append(await self._check_cpu())     # its image goes on a data stream
+                except StreamsRefused as e:
+                    rows.append(checks.Check("data streams", False, e.message, e.hint or ""))
             return rows, mode, why
         finally:
             await self.close()

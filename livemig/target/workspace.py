@@ -78,6 +78,8 @@ class Workspace:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             token = (await reader.readline()).decode(errors="replace").strip()
+            if not token:
+                return      # closed unnamed (a probe, or a coordinator gone as it opened it): nobody waits for it
             fut = self._waiting(token)
             if not fut.done():
                 fut.set_result((reader, writer, done))

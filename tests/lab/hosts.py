@@ -19,6 +19,7 @@ LAB_DIR = Path(os.environ.get("LIVEMIG_LAB_DIR", "/var/tmp/livemig-lab"))
 REPO = Path(__file__).resolve().parents[2]
 SUBNET = "198.18.0"
 SSH_PORT_TOO = 2222    # each host's sshd listens here too: targets named with a port (ssh://root@b:2222)
+SSH_PORT_NO_STREAMS = 2224    # where a test starts an sshd that refuses streamlocal forwarding (known_hosts knows it)
 HOST_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME=/root", "LANG=C.UTF-8", "PODMAN_IGNORE_CGROUPSV1_WARNING=1"]
 
@@ -102,7 +103,7 @@ def prepare_host_files(names: list[str], addrs: dict[str, str]) -> None:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"host {name}", "-f", hostkey])
         key = " ".join(hostkey.with_suffix(".pub").read_text().split()[:2])
         known.append(f"{name},{addrs[name]} {key}")
-        known.append(f"[{name}]:{SSH_PORT_TOO},[{addrs[name]}]:{SSH_PORT_TOO} {key}")    # as ssh writes them
+        known += [f"[{name}]:{port},[{addrs[name]}]:{port} {key}" for port in (SSH_PORT_TOO, SSH_PORT_NO_STREAMS)]
     hosts_file = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n" + \
         "".join(f"{addrs[nm]} {nm}\n" for nm in names)
     pyver = _python_version(rootfs.path())

@@ -24,7 +24,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="DSA is deprecated")
     import asyncssh
 
-from ...errors import ConnectionFailed
+from ...errors import ConnectionFailed, StreamsRefused
 from ...options import SIZES
 from . import Completed
 from .destination import Destination
@@ -32,6 +32,10 @@ from .destination import Destination
 # as ssh(1) reads them, in its order
 CONFIGS = (Path("~/.ssh/config"), Path("/etc/ssh/ssh_config"))
 KNOWN_HOSTS = (Path("~/.ssh/known_hosts"), Path("/etc/ssh/ssh_known_hosts"))
+
+# what to change where sshd refuses the agent's data streams
+STREAMS_HINT = ("set `AllowStreamLocalForwarding yes` in the target's /etc/ssh/sshd_config (the default; "
+                "`DisableForwarding yes`, or a Match block, turns it off) and reload sshd")
 
 # AES-GCM first: on our machines it moved twice what chacha20-poly1305 did. The rest
 # keep us working with an sshd that offers no GCM.
@@ -110,8 +114,8 @@ class SshTransport:
             return await self._conn.open_unix_connection(path, window=SIZES.ssh_window, max_pktsize=SIZES.ssh_max_packet)
         except asyncssh.ChannelOpenError as e:
             if e.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-                raise ConnectionFailed(f"sshd refused a stream to {path} ({e.reason})", host=self.host,
-                                       hint="livemig needs AllowStreamLocalForwarding in sshd_config") from None
+                raise StreamsRefused(f"sshd refused a stream to {path} ({e.reason})", host=self.host,
+                                     hint=STREAMS_HINT) from None
             # the connection closed, or nobody listens there any more: the agent is gone
             raise ConnectionFailed(f"no stream to the agent ({e.reason}): it, or the connection, is gone",
                                    host=self.host) from None
