@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _port_flag(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("-p", "--port", type=int, help="the target's ssh port (default: the ssh config's, or 22)")
+    sub.add_argument("--no-bootstrap", action="store_true",
+                     help="run the livemig installed on the target (by default the target runs this one, "
+                          "brought over ssh where it is not there yet: it needs only Python 3.11, zstandard, "
+                          "xxhash and CRIU)")
 
 
 def _report_flags(sub: argparse.ArgumentParser) -> None:

@@ -95,7 +95,7 @@ def _check(args) -> int:
     # the API's, which loads the source's side (see the module's doc)
     from . import check
     try:
-        options = _settings(mode=args.mode, image_root=args.image_root).options
+        options = _settings(mode=args.mode, image_root=args.image_root, bootstrap=_no(args.no_bootstrap)).options
         found = run(check(_destination(args.host, args.port), options))
     except LivemigError as e:
         return _failed(args, "check", e)
@@ -157,6 +157,11 @@ def _recover(args) -> int:
     return code
 
 
+def _no(flag: bool) -> bool | None:
+    """A --no-X flag as a setting: False when given, else not given (the config's, or the default)."""
+    return False if flag else None
+
+
 def _settings(**flags) -> config.Config:
     """The config file and LIVEMIG_* variables, then the flags given (None: not given)."""
     return config.load().with_flags(**flags)
@@ -190,10 +195,10 @@ def _move(args) -> int:
     def call():
         host = _destination(args.names[-1], args.port)
         options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
-                                    throttle=False if args.no_throttle else None,
-                                    fill=False if args.no_fill else None,
+                                    throttle=_no(args.no_throttle),
+                                    fill=_no(args.no_fill),
                                     compression_level=args.compression_level, image_root=args.image_root,
-                                    max_bandwidth=args.max_bandwidth,
+                                    max_bandwidth=args.max_bandwidth, bootstrap=_no(args.no_bootstrap),
                                     reconnect_timeout=args.reconnect_timeout).options,
                           runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job,
@@ -216,7 +221,8 @@ def _clone(args) -> int:
     view = display.for_cli(args.json)
 
     def call():
-        options = replace(_settings(compression_level=args.compression_level, image_root=args.image_root).options,
+        options = replace(_settings(compression_level=args.compression_level, image_root=args.image_root,
+                                    bootstrap=_no(args.no_bootstrap)).options,
                           runtime=args.runtime, force=args.force)
         return clone(args.container, [_destination(h, args.port) for h in args.hosts], options, name=args.name, count=args.count,
                      keep_name=args.keep_name, progress=view)

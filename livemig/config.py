@@ -71,6 +71,8 @@ SETTINGS = {
     "max_bandwidth": (parse_rate, ("bytes a second one move sends at most, over all its streams "
                                    "(K, M, G: powers of 1024; e.g. \"50M\"); unset: no cap")),
     "image_root": (_path, "where the private image directories live, on both hosts"),
+    "bootstrap": (_bool, ("the target runs this livemig, brought over ssh where it is not there yet; false: the "
+                          "livemig installed there")),
     "connect_timeout": (_positive(float), "seconds to reach a host over SSH"),
     "reconnect_timeout": (_positive(float), ("seconds to reach the target again once the link broke while "
                                              "its copy runs, before that copy is given up")),

@@ -107,7 +107,17 @@ class ConnectionFailed(LivemigError):
 
 class StreamsRefused(ConnectionFailed):
     """The target's sshd refuses the agent's data streams (streamlocal forwarding): every
-    move needs them, so `livemig check` says so in a row of its own."""
+    move needs them, so `livemig check` says so in a row of its own. OpenSSH refuses them
+    as it fails to reach a socket that is not there ("open failed"), so where the agent
+    runs a refusal is told as this."""
+
+    HINT = ("set `AllowStreamLocalForwarding yes` in the target's /etc/ssh/sshd_config (the default; "
+            "`DisableForwarding yes`, or a Match block, turns it off) and reload sshd; a key restricted "
+            "in root's authorized_keys there (`restrict`) needs `port-forwarding` among its options")
+
+    def __init__(self, message: str, **kw):
+        kw.setdefault("hint", self.HINT)
+        super().__init__(message, **kw)
 
 
 class DumpError(LivemigError):

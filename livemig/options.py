@@ -31,7 +31,11 @@ class Options:
                                       # (QEMU's max-bandwidth; bandwidth.py); None: no cap
     criu: criu.Options = field(default_factory=criu.Options)
     image_root: str = "/var/lib/livemig"   # private image directories live here, on both hosts
-    agent_command: tuple[str, ...] = ("livemig",)   # how to run livemig on the target
+    # The target runs the coordinator's own livemig, brought over the ssh connection where it is
+    # not there yet (source/bootstrap.py), with its python3; False: the installed agent_command.
+    bootstrap: bool = True
+    target_python: str = "python3"
+    agent_command: tuple[str, ...] = ("livemig",)   # how to run an installed livemig on the target
     connect_timeout: float = 15.0
     # Once the target's copy runs, a broken link is reached again for this long (the copy waits on
     # its missing pages meanwhile) before the copy is given up. Given up, the workload is down until
@@ -70,6 +74,7 @@ class Waits:
     verdict_forgotten: float = 10.0       # for the agent to take Finish once its verdict is ours
     abort: float = 30.0                   # for the agent to undo its side of a move rolled back
     agent_exit: float = 10.0              # for the agent to exit once its input ended; then it is killed
+    agent_brought: float = 60.0           # for livemig's zip (some 300 KiB) to reach a target and be unpacked
     reconnect_first_retry: float = 0.5    # before trying a broken link again; doubled at each try, up to
     reconnect_longest_retry: float = 10.0  # this: a link back after a blip is used at once, and a host down
     #                                      for minutes is not asked twenty times a second

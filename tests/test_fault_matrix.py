@@ -28,7 +28,7 @@ The faults:
 - exits: the workload killed, which livemig cannot tell from exiting by itself.
 
 The cells that cannot happen are not tests: they are in NOT_APPLICABLE, with why (the
-README's "What can go wrong" table says the same). Slower variants of some cells, with
+docs/guarantees.md's "What can go wrong" says the same). Slower variants of some cells, with
 larger workloads broken mid-stream, or a link dropped rather than cut, are in
 test_postcopy_faults.py, test_fill_faults.py and test_stopcopy_faults.py.
 """
@@ -251,7 +251,7 @@ TRANSFER = _row("transfer", cut=Outcome(4, A, "transfer"), agent=Outcome(4, A, "
 RESTORE = _row("restore", cut=Outcome(4, A, "restore"), agent=Outcome(4, A, "restore"),
                disk=Outcome(6, A, "restore"), restore=Outcome(6, A, "restore"),
                ctrl_c=Outcome(130, A, "restore"), sigkill=KILLED)
-# What each cell must end in (the README's "What can go wrong" says the same). A fault
+# What each cell must end in (docs/guarantees.md's "What can go wrong" says the same). A fault
 # often shows in the phase after the one it was injected in: a final dump needs no link
 # (its pages stay on the source until the copy asks), the images do. The fill's copy has
 # every page on its host when it runs; the fault may land before or after it is whole.

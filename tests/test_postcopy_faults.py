@@ -265,6 +265,10 @@ def killed_mid_move_then_recovered(lab, work, mode: str) -> None:
     # the source's copy waits, stopped, whatever the target's did (once CRIU, which
     # outlived the coordinator, lets go of it: until then it may show as runnable)
     assert settled_state(lab, work.pid).startswith("T")
+    # what recover would settle, listed first: nothing is touched (recover below finds it all still there)
+    listed = json.loads(lab.run("a", ["livemig", "recover", "--list", "--json"]).stdout)["pending"]
+    assert [(x["workload"], x["target"], x["stage"], x["livemig_alive"]) for x in listed] == [
+        (f"PID {work.pid}", "b", "post-copy or a fill", False)], listed
     settled = recover_when_settled(lab)
     if settled["outcome"] == "target lost":
         # it ran, and is gone: the source's copy waits for the operator's word

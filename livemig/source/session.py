@@ -24,6 +24,7 @@ from ..errors import (
     Phase,
     PreflightError,
     RestoreError,
+    StreamsRefused,
 )
 from ..options import WAITS, Options
 from ..pages import postcopy, push
@@ -31,6 +32,7 @@ from ..version import __version__
 from ..wire import protocol as p
 from ..wire import streams
 from ..wire.transports import Process, Transport
+from . import bootstrap
 from .preflight import Check
 
 NOT_IMAGES = {"stats-dump", "parent"}    # in an image directory, but not for the target
@@ -70,22 +72,38 @@ class TargetSession:
     async def open(self, successor: bool = False) -> None:
         """successor: the agent takes over the copy of one that died (TakeOver next)."""
         transport = self.transport = await self._connect(self.target)
-        argv = [*self.options.agent_command, "agent", "--image-root", self.options.image_root]
-        agent = self.agent_proc = await transport.start(argv)
-        self.agent = p.Channel(agent.reader, agent.writer)
-        try:
-            await p.write_message(agent.writer, p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id,
-                                                        successor))
-            welcome = await p.read_message(agent.reader)
-        except (EOFError, ConnectionError, p.ProtocolError):
-            done = await agent.wait()
+        o = self.options
+        argv = (bootstrap.agent_argv(o.target_python, o.image_root) if o.bootstrap
+                else [*o.agent_command, "agent", "--image-root", o.image_root])
+        for brought in (False, True):
+            agent = self.agent_proc = await transport.start(argv)
+            self.agent = p.Channel(agent.reader, agent.writer)
+            try:
+                await p.write_message(agent.writer, p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id,
+                                                            successor))
+                welcome = await p.read_message(agent.reader)
+                break
+            except (EOFError, ConnectionError, p.ProtocolError):
+                done = await agent.wait()
+            if o.bootstrap and done.returncode == bootstrap.UNPACKED_MISSING and not brought:
+                await self._bring_agent(transport)     # the first move here from this livemig
+                continue
             err = done.stderr.decode(errors="replace").strip().splitlines()
             why = err[-1] if err else f"exit status {done.returncode}"
             raise PreflightError(f"cannot start the livemig agent: {why}", host=self.target,
-                                 hint="is livemig installed there, and CRIU?") from None
+                                 hint=None if o.bootstrap else "is livemig installed there, and CRIU?")
         if isinstance(welcome, p.Failed):
             raise PreflightError(welcome.message, host=self.target)
         self.welcome = welcome
+
+    async def _bring_agent(self, transport: Transport) -> None:
+        """This livemig, unpacked on the target for its agent (bootstrap.py)."""
+        done = await transport.run(bootstrap.unpack_argv(self.options.target_python), input=bootstrap.packed()[1],
+                                   timeout=WAITS.agent_brought)
+        if done.returncode != 0:
+            err = done.stderr.decode(errors="replace").strip().splitlines()
+            raise PreflightError(f"cannot bring livemig's agent there: {err[-1] if err else done.returncode}",
+                                 host=self.target, hint="--no-bootstrap runs the livemig installed there")
 
     async def rejoin(self, tok: str) -> None:
         """The link to the agent broke while its copy runs: a fresh connection to its host,
@@ -153,7 +171,16 @@ class TargetSession:
         on = transport or self.transport
         if on is None or self.welcome is None:
             raise ConnectionFailed(f"no connection to {self.target}'s agent for a data stream", host=self.target)
-        reader, writer = await on.open_unix(self.welcome.stream_socket)
+        try:
+            reader, writer = await on.open_unix(self.welcome.stream_socket)
+        except StreamsRefused:
+            raise
+        except ConnectionFailed as e:
+            if self.agent_proc is not None and self.agent_proc.running():
+                # the agent runs, and listens there: its sshd would not forward the stream
+                raise StreamsRefused(f"sshd refused a stream to the agent, which runs ({e.detail or e.message})",
+                                     host=self.target) from None
+            raise
         writer.write(tok.encode() + b"\n")
         await writer.drain()
         return reader, writer

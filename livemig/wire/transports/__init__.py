@@ -33,6 +33,7 @@ class Process(Protocol):
 
     async def wait(self) -> Completed: ...
     def kill(self) -> None: ...
+    def running(self) -> bool: ...     # not ended, its stdio open
 
 
 class Transport(Protocol):

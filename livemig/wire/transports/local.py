@@ -26,6 +26,9 @@ class LocalProcess:
         if self._p.returncode is None:
             self._p.kill()
 
+    def running(self) -> bool:
+        return self._p.returncode is None
+
 
 class LocalTransport:
     host = "localhost"

@@ -33,10 +33,6 @@ from .destination import Destination
 CONFIGS = (Path("~/.ssh/config"), Path("/etc/ssh/ssh_config"))
 KNOWN_HOSTS = (Path("~/.ssh/known_hosts"), Path("/etc/ssh/ssh_known_hosts"))
 
-# what to change where sshd refuses the agent's data streams
-STREAMS_HINT = ("set `AllowStreamLocalForwarding yes` in the target's /etc/ssh/sshd_config (the default; "
-                "`DisableForwarding yes`, or a Match block, turns it off) and reload sshd")
-
 # AES-GCM first: on our machines it moved twice what chacha20-poly1305 did. The rest
 # keep us working with an sshd that offers no GCM.
 CIPHERS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
@@ -55,6 +51,9 @@ class SshProcess:
 
     def kill(self) -> None:
         self._p.close()
+
+    def running(self) -> bool:
+        return self._p.exit_status is None and not self._p.is_closing()
 
 
 class SshTransport:
@@ -114,11 +113,10 @@ class SshTransport:
             return await self._conn.open_unix_connection(path, window=SIZES.ssh_window, max_pktsize=SIZES.ssh_max_packet)
         except asyncssh.ChannelOpenError as e:
             if e.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-                raise StreamsRefused(f"sshd refused a stream to {path} ({e.reason})", host=self.host,
-                                     hint=STREAMS_HINT) from None
+                raise StreamsRefused(f"sshd refused a stream to {path} ({e.reason})", host=self.host) from None
             # the connection closed, or nobody listens there any more: the agent is gone
             raise ConnectionFailed(f"no stream to the agent ({e.reason}): it, or the connection, is gone",
-                                   host=self.host) from None
+                                   host=self.host, detail=e.reason) from None
 
     async def close(self) -> None:
         self._conn.close()
