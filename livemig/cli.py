@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:       # move and clone say what was put back; check and recover are run again
         print("livemig: interrupted", file=sys.stderr)
         if getattr(args, "json", False):
-            print(contract.failure(args.command, "interrupted", "", ExitCode.INTERRUPTED))
+            print(contract.failure(_command_in(argv), "interrupted", "", ExitCode.INTERRUPTED))
         return ExitCode.INTERRUPTED
     # (SIGTERM: Terminated, a LivemigError that each command's own handler prints as
     # "livemig: terminated" and turns into 143, as this one did before.)

@@ -135,6 +135,47 @@ def resident_bytes(pids: list[int]) -> int:
     return _summed(pids, "status", "VmRSS")["VmRSS"]
 
 
+# Where a path names no file a restore opens by that path: the kernel's own (CRIU restores
+# these its own way), and what a mapping's name may hold besides a path.
+_NOT_FILES = ("/proc/", "/sys/", "/memfd:", "/SYSV", "/anon_hugepage")
+
+
+def needed_files(pids: list[int]) -> list[str]:
+    """The regular files and directories CRIU's restore opens again by their path: each
+    process's open regular files, mapped files and working directory, as they are named
+    here (those deleted since are not: CRIU carries their contents itself)."""
+    out: set[str] = set()
+
+    def add(path: str) -> None:
+        if path.startswith("/") and not path.endswith(" (deleted)") and not path.startswith(_NOT_FILES):
+            out.add(path)
+    for pid, fd, name in proc.fds(pids):
+        try:
+            if stat.S_ISREG(os.stat(f"/proc/{pid}/fd/{fd}").st_mode):
+                add(name)
+        except OSError:     # closed meanwhile: not one it holds
+            continue
+    mine = _mount_ns(os.getpid())
+    for pid in pids:
+        if _mount_ns(pid) != mine:
+            continue     # its paths are its own mount namespace's, which CRIU carries (not the target's)
+        try:
+            add(os.readlink(f"/proc/{pid}/cwd"))
+            for *_, name in proc.mappings(pid):
+                if os.path.isfile(name):    # (a device's mapping is not a file to find there)
+                    add(name)
+        except OSError:     # it exited meanwhile: nothing of its own to restore
+            continue
+    return sorted(out)
+
+
+def _mount_ns(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:     # gone: "" matches no namespace
+        return ""
+
+
 def locked_files(pids: list[int]) -> list[str]:
     """The files the tree holds a lock on (flock, fcntl: a "lock:" line in the fd's fdinfo)."""
     out = set()

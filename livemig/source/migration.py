@@ -154,8 +154,9 @@ class Migration:
         memory, shared = host.resident_bytes(pids), host.cow_shared_bytes(pids)
         m.spec = target_spec(w, m.options.name)
         # (a container's paths are in its own mount namespace: not the target's to look at)
-        local, remote = await self._probe_both(pids if w.kind == "process" else [], m.spec,
-                                               locked if w.kind == "process" else [])
+        tree = w.kind == "process"
+        local, remote = await self._probe_both(pids if tree else [], m.spec, locked if tree else [],
+                                               host.needed_files(pids) if tree else [])
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
         m.report.warnings += checks.enforce(rows, m.target, m.options.force)
@@ -243,7 +244,8 @@ class Migration:
             await self.close()
 
     async def _probe_both(self, pids: list[int], container: p.Container | None = None,
-                          locked: list[str] | None = None) -> tuple[p.HostFacts, p.HostFacts]:
+                          locked: list[str] | None = None, files: list[str] | None = None
+                          ) -> tuple[p.HostFacts, p.HostFacts]:
         m = self.m
         m.held = make_work_dir(m.options.image_root, m.work) or m.held
         m.progress(Connecting(m.target))
@@ -258,7 +260,7 @@ class Migration:
         try:
             facts = await m.to.request(
                 p.Probe(pids=pids, container=container, bundle_marker=marker.name if marker else "",
-                        locked_files=locked or []), p.HostFacts)
+                        locked_files=locked or [], files=files or []), p.HostFacts)
             m.to.facts = facts
         finally:
             if marker:

@@ -42,6 +42,12 @@ def _criu_hint(version: list[int]) -> str:
             if version else least)
 
 
+def _missing(paths: list[str], named: int = 5) -> str:
+    more = f" and {len(paths) - named} more" if len(paths) > named else ""
+    return (f"the workload uses {', '.join(paths[:named])}{more}, which the target lacks: CRIU's restore opens "
+            "each by its path, and would fail after the freeze")
+
+
 def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
             pids: list[int] | None = None, need_bytes: int = 0,
             container: Container | None = None,
@@ -99,6 +105,10 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                           "target (and take it off here)" +
                           ("; or let the target bind IPv4 sockets anywhere (sysctl net.ipv4.ip_nonlocal_bind=1)"
                            if free else "")))
+    if remote.files_missing:
+        rows.append(Check("files on target", False, _missing(remote.files_missing),
+                          "make them on the target at the same paths (a log, a pid file, a directory), or keep "
+                          "them on storage both hosts share"))
     if remote.locks_taken:
         rows.append(Check("locked files free on target", False,
                           f"the workload holds a lock on {', '.join(remote.locks_taken)}, which is locked on the "

@@ -5,6 +5,7 @@ the source's CPU can be restored here (CpuinfoCheck)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from .. import criu, host, proc, runtimes
@@ -32,6 +33,8 @@ async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
     facts = await host.probe(msg.pids, str(ws.work))
     if msg.locked_files:
         facts = dataclasses.replace(facts, locks_taken=[f for f in msg.locked_files if host.locked_here(f)])
+    if msg.files:
+        facts = dataclasses.replace(facts, files_missing=[f for f in msg.files if not os.path.exists(f)])
     if c is None:
         return facts
     taken = [n for n in names if await runtimes.known(dataclasses.replace(c, id=n))]

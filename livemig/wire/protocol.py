@@ -20,7 +20,7 @@ from ..errors import LivemigError, ProtocolError
 if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to load
     from .streams import Reader, Writer
 
-PROTOCOL_VERSION = 14  # 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_VERSION = 15  # 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -80,6 +80,7 @@ class Probe:
     bundle_marker: str = ""       # a file the source put in the bundle: seen here = shared storage
     names: list[str] = field(default_factory=list)   # more names for the container (clones): free?
     locked_files: list[str] = field(default_factory=list)   # the tree holds locks on these: locked there?
+    files: list[str] = field(default_factory=list)   # a tree's restore opens these by their path: there?
 
 
 @message
@@ -101,6 +102,7 @@ class HostFacts:
     addresses: list[str] = field(default_factory=list)     # the IP addresses this host has
     nonlocal_bind: bool = False   # IPv4 sockets may bind to addresses it lacks (net.ipv4.ip_nonlocal_bind)
     locks_taken: list[str] = field(default_factory=list)   # of Probe's locked_files, those locked here
+    files_missing: list[str] = field(default_factory=list)   # of Probe's files, those not here
 
 
 @message

@@ -199,3 +199,13 @@ def test_a_criu_older_than_livemig_works_with_is_refused_on_either_host_saying_w
     assert not there.ok and there.on_target and "3.17" in there.detail
     rows, _, _ = compare(facts(criu_version=[4, 0]), facts(criu_version=[4, 0]), "auto")
     assert all(r.ok for r in rows if r.name.startswith("criu"))
+
+
+def test_files_the_target_lacks_refuse_the_move_naming_them():
+    missing = [f"/var/log/app-{i}.log" for i in range(7)]
+    rows, _, _ = compare(facts(), facts(files_missing=missing), "auto")
+    [row] = [r for r in rows if r.name == "files on target"]
+    assert not row.ok and row.on_target and not row.forceable
+    assert "/var/log/app-0.log" in row.detail and "and 2 more" in row.detail and "after the freeze" in row.detail
+    rows, _, _ = compare(facts(), facts(), "auto")
+    assert not [r for r in rows if r.name == "files on target"]

@@ -178,3 +178,23 @@ def _lines(out, within: float = 10.0):
             return
         *whole, rest = (rest + chunk).split(b"\n")
         yield from (int(x) for x in whole)
+
+
+def test_the_files_a_tree_s_restore_opens_by_path_are_its_open_files_mappings_and_cwd(tmp_path):
+    from livemig import host
+    log, mapped, gone = tmp_path / "app.log", tmp_path / "mapped.bin", tmp_path / "gone.txt"
+    mapped.write_bytes(b"\0" * 4096)
+    code = ("import mmap, os, sys, time\n"
+            "f = open(sys.argv[1], 'a'); g = open(sys.argv[3], 'w'); os.unlink(sys.argv[3])\n"
+            "m = mmap.mmap(os.open(sys.argv[2], os.O_RDWR), 4096)\n"
+            "os.chdir(sys.argv[4]); print('up', flush=True); time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(log), str(mapped), str(gone), str(tmp_path)],
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        found = host.needed_files([p.pid])
+        assert {str(log), str(mapped), str(tmp_path), os.path.realpath(sys.executable)} <= set(found)
+        assert not [f for f in found if "gone.txt" in f or f.startswith(("/proc/", "/dev/"))]
+    finally:
+        p.kill()
+        p.wait()
