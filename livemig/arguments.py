@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="move the file locks the tree holds (flock, fcntl): CRIU's --file-locks on both hosts")
     mv.add_argument("--shell-job", action="store_true",
                     help="the tree was started from a terminal: refused, as its terminal cannot follow it")
+    mv.add_argument("--carry-files-max", metavar="SIZE",
+                    help="a process tree's files the target lacks (a log, a pid file) are carried over while it "
+                         "is frozen, up to SIZE bytes together (K, M, G; default 64M); more refuse the move "
+                         "before the freeze, naming them")
     mv.add_argument("--image-root",
                     help="where private image directories go, on both hosts (default /var/lib/livemig)")
     mv.add_argument("--name", help="the container's name on the target (default: the same name)")

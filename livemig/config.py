@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .options import Mode, Options
-from .wire.bandwidth import parse_rate
+from .wire.bandwidth import parse_rate, parse_size
 
 
 def _mode(v) -> Mode:
@@ -71,6 +71,8 @@ SETTINGS = {
     "max_bandwidth": (parse_rate, ("bytes a second one move sends at most, over all its streams "
                                    "(K, M, G: powers of 1024; e.g. \"50M\"); unset: no cap")),
     "image_root": (_path, "where the private image directories live, on both hosts"),
+    "carry_files_max": (parse_size, ("bytes of a process tree's files the target lacks (a log, a pid file) carried "
+                                     "over while it is frozen, all together; more refuse the move (K, M, G)")),
     "bootstrap": (_bool, ("the target runs this livemig, brought over ssh where it is not there yet; false: the "
                           "livemig installed there")),
     "connect_timeout": (_positive(float), "seconds to reach a host over SSH"),

@@ -45,6 +45,9 @@ class Options:
     runtime: str | None = None       # a container's runtime (runc, crun); None: whichever knows it
     name: str | None = None          # the container's name on the target; None keeps its name
     force: bool = False              # go on past mismatches that can only fail the restore
+    # A bare tree's files the target lacks are carried over while it is frozen, up to this many
+    # bytes together (carried.py); more, and the move is refused in its preflight.
+    carry_files_max: int = 64 << 20
 
     @property
     def downtime_budget(self) -> float:

@@ -95,6 +95,8 @@ class Report:
     downtime_seconds: float = 0.0  # source frozen -> target running
     expected_downtime_seconds: float | None = None   # the last estimate before the freeze (source/downtime.py);
                                                      # None: the move ended before it made one
+    carried_files: list[str] = field(default_factory=list)   # the tree's files the target lacked, carried there
+    carried_bytes: int = 0        # what they held, sent while the tree was frozen (carried.py)
     shared_memory_bytes: int = 0  # the tree's shared memory (anonymous shared, memfd, SysV), which CRIU writes
                                   # into image files at the freeze in every mode (host.shared_memory_bytes)
     downtime_parts: list[DowntimePart] = field(default_factory=list)   # where it went

@@ -94,8 +94,10 @@ def fills_in(m: Move, mode: str) -> bool:
 
 def _frozen(m: Move, mode: str, pids: list[int]) -> int:
     """What goes through image files in mode, whatever pre-copy or post-copy does: the shared
-    memory; and in post-copy what the tree shares copy-on-write (pages/cow.py)."""
-    return m.report.shared_memory_bytes + (host.cow_shared_bytes(pids) if mode == Mode.POSTCOPY.value else 0)
+    memory, the files carried (carried.py); and in post-copy what the tree shares copy-on-write
+    (pages/cow.py)."""
+    return (m.report.shared_memory_bytes + m.report.carried_bytes
+            + (host.cow_shared_bytes(pids) if mode == Mode.POSTCOPY.value else 0))
 
 
 def wire_ratio(pids: list[int], level: int) -> float:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import addresses, host, interrupts, logs, runtimes
+from .. import addresses, carried, host, interrupts, logs, runtimes
 from ..errors import LivemigError, Phase, PreflightError, StreamsRefused, record_failure
 from ..options import Mode, Options
 from ..pages import pagehash
@@ -157,6 +157,12 @@ class Migration:
         tree = w.kind == "process"
         local, remote = await self._probe_both(pids if tree else [], m.spec, locked if tree else [],
                                                host.needed_files(pids) if tree else [])
+        remote, m.report.carried_files, total = checks.carry(remote, m.options.carry_files_max)
+        if m.report.carried_files:
+            m.report.carried_bytes = total
+            said = carried.told(m.report.carried_files, total)
+            m.report.warnings.append(said)
+            m.progress(Cautioned(said))
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
         m.report.warnings += checks.enforce(rows, m.target, m.options.force)

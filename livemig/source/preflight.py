@@ -7,11 +7,12 @@ tree that must never move, before either host is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import addresses, criu, proc
+from .. import addresses, carried, criu, proc
 from ..errors import Phase, PreflightError
 from ..wire.protocol import Container, HostFacts
 from . import policy
@@ -40,6 +41,19 @@ def _criu_hint(version: list[int]) -> str:
     least = f"install CRIU {_v(list(criu.MIN_VERSION))} or newer (4.2 is the one proven)"
     return (f"{least}: CRIU 3.x cannot dump on recent kernels (\"Unexpected rt vDSO area bounds\")"
             if version else least)
+
+
+def carry(remote: HostFacts, most: int) -> tuple[HostFacts, list[str], int]:
+    """The tree's files the target lacks, carried where they fit in most bytes together
+    (carried.py): the facts as they stand once they are, what is carried, and its bytes.
+    More than most: none is, and the check refuses the move, saying what would have to be."""
+    if not remote.files_missing:
+        return remote, [], 0
+    found = carried.sizes(remote.files_missing)
+    total = sum(found.values())
+    if len(found) < len(remote.files_missing) or total > most:
+        return remote, [], total
+    return dataclasses.replace(remote, files_missing=[]), sorted(found), total
 
 
 def _missing(paths: list[str], named: int = 5) -> str:
@@ -107,8 +121,8 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                            if free else "")))
     if remote.files_missing:
         rows.append(Check("files on target", False, _missing(remote.files_missing),
-                          "make them on the target at the same paths (a log, a pid file, a directory), or keep "
-                          "them on storage both hosts share"))
+                          "make them on the target at the same paths (a log, a pid file, a directory), keep "
+                          "them on storage both hosts share, or raise --carry-files-max to carry them"))
     if remote.locks_taken:
         rows.append(Check("locked files free on target", False,
                           f"the workload holds a lock on {', '.join(remote.locks_taken)}, which is locked on the "

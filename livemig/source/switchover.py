@@ -14,7 +14,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from .. import runtimes
+from .. import carried, runtimes
 from ..errors import DumpError, LivemigError, Phase
 from ..interrupts import uncancellable
 from ..options import WAITS
@@ -33,6 +33,8 @@ from .move import Move
 from .session import remote_error, token
 from .stages import Stage
 from .testpoints import stop_for_tests
+
+CARRIED = "carried"     # the image directory the tree's carried files cross in
 
 
 async def final_dump(m: Move, lazy: bool) -> None:
@@ -113,6 +115,8 @@ async def transfer(m: Move) -> None:
     async with asyncio.TaskGroup() as tg:
         images = tg.create_task(m.to.send_images("final", m.parent, m.work / "final"))
         tree = tg.create_task(bundles.send_changes(m))
+        if m.report.carried_files:
+            tg.create_task(_carry(m))
     meter = images.result()
     if not m.w.streams_pages:
         # crun wrote the pages among the images: they crossed here, with the rest
@@ -124,6 +128,13 @@ async def transfer(m: Move) -> None:
     m.report.image_files_bytes = meter.raw
     m.images_at = time.monotonic()
     m.progress(Copied("images", meter.raw, meter.wire))
+
+
+async def _carry(m: Move) -> None:
+    """The tree's files the target lacks, as they are now that it is frozen (carried.py)."""
+    packed = m.work / CARRIED
+    m.report.carried_bytes = await asyncio.to_thread(carried.pack, m.report.carried_files, packed)
+    await m.to.send_images(CARRIED, None, packed)
 
 
 async def restore(m: Move, lazy: bool, fill: bool = False) -> None:
@@ -143,7 +154,8 @@ async def restore(m: Move, lazy: bool, fill: bool = False) -> None:
         p.Restore(dir="final", lazy_stream=m.lazy_token if lazy else None,
                   fault_stream=fault_token, container=m.spec, fill=fill,
                   rejoin=m.rejoin_token or None, rejoin_within=m.options.reconnect_timeout,
-                  tcp_established=m.options.criu.tcp_established, file_locks=m.options.criu.file_locks),
+                  tcp_established=m.options.criu.tcp_established, file_locks=m.options.criu.file_locks,
+                  carried=CARRIED if m.report.carried_files else ""),
         p.Restored)
     m.report.target_pid, m.report.restore_seconds = restored.pid, restored.restore_seconds
     m.restored_at = time.monotonic()

@@ -1,7 +1,7 @@
 """The copy this move restored here: its trees' roots, the containers it went into (a
 clone: several replicas), the bundle the move brought; the restore under way; and the
 ways it ends: resumed (it runs: the workload's, no more the move's) or undone (killed,
-with what the move brought).
+with what the move brought: a bundle, files carried).
 
 Restored, every task of it is stopped (SIGSTOP), a container's paused too (restore.py):
 resumed, a container is thawed, then every task continued (SIGCONT) but those the workload
@@ -21,7 +21,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from .. import proc, runtimes
+from .. import carried, proc, runtimes
 from ..errors import Phase
 from ..options import WAITS
 from ..wire import protocol as p
@@ -34,6 +34,7 @@ class Copy:
         self.roots: list[int] = []                      # the root PIDs of what was restored here
         self.containers: list[p.Container] = []         # restored through their runtime
         self.created_tree: Path | None = None           # a bundle this migration brought here
+        self.carried: list[str] = []                    # the tree's files it brought (carried.py)
         self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
         self.holds_workload = False     # a move's, not a clone's replica: it may be the only copy left
         # The tasks the workload had stopped itself when it was dumped: CRIU stops every task
@@ -101,6 +102,8 @@ class Copy:
         if self.created_tree is not None:
             shutil.rmtree(self.created_tree, ignore_errors=True)
             self.created_tree = None
+        carried.remove(self.carried)
+        self.carried.clear()
         while self.roots:
             proc.kill_tree(self.roots.pop())
         if marker is not None:

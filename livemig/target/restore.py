@@ -31,8 +31,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from .. import criu, proc, runtimes
-from ..errors import Phase
+from .. import carried, criu, proc, runtimes
+from ..errors import LivemigError, Phase
 from ..options import WAITS
 from ..runtimes import podman
 from ..wire import protocol as p
@@ -49,6 +49,11 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
     (a failed pause's, if the runtime's pause failed) and the time it took."""
     pidfile = work / f"restored-{len(copy.roots)}.pid"
     copy.holds_workload |= not msg.replica
+    if msg.carried:     # where CRIU's restore opens them (the source's alone)
+        try:
+            copy.carried += carried.place(work / checked_name(msg.carried, "image directory"))
+        except LivemigError as e:
+            raise AgentFailure(Phase.RESTORE, e.message) from None
     c = msg.container
     env = None
     if c is not None:

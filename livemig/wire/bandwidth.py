@@ -30,16 +30,22 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?(?:/S)?\s*$")
 
 
+def parse_size(text, what: str = "a size in bytes") -> int:
+    """A size as users write it: bytes, with K, M, G or T for powers of 1024: "64M", "1.5G",
+    "800K", "65536". ValueError otherwise."""
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        # ValueError, as the docstring says: config._parsed and the tests expect it for any refusal
+        raise ValueError(f"{text!r} is not {what}")  # noqa: TRY004
+    m = _RATE.match(str(text).upper())
+    if not m:
+        raise ValueError(f"{text!r} is not {what} (like 50M or 1G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
 def parse_rate(text) -> int:
     """A rate as users write it: bytes a second, with K, M, G or T for powers of 1024 (as
     QEMU's max-bandwidth): "50M", "1G", "1.5G", "800K", "65536". ValueError otherwise."""
-    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
-        # ValueError, as the docstring says: config._parsed and the tests expect it for any refusal
-        raise ValueError(f"{text!r} is not a rate")  # noqa: TRY004
-    m = _RATE.match(str(text).upper())
-    if not m:
-        raise ValueError(f"{text!r} is not a rate in bytes a second (like 50M or 1G)")
-    rate = int(float(m.group(1)) * _UNITS[m.group(2)])
+    rate = parse_size(text, "a rate in bytes a second")
     if rate < SIZES.capped_piece:
         raise ValueError(f"{text!r} is below {SIZES.capped_piece >> 10}K a second, the least livemig can keep to")
     return rate
