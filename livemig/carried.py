@@ -41,9 +41,14 @@ class Carried:
     size: int = 0
 
 
-def told(paths: list[str], total: int, named: int = 5) -> str:
-    more = f" and {len(paths) - named} more" if len(paths) > named else ""
-    return (f"the target lacks {', '.join(paths[:named])}{more}: carried there while the workload is frozen "
+def named(paths: list[str], most: int = 5) -> str:
+    """paths as a line says them: the first few, and how many more."""
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return ", ".join(paths[:most]) + more
+
+
+def told(paths: list[str], total: int) -> str:
+    return (f"the target lacks {named(paths)}: carried there while the workload is frozen "
             f"({total} bytes), before its restore opens them")
 
 
@@ -87,7 +92,7 @@ def place(d: Path) -> list[str]:
             path = os.path.normpath(e.path)
             if not path.startswith("/") or path != e.path or path.startswith(_NEVER):
                 raise LivemigError(f"a carried file's path is not one to write: {e.path!r}", phase=Phase.RESTORE)
-            made += _parents(path)
+            _make_parents(path, made)
             if e.kind == "dir":
                 os.mkdir(path, e.mode)
                 made.append(path)
@@ -108,8 +113,9 @@ def place(d: Path) -> list[str]:
     return made
 
 
-def _parents(path: str) -> list[str]:
-    """The directories on the way to path that are missing, made (root's, 0755)."""
+def _make_parents(path: str, made: list[str]) -> None:
+    """The directories on the way to path that are missing, made (root's, 0755), each noted
+    in made as it is: one that fails leaves those before it to be taken away."""
     missing = []
     parent = os.path.dirname(path)
     while not os.path.lexists(parent):
@@ -117,7 +123,7 @@ def _parents(path: str) -> list[str]:
         parent = os.path.dirname(parent)
     for p in reversed(missing):
         os.mkdir(p, 0o755)
-    return list(reversed(missing))
+        made.append(p)
 
 
 def remove(made: list[str]) -> None:

@@ -56,9 +56,8 @@ def carry(remote: HostFacts, most: int) -> tuple[HostFacts, list[str], int]:
     return dataclasses.replace(remote, files_missing=[]), sorted(found), total
 
 
-def _missing(paths: list[str], named: int = 5) -> str:
-    more = f" and {len(paths) - named} more" if len(paths) > named else ""
-    return (f"the workload uses {', '.join(paths[:named])}{more}, which the target lacks: CRIU's restore opens "
+def _missing(paths: list[str]) -> str:
+    return (f"the workload uses {carried.named(paths)}, which the target lacks: CRIU's restore opens "
             "each by its path, and would fail after the freeze")
 
 
