@@ -12,15 +12,16 @@ import stat
 from pathlib import Path
 
 from . import addresses, criu, proc
+from .errors import CommandFailed
 from .wire.protocol import HostFacts
 
 
 async def probe(pids: list[int], image_root: str) -> HostFacts:
-    ver = await proc.run(criu.version(), check=False)
     try:
+        ver = await proc.run(criu.version(), check=False)
         version = list(criu.parse_version(ver.text + ver.stderr.decode(errors="replace")))
-    except ValueError:
-        version = []
+    except (CommandFailed, ValueError):     # no criu on PATH, or one that says no version: the
+        version = []                        # preflight's row "criu here/on target" says CRIU none
     features = {}
     for name in criu.FEATURES:
         features[name] = (await proc.run(criu.check_feature(name), check=False)).returncode == 0 if version else False

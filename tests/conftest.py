@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from livemig.source import bootstrap
 from tests.lab import Lab
 
 
@@ -56,3 +57,20 @@ def small_image_root(lab):
     yield mount
     if mounted:
         lab.run("b", ["umount", "/var/lib/livemig"], check=False)
+
+
+@pytest.fixture
+def b_without_livemig(lab):
+    """b as a host where livemig was never installed: no `livemig` command, no package on
+    its Python's path (the lab's hosts import it from the checkout through a .pth file)."""
+    pth = lab.text("b", ["sh", "-c", "ls /usr/local/lib/python3*/dist-packages/livemig-checkout.pth"]).split()
+    hidden = ["/usr/local/bin/livemig", *pth]
+    for path in hidden:
+        lab.run("b", ["mount", "--bind", "/dev/null", path])
+    lab.run("b", ["rm", "-rf", bootstrap.AGENTS])      # what earlier moves brought: this one brings it
+    try:
+        assert lab.run("b", ["python3", "-c", "import livemig"], check=False).returncode != 0
+        yield
+    finally:
+        for path in hidden:
+            lab.run("b", ["umount", path], check=False)

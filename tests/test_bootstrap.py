@@ -13,23 +13,6 @@ from livemig.source import bootstrap
 pytestmark = pytest.mark.lab
 
 
-@pytest.fixture
-def b_without_livemig(lab):
-    """b as a host where livemig was never installed: no `livemig` command, no package on
-    its Python's path (the lab's hosts import it from the checkout through a .pth file)."""
-    pth = lab.text("b", ["sh", "-c", "ls /usr/local/lib/python3*/dist-packages/livemig-checkout.pth"]).split()
-    hidden = ["/usr/local/bin/livemig", *pth]
-    for path in hidden:
-        lab.run("b", ["mount", "--bind", "/dev/null", path])
-    lab.run("b", ["rm", "-rf", bootstrap.AGENTS])      # what earlier moves brought: this one brings it
-    try:
-        assert lab.run("b", ["python3", "-c", "import livemig"], check=False).returncode != 0
-        yield
-    finally:
-        for path in hidden:
-            lab.run("b", ["umount", path], check=False)
-
-
 def test_a_host_without_livemig_takes_a_move_from_one_that_brings_it(lab, b_without_livemig):
     work = lab.start_workload("a", mib=64, dirty_mibps=4, pid=4804, port=7884)
     other = None

@@ -94,3 +94,36 @@ def test_a_root_key_restricted_to_what_livemig_needs_takes_a_move(lab, work_on_a
         assert res.returncode == 3 and not streams["ok"], streams
     finally:
         lab.run("b", ["mv", f"{keys}.lab", keys])
+
+
+def test_a_target_reached_through_a_jump_host_named_in_ssh_config_takes_the_move(lab):
+    # Each alias is 127.0.0.1 seen from b: reached directly it would be a itself, whose host key
+    # is not b's (HostKeyAlias b), so a move that lands on b went through b. ProxyJump in root's
+    # ~/.ssh/config, ProxyCommand in the system's /etc/ssh/ssh_config: livemig reads both.
+    jump = "Host b-by-jump\n  HostName 127.0.0.1\n  HostKeyAlias b\n  ProxyJump root@b\n"
+    command = "Host b-by-command\n  HostName 127.0.0.1\n  HostKeyAlias b\n  ProxyCommand ssh -W %h:%p root@b\n"
+    kept = {f: lab.run("a", ["cat", f]).stdout for f in ("/root/.ssh/config", "/etc/ssh/ssh_config")}
+    lab.run("a", ["tee", "/root/.ssh/config"], input=jump.encode() + kept["/root/.ssh/config"])
+    lab.run("a", ["tee", "/etc/ssh/ssh_config"], input=command.encode() + kept["/etc/ssh/ssh_config"])
+    works = [lab.start_workload("a", mib=16, pid=pid, port=port) for pid, port in ((4811, 7891), (4815, 7895))]
+    try:
+        for work, alias in zip(works, ("b-by-jump", "b-by-command"), strict=True):
+            before = work.query("a")
+            res = lab.run("a", ["livemig", "move", "--json", "--pid", str(work.pid), alias], check=False, timeout=600)
+            assert res.returncode == 0, res.stderr.decode()
+            assert (json.loads(res.stdout)["outcome"], json.loads(res.stdout)["target"]) == ("moved", alias)
+            after = work.query("b", wait=10)
+            assert after["host"] == "b" and after["counter"] > before["counter"]
+            assert work.query("b", "verify")["bad_pages"] == 0
+        # and without the jump, the same name is a, whose key is not b's: refused, nothing touched
+        lab.run("a", ["tee", "/root/.ssh/config"], input=jump.replace("  ProxyJump root@b\n", "").encode()
+                + kept["/root/.ssh/config"])
+        res = lab.run("a", ["livemig", "check", "--json", "b-by-jump"], check=False)
+        assert res.returncode == 4 and "host key" in json.loads(res.stdout)["error"], res.stdout.decode()
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    finally:
+        for f, text in kept.items():
+            lab.run("a", ["tee", f], input=text)
+        for work in works:
+            for h in ("a", "b"):
+                lab.run(h, ["kill", str(work.pid)], check=False)

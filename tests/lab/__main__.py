@@ -6,6 +6,7 @@
   down    take everything away: processes, mounts, namespaces, links, cgroups
   demo    bring the lab up, move a counting workload from a to b, print the downtime
   rootfs  build the cached rootfs (and with --vm the VM image) if missing, and print the paths
+  wheels  fetch the wheels an offline pipx install needs (tests/test_install.py), if missing
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     p_rootfs = sub.add_parser("rootfs", help="build the cached rootfs if missing and print its path")
     p_rootfs.add_argument("--vm", action="store_true", help="and the VM lab's image")
+    sub.add_parser("wheels", help="fetch the wheels the install test needs, if missing, and print their paths")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "up":
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.vm:
                 from . import vmimage
                 print(vmimage.ensure())
+        elif args.cmd == "wheels":
+            from . import wheels
+            print("\n".join(map(str, wheels.ensure())))
     except LabError as e:
         print(f"lab: {e}", file=sys.stderr)
         return 1

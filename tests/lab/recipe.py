@@ -17,6 +17,7 @@ PACKAGES = [
     "podman", "conmon", "netavark", "aardvark-dns", "catatonit",
     "iproute2", "procps", "psmisc", "zstd", "busybox-static", "iputils-ping",
     "kmod", "ca-certificates", "netbase",
+    "pipx",     # the README's install, proven on trixie's Python (tests/test_install.py)
 ]
 
 # trixie's criu 4.1.1 cannot dump a process that holds a TCP socket on kernels

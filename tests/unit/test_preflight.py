@@ -1,5 +1,6 @@
 """The preflight comparisons: each check fails for its own reason, in the order to fix them."""
 
+import asyncio
 import subprocess
 import sys
 
@@ -209,3 +210,12 @@ def test_files_the_target_lacks_refuse_the_move_naming_them():
     assert "/var/log/app-0.log" in row.detail and "and 2 more" in row.detail and "after the freeze" in row.detail
     rows, _, _ = compare(facts(), facts(), "auto")
     assert not [r for r in rows if r.name == "files on target"]
+
+
+def test_a_host_without_criu_is_probed_and_says_criu_none(tmp_path, monkeypatch):
+    # no criu on PATH: the probe reports no version (the row says "CRIU none"), never a crash
+    monkeypatch.setenv("PATH", str(tmp_path))
+    facts = asyncio.run(host.probe([], str(tmp_path)))
+    assert facts.criu_version == [] and not any(facts.features.values())
+    [row] = [r for r in compare(facts, facts, "auto")[0] if r.name == "criu here"]
+    assert not row.ok and row.detail == "CRIU none", row
