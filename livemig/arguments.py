@@ -7,7 +7,7 @@ import argparse
 
 from .options import Mode
 from .version import __version__
-from .wire.protocol import PROTOCOL_VERSION
+from .wire.protocol import spoken
 
 EXAMPLES = """examples:
   livemig move web1 host-b                       move the container web1 (podman, runc or crun) to host-b
@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="livemig", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Live-migrate running containers and process trees to another host with CRIU.")
-    # the protocol too: two hosts' livemig take each other only where it is the same
-    ap.add_argument("--version", action="version", version=f"livemig {__version__} (wire protocol {PROTOCOL_VERSION})")
+    # the protocol's versions too: two hosts' livemig take each other where they speak one in common
+    ap.add_argument("--version", action="version", version=f"livemig {__version__} ({spoken()})")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     mv = sub.add_parser("move", help="move a container or a process tree to another host",

@@ -266,7 +266,7 @@ def test_check_runs_the_preflight_alone(lab):
     data = json.loads(res.stdout)
     assert data["ok"] and data["mode"] == "precopy"
     names = [c["name"] for c in data["checks"]]
-    assert {"criu on target", "criu versions", "architecture", "strategy", "CPU features"} <= set(names)
+    assert {"criu on target", "criu versions", "architecture", "strategy", "CPU features", "agent on target"} <= set(names)
     refused = lab.run("a", ["livemig", "check", "--mode", "hybrid", "b"], check=False)
     assert refused.returncode == 3 and b"FAIL strategy" in refused.stdout
     assert leftovers(lab) == {"a": ([], []), "b": ([], [])}

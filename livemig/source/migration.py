@@ -245,6 +245,7 @@ class Migration:
                     rows.append(await self._check_cpu())     # its image goes on a data stream
                 except StreamsRefused as e:
                     rows.append(checks.Check("data streams", False, e.message, e.hint or ""))
+            rows.append(self.m.to.agent_check())
             return rows, mode, why
         finally:
             await self.close()

@@ -64,6 +64,7 @@ class Record:
                                       # copy runs again only by the operator's word (--target-lost)
     rejoin_token: str = ""            # post-copy: the target's agent takes back whoever comes with it,
     stream_socket: str = ""           # here, once its coordinator is gone (rejoin.py)
+    protocol: int = 0                 # the wire protocol agreed with that agent (0: a record older than 16)
 
     def save(self, work: Path) -> None:
         write_private(work / RECORD, dataclasses.asdict(self))
@@ -217,6 +218,10 @@ async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options,
                             f"{_gone_here(here)}: it can never be whole (its agent ends it)"), True
         if not rec.rejoin_token:
             return "unresolved", f"the copy on {target} is still taking in its pages: try again in a minute", False
+        if rec.protocol and p.agree(rec.protocol, rec.protocol) is None:
+            return "unresolved", (f"the copy on {target} is still taking in its pages, from an agent that speaks "
+                                  f"wire protocol {rec.protocol}, which this livemig does not ({p.spoken()}): "
+                                  "run `livemig recover` with the livemig that made the move"), False
         try:
             sent = await _take_up(rec, connect, options)
         except AgentGone:      # its agent ended meanwhile: its verdict says how
@@ -268,7 +273,8 @@ async def _take_up(rec: Record, connect: Connector, options: Options) -> int:
     lacks, read in the source's copy, stopped here (how many)."""
     from . import rejoin  # the move's machinery: loaded only when a copy waits for it
     session = TargetSession(rec.target, connect, options, rec.migration_id)
-    session.welcome = p.Welcome(p.PROTOCOL_VERSION, "", "", rec.stream_socket)
+    # the agent's own, as its Welcome was to the move's coordinator (a record older than 16: ours)
+    session.welcome = p.Welcome(rec.protocol or p.PROTOCOL_VERSION, "", "", rec.stream_socket)
     pids = [pid for pid, _ in rec.source_copy.pids]
     try:
         return await rejoin.take_up(session, rec.rejoin_token, options.compression_level,

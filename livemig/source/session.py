@@ -36,6 +36,8 @@ from . import bootstrap
 from .preflight import Check
 
 NOT_IMAGES = {"stats-dump", "parent"}    # in an image directory, but not for the target
+# what meets a skew of versions: the default brings this livemig to the target (bootstrap.py)
+_SKEW = "install the same livemig on both hosts, or drop --no-bootstrap (without it the target runs this one's own)"
 
 
 def token() -> str:
@@ -80,7 +82,7 @@ class TargetSession:
             self.agent = p.Channel(agent.reader, agent.writer)
             try:
                 await p.write_message(agent.writer, p.Hello(p.PROTOCOL_VERSION, __version__, self.migration_id,
-                                                            successor))
+                                                            successor, protocol_oldest=p.PROTOCOL_OLDEST))
                 welcome = await p.read_message(agent.reader)
                 break
             except (EOFError, ConnectionError, p.ProtocolError):
@@ -90,11 +92,23 @@ class TargetSession:
                 continue
             err = done.stderr.decode(errors="replace").strip().splitlines()
             why = err[-1] if err else f"exit status {done.returncode}"
+            # an installed agent older than wire protocol 16 fails on a Hello that says a range
+            hint = _SKEW if "malformed message" in why else "is livemig installed there, and CRIU?"
             raise PreflightError(f"cannot start the livemig agent: {why}", host=self.target,
-                                 hint=None if o.bootstrap else "is livemig installed there, and CRIU?")
+                                 hint=None if o.bootstrap else hint)
         if isinstance(welcome, p.Failed):
             raise PreflightError(welcome.message, host=self.target)
+        if not isinstance(welcome, p.Welcome) or p.agree(welcome.protocol, welcome.protocol) is None:
+            said = (f"agreed on wire protocol {welcome.protocol}, which this livemig does not speak ({p.spoken()})"
+                    if isinstance(welcome, p.Welcome) else f"answered the Hello with {type(welcome).__name__}")
+            raise PreflightError(f"the agent there {said}", host=self.target, hint=_SKEW)
         self.welcome = welcome
+
+    @property
+    def protocol(self) -> int:
+        """The version of the wire protocol agreed with the agent (its Welcome's), which every
+        message to it is in: what code that speaks more than one branches on. 0: no agent yet."""
+        return self.welcome.protocol if self.welcome is not None else 0
 
     async def _bring_agent(self, transport: Transport) -> None:
         """This livemig, unpacked on the target for its agent (bootstrap.py)."""
@@ -259,6 +273,12 @@ class TargetSession:
         return Check("CPU features", result.ok,
                      "the target's CPU has every feature of this one" if result.ok else
                      f"the target's CPU lacks features the workload may use: {result.message}")
+
+    def agent_check(self) -> Check:
+        """`livemig check`'s row of the agent that answered: its livemig, and the protocol agreed."""
+        theirs = self.welcome.livemig_version if self.welcome is not None else "?"
+        here = "" if theirs == __version__ else f" (livemig {__version__} here)"
+        return Check("agent on target", True, f"livemig {theirs}{here}, wire protocol {self.protocol}")
 
     async def load_image(self, workload: Any) -> streams.Meter:
         """A container's image, into the target's podman."""

@@ -180,6 +180,7 @@ async def commit_lazy(m: Move, fill: bool) -> None:
         m.rec.target_resumed_at = time.time()      # on disk before the Resume can be heard
         # who comes back with these takes the page stream up, should we vanish (rejoin.py)
         m.rec.rejoin_token, m.rec.stream_socket = m.rejoin_token, m.to.welcome.stream_socket if m.to.welcome else ""
+        m.rec.protocol = m.to.protocol
         m.save_record()
         whole = asyncio.ensure_future(_run_target(m, fill))
         await uncancellable(whole, told=lambda: m.progress(Finishing(m.target)))

@@ -110,14 +110,12 @@ class Agent:
         finished = False
         try:
             hello = await p.read_message(self.line.reader)
-            if not isinstance(hello, p.Hello) or hello.protocol != p.PROTOCOL_VERSION:
-                await self.line.say(p.Failed(
-                    Phase.PREFLIGHT, f"protocol mismatch: the coordinator speaks "
-                    f"{getattr(hello, 'protocol', '?')}, this agent (livemig {__version__}) "
-                    f"speaks {p.PROTOCOL_VERSION}"))
+            agreed = p.agree(hello.oldest, hello.protocol) if isinstance(hello, p.Hello) else None
+            if agreed is None:
+                await self.line.say(p.Failed(Phase.PREFLIGHT, p.mismatch(hello, __version__)))
                 return 2
             try:
-                await self._start(hello)
+                await self._start(hello, agreed)
             except AgentFailure as e:     # no work directory of ours: the Hello's answer says why
                 await self.line.say(p.Failed(e.phase or "", e.message, e.detail or ""))
                 return 2
@@ -214,7 +212,7 @@ class Agent:
             if not handling.done():
                 handling.cancel()
 
-    async def _start(self, hello: p.Hello) -> None:
+    async def _start(self, hello: p.Hello, protocol: int) -> None:
         if hello.successor:
             # the guard of a dead agent's copy hands it over: its work directory, lock and uffds
             self.succession = Guard.succeed(self.root, hello.migration_id)
@@ -224,7 +222,7 @@ class Agent:
         await self._ws.listen()
         self._images = Images(self._ws, self.copy)
         self.stages.to(Stage.PREPARING)
-        welcome = p.Welcome(p.PROTOCOL_VERSION, __version__, str(self._ws.work), self._ws.socket)
+        welcome = p.Welcome(protocol, __version__, str(self._ws.work), self._ws.socket)
         await self.line.say(welcome)
 
     async def handle(self, msg: object) -> Any:

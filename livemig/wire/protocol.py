@@ -3,7 +3,9 @@
 A frame is a 4-byte big-endian length and a UTF-8 JSON object whose "type" names
 one of the message classes below; its other keys are that class's fields. Only
 these types decode: no pickle, no eval, nothing from the wire chooses code to
-run. The first exchange is Hello/Welcome, which fails on a protocol mismatch.
+run. The first exchange is Hello/Welcome: the coordinator says the versions of the
+protocol it speaks, the agent answers the highest both speak (agree), or Failed when
+they share none.
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ from ..errors import LivemigError, ProtocolError
 if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to load
     from .streams import Reader, Writer
 
-PROTOCOL_VERSION = 15  # 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+# PROTOCOL_VERSION rises when a message changes; PROTOCOL_OLDEST rises only when the code that speaks
+# the older one goes. No such code is kept yet: every message is written and read in the newest format
+# alone, so both are the same version. Hello is read by every livemig from 16 on, whatever fields a
+# newer one adds to it (_OPEN), so that the two always learn each other's versions.
+PROTOCOL_VERSION = 16  # 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_OLDEST = 16
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
 _PARTS: dict[str, type] = {}     # dataclasses carried inside messages, never sent alone
+_OPEN = {"Hello"}     # read whatever fields a newer livemig added, which are left out
 _T = TypeVar("_T")
 
 
@@ -48,15 +56,20 @@ def part(cls: type[_T]) -> type[_T]:
 # --- handshake -------------------------------------------------------------------------------
 @message
 class Hello:
-    protocol: int
+    protocol: int              # the newest version of the protocol the coordinator speaks
     livemig_version: str
     migration_id: str
     successor: bool = False    # take over the copy whose agent died, from its guard (TakeOver)
+    protocol_oldest: int = 0   # the oldest it speaks; 0: protocol alone (a coordinator older than 16)
+
+    @property
+    def oldest(self) -> int:
+        return self.protocol_oldest or self.protocol
 
 
 @message
 class Welcome:
-    protocol: int
+    protocol: int          # the version agreed: the highest both speak, which every message after is in
     livemig_version: str
     work_dir: str          # the agent's private directory (0700) for this migration
     stream_socket: str     # a UNIX socket in work_dir where data streams connect
@@ -369,6 +382,27 @@ class Failed:
     detail: str = ""
 
 
+def agree(oldest: int, newest: int, ours: tuple[int, int] = (PROTOCOL_OLDEST, PROTOCOL_VERSION)) -> int | None:
+    """The version of the protocol to speak with a peer that speaks oldest to newest: the
+    highest that both it and we (ours: oldest, newest) speak; None when there is none."""
+    best = min(newest, ours[1])
+    return best if best >= max(oldest, ours[0]) else None
+
+
+def spoken(oldest: int = PROTOCOL_OLDEST, newest: int = PROTOCOL_VERSION) -> str:
+    """A range of versions, as messages and --version say it."""
+    return f"wire protocol {newest}" if oldest == newest else f"wire protocols {oldest}-{newest}"
+
+
+def mismatch(hello: object, version: str) -> str:
+    """The agent's answer to a Hello whose versions it does not speak (or to what is no Hello):
+    both ranges, both livemig versions, and what meets the skew."""
+    said = (f"the coordinator (livemig {hello.livemig_version}) speaks {spoken(hello.oldest, hello.protocol)}"
+            if isinstance(hello, Hello) else f"the coordinator began with {type(hello).__name__}, not a Hello")
+    return (f"protocol mismatch: {said}, this agent (livemig {version}) speaks {spoken()}: install the same "
+            "livemig on both hosts, or drop --no-bootstrap (without it the target runs the coordinator's own)")
+
+
 def _plain(value: Any) -> Any:
     """JSON-ready: messages nested in messages keep their "type", so they decode as themselves."""
     if dataclasses.is_dataclass(value):
@@ -389,6 +423,9 @@ def _typed(obj: dict) -> Any:
     if cls is None:
         return obj
     del obj["type"]
+    if name in _OPEN:
+        known = {f.name for f in dataclasses.fields(cls)}
+        obj = {k: v for k, v in obj.items() if k in known}
     return cls(**obj)
 
 

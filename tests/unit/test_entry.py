@@ -5,7 +5,7 @@ import sys
 
 from livemig.errors import ExitCode
 from livemig.version import __version__
-from livemig.wire.protocol import PROTOCOL_VERSION
+from livemig.wire.protocol import PROTOCOL_OLDEST, PROTOCOL_VERSION
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -13,9 +13,11 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           timeout=60, check=False)
 
 
-def test_python_m_livemig_says_its_version_and_its_wire_protocol():
+def test_python_m_livemig_says_its_version_and_its_wire_protocols():
     res = run("--version")
-    assert (res.returncode, res.stdout.strip()) == (0, f"livemig {__version__} (wire protocol {PROTOCOL_VERSION})")
+    spoken = (f"wire protocol {PROTOCOL_VERSION}" if PROTOCOL_OLDEST == PROTOCOL_VERSION
+              else f"wire protocols {PROTOCOL_OLDEST}-{PROTOCOL_VERSION}")
+    assert (res.returncode, res.stdout.strip()) == (0, f"livemig {__version__} ({spoken})")
 
 
 def test_python_m_livemig_refuses_bad_input_with_the_usage_exit_code():

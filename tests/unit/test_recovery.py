@@ -14,6 +14,7 @@ from livemig.options import Options
 from livemig.runtimes import held
 from livemig.runtimes.held import HeldCopy
 from livemig.source import fresh_agent, recovery
+from livemig.wire import protocol as p
 
 
 @pytest.fixture
@@ -111,6 +112,18 @@ async def test_while_nobody_knows_the_source_copy_stays_stopped(root, acted, mon
     [settled] = await recovery.recover(Options(image_root=str(root)), None)
     assert settled.outcome == "unresolved" and why in settled.detail and acted == []
     assert recovery.records(str(root))       # kept, for the next try
+
+
+async def test_a_copy_taking_in_its_pages_from_an_agent_of_another_protocol_is_left_to_its_own_livemig(
+        root, acted, monkeypatch):
+    rec = record(root, 1)
+    rec.rejoin_token, rec.stream_socket, rec.protocol = "t", "/s", p.PROTOCOL_VERSION + 1
+    rec.save(root / "2026-1-source")
+    answers(monkeypatch, "serving")
+    [settled] = await recovery.recover(Options(image_root=str(root)), None)
+    assert settled.outcome == "unresolved" and acted == []
+    assert f"wire protocol {p.PROTOCOL_VERSION + 1}, which this livemig does not" in settled.detail
+    assert recovery.records(str(root))[0][1].protocol == p.PROTOCOL_VERSION + 1     # kept, read back
 
 
 async def test_a_move_still_running_is_left_to_its_coordinator(root, acted, monkeypatch):
