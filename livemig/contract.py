@@ -9,9 +9,9 @@ config's settings; or, where the command failed before it had one (bad arguments
 not reached, no such PID), a Failure: the error, its phase, its hint.
 
 The JSON Schema of each command's output ships in livemig/schemas/ (COMMAND.json), written
-from the dataclasses here by `python -m livemig.contract --write`; a unit test checks the
-files are what the code writes, and real outputs (the unit tests', the lab's) validate
-against them.
+from the dataclasses here by `python -m livemig.contract --write`, each field's doc comment
+(fielddocs.py) its description; a unit test checks the files are what the code writes, and
+real outputs (the unit tests', the lab's) validate against them.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .fielddocs import field_docs
 from .report import (
     CheckReport,
     CloneReport,
@@ -44,7 +45,8 @@ BODIES: dict[str, type | None] = {
     "move": Report, "move --dry-run": Plan, "clone": CloneReport, "check": CheckReport,
     "recover": Recovered, "recover --list": Listed, "config": None,
 }
-_COMPUTED: dict[type, dict[str, Any]] = {RoundReport: {"compression_ratio": {"type": "number"}}}    # Report.to_dict adds it
+_COMPUTED: dict[type, dict[str, Any]] = {RoundReport: {"compression_ratio": {    # Report.to_dict adds it
+    "type": "number", "description": "bytes_raw over bytes_wire, to two places (1.0: nothing crossed)"}}}
 
 
 def document(command: str, body: dict[str, Any], exit_code: int) -> str:
@@ -78,8 +80,9 @@ def _of(t: Any) -> dict[str, Any]:
 
 
 def _object(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    props = {f.name: _of(hints[f.name]) for f in dataclasses.fields(cls)}
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    props = {f.name: {**_of(hints[f.name]), **({"description": docs[f.name]} if f.name in docs else {})}
+             for f in dataclasses.fields(cls)}
     props.update(_COMPUTED.get(cls, {}))
     # every field is always printed; fields added later do not break a script that validates
     return {"type": "object", "required": sorted(props), "properties": props, "additionalProperties": True}

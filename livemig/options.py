@@ -1,4 +1,8 @@
-"""Every tunable of a migration, in one place, with the names users see."""
+"""Every tunable of a migration, in one place, with the names users see.
+
+Each field of Options says what it sets in its doc comment (`#:`, Sphinx's, above the field or
+after it on its line); a unit test holds every field to having one.
+"""
 
 from __future__ import annotations
 
@@ -10,43 +14,53 @@ from . import criu
 
 
 class Mode(str, Enum):
-    AUTO = "auto"
-    PRECOPY = "precopy"       # pre-dump rounds while running, then a final dump of what is dirty
-    POSTCOPY = "postcopy"     # a lazy final dump: restore at once, pages follow on demand
-    HYBRID = "hybrid"         # pre-copy rounds, then a lazy final dump
-    STOPCOPY = "stopcopy"     # one final dump, streamed, restored
+    """How a move's pages cross (docs/modes.md)."""
+    AUTO = "auto"             #: chosen from what both hosts and the runtime support, and said why (source/policy.py)
+    PRECOPY = "precopy"       #: pre-dump rounds while running, then a final dump of what is dirty
+    POSTCOPY = "postcopy"     #: a lazy final dump: restore at once, pages follow on demand
+    HYBRID = "hybrid"         #: pre-copy rounds, then a lazy final dump
+    STOPCOPY = "stopcopy"     #: one final dump, streamed, restored
 
 
 @dataclass(frozen=True)
 class Options:
-    mode: Mode = Mode.AUTO
-    # Seconds the workload may stand still: a promise, kept or the move refused before the freeze
-    # (DowntimeRefused). None: none made; pre-copy aims at DOWNTIME_AIM, and a longer downtime is told.
+    """What a move (or a clone, a check, a recover) is asked to do: the flags' and the settings'
+    values (config.py reads them from a file, the environment and the command line)."""
+    mode: Mode = Mode.AUTO           #: the strategy (--mode); AUTO picks from what both hosts have, and says why
+    #: Seconds the workload may stand still: a promise, kept or the move refused before the freeze
+    #: (DowntimeRefused). None: none made; pre-copy aims at DOWNTIME_AIM, and a longer downtime is told.
     max_downtime: float | None = None
-    max_rounds: int = 8              # pre-copy rounds at most (auto-converge may add its steps)
-    throttle: bool = True            # auto-converge: slow the workload's CPU when pre-copy does not converge
-    fill: bool = True                # stop-and-copy pushes pages into the target's memory, placed as the copy runs
-    compression_level: int = 1       # zstd level for everything on the wire
-    max_bandwidth: int | None = None  # bytes a second one move sends at most, all its streams together
-                                      # (QEMU's max-bandwidth; bandwidth.py); None: no cap
+    max_rounds: int = 8              #: pre-copy rounds at most (auto-converge may add its steps)
+    throttle: bool = True            #: auto-converge: slow the workload's CPU when pre-copy does not converge
+    #: stop-and-copy pushes pages into the target's memory, placed as the copy runs (the source's copy waits,
+    #: stopped, until every page is there); False: they go through image files, and the copy is whole before
+    #: it runs
+    fill: bool = True
+    compression_level: int = 1       #: zstd level for everything on the wire
+    #: bytes a second one move sends at most, all its streams together (QEMU's max-bandwidth; bandwidth.py);
+    #: None: no cap
+    max_bandwidth: int | None = None
+    #: what CRIU is asked to carry of the workload (criu.Options): --tcp-established, --file-locks and the like
     criu: criu.Options = field(default_factory=criu.Options)
-    image_root: str = "/var/lib/livemig"   # private image directories live here, on both hosts
-    # The target runs the coordinator's own livemig, brought over the ssh connection where it is
-    # not there yet (source/bootstrap.py), with its python3; False: the installed agent_command.
+    image_root: str = "/var/lib/livemig"   #: private image directories live here, on both hosts
+    #: The target runs the coordinator's own livemig, brought over the ssh connection where it is
+    #: not there yet (source/bootstrap.py), with target_python; False: the installed agent_command.
     bootstrap: bool = True
-    target_python: str = "python3"
-    agent_command: tuple[str, ...] = ("livemig",)   # how to run an installed livemig on the target
-    connect_timeout: float = 15.0
-    # Once the target's copy runs, a broken link is reached again for this long (the copy waits on
-    # its missing pages meanwhile) before the copy is given up. Given up, the workload is down until
-    # an operator runs `livemig recover --target-lost`, so waiting costs less than giving up: five
-    # minutes outlast a switch's reload, an sshd restart or a routing change.
+    target_python: str = "python3"   #: the Python that runs the livemig brought to the target
+    agent_command: tuple[str, ...] = ("livemig",)   #: how to run an installed livemig on the target (no bootstrap)
+    connect_timeout: float = 15.0    #: seconds to reach a host over SSH (connected and logged in), each time
+    #: Once the target's copy runs, a broken link is reached again for this long (the copy waits on
+    #: its missing pages meanwhile) before the copy is given up. Given up, the workload is down until
+    #: an operator runs `livemig recover --target-lost`, so waiting costs less than giving up: five
+    #: minutes outlast a switch's reload, an sshd restart or a routing change.
     reconnect_timeout: float = 300.0
-    runtime: str | None = None       # a container's runtime (runc, crun); None: whichever knows it
-    name: str | None = None          # the container's name on the target; None keeps its name
-    force: bool = False              # go on past mismatches that can only fail the restore
-    # A bare tree's files the target lacks are carried over while it is frozen, up to this many
-    # bytes together (carried.py); more, and the move is refused in its preflight.
+    runtime: str | None = None       #: a container's runtime (runc, crun, podman); None: whichever knows it
+    name: str | None = None          #: the container's name on the target; None keeps its name
+    #: go on past mismatches that can only fail the restore (which rolls back): the podman version, network
+    #: stack, kernel...; each is a warning in the report
+    force: bool = False
+    #: A bare tree's files the target lacks are carried over while it is frozen, up to this many
+    #: bytes together (carried.py); more, and the move is refused in its preflight.
     carry_files_max: int = 64 << 20
 
     @property

@@ -1,4 +1,9 @@
-"""What a migration did, for people (summary()) and for scripts (to_json())."""
+"""What a migration did, for people (summary()) and for scripts (to_json()).
+
+Every field of these reports says what it holds in its doc comment (`#:`, Sphinx's, above the
+field or after it on its line): the JSON Schemas give the same text as its description
+(contract.py), and a unit test holds every field to having one.
+"""
 
 from __future__ import annotations
 
@@ -32,13 +37,16 @@ def format_rate(rate: float) -> str:
 @dataclass
 class RoundReport:
     """One pass of pages: a pre-copy round or the final dump."""
-    kind: str                     # "pre-dump" (CRIU's, by soft-dirty), "hashes" (pagehash.py) or "dump"
+    #: "pre-dump" (CRIU's pre-copy round, by soft-dirty), "hashes" (pre-copy by page hashes, pagehash.py)
+    #: or "dump" (the final dump)
+    kind: str
+    #: pages the pass sent (a lazy final dump's: those pushed or asked for, less those the target held)
     pages_written: int = 0
-    bytes_raw: int = 0            # what CRIU sent through the page stream
-    bytes_wire: int = 0           # what crossed the network, compressed
-    frozen_seconds: float = 0.0   # how long CRIU kept the workload frozen
-    seconds: float = 0.0          # the round from start to last byte delivered
-    throttle: int = 0             # auto-converge: % off the workload's CPU during the round
+    bytes_raw: int = 0            #: what went into the page stream, before compression
+    bytes_wire: int = 0           #: what crossed the network, compressed
+    frozen_seconds: float = 0.0   #: how long CRIU kept the workload frozen
+    seconds: float = 0.0          #: the round from start to last byte delivered
+    throttle: int = 0             #: auto-converge: % off the workload's CPU during the round
 
     @property
     def compression_ratio(self) -> float:
@@ -48,77 +56,96 @@ class RoundReport:
 @dataclass
 class ThrottleStep:
     """Auto-converge slowed the workload after a round that did not converge."""
-    after_round: int
-    percent: int                  # off its baseline: the CPU it used while pre-copy ran unthrottled
-    baseline_cpus: float
-    quota_cpus: float             # the CPU it was allowed from then on, until the final dump
+    after_round: int              #: the round (from 1) that did not converge
+    percent: int                  #: off its baseline: the CPU it used while pre-copy ran unthrottled
+    baseline_cpus: float          #: that baseline, in CPUs
+    quota_cpus: float             #: the CPU it was allowed from then on, until the final dump
 
 
 @dataclass
 class DowntimePart:
     """One stretch of the downtime, from the freeze to the target's copy running, in order."""
-    name: str                     # "dump", "images", "restore", "resume" ("pages and resume": a fill)
-    seconds: float
+    #: "dump": the freeze and CRIU's dump (a lazy one's with what the tree shares copy-on-write, put into
+    #: the images); "images": the images that are not pages, to the target; "restore": CRIU's restore there,
+    #: with the requests around it; "resume": the commit and the target's copy set running, or for a fill
+    #: "pages and resume", since the target waits there for the pages still on their way
+    name: str
+    seconds: float                #: how long it took
 
 
 @dataclass
 class Report:
-    pid: int                      # the root of the tree (a container's init)
-    source: str
-    target: str
-    migration_id: str = ""        # the move's own (its work directories', its record's; `livemig recover` names it)
-    started_at: str = ""          # UTC, ISO 8601 (now())
-    ended_at: str = ""
-    runtime: str = "process"      # what checkpointed it: "process" (CRIU directly), "runc", "crun"
-    workload: str = ""            # what the user named: a PID or a container
-    mode: str = ""                # the strategy used
-    mode_reason: str = ""         # why that one
-    outcome: str = "failed"       # "moved", "rolled back", "failed", "unresolved" or "target lost" (livemig recover)
-    rounds: list[RoundReport] = field(default_factory=list)
-    precopy_stop_reason: str = ""
-    precopy_tracking: str = ""    # how pre-copy found changed pages: "soft-dirty" or "page hashes"
-    throttle: str = ""            # auto-converge: "" (no pre-copy), "ready", "off" (--no-throttle), "unavailable: why"
-    throttle_steps: list[ThrottleStep] = field(default_factory=list)   # each time it throttled harder
-    pages_known: int = 0          # pre-copy by hashes: pages the final dump only named (the target held them)
-    pages_into: str = ""          # where the final dump's pages went first: "target memory" (a fill:
-                                  # pre-copy by hashes, stop-and-copy into memory), "image files", "post-copy"
-    fill_seconds: float = 0.0     # a fill: every page into the copy, from its restore on
-    fill_while_running_seconds: float = 0.0   # of which after the copy ran (all pages on its host then)
-    final_dump_frozen_seconds: float = 0.0
-    image_files_bytes: int = 0    # images other than pages, sent after the dump
-    shared_kept_bytes: int = 0    # a lazy dump's pages the tree's processes share copy-on-write, put into
-                                  # the images to stay shared (pages/cow.py)
-    shared_sent_bytes: int = 0    # of those, the ones whose bytes crossed in the images (not held there)
-    bundle_bytes_wire: int = 0    # a container's bundle: pre-copy and changes, compressed
-    image_bytes_wire: int = 0     # podman: the container's image, sent when the target lacked it
-    restore_seconds: float = 0.0
-    downtime_seconds: float = 0.0  # source frozen -> target running
-    expected_downtime_seconds: float | None = None   # the last estimate before the freeze (source/downtime.py);
-                                                     # None: the move ended before it made one
-    carried_files: list[str] = field(default_factory=list)   # the tree's files the target lacked, carried there
-    carried_bytes: int = 0        # what they held, sent while the tree was frozen (carried.py)
-    shared_memory_bytes: int = 0  # the tree's shared memory (anonymous shared, memfd, SysV), which CRIU writes
-                                  # into image files at the freeze in every mode (host.shared_memory_bytes)
-    downtime_parts: list[DowntimePart] = field(default_factory=list)   # where it went
-    total_seconds: float = 0.0
-    target_pid: int = 0
-    postcopy_pages: int = 0          # pages placed in the target's copy after the resume
-    postcopy_seconds: float = 0.0    # target running -> it had every page
-    target_ran_seconds: float = 0.0  # "target lost": how long, at most, the target's lost copy ran
-    reconnects: int = 0              # times the link broke while the target's copy ran, and was made again
-    reconnect_seconds: float = 0.0   # how long, all together, the copy's missing pages had no link to come on
-    postcopy_pages_on_demand: int = 0    # sent ahead of the push's order, because a fault waited
-    postcopy_requests: int = 0       # the copy's page faults
-    postcopy_requests_waited: int = 0    # of those, waited for their page to be asked for
-    max_bandwidth_bytes_per_s: int | None = None   # the cap on what the move sent (--max-bandwidth); None: none
-    wire_bytes: int = 0              # what the move sent to the target, every stream together
-    peak_wire_bytes_per_s: float = 0.0   # the most it sent over any one second (options.SIZES.capped_window)
-    source_peak_rss_bytes: int = 0   # the livemig process here, at its peak
-    source_cpu_seconds: float = 0.0  # livemig here and what it ran (CRIU, the runtime)
+    """What `livemig move` did (printed on failure too, and after a Ctrl-C's or SIGTERM's rollback)."""
+    pid: int                      #: the root of the tree (a container's init)
+    source: str                   #: this host's name
+    target: str                   #: the target, as it was named (`[user@]host` or `ssh://[user@]host[:port]`)
+    #: the move's own (its work directories', its record's): `livemig recover` names it
+    migration_id: str = ""
+    started_at: str = ""          #: UTC, ISO 8601 (now())
+    ended_at: str = ""            #: UTC, ISO 8601
+    runtime: str = "process"      #: what checkpointed it: "process" (CRIU directly), "runc", "crun" or "podman"
+    workload: str = ""            #: what the user named: a PID or a container
+    mode: str = ""                #: the strategy used
+    mode_reason: str = ""         #: why that one
+    #: "moved"; "rolled back" (it runs on the source again); "failed" (the source was never touched);
+    #: "unresolved" (exit code 7: `livemig recover` settles it); "exited" (exit code 8: the workload ended
+    #: by itself); "target lost" (exit code 9, with target_ran_seconds)
+    outcome: str = "failed"
+    rounds: list[RoundReport] = field(default_factory=list)   #: each pre-copy round, then the final dump
+    precopy_stop_reason: str = ""     #: why pre-copy stopped its rounds (policy.StopReason's words); "": none ran
+    precopy_tracking: str = ""    #: how pre-copy found changed pages: "soft-dirty" or "page hashes"
+    #: auto-converge: "" (no pre-copy), "ready", "off" (--no-throttle), "unavailable: why"
+    throttle: str = ""
+    throttle_steps: list[ThrottleStep] = field(default_factory=list)   #: each time it throttled harder
+    pages_known: int = 0          #: pre-copy by hashes: pages the final dump only named (the target held them)
+    #: where the final dump's pages went first: "target memory" (a fill: pre-copy by hashes, stop-and-copy into
+    #: memory), "image files", "post-copy"
+    pages_into: str = ""
+    fill_seconds: float = 0.0     #: a fill: every page into the copy, from its restore on
+    fill_while_running_seconds: float = 0.0   #: of which after the copy ran (all pages on its host then)
+    final_dump_frozen_seconds: float = 0.0    #: how long CRIU kept the workload frozen for the final dump
+    image_files_bytes: int = 0    #: images other than pages, sent after the dump
+    #: a lazy final dump's pages the tree's processes share copy-on-write, put into the images to stay shared
+    #: (pages/cow.py), counted once per process
+    shared_kept_bytes: int = 0
+    #: of those, the ones whose bytes crossed with the images; the target held the rest, or read them from the
+    #: parent's image
+    shared_sent_bytes: int = 0
+    bundle_bytes_wire: int = 0    #: a container's bundle: pre-copy and changes (both passes), compressed
+    image_bytes_wire: int = 0     #: podman: the container's image, sent when the target lacked it
+    restore_seconds: float = 0.0  #: the restore on the target: CRIU's, or the runtime's (and its pause)
+    #: from just before the freeze on the source to the tree running on the target
+    downtime_seconds: float = 0.0
+    #: the last estimate made before the freeze (source/downtime.py); None: the move ended before it made one
+    expected_downtime_seconds: float | None = None
+    #: a bare tree's files the target lacked, carried there while it was frozen (carried.py, docs/modes.md)
+    carried_files: list[str] = field(default_factory=list)
+    carried_bytes: int = 0        #: what they held, sent while the tree was frozen
+    #: the tree's shared memory (anonymous shared, memfd, SysV), which CRIU writes into image files at the freeze
+    #: in every mode (host.shared_memory_bytes)
+    shared_memory_bytes: int = 0
+    downtime_parts: list[DowntimePart] = field(default_factory=list)   #: where the downtime went, in order
+    total_seconds: float = 0.0    #: the move from start to end
+    target_pid: int = 0           #: the tree's root on the target (0: it was never restored)
+    postcopy_pages: int = 0          #: pages placed in the target's copy after the resume
+    postcopy_seconds: float = 0.0    #: target running -> it had every page
+    target_ran_seconds: float = 0.0  #: "target lost": how long, at most, the target's lost copy ran
+    reconnects: int = 0              #: times the link broke while the target's copy ran, and was made again
+    reconnect_seconds: float = 0.0   #: how long, all together, the copy's missing pages had no link to come on
+    postcopy_pages_on_demand: int = 0    #: sent ahead of the push's order, because a fault waited
+    postcopy_requests: int = 0       #: the copy's page faults
+    postcopy_requests_waited: int = 0    #: of those, waited for their page to be asked for
+    max_bandwidth_bytes_per_s: int | None = None   #: the cap on what the move sent (--max-bandwidth); None: none
+    wire_bytes: int = 0              #: what the move sent to the target, every stream together
+    peak_wire_bytes_per_s: float = 0.0   #: the most it sent over any one second (options.SIZES.capped_window)
+    source_peak_rss_bytes: int = 0   #: the livemig process here, at its peak
+    source_cpu_seconds: float = 0.0  #: livemig here and what it ran (CRIU, the runtime)
+    #: what went wrong but did not stop it, and each check passed with --force
     warnings: list[str] = field(default_factory=list)
-    error: str = ""
-    failed_phase: str = ""
-    logs: list[str] = field(default_factory=list)   # HOST:DIR where a failed move's CRIU logs were kept
+    error: str = ""               #: why it failed, in one line: its phase, host and hint too ("": it did not)
+    failed_phase: str = ""        #: the phase that failed (errors.Phase's names)
+    #: HOST:DIR where a failed move's CRIU logs were kept, this host's first
+    logs: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -176,32 +203,33 @@ class Report:
 
 @dataclass
 class Replica:
-    host: str
-    name: str
-    pid: int = 0                  # its init, on that host
-    restore_seconds: float = 0.0
-    bytes_wire: int = 0           # the checkpoint (and image) sent to that host
+    """One replica of a clone."""
+    host: str                     #: the host it runs on, as it was named
+    name: str                     #: its container's name there
+    pid: int = 0                  #: its init, on that host
+    restore_seconds: float = 0.0  #: its restore there (podman's, with its pause)
+    bytes_wire: int = 0           #: the checkpoint (and image) sent to that host, compressed
 
 
 @dataclass
 class CloneReport:
     """What `livemig clone` did: one checkpoint of the original, replicas of it elsewhere."""
-    source: str
-    workload: str
-    migration_id: str = ""
-    started_at: str = ""          # UTC, ISO 8601 (now())
-    ended_at: str = ""
-    runtime: str = "podman"
-    outcome: str = "failed"       # "cloned" or "failed" (then no replica runs; the original does)
-    replicas: list[Replica] = field(default_factory=list)
-    frozen_seconds: float = 0.0   # how long the original stood still for its checkpoint (CRIU's figure)
-    checkpoint_seconds: float = 0.0   # the whole checkpoint command, the original running after
-    pages_written: int = 0
-    checkpoint_bytes: int = 0     # the archive, uncompressed
-    total_seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-    error: str = ""
-    failed_phase: str = ""
+    source: str                   #: this host's name
+    workload: str                 #: the original: the container the user named
+    migration_id: str = ""        #: the clone's own, as its work directories are named
+    started_at: str = ""          #: UTC, ISO 8601 (now())
+    ended_at: str = ""            #: UTC, ISO 8601
+    runtime: str = "podman"       #: what checkpointed the original (podman alone clones)
+    outcome: str = "failed"       #: "cloned" or "failed" (then no replica runs; the original does)
+    replicas: list[Replica] = field(default_factory=list)   #: every replica, on every host, in order
+    frozen_seconds: float = 0.0   #: how long the original stood still for its checkpoint (CRIU's figure)
+    checkpoint_seconds: float = 0.0   #: the whole checkpoint command, the original running after
+    pages_written: int = 0        #: the pages in the checkpoint (CRIU's count)
+    checkpoint_bytes: int = 0     #: the archive, uncompressed
+    total_seconds: float = 0.0    #: the clone from start to end
+    warnings: list[str] = field(default_factory=list)   #: what went wrong but did not stop it
+    error: str = ""               #: why it failed, in one line: its phase, host and hint too ("": it did not)
+    failed_phase: str = ""        #: the phase that failed (errors.Phase's names)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -225,25 +253,26 @@ class CloneReport:
 @dataclass
 class Plan:
     """What `livemig move --dry-run` found: the preflight passed, and this would happen."""
-    workload: str                 # what the user named: a PID or a container
-    runtime: str
-    source: str
-    target: str
-    mode: str
-    mode_reason: str
-    processes: int
-    memory_bytes: int             # resident memory of the tree
-    link_bytes_per_s: float       # measured through the real stream path, incompressible bytes;
-                                  # within the cap, if there is one
-    copy_seconds: float           # memory_bytes at that rate: an upper bound
-    expected_downtime_seconds: float   # in the mode chosen (source/downtime.py tells what it counts)
-    expected_rounds: str
-    note: str
-    warnings: list[str] = field(default_factory=list)
-    max_bandwidth_bytes_per_s: int | None = None   # --max-bandwidth, which the link rate is held to
-    shared_memory_bytes: int = 0     # what goes through image files at the freeze in every mode
-    max_downtime_seconds: float | None = None      # --max-downtime: the promise; None: none made
-    expected_downtime_by_mode: dict[str, float] = field(default_factory=dict)   # each mode that runs here
+    workload: str                 #: what the user named: a PID or a container
+    runtime: str                  #: what would checkpoint it: "process" (CRIU directly), "runc", "crun" or "podman"
+    source: str                   #: this host's name
+    target: str                   #: the target, as it was named
+    mode: str                     #: the strategy the move would use
+    mode_reason: str              #: why that one
+    processes: int                #: the processes in the tree
+    memory_bytes: int             #: resident memory of the tree
+    #: measured through the real stream path, incompressible bytes; within the cap, if there is one
+    link_bytes_per_s: float
+    copy_seconds: float           #: memory_bytes at that rate: an upper bound
+    expected_downtime_seconds: float   #: in the mode chosen (source/downtime.py tells what it counts)
+    expected_rounds: str          #: how many pre-copy rounds to expect, in words
+    note: str                     #: what the mode would do, and what the downtime depends on, in words
+    warnings: list[str] = field(default_factory=list)   #: what the preflight let pass but said
+    max_bandwidth_bytes_per_s: int | None = None   #: --max-bandwidth, which the link rate is held to
+    shared_memory_bytes: int = 0     #: what goes through image files at the freeze in every mode
+    max_downtime_seconds: float | None = None      #: --max-downtime: the promise; None: none made
+    #: the downtime expected in each mode that runs here (seconds, by mode)
+    expected_downtime_by_mode: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -270,63 +299,66 @@ class Plan:
 
 @dataclass
 class CheckRow:
-    name: str
-    ok: bool
-    detail: str
-    hint: str = ""
+    """One of the preflight's checks."""
+    name: str                     #: what it checks ("criu on target", "memory", "agent on target"...)
+    ok: bool                      #: it passed
+    detail: str                   #: what it found
+    hint: str = ""                #: how to fix it, for a check that failed ("": nothing to say)
 
 
 @dataclass
 class CheckReport:
     """What `livemig check HOST` found: the preflight's checks against HOST, and the mode auto would take."""
-    host: str
-    ok: bool
-    mode: str
-    mode_reason: str
-    checks: list[CheckRow] = field(default_factory=list)
+    host: str                     #: the target asked, as it was named
+    ok: bool                      #: every check passed: a move there would pass its preflight
+    mode: str                     #: the mode a move would take (--mode, else auto's choice); "": none can run
+    mode_reason: str              #: why that one, or why none
+    checks: list[CheckRow] = field(default_factory=list)   #: every check, in the order a user should fix them
 
 
 @dataclass
 class Settled:
     """One move as `livemig recover` left it."""
-    migration_id: str
-    target: str
-    workload: str
-    outcome: str        # "moved", "rolled back", "unresolved" (ask again), "target lost" or "lost" (neither host has it)
-    detail: str
+    migration_id: str             #: the move's (its report's migration_id)
+    target: str                   #: where it was going, as it was named
+    workload: str                 #: what it moved: the process tree or container
+    #: "moved", "rolled back", "unresolved" (ask again), "target lost" or "lost" (neither host has it)
+    outcome: str
+    detail: str                   #: how each copy stands, and what was done to them
 
 
 @dataclass
 class Recovered:
     """What `livemig recover` settled (nothing: an empty list)."""
-    settled: list[Settled] = field(default_factory=list)
+    settled: list[Settled] = field(default_factory=list)   #: each move it settled, or tried to
 
 
 @dataclass
 class Pending:
     """One move `livemig recover` would settle, as `recover --list` finds it (source/pending.py)."""
-    migration_id: str
-    target: str                   # "" for one killed in pre-copy (nothing of it went there)
-    workload: str
-    stage: str                    # "pre-copy", "post-copy or a fill", "stop-and-copy[, the source's copy given up]"
-    here: str                     # the source's copy, as it stands now
-    livemig_alive: bool           # the move's livemig still runs: recover leaves the move to it
-    target_ran_seconds: float     # how long, at most, the target's copy has run (0: never told to)
-    recorded_at: str              # UTC, ISO 8601: when the move last wrote where it stood
+    migration_id: str             #: the move's (its report's migration_id)
+    target: str                   #: where it was going; "" for one killed in pre-copy (nothing of it went there)
+    workload: str                 #: what it moves: the process tree or container
+    #: "pre-copy", "post-copy or a fill", "stop-and-copy[, the source's copy given up]"
+    stage: str
+    here: str                     #: the source's copy, as it stands now
+    livemig_alive: bool           #: the move's livemig still runs: recover leaves the move to it
+    target_ran_seconds: float     #: how long, at most, the target's copy has run (0: never told to)
+    recorded_at: str              #: UTC, ISO 8601: when the move last wrote where it stood
 
 
 @dataclass
 class Listed:
     """What `livemig recover --list` found (nothing: an empty list)."""
-    pending: list[Pending] = field(default_factory=list)
+    pending: list[Pending] = field(default_factory=list)   #: each move it would settle
 
 
 @dataclass
 class Failure:
     """A command that failed before it had a report of its own (bad arguments, a host not
     reached, a PID that is not there): what `--json` prints instead."""
-    error: str                    # the message, as the line on stderr says it
-    failed_phase: str             # the phase (Phase's names), "usage" for bad arguments, or ""
-    host: str = ""                # where it failed, when that is known
-    hint: str = ""                # what to do about it
-    outcome: str = "failed"
+    error: str                    #: the message, as the line on stderr says it
+    failed_phase: str             #: the phase (Phase's names), "usage" for bad arguments, or ""
+    host: str = ""                #: where it failed, when that is known
+    hint: str = ""                #: what to do about it
+    outcome: str = "failed"       #: always "failed", as a report that failed says
