@@ -18,6 +18,7 @@ addresses with it, and is left to its runtime. Read from /proc, no tool needed.
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import os
 import re
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from . import proc
+from .wire.protocol import Port
 
 _LISTEN, _UDP_ANY = "0A", "07"          # TCP_LISTEN; an unconnected UDP socket (TCP_CLOSE)
 _ESTABLISHED = "01"                      # TCP_ESTABLISHED
@@ -157,12 +159,13 @@ def parse_table(text: str, inodes: Container[int], states: tuple[str, ...],
     """The sockets in a /proc/net/{tcp,udp}[6] table that are among inodes, in one of
     states, and bound to an address that only some hosts have; anywhere(inode) says
     whether one is set to bind to any address."""
-    out = set()
-    for f in _rows(text, inodes, states):
-        ip, port = _endpoint(f[1])
-        if not (ip.is_unspecified or ip.is_loopback):
-            out.add(Bound(str(ip), port, anywhere(int(f[9]))))
-    return out
+    return {b for f in _rows(text, inodes, states) if (b := _bound(f, anywhere)) is not None}
+
+
+def _bound(row: list[str], anywhere: Callable[[int], bool]) -> Bound | None:
+    """A table's row as a Bound, None where its address binds on any host."""
+    ip, port = _endpoint(row[1])
+    return None if ip.is_unspecified or ip.is_loopback else Bound(str(ip), port, anywhere(int(row[9])))
 
 
 def parse_connections(text: str, inodes: Container[int]) -> set[tuple[str, int, str, int]]:
@@ -191,28 +194,92 @@ def connected(pids: list[int]) -> list[tuple[str, int, str, int]]:
     return sorted(out)
 
 
+_BOUND_TABLES = (("tcp", (_LISTEN,)), ("tcp6", (_LISTEN,)), ("udp", (_UDP_ANY,)), ("udp6", (_UDP_ANY,)))
+
+
+def _bound_rows(pids: list[int]) -> Iterator[tuple[str, list[str], dict[int, tuple[int, int]]]]:
+    """(table, its row, the tree's sockets) of every socket the tree listens on (TCP) or
+    receives on (UDP), in this host's network namespace; none for a tree in one of its own,
+    which its runtime brings along with its addresses and ports."""
+    if not pids:
+        return
+    try:
+        if os.stat(f"/proc/{pids[0]}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino:
+            return
+    except OSError:     # its root is gone: nothing of it to bind anywhere (the dump will say so)
+        return
+    inodes = _inodes(pids)
+    for table, states in _BOUND_TABLES if inodes else ():
+        try:
+            text = Path(f"/proc/{pids[0]}/net/{table}").read_text()
+        except OSError:     # a table this kernel lacks (no IPv6): no socket of that kind
+            continue
+        for row in _rows(text, inodes, states):
+            yield table, row, inodes
+
+
 def held(pids: list[int]) -> list[Bound]:
     """Every socket the tree listens on (TCP) or receives on (UDP) at an address of this
     host's own, or one no host need have (freebind); none for a tree in a network namespace
     of its own."""
-    if not pids:
-        return []
-    try:
-        if os.stat(f"/proc/{pids[0]}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino:
-            return []
-    except OSError:     # its root is gone: nothing of it to bind anywhere (the dump will say so)
-        return []
-    inodes = _inodes(pids)
-    if not inodes:
-        return []
     out: set[Bound] = set()
-    for table, states in (("tcp", (_LISTEN,)), ("tcp6", (_LISTEN,)), ("udp", (_UDP_ANY,)), ("udp6", (_UDP_ANY,))):
-        try:
-            out |= parse_table(Path(f"/proc/{pids[0]}/net/{table}").read_text(), inodes, states,
-                               lambda inode: binds_anywhere(*inodes[inode]))
-        except OSError:     # a table this kernel lacks (no IPv6): no socket of that kind
-            pass
+    for _, row, inodes in _bound_rows(pids):
+        if (b := _bound(row, lambda inode: binds_anywhere(*inodes[inode]))) is not None:   # noqa: B023 (called at once)
+            out.add(b)
     return sorted(out)
+
+
+def ports(pids: list[int]) -> list[Port]:
+    """Every port the tree holds, at any address: CRIU's restore binds each again, and fails
+    (EADDRINUSE) where another socket holds it, after the freeze and the dump."""
+    return sorted({Port(table.rstrip("6"), str(ip), port)
+                   for table, row, _ in _bound_rows(pids) for ip, port in [_endpoint(row[1])]},
+                  key=lambda p: (p.port, p.proto, p.ip))
+
+
+def taken(wanted: list[Port]) -> list[str]:
+    """Of wanted, those this host would not let the restore bind, each said with what holds
+    it: bound here the way CRIU binds it (SO_REUSEADDR set, as criu/sk-inet.c sets it on every
+    socket it restores), and let go at once. One whose address this host lacks is left to the
+    addresses' own check (binds_here)."""
+    out = []
+    for want in wanted:
+        family = socket.AF_INET6 if ":" in want.ip else socket.AF_INET
+        kind = socket.SOCK_STREAM if want.proto == "tcp" else socket.SOCK_DGRAM
+        with socket.socket(family, kind) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((want.ip, want.port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    out.append(f"{want.port}/{want.proto} on {want.ip}{_holder(want)}")
+    return out
+
+
+def _holder(want: Port) -> str:
+    """What holds want's port here, said as ' held by NAME (PID N)'; "" where none is found."""
+    inodes = set()
+    for table, states in _BOUND_TABLES:
+        if table.startswith(want.proto):
+            try:
+                text = Path(f"/proc/net/{table}").read_text()
+            except OSError:     # a table this kernel lacks: no holder there
+                continue
+            inodes |= {int(f[9]) for f in _rows(text, _Any(), states) if _endpoint(f[1])[1] == want.port}
+    everyone = sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
+    for pid, _, names in proc.fds(everyone if inodes else []):
+        if (m := _SOCKET.fullmatch(names)) and int(m.group(1)) in inodes:
+            try:
+                return f" held by {Path(f'/proc/{pid}/comm').read_text().strip()} (PID {pid})"
+            except OSError:     # it exited meanwhile: its PID alone says who
+                return f" held by PID {pid}"
+    return ""
+
+
+class _Any:
+    """Contains every inode: _rows over a whole table."""
+    def __contains__(self, _: object) -> bool:
+        return True
 
 
 def parse_fib_trie(text: str) -> set[str]:

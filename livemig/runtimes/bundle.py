@@ -17,6 +17,7 @@ file must be gone before tar can put that in its place.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -37,6 +38,19 @@ def listing(root: Path) -> set[str]:
         for name in dirs + files:
             found.add(os.path.normpath(os.path.join(rel, name)))
     return found
+
+
+def mount_sources(root: Path) -> list[str]:
+    """The host paths the bundle's config.json binds into the container, outside the bundle
+    (which is carried whole): its volumes, which the target must have."""
+    try:
+        mounts = json.loads((root / "config.json").read_text()).get("mounts") or []
+    except (OSError, ValueError):     # no config to read: the runtime's own restore says why
+        return []
+    inside = str(root).rstrip("/") + "/"
+    return sorted({m["source"] for m in mounts
+                   if (m.get("type") == "bind" or {"bind", "rbind"} & set(m.get("options") or []))
+                   and str(m.get("source", "")).startswith("/") and not m["source"].startswith(inside)})
 
 
 def mounts_under(root: Path) -> list[str]:

@@ -40,6 +40,7 @@ from .. import criu, proc
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from ..options import WAITS
 from ..wire import protocol as p
+from .bundle import mount_sources as bundle_mount_sources
 from .process import criu_failure
 from .workload import DumpRun, StopPages, Workload
 
@@ -139,6 +140,9 @@ class OciContainer(Workload):
 
     def target_spec(self) -> p.Container:
         return p.Container(self.kind, self.container, str(self._bundle))
+
+    def mount_sources(self) -> list[str]:
+        return bundle_mount_sources(self._bundle)
 
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
         pages = _PageSocket(images) if self.streams_pages else None

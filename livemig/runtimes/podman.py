@@ -117,6 +117,8 @@ class PodmanContainer(Workload):
         self.name = self.container
         self.root_pid = int(found["State"]["Pid"])
         self.image: str = found.get("ImageName") or found["Image"]   # a name survives save and load
+        # bind mounts name host paths; named volumes travel in the checkpoint's archive
+        self._binds = sorted({m["Source"] for m in found.get("Mounts") or [] if m.get("Type") == "bind"})
         self.opts = opts
         self.checkpointed = False
         self.run: DumpRun | None = None
@@ -126,6 +128,9 @@ class PodmanContainer(Workload):
 
     def target_spec(self) -> p.Container:
         return p.Container("podman", self.container, "", image=self.image)
+
+    def mount_sources(self) -> list[str]:
+        return self._binds
 
     async def send_image(self, writer: streams.Writer, level: int) -> streams.Meter:
         return await streams.send_output(["podman", "save", self.image], writer, level)

@@ -71,6 +71,12 @@ class Workload:
         """A directory that must exist on the target too (an OCI bundle), or None."""
         return None
 
+    def mount_sources(self) -> list[str]:
+        """The host's paths a container's restore binds in (its volumes): each must be on the
+        target, or the restore fails after the freeze. None for a process tree, whose files
+        are checked one by one (host.needed_files)."""
+        return []
+
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
         raise NotImplementedError
 

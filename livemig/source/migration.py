@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
@@ -155,8 +156,10 @@ class Migration:
         m.spec = target_spec(w, m.options.name)
         # (a container's paths are in its own mount namespace: not the target's to look at)
         tree = w.kind == "process"
-        local, remote = await self._probe_both(pids if tree else [], m.spec, locked if tree else [],
-                                               host.needed_files(pids) if tree else [])
+        local, remote = await self._probe_both(p.Probe(
+            pids=pids if tree else [], container=m.spec, locked_files=locked if tree else [],
+            files=host.needed_files(pids) if tree else [], ports=addresses.ports(pids),
+            mount_sources=w.mount_sources()))
         remote, m.report.carried_files, total = checks.carry(remote, m.options.carry_files_max)
         if m.report.carried_files:
             m.report.carried_bytes = total
@@ -238,7 +241,7 @@ class Migration:
     async def inspect(self) -> tuple[list[checks.Check], str, str]:
         """The preflight alone, every row of it, for `livemig check`; touches no workload."""
         try:
-            local, remote = await self._probe_both([], None)
+            local, remote = await self._probe_both(p.Probe())
             rows, mode, why = checks.compare(local, remote, self.m.options.mode.value)
             if all(r.ok for r in rows[:3]):
                 try:
@@ -250,24 +253,23 @@ class Migration:
         finally:
             await self.close()
 
-    async def _probe_both(self, pids: list[int], container: p.Container | None = None,
-                          locked: list[str] | None = None, files: list[str] | None = None
-                          ) -> tuple[p.HostFacts, p.HostFacts]:
+    async def _probe_both(self, asked: p.Probe) -> tuple[p.HostFacts, p.HostFacts]:
+        """This host's facts, and the target's answers to asked (for the workload's PIDs, its
+        container, files, ports and mounts; none of those for `livemig check`)."""
         m = self.m
         m.held = make_work_dir(m.options.image_root, m.work) or m.held
         m.progress(Connecting(m.target))
         await m.to.open()
         stop_for_tests("connected")
-        local = await local_facts(pids, m.work, container)
+        local = await local_facts(asked.pids, m.work, container := asked.container)
         marker = None
         if container is not None and container.bundle:
             # Seen from the target, this file means the bundle is on storage both share.
             marker = Path(container.bundle) / f"livemig-{m.id}.probe"
             marker.touch(mode=0o600)
         try:
-            facts = await m.to.request(
-                p.Probe(pids=pids, container=container, bundle_marker=marker.name if marker else "",
-                        locked_files=locked or [], files=files or []), p.HostFacts)
+            facts = await m.to.request(dataclasses.replace(asked, bundle_marker=marker.name if marker else ""),
+                                       p.HostFacts)
             m.to.facts = facts
         finally:
             if marker:

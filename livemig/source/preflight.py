@@ -128,6 +128,16 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
                           "target too (a file both hosts share, or one a process there locks): its restore "
                           "would wait for it for ever, the source's copy holding it until then",
                           "release the lock before the move, or keep the file on storage of the source's own"))
+    if remote.ports_taken:
+        rows.append(Check("ports free on target", False,
+                          f"the workload holds {carried.named(remote.ports_taken)}, which the target has taken: CRIU's "
+                          "restore binds each port again, and would fail after the freeze",
+                          "stop what holds them on the target, or move the workload to a host where they are free"))
+    if remote.mount_sources_missing:
+        rows.append(Check("mount sources on target", False,
+                          f"the container binds in {carried.named(remote.mount_sources_missing)}, which the target "
+                          "lacks: its restore mounts each, and would fail after the freeze",
+                          "make them on the target at the same paths, or keep them on storage both hosts share"))
     room = remote.free_bytes >= need_bytes
     rows.append(Check("room for images", room,
                       f"{remote.free_bytes >> 20} MiB free" + (f", {need_bytes >> 20} MiB needed" if need_bytes else "")

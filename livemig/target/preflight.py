@@ -1,5 +1,6 @@
 """The target's answers before anything is moved: this host's facts (Probe: CRIU, the
-kernel, free room, PIDs and names taken, the container's runtime and bundle) and whether
+kernel, free room, PIDs, names and ports taken, files and mount sources missing, the
+container's runtime and bundle) and whether
 the source's CPU can be restored here (CpuinfoCheck)."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .. import criu, host, proc, runtimes
+from .. import addresses, criu, host, proc, runtimes
 from ..errors import Phase
 from ..runtimes import oci, podman
 from ..wire import protocol as p
@@ -35,6 +36,11 @@ async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
         facts = dataclasses.replace(facts, locks_taken=[f for f in msg.locked_files if host.locked_here(f)])
     if msg.files:
         facts = dataclasses.replace(facts, files_missing=[f for f in msg.files if not os.path.exists(f)])
+    if msg.ports:
+        facts = dataclasses.replace(facts, ports_taken=addresses.taken(msg.ports))
+    if msg.mount_sources:
+        facts = dataclasses.replace(facts, mount_sources_missing=[f for f in msg.mount_sources
+                                                                  if not os.path.exists(f)])
     if c is None:
         return facts
     taken = [n for n in names if await runtimes.known(dataclasses.replace(c, id=n))]

@@ -126,12 +126,13 @@ class Lab:
         return Workload(self, got, port, mib)
 
     def start_container_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
-                                 port: int = 7777, container: str = "mem1") -> Workload:
+                                 port: int = 7777, container: str = "mem1", binds: tuple[str, ...] = ()) -> Workload:
         """memcounter in a runc container on host name (tests/workloads/container.py), its port
-        on the host's network; wait until it answers."""
+        on the host's network; wait until it answers. binds: host directories bound in."""
         bundle = f"/var/lib/ctr/{container}"
         self.run(name, ["python3", CONTAINER_TOOL, "memcounter", "--name", container, "--bundle", bundle,
-                        "--mib", str(mib), "--dirty-mibps", str(dirty_mibps), "--port", str(port)], timeout=60)
+                        "--mib", str(mib), "--dirty-mibps", str(dirty_mibps), "--port", str(port),
+                        *(f"--bind={b}" for b in binds)], timeout=60)
         work = Workload(self, 0, port, mib, container=container, bundle=bundle, dirty_mibps=dirty_mibps)
         work.query(name, wait=300)
         return work

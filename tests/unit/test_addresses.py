@@ -1,7 +1,9 @@
 """The addresses a tree's sockets hold, read from /proc as the kernel writes it."""
 
+import json
 import os
 import socket
+from pathlib import Path
 
 from livemig import addresses
 
@@ -121,3 +123,37 @@ def test_a_socket_a_lazy_dump_left_in_repair_mode_is_taken_out():
             ours.sendall(b"x")
             assert theirs.recv(1) == b"x"                   # it talks again
             assert addresses.repair_off([os.getpid()]) == 0     # and nothing else is touched
+
+
+def test_every_port_the_tree_holds_is_found_at_any_address_and_one_taken_here_is_said_with_its_holder():
+    with socket.socket() as anywhere, socket.socket() as loopback, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as connected_only:
+        anywhere.bind(("0.0.0.0", 0))
+        anywhere.listen()
+        loopback.bind(("127.0.0.1", 0))
+        loopback.listen()
+        udp.bind(("127.0.0.1", 0))
+        connected_only.bind(("127.0.0.1", 0))      # bound, never listening: no port CRIU binds as a listener
+        held = addresses.ports([os.getpid()])
+        mine = {(p.proto, p.ip, p.port) for p in held}
+        assert {("tcp", "0.0.0.0", anywhere.getsockname()[1]), ("tcp", "127.0.0.1", loopback.getsockname()[1]),
+                ("udp", "127.0.0.1", udp.getsockname()[1])} <= mine, mine
+        assert not any(port == connected_only.getsockname()[1] for _, _, port in mine)
+        # here, every one of them is taken: by this very process, which is named
+        said = addresses.taken(held)
+        assert len(said) == len(held), said
+        assert all(f" held by {Path('/proc/self/comm').read_text().strip()} (PID {os.getpid()})" in s for s in said)
+    # let go, they are free again (SO_REUSEADDR: nothing waits for TIME_WAIT)
+    assert addresses.taken(held) == []
+
+
+def test_a_bundle_s_bind_mounts_outside_it_are_the_sources_its_restore_needs(tmp_path):
+    from livemig.runtimes import bundle
+    (tmp_path / "config.json").write_text(json.dumps({"mounts": [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind", "rw"]},
+        {"destination": "/etc/x", "source": "/etc/x.conf", "options": ["bind", "ro"]},
+        {"destination": "/inner", "type": "bind", "source": str(tmp_path / "rootfs/inner")},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid"]}]}))
+    assert bundle.mount_sources(tmp_path) == ["/etc/x.conf", "/srv/data"]
+    assert bundle.mount_sources(tmp_path / "nowhere") == []

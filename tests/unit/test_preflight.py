@@ -4,8 +4,11 @@ import asyncio
 import subprocess
 import sys
 
+import pytest
+
 from livemig import host
 from livemig.addresses import Bound
+from livemig.errors import PreflightError
 from livemig.source import preflight as checks
 from livemig.source.preflight import compare
 from livemig.wire.protocol import HostFacts
@@ -219,3 +222,14 @@ def test_a_host_without_criu_is_probed_and_says_criu_none(tmp_path, monkeypatch)
     assert facts.criu_version == [] and not any(facts.features.values())
     [row] = [r for r in compare(facts, facts, "auto")[0] if r.name == "criu here"]
     assert not row.ok and row.detail == "CRIU none", row
+
+
+def test_ports_the_target_holds_and_mount_sources_it_lacks_refuse_the_move_naming_them():
+    rows, _, _ = compare(facts(), facts(ports_taken=["7890/tcp on 0.0.0.0 held by nc (PID 12)"],
+                                        mount_sources_missing=["/srv/only-a"]), "auto", pids=[42])
+    assert failed(rows) == ["ports free on target", "mount sources on target"]
+    ports, mounts = (r for r in rows if not r.ok)
+    assert "7890/tcp on 0.0.0.0 held by nc (PID 12)" in ports.detail and not ports.forceable
+    assert "/srv/only-a" in mounts.detail and not mounts.forceable
+    with pytest.raises(PreflightError, match="7890/tcp"):     # --force passes neither: each fails the restore
+        checks.enforce(rows, "b", force=True)

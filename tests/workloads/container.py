@@ -95,13 +95,16 @@ def build(bundle: str, runtime: str, busy: bool = False, stopped_child: bool = F
         json.dump(config, f, indent=1)
 
 
-def build_memcounter(bundle: str, mib: int, dirty_mibps: float, port: int, cpu_per_page: int = 0) -> None:
-    """A runc bundle running memcounter.py (build_python)."""
+def build_memcounter(bundle: str, mib: int, dirty_mibps: float, port: int, cpu_per_page: int = 0,
+                     binds: tuple[str, ...] = ()) -> None:
+    """A runc bundle running memcounter.py (build_python); binds: more of the host's
+    directories bound in, each at its own path (a volume)."""
     build_python(bundle, ["python3", "/opt/livemig/tests/workloads/memcounter.py", "run", "--mib", str(mib),
-                          "--dirty-mibps", str(dirty_mibps), "--port", str(port), "--cpu-per-page", str(cpu_per_page)])
+                          "--dirty-mibps", str(dirty_mibps), "--port", str(port), "--cpu-per-page", str(cpu_per_page)],
+                 binds)
 
 
-def build_python(bundle: str, args: list[str]) -> None:
+def build_python(bundle: str, args: list[str], binds: tuple[str, ...] = ()) -> None:
     """A runc bundle running args, a workload of the checkout's: the host's /usr (python3 and
     its libraries) and the checkout bound in read-only, so the root in the bundle is a few
     empty directories; the host's network and name, so that the workload answers the lab host
@@ -109,7 +112,7 @@ def build_python(bundle: str, args: list[str]) -> None:
     runc's spec gives them."""
     root = os.path.join(bundle, "rootfs")
     shutil.rmtree(bundle, ignore_errors=True)
-    for d in ("usr", "opt/livemig", "tmp", "proc", "dev", "sys"):
+    for d in ("usr", "opt/livemig", "tmp", "proc", "dev", "sys", *(b.lstrip("/") for b in binds)):
         os.makedirs(os.path.join(root, d))
     for link in ("bin", "lib", "lib64", "sbin"):
         os.symlink(f"usr/{link}", os.path.join(root, link))
@@ -122,6 +125,7 @@ def build_python(bundle: str, args: list[str]) -> None:
     config["root"]["readonly"] = False
     config["mounts"] += [{"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro"]}
                          for d in ("/usr", "/opt/livemig")]
+    config["mounts"] += [{"destination": d, "type": "bind", "source": d, "options": ["rbind", "rw"]} for d in binds]
     config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] not in ("network", "uts")]
     config.pop("hostname", None)   # the host's name, too: memcounter answers with it
     with open(path, "w") as f:
@@ -160,10 +164,11 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=7777)
     ap.add_argument("--cpu-per-page", type=int, default=0, help="memcounter's CPU work per page it writes")
     ap.add_argument("--busy", action="store_true", help="start: count without sleeping between counts")
+    ap.add_argument("--bind", action="append", default=[], help="memcounter: a host directory bound in, at its path")
     ap.add_argument("--stopped-child", action="store_true", help="start, busy: with a child stopped at once")
     a = ap.parse_args()
     if a.action in ("memcounter", "bundle"):
-        build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port, a.cpu_per_page)
+        build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port, a.cpu_per_page, tuple(a.bind))
         if a.action == "bundle":    # only the bundle: where the seeds' procedure restores it
             return 0
         _detach(a.runtime, a.bundle, a.name)
