@@ -182,17 +182,36 @@ def test_the_downtime_livemig_reports_is_the_one_the_workload_lived(lab):
     lab.run("b", ["kill", str(work.pid)])
 
 
+def _restore_fails(lab, work, *args: str) -> subprocess.CompletedProcess:
+    """A move whose restore fails: the workload's port taken on b once the preflight passed
+    (before it, the preflight refuses the move: tests/test_occupied.py), and let go after."""
+    mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=restore", "livemig", "move", *args, "--mode", "stopcopy",
+                            "--pid", str(work.pid), "b"],
+                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    squatter = None
+    try:
+        stopped = wait_stopped(lab, mover, "restore")
+        squatter = lab.start_workload("b", mib=1, pid=4505, port=work.port)
+        go_on(lab, mover, stopped)
+        out, err = mover.communicate(timeout=600)
+    finally:
+        end_if_held(lab, mover)
+        if squatter is not None:
+            lab.run("b", ["kill", str(squatter.pid)])
+            lab.run("b", ["sh", "-c", f"while kill -0 {squatter.pid}; do sleep 0.05; done"], check=False)
+    return subprocess.CompletedProcess(mover.args, mover.returncode, out, err)
+
+
 def test_a_failed_restore_rolls_back_and_the_source_goes_on(lab):
     work = lab.start_workload("a", mib=64, dirty_mibps=4, pid=4405, port=7790)
-    squatter = lab.start_workload("b", mib=1, pid=4505, port=7790)   # the port the workload needs
     before = work.query("a")
-    res = move(lab, work.pid, "--mode", "stopcopy", check=False)
+    res = _restore_fails(lab, work, "--json")
     assert res.returncode == 6
     err = res.stderr.decode().strip().splitlines()[0]
     assert err.startswith("livemig: restore on b:") and "Address already in use" in err
     report = json.loads(res.stdout)
     assert report["outcome"] == "rolled back" and report["failed_phase"] == "restore"
-    assert_still_on_source(lab, work, before)     # nothing of it on b but the squatter
+    assert_still_on_source(lab, work, before)     # nothing of it left on b
     # CRIU's logs outlive the images, on both hosts, private; the report says where
     [(h1, here), (h2, there)] = [x.split(":", 1) for x in report["logs"]]
     assert (h1, h2) == ("a", "b") and here.endswith("-source") and there.endswith("-target")
@@ -200,14 +219,12 @@ def test_a_failed_restore_rolls_back_and_the_source_goes_on(lab):
     assert "final-restore.log" in lab.text("b", ["ls", there]).split()
     assert lab.text("b", ["stat", "-c", "%a", there, f"{there}/final-restore.log"]).split() == ["700", "600"]
     # and -v prints what in them explains it
-    res = lab.run("a", ["livemig", "move", "-v", "--mode", "stopcopy", "--pid", str(work.pid), "b"], check=False,
-                  timeout=600)
+    res = _restore_fails(lab, work, "-v")
     err = res.stderr.decode()
     assert res.returncode == 6 and "CRIU's logs: a:/var/lib/livemig/logs/" in err, err
     # (a lazy final dump, the default stop-and-copy's, logs no error of its own: the restore's say it)
     assert "Error (criu/files.c" in err and "-v prints" not in err, err
     lab.run("a", ["kill", str(work.pid)])
-    lab.run("b", ["kill", str(squatter.pid)])
 
 
 def test_a_pid_taken_on_the_target_stops_in_preflight_touching_nothing(lab):
