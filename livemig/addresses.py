@@ -197,16 +197,19 @@ def connected(pids: list[int]) -> list[tuple[str, int, str, int]]:
 _BOUND_TABLES = (("tcp", (_LISTEN,)), ("tcp6", (_LISTEN,)), ("udp", (_UDP_ANY,)), ("udp6", (_UDP_ANY,)))
 
 
+def own_network(pids: list[int]) -> bool:
+    """Is the tree in a network namespace of its own (not this host's)?"""
+    try:
+        return bool(pids) and os.stat(f"/proc/{pids[0]}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+    except OSError:     # its root is gone: the dump will say so; nothing of its own to tell
+        return False
+
+
 def _bound_rows(pids: list[int]) -> Iterator[tuple[str, list[str], dict[int, tuple[int, int]]]]:
     """(table, its row, the tree's sockets) of every socket the tree listens on (TCP) or
     receives on (UDP), in this host's network namespace; none for a tree in one of its own,
     which its runtime brings along with its addresses and ports."""
-    if not pids:
-        return
-    try:
-        if os.stat(f"/proc/{pids[0]}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino:
-            return
-    except OSError:     # its root is gone: nothing of it to bind anywhere (the dump will say so)
+    if not pids or own_network(pids):
         return
     inodes = _inodes(pids)
     for table, states in _BOUND_TABLES if inodes else ():

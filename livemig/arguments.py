@@ -68,7 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="once the target's copy runs, how long to reach the target again if the link "
                          "breaks, the copy waiting on its missing pages meanwhile, before that copy is "
                          "given up (default 300)")
-    mv.add_argument("--tcp-established", action="store_true", help="move established TCP connections")
+    mv.add_argument("--tcp-established", action="store_true",
+                    help="move established TCP connections (with --move-address for those of a tree in the "
+                         "host's network: its clients keep their connections)")
+    mv.add_argument("--move-address", action="append", metavar="ADDR/PREFIX",
+                    help="a service address that moves with the workload: off this host after the freeze, onto "
+                         "the target's interface on its subnet before the restore, announced there (gratuitous "
+                         "ARP, unsolicited neighbour advertisement); put back here by a rollback. Repeatable")
     mv.add_argument("--file-locks", action="store_true",
                     help="move the file locks the tree holds (flock, fcntl): CRIU's --file-locks on both hosts")
     mv.add_argument("--shell-job", action="store_true",

@@ -199,7 +199,7 @@ def _move(args) -> int:
                                     fill=_no(args.no_fill),
                                     compression_level=args.compression_level, image_root=args.image_root,
                                     max_bandwidth=args.max_bandwidth, bootstrap=_no(args.no_bootstrap),
-                                    carry_files_max=args.carry_files_max,
+                                    carry_files_max=args.carry_files_max, move_addresses=args.move_address,
                                     reconnect_timeout=args.reconnect_timeout).options,
                           runtime=args.runtime, name=args.name, force=args.force,
                           criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job,

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import service_address
 from .errors import UsageError
 from .options import Mode, Options
 from .wire.bandwidth import parse_rate, parse_size
@@ -59,6 +60,20 @@ def _path(v) -> str:
     return v
 
 
+def _addresses(v) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [a for a in v.replace(",", " ").split() if a]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(a, str) for a in v):
+        raise ValueError(f"{v!r} is not a list of addresses (ADDR/PREFIX)")
+    try:
+        return tuple(service_address.parse(a) for a in v)
+    except UsageError as e:
+        raise ValueError(e.message) from None
+
+
+_FLAGS = {"move_addresses": "--move-address"}      # a setting whose flag is not its name, dashed
+
+
 # name in the file and on Options -> (parse, what it is)
 SETTINGS = {
     "mode": (_mode, "strategy: auto, precopy, postcopy, hybrid or stopcopy"),
@@ -73,6 +88,8 @@ SETTINGS = {
     "image_root": (_path, "where the private image directories live, on both hosts"),
     "carry_files_max": (parse_size, ("bytes of a process tree's files the target lacks (a log, a pid file) carried "
                                      "over while it is frozen, all together; more refuse the move (K, M, G)")),
+    "move_addresses": (_addresses, ("service addresses (ADDR/PREFIX) that move with every workload moved: a list, "
+                                    "or in the variable, separated by commas")),
     "bootstrap": (_bool, ("the target runs this livemig, brought over ssh where it is not there yet; false: the "
                           "livemig installed there")),
     "connect_timeout": (_positive(float), "seconds to reach a host over SSH"),
@@ -81,13 +98,15 @@ SETTINGS = {
 }
 
 
-def toml_value(v: bool | float | str) -> str:
+def toml_value(v: bool | float | str | tuple[str, ...]) -> str:
     """v as TOML writes it: `livemig config`'s output is a config file (Python's spelling
     of True, or of a string with a quote in it, is not)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, tuple):
+        return json.dumps(list(v))     # an array of strings is written alike in both
     return json.dumps(v)     # a JSON string, \uXXXX escapes and all, is a TOML basic string
 
 
@@ -120,7 +139,7 @@ class Config:
 
     def with_flags(self, **flags) -> Config:
         """Flags given on the command line win; None means not given."""
-        given = {k: _parsed(k, v, "--" + k.replace("_", "-")) for k, v in flags.items() if v is not None}
+        given = {k: _parsed(k, v, _FLAGS.get(k, "--" + k.replace("_", "-"))) for k, v in flags.items() if v is not None}
         return Config(replace(self.options, **given), {**self.sources, **dict.fromkeys(given, "flag")}, self.file)
 
 

@@ -62,6 +62,10 @@ class Options:
     #: A bare tree's files the target lacks are carried over while it is frozen, up to this many
     #: bytes together (carried.py); more, and the move is refused in its preflight.
     carry_files_max: int = 64 << 20
+    #: Service addresses (ADDR/PREFIX) that move with the workload (service_address.py): taken off
+    #: the source after the freeze, put on the target's interface on their subnet before the restore,
+    #: announced there once the copy runs; put back on the source by a rollback.
+    move_addresses: tuple[str, ...] = ()
 
     @property
     def downtime_budget(self) -> float:
@@ -92,6 +96,8 @@ class Waits:
     abort: float = 30.0                   # for the agent to undo its side of a move rolled back
     agent_exit: float = 10.0              # for the agent to exit once its input ended; then it is killed
     agent_brought: float = 60.0           # for livemig's zip (some 300 KiB) to reach a target and be unpacked
+    agents_kept_unused: float = 30 * 86400.0   # an agent brought to a target and not run since is kept that long
+                                               # (bootstrap.py: pruned as another is brought)
     reconnect_first_retry: float = 0.5    # before trying a broken link again; doubled at each try, up to
     reconnect_longest_retry: float = 10.0  # this: a link back after a blip is used at once, and a host down
     #                                      for minutes is not asked twenty times a second

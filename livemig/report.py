@@ -121,6 +121,9 @@ class Report:
     #: a bare tree's files the target lacked, carried there while it was frozen (carried.py, docs/modes.md)
     carried_files: list[str] = field(default_factory=list)
     carried_bytes: int = 0        #: what they held, sent while the tree was frozen
+    #: the service addresses that moved with it (--move-address), each "ADDR/PREFIX: interface on
+    #: source to interface on target"
+    moved_addresses: list[str] = field(default_factory=list)
     #: the tree's shared memory (anonymous shared, memfd, SysV), which CRIU writes into image files at the freeze
     #: in every mode (host.shared_memory_bytes)
     shared_memory_bytes: int = 0

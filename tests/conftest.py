@@ -1,5 +1,5 @@
 """Fixtures: a fresh lab per test module (torn down after it): `lab` (namespaced hosts) for
-tests marked `lab`, `vm_lab` (QEMU VMs with a soft-dirty kernel) for tests marked `vm`."""
+tests marked `lab` (`lab3`: three of them), `vm_lab` (QEMU VMs with a soft-dirty kernel) for tests marked `vm`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from livemig.source import bootstrap
 from tests.lab import Lab
 
 
-def _fresh(kind: str):
+def _fresh(kind: str, hosts: int = 2):
     # A lab that cannot start fails the tests that need it; it is never a skip.
     if os.geteuid() != 0:
         pytest.fail("the lab tests need root (namespaces, mounts, cgroups)")
     Lab.down()  # whatever was up before (a developer's lab, a crashed run) goes
-    lab = Lab.up(2, kind=kind)
+    lab = Lab.up(hosts, kind=kind)
     yield lab
     problems = Lab.down()
     assert not problems, f"the lab left things behind: {problems}"
@@ -25,6 +25,13 @@ def _fresh(kind: str):
 @pytest.fixture(scope="module")
 def lab():
     yield from _fresh("netns")
+
+
+@pytest.fixture(scope="module")
+def lab3():
+    """Three namespaced hosts on one bridge: a and b that a workload moves between, and c, a
+    client of it that is neither."""
+    yield from _fresh("netns", hosts=3)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ zip whose SHA-256 names it. The target keeps it unpacked under AGENTS/<hash> (ro
 0700), so a move after the first finds it there and sends nothing: the agent is started by
 RUN, which exits UNPACKED_MISSING where that directory is not there yet; the coordinator then
 sends the zip to UNPACK (on stdin, checked against its hash, unpacked beside, renamed into
-place) and starts the agent again. `--no-bootstrap` (Options.bootstrap False) runs the
+place) and starts the agent again. Another livemig's agent not run for WAITS.agents_kept_unused
+goes as one is brought. `--no-bootstrap` (Options.bootstrap False) runs the
 installed `livemig agent` instead (Options.agent_command).
 """
 
@@ -21,6 +22,8 @@ import zipfile
 from pathlib import Path
 
 import livemig
+
+from ..options import WAITS
 
 AGENTS = "/var/cache/livemig/agents"    # on the target: root's, 0700, one directory per livemig
 UNPACKED_MISSING = 75     # RUN's exit status where this livemig is not unpacked there yet (EX_TEMPFAIL)
@@ -52,6 +55,7 @@ RUN = "# livemig agent, brought along (livemig/source/bootstrap.py)" + _TRUSTED 
 if not os.path.isdir(home):
     sys.exit({UNPACKED_MISSING})
 trusted(home)
+os.utime(home)      # last run now: UNPACK prunes those not run for long
 for lib, pkg in (("zstandard", "python3-zstandard"), ("xxhash", "python3-xxhash")):
     try:
         __import__(lib)
@@ -86,6 +90,14 @@ if not os.path.isdir(home):
         # another session unpacked it first: the same bytes (its name is their hash)
         import shutil
         shutil.rmtree(tmp)
+# the other livemigs brought here and not run for long go (RUN marks each run), and what an
+# unpacking cut short left: one agent directory a livemig version, else they pile up
+import shutil, time
+for name in os.listdir(parent):
+    old = os.path.join(parent, name)
+    unused = time.time() - os.lstat(old).st_mtime
+    if name != h and (name.isalnum() and unused > float(sys.argv[2]) or name.startswith(".unpacking-") and unused > 86400):
+        shutil.rmtree(old, ignore_errors=True)
 """
 
 
@@ -110,4 +122,4 @@ def agent_argv(python: str, image_root: str) -> list[str]:
 
 
 def unpack_argv(python: str) -> list[str]:
-    return [python, "-I", "-c", UNPACK, packed()[0]]
+    return [python, "-I", "-c", UNPACK, packed()[0], str(WAITS.agents_kept_unused)]

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from ..errors import ConnectionFailed, LivemigError, Phase, Unresolved, WorkloadExited
 from ..options import WAITS
 from ..report import Report
+from ..service_address import put_back
 from ..wire import protocol as p
 from ..wire.transports import link_errors
 from . import fresh_agent
@@ -88,10 +89,15 @@ def rolled_back(m: Move, cause: BaseException) -> BaseException:
 async def rollback(m: Move) -> None:
     """The source goes on, the target forgets."""
     m.lift_throttle()
+    # the service addresses back before the copy runs again, its sockets bound to them
+    m.report.warnings += await put_back(m.addresses_taken)
     if m.workload is not None:
         # The target's copy, if any, is stopped: it runs only after the commit.
         m.report.warnings += await m.workload.resume(m.dump, m.stop_relay)
     kept = await m.to.abort()
+    # announced again once the target let go of them (its abort took them off there)
+    m.report.warnings += await put_back(m.addresses_taken, announce_only=True)
+    m.report.moved_addresses = []       # back where they were
     if kept:
         m.report.logs.append(f"{m.target}:{kept}")
     if kept is None and await fresh_agent.undo_on_target(m.target, m.id, m.to.connector, m.options, WAITS.target_verdict):

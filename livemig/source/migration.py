@@ -123,6 +123,7 @@ class Migration:
         m.save_record()
         stop_for_tests("final-dump")
         await switchover.final_dump(m, lazy)
+        await switchover.take_addresses(m)
         m.stages.to(Stage.TRANSFER)
         await switchover.transfer(m)
         m.stages.to(Stage.RESTORE)
@@ -156,10 +157,13 @@ class Migration:
         m.spec = target_spec(w, m.options.name)
         # (a container's paths are in its own mount namespace: not the target's to look at)
         tree = w.kind == "process"
+        moving = await checks.addresses_to_move(m.options.move_addresses, pids)
         local, remote = await self._probe_both(p.Probe(
             pids=pids if tree else [], container=m.spec, locked_files=locked if tree else [],
             files=host.needed_files(pids) if tree else [], ports=addresses.ports(pids),
-            mount_sources=w.mount_sources()))
+            mount_sources=w.mount_sources(), move_addresses=list(moving)))
+        m.addresses = {a: (here, remote.subnet_devices.get(a, "")) for a, here in moving.items()}
+        moved_rows, remote = checks.moved_address_rows(moving, remote)
         remote, m.report.carried_files, total = checks.carry(remote, m.options.carry_files_max)
         if m.report.carried_files:
             m.report.carried_bytes = total
@@ -168,7 +172,8 @@ class Migration:
             m.progress(Cautioned(said))
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
-        m.report.warnings += checks.enforce(rows, m.target, m.options.force)
+        # (what --move-address asks is said first: a refusal there is the answer to the flag)
+        m.report.warnings += checks.enforce(moved_rows + rows, m.target, m.options.force)
         checks.enforce([await self._check_cpu()], m.target)
         # (a container's dump does not close them yet: one open as it freezes fails its dump)
         connections = addresses.connected(pids) if w.kind == "process" else []

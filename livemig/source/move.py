@@ -57,6 +57,11 @@ class Move:
         self.downtime_by_mode: dict[str, float] = {}    # the modes without rounds, estimated (downtime.foresee)
         self.throttle: throttle.Throttle | None = None  # auto-converge's hold on the workload's CPU
         self.round_dirs: list[str] = []
+        # --move-address: ADDR/PREFIX -> (its interface here, the one it goes on there), from the
+        # preflight; and those taken off this host once the tree froze, with their interface here,
+        # for a rollback to put back (service_address.py)
+        self.addresses: dict[str, tuple[str, str]] = {}
+        self.addresses_taken: dict[str, str] = {}
         self.bundle_copied_at: float | None = None    # the bundle's pre-copy started then
         self.bundle_sent: set[str] = set()            # what its pre-copy archived
         self.record: recovery.Record | None = None    # kept on disk while post-copy may fail

@@ -26,6 +26,7 @@ from ..pages import postcopy as pages
 from ..pages import push
 from ..pages.pagemap import Range
 from ..progress import Stepping
+from ..service_address import put_back
 from ..wire import protocol as p
 from ..wire.transports import link_errors
 from . import fresh_agent, recovery, rejoin
@@ -180,6 +181,7 @@ async def settle(m: Move, cause: BaseException) -> bool:
     elif ran:
         raise _target_lost(m, cause, why_not)
     else:
+        m.report.warnings += await put_back(m.addresses_taken)   # the copy never ran there
         m.report.warnings += await copy.resume(m.work / "final")     # (its CRIU, killed, left the network locked)
         m.report.outcome = "rolled back"
     recovery.drop(m.work)

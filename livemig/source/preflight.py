@@ -8,11 +8,12 @@ tree that must never move, before either host is touched.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import addresses, carried, criu, proc
+from .. import addresses, carried, criu, proc, service_address
 from ..errors import Phase, PreflightError
 from ..wire.protocol import Container, HostFacts
 from . import policy
@@ -231,6 +232,43 @@ def refuse_tree(root: int) -> None:
         raise PreflightError(f"PID {root} cannot move: livemig runs under it (livemig itself, its shell, "
                              "its ssh session...)",
                              phase=Phase.PREFLIGHT, hint="start the workload apart (setsid, a service) and move that")
+
+
+async def addresses_to_move(moving: tuple[str, ...], pids: list[int]) -> dict[str, str]:
+    """Each --move-address and the interface here that has it; refused, before anything is
+    touched, where one is not on this host, or the workload has a network of its own."""
+    if moving and addresses.own_network(pids):
+        raise PreflightError("--move-address moves an address of this host's network, and the workload is in a "
+                             "network namespace of its own, whose addresses its runtime gives it",
+                             phase=Phase.PREFLIGHT, hint="move it without --move-address")
+    found = {}
+    for address in moving:
+        if not (device := await service_address.holding(address)):
+            raise PreflightError(f"--move-address {address}: this host does not have "
+                                 f"{ipaddress.ip_interface(address).ip}", phase=Phase.PREFLIGHT,
+                                 hint="name an address `ip address` shows here, with its prefix")
+        found[address] = device
+    return found
+
+
+def moved_address_rows(found: dict[str, str], remote: HostFacts) -> tuple[list[Check], HostFacts]:
+    """A row for each address that moves; and remote as it will be, with them (for the
+    check that the tree's sockets bind there: addresses on target)."""
+    rows = []
+    for address, here in found.items():
+        iface = ipaddress.ip_interface(address)
+        there = remote.subnet_devices.get(address, "")
+        if str(iface.ip) in remote.addresses:
+            rows.append(Check("moved address", False, f"the target already has {iface.ip}",
+                              "take it off there first: two hosts would answer for it"))
+        elif not there:
+            rows.append(Check("moved address", False, f"the target has no interface on {iface.network}, where "
+                              f"{iface.ip} belongs", "move it to a host on that subnet, or give the prefix "
+                              "the address has on its subnet"))
+        else:
+            rows.append(Check("moved address", True, f"{address}: from {here} here to {there} on the target"))
+    moved = [str(ipaddress.ip_interface(a).ip) for a in found]
+    return rows, dataclasses.replace(remote, addresses=sorted({*remote.addresses, *moved}))
 
 
 def refuse_traced(pids: list[int]) -> None:

@@ -35,6 +35,7 @@ from ..options import WAITS, Options
 from ..report import Settled
 from ..runtimes import Workload, hook
 from ..runtimes.held import GONE, HELD, REBOOTED, RUNNING, STOPPED, HeldCopy
+from ..service_address import put_back
 from ..wire import protocol as p
 from ..workdirs import write_private
 from . import fresh_agent, throttle
@@ -65,6 +66,8 @@ class Record:
     rejoin_token: str = ""            # post-copy: the target's agent takes back whoever comes with it,
     stream_socket: str = ""           # here, once its coordinator is gone (rejoin.py)
     protocol: int = 0                 # the wire protocol agreed with that agent (0: a record older than 16)
+    addresses: dict[str, str] = dataclasses.field(default_factory=dict)   # --move-address: those taken off
+                                      # here (ADDR/PREFIX -> interface), for a resume here to put back
 
     def save(self, work: Path) -> None:
         write_private(work / RECORD, dataclasses.asdict(self))
@@ -262,7 +265,7 @@ async def _settle_postcopy(work: Path, rec: Record, here: str, connect, options,
                                "as of its final dump; livemig runs it again only by your word: `livemig recover "
                                "--target-lost` does, losing what the copy there did"), False
     # (a rollback the target did not hear resumed it already)
-    unlocked = await c.resume(work / "final") if here != RUNNING else []
+    unlocked = await put_back(rec.addresses) + (await c.resume(work / "final") if here != RUNNING else [])
     lost = f"; what the target's copy did ({ran}) is lost" if ran else ""
     return "rolled back", (f"{said.rstrip()}; the workload runs here again, from its final dump{lost}"
                            + "".join(f"; {w}" for w in unlocked)), True
@@ -332,9 +335,11 @@ async def _settle_stopcopy(work: Path, rec: Record, here: str, connect, options,
             return "unresolved", (f"the copy on {target} ran, and is no more ({got.detail}); the source's copy, "
                                   "given up, still stands here, stopped: `livemig recover --target-lost` runs "
                                   "it here"), False
+        back = await put_back(rec.addresses)
         await c.resume()      # given up on paper only: the target holds no copy
         return "rolled back", (f"{target} holds no copy" + (f" ({got.detail})" if got.detail else "")
-                               + "; the workload runs here again"), True
+                               + "; the workload runs here again" + "".join(f"; {w}" for w in back)), True
+    note += "".join(f"{w}; " for w in await put_back(rec.addresses))
     if here != RUNNING:
         await c.resume()
     rec.source_resumed = True

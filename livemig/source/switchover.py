@@ -14,7 +14,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from .. import carried, runtimes
+from .. import carried, runtimes, service_address
 from ..errors import DumpError, LivemigError, Phase
 from ..interrupts import uncancellable
 from ..options import WAITS
@@ -78,6 +78,18 @@ async def final_dump(m: Move, lazy: bool) -> None:
         await m.to.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
         rnd.bytes_raw, rnd.bytes_wire = relayed.sent.raw, relayed.sent.wire
     m.report.rounds.append(rnd)
+
+
+async def take_addresses(m: Move) -> None:
+    """The service addresses leave this host, the tree frozen (service_address.py): the
+    target puts them on before its restore; a rollback puts them back here."""
+    for address, (here, _) in m.addresses.items():
+        await service_address.take_off(address, here)
+        m.addresses_taken[address] = here
+        m.rec.addresses = dict(m.addresses_taken)
+        m.save_record()
+    m.report.moved_addresses = [f"{a}: {here} on {m.report.source} to {there} on {m.target}"
+                                for a, (here, there) in m.addresses.items()]
 
 
 async def _keep_sharing(m: Move, images: Path) -> None:
@@ -155,7 +167,8 @@ async def restore(m: Move, lazy: bool, fill: bool = False) -> None:
                   fault_stream=fault_token, container=m.spec, fill=fill,
                   rejoin=m.rejoin_token or None, rejoin_within=m.options.reconnect_timeout,
                   tcp_established=m.options.criu.tcp_established, file_locks=m.options.criu.file_locks,
-                  carried=CARRIED if m.report.carried_files else ""),
+                  carried=CARRIED if m.report.carried_files else "",
+                  move_addresses={a: there for a, (_, there) in m.addresses.items()}),
         p.Restored)
     m.report.target_pid, m.report.restore_seconds = restored.pid, restored.restore_seconds
     m.restored_at = time.monotonic()

@@ -19,9 +19,10 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
-from .. import carried, proc, runtimes
+from .. import carried, proc, runtimes, service_address
 from ..errors import Phase
 from ..options import WAITS
 from ..wire import protocol as p
@@ -35,6 +36,8 @@ class Copy:
         self.containers: list[p.Container] = []         # restored through their runtime
         self.created_tree: Path | None = None           # a bundle this migration brought here
         self.carried: list[str] = []                    # the tree's files it brought (carried.py)
+        self.addresses: dict[str, str] = {}             # service addresses put on here (service_address.py)
+        self.guarding = ""                              # the guard against resets from them, until it runs
         self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
         self.holds_workload = False     # a move's, not a clone's replica: it may be the only copy left
         # The tasks the workload had stopped itself when it was dumped: CRIU stops every task
@@ -77,7 +80,25 @@ class Copy:
         # zombie child would reap it, and the child's PID would name nothing (or another).
         proc.signal_tasks([t for t in named if t not in self.own_stops], signal.SIGCONT)
         self.stages.to(Stage.RUNNING)
+        await self._announce()
         return pids
+
+    async def put_addresses(self, wanted: dict[str, str], tag: str, guard: bool) -> None:
+        """The service addresses on their interfaces here, before the restore binds the tree's
+        sockets to them; guard: no reset leaves them until the copy runs (its connections
+        restored)."""
+        for address, device in wanted.items():
+            if guard:
+                await service_address.guard(address, tag)
+                self.guarding = tag
+            await service_address.put_on(address, device)
+            self.addresses[address] = device
+
+    async def _announce(self) -> None:
+        """The copy runs: its addresses told to the link, the guard lifted."""
+        for said in await service_address.settle_in(self.addresses, self.guarding):
+            print(f"livemig agent: {said}", file=sys.stderr)     # the copy runs all the same
+        self.guarding = ""
 
     def stop_restoring(self) -> None:
         """A restore under way goes, its tasks with it. A lazy restore whose page stream ended
@@ -104,9 +125,16 @@ class Copy:
             self.created_tree = None
         carried.remove(self.carried)
         self.carried.clear()
+        await self._take_addresses_off()
         while self.roots:
             proc.kill_tree(self.roots.pop())
         if marker is not None:
             marker.unlink(missing_ok=True)
         if self.stages.stage not in (Stage.OPENING, Stage.UNDONE):
             self.stages.to(Stage.UNDONE)
+
+    async def _take_addresses_off(self) -> None:
+        """What put_addresses put on goes: the source puts them back on its own interfaces."""
+        for said in await service_address.let_go(self.addresses, self.guarding):
+            print(f"livemig agent: {said}", file=sys.stderr)     # the copy is undone all the same
+        self.addresses, self.guarding = {}, ""

@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .. import proc, workdirs
+from .. import proc, service_address, workdirs
 from ..errors import LivemigError, Phase
 from ..runtimes.held import GONE, REBOOTED, HeldCopy
 from ..wire import protocol as p
@@ -38,6 +38,8 @@ class Orphan:
     """A restored copy left stopped: what `livemig recover`, through SettleOrphan, resumes or ends."""
     what: str
     copy: HeldCopy          # its bundle, if this move brought it here, goes with it
+    addresses: dict[str, str] = dataclasses.field(default_factory=dict)   # put on for it (service_address.py)
+    guarding: str = ""      # the guard against resets from them, still up
 
     def save(self, work: Path) -> None:
         workdirs.write_private(work / ORPHAN, dataclasses.asdict(self))
@@ -45,7 +47,7 @@ class Orphan:
     @classmethod
     def load(cls, work: Path) -> Orphan:
         d = json.loads((work / ORPHAN).read_text())
-        return cls(d["what"], HeldCopy.from_dict(d["copy"]))
+        return cls(d["what"], HeldCopy.from_dict(d["copy"]), d.get("addresses", {}), d.get("guarding", ""))
 
 
 def held(copy: Copy) -> HeldCopy:
@@ -60,7 +62,7 @@ def mark(copy: Copy, work: Path) -> None:
     """What was restored here, stopped, in the marker recover reads: written at once after
     a restore, so that an agent killed outright (no guard keeps a stop-and-copy's copy:
     after the commit it is the only one) leaves it too."""
-    Orphan(copy.what(), held(copy)).save(work)
+    Orphan(copy.what(), held(copy), dict(copy.addresses), copy.guarding).save(work)
 
 
 def leave(copy: Copy, work: Path) -> None:
@@ -111,8 +113,10 @@ async def _settle(verdicts: Verdicts, mid: str, work: Path, resume: bool) -> p.O
         except LivemigError as e:
             raise AgentFailure(Phase.COMMIT, f"cannot resume {orphan.what}: {e}") from None
         verdicts.write(mid, "running", phase=Phase.COMMIT)
+        warnings = await service_address.settle_in(orphan.addresses, orphan.guarding)
     else:
         warnings = await orphan.copy.end()     # its bundle with it
+        warnings += await service_address.let_go(orphan.addresses, orphan.guarding)
     shutil.rmtree(work, ignore_errors=True)
     return p.OrphanSettled("resumed" if resume else "killed", "; ".join([orphan.what, *warnings]))
 

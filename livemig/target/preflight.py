@@ -9,7 +9,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .. import addresses, criu, host, proc, runtimes
+from .. import addresses, criu, host, proc, runtimes, service_address
 from ..errors import Phase
 from ..runtimes import oci, podman
 from ..wire import protocol as p
@@ -38,6 +38,9 @@ async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
         facts = dataclasses.replace(facts, files_missing=[f for f in msg.files if not os.path.exists(f)])
     if msg.ports:
         facts = dataclasses.replace(facts, ports_taken=addresses.taken(msg.ports))
+    if msg.move_addresses:
+        facts = dataclasses.replace(facts, subnet_devices={a: await service_address.on_subnet(a)
+                                                           for a in map(service_address.parse, msg.move_addresses)})
     if msg.mount_sources:
         facts = dataclasses.replace(facts, mount_sources_missing=[f for f in msg.mount_sources
                                                                   if not os.path.exists(f)])

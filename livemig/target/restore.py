@@ -31,7 +31,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from .. import carried, criu, proc, runtimes
+from .. import carried, criu, proc, runtimes, service_address
 from ..errors import LivemigError, Phase
 from ..options import WAITS
 from ..runtimes import podman
@@ -49,6 +49,12 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
     (a failed pause's, if the runtime's pause failed) and the time it took."""
     pidfile = work / f"restored-{len(copy.roots)}.pid"
     copy.holds_workload |= not msg.replica
+    if msg.move_addresses:      # where the tree's sockets are bound, before CRIU binds them again
+        try:
+            await copy.put_addresses({service_address.parse(a): checked_name(d, "interface")
+                                      for a, d in msg.move_addresses.items()}, work.name, msg.tcp_established)
+        except LivemigError as e:
+            raise AgentFailure(Phase.RESTORE, f"cannot put the service address on: {e.message}") from None
     if msg.carried:     # where CRIU's restore opens them (the source's alone)
         try:
             copy.carried += carried.place(work / checked_name(msg.carried, "image directory"))

@@ -123,7 +123,7 @@ class Lab:
         got = int(self.text(name, argv, timeout=300).strip())
         if pid and got != pid:
             raise LabError(f"workload started as PID {got}, not {pid}: that PID was taken on {name}")
-        return Workload(self, got, port, mib)
+        return Workload(self, got, port, mib, bind=bind)
 
     def start_container_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
                                  port: int = 7777, container: str = "mem1", binds: tuple[str, ...] = ()) -> Workload:
@@ -147,6 +147,7 @@ class Workload:
     container: str = ""    # a runc container's name (pid is then 0), or a bare process
     bundle: str = ""
     dirty_mibps: float = 0.0
+    bind: str = "0.0.0.0"  # the address it listens on (queries go there, or to loopback for the wildcard)
 
     def bundle_argv(self) -> list[str]:
         """What makes this container's bundle, without starting it: where a restore needs it."""
@@ -155,8 +156,9 @@ class Workload:
 
     def query(self, host: str, what: str = "get", wait: float = 0.0, port: int = 0) -> dict:
         """port: another process of its tree (memcounter --children)."""
+        at = "127.0.0.1" if self.bind in ("0.0.0.0", "::") else self.bind
         out = self.lab.text(host, ["python3", WORKLOAD, "query", what, "--port", str(port or self.port),
-                                   "--wait", str(wait)], timeout=600)
+                                   "--host", at, "--wait", str(wait)], timeout=600)
         return json.loads(out)
 
     def stall_between(self, host: str, since: float) -> float:

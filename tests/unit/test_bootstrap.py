@@ -4,8 +4,12 @@ scripts refuse. The lab proves the rest: a host with no livemig takes a move (te
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -51,3 +55,27 @@ def test_run_says_where_this_livemig_is_not_unpacked_yet_and_refuses_a_bad_name(
     assert res.returncode == bootstrap.UNPACKED_MISSING, res.stderr
     res = _script(bootstrap.RUN, tmp_path / "agents", "../etc", "agent")
     assert res.returncode == 1 and b"not an agent's name" in res.stderr
+
+
+def test_unpacking_prunes_other_agents_not_run_for_long_and_an_unpacking_cut_short(tmp_path):
+    # a place root's alone, as a target's /var/cache/livemig is (tmp_path, under /tmp, is not)
+    base = Path(tempfile.mkdtemp(dir="/var/cache", prefix="livemig-test-"))
+    try:
+        agents = base / "agents"
+        agents.mkdir(mode=0o700)
+        old, recent, cut_short = agents / ("a" * 64), agents / ("b" * 64), agents / ".unpacking-x"
+        for d in (old, recent, cut_short):
+            d.mkdir(mode=0o700)
+        long_ago = time.time() - 40 * 86400
+        for d in (old, cut_short):
+            os.utime(d, (long_ago, long_ago))
+        h, data = bootstrap.packed()
+        res = _script(bootstrap.UNPACK, agents, h, str(30 * 86400.0), data=data)
+        assert res.returncode == 0, res.stderr
+        assert sorted(p.name for p in agents.iterdir()) == sorted([h, recent.name])
+        # and a run marks its agent as used now
+        os.utime(agents / h, (long_ago, long_ago))
+        _script(bootstrap.RUN, agents, h, "--version")
+        assert time.time() - (agents / h).stat().st_mtime < 60
+    finally:
+        shutil.rmtree(base)

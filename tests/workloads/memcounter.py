@@ -133,6 +133,7 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
     next_tick = next_fork = time.monotonic()
     forks = {"fork_checks": 0, "fork_failures": 0}
     told = {"next": 0}      # the last integer "next" answered
+    held: list[socket.socket] = []   # connections a client keeps ("hold"): one "next" a line
     while True:
         if args.fork_every and time.monotonic() >= next_fork:
             next_fork = time.monotonic() + args.fork_every
@@ -153,9 +154,15 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
         wait = next_tick - time.monotonic()
         if wait < -2 * TICK:       # we were frozen or moved: never race to catch up
             next_tick, wait = time.monotonic(), 0.0
-        readable, _, _ = select.select([listener], [], [], max(wait, 0.0))
-        if readable:
-            _answer(listener, mem, counter, dirtied, stalls, args, forks, told)
+        readable, _, _ = select.select([listener, *held], [], [], max(wait, 0.0))
+        for conn in readable:
+            if conn is listener:
+                kept = _answer(listener, mem, counter, dirtied, stalls, args, forks, told)
+                if kept is not None:
+                    held.append(kept)
+            elif not _answer_held(conn, told):
+                held.remove(conn)
+                conn.close()
 
 
 def _fork_check(mem: Memory, linger: float, forks: dict) -> None:
@@ -175,12 +182,36 @@ def _fork_check(mem: Memory, linger: float, forks: dict) -> None:
         forks["fork_failures"] += bool(status)
 
 
-def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args, forks: dict, told: dict) -> None:
+def _answer_held(conn: socket.socket, told: dict) -> bool:
+    """A kept connection's "next" lines, each answered with the next integer; False once it
+    ended (or broke)."""
+    try:
+        data = conn.recv(4096)
+        if not data:
+            return False
+        for _ in range(data.count(b"\n")):
+            told["next"] += 1
+            conn.sendall(json.dumps({"next": told["next"], "host": socket.gethostname()}).encode() + b"\n")
+        return True
+    except OSError:
+        return False
+
+
+def _answer(listener, mem: Memory, counter: int, dirtied: int, stalls, args, forks: dict,
+            told: dict) -> socket.socket | None:
+    """One command on a new connection, answered; "hold": the connection, kept."""
     conn, _ = listener.accept()
+    conn.settimeout(5)
+    try:
+        cmd = conn.recv(64).strip()
+    except OSError:
+        conn.close()
+        return None
+    if cmd == b"hold":
+        conn.sendall(b'{"held": true}\n')
+        return conn
     with conn:
-        conn.settimeout(5)
         try:
-            cmd = conn.recv(64).strip()
             if cmd == b"verify":
                 reply = {"bad_pages": mem.bad_pages(), "pages": mem.pages, "counter": counter}
             elif cmd == b"next":
