@@ -50,6 +50,9 @@ class Options:
         return f
 
 
+NO_OPTIONS = Options()     # nothing asked of CRIU (frozen: one instance serves every call)
+
+
 def check_feature(name: str) -> list[str]:
     return ["criu", "check", "--feature", name]
 
@@ -145,10 +148,15 @@ def page_server(images: str, ps_fd: int, parent: str | None) -> list[str]:
 # runtime's request), and keeps what it sets that the request does not.
 CONFIG_FILE_ENV = "CRIU_CONFIG_FILE"
 LEAVE_STOPPED_CONFIG = "leave-stopped\n"
-# a container's restore: stopped until the Resume, and its connections closed as its dump closed
-# them (CRIU refuses images dumped with --tcp-close restored without it; without such sockets
-# in the images, it changes nothing)
-RESTORED_CONFIG = LEAVE_STOPPED_CONFIG + "tcp-close\n"
+
+
+def restored_config(opts: Options) -> str:
+    """A container's restore: stopped until the Resume; its connections closed as its dump
+    closed them (CRIU refuses images dumped with --tcp-close restored without it; without such
+    sockets in the images, it changes nothing), or, established ones moving, restored; its
+    file locks taken again where its dump took them."""
+    return (LEAVE_STOPPED_CONFIG + "".join(f"{flag[2:]}\n" for flag in connections_closed(opts))
+            + ("file-locks\n" if opts.file_locks else ""))
 
 
 def configured(path: Path, options: str) -> dict[str, str]:

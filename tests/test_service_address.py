@@ -135,3 +135,78 @@ def test_bad_addresses_are_refused_in_the_preflight_in_one_line_touching_nothing
         lab.run("a", ["ip", "address", "del", "198.19.5.5/24", "dev", "eth0"], check=False)
         for h in ("a", "b"):
             lab.run(h, ["ip", "address", "del", "198.18.0.101/24", "dev", "eth0"], check=False)
+
+
+REDIS_PORT = 6390
+REDIS = ["--bind", ADDRESS, "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no", "--protected-mode", "no"]
+
+
+def _redis_moves(lab, what: list[str], stop: str, moved: str = MOVED) -> dict:
+    """Redis (what: its PID or container) moved a -> b -> a with its address (moved), its
+    client on c INCRementing one key over one connection all along."""
+    address = moved.split("/")[0]
+    lab.run("c", ["rm", "-f", stop])
+    client = lab.popen("c", ["python3", CLIENT, "--redis", "--address", address, "--port", str(REDIS_PORT),
+                             "--until", stop], stdout=subprocess.PIPE)
+    try:
+        assert client.stdout.readline() == b"connected\n"
+        for src, dst, mode in (("a", "b", "auto"), ("b", "a", "postcopy")):
+            res = lab.run(src, ["livemig", "move", "--json", "--mode", mode, "--tcp-established",
+                                "--move-address", moved, *what, dst], check=False, timeout=600)
+            assert res.returncode == 0, res.stderr.decode()
+            assert _has(lab, dst, address) and not _has(lab, src, address)
+        return _heard(lab, client, stop)         # every INCR's answer the one before plus one
+    finally:
+        client.kill()
+
+
+def _redis_tree(lab, bind: str) -> int:
+    """redis-server on a, daemonized, bound to bind, its PIDs from 4870 on (free on every host)."""
+    args = [*REDIS[:1], bind, *REDIS[2:]]
+    lab.run("a", ["sh", "-c", "echo 4869 > /proc/sys/kernel/ns_last_pid && exec redis-server "
+                  + " ".join(f"'{x}'" for x in args) + " --daemonize yes --pidfile /run/redis-lab.pid"])
+    wait_for_pid = "while [ ! -s /run/redis-lab.pid ]; do sleep 0.05; done; cat /run/redis-lab.pid"
+    return int(lab.text("a", ["sh", "-c", wait_for_pid]).strip())
+
+
+def test_redis_s_client_keeps_its_connection_and_every_increment_as_a_tree_and_in_a_container(lab3, service):
+    lab = lab3                  # (service: the address on a)
+    pid = _redis_tree(lab, ADDRESS)      # a bare tree
+    try:
+        heard = _redis_moves(lab, ["--pid", str(pid)], "/tmp/redis-client-stop")
+        assert heard["answers"][0][2] == 1 and len(heard["answers"]) > 10
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["kill", "-KILL", str(pid)], check=False)
+    # in a runc container on the host's network
+    bundle = "/var/lib/ctr/redis1"
+    lab.run("a", ["python3", str(WORKLOAD).replace("memcounter.py", "container.py"), "redis", "--name", "redis1",
+                  "--bundle", bundle, "--", *REDIS])
+    try:
+        lab.run("a", ["sh", "-c", f"until redis-cli -h {ADDRESS} -p {REDIS_PORT} ping; do sleep 0.05; done"],
+                timeout=60)
+        heard = _redis_moves(lab, ["redis1"], "/tmp/redis-client-stop-2")
+        assert heard["answers"][0][2] == 1 and len(heard["answers"]) > 10
+        assert lab.leftovers(("a", "b")) == {"a": ([], []), "b": ([], [])}
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["runc", "delete", "--force", "redis1"], check=False)
+            lab.run(h, ["rm", "-rf", bundle], check=False)
+
+
+def test_an_ipv6_service_address_moves_and_redis_s_client_keeps_its_connection(lab3):
+    # the hosts' IPv6 addresses on their link, the service's on a: announced by an unsolicited
+    # neighbour advertisement where it goes
+    lab, moved = lab3, "fd00:198:18::100/64"
+    for i, h in enumerate(("a", "b", "c"), 1):
+        lab.run(h, ["ip", "address", "add", f"fd00:198:18::{i}/64", "dev", "eth0", "nodad"])
+    lab.run("a", ["ip", "address", "add", moved, "dev", "eth0", "nodad"])
+    pid = _redis_tree(lab, moved.split("/")[0])
+    try:
+        heard = _redis_moves(lab, ["--pid", str(pid)], "/tmp/redis-client-stop-6", moved)
+        assert heard["answers"][0][2] == 1 and len(heard["answers"]) > 10
+    finally:
+        for i, h in enumerate(("a", "b", "c"), 1):
+            lab.run(h, ["kill", "-KILL", str(pid)], check=False)
+            lab.run(h, ["ip", "address", "del", moved, "dev", "eth0"], check=False)
+            lab.run(h, ["ip", "address", "del", f"fd00:198:18::{i}/64", "dev", "eth0"], check=False)

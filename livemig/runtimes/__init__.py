@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..criu import Options
+from ..criu import NO_OPTIONS, Options
 from ..errors import PreflightError
 from ..wire import protocol as p
 from . import oci, podman, process
@@ -54,11 +54,14 @@ async def known(c: p.Container) -> bool:
     return await oci.state(c.runtime, c.id) is not None
 
 
-def restore_command(c: p.Container, images: Path, pidfile: Path, lazy: bool) -> list[str]:
-    """How this host's runtime restores c from image directory images."""
+def restore_command(c: p.Container, images: Path, pidfile: Path, lazy: bool,
+                    opts: Options = NO_OPTIONS) -> list[str]:
+    """How this host's runtime restores c from image directory images; opts: what its dump
+    carried that the restore must ask for too (the runtimes tell CRIU each option themselves,
+    so a configuration file cannot add one)."""
     if c.runtime == "podman":
-        return podman.restore(images, c.id)
-    return oci.restore(c.runtime, c.id, str(images), c.bundle, str(pidfile), lazy=lazy)
+        return podman.restore(images, c.id, opts)
+    return oci.restore(c.runtime, c.id, str(images), c.bundle, str(pidfile), lazy=lazy, opts=opts)
 
 
 def control(c: p.Container, action: str) -> list[str]:

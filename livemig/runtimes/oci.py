@@ -45,7 +45,6 @@ from .process import criu_failure
 from .workload import DumpRun, StopPages, Workload
 
 RUNTIMES = ("runc", "crun")
-_NO_OPTIONS = criu.Options()     # nothing asked of CRIU (frozen: one instance serves every call)
 LOOPBACK = "127.0.0.1"
 PAGES_CONFIG = "criu-pages.conf"    # in the image directory: `ps-socket FD`, read by CRIU (see the module doc)
 # The page socket's number in runc's process, and so in criu's: above those runc hands criu
@@ -61,7 +60,7 @@ def flags(opts: criu.Options) -> list[str]:
 
 def checkpoint(runtime: str, container: str, images: str, *, pre_dump: bool = False,
                parent: str | None = None, page_server: str | None = None, lazy: bool = False,
-               status_fd: int | None = None, opts: criu.Options = _NO_OPTIONS) -> list[str]:
+               status_fd: int | None = None, opts: criu.Options = criu.NO_OPTIONS) -> list[str]:
     argv = [runtime, "checkpoint", "--image-path", images, "--work-path", images]
     argv += ["--pre-dump"] if pre_dump else ["--leave-running"]   # the final dump: see the module doc
     if parent:
@@ -74,7 +73,7 @@ def checkpoint(runtime: str, container: str, images: str, *, pre_dump: bool = Fa
 
 
 def restore(runtime: str, container: str, images: str, bundle: str, pidfile: str, *, lazy: bool,
-            opts: criu.Options = _NO_OPTIONS) -> list[str]:
+            opts: criu.Options = criu.NO_OPTIONS) -> list[str]:
     argv = [runtime, "restore", "--detach", "--image-path", images, "--work-path", images,
             "--bundle", bundle, "--pid-file", pidfile]
     if lazy:

@@ -88,10 +88,11 @@ def parse_stats(out: bytes) -> criu.DumpStats:
                           pages_scanned=st.get("pages_scanned", 0), pages_written=st.get("pages_written", 0))
 
 
-def restore(images: Path, name: str) -> list[str]:
+def restore(images: Path, name: str, opts: criu.Options = criu.NO_OPTIONS) -> list[str]:
     previous = images / "parent" / ARCHIVE     # a pre-checkpoint the final one builds on
     return ["podman", "container", "restore", "--import", str(images / ARCHIVE),
-            *(["--import-previous", str(previous)] if previous.exists() else []), "--name", name]
+            *(["--import-previous", str(previous)] if previous.exists() else []),
+            *(["--tcp-established"] if opts.tcp_established else []), "--name", name]
 
 
 def stopped_tasks(images: Path) -> set[int]:

@@ -68,10 +68,11 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         checked_name(c.id, "container name")
         if await runtimes.known(c):   # never touch a container of someone else's
             raise AgentFailure(Phase.RESTORE, f"{c.runtime} already has a container {c.id} here")
-        argv = runtimes.restore_command(c, d, pidfile, lazy)
-        # (its file locks too, if its dump took them: runc's and podman's checkpoints pass --file-locks on)
-        env = proc.environ(**criu.configured(work / LEAVE_STOPPED,
-                                             criu.RESTORED_CONFIG + ("file-locks\n" if msg.file_locks else "")))
+        asked = criu.Options(tcp_established=msg.tcp_established, file_locks=msg.file_locks)
+        # its established connections asked for on the runtime's command line too: runc and crun
+        # set that CRIU option themselves, so the configuration file alone cannot
+        argv = runtimes.restore_command(c, d, pidfile, lazy, criu.Options(tcp_established=msg.tcp_established))
+        env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.restored_config(asked)))
         copy.containers.append(c)
         if guard is not None:
             guard.tell("container", c.runtime, c.id)

@@ -18,6 +18,7 @@ PACKAGES = [
     "iproute2", "procps", "psmisc", "zstd", "busybox-static", "iputils-ping",
     "kmod", "ca-certificates", "netbase",
     "pipx",     # the README's install, proven on trixie's Python (tests/test_install.py)
+    "redis-server",     # a real service whose clients keep their connection (tests/test_service_address.py)
 ]
 
 # trixie's criu 4.1.1 cannot dump a process that holds a TCP socket on kernels

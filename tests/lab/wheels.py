@@ -29,9 +29,10 @@ _DONE = ".livemig-wheels-complete"
 
 def requirements() -> list[str]:
     """What a build and an install from the checkout fetch: its dependencies, its build
-    backend, and pip (pipx's shared venv asks for pip whatever it has)."""
+    backend, and what pipx's shared venv upgrades whatever it has (pip; and setuptools and
+    wheel, with Debian 12's pipx 1.1)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return [*project["project"]["dependencies"], *project["build-system"]["requires"], "pip"]
+    return [*project["project"]["dependencies"], *project["build-system"]["requires"], "pip", "setuptools", "wheel"]
 
 
 def path(python: str) -> Path:

@@ -98,7 +98,10 @@ def test_the_line_that_says_why_a_command_failed_skips_the_warnings_around_it():
 def test_a_container_s_final_dump_skips_in_flight_connections_and_closes_the_rest_by_its_config():
     assert criu.connections_config(criu.Options()) == "skip-in-flight\ntcp-close\n"
     assert criu.connections_config(criu.Options(tcp_established=True)) == "skip-in-flight\n"
-    assert criu.RESTORED_CONFIG.splitlines() == ["leave-stopped", "tcp-close"]
+    assert criu.restored_config(criu.Options()).splitlines() == ["leave-stopped", "tcp-close"]
+    # established connections moving, the restore takes them as they are
+    assert criu.restored_config(criu.Options(tcp_established=True, file_locks=True)).splitlines() == [
+        "leave-stopped", "file-locks"]
 
 
 def _varint(n: int) -> bytes:

@@ -155,7 +155,7 @@ def _detach(runtime: str, bundle: str, name: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("action", choices=["start", "count", "serve", "ask", "memcounter", "bundle", "busy", "written",
-                                       "shmkinds"])
+                                       "shmkinds", "redis"])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--name", default="c1")
     ap.add_argument("--bundle")
@@ -166,11 +166,16 @@ def main() -> int:
     ap.add_argument("--busy", action="store_true", help="start: count without sleeping between counts")
     ap.add_argument("--bind", action="append", default=[], help="memcounter: a host directory bound in, at its path")
     ap.add_argument("--stopped-child", action="store_true", help="start, busy: with a child stopped at once")
+    ap.add_argument("args", nargs="*", help="redis: redis-server's arguments (after --)")
     a = ap.parse_args()
     if a.action in ("memcounter", "bundle"):
         build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port, a.cpu_per_page, tuple(a.bind))
         if a.action == "bundle":    # only the bundle: where the seeds' procedure restores it
             return 0
+        _detach(a.runtime, a.bundle, a.name)
+        return 0
+    if a.action == "redis":     # Redis, its arguments after --
+        build_python(a.bundle, ["redis-server", *a.args])
         _detach(a.runtime, a.bundle, a.name)
         return 0
     if a.action == "shmkinds":
