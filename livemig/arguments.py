@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--runtime", choices=["podman", "runc", "crun"],
                     help="the container's runtime (default: whichever knows the container)")
     mv.add_argument("--mode", choices=[m.value for m in Mode],
-                    help="strategy (default auto: hybrid where the kernel tracks dirty pages, "
-                         "else stop-and-copy)")
+                    help="strategy (default auto: hybrid where the kernel tracks dirty pages (soft-dirty) and "
+                         "both hosts have userfaultfd; else pre-copy, by page hashes where there is no "
+                         "soft-dirty; else stop-and-copy; the plan and the report say which and why)")
     mv.add_argument("--max-downtime", type=float, metavar="SECONDS",
                     help="a promise: the move is refused before the freeze (exit code 10) when its downtime "
                          "would be longer (default: none; pre-copy aims at 0.3 s, and a longer one is told)")
