@@ -269,13 +269,12 @@ def _holder(want: Port) -> str:
             except OSError:     # a table this kernel lacks: no holder there
                 continue
             inodes |= {int(f[9]) for f in _rows(text, _Any(), states) if _endpoint(f[1])[1] == want.port}
-    everyone = sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
-    for pid, _, names in proc.fds(everyone if inodes else []):
-        if (m := _SOCKET.fullmatch(names)) and int(m.group(1)) in inodes:
-            try:
-                return f" held by {Path(f'/proc/{pid}/comm').read_text().strip()} (PID {pid})"
-            except OSError:     # it exited meanwhile: its PID alone says who
-                return f" held by PID {pid}"
+    held = _inodes(sorted(int(d) for d in os.listdir("/proc") if d.isdigit())) if inodes else {}
+    for pid, _ in (held[i] for i in sorted(inodes) if i in held):
+        try:
+            return f" held by {Path(f'/proc/{pid}/comm').read_text().strip()} (PID {pid})"
+        except OSError:     # it exited meanwhile: its PID alone says who
+            return f" held by PID {pid}"
     return ""
 
 

@@ -29,8 +29,6 @@ from pathlib import Path
 from . import proc
 from .errors import CommandFailed, LivemigError, UsageError
 
-Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
 
 def parse(text: str) -> str:
     """An --move-address as given: ADDR/PREFIX, said back in its plain form; UsageError
