@@ -39,17 +39,20 @@ def vm_lab():
     yield from _fresh("vm")
 
 
-@pytest.fixture
-def no_workload_left(lab):
-    """A test that fails mid-way leaves its workload running, and its move's record: they
-    go, so that the next test's failure is its own (a copy left on b holds the PID and the
-    port it moves to; a record makes `livemig recover` settle two moves)."""
+@pytest.fixture(autouse=True)
+def no_workload_left(request):
+    """After every test in a namespaced lab: a test that fails mid-way leaves its workload
+    running, and its move's record; they go, so that the next test's failure is its own (a
+    copy left on b holds the PID and the port the next one moves to, or starts on; a record
+    makes `livemig recover` settle two moves). A passing test has checked that it left none."""
     yield
-    for h in ("a", "b"):
-        lab.run(h, ["pkill", "-KILL", "-f", "memcounter.py run"], check=False)
-        # and what a failed move left (a passing test has checked that there is none)
-        lab.run(h, ["find", "/var/lib/livemig", "-mindepth", "1", "-maxdepth", "1", "!", "-name", "logs",
-                    "-exec", "rm", "-rf", "{}", "+"], check=False)
+    for name in ("lab", "lab3", "vm_lab"):
+        if name in request.fixturenames:
+            lab = request.getfixturevalue(name)
+            for host in lab.hosts:
+                lab.run(host.name, ["pkill", "-KILL", "-f", "memcounter.py run"], check=False)
+                lab.run(host.name, ["find", "/var/lib/livemig", "-mindepth", "1", "-maxdepth", "1", "!",
+                                    "-name", "logs", "-exec", "rm", "-rf", "{}", "+"], check=False)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from tests.held import end_if_held, go_on, wait_stopped
 from tests.test_move import assert_moved_intact
 from tests.waiting import eventually
 
-pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]
+pytestmark = pytest.mark.lab
 
 PORT = 7870
 

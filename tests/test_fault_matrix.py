@@ -50,7 +50,7 @@ from tests.test_stopcopy_faults import (
     stat_of,
 )
 
-pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]
+pytestmark = pytest.mark.lab
 
 MIB, DIRTY = 32, 2
 

@@ -21,7 +21,7 @@ from tests.test_postcopy_faults import (
 )
 from tests.test_stopcopy_faults import assert_one_copy_whole
 
-pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]
+pytestmark = pytest.mark.lab
 
 MIB, DIRTY = 1024, 20
 

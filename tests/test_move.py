@@ -69,7 +69,7 @@ def test_stopcopy_moves_a_counting_workload_with_its_memory(lab, flags, into):
     assert (report["fill_while_running_seconds"] > 0) == (not flags)
     assert report["postcopy_pages_on_demand"] <= 16
     [final] = report["rounds"]
-    assert final["kind"] == "dump" and final["pages_written"] >= MIB * 256
+    assert final["kind"] == "dump" and final["pages_written"] >= MIB * 256, report
     # the pages were compressed on the wire: the workload's memory is half text
     assert final["bytes_wire"] < final["bytes_raw"] * 0.8
     assert_moved_intact(lab, work, before, report)

@@ -26,7 +26,7 @@ def _refused(lab, argv: list[str]) -> dict:
     return report
 
 
-def test_a_port_the_target_holds_refuses_the_move_before_the_freeze_saying_who_holds_it(lab, no_workload_left):
+def test_a_port_the_target_holds_refuses_the_move_before_the_freeze_saying_who_holds_it(lab):
     work = lab.start_workload("a", mib=16, pid=4821, port=7921)
     holder, pid = lab.popen("b", ["python3", "-c", HOLDER, "7921"], stdout=-1), 0
     try:

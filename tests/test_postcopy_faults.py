@@ -28,7 +28,7 @@ from tests.test_stopcopy_faults import (
     stopped_at,
 )
 
-pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("no_workload_left")]
+pytestmark = pytest.mark.lab
 
 MIB, DIRTY = 1024, 100
 
