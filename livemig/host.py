@@ -30,7 +30,23 @@ async def probe(pids: list[int], image_root: str) -> HostFacts:
         hostname=socket.gethostname(), arch=platform.machine(), kernel=platform.release(),
         criu_version=version, features=features, free_bytes=st.f_bavail * st.f_frsize,
         mem_available=mem_available(), pids_taken=[pid for pid in pids if os.path.exists(f"/proc/{pid}")],
-        addresses=addresses.local(), nonlocal_bind=addresses.nonlocal_bind())
+        addresses=addresses.local(), nonlocal_bind=addresses.nonlocal_bind(),
+        unprivileged_uffd=_sysctl("vm/unprivileged_userfaultfd") == "1")
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:     # a kernel without it: "" (as if unset)
+        return ""
+
+
+def own_user_ns(pids: list[int]) -> bool:
+    """Is the tree in a user namespace of its own (not this host's)? Its root's says."""
+    try:
+        return bool(pids) and os.readlink(f"/proc/{pids[0]}/ns/user") != os.readlink("/proc/self/ns/user")
+    except OSError:     # its root is gone: the dump will say so; nothing of its own to tell
+        return False
 
 
 def mem_available() -> int:
@@ -148,7 +164,7 @@ def needed_files(pids: list[int]) -> list[str]:
     out: set[str] = set()
 
     def add(path: str) -> None:
-        if path.startswith("/") and not path.endswith(" (deleted)") and not path.startswith(_NOT_FILES):
+        if _restored(path):
             out.add(path)
     for pid, fd, name in proc.fds(pids):
         try:
@@ -168,6 +184,59 @@ def needed_files(pids: list[int]) -> list[str]:
         except OSError:     # it exited meanwhile: nothing of its own to restore
             continue
     return sorted(out)
+
+
+def sized_files(pids: list[int]) -> dict[str, int]:
+    """Of needed_files, those whose size CRIU's restore checks, with their size here: every
+    regular file it opens again by its path (files-reg.c, validate_file) but one held open
+    write-only to append (a log's way: should_check_size)."""
+    out: dict[str, int] = {}
+    for pid, fd, name in proc.fds(pids):
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+            flags = _fd_flags(pid, fd)
+        except OSError:     # closed meanwhile: not one it holds
+            continue
+        appending = flags & os.O_ACCMODE == os.O_WRONLY and flags & os.O_APPEND
+        if stat.S_ISREG(st.st_mode) and not appending and _restored(name):
+            out[name] = st.st_size
+    mine = _mount_ns(os.getpid())
+    for pid in pids:
+        if _mount_ns(pid) != mine:
+            continue     # its paths are its own mount namespace's (see needed_files)
+        try:
+            named = [name for *_, name in proc.mappings(pid) if _restored(name)]
+        except OSError:     # it exited meanwhile: nothing of its own to restore
+            continue
+        out.update(file_sizes(named))
+    return out
+
+
+def file_sizes(paths: list[str]) -> dict[str, int]:
+    """The size of each of paths that is a regular file here."""
+    out = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:     # not here (or not ours to see): it has no size to compare
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[path] = st.st_size
+    return out
+
+
+def _restored(path: str) -> bool:
+    """A path CRIU's restore opens again by that name (not one deleted since, nor /proc's)."""
+    return path.startswith("/") and not path.endswith(" (deleted)") and not path.startswith(_NOT_FILES)
+
+
+def _fd_flags(pid: int, fd: int) -> int:
+    """The flags fd was opened with (its fdinfo's, octal)."""
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    return 0
 
 
 def _mount_ns(pid: int) -> str:
@@ -243,3 +312,19 @@ def cpu_ns(pid: int) -> int:
         except (OSError, ValueError, IndexError):     # the thread exited meanwhile: it adds nothing now
             pass
     return total
+
+
+def capable(cap: int) -> bool:
+    """Has this process capability cap (include/uapi/linux/capability.h) in its effective set?"""
+    return bool(int(_status(os.getpid())["CapEff"], 16) >> cap & 1)
+
+
+def user_ids(pid: int) -> tuple[set[int], set[int]]:
+    """pid's uids and gids (real, effective, saved, filesystem), each set as it holds them."""
+    st = _status(pid)
+    return set(map(int, st["Uid"].split())), set(map(int, st["Gid"].split()))
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)

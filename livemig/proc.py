@@ -396,3 +396,4 @@ def tracer(pid: int) -> int:
     except (OSError, ValueError):     # gone: the docstring's 0
         pass
     return 0
+

@@ -87,3 +87,33 @@ def test_a_move_undone_takes_what_it_carried_away_again(lab, writer):
     lines = _counted(lab, "a")
     assert lines == list(range(len(lines)))
     assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+
+
+SIZED = "/var/lib/livemig-test-sized/data.bin"
+READER = "import sys, time\nf = open(sys.argv[1], 'rb')\nwhile True:\n    time.sleep(0.05)\n"
+
+
+def test_a_file_the_target_has_at_another_size_is_refused_before_the_freeze_naming_it(lab):
+    # CRIU's restore checks the size of each file it opens again: it failed after the freeze
+    for h, size in (("a", 100), ("b", 50)):
+        lab.run(h, ["sh", "-c", f"mkdir -p {SIZED.rsplit('/', 1)[0]} && head -c {size} /dev/zero > {SIZED}"])
+    start = (f"echo 4830 > /proc/sys/kernel/ns_last_pid; setsid python3 -c \"$0\" {SIZED} < /dev/null > /dev/null "
+             "2>&1 & echo $!")
+    pid = int(lab.text("a", ["sh", "-c", start, READER]).strip())
+    try:
+        lab.run("a", ["sh", "-c", f"until ls -l /proc/{pid}/fd | grep -q {SIZED}; do sleep 0.05; done"], timeout=30)
+        res = lab.run("a", ["livemig", "move", "--json", "--pid", str(pid), "b"], check=False, timeout=300)
+        failed = json.loads(res.stdout)
+        assert res.returncode == 3 and failed["failed_phase"] == "preflight", failed
+        assert f"{SIZED}: 100 bytes here, 50 there" in failed["error"], failed["error"]
+        assert lab.run("a", ["kill", "-0", str(pid)], check=False).returncode == 0      # never frozen for it
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+        # the same file on both: it moves
+        lab.run("b", ["sh", "-c", f"head -c 100 /dev/zero > {SIZED}"])
+        res = lab.run("a", ["livemig", "move", "--json", "--pid", str(pid), "b"], check=False, timeout=300)
+        assert res.returncode == 0, res.stderr.decode()
+        assert lab.run("b", ["kill", "-0", str(pid)], check=False).returncode == 0
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, ["kill", "-KILL", str(pid)], check=False)
+            lab.run(h, ["rm", "-rf", SIZED.rsplit("/", 1)[0]], check=False)

@@ -60,10 +60,11 @@ CARRIED = {
 }
 
 # What plain CRIU cannot carry from host to host (the survey's), with what the tree holds,
-# the exit code of the step that fails (5: the dump, 6: the restore) and CRIU's reason
+# the exit code of the step that fails (3: the preflight, which knows it before the freeze;
+# 5: the dump, 6: the restore) and the reason said (CRIU's, from the dump)
 NOT_CARRIED = {
     "inotify_overlay": ({"event": True}, 5, "Can't dump that handle"),
-    "sysv_shm": ({"data": "SYSVSHMDATA"}, 5, "doesn't live in IPC ns"),
+    "sysv_shm": ({"data": "SYSVSHMDATA"}, 3, "System V shared memory segment of this host's IPC namespace"),
     "uts_ipc_ns": ({"hostname": "kinds-child", "own_uts": True, "own_ipc": True}, 5, "Can't dump nested"),
 }
 

@@ -40,7 +40,16 @@ from ..runtimes.held import HeldCopy
 from ..wire import bandwidth
 from ..wire import protocol as p
 from ..wire.transports import link_errors
-from . import autoconverge, bundles, downtime, failures, policy, recovery, switchover
+from . import (
+    autoconverge,
+    bundles,
+    downtime,
+    failures,
+    namespaces,
+    policy,
+    recovery,
+    switchover,
+)
 from . import preflight as checks
 from .failures import lost_link, primary
 from .local import local_cpuinfo, local_facts, make_work_dir, target_spec
@@ -148,20 +157,30 @@ class Migration:
         m.report.pid = w.root_pid
         pids = w.pids()
         checks.refuse_traced(pids)
+        namespaces.refuse_other_users_without_cap_sys_resource(pids)
         locked = host.locked_files(pids)
         checks.refuse_locks_unasked(locked, m.options.criu.file_locks)
         if w.kind != "process":
             checks.refuse_stopped_in_a_frozen_cgroup(pids)
+        else:       # (a container's IPC namespace is its own, and its runtime's dump takes it)
+            namespaces.refuse_sysv_shm_without_its_ipc_namespace(pids)
         m.original = HeldCopy.of(w)    # to tell, on failure, whether it exited by itself
         memory, shared = host.resident_bytes(pids), host.cow_shared_bytes(pids)
         m.spec = target_spec(w, m.options.name)
         # (a container's paths are in its own mount namespace: not the target's to look at)
         tree = w.kind == "process"
         moving = await checks.addresses_to_move(m.options.move_addresses, pids)
+        sized = host.sized_files(pids) if tree else {}
         local, remote = await self._probe_both(p.Probe(
             pids=pids if tree else [], container=m.spec, locked_files=locked if tree else [],
-            files=host.needed_files(pids) if tree else [], ports=addresses.ports(pids),
+            files=host.needed_files(pids) if tree else [], sized_files=list(sized), ports=addresses.ports(pids),
             mount_sources=w.mount_sources(), move_addresses=list(moving)))
+        if host.own_user_ns(pids):
+            connected = m.options.criu.tcp_established and host.same_netns(pids[0]) and bool(addresses.connected(pids))
+            remote, said = namespaces.in_a_user_namespace(m.options.mode.value, remote, connected)
+            if said:
+                m.report.warnings.append(said)
+                m.progress(Cautioned(said))
         m.addresses = {a: (here, remote.subnet_devices.get(a, "")) for a, here in moving.items()}
         moved_rows, remote = checks.moved_address_rows(moving, remote)
         remote, m.report.carried_files, total = checks.carry(remote, m.options.carry_files_max)
@@ -173,6 +192,7 @@ class Migration:
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
         # (what --move-address asks is said first: a refusal there is the answer to the flag)
+        rows += checks.resized_rows(sized, remote.file_sizes)
         m.report.warnings += checks.enforce(moved_rows + rows, m.target, m.options.force)
         checks.enforce([await self._check_cpu()], m.target)
         # (a container's dump does not close them yet: one open as it freezes fails its dump)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import addresses, carried, criu, proc, service_address
+from .. import addresses, carried, criu, host, proc, service_address
 from ..errors import Phase, PreflightError
 from ..wire.protocol import Container, HostFacts
 from . import policy
@@ -60,6 +60,26 @@ def carry(remote: HostFacts, most: int) -> tuple[HostFacts, list[str], int]:
 def _missing(paths: list[str]) -> str:
     return (f"the workload uses {carried.named(paths)}, which the target lacks: CRIU's restore opens "
             "each by its path, and would fail after the freeze")
+
+
+def resized_rows(here: dict[str, int], there: dict[str, int]) -> list[Check]:
+    """The tree's files the target has at another size than here (here: host.sized_files,
+    there: the target's file_sizes): CRIU's restore checks the size of each file it opens
+    again, and fails after the freeze. A file whose size here changed since it was first
+    read is left out: one that grows while the workload runs cannot be judged (on storage
+    both hosts share, it is the same file, read at two moments)."""
+    now = host.file_sizes(list(here))
+    differ = sorted((f, size, there[f]) for f, size in here.items()
+                    if f in there and there[f] != size and now.get(f) == size)
+    if not differ:
+        return []
+    shown = "; ".join(f"{f}: {size} bytes here, {other} there" for f, size, other in differ[:3])
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    return [Check("file sizes on target", False,
+                  f"the workload uses files the target has at another size ({shown}{more}): CRIU's restore "
+                  "checks the size of each file it opens again, and would fail after the freeze",
+                  "make them the same on both hosts (the same versions of its programs and libraries, or "
+                  "storage both hosts share), or move it to a host where they are")]
 
 
 def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
@@ -162,8 +182,9 @@ def connections_closed(connections: list[tuple[str, int, str, int]], shown: int 
                       for ip, port, peer, peer_port in sorted(connections)[:shown])
     return (f"the workload holds {n} established TCP connection{'s' if n != 1 else ''} ({named}"
             f"{f', and {n - shown} more' if n > shown else ''}): the moved copy's ends are closed, so "
-            "the other ends see them close with nothing more said, and must connect again (livemig "
-            "does not yet carry connections from host to host)")
+            "the other ends see them close with nothing more said, and must connect again (move it "
+            "with --tcp-established to keep them, and with --move-address where they are made to an "
+            "address of this host's)")
 
 
 def _where(held: list[tuple[str, int]] | list[addresses.Bound]) -> str:

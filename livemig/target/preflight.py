@@ -36,6 +36,8 @@ async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
         facts = dataclasses.replace(facts, locks_taken=[f for f in msg.locked_files if host.locked_here(f)])
     if msg.files:
         facts = dataclasses.replace(facts, files_missing=[f for f in msg.files if not os.path.exists(f)])
+    if msg.sized_files:
+        facts = dataclasses.replace(facts, file_sizes=host.file_sizes(msg.sized_files))
     if msg.ports:
         facts = dataclasses.replace(facts, ports_taken=addresses.taken(msg.ports))
     if msg.move_addresses:

@@ -26,8 +26,8 @@ if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to 
 # the older one goes. No such code is kept yet: every message is written and read in the newest format
 # alone, so both are the same version. Hello is read by every livemig from 16 on, whatever fields a
 # newer one adds to it (_OPEN), so that the two always learn each other's versions.
-PROTOCOL_VERSION = 18  # 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
-PROTOCOL_OLDEST = 18
+PROTOCOL_VERSION = 19  # 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_OLDEST = 19
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -103,6 +103,7 @@ class Probe:
     names: list[str] = field(default_factory=list)   # more names for the container (clones): free?
     locked_files: list[str] = field(default_factory=list)   # the tree holds locks on these: locked there?
     files: list[str] = field(default_factory=list)   # a tree's restore opens these by their path: there?
+    sized_files: list[str] = field(default_factory=list)   # ...and checks these ones' size: how large there?
     ports: list[Port] = field(default_factory=list)  # a tree's restore binds these again: free there?
     mount_sources: list[str] = field(default_factory=list)   # a container's restore binds these in: there?
     move_addresses: list[str] = field(default_factory=list)  # ADDR/PREFIX to move here: on which interface?
@@ -128,6 +129,8 @@ class HostFacts:
     nonlocal_bind: bool = False   # IPv4 sockets may bind to addresses it lacks (net.ipv4.ip_nonlocal_bind)
     locks_taken: list[str] = field(default_factory=list)   # of Probe's locked_files, those locked here
     files_missing: list[str] = field(default_factory=list)   # of Probe's files, those not here
+    file_sizes: dict[str, int] = field(default_factory=dict)   # of Probe's sized_files, those here: their size
+    unprivileged_uffd: bool = False   # vm.unprivileged_userfaultfd: a task in a user namespace may open one
     ports_taken: list[str] = field(default_factory=list)     # of Probe's ports, those held here, each said
     mount_sources_missing: list[str] = field(default_factory=list)   # of Probe's mount_sources, those not here
     subnet_devices: dict[str, str] = field(default_factory=dict)   # Probe's move_addresses -> the interface

@@ -3,8 +3,9 @@
 Runs as PID 1 of fresh pid, mount, net, uts, ipc and cgroup namespaces (the lab
 starts it through unshare). It builds the host's root: an overlay over the
 shared read-only rootfs, the pseudo file systems a Debian host and CRIU expect,
-the project checkout read-only at /opt/livemig; then pivot_roots into it and
-execs the host's own init, which starts sshd and reaps orphans.
+the project checkout read-only at /opt/livemig, the storage every host shares at
+/srv/shared; then pivot_roots into it and execs the host's own init, which starts
+sshd and reaps orphans.
 """
 
 import json
@@ -28,6 +29,11 @@ def build_root(spec: dict) -> str:
     # The checkout, read-only: every host runs the livemig under test, never a copy.
     k.mount(spec["repo"], f"{m}/opt/livemig", None, k.MS_BIND | k.MS_REC)
     k.mount("none", f"{m}/opt/livemig", None, k.MS_BIND | k.MS_REMOUNT | k.MS_RDONLY)
+
+    # Storage every host shares, at one path (as NFS or a SAN would be): a database's files
+    # are there on whichever host its processes run.
+    os.makedirs(f"{m}/srv/shared", exist_ok=True)
+    k.mount(spec["shared"], f"{m}/srv/shared", None, k.MS_BIND)
 
     k.mount("proc", f"{m}/proc", "proc", NOSUID_NODEV | k.MS_NOEXEC)
     # sysfs of our own net namespace; read-only like a container's.

@@ -51,6 +51,7 @@ def up(n: int = 2, log=sys.stderr) -> State:
     t0 = time.monotonic()
     shutil.rmtree(LAB_DIR, ignore_errors=True)
     (LAB_DIR / "logs").mkdir(parents=True)
+    (LAB_DIR / "shared").mkdir(mode=0o755)
     names = host_names(n)
     addrs = addresses(names)
     prepare_host_files(names, addrs)
@@ -77,7 +78,7 @@ def _start_host(name: str, base: Path) -> subprocess.Popen:
     h = LAB_DIR / "hosts" / name
     procs = cgroups.create(name)
     spec = {"name": name, "lower": str(base), "upper": str(h / "upper"), "work": str(h / "work"),
-            "merged": str(h / "merged"), "repo": str(REPO),
+            "merged": str(h / "merged"), "repo": str(REPO), "shared": str(LAB_DIR / "shared"),
             "cgroups": [{"relative": c.relative, "fstype": c.fstype, "options": c.options}
                         for c in cgroups.hierarchies()]}
     console = open(LAB_DIR / "logs" / f"{name}.console", "wb")  # noqa: SIM115 - closed by the with below

@@ -19,6 +19,7 @@ PACKAGES = [
     "kmod", "ca-certificates", "netbase",
     "pipx",     # the README's install, proven on trixie's Python (tests/test_install.py)
     "redis-server",     # a real service whose clients keep their connection (tests/test_service_address.py)
+    "postgresql",       # a real database, and pgbench its clients (tests/test_database.py)
 ]
 
 # trixie's criu 4.1.1 cannot dump a process that holds a TCP socket on kernels

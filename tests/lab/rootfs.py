@@ -74,6 +74,11 @@ def _install_packages(root: Path) -> None:
     srcs.write_text(f"Types: deb\nURIs: {recipe.MIRROR}\nSuites: sid\nComponents: main\n"
                     "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
     pin.write_text(f'APT::Default-Release "{recipe.SUITE}";\n')
+    # No daemon a package's postinst would start (redis, postgres) runs in the build: one
+    # left running there holds the rootfs, and the lab's hosts start what a test needs.
+    no_daemons = root / "usr/sbin/policy-rc.d"
+    no_daemons.write_text("#!/bin/sh\nexit 101\n")
+    no_daemons.chmod(0o755)
     try:
         # The mirror we reach may be a snapshot whose sid Release has expired.
         chroot(root, ["apt-get", "-q", "-o", "Acquire::Check-Valid-Until=false", "update"])
@@ -82,6 +87,7 @@ def _install_packages(root: Path) -> None:
     finally:
         srcs.unlink(missing_ok=True)
         pin.unlink(missing_ok=True)
+        no_daemons.unlink(missing_ok=True)
     chroot(root, ["apt-get", "clean"])
     shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
     (root / "var/lib/apt/lists/partial").mkdir(parents=True)

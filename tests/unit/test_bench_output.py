@@ -1,6 +1,7 @@
-"""The benchmark's arithmetic: medians with their spread, and ratios to the seeds' procedure
-from the same run only."""
+"""The benchmark's arithmetic: medians with their spread, ratios to the seeds' procedure
+from the same run only, and the client benchmark's percentiles."""
 
+from bench.clients import percentile
 from bench.output import summary, table
 
 
@@ -60,3 +61,8 @@ def test_a_cut_s_cost_is_the_ratio_of_medians_cut_over_uncut():
     samples = [{"cut": c, "postcopy_seconds": t, "wire_bytes": w, "longest_wait_for_b_after": g}
                for c, t, w, g in [(False, 30, 100, 2), (False, 34, 100, 2), (True, 40, 110, 3), (True, 36, 130, 3)]]
     assert ratios(samples) == {"postcopy_seconds": 38 / 32, "wire_bytes": 120 / 100, "longest_wait_for_b_after": 1.5}
+
+
+def test_the_client_benchmark_s_percentiles_are_nearest_rank():
+    waits = [0.1 * i for i in range(1, 11)]
+    assert (percentile(waits, 50), percentile(waits, 99), percentile([0.3], 99)) == (waits[4], waits[9], 0.3)

@@ -1,6 +1,8 @@
 """The preflight comparisons: each check fails for its own reason, in the order to fix them."""
 
 import asyncio
+import mmap
+import os
 import subprocess
 import sys
 
@@ -233,3 +235,26 @@ def test_ports_the_target_holds_and_mount_sources_it_lacks_refuse_the_move_namin
     assert "/srv/only-a" in mounts.detail and not mounts.forceable
     with pytest.raises(PreflightError, match="7890/tcp"):     # --force passes neither: each fails the restore
         checks.enforce(rows, "b", force=True)
+
+
+def test_the_files_whose_size_criu_checks_are_those_it_opens_again_but_a_log_appended_to(tmp_path):
+    read, log, mapped = tmp_path / "read.dat", tmp_path / "app.log", tmp_path / "mapped.dat"
+    for f, size in ((read, 10), (log, 20), (mapped, 4096)):
+        f.write_bytes(b"x" * size)
+    with open(read, "rb"), open(log, "a"), open(mapped, "r+b") as m, mmap.mmap(m.fileno(), 4096):
+        m.close()       # held by its mapping alone
+        sized = host.sized_files([os.getpid()])
+    assert sized[str(read)] == 10 and sized[str(mapped)] == 4096
+    assert str(log) not in sized       # write-only, appending: CRIU does not check a log's size
+
+
+def test_a_file_the_target_has_at_another_size_fails_the_preflight_unless_it_changes_here(tmp_path):
+    same, other, growing = tmp_path / "same", tmp_path / "other", tmp_path / "growing"
+    for f in (same, other, growing):
+        f.write_bytes(b"x" * 10)
+    here = {str(same): 10, str(other): 10, str(growing): 8}     # growing: 8 when first read, 10 now
+    there = {str(same): 10, str(other): 12, str(growing): 10}
+    [row] = checks.resized_rows(here, there)
+    assert not row.ok and f"{other}: 10 bytes here, 12 there" in row.detail
+    assert str(same) not in row.detail and str(growing) not in row.detail
+    assert checks.resized_rows(here, {str(same): 10}) == []

@@ -19,6 +19,7 @@ import argparse
 import io
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ STOPPED_CHILD = "sleep 100000 & kill -STOP $!; "
 # The seeds' counter web server, in busybox: each connection to port 8080 gets the next integer.
 SERVER = "i=0; while true; do i=$((i+1)); echo $i | nc -l -p 8080 >/dev/null; done"
 IMAGE = "localhost/livemig-busybox:1"
+ROOT_AS = 100000     # the host uid and gid a user namespace's root is (build_python)
 PODMAN_ENV = {**os.environ, "PODMAN_IGNORE_CGROUPSV1_WARNING": "1"}
 
 
@@ -104,19 +106,22 @@ def build_memcounter(bundle: str, mib: int, dirty_mibps: float, port: int, cpu_p
                  binds)
 
 
-def build_python(bundle: str, args: list[str], binds: tuple[str, ...] = ()) -> None:
+def build_python(bundle: str, args: list[str], binds: tuple[str, ...] = (), user: str = "") -> None:
     """A runc bundle running args, a workload of the checkout's: the host's /usr (python3 and
     its libraries) and the checkout bound in read-only, so the root in the bundle is a few
     empty directories; the host's network and name, so that the workload answers the lab host
     as a bare process does. Its IPC namespace and its /dev/shm (a tmpfs) are its own, as
-    runc's spec gives them."""
+    runc's spec gives them. user: the host's user it runs as (its /etc then bound in too,
+    read-only, for the names)."""
     root = os.path.join(bundle, "rootfs")
+    ro = ["/usr", "/opt/livemig", *(["/etc"] if user else [])]
     shutil.rmtree(bundle, ignore_errors=True)
-    for d in ("usr", "opt/livemig", "tmp", "proc", "dev", "sys", *(b.lstrip("/") for b in binds)):
+    for d in (*(r.lstrip("/") for r in ro), "tmp", "proc", "dev", "sys", *(b.lstrip("/") for b in binds)):
         os.makedirs(os.path.join(root, d))
     for link in ("bin", "lib", "lib64", "sbin"):
         os.symlink(f"usr/{link}", os.path.join(root, link))
-    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    # a user's: runc's spec for a user namespace (its mounts are those one may make there)
+    subprocess.run(["runc", "spec", *(["--rootless"] if user else [])], cwd=bundle, check=True)
     path = os.path.join(bundle, "config.json")
     with open(path) as f:
         config = json.load(f)
@@ -124,10 +129,22 @@ def build_python(bundle: str, args: list[str], binds: tuple[str, ...] = ()) -> N
     config["process"]["args"] = args
     config["root"]["readonly"] = False
     config["mounts"] += [{"destination": d, "type": "bind", "source": d, "options": ["rbind", "ro"]}
-                         for d in ("/usr", "/opt/livemig")]
+                         for d in ro]
     config["mounts"] += [{"destination": d, "type": "bind", "source": d, "options": ["rbind", "rw"]} for d in binds]
     config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] not in ("network", "uts")]
     config.pop("hostname", None)   # the host's name, too: memcounter answers with it
+    if user:
+        # user is root to the host, in a user namespace where it is itself (tests/services.py,
+        # as_postgres, says why: CRIU's prlimit() on a task of another uid needs
+        # CAP_SYS_RESOURCE, which the lab's root lacks), the namespace's own root mapped too
+        # (CRIU dumps a user namespace only then: check_user_ns)
+        entry = pwd.getpwnam(user)
+        config["process"]["user"] = {"uid": entry.pw_uid, "gid": entry.pw_gid}
+        # no /sys: its bind mount, recursive, cannot be restored there (open_tree: EINVAL)
+        config["mounts"] = [m for m in config["mounts"] if not m["destination"].startswith("/sys")]
+        for kind, own in (("uidMappings", entry.pw_uid), ("gidMappings", entry.pw_gid)):
+            config["linux"][kind] = [{"containerID": 0, "hostID": ROOT_AS, "size": 1},
+                                     {"containerID": own, "hostID": 0, "size": 1}]
     with open(path, "w") as f:
         json.dump(config, f, indent=1)
 
@@ -155,7 +172,7 @@ def _detach(runtime: str, bundle: str, name: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("action", choices=["start", "count", "serve", "ask", "memcounter", "bundle", "busy", "written",
-                                       "shmkinds", "redis"])
+                                       "shmkinds", "redis", "postgres"])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--name", default="c1")
     ap.add_argument("--bundle")
@@ -166,7 +183,7 @@ def main() -> int:
     ap.add_argument("--busy", action="store_true", help="start: count without sleeping between counts")
     ap.add_argument("--bind", action="append", default=[], help="memcounter: a host directory bound in, at its path")
     ap.add_argument("--stopped-child", action="store_true", help="start, busy: with a child stopped at once")
-    ap.add_argument("args", nargs="*", help="redis: redis-server's arguments (after --)")
+    ap.add_argument("args", nargs="*", help="redis, postgres: the server's command line (after --)")
     a = ap.parse_args()
     if a.action in ("memcounter", "bundle"):
         build_memcounter(a.bundle, a.mib, a.dirty_mibps, a.port, a.cpu_per_page, tuple(a.bind))
@@ -176,6 +193,10 @@ def main() -> int:
         return 0
     if a.action == "redis":     # Redis, its arguments after --
         build_python(a.bundle, ["redis-server", *a.args])
+        _detach(a.runtime, a.bundle, a.name)
+        return 0
+    if a.action == "postgres":     # postgres as the postgres user, its data directory (--bind) its volume
+        build_python(a.bundle, a.args, tuple(a.bind), user="postgres")
         _detach(a.runtime, a.bundle, a.name)
         return 0
     if a.action == "shmkinds":

@@ -1,9 +1,9 @@
 """A client of the moved service as one that keeps its connection lives it: one TCP
 connection to the service (memcounter's "hold", or Redis's INCR), over which it asks for the next integer
 every --every seconds and waits for each answer, until the file --until exists. It prints,
-as one JSON object, every answer (when, which host, which integer), the longest it waited
-for one, and how the connection ended, if it did: a reset, a timeout or a close is a
-connection lost."""
+as one JSON object, every answer (when, which host, which integer) and how long it waited
+for each, the longest of those, and how the connection ended, if it did: a reset, a timeout
+or a close is a connection lost."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def main() -> int:
     ap.add_argument("--redis", action="store_true",
                     help="the service is Redis: each question an INCR of one key, the answer its new value")
     a = ap.parse_args()
-    answers, error, longest = [], "", 0.0
+    answers, waits, error, longest = [], [], "", 0.0
     s = socket.create_connection((a.address, a.port), timeout=5)
     s.settimeout(a.answer_within)
     reader = s.makefile("rb")
@@ -53,10 +53,12 @@ def main() -> int:
             now = time.monotonic()
             longest = max(longest, now - asked)
             answers.append([round(time.time(), 4), host, n])
+            waits.append(round(now - asked, 4))
             time.sleep(max(0.0, a.every - (time.monotonic() - now)))
     except OSError as e:
         error = f"{type(e).__name__}: {e}"
-    print(json.dumps({"answers": answers, "longest_wait": round(longest, 4), "error": error}), flush=True)
+    print(json.dumps({"answers": answers, "waits": waits, "longest_wait": round(longest, 4), "error": error}),
+          flush=True)
     return 0
 
 

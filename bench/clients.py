@@ -1,0 +1,197 @@
+"""What a client of the moved service lives through: the longest it waited for an answer
+across each move, the median and the 99th percentile of those over many moves, and the
+requests that failed. For Redis (a client INCRementing one key over one connection) and
+memcounter (the same over memcounter's `hold`, 256 MiB dirtying 8 MiB/s), each a bare tree
+moved back and forth between lab hosts a and b with its service address, by each of
+livemig's modes, all in one run.
+
+    python -m bench.clients                          10 moves per workload and mode
+    python -m bench.clients --moves 4 --workloads redis --modes auto
+
+The lab: three namespaced hosts, a and b, and c where the client runs. A workload starts on a
+with the address 198.18.0.100/24; its client starts on c and keeps its one connection for the
+whole run, asking every 20 ms; `livemig move --json --tcp-established --move-address
+198.18.0.100/24 [--mode MODE]` then takes it a -> b, b -> a, ... one move every --every
+seconds (a move that takes longer delays the next). A move's client wait is the longest the
+client waited for an answer that came from the move's start to a second after its end
+(held_client.py: each answer's wait), beside livemig's own downtime_seconds for it. Failed
+requests: a lost connection, and a move that failed.
+
+PostgreSQL is not among them: in the lab it runs in a user namespace (the lab's root lacks
+CAP_SYS_RESOURCE: tests/test_database.py says why), from which CRIU cannot repair its clients'
+connections, so they cannot stay up there.
+
+It writes bench/results/<UTC date>-clients.json (every move's sample, livemig's report
+among them, and per workload and mode the median, p99 and largest client wait over the
+moves, and the failures) and prints a table of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from tests import services as sv
+from tests.lab import WORKLOAD, Lab
+
+CLIENT = WORKLOAD.replace("memcounter.py", "held_client.py")
+WORKLOADS = ("redis", "memcounter")
+MODES = {"auto": (), "postcopy": ("--mode", "postcopy"), "stopcopy": ("--mode", "stopcopy")}
+MEMCOUNTER_PORT = 7960
+AFTER_MOVE = 1.0        # seconds after a move's end in which an answer still counts as its
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: of 10 values, p50 is the 5th smallest and p99 the 10th."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+class Clients:
+    """The client of one workload, on c, for the whole run: start(), then stop() gives every
+    answer as (its end, how long it waited), and whether its connection was lost, and how."""
+
+    def __init__(self, lab: Lab, workload: str):
+        self.lab, self.workload = lab, workload
+        self.proc: subprocess.Popen | None = None
+        self.out: list[bytes] = []
+        self.reader: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.lab.run("c", ["rm", "-f", "/tmp/bench-client-stop"])
+        port = sv.REDIS_PORT if self.workload == "redis" else MEMCOUNTER_PORT
+        argv = ["python3", CLIENT, "--address", sv.ADDRESS, "--port", str(port), "--until", "/tmp/bench-client-stop",
+                *(["--redis"] if self.workload == "redis" else [])]
+        self.proc = self.lab.popen("c", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if self.proc.stdout.readline() != b"connected\n":
+            raise RuntimeError(f"the {self.workload} client did not connect")
+        self.reader = threading.Thread(target=lambda: self.out.extend(self.proc.communicate()))
+        self.reader.start()
+
+    def stop(self) -> tuple[list[tuple[float, float]], str]:
+        self.lab.run("c", ["touch", "/tmp/bench-client-stop"])
+        self.reader.join(timeout=600)
+        heard = json.loads(self.out[0].decode().splitlines()[-1])
+        return [(at, wait) for (at, _, _), wait in zip(heard["answers"], heard["waits"])], heard["error"]
+
+
+def start(lab: Lab, workload: str) -> list[str]:
+    """The workload on a, bound to the service address: what names it to livemig."""
+    if workload == "redis":
+        return ["--pid", str(sv.redis_tree(lab))]
+    work = lab.start_workload("a", mib=256, dirty_mibps=8, pid=4971, port=MEMCOUNTER_PORT, bind=sv.ADDRESS)
+    return ["--pid", str(work.pid)]
+
+
+def run(lab: Lab, workload: str, mode: str, moves: int, every: float) -> list[dict]:
+    """moves moves of a fresh workload with its client on, in mode: a sample each."""
+    sv.take_address(lab)
+    samples: list[dict] = []
+    try:
+        what = start(lab, workload)
+        client = Clients(lab, workload)
+        client.start()
+        time.sleep(2)       # connected, and answering
+        began = time.monotonic()
+        for i in range(moves):
+            src, dst = ("a", "b") if i % 2 == 0 else ("b", "a")
+            time.sleep(max(0.0, began + i * every - time.monotonic()))
+            t0 = time.time()
+            res = lab.run(src, ["livemig", "move", "--json", "--tcp-established", "--move-address", sv.MOVED,
+                                *MODES[mode], *what, dst], check=False, timeout=900)
+            report = json.loads(res.stdout) if res.stdout.strip().startswith(b"{") else {}
+            samples.append({"workload": workload, "mode": mode, "move": i, "from": src, "to": dst,
+                            "started": t0, "ended": time.time(), "exit_code": res.returncode,
+                            "error": res.stderr.decode(errors="replace").strip()[-300:] if res.returncode else "",
+                            "livemig_mode": report.get("mode"), "downtime_seconds": report.get("downtime_seconds"),
+                            "report": report})
+            if res.returncode != 0:
+                break
+        time.sleep(AFTER_MOVE)
+        answers, lost = client.stop()
+    finally:
+        sv.clear(lab)
+        for h in ("a", "b"):
+            lab.run(h, ["pkill", "-KILL", "-f", "memcounter.py run"], check=False)
+    for s in samples:
+        waits = [wait for end, wait in answers if s["started"] <= end <= s["ended"] + AFTER_MOVE]
+        s["client_answers"] = len(waits)
+        s["client_wait_seconds"] = max(waits, default=None)
+        s["failed_requests"] = int(s["exit_code"] != 0)
+    if samples and lost:
+        samples[-1]["failed_requests"] += 1       # the connection, lost
+        samples[-1]["client_error"] = lost
+    return samples
+
+
+def summary(samples: list[dict]) -> list[dict]:
+    out = []
+    for workload in dict.fromkeys(s["workload"] for s in samples):
+        for mode in dict.fromkeys(s["mode"] for s in samples if s["workload"] == workload):
+            these = [s for s in samples if s["workload"] == workload and s["mode"] == mode]
+            waits = [s["client_wait_seconds"] for s in these if s["client_wait_seconds"] is not None]
+            downs = [s["downtime_seconds"] for s in these if s["downtime_seconds"] is not None]
+            out.append({"workload": workload, "mode": mode, "moves": len(these),
+                        "moved": sum(s["exit_code"] == 0 for s in these),
+                        "client_wait_p50": percentile(waits, 50) if waits else None,
+                        "client_wait_p99": percentile(waits, 99) if waits else None,
+                        "client_wait_max": max(waits, default=None),
+                        "downtime_p50": statistics.median(downs) if downs else None,
+                        "failed_requests": sum(s["failed_requests"] for s in these)})
+    return out
+
+
+def told(samples: list[dict]) -> list[dict]:
+    """samples, their summary printed as they come (a long run shows how it goes)."""
+    print(table(summary(samples)), flush=True)
+    return samples
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f}"
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'workload':11} {'mode':9} {'moved':>7} {'client p50 ms':>13} {'p99 ms':>7} {'max ms':>7} "
+            f"{'livemig p50 ms':>14} {'failed':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['workload']:11} {r['mode']:9} {r['moved']:>3}/{r['moves']:<3} "
+                     f"{_ms(r['client_wait_p50']):>13} {_ms(r['client_wait_p99']):>7} {_ms(r['client_wait_max']):>7} "
+                     f"{_ms(r['downtime_p50']):>14} {r['failed_requests']:>6}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.clients", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--moves", type=int, default=10)
+    ap.add_argument("--every", type=float, default=8.0, help="seconds from one move's start to the next's")
+    ap.add_argument("--workloads", nargs="*", choices=WORKLOADS, default=list(WORKLOADS))
+    ap.add_argument("--modes", nargs="*", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = ap.parse_args(argv)
+    Lab.down()      # a lab left up may carry another checkout: ours is mounted at /opt/livemig
+    lab = Lab.up(3)
+    started = time.gmtime()
+    try:
+        samples = [s for workload in a.workloads for mode in a.modes for s in told(run(lab, workload, mode, a.moves, a.every))]
+    finally:
+        Lab.down()
+    rows = summary(samples)
+    path = Path(a.out) / f"{time.strftime('%Y-%m-%dT%H-%M-%S', started)}-clients.json"
+    path.write_text(json.dumps({"args": vars(a), "summary": rows, "samples": samples}, indent=2) + "\n")
+    print(table(rows))
+    print("(client: the longest the client waited for an answer during a move, over the moves; livemig: its "
+          "report's downtime_seconds; failed: lost connections and failed moves)")
+    print(f"-> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
