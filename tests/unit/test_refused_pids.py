@@ -10,11 +10,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
+from livemig import host
 from livemig.errors import ExitCode
+from livemig.source import namespaces
 
 
 def _kernel_thread() -> int:
@@ -81,6 +84,30 @@ def test_a_tree_that_maps_system_v_shared_memory_moves_only_in_an_ipc_namespace_
             assert res.returncode == ExitCode.PREFLIGHT and len(lines) == 1, res.stderr
             assert "System V shared memory" in lines[0] and "unshare --ipc" in lines[0]
             assert not root.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(short_dir)
+
+
+def test_another_user_s_task_is_refused_where_livemig_lacks_cap_sys_resource():
+    # CRIU reads each task's rlimits with prlimit(), which on another user's task needs
+    # CAP_SYS_RESOURCE: without it the dump failed after the freeze
+    holder = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sleep", "600"])
+    short_dir = Path(tempfile.mkdtemp(prefix="lm"))
+    try:
+        deadline = time.monotonic() + 30
+        while host.user_ids(holder.pid)[0] != {65534}:      # until setpriv has made it nobody
+            assert time.monotonic() < deadline, "setpriv never became nobody"
+            time.sleep(0.01)
+        res = _move(holder.pid, short_dir / "images")
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        if host.capable(namespaces.CAP_SYS_RESOURCE):      # a full root: on to the target, unreachable
+            assert res.returncode == ExitCode.CONNECTION and "CAP_SYS_RESOURCE" not in res.stderr, res.stderr
+        else:
+            assert res.returncode == ExitCode.PREFLIGHT and len(lines) == 1, res.stderr
+            assert f"PID {holder.pid} runs as uid 65534 and gid 65534" in lines[0] and "CAP_SYS_RESOURCE" in lines[0]
+            assert not (short_dir / "images").exists()
     finally:
         holder.kill()
         holder.wait()
