@@ -15,7 +15,8 @@ whole run, asking every 20 ms; `livemig move --json --tcp-established --move-add
 seconds (a move that takes longer delays the next). A move's client wait is the longest the
 client waited for an answer that came from the move's start to a second after its end
 (held_client.py: each answer's wait), beside livemig's own downtime_seconds for it. Failed
-requests: a lost connection, and a move that failed.
+requests: a lost connection, and a move that failed. The seeds' procedure is measured the
+same way, as they give it (no flag for connections): its first failure ends its moves.
 
 PostgreSQL is not among them: in the lab it runs in a user namespace (the lab's root lacks
 CAP_SYS_RESOURCE: tests/test_database.py says why), from which CRIU cannot repair its clients'
@@ -38,11 +39,11 @@ import time
 from pathlib import Path
 
 from tests import services as sv
-from tests.lab import WORKLOAD, Lab
+from tests.lab import WORKLOAD, Lab, LabError, by_hand
 
 CLIENT = WORKLOAD.replace("memcounter.py", "held_client.py")
 WORKLOADS = ("redis", "memcounter")
-MODES = {"auto": (), "postcopy": ("--mode", "postcopy"), "stopcopy": ("--mode", "stopcopy")}
+MODES = {"auto": (), "postcopy": ("--mode", "postcopy"), "stopcopy": ("--mode", "stopcopy"), "seeds": ()}
 MEMCOUNTER_PORT = 7960
 AFTER_MOVE = 1.0        # seconds after a move's end in which an answer still counts as its
 
@@ -89,6 +90,24 @@ def start(lab: Lab, workload: str) -> list[str]:
     return ["--pid", str(work.pid)]
 
 
+def livemig(lab: Lab, mode: str, what: list[str], src: str, dst: str) -> tuple[int, str, dict]:
+    """One move by livemig: its exit code, what it said if it failed, its report."""
+    res = lab.run(src, ["livemig", "move", "--json", "--tcp-established", "--move-address", sv.MOVED,
+                        *MODES[mode], *what, dst], check=False, timeout=900)
+    report = json.loads(res.stdout) if res.stdout.strip().startswith(b"{") else {}
+    return res.returncode, res.stderr.decode(errors="replace").strip()[-300:] if res.returncode else "", report
+
+
+def seeds(lab: Lab, what: list[str], src: str, dst: str) -> tuple[int, str, dict]:
+    """One move by the seeds' procedure as they give it (tests/lab/by_hand.py: criu dump, an
+    archive, scp, criu restore): no flag for connections, no address moved."""
+    try:
+        by_hand.migrate(lab, int(what[-1]), src, dst, name="clients-seeds")
+    except LabError as e:
+        return 1, str(e)[-300:], {}
+    return 0, "", {}
+
+
 def run(lab: Lab, workload: str, mode: str, moves: int, every: float) -> list[dict]:
     """moves moves of a fresh workload with its client on, in mode: a sample each."""
     sv.take_address(lab)
@@ -103,15 +122,12 @@ def run(lab: Lab, workload: str, mode: str, moves: int, every: float) -> list[di
             src, dst = ("a", "b") if i % 2 == 0 else ("b", "a")
             time.sleep(max(0.0, began + i * every - time.monotonic()))
             t0 = time.time()
-            res = lab.run(src, ["livemig", "move", "--json", "--tcp-established", "--move-address", sv.MOVED,
-                                *MODES[mode], *what, dst], check=False, timeout=900)
-            report = json.loads(res.stdout) if res.stdout.strip().startswith(b"{") else {}
+            code, error, report = seeds(lab, what, src, dst) if mode == "seeds" else livemig(lab, mode, what, src, dst)
             samples.append({"workload": workload, "mode": mode, "move": i, "from": src, "to": dst,
-                            "started": t0, "ended": time.time(), "exit_code": res.returncode,
-                            "error": res.stderr.decode(errors="replace").strip()[-300:] if res.returncode else "",
+                            "started": t0, "ended": time.time(), "exit_code": code, "error": error,
                             "livemig_mode": report.get("mode"), "downtime_seconds": report.get("downtime_seconds"),
                             "report": report})
-            if res.returncode != 0:
+            if code != 0:
                 break
         time.sleep(AFTER_MOVE)
         answers, lost = client.stop()

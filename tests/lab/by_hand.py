@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from . import Lab
+from .proc import LabError
 
 
 @dataclass
@@ -46,7 +47,11 @@ def migrate(lab: Lab, pid: int, src: str, dst: str, name: str = "by-hand", wrap=
         if container:
             step("dump", src, ["runc", "checkpoint", "--image-path", img, "--work-path", img, container[0]])
         else:
-            step("dump", src, ["criu", "dump", "-t", str(pid), "-D", img, "-o", "dump.log"])
+            try:
+                step("dump", src, ["criu", "dump", "-t", str(pid), "-D", img, "-o", "dump.log"])
+            except LabError as e:       # CRIU said why in its log alone
+                said = lab.text(src, ["grep", "Error", f"{img}/dump.log"], check=False).strip()
+                raise LabError(f"{e} {said}") from None
         image_bytes = int(lab.text(src, ["du", "-sb", img]).split()[0])
         step("pack", src, ["tar", "--zstd", "-cf", archive, "-C", img, "."])
         archive_bytes = int(lab.text(src, ["stat", "-c", "%s", archive]).strip())
