@@ -191,8 +191,8 @@ class Migration:
             m.progress(Cautioned(said))
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
-        # (what --move-address asks is said first: a refusal there is the answer to the flag)
         rows += checks.resized_rows(sized, remote.file_sizes)
+        # (what --move-address asks is said first: a refusal there is the answer to the flag)
         m.report.warnings += checks.enforce(moved_rows + rows, m.target, m.options.force)
         checks.enforce([await self._check_cpu()], m.target)
         # (a container's dump does not close them yet: one open as it freezes fails its dump)
