@@ -1,6 +1,6 @@
 """Files only the source has, carried to the target for the restore (issue 35).
 
-CRIU's restore opens a tree's files by their path (host.needed_files), and one the target
+CRIU's restore opens a tree's files by their path (host.reopened_files), and one the target
 lacks failed the move after the freeze. The preflight finds them; the small ones (at most
 Options.carry_files_max together) are carried instead of refusing the move. Both halves are
 here, with the manifest between them:

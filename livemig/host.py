@@ -157,40 +157,17 @@ def resident_bytes(pids: list[int]) -> int:
 _NOT_FILES = ("/proc/", "/sys/", "/memfd:", "/SYSV", "/anon_hugepage")
 
 
-def needed_files(pids: list[int]) -> list[str]:
+def reopened_files(pids: list[int]) -> dict[str, int | None]:
     """The regular files and directories CRIU's restore opens again by their path: each
     process's open regular files, mapped files and working directory, as they are named
-    here (those deleted since are not: CRIU carries their contents itself)."""
-    out: set[str] = set()
+    here (those deleted since are not: CRIU carries their contents itself). Each with its
+    size here where the restore checks it (files-reg.c, validate_file: every regular file
+    but one held open write-only to append, a log's way: should_check_size), else None."""
+    out: dict[str, int | None] = {}
 
-    def add(path: str) -> None:
-        if _restored(path):
-            out.add(path)
-    for pid, fd, name in proc.fds(pids):
-        try:
-            if stat.S_ISREG(os.stat(f"/proc/{pid}/fd/{fd}").st_mode):
-                add(name)
-        except OSError:     # closed meanwhile: not one it holds
-            continue
-    mine = _mount_ns(os.getpid())
-    for pid in pids:
-        if _mount_ns(pid) != mine:
-            continue     # its paths are its own mount namespace's, which CRIU carries (not the target's)
-        try:
-            add(os.readlink(f"/proc/{pid}/cwd"))
-            for *_, name in proc.mappings(pid):
-                if os.path.isfile(name):    # (a device's mapping is not a file to find there)
-                    add(name)
-        except OSError:     # it exited meanwhile: nothing of its own to restore
-            continue
-    return sorted(out)
-
-
-def sized_files(pids: list[int]) -> dict[str, int]:
-    """Of needed_files, those whose size CRIU's restore checks, with their size here: every
-    regular file it opens again by its path (files-reg.c, validate_file) but one held open
-    write-only to append (a log's way: should_check_size)."""
-    out: dict[str, int] = {}
+    def add(path: str, size: int | None) -> None:
+        if _restored(path) and out.get(path) is None:    # (checked once anywhere: checked)
+            out[path] = size
     for pid, fd, name in proc.fds(pids):
         try:
             st = os.stat(f"/proc/{pid}/fd/{fd}")
@@ -198,17 +175,20 @@ def sized_files(pids: list[int]) -> dict[str, int]:
         except OSError:     # closed meanwhile: not one it holds
             continue
         appending = flags & os.O_ACCMODE == os.O_WRONLY and flags & os.O_APPEND
-        if stat.S_ISREG(st.st_mode) and not appending and _restored(name):
-            out[name] = st.st_size
+        if stat.S_ISREG(st.st_mode):
+            add(name, None if appending else st.st_size)
     mine = _mount_ns(os.getpid())
     for pid in pids:
         if _mount_ns(pid) != mine:
-            continue     # its paths are its own mount namespace's (see needed_files)
+            continue     # its paths are its own mount namespace's, which CRIU carries (not the target's)
         try:
-            named = [name for *_, name in proc.mappings(pid) if _restored(name)]
+            add(os.readlink(f"/proc/{pid}/cwd"), None)
+            mapped = [name for *_, name in proc.mappings(pid)]
         except OSError:     # it exited meanwhile: nothing of its own to restore
             continue
-        out.update(file_sizes(named))
+        # (a device's mapping is not a file to find there)
+        for name, size in file_sizes([name for name in mapped if _restored(name)]).items():
+            add(name, size)
     return out
 
 

@@ -396,4 +396,3 @@ def tracer(pid: int) -> int:
     except (OSError, ValueError):     # gone: the docstring's 0
         pass
     return 0
-

@@ -74,7 +74,7 @@ class Workload:
     def mount_sources(self) -> list[str]:
         """The host's paths a container's restore binds in (its volumes): each must be on the
         target, or the restore fails after the freeze. None for a process tree, whose files
-        are checked one by one (host.needed_files)."""
+        are checked one by one (host.reopened_files)."""
         return []
 
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:

@@ -170,10 +170,11 @@ class Migration:
         # (a container's paths are in its own mount namespace: not the target's to look at)
         tree = w.kind == "process"
         moving = await checks.addresses_to_move(m.options.move_addresses, pids)
-        sized = host.sized_files(pids) if tree else {}
+        reopened = host.reopened_files(pids) if tree else {}
+        sized = {f: size for f, size in reopened.items() if size is not None}
         local, remote = await self._probe_both(p.Probe(
             pids=pids if tree else [], container=m.spec, locked_files=locked if tree else [],
-            files=host.needed_files(pids) if tree else [], sized_files=list(sized), ports=addresses.ports(pids),
+            files=sorted(reopened), sized_files=list(sized), ports=addresses.ports(pids),
             mount_sources=w.mount_sources(), move_addresses=list(moving)))
         if host.own_user_ns(pids):
             connected = m.options.criu.tcp_established and host.same_netns(pids[0]) and bool(addresses.connected(pids))

@@ -63,7 +63,7 @@ def _missing(paths: list[str]) -> str:
 
 
 def resized_rows(here: dict[str, int], there: dict[str, int]) -> list[Check]:
-    """The tree's files the target has at another size than here (here: host.sized_files,
+    """The tree's files the target has at another size than here (here: host.reopened_files' sizes,
     there: the target's file_sizes): CRIU's restore checks the size of each file it opens
     again, and fails after the freeze. A file whose size here changed since it was first
     read is left out: one that grows while the workload runs cannot be judged (on storage

@@ -243,9 +243,9 @@ def test_the_files_whose_size_criu_checks_are_those_it_opens_again_but_a_log_app
         f.write_bytes(b"x" * size)
     with open(read, "rb"), open(log, "a"), open(mapped, "r+b") as m, mmap.mmap(m.fileno(), 4096):
         m.close()       # held by its mapping alone
-        sized = host.sized_files([os.getpid()])
-    assert sized[str(read)] == 10 and sized[str(mapped)] == 4096
-    assert str(log) not in sized       # write-only, appending: CRIU does not check a log's size
+        reopened = host.reopened_files([os.getpid()])
+    assert reopened[str(read)] == 10 and reopened[str(mapped)] == 4096
+    assert reopened[str(log)] is None   # write-only, appending: CRIU does not check a log's size
 
 
 def test_a_file_the_target_has_at_another_size_fails_the_preflight_unless_it_changes_here(tmp_path):

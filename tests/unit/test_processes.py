@@ -192,7 +192,7 @@ def test_the_files_a_tree_s_restore_opens_by_path_are_its_open_files_mappings_an
                          stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         assert p.stdout is not None and p.stdout.readline() == b"up\n"
-        found = host.needed_files([p.pid])
+        found = host.reopened_files([p.pid])
         assert {str(log), str(mapped), str(tmp_path), os.path.realpath(sys.executable)} <= set(found)
         assert not [f for f in found if "gone.txt" in f or f.startswith(("/proc/", "/dev/"))]
     finally:
