@@ -41,10 +41,16 @@ def _sysctl(name: str) -> str:
         return ""
 
 
+def own_namespace(pid: int, kind: str) -> bool:
+    """Is pid in a namespace of kind (ipc, user...: /proc/PID/ns/KIND) other than this
+    process's? OSError if pid is gone."""
+    return os.readlink(f"/proc/{pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}")
+
+
 def own_user_ns(pids: list[int]) -> bool:
     """Is the tree in a user namespace of its own (not this host's)? Its root's says."""
     try:
-        return bool(pids) and os.readlink(f"/proc/{pids[0]}/ns/user") != os.readlink("/proc/self/ns/user")
+        return bool(pids) and own_namespace(pids[0], "user")
     except OSError:     # its root is gone: the dump will say so; nothing of its own to tell
         return False
 

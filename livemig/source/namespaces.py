@@ -22,10 +22,9 @@ def refuse_sysv_shm_without_its_ipc_namespace(pids: list[int]) -> None:
     moves only in an IPC namespace of its own: CRIU dumps a segment with its namespace, and
     refuses one in the host's (cr-dump.c, check_sysvipc_map_dump), once the workload is
     frozen. Said before anything is touched."""
-    host_ns = os.readlink("/proc/self/ns/ipc")
     for pid in pids:
         try:
-            if os.readlink(f"/proc/{pid}/ns/ipc") != host_ns:
+            if host.own_namespace(pid, "ipc"):
                 continue
             mapped = any(name.startswith("/SYSV") for *_, name in proc.mappings(pid))
         except OSError:     # it exited meanwhile: nothing of it to dump
@@ -74,11 +73,10 @@ def refuse_other_users_without_cap_sys_resource(pids: list[int]) -> None:
     it made. Otherwise the dump fails after the freeze ("Can't get rlimit"): refused before."""
     if host.capable(CAP_SYS_RESOURCE):
         return
-    mine = os.readlink("/proc/self/ns/user")
     for pid in pids:
         try:
             uids, gids = host.user_ids(pid)
-            own_ns = os.readlink(f"/proc/{pid}/ns/user") != mine
+            own_ns = host.own_namespace(pid, "user")
         except OSError:     # it exited meanwhile: nothing of it to dump
             continue
         if not own_ns and (uids, gids) != ({os.getuid()}, {os.getgid()}):
