@@ -14,13 +14,13 @@ import subprocess
 
 import pytest
 
+from tests import services as sv
 from tests.held import end_if_held, go_on, wait_stopped
 from tests.lab import WORKLOAD
 
 pytestmark = pytest.mark.lab
 
-ADDRESS = "198.18.0.100"
-MOVED = f"{ADDRESS}/24"
+ADDRESS, MOVED, REDIS_PORT = sv.ADDRESS, sv.MOVED, sv.REDIS_PORT
 CLIENT = str(WORKLOAD).replace("memcounter.py", "held_client.py")
 
 
@@ -137,7 +137,6 @@ def test_bad_addresses_are_refused_in_the_preflight_in_one_line_touching_nothing
             lab.run(h, ["ip", "address", "del", "198.18.0.101/24", "dev", "eth0"], check=False)
 
 
-REDIS_PORT = 6390
 REDIS = ["--bind", ADDRESS, "--port", str(REDIS_PORT), "--save", "", "--appendonly", "no", "--protected-mode", "no"]
 
 
@@ -160,18 +159,9 @@ def _redis_moves(lab, what: list[str], stop: str, moved: str = MOVED) -> dict:
         client.kill()
 
 
-def _redis_tree(lab, bind: str) -> int:
-    """redis-server on a, daemonized, bound to bind, its PIDs from 4870 on (free on every host)."""
-    args = [*REDIS[:1], bind, *REDIS[2:]]
-    lab.run("a", ["sh", "-c", "echo 4869 > /proc/sys/kernel/ns_last_pid && exec redis-server "
-                  + " ".join(f"'{x}'" for x in args) + " --daemonize yes --pidfile /run/redis-lab.pid"])
-    wait_for_pid = "while [ ! -s /run/redis-lab.pid ]; do sleep 0.05; done; cat /run/redis-lab.pid"
-    return int(lab.text("a", ["sh", "-c", wait_for_pid]).strip())
-
-
 def test_redis_s_client_keeps_its_connection_and_every_increment_as_a_tree_and_in_a_container(lab3, service):
     lab = lab3                  # (service: the address on a)
-    pid = _redis_tree(lab, ADDRESS)      # a bare tree
+    pid = sv.redis_tree(lab, ADDRESS)      # a bare tree
     try:
         heard = _redis_moves(lab, ["--pid", str(pid)], "/tmp/redis-client-stop")
         assert heard["answers"][0][2] == 1 and len(heard["answers"]) > 10
@@ -201,7 +191,7 @@ def test_an_ipv6_service_address_moves_and_redis_s_client_keeps_its_connection(l
     for i, h in enumerate(("a", "b", "c"), 1):
         lab.run(h, ["ip", "address", "add", f"fd00:198:18::{i}/64", "dev", "eth0", "nodad"])
     lab.run("a", ["ip", "address", "add", moved, "dev", "eth0", "nodad"])
-    pid = _redis_tree(lab, moved.split("/")[0])
+    pid = sv.redis_tree(lab, moved.split("/")[0])
     try:
         heard = _redis_moves(lab, ["--pid", str(pid)], "/tmp/redis-client-stop-6", moved)
         assert heard["answers"][0][2] == 1 and len(heard["answers"]) > 10
