@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "slower, but the copy is whole before it runs, and the source's copy is gone "
                          "the moment it does (by default they go into the target's memory, and into "
                          "the copy while it runs, the source's copy waiting, stopped, until then)")
+    mv.add_argument("--no-write-protect", action="store_true",
+                    help="where the kernel has no soft-dirty, pre-copy by page hashes rather than by "
+                         "userfaultfd write-protection: nothing is run in the workload's processes, but "
+                         "every round and the final pass read all of its memory")
     mv.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
     mv.add_argument("--max-bandwidth", metavar="RATE",
                     help="bytes a second the move sends at most, over all its streams together: pre-copy, "

@@ -196,7 +196,7 @@ def _move(args) -> int:
         host = _destination(args.names[-1], args.port)
         options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
                                     throttle=_no(args.no_throttle),
-                                    fill=_no(args.no_fill),
+                                    fill=_no(args.no_fill), write_protect=_no(args.no_write_protect),
                                     compression_level=args.compression_level, image_root=args.image_root,
                                     max_bandwidth=args.max_bandwidth, bootstrap=_no(args.no_bootstrap),
                                     carry_files_max=args.carry_files_max, move_addresses=args.move_address,

@@ -82,6 +82,8 @@ SETTINGS = {
     "max_rounds": (_positive(int), "pre-copy rounds at most"),
     "throttle": (_bool, "auto-converge: slow the workload's CPU when pre-copy does not converge"),
     "fill": (_bool, "stop-and-copy: the pages into the target's memory, placed while the copy runs"),
+    "write_protect": (_bool, ("without soft-dirty, pre-copy tracks writes by userfaultfd write-protection "
+                              "(a system call run in each process); false: by page hashes")),
     "compression_level": (_level, "zstd level of everything on the wire"),
     "max_bandwidth": (parse_rate, ("bytes a second one move sends at most, over all its streams "
                                    "(K, M, G: powers of 1024; e.g. \"50M\"); unset: no cap")),

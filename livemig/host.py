@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import addresses, criu, proc
 from .errors import CommandFailed
+from .pages import wptrack
 from .wire.protocol import HostFacts
 
 
@@ -25,6 +26,8 @@ async def probe(pids: list[int], image_root: str) -> HostFacts:
     features = {}
     for name in criu.FEATURES:
         features[name] = (await proc.run(criu.check_feature(name), check=False)).returncode == 0 if version else False
+    # not CRIU's: livemig's own dirty tracking where there is no soft-dirty (pages/wptrack.py)
+    features[WRITE_PROTECT] = bool(version) and not wptrack.available()
     st = os.statvfs(image_root)
     return HostFacts(
         hostname=socket.gethostname(), arch=platform.machine(), kernel=platform.release(),
@@ -160,6 +163,7 @@ def resident_bytes(pids: list[int]) -> int:
 
 # Where a path names no file a restore opens by that path: the kernel's own (CRIU restores
 # these its own way), and what a mapping's name may hold besides a path.
+WRITE_PROTECT = wptrack.FEATURE
 _NOT_FILES = ("/proc/", "/sys/", "/memfd:", "/SYSV", "/anon_hugepage")
 
 

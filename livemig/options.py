@@ -36,6 +36,10 @@ class Options:
     #: stopped, until every page is there); False: they go through image files, and the copy is whole before
     #: it runs
     fill: bool = True
+    #: where there is no soft-dirty, pre-copy tracks writes by userfaultfd write-protection, each process of
+    #: the workload made to run the system call that sets it up (ptrace; pages/wptrack.py); False: by page
+    #: hashes, nothing run in the workload, the final pass reading all of its memory
+    write_protect: bool = True
     compression_level: int = 1       #: zstd level for everything on the wire
     #: bytes a second one move sends at most, all its streams together (QEMU's max-bandwidth; bandwidth.py);
     #: None: no cap
@@ -106,6 +110,10 @@ class Waits:
     #                                      writes a verdict (synced) before it listens
     recover_retry_poll: float = 0.5       # between asking a target that said "try again" (recover)
     throttle_hold_poll: float = 0.002     # between looks at whether the throttled workload is being frozen
+    wp_inject: float = 2.0                # for a thread of the workload to stop, and to run each system call
+    #                                      livemig has it make (pages/wptrack.py): a thread that does not is
+    #                                      let go, and its process compared by hash instead
+    wp_inject_poll: float = 0.0005        # between looks for that thread's stop: it takes some 100 us
     # -- the page stream (both ends)
     page_stream_stall: float = 30.0       # silence from the other end, pages still missing, before the link is
     #                                      called lost (a cut link is silent: TCP would wait minutes). Each end

@@ -37,7 +37,8 @@ def format_rate(rate: float) -> str:
 @dataclass
 class RoundReport:
     """One pass of pages: a pre-copy round or the final dump."""
-    #: "pre-dump" (CRIU's pre-copy round, by soft-dirty), "hashes" (pre-copy by page hashes, pagehash.py)
+    #: "pre-dump" (CRIU's pre-copy round, by soft-dirty), "hashes" (read by livemig and sent by digest,
+    #: pagehash.py: precopy_tracking says how changed pages were found)
     #: or "dump" (the final dump)
     kind: str
     #: pages the pass sent (a lazy final dump's: those pushed or asked for, less those the target held)
@@ -93,11 +94,15 @@ class Report:
     outcome: str = "failed"
     rounds: list[RoundReport] = field(default_factory=list)   #: each pre-copy round, then the final dump
     precopy_stop_reason: str = ""     #: why pre-copy stopped its rounds (policy.StopReason's words); "": none ran
-    precopy_tracking: str = ""    #: how pre-copy found changed pages: "soft-dirty" or "page hashes"
+    #: how pre-copy found changed pages: "soft-dirty", "write-protect" (userfaultfd's, where there is no
+    #: soft-dirty) or "page hashes"
+    precopy_tracking: str = ""
     #: auto-converge: "" (no pre-copy), "ready", "off" (--no-throttle), "unavailable: why"
     throttle: str = ""
     throttle_steps: list[ThrottleStep] = field(default_factory=list)   #: each time it throttled harder
     pages_known: int = 0          #: pre-copy by hashes: pages the final dump only named (the target held them)
+    #: write-protect tracking: of those, the pages not even read at the final pass (not written since sent)
+    pages_vouched: int = 0
     #: where the final dump's pages went first: "target memory" (a fill: pre-copy by hashes, stop-and-copy into
     #: memory), "image files", "post-copy"
     pages_into: str = ""

@@ -71,8 +71,9 @@ def test_runc_container_moves_and_keeps_counting(lab):
     time.sleep(1)
     before, t = ctr.count("a"), time.monotonic()
     report = assert_moved(lab, ctr, "a", "b", before, t, move(lab, "a", "b", "web1"))
-    # no soft-dirty here: auto pre-copies by page hashes, runc's lazy dump filling the copy
-    assert report["mode"] == "precopy" and "page hashes" in report["mode_reason"]
+    # no soft-dirty here: auto pre-copies by write-protection, runc's lazy dump filling the copy
+    assert report["mode"] == "precopy" and "write-protection" in report["mode_reason"]
+    assert report["precopy_tracking"] == "write-protect" and not any("page hashes" in w for w in report["warnings"])
     assert report["rounds"][0]["kind"] == "hashes" and report["rounds"][0]["pages_written"] > 0
     # (what the final dump names or sends is not asserted: a shell's few pages may all lie in
     # mappings CRIU restores whole, and then there are none; test_move.py's 256 MiB one is)

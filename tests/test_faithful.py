@@ -33,7 +33,7 @@ FREE_V4, FREE_V6 = "198.19.99.99", "fd00:198:19::99"     # addresses no lab host
 LOCKED = "/tmp/states.lock"
 
 MODES = {"stopcopy": ("--mode", "stopcopy"), "stopcopy into image files": ("--mode", "stopcopy", "--no-fill"),
-         "postcopy": ("--mode", "postcopy"), "precopy by page hashes": ("--mode", "precopy")}
+         "postcopy": ("--mode", "postcopy"), "precopy by write-protection": ("--mode", "precopy")}
 
 
 @contextlib.contextmanager
@@ -234,7 +234,7 @@ def prefork_read_again(lab, host: str, port: int, tree: dict, within: float = 60
 
 
 INTO = {"stopcopy": "target memory", "stopcopy into image files": "image files", "postcopy": "post-copy",
-        "precopy by page hashes": "target memory"}
+        "precopy by write-protection": "target memory"}
 
 
 @pytest.mark.parametrize("mode", list(MODES))

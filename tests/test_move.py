@@ -1,7 +1,8 @@
 """livemig move --pid in the namespaced lab: real CRIU, real sshd, a workload whose state must survive.
 
-The lab's kernel has no soft-dirty tracking, so here auto means pre-copy by page hashes
-(pagehash.py); CRIU's pre-copy by soft-dirty, and hybrid, are proven in the VM lab.
+The lab's kernel has no soft-dirty tracking, so here auto means pre-copy by userfaultfd's
+write-protection (wptrack.py), its pages sent by digest (pagehash.py); CRIU's pre-copy by
+soft-dirty, and hybrid, are proven in the VM lab.
 """
 
 from __future__ import annotations
@@ -127,27 +128,31 @@ def test_postcopy_moves_a_family_that_forks_while_its_pages_arrive(lab):
     lab.run("b", ["kill", *pids])
 
 
-def test_auto_picks_precopy_by_page_hashes_here_and_says_why(lab):
+def test_auto_picks_precopy_by_write_protection_here_and_says_why(lab):
     work = lab.start_workload("a", mib=64, pid=4403)
     before = work.query("a")
     res = lab.run("a", ["livemig", "move", "--pid", str(work.pid), "b"], timeout=600)
-    assert b"mode precopy: by page hashes: this kernel cannot track dirty pages" in res.stderr
+    assert b"mode precopy: by write-protection: this kernel has no soft-dirty, and userfaultfd's" in res.stderr
     assert res.stdout.decode().startswith("moved: PID 4403 a -> b, mode precopy")
     after = work.query("b", wait=10)
     assert after["counter"] > before["counter"]
     lab.run("b", ["kill", str(work.pid)])
 
 
-def test_precopy_by_page_hashes_sends_only_what_changed_and_runs_the_copy_once_all_is_on_its_host(lab):
-    # no soft-dirty here: the rounds compare pages by content, and the final, lazy dump's
-    # pages that the target's store holds as they are are only named, never sent again. It
-    # writes in its first 32 MiB only: what a round finds changed is bounded by that, however
-    # long the rounds take on this machine
+def test_precopy_by_write_protection_sends_only_what_changed_and_runs_the_copy_once_all_is_on_its_host(lab):
+    # no soft-dirty here: the kernel's userfaultfd write-protection tells which pages were
+    # written since a round, and the final, lazy dump's pages that the target's store holds
+    # as they are are only named, never sent again, most of them not even read. It writes in
+    # its first 32 MiB only: what a round finds changed is bounded by that, however long the
+    # rounds take on this machine
     work = lab.start_workload("a", mib=MIB, dirty_mibps=8, pid=4405, hot_mib=32)
     before = work.query("a")
     t0 = time.time()
     report = move(lab, work.pid, "--mode", "precopy")
-    assert report["mode"] == "precopy" and report["precopy_tracking"] == "page hashes"
+    assert report["mode"] == "precopy" and report["precopy_tracking"] == "write-protect", report
+    # what it never wrote after the first round, the final pass did not read (the hot 32 MiB
+    # is at most an eighth of it)
+    assert report["pages_vouched"] >= MIB * 256 * 7 / 8 * 0.9, report
     *rounds, final = report["rounds"]
     assert len(rounds) >= 2 and {r["kind"] for r in rounds} == {"hashes"} and final["kind"] == "dump"
     assert rounds[0]["pages_written"] >= MIB * 256                  # everything, while it ran
@@ -345,7 +350,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
     work = lab.start_workload("a", mib=64, pid=4421)
     before = work.query("a")
     plan = move(lab, work.pid, "--dry-run")
-    assert plan["mode"] == "precopy" and "page hashes" in plan["mode_reason"]
+    assert plan["mode"] == "precopy" and "write-protection" in plan["mode_reason"]
     plan = move(lab, work.pid, "--dry-run", "--mode", "stopcopy")
     assert plan["memory_bytes"] >= 64 * 2**20 and plan["processes"] == 1
     assert plan["link_bytes_per_s"] > 0 and plan["copy_seconds"] > 0
@@ -368,7 +373,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
 
 
 FAMILY_MODES = {"stopcopy": ("--mode", "stopcopy"), "stopcopy into image files": ("--mode", "stopcopy", "--no-fill"),
-                "postcopy": ("--mode", "postcopy"), "precopy by page hashes": ("--mode", "precopy")}
+                "postcopy": ("--mode", "postcopy"), "precopy by write-protection": ("--mode", "precopy")}
 
 
 @pytest.mark.parametrize("i, flags", list(enumerate(FAMILY_MODES.values())), ids=list(FAMILY_MODES))

@@ -16,16 +16,18 @@ The digest is XXH3-128 with a seed drawn per migration: 7 GB/s here against 1 GB
 SHA-1, and the final comparison is downtime. A collision would leave a stale page in the
 copy; by chance that is 2^-128 per page, and the secret seed keeps a program's input
 from being crafted to collide.
+
+Where the kernel tracks writes by userfaultfd write-protection (wptrack.py), the Tracker
+watches each process: a round reads only what was written since the last, and the final
+comparison reads only the pages not vouched for (Tracker.settle); digests stay what the
+target holds, so a page the watch cannot vouch for is compared as before.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import fcntl
 import os
 import secrets
-import signal
 import struct
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ import xxhash
 
 from .. import proc
 from ..options import SIZES
+from . import wptrack
 from .pagemap import PAGE
 
 CHUNK_SHIFT = 21                  # the table's unit: 2 MiB of address space
@@ -128,20 +131,29 @@ def _add(out: list[tuple[int, int, bool]], addr: int, pages: int, changed: bool)
 
 
 class _Chunk:
-    __slots__ = ("digests", "have")
+    __slots__ = ("clean", "digests", "have", "same")
 
     def __init__(self):
         self.digests = bytearray(CHUNK_PAGES * DIGEST)
         self.have = bytearray(CHUNK_PAGES)      # 1: the target holds this page
+        # watched (wptrack.py): 1, read since its last protection; and, once settled, 1: the
+        # frozen page is surely what the target holds (read since protected, not written since)
+        self.clean = bytearray(CHUNK_PAGES)
+        self.same: bytearray | None = None
 
 
 class Tracker:
     """What the target holds, page by page: the digest of the bytes sent to it."""
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, watching: bool = False):
+        """watching: each process's writes are tracked (wptrack.py) where it can be watched."""
         self.seed = secrets.randbits(64) if seed is None else seed
         self._chunks: dict[tuple[int, int], _Chunk] = {}
         self.pages = 0          # pages the target holds
+        self.watching = watching
+        self.watches: dict[int, wptrack.Watch] = {}     # PID in the dump -> its watch
+        self.unwatched: dict[int, str] = {}             # PID in the dump -> why it is compared by hash
+        self.settled_pages = 0      # pages the final comparison takes as the target has them, unread
 
     def changed(self, vpid: int, vaddr: int, data, record: bool = True) -> list[tuple[int, int, bool]]:
         """data (whole pages from vaddr) against what the target holds, as runs
@@ -182,7 +194,9 @@ class Tracker:
         """Run for each stretch of pid's private memory that changed since the last scan
         (everything, the first time), but for what it shares with parent (its parent in the
         tree, if any); the table takes the new digests as they are handed out. A mapping
-        that vanishes while it is read is skipped: the final dump sees what became of it."""
+        that vanishes while it is read is skipped: the final dump sees what became of it.
+        Watched, only what the kernel says was written is read."""
+        self._watch(pid, vpid)
         buf = bytearray(SIZES.hash_read_pages * PAGE)
         with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm, \
                 open(f"/proc/{pid}/mem", "rb", buffering=0) as mem, \
@@ -192,143 +206,102 @@ class Tracker:
                 with contextlib.suppress(OSError):      # gone meanwhile: its child's pages are all its own
                     parents = theirs.enter_context(open(f"/proc/{parent}/pagemap", "rb", buffering=0))
             for start, end in private_ranges(pid):
-                for first, last in present_runs(pm.fileno(), start, end, parents.fileno() if parents else None):
-                    for at in range(first, last, SIZES.hash_read_pages * PAGE):
-                        size = min(SIZES.hash_read_pages * PAGE, last - at)
-                        try:
-                            got = os.preadv(mem.fileno(), [memoryview(buf)[:size]], at)
-                        except OSError:     # unmapped meanwhile: skipped, as the docstring says
-                            continue
-                        got -= got % PAGE
-                        view = memoryview(buf)[:got]
-                        for addr, n, changed in self.changed(vpid, at, view):
-                            if changed:
-                                off = addr - at
-                                yield Run(vpid, addr, n, bytes(view[off:off + n * PAGE]))
+                written = self._written(vpid, start, end)
+                for a, b in [(start, end)] if written is None else written:
+                    for first, last in present_runs(pm.fileno(), a, b, parents.fileno() if parents else None):
+                        for at in range(first, last, SIZES.hash_read_pages * PAGE):
+                            size = min(SIZES.hash_read_pages * PAGE, last - at)
+                            try:
+                                got = os.preadv(mem.fileno(), [memoryview(buf)[:size]], at)
+                            except OSError:     # unmapped meanwhile: skipped, as the docstring says
+                                continue
+                            got -= got % PAGE
+                            view = memoryview(buf)[:got]
+                            for addr, n, changed in self.changed(vpid, at, view):
+                                if changed:
+                                    off = addr - at
+                                    yield Run(vpid, addr, n, bytes(view[off:off + n * PAGE]))
+                            if written is not None:
+                                self._mark(vpid, at, got // PAGE, 1)
 
-
-# --- the final comparison, in two processes ---------------------------------------------------
-_LEN = struct.Struct("<Q")
-_RUN = struct.Struct("<QI?")
-_UNREAD = 0xFFFFFFFF      # in place of a count of runs: the piece could not be read there
-
-
-class Comparer:
-    """Half of a final comparison, in a process of its own: the frozen tree's memory read
-    and hashed at twice the speed on two CPUs. Both are bound by the CPU (measured on
-    2 GiB: read in 1.25 s, hashed in 0.67 s, the whole comparison 2.4 s of the 4 s of
-    downtime), and in one Python process the GIL lets only one run at once. A fork
-    inherits the table as it is, with nothing copied.
-
-    The child reads its pieces in order and hands back, for each, its runs (first
-    address, pages, changed) and the changed pages' bytes; the parent takes them in the
-    same order."""
-
-    def __init__(self, tracker: Tracker, pieces: list[tuple[int, int, int]], memory: dict[int, int]):
-        r, w = os.pipe()
-        # a piece's changed pages at once; refused (past the system's pipe-max-size), the pipe
-        # only takes them in smaller bites
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(r)
-            os.close(w)
-            raise
-        if pid == 0:         # only what follows runs here: no event loop, no import
-            code = 1
-            try:
-                os.close(r)
-                _compare_into(w, tracker, pieces, memory)
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        os.set_blocking(r, False)
-        # The pipe's end is read here with the loop's reader callbacks, never handed to a
-        # transport: one owner, closed once by close(). (Handed to connect_read_pipe through a
-        # file object, a connect cut short by a rollback left uvloop closing the descriptor
-        # under that object: EBADF when it was collected, or a reused descriptor closed.)
-        self.pid, self._fd = pid, r
-        self._buf = bytearray()
-
-    async def next(self) -> list[tuple[int, int, bool, memoryview]] | None:
-        """The next piece's runs, each with the bytes of its pages if changed; None if the
-        child could not read it (the caller reads it itself). EOFError: the child is gone."""
-        (size,) = _LEN.unpack(await self._read(_LEN.size))
-        blob = memoryview(await self._read(size))
-        (count,) = struct.unpack_from("<I", blob)
-        if count == _UNREAD:
+    def _watch(self, pid: int, vpid: int) -> wptrack.Watch | None:
+        """pid's watch (made the first time it is seen), or None: compared by hash."""
+        if not self.watching or vpid in self.unwatched:
             return None
-        out, at = [], 4
-        for _ in range(count):
-            first, pages, changed = _RUN.unpack_from(blob, at)
-            at += _RUN.size
-            data = blob[at:at + pages * PAGE] if changed else blob[at:at]
-            at += len(data)
-            out.append((first, pages, changed, data))
-        return out
-
-    async def _read(self, n: int) -> bytes:
-        """The pipe's next n bytes; EOFError if the child ends before them."""
-        loop = asyncio.get_running_loop()
-        while len(self._buf) < n:
+        watch = self.watches.get(vpid)
+        if watch is not None and watch.pid != pid:      # another process under that PID now
+            watch.close()
+            watch = None
+        if watch is None:
             try:
-                data = os.read(self._fd, 1 << 22)
-            except BlockingIOError:
-                readable = loop.create_future()
-                loop.add_reader(self._fd, _set, readable)
-                try:
-                    await readable
-                finally:
-                    loop.remove_reader(self._fd)
+                watch = self.watches[vpid] = wptrack.watch(pid)
+            except wptrack.Gone:
+                return None     # nothing of it to read either: the final dump knows what became of it
+            except (wptrack.Unwatched, OSError) as e:
+                self.unwatched[vpid] = e.message if isinstance(e, wptrack.Unwatched) else e.strerror or str(e)
+                return None
+        return watch
+
+    def _written(self, vpid: int, start: int, end: int):
+        """The runs of [start, end) written since the last round, no longer clean; None:
+        all of it is to be compared by hash (unwatched), and none of it is clean."""
+        written = None
+        if (watch := self.watches.get(vpid)) is not None:
+            try:
+                written = watch.written(start, end)
+            except wptrack.Unwatched as e:
+                self.unwatched[vpid] = e.message
+                self.watches.pop(vpid).close()
+        if self.watching:
+            for a, b in [(start, end)] if written is None else written:
+                self._mark(vpid, a, (b - a) // PAGE, 0)
+        return written
+
+    def _mark(self, vpid: int, vaddr: int, n: int, clean: int) -> None:
+        """Pages [vaddr, +n) of vpid: clean (read since protected) or not."""
+        for _, chunk, k, take in spans(vaddr, n):
+            c = self._chunks.get((vpid, chunk))
+            if c is not None:
+                c.clean[k:k + take] = bytes([clean]) * take
+
+    def settle(self) -> None:
+        """The tree frozen for its final dump: which pages surely hold what the target holds,
+        so that the final comparison need not read them (known)."""
+        for vpid, watch in self.watches.items():
+            for start, end in private_ranges(watch.pid) if os.path.exists(f"/proc/{watch.pid}") else []:
+                for a, b in watch.unchanged(start, end):
+                    for _, chunk, k, take in spans(a, (b - a) // PAGE):
+                        c = self._chunks.get((vpid, chunk))
+                        if c is None:
+                            continue
+                        if c.same is None:
+                            c.same = bytearray(CHUNK_PAGES)
+                        # (bytes of 0 and 1: their AND, a page at a time, in one integer operation)
+                        both = (int.from_bytes(c.clean[k:k + take], "little")
+                                & int.from_bytes(c.have[k:k + take], "little")).to_bytes(take, "little")
+                        self.settled_pages += both.count(1) - c.same.count(1, k, k + take)
+                        c.same[k:k + take] = bytes(x | y for x, y in zip(both, c.same[k:k + take]))
+
+    def known(self, vpid: int, vaddr: int, n: int) -> list[tuple[int, int, bool]]:
+        """[vaddr, +n pages) of vpid as runs (first, pages, surely as the target has it)."""
+        out: list[tuple[int, int, bool]] = []
+        for i, chunk, k, take in spans(vaddr, n):
+            c = self._chunks.get((vpid, chunk))
+            if c is None or c.same is None:
+                _add(out, vaddr + i * PAGE, take, False)
                 continue
-            if not data:
-                raise EOFError("the comparing process ended early")
-            self._buf += data
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+            at = k
+            for a, b in runs(c.same, k, k + take):
+                if a > at:
+                    _add(out, vaddr + (i + at - k) * PAGE, a - at, False)
+                _add(out, vaddr + (i + a - k) * PAGE, b - a, True)
+                at = b
+            if at < k + take:
+                _add(out, vaddr + (i + at - k) * PAGE, k + take - at, False)
         return out
 
     def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):     # it has exited already
-            os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):      # reaped already: nothing left of it
-            os.waitpid(self.pid, 0)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _set(f: asyncio.Future) -> None:
-    if not f.done():
-        f.set_result(None)
-
-
-def _compare_into(w: int, tracker: Tracker, pieces: list[tuple[int, int, int]], memory: dict[int, int]) -> None:
-    buf = bytearray(max((n for _, _, n in pieces), default=0) * PAGE)
-    for vpid, vaddr, n in pieces:
-        view = memoryview(buf)[:n * PAGE]
-        try:
-            got = os.preadv(memory[vpid], [view], vaddr)
-        except OSError:
-            got = 0
-        parts: list[bytes | memoryview]
-        if got != n * PAGE:
-            parts = [struct.pack("<I", _UNREAD)]
-        else:
-            runs = tracker.compared(vpid, vaddr, view)
-            parts = [struct.pack("<I", len(runs))]
-            for first, count, changed, data in runs:
-                parts.append(_RUN.pack(first, count, changed))
-                if changed:
-                    parts.append(data)
-        blob = b"".join(parts)
-        _write_all(w, _LEN.pack(len(blob)) + blob)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+        """Every watch ends: the workload's memory is as it was, unprotected."""
+        for watch in self.watches.values():
+            watch.close()
+        self.watches.clear()

@@ -17,7 +17,7 @@ import time
 
 from ..options import SIZES, WAITS
 from ..wire import streams
-from . import frames, pagehash
+from . import compare, frames, pagehash
 from .frames import PageBytes
 from .pagemap import PAGE, Range
 from .postcopy import (
@@ -100,7 +100,7 @@ class Pusher:
         self._fill = False
         self._memory: dict[int, int] = {}     # PID in the dump -> its /proc/PID/mem, open
         self._buffer = bytearray()             # what is read there, one read at a time
-        self._comparer: pagehash.Comparer | None = None
+        self._comparer: compare.Comparer | None = None
         self._theirs: collections.deque = collections.deque()    # the comparer's pieces, in order
         self._urgent: streams.CompressedWriter | None = None   # the fault stream's
 
@@ -287,6 +287,10 @@ class Pusher:
         if (fd := self._memory.get(pid)) is not None:
             if len(self._buffer) < n * PAGE:
                 self._buffer = bytearray(n * PAGE)
+            if self.known is not None and (runs := compare.read_compared(self.known, fd, pid, vaddr, n,
+                                                                         self._buffer)) is not None:
+                await self._frames(out, pid, runs)      # (not all read: pagehash.Tracker.settle)
+                return n
             view = memoryview(self._buffer)[:n * PAGE]
             try:
                 got = os.preadv(fd, [view], vaddr)
@@ -314,7 +318,6 @@ class Pusher:
             done += got
         return done
 
-
     async def _forward(self, out, pid: int, vaddr: int, n: int, data: PageBytes) -> None:
         if self.known is None:
             await _send(out, frames.PAGES, pid, vaddr, n, data)
@@ -335,7 +338,7 @@ class Pusher:
 
     def _share(self, todo):
         """A fill by hashes compares every page of the frozen tree with what the target
-        holds: every other piece goes to a forked comparer (pagehash.Comparer)."""
+        holds: every other piece goes to a forked comparer (compare.Comparer)."""
         if not (self._fill and self.known is not None and self._memory):
             return todo
         pieces = list(todo)
@@ -348,7 +351,7 @@ class Pusher:
         theirs = [(pid, vaddr, n) for pid, vaddr, n in pieces[first + 1::2] if pid in self._memory]
         if theirs:
             try:
-                self._comparer = pagehash.Comparer(self.known, theirs, self._memory)
+                self._comparer = compare.Comparer(self.known, theirs, self._memory)
                 self._theirs = collections.deque(theirs)
             except OSError:
                 pass        # no fork: all of it here

@@ -70,7 +70,7 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     pids = m.w.pids()
     memory, frozen = host.resident_bytes(pids), _frozen(m, mode, pids)
     limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen,
-                           fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills),
+                           fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills and not _watched(m, mode)),
                            max_rounds=min(m.options.max_rounds, m.w.max_rounds or m.options.max_rounds))
     est = policy.estimate(mode, memory, link, limits, into_images=mode == Mode.STOPCOPY.value and not fills,
                           wire_ratio=ratio)
@@ -79,6 +79,12 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     if frozen:
         why.append(_shared(frozen, policy.frozen_seconds(frozen, link, ratio)))
     return est, "; ".join(why) or "the freeze, and CRIU's dump and restore"
+
+
+def _watched(m: Move, mode: str) -> bool:
+    """Does mode's final pass read only what was written since pre-copy sent it (pages/wptrack.py),
+    not every page?"""
+    return mode == Mode.PRECOPY.value and m.report.precopy_tracking == "write-protect"
 
 
 def fills_in(m: Move, mode: str) -> bool:

@@ -101,6 +101,9 @@ class Migration:
                     raise gone from None
             raise
         finally:
+            if m.tracker is not None:
+                m.tracker.close()       # the source's copy, if it runs, is watched no more
+                m.report.pages_vouched = m.tracker.settled_pages
             m.report.total_seconds = time.monotonic() - t0
             m.report.ended_at = now()
             if await interrupts.to_the_end(self.close()):
@@ -157,6 +160,7 @@ class Migration:
         m.report.pid = w.root_pid
         pids = w.pids()
         checks.refuse_traced(pids)
+        checks.refuse_undumpable_handles(pids)
         namespaces.refuse_other_users_without_cap_sys_resource(pids)
         locked = host.locked_files(pids)
         checks.refuse_locks_unasked(locked, m.options.criu.file_locks)
@@ -190,6 +194,10 @@ class Migration:
             said = carried.told(m.report.carried_files, total)
             m.report.warnings.append(said)
             m.progress(Cautioned(said))
+        if not m.options.write_protect:     # (--no-write-protect: by page hashes, as if it could not)
+            local = dataclasses.replace(local, features={**local.features, host.WRITE_PROTECT: False})
+        if not m.options.write_protect:     # (--no-write-protect: by page hashes, as if it could not)
+            local = dataclasses.replace(local, features={**local.features, host.WRITE_PROTECT: False})
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
         rows += checks.resized_rows(sized, remote.file_sizes)
@@ -209,8 +217,9 @@ class Migration:
             if local.features.get("mem_dirty_track"):
                 m.report.precopy_tracking = "soft-dirty"
             else:
-                m.report.precopy_tracking = "page hashes"
-                m.tracker = pagehash.Tracker()
+                watching = bool(local.features.get(host.WRITE_PROTECT))
+                m.report.precopy_tracking = "write-protect" if watching else "page hashes"
+                m.tracker = pagehash.Tracker(watching=watching)
                 m.fills = True
             m.report.throttle = autoconverge.find(m, pids)
         elif mode == Mode.STOPCOPY.value:

@@ -22,6 +22,7 @@ from enum import Enum
 
 from ..errors import Phase, PreflightError
 from ..options import RATES, SIZES
+from ..pages import wptrack
 
 PAGE_SIZE = 4096
 
@@ -246,6 +247,9 @@ def choose_mode(requested: str, source_features: dict[str, bool],
     if dirty:
         return "precopy", ("crun cannot serve pages lazily" if runtime == "crun" else
                            "the target has no userfaultfd for lazy pages")
+    if lazy and source_features.get(wptrack.FEATURE):
+        return "precopy", ("by write-protection: this kernel has no soft-dirty, and userfaultfd's "
+                           "write-protection tracks the written pages instead")
     if lazy:
         return "precopy", ("by page hashes: this kernel cannot track dirty pages (no soft-dirty), so pages "
                            "are compared by content")

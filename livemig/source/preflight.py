@@ -304,6 +304,19 @@ def refuse_traced(pids: list[int]) -> None:
                                      hint="detach the tracer, then move it")
 
 
+UNDUMPABLE = {"anon_inode:[userfaultfd]": "a userfaultfd", "anon_inode:[io_uring]": "an io_uring instance"}
+
+
+def refuse_undumpable_handles(pids: list[int]) -> None:
+    """A tree holding a userfaultfd or an io_uring instance is refused: CRIU dumps neither
+    (an anonymous inode it does not know: criu/files.c), and would fail with the workload
+    frozen. Said before anything is touched."""
+    for pid, fd, name in proc.fds(pids):
+        if what := UNDUMPABLE.get(name):
+            raise PreflightError(f"PID {pid} holds {what} (fd {fd}), which CRIU cannot checkpoint",
+                                 phase=Phase.PREFLIGHT, hint="move it once it no longer uses one")
+
+
 def refuse_locks_unasked(locked: list[str], file_locks: bool) -> None:
     """A tree that holds file locks (flock, fcntl; locked: host.locked_files) moves only with
     --file-locks: CRIU refuses to dump it otherwise, once the workload is frozen. Said

@@ -12,6 +12,7 @@ from pathlib import Path
 from .. import criu, proc
 from ..errors import DumpError, LivemigError, Phase
 from ..pages import frames, pagemap
+from ..progress import Cautioned
 from ..report import RoundReport
 from ..runtimes.process import criu_failure
 from ..wire import protocol as p
@@ -55,6 +56,12 @@ async def hashed_round(m: Move) -> Round:
         raise LivemigError(f"the target's store holds {stored.held} pages of the {tracker.pages} pre-copy "
                            "sent it", phase=Phase.PRECOPY, host=m.target)
     seconds = time.monotonic() - t0
+    for vpid, why in tracker.unwatched.items():
+        said = f"process {vpid} of the tree is compared by page hashes, not watched for writes: {why}"
+        if said not in m.report.warnings:
+            m.report.warnings.append(said)
+            m.progress(Cautioned(said))
+    # ("hashes" either way: what was read is sent by digest; precopy_tracking says how it was found)
     m.report.rounds.append(RoundReport("hashes", pages, meter.raw, meter.wire, 0.0, seconds))
     return criu.DumpStats(pages_written=pages), meter, seconds, t0
 

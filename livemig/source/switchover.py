@@ -59,6 +59,9 @@ async def final_dump(m: Move, lazy: bool) -> None:
             dumped_at = await w.dumped(dump, lazy)
             if lazy:
                 await _keep_sharing(m, local)
+                if m.tracker is not None:
+                    # frozen now: what pre-copy's watch vouches for is not read again (pagehash.py)
+                    await asyncio.to_thread(m.tracker.settle)
                 dumped_at = time.monotonic()
         except DumpError as e:
             # CRIU here sees only a broken pipe; the page server there knows why (a full disk...)

@@ -109,13 +109,15 @@ class Lab:
 
     def start_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
                        pid: int = 0, port: int = 7777, children: int = 0, fork_every: float = 0.0,
-                       bind: str = "0.0.0.0", hot_mib: int = 0, shared: bool = False) -> Workload:
+                       bind: str = "0.0.0.0", hot_mib: int = 0, shared: bool = False,
+                       remap_every: float = 0.0) -> Workload:
         """Start memcounter on host name, detached, and wait until it answers (children:
-        more memcounters in its tree, on the next ports; fork_every, hot_mib, shared: see memcounter)."""
+        more memcounters in its tree, on the next ports; fork_every, hot_mib, shared, remap_every:
+        see memcounter)."""
         argv = ["python3", WORKLOAD, "run", "--daemon", "--mib", str(mib),
                 "--dirty-mibps", str(dirty_mibps), "--port", str(port),
                 "--children", str(children), "--fork-every", str(fork_every), "--bind", bind,
-                "--hot-mib", str(hot_mib)]
+                "--hot-mib", str(hot_mib), "--remap-every", str(remap_every)]
         if pid:
             argv += ["--pid", str(pid)]
         if shared:

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from livemig import proc
-from livemig.pages import pagehash
+from livemig.pages import compare, pagehash
 from livemig.pages.pagemap import PAGE
 
 CHILD = textwrap.dedent("""
@@ -112,7 +112,7 @@ def test_a_comparison_cut_short_closes_its_pipe_once_and_nothing_else():
     async def cut_short() -> int:
         mem = os.open(f"/proc/{os.getpid()}/mem", os.O_RDONLY)
         try:
-            comparer = pagehash.Comparer(tracker, [(1, base, 64)] * 200, {1: mem})
+            comparer = compare.Comparer(tracker, [(1, base, 64)] * 200, {1: mem})
             task = asyncio.ensure_future(comparer.next())
             await asyncio.sleep(0)
             task.cancel()

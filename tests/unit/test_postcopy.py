@@ -14,7 +14,7 @@ import types
 import pytest
 
 from livemig.options import SIZES
-from livemig.pages import frames, pagehash, pagemap, postcopy, push
+from livemig.pages import compare, frames, pagehash, pagemap, postcopy, push
 from livemig.pages.pagemap import PAGE, Range
 from livemig.wire import streams
 
@@ -124,12 +124,12 @@ async def test_a_fill_reads_the_frozen_process_s_memory_and_sends_every_page_it_
             memory[i * PAGE] ^= 0xFF
     compared_there: list[int] = []
 
-    class Counted(pagehash.Comparer):
+    class Counted(compare.Comparer):
         async def next(self):
             runs = await super().next()
             compared_there.append(runs[0][0])
             return runs
-    monkeypatch.setattr(pagehash, "Comparer", Counted)
+    monkeypatch.setattr(compare, "Comparer", Counted)
     (criu_end, pusher_end), (link_src, link_dst) = await pair(), await pair()
     log: list = []
     pusher = push.Pusher(ranges, known=known)

@@ -3,6 +3,7 @@
 
     memcounter.py run --mib M [--dirty-mibps D] [--port P] [--pid N] [--daemon]
                       [--children C] [--fork-every S] [--cpu-per-page K] [--hot-mib H] [--shared]
+                      [--remap-every S]
     memcounter.py query [--port P] [--wait S] get|verify|sum|next
 
 `run` holds M MiB of anonymous memory whose every page can be checked (its
@@ -31,6 +32,12 @@ a migration's rounds take (a test's premise that holds on any machine).
 done for every page dirtied, as a real program does, so that a CPU quota slows its
 dirtying in proportion (auto-converge's premise), however small the kernel's smallest
 quota is beside the CPU the writes alone take.
+
+`--remap-every S` churns a scratch MiB of its own every S seconds, by turns: unmaps it and
+maps a fresh one (often at the same address), filled anew; or drops one of its pages
+(MADV_DONTNEED) and reads it, so that the kernel maps its zero page there without a write.
+"verify" checks the scratch too: what a migration that trusted a page it saw unwritten
+would get wrong.
 
 `--shared` maps the memory MAP_SHARED|MAP_ANONYMOUS instead of MAP_PRIVATE, as Python's
 mmap.mmap(-1, n) does by default and as shared buffers are: same content, same checks, but
@@ -64,6 +71,7 @@ STALL = 0.050
 STALLS_KEPT = 4096
 _BLOCK = random.Random(1234).randbytes(1 << 20)
 _TEXT = (b"livemig memcounter page -- " * 200)[: PAGE // 2]
+SCRATCH_PAGES = 256
 
 
 def expected_body(p: int) -> bytes:
@@ -83,10 +91,37 @@ class Memory:
         # make 512 pages dirty and pre-copy would resend everything.
         self.buf.madvise(mmap.MADV_NOHUGEPAGE)
         self.gens = array.array("Q", bytes(8 * self.pages))
+        self.scratch: mmap.mmap | None = None      # --remap-every's
+        self.dropped: set[int] = set()
+        self.turn = 0
         for p in range(self.pages):
             o = p * PAGE
             self.buf[o:o + 16] = struct.pack("<QQ", p, 0)
             self.buf[o + 16:o + PAGE] = expected_body(p)
+
+    def churn(self) -> None:
+        """One turn of --remap-every's: a fresh scratch mapping, or one of its pages dropped."""
+        self.turn += 1
+        if self.turn % 2:
+            if self.scratch is not None:
+                self.scratch.close()
+            self.scratch = mmap.mmap(-1, SCRATCH_PAGES * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.dropped = set()
+            for p in range(SCRATCH_PAGES):
+                self.scratch[p * PAGE:p * PAGE + 16] = struct.pack("<QQ", p, self.turn)
+        elif self.scratch is not None:
+            p = (self.turn // 2) % SCRATCH_PAGES
+            self.scratch.madvise(mmap.MADV_DONTNEED, p * PAGE, PAGE)
+            self.dropped.add(p)
+            _ = self.scratch[p * PAGE]       # a read: the zero page, mapped without a write
+
+    def _bad_scratch(self) -> int:
+        if self.scratch is None:
+            return 0
+        made = self.turn - (self.turn + 1) % 2      # the turn that mapped it
+        return sum(self.scratch[p * PAGE:(p + 1) * PAGE] != (bytes(PAGE) if p in self.dropped else
+                                                            struct.pack("<QQ", p, made) + bytes(PAGE - 16))
+                   for p in range(SCRATCH_PAGES))
 
     def dirty(self, rng: random.Random, n: int) -> None:
         for _ in range(n):
@@ -103,7 +138,7 @@ class Memory:
             if (self.buf[o:o + 16] != struct.pack("<QQ", p, self.gens[p])
                     or self.buf[o + 16:o + PAGE] != expected_body(p)):
                 bad += 1
-        return bad
+        return bad + self._bad_scratch()
 
     def sha256(self) -> str:
         return hashlib.sha256(self.buf).hexdigest()
@@ -130,11 +165,14 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
     carry = 0.0
     stalls: list[list[float]] = []
     last = time.time()
-    next_tick = next_fork = time.monotonic()
+    next_tick = next_fork = next_remap = time.monotonic()
     forks = {"fork_checks": 0, "fork_failures": 0}
     told = {"next": 0}      # the last integer "next" answered
     held: list[socket.socket] = []   # connections a client keeps ("hold"): one "next" a line
     while True:
+        if args.remap_every and time.monotonic() >= next_remap:
+            next_remap = time.monotonic() + args.remap_every
+            mem.churn()
         if args.fork_every and time.monotonic() >= next_fork:
             next_fork = time.monotonic() + args.fork_every
             _fork_check(mem, args.fork_every, forks)
@@ -317,6 +355,8 @@ def main() -> int:
     r.add_argument("--fork-every", type=float, default=0.0, help="fork a child this often that checks its memory")
     r.add_argument("--cpu-per-page", type=int, default=0, help="hash each page written this many times over")
     r.add_argument("--hot-mib", type=int, default=0, help="write only in the first H MiB (0: anywhere)")
+    r.add_argument("--remap-every", type=float, default=0.0,
+                   help="remap a scratch MiB, or drop one of its pages, this often")
     r.add_argument("--shared", action="store_true",
                    help="map the memory MAP_SHARED|MAP_ANONYMOUS, not MAP_PRIVATE (not with --fork-every)")
     q = sub.add_parser("query")
