@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
               f"criu dump+restore of an empty process {lim.criu_floor * 1000:.0f} ms", file=sys.stderr)
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
+        run_on = output.machine()
 
         def result_of(samples: list[Sample]) -> dict:
-            return {"started": started, "lab": "netns", "quick": a.quick, "max_bandwidth": cap, "sizes_mib": sizes,
+            return {"started": started, "machine": run_on, "lab": "netns", "quick": a.quick, "max_bandwidth": cap, "sizes_mib": sizes,
                     "container_sizes_mib": in_containers, "dirty_mibps": dirty, "reps": reps, "contenders": names, "limits": dataclasses.asdict(lim),
                     "samples": [dataclasses.asdict(s) for s in samples]}
         # written after every scenario: a run that dies late keeps what it measured

@@ -41,6 +41,9 @@ class Sample:
     throttle_percent: int = 0          # livemig's auto-converge: how hard, at the switchover
     max_bandwidth: int | None = None   # the cap every contender kept to, bytes a second (--max-bandwidth)
     peak_wire_bytes_per_s: float | None = None   # livemig: the most it sent over a second, as it counted
+    tracking: str = ""                 # livemig pre-copy: how it found changed pages (precopy_tracking)
+    expected_downtime: float | None = None   # livemig: its last estimate before the freeze
+    asked_after_resume: int | None = None    # livemig: pages the target asked the source for once it ran
     error: str = ""
 
 
@@ -102,6 +105,8 @@ def livemig(mode: str, *flags: str):
             s.steps["fill while running"] = r.get("fill_while_running_seconds", 0.0)   # of it, off the downtime
         if r.get("throttle_steps"):
             s.throttle_percent = r["throttle_steps"][-1]["percent"]
+        s.tracking, s.expected_downtime = r.get("precopy_tracking", ""), r.get("expected_downtime_seconds")
+        s.asked_after_resume = r.get("postcopy_pages_on_demand")
         if r.get("postcopy_seconds"):
             s.fetch_seconds, s.fetch_bytes = r["postcopy_seconds"], r["postcopy_pages"] * 4096
         return _finish(lab, work, s, dst, since, before, wire0, src)
@@ -204,8 +209,11 @@ CONTENDERS = {
     "livemig stopcopy": livemig("stopcopy"),
     # the pages into image files that CRIU's restore reads back: the copy whole before it runs
     "livemig stopcopy --no-fill": livemig("stopcopy", "--no-fill"),
-    # without soft-dirty (the namespaced lab): pre-copy by page hashes (livemig/pages/pagehash.py)
+    # without soft-dirty (the namespaced lab): pre-copy by userfaultfd write-protection
+    # (livemig/pages/wptrack.py), the pages sent by digest
     "livemig precopy": livemig("precopy"),
+    # the same by page hashes (livemig/pages/pagehash.py): every round and the final pass read it all
+    "livemig precopy --no-write-protect": livemig("precopy", "--no-write-protect"),
     # auto-converge off: what it is worth where a workload outruns pre-copy (a container's own
     # cgroup is throttled; the lab's process trees share theirs, and never are)
     "livemig precopy --no-throttle": livemig("precopy", "--no-throttle"),

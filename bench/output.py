@@ -7,10 +7,29 @@ noisy, and absolute times move with whatever else runs.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
+import subprocess
 from pathlib import Path
 
+from livemig.version import __version__
+
 BASELINE = "seeds"
+
+
+def machine() -> dict:
+    """What a run's figures were measured on and with: the commit, livemig's version, the
+    kernel, the CPU, and the machine's load as the run began (the 1, 5, 15-minute averages)."""
+    repo = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"commit": commit + ("+changes" if dirty else ""), "livemig": __version__, "kernel": platform.release(),
+            "cpu": cpu, "cpus": os.cpu_count(), "load": list(os.getloadavg())}
 
 
 def _key(s: dict) -> tuple:

@@ -281,6 +281,8 @@ class Plan:
     max_downtime_seconds: float | None = None      #: --max-downtime: the promise; None: none made
     #: the downtime expected in each mode that runs here (seconds, by mode)
     expected_downtime_by_mode: dict[str, float] = field(default_factory=dict)
+    #: pre-copy: how it would find changed pages, "soft-dirty", "write-protect" or "page hashes" ("": no pre-copy)
+    precopy_tracking: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -31,6 +31,10 @@ def test_quick_benchmark_moves_the_workload_with_every_contender_and_writes_its_
         assert s["bytes_wire"] > 0
     livemig = [s for s in result["samples"] if s["contender"].startswith("livemig")]
     assert all(s["rounds"] and s["peak_rss_bytes"] > 0 and s["cpu_seconds"] > 0 for s in livemig)
+    # pre-copy, both ways the lab's kernel allows: by write-protection, and by page hashes on request
+    tracking = {s["contender"]: s["tracking"] for s in livemig if s["workload"] == "process"}
+    assert tracking["livemig precopy"] == "write-protect"
+    assert tracking["livemig precopy --no-write-protect"] == "page hashes"
     lim = result["limits"]
     assert lim["ssh_mibps"] > 0 and lim["tcp_mibps"] > 0 and lim["criu_floor"] > 0
     ratios = {r["contender"]: r["less_downtime_than_seeds"] for r in result["summary"]}

@@ -351,6 +351,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
     before = work.query("a")
     plan = move(lab, work.pid, "--dry-run")
     assert plan["mode"] == "precopy" and "write-protection" in plan["mode_reason"]
+    assert plan["precopy_tracking"] == "write-protect"
     plan = move(lab, work.pid, "--dry-run", "--mode", "stopcopy")
     assert plan["memory_bytes"] >= 64 * 2**20 and plan["processes"] == 1
     assert plan["link_bytes_per_s"] > 0 and plan["copy_seconds"] > 0

@@ -269,7 +269,8 @@ class Migration:
                         expected_downtime_seconds=est.downtime, expected_rounds=est.rounds, note=est.note,
                         warnings=r.warnings, max_bandwidth_bytes_per_s=m.options.max_bandwidth,
                         shared_memory_bytes=r.shared_memory_bytes, max_downtime_seconds=m.options.max_downtime,
-                        expected_downtime_by_mode={x: estimate(x).downtime for x in m.modes_here})
+                        expected_downtime_by_mode={x: estimate(x).downtime for x in m.modes_here},
+                        precopy_tracking=r.precopy_tracking)
         finally:
             await self.close()
 
