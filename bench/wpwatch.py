@@ -9,7 +9,7 @@ into random pages for SECONDS seconds, counting its writes; meanwhile this proce
 as pre-copy's rounds do (livemig's pagehash.Tracker: a round every ROUND seconds, the pages
 changed since the last read and hashed). The first round (everything) is taken before the
 writer starts counting, as pre-copy's first round is long over when the rounds that repeat
-begin. Prints one JSON object: per way, the writes a second, rounds and pages read.
+begin. Prints one JSON object: per way, the writes a second, rounds and pages sent.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def writer(mib: int, seconds: float, rate: int, ready: int, go: int) -> None:
     tick = time.monotonic()
     while (now := time.monotonic()) < end:
         batch = 1000 if not rate else max(1, int(rate * 0.01))
+        value = writes // batch % 250 + 2      # a new value each batch: a rewrite changes the page's content
         for _ in range(batch):
-            m[rng.randrange(pages) * 4096] = 2
+            m[rng.randrange(pages) * 4096] = value
         writes += batch
         if rate:
             tick += batch / rate
@@ -80,7 +81,7 @@ def one(way: str, mib: int, seconds: float, rate: int) -> dict:
         if tracker is not None:
             tracker.close()
         os.waitpid(pid, 0)
-    return {"way": way, **got, "rounds": rounds, "pages_read": pages}
+    return {"way": way, **got, "rounds": rounds, "pages_sent": pages}
 
 
 def main(argv: list[str]) -> int:
