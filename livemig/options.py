@@ -259,6 +259,10 @@ class Rates:
     # compares every page with what the target holds, and the target places them in its copy
     # (0.50 s for 1536 MiB)
     fill: float = 3 * 2**30
+    # bytes a second the same costs where pre-copy watched the writes (pages/wptrack.py): nothing is read,
+    # but CRIU's lazy dump lists every page, the watch settles and the target is told of every page it holds
+    # (the downtime grew by 311 ms from 2 to 4 GiB: bench/results/2026-12-06T07-53-44.json)
+    watched_fill: float = 6.5 * 2**30
 
 
 WAITS = Waits()

@@ -70,7 +70,7 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     pids = m.w.pids()
     memory, frozen = host.resident_bytes(pids), _frozen(m, mode, pids)
     limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen,
-                           fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills and not _watched(m, mode)),
+                           fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills, watched=_watched(m, mode)),
                            max_rounds=min(m.options.max_rounds, m.w.max_rounds or m.options.max_rounds))
     est = policy.estimate(mode, memory, link, limits, into_images=mode == Mode.STOPCOPY.value and not fills,
                           wire_ratio=ratio)

@@ -278,11 +278,13 @@ class Estimate:
     note: str
 
 
-def fixed_cost(private_bytes: int, fills: bool, frozen: float = 0.0) -> float:
+def fixed_cost(private_bytes: int, fills: bool, frozen: float = 0.0, watched: bool = False) -> float:
     """The downtime that pre-copy's pages do not make: the freeze, CRIU's dump and restore of
-    all but memory, for a fill going through every private page of the frozen tree
-    (options.RATES), and frozen, the seconds of what goes through image files (frozen_seconds)."""
-    return RATES.per_tree + (private_bytes / RATES.fill if fills else 0.0) + frozen
+    all but memory, for a fill going through every private page of the frozen tree (options.RATES;
+    watched: only listed, pre-copy having watched the writes), and frozen, the seconds of what goes
+    through image files (frozen_seconds)."""
+    per_byte = 0.0 if not fills else 1 / (RATES.watched_fill if watched else RATES.fill)
+    return RATES.per_tree + private_bytes * per_byte + frozen
 
 
 def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limits = Limits(),
