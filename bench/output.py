@@ -129,6 +129,12 @@ def write(result: dict, stem: Path) -> list[Path]:
     return paths
 
 
+def _named(contender: str) -> str:
+    """A contender as a plot's legend names it: the baseline for what it is."""
+    return ("the seeds' procedure: criu dump, tar, scp, criu restore (the baseline)"
+            if contender == BASELINE else contender)
+
+
 def plots(result: dict, stem: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -140,20 +146,24 @@ def plots(result: dict, stem: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(dirty), figsize=(max(7, 5 * len(dirty)), 5), squeeze=False)
     for ax, rate in zip(axes[0], dirty):
         for name in result["contenders"]:
-            pts = sorted((r["mib"], r["downtime_app"][0]) for r in rows
+            pts = sorted((r["mib"], *r["downtime_app"]) for r in rows
                          if r["contender"] == name and r["dirty_mibps"] == rate and r["downtime_app"])
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            if pts:     # the median, and the repetitions' min to max
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], capsize=3, marker="o", label=_named(name),
+                            yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
             boxed = [(r["mib"], r["downtime_app"][0]) for r in every if r["workload"] != "process"
                      and r["contender"] == name and r["dirty_mibps"] == rate and r["downtime_app"]]
             if boxed:    # the same contender's colour, unjoined: a container at one size or two
                 ax.plot([p[0] for p in boxed], [p[1] for p in boxed], linestyle="none", marker="s",
                         markerfacecolor="none", color=ax.lines[-1].get_color() if pts else None,
-                        label=f"{name}, runc container")
+                        label=f"{_named(name)}, runc container")
         floor = sorted({(r["mib"], r["stopcopy_floor"]) for r in rows if r["dirty_mibps"] == rate})
         ax.plot([p[0] for p in floor], [p[1] for p in floor], linestyle=":", marker="_", color="grey",
                 label="stop-and-copy floor (CRIU + TCP)")
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        sizes = sorted({r["mib"] for r in every})
+        ax.set_xticks(sizes, [f"{m:g}" for m in sizes])      # the sizes run, in MiB, not powers of two
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("workload memory, MiB")
         ax.set_ylabel("downtime seen by the app, s")
