@@ -224,37 +224,36 @@ class Tracker:
                             if written is not None:
                                 self._mark(vpid, at, got // PAGE, 1)
 
-    def _watch(self, pid: int, vpid: int) -> wptrack.Watch | None:
-        """pid's watch (made the first time it is seen), or None: compared by hash."""
+    def _watch(self, pid: int, vpid: int) -> None:
+        """pid watched from its first round on (in watches), unless it cannot be (in unwatched:
+        compared by hash)."""
         if not self.watching or vpid in self.unwatched:
-            return None
+            return
         watch = self.watches.get(vpid)
         if watch is not None and watch.pid != pid:      # another process under that PID now
-            watch.close()
-            watch = None
-        if watch is None:
+            self.watches.pop(vpid).close()
+        if vpid not in self.watches:
             try:
-                watch = self.watches[vpid] = wptrack.watch(pid)
+                self.watches[vpid] = wptrack.watch(pid)
             except wptrack.Gone:
-                return None     # nothing of it to read either: the final dump knows what became of it
+                pass        # nothing of it to read either: the final dump knows what became of it
             except (wptrack.Unwatched, OSError) as e:
                 self.unwatched[vpid] = e.message if isinstance(e, wptrack.Unwatched) else e.strerror or str(e)
-                return None
-        return watch
 
     def _written(self, vpid: int, start: int, end: int):
         """The runs of [start, end) written since the last round, no longer clean; None:
         all of it is to be compared by hash (unwatched), and none of it is clean."""
-        written = None
-        if (watch := self.watches.get(vpid)) is not None:
-            try:
-                written = watch.written(start, end)
-            except wptrack.Unwatched as e:
-                self.unwatched[vpid] = e.message
-                self.watches.pop(vpid).close()
-        if self.watching:
-            for a, b in [(start, end)] if written is None else written:
-                self._mark(vpid, a, (b - a) // PAGE, 0)
+        watch = self.watches.get(vpid)
+        if watch is None:
+            return None     # (its clean bits are never set, nor read: settle() takes only watches)
+        try:
+            written = watch.written(start, end)
+        except wptrack.Unwatched as e:
+            self.unwatched[vpid] = e.message
+            self.watches.pop(vpid).close()
+            return None
+        for a, b in [(start, end)] if written is None else written:
+            self._mark(vpid, a, (b - a) // PAGE, 0)
         return written
 
     def _mark(self, vpid: int, vaddr: int, n: int, clean: int) -> None:
@@ -276,11 +275,12 @@ class Tracker:
                             continue
                         if c.same is None:
                             c.same = bytearray(CHUNK_PAGES)
-                        # (bytes of 0 and 1: their AND, a page at a time, in one integer operation)
+                        # (bytes of 0 and 1: their AND, a page at a time, in one integer operation;
+                        # the runs unchanged() gives are apart, so no page is set twice)
                         both = (int.from_bytes(c.clean[k:k + take], "little")
                                 & int.from_bytes(c.have[k:k + take], "little")).to_bytes(take, "little")
-                        self.settled_pages += both.count(1) - c.same.count(1, k, k + take)
-                        c.same[k:k + take] = bytes(x | y for x, y in zip(both, c.same[k:k + take]))
+                        c.same[k:k + take] = both
+                        self.settled_pages += both.count(1)
 
     def known(self, vpid: int, vaddr: int, n: int) -> list[tuple[int, int, bool]]:
         """[vaddr, +n pages) of vpid as runs (first, pages, surely as the target has it)."""

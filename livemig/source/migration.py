@@ -196,8 +196,6 @@ class Migration:
             m.progress(Cautioned(said))
         if not m.options.write_protect:     # (--no-write-protect: by page hashes, as if it could not)
             local = dataclasses.replace(local, features={**local.features, host.WRITE_PROTECT: False})
-        if not m.options.write_protect:     # (--no-write-protect: by page hashes, as if it could not)
-            local = dataclasses.replace(local, features={**local.features, host.WRITE_PROTECT: False})
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
         rows += checks.resized_rows(sized, remote.file_sizes)
