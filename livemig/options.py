@@ -172,6 +172,8 @@ class Sizes:
     #                                               is 1 MiB): past that, runs are joined across their smallest gaps
     fault_pages: int = 16                         # what the target asks for at once: a fault's neighbours come along
     #                                               (and the most the source serves for one fault)
+    fill_named_pages: int = 1 << 15               # 128 MiB a watch vouches for, named in one frame (compare.planned):
+    #                                               half the window, so that two are in flight and no acknowledgement holds the next back
     fill_compared_here_pages: int = 4096          # a fill's first 16 MiB (the smallest ranges, which the restore
     #                                               itself may touch) compared here, not by the forked comparer,
     #                                               which starts a moment later

@@ -22,7 +22,7 @@ HAVE = 4           # pages the target's store holds as they are now: named, not 
 
 # target -> source
 CLOSE = 2          # CRIU's command (in pages): the restore is done with the stream
-ACK = 3            # pages taken in: the push's window opens
+ACK = 3            # pages sent (PAGES) taken in: the push's window opens
 FAULT = 4          # pages a fault waits on: sent before anything else
 
 ENDED = 0          # never on the wire: the reader's own word for a stream that ended

@@ -282,6 +282,15 @@ class Tracker:
                         c.same[k:k + take] = both
                         self.settled_pages += both.count(1)
 
+    def vouched(self, vpid: int, vaddr: int, n: int) -> int:
+        """How many of pages [vaddr, +n) of vpid surely hold what the target holds (known)."""
+        count = 0
+        for _, chunk, k, take in spans(vaddr, n):
+            c = self._chunks.get((vpid, chunk))
+            if c is not None and c.same is not None:
+                count += c.same.count(1, k, k + take)
+        return count
+
     def known(self, vpid: int, vaddr: int, n: int) -> list[tuple[int, int, bool]]:
         """[vaddr, +n pages) of vpid as runs (first, pages, surely as the target has it)."""
         out: list[tuple[int, int, bool]] = []

@@ -202,7 +202,6 @@ class Placer:
         self.tasks: dict[int, list[_Task]] = {}
         self.asked: dict[int, set[int]] = collections.defaultdict(set)   # pages a fault asked for, on their way
         self.early: list[tuple[int, int, int, PageBytes]] = []   # pages that came before the restore was done
-        self.early_pages: dict[tuple[int, int], memoryview] = {}   # the same, by (pid, page)
         self.stats = postcopy.Served()
         self.stage = Stage.RESTORING
         # Not stages of the pages (see the module's doc), so flags of their own:
@@ -448,7 +447,6 @@ class Placer:
                 self._watch_uffd(task)      # the restore itself may fault (a task's stack, say)
         self._advance(Stage.REPLAYING)
         early, self.early = self.early, []
-        self.early_pages.clear()
         for pid, vaddr, n, data in early:
             if self.store is not None and not self.running:
                 self._fills.put_nowait((pid, vaddr, n, data))    # a view of the store already
@@ -523,11 +521,9 @@ class Placer:
                 else:
                     await self._arrived(pid, vaddr, n, data)
                 await asyncio.sleep(0)      # the copy's faults, read by a callback, go between frames
-            elif kind == HAVE:
+            elif kind == HAVE:        # (not acknowledged: named, they took no room in the push's window)
                 if self.store is None:
                     raise PageStreamError("the source named pages as held here, and this host holds none")
-                if acks and not self.whole:
-                    self._queue(ACK, pages=n)
                 await self._held(pid, vaddr, n)
                 self.stats.pages_known += n
                 await asyncio.sleep(0)
@@ -601,15 +597,15 @@ class Placer:
             # The restore is under way: its tasks' memory may not be where it belongs yet
             # (CRIU moves it into place, then registers it), so only a page a fault waits
             # on goes in now, where it faulted; the rest wait for the end of the restore.
+            # (looked at page by page only where a fault asked: a fill names its store's
+            # gigabytes in a few frames, and the restore runs beside them)
             self.early.append((pid, vaddr, n, data))
-            view = memoryview(data)
-            for i in range(n):
-                page, chunk = vaddr + i * PAGE, view[i * PAGE:(i + 1) * PAGE]
-                self.early_pages[(pid, page)] = chunk
-                if asked and page in asked:
-                    asked.discard(page)
-                    for task in tasks:
-                        await self._place(task, page, 1, chunk)
+            waited = sorted(a for a in asked if vaddr <= a < vaddr + n * PAGE) if asked else []
+            for page in waited:
+                self.asked[pid].discard(page)
+                chunk = memoryview(data)[page - vaddr:page - vaddr + PAGE]
+                for task in tasks:
+                    await self._place(task, page, 1, chunk)
             return
         if asked:
             asked.difference_update(range(vaddr, vaddr + n * PAGE, PAGE))
@@ -793,7 +789,7 @@ class Placer:
             except uffd.Busy:
                 task.retry.append(address)
                 return
-        if not self.finished and (chunk := self.early_pages.get((task.pid, vaddr))) is not None:
+        if not self.finished and (chunk := self._early_page(task.pid, vaddr)) is not None:
             try:
                 self._place_run(task, ri, k, k + 1, chunk)     # the restore faults on a page pushed ahead
             except uffd.Busy:
@@ -810,6 +806,13 @@ class Placer:
             run += 1
         self.stats.requests_waited += 1
         self._queue(FAULT, task.pid, vaddr, run)
+
+    def _early_page(self, pid: int, vaddr: int) -> memoryview | None:
+        """The page at vaddr of pid, if it came before the restore was done (the latest)."""
+        for p, first, n, data in reversed(self.early):
+            if p == pid and first <= vaddr < first + n * PAGE:
+                return memoryview(data)[vaddr - first:vaddr - first + PAGE]
+        return None
 
     def _from_store(self, task: _Task, ri: int, k: int) -> bool:
         """A fault answered here, every frame read: the page and the missing ones after it,

@@ -24,6 +24,7 @@ frames.py's.
 
 from __future__ import annotations
 
+import bisect
 import struct
 from dataclasses import dataclass, field
 
@@ -94,3 +95,31 @@ def told(eg: BaseExceptionGroup, peer: str) -> BaseException:
     if isinstance(e, (ConnectionError, EOFError)):
         return LinkLost(f"the {peer}'s page stream ended before the copy had every page ({e})")
     return e
+
+
+def check_fault(ranges: list[Range], starts: list[int], pid: int, vaddr: int, n: int) -> None:
+    """A fault's pages as a placer asks for them: SIZES.fault_pages at most, all in one lazy
+    range of pid's (ranges, by address, and their starts). Anything else is no placer's (the
+    target is not to be trusted with how much the source reads and sends for it, nor with
+    which memory): the stream is broken."""
+    i = bisect.bisect_right(starts, vaddr) - 1
+    if not 0 < n <= SIZES.fault_pages or vaddr % PAGE or i < 0 \
+            or vaddr + n * PAGE > ranges[i].vaddr + ranges[i].pages * PAGE:
+        raise PageStreamError(f"the target asked for {n} pages at {vaddr:#x} of process {pid} for a fault, "
+                              "which no lazy range of the dump holds in one request")
+
+
+def runs_without(vaddr: int, n: int, skip, most: int) -> list[tuple[int, int]]:
+    """[vaddr, +n pages) minus the pages in skip, as (start, pages) runs of most pages at most."""
+    runs, start = [] if skip else [(vaddr, n)], None
+    for i in range(n) if skip else ():
+        page = vaddr + i * PAGE
+        if page in skip:
+            if start is not None:
+                runs.append((start, (page - start) // PAGE))
+                start = None
+        elif start is None:
+            start = page
+    if start is not None:
+        runs.append((start, (vaddr + n * PAGE - start) // PAGE))
+    return [(a + i * PAGE, min(most, count - i)) for a, count in runs for i in range(0, count, most)]

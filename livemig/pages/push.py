@@ -9,7 +9,6 @@ options.WAITS, with why each is what it is.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import contextlib
 import os
@@ -27,7 +26,9 @@ from .postcopy import (
     LinkLost,
     PageStreamError,
     Pushed,
+    check_fault,
     chunks,
+    runs_without,
     told,
 )
 
@@ -100,8 +101,7 @@ class Pusher:
         self._fill = False
         self._memory: dict[int, int] = {}     # PID in the dump -> its /proc/PID/mem, open
         self._buffer = bytearray()             # what is read there, one read at a time
-        self._comparer: compare.Comparer | None = None
-        self._theirs: collections.deque = collections.deque()    # the comparer's pieces, in order
+        self._shared = compare.Shared()      # a fill's comparison, in two processes
         self._urgent: streams.CompressedWriter | None = None   # the fault stream's
 
     def progress(self) -> tuple[int, int]:
@@ -150,9 +150,7 @@ class Pusher:
         except BaseExceptionGroup as eg:
             raise told(eg, "target") from None
         finally:
-            if self._comparer is not None:     # first: the closes below may raise
-                self._comparer.close()
-                self._comparer = None
+            self._shared.close()     # first: the closes below may raise
             if c_writer is not None:
                 c_writer.close()
             r_writer.close()
@@ -174,7 +172,7 @@ class Pusher:
                 return
 
     async def _pump(self, c_reader, c_writer, out: _Outbound, writing: asyncio.Task) -> None:
-        todo = self._share(chunks(self.ranges, FILL_PAGES, aligned=True)) if self._fill else chunks(self.ranges)
+        todo = self._order()
         pushed_all = False
         on_demand: dict[int, set[int]] = collections.defaultdict(set)
         while True:
@@ -186,16 +184,14 @@ class Pusher:
                     pushed_all = True
                     await _send(out, frames.PUSHED_ALL)
                     continue
-                pid, vaddr, n = nxt
-                runs = await self._compared_there(pid, vaddr, n)
+                pid, vaddr, n = nxt[:3]
+                runs = [(vaddr, n, False, b"")] if nxt.named else await self._shared.there(nxt)
                 if runs is not None and not any(vaddr <= a < vaddr + n * PAGE for a in on_demand.get(pid, ())):
                     await self._frames(out, pid, runs)
                     self.stats.pages_pushed += n
-                    self._in_flight += n
                     continue
-                for start, count in _runs_without(vaddr, n, on_demand.get(pid, ())):
+                for start, count in runs_without(vaddr, n, on_demand.get(pid, ()), FILL_PAGES):
                     self.stats.pages_pushed += await self._copy(c_reader, c_writer, out, pid, start, count)
-                    self._in_flight += count
                 continue
             if item is None:
                 item = await self._next()
@@ -207,14 +203,12 @@ class Pusher:
                 if not self._fill:
                     self._window = min(self._window + SIZES.push_read_pages, SIZES.push_window_pages[1])
             elif kind == frames.FAULT:
-                _check_fault(self._lazy.get(pid, []), self._starts.get(pid, []), pid, vaddr, n)
+                check_fault(self._lazy.get(pid, []), self._starts.get(pid, []), pid, vaddr, n)
                 self._fault_at = time.monotonic()
                 if not self._fill:
                     self._window = SIZES.push_window_pages[0]
                 self.stats.pages_on_demand += await self._copy(c_reader, c_writer, self._urgent or out,
                                                                pid, vaddr, n)
-                if self._urgent is None:     # on the pushing stream: counted in its window
-                    self._in_flight += n
                 on_demand[pid].update(range(vaddr, vaddr + n * PAGE, PAGE))
             elif kind == frames.CLOSE:
                 # the target has every page: end CRIU's page server, and pass its status back
@@ -321,80 +315,37 @@ class Pusher:
     async def _forward(self, out, pid: int, vaddr: int, n: int, data: PageBytes) -> None:
         if self.known is None:
             await _send(out, frames.PAGES, pid, vaddr, n, data)
+            self._sent(out, n)
             return
         await self._frames(out, pid, self.known.compared(pid, vaddr, data))
 
     async def _frames(self, out, pid: int, runs) -> None:
         """Runs (first, pages, changed, their bytes) as compared with what the target holds:
         the changed ones go, the rest are named."""
-        parts = []
+        parts, sent = [], 0
         for first, count, changed, data in runs:
             if changed:
                 parts += [frames.frame(frames.PAGES, pid, first, count), data]
+                sent += count
             else:
                 parts.append(frames.frame(frames.HAVE, pid, first, count))
                 self.stats.pages_known += count
         await out.write(b"".join(parts), flush=True)     # one write: see _send
+        self._sent(out, sent)
 
-    def _share(self, todo):
-        """A fill by hashes compares every page of the frozen tree with what the target
-        holds: every other piece goes to a forked comparer (compare.Comparer)."""
-        if not (self._fill and self.known is not None and self._memory):
-            return todo
-        pieces = list(todo)
-        # The first pieces (the smallest ranges, which the restore itself may touch) go
-        # at once from here: the comparer starts a moment later.
-        first, pages = 0, 0
-        while first < len(pieces) and pages < SIZES.fill_compared_here_pages:
-            pages += pieces[first][2]
-            first += 1
-        theirs = [(pid, vaddr, n) for pid, vaddr, n in pieces[first + 1::2] if pid in self._memory]
-        if theirs:
-            try:
-                self._comparer = compare.Comparer(self.known, theirs, self._memory)
-                self._theirs = collections.deque(theirs)
-            except OSError:
-                pass        # no fork: all of it here
-        return iter(pieces)
+    def _sent(self, out, pages: int) -> None:
+        """pages' bytes went: on the pushing stream, they are in its window until acknowledged
+        (a named page takes no room there: nothing of it crosses, nor is acknowledged)."""
+        if out is not self._urgent:
+            self._in_flight += pages
 
-    async def _compared_there(self, pid: int, vaddr: int, n: int):
-        """The piece's runs as the comparer found them, if the piece is its; else None (and
-        if it could not read it, or is gone: the piece is read here)."""
-        if not self._theirs or self._comparer is None or self._theirs[0] != (pid, vaddr, n):
-            return None
-        self._theirs.popleft()
-        try:
-            return await self._comparer.next()
-        except EOFError:
-            self._theirs.clear()        # the rest are compared here
-            return None
+    def _order(self):
+        """The push's pieces, in its order (chunks); a fill's as the watch vouches for them
+        (compare.planned), compared in two processes (compare.Shared)."""
+        if not self._fill:
+            return (compare.Piece(*c) for c in chunks(self.ranges))
+        if self.known is None:
+            return (compare.Piece(*c) for c in chunks(self.ranges, FILL_PAGES, aligned=True))
+        planned = compare.planned(self.known, self.ranges, FILL_PAGES, SIZES.fill_named_pages)
+        return self._shared.plan(self.known, planned, self._memory) if self._memory else planned
 
-
-def _check_fault(ranges: list[Range], starts: list[int], pid: int, vaddr: int, n: int) -> None:
-    """A fault's pages as a placer asks for them: SIZES.fault_pages at most, all in one lazy
-    range of pid's (ranges, by address, and their starts). Anything else is no placer's (the
-    target is not to be trusted with how much the source reads and sends for it, nor with
-    which memory): the stream is broken."""
-    i = bisect.bisect_right(starts, vaddr) - 1
-    if not 0 < n <= SIZES.fault_pages or vaddr % PAGE or i < 0 \
-            or vaddr + n * PAGE > ranges[i].vaddr + ranges[i].pages * PAGE:
-        raise PageStreamError(f"the target asked for {n} pages at {vaddr:#x} of process {pid} for a fault, "
-                              "which no lazy range of the dump holds in one request")
-
-
-def _runs_without(vaddr: int, n: int, skip) -> list[tuple[int, int]]:
-    """[vaddr, +n pages) minus the pages in skip, as (start, pages) runs."""
-    if not skip:
-        return [(vaddr, n)]
-    runs, start = [], None
-    for i in range(n):
-        page = vaddr + i * PAGE
-        if page in skip:
-            if start is not None:
-                runs.append((start, (page - start) // PAGE))
-                start = None
-        elif start is None:
-            start = page
-    if start is not None:
-        runs.append((start, (vaddr + n * PAGE - start) // PAGE))
-    return runs

@@ -169,7 +169,7 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
                 tg.create_task(fake_criu(*criu_end, RANGES, []))
                 tg.create_task(first_push())
                 tg.create_task(placer.run((gated, link_dst[1]), faults_dst, relink=relink))
-                while (PID, SMALL + 2 * PAGE) not in placer.early_pages:
+                while placer._early_page(PID, SMALL + 2 * PAGE) is None:
                     await asyncio.sleep(0.01)
                 await loop.sock_sendall(ctl, b"r")
                 while not placer.finished:

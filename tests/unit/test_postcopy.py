@@ -62,9 +62,12 @@ async def test_a_silent_target_fails_the_source_side_only_while_pages_await_ackn
 
 def test_runs_without_skips_pages_already_sent():
     v = 0x1000
-    assert push._runs_without(v, 5, set()) == [(v, 5)]
-    assert push._runs_without(v, 5, {v + PAGE, v + 4 * PAGE}) == [(v, 1), (v + 2 * PAGE, 2)]
-    assert push._runs_without(v, 2, {v, v + PAGE}) == []
+    assert postcopy.runs_without(v, 5, set(), 512) == [(v, 5)]
+    assert postcopy.runs_without(v, 5, {v + PAGE, v + 4 * PAGE}, 512) == [(v, 1), (v + 2 * PAGE, 2)]
+    assert postcopy.runs_without(v, 2, {v, v + PAGE}, 512) == []
+    # no run longer than asked: a named stretch read after all is read a store slot at a time
+    assert postcopy.runs_without(v, 5, set(), 2) == [(v, 2), (v + 2 * PAGE, 2), (v + 4 * PAGE, 1)]
+    assert postcopy.runs_without(v, 6, {v + 2 * PAGE}, 2) == [(v, 2), (v + 3 * PAGE, 2), (v + 5 * PAGE, 1)]
 
 
 def _varint(n: int) -> bytes:

@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 
-from livemig.pages import compare, pagehash, wptrack
-from livemig.pages.pagemap import PAGE
+from livemig.pages import compare, pagehash, postcopy, wptrack
+from livemig.pages.pagemap import PAGE, Range
 
 PAGES = 1024
 CHILD = textwrap.dedent(f"""
@@ -126,6 +126,23 @@ def test_the_final_comparison_reads_only_what_was_written_or_cannot_be_vouched_f
         assert [(a, n) for a, n, _ in changed] == [(child.base + 9 * PAGE, 1), (child.base + 20 * PAGE, 1)]
         assert changed[0][2][8:16] == b"written!" and changed[1][2] == bytes(PAGE)
         assert sum(n for _, n, was_changed, _ in runs if not was_changed) == PAGES - 2
+        # a fill's push names what the watch vouches for in a few frames, and reads the rest
+        whole = [Range(1, child.base, PAGES)]
+        slots = list(postcopy.chunks(whole, pagehash.CHUNK_PAGES, aligned=True))
+        for most in (pagehash.CHUNK_PAGES * 8, 300):
+            plan = list(compare.planned(tracker, whole, pagehash.CHUNK_PAGES, most))
+            assert [(p.vaddr, p.pages) for p in plan if not p.named] == \
+                [(v, n) for _, v, n in slots if v <= child.base + 9 * PAGE < v + n * PAGE
+                 or v <= child.base + 20 * PAGE < v + n * PAGE]
+            assert sum(p.pages - p.vouched for p in plan) == 2
+            assert [a for p in plan for a in range(p.vaddr, p.vaddr + p.pages * PAGE, PAGE)] == \
+                list(range(child.base, child.end, PAGE))
+            assert max(p.pages for p in plan if p.named) <= max(most, pagehash.CHUNK_PAGES)
+        # never across two ranges, even where one ends as the next begins: a frame is placed in one
+        halves = [Range(1, child.base, PAGES // 2), Range(1, child.base + PAGES // 2 * PAGE, PAGES // 2)]
+        plan = list(compare.planned(tracker, halves, pagehash.CHUNK_PAGES, PAGES))
+        assert all(any(r.vaddr <= p.vaddr and p.vaddr + p.pages * PAGE <= r.vaddr + r.pages * PAGE for r in halves)
+                   for p in plan)
     finally:
         tracker.close()
         os.kill(child.pid, signal.SIGCONT)
