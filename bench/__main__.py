@@ -4,11 +4,13 @@
     python -m bench --quick                one size, one rep: what CI runs to keep this working
     python -m bench --sizes 64,512 --dirty 0,10 --reps 5 --containers ""
     python -m bench --max-bandwidth 50M    every contender within one cap (livemig's own, scp -l)
+    python -m bench --sizes 1024 --dirty 10 --procs 1,10,40 --containers ""   cost against the process count
 
 It brings the namespaced lab up, measures the link and CRIU's floor, then for each
 repetition and scenario starts one workload and moves it back and forth between the hosts,
 once per contender, in an order that rotates each repetition. The workload is memcounter,
-as a bare process at every size and, at the --containers sizes, in a runc container. It writes
+as a bare process at every size (with --procs, also as a tree of N processes holding the same
+memory between them, each dirtying its share) and, at the --containers sizes, in a runc container. It writes
 bench/results/<date>.json (every raw figure), .md (the table) and .png (the plots).
 """
 
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dirty", default="0,10,100", help="dirty rates in MiB/s (default 0,10,100)")
     ap.add_argument("--containers", default="512",
                     help="sizes in MiB at which memcounter also runs in a runc container (default 512; '' for none)")
+    ap.add_argument("--procs", default="1",
+                    help="process counts: the same memory and dirty rate spread over a tree of N processes, a parent "
+                         "and N - 1 children (default 1; e.g. 1,10,40)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of every scenario (default 3)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
                     help=f"which, comma-separated (default all: {', '.join(CONTENDERS)})")
@@ -57,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in _floats("64" if a.quick else a.sizes)]
     dirty = _floats("10" if a.quick else a.dirty)
     in_containers = [int(x) for x in _floats("64" if a.quick else a.containers)]
+    procs = [int(x) for x in _floats("1" if a.quick else a.procs)]
+    if not procs or min(procs) < 1 or any(mib < n for mib in sizes for n in procs):
+        print("bench: --procs: counts of 1 or more, and no more than the smallest size's MiB", file=sys.stderr)
+        return 2
     reps = 1 if a.quick else a.reps
     names = [n.strip() for n in a.contenders.split(",")]
     unknown = [n for n in names if n not in CONTENDERS]
@@ -68,20 +77,22 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab.up(2)
     try:
         print("measuring the link and CRIU's floor...", file=sys.stderr)
-        lim = limits.measure(lab, "a", "b", probe_mib=64 if a.quick else 256)
+        lim = limits.measure(lab, "a", "b", probe_mib=64 if a.quick else 256, procs=tuple(procs))
         print(f"  ssh {lim.ssh_mibps:.0f} MiB/s, tcp {lim.tcp_mibps:.0f} MiB/s, "
-              f"criu dump+restore of an empty process {lim.criu_floor * 1000:.0f} ms", file=sys.stderr)
+              f"criu dump+restore of an empty process {lim.criu_floor * 1000:.0f} ms"
+              + "".join(f", of {n} {lim.criu_floor_by_procs[str(n)] * 1000:.0f} ms" for n in procs if n > 1),
+              file=sys.stderr)
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         run_on = output.machine()
 
         def result_of(samples: list[Sample]) -> dict:
-            return {"started": started, "machine": run_on, "lab": "netns", "quick": a.quick, "max_bandwidth": cap, "sizes_mib": sizes,
+            return {"started": started, "machine": run_on, "lab": "netns", "quick": a.quick, "max_bandwidth": cap, "sizes_mib": sizes, "procs": procs,
                     "container_sizes_mib": in_containers, "dirty_mibps": dirty, "reps": reps, "contenders": names, "limits": dataclasses.asdict(lim),
                     "samples": [dataclasses.asdict(s) for s in samples]}
         # written after every scenario: a run that dies late keeps what it measured
-        scenarios = ([("process", mib, rate) for mib in sizes for rate in dirty]
-                     + [("runc", mib, rate) for mib in in_containers for rate in dirty])
+        scenarios = ([("process", mib, rate, n) for mib in sizes for rate in dirty for n in procs]
+                     + [("runc", mib, rate, 1) for mib in in_containers for rate in dirty])
         samples = run_matrix(lab, names, scenarios, reps, cap,
                              on_scenario=lambda done: output.write_json(result_of(done), out / started))
     finally:
@@ -98,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def run_matrix(lab: Lab, names: list[str], scenarios: list[tuple[str, int, float]], reps: int,
+def run_matrix(lab: Lab, names: list[str], scenarios: list[tuple[str, int, float, int]], reps: int,
                max_bandwidth: int | None = None, on_scenario=None) -> list[Sample]:
-    """Every contender on every scenario (workload kind, MiB, dirty MiB/s), reps times, each
-    within max_bandwidth bytes a second if given; on_scenario(samples so far) after each."""
+    """Every contender on every scenario (workload kind, MiB, dirty MiB/s, processes), reps
+    times, each within max_bandwidth bytes a second if given; on_scenario(samples so far) after each."""
     samples = []
     for rep in range(reps):
-        for kind, mib, rate in scenarios:
+        for kind, mib, rate, procs in scenarios:
             order = names[rep % len(names):] + names[:rep % len(names)]   # no contender always first
             # ... but CRIU lazy by hand last: when it runs out of time (HAND_FETCH_LIMIT)
             # the scenario ends there, and nobody else's run is lost with it
@@ -112,15 +123,17 @@ def run_matrix(lab: Lab, names: list[str], scenarios: list[tuple[str, int, float
             if kind == "runc":
                 order = [n for n in order if n in FOR_CONTAINERS]
                 work = lab.start_container_workload("a", mib=mib, dirty_mibps=rate)
-            else:
-                work = lab.start_workload("a", mib=mib, dirty_mibps=rate, pid=WORKLOAD_PID)
+            else:      # a tree: each process its share of the memory and of the dirtying
+                work = lab.start_workload("a", mib=mib // procs, dirty_mibps=rate / procs, pid=WORKLOAD_PID,
+                                          children=procs - 1)
+            label = kind if procs == 1 else f"{procs} processes"
             where = "a"
             try:
                 time.sleep(1)
                 for name in order:
                     there = "b" if where == "a" else "a"
-                    s = Sample(name, mib, rate, rep, workload=kind, max_bandwidth=max_bandwidth)
-                    print(f"rep {rep + 1}/{reps}, {mib} MiB ({kind}), {rate:g} MiB/s: {name} {where} -> {there}",
+                    s = Sample(name, mib, rate, rep, workload=label, procs=procs, max_bandwidth=max_bandwidth)
+                    print(f"rep {rep + 1}/{reps}, {mib} MiB ({label}), {rate:g} MiB/s: {name} {where} -> {there}",
                           file=sys.stderr)
                     try:
                         CONTENDERS[name](lab, work, where, there, s)
@@ -150,8 +163,11 @@ def _remove(lab: Lab, work) -> None:
             lab.run(h, ["rm", "-rf", work.bundle], check=False)
         else:
             lab.run(h, ["kill", "-9", str(work.pid)], check=False)
+            if work.children:       # its children, whose argv is the root's (forked, never exec'd)
+                lab.run(h, ["pkill", "-9", "-f", f"memcounter.py run .*--port {work.port} "], check=False)
             lab.run(h, ["python3", SIDE, "wait-exit", str(work.pid), "60"], check=False)
-        lab.run(h, ["python3", SIDE, "wait-free", str(work.port), "60"], check=False)
+        for port in range(work.port, work.port + work.children + 1):
+            lab.run(h, ["python3", SIDE, "wait-free", str(port), "60"], check=False)
 
 
 if __name__ == "__main__":

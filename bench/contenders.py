@@ -25,7 +25,8 @@ class Sample:
     mib: int
     dirty_mibps: float
     rep: int
-    workload: str = "process"          # or "runc": memcounter in a runc container
+    workload: str = "process"          # or "runc": memcounter in a runc container; "N processes": a tree
+    procs: int = 1                     # processes sharing the memory and the dirtying: a parent, procs - 1 children
     ok: bool = False                   # the workload runs on dst, counter on, memory intact
     downtime_app: float = 0.0          # the longest stall the workload lived through
     downtime_tool: float = 0.0         # frozen on the source -> running on the target, as timed here
@@ -38,6 +39,7 @@ class Sample:
     steps: dict[str, float] = field(default_factory=dict)
     fetch_seconds: float | None = None  # post-copy: target running -> every page there
     fetch_bytes: int | None = None     # post-copy: the page bytes that came in that time
+    fetch_wire_bytes: int | None = None    # ... and what they came to on the wire (scp's rate is a wire rate)
     throttle_percent: int = 0          # livemig's auto-converge: how hard, at the switchover
     max_bandwidth: int | None = None   # the cap every contender kept to, bytes a second (--max-bandwidth)
     peak_wire_bytes_per_s: float | None = None   # livemig: the most it sent over a second, as it counted
@@ -59,9 +61,11 @@ def _finish(lab: Lab, work: Workload, s: Sample, dst: str, since: float, before:
             src: str) -> Sample:
     s.bytes_wire = _netdev(lab, src) - wire0
     after = work.query(dst, wait=30)
-    s.downtime_app = work.stall_between(dst, since)
+    # a tree: the longest stall any of its processes lived through, and every one's memory intact
+    ports = [work.port + i for i in range(work.children + 1)]
+    s.downtime_app = max(work.stall_between(dst, since, port) for port in ports)
     s.ok = (after["host"] == dst and after["counter"] > before["counter"]
-            and work.query(dst, "verify")["bad_pages"] == 0)
+            and all(work.query(dst, "verify", port=port)["bad_pages"] == 0 for port in ports))
     return s
 
 
@@ -109,6 +113,7 @@ def livemig(mode: str, *flags: str):
         s.asked_after_resume = r.get("postcopy_pages_on_demand")
         if r.get("postcopy_seconds"):
             s.fetch_seconds, s.fetch_bytes = r["postcopy_seconds"], r["postcopy_pages"] * 4096
+            s.fetch_wire_bytes = r["rounds"][-1]["bytes_wire"]      # the lazy final dump's round
         return _finish(lab, work, s, dst, since, before, wire0, src)
     return run
 
@@ -192,6 +197,7 @@ def hand_lazy(lab: Lab, work: Workload, src: str, dst: str, s: Sample) -> Sample
         s.steps["pages"] = s.total - s.downtime_tool
         # the daemon logs no count: every page of the workload's memory is the estimate
         s.fetch_seconds, s.fetch_bytes = s.steps["pages"], work.mib * 2**20
+        s.fetch_wire_bytes = s.fetch_bytes      # through an ssh tunnel, uncompressed, as scp's
     finally:
         # on success these are gone already; after a failure none may linger, holding the port
         for host, pid in ((dst, tunnel), (dst, daemon), (src, dump)):

@@ -7,6 +7,7 @@
     lab_side.py wait-free PORT [S]       until nothing listens on TCP PORT here
     lab_side.py wait-file PATH [S]       until PATH exists
     lab_side.py wait-exit PID [S]        until process PID is gone
+    lab_side.py wait-children PID N [S]  until process PID has N children
     lab_side.py tcp-sink ADDR PORT       accept one connection, read it to the end, answer its size
     lab_side.py tcp-send ADDR PORT FILE  send FILE to a tcp-sink; print seconds until it answered
     lab_side.py netdev                   bytes sent + received on this host's non-loopback links
@@ -45,6 +46,14 @@ def _listening(port: int) -> bool:
     return False
 
 
+def _children(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return len(f.read().split())
+    except OSError:
+        return 0
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -77,6 +86,10 @@ def main(argv: list[str]) -> int:
         return 0
     if cmd == "wait-file":
         _until(lambda: os.path.exists(args[0]), float(args[1]) if len(args) > 1 else 120, args[0])
+        return 0
+    if cmd == "wait-children":
+        _until(lambda: _children(int(args[0])) >= int(args[1]), float(args[2]) if len(args) > 2 else 60,
+               f"{args[1]} children of PID {args[0]}")
         return 0
     if cmd == "wait-exit":
         _until(lambda: not _alive(int(args[0])), float(args[1]) if len(args) > 1 else 1800, f"PID {args[0]}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tests.lab import Lab
 
@@ -25,13 +25,16 @@ class Limits:
     tcp_mibps: float          # the same bytes over plain TCP
     criu_floor: float         # criu dump + criu restore of a sleeping process, seconds
     probe_mib: int
+    # the same of a tree of N sleeping processes, by N (the process-count axis: a tree's least
+    # downtime without its memory); JSON keys are strings
+    criu_floor_by_procs: dict[str, float] = field(default_factory=dict)
 
-    def stopcopy_floor(self, mib: int) -> float:
+    def stopcopy_floor(self, mib: int, procs: int = 1) -> float:
         """Stop-and-copy's least downtime for mib: CRIU's floor plus the bytes over plain TCP."""
-        return self.criu_floor + mib / self.tcp_mibps
+        return self.criu_floor_by_procs.get(str(procs), self.criu_floor) + mib / self.tcp_mibps
 
 
-def measure(lab: Lab, src: str, dst: str, probe_mib: int = 256) -> Limits:
+def measure(lab: Lab, src: str, dst: str, probe_mib: int = 256, procs: tuple[int, ...] = ()) -> Limits:
     lab.run(src, ["dd", "if=/dev/urandom", f"of={PROBE}", "bs=1M", f"count={probe_mib}", "status=none"])
     try:
         t = time.monotonic()
@@ -47,22 +50,27 @@ def measure(lab: Lab, src: str, dst: str, probe_mib: int = 256) -> Limits:
         tcp = probe_mib / seconds
     finally:
         lab.run(src, ["rm", "-f", PROBE], check=False)
-    return Limits(ssh, tcp, _criu_floor(lab, src), probe_mib)
+    return Limits(ssh, tcp, _criu_floor(lab, src), probe_mib,
+                  {str(n): _criu_floor(lab, src, n) for n in procs if n > 1})
 
 
-def _criu_floor(lab: Lab, host: str, reps: int = 3) -> float:
-    """The best of reps: a sleeping process frozen, dumped, and restored, all here."""
+def _criu_floor(lab: Lab, host: str, procs: int = 1, reps: int = 3) -> float:
+    """The best of reps: a sleeping process (procs > 1: a shell and procs - 1 sleeping
+    children) frozen, dumped, and restored, all here."""
     best = float("inf")
+    tree = ["sleep", "100000"] if procs == 1 else \
+        ["sh", "-c", f"for i in $(seq {procs - 1}); do sleep 100000 & done; wait"]
     for _ in range(reps):
         img = "/img/floor"
         lab.run(host, ["mkdir", "-p", "-m", "700", img])
-        pid = lab.text(host, ["python3", SIDE, "spawn", "/dev/null", "sleep", "100000"]).strip()
+        pid = lab.text(host, ["python3", SIDE, "spawn", "/dev/null", *tree]).strip()
+        lab.run(host, ["python3", SIDE, "wait-children", pid, str(procs - 1), "30"])
         try:
             t = time.monotonic()
             lab.run(host, ["criu", "dump", "-t", pid, "-D", img, "-o", "dump.log"])
             lab.run(host, ["criu", "restore", "-D", img, "-d", "-o", "restore.log"])
             best = min(best, time.monotonic() - t)
         finally:
-            lab.run(host, ["kill", "-9", pid], check=False)
+            lab.run(host, ["pkill", "-9", "-s", pid], check=False)     # its session: the tree
             lab.run(host, ["rm", "-rf", img], check=False)
     return best

@@ -78,15 +78,22 @@ def summary(result: dict) -> list[dict]:
     for (workload, mib, dirty, name), samples in g.items():
         base = _stat(g.get((workload, mib, dirty, BASELINE), []), "downtime_app")
         app = _stat(samples, "downtime_app")
-        floor = result["limits"]["criu_floor"] + mib / result["limits"]["tcp_mibps"]
+        procs = int(workload.split()[0]) if workload.endswith(" processes") else 1     # (run_matrix's label)
+        lim = result["limits"]
+        floor = lim.get("criu_floor_by_procs", {}).get(str(procs), lim["criu_floor"]) + mib / lim["tcp_mibps"]
         rows.append({
-            "workload": workload, "mib": mib, "dirty_mibps": dirty, "contender": name, "runs": len(samples),
+            "workload": workload, "procs": procs, "mib": mib, "dirty_mibps": dirty, "contender": name,
+            "runs": len(samples),
             "failed": sum(1 for s in result["samples"] if _key(s) == (workload, mib, dirty, name) and not s["ok"]),
             "downtime_app": app, "downtime_tool": _stat(samples, "downtime_tool"), "total": _stat(samples, "total"),
             "bytes_wire": _stat(samples, "bytes_wire"), "cpu_seconds": _stat(samples, "cpu_seconds"),
             "peak_rss_bytes": _stat(samples, "peak_rss_bytes"),
-            "fetch_mibps": _stat([{"r": x["fetch_bytes"] / 2**20 / x["fetch_seconds"]} for x in samples
-                                  if x.get("fetch_seconds")], "r"),
+            # scp's rate is one on the wire (random bytes): the fetch's is compared on the wire too,
+            # its pages compressing about 2:1 (the page bytes a second are kept beside it)
+            "fetch_mibps": _stat([{"r": x["fetch_wire_bytes"] / 2**20 / x["fetch_seconds"]} for x in samples
+                                  if x.get("fetch_seconds") and x.get("fetch_wire_bytes")], "r"),
+            "fetch_page_mibps": _stat([{"r": x["fetch_bytes"] / 2**20 / x["fetch_seconds"]} for x in samples
+                                       if x.get("fetch_seconds")], "r"),
             "less_downtime_than_seeds": (base[0] / app[0]) if base and app and app[0] > 0 else None,
             "stopcopy_floor": floor,
         })
@@ -102,7 +109,7 @@ def table(result: dict) -> str:
              + "Times are medians (min-max) over the repetitions; ms unless marked.", "",
              ("| workload | MiB | dirty MiB/s | contender | downtime seen by the app | downtime (tool) | total s | "
               "MiB on the wire | CPU s (source) | peak RSS MiB | less downtime than seeds | "
-              "stop-and-copy floor | post-copy fetch MiB/s (of scp's) |"),
+              "stop-and-copy floor | post-copy fetch, MiB/s on the wire (of scp's) |"),
              "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary(result):
         ratio = r["less_downtime_than_seeds"]
@@ -151,7 +158,7 @@ def plots(result: dict, stem: Path) -> list[Path]:
             if pts:     # the median, and the repetitions' min to max
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], capsize=3, marker="o", label=_named(name),
                             yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
-            boxed = [(r["mib"], r["downtime_app"][0]) for r in every if r["workload"] != "process"
+            boxed = [(r["mib"], r["downtime_app"][0]) for r in every if r["workload"] == "runc"
                      and r["contender"] == name and r["dirty_mibps"] == rate and r["downtime_app"]]
             if boxed:    # the same contender's colour, unjoined: a container at one size or two
                 ax.plot([p[0] for p in boxed], [p[1] for p in boxed], linestyle="none", marker="s",
@@ -160,21 +167,9 @@ def plots(result: dict, stem: Path) -> list[Path]:
         floor = sorted({(r["mib"], r["stopcopy_floor"]) for r in rows if r["dirty_mibps"] == rate})
         ax.plot([p[0] for p in floor], [p[1] for p in floor], linestyle=":", marker="_", color="grey",
                 label="stop-and-copy floor (CRIU + TCP)")
-        ax.set_xscale("log")
-        sizes = sorted({r["mib"] for r in every})
-        ax.set_xticks(sizes, [f"{m:g}" for m in sizes])      # the sizes run, in MiB, not powers of two
-        ax.minorticks_off()
-        ax.set_yscale("log")
-        ax.set_xlabel("workload memory, MiB")
-        ax.set_ylabel("downtime seen by the app, s")
-        ax.set_title(f"dirtying {rate:g} MiB/s")
-        ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize="small")
-    fig.tight_layout(rect=(0, 0.15, 1, 1))
-    downtime = stem.parent / f"{stem.name}-downtime.png"
-    fig.savefig(downtime, dpi=100)
-    plt.close(fig)
+        # the sizes run, in MiB, not powers of two
+        _downtime_axes(ax, sorted({r["mib"] for r in every}), "workload memory, MiB", f"dirtying {rate:g} MiB/s")
+    downtime = _legend_and_save(fig, axes, plt, stem.parent / f"{stem.name}-downtime.png")
 
     livemig = [s for s in result["samples"] if s["ok"] and s["rounds"]]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -195,4 +190,48 @@ def plots(result: dict, stem: Path) -> list[Path]:
     rounds = stem.parent / f"{stem.name}-rounds.png"
     fig.savefig(rounds, dpi=100)
     plt.close(fig)
-    return [downtime, rounds]
+    return [downtime, rounds, *_by_procs(result, every, stem, plt)]
+
+
+def _by_procs(result: dict, every: list[dict], stem: Path, plt) -> list[Path]:
+    """Downtime against the number of processes holding the same memory (--procs), one panel per
+    size and dirty rate, with each panel's CRIU floor for a tree of that many (no memory)."""
+    trees = [r for r in every if r["workload"] != "runc"]
+    panels = sorted({(r["mib"], r["dirty_mibps"]) for r in trees if r["procs"] > 1})
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7, 5 * len(panels)), 5), squeeze=False)
+    for ax, (mib, rate) in zip(axes[0], panels):
+        rows = [r for r in trees if r["mib"] == mib and r["dirty_mibps"] == rate]
+        for name in result["contenders"]:
+            pts = sorted((r["procs"], *r["downtime_app"]) for r in rows if r["contender"] == name and r["downtime_app"])
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], capsize=3, marker="o", label=_named(name),
+                            yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
+        floor = sorted({(r["procs"], r["stopcopy_floor"] - mib / result["limits"]["tcp_mibps"]) for r in rows})
+        ax.plot([p[0] for p in floor], [p[1] for p in floor], linestyle=":", marker="_", color="grey",
+                label="CRIU's dump + restore of a tree that many, no memory")
+        _downtime_axes(ax, sorted({r["procs"] for r in rows}), f"processes holding {mib} MiB between them",
+                       f"{mib} MiB, dirtying {rate:g} MiB/s in all")
+    return [_legend_and_save(fig, axes, plt, stem.parent / f"{stem.name}-procs.png")]
+
+
+def _downtime_axes(ax, xs: list, xlabel: str, title: str) -> None:
+    """Both axes logarithmic, the x ticks at the values run."""
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("downtime seen by the app, s")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _legend_and_save(fig, axes, plt, path: Path) -> Path:
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize="small")
+    fig.tight_layout(rect=(0, 0.15, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -262,9 +262,10 @@ class Rates:
     # (0.50 s for 1536 MiB)
     fill: float = 3 * 2**30
     # bytes a second the same costs where pre-copy watched the writes (pages/wptrack.py): nothing is read,
-    # but CRIU's lazy dump lists every page, the watch settles and the target is told of every page it holds
-    # (the downtime grew by 311 ms from 2 to 4 GiB: bench/results/2026-12-06T07-53-44.json)
-    watched_fill: float = 6.5 * 2**30
+    # but CRIU's lazy dump lists every page and the watch settles (bench/results/2026-12-06T10-27-50.json:
+    # 273 ms of downtime at 2 GiB, 572 at 4 GiB; with per_tree, the rate that never estimates below either:
+    # 400 and 600 ms)
+    watched_fill: float = 10 * 2**30
 
 
 WAITS = Waits()

@@ -125,7 +125,7 @@ class Lab:
         got = int(self.text(name, argv, timeout=300).strip())
         if pid and got != pid:
             raise LabError(f"workload started as PID {got}, not {pid}: that PID was taken on {name}")
-        return Workload(self, got, port, mib, bind=bind)
+        return Workload(self, got, port, mib, bind=bind, children=children)
 
     def start_container_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
                                  port: int = 7777, container: str = "mem1", binds: tuple[str, ...] = ()) -> Workload:
@@ -150,6 +150,7 @@ class Workload:
     bundle: str = ""
     dirty_mibps: float = 0.0
     bind: str = "0.0.0.0"  # the address it listens on (queries go there, or to loopback for the wildcard)
+    children: int = 0      # more memcounters in its tree, answering on the next ports
 
     def bundle_argv(self) -> list[str]:
         """What makes this container's bundle, without starting it: where a restore needs it."""
@@ -163,7 +164,8 @@ class Workload:
                                    "--host", at, "--wait", str(wait)], timeout=600)
         return json.loads(out)
 
-    def stall_between(self, host: str, since: float) -> float:
-        """The longest stall the workload lived through after wall-clock time since."""
-        stalls = self.query(host)["stalls"]
+    def stall_between(self, host: str, since: float, port: int = 0) -> float:
+        """The longest stall the workload (port: another process of its tree) lived through
+        after wall-clock time since."""
+        stalls = self.query(host, port=port)["stalls"]
         return max((end - start for start, end in stalls if end > since), default=0.0)
