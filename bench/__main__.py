@@ -5,6 +5,7 @@
     python -m bench --sizes 64,512 --dirty 0,10 --reps 5 --containers ""
     python -m bench --max-bandwidth 50M    every contender within one cap (livemig's own, scp -l)
     python -m bench --sizes 1024 --dirty 10 --procs 1,10,40 --containers ""   cost against the process count
+    python -m bench --sizes 512 --dirty 10 --links unshaped,1g,100m --containers ""   on shaped links
 
 It brings the namespaced lab up, measures the link and CRIU's floor, then for each
 repetition and scenario starts one workload and moves it back and forth between the hosts,
@@ -25,7 +26,7 @@ from pathlib import Path
 from livemig.wire.bandwidth import parse_rate
 from tests.lab import Lab
 
-from . import limits, output
+from . import limits, link, output
 from .contenders import CONTENDERS, FOR_CONTAINERS, SIDE, Sample
 
 WORKLOAD_PID = 4343   # a bare process restores onto its own PID: one free on both hosts
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--procs", default="1",
                     help="process counts: the same memory and dirty rate spread over a tree of N processes, a parent "
                          "and N - 1 children (default 1; e.g. 1,10,40)")
+    ap.add_argument("--links", default="unshaped",
+                    help=f"link profiles to run on, in turn (default unshaped; of: {', '.join(link.PROFILES)}; "
+                         "see bench/link.py)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of every scenario (default 3)")
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
                     help=f"which, comma-separated (default all: {', '.join(CONTENDERS)})")
@@ -68,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reps = 1 if a.quick else a.reps
     names = [n.strip() for n in a.contenders.split(",")]
+    links = [n.strip() for n in ("unshaped" if a.quick else a.links).split(",")]
+    if unknown_link := next((n for n in links if n not in link.PROFILES), None):
+        print(f"bench: no link profile {unknown_link!r} (there are: {', '.join(link.PROFILES)})", file=sys.stderr)
+        return 2
     unknown = [n for n in names if n not in CONTENDERS]
     if unknown:
         print(f"bench: no contender {unknown[0]!r} (there are: {', '.join(CONTENDERS)})", file=sys.stderr)
@@ -75,26 +83,36 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.strftime("%Y-%m-%dT%H-%M-%S")
     lab = Lab.up(2)
+    samples: list[Sample] = []
+    by_link: dict[str, dict] = {}
     try:
-        print("measuring the link and CRIU's floor...", file=sys.stderr)
-        lim = limits.measure(lab, "a", "b", probe_mib=64 if a.quick else 256, procs=tuple(procs))
-        print(f"  ssh {lim.ssh_mibps:.0f} MiB/s, tcp {lim.tcp_mibps:.0f} MiB/s, "
-              f"criu dump+restore of an empty process {lim.criu_floor * 1000:.0f} ms"
-              + "".join(f", of {n} {lim.criu_floor_by_procs[str(n)] * 1000:.0f} ms" for n in procs if n > 1),
-              file=sys.stderr)
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         run_on = output.machine()
 
         def result_of(samples: list[Sample]) -> dict:
-            return {"started": started, "machine": run_on, "lab": "netns", "quick": a.quick, "max_bandwidth": cap, "sizes_mib": sizes, "procs": procs,
-                    "container_sizes_mib": in_containers, "dirty_mibps": dirty, "reps": reps, "contenders": names, "limits": dataclasses.asdict(lim),
-                    "samples": [dataclasses.asdict(s) for s in samples]}
-        # written after every scenario: a run that dies late keeps what it measured
+            return {"started": started, "machine": run_on, "lab": "netns", "quick": a.quick, "max_bandwidth": cap,
+                    "sizes_mib": sizes, "procs": procs, "links": links, "container_sizes_mib": in_containers,
+                    "dirty_mibps": dirty, "reps": reps, "contenders": names, "limits": by_link[links[0]],
+                    "limits_by_link": by_link, "samples": [dataclasses.asdict(s) for s in samples]}
         scenarios = ([("process", mib, rate, n) for mib in sizes for rate in dirty for n in procs]
                      + [("runc", mib, rate, 1) for mib in in_containers for rate in dirty])
-        samples = run_matrix(lab, names, scenarios, reps, cap,
-                             on_scenario=lambda done: output.write_json(result_of(done), out / started))
+        for name in links:
+            link.shape(lab, link.PROFILES[name])
+            try:
+                print(f"measuring the link ({name}) and CRIU's floor...", file=sys.stderr)
+                lim = limits.measure(lab, "a", "b", probe_mib=64 if a.quick else 256, procs=tuple(procs))
+                by_link[name] = dataclasses.asdict(lim)
+                print(f"  ssh {lim.ssh_mibps:.0f} MiB/s, tcp {lim.tcp_mibps:.0f} MiB/s, a round trip over ssh "
+                      f"{lim.rtt_ms:.1f} ms, criu dump+restore of an empty process {lim.criu_floor * 1000:.0f} ms"
+                      + "".join(f", of {n} {lim.criu_floor_by_procs[str(n)] * 1000:.0f} ms" for n in procs if n > 1),
+                      file=sys.stderr)
+                # written after every scenario: a run that dies late keeps what it measured
+                samples += run_matrix(lab, names, scenarios, reps, cap, link=name,
+                                      on_scenario=lambda done, before=list(samples):
+                                      output.write_json(result_of(before + done), out / started))
+            finally:
+                link.unshape(lab)
     finally:
         if not a.keep:
             Lab.down()
@@ -110,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_matrix(lab: Lab, names: list[str], scenarios: list[tuple[str, int, float, int]], reps: int,
-               max_bandwidth: int | None = None, on_scenario=None) -> list[Sample]:
+               max_bandwidth: int | None = None, on_scenario=None, link: str = "unshaped") -> list[Sample]:
     """Every contender on every scenario (workload kind, MiB, dirty MiB/s, processes), reps
-    times, each within max_bandwidth bytes a second if given; on_scenario(samples so far) after each."""
+    times, each within max_bandwidth bytes a second if given, on the link profile named (shaped
+    already); on_scenario(samples so far) after each."""
     samples = []
     for rep in range(reps):
         for kind, mib, rate, procs in scenarios:
@@ -132,8 +151,8 @@ def run_matrix(lab: Lab, names: list[str], scenarios: list[tuple[str, int, float
                 time.sleep(1)
                 for name in order:
                     there = "b" if where == "a" else "a"
-                    s = Sample(name, mib, rate, rep, workload=label, procs=procs, max_bandwidth=max_bandwidth)
-                    print(f"rep {rep + 1}/{reps}, {mib} MiB ({label}), {rate:g} MiB/s: {name} {where} -> {there}",
+                    s = Sample(name, mib, rate, rep, workload=label, procs=procs, link=link, max_bandwidth=max_bandwidth)
+                    print(f"rep {rep + 1}/{reps}, {link}, {mib} MiB ({label}), {rate:g} MiB/s: {name} {where} -> {there}",
                           file=sys.stderr)
                     try:
                         CONTENDERS[name](lab, work, where, there, s)

@@ -27,6 +27,7 @@ class Sample:
     rep: int
     workload: str = "process"          # or "runc": memcounter in a runc container; "N processes": a tree
     procs: int = 1                     # processes sharing the memory and the dirtying: a parent, procs - 1 children
+    link: str = "unshaped"             # the link profile it ran on (bench/link.py)
     ok: bool = False                   # the workload runs on dst, counter on, memory intact
     downtime_app: float = 0.0          # the longest stall the workload lived through
     downtime_tool: float = 0.0         # frozen on the source -> running on the target, as timed here

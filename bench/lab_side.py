@@ -11,6 +11,7 @@
     lab_side.py tcp-sink ADDR PORT       accept one connection, read it to the end, answer its size
     lab_side.py tcp-send ADDR PORT FILE  send FILE to a tcp-sink; print seconds until it answered
     lab_side.py netdev                   bytes sent + received on this host's non-loopback links
+    lab_side.py ssh-rtt HOST             ms a line takes to come back from `ssh HOST cat` (median of 10)
 """
 
 from __future__ import annotations
@@ -86,6 +87,19 @@ def main(argv: list[str]) -> int:
         return 0
     if cmd == "wait-file":
         _until(lambda: os.path.exists(args[0]), float(args[1]) if len(args) > 1 else 120, args[0])
+        return 0
+    if cmd == "ssh-rtt":
+        echo = subprocess.Popen(["ssh", "-T", args[0], "cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        times = []
+        for _ in range(11):         # the first waits for the session: not counted
+            t = time.monotonic()
+            echo.stdin.write(b"x\n")
+            echo.stdin.flush()
+            echo.stdout.readline()
+            times.append(time.monotonic() - t)
+        echo.stdin.close()
+        echo.wait()
+        print(f"{sorted(times[1:])[5] * 1000:.2f}")
         return 0
     if cmd == "wait-children":
         _until(lambda: _children(int(args[0])) >= int(args[1]), float(args[2]) if len(args) > 2 else 60,

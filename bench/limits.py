@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from tests.lab import Lab
 
 from .contenders import SIDE
+from .link import round_trip_ms
 
 PROBE = "/dev/shm/livemig-bench.bin"
 TCP_PORT = 27001
@@ -28,6 +29,7 @@ class Limits:
     # the same of a tree of N sleeping processes, by N (the process-count axis: a tree's least
     # downtime without its memory); JSON keys are strings
     criu_floor_by_procs: dict[str, float] = field(default_factory=dict)
+    rtt_ms: float = 0.0       # a line and its echo over ssh between the hosts (bench/link.py)
 
     def stopcopy_floor(self, mib: int, procs: int = 1) -> float:
         """Stop-and-copy's least downtime for mib: CRIU's floor plus the bytes over plain TCP."""
@@ -51,7 +53,7 @@ def measure(lab: Lab, src: str, dst: str, probe_mib: int = 256, procs: tuple[int
     finally:
         lab.run(src, ["rm", "-f", PROBE], check=False)
     return Limits(ssh, tcp, _criu_floor(lab, src), probe_mib,
-                  {str(n): _criu_floor(lab, src, n) for n in procs if n > 1})
+                  {str(n): _criu_floor(lab, src, n) for n in procs if n > 1}, round_trip_ms(lab, src, dst))
 
 
 def _criu_floor(lab: Lab, host: str, procs: int = 1, reps: int = 3) -> float:

@@ -33,12 +33,18 @@ def machine() -> dict:
 
 
 def _key(s: dict) -> tuple:
-    # runs before containers were benchmarked have no "workload": they were processes
-    return s.get("workload", "process"), s["mib"], s["dirty_mibps"], s["contender"]
+    # runs before containers were benchmarked have no "workload": they were processes; runs
+    # before link profiles, no "link": the veth as it is
+    return s.get("link", "unshaped"), s.get("workload", "process"), s["mib"], s["dirty_mibps"], s["contender"]
+
+
+def limits_of(result: dict, link: str) -> dict:
+    """The link's measured limits (a run before link profiles has one set, the veth's)."""
+    return result.get("limits_by_link", {}).get(link, result["limits"])
 
 
 def groups(result: dict) -> dict[tuple, list[dict]]:
-    """(workload, mib, dirty, contender) -> the samples that moved the workload intact."""
+    """(link, workload, mib, dirty, contender) -> the samples that moved the workload intact."""
     out: dict[tuple, list[dict]] = {}
     for s in result["samples"]:
         out.setdefault(_key(s), [])
@@ -75,16 +81,17 @@ def summary(result: dict) -> list[dict]:
     """One row per scenario and contender: medians, min and max, and the ratio to the baseline."""
     rows = []
     g = groups(result)
-    for (workload, mib, dirty, name), samples in g.items():
-        base = _stat(g.get((workload, mib, dirty, BASELINE), []), "downtime_app")
+    for (link, workload, mib, dirty, name), samples in g.items():
+        base = _stat(g.get((link, workload, mib, dirty, BASELINE), []), "downtime_app")
         app = _stat(samples, "downtime_app")
         procs = int(workload.split()[0]) if workload.endswith(" processes") else 1     # (run_matrix's label)
-        lim = result["limits"]
+        lim = limits_of(result, link)
         floor = lim.get("criu_floor_by_procs", {}).get(str(procs), lim["criu_floor"]) + mib / lim["tcp_mibps"]
         rows.append({
-            "workload": workload, "procs": procs, "mib": mib, "dirty_mibps": dirty, "contender": name,
+            "link": link, "workload": workload, "procs": procs, "mib": mib, "dirty_mibps": dirty, "contender": name,
             "runs": len(samples),
-            "failed": sum(1 for s in result["samples"] if _key(s) == (workload, mib, dirty, name) and not s["ok"]),
+            "failed": sum(1 for s in result["samples"] if _key(s) == (link, workload, mib, dirty, name)
+                          and not s["ok"]),
             "downtime_app": app, "downtime_tool": _stat(samples, "downtime_tool"), "total": _stat(samples, "total"),
             "bytes_wire": _stat(samples, "bytes_wire"), "cpu_seconds": _stat(samples, "cpu_seconds"),
             "peak_rss_bytes": _stat(samples, "peak_rss_bytes"),
@@ -100,21 +107,31 @@ def summary(result: dict) -> list[dict]:
     return rows
 
 
+def _link_line(result: dict, link: str) -> str:
+    lim = limits_of(result, link)
+    return ((f"Link {link}: " if "limits_by_link" in result else "Link between the lab hosts: ")
+            + f"ssh (scp) {lim['ssh_mibps']:.0f} MiB/s, plain TCP {lim['tcp_mibps']:.0f} MiB/s"
+            + (f", a round trip over ssh {lim['rtt_ms']:.1f} ms" if lim.get("rtt_ms") else "")
+            + f"; CRIU's dump + restore of an empty process: {lim['criu_floor'] * 1000:.0f} ms.")
+
+
 def table(result: dict) -> str:
-    lim = result["limits"]
-    lines = [f"Link between the lab hosts: ssh (scp) {lim['ssh_mibps']:.0f} MiB/s, plain TCP {lim['tcp_mibps']:.0f} MiB/s; "
-             f"CRIU's dump + restore of an empty process: {lim['criu_floor'] * 1000:.0f} ms. "
+    links = result.get("links", ["unshaped"])
+    shaped = links != ["unshaped"]
+    lines = [" ".join(_link_line(result, link) for link in links) + " "
              + (f"Every contender capped at {result['max_bandwidth'] / 2**20:g} MiB/s (livemig --max-bandwidth, "
                 "scp -l). " if result.get("max_bandwidth") else "")
              + "Times are medians (min-max) over the repetitions; ms unless marked.", "",
-             ("| workload | MiB | dirty MiB/s | contender | downtime seen by the app | downtime (tool) | total s | "
-              "MiB on the wire | CPU s (source) | peak RSS MiB | less downtime than seeds | "
+             (("| link " if shaped else "") + "| workload | MiB | dirty MiB/s | contender | downtime seen by the app | "
+              "downtime (tool) | total s | MiB on the wire | CPU s (source) | peak RSS MiB | less downtime than seeds | "
               "stop-and-copy floor | post-copy fetch, MiB/s on the wire (of scp's) |"),
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             ("| --- " if shaped else "") + "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: |"]
     for r in summary(result):
         ratio = r["less_downtime_than_seeds"]
+        lim = limits_of(result, r["link"])
         lines.append(
-            f"| {r['workload']} | {r['mib']} | {r['dirty_mibps']:g} | {r['contender']}"
+            (f"| {r['link']} " if shaped else "") + f"| {r['workload']} | {r['mib']} | {r['dirty_mibps']:g} | {r['contender']}"
             + (f" ({r['failed']} failed)" if r["failed"] else "") + " | "
             f"{_ms(r['downtime_app'])} | {_ms(r['downtime_tool'])} | {_s(r['total'])} | {_mib(r['bytes_wire'])} | "
             f"{_s(r['cpu_seconds'])} | {_mib(r['peak_rss_bytes'])} | "
@@ -147,7 +164,8 @@ def plots(result: dict, stem: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    every = summary(result)
+    first = result.get("links", ["unshaped"])[0]       # the plots are of the first link profile run
+    every = [r for r in summary(result) if r["link"] == first]
     rows = [r for r in every if r["workload"] == "process"]
     dirty = sorted({r["dirty_mibps"] for r in rows})
     fig, axes = plt.subplots(1, len(dirty), figsize=(max(7, 5 * len(dirty)), 5), squeeze=False)
@@ -171,7 +189,7 @@ def plots(result: dict, stem: Path) -> list[Path]:
         _downtime_axes(ax, sorted({r["mib"] for r in every}), "workload memory, MiB", f"dirtying {rate:g} MiB/s")
     downtime = _legend_and_save(fig, axes, plt, stem.parent / f"{stem.name}-downtime.png")
 
-    livemig = [s for s in result["samples"] if s["ok"] and s["rounds"]]
+    livemig = [s for s in result["samples"] if s["ok"] and s["rounds"] and s.get("link", "unshaped") == first]
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = []
     for i, s in enumerate(livemig):
@@ -208,7 +226,7 @@ def _by_procs(result: dict, every: list[dict], stem: Path, plt) -> list[Path]:
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], capsize=3, marker="o", label=_named(name),
                             yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
-        floor = sorted({(r["procs"], r["stopcopy_floor"] - mib / result["limits"]["tcp_mibps"]) for r in rows})
+        floor = sorted({(r["procs"], r["stopcopy_floor"] - mib / limits_of(result, r["link"])["tcp_mibps"]) for r in rows})
         ax.plot([p[0] for p in floor], [p[1] for p in floor], linestyle=":", marker="_", color="grey",
                 label="CRIU's dump + restore of a tree that many, no memory")
         _downtime_axes(ax, sorted({r["procs"] for r in rows}), f"processes holding {mib} MiB between them",

@@ -275,12 +275,12 @@ class Tracker:
                             continue
                         if c.same is None:
                             c.same = bytearray(CHUNK_PAGES)
-                        # (bytes of 0 and 1: their AND, a page at a time, in one integer operation;
-                        # the runs unchanged() gives are apart, so no page is set twice)
-                        both = (int.from_bytes(c.clean[k:k + take], "little")
-                                & int.from_bytes(c.have[k:k + take], "little")).to_bytes(take, "little")
-                        c.same[k:k + take] = both
-                        self.settled_pages += both.count(1)
+                        # (bytes of 0 and 1: their AND, a page at a time, in one integer operation)
+                        c.same[k:k + take] = (int.from_bytes(c.clean[k:k + take], "little")
+                                              & int.from_bytes(c.have[k:k + take], "little")).to_bytes(take, "little")
+        # counted once it is all set: a page two runs named (seen once: a move counted more pages
+        # vouched for than its tree had) is one page
+        self.settled_pages = sum(c.same.count(1) for c in self._chunks.values() if c.same is not None)
 
     def vouched(self, vpid: int, vaddr: int, n: int) -> int:
         """How many of pages [vaddr, +n) of vpid surely hold what the target holds (known)."""

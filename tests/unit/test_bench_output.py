@@ -89,3 +89,17 @@ def test_a_tree_has_rows_of_its_own_with_its_own_baseline_floor_and_plot(tmp_pat
     made = plots(r, tmp_path / "run")
     assert [p.name for p in made] == ["run-downtime.png", "run-rounds.png", "run-procs.png"]
     assert all(p.stat().st_size > 0 for p in made)
+
+
+def test_each_link_profile_has_its_own_rows_baseline_and_limits():
+    r = result([sample("seeds", 1.0), sample("livemig postcopy", 0.2),
+                {**sample("seeds", 8.0), "link": "100m"}, {**sample("livemig postcopy", 0.4), "link": "100m"}])
+    r["links"] = ["unshaped", "100m"]
+    r["limits_by_link"] = {"unshaped": r["limits"], "100m": {**r["limits"], "ssh_mibps": 11.0, "tcp_mibps": 11.5,
+                                                            "rtt_ms": 20.4}}
+    rows = {(x["link"], x["contender"]): x for x in summary(r)}
+    assert rows[("100m", "livemig postcopy")]["less_downtime_than_seeds"] == 8.0 / 0.4     # its own link's seeds
+    assert rows[("100m", "seeds")]["stopcopy_floor"] == 0.05 + 64 / 11.5                   # its own link's rate
+    text = table(r)
+    assert "Link 100m: ssh (scp) 11 MiB/s, plain TCP 12 MiB/s, a round trip over ssh 20.4 ms" in text
+    assert "| 100m | process | 64 | 10 | livemig postcopy | 400 |" in text

@@ -11,8 +11,10 @@ import textwrap
 
 import pytest
 
+from livemig import proc
 from livemig.pages import compare, pagehash, postcopy, wptrack
 from livemig.pages.pagemap import PAGE, Range
+from tests.waiting import eventually
 
 PAGES = 1024
 CHILD = textwrap.dedent(f"""
@@ -166,6 +168,9 @@ def test_a_process_with_a_userfaultfd_of_its_own_is_compared_by_hash_and_said_so
 def test_a_stopped_process_is_not_watched(child):
     os.kill(child.pid, signal.SIGSTOP)
     try:
+        # stopped, as the kernel has it, before it is looked at: a signal is delivered when the
+        # process next runs, which on a busy machine is a moment later
+        eventually(lambda: proc.state(child.pid), lambda state: state in ("T", "t"))
         with pytest.raises(wptrack.Unwatched, match="it is stopped"):
             wptrack.watch(child.pid)
     finally:
