@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the kernel has no soft-dirty, pre-copy by page hashes rather than by "
                          "userfaultfd write-protection: nothing is run in the workload's processes, but "
                          "every round and the final pass read all of its memory")
-    mv.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
+    mv.add_argument("--compression-level", metavar="LEVEL",
+                    help="zstd level on the wire, 1 to 19 (default auto: chosen per move from the link's rate "
+                         "and this CPU's, on a sample of the workload's memory)")
     mv.add_argument("--max-bandwidth", metavar="RATE",
                     help="bytes a second the move sends at most, over all its streams together: pre-copy, "
                          "the final pages, post-copy (its faults first), image files, bundles; K, M, G are "
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--count", type=int, default=1, help="replicas on each host (default 1)")
     cl.add_argument("--keep-name", action="store_true", help="one replica per host, under CTR's own name")
     cl.add_argument("--runtime", choices=["podman"], help="the container's runtime (only podman clones)")
-    cl.add_argument("--compression-level", type=int, help="zstd level on the wire (default 1)")
+    cl.add_argument("--compression-level", metavar="LEVEL", help="zstd level on the wire, 1 to 19 (default: zstd's, 3)")
     cl.add_argument("--force", action="store_true", help="go on past must-match mismatches, as for move")
     cl.add_argument("--image-root")
     _report_flags(cl)

@@ -40,9 +40,11 @@ def _positive(kind):
 
 
 def _level(v) -> int:
+    if v in ("auto", 0, "0"):
+        return 0        # chosen per move (wire/compression.py)
     x = _positive(int)(v)
     if x > 19:
-        raise ValueError(f"{v!r} is not a zstd level from 1 to 19")
+        raise ValueError(f"{v!r} is not a zstd level from 1 to 19, nor auto")
     return x
 
 
@@ -84,7 +86,8 @@ SETTINGS = {
     "fill": (_bool, "stop-and-copy: the pages into the target's memory, placed while the copy runs"),
     "write_protect": (_bool, ("without soft-dirty, pre-copy tracks writes by userfaultfd write-protection "
                               "(a system call run in each process); false: by page hashes")),
-    "compression_level": (_level, "zstd level of everything on the wire"),
+    "compression_level": (_level, ("zstd level of everything on the wire, 1 to 19; auto (0): chosen per move from "
+                                   "the link's rate and the source CPU's")),
     "max_bandwidth": (parse_rate, ("bytes a second one move sends at most, over all its streams "
                                    "(K, M, G: powers of 1024; e.g. \"50M\"); unset: no cap")),
     "image_root": (_path, "where the private image directories live, on both hosts"),

@@ -40,7 +40,9 @@ class Options:
     #: the workload made to run the system call that sets it up (ptrace; pages/wptrack.py); False: by page
     #: hashes, nothing run in the workload, the final pass reading all of its memory
     write_protect: bool = True
-    compression_level: int = 1       #: zstd level for everything on the wire
+    #: zstd level for everything on the wire; 0: chosen per move from the link's rate and this CPU's
+    #: (wire/compression.py; where a move does not choose, zstd's default, 3)
+    compression_level: int = 0
     #: bytes a second one move sends at most, all its streams together (QEMU's max-bandwidth; bandwidth.py);
     #: None: no cap
     max_bandwidth: int | None = None
@@ -199,6 +201,13 @@ class Sizes:
     # memory comes to on the wire, for the estimate of a mode without rounds to measure it. 4 MiB:
     # some 10 ms of reading and compressing.
     wire_sample_pages: int = 1024
+    # The level is chosen (wire/compression.py) on a contiguous sample of the workload's memory, the
+    # size of a high level's window so that what repeats a few MiB away counts: about 0.1 s of compressing
+    # at the levels below. Under compression_least_bytes of memory the move is over before any level pays.
+    compression_sample_bytes: int = 8 << 20
+    compression_least_bytes: int = 64 << 20
+    compression_levels: tuple[int, ...] = (1, 3, 6, 9)
+    compression_gain: float = 1.1                 # a higher level must send 10 % more a second: its CPU is the workload's too
     # -- the wire
     stream_chunk: int = 1 << 20                   # bytes a stream reads and compresses at once
     ssh_window: int = 16 << 20                    # the receive window of our ssh channels (post-copy's

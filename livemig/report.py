@@ -145,6 +145,9 @@ class Report:
     postcopy_requests_waited: int = 0    #: of those, waited for their page to be asked for
     max_bandwidth_bytes_per_s: int | None = None   #: the cap on what the move sent (--max-bandwidth); None: none
     wire_bytes: int = 0              #: what the move sent to the target, every stream together
+    compression_level: int = 0       #: the zstd level of the move's streams (0: none chosen, zstd's default)
+    #: why that level: set by the user, or what the link and a sample of the workload's memory measured
+    compression_reason: str = ""
     peak_wire_bytes_per_s: float = 0.0   #: the most it sent over any one second (options.SIZES.capped_window)
     source_peak_rss_bytes: int = 0   #: the livemig process here, at its peak
     source_cpu_seconds: float = 0.0  #: livemig here and what it ran (CRIU, the runtime)
@@ -199,7 +202,8 @@ class Report:
             lines.append(f"  on the wire: {self.wire_bytes / 2**20:.1f} MiB, at most "
                          f"{format_rate(self.peak_wire_bytes_per_s)} over a second"
                          + (f" (capped at {format_rate(self.max_bandwidth_bytes_per_s)})"
-                            if self.max_bandwidth_bytes_per_s else ""))
+                            if self.max_bandwidth_bytes_per_s else "")
+                         + (f", zstd level {self.compression_level}" if self.compression_level else ""))
         if self.postcopy_seconds:
             mib = self.postcopy_pages * 4096 / 2**20
             lines.append(f"  post-copy: {mib:.1f} MiB in {self.postcopy_seconds:.2f} s after the resume "

@@ -43,3 +43,25 @@ def test_quick_benchmark_moves_the_workload_with_every_contender_and_writes_its_
     assert all(f"| {name} |" in table for name in CONTENDERS)
     for plot in ("downtime", "rounds"):
         assert (tmp_path / f"{path.stem}-{plot}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_link_profile_holds_every_ssh_connection_to_its_rate_and_round_trip_and_goes_away(lab):
+    # The 100 Mbit/s, 20 ms profile: what the bench's far-link rows rest on. Both bounds hold by
+    # construction (a token bucket never lets more through, a relay never answers sooner).
+    from bench import link
+    before = lab.text("a", ["cat", "/root/.ssh/config"])
+    link.shape(lab, link.PROFILES["100m"])
+    try:
+        assert link.round_trip_ms(lab, "a", "b") >= 20.0
+        took = float(lab.text("a", ["python3", "-c", (
+            "import subprocess,time\n"
+            "subprocess.run(['head','-c','8388608','/dev/urandom'],stdout=open('/dev/shm/probe','wb'),check=True)\n"
+            "t=time.monotonic();subprocess.run(['scp','-q','/dev/shm/probe','b:/dev/null'],check=True)\n"
+            "print(time.monotonic()-t)")]))
+        assert 8 * 2**20 / took <= 100e6 / 8 * 1.1       # the cap, and a margin for the bucket's first burst
+        assert lab.run("a", ["livemig", "check", "--json", "b"], check=False).returncode == 0   # livemig too
+    finally:
+        link.unshape(lab)
+        lab.run("a", ["rm", "-f", "/dev/shm/probe"], check=False)
+    assert lab.text("a", ["cat", "/root/.ssh/config"]) == before
+    assert "tbf" not in lab.text("a", ["tc", "qdisc", "show", "dev", "eth0"])

@@ -194,7 +194,7 @@ def test_runc_dumps_open_no_port_that_a_local_client_could_race_for(lab, mode):
                       stderr=subprocess.PIPE)
     try:
         assert racer.stdout is not None and racer.stdout.readline() == b"watching\n"
-        res = move(lab, "a", "b", *mode, "--max-bandwidth", "4M", work.container)
+        res = move(lab, "a", "b", *mode, "--max-bandwidth", "4M", "--compression-level", "1", work.container)
     finally:
         seen, err = racer.communicate(timeout=30)      # its stdin closed: it ends
     assert res.returncode == 0, res.stderr.decode()

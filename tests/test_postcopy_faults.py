@@ -197,7 +197,7 @@ def test_every_ssh_session_to_b_killed_mid_postcopy_the_move_reconnects_and_b_an
     # got one answer of b's in 2.5 s at best, and on a slow machine too few before the move ended)
     with Client(lab, 7816, hosts=("a",), every=0.5) as on_a, Client(lab, 7816, hosts=("b",), every=0.2) as on_b_:
         mover = lab.popen("a", ["livemig", "move", "--json", "--pid", str(work.pid), "--mode", "postcopy",
-                                "--max-bandwidth", "16M", "b"], stdin=subprocess.DEVNULL,
+                                "--max-bandwidth", "16M", "--compression-level", "1", "b"], stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 120

@@ -3,7 +3,8 @@ whose kernel has no soft-dirty: real CRIU and real processes that fork, map, unm
 pages while their writes are tracked, every page verified on the target.
 
 The link is capped in each test so that pre-copy's rounds last seconds, whatever this
-machine's speed: the forks and remaps happen during them by construction."""
+machine's speed: the forks and remaps happen during them by construction (at zstd level 1, the
+pages at half their size: capped, a move would choose a level that sends far less)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_a_family_with_children_that_forks_all_the_time_moves_whole_every_proces
     work = lab.start_workload("a", mib=32, dirty_mibps=2, pid=pid, port=port, children=2, fork_every=0.2)
     ports = [port, port + 1, port + 2]
     before = {p: work.query("a", port=p) for p in ports}
-    report = move(lab, pid, "--max-bandwidth", "6M")
+    report = move(lab, pid, "--max-bandwidth", "6M", "--compression-level", "1")
     assert_watched(report)
     assert report["pages_vouched"] > 0
     after = eventually(lambda: work.query("b", wait=10),
@@ -58,7 +59,7 @@ def test_a_process_that_maps_unmaps_and_drops_pages_during_precopy_comes_out_as_
     # move that trusted what it saw unwritten would bring back stale pages.
     work = lab.start_workload("a", mib=64, dirty_mibps=2, pid=4970, port=7895, remap_every=0.05)
     before = work.query("a")
-    report = move(lab, work.pid, "--max-bandwidth", "6M")
+    report = move(lab, work.pid, "--max-bandwidth", "6M", "--compression-level", "1")
     assert_watched(report)
     after = work.query("b", wait=10)
     assert after["host"] == "b" and after["counter"] > before["counter"]

@@ -176,10 +176,12 @@ def keep(m: Move, expected: float, why: str) -> None:
 
 async def link_rate(m: Move) -> float:
     """The rate the switchover's bytes can expect: the cap, where there is one (the move goes
-    no faster), else measured now with incompressible bytes."""
+    no faster), else measured with incompressible bytes (once a move)."""
     if m.options.max_bandwidth:
         return float(m.options.max_bandwidth)
-    return await m.to.measure_link(m.work)
+    if m.link_bytes_per_s is None:
+        m.link_bytes_per_s = await m.to.measure_link(m.work)
+    return m.link_bytes_per_s
 
 
 def _shared(frozen: int, seconds: float) -> str:

@@ -43,6 +43,7 @@ from ..wire.transports import link_errors
 from . import (
     autoconverge,
     bundles,
+    compressing,
     downtime,
     failures,
     namespaces,
@@ -115,6 +116,7 @@ class Migration:
     async def _phases(self) -> None:
         m = self.m
         mode = await self.preflight()
+        await compressing.choose(m)
         await downtime.foresee(m, mode)
         if mode in (Mode.POSTCOPY, Mode.HYBRID):
             m.to.open_fault_link()
