@@ -45,6 +45,7 @@ class Sample:
     max_bandwidth: int | None = None   # the cap every contender kept to, bytes a second (--max-bandwidth)
     peak_wire_bytes_per_s: float | None = None   # livemig: the most it sent over a second, as it counted
     tracking: str = ""                 # livemig pre-copy: how it found changed pages (precopy_tracking)
+    compression_level: int | None = None     # livemig: the zstd level its streams used (chosen per move)
     expected_downtime: float | None = None   # livemig: its last estimate before the freeze
     asked_after_resume: int | None = None    # livemig: pages the target asked the source for once it ran
     error: str = ""
@@ -111,6 +112,7 @@ def livemig(mode: str, *flags: str):
         if r.get("throttle_steps"):
             s.throttle_percent = r["throttle_steps"][-1]["percent"]
         s.tracking, s.expected_downtime = r.get("precopy_tracking", ""), r.get("expected_downtime_seconds")
+        s.compression_level = r.get("compression_level")
         s.asked_after_resume = r.get("postcopy_pages_on_demand")
         if r.get("postcopy_seconds"):
             s.fetch_seconds, s.fetch_bytes = r["postcopy_seconds"], r["postcopy_pages"] * 4096
