@@ -41,8 +41,10 @@ def migrate(lab: Lab, pid: int, src: str, dst: str, name: str = "by-hand", wrap=
         lab.run(host, wrap(label, host, argv) if wrap else argv, timeout=timeout)
         steps[label] = time.monotonic() - t
 
-    lab.run(src, ["mkdir", "-m", "700", img])
-    lab.run(dst, ["mkdir", "-m", "700", img])
+    for host in (src, dst):
+        # a run killed before its tidying below (a bench stopped with SIGTERM) left its own
+        lab.run(host, ["rm", "-rf", img, archive])
+        lab.run(host, ["mkdir", "-m", "700", img])
     try:
         if container:
             step("dump", src, ["runc", "checkpoint", "--image-path", img, "--work-path", img, container[0]])
