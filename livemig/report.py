@@ -287,6 +287,8 @@ class Plan:
     expected_downtime_by_mode: dict[str, float] = field(default_factory=dict)
     #: pre-copy: how it would find changed pages, "soft-dirty", "write-protect" or "page hashes" ("": no pre-copy)
     precopy_tracking: str = ""
+    compression_level: int = 0    #: the zstd level the move would use (chosen as a move chooses it)
+    compression_reason: str = ""  #: why that level
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -304,6 +306,8 @@ class Plan:
                  (f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
                   f"{self.expected_downtime_seconds * 1000:.0f} ms"),
                  f"  {self.note}"]
+        if self.compression_reason:
+            lines.append(f"  {self.compression_reason}")
         if by_mode:
             lines.append(f"  downtime by mode: {by_mode}" + (
                 f" (--max-downtime {self.max_downtime_seconds * 1000:.0f} ms: a mode over it is refused "

@@ -352,6 +352,11 @@ def test_dry_run_prints_the_plan_and_changes_nothing(lab):
     plan = move(lab, work.pid, "--dry-run")
     assert plan["mode"] == "precopy" and "write-protection" in plan["mode_reason"]
     assert plan["precopy_tracking"] == "write-protect"
+    # the zstd level a move would choose, measured as it would measure it; or the one set
+    assert plan["compression_level"] in (1, 3, 6, 9)
+    assert plan["compression_reason"].startswith(f"zstd level {plan['compression_level']}: the link carries")
+    assert move(lab, work.pid, "--dry-run", "--compression-level", "6")["compression_reason"] == \
+        "zstd level 6: set by --compression-level or the configuration"
     plan = move(lab, work.pid, "--dry-run", "--mode", "stopcopy")
     assert plan["memory_bytes"] >= 64 * 2**20 and plan["processes"] == 1
     assert plan["link_bytes_per_s"] > 0 and plan["copy_seconds"] > 0

@@ -18,7 +18,8 @@ from .move import Move
 async def choose(m: Move) -> None:
     """m's streams' level, from the link's rate and this CPU's on a sample of the workload's
     memory; told in the report (compression_level, compression_reason)."""
-    level, why = m.options.compression_level, "set by --compression-level or the configuration"
+    level = m.options.compression_level
+    why = f"zstd level {level}: set by --compression-level or the configuration"
     if not level:
         pids = m.w.pids()
         sample = b""

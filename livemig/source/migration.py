@@ -245,14 +245,14 @@ class Migration:
         try:
             try:
                 mode = await self.preflight()
-                link = await m.to.measure_link(m.work)
+                link = m.link_bytes_per_s = await m.to.measure_link(m.work)
+                await compressing.choose(m)     # (the link measured once: downtime.link_rate)
             except p.RemoteFailure as e:
                 raise remote_error(e, m.phase, m.target) from None
             except LivemigError as e:
                 e.phase = e.phase or m.phase     # named as the move's would be
                 raise
-            w = m.w
-            pids = w.pids()
+            pids = m.w.pids()
             memory = host.resident_bytes(pids)
             if m.options.max_bandwidth:
                 link = min(link, m.options.max_bandwidth)    # the move would send no faster
@@ -270,7 +270,8 @@ class Migration:
                         warnings=r.warnings, max_bandwidth_bytes_per_s=m.options.max_bandwidth,
                         shared_memory_bytes=r.shared_memory_bytes, max_downtime_seconds=m.options.max_downtime,
                         expected_downtime_by_mode={x: estimate(x).downtime for x in m.modes_here},
-                        precopy_tracking=r.precopy_tracking)
+                        precopy_tracking=r.precopy_tracking, compression_level=r.compression_level,
+                        compression_reason=r.compression_reason)
         finally:
             await self.close()
 
