@@ -49,8 +49,7 @@ def shape(lab: Lab, profile: Profile, hosts: tuple[str, ...] = ("a", "b")) -> No
         if profile.rtt_ms >= FINEST_DELAY_MS:
             others = " ".join(f"{o} {lab.address(o)}" for o in hosts if o != h)
             block = f"{MARK}Host {others}\n  ProxyCommand python3 {PROXY} %h %p {profile.rtt_ms:g}\n\n"
-            config = lab.text(h, ["cat", "/root/.ssh/config"])
-            lab.run(h, ["sh", "-c", 'umask 077 && cat > /root/.ssh/config'], input=(block + config).encode())
+            _write_config(lab, h, block + lab.text(h, ["cat", "/root/.ssh/config"]))
 
 
 def unshape(lab: Lab, hosts: tuple[str, ...] = ("a", "b")) -> None:
@@ -59,8 +58,12 @@ def unshape(lab: Lab, hosts: tuple[str, ...] = ("a", "b")) -> None:
         lab.run(h, ["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)    # none there: nothing to undo
         config = lab.text(h, ["cat", "/root/.ssh/config"])
         if config.startswith(MARK):
-            rest = config.split("\n\n", 1)[1]
-            lab.run(h, ["sh", "-c", 'umask 077 && cat > /root/.ssh/config'], input=rest.encode())
+            _write_config(lab, h, config.split("\n\n", 1)[1])
+
+
+def _write_config(lab: Lab, host: str, text: str) -> None:
+    """root's ssh configuration on host, private as ssh wants it."""
+    lab.run(host, ["sh", "-c", "umask 077 && cat > /root/.ssh/config"], input=text.encode())
 
 
 def round_trip_ms(lab: Lab, src: str, dst: str) -> float:

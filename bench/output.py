@@ -84,7 +84,8 @@ def summary(result: dict) -> list[dict]:
     for (link, workload, mib, dirty, name), samples in g.items():
         base = _stat(g.get((link, workload, mib, dirty, BASELINE), []), "downtime_app")
         app = _stat(samples, "downtime_app")
-        procs = int(workload.split()[0]) if workload.endswith(" processes") else 1     # (run_matrix's label)
+        # (a sample of that key, failed ones too, says: runs before the axis have none, and were of one)
+        procs = next((s.get("procs", 1) for s in result["samples"] if _key(s) == (link, workload, mib, dirty, name)), 1)
         lim = limits_of(result, link)
         floor = lim.get("criu_floor_by_procs", {}).get(str(procs), lim["criu_floor"]) + mib / lim["tcp_mibps"]
         rows.append({

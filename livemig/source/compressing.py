@@ -40,16 +40,8 @@ async def choose(m: Move) -> None:
 def _sample(pids: list[int], size: int) -> bytes:
     """Up to size bytes of the tree's private memory, its longest stretches first, each read
     whole (what a stream's window sees: wire/compression.py)."""
-    stretches = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm:
-                for start, end in pagehash.private_ranges(pid):
-                    stretches += [(b - a, pid, a) for a, b in pagehash.present_runs(pm.fileno(), start, end)]
-        except OSError:     # it exited meanwhile: nothing of it to sample
-            continue
     out = bytearray()
-    for length, pid, at in sorted(stretches, reverse=True):
+    for length, pid, at in sorted(((b - a, pid, a) for pid, a, b in pagehash.tree_runs(pids)), reverse=True):
         want = min(length, size - len(out))
         if want <= 0:
             break

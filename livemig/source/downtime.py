@@ -110,14 +110,8 @@ def wire_ratio(pids: list[int], level: int) -> float:
     """What the tree's memory comes to on the wire, compressed as the streams do it: a sample
     of SIZES.wire_sample_pages of its pages, spread evenly over what it holds (its private
     pages present, and its shared memory's data)."""
-    spans: list[tuple[str, int, int]] = []      # (what to read, from, to)
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm:
-                for start, end in pagehash.private_ranges(pid):
-                    spans += [(f"/proc/{pid}/mem", a, b) for a, b in pagehash.present_runs(pm.fileno(), start, end)]
-        except OSError:     # it exited meanwhile: none of its pages to sample
-            continue
+    # (what to read, from, to)
+    spans = [(f"/proc/{pid}/mem", a, b) for pid, a, b in pagehash.tree_runs(pids)]
     spans += [(path, a, b) for path in host.shared_memory(pids) for a, b in host.data_extents(path)]
     total = sum(b - a for _, a, b in spans)
     step = max(PAGE, total // SIZES.wire_sample_pages // PAGE * PAGE)
