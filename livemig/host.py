@@ -134,21 +134,26 @@ def data_extents(path: str) -> list[tuple[int, int]]:
         fd = os.open(path, os.O_RDONLY)
     except OSError:     # unmapped or closed meanwhile: not the tree's to dump
         return []
-    out: list[tuple[int, int]] = []
     try:
-        size, at = os.fstat(fd).st_size, 0
-        while at < size:
-            try:
-                data = os.lseek(fd, at, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:      # no data past at
-                    break
-                raise
-            at = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-            out.append((data, at))
-        return out
+        return extents(fd)
     finally:
         os.close(fd)
+
+
+def extents(fd: int) -> list[tuple[int, int]]:
+    """data_extents of an open file."""
+    out: list[tuple[int, int]] = []
+    size, at = os.fstat(fd).st_size, 0
+    while at < size:
+        try:
+            data = os.lseek(fd, at, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:      # no data past at
+                break
+            raise
+        at = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        out.append((data, at))
+    return out
 
 
 def private_bytes(pids: list[int]) -> int:

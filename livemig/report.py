@@ -132,6 +132,9 @@ class Report:
     #: the tree's shared memory (anonymous shared, memfd, SysV), which CRIU writes into image files at the freeze
     #: in every mode (host.shared_memory_bytes)
     shared_memory_bytes: int = 0
+    #: of it, what the target held as it was at the freeze (pre-copy by hashes sent it: pages/shmem.py), which
+    #: did not cross while the workload was frozen
+    shared_memory_named_bytes: int = 0
     downtime_parts: list[DowntimePart] = field(default_factory=list)   #: where the downtime went, in order
     total_seconds: float = 0.0    #: the move from start to end
     target_pid: int = 0           #: the tree's root on the target (0: it was never restored)

@@ -51,7 +51,7 @@ async def foresee(m: Move, mode: Mode) -> None:
     else:       # too little to measure the link for: CRIU's work alone, and the fixed cost
         link, ratio = float("inf"), 1.0
     est, why = estimate(m, mode.value, m.fills, link, ratio)
-    m.frozen_seconds = policy.frozen_seconds(_frozen(m, mode.value, pids), link, ratio)
+    m.frozen_seconds = policy.frozen_seconds(_frozen(m, mode.value, pids), link, ratio, _named(m, mode.value))
     if m.options.max_downtime is not None:      # for the hint, should the promise be broken
         m.downtime_by_mode = {x: estimate(m, x, fills_in(m, x), link, ratio)[0].downtime
                               for x in m.modes_here if x in (Mode.POSTCOPY.value, Mode.STOPCOPY.value)}
@@ -68,8 +68,8 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     """mode's estimate for the tree as it is now, at link bytes a second with its pages
     coming to ratio of themselves on the wire; and what weighs in it, in words."""
     pids = m.w.pids()
-    memory, frozen = host.resident_bytes(pids), _frozen(m, mode, pids)
-    limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen,
+    memory, frozen, named = host.resident_bytes(pids), _frozen(m, mode, pids), _named(m, mode)
+    limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen, named_bytes=named,
                            fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills, watched=_watched(m, mode)),
                            max_rounds=min(m.options.max_rounds, m.w.max_rounds or m.options.max_rounds))
     est = policy.estimate(mode, memory, link, limits, into_images=mode == Mode.STOPCOPY.value and not fills,
@@ -77,7 +77,7 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     why = ([f"all {memory >> 20} MiB cross while it is frozen, at {link / 2**20:.0f} MiB/s"]
            if mode == Mode.STOPCOPY.value else [])
     if frozen:
-        why.append(_shared(frozen, policy.frozen_seconds(frozen, link, ratio)))
+        why.append(_shared(frozen, named, policy.frozen_seconds(frozen, link, ratio, named)))
     return est, "; ".join(why) or "the freeze, and CRIU's dump and restore"
 
 
@@ -96,6 +96,18 @@ def fills_in(m: Move, mode: str) -> bool:
     if mode == Mode.PRECOPY.value:
         return Mode.HYBRID.value not in m.modes_here
     return mode == Mode.STOPCOPY.value and m.options.fill and Mode.POSTCOPY.value in m.modes_here
+
+
+def _named(m: Move, mode: str) -> int:
+    """Of what goes through image files in mode, the shared memory pre-copy by hashes sent
+    (pages/shmem.py): the target puts it back from its own memory."""
+    hashes = m.tracker is not None if mode == m.report.mode else not _soft_dirty(m)
+    return m.report.shared_memory_bytes if mode == Mode.PRECOPY.value and hashes else 0
+
+
+def _soft_dirty(m: Move) -> bool:
+    """Does pre-copy here track dirty pages by soft-dirty (CRIU's pre-dump)? Hybrid needs it."""
+    return m.report.precopy_tracking == "soft-dirty" or Mode.HYBRID.value in m.modes_here
 
 
 def _frozen(m: Move, mode: str, pids: list[int]) -> int:
@@ -143,7 +155,7 @@ def after_rounds(m: Move, rounds: list[policy.RoundStats], limits: policy.Limits
     left = rounds[-1].pages_written * rounds[-1].wire_bytes_per_page
     why = [f"pre-copy's last round left {left / 2**20:.1f} MiB to send, at {rate / 2**20:.0f} MiB/s"]
     if m.report.shared_memory_bytes:
-        why.append(_shared(m.report.shared_memory_bytes, m.frozen_seconds))
+        why.append(_shared(m.report.shared_memory_bytes, _named(m, Mode.PRECOPY.value), m.frozen_seconds))
     keep(m, expected, "; ".join(why))
 
 
@@ -178,9 +190,8 @@ async def link_rate(m: Move) -> float:
     return m.link_bytes_per_s
 
 
-def _shared(frozen: int, seconds: float) -> str:
-    return (f"{frozen / 2**20:.0f} MiB of shared memory goes through image files while it is frozen, "
-            f"about {_s(seconds)}")
+def _shared(frozen: int, named: int, seconds: float) -> str:
+    return f"{policy.shared_words(frozen, named)} while it is frozen, about {_s(seconds)}"
 
 
 def _s(seconds: float) -> str:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from .. import runtimes, workdirs
 from ..options import Options
-from ..pages import pagehash, push
+from ..pages import pagehash, push, shmem
 from ..pages import postcopy as pages
 from ..progress import Event, Ticker, quiet
 from ..report import Report
@@ -49,6 +49,7 @@ class Move:
         self.original: HeldCopy | None = None      # to tell, on failure, whether it exited by itself
         self.spec: p.Container | None = None       # the container as the target will know it
         self.tracker: pagehash.Tracker | None = None   # pre-copy by page hashes: what the target holds
+        self.shmem_keys = shmem.Keys()     # the tree's shared memory objects, as the tracker and store know them
         # the final dump's pages go into the target's memory, and into the copy as it runs:
         # pre-copy by hashes, and stop-and-copy where the target has room
         self.fills = False

@@ -106,6 +106,7 @@ class Limits:
     max_bandwidth: float | None = None     # --max-bandwidth: the final dump's pages go no faster than this
     frozen_bytes: int = 0          # what goes through image files at the freeze whatever pre-copy did:
     #                                the tree's shared memory (host.shared_memory_bytes), for estimate()
+    named_bytes: int = 0           # of it, the shared memory pre-copy sent, which does not cross (frozen_seconds)
 
 
 class StopReason(str, Enum):
@@ -138,17 +139,19 @@ def expected_downtime(last: RoundStats, limits: Limits, rate: float | None = Non
     return limits.fixed_cost + pending / rate
 
 
-def frozen_seconds(image_bytes: int, link_bytes_per_s: float, wire_ratio: float = 1.0) -> float:
+def frozen_seconds(image_bytes: int, link_bytes_per_s: float, wire_ratio: float = 1.0, named: int = 0) -> float:
     """What image_bytes of memory written into image files at the freeze add to the downtime:
     CRIU's dump writes them, they cross the link (wire_ratio of them on the wire), and its
-    restore reads them back (options.RATES)."""
+    restore reads them back (options.RATES). Of them, named bytes (shared memory pre-copy sent:
+    pages/shmem.py) are compared with what the target holds and put back from its memory instead."""
     if not image_bytes:
         return 0.0
     if link_bytes_per_s <= 0:
         return float("inf")
     # (an infinite link: CRIU's writing and reading alone)
-    return image_bytes * (1 / RATES.criu_writes_images + wire_ratio / link_bytes_per_s
-                          + 1 / RATES.criu_reads_images)
+    return ((image_bytes - named) * (1 / RATES.criu_writes_images + wire_ratio / link_bytes_per_s
+                                     + 1 / RATES.criu_reads_images)
+            + named * (1 / RATES.criu_writes_images + 1 / RATES.shared_named))
 
 
 def final_estimate(rounds: Sequence[RoundStats], limits: Limits) -> tuple[float, float]:
@@ -287,6 +290,14 @@ def fixed_cost(private_bytes: int, fills: bool, frozen: float = 0.0, watched: bo
     return RATES.per_tree + private_bytes * per_byte + frozen
 
 
+def shared_words(frozen: int, named: int) -> str:
+    """What becomes of frozen bytes that go through image files, named of them pre-copied."""
+    if named:
+        return (f"{frozen / 2**20:.0f} MiB of shared memory, pre-copied, goes into image files and comes back "
+                "from the target's memory")
+    return f"{frozen / 2**20:.0f} MiB of shared memory goes through image files"
+
+
 def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limits = Limits(),
              into_images: bool = False, wire_ratio: float = 1.0) -> Estimate:
     """The plan's figures. The link rate is measured with incompressible bytes, so the copy
@@ -295,9 +306,9 @@ def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limi
     copy's every page with into_images) is downtime in every mode: pre-copy and post-copy
     carry none of it. limits.fixed_cost: what no page crossing takes (fixed_cost())."""
     copy = memory_bytes / link_bytes_per_s if link_bytes_per_s > 0 else float("inf")
-    frozen = frozen_seconds(limits.frozen_bytes, link_bytes_per_s, wire_ratio)
-    shared = (f"; {limits.frozen_bytes / 2**20:.0f} MiB of shared memory goes through image files while it "
-              f"is frozen, about {frozen:.1f} s" if limits.frozen_bytes else "")
+    frozen = frozen_seconds(limits.frozen_bytes, link_bytes_per_s, wire_ratio, limits.named_bytes)
+    shared = (f"; {shared_words(limits.frozen_bytes, limits.named_bytes)} while it is frozen, about {frozen:.1f} s"
+              if limits.frozen_bytes else "")
     fixed = limits.fixed_cost
     if mode == "stopcopy":
         if into_images:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import criu, proc
 from ..errors import DumpError, LivemigError, Phase
-from ..pages import frames, pagemap
+from ..pages import frames, pagemap, shmem
 from ..progress import Cautioned
 from ..report import RoundReport
 from ..runtimes.process import criu_failure
@@ -26,7 +26,8 @@ Round = tuple[criu.DumpStats, streams.Meter, float, float]
 
 async def hashed_round(m: Move) -> Round:
     """One round of pre-copy by hashes: every page of the tree whose content changed
-    since the target got it (all of them, the first time), into the target's store."""
+    since the target got it (all of them, the first time), and of its shared memory, into
+    the target's store."""
     tracker = m.tracker
     if tracker is None:
         raise LivemigError("pre-copy by hashes without a tracker", phase=Phase.PRECOPY)
@@ -46,6 +47,10 @@ async def hashed_round(m: Move) -> Round:
                     pages += run.pages
             except (FileNotFoundError, ProcessLookupError):
                 continue      # it exited: the final dump knows what became of it
+        # the tree's shared memory, each object once however many map it (pages/shmem.py)
+        for run in shmem.scan(tracker, m.shmem_keys, list(tree)):
+            await out.write(frames.frame(frames.PAGES, run.vpid, run.vaddr, run.pages) + run.data, flush=False)
+            pages += run.pages
         await out.write(frames.frame(frames.PUSHED_ALL, 0, 0, pages), flush=True)
         await out.close()
         return pages

@@ -18,7 +18,7 @@ from .. import carried, runtimes, service_address
 from ..errors import DumpError, LivemigError, Phase
 from ..interrupts import uncancellable
 from ..options import WAITS
-from ..pages import cow, pagemap
+from ..pages import cow, pagemap, shmem
 from ..pages.pagemap import PAGE
 from ..progress import Copied, Finishing, Running, Stepping
 from ..report import DowntimePart, RoundReport
@@ -60,6 +60,7 @@ async def final_dump(m: Move, lazy: bool) -> None:
             if lazy:
                 await _keep_sharing(m, local)
                 if m.tracker is not None:
+                    await _name_shared_memory(m, local)
                     # frozen now: what pre-copy's watch vouches for is not read again (pagehash.py)
                     await asyncio.to_thread(m.tracker.settle)
                 dumped_at = time.monotonic()
@@ -103,6 +104,18 @@ async def _keep_sharing(m: Move, images: Path) -> None:
     except (OSError, cow.CowError) as e:
         raise DumpError(f"cannot keep what the tree shares copy-on-write: {e}", phase=Phase.FINAL_DUMP) from None
     m.report.shared_kept_bytes, m.report.shared_sent_bytes = kept.pages * PAGE, kept.sent * PAGE
+
+
+async def _name_shared_memory(m: Move, images: Path) -> None:
+    """The frozen tree's shared memory leaves its images where the target holds it as it is
+    now, pre-copied (pages/shmem.py)."""
+    assert m.tracker is not None
+    try:
+        named = await asyncio.to_thread(shmem.into_images, images, m.shmem_keys, m.tracker,
+                                        by_pid(m.w))
+    except (OSError, shmem.ShmemError) as e:
+        raise DumpError(f"cannot name the shared memory the target holds: {e}", phase=Phase.FINAL_DUMP) from None
+    m.report.shared_memory_named_bytes = named.pages * PAGE
 
 
 async def _page_server_failure(m: Move, dump_error: DumpError) -> LivemigError:

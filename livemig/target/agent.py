@@ -255,6 +255,8 @@ class Agent:
                 raise restore.failure(res, argv, d)
             if self.copy.roots:    # which tasks the workload had stopped itself: they stay so
                 self.copy.note_own_stops(restore.stopped_in(msg, d), self.copy.roots[-1])
+                if self.lazy is not None:
+                    await self.lazy.place_shared(self.copy.roots[-1])
         except AgentFailure:
             await self._undo()
             raise

@@ -26,8 +26,9 @@ import contextlib
 from enum import Enum
 from pathlib import Path
 
+from .. import proc
 from ..errors import LivemigError, Phase
-from ..pages import cow, pagemap, placer
+from ..pages import cow, pagemap, placer, shmem
 from ..pages.postcopy import LinkLost, PageStreamError
 from ..wire import protocol as p
 from .copy import Copy
@@ -60,6 +61,7 @@ class PostCopy:
                  token: str | None, handed: Handover | None = None):
         self.ws, self.verdicts, self.copy, self.stages, self.images = ws, verdicts, copy, stages, images
         self.guard = guard
+        self.shared: list[shmem.Placing] = []     # shared memory the store holds, to place once restored
         self.fill = isinstance(msg, p.Restore) and msg.fill      # a fill's: every page on this host before the copy runs
         self.phase = Phase.FILL if self.fill else Phase.POSTCOPY
         self.pages = Pages.COMING
@@ -90,6 +92,8 @@ class PostCopy:
             # what the tree shares copy-on-write goes into every sharer's image first (cow.py):
             # the lazy ranges are what is left
             await asyncio.to_thread(cow.complete, d, images.store)
+            # and the shared memory pre-copy left here: placed once restored, or into its images (shmem.py)
+            shared = await asyncio.to_thread(shmem.complete, d, images.store)
             ranges = pagemap.lazy_ranges(d)
         except (OSError, LivemigError) as e:
             raise AgentFailure(Phase.RESTORE, f"cannot read the dump's pagemaps: {e}") from None
@@ -98,10 +102,23 @@ class PostCopy:
         # guard.py: should this agent die during post-copy, its copy dies before its uffds
         guard = await Guard.start(verdicts, ws.name, ws.held.fd)
         try:
-            return cls(ws, verdicts, copy, stages, images, guard, d, ranges, msg, token)
+            made = cls(ws, verdicts, copy, stages, images, guard, d, ranges, msg, token)
+            made.shared = shared
+            return made
         except BaseException:
             await guard.release()   # nothing restored yet for it to guard (left, it would say "killed")
             raise
+
+    async def place_shared(self, root: int) -> None:
+        """The restore done, the copy stopped: the shared memory pre-copy left here, into the
+        objects the restore made (pages/shmem.py), before anything runs."""
+        if not self.shared or self.images.store is None:     # (complete() named none without a store)
+            return
+        pids = {vpid: pid for pid, vpid in proc.in_dump(root, proc.process_tree(root)).items()}
+        try:
+            await asyncio.to_thread(shmem.place, self.shared, pids, self.images.store)
+        except (OSError, LivemigError) as e:
+            raise AgentFailure(Phase.RESTORE, f"cannot place the shared memory pre-copy left here: {e}") from None
 
     @classmethod
     def succeed(cls, ws: Workspace, verdicts: Verdicts, copy: Copy, stages: Stages, images: Images,
