@@ -197,6 +197,12 @@ class Sizes:
     # into image files), the downtime's estimate takes no measure of the link: under 16 MiB cost less
     # than the 16 MiB the measure sends, and a promised downtime is measured for whatever it is.
     frozen_least: int = 16 << 20
+    # A lazy final dump's images go into memory of their own (switchover._in_memory) where the tree's
+    # shared memory, which CRIU writes into them, and what it shares copy-on-write take this much at
+    # least (1536 MiB of shared memory: 4.7 s onto the lab's disk, 1.5 s into memory); they get room for
+    # a quarter more, and this much beside, but never over half the memory available.
+    images_in_memory_least: int = 16 << 20
+    images_in_memory_slack: int = 64 << 20
     # Pages read from the tree, spread over all it holds, and compressed as the streams do: what its
     # memory comes to on the wire, for the estimate of a mode without rounds to measure it. 4 MiB:
     # some 10 ms of reading and compressing.

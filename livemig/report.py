@@ -135,6 +135,8 @@ class Report:
     #: of it, what the target held as it was at the freeze (pre-copy by hashes sent it: pages/shmem.py), which
     #: did not cross while the workload was frozen
     shared_memory_named_bytes: int = 0
+    #: the final dump's images were in memory of this size at most, not on the image root's disk (0: on it)
+    images_in_memory_bytes: int = 0
     downtime_parts: list[DowntimePart] = field(default_factory=list)   #: where the downtime went, in order
     total_seconds: float = 0.0    #: the move from start to end
     target_pid: int = 0           #: the tree's root on the target (0: it was never restored)

@@ -13,13 +13,19 @@ directory, until it is a running container's.
 A directory is made exclusively (an existing one is someone else's, never removed), and
 its lock is held before it bears the lock's name: a sweep never takes a directory being
 made for a dead owner's.
+
+A directory in it may be backed by memory (in_memory: a tmpfs of its own, where what CRIU
+writes while the workload is frozen never waits on a disk, nor reaches one); its mount goes
+before the directory does (unmount_under), whoever removes it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -45,6 +51,43 @@ class Held:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MNT_DETACH = 2, 4, 8, 2
+
+
+def in_memory(d: Path, size: int) -> bool:
+    """d, an empty directory of ours, backed by a tmpfs of its own of size bytes at most
+    (private: 0700). False where the kernel refuses (d then stays on the image root's disk)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    return libc.mount(b"livemig", os.fsencode(d), b"tmpfs", flags, f"mode=0700,size={size}".encode()) == 0
+
+
+def unmount_under(d: Path) -> None:
+    """Every mount at or under d goes (in_memory's), the deepest first: its directory can go then."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f]
+    except OSError:     # no /proc: nothing was mounted by us either
+        return
+    points = [re.sub(r"\\([0-7]{3})", lambda o: chr(int(o.group(1), 8)), p) for p in points]   # (\040: a space)
+    here = os.path.realpath(d)
+    libc = ctypes.CDLL(None, use_errno=True)
+    for point in sorted((p for p in points if p == here or p.startswith(here + "/")), key=len, reverse=True):
+        libc.umount2(os.fsencode(point), _MNT_DETACH)     # (refused: the rmtree after it leaves what stays)
+
+
+def remove(work: Path, images_only: bool = False) -> None:
+    """Its owner done with work: all of it goes, or its image directories alone (a marker
+    and its record stay)."""
+    unmount_under(work)
+    if not images_only:
+        shutil.rmtree(work, ignore_errors=True)     # what a failure leaves, the next sweep takes
+        return
+    for d in work.iterdir() if work.is_dir() else ():
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def make(root: Path | str, work: Path) -> Held:
@@ -125,6 +168,7 @@ def sweep(root: Path | str) -> list[str]:
                 continue            # its owner lives
             if not _still_named(fd, d / LOCK):
                 continue            # another sweep removed it meanwhile: d, if there, is a new owner's
+            unmount_under(d)
             if any((d / m).exists() for m in MARKERS):
                 # the marker and what it names stay; the memory images (its directories) go
                 for sub in d.iterdir():

@@ -3,9 +3,9 @@ freeze, and every kind of it moved intact and still shared (issue 33).
 
 CRIU writes a tree's shared memory (an anonymous shared mapping here: memcounter --shared)
 into image files as it dumps, in every mode. Pre-copy by hashes sends it while the workload
-runs, so that at the freeze only what changed crosses and the target puts the rest back from
-its own memory (pages/shmem.py); in the other modes it crosses, and is read back, while the
-workload is frozen. The move counts it before the freeze (source/downtime.py): a
+runs, and so does post-copy before its freeze, so that at the freeze only what changed crosses
+and the target puts the rest back from its own memory (pages/shmem.py); in stop-and-copy it
+crosses, and is read back, while the workload is frozen. The move counts it before the freeze (source/downtime.py): a
 --max-downtime it would break is refused then, the workload running on where it was, its
 clients none the wiser; with none promised, the move goes and says what the downtime will
 be. That the estimate is over the promise holds by construction, not by the machine's speed:
@@ -75,12 +75,13 @@ def test_shared_memory_moves_intact_and_the_downtime_it_costs_is_told_before_the
     assert report["outcome"] == "moved" and report["shared_memory_bytes"] >= mib << 20
     # through image files: more than pre-copy's 300 ms aim, by the rates alone; told, not refused
     assert report["expected_downtime_seconds"] > 0.3
-    # (pre-copy by hashes sends it before the freeze: the target puts it back from its memory)
+    # (pre-copy by hashes, and post-copy first, send it before the freeze: the target puts it back
+    # from its memory)
     said = (f"{mib} MiB of shared memory, pre-copied, goes into image files and comes back from the target's "
-            "memory" if mode == "auto" else f"{mib} MiB of shared memory goes through image files")
+            "memory" if mode != "stopcopy" else f"{mib} MiB of shared memory goes through image files")
     assert [w for w in report["warnings"] if w.startswith("the downtime will be about ") and said in w], \
         report["warnings"]
-    if mode == "auto":      # all but what it wrote since the last round (2 MiB/s)
+    if mode != "stopcopy":      # all but what it wrote since the last round (2 MiB/s)
         assert report["shared_memory_named_bytes"] >= mib << 19, report
     else:
         assert report["shared_memory_named_bytes"] == 0, report
@@ -126,7 +127,7 @@ def test_every_kind_of_shared_memory_moves_with_a_container_every_page_and_still
         # the anonymous mapping, the memfd and the SysV segment, each counted once (the tmpfs
         # file is the container's mount's: CRIU carries it in the mount's archive)
         assert report["shared_memory_bytes"] >= 3 * (8 << 20), report["shared_memory_bytes"]
-        if mode == "auto":      # pre-copied: the target held it all as it was at the freeze (pages/shmem.py)
+        if mode != "stopcopy":      # pre-copied: the target held it all as it was at the freeze (pages/shmem.py)
             assert report["shared_memory_named_bytes"] >= 3 * (8 << 20) - (8 << 12), report
         else:
             assert report["shared_memory_named_bytes"] == 0, report

@@ -253,10 +253,10 @@ def place(placings: list[Placing], pids: dict[int, int], store: shadow.Store) ->
             raise ShmemError(f"cannot open shared memory {one.shmid} in PID {here}: {e.strerror}") from None
         try:
             for a, n in one.runs:
-                for first, _, data in store.pieces(one.key, a, n):
+                for first, k, data in store.pieces(one.key, a, n):
                     _write_all(fd, data, first)
-                store.release(one.key, a, n)
-                done += n
+                    store.release(one.key, first, k)    # (a slot at a time: its memory is the next slot's)
+                    done += k
         except OSError as e:
             raise ShmemError(f"cannot write shared memory {one.shmid}: {e.strerror}") from None
         finally:

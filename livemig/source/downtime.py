@@ -100,9 +100,13 @@ def fills_in(m: Move, mode: str) -> bool:
 
 def _named(m: Move, mode: str) -> int:
     """Of what goes through image files in mode, the shared memory pre-copy by hashes sent
-    (pages/shmem.py): the target puts it back from its own memory."""
-    hashes = m.tracker is not None if mode == m.report.mode else not _soft_dirty(m)
-    return m.report.shared_memory_bytes if mode == Mode.PRECOPY.value and hashes else 0
+    (pages/shmem.py): the target puts it back from its own memory. Pre-copy sends it where
+    no soft-dirty tracks it; post-copy, where there is enough (precopy.shared_memory_first)."""
+    if mode == m.report.mode:
+        return m.report.shared_memory_bytes if m.tracker is not None else 0
+    precopied = (mode == Mode.PRECOPY.value and not _soft_dirty(m)
+                 or mode == Mode.POSTCOPY.value and m.report.shared_memory_bytes >= SIZES.frozen_least)
+    return m.report.shared_memory_bytes if precopied else 0
 
 
 def _soft_dirty(m: Move) -> bool:

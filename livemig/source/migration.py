@@ -25,12 +25,11 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import addresses, carried, host, interrupts, logs, runtimes
+from .. import addresses, carried, host, interrupts, logs, runtimes, workdirs
 from ..errors import LivemigError, Phase, PreflightError, StreamsRefused, record_failure
 from ..options import Mode, Options
 from ..pages import pagehash
@@ -55,7 +54,7 @@ from . import preflight as checks
 from .failures import lost_link, primary
 from .local import local_cpuinfo, local_facts, make_work_dir, target_spec
 from .move import Move
-from .precopy import precopy_rounds
+from .precopy import precopy_rounds, shared_memory_first
 from .session import Connector, remote_error, ssh_connector
 from .stages import Stage
 from .testpoints import stop_for_tests
@@ -102,9 +101,7 @@ class Migration:
                     raise gone from None
             raise
         finally:
-            if m.tracker is not None:
-                m.tracker.close()       # the source's copy, if it runs, is watched no more
-                m.report.pages_vouched = m.tracker.settled_pages
+            m.stop_watching()
             m.report.total_seconds = time.monotonic() - t0
             m.report.ended_at = now()
             if await interrupts.to_the_end(self.close()):
@@ -226,6 +223,8 @@ class Migration:
             m.fills, into = policy.stopcopy_fills(m.options.fill, w.kind, local.features, remote.features,
                                                   remote.mem_available, memory)
             m.report.mode_reason = why = f"{why}; {into}"
+        elif mode == Mode.POSTCOPY.value:
+            m.report.mode_reason = why = why + shared_memory_first(m, pids)
         # (a fill's shared pages were pre-copied, or cross with the rest before it runs: nothing to tell)
         if mode in (Mode.POSTCOPY.value, Mode.HYBRID.value) and policy.shares_much(shared, memory):
             said = policy.shared_first(shared)
@@ -321,7 +320,7 @@ class Migration:
         m = self.m
         await bundles.precopy_image(m)
         await bundles.precopy_bundle(m)
-        if mode in (Mode.PRECOPY, Mode.HYBRID):
+        if mode in (Mode.PRECOPY, Mode.HYBRID) or m.tracker is not None:     # (post-copy's shared memory)
             await precopy_rounds(m, lazy_final=mode is Mode.HYBRID)
 
     # --- commit: the one place where the source is given up ---------------------------------
@@ -354,13 +353,9 @@ class Migration:
             kept = logs.keep(m.work, m.options.image_root, f"{m.id}-source")
             if kept:
                 m.report.logs.insert(0, f"{m.report.source}:{kept}")
-        if m.report.outcome in ("unresolved", "target lost") or (m.record is not None and m.record.source_resumed):
-            # the memory images go; the record stays, for `livemig recover`
-            for d in m.work.iterdir():
-                if d.is_dir():
-                    shutil.rmtree(d, ignore_errors=True)
-        else:
-            shutil.rmtree(m.work, ignore_errors=True)
+        # the memory images go; unresolved, the record stays, for `livemig recover`
+        workdirs.remove(m.work, images_only=m.report.outcome in ("unresolved", "target lost")
+                        or (m.record is not None and m.record.source_resumed))
         if m.held is not None:
             m.held.release()
 

@@ -48,7 +48,8 @@ class Move:
         self.workload: runtimes.Workload | None = None
         self.original: HeldCopy | None = None      # to tell, on failure, whether it exited by itself
         self.spec: p.Container | None = None       # the container as the target will know it
-        self.tracker: pagehash.Tracker | None = None   # pre-copy by page hashes: what the target holds
+        # pre-copy by page hashes: what the target holds (post-copy's: of the shared memory alone)
+        self.tracker: pagehash.Tracker | None = None
         self.shmem_keys = shmem.Keys()     # the tree's shared memory objects, as the tracker and store know them
         # the final dump's pages go into the target's memory, and into the copy as it runs:
         # pre-copy by hashes, and stop-and-copy where the target has room
@@ -103,9 +104,21 @@ class Move:
         return self.round_dirs[-1] if self.round_dirs else None
 
     @property
+    def known(self) -> pagehash.Tracker | None:
+        """What pre-copy by hashes left on the target of the tree's private memory: none where it
+        sent the shared memory alone (post-copy's)."""
+        return self.tracker if self.fills else None
+
+    @property
     def lazy_phase(self) -> str:
         """Post-copy's failures as the user reads them."""
         return "filling the copy" if self.fills else "post-copy"
+
+    def stop_watching(self) -> None:
+        """The source's copy, if it runs, is watched no more (pages/wptrack.py)."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.report.pages_vouched = self.tracker.settled_pages
 
     def save_record(self) -> None:
         self.rec.save(self.work)

@@ -40,7 +40,7 @@ from .testpoints import stop_for_tests
 async def start_pages(m: Move, ranges: list[Range], fill: bool) -> str | None:
     """Before the restore: the relay that serves the lazy dump's pages to the target. The
     name of the stream post-copy's faults come on, if it got one of its own."""
-    pusher = m.pusher = push.Pusher(ranges, m.options.compression_level, known=m.tracker)
+    pusher = m.pusher = push.Pusher(ranges, m.options.compression_level, known=m.known)
     pusher.read_in_place({v: pid for pid, v in by_pid(m.w).items()})
     m.rejoin_token = token()
     faults, fault_token = None, None

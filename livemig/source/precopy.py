@@ -1,7 +1,11 @@
 """Pre-copy's rounds: pages go while the workload runs, round after round, until
 policy.decide says the final dump's downtime is short enough (or no round helps any
 more). Between rounds auto-converge may slow the workload (autoconverge.py). One round
-of either kind is rounds.py's."""
+of either kind is rounds.py's.
+
+Post-copy's pages follow the resume, but a tree's shared memory cannot: CRIU restores it
+from image files alone. So post-copy pre-copies that first, alone, in rounds by page hashes
+(shared_memory_first; pages/shmem.py), and only what changed since crosses at the freeze."""
 
 from __future__ import annotations
 
@@ -9,11 +13,24 @@ import dataclasses
 
 from .. import host
 from ..errors import LivemigError, Phase
+from ..options import SIZES
+from ..pages import pagehash
 from ..progress import RoundDone
 from . import autoconverge, downtime, policy
 from .move import Move
 from .rounds import hashed_round, predump_round
 from .testpoints import stop_for_tests
+
+
+def shared_memory_first(m: Move, pids: list[int]) -> str:
+    """Post-copy: the tree's shared memory is pre-copied by hashes before the freeze, where it
+    has enough to matter (below SIZES.frozen_least its round would cost more than it saves).
+    What the mode's reason says of it."""
+    shared = host.shared_memory_bytes(pids)
+    if shared < SIZES.frozen_least:
+        return ""
+    m.tracker = pagehash.Tracker()      # (m.fills stays False: no private page is pre-copied)
+    return f"; its {shared >> 20} MiB of shared memory first, by page hashes while it runs"
 
 
 def limits(m: Move) -> policy.Limits:

@@ -117,6 +117,7 @@ def drop(work: Path) -> None:
 def forget(work: Path) -> None:
     """`livemig recover` settled the move: its record and work directory go."""
     drop(work)
+    workdirs.unmount_under(work)        # (a lazy dump's images in memory: switchover._in_memory)
     for child in work.iterdir() if work.exists() else ():
         if child.is_dir():
             shutil.rmtree(child, ignore_errors=True)

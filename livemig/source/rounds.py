@@ -37,7 +37,8 @@ async def hashed_round(m: Move) -> Round:
     async def send(writer: asyncio.StreamWriter) -> int:
         out, pages = streams.CompressedWriter(writer, meter, level), 0
         tree = by_pid(m.w)
-        for pid, vpid in tree.items():
+        # (post-copy's rounds pre-copy the shared memory alone: shared_memory_first)
+        for pid, vpid in tree.items() if m.fills else ():
             # what a child shares with its parent copy-on-write is sent once, as the parent's
             parent = proc.parent_of(pid)
             try:

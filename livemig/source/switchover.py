@@ -14,10 +14,10 @@ import contextlib
 import time
 from pathlib import Path
 
-from .. import carried, runtimes, service_address
+from .. import carried, host, runtimes, service_address, workdirs
 from ..errors import DumpError, LivemigError, Phase
 from ..interrupts import uncancellable
-from ..options import WAITS
+from ..options import SIZES, WAITS
 from ..pages import cow, pagemap, shmem
 from ..pages.pagemap import PAGE
 from ..progress import Copied, Finishing, Running, Stepping
@@ -43,6 +43,8 @@ async def final_dump(m: Move, lazy: bool) -> None:
     parent = m.parent
     local = m.work / "final"
     local.mkdir(mode=0o700)
+    if lazy:
+        _in_memory(m, local)
     tok = m.lazy_token = token()
     streaming = w.streams_pages and not lazy
     if streaming:
@@ -84,6 +86,20 @@ async def final_dump(m: Move, lazy: bool) -> None:
     m.report.rounds.append(rnd)
 
 
+def _in_memory(m: Move, images: Path) -> None:
+    """A lazy dump's images in memory, where what CRIU writes into them while the workload
+    is frozen is much: the tree's shared memory (pages/shmem.py) and what its processes
+    share copy-on-write (pages/cow.py). Where memory is short, or the kernel says no, on the
+    image root's disk as always (workdirs.in_memory)."""
+    pids = m.w.pids()
+    much = host.shared_memory_bytes(pids) + host.cow_shared_bytes(pids)
+    if much < SIZES.images_in_memory_least:
+        return
+    size = much + much // 4 + SIZES.images_in_memory_slack
+    if size <= host.mem_available() // 2 and workdirs.in_memory(images, size):
+        m.report.images_in_memory_bytes = size
+
+
 async def take_addresses(m: Move) -> None:
     """The service addresses leave this host, the tree frozen (service_address.py): the
     target puts them on before its restore; a rollback puts them back here."""
@@ -100,7 +116,7 @@ async def _keep_sharing(m: Move, images: Path) -> None:
     """What the frozen tree's processes share copy-on-write leaves its lazy ranges, for the
     target's restore to share again (pages/cow.py)."""
     try:
-        kept = await asyncio.to_thread(cow.into_images, images, by_pid(m.w), m.tracker)
+        kept = await asyncio.to_thread(cow.into_images, images, by_pid(m.w), m.known)
     except (OSError, cow.CowError) as e:
         raise DumpError(f"cannot keep what the tree shares copy-on-write: {e}", phase=Phase.FINAL_DUMP) from None
     m.report.shared_kept_bytes, m.report.shared_sent_bytes = kept.pages * PAGE, kept.sent * PAGE

@@ -68,7 +68,9 @@ class PostCopy:
         if self.fill:
             images.open_store()     # stop-and-copy into memory: every page is pushed into it
         self.placer: placer.Placer | None = placer.Placer(
-            d, ranges, on_uffd=lambda pid, fd: guard.tell("uffd", str(pid), fds=(fd,)), store=images.store)
+            d, ranges, on_uffd=lambda pid, fd: guard.tell("uffd", str(pid), fds=(fd,)),
+            # (post-copy's store holds its shared memory alone, placed before it runs: place_shared)
+            store=images.store if self.fill else None)
         self.placer.on_remap = lambda *move: guard.tell("remap", *(str(x) for x in move))
         self.successor = handed is not None     # of an agent that died: the copy is known by its uffds alone
         if handed is None:
@@ -119,6 +121,8 @@ class PostCopy:
             await asyncio.to_thread(shmem.place, self.shared, pids, self.images.store)
         except (OSError, LivemigError) as e:
             raise AgentFailure(Phase.RESTORE, f"cannot place the shared memory pre-copy left here: {e}") from None
+        if not self.fill:       # post-copy's store held nothing else
+            self.images.close_store()
 
     @classmethod
     def succeed(cls, ws: Workspace, verdicts: Verdicts, copy: Copy, stages: Stages, images: Images,

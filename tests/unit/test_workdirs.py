@@ -157,3 +157,40 @@ def test_a_bundle_that_an_orphan_marker_keeps_stays(tmp_path, short_root):
     _agent_killed_after_making_a_bundle(short_root / "root", tree)
     (short_root / "root" / "m1" / "ORPHANED.json").write_text("{}")    # the restored copy's: recover's
     assert workdirs.sweep(short_root / "root") == [] and tree.is_dir()
+
+
+def _mounted(d) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == os.path.realpath(d) for line in f)
+
+
+def test_images_in_memory_are_a_private_tmpfs_unmounted_before_their_directory_goes(tmp_path):
+    held = workdirs.make(tmp_path / "root", tmp_path / "root" / "m-source")
+    final = tmp_path / "root" / "m-source" / "final"
+    final.mkdir(mode=0o700)
+    try:
+        assert workdirs.in_memory(final, 1 << 20)
+        assert _mounted(final) and os.statvfs(final).f_blocks * os.statvfs(final).f_frsize == 1 << 20
+        assert os.stat(final).st_mode & 0o777 == 0o700
+        (final / "pages-1.img").write_bytes(b"x" * 4096)
+        workdirs.remove(tmp_path / "root" / "m-source", images_only=True)     # a record would stay
+        assert not _mounted(final) and not final.exists() and (tmp_path / "root" / "m-source").exists()
+        final.mkdir()
+        assert workdirs.in_memory(final, 1 << 20)
+        workdirs.remove(tmp_path / "root" / "m-source")
+        assert not _mounted(final) and not (tmp_path / "root" / "m-source").exists()
+    finally:
+        workdirs.unmount_under(tmp_path)
+        held.release()
+
+
+def test_a_dead_owner_s_images_in_memory_are_unmounted_and_swept(tmp_path):
+    pid, d = _owned_by_a_child(tmp_path, "m-source")
+    (d / "final").mkdir()
+    try:
+        assert workdirs.in_memory(d / "final", 1 << 20)
+        _killed(pid)
+        assert workdirs.sweep(tmp_path) == ["m-source"]
+        assert not _mounted(d / "final") and not d.exists()
+    finally:
+        workdirs.unmount_under(tmp_path)
