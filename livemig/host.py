@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import addresses, criu, proc
 from .errors import CommandFailed
+from .options import SIZES
 from .pages import wptrack
 from .wire.protocol import HostFacts
 
@@ -111,6 +112,16 @@ def shared_memory(pids: list[int]) -> list[str]:
             if name.startswith("/memfd:"):
                 _note(seen, f"/proc/{pid}/fd/{fd}")
     return list(seen.values())
+
+
+def images_in_memory(pids: list[int]) -> int:
+    """The room a lazy final dump's images get in memory (source/switchover.py), where what
+    CRIU writes into them is much: the tree's shared memory and what it shares copy-on-write,
+    a quarter more and SIZES.images_in_memory_slack beside. 0: too little to matter, or more
+    than half the memory available (they go on the image root's disk then)."""
+    much = shared_memory_bytes(pids) + cow_shared_bytes(pids)
+    size = much + much // 4 + SIZES.images_in_memory_slack
+    return size if much >= SIZES.images_in_memory_least and size <= mem_available() // 2 else 0
 
 
 def shared_memory_bytes(pids: list[int]) -> int:

@@ -9,8 +9,8 @@ crosses, and is read back, while the workload is frozen. The move counts it befo
 --max-downtime it would break is refused then, the workload running on where it was, its
 clients none the wiser; with none promised, the move goes and says what the downtime will
 be. That the estimate is over the promise holds by construction, not by the machine's speed:
-the memory is sized so that at the rate CRIU is credited with (options.RATES) its writing
-alone takes twice the promise (or the aim), whatever the link and the mode."""
+the memory is sized so that at the rates the estimate credits (options.RATES) the work at the
+freeze takes twice the promise (or the aim), whatever the link and the mode."""
 
 from __future__ import annotations
 
@@ -29,9 +29,13 @@ MODES = {"auto": (), "postcopy": ("--mode", "postcopy"), "stopcopy": ("--mode", 
 
 
 def mib_for(seconds: float) -> int:
-    """MiB of shared memory whose writing into image files by CRIU alone takes twice seconds."""
-    per_mib = 2**20 / RATES.criu_writes_images
-    return max(32, math.ceil(2 * seconds / per_mib))
+    """MiB of shared memory whose cost at the freeze, at the rates the estimate credits, takes
+    twice seconds whatever the link, in every mode: written into image files and read back
+    (stop-and-copy), or written into them in memory and put back from the target's memory
+    (pre-copied: auto and post-copy)."""
+    per_byte = min(1 / RATES.criu_writes_images + 1 / RATES.criu_reads_images,
+                   1 / RATES.criu_writes_memory + 1 / RATES.shared_named)
+    return max(32, math.ceil(2 * seconds / (per_byte * 2**20)))
 
 
 @pytest.mark.parametrize("mode", MODES)

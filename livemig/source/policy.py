@@ -107,6 +107,7 @@ class Limits:
     frozen_bytes: int = 0          # what goes through image files at the freeze whatever pre-copy did:
     #                                the tree's shared memory (host.shared_memory_bytes), for estimate()
     named_bytes: int = 0           # of it, the shared memory pre-copy sent, which does not cross (frozen_seconds)
+    in_memory: bool = False        # the final dump's images go into memory (host.images_in_memory)
 
 
 class StopReason(str, Enum):
@@ -139,19 +140,21 @@ def expected_downtime(last: RoundStats, limits: Limits, rate: float | None = Non
     return limits.fixed_cost + pending / rate
 
 
-def frozen_seconds(image_bytes: int, link_bytes_per_s: float, wire_ratio: float = 1.0, named: int = 0) -> float:
+def frozen_seconds(image_bytes: int, link_bytes_per_s: float, wire_ratio: float = 1.0, named: int = 0,
+                   in_memory: bool = False) -> float:
     """What image_bytes of memory written into image files at the freeze add to the downtime:
-    CRIU's dump writes them, they cross the link (wire_ratio of them on the wire), and its
-    restore reads them back (options.RATES). Of them, named bytes (shared memory pre-copy sent:
-    pages/shmem.py) are compared with what the target holds and put back from its memory instead."""
+    CRIU's dump writes them (on the image root's disk, or in_memory), they cross the link
+    (wire_ratio of them on the wire), and its restore reads them back (options.RATES). Of them,
+    named bytes (shared memory pre-copy sent: pages/shmem.py) are compared with what the target
+    holds and put back from its memory instead."""
     if not image_bytes:
         return 0.0
     if link_bytes_per_s <= 0:
         return float("inf")
+    write = 1 / (RATES.criu_writes_memory if in_memory else RATES.criu_writes_images)
     # (an infinite link: CRIU's writing and reading alone)
-    return ((image_bytes - named) * (1 / RATES.criu_writes_images + wire_ratio / link_bytes_per_s
-                                     + 1 / RATES.criu_reads_images)
-            + named * (1 / RATES.criu_writes_images + 1 / RATES.shared_named))
+    return ((image_bytes - named) * (write + wire_ratio / link_bytes_per_s + 1 / RATES.criu_reads_images)
+            + named * (write + 1 / RATES.shared_named))
 
 
 def final_estimate(rounds: Sequence[RoundStats], limits: Limits) -> tuple[float, float]:
@@ -306,7 +309,8 @@ def estimate(mode: str, memory_bytes: int, link_bytes_per_s: float, limits: Limi
     copy's every page with into_images) is downtime in every mode: pre-copy and post-copy
     carry none of it. limits.fixed_cost: what no page crossing takes (fixed_cost())."""
     copy = memory_bytes / link_bytes_per_s if link_bytes_per_s > 0 else float("inf")
-    frozen = frozen_seconds(limits.frozen_bytes, link_bytes_per_s, wire_ratio, limits.named_bytes)
+    frozen = frozen_seconds(limits.frozen_bytes, link_bytes_per_s, wire_ratio, limits.named_bytes,
+                            limits.in_memory)
     shared = (f"; {shared_words(limits.frozen_bytes, limits.named_bytes)} while it is frozen, about {frozen:.1f} s"
               if limits.frozen_bytes else "")
     fixed = limits.fixed_cost

@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import carried, host, runtimes, service_address, workdirs
 from ..errors import DumpError, LivemigError, Phase
 from ..interrupts import uncancellable
-from ..options import SIZES, WAITS
+from ..options import WAITS
 from ..pages import cow, pagemap, shmem
 from ..pages.pagemap import PAGE
 from ..progress import Copied, Finishing, Running, Stepping
@@ -91,12 +91,8 @@ def _in_memory(m: Move, images: Path) -> None:
     is frozen is much: the tree's shared memory (pages/shmem.py) and what its processes
     share copy-on-write (pages/cow.py). Where memory is short, or the kernel says no, on the
     image root's disk as always (workdirs.in_memory)."""
-    pids = m.w.pids()
-    much = host.shared_memory_bytes(pids) + host.cow_shared_bytes(pids)
-    if much < SIZES.images_in_memory_least:
-        return
-    size = much + much // 4 + SIZES.images_in_memory_slack
-    if size <= host.mem_available() // 2 and workdirs.in_memory(images, size):
+    size = host.images_in_memory(m.w.pids())
+    if size and workdirs.in_memory(images, size):
         m.report.images_in_memory_bytes = size
 
 
