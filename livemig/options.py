@@ -267,8 +267,9 @@ class Rates:
     # bytes a second CRIU's dump writes the tree's shared memory into image files, and its restore
     # reads them back into the copy (3.4 to 7.1 s, and 0.7 to 2.8 s, for 1536 MiB)
     criu_writes_images: float = 300 * 2**20
-    # the same into memory of their own (host.images_in_memory: 0.8 to 1.0 s for 1536 MiB)
-    criu_writes_memory: float = 1536 * 2**20
+    # the same into memory of their own (host.images_in_memory: 0.8 to 2.9 s for 1536 MiB, the most where
+    # the memory is fresh, as in bench/results/2026-12-06T14-10-08-shm.json)
+    criu_writes_memory: float = 1024 * 2**20
     criu_reads_images: float = 700 * 2**20
     # seconds, whatever the memory: the freeze, CRIU's dump and restore of a tree's all but memory,
     # the requests around them and the resume (the private service: 0.12 s in post-copy, 0.24 to
@@ -285,8 +286,8 @@ class Rates:
     watched_fill: float = 10 * 2**30
     # bytes a second the shared memory pre-copy sent costs beside CRIU's writing it (pages/shmem.py): the
     # source compares the dump's pages with what the target holds, and the target puts them into the copy
-    # before it runs (about 0.5 s, and 0.65 to 2.5 s, for 1536 MiB)
-    shared_named: float = 1 * 2**30
+    # before it runs (about 0.5 s, and 0.65 to 2.6 s, for 1536 MiB: bench/results/2026-12-06T14-10-08-shm.json)
+    shared_named: float = 640 * 2**20
 
 
 WAITS = Waits()

@@ -286,16 +286,17 @@ class TargetSession:
                                    lambda tok: p.LoadImage(stream=tok), p.TreeReceived)
         return meter
 
-    async def send_images(self, name: str, parent: str | None, local: Path) -> streams.Meter:
-        """The files of image directory name, to the target's directory of the same name.
-        Pages are among them where CRIU wrote them here: a runtime that cannot stream them
-        (crun, podman), or the few a lazy dump never serves lazily."""
+    async def send_images(self, name: str, parent: str | None, local: Path, in_memory: int = 0) -> streams.Meter:
+        """The files of image directory name, to the target's directory of the same name (in
+        memory of in_memory bytes there, if not 0 and it has room). Pages are among them where
+        CRIU wrote them here: a runtime that cannot stream them (crun, podman), or the few a lazy
+        dump never serves lazily; and a lazy dump's shared memory."""
         names = sorted(f.name for f in local.iterdir()
                        if f.is_file() and not f.is_symlink() and not f.name.endswith(".log")
                        and f.name not in NOT_IMAGES)
         _, meter = await self.push(
             lambda w: streams.send_files(local, names, w, self.options.compression_level),
-            lambda tok: p.ReceiveFiles(dir=name, stream=tok, parent=parent), p.FilesReceived)
+            lambda tok: p.ReceiveFiles(dir=name, stream=tok, parent=parent, in_memory=in_memory), p.FilesReceived)
         return meter
 
     async def measure_link(self, scratch: Path, size: int = 16 << 20) -> float:

@@ -153,7 +153,9 @@ async def transfer(m: Move) -> None:
     """The images that are not streamed pages; and a bundle's files changed since its pre-copy."""
     stop_for_tests("transfer")
     async with asyncio.TaskGroup() as tg:
-        images = tg.create_task(m.to.send_images("final", m.parent, m.work / "final"))
+        # (in memory here: much shared memory crosses in them, unless pre-copy sent it)
+        images = tg.create_task(m.to.send_images("final", m.parent, m.work / "final",
+                                                 m.report.images_in_memory_bytes))
         tree = tg.create_task(bundles.send_changes(m))
         if m.report.carried_files:
             tg.create_task(_carry(m))

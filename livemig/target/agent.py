@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import shutil
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -350,7 +349,7 @@ class Agent:
         if not orphan:
             await self._undo()    # a bundle copied before the coordinator vanished
         if ws is not None and not orphan:
-            shutil.rmtree(ws.work, ignore_errors=True)
+            workdirs.remove(ws.work)
         if self.lazy is not None:
             await self.lazy.guard.release()     # what it guarded is settled, killed or left as an orphan
         if ws is not None:

@@ -47,14 +47,13 @@ import contextlib
 import dataclasses
 import os
 import resource
-import shutil
 import signal
 import socket
 import struct
 import sys
 from pathlib import Path
 
-from .. import proc
+from .. import proc, workdirs
 from ..errors import LivemigError, Phase
 from ..options import SIZES
 from .failures import AgentFailure, failing_as
@@ -300,7 +299,7 @@ def guard(control_fd: int, root: str, migration_id: str, lock: int | None = None
         verdicts.write(migration_id, verdicts.gone_state(migration_id), detail)
     except LivemigError:    # the copy is dead all the same; the verdict left ("serving") keeps recover waiting
         status = 1
-    shutil.rmtree(Path(root) / migration_id, ignore_errors=True)    # the dead agent's images
+    workdirs.remove(Path(root) / migration_id)    # the dead agent's images
     return status
 
 

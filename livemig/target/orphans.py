@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -67,9 +66,7 @@ def mark(copy: Copy, work: Path) -> None:
 
 def leave(copy: Copy, work: Path) -> None:
     """The coordinator vanished before Resume: the copy stays, stopped, marked; its images go."""
-    for d in work.iterdir():   # the memory images go, whatever happens
-        if d.is_dir():
-            shutil.rmtree(d, ignore_errors=True)
+    workdirs.remove(work, images_only=True)     # the memory images go, whatever happens
     mark(copy, work)
     print(f"livemig agent: the coordinator vanished; restored {copy.what()} left "
           f"stopped (see {work / ORPHAN}; `livemig recover` on the source settles it)", file=sys.stderr)
@@ -103,7 +100,7 @@ async def _settle(verdicts: Verdicts, mid: str, work: Path, resume: bool) -> p.O
     now = await orphan.copy.standing()
     if now in (GONE, REBOOTED):
         # nothing of it to resume or to end: said as such, never as resumed
-        shutil.rmtree(work, ignore_errors=True)
+        workdirs.remove(work)
         return p.OrphanSettled("gone", f"{orphan.what}, restored here and never run, is "
                                        f"{HeldCopy.told(now)} since")
     warnings = []
@@ -117,7 +114,7 @@ async def _settle(verdicts: Verdicts, mid: str, work: Path, resume: bool) -> p.O
     else:
         warnings = await orphan.copy.end()     # its bundle with it
         warnings += await service_address.let_go(orphan.addresses, orphan.guarding)
-    shutil.rmtree(work, ignore_errors=True)
+    workdirs.remove(work)
     return p.OrphanSettled("resumed" if resume else "killed", "; ".join([orphan.what, *warnings]))
 
 

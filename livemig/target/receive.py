@@ -12,7 +12,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from .. import criu, proc, workdirs
+from .. import criu, host, proc, workdirs
 from ..errors import Phase
 from ..options import SIZES, WAITS
 from ..pages import frames, pagemap, shadow
@@ -95,6 +95,8 @@ class Images:
             d = self.ws.dir(msg.dir)
         else:
             d = self.ws.dir(msg.dir, create=True)
+            if 0 < msg.in_memory <= host.mem_available() // 2:
+                workdirs.in_memory(d, msg.in_memory)     # (refused: on the disk, as always)
             if msg.parent:
                 os.symlink(f"../{self.ws.dir(msg.parent).name}", d / "parent")
         async with self.ws.stream(msg.stream) as (reader, _):
@@ -105,6 +107,7 @@ class Images:
         return p.FilesReceived(msg.dir, files, size)
 
     async def drop_files(self, msg: p.DropFiles) -> p.FilesDropped:
+        workdirs.unmount_under(self.ws.dir(msg.dir))
         shutil.rmtree(self.ws.dir(msg.dir))
         return p.FilesDropped(msg.dir)
 

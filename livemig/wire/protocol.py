@@ -26,8 +26,8 @@ if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to 
 # the older one goes. No such code is kept yet: every message is written and read in the newest format
 # alone, so both are the same version. Hello is read by every livemig from 16 on, whatever fields a
 # newer one adds to it (_OPEN), so that the two always learn each other's versions.
-PROTOCOL_VERSION = 19  # 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
-PROTOCOL_OLDEST = 19
+PROTOCOL_VERSION = 20  # 20: a lazy dump's images may name the shared memory pre-copy sent (pages/shmem.py NAMED), for the target to place; ReceiveFiles.in_memory; 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_OLDEST = 20
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -187,10 +187,12 @@ class PagesStored:
 @message
 class ReceiveFiles:
     """Files of image directory `dir` arrive on data stream `stream` (streams.send_files);
-    dir is created, linked to parent, when no page server made it."""
+    dir is created, linked to parent, when no page server made it, in memory of its own of
+    in_memory bytes where that is not 0 and the target has room (workdirs.in_memory)."""
     dir: str
     stream: str
     parent: str | None = None
+    in_memory: int = 0
 
 
 @message
