@@ -167,7 +167,7 @@ def after_rounds(m: Move, rounds: list[policy.RoundStats], limits: policy.Limits
     left = rounds[-1].pages_written * rounds[-1].wire_bytes_per_page
     why = [f"pre-copy's last round left {left / 2**20:.1f} MiB to send, at {rate / 2**20:.0f} MiB/s"]
     if m.report.shared_memory_bytes:
-        why.append(_shared(m.report.shared_memory_bytes, _named(m, Mode.PRECOPY.value), m.frozen_seconds))
+        why.append(_shared(m.report.shared_memory_bytes, _named(m, m.report.mode), m.frozen_seconds))
     keep(m, expected, "; ".join(why))
 
 
