@@ -66,6 +66,9 @@ NOT_CARRIED = {
     "inotify_overlay": ({"event": True}, 5, "Can't dump that handle"),
     "sysv_shm": ({"data": "SYSVSHMDATA"}, 3, "System V shared memory segment of this host's IPC namespace"),
     "uts_ipc_ns": ({"hostname": "kinds-child", "own_uts": True, "own_ipc": True}, 5, "Can't dump nested"),
+    # (the preflight's: CRIU would fail on them after the freeze, source/preflight.py UNDUMPABLE)
+    "userfaultfd": ({"held": "anon_inode:[userfaultfd]"}, 3, "holds a userfaultfd (fd "),
+    "io_uring": ({"held": "anon_inode:[io_uring]"}, 3, "holds an io_uring instance (fd "),
 }
 
 

@@ -258,3 +258,21 @@ def test_a_file_the_target_has_at_another_size_fails_the_preflight_unless_it_cha
     assert not row.ok and f"{other}: 10 bytes here, 12 there" in row.detail
     assert str(same) not in row.detail and str(growing) not in row.detail
     assert checks.resized_rows(here, {str(same): 10}) == []
+
+
+@pytest.mark.parametrize("made, said", [("libc.syscall(323, os.O_CLOEXEC | 1)", "a userfaultfd"),
+                                        ("libc.syscall(425, 4, ctypes.create_string_buffer(120))",
+                                         "an io_uring instance")])
+def test_a_tree_holding_what_criu_cannot_dump_is_refused_naming_it(made, said):
+    script = f"import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True); fd = {made}; print(fd, flush=True); " \
+             "sys.stdin.read()"
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        fd = int(holder.stdout.readline())
+        assert fd > 2
+        with pytest.raises(PreflightError, match=rf"PID {holder.pid} holds {said} \(fd {fd}\), which CRIU cannot"):
+            checks.refuse_undumpable_handles([holder.pid])
+        checks.refuse_undumpable_handles([os.getpid()])      # this test holds none
+    finally:
+        holder.kill()
+        holder.wait()

@@ -21,7 +21,8 @@ session of its own with a child in it, and one writing into memory it shares wit
 --also adds a kind plain CRIU cannot carry from host to host: an inotify watch on the
 overlay root (inotify_overlay), SysV shared memory outside an IPC namespace of the tree's
 own (sysv_shm), a /dev/shm file only this host has (posix_shm), a child in UTS and IPC
-namespaces of its own (uts_ipc_ns).
+namespaces of its own (uts_ipc_ns), a userfaultfd (userfaultfd) and an io_uring instance
+(io_uring): anonymous inodes CRIU has no handle for.
 
 Asked (query), the root looks at each kind and answers one JSON line: {"kinds": {kind: what
 it holds}, "tasks": the tree's PIDs}, in values that are the same on any host, so that a
@@ -283,6 +284,27 @@ def posix_shm(place):
     return lambda: {"by_map": bytes(mapped[0:10]).decode()}
 
 
+# (x86-64's and arm64's numbers: io_uring_setup came when both took new calls' numbers from one table)
+SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}[os.uname().machine]
+SYS_IO_URING_SETUP = 425
+
+
+def userfaultfd(place):
+    # user-mode only: allowed whatever vm.unprivileged_userfaultfd says
+    fd = libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | 1)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "userfaultfd")
+    return lambda: {"held": os.readlink(f"/proc/self/fd/{fd}")}
+
+
+def io_uring(place):
+    params = ctypes.create_string_buffer(120)       # struct io_uring_params, zeroed: the defaults
+    fd = libc.syscall(SYS_IO_URING_SETUP, 4, params)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "io_uring_setup")
+    return lambda: {"held": os.readlink(f"/proc/self/fd/{fd}")}
+
+
 def uts_ipc_ns(place):
     ask_r, ask_w = os.pipe()
     told_r, told_w = os.pipe()
@@ -307,7 +329,7 @@ def uts_ipc_ns(place):
 # In this order: the children are forked before the signals are set and the threads start
 FIRST = {f.__name__: f for f in (cwd, umask, rlimits, process_groups, shared_anon)}
 LAST = {"signals": signals, **kinds_files.FILES, **{f.__name__: f for f in (posix_timer, itimer, threads, tcp_listen)}}
-ALSO = {f.__name__: f for f in (inotify_overlay, sysv_shm, posix_shm, uts_ipc_ns)}
+ALSO = {f.__name__: f for f in (inotify_overlay, sysv_shm, posix_shm, uts_ipc_ns, userfaultfd, io_uring)}
 
 
 def look(looks: dict, within: float = LOOK_WITHIN) -> dict:
