@@ -69,6 +69,8 @@ NOT_CARRIED = {
     # (the preflight's: CRIU would fail on them after the freeze, source/preflight.py UNDUMPABLE)
     "userfaultfd": ({"held": "anon_inode:[userfaultfd]"}, 3, "holds a userfaultfd (fd "),
     "io_uring": ({"held": "anon_inode:[io_uring]"}, 3, "holds an io_uring instance (fd "),
+    # (CRIU's restore maps it before it seals it, and fails: "Cannot apply seals on memfd")
+    "memfd_sealed": ({"by_map": "SEALEDDATA", "seals": 14}, 3, "maps a memfd sealed against writes"),
 }
 
 

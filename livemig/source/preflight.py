@@ -8,6 +8,7 @@ tree that must never move, before either host is touched.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -310,11 +311,43 @@ UNDUMPABLE = {"anon_inode:[userfaultfd]": "a userfaultfd", "anon_inode:[io_uring
 def refuse_undumpable_handles(pids: list[int]) -> None:
     """A tree holding a userfaultfd or an io_uring instance is refused: CRIU dumps neither
     (an anonymous inode it does not know: criu/files.c), and would fail with the workload
-    frozen. Said before anything is touched."""
+    frozen; and one whose mapped memfd its restore cannot seal again (refuse_sealed_mapped_memfds).
+    Said before anything is touched."""
     for pid, fd, name in proc.fds(pids):
         if what := UNDUMPABLE.get(name):
             raise PreflightError(f"PID {pid} holds {what} (fd {fd}), which CRIU cannot checkpoint",
                                  phase=Phase.PREFLIGHT, hint="move it once it no longer uses one")
+    refuse_sealed_mapped_memfds(pids)
+
+
+def refuse_sealed_mapped_memfds(pids: list[int]) -> None:
+    """A tree that maps a memfd sealed against writes (F_SEAL_WRITE) is refused: CRIU's restore
+    maps it before it seals it again, and the seal then fails ("Cannot apply seals on memfd:
+    Device or resource busy", criu/memfd.c), after the freeze. Said before anything is touched."""
+    for pid in pids:
+        try:
+            mapped = [(a, b, name) for a, b, perms, name in proc.mappings(pid)
+                      if perms[3] == "s" and name.startswith("/memfd:")]
+        except OSError:     # it exited meanwhile: nothing of it to restore
+            continue
+        for a, b, name in mapped:
+            try:
+                fd = os.open(f"/proc/{pid}/map_files/{a:x}-{b:x}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:     # unmapped meanwhile
+                continue
+            try:
+                seals = fcntl.fcntl(fd, _F_GET_SEALS)
+            except OSError:     # (one that takes no seals)
+                seals = 0
+            finally:
+                os.close(fd)
+            if seals & _F_SEAL_WRITE:
+                raise PreflightError(f"PID {pid} maps a memfd sealed against writes ({name.removesuffix(' (deleted)')}), "
+                                     "which CRIU's restore cannot seal again once it has mapped it",
+                                     phase=Phase.PREFLIGHT, hint="move it once it no longer maps one")
+
+
+_F_GET_SEALS, _F_SEAL_WRITE = 1034, 0x0008
 
 
 def refuse_locks_unasked(locked: list[str], file_locks: bool) -> None:

@@ -1,6 +1,7 @@
 """The preflight comparisons: each check fails for its own reason, in the order to fix them."""
 
 import asyncio
+import fcntl
 import mmap
 import os
 import subprocess
@@ -276,3 +277,24 @@ def test_a_tree_holding_what_criu_cannot_dump_is_refused_naming_it(made, said):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_tree_mapping_a_memfd_sealed_against_writes_is_refused_and_one_sealed_otherwise_is_not():
+    script = ("import fcntl, mmap, os, sys; fd = os.memfd_create('held', os.MFD_ALLOW_SEALING); "
+              "os.ftruncate(fd, 8192); fcntl.fcntl(fd, fcntl.F_ADD_SEALS, int(sys.argv[1])); "
+              "m = mmap.mmap(fd, 8192, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ); print(1, flush=True); "
+              "sys.stdin.read()")
+    for seals, refused in ((fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW, True), (fcntl.F_SEAL_GROW, False)):
+        holder = subprocess.Popen([sys.executable, "-c", script, str(seals)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "1\n"
+            if refused:
+                with pytest.raises(PreflightError, match=rf"PID {holder.pid} maps a memfd sealed against writes "
+                                                         r"\(/memfd:held\), which CRIU's restore"):
+                    checks.refuse_undumpable_handles([holder.pid])
+            else:
+                checks.refuse_undumpable_handles([holder.pid])
+        finally:
+            holder.kill()
+            holder.wait()

@@ -22,7 +22,8 @@ session of its own with a child in it, and one writing into memory it shares wit
 overlay root (inotify_overlay), SysV shared memory outside an IPC namespace of the tree's
 own (sysv_shm), a /dev/shm file only this host has (posix_shm), a child in UTS and IPC
 namespaces of its own (uts_ipc_ns), a userfaultfd (userfaultfd) and an io_uring instance
-(io_uring): anonymous inodes CRIU has no handle for.
+(io_uring): anonymous inodes CRIU has no handle for; a memfd sealed against writes and mapped
+(memfd_sealed), which CRIU's restore maps before it seals, and fails.
 
 Asked (query), the root looks at each kind and answers one JSON line: {"kinds": {kind: what
 it holds}, "tasks": the tree's PIDs}, in values that are the same on any host, so that a
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import json
 import mmap
 import os
@@ -305,6 +307,15 @@ def io_uring(place):
     return lambda: {"held": os.readlink(f"/proc/self/fd/{fd}")}
 
 
+def memfd_sealed(place):
+    fd = os.memfd_create("kinds-sealed", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 65536)
+    os.pwrite(fd, b"SEALEDDATA", 0)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    mapped = mmap.mmap(fd, 65536, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    return lambda: {"by_map": bytes(mapped[0:10]).decode(), "seals": fcntl.fcntl(fd, fcntl.F_GET_SEALS)}
+
+
 def uts_ipc_ns(place):
     ask_r, ask_w = os.pipe()
     told_r, told_w = os.pipe()
@@ -329,7 +340,8 @@ def uts_ipc_ns(place):
 # In this order: the children are forked before the signals are set and the threads start
 FIRST = {f.__name__: f for f in (cwd, umask, rlimits, process_groups, shared_anon)}
 LAST = {"signals": signals, **kinds_files.FILES, **{f.__name__: f for f in (posix_timer, itimer, threads, tcp_listen)}}
-ALSO = {f.__name__: f for f in (inotify_overlay, sysv_shm, posix_shm, uts_ipc_ns, userfaultfd, io_uring)}
+ALSO = {f.__name__: f for f in (inotify_overlay, sysv_shm, posix_shm, uts_ipc_ns, userfaultfd, io_uring,
+                                 memfd_sealed)}
 
 
 def look(looks: dict, within: float = LOOK_WITHIN) -> dict:
