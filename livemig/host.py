@@ -114,12 +114,19 @@ def shared_memory(pids: list[int]) -> list[str]:
     return list(seen.values())
 
 
-def images_in_memory(pids: list[int]) -> int:
+def seals(fd: int) -> int:
+    """An open memfd's seals (F_GET_SEALS); 0 for a file that takes none (a SysV segment)."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:     # (one that takes no seals)
+        return 0
+
+
+def images_in_memory(much: int) -> int:
     """The room a lazy final dump's images get in memory (source/switchover.py), where what
-    CRIU writes into them is much: the tree's shared memory and what it shares copy-on-write,
-    a quarter more and SIZES.images_in_memory_slack beside. 0: too little to matter, or more
-    than half the memory available (they go on the image root's disk then)."""
-    much = shared_memory_bytes(pids) + cow_shared_bytes(pids)
+    CRIU writes into them is much bytes (the tree's shared memory and what it shares
+    copy-on-write), a quarter more and SIZES.images_in_memory_slack beside. 0: too little to
+    matter, or more than half the memory available (they go on the image root's disk then)."""
     size = much + much // 4 + SIZES.images_in_memory_slack
     return size if much >= SIZES.images_in_memory_least and size <= mem_available() // 2 else 0
 

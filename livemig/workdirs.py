@@ -168,13 +168,11 @@ def sweep(root: Path | str) -> list[str]:
                 continue            # its owner lives
             if not _still_named(fd, d / LOCK):
                 continue            # another sweep removed it meanwhile: d, if there, is a new owner's
-            unmount_under(d)
             if any((d / m).exists() for m in MARKERS):
                 # the marker and what it names stay; the memory images (its directories) go
-                for sub in d.iterdir():
-                    if sub.is_dir() and not sub.is_symlink():
-                        shutil.rmtree(sub, ignore_errors=True)     # what stays goes at the next sweep
+                remove(d, images_only=True)     # (what stays goes at the next sweep)
                 continue
+            unmount_under(d)
             _remove_tree(d)
             shutil.rmtree(d, ignore_errors=True)     # as above: the next sweep finds what is left
             gone.append(d.name)

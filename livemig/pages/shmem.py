@@ -50,8 +50,7 @@ NAMED = "shmem-named.json"      # the pages each object's pages file takes from 
 _VERSION = 1
 _PAGEMAP = re.compile(r"pagemap-shmem-(\d+)\.img")
 FIRST_KEY = 1 << 31             # the kernel's PIDs stay below 2^22 (PID_MAX_LIMIT)
-_F_GET_SEALS = 1034
-_WRITES_SEALED = 0x0008 | 0x0010     # F_SEAL_WRITE, F_SEAL_FUTURE_WRITE
+_WRITES_SEALED = fcntl.F_SEAL_WRITE | 0x0010     # and F_SEAL_FUTURE_WRITE (which Python's fcntl lacks)
 
 
 class ShmemError(LivemigError):
@@ -144,11 +143,7 @@ def _located(tree: dict[int, int]) -> dict[int, tuple[int, str]]:
         except OSError:     # gone meanwhile: CRIU's images say what became of it
             continue
         try:
-            try:
-                seals = fcntl.fcntl(fd, _F_GET_SEALS)
-            except OSError:     # (a SysV segment takes no seals)
-                seals = 0
-            if not seals & _WRITES_SEALED:
+            if not host.seals(fd) & _WRITES_SEALED:
                 out.setdefault(os.fstat(fd).st_ino, (tree[int(pid)], at))
         finally:
             os.close(fd)

@@ -52,7 +52,7 @@ async def foresee(m: Move, mode: Mode) -> None:
         link, ratio = float("inf"), 1.0
     est, why = estimate(m, mode.value, m.fills, link, ratio)
     m.frozen_seconds = policy.frozen_seconds(_frozen(m, mode.value, pids), link, ratio, _named(m, mode.value),
-                                             _in_memory(mode.value, m.fills, pids))
+                                             _in_memory(m, mode.value, m.fills, pids))
     if m.options.max_downtime is not None:      # for the hint, should the promise be broken
         m.downtime_by_mode = {x: estimate(m, x, fills_in(m, x), link, ratio)[0].downtime
                               for x in m.modes_here if x in (Mode.POSTCOPY.value, Mode.STOPCOPY.value)}
@@ -71,7 +71,7 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     pids = m.w.pids()
     memory, frozen, named = host.resident_bytes(pids), _frozen(m, mode, pids), _named(m, mode)
     limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen, named_bytes=named,
-                           in_memory=_in_memory(mode, fills, pids),
+                           in_memory=_in_memory(m, mode, fills, pids),
                            fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills, watched=_watched(m, mode)),
                            max_rounds=min(m.options.max_rounds, m.w.max_rounds or m.options.max_rounds))
     est = policy.estimate(mode, memory, link, limits, into_images=mode == Mode.STOPCOPY.value and not fills,
@@ -111,10 +111,11 @@ def _named(m: Move, mode: str) -> int:
     return m.report.shared_memory_bytes if precopied else 0
 
 
-def _in_memory(mode: str, fills: bool, pids: list[int]) -> bool:
-    """Would mode's final dump, a lazy one, write its images into memory (host.images_in_memory)?"""
+def _in_memory(m: Move, mode: str, fills: bool, pids: list[int]) -> bool:
+    """Would mode's final dump, a lazy one, write its images into memory (host.images_in_memory)?
+    (The shared memory as foresee measured it.)"""
     lazy = mode in (Mode.POSTCOPY.value, Mode.HYBRID.value) or fills
-    return lazy and bool(host.images_in_memory(pids))
+    return lazy and bool(host.images_in_memory(m.report.shared_memory_bytes + host.cow_shared_bytes(pids)))
 
 
 def _soft_dirty(m: Move) -> bool:

@@ -336,18 +336,13 @@ def refuse_sealed_mapped_memfds(pids: list[int]) -> None:
             except OSError:     # unmapped meanwhile
                 continue
             try:
-                seals = fcntl.fcntl(fd, _F_GET_SEALS)
-            except OSError:     # (one that takes no seals)
-                seals = 0
+                sealed = host.seals(fd)
             finally:
                 os.close(fd)
-            if seals & _F_SEAL_WRITE:
+            if sealed & fcntl.F_SEAL_WRITE:
                 raise PreflightError(f"PID {pid} maps a memfd sealed against writes ({name.removesuffix(' (deleted)')}), "
                                      "which CRIU's restore cannot seal again once it has mapped it",
                                      phase=Phase.PREFLIGHT, hint="move it once it no longer maps one")
-
-
-_F_GET_SEALS, _F_SEAL_WRITE = 1034, 0x0008
 
 
 def refuse_locks_unasked(locked: list[str], file_locks: bool) -> None:

@@ -91,7 +91,8 @@ def _in_memory(m: Move, images: Path) -> None:
     is frozen is much: the tree's shared memory (pages/shmem.py) and what its processes
     share copy-on-write (pages/cow.py). Where memory is short, or the kernel says no, on the
     image root's disk as always (workdirs.in_memory)."""
-    size = host.images_in_memory(m.w.pids())
+    pids = m.w.pids()
+    size = host.images_in_memory(host.shared_memory_bytes(pids) + host.cow_shared_bytes(pids))
     if size and workdirs.in_memory(images, size):
         m.report.images_in_memory_bytes = size
 

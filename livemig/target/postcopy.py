@@ -58,10 +58,10 @@ class PostCopy:
 
     def __init__(self, ws: Workspace, verdicts: Verdicts, copy: Copy, stages: Stages, images: Images,
                  guard: Guard, d: Path, ranges: list[pagemap.Range], msg: p.Restore | p.TakeOver,
-                 token: str | None, handed: Handover | None = None):
+                 token: str | None, handed: Handover | None = None, shared: list[shmem.Placing] | None = None):
         self.ws, self.verdicts, self.copy, self.stages, self.images = ws, verdicts, copy, stages, images
         self.guard = guard
-        self.shared: list[shmem.Placing] = []     # shared memory the store holds, to place once restored
+        self.shared = shared or []      # shared memory the store holds, to place once restored
         self.fill = isinstance(msg, p.Restore) and msg.fill      # a fill's: every page on this host before the copy runs
         self.phase = Phase.FILL if self.fill else Phase.POSTCOPY
         self.pages = Pages.COMING
@@ -104,9 +104,7 @@ class PostCopy:
         # guard.py: should this agent die during post-copy, its copy dies before its uffds
         guard = await Guard.start(verdicts, ws.name, ws.held.fd)
         try:
-            made = cls(ws, verdicts, copy, stages, images, guard, d, ranges, msg, token)
-            made.shared = shared
-            return made
+            return cls(ws, verdicts, copy, stages, images, guard, d, ranges, msg, token, shared=shared)
         except BaseException:
             await guard.release()   # nothing restored yet for it to guard (left, it would say "killed")
             raise
