@@ -16,6 +16,8 @@ refused before the freeze (DowntimeRefused, exit code 10), its .report's
 expected_downtime_seconds saying how long it would have been.
 
     report = asyncio.run(livemig.clone("web1", ["host-b", "host-c"], count=2))   # podman replicas
+    report = asyncio.run(livemig.drain(["host-b", "host-c"]))       # everything off this host
+    print(report.empty, [(m.workload, m.target, m.outcome) for m in report.moves])
 
 progress=, if given, is called with each event of livemig.progress as the move goes:
 ModeChosen, RoundDone (a pre-copy round, with its bandwidth, dirty rate and the downtime
@@ -26,6 +28,7 @@ runs), Fetching (post-copy's pages so far)...
     asyncio.run(livemig.migrate("web1", "host-b", progress=print))
 """
 
+from .drainreport import DrainEarlier, DrainLeft, DrainMove, DrainPlacement, DrainReport
 from .errors import (
     ConnectionFailed,
     DowntimeRefused,
@@ -118,12 +121,35 @@ async def clone(what: str, hosts: list[str], options: Options = _DEFAULTS, *, na
                                    progress=progress))
 
 
+async def drain(targets: list[str], options: Options = _DEFAULTS, *, only: list[str] | None = None,
+                exclude: list[str] | None = None, pids: list[int] | None = None, parallel: int | None = None,
+                order: str = "largest", dry_run: bool = False, progress: Callback | None = None) -> DrainReport:
+    """`livemig drain`: every container podman, runc and crun run here (only: those named;
+    exclude: all but those), and the process trees rooted at pids, moved to targets, parallel
+    at once (None: one per CPU here), "largest" or "smallest" first, within one
+    Options.max_bandwidth budget shared among the moves under way. Returns a DrainReport whose
+    .empty says whether everything asked for left this host (each move's report inside, a
+    failed move's too: one failing does not stop the others); dry_run: the plan alone. Raises
+    a LivemigError for what stops it before any move (UsageError: a name that is not here);
+    interrupted, the moves under way roll back, and a drain run again goes on."""
+    # loaded at first use: `import livemig` stays light for the agent and the guard, which import the package first
+    from .source.drain import drain as _drain
+    from .source.placement import DrainOrder
+    return await terminable(_drain(targets, options, only=only or (), exclude=exclude or (), pids=pids or (),
+                                   parallel=parallel, order=DrainOrder(order), dry_run=dry_run, progress=progress))
+
+
 __all__ = [
     "CheckReport",
     "CheckRow",
     "CloneReport",
     "ConnectionFailed",
     "DowntimeRefused",
+    "DrainEarlier",
+    "DrainLeft",
+    "DrainMove",
+    "DrainPlacement",
+    "DrainReport",
     "DumpError",
     "ExitCode",
     "LivemigError",
@@ -145,6 +171,7 @@ __all__ = [
     "__version__",
     "check",
     "clone",
+    "drain",
     "migrate",
     "pending",
     "plan",

@@ -16,9 +16,16 @@ EXAMPLES = """examples:
   livemig move --dry-run web1 host-b             what would happen: the mode, why, expected downtime
   livemig move web1 host-b --name web1-b         move it, named web1-b there
   livemig clone web1 host-b host-c --count 2     two running replicas of web1 on each host (podman)
+  livemig drain --to host-b,host-c               every container here off to host-b and host-c
   livemig check host-b                           can host-b take workloads from here?
   livemig recover                                after a move that could not finish (exit code 7), or was killed
   livemig completion bash > /etc/bash_completion.d/livemig
+"""
+DRAIN_EXAMPLES = """examples:
+  livemig drain --to host-b,host-c               every container here to host-b and host-c
+  livemig drain --to host-b --pid 4242 --only web1   web1 and the tree of process 4242
+  livemig drain --to host-b,host-c --dry-run     the plan: where each would go, and its expected downtime
+  livemig drain --to host-b,host-c --parallel 2 --max-bandwidth 100M --json
 """
 CLONE_EXAMPLES = """examples:
   livemig clone web1 host-b                      a replica named web1-clone on host-b
@@ -45,60 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--pid", type=int, help="move the process tree rooted at PID instead of a container")
     mv.add_argument("--runtime", choices=["podman", "runc", "crun"],
                     help="the container's runtime (default: whichever knows the container)")
-    mv.add_argument("--mode", choices=[m.value for m in Mode],
-                    help="strategy (default auto: hybrid where the kernel tracks dirty pages (soft-dirty) and "
-                         "both hosts have userfaultfd; else pre-copy, by page hashes where there is no "
-                         "soft-dirty; else stop-and-copy; the plan and the report say which and why)")
-    mv.add_argument("--max-downtime", type=float, metavar="SECONDS",
-                    help="a promise: the move is refused before the freeze (exit code 10) when its downtime "
-                         "would be longer (default: none; pre-copy aims at 0.3 s, and a longer one is told)")
-    mv.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (default 8)")
-    mv.add_argument("--no-throttle", action="store_true",
-                    help="no auto-converge: never slow the workload's CPU when pre-copy does not converge")
-    mv.add_argument("--no-fill", action="store_true",
-                    help="stop-and-copy writes the pages as image files that the restore reads back: "
-                         "slower, but the copy is whole before it runs, and the source's copy is gone "
-                         "the moment it does (by default they go into the target's memory, and into "
-                         "the copy while it runs, the source's copy waiting, stopped, until then)")
-    mv.add_argument("--no-write-protect", action="store_true",
-                    help="where the kernel has no soft-dirty, pre-copy by page hashes rather than by "
-                         "userfaultfd write-protection: nothing is run in the workload's processes, but "
-                         "every round and the final pass read all of its memory")
-    mv.add_argument("--compression-level", metavar="LEVEL",
-                    help="zstd level on the wire, 1 to 19 (default auto: chosen per move from the link's rate "
-                         "and this CPU's, on a sample of the workload's memory)")
-    mv.add_argument("--max-bandwidth", metavar="RATE",
-                    help="bytes a second the move sends at most, over all its streams together: pre-copy, "
-                         "the final pages, post-copy (its faults first), image files, bundles; K, M, G are "
-                         "powers of 1024, e.g. 50M or 1G (default: no cap)")
-    mv.add_argument("--reconnect-timeout", type=float, metavar="SECONDS",
-                    help="once the target's copy runs, how long to reach the target again if the link "
-                         "breaks, the copy waiting on its missing pages meanwhile, before that copy is "
-                         "given up (default 300)")
-    mv.add_argument("--tcp-established", action="store_true",
-                    help="move established TCP connections (with --move-address for those of a tree in the "
-                         "host's network: its clients keep their connections)")
+    _moving_flags(mv)
     mv.add_argument("--move-address", action="append", metavar="ADDR/PREFIX",
                     help="a service address that moves with the workload: off this host after the freeze, onto "
                          "the target's interface on its subnet before the restore, announced there (gratuitous "
                          "ARP, unsolicited neighbour advertisement); put back here by a rollback. Repeatable")
-    mv.add_argument("--file-locks", action="store_true",
-                    help="move the file locks the tree holds (flock, fcntl): CRIU's --file-locks on both hosts")
     mv.add_argument("--shell-job", action="store_true",
                     help="the tree was started from a terminal: refused, as its terminal cannot follow it")
-    mv.add_argument("--carry-files-max", metavar="SIZE",
-                    help="a process tree's files the target lacks (a log, a pid file) are carried over while it "
-                         "is frozen, up to SIZE bytes together (K, M, G; default 64M); more refuse the move "
-                         "before the freeze, naming them")
-    mv.add_argument("--image-root",
-                    help="where private image directories go, on both hosts (default /var/lib/livemig)")
     mv.add_argument("--name", help="the container's name on the target (default: the same name)")
-    mv.add_argument("--force", action="store_true",
-                    help="go on past must-match mismatches (podman version, network stack, kernel...) "
-                         "that can only make the restore fail, which rolls back")
-    mv.add_argument("--dry-run", action="store_true",
-                    help="run the preflight, measure the link, print the plan (mode and why, expected "
-                         "rounds and downtime) and stop: nothing is dumped or changed")
     _report_flags(mv)
 
     cl = sub.add_parser("clone", help="start running replicas of a podman container on other hosts",
@@ -120,6 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--force", action="store_true", help="go on past must-match mismatches, as for move")
     cl.add_argument("--image-root")
     _report_flags(cl)
+
+    dr = sub.add_parser("drain", help="move every workload off this host, several at once (before maintenance)",
+                        usage="livemig drain --to HOST[,HOST...] [options]",
+                        description="Move every container podman, runc and crun run on this host (or those named "
+                                    "with --only), and every process tree named with --pid, to the targets given: "
+                                    "each workload's preflight against each target first, then a placement by the "
+                                    "targets' free memory and CPUs, then the moves, --parallel at once, biggest "
+                                    "first, within one --max-bandwidth budget. A workload no target can take stays, "
+                                    "said in one line; one move failing does not stop the others. Interrupted, the "
+                                    "moves under way roll back, and `livemig drain` run again goes on. Exit code 0 "
+                                    "only if everything asked for is off this host (else 11).",
+                        epilog=DRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dr.add_argument("--to", required=True, metavar="HOST[,HOST...]",
+                    help="the targets, as ssh takes them, separated by commas")
+    _port_flag(dr)
+    dr.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
+                    help="only these containers (by name or ID)")
+    dr.add_argument("--except", nargs="+", action="extend", default=[], dest="exclude", metavar="NAME",
+                    help="every container but these")
+    dr.add_argument("--pid", nargs="+", action="extend", default=[], type=int, metavar="PID",
+                    help="process trees to move too, each by its root's PID")
+    dr.add_argument("--parallel", type=int, metavar="N",
+                    help="moves at once, at most (default: one per CPU of this host)")
+    dr.add_argument("--order", choices=["largest", "smallest"],
+                    help="which move first (default largest: the moves under way at the end are small ones)")
+    _moving_flags(dr, budget=True)
+    _report_flags(dr)
 
     ck = sub.add_parser("check", help="run the preflight checks against a host, touching nothing",
                         epilog="example:\n  livemig check host-b", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +150,60 @@ def build_parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("agent", help="the target side, started by `livemig move` over ssh")
     ag.add_argument("--image-root", default="/var/lib/livemig")
     return ap
+
+
+def _moving_flags(sub: argparse.ArgumentParser, budget: bool = False) -> None:
+    """How a move goes: move's flags, which a drain gives each of its moves (budget: --max-bandwidth
+    is the drain's, shared among its moves)."""
+    sub.add_argument("--mode", choices=[m.value for m in Mode],
+                     help="strategy (default auto: hybrid where the kernel tracks dirty pages (soft-dirty) and "
+                          "both hosts have userfaultfd; else pre-copy, by page hashes where there is no "
+                          "soft-dirty; else stop-and-copy; the plan and the report say which and why)")
+    sub.add_argument("--max-downtime", type=float, metavar="SECONDS",
+                     help="a promise: the move is refused before the freeze (exit code 10) when its downtime "
+                          "would be longer (default: none; pre-copy aims at 0.3 s, and a longer one is told)")
+    sub.add_argument("--max-rounds", type=int, help="pre-copy rounds at most (default 8)")
+    sub.add_argument("--no-throttle", action="store_true",
+                     help="no auto-converge: never slow the workload's CPU when pre-copy does not converge")
+    sub.add_argument("--no-fill", action="store_true",
+                     help="stop-and-copy writes the pages as image files that the restore reads back: "
+                          "slower, but the copy is whole before it runs, and the source's copy is gone "
+                          "the moment it does (by default they go into the target's memory, and into "
+                          "the copy while it runs, the source's copy waiting, stopped, until then)")
+    sub.add_argument("--no-write-protect", action="store_true",
+                     help="where the kernel has no soft-dirty, pre-copy by page hashes rather than by "
+                          "userfaultfd write-protection: nothing is run in the workload's processes, but "
+                          "every round and the final pass read all of its memory")
+    sub.add_argument("--compression-level", metavar="LEVEL",
+                     help="zstd level on the wire, 1 to 19 (default auto: chosen per move from the link's rate "
+                          "and this CPU's, on a sample of the workload's memory)")
+    sub.add_argument("--max-bandwidth", metavar="RATE",
+                     help=("bytes a second all the drain's moves send at most, together: each move under way "
+                           "gets an equal share, rewritten as moves start and end" if budget else
+                           "bytes a second the move sends at most, over all its streams together: pre-copy, "
+                           "the final pages, post-copy (its faults first), image files, bundles")
+                     + "; K, M, G are powers of 1024, e.g. 50M or 1G (default: no cap)")
+    sub.add_argument("--reconnect-timeout", type=float, metavar="SECONDS",
+                     help="once the target's copy runs, how long to reach the target again if the link "
+                          "breaks, the copy waiting on its missing pages meanwhile, before that copy is "
+                          "given up (default 300)")
+    sub.add_argument("--tcp-established", action="store_true",
+                     help="move established TCP connections (with --move-address for those of a tree in the "
+                          "host's network: its clients keep their connections)")
+    sub.add_argument("--file-locks", action="store_true",
+                     help="move the file locks the tree holds (flock, fcntl): CRIU's --file-locks on both hosts")
+    sub.add_argument("--carry-files-max", metavar="SIZE",
+                     help="a process tree's files the target lacks (a log, a pid file) are carried over while it "
+                          "is frozen, up to SIZE bytes together (K, M, G; default 64M); more refuse the move "
+                          "before the freeze, naming them")
+    sub.add_argument("--image-root",
+                     help="where private image directories go, on both hosts (default /var/lib/livemig)")
+    sub.add_argument("--force", action="store_true",
+                     help="go on past must-match mismatches (podman version, network stack, kernel...) "
+                          "that can only make the restore fail, which rolls back")
+    sub.add_argument("--dry-run", action="store_true",
+                     help="run the preflight, measure the link, print the plan (mode and why, expected "
+                          "rounds and downtime) and stop: nothing is dumped or changed")
 
 
 def _port_flag(sub: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from . import config, contract, criu, display, logs
 from .arguments import build_parser
 from .errors import ExitCode, LivemigError, UsageError
 from .interrupts import Terminated, run
+from .options import Options
 from .report import Listed, Recovered
 from .wire.transports.destination import Destination
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return _clone(args)
         if args.command == "recover":
             return _recover(args)
+        if args.command == "drain":
+            return _drain(args)
         return _move(args)
     except KeyboardInterrupt:       # move and clone say what was put back; check and recover are run again
         print("livemig: interrupted", file=sys.stderr)
@@ -181,6 +184,38 @@ def _config(args) -> int:
     return ExitCode.MOVED
 
 
+def _moving(args, **more) -> Options:
+    """The options a move takes from its flags (move's, and a drain's for each of its moves)."""
+    return replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
+                             throttle=_no(args.no_throttle), fill=_no(args.no_fill),
+                             write_protect=_no(args.no_write_protect), compression_level=args.compression_level,
+                             image_root=args.image_root, max_bandwidth=args.max_bandwidth,
+                             bootstrap=_no(args.no_bootstrap), carry_files_max=args.carry_files_max,
+                             reconnect_timeout=args.reconnect_timeout, **more).options,
+                   force=args.force, criu=criu.Options(tcp_established=args.tcp_established,
+                                                       shell_job=getattr(args, "shell_job", False),
+                                                       file_locks=args.file_locks))
+
+
+def _drain(args) -> int:
+    # this command's side only (see the module's doc)
+    from .source.drain import drain
+    from .source.placement import DrainOrder
+    command = "drain --dry-run" if args.dry_run else "drain"
+    try:
+        targets = [_destination(h, args.port) for h in args.to.split(",") if h.strip()]
+    except LivemigError as e:
+        return _failed(args, command, e)
+    view = None if args.json else display.Lines()
+
+    def call():
+        return drain(targets, _moving(args), only=args.only, exclude=args.exclude, pids=args.pid,
+                     parallel=args.parallel, order=DrainOrder(args.order or "largest"), dry_run=args.dry_run,
+                     progress=view)
+    return reported(args, command, call, None, "the moves under way rolled back; those done stay done: "
+                    "`livemig drain` again goes on", done=lambda r: ExitCode.MOVED if r.empty else ExitCode.NOT_EMPTY)
+
+
 def _move(args) -> int:
     # this command's side only (see the module's doc)
     from .source.migration import migrate, plan
@@ -194,22 +229,13 @@ def _move(args) -> int:
 
     def call():
         host = _destination(args.names[-1], args.port)
-        options = replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
-                                    throttle=_no(args.no_throttle),
-                                    fill=_no(args.no_fill), write_protect=_no(args.no_write_protect),
-                                    compression_level=args.compression_level, image_root=args.image_root,
-                                    max_bandwidth=args.max_bandwidth, bootstrap=_no(args.no_bootstrap),
-                                    carry_files_max=args.carry_files_max, move_addresses=args.move_address,
-                                    reconnect_timeout=args.reconnect_timeout).options,
-                          runtime=args.runtime, name=args.name, force=args.force,
-                          criu=criu.Options(tcp_established=args.tcp_established, shell_job=args.shell_job,
-                                            file_locks=args.file_locks))
+        options = replace(_moving(args, move_addresses=args.move_address), runtime=args.runtime, name=args.name)
         return (plan if args.dry_run else migrate)(what, host, options, progress=view)
-    return _report(args, "move --dry-run" if args.dry_run else "move", call, view,
-                   "nothing was changed" if args.dry_run else _undone)
+    return reported(args, "move --dry-run" if args.dry_run else "move", call, view,
+                   "nothing was changed" if args.dry_run else undone)
 
 
-def _undone(report) -> str:
+def undone(report) -> str:
     """What an interrupted move left, from its report."""
     if report is not None and report.outcome == "failed":      # stopped before the workload was touched
         return "nothing was changed, the workload runs on the source"
@@ -227,10 +253,10 @@ def _clone(args) -> int:
                           runtime=args.runtime, force=args.force)
         return clone(args.container, [_destination(h, args.port) for h in args.hosts], options, name=args.name, count=args.count,
                      keep_name=args.keep_name, progress=view)
-    return _report(args, "clone", call, view, "no replica is left; the original runs on")
+    return reported(args, "clone", call, view, "no replica is left; the original runs on")
 
 
-def _report(args, command: str, call, view, interrupted) -> int:
+def reported(args, command: str, call, view, interrupted, done=lambda report: ExitCode.MOVED) -> int:
     """Run call() (a migration, its plan or a clone) under view (None: nothing shown while it
     runs) and print its report or its error (with --json, the report, or a Failure where
     there is none: a dry run's is a move's that never was). interrupted: what an interrupt
@@ -242,7 +268,7 @@ def _report(args, command: str, call, view, interrupted) -> int:
         what, code = ("terminated", ExitCode.TERMINATED) if isinstance(e, Terminated) else \
             ("interrupted", ExitCode.INTERRUPTED)
         report = getattr(e, "report", None)
-        where = report.failed_phase if report is not None and report.failed_phase else ""
+        where = getattr(report, "failed_phase", "") or ""      # (a drain's is its moves')
         said = interrupted(report) if callable(interrupted) else interrupted
         say(f"livemig: {where}{': ' if where else ''}{what}: {said}", err=True)
         if args.json:
@@ -258,11 +284,12 @@ def _report(args, command: str, call, view, interrupted) -> int:
         else:
             _explain(e, args.verbose)
         return e.exit_code
+    code = done(report)
     if args.json:
-        print(contract.document(command, report.to_dict(), ExitCode.MOVED))   # JSON escapes every control character
+        print(contract.document(command, report.to_dict(), code))   # JSON escapes every control character
     else:
         say(report.summary())
-    return ExitCode.MOVED
+    return code
 
 
 def _explain(e: LivemigError, verbose: bool) -> None:

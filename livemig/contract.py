@@ -24,6 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .drainreport import DrainReport
 from .fielddocs import field_docs
 from .report import (
     CheckReport,
@@ -44,6 +45,7 @@ SCHEMAS = Path(__file__).parent / "schemas"
 BODIES: dict[str, type | None] = {
     "move": Report, "move --dry-run": Plan, "clone": CloneReport, "check": CheckReport,
     "recover": Recovered, "recover --list": Listed, "config": None,
+    "drain": DrainReport, "drain --dry-run": DrainReport,
 }
 _COMPUTED: dict[type, dict[str, Any]] = {RoundReport: {"compression_ratio": {    # Report.to_dict adds it
     "type": "number", "description": "bytes_raw over bytes_wire, to two places (1.0: nothing crossed)"}}}
@@ -63,6 +65,8 @@ def failure(command: str, message: str, phase: str | None, exit_code: int, host:
 # --- the schemas ------------------------------------------------------------------------
 def _of(t: Any) -> dict[str, Any]:
     """A Python type, as JSON Schema."""
+    if t is Any:
+        return {}       # any JSON at all (a drain's move's own object: its Report, or its Failure)
     origin, args = typing.get_origin(t), typing.get_args(t)
     if origin in (typing.Union, types.UnionType):
         return {"anyOf": [_of(a) for a in args]}

@@ -17,6 +17,7 @@ from .progress import (
     Cautioned,
     Connecting,
     Copied,
+    Draining,
     Event,
     Fetching,
     Finishing,
@@ -56,6 +57,8 @@ def line(e: Event) -> str | None:
     """The line a step gets; None for the events that only move a bar."""
     if isinstance(e, Connecting):
         return f"connecting to {e.host}..."
+    if isinstance(e, Draining):
+        return e.text
     if isinstance(e, ModeChosen):
         return f"mode {e.mode}: {e.reason} ({_mib(e.memory_bytes)} resident)"
     if isinstance(e, Copied):

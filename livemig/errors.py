@@ -18,6 +18,7 @@ from enum import IntEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .drainreport import DrainReport
     from .report import CloneReport, Report
 
 
@@ -34,6 +35,7 @@ class ExitCode(IntEnum):
     EXITED = 8
     TARGET_LOST = 9
     DOWNTIME = 10
+    NOT_EMPTY = 11
     INTERRUPTED = 130
     TERMINATED = 143
 
@@ -52,6 +54,8 @@ EXIT_CODES_SAID = {
                            "only `livemig recover --target-lost` runs it again (what the other did is lost)"),
     ExitCode.DOWNTIME: ("the downtime would be over --max-downtime: refused before the freeze; it runs on the "
                         "source (the report's expected_downtime_seconds, and the error's hint: what it takes)"),
+    ExitCode.NOT_EMPTY: ("drain: something asked for is still on this host, each such workload's line in the "
+                         "report saying why (no target takes it, or its move failed); the rest moved"),
     ExitCode.INTERRUPTED: "Ctrl-C: rolled back, it runs on the source",
     ExitCode.TERMINATED: "SIGTERM: rolled back, as for Ctrl-C",
 }
@@ -80,7 +84,7 @@ class LivemigError(Exception):
                  hint: str | None = None, detail: str | None = None):
         super().__init__(message)
         self.message, self.phase, self.host, self.hint, self.detail = message, phase, host, hint, detail
-        self.report: Report | CloneReport | None = None   # the move's (or clone's) so far, if it got that far
+        self.report: Report | CloneReport | DrainReport | None = None   # the move's (or clone's) so far, if it got that far
 
     def __str__(self) -> str:
         where = " ".join(x for x in (self.phase, f"on {self.host}" if self.host else None) if x)

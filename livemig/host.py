@@ -35,7 +35,8 @@ async def probe(pids: list[int], image_root: str) -> HostFacts:
         criu_version=version, features=features, free_bytes=st.f_bavail * st.f_frsize,
         mem_available=mem_available(), pids_taken=[pid for pid in pids if os.path.exists(f"/proc/{pid}")],
         addresses=addresses.local(), nonlocal_bind=addresses.nonlocal_bind(),
-        unprivileged_uffd=_sysctl("vm/unprivileged_userfaultfd") == "1")
+        unprivileged_uffd=_sysctl("vm/unprivileged_userfaultfd") == "1",
+        cpus=len(os.sched_getaffinity(0)), load=os.getloadavg()[0])
 
 
 def _sysctl(name: str) -> str:

@@ -7,7 +7,7 @@ after it on its line); a unit test holds every field to having one.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from . import criu
@@ -72,6 +72,19 @@ class Options:
     #: the source after the freeze, put on the target's interface on their subnet before the restore,
     #: announced there once the copy runs; put back on the source by a rollback.
     move_addresses: tuple[str, ...] = ()
+    #: A drain's move (source/drain.py): the file where the drain keeps this move's share of its
+    #: --max-bandwidth (bytes a second, changed as moves start and end), read again as the move goes;
+    #: "": the move's own max_bandwidth alone
+    bandwidth_share: str = ""
+
+    def to_dict(self) -> dict:
+        """As JSON holds it (from_dict reads it back): how a drain hands each move its options."""
+        return {**asdict(self), "mode": self.mode.value}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Options:
+        return cls(**{**d, "mode": Mode(d["mode"]), "criu": criu.Options(**d["criu"]),
+                      "agent_command": tuple(d["agent_command"]), "move_addresses": tuple(d["move_addresses"])})
 
     @property
     def downtime_budget(self) -> float:

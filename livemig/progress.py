@@ -122,8 +122,14 @@ class Cautioned:
     text: str
 
 
+@dataclass(frozen=True)
+class Draining:
+    """A drain's step (source/drain.py): a workload planned, placed, moving, moved or left here."""
+    text: str
+
+
 Event = (Connecting | ModeChosen | Copied | RoundDone | Throttled | Stepping | Sending | Running | Fetching
-         | Finishing | Reconnecting | Reconnected | Cautioned)
+         | Finishing | Reconnecting | Reconnected | Cautioned | Draining)
 Callback = Callable[[Event], None]
 
 

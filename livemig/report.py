@@ -294,6 +294,9 @@ class Plan:
     precopy_tracking: str = ""
     compression_level: int = 0    #: the zstd level the move would use (chosen as a move chooses it)
     compression_reason: str = ""  #: why that level
+    target_memory_available_bytes: int = 0   #: the target's MemAvailable, as its preflight found it
+    target_cpus: int = 0          #: CPUs on the target (0: its livemig did not say)
+    target_load: float = 0.0      #: the target's load average over the last minute
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,6 +18,7 @@ same for all of them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..criu import NO_OPTIONS, Options
@@ -26,8 +27,8 @@ from ..wire import protocol as p
 from . import oci, podman, process
 from .workload import DumpRun, StopPages, Workload
 
-__all__ = ["CONTAINER_RUNTIMES", "DumpRun", "StopPages", "Workload", "control", "known", "resolve",
-           "restore_command"]
+__all__ = ["CONTAINER_RUNTIMES", "DumpRun", "Hosted", "StopPages", "Workload", "control", "hosted", "known",
+           "resolve", "restore_command"]
 
 async def resolve(what: str | int, runtime: str | None, criu_opts: Options, work: Path) -> Workload:
     """The workload the user named: a PID (process tree), or a container name or ID. podman
@@ -45,6 +46,29 @@ async def resolve(what: str | int, runtime: str | None, criu_opts: Options, work
 
 
 CONTAINER_RUNTIMES = ("podman", "runc", "crun")
+_UP = ("running", "paused")     # what a host runs: a paused container is still there (its move is refused, and says why)
+
+
+@dataclass(frozen=True)
+class Hosted:
+    """A container this host runs, under the runtime that moves it."""
+    runtime: str
+    name: str       # its name (podman), or its ID (runc, crun: the two are one)
+
+
+async def hosted() -> list[Hosted]:
+    """Every container podman, runc and crun run here, running or paused, each once: podman's
+    run under runc or crun too, and may be listed there, but only podman brings them back
+    registered, so they are podman's."""
+    found, podmans = [], set()
+    for c in await podman.listed():
+        podmans.add(c.get("Id", ""))
+        if str(c.get("State", "")).lower() in _UP:
+            found.append(Hosted("podman", (c.get("Names") or [c.get("Id", "")])[0]))
+    for rt in oci.RUNTIMES:
+        found += [Hosted(rt, c["id"]) for c in await oci.listed(rt)
+                  if c.get("status") in _UP and c.get("id") not in podmans]
+    return found
 
 
 async def known(c: p.Container) -> bool:

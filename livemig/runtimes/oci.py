@@ -95,6 +95,21 @@ async def state(runtime: str, container: str) -> dict | None:
         return None
 
 
+async def listed(runtime: str) -> list[dict]:
+    """Every container runtime knows here, as its `list` gives them (id, pid, status, bundle);
+    none where it is not installed."""
+    try:
+        res = await proc.run([runtime, "list", "--format", "json"], check=False)
+    except CommandFailed:      # the runtime is not installed: it runs nothing
+        return []
+    if res.returncode != 0:
+        raise PreflightError(f"`{runtime} list` failed: {proc.why(res.stderr)}")
+    try:
+        return json.loads(res.stdout) or []      # (runc prints null for none)
+    except ValueError:
+        raise PreflightError(f"`{runtime} list` printed what is not JSON") from None
+
+
 async def version(runtime: str) -> str:
     try:
         res = await proc.run([runtime, "--version"], check=False)

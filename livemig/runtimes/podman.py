@@ -42,6 +42,21 @@ async def inspect(name: str) -> dict | None:
     return found
 
 
+async def listed() -> list[dict]:
+    """Every container podman knows here, as `podman ps --all` gives them (Id, Names, State);
+    none where it is not installed."""
+    try:
+        res = await proc.run(["podman", "ps", "--all", "--format", "json"], check=False)
+    except CommandFailed:      # podman is not installed: it runs nothing
+        return []
+    if res.returncode != 0:
+        raise PreflightError(f"`podman ps` failed: {proc.why(res.stderr)}")
+    try:
+        return json.loads(res.stdout) or []
+    except ValueError:
+        raise PreflightError("`podman ps` printed what is not JSON") from None
+
+
 async def facts() -> dict[str, str]:
     """What the seeds say must match on both hosts, as podman reports it."""
     try:

@@ -73,7 +73,7 @@ class Migration:
         m = self.m
         t0 = time.monotonic()
         m.report.started_at = now()
-        cap = bandwidth.Cap(m.options.max_bandwidth)
+        cap = bandwidth.Cap(m.options.max_bandwidth, m.options.bandwidth_share)
         capping = bandwidth.current.set(cap)     # every stream the move opens from here on
         m.report.max_bandwidth_bytes_per_s = m.options.max_bandwidth
         try:
@@ -237,14 +237,15 @@ class Migration:
         m.progress(ModeChosen(mode, why, memory))
         return Mode(mode)
 
-    async def dry_run(self) -> Plan:
-        """The preflight and a measure of the link, and what the move would do: nothing is
+    async def dry_run(self, link: float | None = None) -> Plan:
+        """The preflight and a measure of the link (link: measured already, by the caller's
+        plan of another workload to the same target), and what the move would do: nothing is
         dumped, paused or changed on either host."""
         m = self.m
         try:
             try:
                 mode = await self.preflight()
-                link = m.link_bytes_per_s = await m.to.measure_link(m.work)
+                link = m.link_bytes_per_s = link or await m.to.measure_link(m.work)
                 await compressing.choose(m)     # (the link measured once: downtime.link_rate)
             except p.RemoteFailure as e:
                 raise remote_error(e, m.phase, m.target) from None
@@ -259,7 +260,8 @@ class Migration:
 
             def estimate(mode: str) -> policy.Estimate:
                 return downtime.estimate(m, mode, downtime.fills_in(m, mode), link, ratio)[0]
-            r = m.report
+            r, there = m.report, m.to.facts
+            assert there is not None      # (the preflight's answer from the target)
             r.shared_memory_bytes = host.shared_memory_bytes(pids)
             est = estimate(mode.value)
             return Plan(workload=str(m.what), runtime=r.runtime, source=r.source, target=m.target,
@@ -270,7 +272,9 @@ class Migration:
                         shared_memory_bytes=r.shared_memory_bytes, max_downtime_seconds=m.options.max_downtime,
                         expected_downtime_by_mode={x: estimate(x).downtime for x in m.modes_here},
                         precopy_tracking=r.precopy_tracking, compression_level=r.compression_level,
-                        compression_reason=r.compression_reason)
+                        compression_reason=r.compression_reason,
+                        target_memory_available_bytes=there.mem_available, target_cpus=there.cpus,
+                        target_load=there.load)
         finally:
             await self.close()
 
@@ -374,11 +378,12 @@ async def migrate(what: int | str, target: str, options: Options = DEFAULTS, *,
 
 async def plan(what: int | str, target: str, options: Options = DEFAULTS, *,
                progress: Callable[[Event], None] | None = None,
-               transport_factory: Connector | None = None) -> Plan:
-    """What migrate() would do, found by its preflight and a measure of the link; changes nothing."""
+               transport_factory: Connector | None = None, link: float | None = None) -> Plan:
+    """What migrate() would do, found by its preflight and a measure of the link (link: its rate,
+    measured already); changes nothing."""
     try:
         return await Migration(what, target, options, transport_factory or ssh_connector(options),
-                               progress).dry_run()
+                               progress).dry_run(link)
     except link_errors() as e:
         raise lost_link(e, target) from None
 

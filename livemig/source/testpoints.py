@@ -6,6 +6,9 @@ import os
 import signal
 
 STOP_FOR_TESTS = "LIVEMIG_TEST_STOP_AT"
+# A drain's moves (each in a process of its own) stop at this one's point: LIVEMIG_TEST_STOP_AT
+# is the drain's own ("drain-moved": once a move of it ended).
+MOVES_STOP_FOR_TESTS = "LIVEMIG_TEST_MOVES_STOP_AT"
 
 
 def stop_for_tests(point: str) -> None:
@@ -19,6 +22,13 @@ def stop_for_tests(point: str) -> None:
     CRIU's journal not yet written: the source's copy not given up), "released" (the source's copy given
     up, the target's not yet resumed), "running" (post-copy or a fill: the target's copy
     resumed, pages still to come) and "whole" (the running copy has every page, the
-    source's copy waits, stopped)."""
+    source's copy waits, stopped). A drain (drain.py) has one of its own: "drain-moved" (a move
+    of it just ended, and the next not begun)."""
     if os.environ.get(STOP_FOR_TESTS) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def moves_stop_for_tests() -> dict[str, str]:
+    """The environment a drain's move gets for the lab's tests: its own stop, if one was asked."""
+    point = os.environ.get(MOVES_STOP_FOR_TESTS)
+    return {STOP_FOR_TESTS: point} if point else {}

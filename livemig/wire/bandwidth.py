@@ -12,6 +12,9 @@ and within the cap; over any second the move sends at most the cap, one piece an
 worth. A link slower than the cap banks
 no credit: the clock never runs behind the present.
 
+A drain's moves share one budget (source/drain.py): each move's Cap reads its share, which the
+drain rewrites as moves start and end, from a file, again every SIZES.capped_bucket seconds.
+
 The Cap also counts what it let through in SIZES.capped_bucket-long slots, with or without a rate,
 so that the report can say the highest rate the move reached over SIZES.capped_window seconds.
 """
@@ -23,6 +26,7 @@ import contextvars
 import re
 import time
 from collections import defaultdict, deque
+from pathlib import Path
 
 from ..options import SIZES
 
@@ -52,10 +56,13 @@ def parse_rate(text) -> int:
 
 
 class Cap:
-    """One move's share of the link: rate bytes a second at most (None: no cap, counted only)."""
+    """One move's share of the link: rate bytes a second at most (None: no cap, counted only);
+    share: the file a drain keeps this move's share of its budget in (the lower of the two holds)."""
 
-    def __init__(self, rate: float | None = None):
-        self.rate = rate
+    def __init__(self, rate: float | None = None, share: str = ""):
+        self.rate, self._own, self._share = rate, rate, share
+        self._share_read = -SIZES.capped_bucket
+        self._reshare()
         self._clock = 0.0         # when the pieces granted so far will have had their share
         self._waiting: tuple[deque, deque] = (deque(), deque())     # (urgent, the rest): (bytes, future)
         self._granting: asyncio.Task | None = None
@@ -65,6 +72,7 @@ class Cap:
     async def take(self, n: int, urgent: bool = False) -> None:
         """Wait until n more bytes may go (n at most SIZES.capped_piece, for the cap to hold); they are
         counted as sent from then on."""
+        self._reshare()
         if self.rate is not None:
             granted = asyncio.get_running_loop().create_future()
             self._waiting[0 if urgent else 1].append((n, granted))
@@ -81,6 +89,7 @@ class Cap:
             if granted.done():        # its writer was cancelled: its share goes to the next
                 queue.popleft()
                 continue
+            self._reshare()
             now = time.monotonic()
             if self._clock - now > SIZES.capped_ahead:
                 await asyncio.sleep(self._clock - now)
@@ -88,6 +97,18 @@ class Cap:
             queue.popleft()
             self._clock = max(self._clock, now) + n / self.rate
             granted.set_result(None)
+
+    def _reshare(self) -> None:
+        """A drain's move: its share of the budget, read again once a bucket's time has passed."""
+        now = time.monotonic()
+        if not self._share or now - self._share_read < SIZES.capped_bucket:
+            return
+        self._share_read = now
+        try:
+            shared = float(Path(self._share).read_text())
+        except (OSError, ValueError):   # (the drain writes it whole, by rename: a drain gone: its last share holds)
+            return
+        self.rate = shared if self._own is None else min(self._own, shared)
 
     def count(self, n: int) -> None:
         self.sent += n

@@ -111,3 +111,18 @@ async def test_without_a_cap_nothing_waits_and_all_is_counted():
     for _ in range(100):
         await cap.take(SIZES.capped_piece)
     assert time.monotonic() - t0 < 1 and cap.sent == 100 * SIZES.capped_piece and cap.peak() > 0
+
+
+async def test_a_drains_move_keeps_to_its_share_as_the_drain_rewrites_it(tmp_path):
+    share = tmp_path / "share"
+    share.write_text(str(8 << 20))
+    cap = bandwidth.Cap(None, str(share))
+    assert cap.rate == 8 << 20                  # read at once
+    share.write_text(str(2 << 20))              # another move started
+    await cap.take(SIZES.capped_piece)
+    assert cap.rate == 8 << 20                  # read again only once a bucket's time has passed
+    await asyncio.sleep(SIZES.capped_bucket)
+    await cap.take(SIZES.capped_piece)
+    assert cap.rate == 2 << 20
+    own = bandwidth.Cap(1 << 20, str(share))    # its own cap, lower, holds
+    assert own.rate == 1 << 20

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from livemig import contract
+from livemig.drainreport import (
+    DrainEarlier,
+    DrainLeft,
+    DrainMove,
+    DrainPlacement,
+    DrainReport,
+)
 from livemig.errors import ExitCode
 from livemig.report import CloneReport, Plan, Replica, Report, RoundReport, Settled
 from tests.contract import command_of, held
@@ -39,10 +48,20 @@ def _livemig(*argv: str, env: dict[str, str] | None = None) -> subprocess.Comple
     (["check", "--json", "nowhere.invalid"], {"LIVEMIG_MODE": "sideways"}, ExitCode.USAGE, "preflight"),
     (["clone", "--json", "web1"], {}, ExitCode.USAGE, "usage"),
     (["config", "--json"], {"LIVEMIG_MAX_ROUNDS": "many"}, ExitCode.USAGE, ""),
-], ids=["dry run", "move", "move without a host", "an unknown flag", "check", "clone without a host", "config"])
+    (["drain", "--json", "--only", "web1"], {}, ExitCode.USAGE, "usage"),
+    (["drain", "--json", "--to", "nowhere.invalid", "--parallel", "0"], {}, ExitCode.USAGE, ""),
+    # (a root short enough for the moves' sockets: the drain checks it for them)
+    (["drain", "--json", "--dry-run", "--to", "nowhere.invalid", "--pid", "999999", "--image-root", "SHORT"], {},
+     ExitCode.USAGE, ""),
+], ids=["dry run", "move", "move without a host", "an unknown flag", "check", "clone without a host", "config",
+        "drain without a target", "drain none at once", "drain a PID not here"])
 def test_a_command_that_fails_before_its_report_prints_one_object_saying_why(tmp_path, argv, env, code, phase):
-    argv = [str(tmp_path) if a == "ROOT" else a for a in argv]
-    res = _livemig(*argv, env=env)
+    short = Path(tempfile.mkdtemp(prefix="lm-"))
+    argv = [str(tmp_path) if a == "ROOT" else str(short) if a == "SHORT" else a for a in argv]
+    try:
+        res = _livemig(*argv, env=env)
+    finally:
+        shutil.rmtree(short)
     assert res.returncode == code, res.stderr
     command = command_of(["livemig", *argv])
     assert command is not None
@@ -66,8 +85,14 @@ def test_reports_in_full_hold_to_their_schemas():
     clone = CloneReport("a", "web1", replicas=[Replica("b", "web1-clone", 7)])
     plan = Plan("4242", "process", "a", "b", "precopy", "why", 1, 1 << 20, 1e8, 0.1, 0.3, "1 to 8", "note",
                 expected_downtime_by_mode={"stopcopy": 0.5})
+    drained = DrainReport("a", ["b", "c"], False, placements=[DrainPlacement("4242", "process", "b", 1 << 20, 0.1,
+                                                                             "precopy", 0.3, plan)],
+                          moves=[DrainMove("4242", "process", "b", "moved", 0, report=report.to_dict())],
+                          unplaced=[DrainLeft("web1", "runc", "b: no runc there")],
+                          earlier=[DrainEarlier("web2", "podman", "c", "2026-12-05T12:00:00.000+00:00")], empty=False)
     for command, body in (("move", report.to_dict()), ("clone", clone.to_dict()), ("move --dry-run", plan.to_dict()),
-                          ("recover", {"settled": [vars(Settled("m", "b", "PID 1", "moved", "d"))]})):
+                          ("recover", {"settled": [vars(Settled("m", "b", "PID 1", "moved", "d"))]}),
+                          ("drain", drained.to_dict())):
         doc = held(command, contract.document(command, body, 0).encode(), 0)
         assert doc["schema"] == contract.SCHEMA and doc["command"] == command
 

@@ -57,7 +57,7 @@ def test_an_error_from_the_target_reaches_the_terminal_escaped(capsys):
     def call():
         raise LivemigError(HOSTILE, phase="restore", host="b", detail=HOSTILE)
     args = types.SimpleNamespace(json=False, verbose=True)
-    assert cli._report(args, "move", call, None, "x") != 0
+    assert cli.reported(args, "move", call, None, "x") != 0
     err = capsys.readouterr().err
     assert "owned" in err and not any(c in err for c in "\x1b\x07\r\x9b\u202e")
 
