@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.held import wait_stopped
+from tests.test_bandwidth import WireWatch
 from tests.test_containers import Counter
 from tests.waiting import eventually
 
@@ -201,4 +202,34 @@ def test_a_drain_interrupted_or_killed_rolls_back_its_moves_under_way_and_goes_o
     assert [(e["workload"], e["target"]) for e in report["earlier"]] == [(gone, first[gone])]
     final = here.assert_each_once_and_whole()
     assert "a" not in final.values()
+    assert leftovers(lab3) == {h: ([], []) for h in ("a", *TARGETS)}
+
+
+BUDGET = 4 << 20         # "4M": far below what the lab's link and CPUs move, so the budget binds
+
+
+def test_a_drains_moves_keep_to_one_budget_together_on_the_wire(lab3):
+    works = [lab3.start_workload("a", mib=48, dirty_mibps=1, port=port) for port in (7821, 7822)]
+    before = {w.port: w.query("a") for w in works}
+    with WireWatch(lab3, "a") as wire:
+        # level 1 pinned: capped, a move chooses a level that sends far less of memcounter's pages,
+        # and the premise (some 48 MiB on the wire: 12 s at the budget) counts them at half their size
+        report = drain(lab3, "--pid", *(str(w.pid) for w in works), "--parallel", "2", "--max-bandwidth", "4M",
+                       "--compression-level", "1")
+    assert report["empty"] and report["max_bandwidth_bytes_per_s"] == BUDGET
+    sent = sum(m["report"]["wire_bytes"] for m in report["moves"])
+    assert sent > 32 << 20                                  # the premise: the budget binds for seconds
+    assert max(m["started_seconds"] for m in report["moves"]) < 1.0      # both at once
+    # together they kept to it: no second of a's sending went over it by more than 10 %, and
+    # the moves took at least what the budget allows for what they sent
+    rates = wire.rates()
+    assert len([r for r in rates if r > BUDGET / 4]) >= 5, rates
+    assert max(rates) <= 1.1 * BUDGET, rates
+    assert report["moving_seconds"] >= (sent - 2 * (64 << 10)) / BUDGET
+    for w in works:
+        [on] = [m["target"] for m in report["moves"] if m["workload"] == str(w.pid)]
+        now = w.query(on, wait=10)
+        assert now["counter"] > before[w.port]["counter"]
+        assert w.query(on, "verify")["bad_pages"] == 0
+        lab3.run(on, ["kill", str(w.pid)])
     assert leftovers(lab3) == {h: ([], []) for h in ("a", *TARGETS)}

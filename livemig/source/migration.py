@@ -242,6 +242,7 @@ class Migration:
         plan of another workload to the same target), and what the move would do: nothing is
         dumped, paused or changed on either host."""
         m = self.m
+        capping = bandwidth.current.set(bandwidth.Cap(m.options.max_bandwidth))    # the measure too, as a move's
         try:
             try:
                 mode = await self.preflight()
@@ -276,6 +277,7 @@ class Migration:
                         target_memory_available_bytes=there.mem_available, target_cpus=there.cpus,
                         target_load=there.load)
         finally:
+            bandwidth.current.reset(capping)
             await self.close()
 
     async def inspect(self) -> tuple[list[checks.Check], str, str]:
