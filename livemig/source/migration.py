@@ -238,9 +238,8 @@ class Migration:
         return Mode(mode)
 
     async def dry_run(self, link: float | None = None) -> Plan:
-        """The preflight and a measure of the link (link: measured already, by the caller's
-        plan of another workload to the same target), and what the move would do: nothing is
-        dumped, paused or changed on either host."""
+        """The preflight and a measure of the link (link: measured already, by another plan to the
+        same target), and what the move would do: nothing is dumped, paused or changed anywhere."""
         m = self.m
         capping = bandwidth.current.set(bandwidth.Cap(m.options.max_bandwidth))    # the measure too, as a move's
         try:
@@ -273,9 +272,8 @@ class Migration:
                         shared_memory_bytes=r.shared_memory_bytes, max_downtime_seconds=m.options.max_downtime,
                         expected_downtime_by_mode={x: estimate(x).downtime for x in m.modes_here},
                         precopy_tracking=r.precopy_tracking, compression_level=r.compression_level,
-                        compression_reason=r.compression_reason,
-                        target_memory_available_bytes=there.mem_available, target_cpus=there.cpus,
-                        target_load=there.load)
+                        compression_reason=r.compression_reason, target_memory_available_bytes=there.mem_available,
+                        target_cpus=there.cpus, target_load=there.load)
         finally:
             bandwidth.current.reset(capping)
             await self.close()
