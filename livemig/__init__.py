@@ -123,10 +123,10 @@ async def clone(what: str, hosts: list[str], options: Options = _DEFAULTS, *, na
 
 async def drain(targets: list[str], options: Options = _DEFAULTS, *, only: list[str] | None = None,
                 exclude: list[str] | None = None, pids: list[int] | None = None, parallel: int | None = None,
-                order: str = "largest", dry_run: bool = False, progress: Callback | None = None) -> DrainReport:
+                order: str = "smallest", dry_run: bool = False, progress: Callback | None = None) -> DrainReport:
     """`livemig drain`: every container podman, runc and crun run here (only: those named;
     exclude: all but those), and the process trees rooted at pids, moved to targets, parallel
-    at once (None: one per CPU here), "largest" or "smallest" first, within one
+    at once (None: one per CPU here), "smallest" (the default) or "largest" first, within one
     Options.max_bandwidth budget shared among the moves under way. Returns a DrainReport whose
     .empty says whether everything asked for left this host (each move's report inside, a
     failed move's too: one failing does not stop the others); dry_run: the plan alone. Raises

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Move every container podman, runc and crun run on this host (or those named "
                                     "with --only), and every process tree named with --pid, to the targets given: "
                                     "each workload's preflight against each target first, then a placement by the "
-                                    "targets' free memory and CPUs, then the moves, --parallel at once, biggest "
+                                    "targets' free memory and CPUs, then the moves, --parallel at once, smallest "
                                     "first, within one --max-bandwidth budget. A workload no target can take stays, "
                                     "said in one line; one move failing does not stop the others. Interrupted, the "
                                     "moves under way roll back, and `livemig drain` run again goes on. Exit code 0 "
@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="process trees to move too, each by its root's PID")
     dr.add_argument("--parallel", type=int, metavar="N",
                     help="moves at once, at most (default: one per CPU of this host)")
-    dr.add_argument("--order", choices=["largest", "smallest"],
-                    help="which move first (default largest: the moves under way at the end are small ones)")
+    dr.add_argument("--order", choices=["smallest", "largest"],
+                    help="which move first (default smallest: most workloads are off this host soonest, and it is "
+                         "empty no later, as measured)")
     _moving_flags(dr, budget=True)
     _report_flags(dr)
 

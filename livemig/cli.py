@@ -210,7 +210,7 @@ def _drain(args) -> int:
 
     def call():
         return drain(targets, _moving(args), only=args.only, exclude=args.exclude, pids=args.pid,
-                     parallel=args.parallel, order=DrainOrder(args.order or "largest"), dry_run=args.dry_run,
+                     parallel=args.parallel, order=DrainOrder(args.order or "smallest"), dry_run=args.dry_run,
                      progress=view)
     return reported(args, command, call, None, "the moves under way rolled back; those done stay done: "
                     "`livemig drain` again goes on", done=lambda r: ExitCode.MOVED if r.empty else ExitCode.NOT_EMPTY)

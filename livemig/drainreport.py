@@ -74,7 +74,7 @@ class DrainReport:
     moving_seconds: float = 0.0   #: from the first move's start to the last one's end: the time to empty the host
     parallel: int = 1             #: moves at once, at most
     parallel_reason: str = ""     #: why that many
-    order: str = "largest"        #: which moved first: "largest" or "smallest"
+    order: str = "smallest"       #: which moved first: "smallest" or "largest"
     order_reason: str = ""        #: why
     max_bandwidth_bytes_per_s: int | None = None   #: the budget all moves shared (None: no cap)
     #: moves an earlier drain or move left unfinished here, settled before anything else moved

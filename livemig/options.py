@@ -76,6 +76,9 @@ class Options:
     #: --max-bandwidth (bytes a second, changed as moves start and end), read again as the move goes;
     #: "": the move's own max_bandwidth alone
     bandwidth_share: str = ""
+    #: bytes a second the link to the target carries, measured already (a drain's plan: its share of
+    #: it), taken instead of a measure of the move's own; None: measured
+    link_rate: float | None = None
 
     def to_dict(self) -> dict:
         """As JSON holds it (from_dict reads it back): how a drain hands each move its options."""

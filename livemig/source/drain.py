@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,16 +61,16 @@ from .testpoints import moves_stop_for_tests, stop_for_tests
 
 DONE = "drained.json"      # under the image root: {runtime:workload: {target, moved_at}} of every drain's moves
 ORDER_REASON = {
-    DrainOrder.LARGEST: ("the biggest first: the last moves under way are small ones, which end together, "
-                         "rather than one big move going on alone (bench/drain.py measures both)"),
-    DrainOrder.SMALLEST: "the smallest first: --order smallest",
+    DrainOrder.SMALLEST: ("the smallest first: most workloads are off this host soonest, and it is empty no later "
+                          "(measured side by side: bench/results/2026-12-06T17-15-29-drain.md)"),
+    DrainOrder.LARGEST: "the biggest first: --order largest",
 }
 _DEFAULTS = Options()
 
 
 async def drain(targets: Sequence[str], options: Options = _DEFAULTS, *, only: Sequence[str] = (),
                 exclude: Sequence[str] = (), pids: Sequence[int] = (), parallel: int | None = None,
-                order: DrainOrder = DrainOrder.LARGEST, dry_run: bool = False,
+                order: DrainOrder = DrainOrder.SMALLEST, dry_run: bool = False,
                 progress: Callback | None = None, transport_factory: Connector | None = None) -> DrainReport:
     """Move every workload asked for off this host (see the module's doc); the report says
     where each went. An interrupt rolls back the moves under way and raises, the report in
@@ -134,6 +134,11 @@ async def find(r: DrainReport, options: Options, only: Sequence[str], exclude: S
     anything is touched."""
     done = _done(options.image_root)
     here = await runtimes.hosted()
+    back = [f"{h.runtime}:{h.name}" for h in here if f"{h.runtime}:{h.name}" in done]
+    back += [f"process:{pid}" for pid in pids if f"process:{pid}" in done and os.path.exists(f"/proc/{pid}")]
+    if back:
+        forget(options.image_root, back)     # here again (moved back): no longer away
+        done = _done(options.image_root)
     found = []
     if only:
         for name in only:
@@ -144,6 +149,10 @@ async def find(r: DrainReport, options: Options, only: Sequence[str], exclude: S
                 _earlier_or_refuse(r, done, name, f"no container {name!r} here (podman, runc and crun know none)")
     else:
         found = [Candidate(h.runtime, h.name) for h in here if h.name not in exclude]
+        # (every container is asked for: those earlier drains moved, and still away, are said)
+        r.earlier += [DrainEarlier(key.split(":", 1)[1], key.split(":", 1)[0], v["target"], v["moved_at"])
+                      for key, v in done.items() if not key.startswith("process:")
+                      and key.split(":", 1)[1] not in exclude]
     for pid in pids:
         if os.path.exists(f"/proc/{pid}"):
             found.append(Candidate("process", str(pid)))
@@ -171,14 +180,23 @@ def _done(image_root: str) -> dict:
 
 def remember(image_root: str, key: str, target: str) -> None:
     """Note in DONE that the workload key moved to target: said by the move itself, once it
-    moved (onemove.py), so that a drain killed meanwhile still knows it; each move's own note
-    under a lock, as several end at once."""
+    moved (onemove.py), so that a drain killed meanwhile still knows it."""
+    _rewrite(image_root, lambda done: done.update({key: {"target": target, "moved_at": now()}}))
+
+
+def forget(image_root: str, keys: list[str]) -> None:
+    """Take keys out of DONE: those workloads are here again."""
+    _rewrite(image_root, lambda done: [done.pop(k, None) for k in keys])
+
+
+def _rewrite(image_root: str, change: Callable[[dict], object]) -> None:
+    """DONE changed by change, under a lock (several moves end at once), written whole (by rename)."""
     root = Path(image_root)
     with open(root / f"{DONE}.lock", "a") as lock:
         os.chmod(lock.name, 0o600)
         fcntl.flock(lock, fcntl.LOCK_EX)        # (released as it closes)
         done = _done(image_root)
-        done[key] = {"target": target, "moved_at": now()}
+        change(done)
         fresh = root / f"{DONE}.new"
         fresh.write_text(json.dumps(done, indent=1))
         os.chmod(fresh, 0o600)
@@ -271,7 +289,9 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
             reshare()
             tell(Draining(f"moving {named(m.runtime, m.workload)} to {m.target}..."))
             try:
-                await _moved(p, replace(options, bandwidth_share=str(share) if options.max_bandwidth else ""), m)
+                # its link measured by its plan, alone: a share of it now, as the moves under way share it
+                await _moved(p, replace(options, bandwidth_share=str(share) if options.max_bandwidth else "",
+                                        link_rate=p.plan.link_bytes_per_s / r.parallel), m)
             except (LivemigError, OSError) as e:     # its process could not start: that move alone failed
                 m.outcome, m.exit_code = "failed", int(getattr(e, "exit_code", ExitCode.FAILED))
                 m.error = f"its move could not start: {e}"

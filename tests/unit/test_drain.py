@@ -64,3 +64,13 @@ def test_the_record_keeps_every_move_and_is_private(tmp_path):
     assert {k: v["target"] for k, v in done.items()} == {"runc:db1": "c", "process:42": "c"}
     assert stat.S_IMODE((tmp_path / drain.DONE).stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == [drain.DONE, f"{drain.DONE}.lock"]
+
+
+def test_a_workload_back_here_leaves_the_record_and_a_plain_drain_says_what_is_still_away(tmp_path, here):
+    options = Options(image_root=str(tmp_path))
+    drain.remember(str(tmp_path), "runc:db1", "b")        # moved away, and since back here
+    drain.remember(str(tmp_path), "podman:away", "c")     # moved away, still there
+    r = report()
+    assert ("runc", "db1") in found(options, r)
+    assert [(e.workload, e.target) for e in r.earlier] == [("away", "c")]
+    assert set(drain._done(str(tmp_path))) == {"podman:away"}

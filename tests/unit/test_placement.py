@@ -76,3 +76,12 @@ def test_a_moves_options_cross_to_its_process_and_back_whole():
                 agent_command=("livemig", "-x"), bandwidth_share="/var/lib/livemig/drain-1/bandwidth-share")
     assert Options.from_dict(o.to_dict()) == o
     assert Options.from_dict(Options().to_dict()) == Options()
+
+
+def test_load_averages_a_moment_apart_do_not_send_everything_to_one_target():
+    # two idle targets, their loads read a moment apart: the workloads spread by memory
+    cands = [Candidate("runc", n, m * MIB, 0.01, {"b": plan("b", m * MIB, 8000 * MIB, cpus=2, load=1.2549),
+                                                  "c": plan("c", m * MIB, 8000 * MIB, cpus=2, load=1.2773)})
+             for n, m in (("w1024", 1024), ("w512", 512), ("w256", 256), ("w64", 64))]
+    placed, _ = placement.place(cands)
+    assert {p.candidate.workload: p.target for p in placed} == {"w1024": "b", "w512": "c", "w256": "c", "w64": "c"}
