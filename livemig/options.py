@@ -132,9 +132,6 @@ class Waits:
     #                                      livemig has it make (pages/wptrack.py): a thread that does not is
     #                                      let go, and its process compared by hash instead
     wp_inject_poll: float = 0.0005        # between looks for that thread's stop: it takes some 100 us
-    drain_yield_poll: float = 0.005       # a drain's move waiting on another's switchover looks again (bandwidth.py):
-    #                                      a switchover lasts some 100 ms and up
-    drain_yield_most: float = 10.0        # and waits no longer (a longer one is not worth the others' stall)
     # -- the page stream (both ends)
     page_stream_stall: float = 30.0       # silence from the other end, pages still missing, before the link is
     #                                      called lost (a cut link is silent: TCP would wait minutes). Each end

@@ -290,7 +290,7 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
             tell(Draining(f"moving {named(m.runtime, m.workload)} to {m.target}..."))
             try:
                 # its link measured by its plan, alone: a share of it now, as the moves under way share it
-                await _moved(p, replace(options, bandwidth_share=str(share),
+                await _moved(p, replace(options, bandwidth_share=str(share) if options.max_bandwidth else "",
                                         link_rate=p.plan.link_bytes_per_s / r.parallel), m)
             except (LivemigError, OSError) as e:     # its process could not start: that move alone failed
                 m.outcome, m.exit_code = "failed", int(getattr(e, "exit_code", ExitCode.FAILED))

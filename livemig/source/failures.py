@@ -17,7 +17,6 @@ from ..errors import ConnectionFailed, LivemigError, Phase, Unresolved, Workload
 from ..options import WAITS
 from ..report import Report
 from ..service_address import put_back
-from ..wire import bandwidth
 from ..wire import protocol as p
 from ..wire.transports import link_errors
 from . import fresh_agent
@@ -95,7 +94,6 @@ async def rollback(m: Move) -> None:
     if m.workload is not None:
         # The target's copy, if any, is stopped: it runs only after the commit.
         m.report.warnings += await m.workload.resume(m.dump, m.stop_relay)
-    bandwidth.frozen(False)     # it runs again here: a drain's other moves go on
     kept = await m.to.abort()
     # announced again once the target let go of them (its abort took them off there)
     m.report.warnings += await put_back(m.addresses_taken, announce_only=True)

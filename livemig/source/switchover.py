@@ -24,8 +24,8 @@ from ..progress import Copied, Finishing, Running, Stepping
 from ..report import DowntimePart, RoundReport
 from ..runtimes.held import HeldCopy
 from ..runtimes.process import criu_failure
-from ..wire import bandwidth, streams
 from ..wire import protocol as p
+from ..wire import streams
 from . import bundles, postcopy, recovery
 from .failures import rolled_back, stranded
 from .local import by_pid
@@ -39,7 +39,6 @@ CARRIED = "carried"     # the image directory the tree's carried files cross in
 
 async def final_dump(m: Move, lazy: bool) -> None:
     """The workload freezes, and stays frozen until the commit (or a rollback) lets it go."""
-    bandwidth.frozen(True)     # a drain's other moves wait meanwhile (bandwidth.py)
     w = m.w
     parent = m.parent
     local = m.work / "final"
@@ -268,7 +267,6 @@ async def resume_target(m: Move, lazy: bool = False) -> float:
     """The target's copy runs: the downtime ends here, and its parts are told."""
     resumed = await m.to.request(p.Resume(), p.Resumed)
     running_at = time.monotonic()
-    bandwidth.frozen(False)
     frozen_at = m.final.frozen_at
     m.report.downtime_seconds = running_at - frozen_at
     # a fill's Resume waits, on the target, for the pages still on their way

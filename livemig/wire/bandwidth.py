@@ -14,11 +14,6 @@ no credit: the clock never runs behind the present.
 
 A drain's moves share one budget (source/drain.py): each move's Cap reads its share, which the
 drain rewrites as moves start and end, from a file, again every SIZES.capped_bucket seconds.
-And a drain's move that is frozen goes first: while it is (from its final dump until its copy
-runs on the target) it leaves a marker beside that file, and the other moves' pieces wait
-(but a fault's: a copy that runs waits on those), so that its switchover has the CPUs and the
-link to itself and its downtime is what it would be alone. A marker whose move died is passed
-over, and none is waited on longer than WAITS.drain_yield_most.
 
 The Cap also counts what it let through in SIZES.capped_bucket-long slots, with or without a rate,
 so that the report can say the highest rate the move reached over SIZES.capped_window seconds.
@@ -27,18 +22,15 @@ so that the report can say the highest rate the move reached over SIZES.capped_w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
-import os
 import re
 import time
 from collections import defaultdict, deque
 from pathlib import Path
 
-from ..options import SIZES, WAITS
+from ..options import SIZES
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_FROZEN = "frozen-"     # a drain's move frozen: frozen-PID beside its share
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?(?:/S)?\s*$")
 
 
@@ -71,9 +63,6 @@ class Cap:
         self.rate, self._own, self._share = rate, rate, share
         self._share_read = -SIZES.capped_bucket
         self._reshare()
-        self._drain = Path(share).parent if share else None     # where a drain's moves leave their markers
-        self._mine: Path | None = None         # ours, while this move is frozen
-        self._others_looked, self._others = -1.0, False
         self._clock = 0.0         # when the pieces granted so far will have had their share
         self._waiting: tuple[deque, deque] = (deque(), deque())     # (urgent, the rest): (bytes, future)
         self._granting: asyncio.Task | None = None
@@ -84,8 +73,6 @@ class Cap:
         """Wait until n more bytes may go (n at most SIZES.capped_piece, for the cap to hold); they are
         counted as sent from then on."""
         self._reshare()
-        if not urgent:
-            await self._behind_a_freeze()
         if self.rate is not None:
             granted = asyncio.get_running_loop().create_future()
             self._waiting[0 if urgent else 1].append((n, granted))
@@ -123,39 +110,6 @@ class Cap:
             return
         self.rate = shared if self._own is None else min(self._own, shared)
 
-    def frozen(self, now: bool) -> None:
-        """A drain's move: it is frozen (its switchover under way), or no longer (said again: nothing)."""
-        if self._drain is None or now == (self._mine is not None):
-            return
-        if self._mine is None:
-            self._mine = self._drain / f"{_FROZEN}{os.getpid()}"
-            with contextlib.suppress(FileNotFoundError):    # (its drain is gone: nobody to tell)
-                self._mine.touch()
-        else:
-            self._mine.unlink(missing_ok=True)
-            self._mine = None
-
-    async def _behind_a_freeze(self) -> None:
-        """A drain's move not frozen waits while another is (see the module's doc)."""
-        if self._drain is None or self._mine is not None:
-            return
-        deadline = time.monotonic() + WAITS.drain_yield_most
-        while self._another_frozen() and time.monotonic() < deadline:
-            await asyncio.sleep(WAITS.drain_yield_poll)
-
-    def _another_frozen(self) -> bool:
-        """Is a live move of the drain frozen? Looked at once a poll's time at most."""
-        now = time.monotonic()
-        if now - self._others_looked >= WAITS.drain_yield_poll:
-            self._others_looked, self._others = now, False
-            for marker in self._drain.glob(f"{_FROZEN}*") if self._drain else ():
-                try:
-                    os.kill(int(marker.name.removeprefix(_FROZEN)), 0)
-                    self._others = True
-                except (ProcessLookupError, ValueError):   # its move died frozen: not waited on
-                    marker.unlink(missing_ok=True)
-        return self._others
-
     def count(self, n: int) -> None:
         self.sent += n
         self._slots[int(time.monotonic() / SIZES.capped_bucket)] += n
@@ -175,10 +129,3 @@ class Cap:
 # The cap of the move under way, for every stream it opens: set by the coordinator for the
 # whole move (tasks inherit it), so that no stream's signature carries it. None: nothing counts.
 current: contextvars.ContextVar[Cap | None] = contextvars.ContextVar("livemig_cap", default=None)
-
-
-def frozen(now: bool) -> None:
-    """The move under way is frozen now, or no longer: its Cap tells a drain's other moves."""
-    cap = current.get()
-    if cap is not None:
-        cap.frozen(now)

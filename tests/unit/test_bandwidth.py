@@ -9,7 +9,7 @@ import pytest
 
 from livemig import config
 from livemig.errors import UsageError
-from livemig.options import SIZES, WAITS
+from livemig.options import SIZES
 from livemig.wire import bandwidth, streams
 
 
@@ -126,26 +126,3 @@ async def test_a_drains_move_keeps_to_its_share_as_the_drain_rewrites_it(tmp_pat
     assert cap.rate == 2 << 20
     own = bandwidth.Cap(1 << 20, str(share))    # its own cap, lower, holds
     assert own.rate == 1 << 20
-
-
-async def test_a_drains_move_waits_while_another_is_frozen_but_never_for_a_dead_one(tmp_path):
-    share = str(tmp_path / "bandwidth-share")         # uncapped: no share written, the markers alone
-    cap, other = bandwidth.Cap(None, share), tmp_path / f"frozen-{os.getppid()}"   # a live process's
-    other.touch()
-    waiting = asyncio.ensure_future(cap.take(SIZES.capped_piece))
-    await asyncio.sleep(0.1)
-    assert not waiting.done()                           # another move is frozen: it waits
-    await cap.take(SIZES.capped_piece, urgent=True)     # a fault's pages do not
-    other.unlink()
-    await asyncio.wait_for(waiting, 1)                  # it went on once the other's copy ran
-    dead = tmp_path / "frozen-999999999"
-    dead.touch()
-    await asyncio.sleep(2 * WAITS.drain_yield_poll)     # (looked at once a poll's time at most)
-    await asyncio.wait_for(cap.take(SIZES.capped_piece), 1)
-    assert not dead.exists()                            # a move that died frozen is passed over
-    other.touch()
-    cap.frozen(True)                                    # frozen itself, it never waits
-    assert (tmp_path / f"frozen-{os.getpid()}").exists()
-    await asyncio.wait_for(cap.take(SIZES.capped_piece), 1)
-    cap.frozen(False)
-    assert not (tmp_path / f"frozen-{os.getpid()}").exists()
