@@ -81,7 +81,9 @@ class DrainReport:
     settled: list[Settled] = field(default_factory=list)
     placements: list[DrainPlacement] = field(default_factory=list)   #: where each workload goes, in the order they start
     unplaced: list[DrainLeft] = field(default_factory=list)   #: the workloads no target takes: they stay here
-    moves: list[DrainMove] = field(default_factory=list)      #: each move, in the order they started
+    #: each move, in the order they started; a workload whose move was refused or rolled back is tried
+    #: again once the others are done, on its target and then on the others: each try has its own
+    moves: list[DrainMove] = field(default_factory=list)
     earlier: list[DrainEarlier] = field(default_factory=list)  #: asked for, and moved by an earlier drain
     #: every workload asked for is off this host (the exit code is 0 only then); a dry run: every one has a place
     empty: bool = False
@@ -111,7 +113,7 @@ class DrainReport:
         for u in self.unplaced:
             lines.append(f"  stays here: {named(u.runtime, u.workload)}: {u.reason}")
         if not self.dry_run:
-            lines.append(f"  {sum(m.exit_code == 0 for m in self.moves)} of {len(self.moves)} moved in "
+            lines.append(f"  {sum(m.exit_code == 0 for m in self.moves)} of {len(self.placements)} moved in "
                          f"{self.moving_seconds:.1f} s")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)

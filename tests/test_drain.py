@@ -235,3 +235,36 @@ def test_a_drains_moves_keep_to_one_budget_together_on_the_wire(lab3):
         assert w.query(on, "verify")["bad_pages"] == 0
         lab3.run(on, ["kill", str(w.pid)])
     assert leftovers(lab3) == {h: ([], []) for h in ("a", *TARGETS)}
+
+
+def test_a_move_refused_once_the_drain_planned_it_is_tried_again_on_each_target_and_stays_whole(lab3):
+    work = lab3.start_workload("a", mib=16, pid=4701, port=7831)
+    before = work.query("a")
+    mover = lab3.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=drain-planned", "livemig", "drain", "--json", "--to",
+                             ",".join(TARGETS), "--pid", "4701"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stopped = wait_stopped(lab3, mover, "drain-planned", within=300, named="livemig drain")
+    # planned, then its PID taken on both targets (as another move's copy there could take it)
+    for h in TARGETS:
+        lab3.start_workload(h, mib=1, pid=4701, port=7832)
+    lab3.run("a", ["kill", "-CONT", *stopped])
+    os.kill(mover.pid, signal.SIGCONT)     # nsenter stopped itself with its child (job control)
+    out, err = mover.communicate(timeout=600)
+    assert mover.returncode == 11, err.decode()
+    report = json.loads(out)
+    tries = [(m["target"], m["exit_code"]) for m in report["moves"]]
+    assert {t for t, _ in tries} == set(TARGETS) and {c for _, c in tries} == {3}, tries   # each target, refused
+    assert not report["empty"]
+    now = work.query("a")                                      # it runs on here, whole
+    assert now["counter"] > before["counter"] and work.query("a", "verify")["bad_pages"] == 0
+    res = lab3.run("a", ["livemig", "recover", "--list"], check=False)
+    assert res.returncode == 0 and "nothing to recover" in res.stdout.decode()
+    for h in TARGETS:
+        lab3.run(h, ["kill", "4701"])
+    # with the PID free again, run again: it moves
+    report = drain(lab3, "--pid", "4701")
+    assert report["empty"] and [m["outcome"] for m in report["moves"]] == ["moved"]
+    [on] = [m["target"] for m in report["moves"]]
+    assert work.query(on, "verify")["bad_pages"] == 0
+    lab3.run(on, ["kill", "4701"])
+    assert leftovers(lab3) == {h: ([], []) for h in ("a", *TARGETS)}

@@ -14,7 +14,8 @@ move     each workload moved by a move of its own in a process of its own (onemo
          a move's CPU work (its cipher, its compression) gets a CPU of its own, and a move
          that fails is that move alone. --parallel at once; each move under way gets an
          equal share of --max-bandwidth, which the drain rewrites (in a file each move's
-         bandwidth.Cap reads) as moves start and end
+         bandwidth.Cap reads) as moves start and end. A move refused or rolled back for what
+         another may have caused is tried again once they are done (AGAIN)
 
 Interrupted (Ctrl-C, SIGTERM, or the drain itself killed: each move dies with a SIGINT of
 its own then, onemove.py), the moves under way roll back, each by itself, and those done
@@ -60,6 +61,9 @@ from .session import Connector, ssh_connector
 from .testpoints import moves_stop_for_tests, stop_for_tests
 
 DONE = "drained.json"      # under the image root: {runtime:workload: {target, moved_at}} of every drain's moves
+# A move that ended so is tried again (move_all): refused by the target's preflight, its link lost, or
+# its restore failed, each of which another move under way may have caused; the workload runs here.
+AGAIN = (ExitCode.PREFLIGHT, ExitCode.CONNECTION, ExitCode.RESTORE)
 ORDER_REASON = {
     DrainOrder.SMALLEST: ("the smallest first: most workloads are off this host soonest, and it is empty no later "
                           "(measured side by side: bench/results/2026-12-06T17-15-29-drain.md)"),
@@ -101,12 +105,13 @@ async def drain(targets: Sequence[str], options: Options = _DEFAULTS, *, only: S
         for u in r.unplaced:
             tell(Draining(f"{named(u.runtime, u.workload)} stays here: {u.reason}"))
         r.parallel, r.parallel_reason = placement.parallel(parallel, len(os.sched_getaffinity(0)), len(placed))
+        stop_for_tests("drain-planned")
         if not dry_run:
             await move_all(placed, r, options, tell)
     finally:
         r.total_seconds, r.ended_at = time.monotonic() - t0, now()
-        moved = sum(m.exit_code == 0 for m in r.moves)
-        r.empty = not r.unplaced and (len(r.placements) if dry_run else moved) == len(r.placements)
+        moved = {(m.runtime, m.workload) for m in r.moves if m.exit_code == 0}
+        r.empty = not r.unplaced and (dry_run or all((p.runtime, p.workload) in moved for p in r.placements))
     return r
 
 
@@ -280,7 +285,7 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
         fresh.write_text(str(options.max_bandwidth / max(1, len(under_way))))
         fresh.replace(share)
 
-    async def one(p: Placement) -> None:
+    async def one(p: Placement) -> bool:
         async with gate:
             m = DrainMove(p.candidate.workload, p.candidate.runtime, p.target, "interrupted", 130,
                           started_seconds=round(time.monotonic() - t0, 3))
@@ -304,11 +309,24 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
             else:
                 tell(Draining(f"{named(m.runtime, m.workload)} did not move ({m.outcome}): {m.error}"))
             stop_for_tests("drain-moved")
+            return m.exit_code == 0
 
     try:
         async with asyncio.TaskGroup() as tg:
-            for p in placed:
-                tg.create_task(one(p))
+            first = [(p, tg.create_task(one(p))) for p in placed]
+        # Refused or rolled back for what may have been the other moves' doing (a PID one of their
+        # copies took on the target, its memory, the link), a workload gets another try once they
+        # are done, alone: on its target again, then on each other target that took it in its plan.
+        for p, went in first:
+            if went.result():
+                continue
+            last = next(m for m in reversed(r.moves) if (m.runtime, m.workload) == (p.candidate.runtime,
+                                                                                 p.candidate.workload))
+            if last.exit_code not in AGAIN:
+                continue
+            for target in sorted(p.candidate.plans, key=lambda t: (t != p.target, t)):
+                if await one(Placement(p.candidate, target, p.candidate.plans[target])):
+                    break
     except asyncio.CancelledError as e:
         # what moved, and what rolled back, told by the CLI as the interrupt's: Python's own
         # exception, hence no declared attribute (errors.record_failure does the same)

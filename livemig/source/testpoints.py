@@ -22,8 +22,8 @@ def stop_for_tests(point: str) -> None:
     CRIU's journal not yet written: the source's copy not given up), "released" (the source's copy given
     up, the target's not yet resumed), "running" (post-copy or a fill: the target's copy
     resumed, pages still to come) and "whole" (the running copy has every page, the
-    source's copy waits, stopped). A drain (drain.py) has one of its own: "drain-moved" (a move
-    of it just ended, and the next not begun)."""
+    source's copy waits, stopped). A drain (drain.py) has two of its own: "drain-planned" (every
+    workload placed, none moved) and "drain-moved" (a move of it just ended, the next not begun)."""
     if os.environ.get(STOP_FOR_TESTS) == point:
         os.kill(os.getpid(), signal.SIGSTOP)
 
