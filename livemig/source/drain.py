@@ -139,11 +139,11 @@ async def find(r: DrainReport, options: Options, only: Sequence[str], exclude: S
     anything is touched."""
     done = _done(options.image_root)
     here = await runtimes.hosted()
-    back = [f"{h.runtime}:{h.name}" for h in here if f"{h.runtime}:{h.name}" in done]
-    back += [f"process:{pid}" for pid in pids if f"process:{pid}" in done and os.path.exists(f"/proc/{pid}")]
+    present = [f"{h.runtime}:{h.name}" for h in here] + [f"process:{pid}" for pid in pids
+                                                         if os.path.exists(f"/proc/{pid}")]
+    back = [key for key in present if key in done]
     if back:
-        forget(options.image_root, back)     # here again (moved back): no longer away
-        done = _done(options.image_root)
+        done = forget(options.image_root, back)     # here again (moved back): no longer away
     found = []
     if only:
         for name in only:
@@ -155,9 +155,8 @@ async def find(r: DrainReport, options: Options, only: Sequence[str], exclude: S
     else:
         found = [Candidate(h.runtime, h.name) for h in here if h.name not in exclude]
         # (every container is asked for: those earlier drains moved, and still away, are said)
-        r.earlier += [DrainEarlier(key.split(":", 1)[1], key.split(":", 1)[0], v["target"], v["moved_at"])
-                      for key, v in done.items() if not key.startswith("process:")
-                      and key.split(":", 1)[1] not in exclude]
+        r.earlier += [e for e in (_earlier(k, v) for k, v in done.items())
+                      if e.runtime != "process" and e.workload not in exclude]
     for pid in pids:
         if os.path.exists(f"/proc/{pid}"):
             found.append(Candidate("process", str(pid)))
@@ -167,11 +166,16 @@ async def find(r: DrainReport, options: Options, only: Sequence[str], exclude: S
 
 
 def _earlier_or_refuse(r: DrainReport, done: dict, name: str, refusal: str) -> None:
-    was = next(((k, v) for k, v in done.items() if k.split(":", 1)[1] == name), None)
+    was = next((e for e in (_earlier(k, v) for k, v in done.items()) if e.workload == name), None)
     if was is None:
         raise UsageError(refusal)
-    key, v = was
-    r.earlier.append(DrainEarlier(name, key.split(":", 1)[0], v["target"], v["moved_at"]))
+    r.earlier.append(was)
+
+
+def _earlier(key: str, v: dict) -> DrainEarlier:
+    """DONE's entry for key (runtime:workload), as the report says it."""
+    runtime, workload = key.split(":", 1)
+    return DrainEarlier(workload, runtime, v["target"], v["moved_at"])
 
 
 def _done(image_root: str) -> dict:
@@ -189,13 +193,14 @@ def remember(image_root: str, key: str, target: str) -> None:
     _rewrite(image_root, lambda done: done.update({key: {"target": target, "moved_at": now()}}))
 
 
-def forget(image_root: str, keys: list[str]) -> None:
-    """Take keys out of DONE: those workloads are here again."""
-    _rewrite(image_root, lambda done: [done.pop(k, None) for k in keys])
+def forget(image_root: str, keys: list[str]) -> dict:
+    """Take keys out of DONE (those workloads are here again); what is left in it."""
+    return _rewrite(image_root, lambda done: [done.pop(k, None) for k in keys])
 
 
-def _rewrite(image_root: str, change: Callable[[dict], object]) -> None:
-    """DONE changed by change, under a lock (several moves end at once), written whole (by rename)."""
+def _rewrite(image_root: str, change: Callable[[dict], object]) -> dict:
+    """DONE changed by change, under a lock (several moves end at once), written whole (by
+    rename); as it is now."""
     root = Path(image_root)
     with open(root / f"{DONE}.lock", "a") as lock:
         os.chmod(lock.name, 0o600)
@@ -206,6 +211,7 @@ def _rewrite(image_root: str, change: Callable[[dict], object]) -> None:
         fresh.write_text(json.dumps(done, indent=1))
         os.chmod(fresh, 0o600)
         fresh.replace(root / DONE)
+    return done
 
 
 # --- plan: each workload against each target, nothing touched ----------------------------------------
@@ -285,7 +291,7 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
         fresh.write_text(str(options.max_bandwidth / max(1, len(under_way))))
         fresh.replace(share)
 
-    async def one(p: Placement) -> bool:
+    async def one(p: Placement) -> DrainMove:
         async with gate:
             m = DrainMove(p.candidate.workload, p.candidate.runtime, p.target, "interrupted", 130,
                           started_seconds=round(time.monotonic() - t0, 3))
@@ -309,7 +315,7 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
             else:
                 tell(Draining(f"{named(m.runtime, m.workload)} did not move ({m.outcome}): {m.error}"))
             stop_for_tests("drain-moved")
-            return m.exit_code == 0
+            return m
 
     try:
         async with asyncio.TaskGroup() as tg:
@@ -318,14 +324,10 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
         # copies took on the target, its memory, the link), a workload gets another try once they
         # are done, alone: on its target again, then on each other target that took it in its plan.
         for p, went in first:
-            if went.result():
-                continue
-            last = next(m for m in reversed(r.moves) if (m.runtime, m.workload) == (p.candidate.runtime,
-                                                                                 p.candidate.workload))
-            if last.exit_code not in AGAIN:
+            if went.result().exit_code not in AGAIN:      # (moved: 0)
                 continue
             for target in sorted(p.candidate.plans, key=lambda t: (t != p.target, t)):
-                if await one(Placement(p.candidate, target, p.candidate.plans[target])):
+                if (await one(Placement(p.candidate, target, p.candidate.plans[target]))).exit_code == 0:
                     break
     except asyncio.CancelledError as e:
         # what moved, and what rolled back, told by the CLI as the interrupt's: Python's own

@@ -100,8 +100,10 @@ class Cap:
 
     def _reshare(self) -> None:
         """A drain's move: its share of the budget, read again once a bucket's time has passed."""
+        if not self._share:      # (every piece asks: a move outside a drain looks no further)
+            return
         now = time.monotonic()
-        if not self._share or now - self._share_read < SIZES.capped_bucket:
+        if now - self._share_read < SIZES.capped_bucket:
             return
         self._share_read = now
         try:
