@@ -1,5 +1,5 @@
 """Fixtures: a fresh lab per test module (torn down after it): `lab` (namespaced hosts) for
-tests marked `lab` (`lab3`: three of them), `vm_lab` (QEMU VMs with a soft-dirty kernel) for tests marked `vm`."""
+tests marked `lab` (`lab3`: three of them; `sd_lab`: two whose init is systemd), `vm_lab` (QEMU VMs with a soft-dirty kernel) for tests marked `vm`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from livemig.source import bootstrap
 from tests.lab import Lab
 
 
-def _fresh(kind: str, hosts: int = 2):
+def _fresh(kind: str, hosts: int = 2, init: str = "lab"):
     # A lab that cannot start fails the tests that need it; it is never a skip.
     if os.geteuid() != 0:
         pytest.fail("the lab tests need root (namespaces, mounts, cgroups)")
     Lab.down()  # whatever was up before (a developer's lab, a crashed run) goes
-    lab = Lab.up(hosts, kind=kind)
+    lab = Lab.up(hosts, kind=kind, init=init)
     yield lab
     problems = Lab.down()
     assert not problems, f"the lab left things behind: {problems}"
@@ -35,6 +35,12 @@ def lab3():
 
 
 @pytest.fixture(scope="module")
+def sd_lab():
+    """Two namespaced hosts whose init is systemd (tests/lab/systemd_host.py)."""
+    yield from _fresh("netns", init="systemd")
+
+
+@pytest.fixture(scope="module")
 def vm_lab():
     yield from _fresh("vm")
 
@@ -46,7 +52,7 @@ def no_workload_left(request):
     copy left on b holds the PID and the port the next one moves to, or starts on; a record
     makes `livemig recover` settle two moves). A passing test has checked that it left none."""
     yield
-    for name in ("lab", "lab3", "vm_lab"):
+    for name in ("lab", "lab3", "sd_lab", "vm_lab"):
         if name in request.fixturenames:
             lab = request.getfixturevalue(name)
             for host in lab.hosts:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab import Lab, by_hand, cgroups, netns
+from tests.lab import CONTAINER_TOOL, WORKLOAD, Lab, by_hand, cgroups, netns
 
 pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +72,60 @@ def test_three_hosts_share_a_bridge_and_all_reach_each_other():
         assert "br0" not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=False).stdout
     finally:
         assert Lab.down() == []
+
+
+SYSTEMD_UNIT = """[Unit]
+Description=memcounter, a unit of the systemd lab's self-test
+[Service]
+ExecStart=/usr/bin/python3 /opt/livemig/tests/workloads/memcounter.py run --mib 8 --port 7790
+Restart=always
+"""
+
+
+def test_systemd_hosts_boot_run_a_unit_and_leave_nothing_behind():
+    """--init systemd (issue 35): hosts whose PID 1 is systemd, booted to "running" (no unit
+    failed), sshd their ssh.service; a unit runs in its own cgroup, which systemd nests in the
+    host's; down takes those too, and the console copiers."""
+    Lab.down()
+    before = machine_snapshot()
+    lab = Lab.up(2, init="systemd")
+    try:
+        assert lab.init == "systemd" and lab.state.public()["init"] == "systemd"
+        for h in "ab":
+            assert lab.text(h, ["cat", "/proc/1/comm"]).strip() == "systemd"
+            assert lab.text(h, ["systemctl", "is-system-running"]).strip() == "running"
+        assert lab.text("a", ["ssh", "b", "systemctl", "is-active", "ssh"]).strip() == "active"
+
+        lab.run("a", ["sh", "-c", "cat > /etc/systemd/system/memc.service && systemctl daemon-reload"],
+                input=SYSTEMD_UNIT.encode())
+        lab.run("a", ["systemctl", "start", "memc"])
+        pid = int(lab.text("a", ["systemctl", "show", "-p", "MainPID", "--value", "memc"]))
+        answer = json.loads(lab.text("a", ["python3", WORKLOAD, "query", "get", "--port", "7790", "--wait", "10"]))
+        assert (answer["pid"], answer["host"]) == (pid, "a")
+        assert lab.text("a", ["cat", f"/proc/{pid}/cgroup"]).splitlines()[-1] == "0::/system.slice/memc.service"
+        unified = next(h for h in cgroups.hierarchies() if h.fstype == "cgroup2")
+        assert (cgroups.host_dir(unified, "a") / "system.slice/memc.service").is_dir()
+    finally:
+        assert Lab.down() == []
+    assert machine_snapshot() == before
+    assert not [h.console_pid for h in lab.hosts if Path(f"/proc/{h.console_pid}").exists()]
+
+
+def test_podman_container_moves_between_systemd_hosts(sd_lab):
+    """podman works in systemd hosts (its cgroups its own: systemd_host.CONTAINERS_CONF) and
+    CRIU restores there (the v1 cpuset cgroups it makes get cpus and mems: cgroups.create):
+    a plain `podman run` container (no unit's) moves a -> b and answers the next number."""
+    first = int(sd_lab.text("a", ["python3", CONTAINER_TOOL, "serve", "--name", "web1"]))
+    cid = sd_lab.text("a", ["podman", "container", "inspect", "--format", "{{.Id}}", "web1"]).strip()
+    res = sd_lab.run("a", ["livemig", "move", "--json", "web1", "b"], check=False, timeout=600)
+    assert res.returncode == 0, res.stderr.decode()
+    assert json.loads(res.stdout)["outcome"] == "moved"
+    assert int(sd_lab.text("b", ["python3", CONTAINER_TOOL, "ask", "--name", "web1"])) == first + 1
+    # nothing of web1 is left on a: no container, no cgroup (in any hierarchy), no image, no criu
+    assert sd_lab.text("a", ["podman", "ps", "--all", "--quiet"]).strip() == ""
+    assert not [d for h in cgroups.hierarchies() for d in cgroups.host_dir(h, "a").rglob(f"*{cid}*")]
+    assert sd_lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    sd_lab.run("b", ["podman", "rm", "--force", "web1"])
 
 
 def test_host_keys_are_verified_never_skipped(lab):

@@ -2,6 +2,7 @@
 
     lab = Lab.up(2)                      # hosts "a" and "b", in namespaces (about a second)
     lab = Lab.up(2, kind="vm")           # the same in VMs with a soft-dirty kernel (slow, emulated)
+    lab = Lab.up(2, init="systemd")      # namespaced hosts whose PID 1 is systemd (about a second too)
     lab.run("a", ["ssh", "b", "hostname"]).stdout   # b'b\\n'
     Lab.down()
 
@@ -28,14 +29,17 @@ CONTAINER_TOOL = "/opt/livemig/tests/workloads/container.py"
 KINDS = {"netns": netns, "vm": vm}
 
 
-def up(hosts: int = 2, kind: str = "netns") -> _hosts.State:
-    """Bring up a lab of this kind; a lab of another kind or size that is up goes down first."""
+def up(hosts: int = 2, kind: str = "netns", init: str = "lab") -> _hosts.State:
+    """Bring up a lab of this kind whose hosts' PID 1 is init (lab-init, or systemd: netns
+    only); a lab of another kind, init or size that is up goes down first."""
+    if init != "lab" and kind != "netns":
+        raise LabError(f"--init {init}: only namespaced hosts (--kind netns) have another init")
     state = _hosts.State.load()
-    if state and state.kind == kind and state.alive() and len(state.hosts) == hosts:
+    if state and (state.kind, state.init, len(state.hosts)) == (kind, init, hosts) and state.alive():
         return state
     if state and state.kind != kind:
         down()
-    return KINDS[kind].up(hosts)
+    return netns.up(hosts, init=init) if kind == "netns" else KINDS[kind].up(hosts)
 
 
 def down() -> list[str]:
@@ -49,8 +53,8 @@ class Lab:
         self.state = state
 
     @classmethod
-    def up(cls, hosts: int = 2, kind: str = "netns") -> Lab:
-        return cls(up(hosts, kind))
+    def up(cls, hosts: int = 2, kind: str = "netns", init: str = "lab") -> Lab:
+        return cls(up(hosts, kind, init))
 
     @staticmethod
     def down() -> list[str]:
@@ -59,6 +63,10 @@ class Lab:
     @property
     def kind(self) -> str:
         return self.state.kind
+
+    @property
+    def init(self) -> str:
+        return self.state.init
 
     @property
     def hosts(self) -> list[_hosts.Host]:

@@ -1,7 +1,8 @@
-"""python -m tests.lab up [--hosts N] | exec NAME -- CMD [ARGS...] | down | demo | rootfs
+"""python -m tests.lab up [--hosts N] [--kind vm | --init systemd] | exec NAME -- CMD [ARGS...] | down | demo | rootfs
 
   up      bring the lab up (idempotent) and print it as one JSON object;
-          --kind vm: QEMU VMs booting trixie's kernel (soft-dirty: pre-copy works there)
+          --kind vm: QEMU VMs booting trixie's kernel (soft-dirty: pre-copy works there);
+          --init systemd: namespaced hosts whose PID 1 is systemd (for moves of systemd units)
   exec    run CMD inside host NAME, stdin/stdout/stderr passed through; exits with CMD's code
   down    take everything away: processes, mounts, namespaces, links, cgroups
   demo    bring the lab up, move a counting workload from a to b, print the downtime
@@ -17,6 +18,7 @@ import os
 import sys
 
 from . import down, hosts, rootfs, up
+from .netns import INITS
 from .proc import LabError
 
 
@@ -30,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="bring the lab up and print it as JSON")
     p_up.add_argument("--hosts", type=int, default=2, metavar="N")
     p_up.add_argument("--kind", choices=["netns", "vm"], default="netns")
+    p_up.add_argument("--init", choices=INITS, default="lab",
+                      help="the hosts' PID 1: lab-init (sshd and a reaper) or systemd")
     sub.add_parser("exec", help="run a command inside a host: exec NAME -- CMD [ARGS...]")
     sub.add_parser("down", help="take the lab down, leaving nothing behind")
     p_demo = sub.add_parser("demo", help="move a counting workload from a to b and print the downtime")
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "up":
-            print(json.dumps(up(args.hosts, args.kind).public()))
+            print(json.dumps(up(args.hosts, args.kind, args.init).public()))
         elif args.cmd == "down":
             problems = down()
             for p in problems:

@@ -58,8 +58,17 @@ def host_dir(h: Hierarchy, name: str) -> Path:
     return Path(h.mountpoint, h.own_path, f"livemig-lab-{name}")
 
 
-def create(name: str) -> list[str]:
-    """Create the host's cgroup in every hierarchy; return the cgroup.procs files to join."""
+def create(name: str, cpuset_clone_children: bool = False) -> list[str]:
+    """Create the host's cgroup in every hierarchy; return the cgroup.procs files to join.
+
+    cpuset_clone_children (a systemd host's): every cpuset cgroup made under the host's
+    takes its cpus and mems when made. Such a host mounts cgroup2 alone, and podman there
+    makes no v1 cgroups; but CRIU restores a container into the v1 ones too (it finds them
+    in /proc/self/cgroup, on a hybrid machine), making them itself in the cpuset hierarchy,
+    empty, where a task cannot go ("Can't move ... No space left on device", or cpuset.cpus
+    refused: "CRIU restoring failed -52"). A lab-init host needs none of it: its runtimes
+    see the v1 hierarchies and give each cpuset cgroup they make its cpus and mems, and
+    CRIU restores the ones it dumped."""
     procs = []
     for h in hierarchies():
         d = host_dir(h, name)
@@ -68,6 +77,8 @@ def create(name: str) -> list[str]:
             # A v1 cpuset child starts empty and refuses tasks until given cpus and mems.
             for f in ("cpuset.cpus", "cpuset.mems"):
                 (d / f).write_text((d.parent / f).read_text())
+            if cpuset_clone_children:
+                (d / "cgroup.clone_children").write_text("1")   # (the cgroups made below inherit it)
         procs.append(str(d / "cgroup.procs"))
     return procs
 

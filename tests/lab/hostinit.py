@@ -4,8 +4,8 @@ Runs as PID 1 of fresh pid, mount, net, uts, ipc and cgroup namespaces (the lab
 starts it through unshare). It builds the host's root: an overlay over the
 shared read-only rootfs, the pseudo file systems a Debian host and CRIU expect,
 the project checkout read-only at /opt/livemig, the storage every host shares at
-/srv/shared; then pivot_roots into it and execs the host's own init, which starts
-sshd and reaps orphans.
+/srv/shared; then pivot_roots into it and execs the host's own init: lab-init,
+which starts sshd and reaps orphans, or systemd (systemd_host.py).
 """
 
 import json
@@ -40,6 +40,11 @@ def build_root(spec: dict) -> str:
     k.mount("sysfs", f"{m}/sys", "sysfs", NOSUID_NODEV | k.MS_NOEXEC | k.MS_RDONLY)
     _mount_cgroups(m, spec["cgroups"])
     _mount_dev(f"{m}/dev")
+    if spec.get("init") == "systemd":
+        # systemd writes its boot to /dev/console only; the lab gives us a pty for it
+        # (copied to the host's console log), as systemd-nspawn does.
+        open(f"{m}/dev/console", "w").close()
+        k.mount(os.ttyname(1), f"{m}/dev/console", None, k.MS_BIND)
     for d, mode in (("tmp", "1777"), ("run", "755")):
         k.mount(d, f"{m}/{d}", "tmpfs", NOSUID_NODEV, f"mode={mode}")
     # CRIU images stay in memory (as the tool advises for speed), and podman's
@@ -95,9 +100,12 @@ def main() -> None:
     # The machine's ip binary, before pivot_root: lo is all this namespace has yet.
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     enter(build_root(spec))
-    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-           "HOME": "/root", "LANG": "C.UTF-8"}
-    os.execve("/usr/local/sbin/lab-init", ["lab-init"], env)
+    path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    if spec.get("init") == "systemd":
+        # $container: systemd's container detection (no kernel to set up, no udev, ...)
+        os.execve("/lib/systemd/systemd", ["/lib/systemd/systemd"],
+                  {"container": spec["container"], "PATH": path})
+    os.execve("/usr/local/sbin/lab-init", ["lab-init"], {"PATH": path, "HOME": "/root", "LANG": "C.UTF-8"})
 
 
 if __name__ == "__main__":

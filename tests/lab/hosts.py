@@ -32,6 +32,7 @@ class Host:
     unshare_pid: int = 0        # netns: PID 1's parent on the machine
     cgroup_procs: tuple[str, ...] = ()   # netns: the cgroups to join before entering
     ssh_port: int = 0           # vm: sshd, forwarded to 127.0.0.1:ssh_port
+    console_pid: int = 0        # netns, init systemd: the machine's copier of its console pty
 
     def public(self) -> dict:
         return {"name": self.name, "address": self.address, "pid": self.pid}
@@ -41,6 +42,7 @@ class Host:
 class State:
     hosts: list[Host]
     kind: str = "netns"
+    init: str = "lab"           # the hosts' PID 1: lab-init, or "systemd" (netns only)
     link: str = "veth"
     accel: str = ""
     switch_pid: int | None = None
@@ -50,7 +52,7 @@ class State:
     extra: dict = field(default_factory=dict)
 
     def public(self) -> dict:
-        d = {"kind": self.kind, "link": self.link, "rootfs": self.rootfs,
+        d = {"kind": self.kind, "init": self.init, "link": self.link, "rootfs": self.rootfs,
              "hosts": [h.public() for h in self.hosts]}
         if self.accel:
             d["accel"] = self.accel

@@ -6,6 +6,9 @@ and an address in 198.18.0.0/24 (inside 198.18.0.0/15, the benchmarking
 range). Two hosts are joined by a veth pair; more, by a bridge in a switch
 namespace of their own. Nothing of a host is visible in the machine's network
 or mount namespaces, so killing the PID 1s takes it all away.
+
+A host's init is lab-init (sshd and an orphan reaper: the default), or systemd
+(--init systemd, see systemd_host.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import cgroups, rootfs
+from . import cgroups, rootfs, systemd_host
 from .hosts import (
     LAB_DIR,
     REPO,
@@ -28,6 +31,7 @@ from .hosts import (
     _alive,
     _wait_gone,
     addresses,
+    exec_,
     host_names,
     prepare_host_files,
     wait_for_ssh,
@@ -35,17 +39,22 @@ from .hosts import (
 from .proc import LabError, run
 
 PIPE_MAX = 4 * 1024 * 1024
+INITS = ("lab", "systemd")
+INIT_TIMEOUT = 30           # s from starting a host until its init is ready (systemd: has booted)
+CONSOLE_GONE_TIMEOUT = 2    # s for a systemd host's console copier to end once the host is gone
 
 
-def up(n: int = 2, log=sys.stderr) -> State:
-    """Bring up n hosts; a lab already up with n hosts is left as it is."""
+def up(n: int = 2, log=sys.stderr, init: str = "lab") -> State:
+    """Bring up n hosts whose PID 1 is init; a lab already up as asked is left as it is."""
     if os.geteuid() != 0:
         raise LabError("the lab needs root (namespaces, mounts, cgroups)")
+    if init not in INITS:
+        raise LabError(f"no init {init!r} for lab hosts (inits: {', '.join(INITS)})")
     state = State.load()
-    if state and state.alive() and len(state.hosts) == n:
+    if state and state.alive() and len(state.hosts) == n and state.init == init:
         return state
     if state:
-        print(f"lab: replacing the lab that was up ({len(state.hosts)} hosts)", file=log)
+        print(f"lab: replacing the lab that was up ({len(state.hosts)} hosts, init {state.init})", file=log)
         down()
     base = rootfs.ensure(log)
     t0 = time.monotonic()
@@ -55,14 +64,17 @@ def up(n: int = 2, log=sys.stderr) -> State:
     names = host_names(n)
     addrs = addresses(names)
     prepare_host_files(names, addrs)
-    state = State(hosts=[], rootfs=str(base))
+    if init == "systemd":
+        for name in names:
+            systemd_host.prepare(LAB_DIR / "hosts" / name / "upper")
+    state = State(hosts=[], rootfs=str(base), init=init)
     state.pipe_max_size_was = _raise_pipe_max()
     state.save()  # from here on, down() can undo whatever follows
     try:
-        unshares = {name: _start_host(name, base) for name in names}
+        started = {name: _start_host(name, base, init) for name in names}
         for name in names:
-            state.hosts.append(_wait_for_init(name, unshares[name], addrs[name]))
-        state.save()
+            state.hosts.append(_wait_for_init(name, *started[name], addrs[name], init))
+            state.save()    # (down() ends its console copier too)
         _wire(state)
         state.save()
         wait_for_ssh(state)
@@ -74,40 +86,86 @@ def up(n: int = 2, log=sys.stderr) -> State:
     return state
 
 
-def _start_host(name: str, base: Path) -> subprocess.Popen:
+def _start_host(name: str, base: Path, init: str) -> tuple[subprocess.Popen, int]:
+    """Start the host's unshare, and for a systemd host the copier of its console (its PID,
+    else 0)."""
     h = LAB_DIR / "hosts" / name
-    procs = cgroups.create(name)
+    procs = cgroups.create(name, cpuset_clone_children=init == "systemd")
     spec = {"name": name, "lower": str(base), "upper": str(h / "upper"), "work": str(h / "work"),
             "merged": str(h / "merged"), "repo": str(REPO), "shared": str(LAB_DIR / "shared"),
+            "init": init, "container": systemd_host.CONTAINER,
             "cgroups": [{"relative": c.relative, "fstype": c.fstype, "options": c.options}
-                        for c in cgroups.hierarchies()]}
+                        for c in cgroups.hierarchies()] if init == "lab" else systemd_host.cgroup_spec()}
     console = open(LAB_DIR / "logs" / f"{name}.console", "wb")  # noqa: SIM115 - closed by the with below
+    copier = None
     with console:
-        return subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--net", "--uts", "--ipc",
-             "--cgroup", "--propagation", "private", "--",
-             sys.executable, Path(__file__).with_name("hostinit.py"), json.dumps(spec)],
-            stdin=subprocess.DEVNULL, stdout=console, stderr=console,
-            start_new_session=True, preexec_fn=lambda: cgroups.join(procs))  # noqa: PLW1509 - no thread runs yet
+        out = console.fileno()
+        if init == "systemd":
+            # systemd writes to /dev/console only, opening it anew for each status line: a
+            # file there would be overwritten from its start each time. So a pty, read by a
+            # cat on the machine that ends once the host's last writer is gone (EIO).
+            master, out = os.openpty()
+            with os.fdopen(master, "rb", buffering=0) as m:
+                copier = subprocess.Popen(["cat"], stdin=m, stdout=console, stderr=subprocess.DEVNULL,
+                                          start_new_session=True)
+        try:
+            unshare = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--net", "--uts", "--ipc",
+                 "--cgroup", "--propagation", "private", "--",
+                 sys.executable, Path(__file__).with_name("hostinit.py"), json.dumps(spec)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True, preexec_fn=lambda: cgroups.join(procs))  # noqa: PLW1509 - no thread runs yet
+        finally:
+            if out != console.fileno():
+                os.close(out)
+    return unshare, copier.pid if copier else 0
 
 
-def _wait_for_init(name: str, unshare: subprocess.Popen, address: str) -> Host:
-    deadline = time.monotonic() + 30
+def _wait_for_init(name: str, unshare: subprocess.Popen, console_pid: int, address: str, init: str) -> Host:
+    """The host once its init is ready: lab-init has started sshd; systemd has booted."""
+    deadline = time.monotonic() + INIT_TIMEOUT
     pid = None
+    ready = "run/lab-init.ready" if init == "lab" else "run/systemd/private"
     while time.monotonic() < deadline:
         if unshare.poll() is not None:
             raise LabError(f"host {name} died while starting: {_console(name)}")
         if pid is None:
             kids = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()
             pid = int(kids[0]) if kids else None
-        if pid and os.path.exists(f"/proc/{pid}/root/run/lab-init.ready"):
-            return Host(name, address, pid, unshare.pid, tuple(cgroups.create(name)))
+        # (systemd: once hostinit has exec'd it, before which PID 1's root is the machine's)
+        if pid and (init == "lab" or _comm(pid) == "systemd") and os.path.exists(f"/proc/{pid}/root/{ready}"):
+            host = Host(name, address, pid, unshare.pid,
+                        tuple(cgroups.create(name, cpuset_clone_children=init == "systemd")),
+                        console_pid=console_pid)
+            if init == "systemd":
+                _wait_for_boot(host, deadline)
+            return host
         time.sleep(0.01)
-    raise LabError(f"host {name} did not start in 30 s: {_console(name)}")
+    raise LabError(f"host {name} did not start in {INIT_TIMEOUT} s: {_console(name)}")
+
+
+def _wait_for_boot(host: Host, deadline: float) -> None:
+    """systemd has finished booting the host, every unit that was to start started."""
+    one = State(hosts=[host], init="systemd")
+    res = exec_(one, host.name, ["systemctl", "is-system-running", "--wait"], check=False,
+                timeout=max(deadline - time.monotonic(), 1))
+    said = res.stdout.decode(errors="replace").strip()
+    if said != "running":
+        failed = exec_(one, host.name, ["systemctl", "--failed", "--no-legend", "--plain"], check=False)
+        raise LabError(f"host {host.name}: systemd booted {said or 'nothing'} (not running); failed units: "
+                       f"{failed.stdout.decode(errors='replace').strip() or 'none'}: {_console(host.name)}")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:     # gone: it is no systemd, and no copier to end
+        return ""
 
 
 def _console(name: str) -> str:
-    text = (LAB_DIR / "logs" / f"{name}.console").read_text(errors="replace").strip()
+    # (a systemd host's console is a terminal, which ends its lines with \r\n)
+    text = (LAB_DIR / "logs" / f"{name}.console").read_text(errors="replace").replace("\r\n", "\n").strip()
     return text[-2000:] or "(no output)"
 
 
@@ -177,6 +235,14 @@ def down() -> list[str]:
                 pass
     for pid in pids + [h.unshare_pid for h in hosts]:
         _wait_gone(pid)
+    for h in hosts:
+        # A systemd host's console copier ends by itself once the host has gone; should
+        # something still hold its pty, it is ended (checked to be that cat still).
+        if h.console_pid:
+            _wait_gone(h.console_pid, CONSOLE_GONE_TIMEOUT)
+            if _alive(h.console_pid) and _comm(h.console_pid) == "cat":
+                os.kill(h.console_pid, signal.SIGKILL)
+                _wait_gone(h.console_pid)
     for name in sorted(names):
         problems += [f"cgroup {d} is still there" for d in cgroups.remove(name)]
     if state and state.pipe_max_size_was is not None:
