@@ -85,7 +85,7 @@ def pre_dump(pid: int, images: str, ps_fd: int, parent: str | None, opts: Option
 
 
 def dump(pid: int, images: str, *, ps_fd: int, hook: str, parent: str | None, lazy: bool,
-         opts: Options, nothing_to_lock: bool = False) -> list[str]:
+         opts: Options, nothing_to_lock: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
     """The final dump. Pages go to the page server on ps_fd; the action script hook holds
     CRIU at post-dump until the migration is committed (exit 0: CRIU kills the source)
     or rolled back (non-zero: CRIU resumes it).
@@ -106,10 +106,12 @@ def dump(pid: int, images: str, *, ps_fd: int, hook: str, parent: str | None, la
 
     Connections not asked to move (no --tcp-established) are closed in the copy
     (connections_closed): one a client opened just as the workload froze would otherwise
-    fail the dump ("Connected TCP socket"), and with it the move."""
+    fail the dump ("Connected TCP socket"), and with it the move.
+
+    extra: more flags, as the tree's streams to journald named external (units.py)."""
     argv = ["criu", "dump", "-t", str(pid), "-D", images, "-o", "dump.log",
             "--ps-socket", str(ps_fd), "--action-script", hook, "--skip-in-flight",
-            *opts.flags(), *connections_closed(opts)]
+            *opts.flags(), *connections_closed(opts), *extra]
     if nothing_to_lock and not opts.tcp_established:
         argv += ["--network-lock", "iptables"]
     argv += ["--lazy-pages", "--leave-stopped"] if lazy else ["--page-server"]
@@ -167,10 +169,11 @@ def configured(path: Path, options: str) -> dict[str, str]:
     return {CONFIG_FILE_ENV: str(path)}
 
 
-def restore(images: str, pidfile: str, *, lazy: bool, opts: Options) -> list[str]:
-    """Restore detached and stopped: the tree runs only once the source is gone (Resume)."""
+def restore(images: str, pidfile: str, *, lazy: bool, opts: Options, extra: tuple[str, ...] = ()) -> list[str]:
+    """Restore detached and stopped: the tree runs only once the source is gone (Resume).
+    extra: more flags, as the journal's streams given in place of the source's (units.py)."""
     argv = ["criu", "restore", "-D", images, "-o", "restore.log", "--restore-detached",
-            "--leave-stopped", "--pidfile", pidfile, *opts.flags(), *connections_closed(opts)]
+            "--leave-stopped", "--pidfile", pidfile, *opts.flags(), *connections_closed(opts), *extra]
     if lazy:
         argv.append("--lazy-pages")
     return argv

@@ -126,6 +126,8 @@ class Report:
     #: a bare tree's files the target lacked, carried there while it was frozen (carried.py, docs/modes.md)
     carried_files: list[str] = field(default_factory=list)
     carried_bytes: int = 0        #: what they held, sent while the tree was frozen
+    #: the systemd service that ran the tree, handed over: the same unit runs it on the target (units.py)
+    unit: str = ""
     #: the service addresses that moved with it (--move-address), each "ADDR/PREFIX: interface on
     #: source to interface on target"
     moved_addresses: list[str] = field(default_factory=list)

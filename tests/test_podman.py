@@ -164,6 +164,45 @@ def test_a_podman_move_killed_before_its_commit_is_recovered_by_a_restore_here(l
             lab.run(h, [*ENV, "podman", "rm", "--force", "web6"], check=False)
 
 
+def test_a_podman_rm_container_rolled_back_comes_back_from_its_checkpoint(lab):
+    """A --rm container (as a Quadlet's is) is removed by podman as its checkpoint stops it,
+    the checkpoint podman kept with it: interrupted once it froze, the move puts it back from
+    the archive it exported, with its state, never leaving it gone."""
+    first = int(lab.text("a", ["python3", TOOL, "serve", "--rm", "--name", "web7"]))
+    mover = None
+    try:
+        mover = lab.popen("a", [*ENV, "LIVEMIG_TEST_STOP_AT=restore", "livemig", "move", "web7", "b"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stopped = wait_stopped(lab, mover, "restore")
+        assert running(lab, "a", "web7") is None        # removed with its checkpoint, by podman
+        lab.run("a", ["kill", "-INT", *stopped])
+        go_on(lab, mover, stopped)
+        assert mover.wait(timeout=300) == 130, mover.stderr.read().decode()
+        assert running(lab, "a", "web7") and running(lab, "b", "web7") is None
+        assert ask(lab, "a", "web7") == first + 1           # its own state, as of the checkpoint
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        end_if_held(lab, mover)
+        for h in ("a", "b"):
+            lab.run(h, [*ENV, "podman", "rm", "--force", "web7"], check=False)
+
+
+def test_a_container_a_systemd_unit_runs_is_refused_untouched(lab):
+    """A Quadlet's container (podman labels it PODMAN_SYSTEMD_UNIT): its checkpoint would end
+    its unit, which would start a fresh copy here; refused before anything is touched, whatever
+    the flags."""
+    first = int(lab.text("a", ["python3", TOOL, "serve", "--name", "web8", "--label",
+                               "PODMAN_SYSTEMD_UNIT=web8.service"]))
+    try:
+        res = lab.run("a", [*ENV, "livemig", "move", "--force", "web8", "b"], check=False, timeout=300)
+        assert res.returncode == 3
+        assert "container web8 is run by systemd's web8.service" in res.stderr.decode()
+        assert running(lab, "a", "web8") and ask(lab, "a", "web8") == first + 1
+        assert running(lab, "b", "web8") is None and leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        lab.run("a", [*ENV, "podman", "rm", "--force", "web8"], check=False)
+
+
 def test_a_podman_container_never_runs_on_the_target_before_its_resume(lab):
     """Restored on b, the container stays stopped until the Resume (podman's runtime gets the
     CRIU configuration that leaves it so through conmon): held just after the restore, b's

@@ -136,6 +136,8 @@ class PodmanContainer(Workload):
         # bind mounts name host paths; named volumes travel in the checkpoint's archive
         self._binds = sorted({m["Source"] for m in found.get("Mounts") or [] if m.get("Type") == "bind"})
         self.opts = opts
+        # the systemd unit that runs it (a Quadlet, `podman generate systemd --new`), by podman's label
+        self.unit: str = (found.get("Config", {}).get("Labels") or {}).get("PODMAN_SYSTEMD_UNIT", "")
         self.checkpointed = False
         self.run: DumpRun | None = None
 
@@ -200,9 +202,19 @@ class PodmanContainer(Workload):
         if not self.checkpointed:
             return []
         found = await inspect(self.container)
-        if found and not found["State"].get("Running"):
-            await proc.run(restore_kept(self.container), phase=Phase.ROLLBACK, leaves_daemon=True)
         self.checkpointed = False
+        if found is None:
+            # Gone: podman removed it as its checkpoint stopped it (a --rm container: conmon's
+            # cleanup removes it), and the checkpoint it kept with it. It comes back from the
+            # archive exported for the target, whole as it was frozen, under its name (podman
+            # gives it a new ID).
+            images = run.log.parent if run else None
+            if images is None or not (images / ARCHIVE).exists():
+                return [(f"container {self.container} is gone here (podman removed it at its checkpoint), and "
+                        "no checkpoint of it is left to restore")]
+            await proc.run(restore(images, self.container, self.opts), phase=Phase.ROLLBACK, leaves_daemon=True)
+        elif not found["State"].get("Running"):
+            await proc.run(restore_kept(self.container), phase=Phase.ROLLBACK, leaves_daemon=True)
         return []
 
 

@@ -34,6 +34,7 @@ class ProcessTree(Workload):
         self.frozen: list[proc.Task] = []
         self.hook: hook.HookServer | None = None
         self.run: DumpRun | None = None
+        self.dump_flags: list[str] = []    # the final dump's own: its streams to journald (units.py)
 
     def pids(self) -> list[int]:
         if self.frozen:
@@ -59,7 +60,7 @@ class ProcessTree(Workload):
         try:
             argv = criu.dump(self.root_pid, str(images), ps_fd=theirs.fileno(), hook=str(self.hook.script),
                              parent=f"../{parent}" if parent else None, lazy=lazy, opts=self.opts,
-                             nothing_to_lock=host.same_netns(self.root_pid))
+                             nothing_to_lock=host.same_netns(self.root_pid), extra=tuple(self.dump_flags))
             dumping = await proc.start(argv, stdout=asyncio.subprocess.DEVNULL, pass_fds=[theirs.fileno()],
                                        env=proc.environ(**self.hook.environment()))
         except BaseException:

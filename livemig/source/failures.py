@@ -19,7 +19,7 @@ from ..report import Report
 from ..service_address import put_back
 from ..wire import protocol as p
 from ..wire.transports import link_errors
-from . import fresh_agent
+from . import fresh_agent, owners
 from .move import Move
 from .session import remote_error
 
@@ -94,6 +94,7 @@ async def rollback(m: Move) -> None:
     if m.workload is not None:
         # The target's copy, if any, is stopped: it runs only after the commit.
         m.report.warnings += await m.workload.resume(m.dump, m.stop_relay)
+    await owners.unhold(m)      # (its unit as it was, the workload running on here)
     kept = await m.to.abort()
     # announced again once the target let go of them (its abort took them off there)
     m.report.warnings += await put_back(m.addresses_taken, announce_only=True)

@@ -33,7 +33,7 @@ from .. import addresses, carried, host, interrupts, logs, runtimes, workdirs
 from ..errors import LivemigError, Phase, PreflightError, StreamsRefused, record_failure
 from ..options import Mode, Options
 from ..pages import pagehash
-from ..progress import Cautioned, Connecting, Event, ModeChosen
+from ..progress import Connecting, Event, ModeChosen
 from ..report import Plan, Report, now
 from ..runtimes.held import HeldCopy
 from ..wire import bandwidth
@@ -46,6 +46,7 @@ from . import (
     downtime,
     failures,
     namespaces,
+    owners,
     policy,
     recovery,
     switchover,
@@ -132,6 +133,7 @@ class Migration:
         # stopped, or the target's: this record is how `livemig recover` finds them.
         m.record = recovery.Record.mine(m.id, m.target, m.workload, lazy, bundle_moves=m.bundle_copied_at is not None)
         m.save_record()
+        await owners.hold(m)
         stop_for_tests("final-dump")
         await switchover.final_dump(m, lazy)
         await switchover.take_addresses(m)
@@ -173,31 +175,31 @@ class Migration:
         # (a container's paths are in its own mount namespace: not the target's to look at)
         tree = w.kind == "process"
         moving = await checks.addresses_to_move(m.options.move_addresses, pids)
+        await owners.find(m, pids)
         reopened = host.reopened_files(pids) if tree else {}
         sized = {f: size for f, size in reopened.items() if size is not None}
         local, remote = await self._probe_both(p.Probe(
             pids=pids if tree else [], container=m.spec, locked_files=locked if tree else [],
             files=sorted(reopened), sized_files=list(sized), ports=addresses.ports(pids),
-            mount_sources=w.mount_sources(), move_addresses=list(moving)))
+            mount_sources=w.mount_sources(), move_addresses=list(moving), unit=m.unit.name if m.unit else ""))
         if host.own_user_ns(pids):
             connected = m.options.criu.tcp_established and host.same_netns(pids[0]) and bool(addresses.connected(pids))
             remote, said = namespaces.in_a_user_namespace(m.options.mode.value, remote, connected)
             if said:
-                m.report.warnings.append(said)
-                m.progress(Cautioned(said))
+                m.caution(said)
         m.addresses = {a: (here, remote.subnet_devices.get(a, "")) for a, here in moving.items()}
         moved_rows, remote = checks.moved_address_rows(moving, remote)
         remote, m.report.carried_files, total = checks.carry(remote, m.options.carry_files_max)
         if m.report.carried_files:
             m.report.carried_bytes = total
             said = carried.told(m.report.carried_files, total)
-            m.report.warnings.append(said)
-            m.progress(Cautioned(said))
+            m.caution(said)
         if not m.options.write_protect:     # (--no-write-protect: by page hashes, as if it could not)
             local = dataclasses.replace(local, features={**local.features, host.WRITE_PROTECT: False})
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
                                             need_bytes=memory, container=m.spec, held=addresses.held(pids))
         rows += checks.resized_rows(sized, remote.file_sizes)
+        owners.refuse(m, remote)
         # (what --move-address asks is said first: a refusal there is the answer to the flag)
         m.report.warnings += checks.enforce(moved_rows + rows, m.target, m.options.force)
         checks.enforce([await self._check_cpu()], m.target)
@@ -205,8 +207,7 @@ class Migration:
         connections = addresses.connected(pids) if w.kind == "process" else []
         if connections and not m.options.criu.tcp_established:
             said = checks.connections_closed(connections)
-            m.report.warnings.append(said)
-            m.progress(Cautioned(said))
+            m.caution(said)
         m.report.mode, m.report.mode_reason = mode, why
         m.modes_here = [x.value for x in (Mode.PRECOPY, Mode.HYBRID, Mode.POSTCOPY, Mode.STOPCOPY)
                         if policy.runs_here(x.value, local.features, remote.features, w.kind)]
@@ -228,8 +229,7 @@ class Migration:
         # (a fill's shared pages were pre-copied, or cross with the rest before it runs: nothing to tell)
         if mode in (Mode.POSTCOPY.value, Mode.HYBRID.value) and policy.shares_much(shared, memory):
             said = policy.shared_first(shared)
-            m.report.warnings.append(said)
-            m.progress(Cautioned(said))
+            m.caution(said)
         if m.report.precopy_tracking == "soft-dirty" and host.huge_pages_in_use(pids):
             # (page hashes compare 4 KiB pages whatever backs them)
             m.report.warnings.append("the workload's memory uses transparent huge pages: pre-copy "

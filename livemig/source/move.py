@@ -20,7 +20,7 @@ from .. import runtimes, workdirs
 from ..options import Options
 from ..pages import pagehash, push, shmem
 from ..pages import postcopy as pages
-from ..progress import Event, Ticker, quiet
+from ..progress import Cautioned, Event, Ticker, quiet
 from ..report import Report
 from ..runtimes.held import HeldCopy
 from ..wire import protocol as p
@@ -74,7 +74,15 @@ class Move:
         self.rejoin_token = ""    # the stream the target's agent takes us back on, should the link break
         self.pushed_before: list[pages.Pushed] = []    # the pushes of links that broke, for the counts
         self.pusher: push.Pusher | None = None
+        self.unit: p.Unit | None = None        # the systemd service that runs the tree (owners.py)
+        self.unit_held = False                 # its drop-in holds it from restarting the workload
+        self.journal: list[p.JournalStream] = []   # the tree's streams to journald
         self.dumped_at = self.images_at = self.restored_at = 0.0   # the downtime's parts end at these
+
+    def caution(self, said: str) -> None:
+        """A warning for the report, told as it is found."""
+        self.report.warnings.append(said)
+        self.progress(Cautioned(said))
 
     @property
     def phase(self) -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .. import proc, workdirs
+from .. import proc, units, workdirs
 from ..errors import LivemigError, Phase
 from ..options import WAITS, Options
 from ..report import Settled
@@ -68,6 +68,7 @@ class Record:
     protocol: int = 0                 # the wire protocol agreed with that agent (0: a record older than 16)
     addresses: dict[str, str] = dataclasses.field(default_factory=dict)   # --move-address: those taken off
                                       # here (ADDR/PREFIX -> interface), for a resume here to put back
+    unit: str = ""                    # the systemd service that runs it here, held from the freeze (units.py)
 
     def save(self, work: Path) -> None:
         write_private(work / RECORD, dataclasses.asdict(self))
@@ -158,6 +159,8 @@ async def recover(options: Options, connect: Connector, *, target_lost: bool = F
                                 f"by hand, then delete {work}"))
             continue
         settled, finished = await _settle(work, rec, connect, options, target_lost)
+        if finished and rec.unit:       # its unit as the workload now stands: here, or moved
+            settled.detail += await units.settled(rec.unit, settled.outcome == "moved", rec.target)
         done.append(settled)
         if finished:
             forget(work)

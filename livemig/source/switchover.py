@@ -26,7 +26,7 @@ from ..runtimes.held import HeldCopy
 from ..runtimes.process import criu_failure
 from ..wire import protocol as p
 from ..wire import streams
-from . import bundles, postcopy, recovery
+from . import bundles, owners, postcopy, recovery
 from .failures import rolled_back, stranded
 from .local import by_pid
 from .move import Move
@@ -199,7 +199,8 @@ async def restore(m: Move, lazy: bool, fill: bool = False) -> None:
                   rejoin=m.rejoin_token or None, rejoin_within=m.options.reconnect_timeout,
                   tcp_established=m.options.criu.tcp_established, file_locks=m.options.criu.file_locks,
                   carried=CARRIED if m.report.carried_files else "",
-                  move_addresses={a: there for a, (_, there) in m.addresses.items()}),
+                  move_addresses={a: there for a, (_, there) in m.addresses.items()},
+                  journal_streams=m.journal),
         p.Restored)
     m.report.target_pid, m.report.restore_seconds = restored.pid, restored.restore_seconds
     m.restored_at = time.monotonic()
@@ -293,5 +294,6 @@ def note_final_stats(m: Move) -> None:
 async def after_move(m: Move) -> None:
     """The target's copy runs, whole, and the source's is gone: what is left is tidying."""
     if not m.to.ended:
+        await owners.hand_over(m)
         await m.to.finish()
     bundles.remove_source_bundle(m)

@@ -22,10 +22,11 @@ import signal
 import sys
 from pathlib import Path
 
-from .. import carried, proc, runtimes, service_address
+from .. import carried, proc, runtimes, service_address, units
 from ..errors import Phase
 from ..options import WAITS
 from ..wire import protocol as p
+from .failures import AgentFailure
 from .stage import Stage, Stages
 
 
@@ -36,6 +37,7 @@ class Copy:
         self.containers: list[p.Container] = []         # restored through their runtime
         self.created_tree: Path | None = None           # a bundle this migration brought here
         self.carried: list[str] = []                    # the tree's files it brought (carried.py)
+        self.unit_files: list[str] = []                 # its unit's definition, written here (units.py)
         self.addresses: dict[str, str] = {}             # service addresses put on here (service_address.py)
         self.guarding = ""                              # the guard against resets from them, until it runs
         self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
@@ -100,6 +102,17 @@ class Copy:
             print(f"livemig agent: {said}", file=sys.stderr)     # the copy runs all the same
         self.guarding = ""
 
+    async def install(self, unit: p.Unit) -> p.Done:
+        """Its unit's definition, where this host has none: before the freeze, and gone if undone."""
+        self.unit_files += await units.install(unit)
+        return p.Done()
+
+    async def adopted_by(self, unit: p.Unit, work: Path) -> p.Adopted:
+        """It runs, whole: its unit here takes it (units.py)."""
+        if not self.roots or not self.stages.running:
+            raise AgentFailure(Phase.COMMIT, "no copy runs here for a unit to take")
+        return p.Adopted(await units.adopt(unit, self.roots[-1], work))
+
     def stop_restoring(self) -> None:
         """A restore under way goes, its tasks with it. A lazy restore whose page stream ended
         waits, in CRIU's restorer, for pages that never come (a fault's wait ends at a fatal
@@ -125,6 +138,8 @@ class Copy:
             self.created_tree = None
         carried.remove(self.carried)
         self.carried.clear()
+        await units.uninstall(self.unit_files)
+        self.unit_files.clear()
         await self._take_addresses_off()
         while self.roots:
             proc.kill_tree(self.roots.pop())

@@ -9,7 +9,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from .. import addresses, criu, host, proc, runtimes, service_address
+from .. import addresses, criu, host, proc, runtimes, service_address, units
 from ..errors import Phase
 from ..runtimes import oci, podman
 from ..wire import protocol as p
@@ -43,6 +43,8 @@ async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
     if msg.move_addresses:
         facts = dataclasses.replace(facts, subnet_devices={a: await service_address.on_subnet(a)
                                                            for a in map(service_address.parse, msg.move_addresses)})
+    if msg.unit:
+        facts = dataclasses.replace(facts, unit_state=await units.state(msg.unit))
     if msg.mount_sources:
         facts = dataclasses.replace(facts, mount_sources_missing=[f for f in msg.mount_sources
                                                                   if not os.path.exists(f)])

@@ -27,11 +27,12 @@ some 40 ms; runc's (lazy) and crun's rewrote their count file.
 from __future__ import annotations
 
 import asyncio
+import socket
 import tarfile
 import time
 from pathlib import Path
 
-from .. import carried, criu, proc, runtimes, service_address
+from .. import carried, criu, proc, runtimes, service_address, units
 from ..errors import LivemigError, Phase
 from ..options import WAITS
 from ..runtimes import podman
@@ -62,6 +63,7 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
             raise AgentFailure(Phase.RESTORE, e.message) from None
     c = msg.container
     env = None
+    journal: list[socket.socket] = []
     if c is not None:
         if c.runtime not in runtimes.CONTAINER_RUNTIMES:
             raise AgentFailure(Phase.RESTORE, f"unknown runtime {c.runtime!r}")
@@ -77,8 +79,13 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         if guard is not None:
             guard.tell("container", c.runtime, c.id)
     else:
+        try:
+            journal = units.open_streams(msg.journal_streams)
+        except LivemigError as e:
+            raise AgentFailure(Phase.RESTORE, e.message) from None
         argv = criu.restore(str(d), str(pidfile), lazy=lazy,
-                            opts=criu.Options(tcp_established=msg.tcp_established, file_locks=msg.file_locks))
+                            opts=criu.Options(tcp_established=msg.tcp_established, file_locks=msg.file_locks),
+                            extra=tuple(units.restore_flags(msg.journal_streams, journal)))
     if guard is not None:
         # where CRIU, or runc and crun, write the copy's root's PID (podman writes none): a
         # container too is killed through its cgroup and by signals, its runtime hung or gone
@@ -87,9 +94,11 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
     try:
         with failing_as(Phase.RESTORE, f"cannot restore with {argv[0]}"):
             res = await proc.run(argv, check=False, env=env, leaves_daemon=c is not None,   # podman leaves conmon
-                                 started=copy.restore_started)
+                                 started=copy.restore_started, pass_fds=[sk.fileno() for sk in journal])
     finally:
         copy.restore_ended()
+        for sk in journal:      # the copy holds its own now (or the restore failed)
+            sk.close()
     if c is not None and res.returncode == 0:
         # Its tasks are stopped: paused too, its runtime says so (and a runtime that did
         # not pass CRIU the configuration file on leaves it running no longer than this).

@@ -26,8 +26,8 @@ if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to 
 # the older one goes. No such code is kept yet: every message is written and read in the newest format
 # alone, so both are the same version. Hello is read by every livemig from 16 on, whatever fields a
 # newer one adds to it (_OPEN), so that the two always learn each other's versions.
-PROTOCOL_VERSION = 21  # 21: HostFacts.cpus and load (a drain places workloads by them); 20: a lazy dump's images may name the shared memory pre-copy sent (pages/shmem.py NAMED), for the target to place; ReceiveFiles.in_memory; 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
-PROTOCOL_OLDEST = 20
+PROTOCOL_VERSION = 22  # 22: Probe.unit, HostFacts.unit_state, Restore.journal_streams, InstallUnit, AdoptUnit (units.py: a workload systemd runs keeps its unit); 21: HostFacts.cpus and load (a drain places workloads by them); 20: a lazy dump's images may name the shared memory pre-copy sent (pages/shmem.py NAMED), for the target to place; ReceiveFiles.in_memory; 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_OLDEST = 22
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -95,6 +95,25 @@ class Port:
     port: int
 
 
+@part
+class JournalStream:
+    """A stream to journald the tree writes to (a service's stdout and stderr): the target's
+    restore gets one of its own in its place, said as systemd says it (journald's header)."""
+    inode: int                  # the tree's end, as the images name it (--external unix[INODE])
+    identifier: str             # SyslogIdentifier: what each line is logged as
+    unit: str = ""              # the unit its lines are logged for
+    priority: int = 30          # facility and level, as syslog has them (daemon.info)
+    level_prefix: bool = True   # a line may begin with its own level (<3>...)
+
+
+@part
+class Unit:
+    """The systemd service that runs the tree (units.py): the same unit takes it on the target."""
+    name: str                   # e.g. "web.service"
+    files: dict[str, str] = field(default_factory=dict)   # its definition: fragment and drop-ins, path -> text
+    enabled: bool = False       # enabled here: enabled there once it runs there, disabled here
+
+
 @message
 class Probe:
     pids: list[int] = field(default_factory=list)   # PIDs the restored tree needs
@@ -107,6 +126,7 @@ class Probe:
     ports: list[Port] = field(default_factory=list)  # a tree's restore binds these again: free there?
     mount_sources: list[str] = field(default_factory=list)   # a container's restore binds these in: there?
     move_addresses: list[str] = field(default_factory=list)  # ADDR/PREFIX to move here: on which interface?
+    unit: str = ""                # the systemd unit that runs the tree: how is it here (units.state)?
 
 
 @message
@@ -137,6 +157,7 @@ class HostFacts:
                                                                     # on their subnet here ("": none)
     cpus: int = 0                 # CPUs livemig may run on here (a drain places workloads by them)
     load: float = 0.0             # the load average over the last minute: how many of them are busy
+    unit_state: str = ""          # Probe's unit here: "no systemd", "absent", or its ActiveState
 
 
 @message
@@ -271,6 +292,26 @@ class Restore:
     # ADDR/PREFIX -> the interface it goes on here before the restore, announced once the copy runs
     # (service_address.py); with tcp_established, no reset leaves it until then
     move_addresses: dict[str, str] = field(default_factory=dict)
+    journal_streams: list[JournalStream] = field(default_factory=list)   # given streams of this host's journal
+
+
+@message
+class InstallUnit:
+    """Before the freeze: the unit's definition written here where this host has no such unit
+    (units.install); taken away again if the move is undone."""
+    unit: Unit
+
+
+@message
+class AdoptUnit:
+    """The copy runs, whole: its unit here takes it as its own (units.adopt). Answered by
+    Adopted, whose warnings say what could not be done (the copy runs on all the same)."""
+    unit: Unit
+
+
+@message
+class Adopted:
+    warnings: list[str] = field(default_factory=list)
 
 
 @message

@@ -183,6 +183,8 @@ def main() -> int:
     ap.add_argument("--busy", action="store_true", help="start: count without sleeping between counts")
     ap.add_argument("--bind", action="append", default=[], help="memcounter: a host directory bound in, at its path")
     ap.add_argument("--stopped-child", action="store_true", help="start, busy: with a child stopped at once")
+    ap.add_argument("--rm", action="store_true", help="serve: podman run --rm (podman removes it once it stops)")
+    ap.add_argument("--label", action="append", default=[], help="serve: podman run --label KEY=VALUE")
     ap.add_argument("args", nargs="*", help="redis, postgres: the server's command line (after --)")
     a = ap.parse_args()
     if a.action in ("memcounter", "bundle"):
@@ -206,7 +208,8 @@ def main() -> int:
         return 0
     if a.action == "serve":
         podman_image()
-        subprocess.run(["podman", "run", "--detach", "--name", a.name, IMAGE, "sh", "-c", SERVER],
+        subprocess.run(["podman", "run", "--detach", *(["--rm"] if a.rm else []),
+                        *(f"--label={label}" for label in a.label), "--name", a.name, IMAGE, "sh", "-c", SERVER],
                        env=PODMAN_ENV, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         for _ in range(100):   # until it listens
             try:
