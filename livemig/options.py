@@ -160,6 +160,9 @@ class Waits:
     lazy_pause_poll: float = 0.05         # between those tries
     criu_exit_after_broken_pipe: float = 2.0     # for CRIU to write why its page pipe broke, before its log is read
     container_delete: float = 60.0        # for a runtime's `delete --force` of a copy being undone
+    unit_cgroup: float = 5.0              # for a unit's cgroup to take a restore: systemd may be removing
+                                          # the one its unit left (a rollback's, the unit just ended)
+    unit_cgroup_poll: float = 0.02        # between those tries
     # -- programs
     reap: float = 5.0                     # for a killed program's pipes to close before ours are (a stray child
     #                                      of its own may hold them as long as it lives)

@@ -17,11 +17,8 @@ there; and on the target nothing would supervise the copy, nor stop it with the 
 - **install** (the target, before its restore): the definition, where the target has no
   such unit. CRIU restores the tree into the cgroup it had, /system.slice/NAME, which is
   the unit's here too.
-- **journal streams**: a service's stdout and stderr are streams to journald, which CRIU
-  cannot dump (their other end is journald's): the dump names them external
-  (--external unix[INODE]) and the target's restore is given a stream of its own host's
-  journal for each (--inherit-fd), opened with the header systemd itself writes, so the
-  copy's lines are logged for its unit there.
+- **its journal**: a service's stdout and stderr are streams to journald, which journal.py
+  carries across, logged for the unit there.
 - **adopt** (the target, once the copy runs whole): the unit starts with a runtime drop-in
   that makes its start a no-op whose main process is the restored root (Type=forking and
   a PID file), then the drop-in goes: from there on the unit is as defined, and its main
@@ -33,20 +30,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
+import sys
 from pathlib import Path
 
-from . import proc, unixsockets
+from . import proc
 from .errors import LivemigError, Phase, PreflightError
-from .wire.protocol import JournalStream, Unit
+from .options import WAITS
+from .wire.protocol import Unit
 
 RUNTIME_UNITS = Path("/run/systemd/system")     # systemd's runtime drop-ins: gone at a reboot
 MOVING = "50-livemig-moving.conf"       # the source's, from the freeze to the end of the move
 ADOPTING = "50-livemig-adopting.conf"   # the target's, for the start that adopts the copy
-JOURNAL_STDOUT = "/run/systemd/journal/stdout"
+MASKED = "masked:"      # install's note of a unit it unmasked (in place of a path it wrote)
 _SERVICE = re.compile(r"^[A-Za-z0-9:_.@-][A-Za-z0-9:_.@\\-]{0,240}\.service$")
 # Where a unit's definition may be written on the target: systemd's own directories alone.
-_DEFINITIONS = ("/etc/systemd/system/", "/usr/lib/systemd/system/", "/lib/systemd/system/")
+_DEFINITIONS = ("/etc/systemd/system/", "/usr/lib/systemd/system/", "/lib/systemd/system/",
+                "/etc/containers/systemd/", "/usr/share/containers/systemd/")     # (Quadlet's .container files)
 # Who else supervises what runs in a cgroup: a move would fight them (their restart, their kill).
 # (a cgroup of theirs, by its name: kubepods.slice, docker-ID.scope or /docker/ID, crio-ID.scope, ...)
 _ID = r"[0-9a-f]{12,64}"
@@ -54,12 +53,6 @@ _FOREIGN = [(re.compile(r"kubepods\b.*"), "Kubernetes (the kubelet)"),
             (re.compile(rf"docker|docker-{_ID}\.scope"), "docker"),
             (re.compile(rf"crio-(conmon-)?{_ID}\.scope"), "CRI-O"),
             (re.compile(rf"containerd\.service|cri-containerd-{_ID}\.scope"), "containerd")]
-_SYSLOG_LEVELS = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
-_SYSLOG_FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
-                      "authpriv", "ftp", "", "", "", "", "local0", "local1", "local2", "local3", "local4",
-                      "local5", "local6", "local7")
-
-
 def checked(name: str) -> str:
     """name, if it is a service's plain name: it goes into paths and systemctl's argv."""
     if not _SERVICE.match(name):
@@ -106,7 +99,7 @@ def foreign(cgroups: str) -> tuple[str, str] | None:
     return None
 
 
-async def _show(name: str, *props: str) -> dict[str, str]:
+async def show(name: str, *props: str) -> dict[str, str]:
     res = await proc.run(["systemctl", "show", name, *(f"--property={p}" for p in props)])
     return dict(line.split("=", 1) for line in res.text.splitlines() if "=" in line)
 
@@ -119,7 +112,7 @@ async def find(root: int, pids: list[int]) -> Unit | None:
     name = path.rsplit("/", 1)[-1]
     if not systemd_here() or not name.endswith(".service"):
         return None
-    props = await _show(name, "MainPID", "FragmentPath", "DropInPaths", "UnitFileState")
+    props = await show(name, "MainPID", "FragmentPath", "DropInPaths", "UnitFileState")
     main = int(props.get("MainPID") or 0)
     if main != root:
         raise PreflightError(f"PID {root} is one of {name}'s processes, not its main one"
@@ -135,7 +128,29 @@ async def find(root: int, pids: list[int]) -> Unit | None:
     for f in [props.get("FragmentPath", ""), *props.get("DropInPaths", "").split()]:
         if f and not f.startswith("/run/") and os.path.isfile(f):
             files[f] = Path(f).read_text()
-    return Unit(name, files, props.get("UnitFileState") == "enabled")
+    return Unit(name, files, props.get("UnitFileState") == "enabled", cgroup=path)
+
+
+async def find_container(name: str, container: str, conmon: int) -> Unit | None:
+    """The Quadlet that runs podman's container (podman's label names the unit): handed over
+    with its .container file. None where no systemd runs here (the label is then a leftover);
+    PreflightError for a unit livemig cannot hand over (not a Quadlet's, or not running it)."""
+    if not systemd_here():
+        return None
+    checked(name)
+    props = await show(name, "MainPID", "SourcePath", "ControlGroup", "ActiveState")
+    if int(props.get("MainPID") or 0) != conmon:
+        raise PreflightError(f"container {container} is labelled as {name}'s (PODMAN_SYSTEMD_UNIT), but {name} "
+                             f"is {props.get('ActiveState') or 'unknown'} with another main process: livemig "
+                             "cannot tell which unit it would start again", phase=Phase.PREFLIGHT)
+    source = props.get("SourcePath", "")
+    if not source.endswith(".container") or not source.startswith(_DEFINITIONS) or not os.path.isfile(source):
+        raise PreflightError(f"container {container} is run by {name}, which no Quadlet file defines (a `podman "
+                             "generate systemd` unit?): livemig hands over only a Quadlet's container",
+                             phase=Phase.PREFLIGHT, hint=f"define it as a Quadlet (a .container file), or stop {name} "
+                                                         "and run the container apart from it to move it")
+    return Unit(name, {source: Path(source).read_text()}, enabled=True, cgroup=props.get("ControlGroup", ""),
+                container=container)
 
 
 def _procs(path: str) -> list[int]:
@@ -145,45 +160,32 @@ def _procs(path: str) -> list[int]:
         return []
 
 
-async def journal_streams(pids: list[int], unit: Unit | None) -> list[JournalStream]:
-    """The tree's streams to journald, said as its unit has them logged; PreflightError for
-    any other stream whose other end is outside the tree (CRIU cannot dump half of one)."""
+# The argv that runs a program in a cgroup from its first instruction: python makes the cgroup
+# and writes itself into its procs ("0": the writer), then execs the program, which inherits
+# it. Until its deadline it tries again: systemd removes the cgroup a unit left as it ends
+# (ENOENT, or ENODEV for one on its way out), and a rollback restores into it just then.
+_IN_CGROUP = """import os, sys, time
+cgroup, until, every, argv = sys.argv[1], time.monotonic() + float(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+while True:
     try:
-        outward = unixsockets.outward(pids)
-    except OSError:     # no sock_diag here: CRIU's dump says, as it did before this check
-        return []
-    props = await _show(unit.name, "SyslogIdentifier", "SyslogLevel", "SyslogFacility",
-                        "SyslogLevelPrefix") if unit and outward else {}
-    streams = []
-    for mine, theirs in outward:
-        if theirs.name != JOURNAL_STDOUT:
-            raise PreflightError(f"the workload holds a Unix stream connection to "
-                                 f"{theirs.name or 'an unnamed socket'} (its other end is outside the tree): "
-                                 "CRIU cannot dump half of a connection", phase=Phase.PREFLIGHT,
-                                 hint="move the process at its other end in the same tree, or have the "
-                                      "workload close it")
-        streams.append(JournalStream(mine.inode, props.get("SyslogIdentifier") or _identifier(pids[0]),
-                                     unit.name if unit else "", _priority(props),
-                                     props.get("SyslogLevelPrefix", "yes") != "no"))
-    return streams
+        os.makedirs(cgroup, exist_ok=True)
+        os.write(os.open(cgroup + "/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC), b"0")
+        break
+    except OSError as e:
+        if e.errno not in (2, 19) or time.monotonic() > until:
+            raise
+        time.sleep(every)
+os.execvp(argv[0], argv)
+"""
 
 
-def _identifier(pid: int) -> str:
-    """What systemd logs a service's lines as when it names no SyslogIdentifier: its program's name."""
-    try:
-        return os.path.basename(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode())
-    except (OSError, UnicodeDecodeError):   # gone, or a name that is not text: journald's own fallback
-        return "unknown"
-
-
-def _priority(props: dict[str, str]) -> int:
-    level, facility = props.get("SyslogLevel", "info"), props.get("SyslogFacility", "daemon")
-    return ((_SYSLOG_FACILITIES.index(facility) if facility in _SYSLOG_FACILITIES else 3) << 3) | \
-        (_SYSLOG_LEVELS.index(level) if level in _SYSLOG_LEVELS else 6)
-
-
-def dump_flags(streams: list[JournalStream]) -> list[str]:
-    return [f"--external=unix[{s.inode}]" for s in streams]
+def in_cgroup(cgroup: str, argv: list[str]) -> list[str]:
+    """argv run in cgroup (a path in the unified hierarchy, made if missing): a Quadlet's
+    container restored into its unit's cgroup, as the unit itself would have started it."""
+    if not cgroup.startswith("/") or ".." in cgroup.split("/"):
+        raise LivemigError(f"refusing the cgroup {cgroup!r}", phase=Phase.RESTORE)
+    return [sys.executable, "-c", _IN_CGROUP, f"/sys/fs/cgroup{cgroup}", str(WAITS.unit_cgroup),
+            str(WAITS.unit_cgroup_poll), *argv]
 
 
 async def hold(unit: Unit) -> None:
@@ -191,7 +193,7 @@ async def hold(unit: Unit) -> None:
     d = RUNTIME_UNITS / f"{unit.name}.d"
     d.mkdir(parents=True, exist_ok=True)
     (d / MOVING).write_text("# livemig: this unit's workload is moving to another host\n"
-                            "[Service]\nRestart=no\nSuccessExitStatus=SIGKILL\n")
+                            "[Service]\nRestart=no\nSuccessExitStatus=SIGKILL 137\n")
     await _reload(Phase.FINAL_DUMP)
 
 
@@ -212,9 +214,11 @@ async def let_go(unit: Unit, target: str) -> list[str]:
     _remove_dropin(unit.name, MOVING)
     try:
         await _reload(Phase.COMMIT)
-        if unit.enabled:
+        if unit.container:      # a Quadlet's unit is generated: it cannot be disabled, only masked
+            await proc.run(["systemctl", "mask", "--quiet", unit.name])
+        elif unit.enabled:
             await proc.run(["systemctl", "disable", "--quiet", unit.name])
-        state = (await _show(unit.name, "ActiveState")).get("ActiveState", "")
+        state = (await show(unit.name, "ActiveState")).get("ActiveState", "")
         if state not in ("inactive", ""):
             warnings.append(f"{unit.name} is {state} here after its workload moved to {target}")
     except LivemigError as e:
@@ -253,20 +257,27 @@ async def _reload(phase: str) -> None:
 
 # --- the target ------------------------------------------------------------------------------------
 async def state(name: str) -> str:
-    """How the unit name is here: "no systemd", "absent" (no definition), or its ActiveState."""
+    """How the unit name is here: "no systemd", "absent" (no definition), "masked" (a move
+    took it away from here), or its ActiveState."""
     if not name:
         return ""
     checked(name)
     if not systemd_here():
         return "no systemd"
-    props = await _show(name, "LoadState", "ActiveState")
-    return "absent" if props.get("LoadState") == "not-found" else props.get("ActiveState", "unknown")
+    props = await show(name, "LoadState", "ActiveState")
+    load = props.get("LoadState")
+    return {"not-found": "absent", "masked": "masked"}.get(load or "", props.get("ActiveState", "unknown"))
 
 
 async def install(unit: Unit) -> list[str]:
     """The unit's definition written where the source had it, if this host has no such unit:
-    the paths written (for uninstall)."""
-    if await state(checked(unit.name)) != "absent":
+    the paths written (for uninstall). A unit a move masked here (a Quadlet's) is unmasked."""
+    here = await state(checked(unit.name))
+    if here == "masked":
+        await proc.run(["systemctl", "unmask", "--quiet", unit.name], phase=Phase.RESTORE)
+        await _reload(Phase.RESTORE)
+        return [MASKED + unit.name]
+    if here != "absent":
         return []
     written: list[str] = []
     try:
@@ -289,8 +300,11 @@ async def install(unit: Unit) -> list[str]:
 
 
 async def uninstall(written: list[str]) -> None:
-    """What install wrote goes (the restore was undone)."""
+    """What install wrote goes (the restore was undone): a unit it unmasked is masked again."""
     for path in reversed(written):
+        if path.startswith(MASKED):
+            await proc.run(["systemctl", "mask", "--quiet", path.removeprefix(MASKED)], check=False)
+            continue
         try:
             os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
         except OSError:     # gone already, or a directory with other files now: left
@@ -299,32 +313,10 @@ async def uninstall(written: list[str]) -> None:
         await _reload(Phase.ROLLBACK)
 
 
-def open_streams(streams: list[JournalStream]) -> list[socket.socket]:
-    """A stream of this host's journal for each, opened as systemd opens a service's: the
-    header (identifier, unit, priority, level prefix, forwarding) first, and read-shut."""
-    opened: list[socket.socket] = []
-    try:
-        for s in streams:
-            sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            opened.append(sk)
-            sk.connect(JOURNAL_STDOUT)
-            sk.shutdown(socket.SHUT_RD)
-            sk.sendall(f"{s.identifier}\n{s.unit}\n{s.priority}\n{int(s.level_prefix)}\n0\n0\n0\n".encode())
-    except OSError as e:
-        for sk in opened:
-            sk.close()
-        raise LivemigError(f"cannot open a stream to this host's journal ({JOURNAL_STDOUT}): {e}",
-                           phase=Phase.RESTORE) from None
-    return opened
-
-
-def restore_flags(streams: list[JournalStream], opened: list[socket.socket]) -> list[str]:
-    return [f"--inherit-fd=fd[{sk.fileno()}]:socket:[{s.inode}]" for s, sk in zip(streams, opened, strict=True)]
-
-
 async def adopt(unit: Unit, pid: int, work: Path) -> list[str]:
-    """The unit takes the running copy (root pid) as its main process. Never raises: the copy
-    runs whatever this says, and what could not be done is said (warnings)."""
+    """The unit takes the running copy (its root pid; a Quadlet's container: its conmon,
+    podman.adoptable) as its main process. Never raises: the copy runs whatever this says, and what could not be done
+    is said (warnings)."""
     pidfile = work / "adopted.pid"
     checked(unit.name)
     d = RUNTIME_UNITS / f"{unit.name}.d"
@@ -344,9 +336,9 @@ async def adopt(unit: Unit, pid: int, work: Path) -> list[str]:
     warnings = []
     try:
         await _reload(Phase.COMMIT)
-        if unit.enabled:
+        if unit.enabled and not unit.container:     # (a Quadlet's is generated: its [Install] enables it)
             await proc.run(["systemctl", "enable", "--quiet", unit.name])
-        main = int((await _show(unit.name, "MainPID")).get("MainPID") or 0)
+        main = int((await show(unit.name, "MainPID")).get("MainPID") or 0)
         if main != pid:
             warnings.append(f"{unit.name}'s main process is PID {main}, not the copy's {pid}")
     except (LivemigError, ValueError) as e:

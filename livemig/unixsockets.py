@@ -17,6 +17,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from . import proc
+
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
@@ -80,20 +82,7 @@ def _read_one(msg: bytes, found: dict[int, UnixSocket]) -> None:
 
 def held(pids: list[int]) -> set[int]:
     """The inodes of every socket the processes hold as file descriptors."""
-    inodes = set()
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:     # gone since the tree was read: it holds nothing now
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:     # closed meanwhile
-                continue
-            if target.startswith("socket:["):
-                inodes.add(int(target[8:-1]))
-    return inodes
+    return {int(name[8:-1]) for _, _, name in proc.fds(pids) if name.startswith("socket:[")}
 
 
 def outward(pids: list[int]) -> list[tuple[UnixSocket, UnixSocket]]:

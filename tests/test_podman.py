@@ -187,22 +187,6 @@ def test_a_podman_rm_container_rolled_back_comes_back_from_its_checkpoint(lab):
             lab.run(h, [*ENV, "podman", "rm", "--force", "web7"], check=False)
 
 
-def test_a_container_a_systemd_unit_runs_is_refused_untouched(lab):
-    """A Quadlet's container (podman labels it PODMAN_SYSTEMD_UNIT): its checkpoint would end
-    its unit, which would start a fresh copy here; refused before anything is touched, whatever
-    the flags."""
-    first = int(lab.text("a", ["python3", TOOL, "serve", "--name", "web8", "--label",
-                               "PODMAN_SYSTEMD_UNIT=web8.service"]))
-    try:
-        res = lab.run("a", [*ENV, "livemig", "move", "--force", "web8", "b"], check=False, timeout=300)
-        assert res.returncode == 3
-        assert "container web8 is run by systemd's web8.service" in res.stderr.decode()
-        assert running(lab, "a", "web8") and ask(lab, "a", "web8") == first + 1
-        assert running(lab, "b", "web8") is None and leftovers(lab) == {"a": ([], []), "b": ([], [])}
-    finally:
-        lab.run("a", [*ENV, "podman", "rm", "--force", "web8"], check=False)
-
-
 def test_a_podman_container_never_runs_on_the_target_before_its_resume(lab):
     """Restored on b, the container stays stopped until the Resume (podman's runtime gets the
     CRIU configuration that leaves it so through conmon): held just after the restore, b's

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests.held import end_if_held, wait_stopped
-from tests.lab import WORKLOAD
+from tests.lab import CONTAINER_TOOL, WORKLOAD
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.lab
@@ -70,17 +70,27 @@ def unit(sd_lab):
                                    f"systemctl reset-failed {UNIT}")], check=False)
 
 
-def held_at_restore(lab, pid: int) -> tuple[subprocess.Popen, list[str]]:
-    """livemig move --pid PID b on a, stopped at its test point "restore" (the workload frozen,
-    the unit held): the mover, and its PIDs on a."""
+def held_at_restore(lab, *what: str) -> tuple[subprocess.Popen, list[str]]:
+    """livemig move WHAT b on a, in stop-and-copy, stopped at its test point "restore" (the
+    workload frozen, its unit held): the mover, and its PIDs on a."""
     mover = lab.popen("a", ["env", "LIVEMIG_TEST_STOP_AT=restore", "livemig", "move", "--mode", "stopcopy",
-                            "--pid", str(pid), "b"],
-                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            *what, "b"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         return mover, wait_stopped(lab, mover, "restore")
     except BaseException:
         end_if_held(lab, mover)
         raise
+
+
+def interrupted(lab, mover: subprocess.Popen, stopped: list[str]) -> None:
+    """Ctrl-C to a move held_at_restore: it rolls back (exit code 130)."""
+    try:
+        lab.run("a", ["kill", "-INT", *stopped])
+        lab.run("a", ["kill", "-CONT", *stopped])
+        mover.send_signal(signal.SIGCONT)
+        assert mover.wait(timeout=300) == 130, mover.stderr.read().decode()
+    finally:
+        end_if_held(lab, mover)
 
 
 def query(lab, host: str, what: str = "get", wait: float = 10) -> dict:
@@ -150,15 +160,13 @@ def test_a_service_rolled_back_runs_on_in_its_unit_never_restarted(sd_lab, unit)
     same process on, its drop-in gone; b keeps neither a copy nor the definition it got."""
     lab = sd_lab
     pid = start_unit(lab, MEMCOUNTER.format(children=0))
-    mover, stopped = held_at_restore(lab, pid)
+    mover, stopped = held_at_restore(lab, "--pid", str(pid))
     try:
         assert show(lab, "a", "DropInPaths")["DropInPaths"].endswith("50-livemig-moving.conf")
-        lab.run("a", ["kill", "-INT", *stopped])
-        lab.run("a", ["kill", "-CONT", *stopped])
-        mover.send_signal(signal.SIGCONT)
-        assert mover.wait(timeout=120) == 130, mover.stderr.read().decode()
-    finally:
+    except BaseException:
         end_if_held(lab, mover)
+        raise
+    interrupted(lab, mover, stopped)
     here = show(lab, "a", "ActiveState", "MainPID", "NRestarts", "DropInPaths", "UnitFileState")
     assert here == {"ActiveState": "active", "MainPID": str(pid), "NRestarts": "0", "DropInPaths": "",
                     "UnitFileState": "enabled"}
@@ -194,7 +202,7 @@ def test_a_move_killed_with_its_unit_held_is_settled_by_recover_with_the_unit_as
     here and gives the unit back its Restart= (the drop-in goes), saying so."""
     lab = sd_lab
     pid = start_unit(lab, MEMCOUNTER.format(children=0))
-    mover, stopped = held_at_restore(lab, pid)
+    mover, stopped = held_at_restore(lab, "--pid", str(pid))
     try:
         lab.run("a", ["kill", "-KILL", *stopped])
         mover.send_signal(signal.SIGCONT)
@@ -212,3 +220,111 @@ def test_a_move_killed_with_its_unit_held_is_settled_by_recover_with_the_unit_as
     lab.run("a", ["kill", "-KILL", str(pid)])
     eventually(lambda: show(lab, "a", "NRestarts", "ActiveState"),
                lambda s: s == {"NRestarts": "1", "ActiveState": "active"})
+
+
+QUADLET = "web1"
+# The seeds' counter server (tests/workloads/container.py's SERVER), as a Quadlet runs it: each
+# connection to 8080 answers the next integer ($$: systemd's $). Its sh ignores SIGTERM: a stop
+# kills it, which is its success.
+COUNTER_QUADLET = """[Unit]
+Description=the seeds' counter server, a Quadlet moved by livemig's tests
+[Container]
+Image=localhost/livemig-busybox:1
+ContainerName=web1
+Exec=sh -c "i=0; while true; do i=$$((i+1)); echo $$i | nc -l -p 8080 >/dev/null; done"
+StopSignal=SIGKILL
+[Service]
+Restart=always
+SuccessExitStatus=137
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def quadlet_show(lab, host: str, *props: str) -> dict[str, str]:
+    text = lab.text(host, ["systemctl", "show", f"{QUADLET}.service", *(f"--property={p}" for p in props)])
+    return dict(line.split("=", 1) for line in text.splitlines())
+
+
+def ask(lab, host: str) -> int:
+    return int(lab.text(host, ["python3", CONTAINER_TOOL, "ask", "--name", QUADLET]))
+
+
+def conmon_of(lab, host: str) -> int:
+    return int(lab.text(host, ["podman", "inspect", QUADLET, "--format", "{{.State.ConmonPid}}"]))
+
+
+@pytest.fixture
+def quadlet(sd_lab):
+    """web1.container on a, started; nowhere once the test is done."""
+    lab = sd_lab
+    lab.run("a", ["python3", CONTAINER_TOOL, "image"])
+    lab.run("a", ["sh", "-c", (f"mkdir -p /etc/containers/systemd && cat > /etc/containers/systemd/{QUADLET}.container"
+                              " && systemctl daemon-reload")], input=COUNTER_QUADLET.encode())
+    lab.run("a", ["systemctl", "start", f"{QUADLET}.service"])
+    eventually(lambda: lab.run("a", ["python3", CONTAINER_TOOL, "ask", "--name", QUADLET], check=False).returncode,
+               lambda rc: rc == 0)
+    yield
+    for h in "ab":
+        lab.run(h, ["sh", "-c", (f"systemctl unmask --quiet {QUADLET}.service; systemctl stop {QUADLET}.service; "
+                                f"rm -f /etc/containers/systemd/{QUADLET}.container; rm -rf /run/systemd/system/"
+                                f"{QUADLET}.service.d; systemctl daemon-reload; systemctl reset-failed; "
+                                f"podman rm -f {QUADLET}")], check=False)
+
+
+def test_a_quadlet_s_container_moves_there_and_back_and_its_unit_runs_it_on_each(sd_lab, quadlet):
+    """The seeds' counter server under a Quadlet: a -> b, where the Quadlet file is carried and
+    its unit runs the restored container (conmon its main process) and counts on; a's unit ends
+    without a restart and is masked (a generated unit cannot be disabled); then back b -> a,
+    where the unit is unmasked and runs it again."""
+    lab = sd_lab
+    first = ask(lab, "a")
+    for here, there, n in (("a", "b", 1), ("b", "a", 2)):
+        res = lab.run(here, ["livemig", "move", "--json", QUADLET, there], check=False, timeout=600)
+        assert res.returncode == 0, res.stderr.decode()
+        report = json.loads(res.stdout)
+        assert report["outcome"] == "moved" and report["unit"] == f"{QUADLET}.service", report
+        assert not [w for w in report["warnings"] if "did not take it" in w or "main process is" in w], report
+        now = quadlet_show(lab, there, "ActiveState", "SubState", "MainPID", "NRestarts", "DropInPaths")
+        assert (now["ActiveState"], now["SubState"], now["DropInPaths"]) == ("active", "running", "")
+        assert int(now["MainPID"]) == conmon_of(lab, there)
+        assert ask(lab, there) == first + n       # the next number: its state came along
+        gone = quadlet_show(lab, here, "ActiveState", "Result", "NRestarts", "LoadState")
+        assert gone == {"ActiveState": "inactive", "Result": "success", "NRestarts": "0", "LoadState": "masked"}
+        assert lab.run(here, ["podman", "container", "exists", QUADLET], check=False).returncode == 1
+    # its own unit's stop stops it, through the container's ID file it was given
+    lab.run("a", ["systemctl", "stop", f"{QUADLET}.service"])
+    assert lab.run("a", ["podman", "container", "exists", QUADLET], check=False).returncode == 1
+
+
+def test_a_quadlet_s_container_rolled_back_runs_on_in_its_unit_with_its_state(sd_lab, quadlet):
+    """Interrupted as the restore begins, the container its checkpoint ended (a Quadlet's is
+    --rm: podman removed it) comes back from the exported archive into its unit's cgroup, and
+    a's unit runs it again, never having restarted it; b keeps nothing."""
+    lab = sd_lab
+    first = ask(lab, "a")
+    interrupted(lab, *held_at_restore(lab, QUADLET))
+    here = quadlet_show(lab, "a", "ActiveState", "MainPID", "NRestarts", "DropInPaths", "LoadState")
+    assert (here["ActiveState"], here["NRestarts"], here["DropInPaths"], here["LoadState"]) == \
+        ("active", "0", "", "loaded")
+    assert int(here["MainPID"]) == conmon_of(lab, "a")
+    assert ask(lab, "a") == first + 1
+    assert lab.run("b", ["podman", "container", "exists", QUADLET], check=False).returncode == 1
+    assert quadlet_show(lab, "b", "LoadState")["LoadState"] == "not-found"
+
+
+def test_a_container_labelled_as_a_unit_s_that_does_not_run_it_is_refused_untouched(sd_lab):
+    """podman's label PODMAN_SYSTEMD_UNIT names a unit whose main process is not the
+    container's conmon: which unit would start it again cannot be told. Refused before
+    anything is touched, whatever the flags."""
+    lab = sd_lab
+    first = int(lab.text("a", ["python3", CONTAINER_TOOL, "serve", "--name", "web8", "--label",
+                               "PODMAN_SYSTEMD_UNIT=web8.service"]))
+    try:
+        res = lab.run("a", ["livemig", "move", "--force", "web8", "b"], check=False, timeout=300)
+        assert res.returncode == 3
+        assert "container web8 is labelled as web8.service's (PODMAN_SYSTEMD_UNIT)" in res.stderr.decode()
+        assert int(lab.text("a", ["python3", CONTAINER_TOOL, "ask", "--name", "web8"])) == first + 1
+        assert lab.run("b", ["podman", "container", "exists", "web8"], check=False).returncode == 1
+    finally:
+        lab.run("a", ["podman", "rm", "--force", "web8"], check=False)

@@ -18,8 +18,8 @@ import tarfile
 import time
 from pathlib import Path, PurePath
 
-from .. import criu, proc
-from ..errors import CommandFailed, DumpError, Phase, PreflightError
+from .. import criu, proc, units
+from ..errors import CommandFailed, DumpError, LivemigError, Phase, PreflightError
 from ..wire import protocol as p
 from ..wire import streams
 from .workload import DumpRun, StopPages, Workload
@@ -118,6 +118,41 @@ def stopped_tasks(images: Path) -> set[int]:
         return criu.stopped_among((PurePath(m.name).name, tar.extractfile(m).read()) for m in cores)  # type: ignore[union-attr]
 
 
+def without_cgroup_parent(archive: Path) -> None:
+    """The archive's container config (config.dump) with no cgroup parent, rewritten in place
+    (the pages around it are not copied): a Quadlet's container runs with --cgroups=split, which
+    podman's import refuses beside a cgroup parent, and is restored into its unit's cgroup
+    instead (units.py). The JSON is padded with spaces to its old length."""
+    with tarfile.open(archive) as tar:
+        member = next((m for m in tar if m.isfile() and PurePath(m.name).as_posix().lstrip("./") == "config.dump"),
+                      None)
+        if member is None:
+            raise LivemigError("the checkpoint archive holds no config.dump", phase=Phase.RESTORE)
+        config = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+    if not config.get("cgroupParent"):
+        return
+    config["cgroupParent"] = ""
+    data = json.dumps(config, separators=(",", ":")).encode()
+    if len(data) > member.size:      # never: it only lost a value
+        raise LivemigError("cannot rewrite the checkpoint's config.dump in place", phase=Phase.RESTORE)
+    with open(archive, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(data + b" " * (member.size - len(data)))
+
+
+async def adoptable(name: str) -> int:
+    """The restored container name's conmon, which its Quadlet's unit takes as its main process
+    (units.adopt), with the file of its ID the unit's ExecStop names written anew (restored
+    under its name, it has a new ID)."""
+    found = await inspect(name)
+    if found is None:
+        raise LivemigError(f"no container {name} here", phase=Phase.COMMIT)
+    cidfile = (found.get("Config", {}).get("Annotations") or {}).get("io.podman.annotations.cid-file", "")
+    if cidfile.startswith("/run/"):
+        Path(cidfile).write_text(found["Id"])
+    return int(found["State"]["ConmonPid"])
+
+
 def restore_kept(name: str) -> list[str]:
     """A rollback's restore: name, from the checkpoint podman kept of it (its final one)."""
     return ["podman", "container", "restore", name]
@@ -138,6 +173,8 @@ class PodmanContainer(Workload):
         self.opts = opts
         # the systemd unit that runs it (a Quadlet, `podman generate systemd --new`), by podman's label
         self.unit: str = (found.get("Config", {}).get("Labels") or {}).get("PODMAN_SYSTEMD_UNIT", "")
+        self.conmon = int(found["State"].get("ConmonPid") or 0)
+        self.unit_cgroup = ""     # its unit's cgroup, once the unit is handed over: a rollback restores it there
         self.checkpointed = False
         self.run: DumpRun | None = None
 
@@ -212,7 +249,11 @@ class PodmanContainer(Workload):
             if images is None or not (images / ARCHIVE).exists():
                 return [(f"container {self.container} is gone here (podman removed it at its checkpoint), and "
                         "no checkpoint of it is left to restore")]
-            await proc.run(restore(images, self.container, self.opts), phase=Phase.ROLLBACK, leaves_daemon=True)
+            argv = restore(images, self.container, self.opts)
+            if self.unit_cgroup:        # a Quadlet's: into its unit's cgroup, as the target would have
+                without_cgroup_parent(images / ARCHIVE)
+                argv = units.in_cgroup(self.unit_cgroup, argv)
+            await proc.run(argv, phase=Phase.ROLLBACK, leaves_daemon=True)
         elif not found["State"].get("Running"):
             await proc.run(restore_kept(self.container), phase=Phase.ROLLBACK, leaves_daemon=True)
         return []

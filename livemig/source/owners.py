@@ -4,8 +4,9 @@ and adopted there once the copy runs whole, put back as it was by a rollback."""
 
 from __future__ import annotations
 
-from .. import units
-from ..errors import Phase, PreflightError
+from .. import journal, units
+from ..errors import LivemigError, Phase, PreflightError
+from ..runtimes import podman
 from ..runtimes.podman import PodmanContainer
 from ..runtimes.process import ProcessTree
 from ..wire import protocol as p
@@ -18,16 +19,13 @@ async def find(m: Move, pids: list[int]) -> None:
     streams to journald become streams of the target's journal. Nothing is touched."""
     w = m.w
     units.refuse_foreign(w.root_pid, f"PID {w.root_pid}" if w.kind == "process" else f"container {w.name}")
-    if isinstance(w, PodmanContainer) and w.unit:
-        raise PreflightError(f"container {w.name} is run by systemd's {w.unit} (a Quadlet, or a `podman generate "
-                             "systemd` unit): its checkpoint would end the unit, which would start a fresh copy "
-                             "here, and livemig cannot yet hand a container's unit over", phase=Phase.PREFLIGHT,
-                             hint=f"stop {w.unit} and run the container apart from it to move it")
-    if not isinstance(w, ProcessTree):      # (a container's stdout is its runtime's, never journald's)
-        return
-    m.unit = await units.find(w.root_pid, pids)
-    m.journal = await units.journal_streams(pids, m.unit)
-    w.dump_flags = units.dump_flags(m.journal)
+    if isinstance(w, PodmanContainer) and w.unit:      # a Quadlet's
+        m.unit = await units.find_container(w.unit, w.name, w.conmon)
+        w.unit_cgroup = m.unit.cgroup if m.unit else ""
+    elif isinstance(w, ProcessTree):     # (a container's stdout is its runtime's, never journald's)
+        m.unit = await units.find(w.root_pid, pids)
+        m.journal = await journal.streams(pids, m.unit)
+        w.dump_flags = journal.dump_flags(m.journal)
     if m.unit is not None:
         m.report.unit = m.unit.name
         said = (f"{m.unit.name} runs the workload: on {m.target} the same unit takes it once it runs there, "
@@ -47,7 +45,7 @@ def _refusal(m: Move, remote: p.HostFacts) -> str:
         return ""
     if remote.unit_state == "no systemd":
         return f"{m.target}'s init is not systemd: nothing there would run {m.unit.name}"
-    if remote.unit_state not in ("absent", "inactive", "failed"):
+    if remote.unit_state not in ("absent", "inactive", "failed", "masked"):
         return f"{m.unit.name} is {remote.unit_state} on {m.target}: the workload would run twice there"
     if remote.unit_state == "absent" and not m.unit.files:
         return f"{m.target} has no {m.unit.name}, and its definition here is not a file to carry"
@@ -66,8 +64,15 @@ async def hold(m: Move) -> None:
 
 
 async def unhold(m: Move) -> None:
-    """A rollback's: the unit as it was, its workload running on here."""
+    """A rollback's: the unit as it was, its workload running on here. A Quadlet's container,
+    ended by its checkpoint with its unit, is restored by then (runtimes/podman.py): its unit
+    takes it again."""
     if m.unit is not None and m.unit_held:
+        if m.unit.container and await units.state(m.unit.name) != "active":
+            try:
+                m.report.warnings += await units.adopt(m.unit, await podman.adoptable(m.unit.container), m.work)
+            except LivemigError as e:
+                m.report.warnings.append(f"{m.unit.name} did not take its container again: {e.message}")
         m.report.warnings += await units.unhold(m.unit)
         m.unit_held = False
 

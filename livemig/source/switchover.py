@@ -200,7 +200,7 @@ async def restore(m: Move, lazy: bool, fill: bool = False) -> None:
                   tcp_established=m.options.criu.tcp_established, file_locks=m.options.criu.file_locks,
                   carried=CARRIED if m.report.carried_files else "",
                   move_addresses={a: there for a, (_, there) in m.addresses.items()},
-                  journal_streams=m.journal),
+                  journal_streams=m.journal, unit=m.unit if m.spec else None),
         p.Restored)
     m.report.target_pid, m.report.restore_seconds = restored.pid, restored.restore_seconds
     m.restored_at = time.monotonic()

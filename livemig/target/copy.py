@@ -23,8 +23,9 @@ import sys
 from pathlib import Path
 
 from .. import carried, proc, runtimes, service_address, units
-from ..errors import Phase
+from ..errors import LivemigError, Phase
 from ..options import WAITS
+from ..runtimes import podman
 from ..wire import protocol as p
 from .failures import AgentFailure
 from .stage import Stage, Stages
@@ -111,7 +112,11 @@ class Copy:
         """It runs, whole: its unit here takes it (units.py)."""
         if not self.roots or not self.stages.running:
             raise AgentFailure(Phase.COMMIT, "no copy runs here for a unit to take")
-        return p.Adopted(await units.adopt(unit, self.roots[-1], work))
+        try:
+            pid = await podman.adoptable(unit.container) if unit.container else self.roots[-1]
+        except LivemigError as e:
+            return p.Adopted([f"the copy runs, but {unit.name} did not take it: {e.message}"])
+        return p.Adopted(await units.adopt(unit, pid, work))
 
     def stop_restoring(self) -> None:
         """A restore under way goes, its tasks with it. A lazy restore whose page stream ended

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from .. import carried, criu, proc, runtimes, service_address, units
+from .. import journal as journal_streams
 from ..errors import LivemigError, Phase
 from ..options import WAITS
 from ..runtimes import podman
@@ -74,18 +75,20 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         # its established connections asked for on the runtime's command line too: runc and crun
         # set that CRIU option themselves, so the configuration file alone cannot
         argv = runtimes.restore_command(c, d, pidfile, lazy, criu.Options(tcp_established=msg.tcp_established))
+        if msg.unit is not None and c.runtime == "podman":      # a Quadlet's: into its unit's cgroup
+            argv = _in_unit(msg.unit, d, argv)
         env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.restored_config(asked)))
         copy.containers.append(c)
         if guard is not None:
             guard.tell("container", c.runtime, c.id)
     else:
         try:
-            journal = units.open_streams(msg.journal_streams)
+            journal = journal_streams.opened(msg.journal_streams)
         except LivemigError as e:
             raise AgentFailure(Phase.RESTORE, e.message) from None
         argv = criu.restore(str(d), str(pidfile), lazy=lazy,
                             opts=criu.Options(tcp_established=msg.tcp_established, file_locks=msg.file_locks),
-                            extra=tuple(units.restore_flags(msg.journal_streams, journal)))
+                            extra=tuple(journal_streams.restore_flags(msg.journal_streams, journal)))
     if guard is not None:
         # where CRIU, or runc and crun, write the copy's root's PID (podman writes none): a
         # container too is killed through its cgroup and by signals, its runtime hung or gone
@@ -112,6 +115,16 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
     if pidfile.exists():
         copy.roots.append(int(pidfile.read_text().strip()))
     return res, argv, seconds
+
+
+def _in_unit(unit: p.Unit, d: Path, argv: list[str]) -> list[str]:
+    """A Quadlet's container's restore (argv), run in its unit's cgroup, its checkpoint's cgroup
+    parent cleared (podman.without_cgroup_parent), as the unit itself would have started it."""
+    try:
+        podman.without_cgroup_parent(d / podman.ARCHIVE)
+        return units.in_cgroup(unit.cgroup, argv)
+    except (OSError, tarfile.TarError, ValueError, LivemigError) as e:
+        raise AgentFailure(Phase.RESTORE, f"cannot restore into {unit.name}'s cgroup: {e}") from None
 
 
 def stopped_in(msg: p.Restore, d: Path) -> set[int]:

@@ -112,6 +112,8 @@ class Unit:
     name: str                   # e.g. "web.service"
     files: dict[str, str] = field(default_factory=dict)   # its definition: fragment and drop-ins, path -> text
     enabled: bool = False       # enabled here: enabled there once it runs there, disabled here
+    cgroup: str = ""            # its cgroup (ControlGroup), the same on both hosts: a container is restored there
+    container: str = ""         # a Quadlet's: the podman container it runs (its main process is conmon)
 
 
 @message
@@ -293,6 +295,7 @@ class Restore:
     # (service_address.py); with tcp_established, no reset leaves it until then
     move_addresses: dict[str, str] = field(default_factory=dict)
     journal_streams: list[JournalStream] = field(default_factory=list)   # given streams of this host's journal
+    unit: Unit | None = None    # a Quadlet's container: restored into its unit's cgroup (units.py)
 
 
 @message

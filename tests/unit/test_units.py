@@ -5,14 +5,18 @@ them. The hand-over itself, with systemd, is proven in the lab (tests/test_units
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import socket
+import tarfile
 import time
 
 import pytest
 
-from livemig import units, unixsockets
+from livemig import journal, units, unixsockets
 from livemig.errors import LivemigError, PreflightError
+from livemig.runtimes import podman
 from livemig.wire.protocol import JournalStream, Unit
 
 
@@ -76,16 +80,16 @@ def test_a_stream_whose_other_end_is_outside_the_tree_is_found_with_its_peer_s_n
 
 def test_journal_streams_are_carried_said_as_systemd_says_them_and_any_other_stream_is_refused(
         tmp_path, reaped, monkeypatch):
-    monkeypatch.setattr(units, "JOURNAL_STDOUT", str(tmp_path / "stdout"))
-    journal = Connected(units.JOURNAL_STDOUT, reaped)
-    [stream] = asyncio.run(units.journal_streams([journal.child], None))
-    assert stream == JournalStream(journal.inode, _argv0(journal.child), "", 30, True)
-    assert units.dump_flags([stream]) == [f"--external=unix[{journal.inode}]"]
+    monkeypatch.setattr(journal, "JOURNAL_STDOUT", str(tmp_path / "stdout"))
+    journald = Connected(journal.JOURNAL_STDOUT, reaped)
+    [stream] = asyncio.run(journal.streams([journald.child], None))
+    assert stream == JournalStream(journald.inode, _argv0(journald.child), "", 30, True)
+    assert journal.dump_flags([stream]) == [f"--external=unix[{journald.inode}]"]
     db = Connected(str(tmp_path / "db.sock"), reaped)
     with pytest.raises(PreflightError, match=f"Unix stream connection to {tmp_path}/db.sock"):
-        asyncio.run(units.journal_streams([db.child], None))
+        asyncio.run(journal.streams([db.child], None))
     db.close()
-    journal.close()
+    journald.close()
 
 
 def _argv0(pid: int) -> str:
@@ -93,28 +97,28 @@ def _argv0(pid: int) -> str:
 
 
 def test_the_target_s_journal_stream_opens_with_systemd_s_header_and_replaces_the_source_s(tmp_path, monkeypatch):
-    journal = str(tmp_path / "stdout")
-    monkeypatch.setattr(units, "JOURNAL_STDOUT", journal)
-    streams = [JournalStream(4242, "ticker", "tick.service", units._priority({"SyslogLevel": "notice"}), False)]
+    path = str(tmp_path / "stdout")
+    monkeypatch.setattr(journal, "JOURNAL_STDOUT", path)
+    streams = [JournalStream(4242, "ticker", "tick.service", journal._priority({"SyslogLevel": "notice"}), False)]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
-        listener.bind(journal)
+        listener.bind(path)
         listener.listen()
-        [sk] = units.open_streams(streams)
+        [sk] = journal.opened(streams)
         try:
             served, _ = listener.accept()
             with served:
                 assert served.recv(100) == b"ticker\ntick.service\n29\n0\n0\n0\n0\n"     # daemon.notice
-            assert units.restore_flags(streams, [sk]) == [f"--inherit-fd=fd[{sk.fileno()}]:socket:[4242]"]
+            assert journal.restore_flags(streams, [sk]) == [f"--inherit-fd=fd[{sk.fileno()}]:socket:[4242]"]
         finally:
             sk.close()
     with pytest.raises(LivemigError, match="cannot open a stream to this host's journal"):
-        units.open_streams(streams)      # no journal listens there now
+        journal.opened(streams)      # no journal listens there now
 
 
 def test_priority_is_facility_and_level_as_syslog_has_them():
-    assert units._priority({}) == 30                                              # daemon.info
-    assert units._priority({"SyslogFacility": "local3", "SyslogLevel": "err"}) == (19 << 3) | 3
-    assert units._priority({"SyslogFacility": "nonsense", "SyslogLevel": "nonsense"}) == 30
+    assert journal._priority({}) == 30                                              # daemon.info
+    assert journal._priority({"SyslogFacility": "local3", "SyslogLevel": "err"}) == (19 << 3) | 3
+    assert journal._priority({"SyslogFacility": "nonsense", "SyslogLevel": "nonsense"}) == 30
 
 
 @pytest.mark.parametrize("cgroup, who", [
@@ -176,3 +180,21 @@ def test_a_definition_is_written_only_under_systemd_s_directories_and_never_over
     with pytest.raises(LivemigError, match="cannot write memc.service's definition"):
         asyncio.run(units.install(Unit("memc.service", {f"{systemd_dir}memc.service": "ours"})))
     assert (tmp_path / "systemd/system/memc.service").read_text() == "theirs"
+
+
+def test_a_checkpoint_archive_loses_its_cgroup_parent_in_place_the_rest_untouched(tmp_path):
+    archive = tmp_path / podman.ARCHIVE
+    config = {"cgroupParent": "/libpod_parent", "cgroupsMode": "split", "name": "web1"}
+    pages = os.urandom(10000)
+    with tarfile.open(archive, "w") as tar:
+        for name, data in (("config.dump", json.dumps(config, indent=1).encode()), ("checkpoint/pages-1.img", pages)):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    size = archive.stat().st_size
+    podman.without_cgroup_parent(archive)
+    assert archive.stat().st_size == size
+    with tarfile.open(archive) as tar:
+        assert json.loads(tar.extractfile("config.dump").read()) == {**config, "cgroupParent": ""}
+        assert tar.extractfile("checkpoint/pages-1.img").read() == pages
+    podman.without_cgroup_parent(archive)       # none left: nothing to do

@@ -171,7 +171,7 @@ def _detach(runtime: str, bundle: str, name: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("action", choices=["start", "count", "serve", "ask", "memcounter", "bundle", "busy", "written",
+    ap.add_argument("action", choices=["start", "count", "serve", "ask", "image", "memcounter", "bundle", "busy", "written",
                                        "shmkinds", "redis", "postgres"])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--name", default="c1")
@@ -229,6 +229,9 @@ def main() -> int:
         return 0
     if a.action == "ask":
         print(ask(a.name))
+        return 0
+    if a.action == "image":     # the counter server's image alone (a Quadlet runs it)
+        podman_image()
         return 0
     if a.action == "count":
         print(count(a.bundle))
