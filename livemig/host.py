@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import platform
+import re
 import resource
 import socket
 import stat
@@ -342,3 +343,23 @@ def user_ids(pid: int) -> tuple[set[int], set[int]]:
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def cgroup_of(pid: int) -> str | None:
+    """pid's cgroup in cgroup v2's hierarchy; None if it is gone, or has none."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:     # gone: the docstring's None
+        return None
+    return next((line[3:] for line in lines if line.startswith("0::")), None)
+
+
+def cgroup_mount() -> Path | None:
+    """Where cgroup v2's whole hierarchy is mounted (/sys/fs/cgroup; a hybrid host's
+    /sys/fs/cgroup/unified), None if it is not."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mounted, _, source = line.partition(" - ")
+        fields = mounted.split()
+        if source.split()[:1] == ["cgroup2"] and fields[3] == "/":
+            return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))   # \040: a space
+    return None

@@ -27,13 +27,15 @@ there; and on the target nothing would supervise the copy, nor stop it with the 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
-from . import proc
+from . import host, proc
 from .errors import LivemigError, Phase, PreflightError
 from .options import WAITS
 from .wire.protocol import Unit
@@ -65,13 +67,9 @@ def systemd_here() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
-def cgroup_of(pid: int) -> str:
-    """pid's cgroup in the unified hierarchy ("" where it has none)."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:     # gone: the dump will say so
-        return ""
-    return next((line[3:] for line in lines if line.startswith("0::")), "")
+def _unified() -> Path:
+    """Where the unified cgroup hierarchy is mounted (a systemd host's /sys/fs/cgroup)."""
+    return host.cgroup_mount() or Path("/sys/fs/cgroup")
 
 
 def refuse_foreign(pid: int, what: str) -> None:
@@ -108,7 +106,7 @@ async def show(name: str, *props: str) -> dict[str, str]:
 async def find(root: int, pids: list[int]) -> Unit | None:
     """The service that runs the tree at root, to be handed over; None when none does (or no
     systemd runs here). PreflightError when the tree is only part of its unit."""
-    path = cgroup_of(root)
+    path = host.cgroup_of(root) or ""
     name = path.rsplit("/", 1)[-1]
     if not systemd_here() or not name.endswith(".service"):
         return None
@@ -155,7 +153,7 @@ async def find_container(name: str, container: str, conmon: int) -> Unit | None:
 
 def _procs(path: str) -> list[int]:
     try:
-        return [int(x) for x in Path(f"/sys/fs/cgroup{path}/cgroup.procs").read_text().split()]
+        return [int(x) for x in (_unified() / path.lstrip("/") / "cgroup.procs").read_text().split()]
     except (OSError, ValueError):   # no such cgroup (a v1-only host): nothing more to find
         return []
 
@@ -179,12 +177,22 @@ os.execvp(argv[0], argv)
 """
 
 
+async def stopped(name: str) -> None:
+    """Once the unit's stop is over (its ExecStopPost run, what was left in its cgroup killed),
+    within WAITS.unit_cgroup: a rollback restores a Quadlet's container into that cgroup, where
+    a stop still under way would kill it."""
+    deadline = time.monotonic() + WAITS.unit_cgroup
+    while (await show(checked(name), "ActiveState")).get("ActiveState") in ("deactivating", "activating") \
+            and time.monotonic() < deadline:
+        await asyncio.sleep(WAITS.unit_cgroup_poll)
+
+
 def in_cgroup(cgroup: str, argv: list[str]) -> list[str]:
     """argv run in cgroup (a path in the unified hierarchy, made if missing): a Quadlet's
     container restored into its unit's cgroup, as the unit itself would have started it."""
     if not cgroup.startswith("/") or ".." in cgroup.split("/"):
         raise LivemigError(f"refusing the cgroup {cgroup!r}", phase=Phase.RESTORE)
-    return [sys.executable, "-c", _IN_CGROUP, f"/sys/fs/cgroup{cgroup}", str(WAITS.unit_cgroup),
+    return [sys.executable, "-c", _IN_CGROUP, str(_unified() / cgroup.lstrip("/")), str(WAITS.unit_cgroup),
             str(WAITS.unit_cgroup_poll), *argv]
 
 

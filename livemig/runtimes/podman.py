@@ -251,6 +251,7 @@ class PodmanContainer(Workload):
                         "no checkpoint of it is left to restore")]
             argv = restore(images, self.container, self.opts)
             if self.unit_cgroup:        # a Quadlet's: into its unit's cgroup, as the target would have
+                await units.stopped(self.unit)
                 without_cgroup_parent(images / ARCHIVE)
                 argv = units.in_cgroup(self.unit_cgroup, argv)
             await proc.run(argv, phase=Phase.ROLLBACK, leaves_daemon=True)

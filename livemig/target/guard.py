@@ -55,9 +55,10 @@ from pathlib import Path
 
 from .. import proc, workdirs
 from ..errors import LivemigError, Phase
+from ..host import cgroup_of
 from ..options import SIZES
 from .failures import AgentFailure, failing_as
-from .kills import cgroup_of, kill_all
+from .kills import kill_all
 from .verdicts import Verdicts
 
 # The signals that ask a process to end, ignored first thing, before livemig is even imported.

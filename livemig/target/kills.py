@@ -12,11 +12,11 @@ the cgroup it had at the source, which may be, here, a session or a service of s
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
 from .. import proc
+from ..host import cgroup_mount, cgroup_of
 from ..options import WAITS
 from ..runtimes import control
 from ..wire.protocol import Container
@@ -30,26 +30,6 @@ def root_of(pidfile: str) -> int | None:
         return None
     root = int(text.strip())
     return root if root > 1 else None
-
-
-def cgroup_of(pid: int) -> str | None:
-    """pid's cgroup in cgroup v2's hierarchy; None if it is gone, or has none."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:     # gone: the docstring's None
-        return None
-    return next((line[3:] for line in lines if line.startswith("0::")), None)
-
-
-def cgroup_mount() -> Path | None:
-    """Where cgroup v2's whole hierarchy is mounted (/sys/fs/cgroup; a hybrid host's
-    /sys/fs/cgroup/unified), None if it is not."""
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mounted, _, source = line.partition(" - ")
-        fields = mounted.split()
-        if source.split()[:1] == ["cgroup2"] and fields[3] == "/":
-            return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))   # \040: a space
-    return None
 
 
 def _within(outer: str, inner: str) -> bool:
