@@ -44,16 +44,15 @@ from .errors import (
 from .interrupts import Terminated, terminable
 from .options import Mode, Options
 from .progress import Callback
+from .recoverreport import Pending, Settled
 from .report import (
     CheckReport,
     CheckRow,
     CloneReport,
-    Pending,
     Plan,
     Replica,
     Report,
     RoundReport,
-    Settled,
     ThrottleStep,
 )
 from .version import __version__

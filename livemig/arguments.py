@@ -197,6 +197,11 @@ def _moving_flags(sub: argparse.ArgumentParser, budget: bool = False) -> None:
                      help="a process tree's files the target lacks (a log, a pid file) are carried over while it "
                           "is frozen, up to SIZE bytes together (K, M, G; default 64M); more refuse the move "
                           "before the freeze, naming them")
+    sub.add_argument("--trial", action="store_true",
+                     help="before anything is frozen for the move, a process tree's images without its pages "
+                          "(a freeze of some 100 ms per GiB) are restored on the target in namespaces of their "
+                          "own, stopped, and thrown away: what CRIU's restore would trip on there refuses the "
+                          "move with CRIU's reason (--dry-run always tries it)")
     sub.add_argument("--image-root",
                      help="where private image directories go, on both hosts (default /var/lib/livemig)")
     sub.add_argument("--force", action="store_true",

@@ -18,7 +18,7 @@ from .arguments import build_parser
 from .errors import ExitCode, LivemigError, UsageError
 from .interrupts import Terminated, run
 from .options import Options
-from .report import Listed, Recovered
+from .recoverreport import Listed, Recovered
 from .wire.transports.destination import Destination
 
 
@@ -191,6 +191,7 @@ def _moving(args, **more) -> Options:
                              write_protect=_no(args.no_write_protect), compression_level=args.compression_level,
                              image_root=args.image_root, max_bandwidth=args.max_bandwidth,
                              bootstrap=_no(args.no_bootstrap), carry_files_max=args.carry_files_max,
+                             trial=True if args.trial else None,
                              reconnect_timeout=args.reconnect_timeout, **more).options,
                    force=args.force, criu=criu.Options(tcp_established=args.tcp_established,
                                                        shell_job=getattr(args, "shell_job", False),

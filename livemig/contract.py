@@ -26,13 +26,12 @@ from typing import Any
 
 from .drainreport import DrainReport
 from .fielddocs import field_docs
+from .recoverreport import Listed, Recovered
 from .report import (
     CheckReport,
     CloneReport,
     Failure,
-    Listed,
     Plan,
-    Recovered,
     Report,
     RoundReport,
 )

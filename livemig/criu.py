@@ -179,6 +179,28 @@ def restore(images: str, pidfile: str, *, lazy: bool, opts: Options, extra: tupl
     return argv
 
 
+def trial_dump(pid: int, images: str, *, ps_fd: int, opts: Options, nothing_to_lock: bool = False,
+               extra: tuple[str, ...] = ()) -> list[str]:
+    """A trial's dump (trial.py): the final dump's flags, but the tree left running (-R) and its
+    pages left out: a lazy dump keeps them in memory for a page server, which ps_fd's other end
+    closes at once. Frozen while CRIU reads the tree and hands its pages to pipes, not while it
+    copies them: about 100 ms per GiB in the lab (bench/trial.py)."""
+    argv = ["criu", "dump", "-t", str(pid), "-D", images, "-o", "dump.log", "--leave-running",
+            "--lazy-pages", "--ps-socket", str(ps_fd), "--skip-in-flight",
+            *opts.flags(), *connections_closed(opts), *extra]
+    if nothing_to_lock and not opts.tcp_established:
+        argv += ["--network-lock", "iptables"]
+    return argv
+
+
+def trial_restore(images: str, *, cgroup_root: str, opts: Options, extra: tuple[str, ...] = ()) -> list[str]:
+    """A trial's restore: detached and stopped, as a move's, its cgroups under cgroup_root (made
+    for it alone); run as the first process of a PID namespace of its own (trial.py), so that
+    its tasks die with it as it exits."""
+    return ["criu", "restore", "-D", images, "-o", "restore.log", "--restore-detached", "--leave-stopped",
+            "--cgroup-root", cgroup_root, *opts.flags(), *connections_closed(opts), *extra]
+
+
 # --- what CRIU leaves behind -----------------------------------------------------------------
 @dataclass(frozen=True)
 class DumpStats:

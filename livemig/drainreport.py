@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .report import Plan, Settled
+from .recoverreport import Settled
+from .report import Plan
 
 
 @dataclass

@@ -64,6 +64,7 @@ EXIT_CODES_SAID = {
 class Phase:
     """The phases of a migration, in order; the names used in errors, reports and logs."""
     PREFLIGHT = "preflight"
+    TRIAL = "trial restore"     # the workload's images restored on the target, thrown away (trial.py)
     PRECOPY = "pre-copy"
     FINAL_DUMP = "final dump"
     TRANSFER = "transfer"

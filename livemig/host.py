@@ -357,9 +357,19 @@ def cgroup_of(pid: int) -> str | None:
 def cgroup_mount() -> Path | None:
     """Where cgroup v2's whole hierarchy is mounted (/sys/fs/cgroup; a hybrid host's
     /sys/fs/cgroup/unified), None if it is not."""
+    return next((path for kind, path in _cgroup_mounts() if kind == "cgroup2"), None)
+
+
+def cgroup_mounts() -> list[Path]:
+    """Where each cgroup hierarchy (v1's and v2's) is mounted whole."""
+    return [path for _, path in _cgroup_mounts()]
+
+
+def _cgroup_mounts() -> list[tuple[str, Path]]:
+    out = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         mounted, _, source = line.partition(" - ")
-        fields = mounted.split()
-        if source.split()[:1] == ["cgroup2"] and fields[3] == "/":
-            return Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))   # \040: a space
-    return None
+        fields, kind = mounted.split(), source.split()[:1]
+        if kind in (["cgroup"], ["cgroup2"]) and fields[3] == "/":
+            out.append((kind[0], Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))))   # \040: a space
+    return out

@@ -68,6 +68,11 @@ class Options:
     #: A bare tree's files the target lacks are carried over while it is frozen, up to this many
     #: bytes together (carried.py); more, and the move is refused in its preflight.
     carry_files_max: int = 64 << 20
+    #: Before anything is frozen for the move, a trial restore on the target (trial.py): the tree's images
+    #: without its pages, restored in namespaces of their own and thrown away; what CRIU trips on there
+    #: refuses the move. Off by default: its freeze, some 100 ms per GiB, is over 50 ms at 2 GiB (a dry
+    #: run always takes it).
+    trial: bool = False
     #: Service addresses (ADDR/PREFIX) that move with the workload (service_address.py): taken off
     #: the source after the freeze, put on the target's interface on their subnet before the restore,
     #: announced there once the copy runs; put back on the source by a rollback.
@@ -109,6 +114,7 @@ DOWNTIME_AIM = 0.300     # seconds: QEMU's downtime-limit default, pre-copy's ai
 class Waits:
     """Seconds. A wait that runs out is a failure of the thing waited for, said as such."""
     # -- the source
+    trial_dump: float = 60.0              # for a trial's dump (trial.py): no pages are written, seconds at most
     freeze_start: float = 10.0            # for the final dump's freeze to begin (CRIU's first start in a VM: 4.2 s)
     page_server_reason: float = 5.0       # for the target's page server to say why, once the final dump broke
     agent_reason: float = 5.0             # for the agent to say why, once its page stream broke
@@ -159,6 +165,7 @@ class Waits:
     #                                      the page landed, and cgroup v1's freezer gives up fast
     lazy_pause_poll: float = 0.05         # between those tries
     criu_exit_after_broken_pipe: float = 2.0     # for CRIU to write why its page pipe broke, before its log is read
+    trial_restore: float = 60.0           # for a trial's restore (trial.py): without pages, a second or so
     container_delete: float = 60.0        # for a runtime's `delete --force` of a copy being undone
     unit_cgroup: float = 5.0              # for a unit's cgroup to take a restore: systemd may be removing
                                           # the one its unit left (a rollback's, the unit just ended)

@@ -23,6 +23,13 @@ def _described(runtime: str, pid: int | str, container: str = "") -> str:
     return f"PID {pid}" if runtime == "process" else f"{runtime} container {container or pid}"
 
 
+def _trial_line(trial: str, freeze: float | None, restore: float | None) -> str:
+    """The trial restore's own line: how it went, and the freeze it cost (never in the downtime)."""
+    took = "" if freeze is None else f"; the workload stood still {freeze * 1000:.0f} ms for it (not in the downtime)"
+    there = "" if restore is None else f", restored there in {restore * 1000:.0f} ms"
+    return f"  trial restore: {trial}{there}{took}"
+
+
 def _closing(warnings: list[str], error: str, phase: str) -> list[str]:
     """A summary's last lines (a move's, a clone's, a plan's): its warnings, then its error."""
     return [f"  warning: {w}" for w in warnings] + ([f"  error in {phase}: {error}"] if error else [])
@@ -126,6 +133,13 @@ class Report:
     #: a bare tree's files the target lacked, carried there while it was frozen (carried.py, docs/modes.md)
     carried_files: list[str] = field(default_factory=list)
     carried_bytes: int = 0        #: what they held, sent while the tree was frozen
+    #: the trial restore before the freeze (--trial; trial.py): "passed", "failed: why" or "not tried: why";
+    #: "": none asked for
+    trial: str = ""
+    #: the workload stood still this long for the trial (its CRIU dump's run, an upper bound), apart from
+    #: downtime_seconds, which never counts it; None: no trial
+    trial_freeze_seconds: float | None = None
+    trial_restore_seconds: float | None = None   #: the target's trial restore, thrown away; None: none
     #: the systemd service that ran the tree, handed over: the same unit runs it on the target (units.py)
     unit: str = ""
     #: the service addresses that moved with it (--move-address), each "ADDR/PREFIX: interface on
@@ -177,6 +191,8 @@ class Report:
     def summary(self) -> str:
         lines = [f"{self.outcome}: {_described(self.runtime, self.pid, self.workload)} {self.source} -> {self.target}, mode {self.mode}"
                  + (f" ({self.mode_reason})" if self.mode_reason else "")]
+        if self.trial:
+            lines.append(_trial_line(self.trial, self.trial_freeze_seconds, self.trial_restore_seconds))
         for i, r in enumerate(self.rounds, 1):
             lines.append(f"  {r.kind} {i}: {r.pages_written} pages, {r.bytes_raw / 2**20:.1f} MiB -> "
                          f"{r.bytes_wire / 2**20:.1f} MiB on the wire (x{r.compression_ratio:.1f}), "
@@ -299,6 +315,9 @@ class Plan:
     target_memory_available_bytes: int = 0   #: the target's MemAvailable, as its preflight found it
     target_cpus: int = 0          #: CPUs on the target (0: its livemig did not say)
     target_load: float = 0.0      #: the target's load average over the last minute
+    trial: str = ""               #: the trial restore (trial.py): "passed", or "not tried: why" (one that failed refuses)
+    trial_freeze_seconds: float | None = None    #: the workload stood still this long for it (None: not tried)
+    trial_restore_seconds: float | None = None   #: the target's trial restore, thrown away
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -316,6 +335,8 @@ class Plan:
                  (f"  pre-copy rounds: {self.expected_rounds}; downtime: about "
                   f"{self.expected_downtime_seconds * 1000:.0f} ms"),
                  f"  {self.note}"]
+        if self.trial:
+            lines.append(_trial_line(self.trial, self.trial_freeze_seconds, self.trial_restore_seconds))
         if self.compression_reason:
             lines.append(f"  {self.compression_reason}")
         if by_mode:
@@ -342,43 +363,6 @@ class CheckReport:
     mode: str                     #: the mode a move would take (--mode, else auto's choice); "": none can run
     mode_reason: str              #: why that one, or why none
     checks: list[CheckRow] = field(default_factory=list)   #: every check, in the order a user should fix them
-
-
-@dataclass
-class Settled:
-    """One move as `livemig recover` left it."""
-    migration_id: str             #: the move's (its report's migration_id)
-    target: str                   #: where it was going, as it was named
-    workload: str                 #: what it moved: the process tree or container
-    #: "moved", "rolled back", "unresolved" (ask again), "target lost" or "lost" (neither host has it)
-    outcome: str
-    detail: str                   #: how each copy stands, and what was done to them
-
-
-@dataclass
-class Recovered:
-    """What `livemig recover` settled (nothing: an empty list)."""
-    settled: list[Settled] = field(default_factory=list)   #: each move it settled, or tried to
-
-
-@dataclass
-class Pending:
-    """One move `livemig recover` would settle, as `recover --list` finds it (source/pending.py)."""
-    migration_id: str             #: the move's (its report's migration_id)
-    target: str                   #: where it was going; "" for one killed in pre-copy (nothing of it went there)
-    workload: str                 #: what it moves: the process tree or container
-    #: "pre-copy", "post-copy or a fill", "stop-and-copy[, the source's copy given up]"
-    stage: str
-    here: str                     #: the source's copy, as it stands now
-    livemig_alive: bool           #: the move's livemig still runs: recover leaves the move to it
-    target_ran_seconds: float     #: how long, at most, the target's copy has run (0: never told to)
-    recorded_at: str              #: UTC, ISO 8601: when the move last wrote where it stood
-
-
-@dataclass
-class Listed:
-    """What `livemig recover --list` found (nothing: an empty list)."""
-    pending: list[Pending] = field(default_factory=list)   #: each move it would settle
 
 
 @dataclass

@@ -99,3 +99,12 @@ def outward(pids: list[int]) -> list[tuple[UnixSocket, UnixSocket]]:
             continue
         out.append((sk, every.get(sk.peer) or UnixSocket(sk.peer, 0, "")))
     return out
+
+
+def bound_paths(pids: list[int]) -> list[str]:
+    """The filesystem paths the tree's Unix stream sockets are bound to (not abstract names):
+    a restore binds each again, making its file where there is none."""
+    mine = held(pids)
+    if not mine:
+        return []
+    return sorted({sk.name for inode, sk in every_socket().items() if inode in mine and sk.name.startswith("/")})

@@ -21,6 +21,7 @@ import pytest
 
 from tests.held import end_if_held, wait_stopped
 from tests.lab import CONTAINER_TOOL, WORKLOAD
+from tests.test_trial import trial_leftovers
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.lab
@@ -137,20 +138,27 @@ def test_a_service_moves_and_the_same_unit_runs_it_on_the_target(sd_lab, unit, m
     assert lab.text("b", ["pgrep", "-f", "memcounter.py run"], check=False).strip() == ""
 
 
-def test_a_service_s_lines_go_on_in_the_target_s_journal_for_its_unit(sd_lab, unit):
+@pytest.mark.parametrize("trial", [False, True], ids=["moved", "tried first"])
+def test_a_service_s_lines_go_on_in_the_target_s_journal_for_its_unit(sd_lab, unit, trial):
     """Its stdout was a stream to a's journald, which CRIU cannot dump: b's restore gives it
-    one of b's, opened as systemd opens a service's; no line is lost or written twice."""
+    one of b's, opened as systemd opens a service's; no line is lost or written twice. Tried
+    first (--trial), its trial restore on b is given streams of its own (never b's journal),
+    and leaves no cgroup there."""
     lab = sd_lab
-    pid = start_unit(lab, TICKER, enable=False)
-    res = lab.run("a", ["livemig", "move", "--json", "--pid", str(pid), "b"], check=False, timeout=600)
-    assert res.returncode == 0, res.stderr.decode()
-    time.sleep(1)
-    lab.run("b", ["systemctl", "stop", UNIT])
 
     def ticks(host: str) -> list[int]:
         out = lab.text(host, ["journalctl", "--no-pager", "-o", "cat", "-u", UNIT, "SYSLOG_IDENTIFIER=ticker"])
         return [int(line.split()[1]) for line in out.splitlines() if line.startswith("tick ")]
-    on_a, on_b = ticks("a"), ticks("b")
+    earlier = {h: len(ticks(h)) for h in "ab"}      # an earlier test's lines, in the same unit's name
+    pid = start_unit(lab, TICKER, enable=False)
+    res = lab.run("a", ["livemig", "move", "--json", *(["--trial"] if trial else []), "--pid", str(pid), "b"],
+                  check=False, timeout=600)
+    assert res.returncode == 0, res.stderr.decode()
+    assert json.loads(res.stdout)["trial"] == ("passed" if trial else "")
+    assert trial_leftovers(lab) == ([], [])
+    time.sleep(1)
+    lab.run("b", ["systemctl", "stop", UNIT])
+    on_a, on_b = ticks("a")[earlier["a"]:], ticks("b")[earlier["b"]:]
     assert on_a and on_b, (on_a, on_b)
     assert on_a + on_b == list(range(on_b[-1] + 1))     # one line each, in order, from 0: a's then b's
 

@@ -50,6 +50,7 @@ from . import (
     policy,
     recovery,
     switchover,
+    trial_run,
 )
 from . import preflight as checks
 from .failures import lost_link, primary
@@ -114,6 +115,9 @@ class Migration:
     async def _phases(self) -> None:
         m = self.m
         mode = await self.preflight()
+        if m.options.trial:
+            m.stages.to(Stage.TRIAL)
+            await trial_run.run(m)
         await compressing.choose(m)
         await downtime.foresee(m, mode)
         if mode in (Mode.POSTCOPY, Mode.HYBRID):
@@ -192,8 +196,7 @@ class Migration:
         remote, m.report.carried_files, total = checks.carry(remote, m.options.carry_files_max)
         if m.report.carried_files:
             m.report.carried_bytes = total
-            said = carried.told(m.report.carried_files, total)
-            m.caution(said)
+            m.caution(carried.told(m.report.carried_files, total))
         if not m.options.write_protect:     # (--no-write-protect: by page hashes, as if it could not)
             local = dataclasses.replace(local, features={**local.features, host.WRITE_PROTECT: False})
         rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
@@ -206,8 +209,7 @@ class Migration:
         # (a container's dump does not close them yet: one open as it freezes fails its dump)
         connections = addresses.connected(pids) if w.kind == "process" else []
         if connections and not m.options.criu.tcp_established:
-            said = checks.connections_closed(connections)
-            m.caution(said)
+            m.caution(checks.connections_closed(connections))
         m.report.mode, m.report.mode_reason = mode, why
         m.modes_here = [x.value for x in (Mode.PRECOPY, Mode.HYBRID, Mode.POSTCOPY, Mode.STOPCOPY)
                         if policy.runs_here(x.value, local.features, remote.features, w.kind)]
@@ -228,8 +230,7 @@ class Migration:
             m.report.mode_reason = why = why + shared_memory_first(m, pids)
         # (a fill's shared pages were pre-copied, or cross with the rest before it runs: nothing to tell)
         if mode in (Mode.POSTCOPY.value, Mode.HYBRID.value) and policy.shares_much(shared, memory):
-            said = policy.shared_first(shared)
-            m.caution(said)
+            m.caution(policy.shared_first(shared))
         if m.report.precopy_tracking == "soft-dirty" and host.huge_pages_in_use(pids):
             # (page hashes compare 4 KiB pages whatever backs them)
             m.report.warnings.append("the workload's memory uses transparent huge pages: pre-copy "
@@ -245,6 +246,7 @@ class Migration:
         try:
             try:
                 mode = await self.preflight()
+                await trial_run.run(m)      # (always: what it would trip on is what a dry run is for)
                 link = m.link_bytes_per_s = link or await m.to.measure_link(m.work)
                 await compressing.choose(m)     # (the link measured once: downtime.link_rate)
             except p.RemoteFailure as e:
@@ -273,7 +275,7 @@ class Migration:
                         expected_downtime_by_mode={x: estimate(x).downtime for x in m.modes_here},
                         precopy_tracking=r.precopy_tracking, compression_level=r.compression_level,
                         compression_reason=r.compression_reason, target_memory_available_bytes=there.mem_available,
-                        target_cpus=there.cpus, target_load=there.load)
+                        target_cpus=there.cpus, target_load=there.load, **trial_run.told(r))
         finally:
             bandwidth.current.reset(capping)
             await self.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import LivemigError
 from ..options import Options
-from ..report import Pending
+from ..recoverreport import Pending
 from ..runtimes.held import HeldCopy
 from . import throttle
 from .recovery import RECORD, _scan

@@ -32,7 +32,7 @@ from typing import TypeVar
 from .. import proc, units, workdirs
 from ..errors import LivemigError, Phase
 from ..options import WAITS, Options
-from ..report import Settled
+from ..recoverreport import Settled
 from ..runtimes import Workload, hook
 from ..runtimes.held import GONE, HELD, REBOOTED, RUNNING, STOPPED, HeldCopy
 from ..service_address import put_back

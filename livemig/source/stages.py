@@ -1,6 +1,6 @@
 """Where a move stands: one stage at a time, and only the steps the table allows.
 
-    preflight -> pre-copy -> final dump -> transfer -> restore -> commit -> [fill | post-copy] -> moved
+    preflight -> [trial restore] -> pre-copy -> final dump -> transfer -> restore -> commit -> [fill | post-copy] -> moved
     any stage before the commit -> rolling back
 
 Before the commit any failure rolls back: the source's copy resumes and the target
@@ -22,6 +22,7 @@ from ..errors import LivemigError, Phase
 
 class Stage(Enum):
     PREFLIGHT = Phase.PREFLIGHT      # nothing on either host is touched
+    TRIAL = Phase.TRIAL              # a trial restore, thrown away: the source runs on (--trial)
     PRECOPY = Phase.PRECOPY          # pages and files cross while the workload runs
     FINAL_DUMP = Phase.FINAL_DUMP    # the workload freezes
     TRANSFER = Phase.TRANSFER        # the images that are not pages cross
@@ -39,7 +40,8 @@ class Stage(Enum):
 
 # Where each stage may go next (QEMU's migrate_set_state, in spirit).
 TRANSITIONS: dict[Stage, frozenset[Stage]] = {
-    Stage.PREFLIGHT: frozenset({Stage.PRECOPY, Stage.ROLLING_BACK}),
+    Stage.PREFLIGHT: frozenset({Stage.TRIAL, Stage.PRECOPY, Stage.ROLLING_BACK}),
+    Stage.TRIAL: frozenset({Stage.PRECOPY, Stage.ROLLING_BACK}),
     Stage.PRECOPY: frozenset({Stage.FINAL_DUMP, Stage.ROLLING_BACK}),
     Stage.FINAL_DUMP: frozenset({Stage.TRANSFER, Stage.ROLLING_BACK}),
     Stage.TRANSFER: frozenset({Stage.RESTORE, Stage.ROLLING_BACK}),

@@ -76,7 +76,7 @@ class Agent:
             p.StorePages: lambda m: self.images.store_pages(m),
             p.ReceiveTree: lambda m: self.images.receive_tree(m),
             p.LoadImage: lambda m: self.images.load_image(m),
-            p.Restore: self.on_restore,
+            p.Restore: self.on_restore, p.TrialRestore: lambda m: restore.trial(m, self.ws.work),
             p.AwaitLazy: lambda m: self._lazy.done(), p.RejoinPages: lambda m: self._lazy.rejoin(m),
             p.TakeOver: self.on_take_over,
             p.SettlePostcopy: lambda m: self._lazy.settled(),

@@ -27,6 +27,7 @@ some 40 ms; runc's (lazy) and crun's rewrote their count file.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import tarfile
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from .. import carried, criu, proc, runtimes, service_address, units
 from .. import journal as journal_streams
+from .. import trial as trial_restore
 from ..errors import LivemigError, Phase
 from ..options import WAITS
 from ..runtimes import podman
@@ -160,3 +162,28 @@ async def _pause(argv: list[str], lazy: bool) -> proc.Result:
         if res.returncode == 0 or time.monotonic() >= deadline:
             return res
         await asyncio.sleep(WAITS.lazy_pause_poll)
+
+
+async def trial(msg: p.TrialRestore, work: Path) -> p.TrialRestored:
+    """A trial restore of image directory msg.dir (trial.py), thrown away with the directory:
+    what the source alone has placed for it and taken away after it. Whether CRIU could restore
+    it is the answer; only what keeps the trial from being tried at all is an AgentFailure."""
+    d = work / checked_name(msg.dir, "image directory")
+    placed: list[str] = []
+    try:
+        if msg.carried:
+            try:
+                placed = carried.place(work / checked_name(msg.carried, "image directory"))
+            except LivemigError as e:
+                raise AgentFailure(Phase.TRIAL, e.message) from None
+        with failing_as(Phase.TRIAL, "cannot try the restore"):
+            outcome = await trial_restore.attempt(
+                d, f"livemig-trial-{work.name}", criu.Options(tcp_established=msg.tcp_established,
+                                                              file_locks=msg.file_locks),
+                addresses=msg.addresses, sockets=msg.sockets, journal_inodes=msg.journal_inodes)
+    finally:
+        carried.remove(placed)
+        trial_restore.images_gone(d)
+        if msg.carried:
+            shutil.rmtree(work / msg.carried, ignore_errors=True)
+    return p.TrialRestored(outcome.ok, outcome.reason, outcome.detail, outcome.seconds)

@@ -22,7 +22,8 @@ from livemig.drainreport import (
     DrainReport,
 )
 from livemig.errors import ExitCode
-from livemig.report import CloneReport, Plan, Replica, Report, RoundReport, Settled
+from livemig.recoverreport import Settled
+from livemig.report import CloneReport, Plan, Replica, Report, RoundReport
 from tests.contract import command_of, held
 
 
