@@ -198,10 +198,11 @@ def _moving_flags(sub: argparse.ArgumentParser, budget: bool = False) -> None:
                           "is frozen, up to SIZE bytes together (K, M, G; default 64M); more refuse the move "
                           "before the freeze, naming them")
     sub.add_argument("--trial", action="store_true",
-                     help="before anything is frozen for the move, a process tree's images without its pages "
-                          "(a freeze of some 100 ms per GiB) are restored on the target in namespaces of their "
-                          "own, stopped, and thrown away: what CRIU's restore would trip on there refuses the "
-                          "move with CRIU's reason (--dry-run always tries it)")
+                     help="before anything is frozen for the move, the images of a process tree (or a runc "
+                          "container) without its pages (a freeze of some 100 ms per GiB) are restored on the "
+                          "target in namespaces of their own, stopped, and thrown away: what CRIU's restore "
+                          "would trip on there refuses the move with CRIU's reason (--dry-run tries it too, "
+                          "unless the workload holds over 64 MiB of shared memory)")
     sub.add_argument("--image-root",
                      help="where private image directories go, on both hosts (default /var/lib/livemig)")
     sub.add_argument("--force", action="store_true",

@@ -90,8 +90,8 @@ SETTINGS = {
                                    "the link's rate and the source CPU's")),
     "max_bandwidth": (parse_rate, ("bytes a second one move sends at most, over all its streams "
                                    "(K, M, G: powers of 1024; e.g. \"50M\"); unset: no cap")),
-    "trial": (_bool, ("a trial restore on the target before the freeze (a process tree's images without "
-                      "its pages, thrown away); the workload stands still some 100 ms per GiB for it")),
+    "trial": (_bool, ("a trial restore on the target before the freeze (a process tree's or a runc container's images "
+                      "without its pages, thrown away); the workload stands still some 100 ms per GiB for it")),
     "image_root": (_path, "where the private image directories live, on both hosts"),
     "carry_files_max": (parse_size, ("bytes of a process tree's files the target lacks (a log, a pid file) carried "
                                      "over while it is frozen, all together; more refuse the move (K, M, G)")),

@@ -71,7 +71,7 @@ class Options:
     #: Before anything is frozen for the move, a trial restore on the target (trial.py): the tree's images
     #: without its pages, restored in namespaces of their own and thrown away; what CRIU trips on there
     #: refuses the move. Off by default: its freeze, some 100 ms per GiB, is over 50 ms at 2 GiB (a dry
-    #: run always takes it).
+    #: run takes it too, but for a tree with much shared memory: SIZES.trial_shared_most).
     trial: bool = False
     #: Service addresses (ADDR/PREFIX) that move with the workload (service_address.py): taken off
     #: the source after the freeze, put on the target's interface on their subnet before the restore,
@@ -240,6 +240,10 @@ class Sizes:
     compression_least_bytes: int = 64 << 20
     compression_levels: tuple[int, ...] = (1, 3, 6, 9)
     compression_gain: float = 1.1                 # a higher level must send 10 % more a second: its CPU is the workload's too
+    # -- the trial restore (trial.py): CRIU's dump writes a tree's shared memory into its images while it
+    # is frozen (some 300 MiB a second: RATES.criu_writes_images), lazy or not; over this much, a dry run
+    # does not take the trial unless asked (--trial): 64 MiB, some 0.2 s of freeze
+    trial_shared_most: int = 64 << 20
     # -- the wire
     stream_chunk: int = 1 << 20                   # bytes a stream reads and compresses at once
     ssh_window: int = 16 << 20                    # the receive window of our ssh channels (post-copy's

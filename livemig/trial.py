@@ -15,7 +15,10 @@ those first. Both halves are here:
   (bench/results/2026-12-06T23-18-18-trial.json). Over 50 ms at 2 GiB, a move runs it only
   when asked (--trial); --dry-run always does. Its freeze is the time the dump ran (an upper
   bound), reported on its own, never in the move's downtime. What CRIU cannot dump at all
-  fails here too, before the move's freeze would have found it;
+  fails here too, before the move's freeze would have found it. Its shared memory CRIU writes
+  into the images all the same, lazy or not, while the tree is frozen (some 300 MiB a second):
+  those pages are dropped before the images cross, and over SIZES.trial_shared_most of them
+  a dry run does not take the trial unless asked;
 - the target restores them (attempt) as a move would, detached and stopped, with CRIU as
   the first process of a PID namespace of its own (so that its tasks die with it as it
   exits), in a mount namespace of its own, and in a network namespace of its own holding
@@ -23,6 +26,11 @@ those first. Both halves are here:
   are none of its business; those the preflight checks against the real namespaces. Its
   cgroups go under a root made for it, removed after, and the files of the Unix sockets
   it bound, which were not there before, are removed too. What it restored never runs.
+
+A runc container is tried under runc (its Workload.trial_dump, and attempt_container): runc's
+own lazy checkpoint, left running, and runc's restore under the trial's name, then deleted;
+its bundle is on the target by then, as its pre-copy sends it. crun has no lazy dump and
+podman's checkpoint cannot leave the pages out: those are not tried (Workload.untried).
 
 Where the target's copy will find what the source alone had (carried.py), the trial gets
 the same files, placed before it and taken away after it. Streams to journald (journal.py)
@@ -69,8 +77,7 @@ async def take(pid: int, images: Path, opts: criu.Options, *, nothing_to_lock: b
     images.mkdir(mode=0o700)
     ours, theirs = socket.socketpair()
     try:
-        # The page server's first and only request, waiting for it: close (CRIU answers its status).
-        ours.sendall(PS_IOV.pack(PS_IOV_CLOSE, 0, 0, 0))
+        ours.sendall(CLOSE)
         argv = criu.trial_dump(pid, str(images), ps_fd=theirs.fileno(), opts=opts,
                                nothing_to_lock=nothing_to_lock, extra=extra)
         t0 = time.monotonic()
@@ -79,46 +86,85 @@ async def take(pid: int, images: Path, opts: criu.Options, *, nothing_to_lock: b
     finally:
         ours.close()
         theirs.close()
-    if res.returncode != 0:
-        errors = _errors(images / "dump.log")
-        raise DumpError(f"CRIU cannot checkpoint the workload: {_said(errors) or proc.why(res.stderr)}",
-                        phase=Phase.TRIAL, detail="\n".join(errors) or None)
-    without_pages(images)
+    dumped(images, res, "CRIU")
     return seconds
 
 
+# What a trial's lazy page server finds waiting, its first and only request: close (CRIU
+# answers with its status, and the dump ends).
+CLOSE = PS_IOV.pack(PS_IOV_CLOSE, 0, 0, 0)
+
+
+def dumped(images: Path, res: proc.Result, who: str) -> None:
+    """A trial's dump (res, by who: CRIU, or a runtime) over: its images without their pages,
+    or DumpError with CRIU's first error."""
+    if res.returncode != 0:
+        errors = _errors(images / "dump.log")
+        raise DumpError(f"{who} cannot checkpoint the workload: {_said(errors) or proc.why(res.stderr)}",
+                        phase=Phase.TRIAL, detail="\n".join(errors) or None)
+    without_pages(images)
+
+
 def without_pages(images: Path) -> None:
-    """Each pagemap of images without its lazy entries, whose pages no pages file holds: the
-    trial's restore maps that memory and leaves it empty (it never runs)."""
+    """Each pagemap of images without its lazy entries, whose pages no pages file holds; and
+    each of the shared memory's (pagemap-shmem-ID.img, whose pages CRIU wrote, lazy or not)
+    without any, its pages file emptied: they need not cross. The trial's restore maps that
+    memory and leaves it empty (it never runs)."""
     for path in images.glob("pagemap-*.img"):
-        if not pagemap._FILE.fullmatch(path.name):
-            continue        # (shared memory's: CRIU wrote its pages)
         pages_id, written = pagemap.read(path.read_bytes())
-        path.write_bytes(pagemap.image(pages_id, [e for e in written if not e.flags & pagemap.PE_LAZY]))
+        if pagemap._FILE.fullmatch(path.name):
+            path.write_bytes(pagemap.image(pages_id, [e for e in written if not e.flags & pagemap.PE_LAZY]))
+        else:
+            path.write_bytes(pagemap.image(pages_id, []))
+            (images / f"pages-{pages_id}.img").write_bytes(b"")
 
 
 # --- the target ----------------------------------------------------------------------------------
 async def attempt(images: Path, name: str, opts: criu.Options, *, addresses: list[str], sockets: list[str],
                   journal_inodes: list[int]) -> Outcome:
-    """Restore images as the trial name (livemig-trial-<migration>), stopped, in namespaces of
-    its own, and throw it away; addresses: those the tree binds, put on the trial's loopback;
-    sockets: the paths of the Unix sockets it binds (those the trial makes are removed);
-    journal_inodes: its streams to journald, given socket pairs in their place."""
-    before = {path for path in sockets if os.path.lexists(path)}
+    """Restore a tree's images as the trial name (livemig-trial-<migration>), stopped, in
+    namespaces of its own, and throw it away; addresses: those the tree binds, put on the
+    trial's loopback; sockets: the paths of the Unix sockets it binds (those the trial makes
+    are removed); journal_inodes: its streams to journald, given socket pairs in their place."""
     pairs = [socket.socketpair() for _ in journal_inodes]
-    cgroup_root = f"/{name}"
-    t0 = time.monotonic()
     try:
-        await _netns(name, addresses)
         extra = tuple(f"--inherit-fd=fd[{a.fileno()}]:socket:[{inode}]" for (a, _), inode in zip(pairs, journal_inodes))
-        argv = ["ip", "netns", "exec", name, "unshare", "--pid", "--fork", "--mount-proc",
-                *criu.trial_restore(str(images), cgroup_root=cgroup_root, opts=opts, extra=extra)]
-        res = await proc.run(argv, check=False, pass_fds=[a.fileno() for a, _ in pairs], timeout=WAITS.trial_restore)
+        argv = ["unshare", "--pid", "--fork", "--mount-proc",
+                *criu.trial_restore(str(images), cgroup_root=f"/{name}", opts=opts, extra=extra)]
+        return await _tried(images, name, argv, addresses=addresses, sockets=sockets,
+                            pass_fds=[a.fileno() for a, _ in pairs])
     finally:
         for a, b in pairs:
             a.close()
             b.close()
-        await discard(name, cgroup_root, [path for path in sockets if path not in before])
+
+
+async def attempt_container(images: Path, name: str, argv: list[str], env: dict[str, str], *,
+                            runtime: str, addresses: list[str]) -> Outcome:
+    """Restore a container's images under its runtime (argv, with env: its configuration file
+    leaves every task stopped) as the container name, in a network namespace of its own where
+    it shares its host's (its own network namespace, if it has one, is CRIU's to restore), and
+    delete it: its runtime ends its tasks and takes its cgroups and state away."""
+    try:
+        return await _tried(images, name, argv, addresses=addresses, sockets=[], env=env)
+    finally:
+        # (a container the runtime never made: nothing to delete, said by its exit status alone)
+        await proc.run([runtime, "delete", "--force", name], check=False, timeout=WAITS.container_delete)
+
+
+async def _tried(images: Path, name: str, argv: list[str], *, addresses: list[str], sockets: list[str],
+                 pass_fds: list[int] | None = None, env: dict[str, str] | None = None) -> Outcome:
+    """argv run in the trial's network namespace, and the trial discarded; how it went."""
+    before = {path for path in sockets if os.path.lexists(path)}
+    t0 = time.monotonic()
+    try:
+        await _netns(name, addresses)
+        # (nsenter, not `ip netns exec`: that mounts a sysfs of the namespace's over /sys, and
+        # with it the cgroup hierarchies go, which a runtime's restore looks for)
+        res = await proc.run(["nsenter", f"--net=/run/netns/{name}", *argv], check=False, pass_fds=pass_fds or [],
+                             env=env, timeout=WAITS.trial_restore)
+    finally:
+        await discard(name, f"/{name}", [path for path in sockets if path not in before])
     seconds = time.monotonic() - t0
     if res.returncode == 0:
         return Outcome(True, seconds=seconds)

@@ -55,6 +55,8 @@ _FOREIGN = [(re.compile(r"kubepods\b.*"), "Kubernetes (the kubelet)"),
             (re.compile(rf"docker|docker-{_ID}\.scope"), "docker"),
             (re.compile(rf"crio-(conmon-)?{_ID}\.scope"), "CRI-O"),
             (re.compile(rf"containerd\.service|cri-containerd-{_ID}\.scope"), "containerd")]
+_USER_MANAGER = re.compile(r"user@(\d+)\.service")     # a user's own systemd (systemctl --user): its units'
+#                                                          services are under it, and it restarts them
 def checked(name: str) -> str:
     """name, if it is a service's plain name: it goes into paths and systemctl's argv."""
     if not _SERVICE.match(name):
@@ -81,9 +83,11 @@ def refuse_foreign(pid: int, what: str) -> None:
     found = foreign(text)
     if found:
         who, path = found
+        hint = ("livemig hands over system services only: run it as one, or outside any unit, to move it"
+                if who.startswith("the systemd of user") else f"move it with {who}'s own tools, or run it outside {who}")
         raise PreflightError(f"{what} is run by {who} (its cgroup: {path}), which would start it again, or "
                              "kill the moved copy: livemig does not move what another supervisor owns",
-                             phase=Phase.PREFLIGHT, hint=f"move it with {who}'s own tools, or run it outside {who}")
+                             phase=Phase.PREFLIGHT, hint=hint)
 
 
 def foreign(cgroups: str) -> tuple[str, str] | None:
@@ -91,9 +95,14 @@ def foreign(cgroups: str) -> tuple[str, str] | None:
     that says so; None when no one does."""
     for line in cgroups.splitlines():
         path = line.split(":", 2)[-1]
+        parts = path.split("/")
         for name, who in _FOREIGN:
-            if any(name.fullmatch(part) for part in path.split("/")):
+            if any(name.fullmatch(part) for part in parts):
                 return who, path
+        for i, part in enumerate(parts):
+            user = _USER_MANAGER.fullmatch(part)
+            if user and any(p.endswith(".service") for p in parts[i + 1:]):
+                return f"the systemd of user {user[1]} (systemctl --user)", path
     return None
 
 

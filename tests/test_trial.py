@@ -8,7 +8,9 @@ that passes leaves nothing on the target, its freeze is reported apart from the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 
 import pytest
 
@@ -165,21 +167,70 @@ def test_a_dry_run_tries_with_what_the_move_would_carry_and_leaves_nothing_of_it
     assert trial_leftovers(lab) == ([], [])
 
 
-def test_a_container_is_not_tried_said_by_its_dry_run_and_refused_with_trial(lab):
-    tool = "/opt/livemig/tests/workloads/container.py"
-    lab.run("a", ["python3", tool, "start", "--runtime", "runc", "--name", "trialctr", "--bundle", "/var/lib/ctr/trialctr"])
+CONTAINER_TOOL = "/opt/livemig/tests/workloads/container.py"
+
+
+@contextlib.contextmanager
+def container(lab, runtime: str, name: str):
+    """A busybox container counting in memory under runtime on a, planned with a dry run to b:
+    (its bundle, the plan); it goes, with its bundle, from both hosts after."""
+    bundle = f"/var/lib/ctr/{name}"
+    lab.run("a", ["python3", CONTAINER_TOOL, "start", "--runtime", runtime, "--name", name, "--bundle", bundle])
     try:
-        res = lab.run("a", ["livemig", "move", "--json", "--dry-run", "trialctr", "b"], check=False, timeout=300)
+        res = lab.run("a", ["livemig", "move", "--json", "--dry-run", name, "b"], check=False, timeout=300)
         assert res.returncode == 0, res.stderr.decode()
-        plan = json.loads(res.stdout)
-        assert plan["trial"].startswith("not tried: a container's trial restore is not built yet"), plan["trial"]
+        yield bundle, json.loads(res.stdout)
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, [runtime, "delete", "--force", name], check=False)
+            lab.run(h, ["rm", "-rf", bundle], check=False)
+
+
+def test_a_runc_container_is_tried_under_runc_and_nothing_of_the_trial_is_left(lab):
+    """Its bundle goes first (as its pre-copy sends it), runc restores the trial's images under a
+    name of the trial's, stopped, and deletes it; a dry run leaves not even the bundle on b."""
+    with container(lab, "runc", "trialctr") as (bundle, plan):
+        assert plan["trial"] == "passed" and plan["trial_freeze_seconds"] > 0, plan
+        assert lab.text("b", ["runc", "list", "-q"], check=False).split() == []
+        assert lab.run("b", ["test", "-e", bundle], check=False).returncode == 1
+        assert json.loads(lab.text("a", ["runc", "state", "trialctr"]))["status"] == "running"
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])} and trial_leftovers(lab) == ([], [])
+        before = int(lab.text("a", ["python3", CONTAINER_TOOL, "count", "--bundle", bundle]))
+        res = lab.run("a", ["livemig", "move", "--json", "--trial", "trialctr", "b"], check=False, timeout=600)
+        assert res.returncode == 0, res.stderr.decode()
+        report = json.loads(res.stdout)
+        assert report["trial"] == "passed" and report["outcome"] == "moved", report
+        assert lab.text("b", ["runc", "list", "-q"]).split() == ["trialctr"]    # the move's, not the trial's
+        time.sleep(0.5)
+        assert int(lab.text("b", ["python3", CONTAINER_TOOL, "count", "--bundle", bundle])) > before
+        assert lab.leftovers() == {"a": ([], []), "b": ([], [])} and trial_leftovers(lab) == ([], [])
+
+
+def test_a_crun_container_is_not_tried_said_by_its_dry_run_and_refused_with_trial(lab):
+    with container(lab, "crun", "trialcrun") as (_, plan):
+        assert plan["trial"] == "not tried: crun has no lazy dump: a trial's images would hold every page", plan
         assert plan["trial_freeze_seconds"] is None
-        res = lab.run("a", ["livemig", "move", "--json", "--trial", "trialctr", "b"], check=False, timeout=300)
+        res = lab.run("a", ["livemig", "move", "--json", "--trial", "trialcrun", "b"], check=False, timeout=300)
         failed = json.loads(res.stdout)
         assert res.returncode == 3 and failed["failed_phase"] == "trial restore", failed
-        assert "--trial: a container's trial restore is not built yet" in failed["error"], failed
-        assert json.loads(lab.text("a", ["runc", "state", "trialctr"]))["status"] == "running"
+        assert "--trial: crun has no lazy dump" in failed["error"], failed
+        assert json.loads(lab.text("a", ["crun", "state", "trialcrun"]))["status"] == "running"
         assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
-    finally:
-        lab.run("a", ["runc", "delete", "--force", "trialctr"], check=False)
-        lab.run("a", ["rm", "-rf", "/var/lib/ctr/trialctr"], check=False)
+
+
+def test_much_shared_memory_is_tried_only_when_asked_and_its_pages_never_cross(lab):
+    """CRIU's dump writes a tree's shared memory into the images while it is frozen, lazy or not:
+    over 64 MiB a dry run does not try unless asked; asked, its pages are dropped before the
+    images cross, and the move that follows still brings every page."""
+    work = lab.start_workload("a", mib=128, pid=5141, port=7941, shared=True)
+    res = lab.run("a", ["livemig", "move", "--json", "--dry-run", "--pid", str(work.pid), "b"], timeout=300)
+    plan = json.loads(res.stdout)
+    assert plan["trial"].startswith("not tried: CRIU's dump would write the workload's 128 MiB of shared memory"), plan
+    assert plan["trial_freeze_seconds"] is None
+    before = work.query("a")
+    res = lab.run("a", ["livemig", "move", "--json", "--trial", "--pid", str(work.pid), "b"], check=False, timeout=600)
+    assert res.returncode == 0, res.stderr.decode()
+    report = json.loads(res.stdout)
+    assert report["trial"] == "passed" and report["trial_freeze_seconds"] > 0, report
+    assert_moved_intact(lab, work, before, report)
+    assert trial_leftovers(lab) == ([], [])

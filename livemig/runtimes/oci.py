@@ -36,7 +36,7 @@ import socket
 import time
 from pathlib import Path
 
-from .. import criu, proc
+from .. import criu, proc, trial
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from ..options import WAITS
 from ..wire import protocol as p
@@ -143,6 +143,7 @@ class OciContainer(Workload):
         self.kind, self.container, self.root_pid, self._bundle, self.opts = runtime, container, pid, bundle, opts
         self.name = container
         self.streams_pages = runtime == "runc"
+        self.untried = "" if runtime == "runc" else "crun has no lazy dump: a trial's images would hold every page"
         self.paused = False
         self.run: DumpRun | None = None
 
@@ -174,6 +175,27 @@ class OciContainer(Workload):
             if pages:
                 pages.started()
         return _RuncRun(dumping, images / "pre-dump.log", pages)
+
+    async def trial_dump(self, images: Path) -> float:
+        """runc's checkpoint of the running container (--leave-running), lazy, its page server
+        told to close before it serves (trial.py), on the socket the configuration file names,
+        and no --page-server: its few pages that are not lazy go into the images."""
+        images.mkdir(mode=0o700)
+        pages = _PageSocket(images, criu.connections_config(self.opts))
+        status_r, status_w = os.pipe()      # (runc requires it with --lazy-pages; CRIU says "ready" on it)
+        try:
+            pages.ours.sendall(trial.CLOSE)
+            argv = checkpoint(self.kind, self.container, str(images), lazy=True, status_fd=status_w, opts=self.opts)
+            t0 = time.monotonic()
+            res = await proc.run(argv, check=False, pass_fds=[pages.fd, status_w], env=pages.env,
+                                 timeout=WAITS.trial_dump)
+            seconds = time.monotonic() - t0
+        finally:
+            pages.close()
+            os.close(status_r)
+            os.close(status_w)
+        trial.dumped(images, res, f"{self.kind} checkpoint")
+        return seconds
 
     async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
         frozen_at = time.monotonic()

@@ -14,7 +14,7 @@ import signal
 import socket
 from pathlib import Path
 
-from .. import addresses, criu, host, proc
+from .. import addresses, criu, host, proc, trial
 from ..errors import CommandFailed, DumpError, Phase, PreflightError
 from ..options import WAITS
 from . import hook
@@ -53,6 +53,10 @@ class ProcessTree(Workload):
         finally:
             theirs.close()
         return DumpRun(dumping, images / "pre-dump.log", ours)
+
+    async def trial_dump(self, images: Path) -> float:
+        return await trial.take(self.root_pid, images, self.opts, nothing_to_lock=host.same_netns(self.root_pid),
+                                extra=tuple(self.dump_flags))
 
     async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:
         self.hook = await hook.HookServer.start(self.work)

@@ -59,6 +59,8 @@ class Workload:
     # that continues the tasks it stopped leaves these stopped (read where the runtime
     # itself does not keep them so: process.py).
     own_stops: tuple[proc.Task, ...] = ()
+    # Why no trial restore is taken of this kind of workload (trial.py); "": one is (trial_dump)
+    untried = ""
 
     def pids(self) -> list[int]:
         raise NotImplementedError
@@ -78,6 +80,11 @@ class Workload:
         return []
 
     async def pre_dump(self, images: Path, parent: str | None) -> DumpRun:
+        raise NotImplementedError
+
+    async def trial_dump(self, images: Path) -> float:
+        """A trial's images, without the pages, the workload left running (trial.py): the
+        seconds it stood still for them, at most. DumpError (Phase.TRIAL) if they cannot be taken."""
         raise NotImplementedError
 
     async def final_dump(self, images: Path, parent: str | None, lazy: bool) -> DumpRun:

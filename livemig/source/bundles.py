@@ -26,9 +26,10 @@ async def precopy_image(m: Move) -> None:
 
 
 async def precopy_bundle(m: Move) -> None:
-    """A container's bundle, unless the target shares it: all of it now, the rest frozen."""
+    """A container's bundle, unless the target shares it: all of it now, the rest frozen;
+    once (a trial restore sends it first, trial_run.py)."""
     root = m.w.bundle()
-    if root is None or (m.to.facts is not None and m.to.facts.bundle == "shared"):
+    if root is None or (m.to.facts is not None and m.to.facts.bundle == "shared") or m.bundle_copied_at is not None:
         return
     m.bundle_copied_at = time.time()
     index = m.work / "bundle.index"

@@ -1,7 +1,8 @@
 """The trial restore, the move's step between its preflight and its pre-copy (--trial; a dry
-run always takes it): the workload's images without its pages, restored on the target in
-namespaces of their own and thrown away (trial.py has both halves). A failure there refuses
-the move with CRIU's reason, the workload running on as it was, nothing frozen for the move.
+run takes it too, unless much shared memory would lengthen its freeze): the workload's images
+without its pages, restored on the target in namespaces of their own and thrown away (trial.py
+has both halves). A failure there refuses the move with CRIU's reason, the workload running
+on as it was, nothing frozen for the move.
 
 The trial's freeze goes into the report on its own (trial_freeze_seconds): the workload
 stood still for it, outside the move's downtime, and is never counted in it nor left out."""
@@ -10,33 +11,38 @@ from __future__ import annotations
 
 import shutil
 
-from .. import addresses, carried, host, trial, unixsockets
+from .. import addresses, carried, host, interrupts, trial, unixsockets
 from ..errors import DumpError, Phase, PreflightError
+from ..options import SIZES
 from ..progress import Stepping
 from ..report import Report
-from ..runtimes.process import ProcessTree
 from ..wire import protocol as p
+from . import bundles
 from .move import Move
 
 CARRIED = "trial-carried"     # the image directory the trial's carried files cross in
-
-# Why a container's trial is not taken: what a dry run says, and a move asked for one is refused.
-NOT_FOR_CONTAINERS = ("a container's trial restore is not built yet: its runtime restores it, from a bundle "
-                      "the target gets only during the move")
 
 
 async def run(m: Move) -> None:
     """Take the trial's images here, have the target restore them, and say how it went in the
     report: PreflightError (Phase.TRIAL) with CRIU's first error if the restore failed there.
-    A container is not tried: refused if the trial was asked for (--trial), else said so (a dry run)."""
+    What no trial is taken of (Workload.untried: crun's, podman's) is refused if the trial was
+    asked for (--trial), else said so (a dry run). A container's bundle goes first, as its
+    pre-copy sends it (unless the target shares it): its runtime restores it from there."""
     w = m.w
-    if not isinstance(w, ProcessTree):
+    if w.untried:
         if m.options.trial:
-            raise PreflightError(f"--trial: {NOT_FOR_CONTAINERS}", phase=Phase.TRIAL,
+            raise PreflightError(f"--trial: {w.untried}", phase=Phase.TRIAL,
                                  hint="move it without --trial: its preflight still runs")
-        m.report.trial = f"not tried: {NOT_FOR_CONTAINERS}"
+        m.report.trial = f"not tried: {w.untried}"
+        return
+    shared = host.shared_memory_bytes(w.pids())
+    if shared > SIZES.trial_shared_most and not m.options.trial:
+        m.report.trial = (f"not tried: CRIU's dump would write the workload's {shared / 2**20:.0f} MiB of shared "
+                          "memory while it is frozen for it (--trial takes it all the same)")
         return
     m.progress(Stepping(Phase.TRIAL, "trying the restore on the target"))
+    await bundles.precopy_bundle(m)
     images = m.work / trial.IMAGES
     try:
         pids = w.pids()
@@ -44,9 +50,9 @@ async def run(m: Move) -> None:
         if m.options.criu.tcp_established:
             bound += [ip for ip, *_ in addresses.connected(pids)]
         try:
-            m.report.trial_freeze_seconds = await trial.take(w.root_pid, images, m.options.criu,
-                                                             nothing_to_lock=host.same_netns(w.root_pid),
-                                                             extra=tuple(w.dump_flags))
+            # (a Ctrl-C waits for the dump's end: CRIU killed mid-dump would leave its parasite
+            # in the workload's processes, which only CRIU takes out and resumes)
+            m.report.trial_freeze_seconds = await interrupts.uncancellable(w.trial_dump(images))
         except DumpError as e:
             m.report.trial = f"failed: {e.message}"
             raise
@@ -61,7 +67,8 @@ async def run(m: Move) -> None:
     outcome = await m.to.request(p.TrialRestore(
         dir=trial.IMAGES, tcp_established=m.options.criu.tcp_established, file_locks=m.options.criu.file_locks,
         carried=CARRIED if m.report.carried_files else "", addresses=sorted(set(bound)),
-        sockets=unixsockets.bound_paths(pids), journal_inodes=[s.inode for s in m.journal]), p.TrialRestored)
+        sockets=unixsockets.bound_paths(pids), journal_inodes=[s.inode for s in m.journal], container=m.spec),
+        p.TrialRestored)
     m.report.trial_restore_seconds = outcome.seconds
     if not outcome.ok:
         m.report.trial = f"failed: {outcome.reason}"

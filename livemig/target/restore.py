@@ -27,6 +27,7 @@ some 40 ms; runc's (lazy) and crun's rewrote their count file.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import socket
 import tarfile
@@ -176,11 +177,19 @@ async def trial(msg: p.TrialRestore, work: Path) -> p.TrialRestored:
                 placed = carried.place(work / checked_name(msg.carried, "image directory"))
             except LivemigError as e:
                 raise AgentFailure(Phase.TRIAL, e.message) from None
+        name, asked = f"livemig-trial-{work.name}", criu.Options(tcp_established=msg.tcp_established,
+                                                                 file_locks=msg.file_locks)
         with failing_as(Phase.TRIAL, "cannot try the restore"):
-            outcome = await trial_restore.attempt(
-                d, f"livemig-trial-{work.name}", criu.Options(tcp_established=msg.tcp_established,
-                                                              file_locks=msg.file_locks),
-                addresses=msg.addresses, sockets=msg.sockets, journal_inodes=msg.journal_inodes)
+            if msg.container is None:
+                outcome = await trial_restore.attempt(d, name, asked, addresses=msg.addresses, sockets=msg.sockets,
+                                                      journal_inodes=msg.journal_inodes)
+            else:       # as restore() restores it, under the trial's name
+                c = dataclasses.replace(msg.container, id=name)
+                argv = runtimes.restore_command(c, d, work / f"{name}.pid", False,
+                                                criu.Options(tcp_established=msg.tcp_established))
+                env = proc.environ(**criu.configured(work / f"trial-{LEAVE_STOPPED}", criu.restored_config(asked)))
+                outcome = await trial_restore.attempt_container(d, name, argv, env, runtime=c.runtime,
+                                                                addresses=msg.addresses)
     finally:
         carried.remove(placed)
         trial_restore.images_gone(d)

@@ -309,6 +309,7 @@ class TrialRestore:
     addresses: list[str] = field(default_factory=list)   # the tree binds these: on the trial's loopback
     sockets: list[str] = field(default_factory=list)     # the paths of the Unix sockets it binds
     journal_inodes: list[int] = field(default_factory=list)   # its streams to journald (external in the images)
+    container: Container | None = None     # restored through this runtime (else CRIU directly), as the trial's
 
 
 @message

@@ -9,15 +9,19 @@ from livemig.pages import pagemap
 from livemig.source.stages import Stage, Stages
 
 
-def test_without_pages_drops_the_lazy_entries_and_keeps_the_rest(tmp_path):
+def test_without_pages_drops_the_lazy_entries_and_every_shared_page(tmp_path):
     written = [pagemap.Entry(0x1000, 2, pagemap.PE_PRESENT), pagemap.Entry(0x10000, 100, pagemap.PE_LAZY),
                pagemap.Entry(0x80000, 1, pagemap.PE_PRESENT | pagemap.PE_LAZY)]
     (tmp_path / "pagemap-7.img").write_bytes(pagemap.image(3, written))
-    shared = pagemap.image(4, [pagemap.Entry(0, 5, pagemap.PE_LAZY)])
-    (tmp_path / "pagemap-shmem-99.img").write_bytes(shared)
+    (tmp_path / "pages-3.img").write_bytes(b"\1" * 8192)
+    (tmp_path / "pagemap-shmem-99.img").write_bytes(pagemap.image(4, [pagemap.Entry(0, 5, pagemap.PE_PRESENT)]))
+    (tmp_path / "pages-4.img").write_bytes(b"\2" * 5 * 4096)
     trial.without_pages(tmp_path)
     assert pagemap.read((tmp_path / "pagemap-7.img").read_bytes()) == (3, written[:1])
-    assert (tmp_path / "pagemap-shmem-99.img").read_bytes() == shared     # (not a process's: left as CRIU wrote it)
+    assert (tmp_path / "pages-3.img").stat().st_size == 8192     # (what is not lazy: the restore reads it)
+    # shared memory's pages, which CRIU wrote, need not cross: the trial's copy never runs
+    assert pagemap.read((tmp_path / "pagemap-shmem-99.img").read_bytes()) == (4, [])
+    assert (tmp_path / "pages-4.img").stat().st_size == 0
 
 
 def test_the_dump_leaves_the_tree_running_and_its_pages_out_with_the_final_dump_s_flags():
