@@ -187,6 +187,25 @@ def test_a_podman_rm_container_rolled_back_comes_back_from_its_checkpoint(lab):
             lab.run(h, [*ENV, "podman", "rm", "--force", "web7"], check=False)
 
 
+def test_a_podman_rm_container_whose_move_was_killed_comes_back_from_its_checkpoint_by_recover(lab):
+    """Killed outright (SIGKILL) once the target restored it, the move leaves a --rm container
+    gone here (podman removed it at its checkpoint): `livemig recover` restores it from the
+    archive that checkpoint exported, with its state, and ends the target's stopped copy. It
+    was settled as lost, its archive deleted with the move's directory."""
+    first = int(lab.text("a", ["python3", TOOL, "serve", "--rm", "--name", "web8"]))
+    try:
+        killed_at(lab, "restored", "web8")
+        assert running(lab, "a", "web8") is None        # removed with its checkpoint, by podman
+        settled = recover(lab)
+        assert settled["outcome"] == "rolled back", settled
+        assert running(lab, "a", "web8") and running(lab, "b", "web8") is None
+        assert ask(lab, "a", "web8") == first + 1           # its own state, as of the checkpoint
+        assert leftovers(lab) == {"a": ([], []), "b": ([], [])}
+    finally:
+        for h in ("a", "b"):
+            lab.run(h, [*ENV, "podman", "rm", "--force", "web8"], check=False)
+
+
 def test_a_podman_container_never_runs_on_the_target_before_its_resume(lab):
     """Restored on b, the container stays stopped until the Resume (podman's runtime gets the
     CRIU configuration that leaves it so through conmon): held just after the restore, b's

@@ -11,7 +11,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import proc
+from .. import criu, proc
 from ..errors import LivemigError, Phase
 from ..wire import protocol as p
 from . import bundle, control, oci, podman, process
@@ -147,6 +147,27 @@ class HeldCopy:
             await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
         elif not st.get("Running"):
             await proc.run(podman.restore_kept(self.container), phase=Phase.ROLLBACK, leaves_daemon=True)
+
+    async def from_its_checkpoint(self, work: Path, unit: str, tcp_established: bool) -> str:
+        """A podman container never given up and gone here: podman removed it at its checkpoint
+        (a --rm container's conmon does), and the archive that checkpoint exported for the
+        target, kept in the move's directory work (podman.KEPT_ARCHIVE), is the workload as it
+        froze. It is restored here from that, under its name, as a rollback restores it: "". A
+        Quadlet's is not (its unit would have to take it): what keeps it, and where its archive
+        is kept for the operator. No archive: ""."""
+        archive = work / podman.KEPT_ARCHIVE
+        if not archive.exists():
+            return ""       # nothing to restore from: gone, as recover then says
+        if unit:
+            return (f"podman container {self.container} is gone here (podman removed it at its checkpoint), and "
+                    f"its unit {unit} would have to take it again: its checkpoint is kept in {archive}; restore "
+                    f"it with `podman container restore --import {archive} --name {self.container}` once {unit} "
+                    "is stopped, then run `livemig recover` again")
+        previous = work / podman.KEPT_PREVIOUS
+        await proc.run(podman.restore_archive(archive, self.container, criu.Options(tcp_established=tcp_established),
+                                              previous if previous.exists() else None),
+                       phase=Phase.ROLLBACK, leaves_daemon=True)
+        return ""
 
     def _cannot_resume(self, status: str) -> LivemigError:
         return LivemigError(f"{self.runtime} container {self.container} is {status}: there is nothing to "

@@ -12,7 +12,9 @@ The container's image goes first, while it still runs, if the target lacks it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import tarfile
 import time
@@ -25,6 +27,11 @@ from ..wire import streams
 from .workload import DumpRun, StopPages, Workload
 
 ARCHIVE = "checkpoint.tar"
+# The final checkpoint's archive, linked beside the move's record (outside its image directories,
+# which a sweep takes from a dead move): where `livemig recover` finds a --rm container that a move
+# killed outright left gone here (held.from_its_checkpoint). It goes with the move's directory.
+KEPT_ARCHIVE = "checkpoint-kept.tar"
+KEPT_PREVIOUS = "checkpoint-kept-previous.tar"     # the pre-checkpoint it builds on, if any
 STATS = "checkpoint-stats.log"     # podman's --print-stats; a .log stays on the source
 
 
@@ -105,8 +112,13 @@ def parse_stats(out: bytes) -> criu.DumpStats:
 
 def restore(images: Path, name: str, opts: criu.Options = criu.NO_OPTIONS) -> list[str]:
     previous = images / "parent" / ARCHIVE     # a pre-checkpoint the final one builds on
-    return ["podman", "container", "restore", "--import", str(images / ARCHIVE),
-            *(["--import-previous", str(previous)] if previous.exists() else []),
+    return restore_archive(images / ARCHIVE, name, opts, previous if previous.exists() else None)
+
+
+def restore_archive(archive: Path, name: str, opts: criu.Options = criu.NO_OPTIONS,
+                    previous: Path | None = None) -> list[str]:
+    return ["podman", "container", "restore", "--import", str(archive),
+            *(["--import-previous", str(previous)] if previous else []),
             *(["--tcp-established"] if opts.tcp_established else []), "--name", name]
 
 
@@ -210,7 +222,15 @@ class PodmanContainer(Workload):
         _, err = await run.proc.communicate()
         if run.proc.returncode != 0:
             raise DumpError(f"podman container checkpoint exited {run.proc.returncode}: {proc.why(err)}")
-        return time.monotonic()
+        done = time.monotonic()
+        images = run.log.parent
+        # Safe to go without: the move goes on, and only a recover after it was killed outright
+        # would find no archive (another file system, one kept already), and say the container lost.
+        with contextlib.suppress(OSError):
+            os.link(images / ARCHIVE, images.parent / KEPT_ARCHIVE)
+            if (images / "parent" / ARCHIVE).exists():
+                os.link(images / "parent" / ARCHIVE, images.parent / KEPT_PREVIOUS)
+        return done
 
     async def copy(self, images: Path) -> criu.DumpStats:
         """A checkpoint of the running container that leaves it running: what clones start

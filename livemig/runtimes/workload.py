@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import proc
+from .. import criu, proc
 from ..criu import DumpStats, read_stats
 from ..errors import LivemigError, Phase
 from ..wire import protocol as p
@@ -52,6 +52,7 @@ class Workload:
                               # (which strategies each runtime can run: policy.choose_mode)
 
     root_pid: int
+    opts: criu.Options        # what the user asked of CRIU for it
     name: str                 # what the user called it: a PID or a container name
     image: str | None = None  # a container image the target must have too (podman's)
     max_rounds: int | None = None   # pre-copy rounds this runtime can chain (podman keeps one)

@@ -37,7 +37,6 @@ from ..runtimes import Workload, hook
 from ..runtimes.held import GONE, HELD, REBOOTED, RUNNING, STOPPED, HeldCopy
 from ..service_address import put_back
 from ..wire import protocol as p
-from ..workdirs import write_private
 from . import fresh_agent, throttle
 from .session import AgentGone, Connector, TargetSession
 
@@ -69,9 +68,10 @@ class Record:
     addresses: dict[str, str] = dataclasses.field(default_factory=dict)   # --move-address: those taken off
                                       # here (ADDR/PREFIX -> interface), for a resume here to put back
     unit: str = ""                    # the systemd service that runs it here, held from the freeze (units.py)
+    tcp_established: bool = False     # its dump kept its connections: a restore here must ask for them too
 
     def save(self, work: Path) -> None:
-        write_private(work / RECORD, dataclasses.asdict(self))
+        workdirs.write_private(work / RECORD, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> Record:
@@ -82,7 +82,8 @@ class Record:
     @classmethod
     def mine(cls, migration: str, target: str, workload: Workload | None, lazy: bool, bundle_moves: bool = False) -> Record:
         me = os.getpid()
-        return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, proc.start_time(me) or 0), lazy)
+        return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, proc.start_time(me) or 0), lazy,
+                   tcp_established=workload is not None and workload.opts.tcp_established)
 
     def target_ran_for(self) -> float:
         """How long, at most, the target's copy has run: since it was told to (0: never)."""
@@ -320,6 +321,10 @@ async def _settle_stopcopy(work: Path, rec: Record, here: str, connect, options,
         given_up = rec.committed
     else:
         given_up = hook.committed(hook.journal(work)) if c.runtime == "process" else rec.committed
+    if here == GONE and not given_up and c.runtime == "podman":
+        if kept := await c.from_its_checkpoint(work, rec.unit, rec.tcp_established):
+            return "unresolved", kept, False
+        here = await c.standing()
     if here in (GONE, REBOOTED):
         return await _nothing_here(rec, here, given_up, connect, options, target_lost)
     note = ("livemig was killed between its commit mark and CRIU's journal: CRIU never got the commit, and "
