@@ -46,7 +46,6 @@ import shutil
 import socket
 import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import criu, host, proc
@@ -54,18 +53,9 @@ from .errors import DumpError, Phase, PreflightError
 from .options import WAITS
 from .pages import pagemap
 from .pages.postcopy import PS_IOV, PS_IOV_CLOSE
+from .wire.protocol import TrialRestored
 
 IMAGES = "trial"            # the image directory of the trial, on both hosts
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the target's trial restore found: ok, or why not in one line (CRIU's first error)
-    with CRIU's error lines as its detail; and the seconds it took."""
-    ok: bool
-    reason: str = ""
-    detail: str = ""
-    seconds: float = 0.0
 
 
 # --- the source ----------------------------------------------------------------------------------
@@ -121,7 +111,7 @@ def without_pages(images: Path) -> None:
 
 # --- the target ----------------------------------------------------------------------------------
 async def attempt(images: Path, name: str, opts: criu.Options, *, addresses: list[str], sockets: list[str],
-                  journal_inodes: list[int]) -> Outcome:
+                  journal_inodes: list[int]) -> TrialRestored:
     """Restore a tree's images as the trial name (livemig-trial-<migration>), stopped, in
     namespaces of its own, and throw it away; addresses: those the tree binds, put on the
     trial's loopback; sockets: the paths of the Unix sockets it binds (those the trial makes
@@ -140,7 +130,7 @@ async def attempt(images: Path, name: str, opts: criu.Options, *, addresses: lis
 
 
 async def attempt_container(images: Path, name: str, argv: list[str], env: dict[str, str], *,
-                            runtime: str, addresses: list[str]) -> Outcome:
+                            runtime: str, addresses: list[str]) -> TrialRestored:
     """Restore a container's images under its runtime (argv, with env: its configuration file
     leaves every task stopped) as the container name, in a network namespace of its own where
     it shares its host's (its own network namespace, if it has one, is CRIU's to restore), and
@@ -153,7 +143,7 @@ async def attempt_container(images: Path, name: str, argv: list[str], env: dict[
 
 
 async def _tried(images: Path, name: str, argv: list[str], *, addresses: list[str], sockets: list[str],
-                 pass_fds: list[int] | None = None, env: dict[str, str] | None = None) -> Outcome:
+                 pass_fds: list[int] | None = None, env: dict[str, str] | None = None) -> TrialRestored:
     """argv run in the trial's network namespace, and the trial discarded; how it went."""
     before = {path for path in sockets if os.path.lexists(path)}
     t0 = time.monotonic()
@@ -164,12 +154,12 @@ async def _tried(images: Path, name: str, argv: list[str], *, addresses: list[st
         res = await proc.run(["nsenter", f"--net=/run/netns/{name}", *argv], check=False, pass_fds=pass_fds or [],
                              env=env, timeout=WAITS.trial_restore)
     finally:
-        await discard(name, f"/{name}", [path for path in sockets if path not in before])
+        await discard(name, [path for path in sockets if path not in before])
     seconds = time.monotonic() - t0
     if res.returncode == 0:
-        return Outcome(True, seconds=seconds)
+        return TrialRestored(True, seconds=seconds)
     errors = _errors(images / "restore.log")
-    return Outcome(False, _said(errors) or proc.why(res.stderr), "\n".join(errors), seconds)
+    return TrialRestored(False, _said(errors) or proc.why(res.stderr), "\n".join(errors), seconds)
 
 
 async def _netns(name: str, addresses: list[str]) -> None:
@@ -182,12 +172,13 @@ async def _netns(name: str, addresses: list[str]) -> None:
         await proc.run(["ip", "-n", name, "addr", "add", f"{ip}/{ip.max_prefixlen}", "dev", "lo"], phase=Phase.TRIAL)
 
 
-async def discard(name: str, cgroup_root: str, made: list[str]) -> None:
-    """Nothing of the trial left: its network namespace (its tasks died with its CRIU), its
-    cgroups, the socket files it made. Safe to call whatever got made."""
+async def discard(name: str, made: list[str]) -> None:
+    """Nothing of the trial name left: its network namespace (its tasks died with its CRIU),
+    its cgroups (under /name, its --cgroup-root), the socket files it made. Safe to call
+    whatever got made."""
     await proc.run(["ip", "netns", "delete", name], check=False)     # (none made: nothing to delete)
     for mount in host.cgroup_mounts():
-        _remove_tree(mount / cgroup_root.lstrip("/"))
+        _remove_tree(mount / name)
     for path in made:
         with contextlib.suppress(OSError):     # gone already, or not a socket: not the trial's
             if stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -198,7 +189,7 @@ def _remove_tree(top: Path) -> None:
     """A cgroup directory and those under it, deepest first (a cgroup goes by rmdir alone)."""
     if not top.is_dir():
         return
-    for d, subdirs, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+    for d, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
         with contextlib.suppress(OSError):     # a task still leaving it: left, said by nothing (empty soon)
             os.rmdir(d)
 
@@ -223,11 +214,13 @@ def images_gone(images: Path) -> None:
     with the move's (logs.keep keeps them where the move fails)."""
     if images.is_dir():
         for path in images.iterdir():
-            if path.suffix != ".log" or not path.is_file():
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.suffix != ".log":
+                path.unlink()
 
 
-def refused(outcome: Outcome, target: str) -> PreflightError:
+def refused(outcome: TrialRestored, target: str) -> PreflightError:
     """The move's refusal for a trial restore that failed (before anything was frozen for the move)."""
     return PreflightError(f"CRIU could not restore the workload there: {outcome.reason}", phase=Phase.TRIAL,
                           host=target, detail=outcome.detail or None,

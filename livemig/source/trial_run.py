@@ -36,7 +36,8 @@ async def run(m: Move) -> None:
                                  hint="move it without --trial: its preflight still runs")
         m.report.trial = f"not tried: {w.untried}"
         return
-    shared = host.shared_memory_bytes(w.pids())
+    pids = w.pids()
+    shared = host.shared_memory_bytes(pids)
     if shared > SIZES.trial_shared_most and not m.options.trial:
         m.report.trial = (f"not tried: CRIU's dump would write the workload's {shared / 2**20:.0f} MiB of shared "
                           "memory while it is frozen for it (--trial takes it all the same)")
@@ -45,7 +46,6 @@ async def run(m: Move) -> None:
     await bundles.precopy_bundle(m)
     images = m.work / trial.IMAGES
     try:
-        pids = w.pids()
         bound = [b.ip for b in addresses.held(pids)]
         if m.options.criu.tcp_established:
             bound += [ip for ip, *_ in addresses.connected(pids)]
@@ -72,7 +72,7 @@ async def run(m: Move) -> None:
     m.report.trial_restore_seconds = outcome.seconds
     if not outcome.ok:
         m.report.trial = f"failed: {outcome.reason}"
-        raise trial.refused(trial.Outcome(outcome.ok, outcome.reason, outcome.detail, outcome.seconds), m.target)
+        raise trial.refused(outcome, m.target)
     m.report.trial = "passed"
 
 

@@ -170,11 +170,13 @@ async def trial(msg: p.TrialRestore, work: Path) -> p.TrialRestored:
     what the source alone has placed for it and taken away after it. Whether CRIU could restore
     it is the answer; only what keeps the trial from being tried at all is an AgentFailure."""
     d = work / checked_name(msg.dir, "image directory")
+    # (checked before anything: the directory goes at the end, whatever happened)
+    packed = work / checked_name(msg.carried, "image directory") if msg.carried else None
     placed: list[str] = []
     try:
-        if msg.carried:
+        if packed is not None:
             try:
-                placed = carried.place(work / checked_name(msg.carried, "image directory"))
+                placed = carried.place(packed)
             except LivemigError as e:
                 raise AgentFailure(Phase.TRIAL, e.message) from None
         name, asked = f"livemig-trial-{work.name}", criu.Options(tcp_established=msg.tcp_established,
@@ -193,6 +195,6 @@ async def trial(msg: p.TrialRestore, work: Path) -> p.TrialRestored:
     finally:
         carried.remove(placed)
         trial_restore.images_gone(d)
-        if msg.carried:
-            shutil.rmtree(work / msg.carried, ignore_errors=True)
-    return p.TrialRestored(outcome.ok, outcome.reason, outcome.detail, outcome.seconds)
+        if packed is not None:
+            shutil.rmtree(packed, ignore_errors=True)
+    return outcome
