@@ -205,9 +205,12 @@ class Sizes:
     fill_compared_here_pages: int = 4096          # a fill's first 16 MiB (the smallest ranges, which the restore
     #                                               itself may touch) compared here, not by the forked comparer,
     #                                               which starts a moment later
-    # A fill's copies at once, each in a thread: the kernel's copy, most of a fill, needs no GIL, and two
-    # threads placed 1.6 to 1.7 times as fast as one on the lab's two cores.
-    fill_threads: int = max(2, min(4, os.cpu_count() or 1))
+    # A fill's copies at once, each in a thread (the kernel's copy, most of a fill, needs no GIL), while
+    # the copy runs: one CPU is left to the copy, whose faults meanwhile wait for it and for this agent.
+    # With both of the lab's two cores filling, a 64 MiB fill's workload stood still 7 to 23 ms longer
+    # than the report's downtime (its own 10 ms tick is most of the 7); with one thread, 3 to 12 ms,
+    # and the fill took no longer (118 against 121 ms, the copy running: tests/test_bandwidth.py).
+    fill_threads: int = max(1, min(4, (os.cpu_count() or 2) - 1))
     hash_read_pages: int = 256                    # 1 MiB per read of a process's memory (page hashes)
     # A fill holds every page in the target agent's store, then hands each to the copy and lets it go:
     # the workload's memory about once, and some slack for the pages in flight and the restore's own.
