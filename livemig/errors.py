@@ -48,7 +48,8 @@ EXIT_CODES_SAID = {
     ExitCode.CONNECTION: "the target could not be reached, or was lost on the way; rolled back",
     ExitCode.DUMP: "CRIU could not checkpoint the workload; it runs on the source",
     ExitCode.RESTORE: "the target could not restore; rolled back, it runs on the source",
-    ExitCode.UNRESOLVED: "post-copy lost the target: the source's copy waits, stopped; `livemig recover` settles it",
+    ExitCode.UNRESOLVED: ("post-copy lost the target, or a rollback could not run the workload again: the source's "
+                          "copy waits, stopped; `livemig recover` settles it"),
     ExitCode.EXITED: "the workload exited by itself during the move: it runs nowhere, as it chose",
     ExitCode.TARGET_LOST: ("the target's copy ran, then was lost: the source's waits, stopped, as of its final dump; "
                            "only `livemig recover --target-lost` runs it again (what the other did is lost)"),

@@ -38,17 +38,20 @@ class HeldCopy:
     # The tasks the workload had stopped itself when it was dumped: they stay stopped when
     # the rest runs again (their stop is the workload's state, not the move's).
     own_stops: list[proc.Task] = field(default_factory=list)
+    tcp_established: bool = False   # its dump kept its connections: a restore here must ask for them too
 
     @classmethod
     def from_dict(cls, d: dict) -> HeldCopy:
         return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""),
-                   d.get("boot", ""), d.get("stopped", False), [tuple(x) for x in d.get("own_stops", [])])
+                   d.get("boot", ""), d.get("stopped", False), [tuple(x) for x in d.get("own_stops", [])],
+                   d.get("tcp_established", False))
 
     @classmethod
     def of(cls, workload, bundle_moves: bool = False) -> HeldCopy:
         """The workload's tree as it is now (frozen, once its final dump has begun)."""
         return cls(workload.kind, proc.tasks(workload.pids()), "" if workload.kind == "process" else workload.name,
-                   str(workload.bundle()) if bundle_moves else "", proc.boot_id(), own_stops=list(workload.own_stops))
+                   str(workload.bundle()) if bundle_moves else "", proc.boot_id(), own_stops=list(workload.own_stops),
+                   tcp_established=workload.opts.tcp_established)
 
     @property
     def what(self) -> str:
@@ -146,9 +149,13 @@ class HeldCopy:
         if st.get("Paused"):
             await proc.run(self._control("resume"), phase=Phase.ROLLBACK)
         elif not st.get("Running"):
-            await proc.run(podman.restore_kept(self.container), phase=Phase.ROLLBACK, leaves_daemon=True)
+            await proc.run(podman.restore_kept(self.container, self._dumped_with()), phase=Phase.ROLLBACK,
+                           leaves_daemon=True)
 
-    async def from_its_checkpoint(self, work: Path, unit: str, tcp_established: bool) -> str:
+    def _dumped_with(self) -> criu.Options:
+        return criu.Options(tcp_established=self.tcp_established)
+
+    async def from_its_checkpoint(self, work: Path, unit: str) -> str:
         """A podman container never given up and gone here: podman removed it at its checkpoint
         (a --rm container's conmon does), and the archive that checkpoint exported for the
         target, kept in the move's directory work (podman.KEPT_ARCHIVE), is the workload as it
@@ -164,7 +171,7 @@ class HeldCopy:
                     f"it with `podman container restore --import {archive} --name {self.container}` once {unit} "
                     "is stopped, then run `livemig recover` again")
         previous = work / podman.KEPT_PREVIOUS
-        await proc.run(podman.restore_archive(archive, self.container, criu.Options(tcp_established=tcp_established),
+        await proc.run(podman.restore_archive(archive, self.container, self._dumped_with(),
                                               previous if previous.exists() else None),
                        phase=Phase.ROLLBACK, leaves_daemon=True)
         return ""

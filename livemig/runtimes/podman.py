@@ -24,6 +24,7 @@ from .. import criu, proc, units
 from ..errors import CommandFailed, DumpError, LivemigError, Phase, PreflightError
 from ..wire import protocol as p
 from ..wire import streams
+from . import podman_networks
 from .workload import DumpRun, StopPages, Workload
 
 ARCHIVE = "checkpoint.tar"
@@ -117,9 +118,13 @@ def restore(images: Path, name: str, opts: criu.Options = criu.NO_OPTIONS) -> li
 
 def restore_archive(archive: Path, name: str, opts: criu.Options = criu.NO_OPTIONS,
                     previous: Path | None = None) -> list[str]:
+    """The restore of archive under name. With its connections, under the name it has in the
+    archive, which a move keeps: podman refuses --name beside --tcp-established (a container
+    restored under another name gets another address, and the connections would be cut), and
+    without --name it gives the container the address it had in its own network namespace."""
     return ["podman", "container", "restore", "--import", str(archive),
             *(["--import-previous", str(previous)] if previous else []),
-            *(["--tcp-established"] if opts.tcp_established else []), "--name", name]
+            *(["--tcp-established"] if opts.tcp_established else ["--name", name])]
 
 
 def stopped_tasks(images: Path) -> set[int]:
@@ -165,9 +170,10 @@ async def adoptable(name: str) -> int:
     return int(found["State"]["ConmonPid"])
 
 
-def restore_kept(name: str) -> list[str]:
-    """A rollback's restore: name, from the checkpoint podman kept of it (its final one)."""
-    return ["podman", "container", "restore", name]
+def restore_kept(name: str, opts: criu.Options) -> list[str]:
+    """A rollback's restore: name, from the checkpoint podman kept of it (its final one),
+    with what its checkpoint kept (its connections: without the flag, CRIU refuses them)."""
+    return ["podman", "container", "restore", *flags(opts), name]
 
 
 class PodmanContainer(Workload):
@@ -185,6 +191,7 @@ class PodmanContainer(Workload):
         # bind mounts name host paths; named volumes travel in the checkpoint's archive
         self._binds = sorted({m["Source"] for m in found.get("Mounts") or [] if m.get("Type") == "bind"})
         self.opts = opts
+        self.networks = podman_networks.attached(found)     # its own network namespace's (podman_networks.py)
         # the systemd unit that runs it (a Quadlet, `podman generate systemd --new`), by podman's label
         self.unit: str = (found.get("Config", {}).get("Labels") or {}).get("PODMAN_SYSTEMD_UNIT", "")
         self.conmon = int(found["State"].get("ConmonPid") or 0)
@@ -196,7 +203,7 @@ class PodmanContainer(Workload):
         return proc.process_tree(self.root_pid)
 
     def target_spec(self) -> p.Container:
-        return p.Container("podman", self.container, "", image=self.image)
+        return p.Container("podman", self.container, "", image=self.image, networks=self.networks)
 
     def mount_sources(self) -> list[str]:
         return self._binds
@@ -278,7 +285,7 @@ class PodmanContainer(Workload):
                 argv = units.in_cgroup(self.unit_cgroup, argv)
             await proc.run(argv, phase=Phase.ROLLBACK, leaves_daemon=True)
         elif not found["State"].get("Running"):
-            await proc.run(restore_kept(self.container), phase=Phase.ROLLBACK, leaves_daemon=True)
+            await proc.run(restore_kept(self.container, self.opts), phase=Phase.ROLLBACK, leaves_daemon=True)
         return []
 
 

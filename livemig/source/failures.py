@@ -86,14 +86,20 @@ def rolled_back(m: Move, cause: BaseException) -> BaseException:
                             "here again from its final dump", phase=m.phase, host=m.target)
 
 
-async def rollback(m: Move) -> None:
-    """The source goes on, the target forgets."""
+async def rollback(m: Move, cause: BaseException) -> None:
+    """The source goes on, the target forgets. Should the source's copy not run again (its
+    runtime refusing its restore), the rest is undone all the same, and the move ends
+    unresolved, its record kept: `livemig recover` runs it again once that is mended."""
     m.lift_throttle()
     # the service addresses back before the copy runs again, its sockets bound to them
     m.report.warnings += await put_back(m.addresses_taken)
+    unresumed: LivemigError | None = None
     if m.workload is not None:
         # The target's copy, if any, is stopped: it runs only after the commit.
-        m.report.warnings += await m.workload.resume(m.dump, m.stop_relay)
+        try:
+            m.report.warnings += await m.workload.resume(m.dump, m.stop_relay)
+        except LivemigError as e:       # said once the rest is undone (below), with the cause
+            unresumed = e
     await owners.unhold(m)      # (its unit as it was, the workload running on here)
     kept = await m.to.abort()
     # announced again once the target let go of them (its abort took them off there)
@@ -111,6 +117,11 @@ async def rollback(m: Move) -> None:
         m.report.warnings.append(f"{m.target} did not answer the rollback and may hold a stopped copy: "
                                  f"`livemig recover` here removes it once {m.target} answers")
     await m.stop_relay()
+    if unresumed is not None:
+        m.report.outcome = "unresolved"      # the record stays (Migration.close)
+        raise Unresolved(f"{why(cause)}; rolling back, the workload could not run here again: {unresumed.message}",
+                         phase=Phase.ROLLBACK, hint="mend that, then run `livemig recover` here: it runs the "
+                                                    "workload here again, as it was frozen")
 
 
 async def exited_by_itself(m: Move, e: BaseException) -> WorkloadExited | None:

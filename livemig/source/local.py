@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import criu, host, proc, runtimes, workdirs
 from ..errors import Phase, UsageError
-from ..runtimes import podman
+from ..runtimes import podman, podman_networks
 from ..wire import protocol as p
 
 
@@ -26,7 +26,8 @@ async def local_facts(pids: list[int], work: Path, container: p.Container | None
     """This host's facts for the preflight; with what podman says must match, for its containers."""
     local = await host.probe(pids, str(work))
     if container is not None and container.runtime == "podman":
-        local = dataclasses.replace(local, runtime_facts=await podman.facts())
+        local = dataclasses.replace(local, runtime_facts=await podman.facts(),
+                                    podman_networks=await podman_networks.defined(container.networks))
     return local
 
 

@@ -93,7 +93,7 @@ class Migration:
             record_failure(e, m.phase, m.report)
             if not m.stages.committed:
                 m.stages.to(Stage.ROLLING_BACK)
-                await asyncio.shield(failures.rollback(m))
+                await asyncio.shield(failures.rollback(m, e))
                 # "failed": stopped before the source was touched; "rolled back": it was, and resumed
                 m.report.outcome = "rolled back" if m.dump is not None else "failed"
                 gone = await failures.exited_by_itself(m, e)
@@ -161,8 +161,7 @@ class Migration:
         if isinstance(m.what, int):
             checks.refuse_tree(m.what)      # before anything is made here or reached there
         w = m.workload = await runtimes.resolve(m.what, m.options.runtime, m.options.criu, m.work)
-        m.report.runtime, m.report.workload = w.kind, w.name
-        m.report.pid = w.root_pid
+        m.report.runtime, m.report.workload, m.report.pid = w.kind, w.name, w.root_pid
         pids = w.pids()
         checks.refuse_traced(pids)
         checks.refuse_undumpable_handles(pids)
@@ -199,8 +198,9 @@ class Migration:
             m.caution(carried.told(m.report.carried_files, total))
         if not m.options.write_protect:     # (--no-write-protect: by page hashes, as if it could not)
             local = dataclasses.replace(local, features={**local.features, host.WRITE_PROTECT: False})
-        rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids,
-                                            need_bytes=memory, container=m.spec, held=addresses.held(pids))
+        rows, mode, why = checks.compare(local, remote, m.options.mode.value, pids=pids, need_bytes=memory,
+                                            container=m.spec, held=addresses.held(pids),
+                                            keeps_connections=m.options.criu.tcp_established)
         rows += checks.resized_rows(sized, remote.file_sizes)
         owners.refuse(m, remote)
         # (what --move-address asks is said first: a refusal there is the answer to the flag)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import addresses, carried, criu, host, proc, service_address
 from ..errors import Phase, PreflightError
+from ..runtimes import podman_networks
 from ..wire.protocol import Container, HostFacts
 from . import policy
 
@@ -85,8 +86,8 @@ def resized_rows(here: dict[str, int], there: dict[str, int]) -> list[Check]:
 
 def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
             pids: list[int] | None = None, need_bytes: int = 0,
-            container: Container | None = None,
-            held: list[addresses.Bound] | None = None) -> tuple[list[Check], str, str]:
+            container: Container | None = None, held: list[addresses.Bound] | None = None,
+            keeps_connections: bool = False) -> tuple[list[Check], str, str]:
     """Every check, in the order a user should fix them; and the strategy (or "") and why."""
     rows = [
         Check("criu here", _usable(local.criu_version), f"CRIU {_v(local.criu_version)}",
@@ -101,6 +102,8 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
     rows.append(Check("architecture", remote.arch == local.arch, f"target {remote.arch}, source {local.arch}"))
     if container is not None:
         rows += _container_rows(local, remote, container)
+        rows += [Check("podman network", *row) for row in podman_networks.judged(
+            container.id, local.podman_networks, remote.podman_networks, keeps_connections)]
     memory_needed = need_bytes
     try:
         mode, why = policy.choose_mode(requested_mode, local.features, remote.features,

@@ -68,7 +68,6 @@ class Record:
     addresses: dict[str, str] = dataclasses.field(default_factory=dict)   # --move-address: those taken off
                                       # here (ADDR/PREFIX -> interface), for a resume here to put back
     unit: str = ""                    # the systemd service that runs it here, held from the freeze (units.py)
-    tcp_established: bool = False     # its dump kept its connections: a restore here must ask for them too
 
     def save(self, work: Path) -> None:
         workdirs.write_private(work / RECORD, dataclasses.asdict(self))
@@ -76,14 +75,14 @@ class Record:
     @classmethod
     def load(cls, path: Path) -> Record:
         d = json.loads(path.read_text())
-        return cls(source_copy=HeldCopy.from_dict(d.pop("source_copy")),
-                   coordinator=tuple(d.pop("coordinator")), **d)
+        copy = HeldCopy.from_dict(d.pop("source_copy"))
+        copy.tcp_established |= d.pop("tcp_established", False)     # (records written before said it beside it)
+        return cls(source_copy=copy, coordinator=tuple(d.pop("coordinator")), **d)
 
     @classmethod
     def mine(cls, migration: str, target: str, workload: Workload | None, lazy: bool, bundle_moves: bool = False) -> Record:
         me = os.getpid()
-        return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, proc.start_time(me) or 0), lazy,
-                   tcp_established=workload is not None and workload.opts.tcp_established)
+        return cls(migration, target, HeldCopy.of(workload, bundle_moves), (me, proc.start_time(me) or 0), lazy)
 
     def target_ran_for(self) -> float:
         """How long, at most, the target's copy has run: since it was told to (0: never)."""
@@ -322,7 +321,7 @@ async def _settle_stopcopy(work: Path, rec: Record, here: str, connect, options,
     else:
         given_up = hook.committed(hook.journal(work)) if c.runtime == "process" else rec.committed
     if here == GONE and not given_up and c.runtime == "podman":
-        if kept := await c.from_its_checkpoint(work, rec.unit, rec.tcp_established):
+        if kept := await c.from_its_checkpoint(work, rec.unit):
             return "unresolved", kept, False
         here = await c.standing()
     if here in (GONE, REBOOTED):

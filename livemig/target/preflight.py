@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import addresses, criu, host, proc, runtimes, service_address, units
 from ..errors import Phase
-from ..runtimes import oci, podman
+from ..runtimes import oci, podman, podman_networks
 from ..wire import protocol as p
 from ..wire import streams
 from .failures import AgentFailure, checked_name
@@ -57,7 +57,7 @@ async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
         return dataclasses.replace(facts, runtime_version=info.get("podman", ""),
                                    container_exists=c.id in taken, names_taken=taken,
                                    image_present=bool(image and image.returncode == 0),
-                                   runtime_facts=info)
+                                   runtime_facts=info, podman_networks=await podman_networks.defined(c.networks))
     if c.runtime not in oci.RUNTIMES:
         raise AgentFailure(Phase.PREFLIGHT, f"unknown runtime {c.runtime!r}")
     where = Path(c.bundle)

@@ -26,8 +26,8 @@ if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to 
 # the older one goes. No such code is kept yet: every message is written and read in the newest format
 # alone, so both are the same version. Hello is read by every livemig from 16 on, whatever fields a
 # newer one adds to it (_OPEN), so that the two always learn each other's versions.
-PROTOCOL_VERSION = 23  # 23: TrialRestore, TrialRestored (trial.py: the workload's images restored before the freeze, thrown away); 22: Probe.unit, HostFacts.unit_state, Restore.journal_streams, InstallUnit, AdoptUnit (units.py: a workload systemd runs keeps its unit); 21: HostFacts.cpus and load (a drain places workloads by them); 20: a lazy dump's images may name the shared memory pre-copy sent (pages/shmem.py NAMED), for the target to place; ReceiveFiles.in_memory; 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
-PROTOCOL_OLDEST = 23
+PROTOCOL_VERSION = 24  # 24: Container.networks, HostFacts.podman_networks (a podman container's own network: can its address, and its connections, be the same on the target?); 23: TrialRestore, TrialRestored (trial.py: the workload's images restored before the freeze, thrown away); 22: Probe.unit, HostFacts.unit_state, Restore.journal_streams, InstallUnit, AdoptUnit (units.py: a workload systemd runs keeps its unit); 21: HostFacts.cpus and load (a drain places workloads by them); 20: a lazy dump's images may name the shared memory pre-copy sent (pages/shmem.py NAMED), for the target to place; ReceiveFiles.in_memory; 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_OLDEST = 24
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -84,6 +84,20 @@ class Container:
     id: str
     bundle: str
     image: str = ""
+    networks: dict[str, str] = field(default_factory=dict)   # podman: its own namespace's networks -> its address
+
+
+@part
+class PodmanNetwork:
+    """A podman network as one host defines it (runtimes/podman_networks.py): its driver, its
+    subnets and the interface it is on (macvlan's and ipvlan's parent, a bridge's own); and
+    the container's address on it, as the source has it."""
+    name: str
+    driver: str
+    subnets: list[str]
+    interface: str
+    interface_here: bool = True     # the host has that interface (a bridge podman makes: always)
+    address: str = ""
 
 
 @part
@@ -160,6 +174,8 @@ class HostFacts:
     cpus: int = 0                 # CPUs livemig may run on here (a drain places workloads by them)
     load: float = 0.0             # the load average over the last minute: how many of them are busy
     unit_state: str = ""          # Probe's unit here: "no systemd", "absent", or its ActiveState
+    podman_networks: list[PodmanNetwork] = field(default_factory=list)   # the Probe's container's, as
+                                                                          # defined here (those it has)
 
 
 @message

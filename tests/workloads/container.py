@@ -33,6 +33,15 @@ BUSY_COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /count; "
                 "j=0; while [ $j -lt 50 ]; do j=$((j+1)); done; done")
 # Put first: a child the container's shell stops at once (SIGSTOP), which a move keeps stopped.
 STOPPED_CHILD = "sleep 100000 & kill -STOP $!; "
+# memcounter's "hold" in busybox, for a client that keeps one connection (held_client.py): its
+# first line is answered {}, then each line with the next integer, counted per connection.
+HELD = 'read h; echo {}; i=0; while read q; do i=$((i+1)); echo "{\\"host\\": \\"podman\\", \\"next\\": $i}"; done'
+
+
+def held_server(port: int) -> str:
+    return f"cat > /held.sh <<'X'\n{HELD}\nX\nexec nc -ll -p {port} -e sh /held.sh"
+
+
 # The seeds' counter web server, in busybox: each connection to port 8080 gets the next integer.
 SERVER = "i=0; while true; do i=$((i+1)); echo $i | nc -l -p 8080 >/dev/null; done"
 IMAGE = "localhost/livemig-busybox:1"
@@ -172,7 +181,7 @@ def _detach(runtime: str, bundle: str, name: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("action", choices=["start", "count", "serve", "ask", "image", "memcounter", "bundle", "busy", "written",
-                                       "shmkinds", "redis", "postgres"])
+                                       "shmkinds", "redis", "postgres", "held"])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--name", default="c1")
     ap.add_argument("--bundle")
@@ -185,6 +194,8 @@ def main() -> int:
     ap.add_argument("--stopped-child", action="store_true", help="start, busy: with a child stopped at once")
     ap.add_argument("--rm", action="store_true", help="serve: podman run --rm (podman removes it once it stops)")
     ap.add_argument("--label", action="append", default=[], help="serve: podman run --label KEY=VALUE")
+    ap.add_argument("--network", help="held: the podman network it is on")
+    ap.add_argument("--ip", help="held: its address there")
     ap.add_argument("args", nargs="*", help="redis, postgres: the server's command line (after --)")
     a = ap.parse_args()
     if a.action in ("memcounter", "bundle"):
@@ -218,6 +229,12 @@ def main() -> int:
             except (subprocess.CalledProcessError, ValueError):
                 time.sleep(0.1)
         raise SystemExit("the counter server never answered")
+    if a.action == "held":      # the held-connection server, on --network at --ip, --port
+        podman_image()
+        subprocess.run(["podman", "run", "--detach", "--name", a.name, "--network", a.network, "--ip", a.ip, IMAGE,
+                        "sh", "-c", held_server(a.port)],
+                       env=PODMAN_ENV, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return 0
     if a.action == "busy":
         podman_image()
         script = (STOPPED_CHILD if a.stopped_child else "") + BUSY_COUNTER

@@ -1,0 +1,133 @@
+"""A podman container in a network namespace of its own keeps its clients' connections (issue
+30): it is on a macvlan network that a and b define alike, on the link the three lab hosts
+share, with an address of its own; a client on c holds one connection to that address and
+asks over it every 20 ms, while the container moves a -> b -> a with --tcp-established. podman
+gives the copy the address (and MAC) it had, CRIU repairs the connection there, and the client
+never loses it: every answer the next integer, none lost, none given twice. A move whose restore
+fails rolls back, the connection with it. A container whose address no other host can hold
+(podman's default bridge, NAT'd by its host), or whose network the target lacks, is refused
+before anything is touched, in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.lab import WORKLOAD
+from tests.test_podman import ENV, TOOL, running
+
+pytestmark = pytest.mark.lab
+
+CLIENT = str(WORKLOAD).replace("memcounter.py", "held_client.py")
+NET, ADDRESS, PORT = "livemig-link", "198.18.0.150", 7000
+# on the link the lab's hosts share (eth0, 198.18.0.0/24): the hosts' own addresses are below .128
+CREATE = [*ENV, "podman", "network", "create", "--ignore", "--driver", "macvlan", "--opt", "parent=eth0",
+          "--subnet", "198.18.0.0/24", "--ip-range", "198.18.0.128/25", "--disable-dns", NET]
+
+
+@pytest.fixture
+def link(lab3):
+    for h in ("a", "b"):
+        lab3.run(h, CREATE)
+    lab3.run("c", ["ip", "neigh", "flush", "to", ADDRESS], check=False)   # an earlier test's MAC
+    names = []
+
+    def start(name: str) -> str:
+        names.append(name)
+        lab3.run("a", ["python3", TOOL, "held", "--name", name, "--network", NET, "--ip", ADDRESS,
+                       "--port", str(PORT)])
+        return name
+    yield start
+    for h in ("a", "b"):
+        for name in names:
+            lab3.run(h, [*ENV, "podman", "rm", "--force", name], check=False)
+        lab3.run(h, [*ENV, "podman", "network", "rm", "--force", NET], check=False)
+
+
+def _client(lab, stop: str) -> subprocess.Popen:
+    lab.run("c", ["rm", "-f", stop])
+    for _ in range(50):      # until the container listens
+        client = lab.popen("c", ["python3", CLIENT, "--address", ADDRESS, "--port", str(PORT), "--until", stop,
+                                 "--answer-within", "10"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if client.stdout.readline() == b"connected\n":
+            return client
+        client.wait(timeout=30)
+    raise AssertionError("the container never took the client's connection")
+
+
+def _heard(lab, client: subprocess.Popen, stop: str) -> list[int]:
+    lab.run("c", ["touch", stop])
+    heard = json.loads(client.stdout.readline())
+    client.wait(timeout=30)
+    numbers = [n for _, _, n in heard["answers"]]
+    assert heard["error"] == "", heard["error"]                         # the connection never broke
+    assert numbers == list(range(1, len(numbers) + 1)), numbers          # none lost, none twice
+    return numbers
+
+
+def _move(lab, src: str, dst: str, name: str, *flags: str, env: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return lab.run(src, [*ENV, *env, "livemig", "move", "--json", *flags, name, dst], check=False, timeout=600)
+
+
+def test_a_podman_container_on_a_shared_link_keeps_its_client_s_connection_there_and_back(lab3, link):
+    lab, name = lab3, link("held1")
+    client = _client(lab, "/tmp/podman-net-stop")
+    try:
+        asked = []
+        for src, dst in (("a", "b"), ("b", "a")):
+            res = _move(lab, src, dst, name, "--tcp-established")
+            assert res.returncode == 0, res.stderr.decode()
+            report = json.loads(res.stdout)
+            assert (report["runtime"], report["outcome"]) == ("podman", "moved")
+            assert running(lab, dst, name) and running(lab, src, name) is None     # one copy only
+            ip = lab.text(dst, [*ENV, "podman", "inspect", name, "--format",
+                                "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}"]).strip()
+            assert ip == ADDRESS             # the copy has the address the connection is on
+            asked.append(len(lab.text("c", ["ss", "-Htn", "state", "established", "dst", ADDRESS]).splitlines()))
+        numbers = _heard(lab, client, "/tmp/podman-net-stop")
+    finally:
+        client.kill()
+    assert asked == [1, 1]          # the one connection, all along
+    assert len(numbers) > 20
+
+
+def test_a_podman_move_whose_restore_fails_rolls_back_with_its_client_s_connection(lab3, link):
+    """b's podman cannot start a task (pids.max 0 for its containers): the restore fails for
+    real, after the freeze; the rollback restores the container here with its connection."""
+    lab, name = lab3, link("held2")
+    client = _client(lab, "/tmp/podman-net-stop-2")
+    limit = "/sys/fs/cgroup/pids/libpod_parent"
+    lab.run("b", ["sh", "-c", f"mkdir -p {limit} && echo 0 > {limit}/pids.max"])
+    try:
+        res = _move(lab, "a", "b", name, "--tcp-established")
+        assert res.returncode == 6, res.stderr.decode()
+        assert json.loads(res.stdout)["outcome"] == "rolled back"
+        assert running(lab, "a", name) and running(lab, "b", name) is None
+        numbers = _heard(lab, client, "/tmp/podman-net-stop-2")
+    finally:
+        lab.run("b", ["sh", "-c", f"echo max > {limit}/pids.max"])
+        client.kill()
+    assert len(numbers) > 5
+
+
+def test_a_podman_container_whose_connections_no_other_host_can_keep_is_refused_untouched(lab3, link):
+    lab, name = lab3, link("held3")
+    # podman's default network: a bridge behind a's NAT
+    lab.run("a", ["python3", TOOL, "serve", "--name", "nat1"])
+    try:
+        res = _move(lab, "a", "b", "nat1", "--tcp-established")
+        err = res.stderr.decode()
+        assert res.returncode == 3 and "podman network podman (bridge" in err and "this host alone" in err, err
+        assert len(err.strip().splitlines()) <= 2        # "connecting to b..." and the one line
+        assert running(lab, "a", "nat1")
+        # the target lacks the container's network
+        lab.run("b", [*ENV, "podman", "network", "rm", NET])
+        res = _move(lab, "a", "b", name, "--tcp-established")
+        err = res.stderr.decode()
+        assert res.returncode == 3 and f"the target has no podman network {NET}" in err, err
+        assert f"podman network create -d macvlan -o parent=eth0 --subnet 198.18.0.0/24 {NET}" in err, err
+        assert running(lab, "a", name) and running(lab, "b", name) is None
+    finally:
+        lab.run("a", [*ENV, "podman", "rm", "--force", "nat1"], check=False)
