@@ -18,6 +18,12 @@ client waited for an answer that came from the move's start to a second after it
 requests: a lost connection, and a move that failed. The seeds' procedure is measured the
 same way, as they give it (no flag for connections): its first failure ends its moves.
 
+And a podman container in a network namespace of its own (`--workloads podman`), the held
+server of tests/test_podman_network.py on a macvlan network that a and b define alike, at
+198.18.0.150: moved with --tcp-established alone (its address is its own network's, not the
+host's), in auto (podman's checkpoint is stop-and-copy); podman refuses post-copy, and the
+seeds' procedure is for trees.
+
 PostgreSQL is not among them: in the lab it runs in a user namespace (the lab's root lacks
 CAP_SYS_RESOURCE: tests/test_database.py says why), from which CRIU cannot repair its clients'
 connections, so they cannot stay up there.
@@ -42,7 +48,10 @@ from tests import services as sv
 from tests.lab import WORKLOAD, Lab, LabError, by_hand
 
 CLIENT = WORKLOAD.replace("memcounter.py", "held_client.py")
-WORKLOADS = ("redis", "memcounter")
+WORKLOADS = ("redis", "memcounter", "podman")
+PODMAN = {"network": "livemig-link", "address": "198.18.0.150", "port": 7000, "name": "bench-held"}
+PODMAN_ENV = ["env", "PODMAN_IGNORE_CGROUPSV1_WARNING=1"]
+CONTAINER_TOOL = WORKLOAD.replace("memcounter.py", "container.py")
 MODES = {"auto": (), "postcopy": ("--mode", "postcopy"), "stopcopy": ("--mode", "stopcopy"), "seeds": ()}
 MEMCOUNTER_PORT = 7960
 AFTER_MOVE = 1.0        # seconds after a move's end in which an answer still counts as its
@@ -66,8 +75,9 @@ class Clients:
 
     def start(self) -> None:
         self.lab.run("c", ["rm", "-f", "/tmp/bench-client-stop"])
-        port = sv.REDIS_PORT if self.workload == "redis" else MEMCOUNTER_PORT
-        argv = ["python3", CLIENT, "--address", sv.ADDRESS, "--port", str(port), "--until", "/tmp/bench-client-stop",
+        port = {"redis": sv.REDIS_PORT, "podman": PODMAN["port"]}.get(self.workload, MEMCOUNTER_PORT)
+        address = PODMAN["address"] if self.workload == "podman" else sv.ADDRESS
+        argv = ["python3", CLIENT, "--address", address, "--port", str(port), "--until", "/tmp/bench-client-stop",
                 *(["--redis"] if self.workload == "redis" else [])]
         self.proc = self.lab.popen("c", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if self.proc.stdout.readline() != b"connected\n":
@@ -86,13 +96,25 @@ def start(lab: Lab, workload: str) -> list[str]:
     """The workload on a, bound to the service address: what names it to livemig."""
     if workload == "redis":
         return ["--pid", str(sv.redis_tree(lab))]
+    if workload == "podman":
+        for h in ("a", "b"):
+            lab.run(h, [*PODMAN_ENV, "podman", "network", "create", "--ignore", "--driver", "macvlan", "--opt",
+                        "parent=eth0", "--subnet", "198.18.0.0/24", "--ip-range", "198.18.0.128/25",
+                        "--disable-dns", PODMAN["network"]])
+        lab.run("c", ["ip", "neigh", "flush", "to", PODMAN["address"]], check=False)
+        lab.run("a", [*PODMAN_ENV, "python3", CONTAINER_TOOL, "held", "--name", PODMAN["name"], "--network",
+                      PODMAN["network"], "--ip", PODMAN["address"], "--port", str(PODMAN["port"])])
+        time.sleep(1)       # until it listens
+        return [PODMAN["name"]]
     work = lab.start_workload("a", mib=256, dirty_mibps=8, pid=4971, port=MEMCOUNTER_PORT, bind=sv.ADDRESS)
     return ["--pid", str(work.pid)]
 
 
 def livemig(lab: Lab, mode: str, what: list[str], src: str, dst: str) -> tuple[int, str, dict]:
     """One move by livemig: its exit code, what it said if it failed, its report."""
-    res = lab.run(src, ["livemig", "move", "--json", "--tcp-established", "--move-address", sv.MOVED,
+    # (a container in its own network namespace keeps its own address: no host address moves)
+    address = [] if what[0] != "--pid" else ["--move-address", sv.MOVED]
+    res = lab.run(src, [*PODMAN_ENV, "livemig", "move", "--json", "--tcp-established", *address,
                         *MODES[mode], *what, dst], check=False, timeout=900)
     report = json.loads(res.stdout) if res.stdout.strip().startswith(b"{") else {}
     return res.returncode, res.stderr.decode(errors="replace").strip()[-300:] if res.returncode else "", report
@@ -135,6 +157,9 @@ def run(lab: Lab, workload: str, mode: str, moves: int, every: float) -> list[di
         sv.clear(lab)
         for h in ("a", "b"):
             lab.run(h, ["pkill", "-KILL", "-f", "memcounter.py run"], check=False)
+            if workload == "podman":
+                lab.run(h, [*PODMAN_ENV, "podman", "rm", "--force", PODMAN["name"]], check=False)
+                lab.run(h, [*PODMAN_ENV, "podman", "network", "rm", "--force", PODMAN["network"]], check=False)
     for s in samples:
         waits = [wait for end, wait in answers if s["started"] <= end <= s["ended"] + AFTER_MOVE]
         s["client_answers"] = len(waits)
@@ -196,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab.up(3)
     started = time.gmtime()
     try:
-        samples = [s for workload in a.workloads for mode in a.modes for s in told(run(lab, workload, mode, a.moves, a.every))]
+        samples = [s for workload in a.workloads for mode in a.modes if workload != "podman" or mode == "auto"
+                   for s in told(run(lab, workload, mode, a.moves, a.every))]
     finally:
         Lab.down()
     rows = summary(samples)

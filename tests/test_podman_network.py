@@ -15,8 +15,10 @@ import subprocess
 
 import pytest
 
+from tests.held import end_if_held, go_on, wait_stopped
 from tests.lab import WORKLOAD
 from tests.test_podman import ENV, TOOL, running
+from tests.test_stopcopy_faults import recover
 
 pytestmark = pytest.mark.lab
 
@@ -46,11 +48,11 @@ def link(lab3):
         lab3.run(h, [*ENV, "podman", "network", "rm", "--force", NET], check=False)
 
 
-def _client(lab, stop: str) -> subprocess.Popen:
+def _client(lab, stop: str, within: float = 10) -> subprocess.Popen:
     lab.run("c", ["rm", "-f", stop])
     for _ in range(50):      # until the container listens
         client = lab.popen("c", ["python3", CLIENT, "--address", ADDRESS, "--port", str(PORT), "--until", stop,
-                                 "--answer-within", "10"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                 "--answer-within", str(within)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         if client.stdout.readline() == b"connected\n":
             return client
         client.wait(timeout=30)
@@ -131,3 +133,39 @@ def test_a_podman_container_whose_connections_no_other_host_can_keep_is_refused_
         assert running(lab, "a", name) and running(lab, "b", name) is None
     finally:
         lab.run("a", [*ENV, "podman", "rm", "--force", "nat1"], check=False)
+
+
+def test_a_rollback_that_cannot_restore_here_ends_unresolved_and_recover_brings_it_back_connected(lab3, link):
+    """Neither host's podman can start a task once the container is frozen (pids.max 0 for
+    its containers): b's restore fails, then the rollback's here. The move ends unresolved
+    (exit code 7), saying both, its record kept; once a can start tasks again, `livemig
+    recover` restores the container here from the checkpoint podman kept, its client's
+    connection with it."""
+    lab, name = lab3, link("held4")
+    client = _client(lab, "/tmp/podman-net-stop-4", within=120)     # it waits for the operator's recover
+    limit, mover = "/sys/fs/cgroup/pids/libpod_parent", None
+    try:
+        mover = lab.popen("a", [*ENV, "LIVEMIG_TEST_STOP_AT=restore", "livemig", "move", "--json",
+                                "--tcp-established", name, "b"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stopped = wait_stopped(lab, mover, "restore")
+        for h in ("a", "b"):
+            lab.run(h, ["sh", "-c", f"mkdir -p {limit} && echo 0 > {limit}/pids.max"])
+        go_on(lab, mover, stopped)
+        out, err = mover.communicate(timeout=300)
+        assert mover.returncode == 7, err.decode()
+        said = err.decode()
+        assert "restore on b" in said and "rolling back, the workload could not run here again" in said, said
+        assert json.loads(out)["outcome"] == "unresolved"
+        assert not running(lab, "a", name) and running(lab, "b", name) is None
+        lab.run("a", ["sh", "-c", f"echo max > {limit}/pids.max"])
+        settled = recover(lab)
+        assert settled["outcome"] == "rolled back", settled
+        assert running(lab, "a", name) and running(lab, "b", name) is None
+        numbers = _heard(lab, client, "/tmp/podman-net-stop-4")
+    finally:
+        end_if_held(lab, mover)
+        for h in ("a", "b"):
+            lab.run(h, ["sh", "-c", f"echo max > {limit}/pids.max"], check=False)
+        client.kill()
+    assert len(numbers) > 5

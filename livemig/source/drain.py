@@ -61,9 +61,10 @@ from .session import Connector, ssh_connector
 from .testpoints import moves_stop_for_tests, stop_for_tests
 
 DONE = "drained.json"      # under the image root: {runtime:workload: {target, moved_at}} of every drain's moves
-# A move that ended so is tried again (move_all): refused by the target's preflight, its link lost, or
-# its restore failed, each of which another move under way may have caused; the workload runs here.
-AGAIN = (ExitCode.PREFLIGHT, ExitCode.CONNECTION, ExitCode.RESTORE)
+# A move that ended so is tried again (move_all): refused by the target's preflight, its link lost, its
+# restore failed, or its downtime foreseen over --max-downtime on a link shared with the others, each of
+# which another move under way may have caused; the workload runs here.
+AGAIN = (ExitCode.PREFLIGHT, ExitCode.CONNECTION, ExitCode.RESTORE, ExitCode.DOWNTIME)
 ORDER_REASON = {
     DrainOrder.SMALLEST: ("the smallest first: most workloads are off this host soonest, and it is empty no later "
                           "(measured side by side: bench/results/2026-12-06T17-15-29-drain.md)"),
@@ -291,7 +292,7 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
         fresh.write_text(str(options.max_bandwidth / max(1, len(under_way))))
         fresh.replace(share)
 
-    async def one(p: Placement) -> DrainMove:
+    async def one(p: Placement, alone: bool = False) -> DrainMove:
         async with gate:
             m = DrainMove(p.candidate.workload, p.candidate.runtime, p.target, "interrupted", 130,
                           started_seconds=round(time.monotonic() - t0, 3))
@@ -302,7 +303,7 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
             try:
                 # its link measured by its plan, alone: a share of it now, as the moves under way share it
                 await _moved(p, replace(options, bandwidth_share=str(share) if options.max_bandwidth else "",
-                                        link_rate=p.plan.link_bytes_per_s / r.parallel), m)
+                                        link_rate=p.plan.link_bytes_per_s / (1 if alone else r.parallel)), m)
             except (LivemigError, OSError) as e:     # its process could not start: that move alone failed
                 m.outcome, m.exit_code = "failed", int(getattr(e, "exit_code", ExitCode.FAILED))
                 m.error = f"its move could not start: {e}"
@@ -327,7 +328,7 @@ async def move_all(placed: list[Placement], r: DrainReport, options: Options, te
             if went.result().exit_code not in AGAIN:      # (moved: 0)
                 continue
             for target in sorted(p.candidate.plans, key=lambda t: (t != p.target, t)):
-                if (await one(Placement(p.candidate, target, p.candidate.plans[target]))).exit_code == 0:
+                if (await one(Placement(p.candidate, target, p.candidate.plans[target]), alone=True)).exit_code == 0:
                     break
     except asyncio.CancelledError as e:
         # what moved, and what rolled back, told by the CLI as the interrupt's: Python's own

@@ -13,7 +13,14 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 
-from ..errors import ConnectionFailed, LivemigError, Phase, Unresolved, WorkloadExited
+from ..errors import (
+    ConnectionFailed,
+    LivemigError,
+    Phase,
+    Unresolved,
+    WorkloadExited,
+    record_failure,
+)
 from ..options import WAITS
 from ..report import Report
 from ..service_address import put_back
@@ -119,9 +126,11 @@ async def rollback(m: Move, cause: BaseException) -> None:
     await m.stop_relay()
     if unresumed is not None:
         m.report.outcome = "unresolved"      # the record stays (Migration.close)
-        raise Unresolved(f"{why(cause)}; rolling back, the workload could not run here again: {unresumed.message}",
-                         phase=Phase.ROLLBACK, hint="mend that, then run `livemig recover` here: it runs the "
-                                                    "workload here again, as it was frozen")
+        said = Unresolved(f"{why(cause)}; rolling back, the workload could not run here again: {unresumed.message}",
+                          phase=Phase.ROLLBACK, hint="mend that, then run `livemig recover` here: it runs the "
+                                                     "workload here again, as it was frozen")
+        record_failure(said, Phase.ROLLBACK, m.report)
+        raise said
 
 
 async def exited_by_itself(m: Move, e: BaseException) -> WorkloadExited | None:
