@@ -39,13 +39,16 @@ async def local_cpuinfo(work: Path) -> Path:
     return d
 
 
-def target_spec(w: runtimes.Workload, name: str | None) -> p.Container | None:
+def target_spec(w: runtimes.Workload, name: str | None, tcp_established: bool = False) -> p.Container | None:
     """The container as the target's runtime will know it: renamed if the user says so."""
     spec = w.target_spec()
-    if name is None:
+    if name is None or (spec is not None and name == spec.id):
         return spec
     if spec is None:
         raise UsageError("--name names a container; a process tree has no name to change", phase=Phase.PREFLIGHT)
+    if spec.runtime == "podman" and tcp_established:
+        raise UsageError("--name with --tcp-established: podman restores a container's connections only under its "
+                         "own name (under another, it gets another address)", phase=Phase.PREFLIGHT)
     return dataclasses.replace(spec, id=name)
 
 

@@ -174,7 +174,7 @@ class Migration:
             namespaces.refuse_sysv_shm_without_its_ipc_namespace(pids)
         m.original = HeldCopy.of(w)    # to tell, on failure, whether it exited by itself
         memory, shared = host.resident_bytes(pids), host.cow_shared_bytes(pids)
-        m.spec = target_spec(w, m.options.name)
+        m.spec = target_spec(w, m.options.name, m.options.criu.tcp_established)
         # (a container's paths are in its own mount namespace: not the target's to look at)
         tree = w.kind == "process"
         moving = await checks.addresses_to_move(m.options.move_addresses, pids)

@@ -4,9 +4,13 @@ tests/test_podman_network.py)."""
 
 from pathlib import Path
 
+import pytest
+
 from livemig import criu
+from livemig.errors import UsageError
 from livemig.runtimes import podman
 from livemig.runtimes import podman_networks as pn
+from livemig.source import local
 from livemig.wire import protocol as p
 
 LINK = p.PodmanNetwork("link", "macvlan", ["198.18.0.0/24"], "eth0", address="198.18.0.150")
@@ -57,3 +61,19 @@ def test_a_restore_asks_for_the_connections_its_checkpoint_kept_and_keeps_the_na
     argv = podman.restore_archive(Path("/w/a.tar"), "web", kept)
     assert "--tcp-established" in argv and "--name" not in argv
     assert podman.restore_archive(Path("/w/a.tar"), "web")[-2:] == ["--name", "web"]
+
+
+class _Container:
+    def __init__(self, runtime: str):
+        self.runtime = runtime
+
+    def target_spec(self) -> p.Container:
+        return p.Container(self.runtime, "web", "", networks={"link": "198.18.0.150"})
+
+
+def test_another_name_on_the_target_is_refused_where_podman_would_keep_the_connections_under_its_own():
+    assert local.target_spec(_Container("podman"), "web2").id == "web2"
+    assert local.target_spec(_Container("podman"), "web", tcp_established=True).id == "web"
+    assert local.target_spec(_Container("runc"), "web2", tcp_established=True).id == "web2"
+    with pytest.raises(UsageError, match="--name with --tcp-established"):
+        local.target_spec(_Container("podman"), "web2", tcp_established=True)
