@@ -4,7 +4,9 @@ share, with an address of its own; a client on c holds one connection to that ad
 asks over it every 20 ms, while the container moves a -> b -> a with --tcp-established. podman
 gives the copy the address (and MAC) it had, CRIU repairs the connection there, and the client
 never loses it: every answer the next integer, none lost, none given twice. A move whose restore
-fails rolls back, the connection with it. A container whose address no other host can hold
+fails rolls back, the connection with it; one whose rollback cannot restore it here either ends
+unresolved, and `livemig recover` brings it back, connected; and a Ctrl-C while it is frozen, or
+the move killed before or after its commit mark, leaves one copy running with the connection. A container whose address no other host can hold
 (podman's default bridge, NAT'd by its host), or whose network the target lacks, is refused
 before anything is touched, in one line."""
 
@@ -18,7 +20,7 @@ import pytest
 from tests.held import end_if_held, go_on, wait_stopped
 from tests.lab import WORKLOAD
 from tests.test_podman import ENV, TOOL, running
-from tests.test_stopcopy_faults import recover
+from tests.test_stopcopy_faults import killed_at, recover, stopped_at
 
 pytestmark = pytest.mark.lab
 
@@ -169,3 +171,32 @@ def test_a_rollback_that_cannot_restore_here_ends_unresolved_and_recover_brings_
             lab.run(h, ["sh", "-c", f"echo max > {limit}/pids.max"], check=False)
         client.kill()
     assert len(numbers) > 5
+
+
+@pytest.mark.parametrize("point, how, ends_on", [
+    ("transfer", "-INT", "a"),       # Ctrl-C while frozen: rolled back here
+    ("restored", "-KILL", "a"),      # killed before its commit: recover rolls it back here
+    ("marked", "-KILL", "b"),        # killed once its commit was marked: recover resumes the target's
+])
+def test_a_fault_in_a_podman_move_leaves_one_copy_and_its_client_s_connection(lab3, link, point, how, ends_on):
+    """Wherever the move ends after a fault, the one copy that runs is the container with its
+    client's connection: through the source's checkpoint again, or the target's copy resumed."""
+    lab, name = lab3, link(f"held-{point}")
+    client = _client(lab, f"/tmp/podman-net-stop-{point}", within=120)     # a kill waits for recover
+    try:
+        if how == "-KILL":
+            killed_at(lab, point, "--tcp-established", name)
+            settled = recover(lab)
+            assert settled["outcome"] == ("rolled back" if ends_on == "a" else "moved"), settled
+        else:
+            mover, stopped = stopped_at(lab, point, "--tcp-established", name)
+            lab.run("a", ["kill", how, *stopped])
+            go_on(lab, mover, stopped)
+            mover.wait(timeout=120)
+            assert mover.returncode == 130, mover.stderr.read().decode()
+        assert running(lab, ends_on, name) and running(lab, "b" if ends_on == "a" else "a", name) is None
+        numbers = _heard(lab, client, f"/tmp/podman-net-stop-{point}")
+    finally:
+        client.kill()
+    assert len(numbers) > 5
+    assert lab.leftovers() == {"a": ([], []), "b": ([], [])}

@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import carried, proc, runtimes, service_address, units
 from ..errors import LivemigError, Phase
 from ..options import WAITS
-from ..runtimes import podman
+from ..runtimes import podman, podman_networks
 from ..wire import protocol as p
 from .failures import AgentFailure
 from .stage import Stage, Stages
@@ -41,6 +41,8 @@ class Copy:
         self.unit_files: list[str] = []                 # its unit's definition, written here (units.py)
         self.addresses: dict[str, str] = {}             # service addresses put on here (service_address.py)
         self.guarding = ""                              # the guard against resets from them, until it runs
+        self.quiet: list[int] = []                      # roots of copies whose own network is closed until
+                                                        # they run (podman_networks.quiet)
         self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
         self.holds_workload = False     # a move's, not a clone's replica: it may be the only copy left
         # The tasks the workload had stopped itself when it was dumped: CRIU stops every task
@@ -83,6 +85,9 @@ class Copy:
         # zombie child would reap it, and the child's PID would name nothing (or another).
         proc.signal_tasks([t for t in named if t not in self.own_stops], signal.SIGCONT)
         self.stages.to(Stage.RUNNING)
+        while self.quiet:
+            if said := await podman_networks.speak(self.quiet.pop()):
+                print(f"livemig agent: {said}", file=sys.stderr)     # it runs all the same: said
         await self._announce()
         return pids
 

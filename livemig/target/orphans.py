@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .. import proc, service_address, workdirs
 from ..errors import LivemigError, Phase
+from ..runtimes import podman_networks
 from ..runtimes.held import GONE, REBOOTED, HeldCopy
 from ..wire import protocol as p
 from .copy import Copy
@@ -39,6 +40,7 @@ class Orphan:
     copy: HeldCopy          # its bundle, if this move brought it here, goes with it
     addresses: dict[str, str] = dataclasses.field(default_factory=dict)   # put on for it (service_address.py)
     guarding: str = ""      # the guard against resets from them, still up
+    quiet: list[int] = dataclasses.field(default_factory=list)   # roots whose own network is closed (podman_networks)
 
     def save(self, work: Path) -> None:
         workdirs.write_private(work / ORPHAN, dataclasses.asdict(self))
@@ -46,7 +48,8 @@ class Orphan:
     @classmethod
     def load(cls, work: Path) -> Orphan:
         d = json.loads((work / ORPHAN).read_text())
-        return cls(d["what"], HeldCopy.from_dict(d["copy"]), d.get("addresses", {}), d.get("guarding", ""))
+        return cls(d["what"], HeldCopy.from_dict(d["copy"]), d.get("addresses", {}), d.get("guarding", ""),
+                   d.get("quiet", []))
 
 
 def held(copy: Copy) -> HeldCopy:
@@ -61,7 +64,7 @@ def mark(copy: Copy, work: Path) -> None:
     """What was restored here, stopped, in the marker recover reads: written at once after
     a restore, so that an agent killed outright (no guard keeps a stop-and-copy's copy:
     after the commit it is the only one) leaves it too."""
-    Orphan(copy.what(), held(copy), dict(copy.addresses), copy.guarding).save(work)
+    Orphan(copy.what(), held(copy), dict(copy.addresses), copy.guarding, list(copy.quiet)).save(work)
 
 
 def leave(copy: Copy, work: Path) -> None:
@@ -111,6 +114,7 @@ async def _settle(verdicts: Verdicts, mid: str, work: Path, resume: bool) -> p.O
             raise AgentFailure(Phase.COMMIT, f"cannot resume {orphan.what}: {e}") from None
         verdicts.write(mid, "running", phase=Phase.COMMIT)
         warnings = await service_address.settle_in(orphan.addresses, orphan.guarding)
+        warnings += [said for pid in orphan.quiet if (said := await podman_networks.speak(pid))]
     else:
         warnings = await orphan.copy.end()     # its bundle with it
         warnings += await service_address.let_go(orphan.addresses, orphan.guarding)

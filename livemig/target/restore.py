@@ -39,7 +39,7 @@ from .. import journal as journal_streams
 from .. import trial as trial_restore
 from ..errors import LivemigError, Phase
 from ..options import WAITS
-from ..runtimes import podman
+from ..runtimes import podman, podman_networks
 from ..wire import protocol as p
 from .copy import Copy
 from .failures import AgentFailure, checked_name, failing_as, logged_errors
@@ -114,6 +114,9 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
             res, argv = paused, pause
         if c.runtime == "podman" and (found := await podman.inspect(c.id)):
             copy.roots.append(int(found["State"]["Pid"]))
+            if c.networks and msg.tcp_established:      # on the link at its address: quiet until it runs
+                await podman_networks.quiet(copy.roots[-1])
+                copy.quiet.append(copy.roots[-1])
     seconds = time.monotonic() - t0
     if pidfile.exists():
         copy.roots.append(int(pidfile.read_text().strip()))
