@@ -80,7 +80,13 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         argv = runtimes.restore_command(c, d, pidfile, lazy, criu.Options(tcp_established=msg.tcp_established))
         if msg.unit is not None and c.runtime == "podman":      # a Quadlet's: into its unit's cgroup
             argv = _in_unit(msg.unit, d, argv)
-        env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.restored_config(asked)))
+        # on the link at its own address once restored: quiet until it runs (podman_networks.py)
+        quieting = c.runtime == "podman" and bool(c.networks) and msg.tcp_established
+        try:
+            quiet = podman_networks.quiet_at_restore(work) if quieting else ""
+        except LivemigError as e:
+            raise AgentFailure(Phase.RESTORE, e.message) from None
+        env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.restored_config(asked) + quiet))
         copy.containers.append(c)
         if guard is not None:
             guard.tell("container", c.runtime, c.id)
@@ -114,8 +120,7 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
             res, argv = paused, pause
         if c.runtime == "podman" and (found := await podman.inspect(c.id)):
             copy.roots.append(int(found["State"]["Pid"]))
-            if c.networks and msg.tcp_established:      # on the link at its address: quiet until it runs
-                await podman_networks.quiet(copy.roots[-1])
+            if quieting:      # quiet since its restore's post-restore action: open at its Resume
                 copy.quiet.append(copy.roots[-1])
     seconds = time.monotonic() - t0
     if pidfile.exists():
