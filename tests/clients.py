@@ -48,7 +48,10 @@ class Client(threading.Thread):
             return None
         if res.returncode != 0:
             return None      # nothing answers there (now)
-        got = Answer(time.monotonic(), host, json.loads(res.stdout)["next"])
+        try:
+            got = Answer(time.monotonic(), host, json.loads(res.stdout)["next"])
+        except (ValueError, KeyError):     # cut off as it answered (a workload exiting by itself): none
+            return None
         self.answers.append(got)
         return got
 
