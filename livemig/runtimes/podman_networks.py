@@ -62,9 +62,9 @@ async def defined(networks: dict[str, str]) -> list[p.PodmanNetwork]:
 
 def judged(container: str, here: list[p.PodmanNetwork], there: list[p.PodmanNetwork],
            keeps_connections: bool) -> list[tuple[bool, str, str, bool]]:
-    """(ok, what, what to do, whether the target is where to do it) for each network of the container's, where its connections are
-    to be kept (--tcp-established); none otherwise (podman gives the copy an address of the
-    target's, and its connections are not asked for)."""
+    """(ok, what, what to do, whether the target is where to do it) for each network of the
+    container's, where its connections are to be kept (--tcp-established); none otherwise
+    (podman gives the copy an address of the target's, and its connections are not asked for)."""
     if not keeps_connections:
         return []
     theirs = {n.name: n for n in there}
@@ -80,8 +80,9 @@ def _judged(container: str, n: p.PodmanNetwork, t: p.PodmanNetwork | None) -> tu
                              "move it without --tcp-established once its connections are closed"), False
     if t is None:
         subnets = " ".join(f"--subnet {s}" for s in n.subnets)
+        create = f"podman network create -d {n.driver} -o parent={n.interface} {subnets} {n.name}"
         return False, f"the target has no podman network {n.name} ({said}), where {n.address} belongs", \
-            f"define it there alike: podman network create -d {n.driver} -o parent={n.interface} {subnets} {n.name}", True
+            f"define it there alike: {create}", True
     if (t.driver, t.subnets) != (n.driver, n.subnets):
         what = (f"podman network {n.name} is {t.driver}, {', '.join(t.subnets)} on the target, "
                 f"{n.driver}, {', '.join(n.subnets)} here")

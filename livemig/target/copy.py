@@ -42,7 +42,7 @@ class Copy:
         self.addresses: dict[str, str] = {}             # service addresses put on here (service_address.py)
         self.guarding = ""                              # the guard against resets from them, until it runs
         self.quiet: list[int] = []                      # roots of copies whose own network is closed until
-                                                        # they run (podman_networks.quiet)
+                                                        # they run (podman_networks.quiet_at_restore)
         self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
         self.holds_workload = False     # a move's, not a clone's replica: it may be the only copy left
         # The tasks the workload had stopped itself when it was dumped: CRIU stops every task
