@@ -7,6 +7,7 @@ livemig's modes, all in one run.
 
     python -m bench.clients                          10 moves per workload and mode
     python -m bench.clients --moves 4 --workloads redis --modes auto
+    python -m bench.clients --workloads postgres --modes auto
 
 The lab: three namespaced hosts, a and b, and c where the client runs. A workload starts on a
 with the address 198.18.0.100/24; its client starts on c and keeps its one connection for the
@@ -24,9 +25,15 @@ server of tests/test_podman_network.py on a macvlan network that a and b define 
 host's), in auto (podman's checkpoint is stop-and-copy); podman refuses post-copy, and the
 seeds' procedure is for trees.
 
-PostgreSQL is not among them: in the lab it runs in a user namespace (the lab's root lacks
-CAP_SYS_RESOURCE: tests/test_database.py says why), from which CRIU cannot repair its clients'
-connections, so they cannot stay up there.
+And PostgreSQL (`--workloads postgres`), Debian's, in a runc container whose user and network
+namespaces are its own (tests/test_database.py says why both), the service address on a macvlan
+link in it: pgbench's 8 clients on c commit transactions over their connections for the whole
+run (pgbench -T, long enough for every move: a run whose pgbench ended first says so), and a
+move's client wait is the longest transaction that ended from the move's start to a second after
+its end (pgbench's per-transaction log). Moved with --tcp-established alone, in auto (in its user
+namespace CRIU's restore cannot open a userfaultfd where vm.unprivileged_userfaultfd is 0, as in
+the lab: stop-and-copy). Failed requests: failed transactions, and a client that lost its
+connection (pgbench then aborts it).
 
 It writes bench/results/<UTC date>-clients.json (every move's sample, livemig's report
 among them, and per workload and mode the median, p99 and largest client wait over the
@@ -38,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import threading
@@ -48,7 +56,8 @@ from tests import services as sv
 from tests.lab import WORKLOAD, Lab, LabError, by_hand
 
 CLIENT = WORKLOAD.replace("memcounter.py", "held_client.py")
-WORKLOADS = ("redis", "memcounter", "podman")
+WORKLOADS = ("redis", "memcounter", "podman", "postgres")
+OWN_NETWORK = ("podman", "postgres")      # their address is their own network's: moved in auto alone
 PODMAN = {"network": "livemig-link", "address": "198.18.0.150", "port": 7000, "name": "bench-held"}
 PODMAN_ENV = ["env", "PODMAN_IGNORE_CGROUPSV1_WARNING=1"]
 CONTAINER_TOOL = WORKLOAD.replace("memcounter.py", "container.py")
@@ -92,10 +101,44 @@ class Clients:
         return [(at, wait) for (at, _, _), wait in zip(heard["answers"], heard["waits"])], heard["error"]
 
 
+class PgClients:
+    """pgbench's 8 clients on c against PostgreSQL, for seconds: as Clients, each answer a
+    transaction (its end, how long it took), and what went wrong."""
+
+    LOG = "/tmp/bench-pgl"
+
+    def __init__(self, lab: Lab, pg: str, seconds: float):
+        self.lab, self.pg, self.seconds = lab, pg, seconds
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.lab.run("c", ["sh", "-c", f"rm -f {self.LOG}*"])
+        self.lab.run("c", sv.pgbench(self.pg, "-i", "-s", "4", "-q"), timeout=300)
+        self.proc = self.lab.popen("c", sv.pgbench(self.pg, "-n", "-c", "8", "-j", "2", "-T", str(math.ceil(self.seconds)),
+                                                   "-l", f"--log-prefix={self.LOG}"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        all_in = f"until [ $(ss -Htn state established dst {sv.ADDRESS} | wc -l) = 8 ]; do sleep 0.1; done"
+        self.lab.run("c", ["sh", "-c", all_in], timeout=60)
+
+    def stop(self) -> tuple[list[tuple[float, float]], str]:
+        ran_on = self.proc.poll() is None      # still running once the last move ended: the premise held
+        out, err = self.proc.communicate(timeout=self.seconds + 300)
+        said = out.decode(errors="replace")
+        failed = re.search(r"number of failed transactions: (\d+)", said)
+        error = ("" if ran_on else "pgbench ended before the moves did; ") + \
+            (f"pgbench exited {self.proc.returncode}: {err.decode(errors='replace')[-200:]}"
+             if self.proc.returncode else "" if failed and failed.group(1) == "0" else f"failed transactions: {said}")
+        # each line: client, transaction, its time (us), script, its end (s, us)
+        lines = self.lab.text("c", ["sh", "-c", f"cat {self.LOG}*"]).splitlines()
+        return [(int(f[4]) + int(f[5]) / 1e6, int(f[2]) / 1e6) for f in map(str.split, lines) if len(f) >= 6], error
+
+
 def start(lab: Lab, workload: str) -> list[str]:
     """The workload on a, bound to the service address: what names it to livemig."""
     if workload == "redis":
         return ["--pid", str(sv.redis_tree(lab))]
+    if workload == "postgres":
+        return sv.postgres_container(lab, sv.init_postgres(lab), own_network=True)
     if workload == "podman":
         for h in ("a", "b"):
             lab.run(h, [*PODMAN_ENV, "podman", "network", "create", "--ignore", "--driver", "macvlan", "--opt",
@@ -132,11 +175,15 @@ def seeds(lab: Lab, what: list[str], src: str, dst: str) -> tuple[int, str, dict
 
 def run(lab: Lab, workload: str, mode: str, moves: int, every: float) -> list[dict]:
     """moves moves of a fresh workload with its client on, in mode: a sample each."""
-    sv.take_address(lab)
+    if workload == "postgres":      # (its address is its container's)
+        lab.run("c", ["ip", "neigh", "flush", "to", sv.ADDRESS], check=False)
+    else:
+        sv.take_address(lab)
     samples: list[dict] = []
     try:
         what = start(lab, workload)
-        client = Clients(lab, workload)
+        client: Clients | PgClients = (PgClients(lab, sv.pg_bin(lab), moves * every + 20) if workload == "postgres"
+                                       else Clients(lab, workload))
         client.start()
         time.sleep(2)       # connected, and answering
         began = time.monotonic()
@@ -221,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab.up(3)
     started = time.gmtime()
     try:
-        samples = [s for workload in a.workloads for mode in a.modes if workload != "podman" or mode == "auto"
+        samples = [s for workload in a.workloads for mode in a.modes if workload not in OWN_NETWORK or mode == "auto"
                    for s in told(run(lab, workload, mode, a.moves, a.every))]
     finally:
         Lab.down()

@@ -153,10 +153,11 @@ async def lift_guard(tag: str) -> None:
         pass
 
 
-def announce(address: str, device: str) -> None:
-    """Tell the link where address is now: peers and switches update their entries at once."""
+def announce(address: str, device: str, mac_said: str = "") -> None:
+    """Tell the link where address is now: peers and switches update their entries at once.
+    mac_said: device's MAC, where this thread is in another network namespace than /sys says."""
     iface = ipaddress.ip_interface(address)
-    mac = bytes.fromhex(Path(f"/sys/class/net/{device}/address").read_text().strip().replace(":", ""))
+    mac = bytes.fromhex((mac_said or Path(f"/sys/class/net/{device}/address").read_text()).strip().replace(":", ""))
     if iface.version == 4:
         with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
             s.bind((device, 0))

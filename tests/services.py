@@ -10,6 +10,7 @@ ADDRESS = "198.18.0.100"
 MOVED = f"{ADDRESS}/24"
 DATA = "/srv/shared/pg"
 PG_PORT = 5432
+PG_MAC = "02:42:c6:12:00:64"     # the service address's, where PostgreSQL has a network of its own
 REDIS_PORT = 6390
 # what postgres is told beyond initdb's defaults: the service address only (no Unix socket,
 # which a move would have to carry as a file), little shared memory (shared memory crosses
@@ -63,12 +64,15 @@ def postgres_ready(lab, pg: str) -> None:
             timeout=120)
 
 
-def postgres_container(lab, pg: str, name: str = "pg1") -> list[str]:
+def postgres_container(lab, pg: str, name: str = "pg1", own_network: bool = False) -> list[str]:
     """postgres in a runc container on a (the host's network; its own IPC and user namespaces,
     postgres's uid the host's 0 as in as_postgres), its data directory a volume; what names it
-    to livemig once it answers."""
+    to livemig once it answers. own_network: in a network namespace of its own, made with its
+    user namespace (so that CRIU may repair its TCP connections there), the service address on
+    a macvlan link over the link the hosts share (PG_MAC its MAC)."""
+    ip = ["--ip", MOVED, "--mac", PG_MAC] if own_network else []
     lab.run("a", ["python3", CONTAINER_TOOL, "postgres", "--name", name, "--bundle", f"/var/lib/ctr/{name}",
-                  f"--bind={DATA}", "--", f"{pg}/postgres", "-D", DATA])
+                  f"--bind={DATA}", *ip, "--", f"{pg}/postgres", "-D", DATA])
     postgres_ready(lab, pg)
     return [name]
 

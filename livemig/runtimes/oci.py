@@ -37,9 +37,10 @@ import time
 from pathlib import Path
 
 from .. import criu, proc, trial
-from ..errors import CommandFailed, DumpError, Phase, PreflightError
+from ..errors import CommandFailed, DumpError, LivemigError, Phase, PreflightError
 from ..options import WAITS
 from ..wire import protocol as p
+from . import oci_networks, quiet
 from .bundle import mount_sources as bundle_mount_sources
 from .process import criu_failure
 from .workload import DumpRun, StopPages, Workload
@@ -135,7 +136,14 @@ async def find(name: str, runtime: str | None, opts: criu.Options) -> OciContain
     if st.get("status") != "running":
         raise PreflightError(f"container {name} is {st.get('status')}, not running",
                              hint=f"only a running container moves; `{rt} resume {name}` if it is paused")
-    return OciContainer(rt, st["id"], int(st["pid"]), Path(st["bundle"]), opts)
+    c = OciContainer(rt, st["id"], int(st["pid"]), Path(st["bundle"]), opts)
+    c.own_network = await oci_networks.own_network(c.root_pid, c.bundle())
+    if c.own_network and c.own_network.links:
+        try:
+            quiet.tools()
+        except LivemigError as e:
+            raise PreflightError(e.message.replace("this host lacks", "the source lacks")) from None
+    return c
 
 
 class OciContainer(Workload):
@@ -146,6 +154,8 @@ class OciContainer(Workload):
         self.untried = "" if runtime == "runc" else "crun has no lazy dump: a trial's images would hold every page"
         self.paused = False
         self.run: DumpRun | None = None
+        self.own_network: p.OwnNetwork | None = None    # its own network namespace's (oci_networks.py)
+        self.closed = False     # that namespace kept quiet (quiet.py) since the final dump's freeze
 
     def pids(self) -> list[int]:
         return proc.process_tree(self.root_pid)
@@ -154,7 +164,7 @@ class OciContainer(Workload):
         return self._bundle
 
     def target_spec(self) -> p.Container:
-        return p.Container(self.kind, self.container, str(self._bundle))
+        return p.Container(self.kind, self.container, str(self._bundle), own_network=self.own_network)
 
     def mount_sources(self) -> list[str]:
         return bundle_mount_sources(self._bundle)
@@ -201,6 +211,10 @@ class OciContainer(Workload):
         frozen_at = time.monotonic()
         await proc.run([self.kind, "pause", self.container], phase=Phase.FINAL_DUMP)
         self.paused = True
+        if self.own_network and self.own_network.links:
+            # its copy on the target will be on the link at the same address and MAC (quiet.py)
+            self.closed = True
+            await quiet.close(self.root_pid)
         connections = criu.connections_config(self.opts)
         pages = _PageSocket(images, connections) if self.streams_pages or lazy else None
         # without a page socket, the connections' options alone (the runtimes have no flags
@@ -250,6 +264,8 @@ class OciContainer(Workload):
         return await self._delete()
 
     async def _delete(self) -> list[str]:
+        if self.closed:     # its links' MAC free here at once (quiet.unlink)
+            await quiet.unlink(self.root_pid)
         res = await proc.run([self.kind, "delete", "--force", self.container], check=False)
         self.paused = False
         return [] if res.returncode == 0 else [
@@ -269,6 +285,10 @@ class OciContainer(Workload):
             if st and st.get("status") == "paused":
                 await proc.run([self.kind, "resume", self.container], phase=Phase.ROLLBACK)
             self.paused = False
+        if self.closed:
+            self.closed = False
+            if said := await quiet.speak(self.root_pid):
+                return [f"container {self.container}: {said}"]
         return []
 
     async def close(self) -> None:

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from pathlib import Path
 
 from .. import proc
-from ..errors import LivemigError, Phase
 from ..wire import protocol as p
 
 SHARED_LINK = ("macvlan", "ipvlan")      # drivers that put the container on its parent's link
@@ -92,46 +89,3 @@ def _judged(container: str, n: p.PodmanNetwork, t: p.PodmanNetwork | None) -> tu
             "create the network there on the interface on this one's link", True
     return True, (f"{n.name} ({said}) on both hosts: {n.address} stays the container's, its connections "
                   "with it, where both parents are on one link"), "", True
-
-
-# --- the target's copy, quiet until it runs ---------------------------------------------------------
-# A copy restored with its connections is on the link, at the container's address, as soon as its
-# runtime's restore ends: its kernel would acknowledge a peer's packet for a process that is stopped,
-# and, should the move roll back, reset the connection as the copy is deleted (seen in the lab:
-# test_podman_network.py's move killed before its commit). From within its restore (CRIU's
-# post-restore action, before CRIU lets the network go) until its Resume, it sends and takes nothing
-# but on loopback: peers send again, and reach whichever copy runs.
-QUIET = "livemig-quiet"
-_QUIET_RULES = f"""table inet {QUIET} {{
-  chain in {{ type filter hook input priority -300 ; policy drop ; iif "lo" accept ; }}
-  chain out {{ type filter hook output priority -300 ; policy drop ; oif "lo" accept ; }}
-}}
-"""
-
-
-def _in_its_network(pid: int, argv: list[str]) -> list[str]:
-    return ["nsenter", f"--net=/proc/{pid}/ns/net", *argv]
-
-
-def quiet_at_restore(work: Path) -> str:
-    """The CRIU configuration line that makes the copy quiet within its restore: a script (in
-    work, root's alone) that CRIU runs at each action of its restore, and that closes the
-    copy's network at post-restore, which CRIU runs before it unlocks the network and lets the
-    connections out of repair. Raises where this host lacks what the script runs."""
-    tools = {name: shutil.which(name) for name in ("nsenter", "nft")}
-    if missing := [name for name, path in tools.items() if path is None]:
-        raise LivemigError(f"this host lacks {' and '.join(missing)}, which keep a copy's own network quiet "
-                           "until it runs", phase=Phase.RESTORE)
-    rules, script = work / "quiet.nft", work / "quiet-at-restore"
-    rules.write_text(_QUIET_RULES)
-    fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-restore ] || exit 0\n"
-                f"exec {tools['nsenter']} --net=/proc/\"$CRTOOLS_INIT_PID\"/ns/net {tools['nft']} -f {rules}\n")
-    return f"action-script {script}\n"
-
-
-async def speak(pid: int) -> str:
-    """Its network as it was (the copy runs now); what could not be done, else ""."""
-    res = await proc.run(_in_its_network(pid, ["nft", "delete", "table", "inet", QUIET]), check=False)
-    return "" if res.returncode == 0 else f"its network stays closed: {proc.why(res.stderr)}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import addresses, carried, criu, host, proc, service_address
 from ..errors import Phase, PreflightError
-from ..runtimes import podman_networks
+from ..runtimes import oci_networks, podman_networks
 from ..wire.protocol import Container, HostFacts
 from . import policy
 
@@ -104,6 +104,7 @@ def compare(local: HostFacts, remote: HostFacts, requested_mode: str, *,
         rows += _container_rows(local, remote, container)
         rows += [Check("podman network", *row) for row in podman_networks.judged(
             container.id, local.podman_networks, remote.podman_networks, keeps_connections)]
+        rows += [Check("container network", *row) for row in oci_networks.judged(container, remote.parents_missing)]
     memory_needed = need_bytes
     try:
         mode, why = policy.choose_mode(requested_mode, local.features, remote.features,

@@ -251,7 +251,7 @@ class Agent:
                 raise AgentFailure(Phase.RESTORE, "post-copy's page stream ended during the restore: "
                                                   f"{self.verdicts.read(self.ws.name)[1]}")
             if res.returncode != 0:
-                raise restore.failure(res, argv, d)
+                raise restore.failure(res, argv, d, self.ws.work)
             if self.copy.roots:    # which tasks the workload had stopped itself: they stay so
                 self.copy.note_own_stops(restore.stopped_in(msg, d), self.copy.roots[-1])
                 if self.lazy is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import carried, proc, runtimes, service_address, units
 from ..errors import LivemigError, Phase
 from ..options import WAITS
-from ..runtimes import podman, podman_networks
+from ..runtimes import podman, quiet
 from ..wire import protocol as p
 from .failures import AgentFailure
 from .stage import Stage, Stages
@@ -42,7 +42,7 @@ class Copy:
         self.addresses: dict[str, str] = {}             # service addresses put on here (service_address.py)
         self.guarding = ""                              # the guard against resets from them, until it runs
         self.quiet: list[int] = []                      # roots of copies whose own network is closed until
-                                                        # they run (podman_networks.quiet_at_restore)
+                                                        # they run (runtimes/quiet.py)
         self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
         self.holds_workload = False     # a move's, not a clone's replica: it may be the only copy left
         # The tasks the workload had stopped itself when it was dumped: CRIU stops every task
@@ -86,7 +86,7 @@ class Copy:
         proc.signal_tasks([t for t in named if t not in self.own_stops], signal.SIGCONT)
         self.stages.to(Stage.RUNNING)
         while self.quiet:
-            if said := await podman_networks.speak(self.quiet.pop()):
+            if said := await quiet.speak(self.quiet.pop()):
                 print(f"livemig agent: {said}", file=sys.stderr)     # it runs all the same: said
         await self._announce()
         return pids
@@ -140,6 +140,8 @@ class Copy:
             self.stop_restoring()
             return
         self.stop_restoring()
+        while self.quiet:       # never run: its links' MAC free here at once (quiet.unlink)
+            await quiet.unlink(self.quiet.pop())
         while self.containers:
             # delete --force thaws what it kills: a frozen task cannot die
             await proc.run(runtimes.control(self.containers.pop(), "delete"), check=False, timeout=WAITS.container_delete)

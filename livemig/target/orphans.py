@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import proc, service_address, workdirs
 from ..errors import LivemigError, Phase
-from ..runtimes import podman_networks
+from ..runtimes import quiet
 from ..runtimes.held import GONE, REBOOTED, HeldCopy
 from ..wire import protocol as p
 from .copy import Copy
@@ -40,7 +40,7 @@ class Orphan:
     copy: HeldCopy          # its bundle, if this move brought it here, goes with it
     addresses: dict[str, str] = dataclasses.field(default_factory=dict)   # put on for it (service_address.py)
     guarding: str = ""      # the guard against resets from them, still up
-    quiet: list[int] = dataclasses.field(default_factory=list)   # roots whose own network is closed (podman_networks)
+    quiet: list[int] = dataclasses.field(default_factory=list)   # roots whose own network is closed (runtimes/quiet.py)
 
     def save(self, work: Path) -> None:
         workdirs.write_private(work / ORPHAN, dataclasses.asdict(self))
@@ -114,8 +114,10 @@ async def _settle(verdicts: Verdicts, mid: str, work: Path, resume: bool) -> p.O
             raise AgentFailure(Phase.COMMIT, f"cannot resume {orphan.what}: {e}") from None
         verdicts.write(mid, "running", phase=Phase.COMMIT)
         warnings = await service_address.settle_in(orphan.addresses, orphan.guarding)
-        warnings += [said for pid in orphan.quiet if (said := await podman_networks.speak(pid))]
+        warnings += [said for pid in orphan.quiet if (said := await quiet.speak(pid))]
     else:
+        for pid in orphan.quiet:     # never run: its links' MAC free here at once (quiet.unlink)
+            await quiet.unlink(pid)
         warnings = await orphan.copy.end()     # its bundle with it
         warnings += await service_address.let_go(orphan.addresses, orphan.guarding)
     workdirs.remove(work)

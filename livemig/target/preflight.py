@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import addresses, criu, host, proc, runtimes, service_address, units
 from ..errors import Phase
-from ..runtimes import oci, podman, podman_networks
+from ..runtimes import oci, oci_networks, podman, podman_networks
 from ..wire import protocol as p
 from ..wire import streams
 from .failures import AgentFailure, checked_name
@@ -69,7 +69,7 @@ async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
         state = "exists"
     return dataclasses.replace(facts, runtime_version=await oci.version(c.runtime),
                                container_exists=c.id in taken, names_taken=taken,
-                               bundle=state)
+                               bundle=state, parents_missing=oci_networks.parents_missing(c))
 
 
 async def cpuinfo_check(msg: p.CpuinfoCheck, ws: Workspace) -> p.CpuinfoResult:

@@ -39,7 +39,7 @@ from .. import journal as journal_streams
 from .. import trial as trial_restore
 from ..errors import LivemigError, Phase
 from ..options import WAITS
-from ..runtimes import podman, podman_networks
+from ..runtimes import oci_networks, podman, quiet
 from ..wire import protocol as p
 from .copy import Copy
 from .failures import AgentFailure, checked_name, failing_as, logged_errors
@@ -80,13 +80,16 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         argv = runtimes.restore_command(c, d, pidfile, lazy, criu.Options(tcp_established=msg.tcp_established))
         if msg.unit is not None and c.runtime == "podman":      # a Quadlet's: into its unit's cgroup
             argv = _in_unit(msg.unit, d, argv)
-        # on the link at its own address once restored: quiet until it runs (podman_networks.py)
-        quieting = c.runtime == "podman" and bool(c.networks) and msg.tcp_established
+        # on the link at its own address once restored: quiet until it runs (runtimes/quiet.py);
+        # a runc or crun container's own network made again as it is restored (oci_networks.py)
+        quieting = (c.runtime == "podman" and bool(c.networks) and msg.tcp_established
+                    or bool(c.own_network and c.own_network.links))
         try:
-            quiet = podman_networks.quiet_at_restore(work) if quieting else ""
+            network = (oci_networks.at_restore(work, c) if c.own_network
+                       else quiet.at_post_restore(work) if quieting else "")
         except LivemigError as e:
             raise AgentFailure(Phase.RESTORE, e.message) from None
-        env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.restored_config(asked) + quiet))
+        env = proc.environ(**criu.configured(work / LEAVE_STOPPED, criu.restored_config(asked) + network))
         copy.containers.append(c)
         if guard is not None:
             guard.tell("container", c.runtime, c.id)
@@ -125,6 +128,8 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
     seconds = time.monotonic() - t0
     if pidfile.exists():
         copy.roots.append(int(pidfile.read_text().strip()))
+        if c is not None and c.runtime != "podman" and quieting and res.returncode == 0:
+            copy.quiet.append(copy.roots[-1])     # quiet since its namespace was made: open at its Resume
     return res, argv, seconds
 
 
@@ -150,10 +155,14 @@ def stopped_in(msg: p.Restore, d: Path) -> set[int]:
         raise AgentFailure(Phase.RESTORE, f"the images do not say which tasks were stopped: {e}") from None
 
 
-def failure(res: proc.Result, argv: list[str], d: Path) -> AgentFailure:
-    """Why the restore from d failed: CRIU's log, else the command's stderr."""
+def failure(res: proc.Result, argv: list[str], d: Path, work: Path) -> AgentFailure:
+    """Why the restore from d failed: the copy's network not made again (an action script of
+    quiet.py's, in work), CRIU's log, else the command's stderr."""
     errors = logged_errors(d / "restore.log")
     what = " ".join(argv[:2])
+    if said := quiet.failed(work):
+        return AgentFailure(Phase.RESTORE, f"the container's own network could not be made here: {said}",
+                            "\n".join(errors))
     return AgentFailure(Phase.RESTORE, errors[0] if errors else
                         f"{what} exited {res.returncode}: {proc.why(res.stderr)}", "\n".join(errors))
 

@@ -26,8 +26,8 @@ if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to 
 # the older one goes. No such code is kept yet: every message is written and read in the newest format
 # alone, so both are the same version. Hello is read by every livemig from 16 on, whatever fields a
 # newer one adds to it (_OPEN), so that the two always learn each other's versions.
-PROTOCOL_VERSION = 24  # 24: Container.networks, HostFacts.podman_networks (a podman container's own network: can its address, and its connections, be the same on the target?); 23: TrialRestore, TrialRestored (trial.py: the workload's images restored before the freeze, thrown away); 22: Probe.unit, HostFacts.unit_state, Restore.journal_streams, InstallUnit, AdoptUnit (units.py: a workload systemd runs keeps its unit); 21: HostFacts.cpus and load (a drain places workloads by them); 20: a lazy dump's images may name the shared memory pre-copy sent (pages/shmem.py NAMED), for the target to place; ReceiveFiles.in_memory; 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
-PROTOCOL_OLDEST = 24
+PROTOCOL_VERSION = 25  # 25: Container.own_network, HostFacts.parents_missing (a runc or crun container's own network namespace, made again on the target: runtimes/oci_networks.py); 24: Container.networks, HostFacts.podman_networks (a podman container's own network: can its address, and its connections, be the same on the target?); 23: TrialRestore, TrialRestored (trial.py: the workload's images restored before the freeze, thrown away); 22: Probe.unit, HostFacts.unit_state, Restore.journal_streams, InstallUnit, AdoptUnit (units.py: a workload systemd runs keeps its unit); 21: HostFacts.cpus and load (a drain places workloads by them); 20: a lazy dump's images may name the shared memory pre-copy sent (pages/shmem.py NAMED), for the target to place; ReceiveFiles.in_memory; 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_OLDEST = 25
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -85,6 +85,32 @@ class Container:
     bundle: str
     image: str = ""
     networks: dict[str, str] = field(default_factory=dict)   # podman: its own namespace's networks -> its address
+    own_network: OwnNetwork | None = None    # runc, crun: its own network namespace (None: the host's)
+
+
+@part
+class NetLink:
+    """A link of a container's own network namespace (runtimes/oci_networks.py): its name
+    there, its kind as `ip -d link` says it (macvlan, ipvlan, veth...), its parent on the
+    host (macvlan's, ipvlan's), its mode, MAC and MTU, and its global addresses
+    (ADDRESS/PREFIX)."""
+    name: str
+    kind: str
+    parent: str = ""
+    mode: str = ""
+    mac: str = ""
+    mtu: int = 0
+    addresses: list[str] = field(default_factory=list)
+
+
+@part
+class OwnNetwork:
+    """A runc or crun container's own network namespace: its links but loopback, its routes
+    (`ip route add` arguments, each; those its addresses make are left out), and whether its
+    bundle has hooks, which its runtime runs at the restore too (prestart, createRuntime)."""
+    links: list[NetLink] = field(default_factory=list)
+    routes: list[list[str]] = field(default_factory=list)
+    hooks: bool = False
 
 
 @part
@@ -176,6 +202,8 @@ class HostFacts:
     unit_state: str = ""          # Probe's unit here: "no systemd", "absent", or its ActiveState
     podman_networks: list[PodmanNetwork] = field(default_factory=list)   # the Probe's container's, as
                                                                           # defined here (those it has)
+    parents_missing: list[str] = field(default_factory=list)   # of the Probe's container's own links'
+                                                                # parents, the interfaces this host lacks
 
 
 @message

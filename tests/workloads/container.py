@@ -158,6 +158,44 @@ def build_python(bundle: str, args: list[str], binds: tuple[str, ...] = (), user
         json.dump(config, f, indent=1)
 
 
+def own_network(bundle: str) -> None:
+    """The bundle's container in a network namespace of its own (its runtime makes it empty)."""
+    path = os.path.join(bundle, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+    config["linux"]["namespaces"].append({"type": "network"})
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def linked(runtime: str, bundle: str, name: str, address: str, mac: str, kind: str = "macvlan") -> None:
+    """Start the bundle's container with a link of kind in its own network namespace, put there
+    between its runtime's create and start, as a tool of an operator's would: a macvlan on the
+    host's eth0 (the link the lab's hosts share), or a veth whose other end stays on the host;
+    address (ADDRESS/PREFIX) and mac on it."""
+    own_network(bundle)
+    with open(os.devnull, "r+b") as null:
+        subprocess.run([runtime, "create", "--bundle", bundle, name], stdin=null, stdout=null, stderr=null,
+                       check=True)
+    with open(os.devnull, "r+b") as null:
+        state = subprocess.run([runtime, "state", name], capture_output=True, check=True, stdin=null)
+    pid = json.loads(state.stdout)["pid"]
+    temporary = f"lt{pid}"
+    if kind == "veth":
+        subprocess.run(["ip", "link", "add", temporary, "address", mac, "type", "veth", "peer", "name",
+                        f"lv{pid}"], check=True)
+    else:
+        subprocess.run(["ip", "link", "add", "link", "eth0", "name", temporary, "address", mac, "type", "macvlan",
+                        "mode", "bridge"], check=True)
+    subprocess.run(["ip", "link", "set", temporary, "netns", str(pid)], check=True)
+    inside = ["nsenter", f"--net=/proc/{pid}/ns/net", "ip"]
+    for argv in (["link", "set", temporary, "name", "eth0"], ["address", "add", address, "dev", "eth0"],
+                 ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"]):
+        subprocess.run([*inside, *argv], check=True)
+    subprocess.run([runtime, "start", name], check=True)
+
+
 def count(bundle: str) -> int:
     for _ in range(50):    # the file is empty for an instant each time it is rewritten
         with open(os.path.join(bundle, "rootfs/count")) as f:
@@ -181,7 +219,7 @@ def _detach(runtime: str, bundle: str, name: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("action", choices=["start", "count", "serve", "ask", "image", "memcounter", "bundle", "busy", "written",
-                                       "shmkinds", "redis", "postgres", "held"])
+                                       "shmkinds", "redis", "postgres", "held", "linked"])
     ap.add_argument("--runtime", default="runc")
     ap.add_argument("--name", default="c1")
     ap.add_argument("--bundle")
@@ -195,7 +233,10 @@ def main() -> int:
     ap.add_argument("--rm", action="store_true", help="serve: podman run --rm (podman removes it once it stops)")
     ap.add_argument("--label", action="append", default=[], help="serve: podman run --label KEY=VALUE")
     ap.add_argument("--network", help="held: the podman network it is on")
-    ap.add_argument("--ip", help="held: its address there")
+    ap.add_argument("--ip", help="held: its address there; linked, postgres: its address (ADDRESS/PREFIX) on a "
+                                 "link in a network namespace of its own")
+    ap.add_argument("--mac", default="02:42:c6:12:00:96", help="linked, postgres: that link's MAC")
+    ap.add_argument("--kind", default="macvlan", choices=["macvlan", "veth"], help="linked: that link's kind")
     ap.add_argument("args", nargs="*", help="redis, postgres: the server's command line (after --)")
     a = ap.parse_args()
     if a.action in ("memcounter", "bundle"):
@@ -210,7 +251,21 @@ def main() -> int:
         return 0
     if a.action == "postgres":     # postgres as the postgres user, its data directory (--bind) its volume
         build_python(a.bundle, a.args, tuple(a.bind), user="postgres")
-        _detach(a.runtime, a.bundle, a.name)
+        if a.ip:        # in a network namespace of its own, --ip on a macvlan link
+            linked(a.runtime, a.bundle, a.name, a.ip, a.mac)
+        else:
+            _detach(a.runtime, a.bundle, a.name)
+        return 0
+    if a.action == "linked":    # the held-connection server in a namespace of its own, at --ip on --kind
+        build(a.bundle, a.runtime)
+        os.symlink("busybox", os.path.join(a.bundle, "rootfs/bin/nc"))
+        path = os.path.join(a.bundle, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["process"]["args"] = ["/bin/sh", "-c", held_server(a.port)]
+        with open(path, "w") as f:
+            json.dump(config, f, indent=1)
+        linked(a.runtime, a.bundle, a.name, a.ip, a.mac, a.kind)
         return 0
     if a.action == "shmkinds":
         build_python(a.bundle, ["python3", "/opt/livemig/tests/workloads/shmkinds.py", "run", "--port", str(a.port),

@@ -1,0 +1,182 @@
+"""A container's own network, kept quiet while two copies of it exist: both halves, the
+source's (close, then speak again on a rollback) and the target's (quiet from within its
+restore, speak at its Resume).
+
+A container in a network namespace of its own, on a macvlan or ipvlan link, is on the link as
+a host of its own, at its address and MAC. While a move has two copies of it (the source's,
+frozen or paused; the target's, restored and stopped), each copy's kernel would answer for
+it: acknowledge a peer's packet for a process that is stopped (data the other copy then never
+sees), answer ARP with the MAC both copies have (and so take the switch's entry for it), and,
+as a copy is deleted, reset its connections (seen in the lab: test_podman_network.py's move
+killed before its commit). So the copy that does not run sends and takes nothing but on
+loopback: peers send again, and reach whichever copy runs, which tells the link where it is
+(a gratuitous ARP, an unsolicited neighbour advertisement) as it speaks.
+
+- **The target's copy** is closed from within its restore, before CRIU lets its connections
+  out of repair: by CRIU's post-restore action (podman's, crun's: at_post_restore), or as its
+  namespace is made (runc's: oci_networks.py makes its links then).
+- **The source's copy** (runc and crun leave it paused, its namespace alive) is closed once
+  paused, before its dump (close), and speaks again if the move rolls back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ipaddress
+import json
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import proc, service_address
+from ..errors import LivemigError, Phase
+
+TABLE = "livemig-quiet"
+# inet: every IPv4 and IPv6 packet but loopback's (ND among them); arp: ARP both ways
+RULES = f"""table inet {TABLE} {{
+  chain in {{ type filter hook input priority -300 ; policy drop ; iif "lo" accept ; }}
+  chain out {{ type filter hook output priority -300 ; policy drop ; oif "lo" accept ; }}
+}}
+table arp {TABLE} {{
+  chain in {{ type filter hook input priority -300 ; policy drop ; }}
+  chain out {{ type filter hook output priority -300 ; policy drop ; }}
+}}
+"""
+_CLONE_NEWNET = 0x40000000
+
+
+def tools(names: tuple[str, ...] = ("nsenter", "nft", "ip")) -> dict[str, str]:
+    """The programs a quiet copy needs here (nsenter, nft, ip) -> their paths. Raises where one
+    is missing."""
+    found = {name: shutil.which(name) for name in names}
+    if missing := [name for name, path in found.items() if path is None]:
+        raise LivemigError(f"this host lacks {' and '.join(missing)}, which keep a container's own network quiet "
+                           "while two copies of it exist", phase=Phase.RESTORE)
+    return {name: str(path) for name, path in found.items()}
+
+
+def rules_file(work: Path) -> Path:
+    path = work / "quiet.nft"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(RULES)
+    return path
+
+
+def script(work: Path, name: str, action: str, body: str) -> str:
+    """The CRIU configuration line for an action script (in work, root's alone) that runs body
+    at action alone, with $NET the restored copy's network namespace; what it says on stderr
+    goes to its name + .err there (failed(), for the restore's error)."""
+    path = work / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = {action} ] || exit 0\nset -e\n"
+                f"exec 2>>{path}.err\nNET=/proc/\"$CRTOOLS_INIT_PID\"/ns/net\n{body}")
+    return f"action-script {path}\n"
+
+
+def at_post_restore(work: Path) -> str:
+    """The CRIU configuration line that makes the copy quiet within its restore: at
+    post-restore, which CRIU runs before it unlocks the network and lets the connections out
+    of repair. Raises where this host lacks what it runs."""
+    t = tools()
+    return script(work, "quiet-at-restore", "post-restore",
+                  f"exec {t['nsenter']} --net=\"$NET\" {t['nft']} -f {rules_file(work)}\n")
+
+
+def failed(work: Path) -> str:
+    """What a script of script()'s in work said last on stderr, as it failed; "" if nothing."""
+    for err in sorted(work.glob("*.err")):
+        lines = err.read_text(errors="replace").strip().splitlines()
+        if lines:
+            return lines[-1]
+    return ""
+
+
+async def close(pid: int) -> None:
+    """pid's network namespace quiet (the source's copy, paused)."""
+    await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "-f", "-"], input=RULES.encode(),
+                   phase=Phase.FINAL_DUMP)
+
+
+async def speak(pid: int) -> str:
+    """pid's network as it was, and the link told where its addresses are (the copy runs
+    now); what could not be done, else ""."""
+    said = []
+    for family in ("inet", "arp"):
+        res = await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "delete", "table", family, TABLE],
+                             check=False)
+        if res.returncode != 0:
+            said.append(f"its network stays closed ({family}): {proc.why(res.stderr)}")
+    try:
+        addresses = await _addresses(pid)
+
+        def announce_each() -> None:
+            for address, device, mac in addresses:
+                # (its MAC as the namespace has it: /sys is livemig's own namespace's)
+                service_address.announce(address, device, mac)
+        await _in_namespace(pid, announce_each)
+    except (OSError, LivemigError) as e:       # it runs, and peers learn its place as it talks
+        said.append(f"its addresses were not announced: {e}")
+    return "; ".join(said)
+
+
+async def unlink(pid: int) -> None:
+    """The links of pid's network namespace (but loopback) deleted: its copy is about to go.
+    Killed, it would leave its namespace behind for minutes, held by its connections' sockets
+    as they try to say goodbye (which the quiet namespace drops), and with it its links' MAC on
+    their parent: the next copy to come here with it could not bring its link up (EADDRINUSE)."""
+    for link in await _links(pid):
+        if link.get("ifname") != "lo":
+            # (gone already, or with its namespace: nothing left to free)
+            await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "link", "delete", link["ifname"]],
+                           check=False)
+
+
+async def _links(pid: int) -> list[dict]:
+    res = await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j", "address", "show"], check=False)
+    try:
+        return json.loads(res.stdout) if res.returncode == 0 else []
+    except ValueError:      # nothing readable: as if it had none
+        return []
+
+
+async def _addresses(pid: int) -> list[tuple[str, str, str]]:
+    """(ADDRESS/PREFIX, device, its MAC) of every global address in pid's network namespace."""
+    return [(f"{a['local']}/{a['prefixlen']}", link["ifname"], link.get("address", "")) for link in await _links(pid) if link.get("ifname") != "lo"
+            for a in link.get("addr_info", [])
+            if a.get("scope") == "global" and ipaddress.ip_address(a["local"]).version in (4, 6)]
+
+
+async def _in_namespace(pid: int, work: Callable[[], None]) -> None:
+    """work() run in pid's network namespace: in a thread of its own that ends with it (setns
+    moves the calling thread alone, and a thread of a pool would stay there)."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            try:
+                if _libc().setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {pid}'s network namespace")
+            finally:
+                os.close(fd)
+            work()
+        except BaseException as e:     # noqa: BLE001 - carried to the caller, raised there
+            failed.append(e)
+
+    def in_its_thread() -> None:
+        t = threading.Thread(target=run, name="livemig-netns")
+        t.start()
+        t.join()
+
+    await asyncio.to_thread(in_its_thread)
+    if failed:
+        raise failed[0]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)

@@ -1,0 +1,120 @@
+"""A runc or crun container in a network namespace of its own comes out of a move with its
+network (issue 30): runc restores such a namespace empty (no link, loopback down), and crun's
+CRIU makes a macvlan link again only where told its parent; livemig makes it again either way
+(livemig/runtimes/oci_networks.py). The container here is the held-connection server on a
+macvlan link over the link the lab's hosts share, with an address and MAC of its own, put in
+its namespace between its runtime's create and start as an operator's tool would. A client on
+c holds one connection to it and asks over it every 20 ms while it moves a -> b -> a with
+--tcp-established: the client never loses it, every answer the next, and the copy has its
+address, MAC and loopback. A move whose restore cannot make the link on the target (its MAC is
+taken there) rolls back, the connection with it. A container whose link livemig cannot make
+again (a veth, its other end on this host) is refused before anything is touched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from tests.test_podman import TOOL
+from tests.test_podman_network import ADDRESS, PORT, _client, _heard
+
+pytestmark = pytest.mark.lab
+
+MAC = "02:42:c6:12:00:96"
+
+
+@pytest.fixture
+def linked(lab3):
+    lab3.run("c", ["ip", "neigh", "flush", "to", ADDRESS], check=False)   # an earlier test's MAC
+    names: list[tuple[str, str]] = []
+
+    def start(runtime: str, name: str, kind: str = "macvlan") -> str:
+        names.append((runtime, name))
+        lab3.run("a", ["python3", TOOL, "linked", "--runtime", runtime, "--name", name, "--bundle",
+                       f"/var/lib/ctr/{name}", "--ip", f"{ADDRESS}/24", "--mac", MAC, "--port", str(PORT),
+                       "--kind", kind])
+        return name
+    yield start
+    for h in ("a", "b"):
+        for runtime, name in names:
+            lab3.run(h, [runtime, "delete", "--force", name], check=False)
+            lab3.run(h, ["rm", "-rf", f"/var/lib/ctr/{name}"], check=False)
+
+
+def status(lab, host: str, runtime: str, name: str) -> str | None:
+    res = lab.run(host, [runtime, "state", name], check=False)
+    return json.loads(res.stdout)["status"] if res.returncode == 0 else None
+
+
+def its_links(lab, host: str, runtime: str, name: str) -> dict[str, dict]:
+    """The container's network namespace's links on host, by name, as `ip -j address` says."""
+    pid = json.loads(lab.text(host, [runtime, "state", name]))["pid"]
+    out = lab.text(host, ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j", "address", "show"])
+    return {link["ifname"]: link for link in json.loads(out)}
+
+
+def _move(lab, src: str, dst: str, name: str) -> subprocess.CompletedProcess:
+    return lab.run(src, ["livemig", "move", "--json", "--tcp-established", name, dst], check=False, timeout=600)
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_a_container_in_its_own_network_keeps_it_and_its_client_s_connection_there_and_back(lab3, linked, runtime):
+    lab, name = lab3, linked(runtime, f"{runtime}-linked")
+    stop = f"/tmp/oci-net-stop-{runtime}"
+    client = _client(lab, stop)
+    try:
+        asked = []
+        for src, dst in (("a", "b"), ("b", "a")):
+            res = _move(lab, src, dst, name)
+            assert res.returncode == 0, res.stderr.decode()
+            report = json.loads(res.stdout)
+            assert (report["runtime"], report["outcome"]) == (runtime, "moved")
+            assert status(lab, dst, runtime, name) == "running" and status(lab, src, runtime, name) is None
+            links = its_links(lab, dst, runtime, name)
+            assert links["eth0"]["address"] == MAC, links
+            assert f"{ADDRESS}/24" in [f"{a['local']}/{a['prefixlen']}" for a in links["eth0"]["addr_info"]], links
+            assert "UP" in links["lo"]["flags"], links        # (runc alone would leave it down)
+            asked.append(len(lab.text("c", ["ss", "-Htn", "state", "established", "dst", ADDRESS]).splitlines()))
+        numbers = _heard(lab, client, stop)
+    finally:
+        client.kill()
+    assert asked == [1, 1]          # the one connection, all along
+    assert len(numbers) > 20
+    assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+
+
+def test_a_move_whose_target_cannot_make_the_link_rolls_back_with_its_client_s_connection(lab3, linked):
+    """b already has a link with the container's MAC on its eth0 (up, silent: no ARP, no IPv6
+    address): the copy's link cannot come up there (EADDRINUSE), the restore fails after the
+    freeze, and the move rolls back, the container here with its connection."""
+    lab, name = lab3, linked("runc", "runc-clash")
+    stop = "/tmp/oci-net-stop-clash"
+    client = _client(lab, stop)
+    for argv in (["link", "add", "link", "eth0", "name", "clash", "address", MAC, "type", "macvlan", "mode", "bridge"],
+                 ["link", "set", "clash", "addrgenmode", "none", "arp", "off"], ["link", "set", "clash", "up"]):
+        lab.run("b", ["ip", *argv])
+    try:
+        res = _move(lab, "a", "b", name)
+        err = res.stderr.decode()
+        assert res.returncode == 6 and "own network could not be made here" in err, err
+        assert "Address already in use" in err, err
+        assert json.loads(res.stdout)["outcome"] == "rolled back"
+        assert status(lab, "a", "runc", name) == "running" and status(lab, "b", "runc", name) is None
+        numbers = _heard(lab, client, stop)
+    finally:
+        lab.run("b", ["ip", "link", "delete", "clash"], check=False)
+        client.kill()
+    assert len(numbers) > 5
+    assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+
+
+def test_a_container_whose_link_cannot_be_made_again_is_refused_untouched(lab3, linked):
+    lab, name = lab3, linked("runc", "runc-veth", kind="veth")
+    res = _move(lab, "a", "b", name)
+    lines = [line for line in res.stderr.decode().splitlines() if line.startswith("livemig")]
+    assert res.returncode == 3 and len(lines) == 1, res.stderr.decode()
+    assert "eth0 is a veth link" in lines[0] and "livemig makes macvlan and ipvlan links" in lines[0], lines
+    assert status(lab, "a", "runc", name) == "running" and status(lab, "b", "runc", name) is None
+    assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
