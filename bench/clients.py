@@ -31,9 +31,10 @@ link in it: pgbench's 8 clients on c commit transactions over their connections 
 run (pgbench -T, long enough for every move: a run whose pgbench ended first says so), and a
 move's client wait is the longest transaction that ended from the move's start to a second after
 its end (pgbench's per-transaction log). Moved with --tcp-established alone, in auto (in its user
-namespace CRIU's restore cannot open a userfaultfd where vm.unprivileged_userfaultfd is 0, as in
-the lab: stop-and-copy). Failed requests: failed transactions, and a client that lost its
-connection (pgbench then aborts it).
+namespace CRIU's restore cannot open a userfaultfd where vm.unprivileged_userfaultfd is 0, as on
+this machine: stop-and-copy; --unprivileged-userfaultfd sets it to 1 for the run, as a host may).
+Failed requests: failed transactions, and a client that lost its connection (pgbench then aborts
+it).
 
 It writes bench/results/<UTC date>-clients.json (every move's sample, livemig's report
 among them, and per workload and mode the median, p99 and largest client wait over the
@@ -263,14 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", nargs="*", choices=WORKLOADS, default=list(WORKLOADS))
     ap.add_argument("--modes", nargs="*", choices=list(MODES), default=list(MODES))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--unprivileged-userfaultfd", action="store_true",
+                    help="run with vm.unprivileged_userfaultfd 1 (as a host may set it; put back after): a workload "
+                         "in a user namespace of its own (postgres) may then be restored with lazy pages")
     a = ap.parse_args(argv)
     Lab.down()      # a lab left up may carry another checkout: ours is mounted at /opt/livemig
     lab = Lab.up(3)
     started = time.gmtime()
+    # (one kernel for the lab's hosts and this machine: the setting is the machine's, for the run alone)
+    uffd = Path("/proc/sys/vm/unprivileged_userfaultfd")
+    was = uffd.read_text().strip()
+    if a.unprivileged_userfaultfd:
+        uffd.write_text("1")
     try:
         samples = [s for workload in a.workloads for mode in a.modes if workload not in OWN_NETWORK or mode == "auto"
                    for s in told(run(lab, workload, mode, a.moves, a.every))]
     finally:
+        uffd.write_text(was)
         Lab.down()
     rows = summary(samples)
     path = Path(a.out) / f"{time.strftime('%Y-%m-%dT%H-%M-%S', started)}-clients.json"

@@ -7,8 +7,11 @@ its namespace between its runtime's create and start as an operator's tool would
 c holds one connection to it and asks over it every 20 ms while it moves a -> b -> a with
 --tcp-established: the client never loses it, every answer the next, and the copy has its
 address, MAC and loopback. A move whose restore cannot make the link on the target (its MAC is
-taken there) rolls back, the connection with it. A container whose link livemig cannot make
-again (a veth, its other end on this host) is refused before anything is touched."""
+taken there) rolls back, the connection with it; so does a Ctrl-C while it is frozen, and the
+move killed before its commit mark (then `livemig recover`, which opens the source's copy's
+network again); killed after its mark, recover resumes the target's copy, the connection with
+it, and the source's goes, its link with it. A container whose link livemig cannot make again
+(a veth, its other end on this host) is refused before anything is touched."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import subprocess
 import pytest
 
 from tests.test_podman import TOOL
-from tests.test_podman_network import ADDRESS, PORT, _client, _heard
+from tests.test_podman_network import ADDRESS, PORT, _client, _heard, faulted
 
 pytestmark = pytest.mark.lab
 
@@ -117,4 +120,32 @@ def test_a_container_whose_link_cannot_be_made_again_is_refused_untouched(lab3, 
     assert res.returncode == 3 and len(lines) == 1, res.stderr.decode()
     assert "eth0 is a veth link" in lines[0] and "livemig makes macvlan and ipvlan links" in lines[0], lines
     assert status(lab, "a", "runc", name) == "running" and status(lab, "b", "runc", name) is None
+    assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+
+
+@pytest.mark.parametrize("point, how, ends_on", [
+    ("transfer", "-INT", "a"),       # Ctrl-C while frozen: rolled back here
+    ("restored", "-KILL", "a"),      # killed before its commit: recover rolls it back here
+    ("marked", "-KILL", "b"),        # killed once its commit was marked: recover resumes the target's
+])
+def test_a_fault_in_a_move_leaves_one_copy_with_its_network_and_its_client_s_connection(lab3, linked, point, how,
+                                                                                     ends_on):
+    lab, name = lab3, linked("runc", f"runc-{point}")
+    stop = f"/tmp/oci-net-stop-{point}"
+    client = _client(lab, stop, within=120)     # a kill waits for recover
+    def held() -> None:     # both copies quiet on the link meanwhile (quiet.py): a's paused, b's restored
+        for h in ("a", "b"):
+            pid = json.loads(lab.text(h, ["runc", "state", name]))["pid"]
+            lab.run(h, ["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "table", "arp", "livemig-quiet"])
+    try:
+        faulted(lab, point, how, name, ends_on, held)
+        other = "b" if ends_on == "a" else "a"
+        assert status(lab, ends_on, "runc", name) == "running" and status(lab, other, "runc", name) is None
+        pid = json.loads(lab.text(ends_on, ["runc", "state", name]))["pid"]
+        tables = lab.text(ends_on, ["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "tables"])
+        assert "livemig-quiet" not in tables, tables       # it speaks again
+        numbers = _heard(lab, client, stop)
+    finally:
+        client.kill()
+    assert len(numbers) > 5
     assert lab.leftovers() == {"a": ([], []), "b": ([], [])}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 
 import pytest
 
@@ -73,6 +74,23 @@ def _heard(lab, client: subprocess.Popen, stop: str) -> list[int]:
 
 def _move(lab, src: str, dst: str, name: str, *flags: str, env: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return lab.run(src, [*ENV, *env, "livemig", "move", "--json", *flags, name, dst], check=False, timeout=600)
+
+
+def faulted(lab, point: str, how: str, name: str, ends_on: str, held: Callable[[], None]) -> None:
+    """name's move a -> b with --tcp-established, faulted at point: killed there (-KILL; held()
+    looks at the copies left, then `livemig recover` settles it, ending on ends_on), or
+    interrupted (-INT: rolled back, exit code 130)."""
+    if how == "-KILL":
+        killed_at(lab, point, "--tcp-established", name)
+        held()
+        settled = recover(lab)
+        assert settled["outcome"] == ("rolled back" if ends_on == "a" else "moved"), settled
+        return
+    mover, stopped = stopped_at(lab, point, "--tcp-established", name)
+    lab.run("a", ["kill", how, *stopped])
+    go_on(lab, mover, stopped)
+    mover.wait(timeout=120)
+    assert mover.returncode == 130, mover.stderr.read().decode()
 
 
 def test_a_podman_container_on_a_shared_link_keeps_its_client_s_connection_there_and_back(lab3, link):
@@ -183,20 +201,11 @@ def test_a_fault_in_a_podman_move_leaves_one_copy_and_its_client_s_connection(la
     client's connection: through the source's checkpoint again, or the target's copy resumed."""
     lab, name = lab3, link(f"held-{point}")
     client = _client(lab, f"/tmp/podman-net-stop-{point}", within=120)     # a kill waits for recover
+    def held() -> None:     # b's copy, restored and never resumed, is quiet on the link (runtimes/quiet.py)
+        pid = lab.text("b", [*ENV, "podman", "inspect", "--format", "{{.State.Pid}}", name]).strip()
+        lab.run("b", ["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "table", "inet", "livemig-quiet"])
     try:
-        if how == "-KILL":
-            killed_at(lab, point, "--tcp-established", name)
-            # b's copy, restored and never resumed, is quiet on the link (podman_networks.py)
-            pid = lab.text("b", [*ENV, "podman", "inspect", "--format", "{{.State.Pid}}", name]).strip()
-            lab.run("b", ["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "table", "inet", "livemig-quiet"])
-            settled = recover(lab)
-            assert settled["outcome"] == ("rolled back" if ends_on == "a" else "moved"), settled
-        else:
-            mover, stopped = stopped_at(lab, point, "--tcp-established", name)
-            lab.run("a", ["kill", how, *stopped])
-            go_on(lab, mover, stopped)
-            mover.wait(timeout=120)
-            assert mover.returncode == 130, mover.stderr.read().decode()
+        faulted(lab, point, how, name, ends_on, held)
         assert running(lab, ends_on, name) and running(lab, "b" if ends_on == "a" else "a", name) is None
         numbers = _heard(lab, client, f"/tmp/podman-net-stop-{point}")
     finally:

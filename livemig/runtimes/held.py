@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import criu, proc
 from ..errors import LivemigError, Phase
 from ..wire import protocol as p
-from . import bundle, control, oci, podman, process
+from . import bundle, control, oci, podman, process, quiet
 
 # How a held copy stands on this host now (HeldCopy.standing)
 REBOOTED = "rebooted"     # its boot is over: nothing of it runs, whatever has its PIDs now
@@ -114,6 +114,9 @@ class HeldCopy:
         if now != RUNNING:
             raise LivemigError(f"{self.what} was resumed, but it does not run: it is {self.told(now)}",
                                phase=Phase.ROLLBACK)
+        # its own network, quiet since its move's freeze (quiet.py), as it was
+        if self.runtime in oci.RUNTIMES and (alive := self._alive()) and (said := await quiet.speak(alive[0][0])):
+            warnings.append(f"{self.what}: {said}")
         return warnings
 
     @staticmethod
@@ -211,6 +214,8 @@ class HeldCopy:
         if self.runtime == "process":
             proc.signal_tasks(self._alive(), signal.SIGKILL)
             return []
+        if alive := self._alive():     # (a container's: its own network's)
+            await quiet.unlink(alive[0][0])     # its links' MAC free here at once (quiet.unlink)
         res = await proc.run(self._control("delete"), check=False)
         if res.returncode != 0 and await self.exists():
             return [f"{self.runtime} delete {self.container} failed here: {proc.why(res.stderr)}"]

@@ -31,8 +31,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import proc, service_address
-from ..errors import LivemigError, Phase
+from .. import host, proc, service_address
+from ..errors import CommandFailed, LivemigError, Phase
 
 TABLE = "livemig-quiet"
 # inet: every IPv4 and IPv6 packet but loopback's (ND among them); arp: ARP both ways
@@ -104,9 +104,19 @@ async def close(pid: int) -> None:
 
 async def speak(pid: int) -> str:
     """pid's network as it was, and the link told where its addresses are (the copy runs
-    now); what could not be done, else ""."""
+    now); what could not be done, else "". A namespace not quiet is left as it is, and this
+    host's own (a container that shares it) is never looked at."""
+    if host.same_netns(pid):
+        return ""
+    try:
+        listed = await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "tables"], check=False)
+    except CommandFailed as e:      # no nsenter or nft here: nothing of ours was made quiet by them
+        return f"its network could not be looked at: {e}"
+    closed = [family for family in ("inet", "arp") if f"table {family} {TABLE}" in listed.text]
+    if not closed:
+        return ""
     said = []
-    for family in ("inet", "arp"):
+    for family in closed:
         res = await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "delete", "table", family, TABLE],
                              check=False)
         if res.returncode != 0:
@@ -128,7 +138,10 @@ async def unlink(pid: int) -> None:
     """The links of pid's network namespace (but loopback) deleted: its copy is about to go.
     Killed, it would leave its namespace behind for minutes, held by its connections' sockets
     as they try to say goodbye (which the quiet namespace drops), and with it its links' MAC on
-    their parent: the next copy to come here with it could not bring its link up (EADDRINUSE)."""
+    their parent: the next copy to come here with it could not bring its link up (EADDRINUSE).
+    Never this host's own namespace (a container that shares it)."""
+    if host.same_netns(pid):
+        return
     for link in await _links(pid):
         if link.get("ifname") != "lo":
             # (gone already, or with its namespace: nothing left to free)

@@ -116,9 +116,7 @@ async def _settle(verdicts: Verdicts, mid: str, work: Path, resume: bool) -> p.O
         warnings = await service_address.settle_in(orphan.addresses, orphan.guarding)
         warnings += [said for pid in orphan.quiet if (said := await quiet.speak(pid))]
     else:
-        for pid in orphan.quiet:     # never run: its links' MAC free here at once (quiet.unlink)
-            await quiet.unlink(pid)
-        warnings = await orphan.copy.end()     # its bundle with it
+        warnings = await orphan.copy.end()     # its bundle with it (and its links: quiet.unlink)
         warnings += await service_address.let_go(orphan.addresses, orphan.guarding)
     workdirs.remove(work)
     return p.OrphanSettled("resumed" if resume else "killed", "; ".join([orphan.what, *warnings]))

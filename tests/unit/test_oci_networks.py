@@ -2,6 +2,8 @@
 made again on the target, and the CRIU configuration that makes it (the lab proves it:
 tests/test_oci_network.py, tests/test_database.py)."""
 
+import asyncio
+import os
 import shutil
 import subprocess
 
@@ -121,3 +123,13 @@ def test_the_target_says_which_parents_it_lacks():
     absent = p.NetLink("eth0", "macvlan", "nosuchif0", "bridge", "", 0, [])
     assert on.parents_missing(container("runc", absent, absent)) == ["nosuchif0"]
     assert on.parents_missing(p.Container("runc", "web", "/b")) == []
+
+
+def test_this_host_s_own_network_is_never_unlinked_nor_opened(monkeypatch):
+    """A container that shares the host's network namespace: its copy's end deletes no link of
+    the host's, and its resume touches no table there."""
+    async def no_command(*args, **kw):
+        raise AssertionError(f"ran {args}")
+    monkeypatch.setattr(quiet.proc, "run", no_command)
+    asyncio.run(quiet.unlink(os.getpid()))
+    assert asyncio.run(quiet.speak(os.getpid())) == ""
