@@ -16,14 +16,18 @@ loopback: peers send again, and reach whichever copy runs, which tells the link 
   out of repair: by CRIU's post-restore action (podman's, crun's: at_post_restore), or as its
   namespace is made (runc's: oci_networks.py makes its links then).
 - **The source's copy** (runc and crun leave it paused, its namespace alive) is closed once
-  paused, before its dump (close), and speaks again if the move rolls back.
+  paused, before its dump (close), and speaks again if the move rolls back, or when `livemig
+  recover` resumes it (runtimes/held.py).
+
+A copy that goes (the source's at the commit, a target's never run) has its links deleted
+first (unlink): its namespace would outlive it for minutes, and its MAC with it. None of this
+ever touches the host's own network namespace, which a container may share.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import ipaddress
 import json
 import os
 import shutil
@@ -159,9 +163,9 @@ async def _links(pid: int) -> list[dict]:
 
 async def _addresses(pid: int) -> list[tuple[str, str, str]]:
     """(ADDRESS/PREFIX, device, its MAC) of every global address in pid's network namespace."""
-    return [(f"{a['local']}/{a['prefixlen']}", link["ifname"], link.get("address", "")) for link in await _links(pid) if link.get("ifname") != "lo"
-            for a in link.get("addr_info", [])
-            if a.get("scope") == "global" and ipaddress.ip_address(a["local"]).version in (4, 6)]
+    return [(f"{a['local']}/{a['prefixlen']}", link["ifname"], link.get("address", ""))
+            for link in await _links(pid) if link.get("ifname") != "lo"
+            for a in link.get("addr_info", []) if a.get("scope") == "global"]
 
 
 async def _in_namespace(pid: int, work: Callable[[], None]) -> None:
