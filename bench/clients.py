@@ -118,20 +118,22 @@ class PgClients:
         self.proc = self.lab.popen("c", sv.pgbench(self.pg, "-n", "-c", "8", "-j", "2", "-T", str(math.ceil(self.seconds)),
                                                    "-l", f"--log-prefix={self.LOG}"),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        all_in = f"until [ $(ss -Htn state established dst {sv.ADDRESS} | wc -l) = 8 ]; do sleep 0.1; done"
-        self.lab.run("c", ["sh", "-c", all_in], timeout=60)
+        sv.all_connected(self.lab, 8)
 
     def stop(self) -> tuple[list[tuple[float, float]], str]:
         ran_on = self.proc.poll() is None      # still running once the last move ended: the premise held
         out, err = self.proc.communicate(timeout=self.seconds + 300)
         said = out.decode(errors="replace")
         failed = re.search(r"number of failed transactions: (\d+)", said)
-        error = ("" if ran_on else "pgbench ended before the moves did; ") + \
-            (f"pgbench exited {self.proc.returncode}: {err.decode(errors='replace')[-200:]}"
-             if self.proc.returncode else "" if failed and failed.group(1) == "0" else f"failed transactions: {said}")
+        problems = [] if ran_on else ["pgbench ended before the moves did"]
+        if self.proc.returncode:
+            problems.append(f"pgbench exited {self.proc.returncode}: {err.decode(errors='replace')[-200:]}")
+        elif not (failed and failed.group(1) == "0"):
+            problems.append(f"failed transactions: {said}")
         # each line: client, transaction, its time (us), script, its end (s, us)
         lines = self.lab.text("c", ["sh", "-c", f"cat {self.LOG}*"]).splitlines()
-        return [(int(f[4]) + int(f[5]) / 1e6, int(f[2]) / 1e6) for f in map(str.split, lines) if len(f) >= 6], error
+        return ([(int(f[4]) + int(f[5]) / 1e6, int(f[2]) / 1e6) for f in map(str.split, lines) if len(f) >= 6],
+                "; ".join(problems))
 
 
 def start(lab: Lab, workload: str) -> list[str]:

@@ -87,6 +87,12 @@ def postgres_tree(lab, pg: str) -> int:
     return int(lab.text("a", ["head", "-1", f"{DATA}/postmaster.pid"]).strip())
 
 
+def all_connected(lab, clients: int) -> None:
+    """Until that many clients on c hold a connection to the service address."""
+    until = f"until [ $(ss -Htn state established dst {ADDRESS} | wc -l) = {clients} ]; do sleep 0.1; done"
+    lab.run("c", ["sh", "-c", until], timeout=60)
+
+
 def sql(lab, pg: str, query: str) -> str:
     """query's answer, asked from c (psql's unaligned rows, fields split by |)."""
     return lab.text("c", [f"{pg}/psql", "-h", ADDRESS, "-p", str(PG_PORT), "-U", "postgres", "-At", "-c", query,

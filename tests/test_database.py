@@ -137,8 +137,7 @@ def test_postgresql_in_a_network_of_its_own_keeps_its_8_clients_through_moves_th
     bench = lab.popen("c", sv.pgbench(pg, "-n", "-c", str(CLIENTS), "-j", "2", "-T", "60"),
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        all_in = f"until [ $(ss -Htn state established dst {sv.ADDRESS} | wc -l) = {CLIENTS} ]; do sleep 0.1; done"
-        lab.run("c", ["sh", "-c", all_in], timeout=60)
+        sv.all_connected(lab, CLIENTS)
         connections = _connections(lab)
         for src, dst in (("a", "b"), ("b", "a")):
             res = lab.run(src, ["livemig", "move", "--json", "--tcp-established", *what, dst], check=False,

@@ -114,8 +114,8 @@ class HeldCopy:
         if now != RUNNING:
             raise LivemigError(f"{self.what} was resumed, but it does not run: it is {self.told(now)}",
                                phase=Phase.ROLLBACK)
-        # its own network, quiet since its move's freeze (quiet.py), as it was
-        if self.runtime in oci.RUNTIMES and (alive := self._alive()) and (said := await quiet.speak(alive[0][0])):
+        # a container's own network, quiet since its move's freeze or its restore (quiet.py), as it was
+        if self.runtime != "process" and (alive := self._alive()) and (said := await quiet.speak(alive[0][0])):
             warnings.append(f"{self.what}: {said}")
         return warnings
 

@@ -52,7 +52,7 @@ async def own_network(pid: int, bundle: Path) -> p.OwnNetwork | None:
     """The network namespace of the container whose init is pid, where it is not the host's."""
     if host.same_netns(pid):
         return None
-    in_it = ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j"]
+    in_it = quiet.in_network(pid, "ip", "-j")
     ours = {link["ifindex"]: link["ifname"] for link in await _ip(["ip", "-j", "link", "show"])}
     links = []
     for link in await _ip([*in_it, "-d", "address", "show"]):

@@ -100,9 +100,14 @@ def failed(work: Path) -> str:
     return ""
 
 
+def in_network(pid: int, *argv: str) -> list[str]:
+    """argv run in pid's network namespace (and in this host's mounts: /sys stays this host's)."""
+    return ["nsenter", f"--net=/proc/{pid}/ns/net", *argv]
+
+
 async def close(pid: int) -> None:
     """pid's network namespace quiet (the source's copy, paused)."""
-    await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "-f", "-"], input=RULES.encode(),
+    await proc.run(in_network(pid, "nft", "-f", "-"), input=RULES.encode(),
                    phase=Phase.FINAL_DUMP)
 
 
@@ -113,7 +118,7 @@ async def speak(pid: int) -> str:
     if host.same_netns(pid):
         return ""
     try:
-        listed = await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "tables"], check=False)
+        listed = await proc.run(in_network(pid, "nft", "list", "tables"), check=False)
     except CommandFailed as e:      # no nsenter or nft here: nothing of ours was made quiet by them
         return f"its network could not be looked at: {e}"
     closed = [family for family in ("inet", "arp") if f"table {family} {TABLE}" in listed.text]
@@ -121,7 +126,7 @@ async def speak(pid: int) -> str:
         return ""
     said = []
     for family in closed:
-        res = await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "delete", "table", family, TABLE],
+        res = await proc.run(in_network(pid, "nft", "delete", "table", family, TABLE),
                              check=False)
         if res.returncode != 0:
             said.append(f"its network stays closed ({family}): {proc.why(res.stderr)}")
@@ -149,12 +154,12 @@ async def unlink(pid: int) -> None:
     for link in await _links(pid):
         if link.get("ifname") != "lo":
             # (gone already, or with its namespace: nothing left to free)
-            await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "link", "delete", link["ifname"]],
+            await proc.run(in_network(pid, "ip", "link", "delete", link["ifname"]),
                            check=False)
 
 
 async def _links(pid: int) -> list[dict]:
-    res = await proc.run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j", "address", "show"], check=False)
+    res = await proc.run(in_network(pid, "ip", "-j", "address", "show"), check=False)
     try:
         return json.loads(res.stdout) if res.returncode == 0 else []
     except ValueError:      # nothing readable: as if it had none

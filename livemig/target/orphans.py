@@ -23,7 +23,6 @@ from pathlib import Path
 
 from .. import proc, service_address, workdirs
 from ..errors import LivemigError, Phase
-from ..runtimes import quiet
 from ..runtimes.held import GONE, REBOOTED, HeldCopy
 from ..wire import protocol as p
 from .copy import Copy
@@ -40,7 +39,6 @@ class Orphan:
     copy: HeldCopy          # its bundle, if this move brought it here, goes with it
     addresses: dict[str, str] = dataclasses.field(default_factory=dict)   # put on for it (service_address.py)
     guarding: str = ""      # the guard against resets from them, still up
-    quiet: list[int] = dataclasses.field(default_factory=list)   # roots whose own network is closed (runtimes/quiet.py)
 
     def save(self, work: Path) -> None:
         workdirs.write_private(work / ORPHAN, dataclasses.asdict(self))
@@ -48,8 +46,7 @@ class Orphan:
     @classmethod
     def load(cls, work: Path) -> Orphan:
         d = json.loads((work / ORPHAN).read_text())
-        return cls(d["what"], HeldCopy.from_dict(d["copy"]), d.get("addresses", {}), d.get("guarding", ""),
-                   d.get("quiet", []))
+        return cls(d["what"], HeldCopy.from_dict(d["copy"]), d.get("addresses", {}), d.get("guarding", ""))
 
 
 def held(copy: Copy) -> HeldCopy:
@@ -64,7 +61,7 @@ def mark(copy: Copy, work: Path) -> None:
     """What was restored here, stopped, in the marker recover reads: written at once after
     a restore, so that an agent killed outright (no guard keeps a stop-and-copy's copy:
     after the commit it is the only one) leaves it too."""
-    Orphan(copy.what(), held(copy), dict(copy.addresses), copy.guarding, list(copy.quiet)).save(work)
+    Orphan(copy.what(), held(copy), dict(copy.addresses), copy.guarding).save(work)
 
 
 def leave(copy: Copy, work: Path) -> None:
@@ -106,15 +103,14 @@ async def _settle(verdicts: Verdicts, mid: str, work: Path, resume: bool) -> p.O
         workdirs.remove(work)
         return p.OrphanSettled("gone", f"{orphan.what}, restored here and never run, is "
                                        f"{HeldCopy.told(now)} since")
-    warnings = []
     if resume:
         try:
-            await orphan.copy.resume()
+            # (its own network, quiet until now, opened with it: what could not be, said)
+            warnings = await orphan.copy.resume()
         except LivemigError as e:
             raise AgentFailure(Phase.COMMIT, f"cannot resume {orphan.what}: {e}") from None
         verdicts.write(mid, "running", phase=Phase.COMMIT)
-        warnings = await service_address.settle_in(orphan.addresses, orphan.guarding)
-        warnings += [said for pid in orphan.quiet if (said := await quiet.speak(pid))]
+        warnings += await service_address.settle_in(orphan.addresses, orphan.guarding)
     else:
         warnings = await orphan.copy.end()     # its bundle with it (and its links: quiet.unlink)
         warnings += await service_address.let_go(orphan.addresses, orphan.guarding)

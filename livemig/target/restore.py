@@ -123,13 +123,11 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
             res, argv = paused, pause
         if c.runtime == "podman" and (found := await podman.inspect(c.id)):
             copy.roots.append(int(found["State"]["Pid"]))
-            if quieting:      # quiet since its restore's post-restore action: open at its Resume
-                copy.quiet.append(copy.roots[-1])
     seconds = time.monotonic() - t0
     if pidfile.exists():
         copy.roots.append(int(pidfile.read_text().strip()))
-        if c is not None and c.runtime != "podman" and quieting and res.returncode == 0:
-            copy.quiet.append(copy.roots[-1])     # quiet since its namespace was made: open at its Resume
+    if c is not None and quieting and copy.roots:
+        copy.quiet.append(copy.roots[-1])     # quiet since within its restore: open at its Resume
     return res, argv, seconds
 
 

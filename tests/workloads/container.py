@@ -175,11 +175,10 @@ def linked(runtime: str, bundle: str, name: str, address: str, mac: str, kind: s
     host's eth0 (the link the lab's hosts share), or a veth whose other end stays on the host;
     address (ADDRESS/PREFIX) and mac on it."""
     own_network(bundle)
-    with open(os.devnull, "r+b") as null:
+    with open(os.devnull, "r+b") as null:    # (as _detach says why)
         subprocess.run([runtime, "create", "--bundle", bundle, name], stdin=null, stdout=null, stderr=null,
                        check=True)
-    with open(os.devnull, "r+b") as null:
-        state = subprocess.run([runtime, "state", name], capture_output=True, check=True, stdin=null)
+    state = subprocess.run([runtime, "state", name], capture_output=True, check=True, stdin=subprocess.DEVNULL)
     pid = json.loads(state.stdout)["pid"]
     temporary = f"lt{pid}"
     if kind == "veth":
