@@ -11,7 +11,9 @@ taken there) rolls back, the connection with it; so does a Ctrl-C while it is fr
 move killed before its commit mark (then `livemig recover`, which opens the source's copy's
 network again); killed after its mark, recover resumes the target's copy, the connection with
 it, and the source's goes, its link with it. A container whose link livemig cannot make again
-(a veth, its other end on this host) is refused before anything is touched."""
+(a veth, its other end on this host) is refused before anything is touched. Moved without
+--tcp-established, a container with its client connected is told of the connection once in the
+dry run and once in the move's report, and moves; the client connects again, to the copy."""
 
 from __future__ import annotations
 
@@ -21,7 +23,14 @@ import subprocess
 import pytest
 
 from tests.test_podman import TOOL
-from tests.test_podman_network import ADDRESS, PORT, _client, _heard, faulted
+from tests.test_podman_network import (
+    ADDRESS,
+    PORT,
+    _client,
+    _heard,
+    closed_and_told,
+    faulted,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -86,6 +95,13 @@ def test_a_container_in_its_own_network_keeps_it_and_its_client_s_connection_the
     assert asked == [1, 1]          # the one connection, all along
     assert len(numbers) > 20
     assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_a_container_moved_without_its_connections_says_so_and_its_clients_connect_again(lab3, linked, runtime):
+    lab, name = lab3, linked(runtime, f"{runtime}-closing")
+    closed_and_told(lab, name)
+    assert status(lab, "b", runtime, name) == "running" and status(lab, "a", runtime, name) is None
 
 
 def test_a_move_whose_target_cannot_make_the_link_rolls_back_with_its_client_s_connection(lab3, linked):

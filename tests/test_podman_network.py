@@ -8,7 +8,9 @@ fails rolls back, the connection with it; one whose rollback cannot restore it h
 unresolved, and `livemig recover` brings it back, connected; and a Ctrl-C while it is frozen, or
 the move killed before or after its commit mark, leaves one copy running with the connection. A container whose address no other host can hold
 (podman's default bridge, NAT'd by its host), or whose network the target lacks, is refused
-before anything is touched, in one line."""
+before anything is touched, in one line. Moved without --tcp-established, it is told of its
+client's connection beforehand and moves (podman's checkpoint cannot close the connection: it
+keeps it, and the copy's restore closes it); the client connects again, to the copy."""
 
 from __future__ import annotations
 
@@ -70,6 +72,34 @@ def _heard(lab, client: subprocess.Popen, stop: str) -> list[int]:
     assert heard["error"] == "", heard["error"]                         # the connection never broke
     assert numbers == list(range(1, len(numbers) + 1)), numbers          # none lost, none twice
     return numbers
+
+
+def closed_and_told(lab, name: str) -> None:
+    """A container on a, its client on c connected, moved to b WITHOUT --tcp-established: the
+    dry run (on stderr) and the move (its report's warnings) each say once that its connection
+    will be closed and how to keep it; the move goes through; the client's connection ends (reset, or unanswered: a peer whose
+    next retransmission comes late learns nothing sooner), and a client connecting afresh
+    is answered by the copy, at the same address."""
+    stop = f"/tmp/closed-told-{name}"
+    client = _client(lab, stop, within=3)
+    try:
+        said = [lab.run("a", [*ENV, "livemig", "move", *flags, name, "b"], check=False, timeout=600)
+                for flags in (["--dry-run"], ["--json"])]
+        lab.run("c", ["touch", stop])
+        ended = json.loads(client.stdout.readline())
+    finally:
+        client.kill()
+    dry, moved = said
+    assert dry.returncode == 0 and moved.returncode == 0, (dry.stderr.decode(), moved.stderr.decode())
+    report = json.loads(moved.stdout)
+    told = [line for line in dry.stderr.decode().splitlines() if "established TCP connection" in line]
+    assert report["outcome"] == "moved"
+    for lines in (told, [w for w in report["warnings"] if "established TCP connection" in w]):
+        assert len(lines) == 1 and "1 established TCP connection" in lines[0] and "--tcp-established" in lines[0], \
+            (dry.stderr.decode(), report["warnings"])
+    assert ended["error"] != "" and ended["answers"], ended       # it had answers, then its connection went
+    fresh = _client(lab, stop + "-fresh")
+    assert _heard(lab, fresh, stop + "-fresh")
 
 
 def _move(lab, src: str, dst: str, name: str, *flags: str, env: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -212,3 +242,11 @@ def test_a_fault_in_a_podman_move_leaves_one_copy_and_its_client_s_connection(la
         client.kill()
     assert len(numbers) > 5
     assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+
+
+def test_a_podman_container_moved_without_its_connections_says_so_and_its_clients_connect_again(lab3, link):
+    """podman's checkpoint has no --tcp-close: it takes them as they are (podman.flags), which
+    a connection open as it froze once failed after the freeze; the copy's restore closes them."""
+    lab, name = lab3, link("held-closing")
+    closed_and_told(lab, name)
+    assert running(lab, "b", name) and running(lab, "a", name) is None

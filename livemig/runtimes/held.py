@@ -156,7 +156,8 @@ class HeldCopy:
                            leaves_daemon=True)
 
     def _dumped_with(self) -> criu.Options:
-        return criu.Options(tcp_established=self.tcp_established)
+        # (podman's checkpoints always take the connections as they are: podman.flags)
+        return criu.Options(tcp_established=self.tcp_established or self.runtime == "podman")
 
     async def from_its_checkpoint(self, work: Path, unit: str) -> str:
         """A podman container never given up and gone here: podman removed it at its checkpoint

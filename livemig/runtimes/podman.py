@@ -80,8 +80,12 @@ async def facts() -> dict[str, str]:
 
 
 def flags(opts: criu.Options) -> list[str]:
-    return [f for f in ("--tcp-established",) if opts.tcp_established] + \
-           (["--file-locks"] if opts.file_locks else [])
+    """A checkpoint's, and the restore of it here (a rollback's): its connections always taken
+    as they are (CRIU's TCP repair). podman's checkpoint has no --tcp-close, and passes CRIU no
+    configuration file of livemig's, so a connection open as it froze failed its dump without
+    --tcp-established. The copy's restore closes them unless they move (restore_archive: the
+    restore's configuration says tcp-close, criu.restored_config); a rollback keeps them."""
+    return ["--tcp-established", *(["--file-locks"] if opts.file_locks else [])]
 
 
 def checkpoint(container: str, archive: Path, opts: criu.Options, *, leave_running: bool = False,

@@ -206,8 +206,8 @@ class Migration:
         # (what --move-address asks is said first: a refusal there is the answer to the flag)
         m.report.warnings += checks.enforce(moved_rows + rows, m.target, m.options.force)
         checks.enforce([await self._check_cpu()], m.target)
-        # (a container's dump does not close them yet: one open as it freezes fails its dump)
-        connections = addresses.connected(pids) if w.kind == "process" else []
+        # (a container's too: its dump closes them as a tree's does, criu.connections_config)
+        connections = addresses.connected(pids)
         if connections and not m.options.criu.tcp_established:
             m.caution(checks.connections_closed(connections))
         m.report.mode, m.report.mode_reason = mode, why

@@ -80,10 +80,11 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         argv = runtimes.restore_command(c, d, pidfile, lazy, criu.Options(tcp_established=msg.tcp_established))
         if msg.unit is not None and c.runtime == "podman":      # a Quadlet's: into its unit's cgroup
             argv = _in_unit(msg.unit, d, argv)
-        # on the link at its own address once restored: quiet until it runs (runtimes/quiet.py);
-        # a runc or crun container's own network made again as it is restored (oci_networks.py)
-        quieting = (c.runtime == "podman" and bool(c.networks) and msg.tcp_established
-                    or bool(c.own_network and c.own_network.links))
+        # on the link at its own address once restored: quiet until it runs, then announced
+        # (runtimes/quiet.py), its connections moved or not: the copy's MAC is not the source's,
+        # and a peer's neighbour entry would send there for tens of seconds; a runc or crun
+        # container's own network made again as it is restored (oci_networks.py)
+        quieting = c.runtime == "podman" and bool(c.networks) or bool(c.own_network and c.own_network.links)
         try:
             network = (oci_networks.at_restore(work, c) if c.own_network
                        else quiet.at_post_restore(work) if quieting else "")

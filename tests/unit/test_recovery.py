@@ -353,9 +353,10 @@ def runtime(monkeypatch):
 
 
 @pytest.mark.parametrize("rt, state, command", [
-    # podman cannot pause what it checkpoints: its final checkpoint stopped it, a restore brings it back
+    # podman cannot pause what it checkpoints: its final checkpoint stopped it, a restore brings it back,
+    # with the connections that checkpoint always keeps (podman.flags)
     ("podman", {"State": {"Status": "exited", "Running": False, "Checkpointed": True}},
-     ["podman", "container", "restore", "web1"]),
+     ["podman", "container", "restore", "--tcp-established", "web1"]),
     ("podman", {"State": {"Status": "paused", "Running": True, "Paused": True}}, ["podman", "unpause", "web1"]),
     ("podman", {"State": {"Status": "running", "Running": True, "Paused": False}}, None),
     ("runc", {"status": "paused"}, ["runc", "resume", "web1"]),
