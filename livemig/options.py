@@ -308,6 +308,21 @@ class Rates:
     # the requests around them and the resume (the private service: 0.12 s in post-copy, 0.24 to
     # 0.29 s with the dump's and the restore's image files)
     per_tree: float = 0.2
+    # seconds a container's switchover costs beside its memory, by runtime: its pause and checkpoint,
+    # its restore making its namespaces and mounts again, the source's copy deleted, its resume; of one
+    # process on the host's network (python -m bench.switchover, three runs: bench/results/
+    # 2026-12-07T10-28-26-switchover.json, 10-39-13 and 10-40-34: runc's memcounter 0.23 to 0.26 s in all,
+    # crun's 0.49 to 0.71 with 0.25 of its memory's image files, podman's held server 0.42 to 0.59), the
+    # largest measured and a fifth more: what errs low breaks a --max-downtime, and these two CPUs vary so
+    per_container: dict[str, float] = field(default_factory=lambda: {"runc": 0.3, "crun": 0.35, "podman": 0.72})
+    # seconds more for each process beyond the first, and for a network namespace of its own (its links
+    # made again, kept quiet, deleted on the source: runc's held server 0.29 to 0.37 s; PostgreSQL's six
+    # processes in a user and a network namespace of their own 0.56 to 0.63, where per_tree alone said 0.2)
+    per_container_process: float = 0.06
+    own_network: float = 0.1
+    # seconds a switchover costs beside a trial's freeze and restore (downtime.switchover): its images
+    # crossing, the requests around them, its resume (the same files: runc's memcounter at most 0.09)
+    beside_trial: float = 0.1
     # bytes a second a fill goes through the frozen tree's private memory: pre-copy by hashes
     # compares every page with what the target holds, and the target places them in its copy
     # (0.50 s for 1536 MiB)

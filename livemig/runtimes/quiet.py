@@ -114,25 +114,18 @@ async def close(pid: int) -> None:
 async def speak(pid: int) -> str:
     """pid's network as it was, and the link told where its addresses are (the copy runs
     now); what could not be done, else "". A namespace not quiet is left as it is, and this
-    host's own (a container that shares it) is never looked at."""
+    host's own (a container that shares it) is never looked at. Both tables go in one nft
+    call that deletes what is there (destroy), while its addresses are read beside it: each
+    program started here costs tens of milliseconds, all of them in the downtime."""
     if host.same_netns(pid):
         return ""
-    try:
-        listed = await proc.run(in_network(pid, "nft", "list", "tables"), check=False)
-    except CommandFailed as e:      # no nsenter or nft here: nothing of ours was made quiet by them
-        return f"its network could not be looked at: {e}"
-    closed = [family for family in ("inet", "arp") if f"table {family} {TABLE}" in listed.text]
-    if not closed:
-        return ""
     said = []
-    for family in closed:
-        res = await proc.run(in_network(pid, "nft", "delete", "table", family, TABLE),
-                             check=False)
-        if res.returncode != 0:
-            said.append(f"its network stays closed ({family}): {proc.why(res.stderr)}")
     try:
-        addresses = await _addresses(pid)
-
+        opened, addresses = await asyncio.gather(_open(pid), _addresses(pid))
+    except CommandFailed as e:      # no nsenter, nft or ip here: nothing of ours was made quiet by them
+        return f"its network could not be looked at: {e}"
+    said += opened
+    try:
         def announce_each() -> None:
             for address, device, mac in addresses:
                 # (its MAC as the namespace has it: /sys is livemig's own namespace's)
@@ -141,6 +134,26 @@ async def speak(pid: int) -> str:
     except (OSError, LivemigError) as e:       # it runs, and peers learn its place as it talks
         said.append(f"its addresses were not announced: {e}")
     return "; ".join(said)
+
+
+_DESTROY = "".join(f"destroy table {family} {TABLE}\n" for family in ("inet", "arp"))
+
+
+async def _open(pid: int) -> list[str]:
+    """pid's quiet tables gone, if there: what could not be done. An nft older than destroy
+    (1.0.8) lists the tables, and deletes those there one by one."""
+    res = await proc.run(in_network(pid, "nft", "-f", "-"), input=_DESTROY.encode(), check=False)
+    if res.returncode == 0:
+        return []
+    listed = await proc.run(in_network(pid, "nft", "list", "tables"), check=False)
+    said = []
+    for family in ("inet", "arp"):
+        if f"table {family} {TABLE}" not in listed.text:
+            continue
+        res = await proc.run(in_network(pid, "nft", "delete", "table", family, TABLE), check=False)
+        if res.returncode != 0:
+            said.append(f"its network stays closed ({family}): {proc.why(res.stderr)}")
+    return said
 
 
 async def unlink(pid: int) -> None:

@@ -20,7 +20,9 @@ longer downtime is told (a warning), not refused.
 
 The freeze, CRIU's dump and restore of everything but memory, and a fill's pass over the
 frozen memory are counted at rates measured in the lab (options.RATES), not on the hosts at
-hand: a trial dump and restore would time them. A container's bundle changes are not counted.
+hand; a container's, at its runtime's rate, or as its trial timed them on these hosts where one
+ran (--trial, and a dry run), whichever is more (switchover). A container's bundle changes are
+not counted.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import os
 
 import zstandard
 
-from .. import host
+from .. import addresses, host
 from ..errors import DowntimeRefused
-from ..options import SIZES, Mode
+from ..options import RATES, SIZES, Mode
 from ..pages import pagehash
 from ..pages.pagemap import PAGE
 from ..progress import Cautioned
@@ -72,7 +74,8 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     memory, frozen, named = host.resident_bytes(pids), _frozen(m, mode, pids), _named(m, mode)
     limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen, named_bytes=named,
                            in_memory=_in_memory(m, mode, fills, pids),
-                           fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills, watched=_watched(m, mode)),
+                           fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills, watched=_watched(m, mode),
+                                                        switchover=switchover(m)),
                            max_rounds=min(m.options.max_rounds, m.w.max_rounds or m.options.max_rounds))
     est = policy.estimate(mode, memory, link, limits, into_images=mode == Mode.STOPCOPY.value and not fills,
                           wire_ratio=ratio)
@@ -81,6 +84,23 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     if frozen:
         why.append(_shared(frozen, named, policy.frozen_seconds(frozen, link, ratio, named, limits.in_memory)))
     return est, "; ".join(why) or "the freeze, and CRIU's dump and restore"
+
+
+def switchover(m: Move) -> float:
+    """What the switchover costs beside memory: a tree's, at the lab's rate; a container's, its
+    runtime's for one process (its pause and checkpoint, its restore making its namespaces and
+    mounts again, the source's copy deleted, its resume), more for each process beyond it and
+    for a network namespace of its own (options.RATES); or what its trial measured on these
+    hosts, its freeze and its restore through the runtime, with what a trial does not do, where
+    that is more."""
+    r, rate = m.report, RATES.per_container.get(m.w.kind)
+    if rate is None:
+        return RATES.per_tree
+    pids = m.w.pids()
+    rate += RATES.per_container_process * max(len(pids) - 1, 0) + RATES.own_network * addresses.own_network(pids)
+    if r.trial == "passed" and r.trial_freeze_seconds is not None and r.trial_restore_seconds is not None:
+        return max(rate, r.trial_freeze_seconds + r.trial_restore_seconds + RATES.beside_trial)
+    return rate
 
 
 def _watched(m: Move, mode: str) -> bool:

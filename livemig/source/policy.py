@@ -284,13 +284,15 @@ class Estimate:
     note: str
 
 
-def fixed_cost(private_bytes: int, fills: bool, frozen: float = 0.0, watched: bool = False) -> float:
-    """The downtime that pre-copy's pages do not make: the freeze, CRIU's dump and restore of
-    all but memory, for a fill going through every private page of the frozen tree (options.RATES;
-    watched: only listed, pre-copy having watched the writes), and frozen, the seconds of what goes
-    through image files (frozen_seconds)."""
+def fixed_cost(private_bytes: int, fills: bool, frozen: float = 0.0, watched: bool = False,
+               switchover: float = RATES.per_tree) -> float:
+    """The downtime that pre-copy's pages do not make: the switchover's own (switchover: the
+    freeze, the dump and restore of all but memory, the resume; a tree's by default, a
+    container's from downtime.switchover), for a fill going through every private page of the
+    frozen tree (options.RATES; watched: only listed, pre-copy having watched the writes), and
+    frozen, the seconds of what goes through image files (frozen_seconds)."""
     per_byte = 0.0 if not fills else 1 / (RATES.watched_fill if watched else RATES.fill)
-    return RATES.per_tree + private_bytes * per_byte + frozen
+    return switchover + private_bytes * per_byte + frozen
 
 
 def shared_words(frozen: int, named: int) -> str:

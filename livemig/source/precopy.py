@@ -41,7 +41,7 @@ def limits(m: Move) -> policy.Limits:
     watched = m.tracker is not None and m.tracker.watching
     return policy.Limits(max_downtime=o.downtime_budget, max_rounds=max_rounds,
                          fixed_cost=policy.fixed_cost(host.private_bytes(w.pids()), m.fills, m.frozen_seconds,
-                                                     watched),
+                                                     watched, downtime.switchover(m)),
                          thp_always=m.tracker is None and host.huge_pages_in_use(w.pids()),
                          # podman keeps one pre-checkpoint: no round to throttle for
                          throttling=policy.Throttling() if m.throttle and max_rounds > 1 else None,

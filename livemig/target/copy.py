@@ -76,18 +76,28 @@ class Copy:
         self.stages.to(Stage.RESTORED)
 
     async def resume(self) -> list[int]:
-        """Let it run; its PIDs."""
+        """Let it run; its PIDs. Its own network is opened as it thaws, not after: the
+        commit is made, and a packet that comes a moment before its tasks run waits in its
+        kernel for them, while each program either runs costs the downtime tens of ms."""
         pids = self.pids()
         named = proc.tasks(pids[::-1])
-        for c in self.containers:     # thawed, its tasks still stopped (restore.py)
-            await proc.run(runtimes.control(c, "resume"), phase=Phase.COMMIT)
-        # Leaves first, and through pidfds that skip the gone: a parent resumed before its
-        # zombie child would reap it, and the child's PID would name nothing (or another).
-        proc.signal_tasks([t for t in named if t not in self.own_stops], signal.SIGCONT)
-        self.stages.to(Stage.RUNNING)
-        while self.quiet:
-            if said := await quiet.speak(self.quiet.pop()):
+
+        async def thaw() -> None:
+            for c in self.containers:     # thawed, its tasks still stopped (restore.py)
+                await proc.run(runtimes.control(c, "resume"), phase=Phase.COMMIT)
+            # Leaves first, and through pidfds that skip the gone: a parent resumed before its
+            # zombie child would reap it, and the child's PID would name nothing (or another).
+            proc.signal_tasks([t for t in named if t not in self.own_stops], signal.SIGCONT)
+            self.stages.to(Stage.RUNNING)
+
+        async def speak(root: int) -> None:
+            if said := await quiet.speak(root):
                 print(f"livemig agent: {said}", file=sys.stderr)     # it runs all the same: said
+            self.quiet.remove(root)     # (until then, a resume that fails leaves it to undo(): unlink)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(thaw())
+            for root in list(self.quiet):
+                tg.create_task(speak(root))
         await self._announce()
         return pids
 

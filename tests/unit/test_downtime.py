@@ -154,3 +154,21 @@ def test_once_pre_copy_stops_its_estimate_is_at_the_best_rate_a_round_reached():
     assert policy.decide(rounds, limits).expected_downtime == pytest.approx(0.2 + 0.5)   # the stop rule's
     expected, rate = policy.final_estimate(rounds, limits)
     assert rate == rounds[0].bandwidth and expected == pytest.approx(0.2 + 50 * 2048 / rate) and expected < 0.21
+
+
+@pytest.mark.parametrize("kind, processes, own, trial, want", [
+    ("process", 6, True, (0.9, 0.9), RATES.per_tree),              # a tree's: the lab's rate, whatever a trial said
+    ("runc", 1, False, None, RATES.per_container["runc"]),        # a container untried: its runtime's rate
+    ("runc", 6, True, None, RATES.per_container["runc"] + 5 * RATES.per_container_process + RATES.own_network),
+    ("runc", 1, False, (0.01, 0.01), RATES.per_container["runc"]),  # tried, and faster: the rate, which errs high
+    ("crun", 1, False, (0.5, 0.4), 0.9 + RATES.beside_trial),     # tried, and slower here: what it measured
+])
+def test_a_container_s_switchover_is_its_runtime_s_or_what_its_trial_measured_if_more(monkeypatch, kind, processes,
+                                                                                         own, trial, want):
+    m, _ = moved()
+    m.w = SimpleNamespace(kind=kind, pids=lambda: list(range(100, 100 + processes)))
+    monkeypatch.setattr(downtime.addresses, "own_network", lambda pids: own)
+    if trial:
+        m.report.trial, (m.report.trial_freeze_seconds, m.report.trial_restore_seconds) = "passed", trial
+    assert downtime.switchover(m) == pytest.approx(want)
+    assert policy.fixed_cost(0, fills=False, switchover=downtime.switchover(m)) == pytest.approx(want)

@@ -133,3 +133,26 @@ def test_this_host_s_own_network_is_never_unlinked_nor_opened(monkeypatch):
     monkeypatch.setattr(quiet.proc, "run", no_command)
     asyncio.run(quiet.unlink(os.getpid()))
     assert asyncio.run(quiet.speak(os.getpid())) == ""
+
+
+@pytest.mark.parametrize("destroys, listed, deleted", [
+    (True, None, []),                                           # one nft call, whatever was there
+    (False, "table inet livemig-quiet\n", ["inet"]),            # an nft without destroy: those there, one by one
+    (False, "table ip filter\n", []),                           # none of ours there: nothing deleted
+])
+def test_a_copy_s_quiet_tables_go_in_one_nft_call_where_nft_can_destroy(monkeypatch, destroys, listed, deleted):
+    ran = []
+
+    async def run(argv, check=True, input=None, **kw):
+        ran.append((argv[2:], input))
+        out = (listed or "").encode() if argv[2:4] == ["nft", "list"] else b""
+        return quiet.proc.Result(tuple(argv), 0 if destroys or argv[3] != "-f" else 1, out, b"")
+    monkeypatch.setattr(quiet.proc, "run", run)
+    assert asyncio.run(quiet._open(4242)) == []
+    assert ran[0] == (["nft", "-f", "-"], b"destroy table inet livemig-quiet\ndestroy table arp livemig-quiet\n")
+    if destroys:
+        assert len(ran) == 1
+    else:
+        assert ran[1][0] == ["nft", "list", "tables"]
+        assert [argv[:3] + [argv[4]] for argv, _ in ran[2:]] == [["nft", "delete", "table", quiet.TABLE]] * len(deleted)
+        assert [argv[3] for argv, _ in ran[2:]] == deleted
