@@ -119,12 +119,15 @@ async def speak(pid: int) -> str:
     program started here costs tens of milliseconds, all of them in the downtime."""
     if host.same_netns(pid):
         return ""
-    said = []
     try:
-        opened, addresses = await asyncio.gather(_open(pid), _addresses(pid))
-    except CommandFailed as e:      # no nsenter, nft or ip here: nothing of ours was made quiet by them
-        return f"its network could not be looked at: {e}"
-    said += opened
+        async with asyncio.TaskGroup() as tg:
+            opening, reading = tg.create_task(_open(pid)), tg.create_task(_addresses(pid))
+    except BaseExceptionGroup as group:
+        failed = group.exceptions[0]
+        if isinstance(failed, CommandFailed):   # no nsenter, nft or ip here: nothing of ours was made quiet by them
+            return f"its network could not be looked at: {failed}"
+        raise failed from None
+    said, addresses = opening.result(), reading.result()
     try:
         def announce_each() -> None:
             for address, device, mac in addresses:

@@ -94,10 +94,13 @@ class Copy:
             if said := await quiet.speak(root):
                 print(f"livemig agent: {said}", file=sys.stderr)     # it runs all the same: said
             self.quiet.remove(root)     # (until then, a resume that fails leaves it to undo(): unlink)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(thaw())
-            for root in list(self.quiet):
-                tg.create_task(speak(root))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(thaw())
+                for root in list(self.quiet):
+                    tg.create_task(speak(root))
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None     # the runtime's failure, as the agent reports one
         await self._announce()
         return pids
 

@@ -18,10 +18,13 @@ from pathlib import Path
 import pytest
 
 from livemig import criu, proc, runtimes
+from livemig.errors import Phase
 from livemig.runtimes import held as held_mod
 from livemig.runtimes.held import HeldCopy
+from livemig.target import copy as copy_mod
 from livemig.target import restore as restore_mod
 from livemig.target.copy import Copy
+from livemig.target.failures import AgentFailure
 from livemig.target.stage import Stage, Stages
 from livemig.wire import protocol as p
 
@@ -131,6 +134,25 @@ async def test_a_container_is_thawed_and_then_its_stopped_tasks_continued(monkey
     assert await copy.resume() == [stopped_task.pid]
     assert thawed_while == ["T"]         # thawed first, still stopped: then continued
     _until(lambda: proc.state(stopped_task.pid) not in ("T", None))
+
+
+async def test_a_runtime_that_cannot_resume_its_container_fails_the_resume_as_itself(monkeypatch, stopped_task):
+    """Its own network is opened beside the thaw (quiet.speak): a thaw that fails is the
+    Resume's error as the runtime said it, not a group of the two; the copy stays to undo."""
+    async def run(argv, **kw):
+        raise AgentFailure(Phase.COMMIT, "runc resume exited 1: container not paused")
+
+    async def speak(pid):
+        await asyncio.sleep(5)      # cancelled once the thaw fails
+        return ""
+    monkeypatch.setattr(proc, "run", run)
+    monkeypatch.setattr(copy_mod.quiet, "speak", speak)
+    copy = Copy(_restored())
+    copy.containers = [p.Container("runc", "web1", "/var/lib/ctr/web1")]
+    copy.roots, copy.quiet = [stopped_task.pid], [stopped_task.pid]
+    with pytest.raises(AgentFailure, match="container not paused"):
+        await copy.resume()
+    assert copy.quiet == [stopped_task.pid] and not copy.stages.running     # its links left for undo()
 
 
 async def test_an_orphaned_container_recover_resumes_is_continued_too(monkeypatch, stopped_task):
