@@ -11,7 +11,7 @@ network made again), the requests around them and its resume.
 - runc, crun: memcounter (64 MiB) in a runc or crun container on the host's network;
 - runc-own-network: the held-connection server in a runc container in a network namespace of
   its own, on a macvlan link (its network made again, and kept quiet until it runs: quiet.py);
-- podman: the same server in a podman container on a macvlan network;
+- podman: the same server in a podman container on a macvlan network, as bench.clients starts it;
 - postgres: Debian's PostgreSQL in a runc container whose user and network namespaces are its
   own (tests/services.py), as bench.clients moves it.
 Each is moved a -> b -> a, --reps times, each move after a dry run the same way (which takes the
@@ -35,32 +35,26 @@ from pathlib import Path
 from tests import services as sv
 from tests.lab import Lab
 
+from . import clients
 from .output import machine
 
-TOOL = "/opt/livemig/tests/workloads/container.py"
-PODMAN_ENV = ["env", "PODMAN_IGNORE_CGROUPSV1_WARNING=1"]
+TOOL = clients.CONTAINER_TOOL
 WORKLOADS = ("runc", "crun", "runc-own-network", "podman", "postgres")
-NETWORK, ADDRESS, MAC, PORT = "livemig-sw", "198.18.0.150", "02:42:c6:12:00:96", 7000
+ADDRESS, MAC, PORT = clients.PODMAN["address"], "02:42:c6:12:00:96", clients.PODMAN["port"]
 
 
 def start(lab: Lab, workload: str) -> list[str]:
-    """The workload on a: what names it to livemig."""
+    """The workload on a: what names it to livemig (podman's and PostgreSQL's as bench.clients
+    starts them)."""
+    if workload in ("podman", "postgres"):
+        return clients.start(lab, workload)
     name = f"sw-{workload}"
     if workload in ("runc", "crun"):
         lab.run("a", ["python3", TOOL, "memcounter", "--runtime", workload, "--name", name, "--bundle",
                       f"/var/lib/ctr/{name}", "--mib", "64", "--dirty-mibps", "0", "--port", "7931"])
-    elif workload == "runc-own-network":
+    else:
         lab.run("a", ["python3", TOOL, "linked", "--runtime", "runc", "--name", name, "--bundle",
                       f"/var/lib/ctr/{name}", "--ip", f"{ADDRESS}/24", "--mac", MAC, "--port", str(PORT)])
-    elif workload == "podman":
-        for h in ("a", "b"):
-            lab.run(h, [*PODMAN_ENV, "podman", "network", "create", "--ignore", "--driver", "macvlan", "--opt",
-                        "parent=eth0", "--subnet", "198.18.0.0/24", "--ip-range", "198.18.0.128/25",
-                        "--disable-dns", NETWORK])
-        lab.run("a", [*PODMAN_ENV, "python3", TOOL, "held", "--name", name, "--network", NETWORK, "--ip", ADDRESS,
-                      "--port", str(PORT)])
-    else:
-        return sv.postgres_container(lab, sv.init_postgres(lab), own_network=True)
     time.sleep(1)       # listening
     return [name]
 
@@ -68,8 +62,9 @@ def start(lab: Lab, workload: str) -> list[str]:
 def stop(lab: Lab, workload: str, what: list[str]) -> None:
     for h in ("a", "b"):
         if workload == "podman":
-            lab.run(h, [*PODMAN_ENV, "podman", "rm", "--force", what[0]], check=False)
-            lab.run(h, [*PODMAN_ENV, "podman", "network", "rm", "--force", NETWORK], check=False)
+            lab.run(h, [*clients.PODMAN_ENV, "podman", "rm", "--force", what[0]], check=False)
+            lab.run(h, [*clients.PODMAN_ENV, "podman", "network", "rm", "--force", clients.PODMAN["network"]],
+                    check=False)
         else:
             lab.run(h, ["crun" if workload == "crun" else "runc", "delete", "--force", what[0]], check=False)
             lab.run(h, ["rm", "-rf", f"/var/lib/ctr/{what[0]}"], check=False)
@@ -78,7 +73,7 @@ def stop(lab: Lab, workload: str, what: list[str]) -> None:
 
 
 def livemig(lab: Lab, src: str, dst: str, what: list[str], *flags: str) -> dict:
-    res = lab.run(src, [*PODMAN_ENV, "livemig", "move", "--json", *flags, *what, dst], check=False, timeout=900)
+    res = lab.run(src, [*clients.PODMAN_ENV, "livemig", "move", "--json", *flags, *what, dst], check=False, timeout=900)
     report = json.loads(res.stdout) if res.stdout.strip().startswith(b"{") else {}
     if res.returncode != 0:
         report["failed"] = res.stderr.decode(errors="replace").strip()[-300:]
