@@ -75,7 +75,7 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen, named_bytes=named,
                            in_memory=_in_memory(m, mode, fills, pids),
                            fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills, watched=_watched(m, mode),
-                                                        switchover=switchover(m)),
+                                                        switchover=switchover(m, pids)),
                            max_rounds=min(m.options.max_rounds, m.w.max_rounds or m.options.max_rounds))
     est = policy.estimate(mode, memory, link, limits, into_images=mode == Mode.STOPCOPY.value and not fills,
                           wire_ratio=ratio)
@@ -86,17 +86,16 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     return est, "; ".join(why) or "the freeze, and CRIU's dump and restore"
 
 
-def switchover(m: Move) -> float:
+def switchover(m: Move, pids: list[int]) -> float:
     """What the switchover costs beside memory: a tree's, at the lab's rate; a container's, its
     runtime's for one process (its pause and checkpoint, its restore making its namespaces and
     mounts again, the source's copy deleted, its resume), more for each process beyond it and
     for a network namespace of its own (options.RATES); or what its trial measured on these
     hosts, its freeze and its restore through the runtime, with what a trial does not do, where
-    that is more."""
+    that is more. pids: its processes, as the caller read them."""
     r, rate = m.report, RATES.per_container.get(m.w.kind)
     if rate is None:
         return RATES.per_tree
-    pids = m.w.pids()
     rate += RATES.per_container_process * max(len(pids) - 1, 0) + RATES.own_network * addresses.own_network(pids)
     if r.trial == "passed" and r.trial_freeze_seconds is not None and r.trial_restore_seconds is not None:
         return max(rate, r.trial_freeze_seconds + r.trial_restore_seconds + RATES.beside_trial)

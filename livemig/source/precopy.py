@@ -39,10 +39,11 @@ def limits(m: Move) -> policy.Limits:
     max_rounds = min(o.max_rounds, w.max_rounds or o.max_rounds)
     # (the final pass reads only what was written since: pages/wptrack.py)
     watched = m.tracker is not None and m.tracker.watching
+    pids = w.pids()
     return policy.Limits(max_downtime=o.downtime_budget, max_rounds=max_rounds,
-                         fixed_cost=policy.fixed_cost(host.private_bytes(w.pids()), m.fills, m.frozen_seconds,
-                                                     watched, downtime.switchover(m)),
-                         thp_always=m.tracker is None and host.huge_pages_in_use(w.pids()),
+                         fixed_cost=policy.fixed_cost(host.private_bytes(pids), m.fills, m.frozen_seconds,
+                                                     watched, downtime.switchover(m, pids)),
+                         thp_always=m.tracker is None and host.huge_pages_in_use(pids),
                          # podman keeps one pre-checkpoint: no round to throttle for
                          throttling=policy.Throttling() if m.throttle and max_rounds > 1 else None,
                          max_bandwidth=o.max_bandwidth)

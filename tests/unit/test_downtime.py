@@ -166,9 +166,9 @@ def test_once_pre_copy_stops_its_estimate_is_at_the_best_rate_a_round_reached():
 def test_a_container_s_switchover_is_its_runtime_s_or_what_its_trial_measured_if_more(monkeypatch, kind, processes,
                                                                                          own, trial, want):
     m, _ = moved()
-    m.w = SimpleNamespace(kind=kind, pids=lambda: list(range(100, 100 + processes)))
+    m.w, pids = SimpleNamespace(kind=kind), list(range(100, 100 + processes))
     monkeypatch.setattr(downtime.addresses, "own_network", lambda pids: own)
     if trial:
         m.report.trial, (m.report.trial_freeze_seconds, m.report.trial_restore_seconds) = "passed", trial
-    assert downtime.switchover(m) == pytest.approx(want)
-    assert policy.fixed_cost(0, fills=False, switchover=downtime.switchover(m)) == pytest.approx(want)
+    assert downtime.switchover(m, pids) == pytest.approx(want)
+    assert policy.fixed_cost(0, fills=False, switchover=downtime.switchover(m, pids)) == pytest.approx(want)
