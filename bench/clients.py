@@ -8,6 +8,7 @@ livemig's modes, all in one run.
     python -m bench.clients                          10 moves per workload and mode
     python -m bench.clients --moves 4 --workloads redis --modes auto
     python -m bench.clients --workloads postgres --modes auto
+    python -m bench.clients --workloads postgres redis --modes auto auto-no-replay
 
 The lab: three namespaced hosts, a and b, and c where the client runs. A workload starts on a
 with the address 198.18.0.100/24; its client starts on c and keeps its one connection for the
@@ -18,6 +19,8 @@ client waited for an answer that came from the move's start to a second after it
 (held_client.py: each answer's wait), beside livemig's own downtime_seconds for it. Failed
 requests: a lost connection, and a move that failed. The seeds' procedure is measured the
 same way, as they give it (no flag for connections): its first failure ends its moves.
+`auto-no-replay` is auto with --no-replay: what a client sends while the workload is frozen
+waits for its retransmission, rather than being given to the copy that runs next (replay.py).
 
 And a podman container in a network namespace of its own (`--workloads podman`), the held
 server of tests/test_podman_network.py on a macvlan network that a and b define alike, at
@@ -62,7 +65,9 @@ OWN_NETWORK = ("podman", "postgres")      # their address is their own network's
 PODMAN = {"network": "livemig-link", "address": "198.18.0.150", "port": 7000, "name": "bench-held"}
 PODMAN_ENV = ["env", "PODMAN_IGNORE_CGROUPSV1_WARNING=1"]
 CONTAINER_TOOL = WORKLOAD.replace("memcounter.py", "container.py")
-MODES = {"auto": (), "postcopy": ("--mode", "postcopy"), "stopcopy": ("--mode", "stopcopy"), "seeds": ()}
+MODES = {"auto": (), "auto-no-replay": ("--no-replay",), "postcopy": ("--mode", "postcopy"),
+         "stopcopy": ("--mode", "stopcopy"), "seeds": ()}
+AUTO = ("auto", "auto-no-replay")
 MEMCOUNTER_PORT = 7960
 AFTER_MOVE = 1.0        # seconds after a move's end in which an answer still counts as its
 
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.unprivileged_userfaultfd:
         uffd.write_text("1")
     try:
-        samples = [s for workload in a.workloads for mode in a.modes if workload not in OWN_NETWORK or mode == "auto"
+        samples = [s for workload in a.workloads for mode in a.modes if workload not in OWN_NETWORK or mode in AUTO
                    for s in told(run(lab, workload, mode, a.moves, a.every))]
     finally:
         uffd.write_text(was)

@@ -175,6 +175,10 @@ def _moving_flags(sub: argparse.ArgumentParser, budget: bool = False) -> None:
                      help="where the kernel has no soft-dirty, pre-copy by page hashes rather than by "
                           "userfaultfd write-protection: nothing is run in the workload's processes, but "
                           "every round and the final pass read all of its memory")
+    sub.add_argument("--no-replay", action="store_true",
+                     help="with --tcp-established: what clients send while the workload is frozen is not kept for "
+                          "the copy that runs next, and waits for their retransmission (by default it is given "
+                          "to that copy as it resumes, and answered then)")
     sub.add_argument("--compression-level", metavar="LEVEL",
                      help="zstd level on the wire, 1 to 19 (default auto: chosen per move from the link's rate "
                           "and this CPU's, on a sample of the workload's memory)")

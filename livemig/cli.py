@@ -188,7 +188,8 @@ def _moving(args, **more) -> Options:
     """The options a move takes from its flags (move's, and a drain's for each of its moves)."""
     return replace(_settings(mode=args.mode, max_downtime=args.max_downtime, max_rounds=args.max_rounds,
                              throttle=_no(args.no_throttle), fill=_no(args.no_fill),
-                             write_protect=_no(args.no_write_protect), compression_level=args.compression_level,
+                             write_protect=_no(args.no_write_protect), replay=_no(args.no_replay),
+                             compression_level=args.compression_level,
                              image_root=args.image_root, max_bandwidth=args.max_bandwidth,
                              bootstrap=_no(args.no_bootstrap), carry_files_max=args.carry_files_max,
                              trial=True if args.trial else None,

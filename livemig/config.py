@@ -86,6 +86,8 @@ SETTINGS = {
     "fill": (_bool, "stop-and-copy: the pages into the target's memory, placed while the copy runs"),
     "write_protect": (_bool, ("without soft-dirty, pre-copy tracks writes by userfaultfd write-protection "
                               "(a system call run in each process); false: by page hashes")),
+    "replay": (_bool, ("with tcp_established: what clients send while the workload is frozen is given to the copy "
+                       "that runs next; false: left to their retransmissions")),
     "compression_level": (_level, ("zstd level of everything on the wire, 1 to 19; auto (0): chosen per move from "
                                    "the link's rate and the source CPU's")),
     "max_bandwidth": (parse_rate, ("bytes a second one move sends at most, over all its streams "

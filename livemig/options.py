@@ -40,6 +40,10 @@ class Options:
     #: the workload made to run the system call that sets it up (ptrace; pages/wptrack.py); False: by page
     #: hashes, nothing run in the workload, the final pass reading all of its memory
     write_protect: bool = True
+    #: with --tcp-established: what the workload's clients send while it is frozen is kept on the source and given
+    #: to the copy that runs next, which answers it then, not at their next retransmission (replay.py); False: left to
+    #: their retransmissions
+    replay: bool = True
     #: zstd level for everything on the wire; 0: chosen per move from the link's rate and this CPU's
     #: (wire/compression.py; where a move does not choose, zstd's default, 3)
     compression_level: int = 0
@@ -211,6 +215,12 @@ class Sizes:
     # than the report's downtime (its own 10 ms tick is most of the 7); with one thread, 3 to 12 ms,
     # and the fill took no longer (118 against 121 ms, the copy running: tests/test_bandwidth.py).
     fill_threads: int = max(1, min(4, (os.cpu_count() or 2) - 1))
+    # What the workload's clients send while it is frozen, given to the copy that runs next (replay.py):
+    # at most this much crosses in the target's Resume (a control message: its frame's limit is 1 MiB, and
+    # base64 takes a third more); the rest is left to the clients' retransmissions. The packet socket's
+    # buffer holds each packet at its kernel size, some 1 KiB more than its bytes.
+    replay_bytes: int = 512 << 10
+    replay_socket_buffer: int = 8 << 20
     hash_read_pages: int = 256                    # 1 MiB per read of a process's memory (page hashes)
     # A fill holds every page in the target agent's store, then hands each to the copy and lets it go:
     # the workload's memory about once, and some slack for the pages in flight and the restore's own.

@@ -145,6 +145,9 @@ class Report:
     #: the service addresses that moved with it (--move-address), each "ADDR/PREFIX: interface on
     #: source to interface on target"
     moved_addresses: list[str] = field(default_factory=list)
+    #: TCP segments the workload's clients sent while it was frozen, given to the copy that ran next as it
+    #: resumed (replay.py): their answers came then, not at their next retransmission
+    packets_replayed: int = 0
     #: the tree's shared memory (anonymous shared, memfd, SysV), which CRIU writes into image files at the freeze
     #: in every mode (host.shared_memory_bytes)
     shared_memory_bytes: int = 0

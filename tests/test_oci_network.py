@@ -13,7 +13,9 @@ network again); killed after its mark, recover resumes the target's copy, the co
 it, and the source's goes, its link with it. A container whose link livemig cannot make again
 (a veth, its other end on this host) is refused before anything is touched. Moved without
 --tcp-established, a container with its client connected is told of the connection once in the
-dry run and once in the move's report, and moves; the client connects again, to the copy."""
+dry run and once in the move's report, and moves; the client connects again, to the copy.
+What the client sends while the container is frozen is given to the copy that runs next, which
+answers it then, not at the client's next retransmission (livemig/replay.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import subprocess
 
 import pytest
 
+from tests.held import asked_while_held
 from tests.test_podman import TOOL
 from tests.test_podman_network import (
     ADDRESS,
@@ -94,6 +97,29 @@ def test_a_container_in_its_own_network_keeps_it_and_its_client_s_connection_the
         client.kill()
     assert asked == [1, 1]          # the one connection, all along
     assert len(numbers) > 20
+    assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+
+
+HOLD = 2.0     # seconds a move is held after its restore (tests/held.py: asked_while_held)
+
+
+@pytest.mark.parametrize("replay", [True, False], ids=["replay", "no-replay"])
+def test_a_client_that_asks_while_the_container_is_frozen_is_answered_as_it_resumes(lab3, linked, replay):
+    """The client asks once while the move is held after b restored the copy: a's copy frozen
+    and quiet, b's stopped. Its TCP sends the question again 0.2, 0.4, 0.85, 1.7 and 3.4 s
+    after (from its 200 ms floor, doubling), so the move goes on HOLD s after, far from any of
+    those. Kept on a and given to b's copy as it resumed (replay.py), the question is answered
+    then; with --no-replay, at the retransmission after (3.4 s): the premise, shown."""
+    lab, name = lab3, linked("runc", f"runc-{'replay' if replay else 'no-replay'}")
+    argv = ["livemig", "move", "--json", "--tcp-established", *([] if replay else ["--no-replay"]), name, "b"]
+    report, waited = asked_while_held(lab, argv, ADDRESS, PORT, HOLD)
+    assert report["outcome"] == "moved", report
+    assert waited > HOLD        # it waited for the copy that runs
+    if replay:
+        assert report["packets_replayed"] >= 1 and waited < HOLD + 0.8, (waited, report["downtime_parts"])
+    else:
+        assert report["packets_replayed"] == 0 and waited > HOLD + 0.8, (waited, report["downtime_parts"])
+    assert status(lab, "b", "runc", name) == "running" and status(lab, "a", "runc", name) is None
     assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
 
 

@@ -4,7 +4,8 @@ connection to that address and asks over it every 20 ms; the service moves a -> 
 with --move-address and --tcp-established, in three modes. The client's connection never
 breaks, every answer it got is the one after the last (nothing lost, nothing given twice),
 and the address is on one host at a time. A move rolled back puts the address back where it
-was. Bad input is refused in the preflight, in one line, nothing touched."""
+was. Bad input is refused in the preflight, in one line, nothing touched. What the client
+sends while the service is frozen reaches the copy that runs next, which answers it then."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import subprocess
 import pytest
 
 from tests import services as sv
-from tests.held import end_if_held, go_on, wait_stopped
+from tests.held import asked_while_held, end_if_held, go_on, wait_stopped
 from tests.lab import WORKLOAD
 
 pytestmark = pytest.mark.lab
@@ -82,6 +83,43 @@ def test_a_client_keeps_its_connection_while_the_service_and_its_address_move_in
         client.kill()
     # it answered from each host in turn, over the one connection
     assert [h for h, _ in itertools.groupby(host for _, host, _ in heard["answers"])] == ["a", "b", "a", "b"]
+    assert lab.leftovers(("a", "b")) == {"a": ([], []), "b": ([], [])}
+
+
+@pytest.mark.parametrize("mode", ["stopcopy", "postcopy"])
+def test_a_question_asked_while_the_service_is_frozen_is_answered_as_its_copy_resumes(lab3, service, mode):
+    """Asked while the move is held after b's restore (tests/held.py), the address already off
+    a and on b, not yet announced: the question reaches a, which keeps it (replay.py: its packet
+    socket takes what comes for the moved address alone), and b's copy is given it as it
+    resumes. Its TCP would send it again 1.7 and 3.4 s after; it is answered at the resume."""
+    lab, hold = lab3, 2.0
+    work = service(4851 if mode == "stopcopy" else 4861, 7951)
+    report, waited = asked_while_held(lab, ["livemig", "move", "--json", "--mode", mode, "--tcp-established",
+                                            "--move-address", MOVED, "--pid", str(work.pid), "b"],
+                                      ADDRESS, work.port, hold)
+    assert report["outcome"] == "moved" and report["packets_replayed"] >= 1, report
+    assert hold < waited < hold + 0.8, (waited, report["downtime_parts"])
+    assert work.query("b", "verify")["bad_pages"] == 0
+    assert lab.leftovers(("a", "b")) == {"a": ([], []), "b": ([], [])}
+
+
+@pytest.mark.parametrize("flags, point", [([], "restored"), (["--no-fill"], "transfer")],
+                         ids=["fill-restored", "image-files-transfer"])
+def test_a_question_asked_while_the_service_is_frozen_is_answered_as_it_runs_here_again_after_a_ctrl_c(
+        lab3, service, flags, point):
+    """As above, but the move is interrupted where it was held: it rolls back, and the source's
+    copy, which runs again, is given the question (replay.py) before its TCP would send it
+    again. Two ways back: a fill interrupted in its commit (postcopy.settle), and stop-and-copy
+    into image files interrupted while frozen (failures.rollback)."""
+    lab, hold = lab3, 2.0
+    work = service(4871 if flags else 4881, 7961)
+    report, waited = asked_while_held(lab, ["livemig", "move", "--json", "--mode", "stopcopy", *flags,
+                                            "--tcp-established", "--move-address", MOVED, "--pid", str(work.pid), "b"],
+                                      ADDRESS, work.port, hold, interrupted=True, point=point)
+    assert report["outcome"] == "rolled back" and report["packets_replayed"] >= 1, (report["warnings"], waited)
+    assert hold < waited < hold + 0.8, waited
+    assert _has(lab, "a", ADDRESS) and not _has(lab, "b", ADDRESS)
+    assert work.query("a")["host"] == "a"
     assert lab.leftovers(("a", "b")) == {"a": ([], []), "b": ([], [])}
 
 

@@ -27,15 +27,12 @@ ever touches the host's own network namespace, which a container may share.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import shutil
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
-from .. import host, proc, service_address
+from .. import host, netns, proc, service_address
 from ..errors import CommandFailed, LivemigError, Phase
 
 TABLE = "livemig-quiet"
@@ -49,7 +46,6 @@ table arp {TABLE} {{
   chain out {{ type filter hook output priority -300 ; policy drop ; }}
 }}
 """
-_CLONE_NEWNET = 0x40000000
 
 
 def tools(names: tuple[str, ...] = ("nsenter", "nft", "ip")) -> dict[str, str]:
@@ -133,7 +129,7 @@ async def speak(pid: int) -> str:
             for address, device, mac in addresses:
                 # (its MAC as the namespace has it: /sys is livemig's own namespace's)
                 service_address.announce(address, device, mac)
-        await _in_namespace(pid, announce_each)
+        await netns.run_in(pid, announce_each)
     except (OSError, LivemigError) as e:       # it runs, and peers learn its place as it talks
         said.append(f"its addresses were not announced: {e}")
     return "; ".join(said)
@@ -187,34 +183,3 @@ async def _addresses(pid: int) -> list[tuple[str, str, str]]:
     return [(f"{a['local']}/{a['prefixlen']}", link["ifname"], link.get("address", ""))
             for link in await _links(pid) if link.get("ifname") != "lo"
             for a in link.get("addr_info", []) if a.get("scope") == "global"]
-
-
-async def _in_namespace(pid: int, work: Callable[[], None]) -> None:
-    """work() run in pid's network namespace: in a thread of its own that ends with it (setns
-    moves the calling thread alone, and a thread of a pool would stay there)."""
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-            try:
-                if _libc().setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns into {pid}'s network namespace")
-            finally:
-                os.close(fd)
-            work()
-        except BaseException as e:     # noqa: BLE001 - carried to the caller, raised there
-            failed.append(e)
-
-    def in_its_thread() -> None:
-        t = threading.Thread(target=run, name="livemig-netns")
-        t.start()
-        t.join()
-
-    await asyncio.to_thread(in_its_thread)
-    if failed:
-        raise failed[0]
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)

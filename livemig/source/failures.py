@@ -107,6 +107,8 @@ async def rollback(m: Move, cause: BaseException) -> None:
             m.report.warnings += await m.workload.resume(m.dump, m.stop_relay)
         except LivemigError as e:       # said once the rest is undone (below), with the cause
             unresumed = e
+        else:
+            await m.give_back()
     await owners.unhold(m)      # (its unit as it was, the workload running on here)
     kept = await m.to.abort()
     # announced again once the target let go of them (its abort took them off there)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import runtimes, workdirs
+from .. import replay, runtimes, workdirs
 from ..options import Options
 from ..pages import pagehash, push, shmem
 from ..pages import postcopy as pages
@@ -70,6 +70,7 @@ class Move:
         self.record: recovery.Record | None = None    # kept on disk while post-copy may fail
         self.dump: runtimes.DumpRun | None = None     # the final dump: the source was touched
         self.relay: asyncio.Task[Any] | None = None   # the final dump's pages on their way
+        self.taking: replay.Taking | None = None     # what the clients send while it is frozen, kept
         self.lazy_token = ""
         self.rejoin_token = ""    # the stream the target's agent takes us back on, should the link break
         self.pushed_before: list[pages.Pushed] = []    # the pushes of links that broke, for the counts
@@ -123,7 +124,11 @@ class Move:
         return "filling the copy" if self.fills else "post-copy"
 
     def stop_watching(self) -> None:
-        """The source's copy, if it runs, is watched no more (pages/wptrack.py)."""
+        """The source's copy, if it runs, is watched no more (pages/wptrack.py), nor what its
+        clients send (replay.py: kept for a copy that never ran, nothing is left to give it to)."""
+        if self.taking is not None:
+            self.taking.close()
+            self.taking = None
         if self.tracker is not None:
             self.tracker.close()
             self.report.pages_vouched = self.tracker.settled_pages
@@ -139,6 +144,27 @@ class Move:
         # the failure that counts was told already: the relay's followed from it
         with contextlib.suppress(BaseException):
             await self.relay
+
+    def take_packets(self) -> replay.Taken:
+        """What the workload's clients sent since just before the freeze (replay.py), once:
+        none after the first call."""
+        taking, self.taking = self.taking, None
+        taken = taking.take() if taking is not None else replay.Taken()
+        if taken.left:
+            self.report.warnings.append(f"{taken.left} packets its clients sent while it was frozen were more than "
+                                        "the copy is given: they were left to their retransmissions")
+        return taken
+
+    async def give_back(self) -> None:
+        """What the clients sent while it was frozen, given to the source's copy, which runs
+        again (replay.py): as the target's would have been at its Resume."""
+        taken = self.take_packets()
+        if not taken.packets:
+            return
+        try:
+            self.report.packets_replayed = await replay.give(self.w.root_pid, taken.packets)
+        except OSError as e:      # it runs all the same: its clients' retransmissions reach it
+            self.report.warnings.append(f"what its clients sent while it was frozen could not be given to it: {e}")
 
     def lift_throttle(self) -> None:
         """At switchover, and on every way out: the workload's CPU quota as it was."""

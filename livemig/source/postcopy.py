@@ -183,6 +183,7 @@ async def settle(m: Move, cause: BaseException) -> bool:
     else:
         m.report.warnings += await put_back(m.addresses_taken)   # the copy never ran there
         m.report.warnings += await copy.resume(m.work / "final")     # (its CRIU, killed, left the network locked)
+        await m.give_back()
         m.report.outcome = "rolled back"
     recovery.drop(m.work)
     await _forget_verdict(m)

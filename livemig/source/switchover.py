@@ -14,7 +14,7 @@ import contextlib
 import time
 from pathlib import Path
 
-from .. import carried, host, runtimes, service_address, workdirs
+from .. import carried, host, replay, runtimes, service_address, workdirs
 from ..errors import DumpError, LivemigError, Phase
 from ..interrupts import uncancellable
 from ..options import WAITS
@@ -49,6 +49,7 @@ async def final_dump(m: Move, lazy: bool) -> None:
     streaming = w.streams_pages and not lazy
     if streaming:
         await m.to.request(p.OpenPageServer(dir="final", stream=tok, parent=parent), p.Done)
+    await _keep_clients_packets(m)
     m.progress(Stepping(Phase.FINAL_DUMP, "final dump"))
     # switchover: auto-converge's throttle goes the moment the freeze begins
     lifting = None if m.throttle is None or m.throttle.current is None else \
@@ -84,6 +85,20 @@ async def final_dump(m: Move, lazy: bool) -> None:
         await m.to.request(p.AwaitPageServer(dir="final"), p.PageServerDone)
         rnd.bytes_raw, rnd.bytes_wire = relayed.sent.raw, relayed.sent.wire
     m.report.rounds.append(rnd)
+
+
+async def _keep_clients_packets(m: Move) -> None:
+    """From now on, what the workload's clients send is kept, for the copy that runs next
+    (replay.py): where its connections are to survive the move, in a network namespace of its
+    own or at addresses that move with it."""
+    pid = m.w.root_pid
+    if not (m.options.replay and m.options.criu.tcp_established) or (host.same_netns(pid) and not m.addresses):
+        return
+    try:
+        m.taking = await replay.Taking.open(pid, [] if not host.same_netns(pid) else list(m.addresses))
+    except OSError as e:       # the move goes on: its clients wait for their retransmissions, as before
+        m.report.warnings.append(f"what its clients send while it is frozen cannot be kept ({e}): those that "
+                                 "ask then wait for their next retransmission")
 
 
 def _in_memory(m: Move, images: Path) -> None:
@@ -266,7 +281,8 @@ async def switch_over(m: Move) -> None:
 
 async def resume_target(m: Move, lazy: bool = False) -> float:
     """The target's copy runs: the downtime ends here, and its parts are told."""
-    resumed = await m.to.request(p.Resume(), p.Resumed)
+    resumed = await m.to.request(p.Resume(packets=replay.packed(m.take_packets().packets)), p.Resumed)
+    m.report.packets_replayed = resumed.given
     running_at = time.monotonic()
     frozen_at = m.final.frozen_at
     m.report.downtime_seconds = running_at - frozen_at

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import logs, workdirs
+from .. import logs, replay, workdirs
 from ..errors import Phase
 from ..options import WAITS
 from ..version import __version__
@@ -286,7 +286,7 @@ class Agent:
             # may take the room the verdict needs on a full disk (the marker's, just freed)
             self.verdicts.write(self.ws.name, "running", phase=Phase.COMMIT)
             self.verdicts.note_copy(self.ws.name, dataclasses.asdict(orphans.held(self.copy)))
-        return p.Resumed(pids)
+        return p.Resumed(pids, await _given(self.copy.roots[-1], msg.packets))
 
     @property
     def _lazy(self) -> PostCopy:
@@ -364,3 +364,15 @@ async def main(root: str = DEFAULT_ROOT) -> int:
     transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, sys.stdout.buffer)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return await Agent(reader, writer, root).serve()
+
+
+async def _given(root: int, packets: list[str]) -> int:
+    """What its clients sent while it was frozen, given to the copy that runs (replay.py)."""
+    if not packets:
+        return 0
+    try:
+        return await replay.give(root, replay.unpacked(packets))
+    except (OSError, ValueError) as e:     # it runs all the same: its clients' retransmissions reach it
+        print(f"livemig agent: what its clients sent while it was frozen could not be given to it: {e}",
+              file=sys.stderr)
+        return 0

@@ -26,8 +26,8 @@ if TYPE_CHECKING:     # for the annotations alone: the messages need no zstd to 
 # the older one goes. No such code is kept yet: every message is written and read in the newest format
 # alone, so both are the same version. Hello is read by every livemig from 16 on, whatever fields a
 # newer one adds to it (_OPEN), so that the two always learn each other's versions.
-PROTOCOL_VERSION = 25  # 25: Container.own_network, HostFacts.parents_missing (a runc or crun container's own network namespace, made again on the target: runtimes/oci_networks.py); 24: Container.networks, HostFacts.podman_networks (a podman container's own network: can its address, and its connections, be the same on the target?); 23: TrialRestore, TrialRestored (trial.py: the workload's images restored before the freeze, thrown away); 22: Probe.unit, HostFacts.unit_state, Restore.journal_streams, InstallUnit, AdoptUnit (units.py: a workload systemd runs keeps its unit); 21: HostFacts.cpus and load (a drain places workloads by them); 20: a lazy dump's images may name the shared memory pre-copy sent (pages/shmem.py NAMED), for the target to place; ReceiveFiles.in_memory; 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
-PROTOCOL_OLDEST = 25
+PROTOCOL_VERSION = 26  # 26: Resume.packets, Resumed.given (what the clients sent while the workload was frozen: replay.py); 25: Container.own_network, HostFacts.parents_missing (a runc or crun container's own network namespace, made again on the target: runtimes/oci_networks.py); 24: Container.networks, HostFacts.podman_networks (a podman container's own network: can its address, and its connections, be the same on the target?); 23: TrialRestore, TrialRestored (trial.py: the workload's images restored before the freeze, thrown away); 22: Probe.unit, HostFacts.unit_state, Restore.journal_streams, InstallUnit, AdoptUnit (units.py: a workload systemd runs keeps its unit); 21: HostFacts.cpus and load (a drain places workloads by them); 20: a lazy dump's images may name the shared memory pre-copy sent (pages/shmem.py NAMED), for the target to place; ReceiveFiles.in_memory; 19: Probe.sized_files, HostFacts.file_sizes (a tree's files the target has at another size), HostFacts.unprivileged_uffd; 18: Probe.move_addresses, HostFacts.subnet_devices, Restore.move_addresses (service_address.py: the service address moves with the workload); 17: Probe.ports and mount_sources, HostFacts.ports_taken and mount_sources_missing (what the target's occupancy and storage would refuse the restore); 16: Hello.protocol_oldest (the coordinator's range: the agent answers the highest both speak in Welcome.protocol); 15: Probe.files, HostFacts.files_missing (a tree's files the target lacks), Restore.carried (those carried); 14: DropFiles (a measure of the link leaves nothing on the target); 13: a lazy dump's images may name the pages its processes share copy-on-write (pages/cow.py SHARED), for the target to complete; 12: HostFacts.nonlocal_bind and locks_taken, Probe.locked_files, Restore.tcp_established and file_locks; 11: a lazy restore's coordinator may rejoin it (RejoinPages), a successor take it over; 10: stop-and-copy into memory (a fill with no store yet); 9: a fill's Resume waits for every page on the host
+PROTOCOL_OLDEST = 26
 MAX_FRAME = 1 << 20   # control messages only: bulk data has streams of its own
 _LEN = struct.Struct(">I")
 _TYPES: dict[str, type] = {}
@@ -413,12 +413,15 @@ class Restored:
 
 @message
 class Resume:
-    """The source is gone: let the restored tree run."""
+    """The source is gone: let the restored tree run, and give it what its clients sent
+    while it was frozen (replay.py: base64, each an IP packet)."""
+    packets: list[str] = field(default_factory=list)
 
 
 @message
 class Resumed:
     pids: list[int]
+    given: int = 0      # of Resume's packets, those given to the copy
 
 
 @message
