@@ -125,7 +125,8 @@ class Move:
 
     def stop_watching(self) -> None:
         """The source's copy, if it runs, is watched no more (pages/wptrack.py), nor what its
-        clients send (replay.py: kept for a copy that never ran, nothing is left to give it to)."""
+        clients send (replay.py: what was not taken, kept for a copy that never ran, has
+        nothing left to give it to)."""
         if self.taking is not None:
             self.taking.close()
             self.taking = None
@@ -147,9 +148,8 @@ class Move:
 
     def take_packets(self) -> replay.Taken:
         """What the workload's clients sent since just before the freeze (replay.py), once:
-        none after the first call."""
-        taking, self.taking = self.taking, None
-        taken = taking.take() if taking is not None else replay.Taken()
+        none after the first call. Its socket is closed by stop_watching(), once the copy runs."""
+        taken = self.taking.take() if self.taking is not None else replay.Taken()
         if taken.left:
             self.report.warnings.append(f"{taken.left} packets its clients sent while it was frozen were more than "
                                         "the copy is given: they were left to their retransmissions")

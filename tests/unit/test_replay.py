@@ -5,6 +5,7 @@ they cross in. The lab proves the whole (tests/test_oci_network.py, tests/test_d
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import struct
@@ -117,3 +118,25 @@ def test_packets_cross_as_they_were_and_what_is_not_base64_is_refused():
     assert replay.unpacked(replay.packed(packets)) == packets
     with pytest.raises(ValueError):
         replay.unpacked(["not base64!"])
+
+
+def test_what_came_is_taken_once_in_order_its_retransmissions_dropped_and_past_the_room_left(monkeypatch):
+    """take() on a socket holding what came (a datagram socket stands for the packet socket):
+    each segment once, in order, up to SIZES.replay_bytes (the rest counted, not taken), and
+    nothing on a second call."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    theirs.setblocking(False)
+    first, second = _v4("198.18.0.3", "198.18.0.100", seq=1000), _v4("198.18.0.3", "198.18.0.100", seq=1005)
+    late = _v4("198.18.0.3", "198.18.0.100", seq=1010)
+    for packet in (first, _v4("198.18.0.3", "198.18.0.100", seq=1000, ident=2, tsval=99), second, late):
+        ours.send(packet)
+    monkeypatch.setattr(replay, "SIZES", dataclasses.replace(replay.SIZES, replay_bytes=len(first) + len(second)))
+    taking = replay.Taking(theirs)
+    try:
+        taken = taking.take()
+        assert (taken.packets, taken.left) == ([first, second], 1)
+        ours.send(late)
+        assert taking.take() == replay.Taken()
+    finally:
+        taking.close()
+        ours.close()
