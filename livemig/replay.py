@@ -64,9 +64,8 @@ class Taken:
 def keep_only(addresses: Iterable[str]) -> bytes:
     """The kernel filter (struct sock_filter[]) that keeps TCP coming in, not on loopback, to
     one of addresses (every one, where none is given: a namespace of the workload's own)."""
-    v4 = [ipaddress.ip_interface(a).ip for a in addresses]
-    v6 = [a for a in v4 if a.version == 6]
-    v4 = [a for a in v4 if a.version == 4]
+    ips = [ipaddress.ip_interface(a).ip for a in addresses]
+    v4, v6 = [a for a in ips if a.version == 4], [a for a in ips if a.version == 6]
     whole = not v4 and not v6
     # (code, jt, jf, k): a jump's target (jt, jf; k for ja) a label, resolved below
     prog: list[tuple[int, str | int, str | int, str | int]] = []
@@ -84,18 +83,18 @@ def keep_only(addresses: Iterable[str]) -> bytes:
     if not whole:
         prog.append((_LD_W_ABS, 0, 0, 16))
         prog += [(_JEQ_K, "keep", 0, int(a)) for a in v4]
-        prog.append((_JA, 0, 0, "drop"))     
+        prog.append((_JA, 0, 0, "drop"))
     else:
-        prog.append((_JA, 0, 0, "keep"))     
+        prog.append((_JA, 0, 0, "keep"))
     at("v6")
     prog += [(_LD_B_ABS, 0, 0, 6), (_JEQ_K, 0, "drop", _TCP)]
     for n, a in enumerate(v6 if not whole else []):
         words = struct.unpack("!4I", a.packed)
         for i, w in enumerate(words):
             prog += [(_LD_W_ABS, 0, 0, 24 + 4 * i), (_JEQ_K, 0, f"next{n}", w)]
-        prog.append((_JA, 0, 0, "keep"))     
+        prog.append((_JA, 0, 0, "keep"))
         at(f"next{n}")
-    prog.append((_JA, 0, 0, "keep" if whole else "drop")) 
+    prog.append((_JA, 0, 0, "keep" if whole else "drop"))
     at("drop")
     prog.append((_RET_K, 0, 0, 0))
     at("keep")
@@ -128,6 +127,10 @@ class Taking:
                 buf = ctypes.create_string_buffer(prog)
                 fprog = struct.pack("@HP", len(prog) // 8, ctypes.addressof(buf))
                 sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+                # what came before the filter held (the namespace's every packet): not theirs
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        sock.recv(1 << 16)
                 # room for what comes while frozen: each packet costs its buffer, not its bytes
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, SIZES.replay_socket_buffer)
             except BaseException:
@@ -179,7 +182,8 @@ def unpacked(texts: list[str]) -> list[bytes]:
 async def give(pid: int, packets: list[bytes]) -> int:
     """The target's half (and the source's after a rollback): packets given to the copy whose
     root is pid, in its network namespace, as from their senders; how many went. A packet that
-    is not a whole TCP segment over IP is skipped: it came from the wire, and is checked here."""
+    is not a whole TCP segment over IP, or not to an address of that namespace, is skipped: it
+    came from the wire, and is checked here."""
     segments = [s for s in (_segment(p) for p in packets) if s is not None]
     if not segments:
         return 0
@@ -187,8 +191,13 @@ async def give(pid: int, packets: list[bytes]) -> int:
     def send_each() -> int:
         sent = 0
         socks: dict[int, socket.socket] = {}
+        local: dict[str, bool] = {}
         try:
             for family, dest, packet in segments:
+                if dest not in local:
+                    local[dest] = _local(family, dest)
+                if not local[dest]:
+                    continue        # not the copy's: given, it would leave on the link as from its sender
                 if family not in socks:
                     socks[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
                 # one that cannot go (its address gone meanwhile) is left to the client's retransmission
@@ -201,6 +210,16 @@ async def give(pid: int, packets: list[bytes]) -> int:
         return sent
 
     return await netns.run_in(pid, send_each)
+
+
+def _local(family: int, address: str) -> bool:
+    """Is address one of this network namespace's own?"""
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
 
 
 def _segment(packet: bytes) -> tuple[int, str, bytes] | None:

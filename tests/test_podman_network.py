@@ -64,6 +64,14 @@ def _client(lab, stop: str, within: float = 10) -> subprocess.Popen:
     raise AssertionError("the container never took the client's connection")
 
 
+HUSH = f"table netdev livemig-hush-{ADDRESS.replace('.', '-')}"
+
+
+def hushed(lab, host: str) -> list[str]:
+    """What keeps a copy at ADDRESS off the link from host's side (runtimes/quiet.py: hush)."""
+    return [t for t in lab.text(host, ["nft", "list", "tables", "netdev"], check=False).splitlines() if t == HUSH]
+
+
 def _heard(lab, client: subprocess.Popen, stop: str) -> list[int]:
     lab.run("c", ["touch", stop])
     heard = json.loads(client.stdout.readline())
@@ -143,6 +151,7 @@ def test_a_podman_container_on_a_shared_link_keeps_its_client_s_connection_there
         client.kill()
     assert asked == [1, 1]          # the one connection, all along
     assert len(numbers) > 20
+    assert hushed(lab, "a") == hushed(lab, "b") == []       # each copy back on the link as it ran
 
 
 def test_a_podman_move_whose_restore_fails_rolls_back_with_its_client_s_connection(lab3, link):
@@ -162,6 +171,7 @@ def test_a_podman_move_whose_restore_fails_rolls_back_with_its_client_s_connecti
         lab.run("b", ["sh", "-c", f"echo max > {limit}/pids.max"])
         client.kill()
     assert len(numbers) > 5
+    assert hushed(lab, "b") == []       # its copy never ran there: nothing of it stays
 
 
 def test_a_podman_container_whose_connections_no_other_host_can_keep_is_refused_untouched(lab3, link):
@@ -234,6 +244,7 @@ def test_a_fault_in_a_podman_move_leaves_one_copy_and_its_client_s_connection(la
     def held() -> None:     # b's copy, restored and never resumed, is quiet on the link (runtimes/quiet.py)
         pid = lab.text("b", [*ENV, "podman", "inspect", "--format", "{{.State.Pid}}", name]).strip()
         lab.run("b", ["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "table", "inet", "livemig-quiet"])
+        assert hushed(lab, "b") == [HUSH]      # and off it from b's side, since before its restore
     try:
         faulted(lab, point, how, name, ends_on, held)
         assert running(lab, ends_on, name) and running(lab, "b" if ends_on == "a" else "a", name) is None
@@ -242,6 +253,7 @@ def test_a_fault_in_a_podman_move_leaves_one_copy_and_its_client_s_connection(la
         client.kill()
     assert len(numbers) > 5
     assert lab.leftovers() == {"a": ([], []), "b": ([], [])}
+    assert hushed(lab, "a") == hushed(lab, "b") == []
 
 
 def test_a_podman_container_moved_without_its_connections_says_so_and_its_clients_connect_again(lab3, link):

@@ -39,12 +39,13 @@ class HeldCopy:
     # the rest runs again (their stop is the workload's state, not the move's).
     own_stops: list[proc.Task] = field(default_factory=list)
     tcp_established: bool = False   # its dump kept its connections: a restore here must ask for them too
+    hushed: list[str] = field(default_factory=list)   # a target's copy kept off the link from the host (quiet.hush)
 
     @classmethod
     def from_dict(cls, d: dict) -> HeldCopy:
         return cls(d["runtime"], [tuple(x) for x in d["pids"]], d["container"], d.get("bundle", ""),
                    d.get("boot", ""), d.get("stopped", False), [tuple(x) for x in d.get("own_stops", [])],
-                   d.get("tcp_established", False))
+                   d.get("tcp_established", False), list(d.get("hushed", [])))
 
     @classmethod
     def of(cls, workload, bundle_moves: bool = False) -> HeldCopy:
@@ -115,6 +116,7 @@ class HeldCopy:
             raise LivemigError(f"{self.what} was resumed, but it does not run: it is {self.told(now)}",
                                phase=Phase.ROLLBACK)
         # a container's own network, quiet since its move's freeze or its restore (quiet.py), as it was
+        await quiet.unhush(self.hushed)
         if self.runtime != "process" and (alive := self._alive()) and (said := await quiet.speak(alive[0][0])):
             warnings.append(f"{self.what}: {said}")
         return warnings
@@ -215,6 +217,7 @@ class HeldCopy:
         if self.runtime == "process":
             proc.signal_tasks(self._alive(), signal.SIGKILL)
             return []
+        await quiet.unhush(self.hushed)
         if alive := self._alive():     # (a container's: its own network's)
             await quiet.unlink(alive[0][0])     # its links' MAC free here at once (quiet.unlink)
         res = await proc.run(self._control("delete"), check=False)

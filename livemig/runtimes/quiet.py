@@ -19,6 +19,13 @@ loopback: peers send again, and reach whichever copy runs, which tells the link 
   paused, before its dump (close), and speaks again if the move rolls back, or when `livemig
   recover` resumes it (runtimes/held.py).
 
+Before its restore the target's copy is hushed too (hush), from the host's side: its link
+comes up during its runtime's restore (podman's network backend makes it before CRIU restores
+anything; crun's CRIU, before the post-restore action closes it), and a peer's retransmission
+that reached it then was answered with a reset, no socket being restored yet (seen in the lab:
+docs/modes.md). A table on the egress of the link's parent (nftables, netdev family) drops every
+IP packet from the copy's addresses until its Resume (unhush), or until it goes.
+
 A copy that goes (the source's at the commit, a target's never run) has its links deleted
 first (unlink): its namespace would outlive it for minutes, and its MAC with it. None of this
 ever touches the host's own network namespace, which a container may share.
@@ -27,6 +34,7 @@ ever touches the host's own network namespace, which a container may share.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import shutil
@@ -34,8 +42,10 @@ from pathlib import Path
 
 from .. import host, netns, proc, service_address
 from ..errors import CommandFailed, LivemigError, Phase
+from ..wire import protocol as p
 
 TABLE = "livemig-quiet"
+HUSH = "livemig-hush"     # + the address: a copy kept off the link from the host (hush)
 # inet: every IPv4 and IPv6 packet but loopback's (ND among them); arp: ARP both ways
 RULES = f"""table inet {TABLE} {{
   chain in {{ type filter hook input priority -300 ; policy drop ; iif "lo" accept ; }}
@@ -183,3 +193,39 @@ async def _addresses(pid: int) -> list[tuple[str, str, str]]:
     return [(f"{a['local']}/{a['prefixlen']}", link["ifname"], link.get("address", ""))
             for link in await _links(pid) if link.get("ifname") != "lo"
             for a in link.get("addr_info", []) if a.get("scope") == "global"]
+
+
+def hushes_of(c: p.Container, parents: dict[str, str]) -> list[tuple[str, str]]:
+    """(parent interface, ADDRESS/PREFIX) of each address the container c has on a link of a
+    parent's, where its link comes up before its restore closes it: its podman networks'
+    (parents: podman network -> its interface here), crun's own network's links. Not runc's:
+    oci_networks.py closes its namespace before it makes its links."""
+    if c.own_network is not None:
+        return [(link.parent, a) for link in c.own_network.links if link.parent for a in link.addresses
+                ] if c.runtime == "crun" else []
+    return [(parents[net], a) for net, a in c.networks.items() if parents.get(net) and a]
+
+
+async def hush(parent: str, address: str) -> str:
+    """Nothing from address leaves this host by parent until unhush(): the hush's name (an
+    nftables table of the netdev family, whose egress hook sees what parent's macvlan and
+    ipvlan children send; one per address, named for it on every host: one an agent killed
+    outright left behind is replaced, then taken off, by the next copy at that address)."""
+    ip = ipaddress.ip_interface(address).ip
+    name = f"{HUSH}-{str(ip).replace('.', '-').replace(':', '-')}"
+    rules = (f"table netdev {name} {{\n  chain out {{ type filter hook egress device \"{parent}\" priority -300 ; "
+             f"policy accept ; {'ip6' if ip.version == 6 else 'ip'} saddr {ip} drop ; }}\n}}\n")
+    # (one left by an agent killed outright replaced: added, then deleted, whatever nft this is)
+    again = f"add table netdev {name}\ndelete table netdev {name}\n"
+    await proc.run(["nft", "-f", "-"], input=(again + rules).encode(), phase=Phase.RESTORE)
+    return name
+
+
+def unhush_argv(hushed: str) -> list[str]:
+    return ["nft", "delete", "table", "netdev", hushed]
+
+
+async def unhush(hushes: list[str]) -> None:
+    """What hush() put on goes (gone already: nothing to take off)."""
+    for hushed in hushes:
+        await proc.run(unhush_argv(hushed), check=False)

@@ -241,8 +241,8 @@ class Agent:
         if msg.lazy_stream:
             self.lazy = await PostCopy.start(self.ws, self.verdicts, self.copy, self.stages, self.images,
                                              d, msg, msg.lazy_stream)
-        res, argv, seconds = await restore.restore(msg, d, self.ws.work, self.copy,
-                                                   self.lazy.guard if self.lazy else None, bool(msg.lazy_stream))
+        res, argv, seconds = await restore.restore(msg, d, self.ws.work, self.copy, self.lazy.guard if self.lazy else None,
+                                                   bool(msg.lazy_stream), self.ws.podman_parents)
         if self.lazy is not None and msg.rejoin:
             self.line.accept_rejoins(self.ws, msg.rejoin)
         try:

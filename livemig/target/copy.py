@@ -43,6 +43,7 @@ class Copy:
         self.guarding = ""                              # the guard against resets from them, until it runs
         self.quiet: list[int] = []                      # roots of copies whose own network is closed until
                                                         # they run (runtimes/quiet.py)
+        self.hushed: list[str] = []                     # and kept off the link from the host, until then
         self.restoring: asyncio.subprocess.Process | None = None    # CRIU (or a runtime) restoring now
         self.holds_workload = False     # a move's, not a clone's replica: it may be the only copy left
         # The tasks the workload had stopped itself when it was dumped: CRIU stops every task
@@ -91,6 +92,7 @@ class Copy:
             self.stages.to(Stage.RUNNING)
 
         async def speak(root: int) -> None:
+            await self.unhush()     # (meanwhile its quiet table keeps it closed)
             if said := await quiet.speak(root):
                 print(f"livemig agent: {said}", file=sys.stderr)     # it runs all the same: said
             self.quiet.remove(root)     # (until then, a resume that fails leaves it to undo(): unlink)
@@ -99,10 +101,17 @@ class Copy:
                 tg.create_task(thaw())
                 for root in list(self.quiet):
                     tg.create_task(speak(root))
+                if not self.quiet:
+                    tg.create_task(self.unhush())
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None     # the runtime's failure, as the agent reports one
         await self._announce()
         return pids
+
+    async def unhush(self) -> None:
+        """What kept the copy off the link from the host goes (quiet.hush)."""
+        hushed, self.hushed = self.hushed, []
+        await quiet.unhush(hushed)
 
     async def put_addresses(self, wanted: dict[str, str], tag: str, guard: bool) -> None:
         """The service addresses on their interfaces here, before the restore binds the tree's
@@ -153,6 +162,7 @@ class Copy:
             self.stop_restoring()
             return
         self.stop_restoring()
+        await self.unhush()
         while self.quiet:       # never run: its links' MAC free here at once (quiet.unlink)
             await quiet.unlink(self.quiet.pop())
         while self.containers:

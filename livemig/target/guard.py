@@ -76,7 +76,7 @@ COMMAND = (sys.executable, "-I", "-c",
 
 _LENGTH = struct.Struct("!I")
 # each message's words, its name first
-WORDS = {"pidfile": 2, "container": 3, "uffd": 2, "remap": 5, "successor": 2, "done": 1}
+WORDS = {"pidfile": 2, "container": 3, "hush": 2, "uffd": 2, "remap": 5, "successor": 2, "done": 1}
 MOST_FDS = 16      # descriptors one record may bring (the agent sends one, with "uffd")
 
 
@@ -200,7 +200,7 @@ class Guard:
 
 @dataclasses.dataclass
 class Kept:     # what the guard was told and keeps: what to kill, and what a successor takes over
-    told: list[list[str]] = dataclasses.field(default_factory=list)    # "pidfile" and "container" messages
+    told: list[list[str]] = dataclasses.field(default_factory=list)    # "pidfile", "container" and "hush" messages
     uffds: list[tuple[str, int]] = dataclasses.field(default_factory=list)   # (PID in the dump, uffd), in order
     remaps: list[list[str]] = dataclasses.field(default_factory=list)  # "remap INDEX FROM TO LENGTH" of uffds[INDEX]
     successor_within: float = 0.0     # once the copy ran, how long its uffds wait for a successor

@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import proc
 from ..host import cgroup_mount, cgroup_of
 from ..options import WAITS
-from ..runtimes import control
+from ..runtimes import control, quiet
 from ..wire.protocol import Container
 
 
@@ -83,4 +83,12 @@ def kill_all(told: list[list[str]], spared: list[str]) -> list[str]:
     for words in told:
         if words[0] == "container":
             attempt(f"container {words[2]}", kill_container, words[1], words[2])
+    for words in told:      # the copy is gone: what kept it off the link goes too (quiet.hush)
+        if words[0] == "hush":
+            attempt(f"hush {words[1]}", unhush, words[1])
     return failed
+
+
+def unhush(hushed: str) -> None:
+    subprocess.run(quiet.unhush_argv(hushed), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=WAITS.container_delete, check=False)

@@ -54,7 +54,7 @@ def held(copy: Copy) -> HeldCopy:
     c = copy.containers[0] if copy.containers else None      # a move restores one (replicas never hold it)
     return HeldCopy(c.runtime if c else "process", proc.tasks(copy.pids()), c.id if c else "",
                     str(copy.created_tree) if copy.created_tree else "", proc.boot_id(), stopped=c is not None,
-                    own_stops=copy.own_stops)
+                    own_stops=copy.own_stops, hushed=list(copy.hushed))
 
 
 def mark(copy: Copy, work: Path) -> None:

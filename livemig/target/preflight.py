@@ -54,10 +54,12 @@ async def probe(msg: p.Probe, ws: Workspace) -> p.HostFacts:
     if c.runtime == "podman":
         info = await podman.facts()
         image = await proc.run(["podman", "image", "exists", c.image], check=False) if info else None
+        networks = await podman_networks.defined(c.networks)
+        ws.podman_parents = {n.name: n.interface for n in networks}
         return dataclasses.replace(facts, runtime_version=info.get("podman", ""),
                                    container_exists=c.id in taken, names_taken=taken,
                                    image_present=bool(image and image.returncode == 0),
-                                   runtime_facts=info, podman_networks=await podman_networks.defined(c.networks))
+                                   runtime_facts=info, podman_networks=networks)
     if c.runtime not in oci.RUNTIMES:
         raise AgentFailure(Phase.PREFLIGHT, f"unknown runtime {c.runtime!r}")
     where = Path(c.bundle)

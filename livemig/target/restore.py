@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import shutil
 import socket
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from .. import journal as journal_streams
 from .. import trial as trial_restore
 from ..errors import LivemigError, Phase
 from ..options import WAITS
-from ..runtimes import oci_networks, podman, quiet
+from ..runtimes import oci_networks, podman, podman_networks, quiet
 from ..wire import protocol as p
 from .copy import Copy
 from .failures import AgentFailure, checked_name, failing_as, logged_errors
@@ -49,9 +50,10 @@ LEAVE_STOPPED = "leave-stopped.conf"     # the runtimes' CRIU configuration file
 
 
 async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard | None,
-                  lazy: bool) -> tuple[proc.Result, list[str], float]:
+                  lazy: bool, parents: dict[str, str] | None = None) -> tuple[proc.Result, list[str], float]:
     """Restore from d: the copy's new root in copy.roots. The command's result, its argv
-    (a failed pause's, if the runtime's pause failed) and the time it took."""
+    (a failed pause's, if the runtime's pause failed) and the time it took. parents: a podman
+    container's networks -> their interfaces here, if the preflight read them."""
     pidfile = work / f"restored-{len(copy.roots)}.pid"
     copy.holds_workload |= not msg.replica
     if msg.move_addresses:      # where the tree's sockets are bound, before CRIU binds them again
@@ -94,6 +96,8 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
         copy.containers.append(c)
         if guard is not None:
             guard.tell("container", c.runtime, c.id)
+        if quieting:
+            await _hush(copy, c, guard, parents)
     else:
         try:
             journal = journal_streams.opened(msg.journal_streams)
@@ -130,6 +134,21 @@ async def restore(msg: p.Restore, d: Path, work: Path, copy: Copy, guard: Guard 
     if c is not None and quieting and copy.roots:
         copy.quiet.append(copy.roots[-1])     # quiet since within its restore: open at its Resume
     return res, argv, seconds
+
+
+async def _hush(copy: Copy, c: p.Container, guard: Guard | None, parents: dict[str, str] | None) -> None:
+    """The copy off the link from before its link exists until its Resume (quiet.hush), the
+    guard told, should this agent die first."""
+    try:
+        if parents is None and not c.own_network:
+            parents = {n.name: n.interface for n in await podman_networks.defined(c.networks)}
+        for parent, address in quiet.hushes_of(c, parents or {}):
+            copy.hushed.append(await quiet.hush(parent, address))
+            if guard is not None:
+                guard.tell("hush", copy.hushed[-1])
+    except LivemigError as e:       # it is restored all the same, as before there were hushes: said
+        print(f"livemig agent: {c.id} could not be kept off the link during its restore: {e.message}",
+              file=sys.stderr)
 
 
 def _in_unit(unit: p.Unit, d: Path, argv: list[str]) -> list[str]:

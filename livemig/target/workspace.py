@@ -27,6 +27,9 @@ class Workspace:
         self.socket = str(work / "streams.sock")
         self.server: asyncio.AbstractServer | None = None
         self._streams: dict[str, asyncio.Future[_Arrived]] = {}
+        # a podman container's networks -> their interfaces here, as the preflight read them: the
+        # restore's, within the downtime, with no podman run for them (quiet.hush)
+        self.podman_parents: dict[str, str] | None = None
 
     @classmethod
     def make(cls, root: Path, migration_id: str) -> Workspace:

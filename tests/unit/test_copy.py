@@ -228,3 +228,34 @@ async def test_a_held_tree_with_an_own_stop_is_stopped_while_the_rest_is(two_sto
     assert await held.standing() == held_mod.STOPPED
     await held.resume()
     assert _running(ours.pid) and proc.state(its_own.pid) == "T"
+
+
+async def test_a_hushed_copy_is_let_onto_the_link_before_its_network_opens_and_when_it_is_undone(
+        monkeypatch, stopped_task):
+    """quiet.hush kept it off the link from before its restore: its Resume lifts that before
+    its own network speaks (its first packets would be dropped else), and so does its undoing."""
+    said: list[str] = []
+
+    async def run(argv, **kw):
+        said.append(" ".join(argv[:2]))
+        return proc.Result(tuple(argv), 0, b"", b"")
+
+    async def unhush(hushes):
+        said.append(f"unhush {' '.join(hushes)}")
+
+    async def speak(pid):
+        said.append("speak")
+        return ""
+    monkeypatch.setattr(proc, "run", run)
+    monkeypatch.setattr(copy_mod.quiet, "unhush", unhush)
+    monkeypatch.setattr(copy_mod.quiet, "speak", speak)
+    copy = Copy(_restored())
+    copy.containers = [p.Container("podman", "web1", "")]
+    copy.roots, copy.quiet, copy.hushed = [stopped_task.pid], [stopped_task.pid], ["livemig-hush-198-18-0-150"]
+    await copy.resume()
+    assert said.index("unhush livemig-hush-198-18-0-150") < said.index("speak") and copy.hushed == []
+    undone = Copy(_restored())
+    undone.hushed = ["livemig-hush-198-18-0-151"]
+    said.clear()
+    await undone.undo(None)
+    assert "unhush livemig-hush-198-18-0-151" in said and undone.hushed == []

@@ -24,6 +24,7 @@ import pytest
 
 from livemig.errors import LivemigError
 from livemig.target import guard as guard_module
+from livemig.target import kills
 from livemig.target.guard import Guard
 from livemig.target.verdicts import Verdicts
 from tests.waiting import eventually
@@ -438,3 +439,19 @@ def _succeed(root):
         return Guard.succeed(root, MID)
     except LivemigError:      # its guard is not listening yet
         return None
+
+
+def test_a_copy_the_guard_kills_is_let_onto_the_link_again_every_kill_tried(monkeypatch):
+    """A copy kept off the link from its host (quiet.hush) and killed by its guard: what kept
+    it off goes too, after the kills, even where one of them failed."""
+    ran: list[list[str]] = []
+
+    def run(argv, **kw):
+        ran.append(argv)
+        if argv[0] != "nft":
+            raise OSError("no such runtime")
+        return subprocess.CompletedProcess(argv, 0)
+    monkeypatch.setattr(kills.subprocess, "run", run)
+    failed = kills.kill_all([["container", "podman", "web1"], ["hush", "livemig-hush-198-18-0-150"]], [])
+    assert ran[-1] == ["nft", "delete", "table", "netdev", "livemig-hush-198-18-0-150"]
+    assert failed == ["container web1: no such runtime"]

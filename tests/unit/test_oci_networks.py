@@ -156,3 +156,30 @@ def test_a_copy_s_quiet_tables_go_in_one_nft_call_where_nft_can_destroy(monkeypa
         assert ran[1][0] == ["nft", "list", "tables"]
         assert [argv[:3] + [argv[4]] for argv, _ in ran[2:]] == [["nft", "delete", "table", quiet.TABLE]] * len(deleted)
         assert [argv[3] for argv, _ in ran[2:]] == deleted
+
+
+def test_a_copy_whose_link_comes_up_before_its_restore_closes_it_is_hushed_at_each_address_on_its_parent(
+        monkeypatch):
+    """quiet.hush: crun's own links and podman's networks (on the target's interface of the network
+    of that name), each address apart, the same tc preference on every host; not runc's, whose
+    namespace is closed before its links are made; and each hush taken off by its name."""
+    assert quiet.hushes_of(container("crun", LINK, VETH), {}) == [("eth0", "198.18.0.150/24"),
+                                                                  ("eth0", "2001:db8::5/64")]
+    assert quiet.hushes_of(container("runc", LINK), {}) == []
+    podman = p.Container("podman", "web", "", networks={"link": "198.18.0.150", "gone": "198.18.1.2"})
+    assert quiet.hushes_of(podman, {"link": "eth1"}) == [("eth1", "198.18.0.150")]
+    ran: list[tuple[list[str], bytes]] = []
+
+    async def run(argv, input=b"", **kw):
+        ran.append((argv, input))
+        return subprocess.CompletedProcess(argv, 0, b"", b"")
+    monkeypatch.setattr(quiet.proc, "run", run)
+    for address, family in (("198.18.0.150", "ip"), ("2001:db8::5/64", "ip6")):
+        ran.clear()
+        hushed = asyncio.run(quiet.hush("eth1", address))
+        assert hushed == f"livemig-hush-{address.split('/')[0].replace('.', '-').replace(':', '-')}"
+        assert ran == [(["nft", "-f", "-"], (
+            f"add table netdev {hushed}\ndelete table netdev {hushed}\ntable netdev {hushed} {{\n  chain out {{ type filter hook egress device "
+            f"\"eth1\" priority -300 ; policy accept ; {family} saddr {address.split('/')[0]} drop ; }}\n}}\n"
+        ).encode())]
+        assert quiet.unhush_argv(hushed) == ["nft", "delete", "table", "netdev", hushed]

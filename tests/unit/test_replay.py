@@ -5,8 +5,10 @@ they cross in. The lab proves the whole (tests/test_oci_network.py, tests/test_d
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
+import os
 import socket
 import struct
 
@@ -140,3 +142,8 @@ def test_what_came_is_taken_once_in_order_its_retransmissions_dropped_and_past_t
     finally:
         taking.close()
         ours.close()
+
+
+def test_a_segment_for_an_address_not_of_the_copy_s_namespace_is_not_given():
+    """Given, it would leave on the link as from its sender: it is skipped, and nothing is sent."""
+    assert asyncio.run(replay.give(os.getpid(), [_v4("198.18.0.3", "198.18.200.9")])) == 0
