@@ -92,10 +92,11 @@ async def _keep_clients_packets(m: Move) -> None:
     (replay.py): where its connections are to survive the move, in a network namespace of its
     own or at addresses that move with it."""
     pid = m.w.root_pid
-    if not (m.options.replay and m.options.criu.tcp_established) or (host.same_netns(pid) and not m.addresses):
+    hosts = host.same_netns(pid)      # (then its moved addresses alone are its; else all its namespace's)
+    if not (m.options.replay and m.options.criu.tcp_established) or (hosts and not m.addresses):
         return
     try:
-        m.taking = await replay.Taking.open(pid, [] if not host.same_netns(pid) else list(m.addresses))
+        m.taking = await replay.Taking.open(pid, list(m.addresses) if hosts else [])
     except OSError as e:       # the move goes on: its clients wait for their retransmissions, as before
         m.report.warnings.append(f"what its clients send while it is frozen cannot be kept ({e}): those that "
                                  "ask then wait for their next retransmission")

@@ -91,18 +91,17 @@ class Copy:
             proc.signal_tasks([t for t in named if t not in self.own_stops], signal.SIGCONT)
             self.stages.to(Stage.RUNNING)
 
-        async def speak(root: int) -> None:
-            await self.unhush()     # (meanwhile its quiet table keeps it closed)
+        async def speak(root: int, unhushed: asyncio.Task[None]) -> None:
+            await unhushed      # (meanwhile its quiet table keeps it closed)
             if said := await quiet.speak(root):
                 print(f"livemig agent: {said}", file=sys.stderr)     # it runs all the same: said
             self.quiet.remove(root)     # (until then, a resume that fails leaves it to undo(): unlink)
         try:
             async with asyncio.TaskGroup() as tg:
+                unhushed = tg.create_task(self.unhush())
                 tg.create_task(thaw())
                 for root in list(self.quiet):
-                    tg.create_task(speak(root))
-                if not self.quiet:
-                    tg.create_task(self.unhush())
+                    tg.create_task(speak(root, unhushed))
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None     # the runtime's failure, as the agent reports one
         await self._announce()
