@@ -47,6 +47,7 @@ import itertools
 import os
 import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -141,9 +142,32 @@ class _Task:
         return spans
 
 
-def _place_runs(fd: int, base: int, k: int, runs: list[tuple[int, int]], view: memoryview) -> None:
+class _Lent:
+    """A duplicate of a uffd lent to a fill's thread, closed by whichever side takes it
+    first: the thread, once it has placed through it; or the loop, if the fill is
+    cancelled before the thread started (the executor then never runs it, and the
+    duplicate, holding the copy's memory map, would stay open in the agent for good)."""
+
+    def __init__(self, fd: int):
+        self._fd: int | None = os.dup(fd)
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            fd, self._fd = self._fd, None
+        return fd
+
+    def close(self) -> None:
+        if (fd := self.take()) is not None:
+            os.close(fd)
+
+
+def _place_runs(lent: _Lent, base: int, k: int, runs: list[tuple[int, int]], view: memoryview) -> None:
     """In a fill's thread: pages a to b of each run (view's first is page k of the range at
-    base) through fd, a descriptor of the thread's own, closed here."""
+    base) through a descriptor of the thread's own, closed here."""
+    fd = lent.take()
+    if fd is None:          # the fill was cancelled before this thread began: nothing to place
+        return
     try:
         for a, b in runs:
             uffd.place(fd, base + a * PAGE, view[(a - k) * PAGE:(b - k) * PAGE])
@@ -671,9 +695,12 @@ class Placer:
                 # The thread's own descriptor of the uffd, closed by the thread: the task's may be
                 # closed meanwhile on this thread (its process exited: _gone), and the thread then
                 # placed through a closed descriptor (EBADF), or one reused since for another file.
-                fd = os.dup(task.fd)
+                lent = _Lent(task.fd)
                 try:
-                    await asyncio.to_thread(_place_runs, fd, base, k, runs, view)
+                    await asyncio.to_thread(_place_runs, lent, base, k, runs, view)
+                except asyncio.CancelledError:
+                    lent.close()
+                    raise
                 except (uffd.Busy, uffd.Gone):
                     await self._place(task, first, n, view)    # events first, on this thread
                     continue
@@ -742,11 +769,13 @@ class Placer:
     def _drain(self, task: _Task) -> None:
         """Every event the uffd holds now."""
         retry, task.retry = task.retry, []
+        events: list[uffd.Event] = []
         try:
             for address in retry:
                 self._fault(task, address, again=True)
             while task.fd >= 0 and (events := uffd.read_events(task.fd)):
-                for e in events:
+                while events:
+                    e = events.pop(0)
                     if isinstance(e, uffd.PageFault):
                         self._fault(task, e.address)
                     elif isinstance(e, uffd.Fork):
@@ -758,6 +787,12 @@ class Placer:
                     elif isinstance(e, uffd.Removed):
                         self._removed(task, e)
         except uffd.Gone:         # a fault answered again, too, may find its process gone
+            # A child it forked before it exited may live on: that fork's uffd, read already
+            # (and so a descriptor of ours), is taken up all the same, or the child's faults
+            # would wait for good and the descriptor stay open.
+            for e in events:
+                if isinstance(e, uffd.Fork):
+                    self._fork(task, e.uffd)
             self._gone(task)
             return
         if task.retry:

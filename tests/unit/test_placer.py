@@ -43,6 +43,16 @@ def _libc():
     return libc
 
 
+def uffds_open() -> set[int]:
+    """This process's descriptors that are userfaultfds."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):      # the listing's own descriptor, closed by now
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[userfaultfd]":
+                found.add(int(fd))
+    return found
+
+
 def _expect(address: int, was: int, pages: int, zeros: bool = False) -> list[str]:
     """What is wrong in [address, +pages): each should hold the dump's page at was (or zeros)."""
     bad = []
@@ -116,6 +126,7 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
     it runs: held back until its first faults are answered. known: pre-copy by hashes filled
     the store (else every page is pushed into it: stop-and-copy into memory)."""
     held: list[int] = []
+    before = uffds_open()
     fill = store is not None
     placer = Placer(tmp_path, RANGES, on_uffd=lambda pid, fd: held.append(os.dup(fd)), store=store)
     filling = asyncio.Event()
@@ -203,6 +214,7 @@ async def move(tmp_path, scenario: str = "plain", fault_stream: bool = True, gat
         for fd in held:
             os.close(fd)
     assert status == 0
+    assert uffds_open() <= before       # none left in the agent: each holds a copy's memory map
     return placer, pusher, report, held
 
 
