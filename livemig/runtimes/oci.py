@@ -147,6 +147,8 @@ async def find(name: str, runtime: str | None, opts: criu.Options) -> OciContain
 
 
 class OciContainer(Workload):
+    gone_at_release = False
+
     def __init__(self, runtime: str, container: str, pid: int, bundle: Path, opts: criu.Options):
         self.kind, self.container, self.root_pid, self._bundle, self.opts = runtime, container, pid, bundle, opts
         self.name = container
@@ -255,8 +257,11 @@ class OciContainer(Workload):
         return time.monotonic()
 
     async def release(self, run: DumpRun, lazy: bool) -> list[str]:
-        if lazy:
-            return []     # the source stays paused until every page has been served
+        # Given up by the commit mark alone (recovery.Record.committed): it stays paused and quiet,
+        # until every page has been served (lazy), or stop-and-copy's target runs (remove)
+        return []
+
+    async def remove(self, run: DumpRun) -> list[str]:
         return await self._delete()
 
     async def finish_lazy(self, run: DumpRun) -> list[str]:

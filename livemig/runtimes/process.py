@@ -124,8 +124,11 @@ class ProcessTree(Workload):
             # that only the target's verdict lets this copy run again (source/recovery.py).
             h.mark_committed()
             return []
-        h.commit()             # durable first: a crash from here on means "moved"
-        rc = await run.proc.wait()     # CRIU kills the source and exits
+        h.commit()             # durable first: a crash from here on means "moved"; CRIU kills the source
+        return []
+
+    async def remove(self, run: DumpRun) -> list[str]:
+        rc = await run.proc.wait()     # CRIU has killed the source, and exits
         return [f"criu dump exited {rc} after the commit"] if rc != 0 else await self._network_let_go(run)
 
     async def finish_lazy(self, run: DumpRun) -> list[str]:

@@ -62,6 +62,10 @@ class Workload:
     own_stops: tuple[proc.Task, ...] = ()
     # Why no trial restore is taken of this kind of workload (trial.py); "": one is (trial_dump)
     untried = ""
+    # Stop-and-copy's release ends the source's copy (a tree's: CRIU, told, kills it at once; what
+    # CRIU leaves, remove() waits for); else it stands here, paused and quiet, given up, until
+    # remove() after the target's Resume
+    gone_at_release = True
 
     def pids(self) -> list[int]:
         raise NotImplementedError
@@ -99,8 +103,14 @@ class Workload:
 
     async def release(self, run: DumpRun, lazy: bool) -> list[str]:
         """The commit point, after the target restored: the source is given up for good
-        (lazy: recorded as given up; see finish_lazy). Returns warnings."""
+        (lazy: recorded as given up; see finish_lazy). Returns warnings. What of it stays
+        here (gone_at_release False) can neither run nor answer until remove()."""
         raise NotImplementedError
+
+    async def remove(self, run: DumpRun) -> list[str]:
+        """Stop-and-copy, once the target's copy runs: what is left here of the source's
+        copy, given up at release, goes. Returns warnings."""
+        return []
 
     def stats(self, images: Path) -> DumpStats | None:
         """CRIU's statistics of the dump into images (criu.DumpStats), or None."""

@@ -78,8 +78,9 @@ def stranded(m: Move, cause: BaseException) -> Unresolved:
     restored and stopped, is the only copy. Its agent keeps it (as an orphan, if the
     agent lost us), and `livemig recover` resumes it."""
     m.report.outcome = "unresolved"
+    mine = "is gone" if m.w.gone_at_release else "was given up, and stands here paused"
     return Unresolved(f"the target's copy was restored but not resumed ({why(cause)}); the source's copy "
-                      "is gone", phase=Phase.COMMIT, host=m.target,
+                      f"{mine}", phase=Phase.COMMIT, host=m.target,
                       hint="run `livemig recover` here: it resumes the copy on the target")
 
 

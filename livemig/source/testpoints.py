@@ -20,8 +20,9 @@ def stop_for_tests(point: str) -> None:
     image sent), "restore" (the images on the target, not restored), "restored" (the
     target's copy restored, the source's not given up), "marked" (the commit mark on disk,
     CRIU's journal not yet written: the source's copy not given up), "released" (the source's copy given
-    up, the target's not yet resumed), "running" (post-copy or a fill: the target's copy
-    resumed, pages still to come) and "whole" (the running copy has every page, the
+    up, the target's not yet resumed), "running" (the target's copy resumed: post-copy's
+    or a fill's with pages still to come, stop-and-copy's with a container's source copy not yet
+    removed) and "whole" (the running copy has every page, the
     source's copy waits, stopped). A drain (drain.py) has two of its own: "drain-planned" (every
     workload placed, none moved) and "drain-moved" (a move of it just ended, the next not begun)."""
     if os.environ.get(STOP_FOR_TESTS) == point:
