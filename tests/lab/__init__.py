@@ -31,12 +31,18 @@ KINDS = {"netns": netns, "vm": vm}
 
 def up(hosts: int = 2, kind: str = "netns", init: str = "lab") -> _hosts.State:
     """Bring up a lab of this kind whose hosts' PID 1 is init (lab-init, or systemd: netns
-    only); a lab of another kind, init or size that is up goes down first."""
+    only); a lab of another kind, init or size that is up goes down first, and a namespaced
+    one made from another checkout: its hosts would run that checkout's livemig at
+    /opt/livemig, not this one's (a bench run from a CI's clone left one up, and the next,
+    run from here, measured the clone's code)."""
     if init != "lab" and kind != "netns":
         raise LabError(f"--init {init}: only namespaced hosts (--kind netns) have another init")
     state = _hosts.State.load()
-    if state and (state.kind, state.init, len(state.hosts)) == (kind, init, hosts) and state.alive():
+    ours = kind != "netns" or (state is not None and state.extra.get("repo") == str(_hosts.REPO))
+    if state and (state.kind, state.init, len(state.hosts)) == (kind, init, hosts) and ours and state.alive():
         return state
+    if state and not ours:
+        down()
     if state and state.kind != kind:
         down()
     return netns.up(hosts, init=init) if kind == "netns" else KINDS[kind].up(hosts)

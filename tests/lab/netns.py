@@ -68,6 +68,7 @@ def up(n: int = 2, log=sys.stderr, init: str = "lab") -> State:
         for name in names:
             systemd_host.prepare(LAB_DIR / "hosts" / name / "upper")
     state = State(hosts=[], rootfs=str(base), init=init)
+    state.extra["repo"] = str(REPO)      # the checkout its hosts see at /opt/livemig (lab.up)
     state.pipe_max_size_was = _raise_pipe_max()
     state.save()  # from here on, down() can undo whatever follows
     try:
