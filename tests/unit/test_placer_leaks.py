@@ -14,12 +14,18 @@ from livemig.pages.pagemap import PAGE, Range
 from livemig.pages.placer import Placer
 
 
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
+def held_of(fd: int) -> int:
+    """How many of this process's descriptors are of fd's file (its duplicates, by inode: not
+    by number, which another thread of the test run may take and free meanwhile)."""
+    return held(os.fstat(fd).st_ino)
+
+
+def held(ino: int) -> int:
+    n = 0
+    for one in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):      # the listing's own, or one closed meanwhile
+            n += os.stat(f"/proc/self/fd/{one}").st_ino == ino
+    return n
 
 
 async def test_a_fill_cancelled_before_its_thread_began_leaves_no_duplicate_open(tmp_path):
@@ -30,16 +36,15 @@ async def test_a_fill_cancelled_before_its_thread_began_leaves_no_duplicate_open
     p = Placer(tmp_path, [Range(1, 0x10000, 4)])
     r, w = os.pipe()                         # stands for the copy's uffd
     p.tasks[1] = [placer._Task(1, r, [bytearray(b"\1") * 4], 4)]
-    duplicate = os.dup(0)                    # the number the fill's duplicate gets: the lowest free
-    os.close(duplicate)
     try:
+        before = held_of(r)                  # (a pipe's two ends are one file)
         fill = asyncio.ensure_future(p._fill(1, 0x10000, 4, memoryview(bytes(4 * PAGE))))
         await asyncio.sleep(0.05)
-        assert is_open(duplicate)            # lent to a thread that has not begun
+        assert held_of(r) == before + 1      # its duplicate, lent to a thread that has not begun
         fill.cancel()                        # the executor drops the thread's work unstarted
         with contextlib.suppress(asyncio.CancelledError):
             await fill
-        assert not is_open(duplicate)
+        assert held_of(r) == before
     finally:
         gate.set()                           # (else the test run waits for that thread at its exit)
         await busy
@@ -49,7 +54,8 @@ async def test_a_fill_cancelled_before_its_thread_began_leaves_no_duplicate_open
 
 async def test_a_fork_read_with_a_fault_of_a_parent_that_has_exited_is_taken_up(tmp_path, monkeypatch):
     p = Placer(tmp_path, [Range(1, 0x10000, 4)])
-    parent_fd, child_fd = os.pipe()          # stand for the parent's uffd and its child's
+    (parent_fd, parent_w), (child_fd, child_w) = os.pipe(), os.pipe()    # stand for the two uffds
+    parent_ino, child_ino = os.fstat(parent_fd).st_ino, os.fstat(child_fd).st_ino
     parent = placer._Task(1, parent_fd, [bytearray(b"\1") * 4], 4)
     p.tasks[1] = [parent]
     reads = iter([[uffd.PageFault(0x10000, False), uffd.Fork(child_fd)]])
@@ -59,8 +65,10 @@ async def test_a_fork_read_with_a_fault_of_a_parent_that_has_exited_is_taken_up(
         raise uffd.Gone("its process has exited")
     monkeypatch.setattr(p, "_fault", exited)
     p._drain(parent)
-    assert parent.fd == -1 and not is_open(parent_fd)       # the parent's let go
+    assert parent.fd == -1 and held(parent_ino) == 1         # the parent's let go (its pipe's other end stays)
     child = p.tasks[1][1]
     assert child.fd == child_fd and child.forked and child.left == 4     # the child's taken up, lacking what it lacked
     p.close()
-    assert not is_open(child_fd)
+    assert held(child_ino) == 1
+    os.close(parent_w)
+    os.close(child_w)
