@@ -41,9 +41,7 @@ def up(hosts: int = 2, kind: str = "netns", init: str = "lab") -> _hosts.State:
     ours = kind != "netns" or (state is not None and state.extra.get("repo") == str(_hosts.REPO))
     if state and (state.kind, state.init, len(state.hosts)) == (kind, init, hosts) and ours and state.alive():
         return state
-    if state and not ours:
-        down()
-    if state and state.kind != kind:
+    if state and (state.kind != kind or not ours):
         down()
     return netns.up(hosts, init=init) if kind == "netns" else KINDS[kind].up(hosts)
 
