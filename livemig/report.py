@@ -117,6 +117,9 @@ class Report:
     fill_while_running_seconds: float = 0.0   #: of which after the copy ran (all pages on its host then)
     final_dump_frozen_seconds: float = 0.0    #: how long CRIU kept the workload frozen for the final dump
     image_files_bytes: int = 0    #: images other than pages, sent after the dump
+    #: a lazy final dump's pages that CRIU wrote into its images though it means to leave them lazy (a stack
+    #: pointer on a page boundary: pages/relazy.py), taken out of them: they follow as its other lazy pages do
+    relazied_bytes: int = 0
     #: a lazy final dump's pages the tree's processes share copy-on-write, put into the images to stay shared
     #: (pages/cow.py), counted once per process
     shared_kept_bytes: int = 0

@@ -18,7 +18,7 @@ from .. import carried, host, replay, runtimes, service_address, workdirs
 from ..errors import DumpError, LivemigError, Phase
 from ..interrupts import uncancellable
 from ..options import WAITS
-from ..pages import cow, pagemap, shmem
+from ..pages import cow, pagemap, relazy, shmem
 from ..pages.pagemap import PAGE
 from ..progress import Copied, Finishing, Running, Stepping
 from ..report import DowntimePart, RoundReport
@@ -61,6 +61,7 @@ async def final_dump(m: Move, lazy: bool) -> None:
         try:
             dumped_at = await w.dumped(dump, lazy)
             if lazy:
+                await _relazy(m, local)
                 await _keep_sharing(m, local)
                 if m.tracker is not None:
                     await _name_shared_memory(m, local)
@@ -123,6 +124,16 @@ async def take_addresses(m: Move) -> None:
         m.save_record()
     m.report.moved_addresses = [f"{a}: {here} on {m.report.source} to {there} on {m.target}"
                                 for a, (here, there) in m.addresses.items()]
+
+
+async def _relazy(m: Move, images: Path) -> None:
+    """What CRIU's lazy dump wrote into its images though it means to leave it lazy, left lazy
+    (pages/relazy.py): else it would cross, and be restored, while the workload is frozen."""
+    try:
+        pages = await asyncio.to_thread(relazy.undo_stack_slip, images)
+    except relazy.RelazyError as e:
+        raise DumpError(f"cannot read the lazy dump's images: {e}", phase=Phase.FINAL_DUMP) from None
+    m.report.relazied_bytes = pages * PAGE
 
 
 async def _keep_sharing(m: Move, images: Path) -> None:

@@ -122,10 +122,10 @@ class Lab:
     def start_workload(self, name: str, *, mib: int = 64, dirty_mibps: float = 0.0,
                        pid: int = 0, port: int = 7777, children: int = 0, fork_every: float = 0.0,
                        bind: str = "0.0.0.0", hot_mib: int = 0, shared: bool = False,
-                       remap_every: float = 0.0) -> Workload:
+                       remap_every: float = 0.0, aligned_sp: bool = False) -> Workload:
         """Start memcounter on host name, detached, and wait until it answers (children:
         more memcounters in its tree, on the next ports; fork_every, hot_mib, shared, remap_every:
-        see memcounter)."""
+        aligned_sp: see memcounter)."""
         argv = ["python3", WORKLOAD, "run", "--daemon", "--mib", str(mib),
                 "--dirty-mibps", str(dirty_mibps), "--port", str(port),
                 "--children", str(children), "--fork-every", str(fork_every), "--bind", bind,
@@ -134,6 +134,8 @@ class Lab:
             argv += ["--pid", str(pid)]
         if shared:
             argv.append("--shared")
+        if aligned_sp:
+            argv.append("--aligned-sp")
         got = int(self.text(name, argv, timeout=300).strip())
         if pid and got != pid:
             raise LabError(f"workload started as PID {got}, not {pid}: that PID was taken on {name}")

@@ -46,6 +46,11 @@ the kernel keeps it in shmem, which CRIU dumps and restores apart from private m
 so a fork check's child would take its parent's later writes for wrong pages: `--shared`
 does not combine with `--fork-every` (with `--children`, each maps its own, shared too).
 
+`--aligned-sp` runs a thread that waits in pause(2) with its stack pointer on a page
+boundary, for good (machine code of its own: Python's frames never leave it so). CRIU 4.2's
+lazy dump then writes every page of the process into its images (pages/relazy.py says why):
+a dump that meets this otherwise one time in 256 or so, on purpose every time.
+
 Stdlib only: it runs on whatever python3 a lab host has.
 """
 
@@ -59,6 +64,7 @@ import mmap
 import os
 import random
 import select
+import signal
 import socket
 import struct
 import sys
@@ -152,6 +158,8 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
             serve(argparse.Namespace(**{**vars(args), "port": args.port + i, "children": 0, "fork_every": 0.0}), None)
             os._exit(0)
     mem = Memory(args.mib, args.cpu_per_page, args.hot_mib, args.shared)
+    if args.aligned_sp:
+        _wait_with_an_aligned_sp()
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((args.bind, args.port))
@@ -201,6 +209,43 @@ def serve(args: argparse.Namespace, ready_fd: int | None) -> None:
             elif not _answer_held(conn, told):
                 held.remove(conn)
                 conn.close()
+
+
+# pause() for good, the stack pointer set to the address given (the first argument), never
+# pushing a byte: x86-64 (mov rsp, rdi; loop: mov eax, 34; syscall; jmp loop) and arm64
+# (mov sp, x0; loop: x0..x3 = 0, x8 = 73, ppoll(NULL, 0, NULL, NULL); b loop: it has no pause)
+_PAUSE_ON = {
+    "x86_64": bytes.fromhex("4889fc" "b822000000" "0f05" "ebf7"),
+    "aarch64": b"".join(i.to_bytes(4, "little") for i in (
+        0x9100001F, 0xD2800000, 0xD2800001, 0xD2800002, 0xD2800003, 0xD2800928, 0xD4000001, 0x17FFFFFA)),
+}
+
+
+def _wait_with_an_aligned_sp() -> None:
+    """A thread that waits for good with its stack pointer on a page boundary (--aligned-sp)."""
+    import ctypes
+    import threading
+
+    code = _PAUSE_ON.get(os.uname().machine)
+    if code is None:
+        sys.exit(f"--aligned-sp: no machine code for {os.uname().machine}")
+    text = mmap.mmap(-1, PAGE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    text.write(code)
+    stack = mmap.mmap(-1, 16 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    stack.write(b"s" * len(stack))      # present pages, that a dump writes or leaves lazy
+    top = ctypes.addressof(ctypes.c_char.from_buffer(stack)) + 8 * PAGE      # room below for nothing
+    pause_on = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ctypes.addressof(ctypes.c_char.from_buffer(text)))
+
+    def wait() -> None:
+        # no signal lands on this thread: its handler would run on the stack given
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        pause_on(top)       # never returns (ctypes lets go of the GIL first)
+
+    threading.Thread(target=wait, daemon=True, name="aligned-sp").start()
+    _keep.extend([text, stack, pause_on])
+
+
+_keep: list = []      # what the thread runs on, alive as long as the process
 
 
 def _fork_check(mem: Memory, linger: float, forks: dict) -> None:
@@ -359,6 +404,9 @@ def main() -> int:
                    help="remap a scratch MiB, or drop one of its pages, this often")
     r.add_argument("--shared", action="store_true",
                    help="map the memory MAP_SHARED|MAP_ANONYMOUS, not MAP_PRIVATE (not with --fork-every)")
+    r.add_argument("--aligned-sp", action="store_true",
+                   help="a thread that waits with its stack pointer on a page boundary (CRIU's lazy dump then "
+                        "writes every page)")
     q = sub.add_parser("query")
     q.add_argument("what", choices=["get", "verify", "sum", "next"])
     q.add_argument("--port", type=int, default=7777)
