@@ -124,13 +124,24 @@ def seals(fd: int) -> int:
         return 0
 
 
-def images_in_memory(much: int) -> int:
+def images_in_memory(much: int, unforeseen: int = 0) -> int:
     """The room a lazy final dump's images get in memory (source/switchover.py), where what
-    CRIU writes into them is much bytes (the tree's shared memory and what it shares
-    copy-on-write), a quarter more and SIZES.images_in_memory_slack beside. 0: too little to
-    matter, or more than half the memory available (they go on the image root's disk then)."""
+    CRIU writes into them is much bytes (the tree's shared memory, what it shares copy-on-write,
+    the memory of its processes that pages/relazy.py's slips names), a quarter more and
+    SIZES.images_in_memory_slack beside. 0: too little to matter, or more than half the memory
+    available (they go on the image root's disk then). Where half the memory allows, unforeseen
+    bytes more: what CRIU would write of a process it meets as relazy.slips says unforeseen (a
+    thread that ran as it froze), which would otherwise fill the room and fail the dump."""
     size = much + much // 4 + SIZES.images_in_memory_slack
-    return size if much >= SIZES.images_in_memory_least and size <= mem_available() // 2 else 0
+    half = mem_available() // 2
+    if much < SIZES.images_in_memory_least or size > half:
+        return 0
+    return max(size, min(size + unforeseen, half))
+
+
+def largest_private_bytes(pids: list[int]) -> int:
+    """The most resident anonymous private memory one of pids holds."""
+    return max((private_bytes([pid]) for pid in pids), default=0)
 
 
 def shared_memory_bytes(pids: list[int]) -> int:

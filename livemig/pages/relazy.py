@@ -11,6 +11,10 @@ is frozen: a 1 GiB service whose post-copy downtime is a tenth of a second took 
 its pages read and written twice before the copy could run. The lab's post-copy tests met
 it about one move in a hundred.
 
+It can often be foreseen (slips): a thread that waits in a system call as the dump freezes it
+has its stack pointer where /proc/PID/task/TID/syscall shows it; the downtime's estimate counts
+CRIU's writing (source/downtime.py), and the images go into memory, where it writes faster.
+
 So, the tree still frozen, before anything reads the lazy ranges (the copy-on-write
 sharing, pages/cow.py; the pushes): every page CRIU wrote within a mapping it would make
 lazy (vma_entry_can_be_lazy: private, anonymous, not locked, not huge TLB, not the vDSO's)
@@ -40,6 +44,33 @@ _U32 = struct.Struct("<I")
 _COPY_PAGES = 256       # the kept pages copied so many at a time
 
 
+# --- foreseen, before the freeze ---------------------------------------------------------------
+def slips(pids: list[int]) -> list[int]:
+    """The tree's processes whose whole private memory CRIU's lazy dump would write into its
+    images were it to freeze them now (the module's docstring says why): one of its threads waits
+    (in a system call, or stopped) with its stack pointer on a page boundary, as
+    /proc/PID/task/TID/syscall shows it. A thread that runs is not foreseen: where its stack
+    pointer is at the freeze is chance (about one time in 256)."""
+    out = []
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:     # it exited meanwhile: nothing of it to dump
+            continue
+        for tid in tids:
+            try:
+                words = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+            except OSError:     # exited meanwhile, or not ours to read: not foreseen
+                continue
+            # "NR args... sp pc" in a system call, "-1 sp pc" blocked outside one, "running"
+            sp = int(words[-2], 16) if len(words) >= 3 and words[0] != "running" else 1
+            if sp % PAGE == 0:
+                out.append(pid)
+                break
+    return out
+
+
+# --- undone, the tree frozen -------------------------------------------------------------------
 class RelazyError(LivemigError):
     """A lazy dump's images that cannot be read or rewritten. No phase: the final dump's."""
 

@@ -10,7 +10,9 @@ and in every mode what goes through image files whatever pre-copy or post-copy d
 tree's shared memory (anonymous shared mappings, memfd, SysV segments;
 host.shared_memory_bytes), which CRIU writes as it dumps, which crosses then, and which its
 restore reads back (options.RATES), the workload frozen all the while; and post-copy's pages
-shared copy-on-write (pages/cow.py), which cross before the copy runs.
+shared copy-on-write (pages/cow.py), which cross before the copy runs. A lazy final dump's
+modes count, too, CRIU's writing the whole memory of a process with a thread that waits with its
+stack pointer on a page boundary (pages/relazy.py foresees it, and keeps it from crossing).
 
 A --max-downtime given is a promise: a move whose estimate is over it is refused before the
 freeze (DowntimeRefused, its own exit code), the workload running on where it was, and the
@@ -34,7 +36,7 @@ import zstandard
 from .. import addresses, host
 from ..errors import DowntimeRefused
 from ..options import RATES, SIZES, Mode
-from ..pages import pagehash
+from ..pages import pagehash, relazy
 from ..pages.pagemap import PAGE
 from ..progress import Cautioned
 from . import policy
@@ -55,6 +57,7 @@ async def foresee(m: Move, mode: Mode) -> None:
     est, why = estimate(m, mode.value, m.fills, link, ratio)
     m.frozen_seconds = policy.frozen_seconds(_frozen(m, mode.value, pids), link, ratio, _named(m, mode.value),
                                              _in_memory(m, mode.value, m.fills, pids))
+    m.slip = _slip_seconds(m, mode.value, m.fills, pids)      # (pre-copy's rounds count it too)
     if m.options.max_downtime is not None:      # for the hint, should the promise be broken
         m.downtime_by_mode = {x: estimate(m, x, fills_in(m, x), link, ratio)[0].downtime
                               for x in m.modes_here if x in (Mode.POSTCOPY.value, Mode.STOPCOPY.value)}
@@ -72,10 +75,11 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     coming to ratio of themselves on the wire; and what weighs in it, in words."""
     pids = m.w.pids()
     memory, frozen, named = host.resident_bytes(pids), _frozen(m, mode, pids), _named(m, mode)
+    slip, slip_why = _slip_seconds(m, mode, fills, pids)
     limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen, named_bytes=named,
                            in_memory=_in_memory(m, mode, fills, pids),
-                           fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills, watched=_watched(m, mode),
-                                                        switchover=switchover(m, pids)),
+                           fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills, frozen=slip,
+                                                        watched=_watched(m, mode), switchover=switchover(m, pids)),
                            max_rounds=min(m.options.max_rounds, m.w.max_rounds or m.options.max_rounds))
     est = policy.estimate(mode, memory, link, limits, into_images=mode == Mode.STOPCOPY.value and not fills,
                           wire_ratio=ratio)
@@ -83,6 +87,8 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
            if mode == Mode.STOPCOPY.value else [])
     if frozen:
         why.append(_shared(frozen, named, policy.frozen_seconds(frozen, link, ratio, named, limits.in_memory)))
+    if slip_why:
+        why.append(slip_why)
     return est, "; ".join(why) or "the freeze, and CRIU's dump and restore"
 
 
@@ -133,8 +139,29 @@ def _named(m: Move, mode: str) -> int:
 def _in_memory(m: Move, mode: str, fills: bool, pids: list[int]) -> bool:
     """Would mode's final dump, a lazy one, write its images into memory (host.images_in_memory)?
     (The shared memory as foresee measured it.)"""
-    lazy = mode in (Mode.POSTCOPY.value, Mode.HYBRID.value) or fills
-    return lazy and bool(host.images_in_memory(m.report.shared_memory_bytes + host.cow_shared_bytes(pids)))
+    return _lazy(mode, fills) and bool(host.images_in_memory(
+        m.report.shared_memory_bytes + host.cow_shared_bytes(pids) + _slipping(pids)[1]))
+
+
+def _lazy(mode: str, fills: bool) -> bool:
+    return mode in (Mode.POSTCOPY.value, Mode.HYBRID.value) or fills
+
+
+def _slipping(pids: list[int]) -> tuple[list[int], int]:
+    """The processes CRIU's lazy dump would write whole into its images, were it to freeze them
+    now (pages/relazy.py: it takes them out again), and their private memory."""
+    slips = relazy.slips(pids)
+    return slips, host.private_bytes(slips)
+
+
+def _slip_seconds(m: Move, mode: str, fills: bool, pids: list[int]) -> tuple[float, str]:
+    """What CRIU's writing of those costs the freeze in mode, and why, in words ("": nothing)."""
+    slips, much = _slipping(pids) if _lazy(mode, fills) else ([], 0)
+    if not much:
+        return 0.0, ""
+    seconds = much / (RATES.criu_writes_memory if _in_memory(m, mode, fills, pids) else RATES.criu_writes_images)
+    return seconds, (f"CRIU writes {much >> 20} MiB of PID {', '.join(map(str, slips))} into image files as it "
+                     f"freezes (a thread waits with its stack pointer on a page boundary), about {_s(seconds)}")
 
 
 def _soft_dirty(m: Move) -> bool:
@@ -188,6 +215,8 @@ def after_rounds(m: Move, rounds: list[policy.RoundStats], limits: policy.Limits
     why = [f"pre-copy's last round left {left / 2**20:.1f} MiB to send, at {rate / 2**20:.0f} MiB/s"]
     if m.report.shared_memory_bytes:
         why.append(_shared(m.report.shared_memory_bytes, _named(m, m.report.mode), m.frozen_seconds))
+    if m.slip[1]:
+        why.append(m.slip[1])
     keep(m, expected, "; ".join(why))
 
 

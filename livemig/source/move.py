@@ -56,6 +56,8 @@ class Move:
         self.fills = False
         self.modes_here: list[str] = []     # the modes that can run between these hosts (preflight)
         self.frozen_seconds = 0.0   # what goes through image files costs the downtime (downtime.foresee)
+        # what CRIU's writing a process whole into the images costs it (pages/relazy.py), as foreseen, and why
+        self.slip: tuple[float, str] = (0.0, "")
         self.link_bytes_per_s: float | None = options.link_rate   # measured once, with incompressible bytes (downtime.link_rate)
         self.downtime_by_mode: dict[str, float] = {}    # the modes without rounds, estimated (downtime.foresee)
         self.throttle: throttle.Throttle | None = None  # auto-converge's hold on the workload's CPU

@@ -41,7 +41,7 @@ def limits(m: Move) -> policy.Limits:
     watched = m.tracker is not None and m.tracker.watching
     pids = w.pids()
     return policy.Limits(max_downtime=o.downtime_budget, max_rounds=max_rounds,
-                         fixed_cost=policy.fixed_cost(host.private_bytes(pids), m.fills, m.frozen_seconds,
+                         fixed_cost=policy.fixed_cost(host.private_bytes(pids), m.fills, m.frozen_seconds + m.slip[0],
                                                      watched, downtime.switchover(m, pids)),
                          thp_always=m.tracker is None and host.huge_pages_in_use(pids),
                          # podman keeps one pre-checkpoint: no round to throttle for

@@ -105,11 +105,13 @@ async def _keep_clients_packets(m: Move) -> None:
 
 def _in_memory(m: Move, images: Path) -> None:
     """A lazy dump's images in memory, where what CRIU writes into them while the workload
-    is frozen is much: the tree's shared memory (pages/shmem.py) and what its processes
-    share copy-on-write (pages/cow.py). Where memory is short, or the kernel says no, on the
-    image root's disk as always (workdirs.in_memory)."""
+    is frozen is much: the tree's shared memory (pages/shmem.py), what its processes share
+    copy-on-write (pages/cow.py), and the memory of a process it meets with a thread's stack
+    pointer on a page boundary (pages/relazy.py). Where memory is short, or the kernel says no,
+    on the image root's disk as always (workdirs.in_memory)."""
     pids = m.w.pids()
-    size = host.images_in_memory(host.shared_memory_bytes(pids) + host.cow_shared_bytes(pids))
+    size = host.images_in_memory(host.shared_memory_bytes(pids) + host.cow_shared_bytes(pids)
+                                 + host.private_bytes(relazy.slips(pids)), host.largest_private_bytes(pids))
     if size and workdirs.in_memory(images, size):
         m.report.images_in_memory_bytes = size
 

@@ -1,13 +1,22 @@
 """pages/relazy.py on images written as CRIU writes them: a lazy dump that wrote, for a stack
-pointer on a page boundary, the pages it means to leave lazy."""
+pointer on a page boundary, the pages it means to leave lazy; and host.py's foresight of it, on
+a real process with such a thread."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from livemig import protobuf
+from livemig import host, protobuf
+from livemig.options import SIZES
 from livemig.pages import pagemap, relazy
 from livemig.pages.pagemap import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT, Entry
 
@@ -94,3 +103,50 @@ def test_a_pages_file_shorter_than_its_pagemap_fails_and_leaves_the_images_as_th
 def test_an_mm_image_that_is_not_one_is_refused():
     with pytest.raises(relazy.RelazyError, match="not a CRIU mm image"):
         relazy.lazy_mappings(b"\0" * 16)
+
+
+# --- foreseen: relazy.slips, host.images_in_memory ------------------------------------------
+MEMCOUNTER = Path(__file__).parents[1] / "workloads" / "memcounter.py"
+
+
+@pytest.fixture
+def memcounter():
+    """Start a memcounter (its flags), serving; its PID. Killed after."""
+    started = []
+
+    def start(*flags: str) -> int:
+        proc = subprocess.run([sys.executable, str(MEMCOUNTER), "run", "--daemon", "--mib", "4",
+                               "--port", str(free_port()), "--bind", "127.0.0.1", *flags], capture_output=True, check=True, timeout=60)
+        started.append(pid := int(proc.stdout))
+        return pid
+    yield start
+    for pid in started:
+        os.kill(pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_thread_waiting_with_its_stack_pointer_on_a_page_boundary_is_foreseen(memcounter):
+    aligned, plain = memcounter("--aligned-sp"), memcounter()
+    deadline = time.monotonic() + 10      # its thread reaches its pause() a moment after it serves
+    while relazy.slips([aligned]) != [aligned] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert relazy.slips([aligned, plain]) == [aligned]
+    assert host.private_bytes(relazy.slips([aligned, plain])) >= 4 << 20
+
+
+def test_images_in_memory_leave_room_for_one_process_more_where_half_the_memory_allows(monkeypatch):
+    least, slack = SIZES.images_in_memory_least, SIZES.images_in_memory_slack
+    monkeypatch.setattr(host, "mem_available", lambda: 8 << 30)
+    assert host.images_in_memory(least - 1, 1 << 30) == 0          # too little to matter: on disk
+    size = 256 << 20
+    room = size + size // 4 + slack
+    assert host.images_in_memory(size) == room
+    assert host.images_in_memory(size, 1 << 30) == room + (1 << 30)
+    assert host.images_in_memory(size, 16 << 30) == 4 << 30         # half the memory at most
+    monkeypatch.setattr(host, "mem_available", lambda: room * 2 - 1)
+    assert host.images_in_memory(size, 1 << 30) == 0                # not even what is foreseen fits
