@@ -111,15 +111,16 @@ def image(pages_id: int, written: list[Entry]) -> bytes:
     return b"".join(out)
 
 
+def of_processes(images: Path) -> list[tuple[int, Path]]:
+    """Each process's pagemap in a dump (not the shared memory's), by its PID in the dump."""
+    return sorted((int(m.group(1)), path) for path in images.iterdir() if (m := _FILE.fullmatch(path.name)))
+
+
 def lazy_ranges(images: Path) -> list[Range]:
     """The PE_LAZY ranges of every process in a dump, by PID then address."""
     out = []
-    for path in images.iterdir():
-        m = _FILE.fullmatch(path.name)
-        if m:
-            pid = int(m.group(1))
-            out += [Range(pid, e.vaddr, e.pages) for e in entries(path.read_bytes())
-                    if e.flags & PE_LAZY and e.pages]
+    for pid, path in of_processes(images):
+        out += [Range(pid, e.vaddr, e.pages) for e in entries(path.read_bytes()) if e.flags & PE_LAZY and e.pages]
     return sorted(out, key=lambda r: (r.pid, r.vaddr))
 
 

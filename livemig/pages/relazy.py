@@ -141,10 +141,7 @@ def undo_stack_slip(images: Path) -> int:
     made lazy again: its pagemap rewritten, its bytes taken out of its pages file. How many
     pages (0: the dump was as CRIU means it, nothing touched)."""
     relazied = 0
-    for path in sorted(images.glob("pagemap-*.img")):
-        vpid = path.name[len("pagemap-"):-len(".img")]
-        if not vpid.isdigit():
-            continue        # (the shared memory's pagemaps: never lazy)
+    for vpid, path in pagemap.of_processes(images):     # (the shared memory's are never lazy)
         try:
             pages_id, written = pagemap.read(path.read_bytes())
             lazy = lazy_mappings((images / f"mm-{vpid}.img").read_bytes())

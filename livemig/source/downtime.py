@@ -55,9 +55,10 @@ async def foresee(m: Move, mode: Mode) -> None:
     else:       # too little to measure the link for: CRIU's work alone, and the fixed cost
         link, ratio = float("inf"), 1.0
     est, why = estimate(m, mode.value, m.fills, link, ratio)
+    in_memory, slip, slip_why = _at_freeze(m, mode.value, m.fills, pids)
     m.frozen_seconds = policy.frozen_seconds(_frozen(m, mode.value, pids), link, ratio, _named(m, mode.value),
-                                             _in_memory(m, mode.value, m.fills, pids))
-    m.slip = _slip_seconds(m, mode.value, m.fills, pids)      # (pre-copy's rounds count it too)
+                                             in_memory)
+    m.slip = (slip, slip_why)      # (pre-copy's rounds count it too)
     if m.options.max_downtime is not None:      # for the hint, should the promise be broken
         m.downtime_by_mode = {x: estimate(m, x, fills_in(m, x), link, ratio)[0].downtime
                               for x in m.modes_here if x in (Mode.POSTCOPY.value, Mode.STOPCOPY.value)}
@@ -75,9 +76,9 @@ def estimate(m: Move, mode: str, fills: bool, link: float, ratio: float) -> tupl
     coming to ratio of themselves on the wire; and what weighs in it, in words."""
     pids = m.w.pids()
     memory, frozen, named = host.resident_bytes(pids), _frozen(m, mode, pids), _named(m, mode)
-    slip, slip_why = _slip_seconds(m, mode, fills, pids)
+    in_memory, slip, slip_why = _at_freeze(m, mode, fills, pids)
     limits = policy.Limits(max_downtime=m.options.downtime_budget, frozen_bytes=frozen, named_bytes=named,
-                           in_memory=_in_memory(m, mode, fills, pids),
+                           in_memory=in_memory,
                            fixed_cost=policy.fixed_cost(host.private_bytes(pids), fills, frozen=slip,
                                                         watched=_watched(m, mode), switchover=switchover(m, pids)),
                            max_rounds=min(m.options.max_rounds, m.w.max_rounds or m.options.max_rounds))
@@ -136,32 +137,23 @@ def _named(m: Move, mode: str) -> int:
     return m.report.shared_memory_bytes if precopied else 0
 
 
-def _in_memory(m: Move, mode: str, fills: bool, pids: list[int]) -> bool:
-    """Would mode's final dump, a lazy one, write its images into memory (host.images_in_memory)?
-    (The shared memory as foresee measured it.)"""
-    return _lazy(mode, fills) and bool(host.images_in_memory(
-        m.report.shared_memory_bytes + host.cow_shared_bytes(pids) + _slipping(pids)[1]))
-
-
-def _lazy(mode: str, fills: bool) -> bool:
-    return mode in (Mode.POSTCOPY.value, Mode.HYBRID.value) or fills
-
-
-def _slipping(pids: list[int]) -> tuple[list[int], int]:
-    """The processes CRIU's lazy dump would write whole into its images, were it to freeze them
-    now (pages/relazy.py: it takes them out again), and their private memory."""
+def _at_freeze(m: Move, mode: str, fills: bool, pids: list[int]) -> tuple[bool, float, str]:
+    """What mode's final dump does with its images, from one reading of the tree's threads:
+    whether a lazy one writes them into memory (host.images_in_memory; the shared memory as
+    foresee measured it), and what CRIU's writing whole the processes it would meet with a
+    thread's stack pointer on a page boundary costs the freeze (pages/relazy.py, which takes
+    them out again), in seconds and in words ("": nothing)."""
+    if not (mode in (Mode.POSTCOPY.value, Mode.HYBRID.value) or fills):
+        return False, 0.0, ""
     slips = relazy.slips(pids)
-    return slips, host.private_bytes(slips)
-
-
-def _slip_seconds(m: Move, mode: str, fills: bool, pids: list[int]) -> tuple[float, str]:
-    """What CRIU's writing of those costs the freeze in mode, and why, in words ("": nothing)."""
-    slips, much = _slipping(pids) if _lazy(mode, fills) else ([], 0)
+    much = host.private_bytes(slips)
+    in_memory = bool(host.images_in_memory(m.report.shared_memory_bytes + host.cow_shared_bytes(pids) + much))
     if not much:
-        return 0.0, ""
-    seconds = much / (RATES.criu_writes_memory if _in_memory(m, mode, fills, pids) else RATES.criu_writes_images)
-    return seconds, (f"CRIU writes {much >> 20} MiB of PID {', '.join(map(str, slips))} into image files as it "
-                     f"freezes (a thread waits with its stack pointer on a page boundary), about {_s(seconds)}")
+        return in_memory, 0.0, ""
+    seconds = much / (RATES.criu_writes_memory if in_memory else RATES.criu_writes_images)
+    return in_memory, seconds, (f"CRIU writes {much >> 20} MiB of PID {', '.join(map(str, slips))} into image files "
+                                f"as it freezes (a thread waits with its stack pointer on a page boundary), about "
+                                f"{_s(seconds)}")
 
 
 def _soft_dirty(m: Move) -> bool:

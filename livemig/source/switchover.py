@@ -134,7 +134,7 @@ async def _relazy(m: Move, images: Path) -> None:
     try:
         pages = await asyncio.to_thread(relazy.undo_stack_slip, images)
     except relazy.RelazyError as e:
-        raise DumpError(f"cannot read the lazy dump's images: {e}", phase=Phase.FINAL_DUMP) from None
+        raise DumpError(f"the lazy dump's images: {e}", phase=Phase.FINAL_DUMP) from None
     m.report.relazied_bytes = pages * PAGE
 
 
